@@ -1,0 +1,269 @@
+"""Content-addressed object store: chunks, chunk lists and trees, with refcounts.
+
+Ids are BLAKE3-256 over a one-letter domain prefix and the payload, so a file chunk can never
+alias a tree object even when an untrusted branch writes a file whose bytes are a tree encoding.
+
+Objects form a DAG (tree -> tree | content; chunk list -> chunk). Refcounts count parent
+references with multiplicity: the first reference to an object adds one reference to each of its
+children; the last one going away removes the object and drops its children in turn. Objects
+written before their operation's APPLY step have no refcount entry at all; gc reclaims those.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections import OrderedDict
+from typing import Iterable, Iterator
+
+import blake3
+import lmdb
+import zstandard
+from fastcdc import fastcdc
+
+from .errors import StoreIOError
+from .metadb import MetaDB
+
+# Chunk sizes: see docs/architecture.md ("Chunking") for the measurement behind them.
+CHUNK_MIN = 16 * 1024
+CHUNK_AVG = 64 * 1024
+CHUNK_MAX = 256 * 1024
+ZSTD_LEVEL = 1
+
+TYPE_CHUNK = b"C"
+TYPE_LIST = b"L"
+TYPE_TREE = b"T"
+
+_RAW = b"\x00"
+_ZSTD = b"\x01"
+_LIST_ITEM = struct.Struct("<32sI")
+_REF = struct.Struct("<Q")
+
+ID_SIZE = 32
+
+
+def object_id(kind: bytes, payload: bytes | memoryview) -> bytes:
+    hasher = blake3.blake3(kind + b"\0")
+    hasher.update(payload)
+    return hasher.digest()
+
+
+def split_chunks(data: bytes) -> list[memoryview]:
+    """Content-defined chunk boundaries (FastCDC, Cython path)."""
+    if len(data) <= CHUNK_MIN:
+        return [memoryview(data)]
+    view = memoryview(data)
+    return [view[c.offset:c.offset + c.length]
+            for c in fastcdc(data, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX, fat=False)]
+
+
+class PreparedContent:
+    """A file's content cut, hashed and compressed, ready to be written in a transaction."""
+
+    __slots__ = ("content_id", "size", "objects")
+
+    def __init__(self, content_id: bytes, size: int, objects: list[tuple[bytes, bytes]]) -> None:
+        self.content_id = content_id
+        self.size = size
+        self.objects = objects  # (id, stored value) for every chunk and the list, if any
+
+
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    comp = getattr(_local, "comp", None)
+    if comp is None:
+        comp = _local.comp = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return comp
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dec = getattr(_local, "dec", None)
+    if dec is None:
+        dec = _local.dec = zstandard.ZstdDecompressor()
+    return dec
+
+
+def _chunk_value(chunk: memoryview) -> bytes:
+    packed = _compressor().compress(chunk)
+    if len(packed) < len(chunk):
+        return TYPE_CHUNK + _ZSTD + packed
+    return TYPE_CHUNK + _RAW + bytes(chunk)
+
+
+def prepare_content(data: bytes) -> PreparedContent:
+    """Cut ``data`` into chunks and build the objects that store it. Empty data has id b""."""
+    if not data:
+        return PreparedContent(b"", 0, [])
+    pieces = split_chunks(data)
+    objects = [(object_id(TYPE_CHUNK, p), _chunk_value(p)) for p in pieces]
+    if len(objects) == 1:
+        return PreparedContent(objects[0][0], len(data), objects)
+    listing = b"".join(_LIST_ITEM.pack(oid, len(p)) for (oid, _), p in zip(objects, pieces))
+    list_id = object_id(TYPE_LIST, listing)
+    objects.append((list_id, TYPE_LIST + listing))
+    return PreparedContent(list_id, len(data), objects)
+
+
+def identify_content(data: bytes) -> PreparedContent:
+    """Only the content id of ``data`` (no compression, no objects): for status and diff."""
+    if not data:
+        return PreparedContent(b"", 0, [])
+    pieces = split_chunks(data)
+    ids = [object_id(TYPE_CHUNK, p) for p in pieces]
+    if len(ids) == 1:
+        return PreparedContent(ids[0], len(data), [])
+    listing = b"".join(_LIST_ITEM.pack(oid, len(p)) for oid, p in zip(ids, pieces))
+    return PreparedContent(object_id(TYPE_LIST, listing), len(data), [])
+
+
+def children_of(value: bytes) -> list[bytes]:
+    """Ids an object references (with multiplicity), from its stored value."""
+    kind = value[:1]
+    if kind == TYPE_CHUNK:
+        return []
+    if kind == TYPE_LIST:
+        body = memoryview(value)[1:]
+        return [bytes(body[i:i + ID_SIZE]) for i in range(0, len(body), _LIST_ITEM.size)]
+    if kind == TYPE_TREE:
+        from .trees import decode_tree  # trees build on this module, not the other way round
+
+        return [e.ref for e in decode_tree(value[1:]).values() if (e.is_dir or e.is_file) and e.ref]
+    raise StoreIOError(f"object of unknown type {kind!r}")
+
+
+class ContentStore:
+    """Objects and refcounts in LMDB; chunk reads with a small decompressed-chunk cache."""
+
+    def __init__(self, db: MetaDB, cache_chunks: int = 256) -> None:
+        self.db = db
+        self.objects = db.db("objects")
+        self.refs = db.db("refs")
+        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._cache_size = cache_chunks
+        self._cache_lock = threading.Lock()
+
+    # -- writing ---------------------------------------------------------------------------
+    def put_objects(self, txn: lmdb.Transaction, objects: Iterable[tuple[bytes, bytes]]) -> int:
+        """Store objects not yet present (no refcount change). Returns bytes newly written."""
+        written = 0
+        for oid, value in objects:
+            if txn.put(oid, value, db=self.objects, overwrite=False):
+                written += len(value)
+        return written
+
+    def has(self, txn: lmdb.Transaction, oid: bytes) -> bool:
+        return txn.get(oid, db=self.objects) is not None
+
+    # -- refcounts -------------------------------------------------------------------------
+    def refcount(self, txn: lmdb.Transaction, oid: bytes) -> int:
+        raw = txn.get(oid, db=self.refs)
+        return _REF.unpack(raw)[0] if raw else 0
+
+    def incref(self, txn: lmdb.Transaction, oid: bytes) -> None:
+        stack = [oid]
+        while stack:
+            cur = stack.pop()
+            count = self.refcount(txn, cur)
+            if count == 0:
+                value = txn.get(cur, db=self.objects)
+                if value is None:
+                    raise StoreIOError(f"object {cur.hex()} is referenced but missing")
+                stack.extend(children_of(value))
+            txn.put(cur, _REF.pack(count + 1), db=self.refs)
+
+    def decref(self, txn: lmdb.Transaction, oid: bytes) -> int:
+        """Drop one reference; objects reaching zero are deleted with their children's refs.
+        Returns the number of objects deleted."""
+        deleted = 0
+        stack = [oid]
+        while stack:
+            cur = stack.pop()
+            count = self.refcount(txn, cur)
+            if count <= 0:
+                raise StoreIOError(f"refcount of {cur.hex()} would go below zero")
+            if count > 1:
+                txn.put(cur, _REF.pack(count - 1), db=self.refs)
+                continue
+            txn.delete(cur, db=self.refs)
+            value = txn.get(cur, db=self.objects)
+            if value is not None:
+                stack.extend(children_of(value))
+                txn.delete(cur, db=self.objects)
+                deleted += 1
+        return deleted
+
+    def iter_refcounts(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, int]]:
+        for key, raw in txn.cursor(db=self.refs):
+            yield bytes(key), _REF.unpack(raw)[0]
+
+    def iter_object_ids(self, txn: lmdb.Transaction) -> Iterator[bytes]:
+        cur = txn.cursor(db=self.objects)
+        for key in cur.iternext(keys=True, values=False):
+            yield bytes(key)
+
+    # -- reading ---------------------------------------------------------------------------
+    def get(self, oid: bytes, txn: lmdb.Transaction | None = None) -> bytes:
+        if txn is None:
+            with self.db.read() as rtxn:
+                value = rtxn.get(oid, db=self.objects)
+        else:
+            value = txn.get(oid, db=self.objects)
+        if value is None:
+            raise StoreIOError(f"object {oid.hex()} is missing from the store")
+        return value
+
+    def _chunk_data(self, oid: bytes, value: bytes | None = None) -> bytes:
+        with self._cache_lock:
+            hit = self._cache.get(oid)
+            if hit is not None:
+                self._cache.move_to_end(oid)
+                return hit
+        if value is None:
+            value = self.get(oid)
+        if value[:1] != TYPE_CHUNK:
+            raise StoreIOError(f"object {oid.hex()} is not a chunk")
+        if value[1:2] == _ZSTD:
+            data = _decompressor().decompress(value[2:])
+        else:
+            data = value[2:]
+        with self._cache_lock:
+            self._cache[oid] = data
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return data
+
+    def read(self, content_id: bytes, offset: int = 0, size: int = -1) -> bytes:
+        """Bytes ``[offset, offset+size)`` of a file's content (``size=-1``: to the end)."""
+        if not content_id:
+            return b""
+        value = self.get(content_id)
+        if value[:1] == TYPE_CHUNK:
+            data = self._chunk_data(content_id, value)
+            return data[offset:] if size < 0 else data[offset:offset + size]
+        if value[:1] != TYPE_LIST:
+            raise StoreIOError(f"object {content_id.hex()} is not file content")
+        out = []
+        end = None if size < 0 else offset + size
+        pos = 0
+        body = memoryview(value)[1:]
+        for i in range(0, len(body), _LIST_ITEM.size):
+            cid, length = _LIST_ITEM.unpack(body[i:i + _LIST_ITEM.size])
+            if end is not None and pos >= end:
+                break
+            if pos + length > offset:
+                data = self._chunk_data(cid)
+                lo = max(0, offset - pos)
+                hi = length if end is None else min(length, end - pos)
+                out.append(data[lo:hi])
+            pos += length
+        return b"".join(out)
+
+    def verify(self, oid: bytes, value: bytes) -> bool:
+        """Does the stored value hash to its id? (fsck)"""
+        kind = value[:1]
+        if kind == TYPE_CHUNK:
+            data = _decompressor().decompress(value[2:]) if value[1:2] == _ZSTD else value[2:]
+            return object_id(TYPE_CHUNK, data) == oid
+        return object_id(kind, value[1:]) == oid

@@ -1,0 +1,52 @@
+"""Deliberate crashes at named WAL steps, for recovery tests.
+
+Set ``CASCOWFS_CRASH_AT`` to a point name (or several, comma-separated) and the process that
+reaches it kills itself with SIGKILL: no finally blocks, no atexit, exactly like ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV_VAR = "CASCOWFS_CRASH_AT"
+
+# <operation>.<step>: every step of every multi-step operation, in protocol order.
+CRASH_POINTS: tuple[str, ...] = (
+    "import.prepared",    # WAL PREPARE written, nothing else
+    "import.chunks",      # chunks and trees written (unreferenced), staging layer filled
+    "import.applied",     # LMDB transaction committed, staging not yet renamed
+    "import.switched",    # layer renamed into place, FINALIZE not written
+    "branch.prepared",
+    "branch.applied",     # branch recorded, overlay not yet mounted
+    "branch.switched",    # overlay mounted, FINALIZE not written
+    "commit.prepared",
+    "commit.staged",      # upper copied into staging, trees and chunks written
+    "commit.applied",     # snapshot recorded, branch re-parented; staging not yet renamed
+    "commit.switched",
+    "rebase.prepared",
+    "rebase.applied",     # new parent recorded; overlay still on the old layers
+    "rebase.switched",
+    "discard.prepared",
+    "discard.applied",    # branch record gone; overlay still mounted
+    "discard.switched",
+    "prune.prepared",
+    "prune.applied",      # snapshot record gone; layers not yet removed
+    "prune.switched",
+    "flatten.prepared",
+    "flatten.staged",     # flat layer built in staging
+    "flatten.applied",
+)
+
+
+def _armed() -> frozenset[str]:
+    raw = os.environ.get(ENV_VAR, "")
+    return frozenset(p.strip() for p in raw.split(",") if p.strip())
+
+
+def crash_point(name: str) -> None:
+    """Die here, by SIGKILL, if the environment names this point."""
+    if name not in CRASH_POINTS:
+        raise ValueError(f"unknown crash point {name!r}")
+    if name in _armed():
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,104 @@
+"""Reading and restoring the metadata a snapshot keeps: mode, owner, mtime (ns), xattrs."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+OVERLAY_XATTR_PREFIX = b"trusted.overlay."
+
+# What overlayfs needs to keep reading a branch's upper directory as a lower layer.
+LAYER_XATTRS = (b"trusted.overlay.opaque", b"trusted.overlay.redirect")
+
+
+def read_xattrs(path: str | bytes, *, keep_overlay: bool = False) -> tuple[tuple[bytes, bytes], ...]:
+    """Every xattr of ``path`` (not following symlinks), sorted; overlay's own are dropped
+    unless ``keep_overlay`` (then only those a lower layer needs are kept)."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return ()
+        raise
+    out = []
+    for name in names:
+        key = name.encode("utf-8", "surrogateescape")
+        if key.startswith(OVERLAY_XATTR_PREFIX) and not (keep_overlay and key in LAYER_XATTRS):
+            continue
+        try:
+            out.append((key, os.getxattr(path, name, follow_symlinks=False)))
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:  # removed meanwhile
+                raise
+    out.sort()
+    return tuple(out)
+
+
+def get_overlay_xattr(path: str | bytes, key: bytes) -> bytes | None:
+    try:
+        return os.getxattr(path, key, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            return None
+        raise
+
+
+def apply_metadata(path: str | bytes, mode: int, uid: int, gid: int, mtime_ns: int,
+                   xattrs: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """Give ``path`` (already created) exactly this metadata; mtime last, since the others
+    do not change it but xattrs on a directory's children would have."""
+    is_link = stat.S_ISLNK(mode)
+    os.chown(path, uid, gid, follow_symlinks=False)
+    if not is_link:
+        os.chmod(path, stat.S_IMODE(mode))  # after chown, which clears set-id bits
+    for key, value in xattrs:
+        os.setxattr(path, key, value, follow_symlinks=False)
+    os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+
+
+def copy_file_data(src: str | bytes, dst: str | bytes, size: int) -> None:
+    fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            remaining = size
+            while remaining > 0:
+                n = os.copy_file_range(fin, fout, remaining)
+                if n == 0:
+                    break
+                remaining -= n
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
+
+
+def write_file_data(dst: str | bytes, data: bytes) -> None:
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    finally:
+        os.close(fd)
+
+
+def read_file_data(path: str | bytes) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        chunks = []
+        while True:
+            block = os.read(fd, 1 << 20)
+            if not block:
+                break
+            chunks.append(block)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def make_node(path: str | bytes, mode: int, rdev: int) -> None:
+    """Device node, fifo or socket."""
+    os.mknod(path, stat.S_IFMT(mode) | 0o600, rdev)

@@ -1,0 +1,295 @@
+"""Turning real directories into snapshot trees.
+
+Two sources, one result type:
+
+* ``scan_directory`` reads a plain directory (import), optionally mirroring it into a layer
+  directory from the very bytes it hashed, so the layer and the tree cannot disagree;
+* ``apply_upper`` lays an overlayfs upper directory (whiteouts, opaque and redirected
+  directories) over a base tree, giving exactly the tree a reader of the branch sees.
+
+Both build a ``DirNode`` skeleton; ``finalize`` turns it into tree objects bottom-up, writing only
+the directories that actually changed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import blake3
+
+from . import fsmeta
+from .cas import PreparedContent, prepare_content
+from .model import Entry
+from .trees import TreeStore, tree_object
+
+Prepare = Callable[[bytes], PreparedContent]
+
+
+class ObjectSink:
+    """New objects of one operation; ``flush`` hands batches to a writer (an LMDB transaction)."""
+
+    def __init__(self, flush: Callable[[list[tuple[bytes, bytes]]], None] | None = None,
+                 batch_bytes: int = 64 << 20) -> None:
+        self.pending: dict[bytes, bytes] = {}
+        self.pending_bytes = 0
+        self._flush = flush
+        self._batch_bytes = batch_bytes
+        self.total_bytes = 0
+
+    def add(self, objects: list[tuple[bytes, bytes]]) -> None:
+        for oid, value in objects:
+            if oid not in self.pending:
+                self.pending[oid] = value
+                self.pending_bytes += len(value)
+                self.total_bytes += len(value)
+        if self._flush is not None and self.pending_bytes >= self._batch_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._flush is not None and self.pending:
+            self._flush(list(self.pending.items()))
+            self.pending.clear()
+            self.pending_bytes = 0
+
+    def take(self) -> list[tuple[bytes, bytes]]:
+        items = list(self.pending.items())
+        self.pending.clear()
+        self.pending_bytes = 0
+        return items
+
+
+class DirNode:
+    """A directory being built: its own metadata and its children (entries or nodes)."""
+
+    __slots__ = ("meta", "children")
+
+    def __init__(self, meta: Entry, children: dict[bytes, "Entry | DirNode"]) -> None:
+        self.meta = meta
+        self.children = children
+
+
+def _meta_entry(name: bytes, st: os.stat_result, xattrs: tuple, size: int = 0,
+                ref: bytes = b"") -> Entry:
+    return Entry(name, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, size, ref,
+                 st.st_rdev if (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) else 0,
+                 xattrs)
+
+
+def link_key(paths: list[bytes]) -> bytes:
+    """Hard-link group key: derived from every member path, so a stale member of an old group
+    (left behind when its siblings were copied up) can never merge with a new group."""
+    return blake3.blake3(b"H\0" + b"\0".join(sorted(paths))).digest()[:16]
+
+
+class HardLinks:
+    """Hard-link groups met during a scan, keyed by the inode they share."""
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple[int, int], list[tuple[DirNode, bytes, bytes]]] = {}
+        self.first_path: dict[tuple[int, int], bytes] = {}
+
+    def add(self, st: os.stat_result, node: DirNode, name: bytes, path: bytes) -> bool:
+        """Record a member; True if this inode was seen before (caller may link, not copy)."""
+        key = (st.st_dev, st.st_ino)
+        seen = key in self.groups
+        self.groups.setdefault(key, []).append((node, name, path))
+        self.first_path.setdefault(key, path)
+        return seen
+
+    def assign(self) -> None:
+        for members in self.groups.values():
+            if len(members) < 2:
+                continue
+            key = link_key([path for _, _, path in members])
+            for node, name, _ in members:
+                node.children[name] = replace(node.children[name], link=key)
+
+
+def _file_entry(name: bytes, path: bytes, st: os.stat_result, prepare: Prepare,
+                sink: ObjectSink, *, mirror: bytes | None = None) -> Entry:
+    data = fsmeta.read_file_data(path)
+    prepared = prepare(data)
+    sink.add(prepared.objects)
+    if mirror is not None:
+        fsmeta.write_file_data(mirror, data)
+    return _meta_entry(name, st, fsmeta.read_xattrs(path), len(data), prepared.content_id)
+
+
+def _other_entry(name: bytes, path: bytes, st: os.stat_result) -> Entry:
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(path)
+        return _meta_entry(name, st, fsmeta.read_xattrs(path), len(target), target)
+    return _meta_entry(name, st, fsmeta.read_xattrs(path))
+
+
+def _mirror_other(entry: Entry, dst: bytes) -> None:
+    if stat.S_ISLNK(entry.mode):
+        os.symlink(entry.ref, dst)
+    else:
+        fsmeta.make_node(dst, entry.mode, entry.rdev)
+
+
+class Progress:
+    """Counts bytes as they are scanned; ``update`` is a callback (a tqdm bar, usually)."""
+
+    def __init__(self, update: Callable[[int], None] | None = None) -> None:
+        self.update = update or (lambda n: None)
+
+
+def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None,
+                   prepare: Prepare = prepare_content, progress: Progress | None = None) -> DirNode:
+    """Read a plain directory tree into a DirNode (and into ``mirror_to``, a layer, if given)."""
+    progress = progress or Progress()
+    links = HardLinks()
+    root_path = os.fsencode(src)
+    st = os.lstat(root_path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(20, "not a directory", str(src))
+    mirror_root = os.fsencode(mirror_to) if mirror_to is not None else None
+    if mirror_root is not None:
+        os.makedirs(mirror_root, exist_ok=True)
+
+    def walk(path: bytes, rel: bytes, st: os.stat_result, name: bytes, mirror: bytes | None) -> DirNode:
+        node = DirNode(_meta_entry(name, st, fsmeta.read_xattrs(path)), {})
+        with os.scandir(path) as it:
+            items = sorted(it, key=lambda d: d.name)
+        for item in items:
+            cname = item.name
+            cpath = path + b"/" + cname
+            crel = rel + b"/" + cname if rel else cname
+            cmirror = mirror + b"/" + cname if mirror is not None else None
+            cst = os.lstat(cpath)
+            if stat.S_ISDIR(cst.st_mode):
+                if cmirror is not None:
+                    os.mkdir(cmirror, 0o700)
+                node.children[cname] = walk(cpath, crel, cst, cname, cmirror)
+                continue
+            if stat.S_ISREG(cst.st_mode):
+                inode = (cst.st_dev, cst.st_ino)
+                linked = seen_inodes.get(inode) if cst.st_nlink > 1 else None
+                if linked is not None:
+                    first_entry, first_mirror = linked
+                    entry = replace(first_entry, name=cname)
+                    if cmirror is not None:
+                        os.link(first_mirror, cmirror)
+                else:
+                    entry = _file_entry(cname, cpath, cst, prepare, sink, mirror=cmirror)
+                    progress.update(entry.size)
+                if cst.st_nlink > 1:
+                    links.add(cst, node, cname, crel)
+                    seen_inodes.setdefault(inode, (entry, cmirror))
+                node.children[cname] = entry
+                if linked is None and cmirror is not None:
+                    fsmeta.apply_metadata(cmirror, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs)
+                continue
+            else:
+                entry = _other_entry(cname, cpath, cst)
+                if cmirror is not None:
+                    _mirror_other(entry, cmirror)
+            node.children[cname] = entry
+            if cmirror is not None:
+                fsmeta.apply_metadata(cmirror, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs)
+        if mirror is not None:
+            m = node.meta
+            fsmeta.apply_metadata(mirror, m.mode, m.uid, m.gid, m.mtime_ns, m.xattrs)
+        return node
+
+    seen_inodes: dict[tuple[int, int], tuple[Entry, bytes | None]] = {}
+    root = walk(root_path, b"", st, b"", mirror_root)
+    links.assign()
+    return root
+
+
+def expand(trees: TreeStore, entry: Entry | None, meta: Entry) -> DirNode:
+    """A DirNode holding the children of directory ``entry`` (none if it is not a directory)."""
+    children: dict = dict(trees.get(entry.ref)) if entry is not None and entry.is_dir else {}
+    return DirNode(meta, children)
+
+
+def apply_upper(trees: TreeStore, base_root: Entry | None, upper: Path, sink: ObjectSink,
+                prepare: Prepare = prepare_content,
+                file_cache: dict | None = None) -> DirNode:
+    """The tree a reader of overlay(upper over base) sees, as a DirNode.
+
+    ``file_cache`` maps (path, ino, size, mtime_ns, ctime_ns) to an already computed file entry,
+    so that repeated status calls on a live branch hash only what changed since.
+    """
+    links = HardLinks()
+    upper_root = os.fsencode(upper)
+
+    def lookup_abs(path: bytes) -> Entry | None:
+        if base_root is None:
+            return None
+        return trees.lookup(base_root, path)
+
+    def walk(path: bytes, rel: bytes, st: os.stat_result, name: bytes, lower: Entry | None) -> DirNode:
+        node = expand(trees, lower, _meta_entry(name, st, fsmeta.read_xattrs(path)))
+        lower_children = trees.get(lower.ref) if lower is not None and lower.is_dir else {}
+        with os.scandir(path) as it:
+            items = sorted(it, key=lambda d: d.name)
+        for item in items:
+            cname = item.name
+            cpath = path + b"/" + cname
+            crel = rel + b"/" + cname if rel else cname
+            cst = os.lstat(cpath)
+            if stat.S_ISCHR(cst.st_mode) and cst.st_rdev == 0:
+                node.children.pop(cname, None)  # whiteout
+                continue
+            if stat.S_ISDIR(cst.st_mode):
+                if fsmeta.get_overlay_xattr(cpath, b"trusted.overlay.opaque") == b"y":
+                    clower = None
+                else:
+                    redirect = fsmeta.get_overlay_xattr(cpath, b"trusted.overlay.redirect")
+                    if redirect is not None and redirect.startswith(b"/"):
+                        clower = lookup_abs(redirect.strip(b"/"))
+                    elif redirect is not None:
+                        clower = lower_children.get(redirect)
+                    else:
+                        clower = lower_children.get(cname)
+                    if clower is not None and not clower.is_dir:
+                        clower = None
+                node.children[cname] = walk(cpath, crel, cst, cname, clower)
+                continue
+            if stat.S_ISREG(cst.st_mode):
+                key = (crel, cst.st_ino, cst.st_size, cst.st_mtime_ns, cst.st_ctime_ns)
+                entry = file_cache.get(key) if file_cache is not None else None
+                if entry is None:
+                    entry = _file_entry(cname, cpath, cst, prepare, sink)
+                    if file_cache is not None:
+                        file_cache[key] = entry
+                node.children[cname] = entry
+                if cst.st_nlink > 1:
+                    links.add(cst, node, cname, crel)
+            else:
+                node.children[cname] = _other_entry(cname, cpath, cst)
+        return node
+
+    st = os.lstat(upper_root)
+    root = walk(upper_root, b"", st, b"", base_root)
+    links.assign()
+    return root
+
+
+def finalize(node: DirNode, sink: ObjectSink) -> Entry:
+    """Encode a DirNode bottom-up into tree objects (added to ``sink``); returns its entry,
+    with ``tree_files``/``tree_bytes`` totals carried in the directory entry."""
+    entries: dict[bytes, Entry] = {}
+    files = total = 0
+    for name, child in node.children.items():
+        if isinstance(child, DirNode):
+            child = finalize(child, sink)
+        entries[name] = child
+        if child.is_dir:
+            files += child.tree_files
+            total += child.tree_bytes
+        elif child.is_file:
+            files += 1
+            total += child.size
+    tree_id, value = tree_object(entries)
+    sink.add([(tree_id, value)])
+    m = node.meta
+    return replace(m, size=0, ref=tree_id, rdev=0, link=b"", tree_files=files, tree_bytes=total)

@@ -1,0 +1,817 @@
+"""StateManager: the one entry point for every state change (SPEC §4).
+
+Store layout (all on one filesystem, so renames are atomic and overlay upper/work dirs work)::
+
+    STORE/lock                  flock: one StateManager per store
+    STORE/meta/                 LMDB: objects, refcounts, snapshots, branches, layers, ops
+    STORE/wal/log               write-ahead log (wal.py)
+    STORE/layers/<layer>/       native lower layers, a cache of the CAS (layers.py)
+    STORE/branches/<name>/      upper/, work/ and tree/ (the overlay mount point)
+    STORE/staging/<op>/         work in progress of one operation
+    STORE/trash/                whatever is being deleted in the background
+    STORE/empty/                the lower layer of branches on the empty snapshot
+
+Every mutation follows PREPARE (WAL, fsync) -> side effects in staging -> APPLY (one LMDB
+transaction, which also marks the op applied) -> SWITCH (rename into place / mount) ->
+FINALIZE. ``open`` replays unfinished ops (before APPLY: roll back; after: roll forward) and then
+reconciles the disk and the mount table with the recorded state.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import queue
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import lmdb
+
+from . import layers as layerfs
+from . import overlay
+from .cas import TYPE_TREE, ContentStore, identify_content
+from .crashpoints import crash_point
+from .errors import (BusyError, CascowfsError, ExistsError, InvalidArgumentError, NoSpaceError,
+                     NotFoundError, StoreIOError, StoreLockedError, from_os_error)
+from .metadb import MetaDB
+from .model import BranchInfo, Change, Entry, SnapshotInfo
+from .names import check_branch_name, check_labels, check_snapshot_id
+from .progress import progress_bar
+from .scan import ObjectSink, apply_upper, finalize, scan_directory, Progress
+from .trees import TreeStore, decode_tree, tree_object
+from .wal import PendingOp, WriteAheadLog
+
+# Chains longer than this are flattened in the background after the commit that made them;
+# HARD_CHAIN_LIMIT is flattened at once (far below the kernel's 500 lower layers).
+FLATTEN_CHAIN = 8
+HARD_CHAIN_LIMIT = 64
+CHECKPOINT_EVERY = 1024  # WAL records between checkpoints
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _dump(record: dict) -> bytes:
+    return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _count(raw: bytes | None) -> int:
+    return int.from_bytes(raw, "little") if raw else 0
+
+
+class StateManager:
+    """Snapshots, branches and their lifecycle over one store directory.
+
+    Thread-safe: every mutation takes the operation lock and runs its LMDB write transaction on
+    the calling thread, start to end. Reads (``snapshot``, ``read_tree``, ``read_file`` ...) use
+    short read transactions and may run concurrently with a mutation.
+    """
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.layers_dir = store / "layers"
+        self.branches_dir = store / "branches"
+        self.staging_dir = store / "staging"
+        self.trash_dir = store / "trash"
+        self.empty_dir = store / "empty"
+        self._lock = threading.RLock()
+        self._committing: set[str] = set()
+        self._committing_lock = threading.Lock()
+        self._file_caches: dict[str, dict] = {}
+        self._lock_fd = -1
+        self._worker: threading.Thread | None = None
+        self._jobs: queue.Queue = queue.Queue()
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------
+    # opening, recovery, closing
+    # ------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, store: str | Path, *, progress: bool = False, recover: bool = True) -> "StateManager":
+        """Open (creating if needed) the store, lock it, replay the WAL and reconcile mounts.
+
+        ``recover=False`` opens without touching anything (fsck uses it to look at a store as
+        it was left)."""
+        self = cls(Path(store).absolute())
+        for d in (self.store, self.layers_dir, self.branches_dir, self.staging_dir,
+                  self.trash_dir, self.empty_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.store / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._lock_fd, 64, 0).decode(errors="replace").strip()
+            os.close(self._lock_fd)
+            raise StoreLockedError(f"store {self.store} is in use (by pid {holder or '?'})") from None
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            self.db = MetaDB(self.store / "meta")
+            self.content = ContentStore(self.db)
+            self.trees = TreeStore(self.content)
+            self.wal = WriteAheadLog(self.store / "wal" / "log")
+            if recover:
+                self._recover(progress)
+        except BaseException:
+            self._release_lock()
+            raise
+        self._worker = threading.Thread(target=self._work, name="cascowfs-background", daemon=True)
+        self._worker.start()
+        if recover:
+            self._jobs.put(("trash",))
+        return self
+
+    def close(self, *, unmount_branches: bool = False) -> None:
+        """Release the store. Branch mounts stay (they outlive the daemon) unless asked."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(("trash",))
+        self._jobs.put(None)
+        if self._worker is not None:
+            self._worker.join()
+        with self._lock:
+            if unmount_branches:
+                for m in overlay.mounts_under(self.branches_dir):
+                    overlay.unmount(Path(m.target))
+            self.wal.close()
+            self.db.close()
+        self._release_lock()
+
+    def __enter__(self) -> "StateManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _recover(self, progress: bool) -> None:
+        pending = self.wal.pending()
+        with self.db.read() as txn:
+            applied = {op.op for op in pending if txn.get(op.op.encode(), db=self.db.db("ops"))}
+        orphans_possible = False
+        for op in pending:
+            if op.op in applied:
+                self._roll_forward(op)
+            else:
+                orphans_possible = orphans_possible or op.kind in ("import", "commit", "flatten")
+        self._reconcile()
+        if orphans_possible:
+            self._sweep_orphans(progress)
+        self._checkpoint()
+
+    def _roll_forward(self, op: PendingOp) -> None:
+        """Finish the SWITCH step of an op whose APPLY committed (idempotent)."""
+        layer = op.args.get("layer")
+        if layer:
+            staged = self.staging_dir / op.op
+            target = self.layers_dir / layer
+            if staged.exists() and not target.exists():
+                os.rename(staged, target)
+                _fsync_dir(self.layers_dir)
+        # Mount-side effects (discard, rebase, branch) are settled by _reconcile from state.
+
+    def _reconcile(self) -> None:
+        """Make disk and mounts agree with the recorded state."""
+        # staging: nothing in flight survives a restart
+        for entry in os.listdir(self.staging_dir):
+            self._to_trash(self.staging_dir / entry)
+        with self.db.read() as txn:
+            layer_ids = {bytes(k).decode() for k, _ in txn.cursor(db=self.db.db("layers"))}
+            branches = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=self.db.db("branches"))}
+        for entry in os.listdir(self.layers_dir):
+            if entry not in layer_ids:
+                self._to_trash(self.layers_dir / entry)
+        missing = [lid for lid in layer_ids if not (self.layers_dir / lid).is_dir()]
+        if missing:
+            self._rebuild_layers(set(missing))
+        # mounts: keep exactly one correct mount per live branch
+        expected = {str(self._tree_path(name)): rec for name, rec in branches.items()}
+        seen: dict[str, int] = {}
+        for m in overlay.mounts_under(self.store):
+            rec = expected.get(m.target)
+            if rec is not None and seen.get(m.target, 0) == 0 and self._mount_matches(m, rec):
+                seen[m.target] = 1
+                continue
+            overlay.unmount(Path(m.target))
+        for name in os.listdir(self.branches_dir):
+            if name not in branches:
+                self._to_trash(self.branches_dir / name)
+        for name, rec in branches.items():
+            if str(self._tree_path(name)) not in seen:
+                self._mount_branch(name, rec, fresh_upper=False)
+
+    def _mount_matches(self, m: overlay.MountRecord, rec: dict) -> bool:
+        want = ",".join(f"lowerdir+={p}" for p in self._lower_paths(rec["layers"]))
+        return m.fstype == "overlay" and want in m.options
+
+    def _checkpoint(self) -> None:
+        """Forget finished operations: WAL first, then the applied markers (never the reverse,
+        or a pending op would lose its 'applied' mark and be rolled back)."""
+        self.wal.checkpoint()
+        self.db.write(lambda txn: txn.drop(self.db.db("ops"), delete=False), "checkpoint")
+
+    def _maybe_checkpoint(self) -> None:
+        if self.wal.records_since_checkpoint >= CHECKPOINT_EVERY:
+            self._checkpoint()
+
+    # ------------------------------------------------------------------------------------
+    # background work: emptying the trash, flattening long layer chains
+    # ------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                if job[0] == "trash":
+                    self._empty_trash()
+                elif job[0] == "flatten" and not self._closed:
+                    self.flatten(job[1])
+            except CascowfsError:
+                pass  # a snapshot pruned meanwhile, or a full disk: retried at next need
+            except OSError:
+                pass
+
+    def _to_trash(self, path: Path) -> None:
+        if os.path.lexists(path):
+            os.rename(path, self.trash_dir / f"{secrets.token_hex(6)}-{path.name}")
+
+    def _empty_trash(self) -> None:
+        for entry in os.listdir(self.trash_dir):
+            layerfs.remove_tree(self.trash_dir / entry)
+
+    # ------------------------------------------------------------------------------------
+    # small helpers
+    # ------------------------------------------------------------------------------------
+    def _tree_path(self, name: str) -> Path:
+        return self.branches_dir / name / "tree"
+
+    def _lower_paths(self, chain: list[str]) -> list[Path]:
+        return [self.layers_dir / lid for lid in chain] or [self.empty_dir]
+
+    @contextmanager
+    def _disk_errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise from_os_error(exc, what) from exc
+
+    def _snapshot_record(self, txn: lmdb.Transaction, id: str) -> dict:
+        raw = txn.get(id.encode(), db=self.db.db("snapshots"))
+        if raw is None:
+            raise NotFoundError(f"no snapshot {id!r}")
+        return json.loads(raw)
+
+    def _branch_record(self, txn: lmdb.Transaction, name: str) -> dict:
+        raw = txn.get(name.encode(), db=self.db.db("branches"))
+        if raw is None:
+            raise NotFoundError(f"no branch {name!r}")
+        return json.loads(raw)
+
+    def _root_of(self, superroot_hex: str | None) -> Entry | None:
+        if not superroot_hex:
+            return None
+        return self.trees.get(bytes.fromhex(superroot_hex))[b""]
+
+    def _layer_refs(self, txn: lmdb.Transaction, chain: list[str], delta: int) -> list[str]:
+        """Adjust layer refcounts; returns layers that dropped to zero (records deleted)."""
+        db = self.db.db("layers")
+        dropped = []
+        for lid in chain:
+            raw = txn.get(lid.encode(), db=db)
+            rec = json.loads(raw) if raw else {"refs": 0, "full_root": None}
+            rec["refs"] += delta
+            if rec["refs"] <= 0:
+                txn.delete(lid.encode(), db=db)
+                dropped.append(lid)
+            else:
+                txn.put(lid.encode(), _dump(rec), db=db)
+        return dropped
+
+    def _new_layer(self, txn: lmdb.Transaction, lid: str, full_root: str | None) -> None:
+        txn.put(lid.encode(), _dump({"refs": 0, "full_root": full_root}), db=self.db.db("layers"))
+
+    def _mark_applied(self, txn: lmdb.Transaction, op: str) -> None:
+        txn.put(op.encode(), b"applied", db=self.db.db("ops"))
+
+    def _write_objects(self, objects: list[tuple[bytes, bytes]]) -> None:
+        self.db.write(lambda txn: self.content.put_objects(txn, objects), "writing chunks")
+
+    def _superroot(self, root: Entry, sink: ObjectSink) -> bytes:
+        """The snapshot digest covers the root directory's own metadata too: it is the id of a
+        one-entry tree holding the root entry under the empty name."""
+        sid, value = tree_object({b"": replace(root, name=b"")})
+        sink.add([(sid, value)])
+        return sid
+
+    def _mount_branch(self, name: str, rec: dict, *, fresh_upper: bool) -> None:
+        bdir = self.branches_dir / name
+        upper, work, tree = bdir / "upper", bdir / "work", bdir / "tree"
+        bdir.mkdir(exist_ok=True)
+        tree.mkdir(exist_ok=True)
+        if fresh_upper or not upper.is_dir():
+            self._to_trash(upper)
+            upper.mkdir()
+            layerfs.set_root_metadata(upper, self._root_of(rec.get("base_root")))
+        # a volatile mount refuses a work dir it used before a crash: always start it empty
+        self._to_trash(work)
+        work.mkdir()
+        overlay.mount_overlay(tree, self._lower_paths(rec["layers"]), upper, work)
+        self._file_caches.pop(name, None)
+
+    # ------------------------------------------------------------------------------------
+    # import
+    # ------------------------------------------------------------------------------------
+    def import_tree(self, src: str | Path, id: str | None = None,
+                    labels: dict[str, str] | None = None, *, progress: bool = False) -> str:
+        """Import a plain directory as a new snapshot (its own full layer)."""
+        src = Path(src)
+        labels = check_labels(labels)
+        if not src.is_dir():
+            raise NotFoundError(f"import source {src} is not a directory")
+        with self._lock:
+            id = self._claim_id(id)
+            layer = secrets.token_hex(5)
+            op = self.wal.prepare("import", id=id, layer=layer)
+            crash_point("import.prepared")
+            staged = self.staging_dir / op
+            total = _tree_bytes(src) if progress else 0
+            try:
+                with progress_bar(progress, total, f"import {id}") as bar:
+                    sink = ObjectSink(self._write_objects)
+                    with self._disk_errors(f"import of {src}"):
+                        node = scan_directory(src, sink, mirror_to=staged, progress=Progress(bar))
+                        root = finalize(node, sink)
+                        superroot = self._superroot(root, sink)
+                        sink.flush()
+                crash_point("import.chunks")
+
+                def apply(txn: lmdb.Transaction) -> None:
+                    self.content.incref(txn, superroot)
+                    self._new_layer(txn, layer, superroot.hex())
+                    self._layer_refs(txn, [layer], +1)
+                    self._put_snapshot(txn, id, superroot.hex(), None, [layer], labels, root)
+                    self._mark_applied(txn, op)
+
+                self.db.write(apply, f"import of {src}")
+            except BaseException:
+                self._abandon(op)
+                raise
+            crash_point("import.applied")
+            with self._disk_errors("import"):
+                os.rename(staged, self.layers_dir / layer)
+                _fsync_dir(self.layers_dir)
+            crash_point("import.switched")
+            self._finish(op)
+            return id
+
+    def _abandon(self, op: str) -> None:
+        """Roll back an op that failed before APPLY: its staging goes, orphans are swept."""
+        try:
+            self._to_trash(self.staging_dir / op)
+            self._jobs.put(("trash",))
+            self.wal.finalize(op)
+            self._sweep_orphans(False)
+        except (OSError, CascowfsError):
+            pass  # the disk is failing; the next open rolls the op back from the WAL
+
+    def _finish(self, op: str) -> None:
+        self.wal.finalize(op)
+        self._maybe_checkpoint()
+
+    def _claim_id(self, id: str | None) -> str:
+        if id is None or id == "":
+            return f"snap-{secrets.token_hex(6)}"
+        id = check_snapshot_id(id)
+        with self.db.read() as txn:
+            if txn.get(id.encode(), db=self.db.db("snapshots")) is not None:
+                raise ExistsError(f"snapshot {id!r} already exists")
+        return id
+
+    def _put_snapshot(self, txn: lmdb.Transaction, id: str, superroot: str, parent: str | None,
+                      chain: list[str], labels: dict[str, str], root: Entry) -> None:
+        if txn.get(id.encode(), db=self.db.db("snapshots")) is not None:
+            raise ExistsError(f"snapshot {id!r} already exists")
+        rec = {"root": superroot, "parent": parent, "created_ns": _now_ns(), "labels": labels,
+               "layers": chain, "files": root.tree_files, "size": root.tree_bytes}
+        txn.put(id.encode(), _dump(rec), db=self.db.db("snapshots"))
+
+    # ------------------------------------------------------------------------------------
+    # branches
+    # ------------------------------------------------------------------------------------
+    def create_branch(self, name: str, parent: str | None = None) -> BranchInfo:
+        """A new branch: a writable overlay mount on ``parent`` (None: the empty snapshot)."""
+        name = check_branch_name(name)
+        if parent is not None:
+            parent = check_snapshot_id(parent)
+        with self._lock:
+            with self.db.read() as txn:
+                if txn.get(name.encode(), db=self.db.db("branches")) is not None:
+                    raise ExistsError(f"branch {name!r} already exists")
+                snap = self._snapshot_record(txn, parent) if parent is not None else None
+            rec = {"parent": parent, "base_root": snap["root"] if snap else None,
+                   "layers": snap["layers"] if snap else [], "created_ns": _now_ns(),
+                   "last_commit": None}
+            op = self.wal.prepare("branch", name=name, parent=parent)
+            crash_point("branch.prepared")
+            bdir = self.branches_dir / name
+            try:
+                with self._disk_errors(f"creating branch {name}"):
+                    self._to_trash(bdir)  # leftovers of an earlier branch of that name
+                    bdir.mkdir()
+                    (bdir / "upper").mkdir()
+                    (bdir / "work").mkdir()
+                    (bdir / "tree").mkdir()
+                    layerfs.set_root_metadata(bdir / "upper", self._root_of(rec["base_root"]))
+
+                def apply(txn: lmdb.Transaction) -> None:
+                    if txn.get(name.encode(), db=self.db.db("branches")) is not None:
+                        raise ExistsError(f"branch {name!r} already exists")
+                    if rec["base_root"]:
+                        self.content.incref(txn, bytes.fromhex(rec["base_root"]))
+                    self._layer_refs(txn, rec["layers"], +1)
+                    txn.put(name.encode(), _dump(rec), db=self.db.db("branches"))
+                    self._mark_applied(txn, op)
+
+                self.db.write(apply, f"creating branch {name}")
+            except BaseException:
+                self._to_trash(bdir)
+                self.wal.finalize(op)
+                raise
+            crash_point("branch.applied")
+            overlay.mount_overlay(bdir / "tree", self._lower_paths(rec["layers"]),
+                                  bdir / "upper", bdir / "work")
+            crash_point("branch.switched")
+            self._finish(op)
+            return self._branch_info(name, rec)
+
+    def rebase(self, name: str, parent: str | None) -> BranchInfo:
+        """Point an unmodified branch at another snapshot (BusyError if it has changes)."""
+        name = check_branch_name(name)
+        if parent is not None:
+            parent = check_snapshot_id(parent)
+        with self._lock:
+            with self.db.read() as txn:
+                old = self._branch_record(txn, name)
+                snap = self._snapshot_record(txn, parent) if parent is not None else None
+            if self.status(name):
+                raise BusyError(f"branch {name!r} has uncommitted changes; commit or discard them first")
+            rec = dict(old, parent=parent, base_root=snap["root"] if snap else None,
+                       layers=snap["layers"] if snap else [])
+            op = self.wal.prepare("rebase", name=name, parent=parent)
+            crash_point("rebase.prepared")
+
+            def apply(txn: lmdb.Transaction) -> list[str]:
+                if rec["base_root"]:
+                    self.content.incref(txn, bytes.fromhex(rec["base_root"]))
+                self._layer_refs(txn, rec["layers"], +1)
+                if old["base_root"]:
+                    self.content.decref(txn, bytes.fromhex(old["base_root"]))
+                dropped = self._layer_refs(txn, old["layers"], -1)
+                txn.put(name.encode(), _dump(rec), db=self.db.db("branches"))
+                self._mark_applied(txn, op)
+                return dropped
+
+            dropped = self.db.write(apply, f"re-basing branch {name}")
+            crash_point("rebase.applied")
+            overlay.unmount(self._tree_path(name))
+            self._mount_branch(name, rec, fresh_upper=True)
+            for lid in dropped:
+                self._to_trash(self.layers_dir / lid)
+            crash_point("rebase.switched")
+            self._finish(op)
+            self._jobs.put(("trash",))
+            return self._branch_info(name, rec)
+
+    def commit(self, name: str, id: str | None = None, labels: dict[str, str] | None = None) -> str:
+        """Freeze the branch into a new snapshot; the branch then continues on top of it."""
+        name = check_branch_name(name)
+        labels = check_labels(labels)
+        with self._committing_lock:
+            if name in self._committing:
+                raise BusyError(f"a commit of branch {name!r} is already in progress")
+            self._committing.add(name)
+        try:
+            with self._lock:
+                return self._commit(name, id, labels)
+        finally:
+            with self._committing_lock:
+                self._committing.discard(name)
+
+    def _commit(self, name: str, id: str | None, labels: dict[str, str]) -> str:
+        with self.db.read() as txn:
+            rec = self._branch_record(txn, name)
+        id = self._claim_id(id)
+        layer = secrets.token_hex(5)
+        op = self.wal.prepare("commit", name=name, id=id, layer=layer)
+        crash_point("commit.prepared")
+        staged = self.staging_dir / op
+        try:
+            sink = ObjectSink(self._write_objects)
+            with self._disk_errors(f"commit of branch {name}"):
+                layerfs.copy_layer(self.branches_dir / name / "upper", staged)
+                node = apply_upper(self.trees, self._root_of(rec["base_root"]), staged, sink)
+                root = finalize(node, sink)
+                superroot = self._superroot(root, sink)
+            crash_point("commit.staged")
+            chain = [layer] + rec["layers"]
+
+            def apply(txn: lmdb.Transaction) -> None:
+                self.content.put_objects(txn, sink.take())
+                self.content.incref(txn, superroot)
+                self._new_layer(txn, layer, None)
+                self._layer_refs(txn, chain, +1)
+                self._put_snapshot(txn, id, superroot.hex(), rec["parent"], chain, labels, root)
+                txn.put(name.encode(), _dump(dict(rec, parent=id, last_commit=id)),
+                        db=self.db.db("branches"))
+                self._mark_applied(txn, op)
+
+            self.db.write(apply, f"commit of branch {name}")
+        except BaseException:
+            self._abandon(op)
+            raise
+        crash_point("commit.applied")
+        with self._disk_errors("commit"):
+            os.rename(staged, self.layers_dir / layer)
+            _fsync_dir(self.layers_dir)
+        crash_point("commit.switched")
+        self._finish(op)
+        if len(chain) > HARD_CHAIN_LIMIT:
+            self.flatten(id)
+        elif len(chain) > FLATTEN_CHAIN:
+            self._jobs.put(("flatten", id))
+        return id
+
+    def discard(self, name: str) -> None:
+        """Drop a branch: its mount goes at once (lazily), its files in the background."""
+        name = check_branch_name(name)
+        with self._lock:
+            with self.db.read() as txn:
+                rec = self._branch_record(txn, name)
+            op = self.wal.prepare("discard", name=name)
+            crash_point("discard.prepared")
+
+            def apply(txn: lmdb.Transaction) -> list[str]:
+                txn.delete(name.encode(), db=self.db.db("branches"))
+                if rec["base_root"]:
+                    self.content.decref(txn, bytes.fromhex(rec["base_root"]))
+                dropped = self._layer_refs(txn, rec["layers"], -1)
+                self._mark_applied(txn, op)
+                return dropped
+
+            dropped = self.db.write(apply, f"discarding branch {name}")
+            crash_point("discard.applied")
+            overlay.unmount(self._tree_path(name))
+            self._to_trash(self.branches_dir / name)
+            for lid in dropped:
+                self._to_trash(self.layers_dir / lid)
+            self._file_caches.pop(name, None)
+            crash_point("discard.switched")
+            self._finish(op)
+            self._jobs.put(("trash",))
+
+    def prune(self, id: str) -> None:
+        """Drop a snapshot (BusyError while a branch is based on it)."""
+        id = check_snapshot_id(id)
+        with self._lock:
+            with self.db.read() as txn:
+                rec = self._snapshot_record(txn, id)
+                for bname, raw in txn.cursor(db=self.db.db("branches")):
+                    if json.loads(raw)["parent"] == id:
+                        raise BusyError(f"snapshot {id!r} is the parent of branch {bytes(bname).decode()!r}")
+            op = self.wal.prepare("prune", id=id)
+            crash_point("prune.prepared")
+
+            def apply(txn: lmdb.Transaction) -> list[str]:
+                txn.delete(id.encode(), db=self.db.db("snapshots"))
+                self.content.decref(txn, bytes.fromhex(rec["root"]))
+                dropped = self._layer_refs(txn, rec["layers"], -1)
+                self._mark_applied(txn, op)
+                return dropped
+
+            dropped = self.db.write(apply, f"pruning snapshot {id}")
+            crash_point("prune.applied")
+            for lid in dropped:
+                self._to_trash(self.layers_dir / lid)
+            crash_point("prune.switched")
+            self._finish(op)
+            self._jobs.put(("trash",))
+
+    # ------------------------------------------------------------------------------------
+    # flattening and rebuilding layers
+    # ------------------------------------------------------------------------------------
+    def flatten(self, id: str, *, force: bool = False) -> None:
+        """Replace a snapshot's layer chain by one full layer built from the CAS (``force``:
+        even a single-layer chain, to rebuild a lost layer)."""
+        with self._lock:
+            with self.db.read() as txn:
+                rec = self._snapshot_record(txn, id)
+            if len(rec["layers"]) <= 1 and not force:
+                return
+            layer = secrets.token_hex(5)
+            op = self.wal.prepare("flatten", id=id, layer=layer)
+            crash_point("flatten.prepared")
+            staged = self.staging_dir / op
+            try:
+                with self._disk_errors(f"flattening snapshot {id}"):
+                    layerfs.materialize(self.trees, self.content, self._root_of(rec["root"]), staged)
+                crash_point("flatten.staged")
+
+                def apply(txn: lmdb.Transaction) -> list[str]:
+                    cur = self._snapshot_record(txn, id)
+                    self._new_layer(txn, layer, cur["root"])
+                    self._layer_refs(txn, [layer], +1)
+                    dropped = self._layer_refs(txn, cur["layers"], -1)
+                    txn.put(id.encode(), _dump(dict(cur, layers=[layer])), db=self.db.db("snapshots"))
+                    self._mark_applied(txn, op)
+                    return dropped
+
+                dropped = self.db.write(apply, f"flattening snapshot {id}")
+            except BaseException:
+                self._abandon(op)
+                raise
+            crash_point("flatten.applied")
+            os.rename(staged, self.layers_dir / layer)
+            _fsync_dir(self.layers_dir)
+            for lid in dropped:
+                self._to_trash(self.layers_dir / lid)
+            self._finish(op)
+
+    def _rebuild_layers(self, missing: set[str]) -> None:
+        """Layers are a cache: re-create lost ones. Snapshots get a fresh full layer; a branch
+        whose chain lost a layer is moved onto a full layer of its base tree."""
+        with self.db.read() as txn:
+            snaps = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=self.db.db("snapshots"))}
+        for sid, rec in snaps.items():
+            if missing.intersection(rec["layers"]):
+                self.flatten(sid, force=True)
+        with self.db.read() as txn:
+            branches = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=self.db.db("branches"))}
+        for name, rec in branches.items():
+            if not missing.intersection(rec["layers"]):
+                continue
+            layer = secrets.token_hex(5)
+            staged = self.staging_dir / f"rebuild-{layer}"
+            layerfs.materialize(self.trees, self.content, self._root_of(rec["base_root"]), staged)
+
+            def apply(txn: lmdb.Transaction) -> None:
+                cur = self._branch_record(txn, name)
+                self._new_layer(txn, layer, cur["base_root"])
+                self._layer_refs(txn, [layer], +1)
+                self._layer_refs(txn, cur["layers"], -1)
+                txn.put(name.encode(), _dump(dict(cur, layers=[layer])), db=self.db.db("branches"))
+
+            self.db.write(apply, f"rebuilding layers of branch {name}")
+            os.rename(staged, self.layers_dir / layer)
+            overlay.unmount(self._tree_path(name))
+        with self.db.read() as txn:
+            for k, _ in txn.cursor(db=self.db.db("layers")):
+                lid = bytes(k).decode()
+                if lid in missing:
+                    raise StoreIOError(f"layer {lid} is lost and could not be rebuilt")
+
+    # ------------------------------------------------------------------------------------
+    # gc
+    # ------------------------------------------------------------------------------------
+    def _sweep_orphans(self, progress: bool) -> int:
+        """Delete objects with no reference (written by an op that never reached APPLY)."""
+        with self.db.read() as txn:
+            ids = list(self.content.iter_object_ids(txn))
+        doomed = []
+        with progress_bar(progress, len(ids), "gc objects") as bar:
+            with self.db.read() as txn:
+                for oid in ids:
+                    if txn.get(oid, db=self.db.db("refs")) is None:
+                        doomed.append(oid)
+                    bar(1)
+
+        def delete(txn: lmdb.Transaction) -> None:
+            for oid in doomed:
+                if txn.get(oid, db=self.db.db("refs")) is None:
+                    txn.delete(oid, db=self.db.db("objects"))
+
+        if doomed:
+            self.db.write(delete, "gc")
+        return len(doomed)
+
+    def gc(self, progress: bool = False) -> dict:
+        """Reclaim unreferenced objects and layers, empty the trash."""
+        with self._lock:
+            objects = self._sweep_orphans(progress)
+            with self.db.read() as txn:
+                layer_ids = {bytes(k).decode() for k, _ in txn.cursor(db=self.db.db("layers"))}
+            stray = [e for e in os.listdir(self.layers_dir) if e not in layer_ids]
+            for entry in stray:
+                self._to_trash(self.layers_dir / entry)
+            self._empty_trash()
+        return {"objects_removed": objects, "layers_removed": len(stray)}
+
+    # ------------------------------------------------------------------------------------
+    # queries
+    # ------------------------------------------------------------------------------------
+    def status(self, name: str) -> list[Change]:
+        """The branch's changes against its parent, as a reader of the branch sees them."""
+        name = check_branch_name(name)
+        with self.db.read() as txn:
+            rec = self._branch_record(txn, name)
+            parent = self._snapshot_record(txn, rec["parent"]) if rec["parent"] else None
+        sink = ObjectSink()
+        cache = self._file_caches.setdefault(name, {})
+        with self._disk_errors(f"status of branch {name}"):
+            node = apply_upper(self.trees, self._root_of(rec["base_root"]),
+                               self.branches_dir / name / "upper", sink,
+                               prepare=identify_content, file_cache=cache)
+        view = finalize(node, sink)
+        extra = {oid: decode_tree(value[1:]) for oid, value in sink.pending.items()
+                 if value[:1] == TYPE_TREE}
+        return self.trees.diff(self._root_of(parent["root"]) if parent else None, view, extra)
+
+    def diff(self, a: str | None, b: str | None) -> list[Change]:
+        """Changes from snapshot ``a`` to snapshot ``b`` (None: the empty snapshot)."""
+        roots = []
+        for sid in (a, b):
+            roots.append(self.root_entry(sid) if sid is not None else None)
+        return self.trees.diff(roots[0], roots[1])
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        with self.db.read() as txn:
+            return [_snapshot_info(bytes(k).decode(), json.loads(v))
+                    for k, v in txn.cursor(db=self.db.db("snapshots"))]
+
+    def snapshot(self, id: str) -> SnapshotInfo:
+        id = check_snapshot_id(id)
+        with self.db.read() as txn:
+            return _snapshot_info(id, self._snapshot_record(txn, id))
+
+    def has_snapshot(self, id: str) -> bool:
+        with self.db.read() as txn:
+            return txn.get(id.encode(), db=self.db.db("snapshots")) is not None
+
+    def branches(self) -> list[BranchInfo]:
+        with self.db.read() as txn:
+            return [self._branch_info(bytes(k).decode(), json.loads(v))
+                    for k, v in txn.cursor(db=self.db.db("branches"))]
+
+    def branch(self, name: str) -> BranchInfo:
+        name = check_branch_name(name)
+        with self.db.read() as txn:
+            return self._branch_info(name, self._branch_record(txn, name))
+
+    def _branch_info(self, name: str, rec: dict) -> BranchInfo:
+        return BranchInfo(name, rec["parent"], self._tree_path(name), rec["created_ns"],
+                          rec.get("last_commit"))
+
+    def layer_chain(self, id: str) -> list[Path]:
+        """Lower layer directories a branch on snapshot ``id`` is mounted on (top first)."""
+        with self.db.read() as txn:
+            return self._lower_paths(self._snapshot_record(txn, id)["layers"])
+
+    # -- reading snapshot trees (the FUSE layer serves snapshots from these) -----------------
+    def root_entry(self, id: str) -> Entry:
+        id = check_snapshot_id(id)
+        with self.db.read() as txn:
+            rec = self._snapshot_record(txn, id)
+        return self._root_of(rec["root"])
+
+    def read_tree(self, tree_id: bytes) -> dict[bytes, Entry]:
+        return self.trees.get(tree_id)
+
+    def read_file(self, content_id: bytes, offset: int, size: int) -> bytes:
+        return self.content.read(content_id, offset, size)
+
+
+def _snapshot_info(id: str, rec: dict) -> SnapshotInfo:
+    return SnapshotInfo(id, rec["root"], rec["parent"], rec["created_ns"], rec["size"],
+                        rec["files"], dict(rec.get("labels") or {}))
+
+
+def _tree_bytes(src: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(src):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total

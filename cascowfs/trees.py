@@ -1,0 +1,189 @@
+"""Snapshot trees: content-addressed directory objects (a Merkle tree).
+
+A directory is one object listing its entries sorted by name; its id is the BLAKE3 of that
+encoding, so two snapshots share every unchanged subtree, a commit writes only the changed
+paths and their ancestors, diff skips equal ids, and the root id is the snapshot's digest.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections import OrderedDict
+from typing import Iterator
+
+import lmdb
+
+from .cas import TYPE_TREE, ContentStore, object_id
+from .errors import StoreIOError
+from .model import Change, Entry
+
+FORMAT_VERSION = 1
+_FIXED = struct.Struct("<IIIqQQQQ")  # mode uid gid mtime_ns size rdev tree_files tree_bytes
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+
+ROOT_NAME = b""
+
+
+def encode_tree(entries: dict[bytes, Entry]) -> bytes:
+    out = [bytes([FORMAT_VERSION])]
+    for name in sorted(entries):
+        e = entries[name]
+        out.append(_U16.pack(len(name)))
+        out.append(name)
+        out.append(_FIXED.pack(e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.rdev, e.tree_files, e.tree_bytes))
+        out.append(_U16.pack(len(e.ref)))
+        out.append(e.ref)
+        out.append(_U16.pack(len(e.link)))
+        out.append(e.link)
+        out.append(_U16.pack(len(e.xattrs)))
+        for key, val in e.xattrs:
+            out.append(_U16.pack(len(key)))
+            out.append(key)
+            out.append(_U32.pack(len(val)))
+            out.append(val)
+    return b"".join(out)
+
+
+def decode_tree(payload: bytes | memoryview) -> dict[bytes, Entry]:
+    buf = memoryview(payload)
+    if not buf or buf[0] != FORMAT_VERSION:
+        raise StoreIOError("tree object has an unknown format version")
+    pos = 1
+    entries: dict[bytes, Entry] = {}
+    end = len(buf)
+    try:
+        while pos < end:
+            (n,) = _U16.unpack_from(buf, pos); pos += 2
+            name = bytes(buf[pos:pos + n]); pos += n
+            mode, uid, gid, mtime_ns, size, rdev, tfiles, tbytes = _FIXED.unpack_from(buf, pos); pos += _FIXED.size
+            (n,) = _U16.unpack_from(buf, pos); pos += 2
+            ref = bytes(buf[pos:pos + n]); pos += n
+            (n,) = _U16.unpack_from(buf, pos); pos += 2
+            link = bytes(buf[pos:pos + n]); pos += n
+            (count,) = _U16.unpack_from(buf, pos); pos += 2
+            xattrs = []
+            for _ in range(count):
+                (n,) = _U16.unpack_from(buf, pos); pos += 2
+                key = bytes(buf[pos:pos + n]); pos += n
+                (n,) = _U32.unpack_from(buf, pos); pos += 4
+                xattrs.append((key, bytes(buf[pos:pos + n]))); pos += n
+            entries[name] = Entry(name, mode, uid, gid, mtime_ns, size, ref, rdev, tuple(xattrs), link, tfiles, tbytes)
+    except struct.error as exc:
+        raise StoreIOError(f"tree object is truncated: {exc}") from None
+    return entries
+
+
+def tree_object(entries: dict[bytes, Entry]) -> tuple[bytes, bytes]:
+    """(id, stored value) of a directory listing."""
+    payload = encode_tree(entries)
+    return object_id(TYPE_TREE, payload), TYPE_TREE + payload
+
+
+def file_key(e: Entry) -> tuple:
+    """Everything that makes two non-directory entries the same file to a reader."""
+    return (e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.ref, e.rdev, e.xattrs, e.link)
+
+
+class TreeStore:
+    """Decoded trees by id, with an LRU cache (trees are immutable, so caching is always safe)."""
+
+    def __init__(self, content: ContentStore, cache_trees: int = 4096) -> None:
+        self.content = content
+        self._cache: OrderedDict[bytes, dict[bytes, Entry]] = OrderedDict()
+        self._cache_size = cache_trees
+        self._lock = threading.Lock()
+
+    def get(self, tree_id: bytes, txn: lmdb.Transaction | None = None,
+            extra: dict[bytes, dict[bytes, Entry]] | None = None) -> dict[bytes, Entry]:
+        """A tree by id; ``extra`` holds trees built in memory but not stored (status)."""
+        if extra is not None and tree_id in extra:
+            return extra[tree_id]
+        with self._lock:
+            hit = self._cache.get(tree_id)
+            if hit is not None:
+                self._cache.move_to_end(tree_id)
+                return hit
+        value = self.content.get(tree_id, txn)
+        if value[:1] != TYPE_TREE:
+            raise StoreIOError(f"object {tree_id.hex()} is not a tree")
+        entries = decode_tree(memoryview(value)[1:])
+        with self._lock:
+            self._cache[tree_id] = entries
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return entries
+
+    def lookup(self, root: Entry, path: bytes, txn: lmdb.Transaction | None = None) -> Entry | None:
+        """The entry at a relative ``a/b/c`` path under directory entry ``root``."""
+        cur = root
+        for part in [p for p in path.split(b"/") if p]:
+            if not cur.is_dir:
+                return None
+            nxt = self.get(cur.ref, txn).get(part)
+            if nxt is None:
+                return None
+            cur = nxt
+        return cur
+
+    def walk(self, root: Entry, prefix: bytes = b"", txn: lmdb.Transaction | None = None,
+             extra: dict[bytes, dict[bytes, Entry]] | None = None) -> Iterator[tuple[bytes, Entry]]:
+        """Every (path, entry) below directory entry ``root``, parents before children."""
+        stack = [(prefix, root)]
+        while stack:
+            path, entry = stack.pop()
+            children = self.get(entry.ref, txn, extra)
+            for name in sorted(children, reverse=True):
+                child = children[name]
+                child_path = path + b"/" + name if path else name
+                yield child_path, child
+                if child.is_dir:
+                    stack.append((child_path, child))
+
+    def diff(self, a: Entry | None, b: Entry | None,
+             extra: dict[bytes, dict[bytes, Entry]] | None = None) -> list[Change]:
+        """Changes that turn tree ``a`` into tree ``b`` (roots as directory entries)."""
+        changes: list[Change] = []
+        self._diff_dirs(a, b, b"", changes, extra)
+        changes.sort()
+        return changes
+
+    def _diff_dirs(self, a: Entry | None, b: Entry | None, path: bytes,
+                   changes: list[Change], extra) -> None:
+        if a is not None and b is not None and a.ref == b.ref:
+            return
+        left = self.get(a.ref, None, extra) if a is not None else {}
+        right = self.get(b.ref, None, extra) if b is not None else {}
+        for name in sorted(left.keys() | right.keys()):
+            ea, eb = left.get(name), right.get(name)
+            child = path + b"/" + name if path else name
+            if ea is None:
+                self._report_all(eb, child, "A", changes, extra)
+            elif eb is None:
+                self._report_all(ea, child, "D", changes, extra)
+            elif ea.is_dir and eb.is_dir:
+                if _dir_meta(ea) != _dir_meta(eb):
+                    changes.append(Change(_text(child), "M"))
+                self._diff_dirs(ea, eb, child, changes, extra)
+            elif ea.is_dir != eb.is_dir:
+                self._report_all(ea, child, "D", changes, extra)
+                self._report_all(eb, child, "A", changes, extra)
+            elif file_key(ea) != file_key(eb):
+                changes.append(Change(_text(child), "M"))
+
+    def _report_all(self, entry: Entry, path: bytes, kind: str, changes: list[Change], extra) -> None:
+        changes.append(Change(_text(path), kind))
+        if entry.is_dir:
+            for sub, _ in self.walk(entry, path, extra=extra):
+                changes.append(Change(_text(sub), kind))
+
+
+def _dir_meta(e: Entry) -> tuple:
+    return (e.mode, e.uid, e.gid, e.xattrs)
+
+
+def _text(path: bytes) -> str:
+    return path.decode("utf-8", "surrogateescape")
+
+

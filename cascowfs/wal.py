@@ -1,0 +1,97 @@
+"""Write-ahead log: the intent of every multi-step operation, durable before its side effects.
+
+One record per line: ``<crc32 hex> <json>``. A PREPARE record is fsync'd before the operation
+touches anything; FINALIZE is appended without fsync (losing it only makes replay re-check an
+operation that already finished, and every recovery step is idempotent). Whether an operation
+got past APPLY is not kept here but in LMDB itself, in the same transaction as the change
+(the ``ops`` database), so "applied" can never disagree with the state it describes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class PendingOp:
+    op: str
+    kind: str
+    args: dict = field(default_factory=dict)
+
+
+def new_op_id() -> str:
+    return secrets.token_hex(5)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class WriteAheadLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        created = not path.exists()
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        if created:
+            _fsync_dir(path.parent)
+        self.records_since_checkpoint = 0
+
+    def _append(self, record: dict, durable: bool) -> None:
+        body = json.dumps(record, separators=(",", ":"), sort_keys=True)
+        line = f"{zlib.crc32(body.encode()):08x} {body}\n".encode()
+        os.write(self._fd, line)
+        if durable:
+            os.fdatasync(self._fd)
+        self.records_since_checkpoint += 1
+
+    def prepare(self, kind: str, **args) -> str:
+        op = new_op_id()
+        self._append({"op": op, "step": "prepare", "kind": kind, "args": args}, durable=True)
+        return op
+
+    def finalize(self, op: str) -> None:
+        self._append({"op": op, "step": "finalize"}, durable=False)
+
+    def pending(self) -> list[PendingOp]:
+        """Operations prepared but not finalized, in log order. A torn tail is ignored."""
+        ops: dict[str, PendingOp] = {}
+        with open(self.path, "rb") as fh:
+            for raw in fh:
+                rec = _parse(raw)
+                if rec is None:
+                    break  # torn or corrupt tail: nothing after it was acknowledged
+                if rec.get("step") == "prepare":
+                    ops[rec["op"]] = PendingOp(rec["op"], rec["kind"], rec.get("args", {}))
+                elif rec.get("step") == "finalize":
+                    ops.pop(rec.get("op"), None)
+        return list(ops.values())
+
+    def checkpoint(self) -> None:
+        """Forget everything: call only when no operation is pending."""
+        os.ftruncate(self._fd, 0)
+        os.fsync(self._fd)
+        self.records_since_checkpoint = 0
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _parse(raw: bytes) -> dict | None:
+    try:
+        crc, _, body = raw.rstrip(b"\n").partition(b" ")
+        if not raw.endswith(b"\n") or int(crc, 16) != zlib.crc32(body):
+            return None
+        rec = json.loads(body)
+        return rec if isinstance(rec, dict) and "op" in rec else None
+    except ValueError:
+        return None
