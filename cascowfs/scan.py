@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -140,9 +141,16 @@ class Progress:
         self.update = update or (lambda n: None)
 
 
+IMPORT_THREADS = 3  # reading, hashing, compressing and writing release the GIL
+
+
 def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None,
                    prepare: Prepare = prepare_content, progress: Progress | None = None) -> DirNode:
-    """Read a plain directory tree into a DirNode (and into ``mirror_to``, a layer, if given)."""
+    """Read a plain directory tree into a DirNode (and into ``mirror_to``, a layer, if given).
+
+    The walk runs on the calling thread; file contents are read, cut, hashed, compressed and
+    mirrored by a small thread pool; objects reach ``sink`` on the calling thread, in order.
+    """
     progress = progress or Progress()
     links = HardLinks()
     root_path = os.fsencode(src)
@@ -152,9 +160,15 @@ def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None
     mirror_root = os.fsencode(mirror_to) if mirror_to is not None else None
     if mirror_root is not None:
         os.makedirs(mirror_root, exist_ok=True)
+    files: list[tuple[DirNode, bytes, bytes, os.stat_result, bytes | None]] = []
+    followers: list[tuple[DirNode, bytes, bytes | None, tuple[int, int]]] = []
+    dirs: list[tuple[bytes, Entry]] = []
+    first_of_inode: dict[tuple[int, int], tuple[DirNode, bytes, bytes | None]] = {}
 
     def walk(path: bytes, rel: bytes, st: os.stat_result, name: bytes, mirror: bytes | None) -> DirNode:
         node = DirNode(_meta_entry(name, st, fsmeta.read_xattrs(path)), {})
+        if mirror is not None:
+            dirs.append((mirror, node.meta))
         with os.scandir(path) as it:
             items = sorted(it, key=lambda d: d.name)
         for item in items:
@@ -167,39 +181,47 @@ def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None
                 if cmirror is not None:
                     os.mkdir(cmirror, 0o700)
                 node.children[cname] = walk(cpath, crel, cst, cname, cmirror)
-                continue
-            if stat.S_ISREG(cst.st_mode):
+            elif stat.S_ISREG(cst.st_mode):
                 inode = (cst.st_dev, cst.st_ino)
-                linked = seen_inodes.get(inode) if cst.st_nlink > 1 else None
-                if linked is not None:
-                    first_entry, first_mirror = linked
-                    entry = replace(first_entry, name=cname)
-                    if cmirror is not None:
-                        os.link(first_mirror, cmirror)
-                else:
-                    entry = _file_entry(cname, cpath, cst, prepare, sink, mirror=cmirror)
-                    progress.update(entry.size)
                 if cst.st_nlink > 1:
                     links.add(cst, node, cname, crel)
-                    seen_inodes.setdefault(inode, (entry, cmirror))
-                node.children[cname] = entry
-                if linked is None and cmirror is not None:
-                    fsmeta.apply_metadata(cmirror, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs)
-                continue
+                    if inode in first_of_inode:
+                        followers.append((node, cname, cmirror, inode))
+                        continue
+                    first_of_inode[inode] = (node, cname, cmirror)
+                files.append((node, cname, cpath, cst, cmirror))
             else:
                 entry = _other_entry(cname, cpath, cst)
                 if cmirror is not None:
                     _mirror_other(entry, cmirror)
-            node.children[cname] = entry
-            if cmirror is not None:
-                fsmeta.apply_metadata(cmirror, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs)
-        if mirror is not None:
-            m = node.meta
-            fsmeta.apply_metadata(mirror, m.mode, m.uid, m.gid, m.mtime_ns, m.xattrs)
+                    fsmeta.apply_metadata(cmirror, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs)
+                node.children[cname] = entry
         return node
 
-    seen_inodes: dict[tuple[int, int], tuple[Entry, bytes | None]] = {}
     root = walk(root_path, b"", st, b"", mirror_root)
+
+    def work(job: tuple) -> tuple[Entry, PreparedContent]:
+        node, name, path, fst, mirror = job
+        data = fsmeta.read_file_data(path)
+        prepared = prepare(data)
+        entry = _meta_entry(name, fst, fsmeta.read_xattrs(path), len(data), prepared.content_id)
+        if mirror is not None:
+            fsmeta.write_file_data(mirror, data)
+            fsmeta.apply_metadata(mirror, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs)
+        return entry, prepared
+
+    with ThreadPoolExecutor(IMPORT_THREADS, thread_name_prefix="cascowfs-scan") as pool:
+        for job, (entry, prepared) in zip(files, pool.map(work, files)):
+            job[0].children[job[1]] = entry
+            sink.add(prepared.objects)
+            progress.update(entry.size)
+    for node, name, mirror, inode in followers:
+        first_node, first_name, first_mirror = first_of_inode[inode]
+        node.children[name] = replace(first_node.children[first_name], name=name)
+        if mirror is not None:
+            os.link(first_mirror, mirror)
+    for mirror, meta in reversed(dirs):  # children first: creating them changed the mtimes
+        fsmeta.apply_metadata(mirror, meta.mode, meta.uid, meta.gid, meta.mtime_ns, meta.xattrs)
     links.assign()
     return root
 

@@ -98,6 +98,7 @@ class StateManager:
         self._worker: threading.Thread | None = None
         self._jobs: queue.Queue = queue.Queue()
         self._closed = False
+        self._read_only = False
 
     # ------------------------------------------------------------------------------------
     # opening, recovery, closing
@@ -109,6 +110,7 @@ class StateManager:
         ``recover=False`` opens without touching anything (fsck uses it to look at a store as
         it was left)."""
         self = cls(Path(store).absolute())
+        self._read_only = not recover
         for d in (self.store, self.layers_dir, self.branches_dir, self.staging_dir,
                   self.trash_dir, self.empty_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -142,7 +144,8 @@ class StateManager:
         if self._closed:
             return
         self._closed = True
-        self._jobs.put(("trash",))
+        if not self._read_only:
+            self._jobs.put(("trash",))
         self._jobs.put(None)
         if self._worker is not None:
             self._worker.join()

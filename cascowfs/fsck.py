@@ -1,0 +1,196 @@
+"""``cascowfs fsck``: check the five invariants of SPEC §5 on a store, report each failure.
+
+1. every snapshot's tree verifies against its root digest and every object it names exists;
+2. every refcount equals the count recomputed from live snapshots and branches (objects and
+   layers alike);
+3. no object is unreferenced;
+4. no mount of ours is left that the state does not name, and every live branch is mounted;
+5. no operation is left half-done: the WAL has nothing pending, no staging directory remains,
+   and (``deep``) every snapshot's layer chain shows exactly the snapshot's tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import overlay
+from .cas import children_of, identify_content
+from .model import Entry
+from .progress import progress_bar
+from .scan import ObjectSink, finalize, scan_directory
+from .state import StateManager
+from .trees import TreeStore, decode_tree
+
+
+@dataclass
+class FsckReport:
+    problems: list[str] = field(default_factory=list)
+    snapshots: int = 0
+    branches: int = 0
+    objects: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, invariant: int, message: str) -> None:
+        self.problems.append(f"invariant {invariant}: {message}")
+
+
+def fsck_store(store: str | Path, *, progress: bool = False, deep: bool = False) -> FsckReport:
+    """Check a store that no daemon holds (takes the store lock; changes nothing)."""
+    sm = StateManager.open(store, recover=False)
+    try:
+        return check(sm, progress=progress, deep=deep)
+    finally:
+        sm.close()
+
+
+def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> FsckReport:
+    report = FsckReport()
+    db = sm.db
+    with db.read() as txn:
+        snaps = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=db.db("snapshots"))}
+        branches = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=db.db("branches"))}
+        layers = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=db.db("layers"))}
+        stored_refs = dict(sm.content.iter_refcounts(txn))
+        object_ids = set(sm.content.iter_object_ids(txn))
+    report.snapshots, report.branches, report.objects = len(snaps), len(branches), len(object_ids)
+
+    # 1 + 2: walk every live root, verifying each distinct object once, recounting refs
+    expected_refs: Counter = Counter()
+    roots = [(f"snapshot {sid}", rec["root"]) for sid, rec in snaps.items()]
+    roots += [(f"branch {name}", rec["base_root"]) for name, rec in branches.items() if rec["base_root"]]
+    visited: set[bytes] = set()
+    with progress_bar(progress, len(object_ids), "fsck objects", unit="obj") as bar:
+        for owner, hexid in roots:
+            root = bytes.fromhex(hexid)
+            expected_refs[root] += 1
+            stack = [root]
+            while stack:
+                oid = stack.pop()
+                if oid in visited:
+                    continue
+                visited.add(oid)
+                bar(1)
+                with db.read() as txn:
+                    value = txn.get(oid, db=db.db("objects"))
+                if value is None:
+                    report.add(1, f"{owner}: object {oid.hex()} is missing")
+                    continue
+                if not sm.content.verify(oid, value):
+                    report.add(1, f"{owner}: object {oid.hex()} does not match its id (corrupt)")
+                    continue
+                for child in children_of(value):
+                    expected_refs[child] += 1
+                    stack.append(child)
+    for oid in set(expected_refs) | set(stored_refs):
+        if expected_refs[oid] != stored_refs.get(oid, 0):
+            report.add(2, f"object {oid.hex()} has refcount {stored_refs.get(oid, 0)}, "
+                          f"live references {expected_refs[oid]}")
+
+    # 3: nothing unreferenced
+    for oid in sorted(object_ids - visited):
+        report.add(3, f"object {oid.hex()} is not referenced by any snapshot or branch")
+
+    # 2 (layers): layer refcounts and directories
+    layer_refs: Counter = Counter()
+    for rec in list(snaps.values()) + list(branches.values()):
+        layer_refs.update(rec["layers"])
+    for lid in set(layer_refs) | set(layers):
+        stored = layers.get(lid, {}).get("refs", 0)
+        if stored != layer_refs[lid]:
+            report.add(2, f"layer {lid} has refcount {stored}, named by {layer_refs[lid]} chains")
+        if lid in layers and not (sm.layers_dir / lid).is_dir():
+            report.add(1, f"layer {lid} is recorded but its directory is missing")
+    for entry in os.listdir(sm.layers_dir):
+        if entry not in layers:
+            report.add(3, f"layer directory {entry} is not recorded")
+
+    # 4: mounts
+    expected = {str(sm.branches_dir / name / "tree"): (name, rec) for name, rec in branches.items()}
+    seen: Counter = Counter()
+    for m in overlay.mounts_under(sm.store):
+        if m.target not in expected:
+            report.add(4, f"mount at {m.target} is not named by any branch")
+            continue
+        seen[m.target] += 1
+        if not sm._mount_matches(m, expected[m.target][1]):
+            report.add(4, f"branch {expected[m.target][0]} is mounted on the wrong layers")
+    for target, (name, _) in expected.items():
+        if seen[target] == 0:
+            report.add(4, f"branch {name} is not mounted")
+        elif seen[target] > 1:
+            report.add(4, f"branch {name} is mounted {seen[target]} times")
+
+    # 5: nothing half-done
+    for op in sm.wal.pending():
+        report.add(5, f"operation {op.kind} {op.op} {op.args} is unfinished (mount the store to recover)")
+    for entry in os.listdir(sm.staging_dir):
+        report.add(5, f"staging directory {entry} is left over")
+    if deep:
+        for sid, rec in snaps.items():
+            _check_layers(sm, sid, rec, report)
+    return report
+
+
+def _check_layers(sm: StateManager, sid: str, rec: dict, report: FsckReport) -> None:
+    """The snapshot's layer chain, mounted read-only, must show exactly its tree."""
+    lowers = sm._lower_paths(rec["layers"])
+    want = sm._root_of(rec["root"])
+    if len(lowers) == 1:
+        got = _scan_tree(lowers[0])
+    else:
+        with tempfile.TemporaryDirectory(prefix="cascowfs-fsck-") as mnt:
+            overlay.mount_overlay(Path(mnt), lowers, readonly=True)
+            try:
+                got = _scan_tree(Path(mnt))
+            finally:
+                overlay.unmount(Path(mnt), lazy=False)
+    if got[1] is None:
+        report.add(1, f"snapshot {sid}: layer chain cannot be read")
+        return
+    got_view = comparable(got[0], got[1])
+    want_view = comparable(sm.trees, want)
+    if got_view != want_view:
+        diffs = sorted(k for k in got_view.keys() | want_view.keys() if got_view.get(k) != want_view.get(k))
+        report.add(5, f"snapshot {sid}: its layers differ from its tree at {diffs[:5]}")
+
+
+def _scan_tree(path: Path) -> tuple[TreeStore, Entry | None]:
+    sink = ObjectSink()
+    root = finalize(scan_directory(path, sink, prepare=identify_content), sink)
+    store = _MemoryTrees({oid: decode_tree(v[1:]) for oid, v in sink.pending.items()})
+    return store, root
+
+
+class _MemoryTrees(TreeStore):
+    def __init__(self, trees: dict[bytes, dict[bytes, Entry]]) -> None:  # noqa: D107
+        self._trees = trees
+
+    def get(self, tree_id, txn=None, extra=None):
+        return self._trees[tree_id]
+
+
+def comparable(trees: TreeStore, root: Entry) -> dict:
+    """path -> everything a reader sees, with hard links as groups of paths (a group of one is
+    no group: a member left alone by a copy-up keeps its old key)."""
+    view: dict = {b"": (root.mode, root.uid, root.gid, root.mtime_ns, root.xattrs)}
+    groups: dict[bytes, list[bytes]] = {}
+    for path, e in trees.walk(root):
+        if e.is_dir:
+            view[path] = (e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs)
+        else:
+            view[path] = (e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.ref, e.rdev, e.xattrs)
+            if e.link:
+                groups.setdefault(e.link, []).append(path)
+    for members in groups.values():
+        if len(members) > 1:
+            for p in members:
+                view[p] = view[p] + (tuple(sorted(members)),)
+    return view
