@@ -8,6 +8,7 @@ the StateManager's operation lock. Read transactions are short and may run on an
 from __future__ import annotations
 
 import errno
+import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,9 +34,22 @@ INITIAL_MAP_SIZE = 1 << 30
 MAX_MAP_SIZE = 1 << 40
 
 
-def _translate(exc: lmdb.Error, what: str) -> Exception:
+# LMDB reports a write that hit a full disk as EIO from mdb_txn_commit; below this much free
+# space an EIO is taken for what it almost certainly is.
+_LOW_SPACE = 8 << 20
+
+
+def _disk_nearly_full(path: Path) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _LOW_SPACE
+
+
+def _translate(exc: lmdb.Error, what: str, path: Path) -> Exception:
     text = str(exc)
-    if "No space left" in text or "ENOSPC" in text:
+    if "No space left" in text or "ENOSPC" in text or _disk_nearly_full(path):
         return NoSpaceError(f"{what}: store disk is full")
     if isinstance(exc, lmdb.DiskError) or "Input/output error" in text:
         return StoreIOError(f"{what}: {text}")
@@ -90,7 +104,7 @@ class MetaDB:
             except lmdb.MapFullError:
                 self._grow()
             except lmdb.Error as exc:
-                raise _translate(exc, what) from exc
+                raise _translate(exc, what, self.path) from exc
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     raise NoSpaceError(f"{what}: store disk is full") from exc
