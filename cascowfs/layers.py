@@ -15,7 +15,7 @@ from typing import Callable
 from . import fsmeta
 from .cas import ContentStore
 from .model import Entry
-from .trees import TreeStore
+from .trees import TreeStore, file_key
 
 
 def copy_layer(src: Path, dst: Path) -> None:
@@ -60,35 +60,79 @@ def copy_layer(src: Path, dst: Path) -> None:
     copy_dir(s, os.fsencode(dst), os.lstat(s))
 
 
+class _Writer:
+    """Writes entries from the CAS into a layer directory, keeping hard-link groups."""
+
+    def __init__(self, trees: TreeStore, content: ContentStore,
+                 progress: Callable[[int], None] | None) -> None:
+        self.trees = trees
+        self.content = content
+        self.linked: dict[bytes, bytes] = {}
+        self.tick = progress or (lambda n: None)
+
+    def write_leaf(self, child: Entry, path: bytes) -> None:
+        if child.link and child.link in self.linked:
+            os.link(self.linked[child.link], path)
+            return
+        if child.is_file:
+            fsmeta.write_file_data(path, self.content.read(child.ref))
+            self.tick(child.size)
+        elif stat.S_ISLNK(child.mode):
+            os.symlink(child.ref, path)
+        else:
+            fsmeta.make_node(path, child.mode, child.rdev)
+        fsmeta.apply_metadata(path, child.mode, child.uid, child.gid, child.mtime_ns, child.xattrs)
+        if child.link:
+            self.linked[child.link] = path
+
+    def write_dir(self, entry: Entry, path: bytes) -> None:
+        """The whole subtree of a directory entry."""
+        os.mkdir(path, 0o700)
+        for name, child in self.trees.get(entry.ref).items():
+            if child.is_dir:
+                self.write_dir(child, path + b"/" + name)
+            else:
+                self.write_leaf(child, path + b"/" + name)
+        _set_dir_metadata(path, entry)
+
+    def write_delta(self, base: Entry | None, target: Entry, path: bytes) -> None:
+        """Only what turns directory ``base`` into ``target``, in overlayfs's upper format."""
+        os.mkdir(path, 0o700)
+        before = self.trees.get(base.ref) if base is not None else {}
+        after = self.trees.get(target.ref)
+        for name in before.keys() - after.keys():
+            os.mknod(path + b"/" + name, stat.S_IFCHR, 0)  # whiteout
+        for name, t in after.items():
+            b = before.get(name)
+            child = path + b"/" + name
+            if t.is_dir:
+                if b is not None and b.is_dir:
+                    if b == t:
+                        continue  # same subtree, same attributes: the lower layer shows it
+                    self.write_delta(b, t, child)
+                else:
+                    self.write_dir(t, child)
+                    if b is not None:  # a directory replacing a file hides nothing below
+                        os.setxattr(child, b"trusted.overlay.opaque", b"y")
+            elif b is None or b.is_dir or file_key(b) != file_key(t):
+                self.write_leaf(t, child)
+        _set_dir_metadata(path, target)
+
+
+def _set_dir_metadata(path: bytes, entry: Entry) -> None:
+    fsmeta.apply_metadata(path, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs)
+
+
 def materialize(trees: TreeStore, content: ContentStore, root: Entry, dst: Path,
                 progress: Callable[[int], None] | None = None) -> None:
     """Write the full tree of a snapshot from the CAS into ``dst`` (which must not exist)."""
-    linked: dict[bytes, bytes] = {}
-    tick = progress or (lambda n: None)
+    _Writer(trees, content, progress).write_dir(root, os.fsencode(dst))
 
-    def write_dir(entry: Entry, d: bytes) -> None:
-        os.mkdir(d, 0o700)
-        for name, child in trees.get(entry.ref).items():
-            cd = d + b"/" + name
-            if child.is_dir:
-                write_dir(child, cd)
-                continue
-            if child.link and child.link in linked:
-                os.link(linked[child.link], cd)
-                continue
-            if child.is_file:
-                fsmeta.write_file_data(cd, content.read(child.ref))
-                tick(child.size)
-            elif stat.S_ISLNK(child.mode):
-                os.symlink(child.ref, cd)
-            else:
-                fsmeta.make_node(cd, child.mode, child.rdev)
-            fsmeta.apply_metadata(cd, child.mode, child.uid, child.gid, child.mtime_ns, child.xattrs)
-            if child.link:
-                linked[child.link] = cd
-        fsmeta.apply_metadata(d, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs)
 
-    write_dir(root, os.fsencode(dst))
+def materialize_delta(trees: TreeStore, content: ContentStore, base: Entry, root: Entry,
+                      dst: Path) -> None:
+    """Write, as one overlay layer over a full layer of ``base``, what turns it into ``root``."""
+    _Writer(trees, content, None).write_delta(base, root, os.fsencode(dst))
 
 
 def set_root_metadata(path: Path, root: Entry | None) -> None:

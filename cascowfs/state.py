@@ -625,28 +625,40 @@ class StateManager:
     # flattening and rebuilding layers
     # ------------------------------------------------------------------------------------
     def flatten(self, id: str, *, force: bool = False) -> None:
-        """Replace a snapshot's layer chain by one full layer built from the CAS (``force``:
-        even a single-layer chain, to rebuild a lost layer)."""
+        """Shorten a snapshot's layer chain to at most two layers: one delta, written from the
+        CAS, over the chain's bottom full layer; or, when the delta would be large or there is
+        no full layer, one full layer (``force``: rebuild even a short chain)."""
         with self._lock:
             with self.db.read() as txn:
                 rec = self._snapshot_record(txn, id)
-            if len(rec["layers"]) <= 1 and not force:
+                bottom = rec["layers"][-1] if rec["layers"] else None
+                raw = txn.get(bottom.encode(), db=self.db.db("layers")) if bottom else None
+                base_hex = json.loads(raw)["full_root"] if raw else None
+            if len(rec["layers"]) <= 2 and not force:
                 return
+            root = self._root_of(rec["root"])
+            base = self._root_of(base_hex) if base_hex and (self.layers_dir / bottom).is_dir() else None
+            if base is not None and _delta_bytes(self.trees, base, root) > root.tree_bytes // 4:
+                base = None
             layer = secrets.token_hex(5)
+            chain = [layer, bottom] if base is not None else [layer]
             op = self.wal.prepare("flatten", id=id, layer=layer)
             crash_point("flatten.prepared")
             staged = self.staging_dir / op
             try:
                 with self._disk_errors(f"flattening snapshot {id}"):
-                    layerfs.materialize(self.trees, self.content, self._root_of(rec["root"]), staged)
+                    if base is not None:
+                        layerfs.materialize_delta(self.trees, self.content, base, root, staged)
+                    else:
+                        layerfs.materialize(self.trees, self.content, root, staged)
                 crash_point("flatten.staged")
 
                 def apply(txn: lmdb.Transaction) -> list[str]:
                     cur = self._snapshot_record(txn, id)
-                    self._new_layer(txn, layer, cur["root"])
-                    self._layer_refs(txn, [layer], +1)
+                    self._new_layer(txn, layer, None if base is not None else cur["root"])
+                    self._layer_refs(txn, chain, +1)
                     dropped = self._layer_refs(txn, cur["layers"], -1)
-                    txn.put(id.encode(), _dump(dict(cur, layers=[layer])), db=self.db.db("snapshots"))
+                    txn.put(id.encode(), _dump(dict(cur, layers=chain)), db=self.db.db("snapshots"))
                     self._mark_applied(txn, op)
                     return dropped
 
@@ -807,6 +819,24 @@ class StateManager:
 def _snapshot_info(id: str, rec: dict) -> SnapshotInfo:
     return SnapshotInfo(id, rec["root"], rec["parent"], rec["created_ns"], rec["size"],
                         rec["files"], dict(rec.get("labels") or {}))
+
+
+def _delta_bytes(trees: TreeStore, base: Entry, root: Entry) -> int:
+    """Bytes of regular files that differ between two trees (what a delta layer would hold)."""
+    total = 0
+    stack = [(base, root)]
+    while stack:
+        b, t = stack.pop()
+        if b is not None and b.ref == t.ref:
+            continue
+        before = trees.get(b.ref) if b is not None else {}
+        for name, e in trees.get(t.ref).items():
+            old = before.get(name)
+            if e.is_dir:
+                stack.append((old if old is not None and old.is_dir else None, e))
+            elif e.is_file and (old is None or old.ref != e.ref):
+                total += e.size
+    return total
 
 
 def _tree_bytes(src: Path) -> int:
