@@ -16,9 +16,11 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import replace
-from concurrent.futures import ThreadPoolExecutor
+import itertools
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import blake3
 
@@ -141,7 +143,63 @@ class Progress:
         self.update = update or (lambda n: None)
 
 
-IMPORT_THREADS = 3  # reading, hashing, compressing and writing release the GIL
+IMPORT_THREADS = 3  # small imports: reading, hashing, compressing and writing release the GIL
+# Big imports are GIL-bound in threads (measured: CPU time == wall time on 2 cores), so they go
+# to one worker process per core, in batches that amortize the pickling.
+PROCESS_POOL_MIN_BYTES = 64 << 20
+IMPORT_PROCESSES = (os.cpu_count() or 1) + 1  # one more than cores: cold reads wait on the disk
+PROCESS_BATCH_BYTES = 8 << 20
+PROCESS_BATCH_FILES = 256
+
+_FileResult = tuple[bytes, int, tuple, list[tuple[bytes, bytes]]]
+
+
+def _process_one(path: bytes, mirror: bytes | None, mode: int, uid: int, gid: int,
+                 mtime_ns: int, prepare: Prepare) -> _FileResult:
+    data = fsmeta.read_file_data(path)
+    prepared = prepare(data)
+    xattrs = fsmeta.read_xattrs(path)
+    if mirror is not None:
+        fsmeta.write_file_data(mirror, data)
+        fsmeta.apply_metadata(mirror, mode, uid, gid, mtime_ns, xattrs)
+    return prepared.content_id, len(data), xattrs, prepared.objects
+
+
+def _process_batch(batch: list[tuple], prepare: Prepare) -> list[_FileResult]:
+    return [_process_one(*item, prepare) for item in batch]
+
+
+def _batches(items: list[tuple], sizes: list[int]) -> Iterator[list[tuple]]:
+    batch: list[tuple] = []
+    total = 0
+    for item, size in zip(items, sizes):
+        batch.append(item)
+        total += size
+        if total >= PROCESS_BATCH_BYTES or len(batch) >= PROCESS_BATCH_FILES:
+            yield batch
+            batch, total = [], 0
+    if batch:
+        yield batch
+
+
+def _process_files(files: list[tuple], prepare: Prepare) -> Iterator[tuple[tuple, _FileResult]]:
+    """(job, result) for every file job, results in job order."""
+    items = [(path, mirror, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
+             for _, _, path, st, mirror in files]
+    sizes = [st.st_size for _, _, _, st, _ in files]
+    if sum(sizes) < PROCESS_POOL_MIN_BYTES or (os.cpu_count() or 1) < 2:
+        with ThreadPoolExecutor(IMPORT_THREADS, thread_name_prefix="cascowfs-scan") as pool:
+            yield from zip(files, pool.map(lambda item: _process_one(*item, prepare), items))
+        return
+    # fork, not spawn: spawn (and forkserver) re-run the caller's __main__ in every worker.
+    # The children only read, hash, compress and write files: they touch no lock, LMDB
+    # environment or FUSE channel inherited from the parent, and exit with the pool.
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(IMPORT_PROCESSES, mp_context=context) as pool:
+        jobs = iter(files)
+        for results in pool.map(_process_batch, _batches(items, sizes), itertools.repeat(prepare)):
+            for result in results:
+                yield next(jobs), result
 
 
 def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None,
@@ -199,22 +257,13 @@ def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None
         return node
 
     root = walk(root_path, b"", st, b"", mirror_root)
+    files.sort(key=lambda job: job[3].st_ino)  # disk order: cold reads are seeks otherwise
 
-    def work(job: tuple) -> tuple[Entry, PreparedContent]:
-        node, name, path, fst, mirror = job
-        data = fsmeta.read_file_data(path)
-        prepared = prepare(data)
-        entry = _meta_entry(name, fst, fsmeta.read_xattrs(path), len(data), prepared.content_id)
-        if mirror is not None:
-            fsmeta.write_file_data(mirror, data)
-            fsmeta.apply_metadata(mirror, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs)
-        return entry, prepared
-
-    with ThreadPoolExecutor(IMPORT_THREADS, thread_name_prefix="cascowfs-scan") as pool:
-        for job, (entry, prepared) in zip(files, pool.map(work, files)):
-            job[0].children[job[1]] = entry
-            sink.add(prepared.objects)
-            progress.update(entry.size)
+    for job, (content_id, size, xattrs, objects) in _process_files(files, prepare):
+        node, name, _, fst, _ = job
+        node.children[name] = _meta_entry(name, fst, xattrs, size, content_id)
+        sink.add(objects)
+        progress.update(size)
     for node, name, mirror, inode in followers:
         first_node, first_name, first_mirror = first_of_inode[inode]
         node.children[name] = replace(first_node.children[first_name], name=name)
