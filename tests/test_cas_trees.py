@@ -1,0 +1,120 @@
+"""Unit tests of the content store and the tree format (no mounts needed)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from cascowfs import cas
+from cascowfs.errors import StoreIOError
+from cascowfs.metadb import MetaDB
+from cascowfs.model import Entry
+from cascowfs.trees import TreeStore, decode_tree, encode_tree, tree_object
+
+
+@pytest.fixture
+def content(tmp_path):
+    db = MetaDB(tmp_path / "meta")
+    try:
+        yield cas.ContentStore(db)
+    finally:
+        db.close()
+
+
+def _store(content: cas.ContentStore, data: bytes) -> bytes:
+    prepared = cas.prepare_content(data)
+    content.db.write(lambda txn: content.put_objects(txn, prepared.objects))
+    return prepared.content_id
+
+
+def test_multi_chunk_file_reads_back_at_any_offset(content):
+    data = os.urandom(3 * cas.CHUNK_MAX + 12345)
+    cid = _store(content, data)
+    assert content.get(cid)[:1] == cas.TYPE_LIST
+    assert content.read(cid) == data
+    for offset, size in [(0, 1), (cas.CHUNK_MIN - 3, 10), (len(data) - 5, 100), (12345, 400000)]:
+        assert content.read(cid, offset, size) == data[offset:offset + size]
+    assert content.read(cid, len(data) + 10, 5) == b""
+
+
+def test_identify_content_matches_prepare_content():
+    for data in (b"", b"x", os.urandom(cas.CHUNK_MAX * 2 + 7)):
+        assert cas.identify_content(data).content_id == cas.prepare_content(data).content_id
+
+
+def test_domain_prefix_keeps_a_file_from_aliasing_a_tree():
+    entries = {b"a": Entry(b"a", stat.S_IFREG | 0o644, 0, 0, 1, 1, b"\x01" * 32)}
+    tree_id, value = tree_object(entries)
+    forged = cas.prepare_content(value[1:])  # a file whose bytes are that tree's encoding
+    assert forged.content_id != tree_id
+
+
+def test_refcounts_cascade_and_collect(content):
+    fid = _store(content, b"hello")
+    child = {b"f": Entry(b"f", stat.S_IFREG | 0o644, 0, 0, 1, 5, fid),
+             b"g": Entry(b"g", stat.S_IFREG | 0o644, 0, 0, 1, 5, fid)}
+    sub_id, sub_value = tree_object(child)
+    top_id, top_value = tree_object({b"d": Entry(b"d", stat.S_IFDIR | 0o755, 0, 0, 1, 0, sub_id)})
+    content.db.write(lambda txn: content.put_objects(txn, [(sub_id, sub_value), (top_id, top_value)]))
+    content.db.write(lambda txn: content.incref(txn, top_id))
+    with content.db.read() as txn:
+        assert content.refcount(txn, top_id) == 1
+        assert content.refcount(txn, sub_id) == 1
+        assert content.refcount(txn, fid) == 2  # two entries name it
+    assert content.db.write(lambda txn: content.decref(txn, top_id)) == 3
+    with content.db.read() as txn:
+        assert list(content.iter_object_ids(txn)) == []
+        assert list(content.iter_refcounts(txn)) == []
+
+
+def test_decref_below_zero_is_an_error(content):
+    fid = _store(content, b"x")
+    with pytest.raises(StoreIOError):
+        content.db.write(lambda txn: content.decref(txn, fid))
+
+
+def test_verify_detects_corruption(content):
+    fid = _store(content, b"some content " * 100)
+    value = content.get(fid)
+    assert content.verify(fid, value)
+    assert not content.verify(fid, cas.TYPE_CHUNK + b"\x00" + b"some content " * 99)
+
+
+def test_tree_encoding_round_trips_every_field():
+    entries = {
+        b"f": Entry(b"f", stat.S_IFREG | 0o4755, 1000, 100, -5, 7, b"\x02" * 32, 0,
+                    ((b"user.a", b"\x00\xff"), (b"user.b", b"")), b"k" * 16),
+        b"\xff\xfename": Entry(b"\xff\xfename", stat.S_IFLNK | 0o777, 0, 0, 2**62, 3, b"../x"),
+        b"dev": Entry(b"dev", stat.S_IFCHR | 0o600, 0, 0, 0, 0, b"", os.makedev(1, 3)),
+        b"d": Entry(b"d", stat.S_IFDIR | 0o700, 0, 0, 9, 0, b"\x03" * 32, 0, (), b"", 12, 3456),
+    }
+    assert decode_tree(encode_tree(entries)) == entries
+
+
+def test_truncated_tree_is_reported_not_crashed():
+    payload = encode_tree({b"f": Entry(b"f", stat.S_IFREG, 0, 0, 0, 0, b"")})
+    with pytest.raises(StoreIOError):
+        decode_tree(payload[:-3])
+
+
+def test_diff_reports_adds_deletes_modifications_and_type_changes(content):
+    trees = TreeStore(content)
+
+    def tree(entries):
+        tid, value = tree_object(entries)
+        content.db.write(lambda txn: content.put_objects(txn, [(tid, value)]))
+        return tid
+
+    f = lambda name, ref: Entry(name, stat.S_IFREG | 0o644, 0, 0, 1, 1, ref)
+    sub = tree({b"x": f(b"x", b"\x01" * 32)})
+    a = tree({b"keep": f(b"keep", b"\x01" * 32), b"gone": f(b"gone", b"\x01" * 32),
+              b"chg": f(b"chg", b"\x01" * 32),
+              b"t": Entry(b"t", stat.S_IFDIR | 0o755, 0, 0, 1, 0, sub)})
+    b = tree({b"keep": f(b"keep", b"\x01" * 32), b"new": f(b"new", b"\x01" * 32),
+              b"chg": f(b"chg", b"\x02" * 32), b"t": f(b"t", b"\x01" * 32)})
+    root = lambda tid: Entry(b"", stat.S_IFDIR | 0o755, 0, 0, 0, 0, tid)
+    lines = [c.line() for c in trees.diff(root(a), root(b))]
+    assert lines == ["M chg", "D gone", "A new", "A t", "D t", "D t/x"]
+    assert trees.diff(root(a), root(a)) == []
