@@ -1,0 +1,240 @@
+"""The mount lifecycle: open the store, serve it over FUSE, shut down cleanly.
+
+Order matters, and is the point of this module:
+
+1. A dead FUSE mount left at the mount point by a killed daemon ("Transport endpoint is not
+   connected") is lazily unmounted; a live one is refused.
+2. ``StateManager.open`` locks the store, replays the WAL and re-adopts (or re-creates) every
+   branch's overlay mount. Only then is anything mounted: nobody can see a half-recovered state.
+3. ``pyfuse3.init`` mounts; then systemd hears ``READY=1`` (``Type=notify``) and a
+   ``--background`` parent is released, so "the command returned" means "the mount is usable".
+4. SIGTERM/SIGINT/SIGHUP end the main loop; the FUSE mount is unmounted (lazily if busy, so no
+   dead mount is left behind) and the store is closed. Branch overlay mounts stay: a branch is
+   not killed because the daemon was, and processes working inside keep working.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pyfuse3
+import trio
+
+from .errors import CascowfsError, BusyError, InvalidArgumentError
+from .fuse.operations import CascowOperations
+from .fuse.sysmount import FUSE_TYPE, clear_dead_mount, mount_at
+
+log = logging.getLogger("cascowfs.daemon")
+
+VERSION = "0.1.0"
+
+
+def mount_options() -> set[str]:
+    opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks file modes
+    opts |= {
+        "fsname=cascowfs",
+        "subtype=cascowfs",  # /proc/mounts: "cascowfs MNT fuse.cascowfs ..."
+        "allow_other",  # any process of the VM may use it (the daemon runs as root)
+        "nosuid",  # snapshots are data to read, not programs to gain privileges from
+        "nodev",
+    }
+    return opts
+
+
+def sd_notify(message: str) -> bool:
+    """Send a sd_notify(3) datagram to $NOTIFY_SOCKET, if systemd (or a test) set one."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(addr)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify(%r) failed: %s", message, exc)
+        return False
+    return True
+
+
+def prepare_mountpoint(mnt: Path) -> None:
+    """Clear a dead mount of a killed daemon; refuse a live one. Runs before the store is
+    opened, so a refused mount leaves no trace."""
+    if clear_dead_mount(mnt):
+        log.warning("%s: lazily unmounted a dead FUSE mount left by a previous daemon", mnt)
+    entry = mount_at(mnt)
+    if entry is not None and entry.fstype == FUSE_TYPE:
+        try:
+            pid = os.getxattr(mnt, "user.cascowfs.pid").decode()
+        except OSError:
+            pid = "?"
+        raise BusyError(f"{mnt} is already served by a running cascowfs daemon (pid {pid})")
+    if not mnt.is_dir():
+        raise InvalidArgumentError(f"mount point {mnt} is not a directory")
+
+
+def _fuse_fds() -> list[int]:
+    """This process's descriptors on /dev/fuse (the FUSE session's channel)."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                out.append(int(name))
+        except OSError:
+            continue
+    return out
+
+
+def _drop_fuse_channel_in_children(fds: list[int]) -> None:
+    """Close the FUSE channel in every child forked from now on.
+
+    The engine forks worker processes (big imports). A child holding a copy of the channel
+    keeps the connection alive: if the daemon is then killed, MNT hangs instead of failing with
+    ENOTCONN, and the next daemon cannot tell the mount is dead. No child ever serves requests.
+    """
+    def close_in_child() -> None:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    os.register_at_fork(after_in_child=close_in_child)
+
+
+def _open_state(store: Path) -> Any:
+    from .state import StateManager
+
+    return StateManager.open(store)
+
+
+async def _serve(ops: CascowOperations, ready: Callable[[], None]) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_signals, ops)
+        ready()
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(ops: CascowOperations) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            sd_notify("STOPPING=1")
+            pyfuse3.terminate()
+            return
+
+
+def run(store: str | Path, mnt: str | Path, *, admin_gid: int | None = None,
+        ready: Callable[[], None] | None = None,
+        open_state: Callable[[Path], Any] | None = None) -> int:
+    """Serve ``store`` at ``mnt`` until unmounted or signalled (blocking). Returns an exit code."""
+    store = Path(store).absolute()
+    mnt = Path(mnt).absolute()
+    faulthandler.enable()
+    prepare_mountpoint(mnt)
+    log.info("opening store %s (WAL replay, branch mounts)", store)
+    sm = (open_state or _open_state)(store)
+    try:
+        ops = CascowOperations(sm, store, admin_gid=admin_gid, info={
+            "pid": str(os.getpid()), "store": str(store), "version": VERSION,
+        })
+        try:
+            pyfuse3.init(ops, str(mnt), mount_options())
+        except RuntimeError as exc:  # libfuse reports details on stderr
+            raise CascowfsError(f"mounting {mnt} failed: {exc}") from None
+        _drop_fuse_channel_in_children(_fuse_fds())
+        log.info("serving %s at %s (pid %d)", store, mnt, os.getpid())
+        try:
+            def announce() -> None:
+                sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {store} at {mnt}")
+                if ready is not None:
+                    ready()
+
+            trio.run(_serve, ops, announce)
+        finally:
+            # As root libfuse unmounts lazily if the mount is busy; after an external umount
+            # (our `cascowfs umount`) the connection is gone and this is a no-op.
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", mnt)
+    finally:
+        sm.close()
+        log.info("store %s closed", store)
+    return 0
+
+
+def setup_logging(level: int, log_file: str | None = None) -> None:
+    handler: logging.Handler
+    if log_file:
+        handler = logging.FileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def run_background(start: Callable[[Callable[[], None]], int], log_file: str | None) -> int:
+    """Fork; the child detaches and serves, the parent returns once the mount is ready.
+
+    Forking happens before anything opens the store or starts threads (LMDB and trio must not
+    cross a fork). The parent exits 0 only after the child has reported READY, so
+    ``cascowfs mount --background S M && ls M`` never races the mount.
+    """
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        chunks = []
+        while True:
+            chunk = os.read(rfd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(rfd)
+        message = b"".join(chunks).decode(errors="replace")
+        if message.startswith("READY"):
+            return 0
+        _, status = os.waitpid(pid, 0)
+        print(message.strip() or f"cascowfs: daemon exited with status {status}", file=sys.stderr)
+        return 1
+    # child
+    os.close(rfd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640) if log_file else devnull
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    reported = False
+
+    def ready() -> None:
+        nonlocal reported
+        os.write(wfd, b"READY\n")
+        os.close(wfd)
+        reported = True
+
+    code = 1
+    try:
+        code = start(ready)
+    except CascowfsError as exc:
+        log.error("%s", exc.message)
+        if not reported:
+            os.write(wfd, f"cascowfs: {exc.message}\n".encode())
+    except BaseException as exc:  # noqa: BLE001 - report anything to the waiting parent
+        log.exception("daemon failed")
+        if not reported:
+            os.write(wfd, f"cascowfs: daemon failed: {exc}\n".encode())
+    finally:
+        logging.shutdown()
+        os._exit(code)
+    return code  # not reached

@@ -1,0 +1,750 @@
+"""The pyfuse3 request handlers: SPEC §3's file tree over a StateManager.
+
+Layout and the rules it follows:
+
+* ``ctl``, ``snapshots/``, ``branches/`` form a fixed skeleton (pinned inodes 1-4).
+* ``snapshots/<id>/...`` is served straight from the CAS through ``StateManager.root_entry``,
+  ``read_tree`` and ``read_file``; those are short LMDB read transactions and run inline on the
+  trio thread. Everything is immutable, so attributes and entries are cached by the kernel for a
+  day and files are opened with ``keep_cache``; any write gets EROFS.
+* ``branches/<name>/`` is configfs-style: ``tree`` (symlink to the overlay mount), ``parent``,
+  ``commit``, ``status``. These files are ``direct_io`` so a reader never sees stale content.
+* Every state change (and every query that may walk a directory or wait for the store's operation
+  lock) runs in a worker thread via ``trio.to_thread.run_sync``, so a long commit never stalls
+  the reads of other requests.
+* Engine errors are ``CascowfsError`` subclasses carrying their errno; they are turned into
+  ``pyfuse3.FUSEError`` exactly once, by the ``edge`` decorator on every handler. An unexpected
+  exception becomes EIO and is logged: pyfuse3 would otherwise stop its main loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+import pyfuse3
+import trio
+
+from ..errors import CascowfsError, NotFoundError, PermissionDeniedError
+from ..model import BranchInfo, Entry, SnapshotInfo
+from ..names import check_branch_name, check_snapshot_id
+from . import control
+from .inodes import (
+    BRANCHES_INO,
+    CTL_INO,
+    ROOT_INO,
+    SNAPSHOTS_INO,
+    BranchDirNode,
+    BranchFileNode,
+    InodeTable,
+    Node,
+    SkeletonNode,
+    SnapDirNode,
+    SnapLeafNode,
+)
+from .snapshot_view import (
+    IMMUTABLE_TIMEOUT,
+    TREE_XATTR,
+    XATTR_PREFIX,
+    count_links,
+    entry_attrs,
+    root_xattrs,
+)
+
+log = logging.getLogger("cascowfs.fuse")
+
+T = TypeVar("T")
+
+# Skeleton directories change when branches/snapshots come and go; a second of staleness in
+# their mtime is harmless and saves a getattr round trip per path walk through MNT/branches/.
+SKELETON_ATTR_TIMEOUT = 1.0
+BRANCH_FILES = (b"tree", b"parent", b"commit", b"status")
+# Mode bits: mutating entries are writable by everyone so that a non-admin caller reaches the
+# daemon and gets the contract's EPERM instead of the kernel's EACCES (default_permissions).
+MODE_ROOT = stat.S_IFDIR | 0o755
+MODE_OPEN_DIR = stat.S_IFDIR | 0o777
+MODE_BRANCH_DIR = stat.S_IFDIR | 0o755
+MODE_CTL = stat.S_IFREG | 0o666
+MODE_RW_FILE = stat.S_IFREG | 0o666
+MODE_RO_FILE = stat.S_IFREG | 0o444
+MODE_SYMLINK = stat.S_IFLNK | 0o777
+
+_ACCMODE = os.O_ACCMODE
+
+
+def edge(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Translate every error of a handler into FUSEError, once, here."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: "CascowOperations", *args: Any) -> T:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except CascowfsError as exc:
+            log.debug("%s%r: %s %s", fn.__name__, args[:2], exc.errno_name, exc.message)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            log.debug("%s%r: %s", fn.__name__, args[:2], exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s%r", fn.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _err(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+@dataclass(eq=False)
+class CtlHandle:
+    # write(2) requests carry no credentials in FUSE: like Unix permission checks, the caller's
+    # right to change state is decided when the file is opened.
+    admin: bool = False
+    replies: deque[bytes] = field(default_factory=lambda: deque(maxlen=1024))
+    partial: bytes = b""  # unread tail of a reply that a short read split
+
+
+@dataclass(eq=False)
+class BranchFileHandle:
+    node: BranchFileNode
+    admin: bool = False
+    content: bytes | None = None
+
+
+@dataclass(eq=False)
+class LeafHandle:
+    entry: Entry
+
+
+@dataclass(eq=False)
+class DirHandle:
+    node: Node
+    items: list[tuple[bytes, Any]] | None = None  # (name, what _child needs), "."/".." first
+
+
+class CascowOperations(pyfuse3.Operations):
+    """SPEC §3 over one StateManager."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, sm: Any, store: str | Path, *, admin_gid: int | None = None,
+                 info: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.sm = sm
+        self.store = str(store)
+        self.admin_gid = admin_gid
+        self.info = dict(info or {})
+        self.table = InodeTable()
+        now = time.time_ns()
+        self.started_ns = now
+        self.changed_ns = {SNAPSHOTS_INO: now, BRANCHES_INO: now}
+        self.root = self.table.add_pinned(SkeletonNode(ROOT_INO))
+        self.ctl = self.table.add_pinned(SkeletonNode(CTL_INO, name=b"ctl", parent=self.root))
+        self.snapshots = self.table.add_pinned(
+            SkeletonNode(SNAPSHOTS_INO, name=b"snapshots", parent=self.root))
+        self.branches = self.table.add_pinned(
+            SkeletonNode(BRANCHES_INO, name=b"branches", parent=self.root))
+        self._skeleton = {b"ctl": self.ctl, b"snapshots": self.snapshots, b"branches": self.branches}
+        self._handles: dict[int, Any] = {}
+        self._fh = itertools.count(1)
+        # Hard-link group sizes per snapshot root tree id (immutable, so cached for good).
+        self._links: dict[bytes, Counter[bytes]] = {}
+
+    # -- helpers -------------------------------------------------------------------------------
+    async def _q(self, fn: Callable[..., T], *args: Any) -> T:
+        """A StateManager call that may block (a mutation, or a query that walks a tree or
+        many records): off the trio thread, so that other requests keep being served.
+
+        Point queries (``snapshot``, ``branch``, ``root_entry``, ``read_tree``, ``read_file``)
+        are one short LMDB read transaction that never waits for the operation lock; they run
+        inline, since a thread hop costs more (~140 us) than the query itself.
+        """
+        return await trio.to_thread.run_sync(functools.partial(fn, *args))
+
+    def _node(self, ino: int) -> Node:
+        node = self.table.get(ino)
+        if node is None:
+            raise _err(errno.ESTALE)
+        return node
+
+    def _is_admin(self, ctx: pyfuse3.RequestContext) -> bool:
+        if ctx.uid == 0:
+            return True
+        if self.admin_gid is None:
+            return False
+        if ctx.gid == self.admin_gid:
+            return True
+        try:
+            return self.admin_gid in pyfuse3.get_sup_groups(ctx.pid)
+        except Exception:  # the caller may be gone already; then it is no admin of ours
+            return False
+
+    def _require_admin(self, ctx: pyfuse3.RequestContext, what: str) -> None:
+        if not self._is_admin(ctx):
+            raise PermissionDeniedError(f"{what}: only root or the admin group may change state")
+
+    def _new_handle(self, obj: Any) -> int:
+        fh = next(self._fh)
+        self._handles[fh] = obj
+        return fh
+
+    def _handle(self, fh: int) -> Any:
+        obj = self._handles.get(fh)
+        if obj is None:
+            raise _err(errno.EBADF)
+        return obj
+
+    @staticmethod
+    def _in_snapshot(node: Node) -> bool:
+        return isinstance(node, (SnapDirNode, SnapLeafNode)) or node.ino == SNAPSHOTS_INO
+
+    def _refuse_change(self, node: Node) -> pyfuse3.FUSEError:
+        """The errno of a namespace/metadata change we do not support under ``node``."""
+        return _err(errno.EROFS if self._in_snapshot(node) else errno.EPERM)
+
+    async def _invalidate(self, parent: int, name: bytes) -> None:
+        """Drop a dentry from the kernel's cache after a change made through ctl.
+
+        Done in a worker thread and awaited: the kernel takes the parent directory's lock, which a
+        concurrent lookup may hold while it waits for *us* to answer, so the trio loop must keep
+        running meanwhile; and the ctl write must not return before the change is visible.
+        """
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent, name)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel had no such dentry cached
+                log.warning("invalidating %r in %d: %s", name, parent, exc)
+
+    # -- attributes ----------------------------------------------------------------------------
+    def _skeleton_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.ino
+        attr.entry_timeout = IMMUTABLE_TIMEOUT
+        attr.attr_timeout = SKELETON_ATTR_TIMEOUT
+        attr.st_uid = 0
+        attr.st_gid = self.admin_gid or 0
+        attr.st_blksize = 4096
+        mtime = self.changed_ns.get(node.ino, self.started_ns)
+        if node.ino == ROOT_INO:
+            attr.st_mode, attr.st_nlink = MODE_ROOT, 4
+        elif node.ino == CTL_INO:
+            attr.st_mode, attr.st_nlink = MODE_CTL, 1
+            attr.attr_timeout = 0
+        else:
+            # nlink 1: "unknown" (counting would need a listing per stat)
+            attr.st_mode, attr.st_nlink = MODE_OPEN_DIR, 1
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime
+        return attr
+
+    def _branch_dir_attrs(self, node: BranchDirNode) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.ino
+        attr.entry_timeout = IMMUTABLE_TIMEOUT  # invalidated on discard through ctl
+        attr.attr_timeout = SKELETON_ATTR_TIMEOUT
+        attr.st_mode, attr.st_nlink = MODE_BRANCH_DIR, 2
+        attr.st_uid, attr.st_gid = 0, self.admin_gid or 0
+        attr.st_blksize = 4096
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = node.created_ns
+        return attr
+
+    async def _branch_file_content(self, node: BranchFileNode) -> bytes:
+        if node.which == "status":
+            changes = await self._q(self.sm.status, node.branch)
+            return "".join(c.line() + "\n" for c in changes).encode("utf-8", "surrogateescape")
+        info: BranchInfo = self.sm.branch(node.branch)
+        if node.which == "parent":
+            return f"{info.parent}\n".encode() if info.parent else b""
+        if node.which == "commit":
+            return f"{info.last_commit}\n".encode() if info.last_commit else b""
+        return os.fsencode(str(info.tree))  # tree
+
+    async def _branch_file_attrs(self, node: BranchFileNode) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.ino
+        attr.entry_timeout = IMMUTABLE_TIMEOUT
+        attr.st_uid, attr.st_gid = 0, self.admin_gid or 0
+        attr.st_nlink = 1
+        attr.st_blksize = 4096
+        created = node.parent.created_ns if isinstance(node.parent, BranchDirNode) else 0
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = created
+        if node.which == "status":
+            # Computing status walks the branch's upper layer: too costly for every stat, so
+            # its size is 0 like a /proc file; reads (direct_io) return the real content.
+            attr.st_mode, attr.st_size, attr.attr_timeout = MODE_RO_FILE, 0, 0
+        elif node.which == "tree":
+            attr.st_mode, attr.attr_timeout = MODE_SYMLINK, IMMUTABLE_TIMEOUT
+            attr.st_size = len(await self._branch_file_content(node))
+        else:
+            attr.st_mode, attr.attr_timeout = MODE_RW_FILE, 0
+            attr.st_size = len(await self._branch_file_content(node))
+        return attr
+
+    async def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        if isinstance(node, SnapLeafNode):
+            assert node.entry is not None
+            return entry_attrs(node.ino, node.entry, node.nlink)
+        if isinstance(node, SnapDirNode):
+            assert node.entry is not None
+            return entry_attrs(node.ino, node.entry)
+        if isinstance(node, BranchDirNode):
+            return self._branch_dir_attrs(node)
+        if isinstance(node, BranchFileNode):
+            return await self._branch_file_attrs(node)
+        return self._skeleton_attrs(node)
+
+    # -- building child nodes ------------------------------------------------------------------
+    def _snap_root(self, info: SnapshotInfo) -> SnapDirNode:
+        name = info.id.encode()
+        version = (info.created_ns, info.root)
+        node = self.table.child(self.snapshots, name)
+        if isinstance(node, SnapDirNode) and node.version == version:
+            return node
+        entry = self.sm.root_entry(info.id)
+        new = SnapDirNode(self.table.allocate(), snap=info.id, entry=entry, version=version,
+                          root_ref=entry.ref, info=info)
+        return self.table.adopt(self.snapshots, name, new)  # type: ignore[return-value]
+
+    def _branch_dir(self, info: BranchInfo) -> BranchDirNode:
+        name = info.name.encode()
+        node = self.table.child(self.branches, name)
+        if isinstance(node, BranchDirNode) and node.created_ns == info.created_ns:
+            return node
+        new = BranchDirNode(self.table.allocate(), branch=info.name, created_ns=info.created_ns)
+        return self.table.adopt(self.branches, name, new)  # type: ignore[return-value]
+
+    def _branch_file(self, parent: BranchDirNode, name: bytes) -> BranchFileNode:
+        node = self.table.child(parent, name)
+        if isinstance(node, BranchFileNode):
+            return node
+        new = BranchFileNode(self.table.allocate(), branch=parent.branch, which=name.decode())
+        return self.table.adopt(parent, name, new)  # type: ignore[return-value]
+
+    async def _nlink(self, parent: SnapDirNode, entry: Entry) -> int:
+        if not entry.link:
+            return 1
+        counts = self._links.get(parent.root_ref)
+        if counts is None:
+            root = Entry(b"", stat.S_IFDIR, 0, 0, 0, 0, parent.root_ref)
+            counts = await self._q(count_links, root, self.sm.read_tree)
+            self._links[parent.root_ref] = counts
+        return max(counts.get(entry.link, 1), 1)
+
+    async def _snap_child(self, parent: SnapDirNode, name: bytes, entry: Entry) -> Node:
+        if entry.is_dir:
+            node = self.table.child(parent, name)
+            if isinstance(node, SnapDirNode) and node.entry == entry:
+                return node
+            new = SnapDirNode(self.table.allocate(), snap=parent.snap, entry=entry,
+                              root_ref=parent.root_ref)
+            return self.table.adopt(parent, name, new)
+        return self.table.leaf(entry, await self._nlink(parent, entry))
+
+    async def _lookup_node(self, parent: Node, name: bytes) -> Node:
+        """The child ``name`` of ``parent`` (no lookup count change); FUSEError(ENOENT) if none."""
+        if name == b".":
+            return parent
+        if name == b"..":
+            up = parent.parent or self.root
+            self.table.register(up)
+            return up
+        if isinstance(parent, SnapDirNode):
+            assert parent.entry is not None
+            entry = self.sm.read_tree(parent.entry.ref).get(name)
+            if entry is None:
+                raise _err(errno.ENOENT)
+            return await self._snap_child(parent, name, entry)
+        if parent.ino == ROOT_INO:
+            node = self._skeleton.get(name)
+            if node is None:
+                raise _err(errno.ENOENT)
+            return node
+        if parent.ino == SNAPSHOTS_INO:
+            ident = _valid_or_none(check_snapshot_id, name)
+            if ident is None:
+                raise _err(errno.ENOENT)
+            return self._snap_root(self.sm.snapshot(ident))
+        if parent.ino == BRANCHES_INO:
+            bname = _valid_or_none(check_branch_name, name)
+            if bname is None:
+                raise _err(errno.ENOENT)
+            return self._branch_dir(self.sm.branch(bname))
+        if isinstance(parent, BranchDirNode):
+            if name not in BRANCH_FILES:
+                raise _err(errno.ENOENT)
+            # A branch dir the kernel still caches may have been discarded meanwhile.
+            info = self.sm.branch(parent.branch)
+            if info.created_ns != parent.created_ns:
+                raise _err(errno.ENOENT)
+            return self._branch_file(parent, name)
+        raise _err(errno.ENOTDIR)
+
+    # -- lookups and attributes ----------------------------------------------------------------
+    @edge
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = await self._lookup_node(self._node(parent_inode), name)
+        attr = await self._attrs(node)
+        self.table.looked_up(node)
+        return attr
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # Must not raise (no request to answer).
+        for ino, count in inode_list:
+            try:
+                self.table.forget(ino, count)
+            except Exception:
+                log.exception("forget(%d, %d)", ino, count)
+
+    @edge
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._attrs(self._node(inode))
+
+    @edge
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        writable = node.ino == CTL_INO or (
+            isinstance(node, BranchFileNode) and node.which in ("parent", "commit"))
+        only_truncate = fields.update_size and not (
+            fields.update_mode or fields.update_uid or fields.update_gid
+            or fields.update_atime or fields.update_mtime)
+        if writable and only_truncate and attr.st_size == 0:
+            # `echo x > file` truncates first; the file's content is generated, so this is a
+            # no-op, but it must succeed for the shell's redirection to work.
+            return await self._attrs(node)
+        raise self._refuse_change(node)
+
+    @edge
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        if isinstance(node, SnapLeafNode) and node.entry is not None \
+                and stat.S_ISLNK(node.entry.mode):
+            return node.entry.ref
+        if isinstance(node, BranchFileNode) and node.which == "tree":
+            return await self._branch_file_content(node)
+        raise _err(errno.EINVAL)
+
+    @edge
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.store)
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = st.f_bsize
+        out.f_frsize = st.f_frsize
+        out.f_blocks = st.f_blocks
+        out.f_bfree = st.f_bfree
+        out.f_bavail = st.f_bavail
+        out.f_files = st.f_files
+        out.f_ffree = st.f_ffree
+        out.f_favail = st.f_favail
+        out.f_namemax = 255
+        return out
+
+    # -- xattrs --------------------------------------------------------------------------------
+    def _xattrs(self, node: Node) -> dict[bytes, bytes]:
+        if isinstance(node, (SnapDirNode, SnapLeafNode)):
+            assert node.entry is not None
+            out = dict(node.entry.xattrs)
+            if isinstance(node, SnapDirNode) and node.info is not None:
+                out.update(root_xattrs(node.info))
+            return out
+        if node.ino == ROOT_INO:
+            return {XATTR_PREFIX + k.encode(): v.encode() for k, v in sorted(self.info.items())}
+        return {}
+
+    @edge
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        if name == TREE_XATTR and isinstance(node, SnapDirNode) and node.entry is not None:
+            return node.entry.ref.hex().encode()
+        value = self._xattrs(node).get(name)
+        if value is None:
+            raise _err(pyfuse3.ENOATTR)
+        return value
+
+    @edge
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return list(self._xattrs(self._node(inode)))
+
+    @edge
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        raise self._refuse_change(self._node(inode))
+
+    @edge
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise self._refuse_change(self._node(inode))
+
+    # -- directories ---------------------------------------------------------------------------
+    @edge
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        if not isinstance(node, (SnapDirNode, SkeletonNode, BranchDirNode)) or node.ino == CTL_INO:
+            raise _err(errno.ENOTDIR)
+        return self._new_handle(DirHandle(node))
+
+    async def _listing(self, node: Node) -> list[tuple[bytes, Any]]:
+        """A frozen listing, so that readdir continuations see a consistent set of names."""
+        items: list[tuple[bytes, Any]] = [(b".", node), (b"..", node.parent or self.root)]
+        if isinstance(node, SnapDirNode):
+            assert node.entry is not None
+            items += list(self.sm.read_tree(node.entry.ref).items())
+        elif node.ino == ROOT_INO:
+            items += list(self._skeleton.items())
+        elif node.ino == SNAPSHOTS_INO:
+            infos = await self._q(self.sm.snapshots)
+            items += sorted((i.id.encode(), i) for i in infos)
+        elif node.ino == BRANCHES_INO:
+            infos = await self._q(self.sm.branches)
+            items += sorted((i.name.encode(), i) for i in infos)
+        elif isinstance(node, BranchDirNode):
+            items += [(name, name) for name in BRANCH_FILES]
+        return items
+
+    async def _listed_node(self, parent: Node, payload: Any) -> Node:
+        if isinstance(payload, Node):
+            return payload
+        if isinstance(payload, Entry):
+            assert isinstance(parent, SnapDirNode)
+            return await self._snap_child(parent, payload.name, payload)
+        if isinstance(payload, SnapshotInfo):
+            return self._snap_root(payload)
+        if isinstance(payload, BranchInfo):
+            return self._branch_dir(payload)
+        assert isinstance(parent, BranchDirNode)
+        return self._branch_file(parent, payload)
+
+    @edge
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle: DirHandle = self._handle(fh)
+        if handle.items is None or start_id == 0:
+            handle.items = await self._listing(handle.node)
+        for index in range(start_id, len(handle.items)):
+            name, payload = handle.items[index]
+            try:
+                node = await self._listed_node(handle.node, payload)
+                attr = await self._attrs(node)
+            except (CascowfsError, pyfuse3.FUSEError):
+                continue  # vanished between listing and now (e.g. a branch discarded)
+            if not pyfuse3.readdir_reply(token, name, attr, index + 1):
+                return
+            if index >= 2:  # "." and ".." do not count as lookups
+                self.table.looked_up(node)
+
+    @edge
+    async def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    @edge
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    # -- control plane: namespace changes ------------------------------------------------------
+    @edge
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if parent.ino != BRANCHES_INO:
+            raise self._refuse_change(parent)
+        self._require_admin(ctx, "mkdir")
+        bname = check_branch_name(name)
+        info = await self._q(self.sm.create_branch, bname, None)
+        self.changed_ns[BRANCHES_INO] = time.time_ns()
+        node = self._branch_dir(info)
+        attr = self._branch_dir_attrs(node)
+        self.table.looked_up(node)
+        return attr
+
+    @edge
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        if parent.ino == BRANCHES_INO:
+            self._require_admin(ctx, "rmdir")
+            bname = _valid_or_none(check_branch_name, name)
+            if bname is None:
+                raise NotFoundError(f"no branch {name!r}")
+            await self._q(self.sm.discard, bname)
+            self.table.detach(parent, name)
+            self.changed_ns[BRANCHES_INO] = time.time_ns()
+            return
+        if parent.ino == SNAPSHOTS_INO:
+            self._require_admin(ctx, "rmdir")
+            ident = _valid_or_none(check_snapshot_id, name)
+            if ident is None:
+                raise NotFoundError(f"no snapshot {name!r}")
+            await self._q(self.sm.prune, ident)
+            self.table.detach(parent, name)
+            self.changed_ns[SNAPSHOTS_INO] = time.time_ns()
+            return
+        raise self._refuse_change(parent)
+
+    @edge
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise self._refuse_change(self._node(parent_inode))
+
+    @edge
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise self._refuse_change(self._node(parent_inode))
+
+    @edge
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise self._refuse_change(self._node(parent_inode))
+
+    @edge
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise self._refuse_change(self._node(new_parent_inode))
+
+    @edge
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        old = self._node(parent_inode_old)
+        new = self._node(parent_inode_new)
+        raise self._refuse_change(old if self._in_snapshot(old) else new)
+
+    @edge
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise self._refuse_change(self._node(parent_inode))
+
+    # -- files ---------------------------------------------------------------------------------
+    @edge
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        writing = (flags & _ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if isinstance(node, SnapLeafNode):
+            if writing:
+                raise _err(errno.EROFS)
+            assert node.entry is not None
+            if not stat.S_ISREG(node.entry.mode):
+                raise _err(errno.EINVAL)
+            # keep_cache: the content behind this nodeid can never change.
+            return pyfuse3.FileInfo(fh=self._new_handle(LeafHandle(node.entry)), keep_cache=True)
+        if node.ino == CTL_INO:
+            # Replies are a stream, not a file: no seeking, no page cache.
+            handle = CtlHandle(admin=self._is_admin(ctx))
+            return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, nonseekable=True)
+        if isinstance(node, BranchFileNode) and node.which in ("parent", "commit", "status"):
+            if writing and node.which == "status":
+                raise _err(errno.EACCES)
+            handle = BranchFileHandle(node, admin=self._is_admin(ctx))
+            return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True)
+        if isinstance(node, SnapDirNode) or isinstance(node, SkeletonNode):
+            raise _err(errno.EISDIR)
+        raise _err(errno.EINVAL)
+
+    @edge
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handle(fh)
+        if isinstance(handle, LeafHandle):
+            remaining = handle.entry.size - off
+            if remaining <= 0 or size <= 0:
+                return b""
+            return self.sm.read_file(handle.entry.ref, off, min(size, remaining))
+        if isinstance(handle, CtlHandle):
+            return _drain(handle, size)
+        if isinstance(handle, BranchFileHandle):
+            if handle.content is None or off == 0:
+                # A read from the start shows the current state; continuations of one read
+                # sequence stay consistent with its beginning.
+                handle.content = await self._branch_file_content(handle.node)
+            return handle.content[off:off + size]
+        raise _err(errno.EBADF)
+
+    @edge
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handle(fh)
+        if isinstance(handle, CtlHandle):
+            return await self._ctl_write(handle, buf)
+        if isinstance(handle, BranchFileHandle):
+            node = handle.node
+            if not handle.admin:
+                raise PermissionDeniedError("only root or the admin group may change state")
+            if node.which == "parent":
+                cmd = control.parse_parent_write(node.branch, buf)
+            elif node.which == "commit":
+                cmd = control.parse_commit_write(node.branch, buf)
+            else:
+                raise _err(errno.EBADF)
+            await self._q(control.execute, self.sm, cmd)
+            if cmd.verb == "commit":
+                self.changed_ns[SNAPSHOTS_INO] = time.time_ns()
+            handle.content = None
+            return len(buf)
+        raise _err(errno.EBADF)
+
+    async def _ctl_write(self, handle: CtlHandle, buf: bytes) -> int:
+        try:
+            if not handle.admin:
+                raise PermissionDeniedError("only root or the admin group may change state")
+            cmd = control.parse_command(buf)
+            result = await self._q(control.execute, self.sm, cmd)
+        except Exception as exc:
+            code, message = control.error_of(exc)
+            handle.replies.append(control.error_reply(code, message))
+            raise
+        await self._after_command(cmd)
+        handle.replies.append(control.ok_reply(result))
+        return len(buf)
+
+    async def _after_command(self, cmd: control.Command) -> None:
+        """Make a change done through ctl visible in the kernel's dentry cache."""
+        now = time.time_ns()
+        if cmd.verb == "discard" and cmd.name:
+            self.changed_ns[BRANCHES_INO] = now
+            self.table.detach(self.branches, cmd.name.encode())
+            await self._invalidate(BRANCHES_INO, cmd.name.encode())
+        elif cmd.verb == "prune" and cmd.id:
+            self.changed_ns[SNAPSHOTS_INO] = now
+            self.table.detach(self.snapshots, cmd.id.encode())
+            await self._invalidate(SNAPSHOTS_INO, cmd.id.encode())
+        elif cmd.verb == "branch":
+            self.changed_ns[BRANCHES_INO] = now
+        elif cmd.verb in ("commit", "import"):
+            self.changed_ns[SNAPSHOTS_INO] = now
+
+    @edge
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @edge
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        return None
+
+    @edge
+    async def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+
+def _drain(handle: CtlHandle, size: int) -> bytes:
+    out = bytearray(handle.partial)
+    handle.partial = b""
+    while handle.replies and len(out) < size:
+        out += handle.replies.popleft()
+    if len(out) > size:
+        handle.partial = bytes(out[size:])
+        del out[size:]
+    return bytes(out)
+
+
+def _valid_or_none(check: Callable[[object], str], name: bytes) -> str | None:
+    try:
+        return check(name)
+    except CascowfsError:
+        return None
