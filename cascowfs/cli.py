@@ -252,8 +252,8 @@ def _mount_of_store(store: Path) -> Path | None:
         if entry.fstype != FUSE_TYPE:
             continue
         try:
-            if os.getxattr(entry.mountpoint, "user.cascowfs.store").decode() == want:
-                return Path(entry.mountpoint)
+            if os.getxattr(entry.target, "user.cascowfs.store").decode() == want:
+                return Path(entry.target)
         except OSError:
             continue
     return None

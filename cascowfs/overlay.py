@@ -131,10 +131,11 @@ class MountRecord:
     options: str
 
 
-def _unescape(field: str) -> str:
+def unescape_mountinfo(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1:i + 4].isdigit():
             out.append(chr(int(field[i + 1:i + 4], 8)))
             i += 4
         else:
@@ -143,21 +144,24 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def mounts_under(prefix: Path) -> list[MountRecord]:
-    """Mounts whose mount point lies under ``prefix`` (from /proc/self/mountinfo)."""
-    base = str(prefix).rstrip("/") + "/"
+def all_mounts() -> list[MountRecord]:
+    """Every mount of this mount namespace, in mount order (from /proc/self/mountinfo)."""
     found = []
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
         for line in fh:
             left, _, right = line.partition(" - ")
-            fields = left.split()
-            target = _unescape(fields[4])
-            if not (target + "/").startswith(base):
+            lf, rf = left.split(), right.split()
+            if len(lf) < 5 or len(rf) < 2:
                 continue
-            rfields = right.split()
-            found.append(MountRecord(int(fields[0]), target, rfields[0],
-                                     _unescape(rfields[1]), rfields[2] if len(rfields) > 2 else ""))
+            found.append(MountRecord(int(lf[0]), unescape_mountinfo(lf[4]), rf[0],
+                                     unescape_mountinfo(rf[1]), rf[2] if len(rf) > 2 else ""))
     return found
+
+
+def mounts_under(prefix: Path) -> list[MountRecord]:
+    """Mounts whose mount point lies under ``prefix``."""
+    base = str(prefix).rstrip("/") + "/"
+    return [m for m in all_mounts() if (m.target + "/").startswith(base)]
 
 
 def is_mounted(target: Path) -> bool:

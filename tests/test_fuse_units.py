@@ -190,7 +190,7 @@ def test_sd_notify(tmp_path, monkeypatch, abstract):
 
 
 def test_mountinfo_unescape():
-    from cascowfs.fuse.sysmount import _unescape
+    from cascowfs.overlay import unescape_mountinfo as _unescape
 
     assert _unescape(r"/tmp/a\040b\134c") == "/tmp/a b\\c"
     assert _unescape("/plain") == "/plain"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from dataclasses import dataclass
 from pathlib import Path
+
+from ..overlay import MountRecord, all_mounts
 
 MNT_FORCE = 1
 MNT_DETACH = 2
@@ -22,47 +23,17 @@ def umount2(path: str | Path, flags: int = 0) -> None:
         raise OSError(code, os.strerror(code), str(path))
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    mountpoint: str
-    fstype: str
-    source: str
-    options: str
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mounts() -> list[MountEntry]:
+def mounts() -> list[MountRecord]:
     """Every mount of this mount namespace, in mount order."""
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
-        for line in fh:
-            left, _, right = line.partition(" - ")
-            lf, rf = left.split(), right.split()
-            if len(lf) < 5 or len(rf) < 2:
-                continue
-            out.append(MountEntry(_unescape(lf[4]), rf[0], _unescape(rf[1]),
-                                  rf[2] if len(rf) > 2 else ""))
-    return out
+    return all_mounts()
 
 
-def mount_at(path: str | Path) -> MountEntry | None:
+def mount_at(path: str | Path) -> MountRecord | None:
     """The topmost mount whose mount point is exactly ``path`` (no stat: it may be dead)."""
     target = os.path.realpath(str(path))
     found = None
     for entry in mounts():
-        if entry.mountpoint == target:
+        if entry.target == target:
             found = entry
     return found
 
