@@ -51,6 +51,7 @@ class Entry:
     link: bytes = b""
     tree_files: int = 0  # directories: regular files below (each hard link counted)
     tree_bytes: int = 0  # directories: logical bytes of those files
+    tree_links: int = 0  # directories: entries below that belong to a hard-link group
 
     @property
     def kind(self) -> str:

@@ -342,14 +342,46 @@ def apply_upper(trees: TreeStore, base_root: Entry | None, upper: Path, sink: Ob
     st = os.lstat(upper_root)
     root = walk(upper_root, b"", st, b"", base_root)
     links.assign()
+    if links.groups or (base_root is not None and base_root.tree_links):
+        canonicalize_links(trees, root)
     return root
+
+
+def canonicalize_links(trees: TreeStore, root: DirNode) -> None:
+    """Give every hard-link group of the view the key a fresh import would give it.
+
+    Members of a base group that the upper did not touch still share their lower inode, but
+    the group may have lost members (copied up, deleted, shadowed) or moved (a redirected
+    directory): its key becomes that of its surviving paths, and a lone survivor has no key.
+    Only subtrees that hold link members are visited."""
+    members: dict[bytes, list[tuple[DirNode, bytes, bytes]]] = {}
+
+    def visit(node: DirNode, path: bytes) -> None:
+        for name, child in list(node.children.items()):
+            cpath = path + b"/" + name if path else name
+            if isinstance(child, DirNode):
+                visit(child, cpath)
+            elif child.is_dir:
+                if child.tree_links:
+                    sub = expand(trees, child, child)
+                    node.children[name] = sub
+                    visit(sub, cpath)
+            elif child.link:
+                members.setdefault(child.link, []).append((node, name, cpath))
+
+    visit(root, b"")
+    for key, group in members.items():
+        canonical = link_key([path for _, _, path in group]) if len(group) > 1 else b""
+        if canonical != key:
+            for node, name, _ in group:
+                node.children[name] = replace(node.children[name], link=canonical)
 
 
 def finalize(node: DirNode, sink: ObjectSink) -> Entry:
     """Encode a DirNode bottom-up into tree objects (added to ``sink``); returns its entry,
     with ``tree_files``/``tree_bytes`` totals carried in the directory entry."""
     entries: dict[bytes, Entry] = {}
-    files = total = 0
+    files = total = links = 0
     for name, child in node.children.items():
         if isinstance(child, DirNode):
             child = finalize(child, sink)
@@ -357,10 +389,14 @@ def finalize(node: DirNode, sink: ObjectSink) -> Entry:
         if child.is_dir:
             files += child.tree_files
             total += child.tree_bytes
+            links += child.tree_links
         elif child.is_file:
             files += 1
             total += child.size
+        if child.link:
+            links += 1
     tree_id, value = tree_object(entries)
     sink.add([(tree_id, value)])
     m = node.meta
-    return replace(m, size=0, ref=tree_id, rdev=0, link=b"", tree_files=files, tree_bytes=total)
+    return replace(m, size=0, ref=tree_id, rdev=0, link=b"", tree_files=files, tree_bytes=total,
+                   tree_links=links)

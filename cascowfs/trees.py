@@ -19,7 +19,7 @@ from .errors import StoreIOError
 from .model import Change, Entry
 
 FORMAT_VERSION = 1
-_FIXED = struct.Struct("<IIIqQQQQ")  # mode uid gid mtime_ns size rdev tree_files tree_bytes
+_FIXED = struct.Struct("<IIIqQQQQQ")  # mode uid gid mtime_ns size rdev tree_files/bytes/links
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 
@@ -32,7 +32,8 @@ def encode_tree(entries: dict[bytes, Entry]) -> bytes:
         e = entries[name]
         out.append(_U16.pack(len(name)))
         out.append(name)
-        out.append(_FIXED.pack(e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.rdev, e.tree_files, e.tree_bytes))
+        out.append(_FIXED.pack(e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.rdev,
+                                e.tree_files, e.tree_bytes, e.tree_links))
         out.append(_U16.pack(len(e.ref)))
         out.append(e.ref)
         out.append(_U16.pack(len(e.link)))
@@ -57,7 +58,8 @@ def decode_tree(payload: bytes | memoryview) -> dict[bytes, Entry]:
         while pos < end:
             (n,) = _U16.unpack_from(buf, pos); pos += 2
             name = bytes(buf[pos:pos + n]); pos += n
-            mode, uid, gid, mtime_ns, size, rdev, tfiles, tbytes = _FIXED.unpack_from(buf, pos); pos += _FIXED.size
+            mode, uid, gid, mtime_ns, size, rdev, tfiles, tbytes, tlinks = _FIXED.unpack_from(buf, pos)
+            pos += _FIXED.size
             (n,) = _U16.unpack_from(buf, pos); pos += 2
             ref = bytes(buf[pos:pos + n]); pos += n
             (n,) = _U16.unpack_from(buf, pos); pos += 2
@@ -69,7 +71,8 @@ def decode_tree(payload: bytes | memoryview) -> dict[bytes, Entry]:
                 key = bytes(buf[pos:pos + n]); pos += n
                 (n,) = _U32.unpack_from(buf, pos); pos += 4
                 xattrs.append((key, bytes(buf[pos:pos + n]))); pos += n
-            entries[name] = Entry(name, mode, uid, gid, mtime_ns, size, ref, rdev, tuple(xattrs), link, tfiles, tbytes)
+            entries[name] = Entry(name, mode, uid, gid, mtime_ns, size, ref, rdev, tuple(xattrs), link,
+                                  tfiles, tbytes, tlinks)
     except struct.error as exc:
         raise StoreIOError(f"tree object is truncated: {exc}") from None
     return entries
