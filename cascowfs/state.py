@@ -261,6 +261,8 @@ class StateManager:
             os.rename(path, self.trash_dir / f"{secrets.token_hex(6)}-{path.name}")
 
     def _empty_trash(self) -> None:
+        for m in overlay.mounts_under(self.trash_dir):
+            overlay.unmount(Path(m.target))  # never delete through a live mount
         for entry in os.listdir(self.trash_dir):
             layerfs.remove_tree(self.trash_dir / entry)
 
@@ -585,7 +587,9 @@ class StateManager:
 
             dropped = self.db.write(apply, f"discarding branch {name}")
             crash_point("discard.applied")
-            overlay.unmount(self._tree_path(name))
+            # The mount travels with its directory into the trash; the background thread
+            # detaches it there: tearing down an overlay whose dentries cover a whole tree
+            # costs ~0.2 s of the unmounting thread's time even with MNT_DETACH.
             self._to_trash(self.branches_dir / name)
             for lid in dropped:
                 self._to_trash(self.layers_dir / lid)

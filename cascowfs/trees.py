@@ -18,7 +18,7 @@ from .cas import TYPE_TREE, ContentStore, object_id
 from .errors import StoreIOError
 from .model import Change, Entry
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: directory entries carry tree_links
 _FIXED = struct.Struct("<IIIqQQQQQ")  # mode uid gid mtime_ns size rdev tree_files/bytes/links
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
