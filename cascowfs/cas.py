@@ -204,7 +204,12 @@ class ContentStore:
             yield bytes(key)
 
     # -- reading ---------------------------------------------------------------------------
-    def get(self, oid: bytes, txn: lmdb.Transaction | None = None) -> bytes:
+    def get(self, oid: bytes, txn: lmdb.Transaction | None = None,
+            pending: dict[bytes, bytes] | None = None) -> bytes:
+        """An object's stored value; ``pending`` holds objects not written yet (a commit
+        writing its delta layer before its transaction)."""
+        if pending is not None and oid in pending:
+            return pending[oid]
         if txn is None:
             with self.db.read() as rtxn:
                 value = rtxn.get(oid, db=self.objects)
@@ -214,14 +219,15 @@ class ContentStore:
             raise StoreIOError(f"object {oid.hex()} is missing from the store")
         return value
 
-    def _chunk_data(self, oid: bytes, value: bytes | None = None) -> bytes:
+    def _chunk_data(self, oid: bytes, value: bytes | None = None,
+                    pending: dict[bytes, bytes] | None = None) -> bytes:
         with self._cache_lock:
             hit = self._cache.get(oid)
             if hit is not None:
                 self._cache.move_to_end(oid)
                 return hit
         if value is None:
-            value = self.get(oid)
+            value = self.get(oid, None, pending)
         if value[:1] != TYPE_CHUNK:
             raise StoreIOError(f"object {oid.hex()} is not a chunk")
         if value[1:2] == _ZSTD:
@@ -234,11 +240,12 @@ class ContentStore:
                 self._cache.popitem(last=False)
         return data
 
-    def read(self, content_id: bytes, offset: int = 0, size: int = -1) -> bytes:
+    def read(self, content_id: bytes, offset: int = 0, size: int = -1,
+             pending: dict[bytes, bytes] | None = None) -> bytes:
         """Bytes ``[offset, offset+size)`` of a file's content (``size=-1``: to the end)."""
         if not content_id:
             return b""
-        value = self.get(content_id)
+        value = self.get(content_id, None, pending)
         if value[:1] == TYPE_CHUNK:
             data = self._chunk_data(content_id, value)
             return data[offset:] if size < 0 else data[offset:offset + size]
@@ -253,7 +260,7 @@ class ContentStore:
             if end is not None and pos >= end:
                 break
             if pos + length > offset:
-                data = self._chunk_data(cid)
+                data = self._chunk_data(cid, None, pending)
                 lo = max(0, offset - pos)
                 hi = length if end is None else min(length, end - pos)
                 out.append(data[lo:hi])

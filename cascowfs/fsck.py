@@ -1,8 +1,8 @@
 """``cascowfs fsck``: check the five invariants of SPEC §5 on a store, report each failure.
 
 1. every snapshot's tree verifies against its root digest and every object it names exists;
-2. every refcount equals the count recomputed from live snapshots and branches (objects and
-   layers alike);
+2. every refcount equals the count recomputed from live snapshots, branches and layers (each
+   holds its tree), for objects and for layers (named by snapshot and branch chains);
 3. no object is unreferenced;
 4. no mount of ours is left that the state does not name, and every live branch is mounted;
 5. no operation is left half-done: the WAL has nothing pending, no staging directory remains,
@@ -66,6 +66,7 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
     expected_refs: Counter = Counter()
     roots = [(f"snapshot {sid}", rec["root"]) for sid, rec in snaps.items()]
     roots += [(f"branch {name}", rec["base_root"]) for name, rec in branches.items() if rec["base_root"]]
+    roots += [(f"layer {lid}", rec["top"]) for lid, rec in layers.items()]
     visited: set[bytes] = set()
     with progress_bar(progress, len(object_ids), "fsck objects", unit="obj") as bar:
         for owner, hexid in roots:

@@ -18,64 +18,27 @@ from .model import Entry
 from .trees import TreeStore, file_key
 
 
-def copy_layer(src: Path, dst: Path) -> None:
-    """Copy an overlay upper directory into ``dst`` (which must not exist), keeping whiteouts,
-    the overlay xattrs a lower layer needs, hard links, and every piece of metadata."""
-    seen: dict[tuple[int, int], bytes] = {}
-
-    def copy_dir(s: bytes, d: bytes, st: os.stat_result) -> None:
-        os.mkdir(d, 0o700)
-        with os.scandir(s) as it:
-            items = list(it)
-        for item in items:
-            cs = s + b"/" + item.name
-            cd = d + b"/" + item.name
-            cst = os.lstat(cs)
-            mode = cst.st_mode
-            if stat.S_ISDIR(mode):
-                copy_dir(cs, cd, cst)
-                continue
-            if stat.S_ISCHR(mode) and cst.st_rdev == 0:
-                os.mknod(cd, stat.S_IFCHR | 0o000, 0)  # whiteout
-                os.chown(cd, cst.st_uid, cst.st_gid, follow_symlinks=False)
-                continue
-            if stat.S_ISREG(mode):
-                inode = (cst.st_dev, cst.st_ino)
-                if cst.st_nlink > 1 and inode in seen:
-                    os.link(seen[inode], cd)
-                    continue
-                fsmeta.copy_file_data(cs, cd, cst.st_size)
-                if cst.st_nlink > 1:
-                    seen[inode] = cd
-            elif stat.S_ISLNK(mode):
-                os.symlink(os.readlink(cs), cd)
-            else:
-                fsmeta.make_node(cd, mode, cst.st_rdev)
-            fsmeta.apply_metadata(cd, mode, cst.st_uid, cst.st_gid, cst.st_mtime_ns,
-                                  fsmeta.read_xattrs(cs, keep_overlay=True))
-        fsmeta.apply_metadata(d, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
-                              fsmeta.read_xattrs(s, keep_overlay=True))
-
-    s = os.fsencode(src)
-    copy_dir(s, os.fsencode(dst), os.lstat(s))
-
-
 class _Writer:
     """Writes entries from the CAS into a layer directory, keeping hard-link groups."""
 
     def __init__(self, trees: TreeStore, content: ContentStore,
-                 progress: Callable[[int], None] | None) -> None:
+                 progress: Callable[[int], None] | None,
+                 pending: dict[bytes, bytes] | None = None) -> None:
         self.trees = trees
         self.content = content
+        self.pending = pending
         self.linked: dict[bytes, bytes] = {}
         self.tick = progress or (lambda n: None)
+
+    def _tree(self, tree_id: bytes) -> dict[bytes, Entry]:
+        return self.trees.get(tree_id, pending=self.pending)
 
     def write_leaf(self, child: Entry, path: bytes) -> None:
         if child.link and child.link in self.linked:
             os.link(self.linked[child.link], path)
             return
         if child.is_file:
-            fsmeta.write_file_data(path, self.content.read(child.ref))
+            fsmeta.write_file_data(path, self.content.read(child.ref, pending=self.pending))
             self.tick(child.size)
         elif stat.S_ISLNK(child.mode):
             os.symlink(child.ref, path)
@@ -88,7 +51,7 @@ class _Writer:
     def write_dir(self, entry: Entry, path: bytes) -> None:
         """The whole subtree of a directory entry."""
         os.mkdir(path, 0o700)
-        for name, child in self.trees.get(entry.ref).items():
+        for name, child in self._tree(entry.ref).items():
             if child.is_dir:
                 self.write_dir(child, path + b"/" + name)
             else:
@@ -98,8 +61,8 @@ class _Writer:
     def write_delta(self, base: Entry | None, target: Entry, path: bytes) -> None:
         """Only what turns directory ``base`` into ``target``, in overlayfs's upper format."""
         os.mkdir(path, 0o700)
-        before = self.trees.get(base.ref) if base is not None else {}
-        after = self.trees.get(target.ref)
+        before = self._tree(base.ref) if base is not None else {}
+        after = self._tree(target.ref)
         for name in before.keys() - after.keys():
             os.mknod(path + b"/" + name, stat.S_IFCHR, 0)  # whiteout
         for name, t in after.items():
@@ -129,10 +92,11 @@ def materialize(trees: TreeStore, content: ContentStore, root: Entry, dst: Path,
     _Writer(trees, content, progress).write_dir(root, os.fsencode(dst))
 
 
-def materialize_delta(trees: TreeStore, content: ContentStore, base: Entry, root: Entry,
-                      dst: Path) -> None:
-    """Write, as one overlay layer over a full layer of ``base``, what turns it into ``root``."""
-    _Writer(trees, content, None).write_delta(base, root, os.fsencode(dst))
+def materialize_delta(trees: TreeStore, content: ContentStore, base: Entry | None, root: Entry,
+                      dst: Path, pending: dict[bytes, bytes] | None = None) -> None:
+    """Write, as one overlay layer over layers showing ``base`` (None: nothing), what turns
+    that tree into ``root``: changed entries, whiteouts for deleted ones."""
+    _Writer(trees, content, None, pending).write_delta(base, root, os.fsencode(dst))
 
 
 def set_root_metadata(path: Path, root: Entry | None) -> None:

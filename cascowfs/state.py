@@ -48,11 +48,8 @@ from .scan import ObjectSink, apply_upper, finalize, scan_directory, Progress
 from .trees import TreeStore, decode_tree, tree_object
 from .wal import PendingOp, WriteAheadLog
 
-# Chains longer than this are flattened in the background after the commit that made them;
-# HARD_CHAIN_LIMIT is flattened at once (far below the kernel's 500 lower layers).
-FLATTEN_CHAIN = 8
-HARD_CHAIN_LIMIT = 64
-CHECKPOINT_EVERY = 1024  # WAL records between checkpoints
+CHECKPOINT_EVERY = 1024
+STORE_FORMAT = 2  # bump when records or objects change shape  # WAL records between checkpoints
 
 
 def _now_ns() -> int:
@@ -128,6 +125,7 @@ class StateManager:
             self.content = ContentStore(self.db)
             self.trees = TreeStore(self.content)
             self.wal = WriteAheadLog(self.store / "wal" / "log")
+            self._check_format()
             if recover:
                 self._recover(progress)
         except BaseException:
@@ -167,6 +165,16 @@ class StateManager:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+    def _check_format(self) -> None:
+        with self.db.read() as txn:
+            found = txn.get(b"format", db=self.db.db("meta"))
+            empty = txn.stat(self.db.db("snapshots"))["entries"] == 0
+        if found is None and empty:
+            self.db.write(lambda txn: txn.put(b"format", str(STORE_FORMAT).encode(), db=self.db.db("meta")))
+        elif found is None or int(found) != STORE_FORMAT:
+            raise StoreIOError(f"store {self.store} has format {found and found.decode() or 'unknown'}; "
+                               f"this cascowfs reads format {STORE_FORMAT}")
 
     def _recover(self, progress: bool) -> None:
         pending = self.wal.pending()
@@ -239,7 +247,7 @@ class StateManager:
             self._checkpoint()
 
     # ------------------------------------------------------------------------------------
-    # background work: emptying the trash, flattening long layer chains
+    # background work: emptying the trash
     # ------------------------------------------------------------------------------------
     def _work(self) -> None:
         while True:
@@ -249,12 +257,8 @@ class StateManager:
             try:
                 if job[0] == "trash":
                     self._empty_trash()
-                elif job[0] == "flatten" and not self._closed:
-                    self.flatten(job[1])
-            except CascowfsError:
-                pass  # a snapshot pruned meanwhile, or a full disk: retried at next need
-            except OSError:
-                pass
+            except (CascowfsError, OSError):
+                pass  # a failing disk: the trash is emptied again at the next job or open
 
     def _to_trash(self, path: Path) -> None:
         if os.path.lexists(path):
@@ -300,22 +304,35 @@ class StateManager:
         return self.trees.get(bytes.fromhex(superroot_hex))[b""]
 
     def _layer_refs(self, txn: lmdb.Transaction, chain: list[str], delta: int) -> list[str]:
-        """Adjust layer refcounts; returns layers that dropped to zero (records deleted)."""
+        """Adjust layer refcounts; layers that drop to zero lose their record and their
+        reference on the tree they show. Returns those layers (their directories can go)."""
         db = self.db.db("layers")
         dropped = []
         for lid in chain:
             raw = txn.get(lid.encode(), db=db)
-            rec = json.loads(raw) if raw else {"refs": 0, "full_root": None}
+            if raw is None:
+                raise StoreIOError(f"layer {lid} is named by a chain but has no record")
+            rec = json.loads(raw)
             rec["refs"] += delta
             if rec["refs"] <= 0:
                 txn.delete(lid.encode(), db=db)
+                self.content.decref(txn, bytes.fromhex(rec["top"]))
                 dropped.append(lid)
             else:
                 txn.put(lid.encode(), _dump(rec), db=db)
         return dropped
 
-    def _new_layer(self, txn: lmdb.Transaction, lid: str, full_root: str | None) -> None:
-        txn.put(lid.encode(), _dump({"refs": 0, "full_root": full_root}), db=self.db.db("layers"))
+    def _new_layer(self, txn: lmdb.Transaction, lid: str, top: str, span: int) -> None:
+        """Record a layer showing tree ``top`` (with the layers under it). ``span`` counts the
+        commits a delta layer covers; 0 marks a full layer, which nothing is merged into."""
+        self.content.incref(txn, bytes.fromhex(top))
+        txn.put(lid.encode(), _dump({"refs": 0, "top": top, "span": span}), db=self.db.db("layers"))
+
+    def _layer_record(self, txn: lmdb.Transaction, lid: str) -> dict:
+        raw = txn.get(lid.encode(), db=self.db.db("layers"))
+        if raw is None:
+            raise StoreIOError(f"layer {lid} has no record")
+        return json.loads(raw)
 
     def _mark_applied(self, txn: lmdb.Transaction, op: str) -> None:
         txn.put(op.encode(), b"applied", db=self.db.db("ops"))
@@ -374,7 +391,7 @@ class StateManager:
 
                 def apply(txn: lmdb.Transaction) -> None:
                     self.content.incref(txn, superroot)
-                    self._new_layer(txn, layer, superroot.hex())
+                    self._new_layer(txn, layer, superroot.hex(), 0)
                     self._layer_refs(txn, [layer], +1)
                     self._put_snapshot(txn, id, superroot.hex(), None, [layer], labels, root)
                     self._mark_applied(txn, op)
@@ -527,6 +544,8 @@ class StateManager:
     def _commit(self, name: str, id: str | None, labels: dict[str, str]) -> str:
         with self.db.read() as txn:
             rec = self._branch_record(txn, name)
+            parent = self._snapshot_record(txn, rec["parent"]) if rec["parent"] else None
+            chain, below = self._merge_point(txn, parent["layers"] if parent else [])
         id = self._claim_id(id)
         layer = secrets.token_hex(5)
         op = self.wal.prepare("commit", name=name, id=id, layer=layer)
@@ -535,19 +554,21 @@ class StateManager:
         try:
             sink = ObjectSink(self._write_objects)
             with self._disk_errors(f"commit of branch {name}"):
-                layerfs.copy_layer(self.branches_dir / name / "upper", staged)
-                node = apply_upper(self.trees, self._root_of(rec["base_root"]), staged, sink)
+                node = apply_upper(self.trees, self._root_of(rec["base_root"]),
+                                   self.branches_dir / name / "upper", sink)
                 root = finalize(node, sink)
                 superroot = self._superroot(root, sink)
+                layerfs.materialize_delta(self.trees, self.content, self._root_of(below), root,
+                                          staged, pending=sink.pending)
             crash_point("commit.staged")
-            chain = [layer] + rec["layers"]
+            span = chain.pop(0)
 
             def apply(txn: lmdb.Transaction) -> None:
                 self.content.put_objects(txn, sink.take())
                 self.content.incref(txn, superroot)
-                self._new_layer(txn, layer, None)
-                self._layer_refs(txn, chain, +1)
-                self._put_snapshot(txn, id, superroot.hex(), rec["parent"], chain, labels, root)
+                self._new_layer(txn, layer, superroot.hex(), span)
+                self._layer_refs(txn, [layer] + chain, +1)
+                self._put_snapshot(txn, id, superroot.hex(), rec["parent"], [layer] + chain, labels, root)
                 txn.put(name.encode(), _dump(dict(rec, parent=id, last_commit=id)),
                         db=self.db.db("branches"))
                 self._mark_applied(txn, op)
@@ -562,11 +583,26 @@ class StateManager:
             _fsync_dir(self.layers_dir)
         crash_point("commit.switched")
         self._finish(op)
-        if len(chain) > HARD_CHAIN_LIMIT:
-            self.flatten(id)
-        elif len(chain) > FLATTEN_CHAIN:
-            self._jobs.put(("flatten", id))
         return id
+
+    def _merge_point(self, txn: lmdb.Transaction, parent_chain: list[str]) -> tuple[list, str | None]:
+        """Where a new commit's delta layer goes on its parent's chain.
+
+        Delta layers merge like a binary counter: the new delta (span 1) absorbs the parent's
+        top layers while their spans are 1, 2, 4, ... So a lineage of n commits is shown by at
+        most log2(n) + 1 delta layers, and the store holds each change O(log n) times instead
+        of every commit copying everything its branch ever changed.
+        Returns ([span, *kept layers], top tree of the first kept layer)."""
+        span, i = 1, 0
+        while i < len(parent_chain):
+            layer = self._layer_record(txn, parent_chain[i])
+            if layer["span"] != span:
+                break
+            span *= 2
+            i += 1
+        kept = parent_chain[i:]
+        below = self._layer_record(txn, kept[0])["top"] if kept else None
+        return [span, *kept], below
 
     def discard(self, name: str) -> None:
         """Drop a branch: its mount goes at once (lazily), its files in the background."""
@@ -628,41 +664,28 @@ class StateManager:
     # ------------------------------------------------------------------------------------
     # flattening and rebuilding layers
     # ------------------------------------------------------------------------------------
-    def flatten(self, id: str, *, force: bool = False) -> None:
-        """Shorten a snapshot's layer chain to at most two layers: one delta, written from the
-        CAS, over the chain's bottom full layer; or, when the delta would be large or there is
-        no full layer, one full layer (``force``: rebuild even a short chain)."""
+    def flatten(self, id: str) -> None:
+        """Replace a snapshot's layer chain by one full layer written from the CAS (recovery
+        uses it to rebuild lost layers; chains themselves stay short by merging)."""
         with self._lock:
             with self.db.read() as txn:
                 rec = self._snapshot_record(txn, id)
-                bottom = rec["layers"][-1] if rec["layers"] else None
-                raw = txn.get(bottom.encode(), db=self.db.db("layers")) if bottom else None
-                base_hex = json.loads(raw)["full_root"] if raw else None
-            if len(rec["layers"]) <= 2 and not force:
-                return
             root = self._root_of(rec["root"])
-            base = self._root_of(base_hex) if base_hex and (self.layers_dir / bottom).is_dir() else None
-            if base is not None and _delta_bytes(self.trees, base, root) > root.tree_bytes // 4:
-                base = None
             layer = secrets.token_hex(5)
-            chain = [layer, bottom] if base is not None else [layer]
             op = self.wal.prepare("flatten", id=id, layer=layer)
             crash_point("flatten.prepared")
             staged = self.staging_dir / op
             try:
                 with self._disk_errors(f"flattening snapshot {id}"):
-                    if base is not None:
-                        layerfs.materialize_delta(self.trees, self.content, base, root, staged)
-                    else:
-                        layerfs.materialize(self.trees, self.content, root, staged)
+                    layerfs.materialize(self.trees, self.content, root, staged)
                 crash_point("flatten.staged")
 
                 def apply(txn: lmdb.Transaction) -> list[str]:
                     cur = self._snapshot_record(txn, id)
-                    self._new_layer(txn, layer, None if base is not None else cur["root"])
-                    self._layer_refs(txn, chain, +1)
+                    self._new_layer(txn, layer, cur["root"], 0)
+                    self._layer_refs(txn, [layer], +1)
                     dropped = self._layer_refs(txn, cur["layers"], -1)
-                    txn.put(id.encode(), _dump(dict(cur, layers=chain)), db=self.db.db("snapshots"))
+                    txn.put(id.encode(), _dump(dict(cur, layers=[layer])), db=self.db.db("snapshots"))
                     self._mark_applied(txn, op)
                     return dropped
 
@@ -684,7 +707,7 @@ class StateManager:
             snaps = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=self.db.db("snapshots"))}
         for sid, rec in snaps.items():
             if missing.intersection(rec["layers"]):
-                self.flatten(sid, force=True)
+                self.flatten(sid)
         with self.db.read() as txn:
             branches = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=self.db.db("branches"))}
         for name, rec in branches.items():
@@ -696,7 +719,7 @@ class StateManager:
 
             def apply(txn: lmdb.Transaction) -> None:
                 cur = self._branch_record(txn, name)
-                self._new_layer(txn, layer, cur["base_root"])
+                self._new_layer(txn, layer, cur["base_root"], 0)
                 self._layer_refs(txn, [layer], +1)
                 self._layer_refs(txn, cur["layers"], -1)
                 txn.put(name.encode(), _dump(dict(cur, layers=[layer])), db=self.db.db("branches"))
@@ -823,24 +846,6 @@ class StateManager:
 def _snapshot_info(id: str, rec: dict) -> SnapshotInfo:
     return SnapshotInfo(id, rec["root"], rec["parent"], rec["created_ns"], rec["size"],
                         rec["files"], dict(rec.get("labels") or {}))
-
-
-def _delta_bytes(trees: TreeStore, base: Entry, root: Entry) -> int:
-    """Bytes of regular files that differ between two trees (what a delta layer would hold)."""
-    total = 0
-    stack = [(base, root)]
-    while stack:
-        b, t = stack.pop()
-        if b is not None and b.ref == t.ref:
-            continue
-        before = trees.get(b.ref) if b is not None else {}
-        for name, e in trees.get(t.ref).items():
-            old = before.get(name)
-            if e.is_dir:
-                stack.append((old if old is not None and old.is_dir else None, e))
-            elif e.is_file and (old is None or old.ref != e.ref):
-                total += e.size
-    return total
 
 
 def _tree_bytes(src: Path) -> int:

@@ -99,8 +99,10 @@ class TreeStore:
         self._lock = threading.Lock()
 
     def get(self, tree_id: bytes, txn: lmdb.Transaction | None = None,
-            extra: dict[bytes, dict[bytes, Entry]] | None = None) -> dict[bytes, Entry]:
-        """A tree by id; ``extra`` holds trees built in memory but not stored (status)."""
+            extra: dict[bytes, dict[bytes, Entry]] | None = None,
+            pending: dict[bytes, bytes] | None = None) -> dict[bytes, Entry]:
+        """A tree by id; ``extra`` holds decoded trees built in memory but not stored (status),
+        ``pending`` stored values not written yet (commit)."""
         if extra is not None and tree_id in extra:
             return extra[tree_id]
         with self._lock:
@@ -108,7 +110,7 @@ class TreeStore:
             if hit is not None:
                 self._cache.move_to_end(tree_id)
                 return hit
-        value = self.content.get(tree_id, txn)
+        value = self.content.get(tree_id, txn, pending)
         if value[:1] != TYPE_TREE:
             raise StoreIOError(f"object {tree_id.hex()} is not a tree")
         entries = decode_tree(memoryview(value)[1:])
