@@ -200,7 +200,17 @@ class StateManager:
             if staged.exists() and not target.exists():
                 os.rename(staged, target)
                 _fsync_dir(self.layers_dir)
-        # Mount-side effects (discard, rebase, branch) are settled by _reconcile from state.
+        if op.kind == "rebase":
+            # The branch was unmodified (rebase checks) and its upper still carries the old
+            # base's root attributes: start it afresh on the new layers, as rebase would have.
+            with self.db.read() as txn:
+                raw = txn.get(op.args["name"].encode(), db=self.db.db("branches"))
+            if raw is not None:
+                tree = self._tree_path(op.args["name"])
+                while overlay.unmount(tree):
+                    pass
+                self._mount_branch(op.args["name"], json.loads(raw), fresh_upper=True)
+        # The other mount-side effects (discard, branch) are settled by _reconcile from state.
 
     def _reconcile(self) -> None:
         """Make disk and mounts agree with the recorded state."""
