@@ -90,6 +90,7 @@ class StateManager:
         self._lock = threading.RLock()
         self._committing: set[str] = set()
         self._committing_lock = threading.Lock()
+        self._trash_lock = threading.Lock()
         self._file_caches: dict[str, dict] = {}
         self._lock_fd = -1
         self._worker: threading.Thread | None = None
@@ -275,10 +276,11 @@ class StateManager:
             os.rename(path, self.trash_dir / f"{secrets.token_hex(6)}-{path.name}")
 
     def _empty_trash(self) -> None:
-        for m in overlay.mounts_under(self.trash_dir):
-            overlay.unmount(Path(m.target))  # never delete through a live mount
-        for entry in os.listdir(self.trash_dir):
-            layerfs.remove_tree(self.trash_dir / entry)
+        with self._trash_lock:  # gc and the background thread may both empty it
+            for m in overlay.mounts_under(self.trash_dir):
+                overlay.unmount(Path(m.target))  # never delete through a live mount
+            for entry in os.listdir(self.trash_dir):
+                layerfs.remove_tree(self.trash_dir / entry)
 
     # ------------------------------------------------------------------------------------
     # small helpers

@@ -9,12 +9,15 @@ got past APPLY is not kept here but in LMDB itself, in the same transaction as t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .errors import from_os_error
 
 
 @dataclass
@@ -49,9 +52,19 @@ class WriteAheadLog:
     def _append(self, record: dict, durable: bool) -> None:
         body = json.dumps(record, separators=(",", ":"), sort_keys=True)
         line = f"{zlib.crc32(body.encode()):08x} {body}\n".encode()
-        os.write(self._fd, line)
-        if durable:
-            os.fdatasync(self._fd)
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            if os.write(self._fd, line) != len(line):
+                raise OSError(errno.ENOSPC, "short write to the write-ahead log")
+            if durable:
+                os.fdatasync(self._fd)
+        except OSError as exc:
+            # A torn record would hide every later one from replay: cut it off again.
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise from_os_error(exc, "writing the write-ahead log") from exc
         self.records_since_checkpoint += 1
 
     def prepare(self, kind: str, **args) -> str:
