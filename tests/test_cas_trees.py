@@ -63,10 +63,26 @@ def test_refcounts_cascade_and_collect(content):
         assert content.refcount(txn, top_id) == 1
         assert content.refcount(txn, sub_id) == 1
         assert content.refcount(txn, fid) == 2  # two entries name it
-    assert content.db.write(lambda txn: content.decref(txn, top_id)) == 3
+    # both trees, the chunk, and the pack the small chunk went into
+    assert content.db.write(lambda txn: content.decref(txn, top_id)) == 4
     with content.db.read() as txn:
         assert list(content.iter_object_ids(txn)) == []
         assert list(content.iter_refcounts(txn)) == []
+
+
+def test_small_chunks_share_packs_and_read_back(content):
+    blobs = [os.urandom(100 + i) for i in range(50)] + [b"same" * 10]
+    prepared = [cas.prepare_content(b) for b in blobs]
+    content.db.write(lambda txn: content.put_objects(txn, [o for p in prepared for o in p.objects]))
+    ids = [p.content_id for p in prepared]
+    assert _store(content, b"same" * 10) == ids[-1]  # dedup: no second copy, no new pack
+    with content.db.read() as txn:
+        kinds = [bytes(v[:1]) for _, v in txn.cursor(db=content.objects)]
+    assert kinds.count(cas.TYPE_PACK) == 1
+    assert kinds.count(cas.TYPE_CHUNK) == len(blobs)
+    for cid, blob in zip(ids, blobs):
+        assert content.read(cid) == blob
+        assert content.verify(cid, content.get(cid))
 
 
 def test_decref_below_zero_is_an_error(content):
