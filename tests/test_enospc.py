@@ -1,0 +1,258 @@
+"""A full store disk (SPEC §7): ENOSPC for the caller, nothing lost, nothing half-done.
+
+The store lives on a small, freshly made ext4 on a loop device. The disk is filled with a
+ballast file to one of three levels before the operation, so that space runs out at different
+steps of it: no space at all (the very first write: the WAL record), about half of what the
+operation writes (while staging the layer), and about one and a half times (the layer fits, the
+chunks in LMDB do not). In each case:
+
+* the caller gets ``NoSpaceError`` whose errno is ENOSPC (not a bare OSError, not EIO);
+* the operation left no trace: no new snapshot, the branch shows and reports what it did;
+* every earlier snapshot reads back exactly, and a branch on it shows it;
+* fsck of the closed store is clean, still with the disk full;
+* after the ballast is deleted, the very same operation succeeds and is exact.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+import conftest
+from conftest import (assert_fsck_clean, assert_same_view, check_live, dir_view, force_unmount_below,
+                      loop_ext4, needs_loop, open_store, snapshot_view)
+from cascowfs.errors import NoSpaceError
+from cascowfs.state import StateManager
+
+pytestmark = needs_loop
+
+DISK_MIB = 96
+DATA_MIB = 16
+LEVELS = {"full": 0.0, "half": 0.5, "one-and-a-half": 1.5}
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill the disk with ballast files until about ``leave`` bytes are free (0: full)."""
+    ballast = disk / "ballast"
+    ballast.mkdir(exist_ok=True)
+    os.sync()
+    big = free_bytes(disk) - leave - (1 << 20)
+    if big > 0:
+        fd = os.open(ballast / "big", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, big)
+        finally:
+            os.close(fd)
+    # top up block by block (fallocate stops short of the metadata it needs)
+    i = 0
+    chunk = b"\0" * 4096
+    while free_bytes(disk) > leave + 4096:
+        i += 1
+        try:
+            with open(ballast / f"top{i}", "wb") as fh:
+                fh.write(chunk * max(1, min(256, (free_bytes(disk) - leave) // 4096)))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            break
+    if leave == 0:  # and the last crumbs: nothing may be left at all
+        for j in range(10_000):
+            try:
+                with open(ballast / f"crumb{j}", "wb") as fh:
+                    fh.write(b"x" * 1024)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+    os.sync()
+    return ballast
+
+
+def unfill(ballast: Path) -> None:
+    for entry in os.listdir(ballast):
+        (ballast / entry).unlink(missing_ok=True)
+    os.sync()
+
+
+def random_tree(root: Path, total: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    (root / "d").mkdir(parents=True)
+    written = i = 0
+    while written < total:
+        size = min(total - written, rng.choice([3_000, 100_000, 1_500_000]))
+        (root / ("d" if i % 2 else "") / f"f{i}").write_bytes(rng.randbytes(size))
+        written += size
+        i += 1
+    os.symlink("d", root / "link")
+    return root
+
+
+def reopen(sm):
+    """Close and reopen: the WAL is checkpointed (emptied) at open, so on a full disk even
+    the operation's first WAL record has no block to go to."""
+    store = sm.store
+    sm.close()
+    return StateManager.open(store)
+
+
+def earlier_state_intact(sm, views: dict) -> None:
+    for sid, view in views.items():
+        assert_same_view(snapshot_view(sm, sid), view, f"earlier snapshot {sid}")
+
+
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_import_on_a_full_disk(tmp_path, level):
+    src = random_tree(tmp_path / "src", DATA_MIB << 20, seed=1)
+    src_view = dir_view(src)
+    small = random_tree(tmp_path / "small", 200_000, seed=2)
+    with loop_ext4(tmp_path / "fs", DISK_MIB) as disk:
+        store = disk / "store"
+        conftest._STORES.append(store)
+        try:
+            sm = StateManager.open(store)
+            try:
+                sm.import_tree(small, "early")
+                views = {"early": snapshot_view(sm, "early")}
+                sm = reopen(sm)
+                ballast = fill(disk, int(LEVELS[level] * (DATA_MIB << 20)))
+                with pytest.raises(NoSpaceError) as info:
+                    sm.import_tree(src, "big")
+                assert info.value.errno == errno.ENOSPC
+                assert [s.id for s in sm.snapshots()] == ["early"]
+                earlier_state_intact(sm, views)
+            finally:
+                sm.close()
+            assert_fsck_clean(store, deep=True)  # with the disk still full
+
+            unfill(ballast)
+            with open_store(store) as sm:
+                earlier_state_intact(sm, views)
+                assert sm.import_tree(src, "big") == "big"
+                assert_same_view(snapshot_view(sm, "big"), src_view, "import after space was freed")
+                tree = sm.create_branch("check", "big").tree
+                assert_same_view(dir_view(tree), src_view, "a branch on the import")
+                sm.discard("check")
+                check_live(sm, deep=True)
+        finally:
+            force_unmount_below(store)
+
+
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_commit_on_a_full_disk(tmp_path, level):
+    small = random_tree(tmp_path / "small", 200_000, seed=3)
+    with loop_ext4(tmp_path / "fs", DISK_MIB) as disk:
+        store = disk / "store"
+        conftest._STORES.append(store)
+        try:
+            sm = StateManager.open(store)
+            try:
+                sm.import_tree(small, "base")
+                tree = sm.create_branch("work", "base").tree
+                (tree / "note").write_bytes(b"small")
+                sm.commit("work", "early")
+                views = {s: snapshot_view(sm, s) for s in ("base", "early")}
+                random_tree(tree / "new", DATA_MIB << 20, seed=4)  # the edit to commit
+                os.unlink(tree / "note")
+                branch_view = dir_view(tree)
+                status = [c.line() for c in sm.status("work")]
+                sm = reopen(sm)
+                ballast = fill(disk, int(LEVELS[level] * (DATA_MIB << 20)))
+                with pytest.raises(NoSpaceError) as info:
+                    sm.commit("work", "c1")
+                assert info.value.errno == errno.ENOSPC
+                assert sorted(s.id for s in sm.snapshots()) == ["base", "early"]
+                assert sm.branch("work").parent == "early"
+                assert_same_view(dir_view(tree), branch_view, "branch after the failed commit")
+                assert [c.line() for c in sm.status("work")] == status
+                earlier_state_intact(sm, views)
+            finally:
+                sm.close()
+            assert_fsck_clean(store, deep=True)  # with the disk still full
+
+            unfill(ballast)
+            with open_store(store) as sm:
+                earlier_state_intact(sm, views)
+                assert_same_view(dir_view(tree), branch_view, "branch after reopen")
+                assert sm.commit("work", "c1") == "c1"
+                assert_same_view(snapshot_view(sm, "c1"), branch_view, "commit after space was freed")
+                check = sm.create_branch("check", "c1").tree
+                assert_same_view(dir_view(check), branch_view, "a branch on the commit")
+                sm.discard("check")
+                check_live(sm, deep=True)
+        finally:
+            force_unmount_below(store)
+
+
+def test_every_state_change_on_a_completely_full_disk(tmp_path):
+    """With not one free block, each state change either succeeds or raises NoSpaceError
+    (discard and prune free space, so succeeding is the better answer for them), and leaves a
+    consistent store; once space is back every one of them succeeds."""
+    small = random_tree(tmp_path / "small", 300_000, seed=5)
+    with loop_ext4(tmp_path / "fs", DISK_MIB) as disk:
+        store = disk / "store"
+        conftest._STORES.append(store)
+        try:
+            sm = StateManager.open(store)
+            try:
+                sm.import_tree(small, "base")
+                sm.import_tree(small, "spare")
+                sm.import_tree(small, "old")
+                tree = sm.create_branch("work", "base").tree
+                (tree / "edit").write_bytes(b"edit")
+                sm.create_branch("gone", "base")
+                sm.create_branch("moving", "base")
+                views = {s: snapshot_view(sm, s) for s in ("base", "spare")}
+                sm = reopen(sm)
+                ballast = fill(disk, 0)
+                attempts = {
+                    "create_branch": lambda: sm.create_branch("new", "base"),
+                    "commit": lambda: sm.commit("work", "c1"),
+                    "rebase": lambda: sm.rebase("moving", "spare"),
+                    "discard": lambda: sm.discard("gone"),
+                    "prune": lambda: sm.prune("old"),
+                }
+                outcome = {}
+                for what, call in attempts.items():
+                    try:
+                        call()
+                        outcome[what] = "ok"
+                    except NoSpaceError as exc:
+                        assert exc.errno == errno.ENOSPC
+                        outcome[what] = "ENOSPC"
+                    except OSError as exc:
+                        raise AssertionError(f"{what} on a full disk raised a bare {exc!r}, "
+                                             "not NoSpaceError") from exc
+                earlier_state_intact(sm, {s: v for s, v in views.items()
+                                          if s in {x.id for x in sm.snapshots()}})
+            finally:
+                sm.close()
+            assert_fsck_clean(store, deep=True)
+            unfill(ballast)
+            with open_store(store) as sm:
+                names = {b.name for b in sm.branches()}
+                if "new" not in names:
+                    sm.create_branch("new", "base")
+                if "c1" not in {s.id for s in sm.snapshots()}:
+                    sm.commit("work", "c1")
+                if sm.branch("moving").parent != "spare":
+                    sm.rebase("moving", "spare")
+                if "gone" in names:
+                    sm.discard("gone")
+                if "old" in {s.id for s in sm.snapshots()}:
+                    sm.prune("old")
+                check_live(sm, deep=True)
+        finally:
+            force_unmount_below(store)

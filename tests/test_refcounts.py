@@ -1,0 +1,470 @@
+"""Refcounts under random lifecycles: import / branch / edit / commit / rebase / discard / prune
+/ flatten / gc / close-and-reopen, in any order (a hypothesis state machine over a real store).
+
+After every step:
+* fsck's checks on the live store hold: every refcount (objects and layers) equals a recount
+  from scratch over the live snapshots and branches, every object they name exists and
+  verifies, nothing unreferenced is left, every branch is mounted exactly once, no staging;
+* nothing referenced is gone: every snapshot still reads back (from the CAS) exactly as it was
+  committed, and every branch still shows exactly what it showed after its last edit.
+Refused operations (an id or name taken, pruning a snapshot a branch is based on, re-basing a
+modified branch, unknown names) raise the documented error and change nothing.
+At the end everything is discarded and pruned: the store must then hold no object, no refcount,
+no layer and no branch directory at all, and a full fsck of the closed store must be clean.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import note
+from hypothesis import strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
+                                 run_state_machine_as_test)
+
+import conftest
+from conftest import (assert_fsck_clean, assert_same_view, check_live, dir_view,
+                      hypothesis_settings, needs_overlay, snapshot_view)
+from cascowfs.errors import (BusyError, ExistsError, InvalidArgumentError, NotFoundError)
+from cascowfs.state import StateManager
+
+pytestmark = needs_overlay
+
+NAMES = ["a", "b", "c", "d.txt", "e"]
+CONTENTS = [b"", b"one", b"two\n" * 50, b"z" * 70_000]
+
+
+def random_tree(rng: random.Random, root: Path, entries: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for _ in range(entries):
+        random_edit(rng, root, creating=True)
+
+
+def _scan(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    paths = sorted(Path(dp, n) for dp, dns, fns in os.walk(root) for n in dns + fns)
+    dirs = [root] + [p for p in paths if p.is_dir() and not p.is_symlink()]
+    files = [p for p in paths if p.is_file() and not p.is_symlink()]
+    return paths, dirs, files
+
+
+def random_edit(rng: random.Random, root: Path, *, creating: bool = False) -> str:
+    """One random change under ``root`` (a plain directory or a branch tree)."""
+    ops = ["write", "write", "mkdir", "symlink", "link"]
+    if not creating:
+        ops += ["write", "append", "delete", "rename", "chmod", "rmtree", "xattr"]
+    op = rng.choice(ops)
+    paths, dirs, files = _scan(root)
+    if op in ("append", "link", "chmod", "xattr") and not files:
+        op = "write"
+    if op in ("delete", "rename") and not paths:
+        return "nothing"
+    if op == "rmtree" and len(dirs) < 2:
+        return "nothing"
+    if op in ("write", "mkdir", "symlink", "link"):
+        new = rng.choice(dirs) / rng.choice(NAMES)
+        if os.path.lexists(new):  # replace whatever has that name
+            if new.is_dir() and not new.is_symlink():
+                shutil.rmtree(new)
+            else:
+                new.unlink()
+            paths, dirs, files = _scan(root)
+            if op == "link" and not files:
+                op = "write"
+    if op == "write":
+        new.write_bytes(rng.choice(CONTENTS) + rng.randbytes(rng.randrange(4)))
+    elif op == "mkdir":
+        new.mkdir()
+    elif op == "symlink":
+        os.symlink(rng.choice(NAMES), new)
+    elif op == "link":
+        os.link(rng.choice(files), new)
+    elif op == "append":
+        with open(rng.choice(files), "ab") as fh:
+            fh.write(b"+")
+    elif op == "delete":
+        victim = rng.choice(paths)
+        if victim.is_dir() and not victim.is_symlink():
+            shutil.rmtree(victim)
+        else:
+            victim.unlink()
+    elif op == "rename":
+        src = rng.choice(paths)
+        dst = rng.choice(dirs) / rng.choice(NAMES)
+        if src == dst or str(dst).startswith(str(src) + "/") or os.path.lexists(dst):
+            return "nothing"
+        os.rename(src, dst)
+    elif op == "chmod":
+        os.chmod(rng.choice(files), rng.choice([0o600, 0o644, 0o755, 0o4755]))
+    elif op == "rmtree":
+        shutil.rmtree(rng.choice(dirs[1:]))
+    elif op == "xattr":
+        os.setxattr(rng.choice(files), b"user.k", rng.randbytes(3))
+    return op
+
+
+class StoreLifecycle(RuleBasedStateMachine):
+    def __init__(self, base: Path) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="refcounts-", dir=base))
+        self.store = self.dir / "store"
+        conftest._STORES.append(self.store)
+        self.sm = StateManager.open(self.store)
+        self.snaps: dict[str, dict] = {}      # id -> view at commit/import
+        self.branches: dict[str, dict] = {}   # name -> view after its last change
+        self.parents: dict[str, str | None] = {}
+        self.modified: dict[str, bool] = {}
+        self.n = 0
+
+    def fresh(self, prefix: str) -> str:
+        self.n += 1
+        return f"{prefix}{self.n}"
+
+    # -- rules ------------------------------------------------------------------------------
+    @rule(seed=st.integers(0, 2**32), entries=st.integers(0, 12))
+    def import_tree(self, seed, entries):
+        src = self.dir / self.fresh("src")
+        random_tree(random.Random(seed), src, entries)
+        sid = self.sm.import_tree(src, self.fresh("imp"))
+        view = snapshot_view(self.sm, sid)
+        assert_same_view(view, dir_view(src), f"import {sid}")
+        self.snaps[sid] = view
+        shutil.rmtree(src)
+
+    @rule(data=st.data())
+    def create_branch(self, data):
+        parent = data.draw(st.sampled_from([None] + sorted(self.snaps)), label="parent")
+        name = self.fresh("br")
+        info = self.sm.create_branch(name, parent)
+        view = dir_view(info.tree)
+        if parent is not None:
+            assert_same_view(view, self.snaps[parent], f"new branch {name} on {parent}")
+        self.branches[name], self.parents[name], self.modified[name] = view, parent, False
+
+    @precondition(lambda self: self.branches)
+    @rule(data=st.data(), seed=st.integers(0, 2**32), count=st.integers(1, 6))
+    def edit(self, data, seed, count):
+        name = data.draw(st.sampled_from(sorted(self.branches)), label="branch")
+        rng = random.Random(seed)
+        tree = self.sm.branch(name).tree
+        note(f"edits in {name}: {[random_edit(rng, tree) for _ in range(count)]}")
+        self.branches[name] = dir_view(tree)
+        self.modified[name] = True
+
+    @precondition(lambda self: self.branches)
+    @rule(data=st.data())
+    def commit(self, data):
+        name = data.draw(st.sampled_from(sorted(self.branches)), label="branch")
+        if self.snaps and data.draw(st.integers(0, 4), label="reuse an id") == 0:
+            taken = data.draw(st.sampled_from(sorted(self.snaps)), label="taken id")
+            with pytest.raises(ExistsError):
+                self.sm.commit(name, taken)
+            return
+        sid = self.sm.commit(name, self.fresh("c"))
+        view = snapshot_view(self.sm, sid)
+        assert_same_view(view, self.branches[name], f"commit {sid} of {name}")
+        self.snaps[sid] = view
+        self.parents[name] = sid
+        self.modified[name] = False
+
+    @precondition(lambda self: self.branches)
+    @rule(data=st.data())
+    def discard(self, data):
+        name = data.draw(st.sampled_from(sorted(self.branches)), label="branch")
+        tree = self.sm.branch(name).tree
+        self.sm.discard(name)
+        del self.branches[name], self.parents[name], self.modified[name]
+        assert not conftest.mounts_below(tree), f"{tree} still mounted after discard"
+        with pytest.raises(NotFoundError):
+            self.sm.branch(name)
+        with pytest.raises(NotFoundError):
+            self.sm.discard(name)
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data())
+    def prune(self, data):
+        sid = data.draw(st.sampled_from(sorted(self.snaps)), label="snapshot")
+        users = [b for b, p in self.parents.items() if p == sid]
+        if users:
+            with pytest.raises(BusyError):
+                self.sm.prune(sid)
+            return
+        self.sm.prune(sid)
+        del self.snaps[sid]
+        with pytest.raises(NotFoundError):
+            self.sm.snapshot(sid)
+        with pytest.raises(NotFoundError):
+            self.sm.prune(sid)
+
+    @precondition(lambda self: self.branches)
+    @rule(data=st.data())
+    def rebase(self, data):
+        name = data.draw(st.sampled_from(sorted(self.branches)), label="branch")
+        target = data.draw(st.sampled_from([None] + sorted(self.snaps)), label="new parent")
+        if self.modified[name] and self.sm.status(name):
+            with pytest.raises(BusyError):
+                self.sm.rebase(name, target)
+            return
+        info = self.sm.rebase(name, target)
+        assert info.parent == target
+        view = dir_view(info.tree)
+        if target is not None:
+            assert_same_view(view, self.snaps[target], f"{name} re-based on {target}")
+        self.branches[name], self.parents[name], self.modified[name] = view, target, False
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data())
+    def flatten(self, data):
+        sid = data.draw(st.sampled_from(sorted(self.snaps)), label="snapshot")
+        self.sm.flatten(sid)
+        assert len(self.sm.layer_chain(sid)) == 1
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data(), seed=st.integers(0, 2**32), depth=st.integers(1, 10))
+    def deepen(self, data, seed, depth):
+        """branch, edit, commit, discard, again from the new snapshot: a long layer chain."""
+        sid = data.draw(st.sampled_from(sorted(self.snaps)), label="from")
+        rng = random.Random(seed)
+        for _ in range(depth):
+            name = self.fresh("deep")
+            tree = self.sm.create_branch(name, sid).tree
+            random_edit(rng, tree)
+            view = dir_view(tree)
+            sid = self.sm.commit(name, self.fresh("d"))
+            self.sm.discard(name)
+            self.snaps[sid] = view
+        note(f"chain of {sid}: {len(self.sm.layer_chain(sid))} layers")
+
+    @rule()
+    def gc(self):
+        self.sm.gc()
+
+    @rule(unmount=st.booleans())
+    def reopen(self, unmount):
+        self.sm.close(unmount_branches=unmount)
+        self.sm = None
+        self.sm = StateManager.open(self.store)
+
+    @rule(data=st.data())
+    def refused(self, data):
+        """Bad and unknown names: the documented error, and nothing changes (the invariants
+        compare everything afterwards)."""
+        kind = data.draw(st.integers(0, 4), label="which refusal")
+        if kind == 0:
+            with pytest.raises(InvalidArgumentError):
+                self.sm.create_branch("../x")
+        elif kind == 1:
+            with pytest.raises(NotFoundError):
+                self.sm.create_branch(self.fresh("nb"), "no-such-snapshot")
+        elif kind == 2 and self.branches:
+            with pytest.raises(ExistsError):
+                self.sm.create_branch(sorted(self.branches)[0])
+        elif kind == 3 and self.branches:
+            with pytest.raises(InvalidArgumentError):
+                self.sm.commit(sorted(self.branches)[0], "bad/id")
+        elif kind == 4:
+            with pytest.raises(NotFoundError):
+                self.sm.prune("no-such-snapshot")
+
+    # -- invariants -------------------------------------------------------------------------
+    @invariant()
+    def store_is_consistent(self):
+        check_live(self.sm)
+
+    @invariant()
+    def nothing_referenced_is_gone(self):
+        assert sorted(s.id for s in self.sm.snapshots()) == sorted(self.snaps)
+        assert sorted(b.name for b in self.sm.branches()) == sorted(self.branches)
+        for sid, view in self.snaps.items():
+            assert_same_view(snapshot_view(self.sm, sid), view, f"snapshot {sid}")
+        for name, view in self.branches.items():
+            info = self.sm.branch(name)
+            assert info.parent == self.parents[name]
+            assert_same_view(dir_view(info.tree), view, f"branch {name}")
+
+    def teardown(self):
+        try:
+            if self.sm is None:
+                return
+            # drop everything: the store must be empty afterwards, not merely consistent
+            for b in self.sm.branches():  # what the engine has, even if a rule failed midway
+                self.sm.discard(b.name)
+            for snap in self.sm.snapshots():
+                self.sm.prune(snap.id)
+            self.sm.gc()
+            check_live(self.sm)
+            with self.sm.db.read() as txn:
+                objects = sum(1 for _ in self.sm.content.iter_object_ids(txn))
+                refs = sum(1 for _ in self.sm.content.iter_refcounts(txn))
+                layers = sum(1 for _ in txn.cursor(db=self.sm.db.db("layers")))
+            assert (objects, refs, layers) == (0, 0, 0), \
+                f"empty store still holds {objects} objects, {refs} refcounts, {layers} layer records"
+            self.sm.close()
+            self.sm = None
+            assert os.listdir(self.store / "layers") == [], "layer directories left"
+            assert os.listdir(self.store / "branches") == [], "branch directories left"
+            assert os.listdir(self.store / "trash") == [], "trash not emptied at close"
+            assert_fsck_clean(self.store, deep=True)
+        finally:
+            if self.sm is not None:
+                self.sm.close(unmount_branches=True)
+            conftest.force_unmount_below(self.store)
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def test_refcounts_match_a_recount_after_any_sequence(tmp_path):
+    run_state_machine_as_test(lambda: StoreLifecycle(tmp_path),
+                              settings=hypothesis_settings(20, stateful_step_count=30))
+
+
+def test_pruning_the_base_of_a_branch_keeps_the_branch_whole(sm, tmp_path):
+    """A committed branch's parent is its new snapshot, but its mount still reads the layers of
+    the snapshot it was created on; pruning that snapshot must not pull anything from under it,
+    and gc must then reclaim exactly what nothing names."""
+    src = tmp_path / "src"
+    random_tree(random.Random(7), src, 30)
+    sm.import_tree(src, "base")
+    tree = sm.create_branch("b", "base").tree
+    (tree / "new").write_bytes(b"new")
+    sm.commit("b", "s1")
+    before = dir_view(tree)
+    sm.prune("base")
+    sm.gc()
+    check_live(sm)
+    assert_same_view(dir_view(tree), before, "branch after its base was pruned")
+    (tree / "more").write_bytes(b"more")
+    sm.commit("b", "s2")
+    assert_same_view(snapshot_view(sm, "s2"), dir_view(tree), "commit after the prune")
+    sm.discard("b")
+    sm.prune("s1")
+    sm.prune("s2")
+    sm.gc()
+    check_live(sm)
+    with sm.db.read() as txn:
+        assert not list(sm.content.iter_object_ids(txn)), "objects survive with nothing live"
+
+
+def test_flatten_after_the_import_under_the_chain_was_pruned(tmp_path):
+    """A chain's bottom layer outlives the import that made it (the chain's snapshots name the
+    layer); flattening such a chain must not need that import's trees. The manager is reopened
+    first so that no tree is served from the in-memory cache."""
+    src = tmp_path / "src"
+    random_tree(random.Random(3), src, 15)
+    store = tmp_path / "store"
+    with conftest.open_store(store) as sm:
+        sid = sm.import_tree(src, "imp")
+        views = {}
+        for i in range(3):
+            tree = sm.create_branch(f"b{i}", sid).tree
+            (tree / f"n{i}").write_bytes(b"x%d" % i)
+            sid = sm.commit(f"b{i}", f"d{i}")
+            views[sid] = dir_view(tree)
+            sm.discard(f"b{i}")
+        sm.prune("imp")
+        sm.prune("d0")
+        sm.gc()
+        assert len(sm.layer_chain("d2")) >= 2
+    with conftest.open_store(store) as sm:
+        sm.flatten("d2")
+        assert len(sm.layer_chain("d2")) == 1
+        for sid, view in views.items():
+            if sm.has_snapshot(sid):
+                assert_same_view(snapshot_view(sm, sid), view, sid)
+        tree = sm.create_branch("check", "d2").tree
+        assert_same_view(dir_view(tree), views["d2"], "a branch on the flattened chain")
+        check_live(sm, deep=True)
+
+
+def test_gc_while_the_background_thread_empties_the_trash(tmp_path, monkeypatch):
+    """``prune`` hands its layer to the background thread's trash job; a ``gc`` right after it
+    empties the same trash. Forced interleaving: gc finds a trash entry, and before it looks
+    at it again the background thread has deleted it. gc must cope (or the two must not run
+    at once): it may not fail with FileNotFoundError."""
+    import os.path as osp
+
+    src = tmp_path / "src"
+    (src / "many").mkdir(parents=True)
+    for i in range(3000):  # a layer that takes the background thread a while to delete
+        (src / "many" / f"f{i}").write_bytes(b"%d" % i)
+    real_isdir = osp.isdir
+    main = threading.main_thread()
+    store = tmp_path / "store"
+
+    def isdir(path):
+        p = os.fsdecode(path)
+        if threading.current_thread() is main and "/trash/" in p:
+            deadline = time.monotonic() + 2
+            while osp.lexists(p) and time.monotonic() < deadline:
+                time.sleep(0.001)  # let the background thread finish this very entry
+        return real_isdir(path)
+
+    with conftest.open_store(store) as sm:
+        for i in range(3):
+            sm.import_tree(src, f"s{i}")
+        monkeypatch.setattr(osp, "isdir", isdir)
+        try:
+            for i in range(3):
+                sm.prune(f"s{i}")
+                sm.gc()
+        finally:
+            monkeypatch.undo()
+        check_live(sm)
+
+
+def test_concurrent_agents_keep_the_store_exact(tmp_path):
+    """Four agents in threads (the MCTS mix of SPEC §6: many branches, some commits, most
+    discarded, old snapshots pruned) against one manager, plus a reader: every commit is
+    exactly its branch, and afterwards the store passes every check."""
+    src = tmp_path / "src"
+    random_tree(random.Random(11), src, 25)
+    failures: list[str] = []
+    with conftest.open_store(tmp_path / "store") as sm:
+        sm.import_tree(src, "base")
+        base_view = snapshot_view(sm, "base")
+        done = threading.Event()
+
+        def agent(k: int) -> None:
+            rng = random.Random(k)
+            mine = ["base"]
+            try:
+                for i in range(20):
+                    name = f"a{k}-{i}"
+                    tree = sm.create_branch(name, rng.choice(mine)).tree
+                    for _ in range(rng.randrange(1, 5)):
+                        random_edit(rng, tree)
+                    if rng.random() < 0.5:
+                        view = dir_view(tree)
+                        sid = sm.commit(name, f"s{k}-{i}")
+                        assert_same_view(snapshot_view(sm, sid), view, f"agent {k} commit {sid}")
+                        mine.append(sid)
+                    sm.discard(name)
+                    if len(mine) > 3 and rng.random() < 0.5:
+                        sm.prune(mine.pop(1))
+            except BaseException as exc:  # reported below, with the agent's number
+                failures.append(f"agent {k}: {exc!r}")
+
+        def reader() -> None:
+            try:
+                while not done.is_set():
+                    assert_same_view(snapshot_view(sm, "base"), base_view, "base while agents work")
+            except BaseException as exc:
+                failures.append(f"reader: {exc!r}")
+
+        agents = [threading.Thread(target=agent, args=(k,)) for k in range(4)]
+        watcher = threading.Thread(target=reader)
+        watcher.start()
+        for t in agents:
+            t.start()
+        for t in agents:
+            t.join()
+        done.set()
+        watcher.join()
+        assert not failures, "\n".join(failures)
+        assert sm.branches() == []
+        check_live(sm, deep=True)
