@@ -21,7 +21,7 @@ CRASH_POINTS: tuple[str, ...] = (
     "branch.applied",     # branch recorded, overlay not yet mounted
     "branch.switched",    # overlay mounted, FINALIZE not written
     "commit.prepared",
-    "commit.staged",      # upper copied into staging, trees and chunks written
+    "commit.staged",      # tree built from the upper, delta layer written into staging
     "commit.applied",     # snapshot recorded, branch re-parented; staging not yet renamed
     "commit.switched",
     "rebase.prepared",
