@@ -70,6 +70,8 @@ from typing import Iterator, NamedTuple
 import pytest
 from hypothesis import HealthCheck, settings
 
+from cascowfs import overlay
+
 REPO = Path(__file__).resolve().parent.parent
 OVERLAY_PREFIX = b"trusted.overlay."
 
@@ -147,32 +149,8 @@ needs_loop = pytest.mark.skipif(loop_unavailable() is not None, reason=loop_unav
 # ----------------------------------------------------------------------------------------
 # mounts
 # ----------------------------------------------------------------------------------------
-class Mount(NamedTuple):
-    mount_id: int
-    target: str
-    fstype: str
-
-
-def _unescape(field: str) -> str:
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def all_mounts() -> list[Mount]:
-    found = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
-        for line in fh:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            found.append(Mount(int(fields[0]), _unescape(fields[4]), right.split()[0]))
-    return found
+Mount = overlay.MountRecord  # (mount_id, target, fstype, source, options)
+all_mounts = overlay.all_mounts
 
 
 def mounts_below(base: Path | str) -> list[Mount]:
