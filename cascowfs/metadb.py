@@ -77,6 +77,9 @@ class MetaDB:
         self._gate = threading.Condition()
         self._readers = 0
         self._growing = False
+        # LMDB has one writer; taking this lock (with the GIL released while waiting) first
+        # keeps threads from queueing inside mdb_txn_begin instead.
+        self._write_lock = threading.Lock()
 
     def db(self, name: str):
         return self.dbs[name]
@@ -97,6 +100,10 @@ class MetaDB:
 
     def write(self, fn: Callable[[lmdb.Transaction], T], what: str = "write") -> T:
         """Run ``fn`` in one write transaction; grow the map and retry on MapFullError."""
+        with self._write_lock:
+            return self._write_locked(fn, what)
+
+    def _write_locked(self, fn: Callable[[lmdb.Transaction], T], what: str) -> T:
         while True:
             try:
                 with self.env.begin(write=True) as txn:

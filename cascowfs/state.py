@@ -52,6 +52,59 @@ CHECKPOINT_EVERY = 1024
 STORE_FORMAT = 2  # bump when records or objects change shape  # WAL records between checkpoints
 
 
+class _OpGate:
+    """Mutations run side by side ("running"); gc, orphan sweeps and WAL checkpoints need
+    every other one finished ("exclusive"), and never wait for it inside an operation."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._exclusive = False
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Wait until no operation runs; hold new ones back meanwhile."""
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._exclusive = True
+            while self._running:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+    def try_sole(self) -> bool:
+        """From inside a running operation: become exclusive if it is the only one running
+        (then call ``release_sole``); False at once otherwise."""
+        with self._cond:
+            if self._exclusive or self._running != 1:
+                return False
+            self._exclusive = True
+            return True
+
+    def release_sole(self) -> None:
+        with self._cond:
+            self._exclusive = False
+            self._cond.notify_all()
+
+
 def _now_ns() -> int:
     return time.time_ns()
 
@@ -87,9 +140,10 @@ class StateManager:
         self.staging_dir = store / "staging"
         self.trash_dir = store / "trash"
         self.empty_dir = store / "empty"
-        self._lock = threading.RLock()
-        self._committing: set[str] = set()
-        self._committing_lock = threading.Lock()
+        self._ops = _OpGate()
+        self._branch_locks: dict[str, threading.Lock] = {}
+        self._branch_locks_guard = threading.Lock()
+        self._orphans_suspected = False
         self._trash_lock = threading.Lock()
         self._file_caches: dict[str, dict] = {}
         self._lock_fd = -1
@@ -148,13 +202,19 @@ class StateManager:
         self._jobs.put(None)
         if self._worker is not None:
             self._worker.join()
-        with self._lock:
+        with self._ops.exclusive():
             if unmount_branches:
                 for m in overlay.mounts_under(self.branches_dir):
                     overlay.unmount(Path(m.target))
             self.wal.close()
             self.db.close()
         self._release_lock()
+
+    @contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """No state change runs inside this block (fsck of a live store, tests)."""
+        with self._ops.exclusive():
+            yield
 
     def __enter__(self) -> "StateManager":
         return self
@@ -253,9 +313,21 @@ class StateManager:
         self.wal.checkpoint()
         self.db.write(lambda txn: txn.drop(self.db.db("ops"), delete=False), "checkpoint")
 
-    def _maybe_checkpoint(self) -> None:
-        if self.wal.records_since_checkpoint >= CHECKPOINT_EVERY:
-            self._checkpoint()
+    def _when_alone(self) -> None:
+        """Housekeeping that needs no other operation in flight: sweep the orphans a failed
+        operation left, checkpoint the WAL. Skipped (for a later op) when others run."""
+        if not (self._orphans_suspected or self.wal.records_since_checkpoint >= CHECKPOINT_EVERY):
+            return
+        if not self._ops.try_sole():
+            return
+        try:
+            if self._orphans_suspected:
+                self._orphans_suspected = False
+                self._sweep_orphans(False)
+            if self.wal.records_since_checkpoint >= CHECKPOINT_EVERY:
+                self._checkpoint()
+        finally:
+            self._ops.release_sole()
 
     # ------------------------------------------------------------------------------------
     # background work: emptying the trash
@@ -384,7 +456,7 @@ class StateManager:
         labels = check_labels(labels)
         if not src.is_dir():
             raise NotFoundError(f"import source {src} is not a directory")
-        with self._lock:
+        with self._ops.running():
             id = self._claim_id(id)
             layer = secrets.token_hex(5)
             op = self.wal.prepare("import", id=id, layer=layer)
@@ -426,13 +498,27 @@ class StateManager:
             self._to_trash(self.staging_dir / op)
             self._jobs.put(("trash",))
             self.wal.finalize(op)
-            self._sweep_orphans(False)
+            self._orphans_suspected = True
+            self._when_alone()
         except (OSError, CascowfsError):
             pass  # the disk is failing; the next open rolls the op back from the WAL
 
     def _finish(self, op: str) -> None:
         self.wal.finalize(op)
-        self._maybe_checkpoint()
+        self._when_alone()
+
+    @contextmanager
+    def _branch_op(self, name: str, *, wait: bool = True) -> Iterator[None]:
+        """One operation at a time on a branch; operations on other branches run beside it."""
+        with self._branch_locks_guard:
+            lock = self._branch_locks.setdefault(name, threading.Lock())
+        if not lock.acquire(blocking=wait):
+            raise BusyError(f"another operation on branch {name!r} (a commit) is in progress")
+        try:
+            with self._ops.running():
+                yield
+        finally:
+            lock.release()
 
     def _claim_id(self, id: str | None) -> str:
         if id is None or id == "":
@@ -459,7 +545,7 @@ class StateManager:
         name = check_branch_name(name)
         if parent is not None:
             parent = check_snapshot_id(parent)
-        with self._lock:
+        with self._branch_op(name):
             with self.db.read() as txn:
                 if txn.get(name.encode(), db=self.db.db("branches")) is not None:
                     raise ExistsError(f"branch {name!r} already exists")
@@ -482,6 +568,8 @@ class StateManager:
                 def apply(txn: lmdb.Transaction) -> None:
                     if txn.get(name.encode(), db=self.db.db("branches")) is not None:
                         raise ExistsError(f"branch {name!r} already exists")
+                    if parent is not None:
+                        self._snapshot_record(txn, parent)  # not pruned meanwhile
                     if rec["base_root"]:
                         self.content.incref(txn, bytes.fromhex(rec["base_root"]))
                     self._layer_refs(txn, rec["layers"], +1)
@@ -505,7 +593,7 @@ class StateManager:
         name = check_branch_name(name)
         if parent is not None:
             parent = check_snapshot_id(parent)
-        with self._lock:
+        with self._branch_op(name):
             with self.db.read() as txn:
                 old = self._branch_record(txn, name)
                 snap = self._snapshot_record(txn, parent) if parent is not None else None
@@ -517,6 +605,8 @@ class StateManager:
             crash_point("rebase.prepared")
 
             def apply(txn: lmdb.Transaction) -> list[str]:
+                if parent is not None:
+                    self._snapshot_record(txn, parent)  # not pruned meanwhile
                 if rec["base_root"]:
                     self.content.incref(txn, bytes.fromhex(rec["base_root"]))
                 self._layer_refs(txn, rec["layers"], +1)
@@ -542,16 +632,8 @@ class StateManager:
         """Freeze the branch into a new snapshot; the branch then continues on top of it."""
         name = check_branch_name(name)
         labels = check_labels(labels)
-        with self._committing_lock:
-            if name in self._committing:
-                raise BusyError(f"a commit of branch {name!r} is already in progress")
-            self._committing.add(name)
-        try:
-            with self._lock:
-                return self._commit(name, id, labels)
-        finally:
-            with self._committing_lock:
-                self._committing.discard(name)
+        with self._branch_op(name, wait=False):
+            return self._commit(name, id, labels)
 
     def _commit(self, name: str, id: str | None, labels: dict[str, str]) -> str:
         with self.db.read() as txn:
@@ -619,7 +701,7 @@ class StateManager:
     def discard(self, name: str) -> None:
         """Drop a branch: its mount goes at once (lazily), its files in the background."""
         name = check_branch_name(name)
-        with self._lock:
+        with self._branch_op(name):
             with self.db.read() as txn:
                 rec = self._branch_record(txn, name)
             op = self.wal.prepare("discard", name=name)
@@ -649,16 +731,15 @@ class StateManager:
     def prune(self, id: str) -> None:
         """Drop a snapshot (BusyError while a branch is based on it)."""
         id = check_snapshot_id(id)
-        with self._lock:
+        with self._ops.running():
             with self.db.read() as txn:
                 rec = self._snapshot_record(txn, id)
-                for bname, raw in txn.cursor(db=self.db.db("branches")):
-                    if json.loads(raw)["parent"] == id:
-                        raise BusyError(f"snapshot {id!r} is the parent of branch {bytes(bname).decode()!r}")
+                self._check_unused(txn, id)
             op = self.wal.prepare("prune", id=id)
             crash_point("prune.prepared")
 
             def apply(txn: lmdb.Transaction) -> list[str]:
+                self._check_unused(txn, id)  # no branch was based on it meanwhile
                 txn.delete(id.encode(), db=self.db.db("snapshots"))
                 self.content.decref(txn, bytes.fromhex(rec["root"]))
                 dropped = self._layer_refs(txn, rec["layers"], -1)
@@ -673,13 +754,18 @@ class StateManager:
             self._finish(op)
             self._jobs.put(("trash",))
 
+    def _check_unused(self, txn: lmdb.Transaction, id: str) -> None:
+        for bname, raw in txn.cursor(db=self.db.db("branches")):
+            if json.loads(raw)["parent"] == id:
+                raise BusyError(f"snapshot {id!r} is the parent of branch {bytes(bname).decode()!r}")
+
     # ------------------------------------------------------------------------------------
     # flattening and rebuilding layers
     # ------------------------------------------------------------------------------------
     def flatten(self, id: str) -> None:
         """Replace a snapshot's layer chain by one full layer written from the CAS (recovery
         uses it to rebuild lost layers; chains themselves stay short by merging)."""
-        with self._lock:
+        with self._ops.running():
             with self.db.read() as txn:
                 rec = self._snapshot_record(txn, id)
             root = self._root_of(rec["root"])
@@ -771,7 +857,7 @@ class StateManager:
 
     def gc(self, progress: bool = False) -> dict:
         """Reclaim unreferenced objects and layers, empty the trash."""
-        with self._lock:
+        with self._ops.exclusive():
             objects = self._sweep_orphans(progress)
             with self.db.read() as txn:
                 layer_ids = {bytes(k).decode() for k, _ in txn.cursor(db=self.db.db("layers"))}

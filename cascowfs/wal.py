@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import secrets
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ class WriteAheadLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         created = not path.exists()
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._lock = threading.Lock()  # operations on different branches append concurrently
         if created:
             _fsync_dir(path.parent)
         self.records_since_checkpoint = 0
@@ -52,6 +54,10 @@ class WriteAheadLog:
     def _append(self, record: dict, durable: bool) -> None:
         body = json.dumps(record, separators=(",", ":"), sort_keys=True)
         line = f"{zlib.crc32(body.encode()):08x} {body}\n".encode()
+        with self._lock:
+            self._append_locked(line, durable)
+
+    def _append_locked(self, line: bytes, durable: bool) -> None:
         start = os.lseek(self._fd, 0, os.SEEK_END)
         try:
             if os.write(self._fd, line) != len(line):
@@ -91,9 +97,10 @@ class WriteAheadLog:
 
     def checkpoint(self) -> None:
         """Forget everything: call only when no operation is pending."""
-        os.ftruncate(self._fd, 0)
-        os.fsync(self._fd)
-        self.records_since_checkpoint = 0
+        with self._lock:
+            os.ftruncate(self._fd, 0)
+            os.fsync(self._fd)
+            self.records_since_checkpoint = 0
 
     def close(self) -> None:
         os.close(self._fd)

@@ -214,14 +214,13 @@ def assert_fsck_clean(store: Path, *, deep: bool = True) -> None:
 
 
 def check_live(sm, *, deep: bool = False) -> None:
-    """fsck's checks on an open store. Holds the operation lock so that a background job
-    (flattening a long chain) is not seen half-way through."""
+    """fsck's checks on an open store, with no state change running meanwhile."""
     from cascowfs import fsck
 
     trash = str(sm.store / "trash") + "/"
     deadline = time.monotonic() + 5
     while True:
-        with sm._lock:
+        with sm.quiesced():
             report = fsck.check(sm, deep=deep)
         # Since "discard detaches the overlay in the background", a discarded branch's mount
         # moves into trash/ with its directory and the background thread detaches it a moment
