@@ -351,8 +351,9 @@ class StateManager:
         with self._trash_lock:  # gc and the background thread may both empty it
             for m in overlay.mounts_under(self.trash_dir):
                 overlay.unmount(Path(m.target))  # never delete through a live mount
-            for entry in os.listdir(self.trash_dir):
-                layerfs.remove_tree(self.trash_dir / entry)
+            entries = [self.trash_dir / e for e in os.listdir(self.trash_dir)]
+            if entries:
+                layerfs.remove_trees(entries)
 
     # ------------------------------------------------------------------------------------
     # small helpers
