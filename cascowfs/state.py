@@ -210,6 +210,11 @@ class StateManager:
             self.db.close()
         self._release_lock()
 
+    def settle(self) -> None:
+        """Wait until the background thread has done everything queued so far (layer merges,
+        emptying the trash)."""
+        self._jobs.join()
+
     @contextmanager
     def quiesced(self) -> Iterator[None]:
         """No state change runs inside this block (fsck of a live store, tests)."""
@@ -336,12 +341,17 @@ class StateManager:
         while True:
             job = self._jobs.get()
             if job is None:
+                self._jobs.task_done()
                 return
             try:
                 if job[0] == "trash":
                     self._empty_trash()
+                elif job[0] == "merge":
+                    self.merge_layers(job[1])
             except (CascowfsError, OSError):
-                pass  # a failing disk: the trash is emptied again at the next job or open
+                pass  # a snapshot pruned meanwhile, a failing disk: retried at the next need
+            finally:
+                self._jobs.task_done()
 
     def _to_trash(self, path: Path) -> None:
         if os.path.lexists(path):
@@ -569,8 +579,8 @@ class StateManager:
                 def apply(txn: lmdb.Transaction) -> None:
                     if txn.get(name.encode(), db=self.db.db("branches")) is not None:
                         raise ExistsError(f"branch {name!r} already exists")
-                    if parent is not None:
-                        self._snapshot_record(txn, parent)  # not pruned meanwhile
+                    if parent is not None:  # not pruned meanwhile; its chain as it is now
+                        rec["layers"] = self._snapshot_record(txn, parent)["layers"]
                     if rec["base_root"]:
                         self.content.incref(txn, bytes.fromhex(rec["base_root"]))
                     self._layer_refs(txn, rec["layers"], +1)
@@ -606,8 +616,8 @@ class StateManager:
             crash_point("rebase.prepared")
 
             def apply(txn: lmdb.Transaction) -> list[str]:
-                if parent is not None:
-                    self._snapshot_record(txn, parent)  # not pruned meanwhile
+                if parent is not None:  # not pruned meanwhile; its chain as it is now
+                    rec["layers"] = self._snapshot_record(txn, parent)["layers"]
                 if rec["base_root"]:
                     self.content.incref(txn, bytes.fromhex(rec["base_root"]))
                 self._layer_refs(txn, rec["layers"], +1)
@@ -640,7 +650,6 @@ class StateManager:
         with self.db.read() as txn:
             rec = self._branch_record(txn, name)
             parent = self._snapshot_record(txn, rec["parent"]) if rec["parent"] else None
-            chain, below = self._merge_point(txn, parent["layers"] if parent else [])
         id = self._claim_id(id)
         layer = secrets.token_hex(5)
         op = self.wal.prepare("commit", name=name, id=id, layer=layer)
@@ -653,15 +662,18 @@ class StateManager:
                                    self.branches_dir / name / "upper", sink)
                 root = finalize(node, sink)
                 superroot = self._superroot(root, sink)
-                layerfs.materialize_delta(self.trees, self.content, self._root_of(below), root,
-                                          staged, pending=sink.pending)
+                below = self._root_of(parent["root"]) if parent else None
+                layerfs.materialize_delta(self.trees, self.content, below, root, staged,
+                                          pending=sink.pending)
             crash_point("commit.staged")
-            span = chain.pop(0)
 
             def apply(txn: lmdb.Transaction) -> None:
+                # the parent's chain as it is now: a background merge may have rewritten it,
+                # which is fine, since the new delta is relative to the parent's tree
+                chain = self._snapshot_record(txn, rec["parent"])["layers"] if parent else []
                 self.content.put_objects(txn, sink.take())
                 self.content.incref(txn, superroot)
-                self._new_layer(txn, layer, superroot.hex(), span)
+                self._new_layer(txn, layer, superroot.hex(), 1)
                 self._layer_refs(txn, [layer] + chain, +1)
                 self._put_snapshot(txn, id, superroot.hex(), rec["parent"], [layer] + chain, labels, root)
                 txn.put(name.encode(), _dump(dict(rec, parent=id, last_commit=id)),
@@ -675,29 +687,26 @@ class StateManager:
         crash_point("commit.applied")
         with self._disk_errors("commit"):
             os.rename(staged, self.layers_dir / layer)
-            _fsync_dir(self.layers_dir)
         crash_point("commit.switched")
         self._finish(op)
+        self._jobs.put(("merge", id))
         return id
 
-    def _merge_point(self, txn: lmdb.Transaction, parent_chain: list[str]) -> tuple[list, str | None]:
-        """Where a new commit's delta layer goes on its parent's chain.
+    def _layers_to_merge(self, txn: lmdb.Transaction, chain: list[str]) -> tuple[int, int]:
+        """How many top layers of a chain merge into one, and the merged span.
 
-        Delta layers merge like a binary counter: the new delta (span 1) absorbs the parent's
-        top layers while their spans are 1, 2, 4, ... So a lineage of n commits is shown by at
-        most log2(n) + 1 delta layers, and the store holds each change O(log n) times instead
-        of every commit copying everything its branch ever changed.
-        Returns ([span, *kept layers], top tree of the first kept layer)."""
-        span, i = 1, 0
-        while i < len(parent_chain):
-            layer = self._layer_record(txn, parent_chain[i])
-            if layer["span"] != span:
-                break
+        Delta layers merge like a binary counter: the top layer absorbs the ones under it
+        while their spans are 1, 2, 4, ... So a lineage of n commits is shown by at most
+        log2(n) + 1 delta layers, and the store holds each change O(log n) times instead of
+        every commit copying everything its branch ever changed."""
+        if not chain:
+            return 0, 0
+        span = self._layer_record(txn, chain[0])["span"]
+        count = 1
+        while count < len(chain) and span and self._layer_record(txn, chain[count])["span"] == span:
             span *= 2
-            i += 1
-        kept = parent_chain[i:]
-        below = self._layer_record(txn, kept[0])["top"] if kept else None
-        return [span, *kept], below
+            count += 1
+        return count, span
 
     def discard(self, name: str) -> None:
         """Drop a branch: its mount goes at once (lazily), its files in the background."""
@@ -766,38 +775,58 @@ class StateManager:
     def flatten(self, id: str) -> None:
         """Replace a snapshot's layer chain by one full layer written from the CAS (recovery
         uses it to rebuild lost layers; chains themselves stay short by merging)."""
+        self._rewrite_chain(id, merge=False)
+
+    def merge_layers(self, id: str) -> None:
+        """Merge the top layers of a snapshot's chain as the binary-counter rule says
+        (queued in the background after every commit, so a commit never waits for it)."""
+        self._rewrite_chain(id, merge=True)
+
+    def _rewrite_chain(self, id: str, *, merge: bool) -> None:
         with self._ops.running():
             with self.db.read() as txn:
                 rec = self._snapshot_record(txn, id)
+                chain = rec["layers"]
+                count, span = self._layers_to_merge(txn, chain) if merge else (len(chain), 0)
+                if merge and count < 2:
+                    return
+                below = self._layer_record(txn, chain[count])["top"] if count < len(chain) else None
             root = self._root_of(rec["root"])
             layer = secrets.token_hex(5)
             op = self.wal.prepare("flatten", id=id, layer=layer)
             crash_point("flatten.prepared")
             staged = self.staging_dir / op
             try:
-                with self._disk_errors(f"flattening snapshot {id}"):
-                    layerfs.materialize(self.trees, self.content, root, staged)
+                with self._disk_errors(f"rewriting the layers of snapshot {id}"):
+                    if merge:
+                        layerfs.materialize_delta(self.trees, self.content, self._root_of(below),
+                                                  root, staged)
+                    else:
+                        layerfs.materialize(self.trees, self.content, root, staged)
                 crash_point("flatten.staged")
 
                 def apply(txn: lmdb.Transaction) -> list[str]:
                     cur = self._snapshot_record(txn, id)
-                    self._new_layer(txn, layer, cur["root"], 0)
-                    self._layer_refs(txn, [layer], +1)
+                    if cur["layers"][:count] != chain[:count]:
+                        raise BusyError(f"the layers of snapshot {id} changed meanwhile")
+                    self._new_layer(txn, layer, cur["root"], span)
+                    new_chain = [layer] + cur["layers"][count:]
+                    self._layer_refs(txn, new_chain, +1)
                     dropped = self._layer_refs(txn, cur["layers"], -1)
-                    txn.put(id.encode(), _dump(dict(cur, layers=[layer])), db=self.db.db("snapshots"))
+                    txn.put(id.encode(), _dump(dict(cur, layers=new_chain)), db=self.db.db("snapshots"))
                     self._mark_applied(txn, op)
                     return dropped
 
-                dropped = self.db.write(apply, f"flattening snapshot {id}")
+                dropped = self.db.write(apply, f"rewriting the layers of snapshot {id}")
             except BaseException:
                 self._abandon(op)
                 raise
             crash_point("flatten.applied")
             os.rename(staged, self.layers_dir / layer)
-            _fsync_dir(self.layers_dir)
             for lid in dropped:
                 self._to_trash(self.layers_dir / lid)
             self._finish(op)
+        self._jobs.put(("trash",))
 
     def _rebuild_layers(self, missing: set[str]) -> None:
         """Layers are a cache: re-create lost ones. Snapshots get a fresh full layer; a branch

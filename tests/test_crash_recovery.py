@@ -134,6 +134,7 @@ def prepare_store(store: Path, work: Path) -> Before:
         os.link(tree / "new", tree / "new-link")
         os.symlink("new", tree / "new-sym")
         sm.create_branch("clean", "base")
+        sm.settle()  # layer merges run in the background after each commit
         for s in sm.snapshots():
             before.snaps[s.id] = snapshot_view(sm, s.id)
             before.chains[s.id] = len(sm.layer_chain(s.id))
