@@ -1,0 +1,100 @@
+"""Smoke mode of the benchmark tools: a tiny synthetic corpus, a few ops per system, every
+section (MCTS mix, read path, growth, mount time), then the report with its plots.
+
+This only checks that the tools run end to end, leave nothing mounted, and write what the
+report needs; it asserts no speed (speed targets live in the benchmarks, never in tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TOOLS = REPO / "tools"
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (loop devices, overlay and FUSE mounts)"
+    if not os.path.exists("/dev/fuse"):
+        return "needs /dev/fuse"
+    if not shutil.which("losetup") or not shutil.which("mkfs.ext4"):
+        return "needs losetup and mkfs.ext4"
+    if "overlay" not in Path("/proc/filesystems").read_text():
+        return "needs overlayfs"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
+
+
+def _leaks(parent: Path) -> list[str]:
+    sys.path.insert(0, str(TOOLS))
+    try:
+        import benchfs
+
+        return benchfs.leaks(str(parent))
+    finally:
+        sys.path.remove(str(TOOLS))
+
+
+@pytest.mark.timeout(240)
+def test_bench_smoke(tmp_path: Path) -> None:
+    images = tmp_path / "images"  # scratch images of this test only (leak check below)
+    images.mkdir()
+    env = dict(os.environ, CASCOWFS_BENCH_DATA=str(tmp_path / "data"),
+               CASCOWFS_BENCH_IMAGES=str(images))
+    out = tmp_path / "smoke.json"
+    r = subprocess.run(
+        [sys.executable, str(TOOLS / "bench_mcts.py"), "--corpus", "synthetic",
+         "--synthetic-files", "120", "--agents", "2", "--ops", "40", "--seq-ops", "24",
+         "--slow-ops", "16", "--read-repeat", "1", "--growth", "10", "--mount-snapshots", "12",
+         "--mount-branches", "3", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=220)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["corpus"]["files"] > 100
+    systems = res["systems"]
+    assert set(systems) == {"cascowfs", "overlay", "btrfs", "git", "cp"}
+    for name, s in systems.items():
+        if "skipped" in s:
+            assert name == "btrfs", f"{name} skipped: {s['skipped']}"
+            continue
+        assert "failed" not in s, s.get("failed")
+        for key in ("seq", "mix"):
+            m = s[key]
+            assert m["error_count"] == 0, (name, key, m["errors"])
+            assert m["ops_detail"]["branch"]["n"] > 0
+            assert m["ops_detail"]["discard"]["n"] == m["ops_detail"]["branch"]["n"]
+    # the same script for every system: same number of branch ops in the single-agent run
+    fast = [s["seq"]["ops_detail"]["branch"]["n"] for n, s in systems.items()
+            if "seq" in s and n in ("cascowfs", "overlay", "btrfs")]
+    assert len(set(fast)) == 1, fast
+    rp = res["read_path"]
+    assert "cascowfs branch" in rp["tests"]["read every file (find | xargs cat)"]
+    assert res["growth"]["cascowfs"]["series"][-1][0] == 10
+    assert len(res["mount"]["mount_after_kill9_s"]) == 3
+    assert _leaks(images) == []
+
+    doc = tmp_path / "docs" / "benchmarks.md"
+    r = subprocess.run([sys.executable, str(TOOLS / "bench_report.py"), str(out),
+                        "--doc", str(doc), "--notes", ""],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-4000:]
+    text = doc.read_text()
+    assert "SPEC §6 acceptance lines" in text and "create branch" in text
+    assert "met" in text or "MISSED" in text
+    pngs = sorted(p.name for p in (tmp_path / "docs" / "img").glob("*.png")) \
+        if (tmp_path / "docs" / "img").exists() else []
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return  # the bench extra is not installed: tables only
+    assert any("latency" in p for p in pngs) and any("growth" in p for p in pngs), pngs
