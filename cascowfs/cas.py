@@ -119,6 +119,38 @@ def prepare_content(data: bytes) -> PreparedContent:
     return PreparedContent(list_id, len(data), objects)
 
 
+def build_pack(chunks: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """One pack holding ``chunks`` (id, raw data): the pack object, then a pointer per chunk."""
+    raw = b"".join(data for _, data in chunks)
+    pack_id = object_id(TYPE_PACK, raw)
+    packed = _compressor().compress(raw)
+    objects = [(pack_id, TYPE_PACK + (_ZSTD + packed if len(packed) < len(raw) else _RAW + raw))]
+    offset = 0
+    for oid, data in chunks:
+        objects.append((oid, TYPE_CHUNK + _PACKED + _POINTER.pack(pack_id, offset, len(data))))
+        offset += len(data)
+    return objects
+
+
+def pack_unpacked(objects: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Turn the small raw chunks among ``objects`` into packs and pointers (import workers do
+    this, so the compression happens in parallel and far fewer bytes cross the pipe)."""
+    out, small, seen, size = [], [], set(), 0
+    for oid, value in objects:
+        if value[:2] != TYPE_CHUNK + _UNPACKED:
+            out.append((oid, value))
+        elif oid not in seen:
+            seen.add(oid)
+            small.append((oid, value[2:]))
+            size += len(value) - 2
+            if size >= PACK_TARGET:
+                out.extend(build_pack(small))
+                small, size = [], 0
+    if small:
+        out.extend(build_pack(small))
+    return out
+
+
 def identify_content(data: bytes) -> PreparedContent:
     """Only the content id of ``data`` (no compression, no objects): for status and diff."""
     if not data:
@@ -162,15 +194,26 @@ class ContentStore:
     # -- writing ---------------------------------------------------------------------------
     def put_objects(self, txn: lmdb.Transaction, objects: Iterable[tuple[bytes, bytes]]) -> int:
         """Store objects not yet present (no refcount change); small chunks go into packs.
-        Returns bytes newly written."""
+        Packs built elsewhere (by import workers) are kept only if one of their chunks is new
+        here. Returns bytes newly written."""
         written = 0
         small: list[tuple[bytes, bytes]] = []
+        packs: dict[bytes, bytes] = {}
+        needed: set[bytes] = set()
         for oid, value in objects:
-            if value[:2] == TYPE_CHUNK + _UNPACKED:
+            head = value[:2]
+            if head == TYPE_CHUNK + _UNPACKED:
                 if txn.get(oid, db=self.objects) is None:
                     small.append((oid, value[2:]))
+            elif value[:1] == TYPE_PACK:
+                packs[oid] = value
             elif txn.put(oid, value, db=self.objects, overwrite=False):
                 written += len(value)
+                if head == TYPE_CHUNK + _PACKED:
+                    needed.add(_POINTER.unpack_from(value, 2)[0])
+        for pack_id in needed & packs.keys():
+            if txn.put(pack_id, packs[pack_id], db=self.objects, overwrite=False):
+                written += len(packs[pack_id])
         batch: list[tuple[bytes, bytes]] = []
         size = 0
         for item in small:
@@ -184,17 +227,10 @@ class ContentStore:
         return written
 
     def _put_pack(self, txn: lmdb.Transaction, chunks: list[tuple[bytes, bytes]]) -> int:
-        raw = b"".join(data for _, data in chunks)
-        pack_id = object_id(TYPE_PACK, raw)
-        packed = _compressor().compress(raw)
-        value = TYPE_PACK + (_ZSTD + packed if len(packed) < len(raw) else _RAW + raw)
-        written = len(value) if txn.put(pack_id, value, db=self.objects, overwrite=False) else 0
-        offset = 0
-        for oid, data in chunks:
-            pointer = TYPE_CHUNK + _PACKED + _POINTER.pack(pack_id, offset, len(data))
-            txn.put(oid, pointer, db=self.objects, overwrite=False)
-            written += len(pointer)
-            offset += len(data)
+        written = 0
+        for oid, value in build_pack(chunks):
+            if txn.put(oid, value, db=self.objects, overwrite=False):
+                written += len(value)
         return written
 
     def has(self, txn: lmdb.Transaction, oid: bytes) -> bool:

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import blake3
 
 from . import fsmeta
-from .cas import PreparedContent, prepare_content
+from .cas import PreparedContent, pack_unpacked, prepare_content
 from .model import Entry
 from .trees import TreeStore, tree_object
 
@@ -166,7 +166,14 @@ def _process_one(path: bytes, mirror: bytes | None, mode: int, uid: int, gid: in
 
 
 def _process_batch(batch: list[tuple], prepare: Prepare) -> list[_FileResult]:
-    return [_process_one(*item, prepare) for item in batch]
+    """A worker process's share: its small chunks leave it already packed and compressed
+    (the packs ride along with the batch's first file)."""
+    results = [_process_one(*item, prepare) for item in batch]
+    objects = pack_unpacked([o for *_, objs in results for o in objs])
+    if not results:
+        return results
+    first = results[0]
+    return [first[:3] + (objects,)] + [r[:3] + ([],) for r in results[1:]]
 
 
 def _batches(items: list[tuple], sizes: list[int]) -> Iterator[list[tuple]]:
