@@ -81,6 +81,15 @@ def run(*cmd: str | os.PathLike[str], cwd: str | os.PathLike[str] | None = None,
     return r.stdout
 
 
+def _same_dev(path: str, dev: int) -> bool:
+    """False for another filesystem, and for what the store's background work (layer merges,
+    the trash) removed while we walked."""
+    try:
+        return os.lstat(path).st_dev == dev
+    except FileNotFoundError:
+        return False
+
+
 def du_bytes(path: str | os.PathLike[str]) -> int:
     """Allocated bytes (st_blocks) below path, hard links counted once, sparse files honest."""
     seen: set[tuple[int, int]] = set()
@@ -89,8 +98,7 @@ def du_bytes(path: str | os.PathLike[str]) -> int:
     for dirpath, dirnames, filenames in os.walk(path):
         # never cross into another filesystem: a live branch's overlay mount point sits
         # inside the store and would count the whole merged tree again
-        dirnames[:] = [d for d in dirnames
-                       if os.lstat(os.path.join(dirpath, d)).st_dev == dev]
+        dirnames[:] = [d for d in dirnames if _same_dev(os.path.join(dirpath, d), dev)]
         for n in dirnames + filenames:
             try:
                 st = os.lstat(os.path.join(dirpath, n))
