@@ -194,14 +194,19 @@ def cmd_import(args: argparse.Namespace) -> int:
             print(client.import_tree(src, args.id, labels))
         return 0
     with _offline(target) as sm:
-        print(sm.import_tree(src, args.id, labels or None, progress=args.progress))
+        print(sm.import_tree(src, args.id, labels or None, progress=_progress(args)))
     return 0
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars on long work: asked for, or by default when a person watches stderr."""
+    return bool(args.progress) or sys.stderr.isatty()
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     from .fsck import fsck_store
 
-    report = fsck_store(Path(args.store), progress=args.progress)
+    report = fsck_store(Path(args.store), progress=_progress(args), deep=args.deep)
     for problem in report.problems:
         print(problem)
     if report.ok:
@@ -219,7 +224,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             stats = client.gc()
     else:
         with _offline(target) as sm:
-            stats = sm.gc(progress=args.progress)
+            stats = sm.gc(progress=_progress(args))
     print(" ".join(f"{k}={v}" for k, v in sorted(stats.items())))
     return 0
 
@@ -393,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("fsck", cmd_fsck, "check a store's invariants (exit 1 on any problem)")
     p.add_argument("store")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--deep", action="store_true",
+                   help="also mount every snapshot's layers read-only and compare them with its tree")
 
     p = verb("gc", cmd_gc, "reclaim unreferenced objects and layers now")
     p.add_argument("target", metavar="STORE|MNT")
