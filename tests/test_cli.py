@@ -98,6 +98,7 @@ def test_every_verb_on_a_live_mount_and_offline():
         fs.stop()
         assert run_cli("diff", store, "base", "step1").stdout == mount_diff
         run_cli("fsck", store)
+        run_cli("fsck", "--deep", store)  # every snapshot's layers equal its tree
         assert "objects_removed=" in run_cli("gc", store).stdout
         assert run_cli("import", store, str(src), "offline").stdout.strip() == "offline"
         fs.start()
