@@ -28,7 +28,7 @@ from .metadb import MetaDB
 CHUNK_MIN = 16 * 1024
 CHUNK_AVG = 64 * 1024
 CHUNK_MAX = 256 * 1024
-ZSTD_LEVEL = 1
+ZSTD_LEVEL = 3  # see docs/architecture.md ("Compression")
 
 TYPE_CHUNK = b"C"
 TYPE_PACK = b"K"
