@@ -564,7 +564,7 @@ class StateManager:
             rec = {"parent": parent, "base_root": snap["root"] if snap else None,
                    "layers": snap["layers"] if snap else [], "created_ns": _now_ns(),
                    "last_commit": None}
-            op = self.wal.prepare("branch", name=name, parent=parent)
+            op = self.wal.prepare("branch", name=name, parent=parent, durable=False)  # state-reconciled
             crash_point("branch.prepared")
             bdir = self.branches_dir / name
             try:
@@ -714,7 +714,7 @@ class StateManager:
         with self._branch_op(name):
             with self.db.read() as txn:
                 rec = self._branch_record(txn, name)
-            op = self.wal.prepare("discard", name=name)
+            op = self.wal.prepare("discard", name=name, durable=False)  # state-reconciled
             crash_point("discard.prepared")
 
             def apply(txn: lmdb.Transaction) -> list[str]:
@@ -745,7 +745,7 @@ class StateManager:
             with self.db.read() as txn:
                 rec = self._snapshot_record(txn, id)
                 self._check_unused(txn, id)
-            op = self.wal.prepare("prune", id=id)
+            op = self.wal.prepare("prune", id=id, durable=False)  # state-reconciled
             crash_point("prune.prepared")
 
             def apply(txn: lmdb.Transaction) -> list[str]:
