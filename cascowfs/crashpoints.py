@@ -15,15 +15,15 @@ ENV_VAR = "CASCOWFS_CRASH_AT"
 CRASH_POINTS: tuple[str, ...] = (
     "import.prepared",    # WAL PREPARE written, nothing else
     "import.chunks",      # chunks and trees written (unreferenced), staging layer filled
-    "import.applied",     # LMDB transaction committed, staging not yet renamed
-    "import.switched",    # layer renamed into place, FINALIZE not written
+    "import.applied",     # layer placed, LMDB transaction committed
+    "import.switched",    # FINALIZE not written
     "branch.prepared",
     "branch.applied",     # branch recorded, overlay not yet mounted
     "branch.switched",    # overlay mounted, FINALIZE not written
     "commit.prepared",
     "commit.staged",      # tree built from the upper, delta layer written into staging
-    "commit.applied",     # snapshot recorded, branch re-parented; staging not yet renamed
-    "commit.switched",
+    "commit.applied",     # layer placed, snapshot recorded, branch re-parented
+    "commit.switched",    # FINALIZE not written
     "rebase.prepared",
     "rebase.applied",     # new parent recorded; overlay still on the old layers
     "rebase.switched",
@@ -34,8 +34,8 @@ CRASH_POINTS: tuple[str, ...] = (
     "prune.applied",      # snapshot record gone; layers not yet removed
     "prune.switched",
     "flatten.prepared",
-    "flatten.staged",     # flat layer built in staging
-    "flatten.applied",
+    "flatten.staged",     # new layer (merged or full) built in staging
+    "flatten.applied",    # layer placed, chain swapped
 )
 
 

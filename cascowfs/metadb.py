@@ -1,8 +1,8 @@
 """The LMDB environment that holds every piece of metadata and every chunk.
 
-One writer at a time: a write transaction begins and ends on one OS thread (LMDB's rule), which
-the callers guarantee by running each mutation start-to-end on the thread that called it under
-the StateManager's operation lock. Read transactions are short and may run on any thread.
+LMDB has one writer, and a write transaction must begin and end on one OS thread: here that is
+always the committer thread, which runs the transactions of all callers (group commit, see
+``MetaDB.write``). Read transactions are short and may run on any thread.
 """
 
 from __future__ import annotations
@@ -77,9 +77,12 @@ class MetaDB:
         self._gate = threading.Condition()
         self._readers = 0
         self._growing = False
-        # LMDB has one writer; taking this lock (with the GIL released while waiting) first
-        # keeps threads from queueing inside mdb_txn_begin instead.
-        self._write_lock = threading.Lock()
+        self._queue: list[_WriteRequest] = []
+        self._queue_cond = threading.Condition()
+        self._closing = False
+        self._committer = threading.Thread(target=self._commit_loop, name="cascowfs-lmdb-commit",
+                                           daemon=True)
+        self._committer.start()
 
     def db(self, name: str):
         return self.dbs[name]
@@ -99,23 +102,67 @@ class MetaDB:
                 self._gate.notify_all()
 
     def write(self, fn: Callable[[lmdb.Transaction], T], what: str = "write") -> T:
-        """Run ``fn`` in one write transaction; grow the map and retry on MapFullError."""
-        with self._write_lock:
-            return self._write_locked(fn, what)
+        """Run ``fn`` in a write transaction, durable when this returns; raises what ``fn``
+        raised (its changes undone) or the store's error.
 
-    def _write_locked(self, fn: Callable[[lmdb.Transaction], T], what: str) -> T:
+        Group commit: one committer thread runs every ``fn`` queued meanwhile, each in a
+        nested transaction of one outer transaction, and pays one sync for all of them.
+        Concurrent operations on a loaded disk otherwise queue behind each other's syncs."""
+        request = _WriteRequest(fn, what)
+        with self._queue_cond:
+            if self._closing:
+                raise StoreIOError(f"{what}: the store is closed")
+            self._queue.append(request)
+            self._queue_cond.notify()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    def _commit_loop(self) -> None:
         while True:
+            with self._queue_cond:
+                while not self._queue and not self._closing:
+                    self._queue_cond.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+            self._commit_batch(batch)
+
+    def _commit_batch(self, batch: list["_WriteRequest"]) -> None:
+        while True:
+            for request in batch:
+                request.result, request.error = None, None
             try:
                 with self.env.begin(write=True) as txn:
-                    return fn(txn)
+                    for request in batch:
+                        try:
+                            with self.env.begin(write=True, parent=txn) as child:
+                                request.result = request.fn(child)
+                        except lmdb.MapFullError:
+                            raise
+                        except BaseException as exc:  # only this request's changes are undone
+                            request.error = exc
+                break
             except lmdb.MapFullError:
-                self._grow()
+                try:
+                    self._grow()
+                except NoSpaceError as exc:
+                    for request in batch:
+                        request.error = exc
+                    break
             except lmdb.Error as exc:
-                raise _translate(exc, what, self.path) from exc
+                for request in batch:
+                    request.error = request.error or _translate(exc, request.what, self.path)
+                break
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise NoSpaceError(f"{what}: store disk is full") from exc
-                raise
+                for request in batch:
+                    request.error = request.error or (
+                        NoSpaceError(f"{request.what}: store disk is full")
+                        if exc.errno == errno.ENOSPC else StoreIOError(f"{request.what}: {exc}"))
+                break
+        for request in batch:
+            request.done.set()
 
     def _grow(self) -> None:
         with self._gate:
@@ -132,4 +179,19 @@ class MetaDB:
                 self._gate.notify_all()
 
     def close(self) -> None:
+        with self._queue_cond:
+            self._closing = True
+            self._queue_cond.notify()
+        self._committer.join()
         self.env.close()
+
+
+class _WriteRequest:
+    __slots__ = ("fn", "what", "result", "error", "done")
+
+    def __init__(self, fn: Callable, what: str) -> None:
+        self.fn = fn
+        self.what = what
+        self.result = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()

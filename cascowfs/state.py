@@ -491,22 +491,30 @@ class StateManager:
                     self._put_snapshot(txn, id, superroot.hex(), None, [layer], labels, root)
                     self._mark_applied(txn, op)
 
+                self._place_layer(staged, layer, f"import of {src}")
                 self.db.write(apply, f"import of {src}")
             except BaseException:
-                self._abandon(op)
+                self._abandon(op, layer)
                 raise
             crash_point("import.applied")
-            with self._disk_errors("import"):
-                os.rename(staged, self.layers_dir / layer)
-                _fsync_dir(self.layers_dir)
             crash_point("import.switched")
             self._finish(op)
             return id
 
-    def _abandon(self, op: str) -> None:
-        """Roll back an op that failed before APPLY: its staging goes, orphans are swept."""
+    def _place_layer(self, staged: Path, layer: str, what: str) -> None:
+        """Move a finished layer into layers/ *before* the transaction that records it: a
+        recorded layer is then always on disk for whoever mounts it next (a new branch may
+        mount it the moment the transaction commits); an unrecorded one is swept as trash."""
+        with self._disk_errors(what):
+            os.rename(staged, self.layers_dir / layer)
+
+    def _abandon(self, op: str, layer: str | None = None) -> None:
+        """Roll back an op that failed before APPLY: its staging (and its layer, if already
+        placed) goes, orphans are swept."""
         try:
             self._to_trash(self.staging_dir / op)
+            if layer is not None:
+                self._to_trash(self.layers_dir / layer)
             self._jobs.put(("trash",))
             self.wal.finalize(op)
             self._orphans_suspected = True
@@ -680,13 +688,12 @@ class StateManager:
                         db=self.db.db("branches"))
                 self._mark_applied(txn, op)
 
+            self._place_layer(staged, layer, f"commit of branch {name}")
             self.db.write(apply, f"commit of branch {name}")
         except BaseException:
-            self._abandon(op)
+            self._abandon(op, layer)
             raise
         crash_point("commit.applied")
-        with self._disk_errors("commit"):
-            os.rename(staged, self.layers_dir / layer)
         crash_point("commit.switched")
         self._finish(op)
         self._jobs.put(("merge", id))
@@ -817,12 +824,12 @@ class StateManager:
                     self._mark_applied(txn, op)
                     return dropped
 
+                self._place_layer(staged, layer, f"rewriting the layers of snapshot {id}")
                 dropped = self.db.write(apply, f"rewriting the layers of snapshot {id}")
             except BaseException:
-                self._abandon(op)
+                self._abandon(op, layer)
                 raise
             crash_point("flatten.applied")
-            os.rename(staged, self.layers_dir / layer)
             for lid in dropped:
                 self._to_trash(self.layers_dir / lid)
             self._finish(op)
@@ -852,8 +859,8 @@ class StateManager:
                 self._layer_refs(txn, cur["layers"], -1)
                 txn.put(name.encode(), _dump(dict(cur, layers=[layer])), db=self.db.db("branches"))
 
+            self._place_layer(staged, layer, f"rebuilding layers of branch {name}")
             self.db.write(apply, f"rebuilding layers of branch {name}")
-            os.rename(staged, self.layers_dir / layer)
             overlay.unmount(self._tree_path(name))
         with self.db.read() as txn:
             for k, _ in txn.cursor(db=self.db.db("layers")):
