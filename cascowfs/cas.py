@@ -233,9 +233,6 @@ class ContentStore:
                 written += len(value)
         return written
 
-    def has(self, txn: lmdb.Transaction, oid: bytes) -> bool:
-        return txn.get(oid, db=self.objects) is not None
-
     # -- refcounts -------------------------------------------------------------------------
     def refcount(self, txn: lmdb.Transaction, oid: bytes) -> int:
         raw = txn.get(oid, db=self.refs)

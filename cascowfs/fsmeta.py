@@ -8,13 +8,9 @@ import stat
 
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
 
-# What overlayfs needs to keep reading a branch's upper directory as a lower layer.
-LAYER_XATTRS = (b"trusted.overlay.opaque", b"trusted.overlay.redirect")
 
-
-def read_xattrs(path: str | bytes, *, keep_overlay: bool = False) -> tuple[tuple[bytes, bytes], ...]:
-    """Every xattr of ``path`` (not following symlinks), sorted; overlay's own are dropped
-    unless ``keep_overlay`` (then only those a lower layer needs are kept)."""
+def read_xattrs(path: str | bytes) -> tuple[tuple[bytes, bytes], ...]:
+    """Every xattr of ``path`` (not following symlinks), sorted, overlayfs's own left out."""
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as exc:
@@ -24,7 +20,7 @@ def read_xattrs(path: str | bytes, *, keep_overlay: bool = False) -> tuple[tuple
     out = []
     for name in names:
         key = name.encode("utf-8", "surrogateescape")
-        if key.startswith(OVERLAY_XATTR_PREFIX) and not (keep_overlay and key in LAYER_XATTRS):
+        if key.startswith(OVERLAY_XATTR_PREFIX):
             continue
         try:
             out.append((key, os.getxattr(path, name, follow_symlinks=False)))
@@ -55,23 +51,6 @@ def apply_metadata(path: str | bytes, mode: int, uid: int, gid: int, mtime_ns: i
     for key, value in xattrs:
         os.setxattr(path, key, value, follow_symlinks=False)
     os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
-
-
-def copy_file_data(src: str | bytes, dst: str | bytes, size: int) -> None:
-    fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            remaining = size
-            while remaining > 0:
-                n = os.copy_file_range(fin, fout, remaining)
-                if n == 0:
-                    break
-                remaining -= n
-        finally:
-            os.close(fout)
-    finally:
-        os.close(fin)
 
 
 def write_file_data(dst: str | bytes, data: bytes) -> None:

@@ -162,8 +162,3 @@ def mounts_under(prefix: Path) -> list[MountRecord]:
     """Mounts whose mount point lies under ``prefix``."""
     base = str(prefix).rstrip("/") + "/"
     return [m for m in all_mounts() if (m.target + "/").startswith(base)]
-
-
-def is_mounted(target: Path) -> bool:
-    t = str(target)
-    return any(m.target == t for m in mounts_under(target.parent))

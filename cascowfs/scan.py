@@ -41,14 +41,12 @@ class ObjectSink:
         self.pending_bytes = 0
         self._flush = flush
         self._batch_bytes = batch_bytes
-        self.total_bytes = 0
 
     def add(self, objects: list[tuple[bytes, bytes]]) -> None:
         for oid, value in objects:
             if oid not in self.pending:
                 self.pending[oid] = value
                 self.pending_bytes += len(value)
-                self.total_bytes += len(value)
         if self._flush is not None and self.pending_bytes >= self._batch_bytes:
             self.flush()
 
