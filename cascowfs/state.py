@@ -11,10 +11,11 @@ Store layout (all on one filesystem, so renames are atomic and overlay upper/wor
     STORE/trash/                whatever is being deleted in the background
     STORE/empty/                the lower layer of branches on the empty snapshot
 
-Every mutation follows PREPARE (WAL, fsync) -> side effects in staging -> APPLY (one LMDB
-transaction, which also marks the op applied) -> SWITCH (rename into place / mount) ->
-FINALIZE. ``open`` replays unfinished ops (before APPLY: roll back; after: roll forward) and then
-reconciles the disk and the mount table with the recorded state.
+Every mutation follows PREPARE (WAL) -> side effects in staging, a new layer moved into
+layers/ -> APPLY (one LMDB transaction, which also marks the op applied) -> SWITCH (mount,
+unmount, directories into the trash) -> FINALIZE. ``open`` replays unfinished ops (before APPLY:
+roll back; after: roll forward) and then reconciles the disk and the mount table with the
+recorded state. docs/architecture.md explains each step and which PREPAREs are flushed.
 """
 
 from __future__ import annotations
