@@ -758,9 +758,10 @@ class StateManager:
 
             def apply(txn: lmdb.Transaction) -> list[str]:
                 self._check_unused(txn, id)  # no branch was based on it meanwhile
+                cur = self._snapshot_record(txn, id)  # a background merge may have swapped its chain
                 txn.delete(id.encode(), db=self.db.db("snapshots"))
-                self.content.decref(txn, bytes.fromhex(rec["root"]))
-                dropped = self._layer_refs(txn, rec["layers"], -1)
+                self.content.decref(txn, bytes.fromhex(cur["root"]))
+                dropped = self._layer_refs(txn, cur["layers"], -1)
                 self._mark_applied(txn, op)
                 return dropped
 
