@@ -1,8 +1,9 @@
 """``cascowfs fsck``: check the five invariants of SPEC §5 on a store, report each failure.
 
 1. every snapshot's tree verifies against its root digest and every object it names exists;
-2. every refcount equals the count recomputed from live snapshots, branches and layers (each
-   holds its tree), for objects and for layers (named by snapshot and branch chains);
+2. every refcount (queued refcount changes applied) equals the count recomputed from live
+   snapshots, branches and layers (each holds its tree), for objects and for layers (named by
+   snapshot and branch chains);
 3. no object is unreferenced;
 4. no mount of ours is left that the state does not name, and every live branch is mounted;
 5. no operation is left half-done: the WAL has nothing pending, no staging directory remains,
@@ -58,8 +59,12 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
         snaps = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=db.db("snapshots"))}
         branches = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=db.db("branches"))}
         layers = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=db.db("layers"))}
-        stored_refs = dict(sm.content.iter_refcounts(txn))
-        object_ids = set(sm.content.iter_object_ids(txn))
+
+    def counted(txn):  # refcounts as they are once the queued changes are applied
+        sm.content.apply_deferred(txn)
+        return dict(sm.content.iter_refcounts(txn)), set(sm.content.iter_object_ids(txn))
+
+    stored_refs, object_ids = db.write(counted, "fsck", dry_run=True)
     report.snapshots, report.branches, report.objects = len(snaps), len(branches), len(object_ids)
 
     # 1 + 2: walk every live root, verifying each distinct object once, recounting refs

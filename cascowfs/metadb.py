@@ -26,6 +26,7 @@ DB_NAMES = (
     b"snapshots",  # snapshot id -> JSON record
     b"branches",   # branch name -> JSON record
     b"layers",     # layer id -> refcount (u64): snapshot and branch chains naming it
+    b"deferred",   # sequence (u64 big endian) -> b"+"/b"-" + object id: refcount changes to apply
     b"ops",        # WAL op id -> b"applied": the APPLY step of that op committed
     b"meta",       # misc: format version, counters
 )
@@ -101,14 +102,17 @@ class MetaDB:
                 self._readers -= 1
                 self._gate.notify_all()
 
-    def write(self, fn: Callable[[lmdb.Transaction], T], what: str = "write") -> T:
+    def write(self, fn: Callable[[lmdb.Transaction], T], what: str = "write", *,
+              dry_run: bool = False) -> T:
         """Run ``fn`` in a write transaction, durable when this returns; raises what ``fn``
-        raised (its changes undone) or the store's error.
+        raised (its changes undone) or the store's error. ``dry_run``: undo ``fn``'s changes
+        anyway and only return its result (fsck looks at the store as it would be after a
+        step it does not take).
 
         Group commit: one committer thread runs every ``fn`` queued meanwhile, each in a
         nested transaction of one outer transaction, and pays one sync for all of them.
         Concurrent operations on a loaded disk otherwise queue behind each other's syncs."""
-        request = _WriteRequest(fn, what)
+        request = _WriteRequest(fn, what, dry_run)
         with self._queue_cond:
             if self._closing:
                 raise StoreIOError(f"{what}: the store is closed")
@@ -137,8 +141,16 @@ class MetaDB:
                 with self.env.begin(write=True) as txn:
                     for request in batch:
                         try:
-                            with self.env.begin(write=True, parent=txn) as child:
+                            child = self.env.begin(write=True, parent=txn)
+                            try:
                                 request.result = request.fn(child)
+                            except BaseException:
+                                child.abort()
+                                raise
+                            if request.dry_run:
+                                child.abort()
+                            else:
+                                child.commit()
                         except lmdb.MapFullError:
                             raise
                         except BaseException as exc:  # only this request's changes are undone
@@ -187,11 +199,12 @@ class MetaDB:
 
 
 class _WriteRequest:
-    __slots__ = ("fn", "what", "result", "error", "done")
+    __slots__ = ("fn", "what", "dry_run", "result", "error", "done")
 
-    def __init__(self, fn: Callable, what: str) -> None:
+    def __init__(self, fn: Callable, what: str, dry_run: bool) -> None:
         self.fn = fn
         self.what = what
+        self.dry_run = dry_run
         self.result = None
         self.error: BaseException | None = None
         self.done = threading.Event()

@@ -49,8 +49,10 @@ from .scan import ObjectSink, apply_upper, finalize, scan_directory, Progress
 from .trees import TreeStore, decode_tree, tree_object
 from .wal import PendingOp, WriteAheadLog
 
-CHECKPOINT_EVERY = 1024
-STORE_FORMAT = 2  # bump when records or objects change shape  # WAL records between checkpoints
+CHECKPOINT_EVERY = 1024  # WAL records between checkpoints
+STORE_FORMAT = 3  # bump when records or objects change shape (3: deferred refcount changes)
+UPGRADES_IN_PLACE = {2}  # formats this one extends without changing anything already stored
+REFCOUNT_BATCH_SECONDS = 0.5  # deferred refcount changes wait this long to share one write
 
 
 class _OpGate:
@@ -145,6 +147,7 @@ class StateManager:
         self._branch_locks: dict[str, threading.Lock] = {}
         self._branch_locks_guard = threading.Lock()
         self._orphans_suspected = False
+        self._refs_applied_at = 0.0
         self._trash_lock = threading.Lock()
         self._file_caches: dict[str, dict] = {}
         self._lock_fd = -1
@@ -199,6 +202,7 @@ class StateManager:
             return
         self._closed = True
         if not self._read_only:
+            self._jobs.put(("refs",))
             self._jobs.put(("trash",))
         self._jobs.put(None)
         if self._worker is not None:
@@ -213,8 +217,10 @@ class StateManager:
 
     def settle(self) -> None:
         """Wait until the background thread has done everything queued so far (layer merges,
-        emptying the trash)."""
+        refcount changes, emptying the trash)."""
         self._jobs.join()
+        if not self._read_only:
+            self._apply_deferred_refs()
 
     @contextmanager
     def quiesced(self) -> Iterator[None]:
@@ -237,9 +243,10 @@ class StateManager:
         with self.db.read() as txn:
             found = txn.get(b"format", db=self.db.db("meta"))
             empty = txn.stat(self.db.db("snapshots"))["entries"] == 0
-        if found is None and empty:
+        if (found is None and empty) or (found is not None and int(found) in UPGRADES_IN_PLACE
+                                         and not self._read_only):
             self.db.write(lambda txn: txn.put(b"format", str(STORE_FORMAT).encode(), db=self.db.db("meta")))
-        elif found is None or int(found) != STORE_FORMAT:
+        elif found is None or int(found) not in {STORE_FORMAT} | UPGRADES_IN_PLACE:
             raise StoreIOError(f"store {self.store} has format {found and found.decode() or 'unknown'}; "
                                f"this cascowfs reads format {STORE_FORMAT}")
 
@@ -349,10 +356,32 @@ class StateManager:
                     self._empty_trash()
                 elif job[0] == "merge":
                     self.merge_layers(job[1])
+                elif job[0] == "refs":
+                    self._apply_deferred_refs(batch_wait=True)
             except (CascowfsError, OSError):
                 pass  # a snapshot pruned meanwhile, a failing disk: retried at the next need
             finally:
                 self._jobs.task_done()
+
+    def _apply_deferred_refs(self, *, batch_wait: bool = False) -> int:
+        """Apply the queued refcount changes (see ``ContentStore.defer_incref``); returns the
+        objects deleted. ``batch_wait``: first let changes gather for a moment."""
+        with self.db.read() as txn:
+            if not self.content.deferred_count(txn):
+                return 0
+        if batch_wait:
+            wait = self._refs_applied_at + REFCOUNT_BATCH_SECONDS - time.monotonic()
+            if wait > 0 and not self._closed:
+                time.sleep(wait)
+        deleted = self.db.write(self.content.apply_deferred, "applying refcount changes")
+        self._refs_applied_at = time.monotonic()
+        return deleted
+
+    def _ref(self, txn: lmdb.Transaction, superroot_hex: str) -> None:
+        self.content.defer_incref(txn, bytes.fromhex(superroot_hex))
+
+    def _unref(self, txn: lmdb.Transaction, superroot_hex: str) -> None:
+        self.content.defer_decref(txn, bytes.fromhex(superroot_hex))
 
     def _to_trash(self, path: Path) -> None:
         if os.path.lexists(path):
@@ -412,7 +441,7 @@ class StateManager:
             rec["refs"] += delta
             if rec["refs"] <= 0:
                 txn.delete(lid.encode(), db=db)
-                self.content.decref(txn, bytes.fromhex(rec["top"]))
+                self._unref(txn, rec["top"])
                 dropped.append(lid)
             else:
                 txn.put(lid.encode(), _dump(rec), db=db)
@@ -421,7 +450,7 @@ class StateManager:
     def _new_layer(self, txn: lmdb.Transaction, lid: str, top: str, span: int) -> None:
         """Record a layer showing tree ``top`` (with the layers under it). ``span`` counts the
         commits a delta layer covers; 0 marks a full layer, which nothing is merged into."""
-        self.content.incref(txn, bytes.fromhex(top))
+        self._ref(txn, top)
         txn.put(lid.encode(), _dump({"refs": 0, "top": top, "span": span}), db=self.db.db("layers"))
 
     def _layer_record(self, txn: lmdb.Transaction, lid: str) -> dict:
@@ -525,6 +554,7 @@ class StateManager:
 
     def _finish(self, op: str) -> None:
         self.wal.finalize(op)
+        self._jobs.put(("refs",))
         self._when_alone()
 
     @contextmanager
@@ -591,7 +621,7 @@ class StateManager:
                     if parent is not None:  # not pruned meanwhile; its chain as it is now
                         rec["layers"] = self._snapshot_record(txn, parent)["layers"]
                     if rec["base_root"]:
-                        self.content.incref(txn, bytes.fromhex(rec["base_root"]))
+                        self._ref(txn, rec["base_root"])
                     self._layer_refs(txn, rec["layers"], +1)
                     txn.put(name.encode(), _dump(rec), db=self.db.db("branches"))
                     self._mark_applied(txn, op)
@@ -628,10 +658,10 @@ class StateManager:
                 if parent is not None:  # not pruned meanwhile; its chain as it is now
                     rec["layers"] = self._snapshot_record(txn, parent)["layers"]
                 if rec["base_root"]:
-                    self.content.incref(txn, bytes.fromhex(rec["base_root"]))
+                    self._ref(txn, rec["base_root"])
                 self._layer_refs(txn, rec["layers"], +1)
                 if old["base_root"]:
-                    self.content.decref(txn, bytes.fromhex(old["base_root"]))
+                    self._unref(txn, old["base_root"])
                 dropped = self._layer_refs(txn, old["layers"], -1)
                 txn.put(name.encode(), _dump(rec), db=self.db.db("branches"))
                 self._mark_applied(txn, op)
@@ -681,7 +711,7 @@ class StateManager:
                 # which is fine, since the new delta is relative to the parent's tree
                 chain = self._snapshot_record(txn, rec["parent"])["layers"] if parent else []
                 self.content.put_objects(txn, sink.take())
-                self.content.incref(txn, superroot)
+                self._ref(txn, superroot.hex())
                 self._new_layer(txn, layer, superroot.hex(), 1)
                 self._layer_refs(txn, [layer] + chain, +1)
                 self._put_snapshot(txn, id, superroot.hex(), rec["parent"], [layer] + chain, labels, root)
@@ -728,7 +758,7 @@ class StateManager:
             def apply(txn: lmdb.Transaction) -> list[str]:
                 txn.delete(name.encode(), db=self.db.db("branches"))
                 if rec["base_root"]:
-                    self.content.decref(txn, bytes.fromhex(rec["base_root"]))
+                    self._unref(txn, rec["base_root"])
                 dropped = self._layer_refs(txn, rec["layers"], -1)
                 self._mark_applied(txn, op)
                 return dropped
@@ -760,7 +790,7 @@ class StateManager:
                 self._check_unused(txn, id)  # no branch was based on it meanwhile
                 cur = self._snapshot_record(txn, id)  # a background merge may have swapped its chain
                 txn.delete(id.encode(), db=self.db.db("snapshots"))
-                self.content.decref(txn, bytes.fromhex(cur["root"]))
+                self._unref(txn, cur["root"])
                 dropped = self._layer_refs(txn, cur["layers"], -1)
                 self._mark_applied(txn, op)
                 return dropped
@@ -875,6 +905,7 @@ class StateManager:
     # ------------------------------------------------------------------------------------
     def _sweep_orphans(self, progress: bool) -> int:
         """Delete objects with no reference (written by an op that never reached APPLY)."""
+        self._apply_deferred_refs()
         with self.db.read() as txn:
             ids = list(self.content.iter_object_ids(txn))
         doomed = []
@@ -886,6 +917,8 @@ class StateManager:
                     bar(1)
 
         def delete(txn: lmdb.Transaction) -> None:
+            # objects of applied ops whose references are still queued have no count yet
+            self.content.apply_deferred(txn)
             for oid in doomed:
                 if txn.get(oid, db=self.db.db("refs")) is None:
                     txn.delete(oid, db=self.db.db("objects"))

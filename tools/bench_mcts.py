@@ -26,7 +26,7 @@ sections in this order, each optional:
 
 cascowfs is driven only through the files of a mounted store: ``cascowfs mount STORE MNT
 --background``, ``echo "branch NAME ID" > MNT/ctl``, work in ``MNT/branches/NAME/tree``,
-``echo "commit NAME ID reward=..." > MNT/ctl``, ``rmdir MNT/branches/NAME``,
+``echo "ID reward=..." > MNT/branches/NAME/commit``, ``rmdir MNT/branches/NAME``,
 ``rmdir MNT/snapshots/ID``, ``cascowfs umount MNT --branches``.
 
 Examples (results as JSON; ``tools/bench_report.py`` turns them into docs/benchmarks.md)::
@@ -309,7 +309,13 @@ class CascowSystem(System):
         return os.path.realpath(self.mnt / "branches" / name / "tree")
 
     def commit(self, name: str, sid: str, labels: dict[str, str]) -> None:
-        self.cmd(" ".join([f"commit {name} {sid}"] + [f"{k}={v}" for k, v in labels.items()]))
+        # the branch's own commit file, not ctl: the kernel runs writes to one file one at a
+        # time (its inode lock), so agents sharing ctl would queue behind each other's commits
+        fd = os.open(self.mnt / "branches" / name / "commit", os.O_WRONLY)
+        try:
+            os.write(fd, " ".join([sid] + [f"{k}={v}" for k, v in labels.items()]).encode() + b"\n")
+        finally:
+            os.close(fd)
 
     def discard(self, name: str) -> None:
         os.rmdir(self.mnt / "branches" / name)

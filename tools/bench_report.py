@@ -509,7 +509,7 @@ def document(data: dict[str, dict], figs: dict[str, list[str]], notes: str | Non
             "How each system does each op:", "",
             "| system | branch | commit | discard | prune |", "|---|---|---|---|---|",
             "| cascowfs | `echo \"branch N ID\" > MNT/ctl` + `readlink MNT/branches/N/tree` | "
-            "`echo \"commit N ID reward=… agent=…\" > MNT/ctl` | `rmdir MNT/branches/N` | "
+            "`echo \"ID reward=… agent=…\" > MNT/branches/N/commit` | `rmdir MNT/branches/N` | "
             "`rmdir MNT/snapshots/ID` |",
             "| bare overlayfs (floor) | 3×mkdir + mount(2) of the snapshot's layer chain "
             "(`volatile`) | `cp -a upper` as a new layer (no CAS, no WAL; flattened beyond 400 "
