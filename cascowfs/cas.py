@@ -177,9 +177,9 @@ def children_of(value: bytes) -> list[bytes]:
         body = memoryview(value)[1:]
         return [bytes(body[i:i + ID_SIZE]) for i in range(0, len(body), _LIST_ITEM.size)]
     if kind == TYPE_TREE:
-        from .trees import decode_tree  # trees build on this module, not the other way round
+        from .trees import tree_children  # trees build on this module, not the other way round
 
-        return [e.ref for e in decode_tree(value[1:]).values() if (e.is_dir or e.is_file) and e.ref]
+        return tree_children(memoryview(value)[1:])
     raise StoreIOError(f"object of unknown type {kind!r}")
 
 

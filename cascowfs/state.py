@@ -154,6 +154,7 @@ class StateManager:
         self._worker: threading.Thread | None = None
         self._jobs: queue.Queue = queue.Queue()
         self._closed = False
+        self._closing = threading.Event()  # cuts the background thread's waits short
         self._read_only = False
 
     # ------------------------------------------------------------------------------------
@@ -188,6 +189,10 @@ class StateManager:
             if recover:
                 self._recover(progress)
         except BaseException:
+            if hasattr(self, "wal"):
+                self.wal.close()
+            if hasattr(self, "db"):
+                self.db.close()
             self._release_lock()
             raise
         self._worker = threading.Thread(target=self._work, name="cascowfs-background", daemon=True)
@@ -201,6 +206,7 @@ class StateManager:
         if self._closed:
             return
         self._closed = True
+        self._closing.set()
         if not self._read_only:
             self._jobs.put(("refs",))
             self._jobs.put(("trash",))
@@ -371,8 +377,8 @@ class StateManager:
                 return 0
         if batch_wait:
             wait = self._refs_applied_at + REFCOUNT_BATCH_SECONDS - time.monotonic()
-            if wait > 0 and not self._closed:
-                time.sleep(wait)
+            if wait > 0:
+                self._closing.wait(wait)
         deleted = self.db.write(self.content.apply_deferred, "applying refcount changes")
         self._refs_applied_at = time.monotonic()
         return deleted

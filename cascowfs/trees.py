@@ -7,6 +7,7 @@ paths and their ancestors, diff skips equal ids, and the root id is the snapshot
 
 from __future__ import annotations
 
+import stat
 import struct
 import threading
 from collections import OrderedDict
@@ -76,6 +77,37 @@ def decode_tree(payload: bytes | memoryview) -> dict[bytes, Entry]:
     except struct.error as exc:
         raise StoreIOError(f"tree object is truncated: {exc}") from None
     return entries
+
+
+def tree_children(payload: bytes | memoryview) -> list[bytes]:
+    """The ids a tree's entries reference (directories' trees, files' contents), with
+    multiplicity: ``decode_tree`` without building entries, for refcount cascades."""
+    buf = memoryview(payload)
+    if not buf or buf[0] != FORMAT_VERSION:
+        raise StoreIOError("tree object has an unknown format version")
+    pos, end, out = 1, len(buf), []
+    try:
+        while pos < end:
+            (n,) = _U16.unpack_from(buf, pos)
+            pos += 2 + n
+            (mode,) = _U32.unpack_from(buf, pos)  # the first field of _FIXED
+            pos += _FIXED.size
+            (n,) = _U16.unpack_from(buf, pos)
+            if n and stat.S_IFMT(mode) in (stat.S_IFDIR, stat.S_IFREG):
+                out.append(bytes(buf[pos + 2:pos + 2 + n]))
+            pos += 2 + n
+            (n,) = _U16.unpack_from(buf, pos)  # hard-link group
+            pos += 2 + n
+            (count,) = _U16.unpack_from(buf, pos)
+            pos += 2
+            for _ in range(count):
+                (n,) = _U16.unpack_from(buf, pos)
+                pos += 2 + n
+                (n,) = _U32.unpack_from(buf, pos)
+                pos += 4 + n
+    except struct.error as exc:
+        raise StoreIOError(f"tree object is truncated: {exc}") from None
+    return out
 
 
 def tree_object(entries: dict[bytes, Entry]) -> tuple[bytes, bytes]:

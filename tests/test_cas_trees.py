@@ -11,7 +11,9 @@ from cascowfs import cas
 from cascowfs.errors import StoreIOError
 from cascowfs.metadb import MetaDB
 from cascowfs.model import Entry
-from cascowfs.trees import TreeStore, decode_tree, encode_tree, tree_object
+from collections import Counter
+
+from cascowfs.trees import TreeStore, decode_tree, encode_tree, tree_children, tree_object
 
 
 @pytest.fixture
@@ -107,6 +109,59 @@ def test_tree_encoding_round_trips_every_field():
         b"d": Entry(b"d", stat.S_IFDIR | 0o700, 0, 0, 9, 0, b"\x03" * 32, 0, (), b"", 12, 3456),
     }
     assert decode_tree(encode_tree(entries)) == entries
+
+
+def test_tree_children_are_the_refs_decode_finds():
+    entries = {
+        b"f": Entry(b"f", stat.S_IFREG | 0o644, 0, 0, 1, 7, b"\x02" * 32, 0,
+                    ((b"user.a", b"v" * 300),), b"k" * 16),
+        b"g": Entry(b"g", stat.S_IFREG | 0o644, 0, 0, 1, 7, b"\x02" * 32),  # same content twice
+        b"empty": Entry(b"empty", stat.S_IFREG | 0o644, 0, 0, 1, 0, b""),
+        b"link": Entry(b"link", stat.S_IFLNK | 0o777, 0, 0, 2, 3, b"../x" * 20),
+        b"dev": Entry(b"dev", stat.S_IFCHR | 0o600, 0, 0, 0, 0, b"", os.makedev(1, 3)),
+        b"d": Entry(b"d", stat.S_IFDIR | 0o700, 0, 0, 9, 0, b"\x03" * 32, 0, (), b"", 12, 3456),
+    }
+    payload = encode_tree(entries)
+    expected = [e.ref for e in decode_tree(payload).values() if (e.is_dir or e.is_file) and e.ref]
+    assert Counter(tree_children(payload)) == Counter(expected) == Counter([b"\x02" * 32] * 2 + [b"\x03" * 32])
+    with pytest.raises(StoreIOError):
+        tree_children(payload[:-3])
+
+
+def test_deferred_changes_keep_what_a_later_increment_needs(content):
+    """A prune queued before a commit that shares its subtree: applying the queue must not
+    delete the shared objects (increments go first), and must delete the rest."""
+    shared = _store(content, b"shared file " * 50)
+    only_old = _store(content, b"old file " * 50)
+    f = lambda name, ref: Entry(name, stat.S_IFREG | 0o644, 0, 0, 1, 1, ref)
+    old_id, old_value = tree_object({b"s": f(b"s", shared), b"o": f(b"o", only_old)})
+    new_id, new_value = tree_object({b"s": f(b"s", shared)})
+    content.db.write(lambda txn: content.put_objects(txn, [(old_id, old_value)]))
+    content.db.write(lambda txn: content.incref(txn, old_id))
+    content.db.write(lambda txn: content.defer_decref(txn, old_id))  # the prune, first
+    content.db.write(lambda txn: (content.put_objects(txn, [(new_id, new_value)]),
+                                  content.defer_incref(txn, new_id)))  # then the commit
+    with content.db.read() as txn:
+        assert content.deferred_count(txn) == 2
+        assert content.refcount(txn, shared) == 1  # nothing applied yet
+    deleted = content.db.write(content.apply_deferred)
+    assert deleted == 3  # the old tree, the file only it named and that file's pack
+    with content.db.read() as txn:
+        assert content.deferred_count(txn) == 0
+        assert content.refcount(txn, new_id) == 1
+        assert content.refcount(txn, shared) == 1
+        assert txn.get(old_id, db=content.objects) is None
+        assert txn.get(only_old, db=content.objects) is None
+
+
+def test_dry_run_write_changes_nothing(content):
+    oid = _store(content, b"x" * 100)
+    content.db.write(lambda txn: content.defer_incref(txn, oid))
+    seen = content.db.write(lambda txn: (content.apply_deferred(txn), content.refcount(txn, oid))[1],
+                            dry_run=True)
+    assert seen == 1
+    with content.db.read() as txn:
+        assert content.refcount(txn, oid) == 0 and content.deferred_count(txn) == 1
 
 
 def test_truncated_tree_is_reported_not_crashed():
