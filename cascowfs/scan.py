@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from dataclasses import replace
 import itertools
 import multiprocessing
@@ -286,15 +287,22 @@ def expand(trees: TreeStore, entry: Entry | None, meta: Entry) -> DirNode:
     return DirNode(meta, children)
 
 
+RACY_NS = 50_000_000  # well above a kernel timestamp tick (at most 10 ms)
+
+
 def apply_upper(trees: TreeStore, base_root: Entry | None, upper: Path, sink: ObjectSink,
                 prepare: Prepare = prepare_content,
-                file_cache: dict | None = None) -> DirNode:
+                file_cache: dict | None = None, keep: dict | None = None) -> DirNode:
     """The tree a reader of overlay(upper over base) sees, as a DirNode.
 
     ``file_cache`` maps (path, ino, size, mtime_ns, ctime_ns) to an already computed file entry,
-    so that repeated status calls on a live branch hash only what changed since.
+    so that repeated status calls or commits of a live branch hash only what changed since.
+    Every file entry this walk uses goes into ``keep`` (which may be ``file_cache`` itself),
+    except for files changed within ``RACY_NS`` of the walk: the kernel's coarse clock could
+    give a further change the same ctime.
     """
     links = HardLinks()
+    stable_before_ns = time.time_ns() - RACY_NS
     upper_root = os.fsencode(upper)
 
     def lookup_abs(path: bytes) -> Entry | None:
@@ -335,8 +343,8 @@ def apply_upper(trees: TreeStore, base_root: Entry | None, upper: Path, sink: Ob
                 entry = file_cache.get(key) if file_cache is not None else None
                 if entry is None:
                     entry = _file_entry(cname, cpath, cst, prepare, sink)
-                    if file_cache is not None:
-                        file_cache[key] = entry
+                if keep is not None and cst.st_ctime_ns < stable_before_ns:
+                    keep[key] = entry
                 node.children[cname] = entry
                 if cst.st_nlink > 1:
                     links.add(cst, node, cname, crel)

@@ -131,9 +131,11 @@ def _count(raw: bytes | None) -> int:
 class StateManager:
     """Snapshots, branches and their lifecycle over one store directory.
 
-    Thread-safe: every mutation takes the operation lock and runs its LMDB write transaction on
-    the calling thread, start to end. Reads (``snapshot``, ``read_tree``, ``read_file`` ...) use
-    short read transactions and may run concurrently with a mutation.
+    Thread-safe: mutations of different branches run side by side (one lock per branch); their
+    LMDB transactions go through MetaDB's committer thread, which shares one sync among those
+    that arrive together. Refcount changes are queued and applied in batches by the background
+    thread. Reads (``snapshot``, ``read_tree``, ``read_file`` ...) use short read transactions and
+    may run concurrently with a mutation.
     """
 
     def __init__(self, store: Path) -> None:
@@ -147,9 +149,11 @@ class StateManager:
         self._branch_locks: dict[str, threading.Lock] = {}
         self._branch_locks_guard = threading.Lock()
         self._orphans_suspected = False
-        self._refs_applied_at = 0.0
+        self._refs_wanted = threading.Event()
+        self._refs_thread: threading.Thread | None = None
         self._trash_lock = threading.Lock()
-        self._file_caches: dict[str, dict] = {}
+        self._file_caches: dict[str, dict] = {}  # status: entries with content ids only
+        self._commit_caches: dict[str, dict] = {}  # commit: entries whose content is stored
         self._lock_fd = -1
         self._worker: threading.Thread | None = None
         self._jobs: queue.Queue = queue.Queue()
@@ -197,6 +201,9 @@ class StateManager:
             raise
         self._worker = threading.Thread(target=self._work, name="cascowfs-background", daemon=True)
         self._worker.start()
+        self._refs_thread = threading.Thread(target=self._apply_refs_loop, name="cascowfs-refcounts",
+                                             daemon=True)
+        self._refs_thread.start()
         if recover:
             self._jobs.put(("trash",))
         return self
@@ -207,12 +214,19 @@ class StateManager:
             return
         self._closed = True
         self._closing.set()
+        self._refs_wanted.set()
+        if self._refs_thread is not None:
+            self._refs_thread.join()
         if not self._read_only:
-            self._jobs.put(("refs",))
             self._jobs.put(("trash",))
         self._jobs.put(None)
         if self._worker is not None:
             self._worker.join()
+        if not self._read_only:
+            try:
+                self._apply_deferred_refs()
+            except CascowfsError:
+                pass  # the queue is durable: the next open applies it
         with self._ops.exclusive():
             if unmount_branches:
                 for m in overlay.mounts_under(self.branches_dir):
@@ -362,26 +376,38 @@ class StateManager:
                     self._empty_trash()
                 elif job[0] == "merge":
                     self.merge_layers(job[1])
-                elif job[0] == "refs":
-                    self._apply_deferred_refs(batch_wait=True)
             except (CascowfsError, OSError):
                 pass  # a snapshot pruned meanwhile, a failing disk: retried at the next need
             finally:
                 self._jobs.task_done()
 
-    def _apply_deferred_refs(self, *, batch_wait: bool = False) -> int:
-        """Apply the queued refcount changes (see ``ContentStore.defer_incref``); returns the
-        objects deleted. ``batch_wait``: first let changes gather for a moment."""
+    def _apply_refs_loop(self) -> None:
+        """Its own thread, so that waiting for a batch to gather never holds up layer merges or
+        the trash: after a change is queued, wait a moment, then apply all queued changes."""
+        while True:
+            self._refs_wanted.wait()
+            if self._closing.is_set():
+                return
+            self._closing.wait(REFCOUNT_BATCH_SECONDS)
+            self._refs_wanted.clear()  # changes queued from here on get another round
+            try:
+                self._apply_deferred_refs()
+            except (CascowfsError, OSError):
+                pass  # a failing disk: the queue is durable, the next round or open retries
+            if self._closing.is_set():  # close's wake-up may have been cleared just above
+                return
+
+    def _apply_deferred_refs(self) -> int:
+        """Apply the queued refcount changes now (see ``ContentStore.defer_incref``); returns
+        the objects deleted."""
         with self.db.read() as txn:
             if not self.content.deferred_count(txn):
                 return 0
-        if batch_wait:
-            wait = self._refs_applied_at + REFCOUNT_BATCH_SECONDS - time.monotonic()
-            if wait > 0:
-                self._closing.wait(wait)
-        deleted = self.db.write(self.content.apply_deferred, "applying refcount changes")
-        self._refs_applied_at = time.monotonic()
-        return deleted
+        return self.db.write(self.content.apply_deferred, "applying refcount changes")
+
+    def _forget_file_caches(self, name: str) -> None:
+        self._file_caches.pop(name, None)
+        self._commit_caches.pop(name, None)
 
     def _ref(self, txn: lmdb.Transaction, superroot_hex: str) -> None:
         self.content.defer_incref(txn, bytes.fromhex(superroot_hex))
@@ -491,7 +517,7 @@ class StateManager:
         self._to_trash(work)
         work.mkdir()
         overlay.mount_overlay(tree, self._lower_paths(rec["layers"]), upper, work)
-        self._file_caches.pop(name, None)
+        self._forget_file_caches(name)
 
     # ------------------------------------------------------------------------------------
     # import
@@ -560,7 +586,7 @@ class StateManager:
 
     def _finish(self, op: str) -> None:
         self.wal.finalize(op)
-        self._jobs.put(("refs",))
+        self._refs_wanted.set()
         self._when_alone()
 
     @contextmanager
@@ -702,9 +728,15 @@ class StateManager:
         staged = self.staging_dir / op
         try:
             sink = ObjectSink(self._write_objects)
+            # Files unchanged since this branch's last commit are in its parent snapshot
+            # (which cannot be pruned under the branch): their entries are reused, not re-read.
+            # The cache is replaced only once this commit has applied.
+            stored = self._commit_caches.get(name, {})
+            used: dict = {}
             with self._disk_errors(f"commit of branch {name}"):
                 node = apply_upper(self.trees, self._root_of(rec["base_root"]),
-                                   self.branches_dir / name / "upper", sink)
+                                   self.branches_dir / name / "upper", sink,
+                                   file_cache=stored, keep=used)
                 root = finalize(node, sink)
                 superroot = self._superroot(root, sink)
                 below = self._root_of(parent["root"]) if parent else None
@@ -731,6 +763,7 @@ class StateManager:
             self._abandon(op, layer)
             raise
         crash_point("commit.applied")
+        self._commit_caches[name] = used
         crash_point("commit.switched")
         self._finish(op)
         self._jobs.put(("merge", id))
@@ -777,7 +810,7 @@ class StateManager:
             self._to_trash(self.branches_dir / name)
             for lid in dropped:
                 self._to_trash(self.layers_dir / lid)
-            self._file_caches.pop(name, None)
+            self._forget_file_caches(name)
             crash_point("discard.switched")
             self._finish(op)
             self._jobs.put(("trash",))
@@ -959,7 +992,7 @@ class StateManager:
         with self._disk_errors(f"status of branch {name}"):
             node = apply_upper(self.trees, self._root_of(rec["base_root"]),
                                self.branches_dir / name / "upper", sink,
-                               prepare=identify_content, file_cache=cache)
+                               prepare=identify_content, file_cache=cache, keep=cache)
         view = finalize(node, sink)
         extra = {oid: decode_tree(value[1:]) for oid, value in sink.pending.items()
                  if value[:1] == TYPE_TREE}

@@ -617,6 +617,34 @@ def test_copy_up_of_a_lone_former_hard_link_is_no_change(sm, tmp_path):
     assert sm.snapshot("s1").root == sm.snapshot("s2").root
 
 
+def test_commits_see_a_same_size_rewrite_of_a_file_they_cached(sm):
+    """Commits reuse the entries of files unchanged since the branch's last commit (keyed by
+    path, inode, size, mtime and ctime): a same-size rewrite with the old mtime must still be
+    committed, and a file changed just before a commit is never taken from the cache."""
+    from cascowfs.scan import RACY_NS
+
+    tree = sm.create_branch("b").tree
+    p = tree / "f"
+    p.write_bytes(b"aaaa")
+    (tree / "other").write_bytes(b"other")
+    time.sleep(2 * RACY_NS / 1e9)  # old enough to be cached
+    sm.commit("b", "s0")
+    assert sm._commit_caches["b"], "the commit cached nothing: this test would prove nothing"
+    read = lambda sid, name: sm.read_file(sm.read_tree(sm.root_entry(sid).ref)[name].ref, 0, 100)
+    mtime = p.stat().st_mtime_ns
+    for i in range(1, 6):
+        with open(p, "r+b") as fh:
+            fh.write(b"%04d" % i)
+        os.utime(p, ns=(mtime, mtime))  # same size, same mtime: only content and ctime differ
+        sm.commit("b", f"s{i}")  # right away: racy, so not cached
+        assert read(f"s{i}", b"f") == b"%04d" % i
+        time.sleep(2 * RACY_NS / 1e9)
+        sm.commit("b", f"t{i}")  # unchanged: from the cache now
+        assert read(f"t{i}", b"f") == b"%04d" % i and read(f"t{i}", b"other") == b"other"
+        assert sm.root_entry(f"t{i}") == sm.root_entry(f"s{i}")
+    check_live(sm)
+
+
 def test_a_file_kept_open_across_commits(sm):
     """Processes working inside a branch are not disturbed by a commit: a descriptor opened
     before it keeps writing into the branch, and the next commit has what it wrote."""
