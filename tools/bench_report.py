@@ -428,7 +428,9 @@ def must_lines(data: dict[str, dict]) -> list[str]:
         corpus, s = imp[0]
         note = "" if corpus == "linux" else " (*1 GB tree not run*)"
         disk = cold_read_mb_s(data[corpus])
-        than_disk = f"; the disk reads the same tree cold at {disk:.0f} MB/s" if disk else ""
+        copy = (data[corpus]["systems"].get("cp") or {}).get("import_mb_s")
+        than_disk = (f"; the disk reads the same tree cold at {disk:.0f} MB/s" if disk else "") + \
+                    (f"; `cp -a` copies it at {copy:.0f} MB/s" if copy else "")
         rows.append(f"| import of a 1 GB / 80k-file tree | ≥ 100 MB/s | "
                     f"{s['import_mb_s']:.0f} MB/s ({corpus}{note}, cold cache, `import` via ctl"
                     f"{than_disk}) "
@@ -543,7 +545,9 @@ def document(data: dict[str, dict], figs: dict[str, list[str]], notes: str | Non
             "branch of base), then B live branches on random snapshots, then `cascowfs umount` (branches stay mounted) + "
             "`cascowfs mount --background` until `MNT/ctl` answers, three times, then three "
             "times after `kill -9` of the daemon (dead mount cleared, WAL replayed).", "",
-            "Commands of the runs behind this page:", ""]
+            "Set-up, once: `EXTRAS=bench bash tools/install.sh` (py-spy and matplotlib on top of "
+            "the usual install), then `.venv/bin/python tools/fetch_corpus.py django linux` "
+            "(downloads into `bench-data/`, cached). Commands of the runs behind this page:", ""]
     for corpus, d in data.items():
         for r in d.get("runs", []):
             argv = r.get("argv") or []
