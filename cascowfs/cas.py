@@ -255,9 +255,9 @@ class ContentStore:
     # A new root's first reference cascades over every child of every new directory: for a
     # 3-file edit of the linux tree that is ~1,100 refcount updates on random LMDB pages
     # (~3 MB to write and sync), and a prune's last reference the same. Operations therefore
-    # only queue their refcount changes (one small record, in their own transaction), and the
-    # background thread applies the whole queue later in one transaction: every leaf page is
-    # then written once per batch instead of once per operation.
+    # only queue their refcount changes (one small record, in their own transaction), and a
+    # thread of the StateManager applies the whole queue later in one transaction: every leaf
+    # page is then written once per batch instead of once per operation.
     def defer_incref(self, txn: lmdb.Transaction, oid: bytes) -> None:
         self._defer(txn, _INCREF, oid)
 

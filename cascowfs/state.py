@@ -133,8 +133,8 @@ class StateManager:
 
     Thread-safe: mutations of different branches run side by side (one lock per branch); their
     LMDB transactions go through MetaDB's committer thread, which shares one sync among those
-    that arrive together. Refcount changes are queued and applied in batches by the background
-    thread. Reads (``snapshot``, ``read_tree``, ``read_file`` ...) use short read transactions and
+    that arrive together. Refcount changes are queued and applied in batches by a thread of
+    their own. Reads (``snapshot``, ``read_tree``, ``read_file`` ...) use short read transactions and
     may run concurrently with a mutation.
     """
 
@@ -157,8 +157,7 @@ class StateManager:
         self._lock_fd = -1
         self._worker: threading.Thread | None = None
         self._jobs: queue.Queue = queue.Queue()
-        self._closed = False
-        self._closing = threading.Event()  # cuts the background thread's waits short
+        self._closing = threading.Event()  # set by close; cuts the background threads' waits short
         self._read_only = False
 
     # ------------------------------------------------------------------------------------
@@ -210,9 +209,8 @@ class StateManager:
 
     def close(self, *, unmount_branches: bool = False) -> None:
         """Release the store. Branch mounts stay (they outlive the daemon) unless asked."""
-        if self._closed:
+        if self._closing.is_set():
             return
-        self._closed = True
         self._closing.set()
         self._refs_wanted.set()
         if self._refs_thread is not None:

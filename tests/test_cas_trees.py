@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections import Counter
 
 import pytest
 
@@ -11,8 +12,6 @@ from cascowfs import cas
 from cascowfs.errors import StoreIOError
 from cascowfs.metadb import MetaDB
 from cascowfs.model import Entry
-from collections import Counter
-
 from cascowfs.trees import TreeStore, decode_tree, encode_tree, tree_children, tree_object
 
 

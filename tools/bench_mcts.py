@@ -293,12 +293,17 @@ class CascowSystem(System):
     def daemon_pid(self) -> int:
         return int(os.getxattr(self.mnt, "user.cascowfs.pid"))
 
-    def cmd(self, line: str) -> None:
-        fd = os.open(self.ctl, os.O_WRONLY)
+    @staticmethod
+    def _write_line(path: str | Path, line: str) -> None:
+        """One write(2) of one line: how every command file of the store takes a command."""
+        fd = os.open(path, os.O_WRONLY)
         try:
             os.write(fd, line.encode() + b"\n")
         finally:
             os.close(fd)
+
+    def cmd(self, line: str) -> None:
+        self._write_line(self.ctl, line)
 
     def setup(self, src: Path) -> None:
         self.mount()
@@ -311,11 +316,8 @@ class CascowSystem(System):
     def commit(self, name: str, sid: str, labels: dict[str, str]) -> None:
         # the branch's own commit file, not ctl: the kernel runs writes to one file one at a
         # time (its inode lock), so agents sharing ctl would queue behind each other's commits
-        fd = os.open(self.mnt / "branches" / name / "commit", os.O_WRONLY)
-        try:
-            os.write(fd, " ".join([sid] + [f"{k}={v}" for k, v in labels.items()]).encode() + b"\n")
-        finally:
-            os.close(fd)
+        self._write_line(self.mnt / "branches" / name / "commit",
+                         " ".join([sid] + [f"{k}={v}" for k, v in labels.items()]))
 
     def discard(self, name: str) -> None:
         os.rmdir(self.mnt / "branches" / name)
