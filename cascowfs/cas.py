@@ -49,8 +49,8 @@ PACK_MAX_CHUNK = 16 * 1024
 PACK_TARGET = 256 * 1024
 _LIST_ITEM = struct.Struct("<32sI")
 _REF = struct.Struct("<Q")
-_SEQ = struct.Struct(">Q")  # big endian: LMDB's key order is the queue's order
 _INCREF = b"+"
+_SEQ_KEY = 8  # key length of store format 3's queue (a u64 sequence number)
 _DECREF = b"-"
 
 ID_SIZE = 32
@@ -256,75 +256,127 @@ class ContentStore:
     # 3-file edit of the linux tree that is ~1,100 refcount updates on random LMDB pages
     # (~3 MB to write and sync), and a prune's last reference the same. Operations therefore
     # only queue their refcount changes (one small record, in their own transaction), and a
-    # thread of the StateManager applies the whole queue later in one transaction: every leaf
-    # page is then written once per batch instead of once per operation.
+    # thread of the StateManager applies the queue later, a bounded slice per transaction, so
+    # that no operation waits long behind it for LMDB's one writer. The queue is keyed by
+    # sign and object, so changes to one object sum while they wait.
     def defer_incref(self, txn: lmdb.Transaction, oid: bytes) -> None:
-        self._defer(txn, _INCREF, oid)
+        self._defer(txn, _INCREF, oid, 1)
 
     def defer_decref(self, txn: lmdb.Transaction, oid: bytes) -> None:
-        self._defer(txn, _DECREF, oid)
+        self._defer(txn, _DECREF, oid, 1)
 
-    def _defer(self, txn: lmdb.Transaction, sign: bytes, oid: bytes) -> None:
-        cursor = txn.cursor(db=self.deferred)
-        seq = _SEQ.unpack(cursor.key())[0] + 1 if cursor.last() else 0
-        txn.put(_SEQ.pack(seq), sign + oid, db=self.deferred)
+    def _defer(self, txn: lmdb.Transaction, sign: bytes, oid: bytes, n: int) -> None:
+        key = sign + oid
+        raw = txn.get(key, db=self.deferred)
+        txn.put(key, _REF.pack((_REF.unpack(raw)[0] if raw else 0) + n), db=self.deferred)
+
+    def rekey_sequenced_queue(self, txn: lmdb.Transaction) -> None:
+        """Store format 3 queued changes by arrival (u64 sequence -> sign + id): key them by
+        object instead, summing repeats."""
+        old = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self.deferred) if len(k) == _SEQ_KEY]
+        for key, change in old:
+            txn.delete(key, db=self.deferred)
+            self._defer(txn, change[:1], change[1:], 1)
 
     def deferred_count(self, txn: lmdb.Transaction) -> int:
+        """Objects with a queued change (changes to one object count once)."""
         return txn.stat(self.deferred)["entries"]
 
-    def apply_deferred(self, txn: lmdb.Transaction) -> int:
-        """Apply every queued refcount change; returns the number of objects deleted.
+    def apply_deferred(self, txn: lmdb.Transaction, budget: int | None = None) -> int:
+        """Apply the queued refcount changes: all of them, or (``budget``) about that many
+        object updates, leaving the rest queued. Returns the number of objects deleted.
 
-        All increments go first. An object a queued increment needs exists (nothing is
-        deleted but here, and here the whole queue is applied), so no decrement of the batch can
-        delete it before the increment that keeps it alive has counted: final counts are exactly
-        those of applying every change at its operation's time."""
-        changes = [bytes(v) for _, v in txn.cursor(db=self.deferred)]
-        if not changes:
+        Increments go first: no decrement is applied while any increment is queued. Only a
+        decrement deletes, so an object that a queued increment needs (it existed when the
+        increment was queued) still exists when that increment is applied: final counts are
+        those of applying every change at its operation's time, however the work is sliced."""
+        spent, _, left = self._cascade(txn, _INCREF, self._take(txn, _INCREF, budget), budget)
+        self._requeue(txn, _INCREF, left)
+        if left or self._queued(txn, _INCREF) or (budget is not None and spent >= budget):
             return 0
-        ups: Counter[bytes] = Counter(c[1:] for c in changes if c[:1] == _INCREF)
-        downs: Counter[bytes] = Counter(c[1:] for c in changes if c[:1] == _DECREF)
-        self._add_refs(txn, ups)
-        deleted = self._drop_refs(txn, downs)
-        txn.drop(self.deferred, delete=False)
+        rest = None if budget is None else budget - spent
+        _, deleted, left = self._cascade(txn, _DECREF, self._take(txn, _DECREF, rest), rest)
+        self._requeue(txn, _DECREF, left)
         return deleted
+
+    def _queued(self, txn: lmdb.Transaction, sign: bytes) -> bool:
+        cursor = txn.cursor(db=self.deferred)
+        return cursor.set_range(sign) and cursor.key()[:1] == sign
+
+    def _take(self, txn: lmdb.Transaction, sign: bytes, limit: int | None) -> Counter[bytes]:
+        """Remove and return queued changes of one sign (at most ``limit`` objects)."""
+        taken: Counter[bytes] = Counter()
+        cursor = txn.cursor(db=self.deferred)
+        if not cursor.set_range(sign):
+            return taken
+        while limit is None or len(taken) < limit:
+            key = cursor.key()
+            if key[:1] != sign:
+                break
+            taken[bytes(key[1:])] = _REF.unpack(cursor.value())[0]
+            if not cursor.delete():  # moves to the next record
+                break
+        return taken
+
+    def _requeue(self, txn: lmdb.Transaction, sign: bytes, left: Counter[bytes]) -> None:
+        for oid, n in left.items():
+            self._defer(txn, sign, oid, n)
 
     # The batch versions of incref/decref: level by level, with the changes to one object
     # summed first. New roots of one batch share most of their children (the same directories
     # along the same paths), so this reads and writes each count once per level, not once per
     # reference.
     def _add_refs(self, txn: lmdb.Transaction, delta: Counter[bytes]) -> None:
-        while delta:
-            below: Counter[bytes] = Counter()
-            for oid, n in delta.items():
-                count = self.refcount(txn, oid)
-                if count == 0:
-                    value = txn.get(oid, db=self.objects)
-                    if value is None:
-                        raise StoreIOError(f"object {oid.hex()} is referenced but missing")
-                    below.update(children_of(value))
-                txn.put(oid, _REF.pack(count + n), db=self.refs)
-            delta = below
+        self._cascade(txn, _INCREF, delta, None)
 
     def _drop_refs(self, txn: lmdb.Transaction, delta: Counter[bytes]) -> int:
-        deleted = 0
+        return self._cascade(txn, _DECREF, delta, None)[1]
+
+    def _cascade(self, txn: lmdb.Transaction, sign: bytes, delta: Counter[bytes],
+                 budget: int | None) -> tuple[int, int, Counter[bytes]]:
+        """Apply changes of one sign and the cascades they start, stopping after ``budget``
+        object updates. Returns (updates, objects deleted, changes not yet applied)."""
+        spent = deleted = 0
         while delta:
             below: Counter[bytes] = Counter()
-            for oid, n in delta.items():
-                count = self.refcount(txn, oid)
-                if count < n:
-                    raise StoreIOError(f"refcount of {oid.hex()} would go below zero")
-                if count > n:
-                    txn.put(oid, _REF.pack(count - n), db=self.refs)
-                    continue
-                txn.delete(oid, db=self.refs)
-                value = txn.get(oid, db=self.objects)
-                if value is not None:
-                    below.update(children_of(value))
-                    txn.delete(oid, db=self.objects)
-                    deleted += 1
+            items = iter(list(delta.items()))
+            for oid, n in items:
+                if budget is not None and spent >= budget:
+                    left = Counter(dict(items))
+                    left[oid] += n
+                    left.update(below)
+                    return spent, deleted, left
+                spent += 1
+                if sign == _INCREF:
+                    self._count_up(txn, oid, n, below)
+                else:
+                    deleted += self._count_down(txn, oid, n, below)
             delta = below
-        return deleted
+        return spent, deleted, Counter()
+
+    def _count_up(self, txn: lmdb.Transaction, oid: bytes, n: int, below: Counter[bytes]) -> None:
+        count = self.refcount(txn, oid)
+        if count == 0:
+            value = txn.get(oid, db=self.objects)
+            if value is None:
+                raise StoreIOError(f"object {oid.hex()} is referenced but missing")
+            below.update(children_of(value))
+        txn.put(oid, _REF.pack(count + n), db=self.refs)
+
+    def _count_down(self, txn: lmdb.Transaction, oid: bytes, n: int, below: Counter[bytes]) -> int:
+        count = self.refcount(txn, oid)
+        if count < n:
+            raise StoreIOError(f"refcount of {oid.hex()} would go below zero")
+        if count > n:
+            txn.put(oid, _REF.pack(count - n), db=self.refs)
+            return 0
+        txn.delete(oid, db=self.refs)
+        value = txn.get(oid, db=self.objects)
+        if value is None:
+            return 0
+        below.update(children_of(value))
+        txn.delete(oid, db=self.objects)
+        return 1
 
     def iter_refcounts(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, int]]:
         for key, raw in txn.cursor(db=self.refs):

@@ -25,7 +25,7 @@ from .model import Entry
 from .progress import progress_bar
 from .scan import ObjectSink, finalize, scan_directory
 from .state import StateManager
-from .trees import TreeStore, decode_tree
+from .trees import TreeStore, decode_trees
 
 
 @dataclass
@@ -171,7 +171,7 @@ def _check_layers(sm: StateManager, sid: str, rec: dict, report: FsckReport) -> 
 def _scan_tree(path: Path) -> tuple[TreeStore, Entry | None]:
     sink = ObjectSink()
     root = finalize(scan_directory(path, sink, prepare=identify_content), sink)
-    store = _MemoryTrees({oid: decode_tree(v[1:]) for oid, v in sink.pending.items()})
+    store = _MemoryTrees(decode_trees(sink.pending))
     return store, root
 
 

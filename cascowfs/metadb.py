@@ -26,7 +26,7 @@ DB_NAMES = (
     b"snapshots",  # snapshot id -> JSON record
     b"branches",   # branch name -> JSON record
     b"layers",     # layer id -> refcount (u64): snapshot and branch chains naming it
-    b"deferred",   # sequence (u64 big endian) -> b"+"/b"-" + object id: refcount changes to apply
+    b"deferred",   # b"+"/b"-" + object id -> u64 count: refcount changes to apply
     b"ops",        # WAL op id -> b"applied": the APPLY step of that op committed
     b"meta",       # misc: format version, counters
 )

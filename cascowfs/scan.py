@@ -28,7 +28,7 @@ import blake3
 from . import fsmeta
 from .cas import PreparedContent, pack_unpacked, prepare_content
 from .model import Entry
-from .trees import TreeStore, tree_object
+from .trees import TreeStore, tree_objects
 
 Prepare = Callable[[bytes], PreparedContent]
 
@@ -390,14 +390,16 @@ def canonicalize_links(trees: TreeStore, root: DirNode) -> None:
                 node.children[name] = replace(node.children[name], link=canonical)
 
 
-def finalize(node: DirNode, sink: ObjectSink) -> Entry:
+def finalize(node: DirNode, sink: ObjectSink,
+             remember: Callable[[bytes, dict[bytes, Entry]], None] | None = None) -> Entry:
     """Encode a DirNode bottom-up into tree objects (added to ``sink``); returns its entry,
-    with ``tree_files``/``tree_bytes`` totals carried in the directory entry."""
+    with ``tree_files``/``tree_bytes`` totals carried in the directory entry. ``remember``
+    gets every directory built (id, entries), for a caller that reads them back next."""
     entries: dict[bytes, Entry] = {}
     files = total = links = 0
     for name, child in node.children.items():
         if isinstance(child, DirNode):
-            child = finalize(child, sink)
+            child = finalize(child, sink, remember)
         entries[name] = child
         if child.is_dir:
             files += child.tree_files
@@ -408,8 +410,10 @@ def finalize(node: DirNode, sink: ObjectSink) -> Entry:
             total += child.size
         if child.link:
             links += 1
-    tree_id, value = tree_object(entries)
-    sink.add([(tree_id, value)])
+    tree_id, objects = tree_objects(entries)
+    sink.add(objects)
+    if remember is not None:
+        remember(tree_id, entries)
     m = node.meta
     return replace(m, size=0, ref=tree_id, rdev=0, link=b"", tree_files=files, tree_bytes=total,
                    tree_links=links)

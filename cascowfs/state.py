@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import os
 import queue
@@ -37,7 +38,7 @@ import lmdb
 
 from . import layers as layerfs
 from . import overlay
-from .cas import TYPE_TREE, ContentStore, identify_content
+from .cas import ContentStore, identify_content
 from .crashpoints import crash_point
 from .errors import (BusyError, CascowfsError, ExistsError, InvalidArgumentError, NoSpaceError,
                      NotFoundError, StoreIOError, StoreLockedError, from_os_error)
@@ -46,13 +47,16 @@ from .model import BranchInfo, Change, Entry, SnapshotInfo
 from .names import check_branch_name, check_labels, check_snapshot_id
 from .progress import progress_bar
 from .scan import ObjectSink, apply_upper, finalize, scan_directory, Progress
-from .trees import TreeStore, decode_tree, tree_object
+from .trees import TreeStore, decode_trees, tree_objects
 from .wal import PendingOp, WriteAheadLog
 
 CHECKPOINT_EVERY = 1024  # WAL records between checkpoints
-STORE_FORMAT = 3  # bump when records or objects change shape (3: deferred refcount changes)
-UPGRADES_IN_PLACE = {2}  # formats this one extends without changing anything already stored
-REFCOUNT_BATCH_SECONDS = 0.5  # deferred refcount changes wait this long to share one write
+# Bump when records or objects change shape. 3: refcount changes are queued; 4: the queue is
+# keyed by object (3 kept it in arrival order), and large directories are stored as pages.
+STORE_FORMAT = 4
+UPGRADES_IN_PLACE = {2, 3}  # older formats a writable open upgrades
+REFCOUNT_BATCH_SECONDS = 0.5  # deferred refcount changes wait this long to be applied together
+REFCOUNT_SLICE = 300  # object updates per transaction of the refcount thread (~2-4 ms of writer time)
 
 
 class _OpGate:
@@ -259,14 +263,27 @@ class StateManager:
 
     def _check_format(self) -> None:
         with self.db.read() as txn:
-            found = txn.get(b"format", db=self.db.db("meta"))
+            raw = txn.get(b"format", db=self.db.db("meta"))
+            found = int(raw) if raw is not None else None
             empty = txn.stat(self.db.db("snapshots"))["entries"] == 0
-        if (found is None and empty) or (found is not None and int(found) in UPGRADES_IN_PLACE
-                                         and not self._read_only):
-            self.db.write(lambda txn: txn.put(b"format", str(STORE_FORMAT).encode(), db=self.db.db("meta")))
-        elif found is None or int(found) not in {STORE_FORMAT} | UPGRADES_IN_PLACE:
-            raise StoreIOError(f"store {self.store} has format {found and found.decode() or 'unknown'}; "
+            queued = self.content.deferred_count(txn)
+        if found == STORE_FORMAT:
+            return
+        if found not in UPGRADES_IN_PLACE and not (found is None and empty):
+            raise StoreIOError(f"store {self.store} has format {raw and raw.decode() or 'unknown'}; "
                                f"this cascowfs reads format {STORE_FORMAT}")
+        if self._read_only:
+            if found == 3 and queued:
+                raise StoreIOError(f"store {self.store} has format 3 with queued refcount changes; "
+                                   f"mount it once to upgrade it to format {STORE_FORMAT}")
+            return
+
+        def upgrade(txn: lmdb.Transaction) -> None:
+            if found == 3:
+                self.content.rekey_sequenced_queue(txn)
+            txn.put(b"format", str(STORE_FORMAT).encode(), db=self.db.db("meta"))
+
+        self.db.write(upgrade, "upgrading the store format")
 
     def _recover(self, progress: bool) -> None:
         pending = self.wal.pending()
@@ -381,7 +398,8 @@ class StateManager:
 
     def _apply_refs_loop(self) -> None:
         """Its own thread, so that waiting for a batch to gather never holds up layer merges or
-        the trash: after a change is queued, wait a moment, then apply all queued changes."""
+        the trash: after a change is queued, wait a moment, then apply the queue a slice per
+        transaction (operations queued for the writer meanwhile go in between)."""
         while True:
             self._refs_wanted.wait()
             if self._closing.is_set():
@@ -389,19 +407,25 @@ class StateManager:
             self._closing.wait(REFCOUNT_BATCH_SECONDS)
             self._refs_wanted.clear()  # changes queued from here on get another round
             try:
-                self._apply_deferred_refs()
+                while not self._closing.is_set() and self._apply_deferred_refs(REFCOUNT_SLICE):
+                    pass
             except (CascowfsError, OSError):
                 pass  # a failing disk: the queue is durable, the next round or open retries
             if self._closing.is_set():  # close's wake-up may have been cleared just above
                 return
 
-    def _apply_deferred_refs(self) -> int:
-        """Apply the queued refcount changes now (see ``ContentStore.defer_incref``); returns
-        the objects deleted."""
+    def _apply_deferred_refs(self, budget: int | None = None) -> bool:
+        """Apply queued refcount changes now (see ``ContentStore.defer_incref``): all, or a
+        slice of about ``budget`` object updates. Returns whether changes are left."""
         with self.db.read() as txn:
             if not self.content.deferred_count(txn):
-                return 0
-        return self.db.write(self.content.apply_deferred, "applying refcount changes")
+                return False
+
+        def apply(txn: lmdb.Transaction) -> bool:
+            self.content.apply_deferred(txn, budget)
+            return self.content.deferred_count(txn) > 0
+
+        return self.db.write(apply, "applying refcount changes")
 
     def _forget_file_caches(self, name: str) -> None:
         self._file_caches.pop(name, None)
@@ -495,11 +519,17 @@ class StateManager:
     def _write_objects(self, objects: list[tuple[bytes, bytes]]) -> None:
         self.db.write(lambda txn: self.content.put_objects(txn, objects), "writing chunks")
 
+    def _write_objects_of_logged_op(self, objects: list[tuple[bytes, bytes]]) -> None:
+        """Objects written before APPLY are orphans if the op dies: recovery sweeps them only
+        for an op it finds in the WAL, so its record must be durable first."""
+        self.wal.sync()
+        self._write_objects(objects)
+
     def _superroot(self, root: Entry, sink: ObjectSink) -> bytes:
         """The snapshot digest covers the root directory's own metadata too: it is the id of a
         one-entry tree holding the root entry under the empty name."""
-        sid, value = tree_object({b"": replace(root, name=b"")})
-        sink.add([(sid, value)])
+        sid, objects = tree_objects({b"": replace(root, name=b"")})
+        sink.add(objects)
         return sid
 
     def _mount_branch(self, name: str, rec: dict, *, fresh_upper: bool) -> None:
@@ -721,11 +751,14 @@ class StateManager:
             parent = self._snapshot_record(txn, rec["parent"]) if rec["parent"] else None
         id = self._claim_id(id)
         layer = secrets.token_hex(5)
-        op = self.wal.prepare("commit", name=name, id=id, layer=layer)
+        # Not flushed: before APPLY a commit leaves only staging and an unrecorded layer, which
+        # recovery sweeps whether or not it finds the record, unless the sink writes objects
+        # early (a commit of more than its batch size); then the record is flushed first.
+        op = self.wal.prepare("commit", name=name, id=id, layer=layer, durable=False)
         crash_point("commit.prepared")
         staged = self.staging_dir / op
         try:
-            sink = ObjectSink(self._write_objects)
+            sink = ObjectSink(self._write_objects_of_logged_op)
             # Files unchanged since this branch's last commit are in its parent snapshot
             # (which cannot be pruned under the branch): their entries are reused, not re-read.
             # The cache is replaced only once this commit has applied.
@@ -735,7 +768,8 @@ class StateManager:
                 node = apply_upper(self.trees, self._root_of(rec["base_root"]),
                                    self.branches_dir / name / "upper", sink,
                                    file_cache=stored, keep=used)
-                root = finalize(node, sink)
+                # the new delta layer is written from these directories right below
+                root = finalize(node, sink, remember=self.trees.remember)
                 superroot = self._superroot(root, sink)
                 below = self._root_of(parent["root"]) if parent else None
                 layerfs.materialize_delta(self.trees, self.content, below, root, staged,
@@ -992,8 +1026,7 @@ class StateManager:
                                self.branches_dir / name / "upper", sink,
                                prepare=identify_content, file_cache=cache, keep=cache)
         view = finalize(node, sink)
-        extra = {oid: decode_tree(value[1:]) for oid, value in sink.pending.items()
-                 if value[:1] == TYPE_TREE}
+        extra = decode_trees(sink.pending)
         return self.trees.diff(self._root_of(parent["root"]) if parent else None, view, extra)
 
     def diff(self, a: str | None, b: str | None) -> list[Change]:

@@ -81,6 +81,15 @@ class WriteAheadLog:
         self._append({"op": op, "step": "prepare", "kind": kind, "args": args}, durable=durable)
         return op
 
+    def sync(self) -> None:
+        """Make every record written so far durable (a ``durable=False`` PREPARE whose
+        operation is about to leave something recovery must find)."""
+        with self._lock:
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                raise from_os_error(exc, "syncing the write-ahead log") from exc
+
     def finalize(self, op: str) -> None:
         self._append({"op": op, "step": "finalize"}, durable=False)
 

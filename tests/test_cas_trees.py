@@ -12,7 +12,9 @@ from cascowfs import cas
 from cascowfs.errors import StoreIOError
 from cascowfs.metadb import MetaDB
 from cascowfs.model import Entry
-from cascowfs.trees import TreeStore, decode_tree, encode_tree, tree_children, tree_object
+from cascowfs import trees as trees_mod
+from cascowfs.trees import (TreeStore, decode_tree, decode_trees, encode_tree, index_pages,
+                            tree_children, tree_objects)
 
 
 @pytest.fixture
@@ -22,6 +24,13 @@ def content(tmp_path):
         yield cas.ContentStore(db)
     finally:
         db.close()
+
+
+def tree_object(entries: dict[bytes, Entry]) -> tuple[bytes, bytes]:
+    """(id, value) of a directory small enough to be one object."""
+    _, objects = tree_objects(entries)
+    (only,) = objects
+    return only
 
 
 def _store(content: cas.ContentStore, data: bytes) -> bytes:
@@ -153,6 +162,53 @@ def test_deferred_changes_keep_what_a_later_increment_needs(content):
         assert txn.get(only_old, db=content.objects) is None
 
 
+def test_sliced_application_never_deletes_what_a_later_increment_needs(content):
+    """The refcount thread applies the queue a slice at a time, and operations queue new
+    changes between slices: here a commit sharing a file with a pruned tree arrives after the
+    prune's first slice. Its increment must count before the prune's decrement of the shared
+    file is applied, or the file would be deleted while the new tree names it."""
+    shared = _store(content, b"shared file " * 50)
+    only_old = _store(content, b"old file " * 50)
+    f = lambda name, ref: Entry(name, stat.S_IFREG | 0o644, 0, 0, 1, 1, ref)
+    old_id, old_value = tree_object({b"s": f(b"s", shared), b"o": f(b"o", only_old)})
+    new_id, new_value = tree_object({b"s": f(b"s", shared)})
+    content.db.write(lambda txn: content.put_objects(txn, [(old_id, old_value)]))
+    content.db.write(lambda txn: content.incref(txn, old_id))
+    content.db.write(lambda txn: content.defer_decref(txn, old_id))  # the prune
+    content.db.write(lambda txn: content.apply_deferred(txn, budget=1))  # its first slice
+    with content.db.read() as txn:
+        assert txn.get(old_id, db=content.objects) is None  # the old tree went ...
+        assert content.refcount(txn, shared) == 1  # ... its children's decrements wait
+        assert content.deferred_count(txn) == 2
+    content.db.write(lambda txn: (content.put_objects(txn, [(new_id, new_value)]),
+                                  content.defer_incref(txn, new_id)))  # the commit
+    slices = 0
+    while True:
+        with content.db.read() as txn:
+            if not content.deferred_count(txn):
+                break
+            assert txn.get(shared, db=content.objects) is not None
+        content.db.write(lambda txn: content.apply_deferred(txn, budget=1))
+        slices += 1
+    assert slices >= 3  # the new tree, the shared file's increment, then the decrements
+    with content.db.read() as txn:
+        assert content.refcount(txn, new_id) == 1
+        assert content.refcount(txn, shared) == 1
+        assert txn.get(only_old, db=content.objects) is None
+
+
+def test_queued_changes_to_one_object_sum(content):
+    oid = _store(content, b"y" * 100)
+    for _ in range(3):
+        content.db.write(lambda txn: content.defer_incref(txn, oid))
+    content.db.write(lambda txn: content.defer_decref(txn, oid))
+    with content.db.read() as txn:
+        assert content.deferred_count(txn) == 2  # one record per sign and object
+    content.db.write(content.apply_deferred)
+    with content.db.read() as txn:
+        assert content.refcount(txn, oid) == 2 and content.deferred_count(txn) == 0
+
+
 def test_dry_run_write_changes_nothing(content):
     oid = _store(content, b"x" * 100)
     content.db.write(lambda txn: content.defer_incref(txn, oid))
@@ -188,3 +244,52 @@ def test_diff_reports_adds_deletes_modifications_and_type_changes(content):
     lines = [c.line() for c in trees.diff(root(a), root(b))]
     assert lines == ["M chg", "D gone", "A new", "A t", "D t", "D t/x"]
     assert trees.diff(root(a), root(a)) == []
+
+
+def _files(names, ref=b"\x05" * 32):
+    return {n: Entry(n, stat.S_IFREG | 0o644, 0, 0, 1, 1, ref) for n in names}
+
+
+def test_large_directories_are_paged_and_read_back_whole(content):
+    entries = _files([f"file{i:05d}.c".encode() for i in range(3000)])
+    top, objects = tree_objects(entries)
+    assert top == objects[-1][0]
+    pages = index_pages(memoryview(objects[-1][1])[1:])
+    assert pages == [oid for oid, _ in objects[:-1]]
+    sizes = [len(decode_tree(memoryview(v)[1:])) for _, v in objects[:-1]]
+    assert sum(sizes) == 3000 and max(sizes) <= trees_mod.PAGE_MAX and len(sizes) > 3000 // 128
+    assert tree_children(memoryview(objects[-1][1])[1:]) == pages
+    assert decode_trees(dict(objects))[top] == entries  # an operation's new objects alone
+    content.db.write(lambda txn: content.put_objects(txn, objects))
+    assert TreeStore(content).get(top) == entries
+    small = _files([b"a", b"b"])
+    assert len(tree_objects(small)[1]) == 1  # small directories stay one listing
+
+
+def test_one_changed_entry_makes_one_new_page(content):
+    names = [f"header{i:05d}.h".encode() for i in range(1100)]
+    before = tree_objects(_files(names))[1]
+    changed = dict(_files(names))
+    changed[names[500]] = Entry(names[500], stat.S_IFREG | 0o644, 0, 0, 2, 1, b"\x06" * 32)
+    added = dict(changed)
+    added[b"header00500a.h"] = changed[names[500]]
+    for after_entries in (changed, added):
+        after = tree_objects(after_entries)[1]
+        new = {oid for oid, _ in after} - {oid for oid, _ in before}
+        assert len(new) == 2  # the page holding the entry, and the index
+
+
+def test_refcounts_cascade_through_pages(content):
+    payloads = [_store(content, f"content {i}".encode() * 20) for i in range(200)]
+    entries = {f"f{i:03d}".encode(): Entry(f"f{i:03d}".encode(), stat.S_IFREG | 0o644, 0, 0, 1, 1, ref)
+               for i, ref in enumerate(payloads)}
+    top, objects = tree_objects(entries)
+    assert len(objects) > 2
+    content.db.write(lambda txn: content.put_objects(txn, objects))
+    content.db.write(lambda txn: content.incref(txn, top))
+    with content.db.read() as txn:
+        assert all(content.refcount(txn, oid) == 1 for oid, _ in objects)
+        assert all(content.refcount(txn, ref) == 1 for ref in payloads)
+    content.db.write(lambda txn: content.decref(txn, top))
+    with content.db.read() as txn:
+        assert sum(1 for _ in content.iter_object_ids(txn)) == 0

@@ -33,6 +33,7 @@ import conftest
 from conftest import (assert_fsck_clean, assert_same_view, check_live, dir_view,
                       hypothesis_settings, needs_overlay, snapshot_view)
 from cascowfs.errors import (BusyError, ExistsError, InvalidArgumentError, NotFoundError)
+from cascowfs import state, trees
 from cascowfs.state import StateManager
 
 pytestmark = needs_overlay
@@ -417,10 +418,29 @@ def test_gc_while_the_background_thread_empties_the_trash(tmp_path, monkeypatch)
         check_live(sm)
 
 
-def test_concurrent_agents_keep_the_store_exact(tmp_path):
+def _tiny_pages_and_slices(monkeypatch) -> None:
+    """Page every directory of more than 3 entries, and apply queued refcount changes two at a
+    time and at once: the small trees of these tests then exercise paged directories, and
+    refcount slices interleave with operations all the time."""
+    monkeypatch.setattr(trees, "PAGED_ABOVE", 3)
+    monkeypatch.setattr(trees, "PAGE_AVERAGE", 2)
+    monkeypatch.setattr(state, "REFCOUNT_SLICE", 2)
+    monkeypatch.setattr(state, "REFCOUNT_BATCH_SECONDS", 0.01)
+
+
+def test_refcounts_match_a_recount_with_tiny_pages_and_slices(tmp_path, monkeypatch):
+    _tiny_pages_and_slices(monkeypatch)
+    run_state_machine_as_test(lambda: StoreLifecycle(tmp_path),
+                              settings=hypothesis_settings(10, stateful_step_count=30))
+
+
+@pytest.mark.parametrize("tiny", [False, True], ids=["default", "tiny-pages-and-slices"])
+def test_concurrent_agents_keep_the_store_exact(tmp_path, monkeypatch, tiny):
     """Four agents in threads (the MCTS mix of SPEC §6: many branches, some commits, most
     discarded, old snapshots pruned) against one manager, plus a reader: every commit is
     exactly its branch, and afterwards the store passes every check."""
+    if tiny:
+        _tiny_pages_and_slices(monkeypatch)
     src = tmp_path / "src"
     random_tree(random.Random(11), src, 25)
     failures: list[str] = []

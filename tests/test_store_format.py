@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import struct
+
 import pytest
 
 from cascowfs.errors import StoreIOError
-from cascowfs.state import STORE_FORMAT
+from cascowfs.metadb import MetaDB
+from cascowfs.state import STORE_FORMAT, StateManager
 
 from conftest import check_live, open_store
 
@@ -44,3 +48,45 @@ def test_unknown_format_is_refused_not_touched(store):
     with pytest.raises(StoreIOError, match="format 99"):
         with open_store(store):
             pass
+
+
+def _as_format_3_with_a_queued_increment(store) -> tuple[bytes, int]:
+    """Rewrite a closed store as format 3 left it with one increment still queued: the branch's
+    reference to its base, taken out of the count and put in the old, sequence-keyed queue."""
+    db = MetaDB(store / "meta")
+    try:
+        def rewrite(txn):
+            base_root = bytes.fromhex(json.loads(txn.get(b"b", db=db.db("branches")))["base_root"])
+            count = struct.unpack("<Q", txn.get(base_root, db=db.db("refs")))[0]
+            txn.put(base_root, struct.pack("<Q", count - 1), db=db.db("refs"))
+            txn.put(struct.pack(">Q", 0), b"+" + base_root, db=db.db("deferred"))
+            txn.put(b"format", b"3", db=db.db("meta"))
+            return base_root, count
+
+        return db.write(rewrite)
+    finally:
+        db.close()
+
+
+def test_format_3_queue_is_rekeyed_on_upgrade(store, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("hello\n")
+    with open_store(store) as sm:
+        sm.import_tree(src, "base")
+        sm.create_branch("b", "base")
+        sm.settle()
+    base_root, count = _as_format_3_with_a_queued_increment(store)
+    with pytest.raises(StoreIOError, match="format 3 with queued refcount changes"):
+        StateManager.open(store, recover=False)  # fsck's read-only open cannot rekey
+    with open_store(store) as sm:
+        assert _format(sm) == str(STORE_FORMAT).encode()
+        sm.settle()
+        with sm.db.read() as txn:
+            assert sm.content.deferred_count(txn) == 0
+            assert sm.content.refcount(txn, base_root) == count
+        check_live(sm)
+        sm.discard("b")
+        sm.prune("base")
+        sm.settle()
+        check_live(sm)

@@ -310,8 +310,18 @@ class CascowSystem(System):
         self.cmd(f"import base {src}")
 
     def branch(self, name: str, parent: str) -> str:
-        self.cmd(f"branch {name} {parent}")
-        return os.path.realpath(self.mnt / "branches" / name / "tree")
+        # The tree's path comes from ctl's reply line, read from the same open file: resolving
+        # MNT/branches/<name>/tree instead is a lookup in branches/, which waits while another
+        # agent's rmdir (discard) holds that directory's lock.
+        fd = os.open(self.ctl, os.O_RDWR)
+        try:
+            os.write(fd, f"branch {name} {parent}\n".encode())
+            reply = os.read(fd, 4096).decode()
+        finally:
+            os.close(fd)
+        if not reply.startswith("ok "):
+            raise RuntimeError(f"branch {name} {parent}: unexpected reply {reply!r}")
+        return reply[3:].rstrip("\n")
 
     def commit(self, name: str, sid: str, labels: dict[str, str]) -> None:
         # the branch's own commit file, not ctl: the kernel runs writes to one file one at a
