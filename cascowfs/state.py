@@ -156,6 +156,8 @@ class StateManager:
         self._refs_wanted = threading.Event()
         self._refs_thread: threading.Thread | None = None
         self._trash_lock = threading.Lock()
+        self._trash_filled = threading.Event()  # set by _to_trash, cleared by _empty_trash
+        self._trash_filled.set()  # whatever an earlier run left there
         self._file_caches: dict[str, dict] = {}  # status: entries with content ids only
         self._commit_caches: dict[str, dict] = {}  # commit: entries whose content is stored
         self._lock_fd = -1
@@ -440,14 +442,25 @@ class StateManager:
     def _to_trash(self, path: Path) -> None:
         if os.path.lexists(path):
             os.rename(path, self.trash_dir / f"{secrets.token_hex(6)}-{path.name}")
+            self._trash_filled.set()
 
-    def _empty_trash(self) -> None:
+    def _empty_trash(self, *, force: bool = False) -> None:
+        """Detach the mounts in the trash and delete it. Every discard queues a round, but a
+        round takes all there is: rounds queued meanwhile find nothing new and skip reading
+        the mount table (``force``: gc empties it anyway)."""
         with self._trash_lock:  # gc and the background thread may both empty it
-            for m in overlay.mounts_under(self.trash_dir):
-                overlay.unmount(Path(m.target))  # never delete through a live mount
-            entries = [self.trash_dir / e for e in os.listdir(self.trash_dir)]
-            if entries:
-                layerfs.remove_trees(entries)
+            if not (force or self._trash_filled.is_set()):
+                return
+            self._trash_filled.clear()
+            try:
+                for m in overlay.mounts_under(self.trash_dir):
+                    overlay.unmount(Path(m.target))  # never delete through a live mount
+                entries = [self.trash_dir / e for e in os.listdir(self.trash_dir)]
+                if entries:
+                    layerfs.remove_trees(entries)
+            except BaseException:
+                self._trash_filled.set()  # the next round tries again
+                raise
 
     # ------------------------------------------------------------------------------------
     # small helpers
@@ -1007,7 +1020,7 @@ class StateManager:
             stray = [e for e in os.listdir(self.layers_dir) if e not in layer_ids]
             for entry in stray:
                 self._to_trash(self.layers_dir / entry)
-            self._empty_trash()
+            self._empty_trash(force=True)
         return {"objects_removed": objects, "layers_removed": len(stray)}
 
     # ------------------------------------------------------------------------------------

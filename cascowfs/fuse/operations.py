@@ -243,7 +243,7 @@ class CascowOperations(pyfuse3.Operations):
             attr.st_mode, attr.st_nlink = MODE_ROOT, 4
         elif node.ino == CTL_INO:
             attr.st_mode, attr.st_nlink = MODE_CTL, 1
-            attr.attr_timeout = 0
+            attr.attr_timeout = IMMUTABLE_TIMEOUT  # a stream: its attributes never change
         else:
             # nlink 1: "unknown" (counting would need a listing per stat)
             attr.st_mode, attr.st_nlink = MODE_OPEN_DIR, 1
@@ -721,7 +721,9 @@ class CascowOperations(pyfuse3.Operations):
 
     @edge
     async def flush(self, fh: int) -> None:
-        return None
+        # Nothing to do at close: ENOSYS makes the kernel stop sending FLUSH at all, which
+        # saves a round trip through the daemon on every close(2) of every file here.
+        raise _err(errno.ENOSYS)
 
     @edge
     async def fsync(self, fh: int, datasync: bool) -> None:
