@@ -524,7 +524,8 @@ def document(data: dict[str, dict], figs: dict[str, list[str]], notes: str | Non
             "one the agent needs before it can use the result.", "",
             "How each system does each op:", "",
             "| system | branch | commit | discard | prune |", "|---|---|---|---|---|",
-            "| cascowfs | `echo \"branch N ID\" > MNT/ctl` + `readlink MNT/branches/N/tree` | "
+            "| cascowfs | `branch N ID` written to `MNT/ctl`, then its reply line (the tree's path) "
+            "read from the same open file | "
             "`echo \"ID reward=… agent=…\" > MNT/branches/N/commit` | `rmdir MNT/branches/N` | "
             "`rmdir MNT/snapshots/ID` |",
             "| bare overlayfs (floor) | 3×mkdir + mount(2) of the snapshot's layer chain "
