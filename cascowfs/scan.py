@@ -390,30 +390,56 @@ def canonicalize_links(trees: TreeStore, root: DirNode) -> None:
                 node.children[name] = replace(node.children[name], link=canonical)
 
 
+BuiltDirs = dict  # path -> (entries, tree id, objects, own metadata, entry) of a built directory
+
+
 def finalize(node: DirNode, sink: ObjectSink,
-             remember: Callable[[bytes, dict[bytes, Entry]], None] | None = None) -> Entry:
+             remember: Callable[[bytes, dict[bytes, Entry]], None] | None = None,
+             reuse: BuiltDirs | None = None, built: BuiltDirs | None = None,
+             path: bytes = b"") -> Entry:
     """Encode a DirNode bottom-up into tree objects (added to ``sink``); returns its entry,
     with ``tree_files``/``tree_bytes`` totals carried in the directory entry. ``remember``
-    gets every directory built (id, entries), for a caller that reads them back next."""
-    entries: dict[bytes, Entry] = {}
-    files = total = links = 0
-    for name, child in node.children.items():
-        if isinstance(child, DirNode):
-            child = finalize(child, sink, remember)
-        entries[name] = child
-        if child.is_dir:
-            files += child.tree_files
-            total += child.tree_bytes
-            links += child.tree_links
-        elif child.is_file:
-            files += 1
-            total += child.size
-        if child.link:
-            links += 1
-    tree_id, objects = tree_objects(entries)
+    gets every directory built (id, entries), for a caller that reads them back next.
+
+    ``built`` collects every directory by path; ``reuse`` is what an earlier call collected.
+    A directory whose children are the very same entry objects as then (a commit's unchanged
+    files keep their cached entries, unchanged subdirectories their earlier entry) is not
+    encoded again: a branch committing again and again re-walks everything it ever changed,
+    and re-encoding all of it made each commit of a long lineage slower than the last."""
+    entries: dict[bytes, Entry] = {
+        name: finalize(child, sink, remember, reuse, built, path + b"/" + name)
+        if isinstance(child, DirNode) else child
+        for name, child in node.children.items()}
+    m = node.meta
+    before = reuse.get(path) if reuse is not None else None
+    entry = None
+    if before is not None and _same_objects(before[0], entries):
+        entries, tree_id, objects = before[:3]
+        if before[3] == m:
+            entry = before[4]  # the very same object, so the parent can be reused in turn
+    else:
+        tree_id, objects = tree_objects(entries)
+    if entry is None:
+        files = total = links = 0
+        for child in entries.values():
+            if child.is_dir:
+                files += child.tree_files
+                total += child.tree_bytes
+                links += child.tree_links
+            elif child.is_file:
+                files += 1
+                total += child.size
+            if child.link:
+                links += 1
+        entry = replace(m, size=0, ref=tree_id, rdev=0, link=b"", tree_files=files,
+                        tree_bytes=total, tree_links=links)
     sink.add(objects)
     if remember is not None:
         remember(tree_id, entries)
-    m = node.meta
-    return replace(m, size=0, ref=tree_id, rdev=0, link=b"", tree_files=files, tree_bytes=total,
-                   tree_links=links)
+    if built is not None:
+        built[path] = (entries, tree_id, objects, m, entry)
+    return entry
+
+
+def _same_objects(a: dict[bytes, Entry], b: dict[bytes, Entry]) -> bool:
+    return len(a) == len(b) and all(b.get(name) is e for name, e in a.items())

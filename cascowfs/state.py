@@ -159,6 +159,7 @@ class StateManager:
         self._trash_filled.set()  # whatever an earlier run left there
         self._file_caches: dict[str, dict] = {}  # status: entries with content ids only
         self._commit_caches: dict[str, dict] = {}  # commit: entries whose content is stored
+        self._built_dirs: dict[str, dict] = {}  # commit: directories the last commit encoded
         self._lock_fd = -1
         self._worker: threading.Thread | None = None
         self._jobs: queue.Queue = queue.Queue()
@@ -431,6 +432,7 @@ class StateManager:
     def _forget_file_caches(self, name: str) -> None:
         self._file_caches.pop(name, None)
         self._commit_caches.pop(name, None)
+        self._built_dirs.pop(name, None)
 
     def _ref(self, txn: lmdb.Transaction, superroot_hex: str) -> None:
         self.content.defer_incref(txn, bytes.fromhex(superroot_hex))
@@ -781,7 +783,9 @@ class StateManager:
                                    self.branches_dir / name / "upper", sink,
                                    file_cache=stored, keep=used)
                 # the new delta layer is written from these directories right below
-                root = finalize(node, sink, remember=self.trees.remember)
+                built: dict = {}
+                root = finalize(node, sink, remember=self.trees.remember,
+                                reuse=self._built_dirs.get(name), built=built)
                 superroot = self._superroot(root, sink)
                 below = self._root_of(parent["root"]) if parent else None
                 layerfs.materialize_delta(self.trees, self.content, below, root, staged,
@@ -808,6 +812,7 @@ class StateManager:
             raise
         crash_point("commit.applied")
         self._commit_caches[name] = used
+        self._built_dirs[name] = built
         crash_point("commit.switched")
         self._finish(op)
         self._jobs.put(("merge", id))

@@ -662,3 +662,40 @@ def test_a_file_kept_open_across_commits(sm):
     assert read("s1") == b"first\n"
     assert read("s2") == b"first\nsecond\n"
     assert (tree / "log").read_bytes() == b"first\nsecond\n"
+
+
+def test_commits_reencode_only_directories_that_changed(sm, monkeypatch):
+    """A branch that commits again and again re-walks everything it ever changed; directories
+    whose entries are the same objects as at its last commit are taken from that commit, not
+    encoded again. What changed (a file, a directory's own mode) must still be committed."""
+    from cascowfs import scan
+    from cascowfs.scan import RACY_NS
+
+    encoded: list[int] = []
+    real = scan.tree_objects
+    monkeypatch.setattr(scan, "tree_objects", lambda entries: (encoded.append(len(entries)),
+                                                               real(entries))[1])
+    tree = sm.create_branch("b").tree
+    for d in ("a", "b", "c"):
+        (tree / d / "deep").mkdir(parents=True)
+        (tree / d / "deep" / "f").write_text(f"{d} one\n")
+    settle = lambda: time.sleep(2 * RACY_NS / 1e9)  # old enough for the file cache
+    settle()
+    sm.commit("b", "s0")
+    assert len(encoded) == 7  # root, a, a/deep, b, b/deep, c, c/deep
+    encoded.clear()
+    settle()
+    sm.commit("b", "s1")  # nothing changed
+    assert encoded == []
+    assert sm.root_entry("s1") == sm.root_entry("s0")
+    (tree / "a" / "deep" / "f").write_text("a two\n")
+    (tree / "c").chmod(0o700)  # c's own metadata: c is re-entered, its listing is not
+    settle()
+    sm.commit("b", "s2")
+    assert len(encoded) == 3  # a/deep, a and root; b and c/deep are reused
+    view = snapshot_view(sm, "s2")
+    assert_same_view(view, dir_view(tree), "s2 against the branch")
+    assert view[b"c"].mode & 0o777 == 0o700
+    read = lambda sid, *path: sm.read_file(sm.trees.lookup(sm.root_entry(sid), b"/".join(path)).ref, 0, 100)
+    assert read("s2", b"a", b"deep", b"f") == b"a two\n" and read("s1", b"a", b"deep", b"f") == b"a one\n"
+    check_live(sm)
