@@ -50,8 +50,8 @@ PACK_TARGET = 256 * 1024
 _LIST_ITEM = struct.Struct("<32sI")
 _REF = struct.Struct("<Q")
 _INCREF = b"+"
-_SEQ_KEY = 8  # key length of store format 3's queue (a u64 sequence number)
 _DECREF = b"-"
+_SEQ_KEY = 8  # key length of store format 3's queue (a u64 sequence number)
 
 ID_SIZE = 32
 
@@ -244,12 +244,12 @@ class ContentStore:
 
     def incref(self, txn: lmdb.Transaction, oid: bytes) -> None:
         """Add one reference; an object's first one adds one to each of its children."""
-        self._add_refs(txn, Counter({oid: 1}))
+        self._cascade(txn, _INCREF, Counter({oid: 1}), None)
 
     def decref(self, txn: lmdb.Transaction, oid: bytes) -> int:
         """Drop one reference; objects reaching zero are deleted with their children's refs.
         Returns the number of objects deleted."""
-        return self._drop_refs(txn, Counter({oid: 1}))
+        return self._cascade(txn, _DECREF, Counter({oid: 1}), None)[1]
 
     # -- deferred refcount changes ----------------------------------------------------------
     # A new root's first reference cascades over every child of every new directory: for a
@@ -292,16 +292,14 @@ class ContentStore:
         those of applying every change at its operation's time, however the work is sliced."""
         spent, _, left = self._cascade(txn, _INCREF, self._take(txn, _INCREF, budget), budget)
         self._requeue(txn, _INCREF, left)
-        if left or self._queued(txn, _INCREF) or (budget is not None and spent >= budget):
+        # Each increment taken costs an update, so a slice that finished its increments under
+        # budget took every one queued.
+        if left or (budget is not None and spent >= budget):
             return 0
         rest = None if budget is None else budget - spent
         _, deleted, left = self._cascade(txn, _DECREF, self._take(txn, _DECREF, rest), rest)
         self._requeue(txn, _DECREF, left)
         return deleted
-
-    def _queued(self, txn: lmdb.Transaction, sign: bytes) -> bool:
-        cursor = txn.cursor(db=self.deferred)
-        return cursor.set_range(sign) and cursor.key()[:1] == sign
 
     def _take(self, txn: lmdb.Transaction, sign: bytes, limit: int | None) -> Counter[bytes]:
         """Remove and return queued changes of one sign (at most ``limit`` objects)."""
@@ -322,20 +320,14 @@ class ContentStore:
         for oid, n in left.items():
             self._defer(txn, sign, oid, n)
 
-    # The batch versions of incref/decref: level by level, with the changes to one object
-    # summed first. New roots of one batch share most of their children (the same directories
-    # along the same paths), so this reads and writes each count once per level, not once per
-    # reference.
-    def _add_refs(self, txn: lmdb.Transaction, delta: Counter[bytes]) -> None:
-        self._cascade(txn, _INCREF, delta, None)
-
-    def _drop_refs(self, txn: lmdb.Transaction, delta: Counter[bytes]) -> int:
-        return self._cascade(txn, _DECREF, delta, None)[1]
-
     def _cascade(self, txn: lmdb.Transaction, sign: bytes, delta: Counter[bytes],
                  budget: int | None) -> tuple[int, int, Counter[bytes]]:
         """Apply changes of one sign and the cascades they start, stopping after ``budget``
-        object updates. Returns (updates, objects deleted, changes not yet applied)."""
+        object updates. Returns (updates, objects deleted, changes not yet applied).
+
+        Level by level, with the changes to one object summed first: new roots of one batch
+        share most of their children (the same directories along the same paths), so each
+        count is read and written once per level, not once per reference."""
         spent = deleted = 0
         while delta:
             below: Counter[bytes] = Counter()

@@ -25,7 +25,7 @@ from .model import Entry
 from .progress import progress_bar
 from .scan import ObjectSink, finalize, scan_directory
 from .state import StateManager
-from .trees import TreeStore, decode_trees
+from .trees import TreeStore
 
 
 @dataclass
@@ -170,9 +170,10 @@ def _check_layers(sm: StateManager, sid: str, rec: dict, report: FsckReport) -> 
 
 def _scan_tree(path: Path) -> tuple[TreeStore, Entry | None]:
     sink = ObjectSink()
-    root = finalize(scan_directory(path, sink, prepare=identify_content), sink)
-    store = _MemoryTrees(decode_trees(sink.pending))
-    return store, root
+    trees: dict[bytes, dict[bytes, Entry]] = {}
+    root = finalize(scan_directory(path, sink, prepare=identify_content), sink,
+                    remember=trees.__setitem__)
+    return _MemoryTrees(trees), root
 
 
 class _MemoryTrees(TreeStore):

@@ -46,7 +46,7 @@ from .model import BranchInfo, Change, Entry, SnapshotInfo
 from .names import check_branch_name, check_labels, check_snapshot_id
 from .progress import progress_bar
 from .scan import ObjectSink, apply_upper, finalize, scan_directory, Progress
-from .trees import TreeStore, decode_trees, tree_objects
+from .trees import TreeStore, tree_objects
 from .wal import PendingOp, WriteAheadLog
 
 CHECKPOINT_EVERY = 1024  # WAL records between checkpoints
@@ -1042,8 +1042,8 @@ class StateManager:
             node = apply_upper(self.trees, self._root_of(rec["base_root"]),
                                self.branches_dir / name / "upper", sink,
                                prepare=identify_content, file_cache=cache, keep=cache)
-        view = finalize(node, sink)
-        extra = decode_trees(sink.pending)
+        extra: dict[bytes, dict[bytes, Entry]] = {}  # the directories built, for the diff
+        view = finalize(node, sink, remember=extra.__setitem__)
         return self.trees.diff(self._root_of(parent["root"]) if parent else None, view, extra)
 
     def diff(self, a: str | None, b: str | None) -> list[Change]:

@@ -17,7 +17,7 @@ import stat
 import struct
 import threading
 from collections import OrderedDict
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator
 
 import lmdb
 import xxhash
@@ -177,13 +177,6 @@ def decode_listing(payload: bytes | memoryview,
     for pid in ids:
         entries.update(decode_tree(page(pid)))
     return entries
-
-
-def decode_trees(values: Mapping[bytes, bytes]) -> dict[bytes, dict[bytes, Entry]]:
-    """Every directory listed by the tree objects among ``values`` (an operation's new
-    objects, which hold every page of every directory it built)."""
-    return {oid: decode_listing(memoryview(value)[1:], lambda pid: memoryview(values[pid])[1:])
-            for oid, value in values.items() if value[:1] == TYPE_TREE}
 
 
 def file_key(e: Entry) -> tuple:
