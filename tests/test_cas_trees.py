@@ -13,8 +13,8 @@ from cascowfs.errors import StoreIOError
 from cascowfs.metadb import MetaDB
 from cascowfs.model import Entry
 from cascowfs import trees as trees_mod
-from cascowfs.trees import (TreeStore, decode_tree, decode_trees, encode_tree, index_pages,
-                            tree_children, tree_objects)
+from cascowfs.trees import (TreeStore, decode_tree, encode_tree, index_pages, tree_children,
+                            tree_objects)
 
 
 @pytest.fixture
@@ -136,16 +136,22 @@ def test_tree_children_are_the_refs_decode_finds():
         tree_children(payload[:-3])
 
 
-def test_deferred_changes_keep_what_a_later_increment_needs(content):
-    """A prune queued before a commit that shares its subtree: applying the queue must not
-    delete the shared objects (increments go first), and must delete the rest."""
+def _old_tree_and_a_sharing_one(content: cas.ContentStore):
+    """A stored, referenced tree naming a shared file and one of its own, and (not stored yet)
+    a new tree naming only the shared file: (shared, only_old, old_id, (new_id, new_value))."""
     shared = _store(content, b"shared file " * 50)
     only_old = _store(content, b"old file " * 50)
     f = lambda name, ref: Entry(name, stat.S_IFREG | 0o644, 0, 0, 1, 1, ref)
     old_id, old_value = tree_object({b"s": f(b"s", shared), b"o": f(b"o", only_old)})
-    new_id, new_value = tree_object({b"s": f(b"s", shared)})
     content.db.write(lambda txn: content.put_objects(txn, [(old_id, old_value)]))
     content.db.write(lambda txn: content.incref(txn, old_id))
+    return shared, only_old, old_id, tree_object({b"s": f(b"s", shared)})
+
+
+def test_deferred_changes_keep_what_a_later_increment_needs(content):
+    """A prune queued before a commit that shares its subtree: applying the queue must not
+    delete the shared objects (increments go first), and must delete the rest."""
+    shared, only_old, old_id, (new_id, new_value) = _old_tree_and_a_sharing_one(content)
     content.db.write(lambda txn: content.defer_decref(txn, old_id))  # the prune, first
     content.db.write(lambda txn: (content.put_objects(txn, [(new_id, new_value)]),
                                   content.defer_incref(txn, new_id)))  # then the commit
@@ -167,13 +173,7 @@ def test_sliced_application_never_deletes_what_a_later_increment_needs(content):
     changes between slices: here a commit sharing a file with a pruned tree arrives after the
     prune's first slice. Its increment must count before the prune's decrement of the shared
     file is applied, or the file would be deleted while the new tree names it."""
-    shared = _store(content, b"shared file " * 50)
-    only_old = _store(content, b"old file " * 50)
-    f = lambda name, ref: Entry(name, stat.S_IFREG | 0o644, 0, 0, 1, 1, ref)
-    old_id, old_value = tree_object({b"s": f(b"s", shared), b"o": f(b"o", only_old)})
-    new_id, new_value = tree_object({b"s": f(b"s", shared)})
-    content.db.write(lambda txn: content.put_objects(txn, [(old_id, old_value)]))
-    content.db.write(lambda txn: content.incref(txn, old_id))
+    shared, only_old, old_id, (new_id, new_value) = _old_tree_and_a_sharing_one(content)
     content.db.write(lambda txn: content.defer_decref(txn, old_id))  # the prune
     content.db.write(lambda txn: content.apply_deferred(txn, budget=1))  # its first slice
     with content.db.read() as txn:
@@ -259,7 +259,7 @@ def test_large_directories_are_paged_and_read_back_whole(content):
     sizes = [len(decode_tree(memoryview(v)[1:])) for _, v in objects[:-1]]
     assert sum(sizes) == 3000 and max(sizes) <= trees_mod.PAGE_MAX and len(sizes) > 3000 // 128
     assert tree_children(memoryview(objects[-1][1])[1:]) == pages
-    assert decode_trees(dict(objects))[top] == entries  # an operation's new objects alone
+    assert TreeStore(content).get(top, pending=dict(objects)) == entries  # not stored yet
     content.db.write(lambda txn: content.put_objects(txn, objects))
     assert TreeStore(content).get(top) == entries
     small = _files([b"a", b"b"])

@@ -23,12 +23,16 @@ def _format(sm) -> bytes:
         return bytes(txn.get(b"format", db=sm.db.db("meta")))
 
 
-def test_format_2_store_upgrades_in_place_and_keeps_its_snapshots(store, tmp_path):
+def _one_file_tree(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text("hello\n")
+    return src
+
+
+def test_format_2_store_upgrades_in_place_and_keeps_its_snapshots(store, tmp_path):
     with open_store(store) as sm:
-        sm.import_tree(src, "base")
+        sm.import_tree(_one_file_tree(tmp_path), "base")
         _set_format(sm, b"2")  # a store written before refcount changes were queued
     with open_store(store) as sm:
         assert _format(sm) == str(STORE_FORMAT).encode()
@@ -69,11 +73,8 @@ def _as_format_3_with_a_queued_increment(store) -> tuple[bytes, int]:
 
 
 def test_format_3_queue_is_rekeyed_on_upgrade(store, tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.txt").write_text("hello\n")
     with open_store(store) as sm:
-        sm.import_tree(src, "base")
+        sm.import_tree(_one_file_tree(tmp_path), "base")
         sm.create_branch("b", "base")
         sm.settle()
     base_root, count = _as_format_3_with_a_queued_increment(store)
