@@ -926,8 +926,9 @@ class StateManager:
             try:
                 with self._disk_errors(f"rewriting the layers of snapshot {id}"):
                     if merge:
+                        merged = [self.layers_dir / lid for lid in chain[:count]]
                         layerfs.materialize_delta(self.trees, self.content, self._root_of(below),
-                                                  root, staged)
+                                                  root, staged, replacing=merged)
                     else:
                         layerfs.materialize(self.trees, self.content, root, staged)
                 crash_point("flatten.staged")

@@ -194,9 +194,8 @@ def test_commit_errors(fs):
 def test_concurrent_commits_of_one_branch(fs):
     """Two commits of one branch at once: one wins, the other gets EBUSY, nothing breaks.
 
-    The kernel serializes writes to one FUSE inode (libfuse 3.14 cannot ask for parallel direct
-    writes), so two commits through ``ctl`` queue up; the branch's ``commit`` file is another
-    inode, so a commit through it and one through ``ctl`` really do run at the same time.
+    One goes through ``ctl``, the other through the branch's ``commit`` file (another inode,
+    so the kernel runs the two writes at the same time).
     """
     tree = fresh_branch(fs, "racy")
     commit_file = fs.mnt / "branches" / "racy" / "commit"
@@ -238,6 +237,57 @@ def test_concurrent_commits_of_one_branch(fs):
         if ident != last:
             assert fs.ctl(f"prune {ident}")[0] == 0
     assert fs.ctl(f"prune {last}")[0] == 0
+
+
+def test_each_open_ctl_file_gets_a_lane_of_its_own(fs):
+    """While one ctl file is open, opening ctl again gives another inode (a lane), so the
+    kernel, which runs one write(2) at a time per inode, lets the two commands overlap; one
+    at a time, opens keep reusing the same lane."""
+    ctl = fs.mnt / "ctl"
+    alone = {os.stat(ctl).st_ino for _ in range(5)}
+    fds = [os.open(ctl, os.O_RDWR) for _ in range(3)]
+    try:
+        held = [os.fstat(fd).st_ino for fd in fds]
+        assert len(set(held)) == 3, held
+        for i, fd in enumerate(fds):  # every lane is a full ctl
+            os.write(fd, f"branch lane{i} base\n".encode())
+            assert os.read(fd, 4096).decode().startswith("ok ")
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert len(alone) == 1
+    assert os.stat(ctl).st_ino in held  # idle lanes are reused, not multiplied
+    assert os.listdir(fs.mnt).count("ctl") == 1
+    for i in range(3):
+        assert fs.ctl(f"discard lane{i}")[0] == 0
+
+
+def test_a_long_ctl_command_does_not_hold_up_another(fs):
+    tree = fresh_branch(fs, "long")
+    for i in range(24):
+        (tree / f"big-{i}").write_bytes(os.urandom(8 << 20))
+    started = threading.Event()
+    finished: list[float] = []
+
+    def commit() -> None:
+        started.set()
+        assert fs.ctl("commit long long-snap")[0] == 0
+        finished.append(time.monotonic())
+
+    worker = threading.Thread(target=commit)
+    worker.start()
+    started.wait()
+    time.sleep(0.05)  # let the commit's write(2) reach the daemon
+    t0 = time.monotonic()
+    code, reply = fs.ctl("branch quick base")
+    quick_done = time.monotonic()
+    worker.join()
+    assert code == 0, reply
+    assert finished[0] - t0 > 0.3, "commit too fast to prove anything"
+    assert quick_done < finished[0], "the second command waited for the first"
+    assert fs.ctl("discard quick")[0] == 0
+    assert fs.ctl("discard long")[0] == 0
+    assert fs.ctl("prune long-snap")[0] == 0
 
 
 def test_long_commit_does_not_stall_snapshot_reads(fs):

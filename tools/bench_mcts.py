@@ -293,47 +293,37 @@ class CascowSystem(System):
     def daemon_pid(self) -> int:
         return int(os.getxattr(self.mnt, "user.cascowfs.pid"))
 
-    @staticmethod
-    def _write_line(path: str | Path, line: str) -> None:
-        """One write(2) of one line: how every command file of the store takes a command."""
-        fd = os.open(path, os.O_WRONLY)
+    def cmd(self, line: str) -> str:
+        """One command through ``ctl``, its reply read back from the same open file (``ok`` and
+        the result). Every operation goes this way: each open of ``ctl`` gets a lane of its own
+        (docs/interface.md), so the agents' commands run side by side, while the namespace calls
+        (``rmdir`` in ``branches/``, a first lookup of ``branches/N/commit``) queue behind each
+        other on those directories' locks."""
+        fd = os.open(self.ctl, os.O_RDWR)
         try:
             os.write(fd, line.encode() + b"\n")
+            reply = os.read(fd, 4096).decode()
         finally:
             os.close(fd)
-
-    def cmd(self, line: str) -> None:
-        self._write_line(self.ctl, line)
+        if reply != "ok\n" and not reply.startswith("ok "):
+            raise RuntimeError(f"{line}: unexpected reply {reply!r}")
+        return reply[3:].rstrip("\n")
 
     def setup(self, src: Path) -> None:
         self.mount()
         self.cmd(f"import base {src}")
 
     def branch(self, name: str, parent: str) -> str:
-        # The tree's path comes from ctl's reply line, read from the same open file: resolving
-        # MNT/branches/<name>/tree instead is a lookup in branches/, which waits while another
-        # agent's rmdir (discard) holds that directory's lock.
-        fd = os.open(self.ctl, os.O_RDWR)
-        try:
-            os.write(fd, f"branch {name} {parent}\n".encode())
-            reply = os.read(fd, 4096).decode()
-        finally:
-            os.close(fd)
-        if not reply.startswith("ok "):
-            raise RuntimeError(f"branch {name} {parent}: unexpected reply {reply!r}")
-        return reply[3:].rstrip("\n")
+        return self.cmd(f"branch {name} {parent}")  # the reply is the working tree's path
 
     def commit(self, name: str, sid: str, labels: dict[str, str]) -> None:
-        # the branch's own commit file, not ctl: the kernel runs writes to one file one at a
-        # time (its inode lock), so agents sharing ctl would queue behind each other's commits
-        self._write_line(self.mnt / "branches" / name / "commit",
-                         " ".join([sid] + [f"{k}={v}" for k, v in labels.items()]))
+        self.cmd(" ".join(["commit", name, sid] + [f"{k}={v}" for k, v in labels.items()]))
 
     def discard(self, name: str) -> None:
-        os.rmdir(self.mnt / "branches" / name)
+        self.cmd(f"discard {name}")
 
     def prune(self, sid: str) -> None:
-        os.rmdir(self.mnt / "snapshots" / sid)
+        self.cmd(f"prune {sid}")
 
     def snapshot_path(self, sid: str) -> str:
         return str(self.mnt / "snapshots" / sid)

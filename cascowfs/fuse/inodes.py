@@ -3,6 +3,7 @@
 Three ranges of inode numbers, chosen so that they can never collide with each other:
 
 * ``1 .. 15``: the fixed skeleton (mount root, ``ctl``, ``snapshots/``, ``branches/``).
+  Further lanes of ``ctl`` (``ctl_lanes``) are allocated like the range below.
 * ``16 .. 2**52 - 1``: allocated from a counter that never goes back, for every directory of a
   snapshot (unique per (snapshot, path), because the kernel must never see one directory nodeid
   under two parents) and for the control-plane nodes of branches. Never reused within one daemon
@@ -58,6 +59,13 @@ class SkeletonNode(Node):
     """Mount root, ``ctl``, ``snapshots/`` and ``branches/``."""
 
     children: dict[bytes, Node] = field(default_factory=dict)
+
+
+@dataclass(eq=False, slots=True)
+class CtlNode(Node):
+    """``ctl``, or one of its lanes (see ``ctl_lanes``): ``opens`` counts its open files."""
+
+    opens: int = 0
 
 
 @dataclass(eq=False, slots=True)

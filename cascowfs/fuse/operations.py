@@ -38,6 +38,7 @@ from ..errors import CascowfsError, NotFoundError, PermissionDeniedError
 from ..model import BranchInfo, Entry, SnapshotInfo
 from ..names import check_branch_name, check_snapshot_id
 from . import control
+from .ctl_lanes import CtlLanes
 from .inodes import (
     BRANCHES_INO,
     CTL_INO,
@@ -45,6 +46,7 @@ from .inodes import (
     SNAPSHOTS_INO,
     BranchDirNode,
     BranchFileNode,
+    CtlNode,
     InodeTable,
     Node,
     SkeletonNode,
@@ -111,6 +113,7 @@ def _err(code: int) -> pyfuse3.FUSEError:
 class CtlHandle:
     # write(2) requests carry no credentials in FUSE: like Unix permission checks, the caller's
     # right to change state is decided when the file is opened.
+    lane: CtlNode
     admin: bool = False
     replies: deque[bytes] = field(default_factory=lambda: deque(maxlen=1024))
     partial: bytes = b""  # unread tail of a reply that a short read split
@@ -153,7 +156,8 @@ class CascowOperations(pyfuse3.Operations):
         self.started_ns = now
         self.changed_ns = {SNAPSHOTS_INO: now, BRANCHES_INO: now}
         self.root = self.table.add_pinned(SkeletonNode(ROOT_INO))
-        self.ctl = self.table.add_pinned(SkeletonNode(CTL_INO, name=b"ctl", parent=self.root))
+        self.ctl = self.table.add_pinned(CtlNode(CTL_INO, name=b"ctl", parent=self.root))
+        self.ctl_lanes = CtlLanes(self.ctl, self.table.allocate, self.root)
         self.snapshots = self.table.add_pinned(
             SkeletonNode(SNAPSHOTS_INO, name=b"snapshots", parent=self.root))
         self.branches = self.table.add_pinned(
@@ -241,9 +245,10 @@ class CascowOperations(pyfuse3.Operations):
         mtime = self.changed_ns.get(node.ino, self.started_ns)
         if node.ino == ROOT_INO:
             attr.st_mode, attr.st_nlink = MODE_ROOT, 4
-        elif node.ino == CTL_INO:
+        elif isinstance(node, CtlNode):
             attr.st_mode, attr.st_nlink = MODE_CTL, 1
             attr.attr_timeout = IMMUTABLE_TIMEOUT  # a stream: its attributes never change
+            attr.entry_timeout = 0  # every open looks it up: the answer is an idle lane
         else:
             # nlink 1: "unknown" (counting would need a listing per stat)
             attr.st_mode, attr.st_nlink = MODE_OPEN_DIR, 1
@@ -368,6 +373,8 @@ class CascowOperations(pyfuse3.Operations):
                 raise _err(errno.ENOENT)
             return await self._snap_child(parent, name, entry)
         if parent.ino == ROOT_INO:
+            if name == b"ctl":
+                return self.ctl_lanes.for_lookup()
             node = self._skeleton.get(name)
             if node is None:
                 raise _err(errno.ENOENT)
@@ -418,7 +425,7 @@ class CascowOperations(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        writable = node.ino == CTL_INO or (
+        writable = isinstance(node, CtlNode) or (
             isinstance(node, BranchFileNode) and node.which in ("parent", "commit"))
         only_truncate = fields.update_size and not (
             fields.update_mode or fields.update_uid or fields.update_gid
@@ -493,7 +500,7 @@ class CascowOperations(pyfuse3.Operations):
     @edge
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._node(inode)
-        if not isinstance(node, (SnapDirNode, SkeletonNode, BranchDirNode)) or node.ino == CTL_INO:
+        if not isinstance(node, (SnapDirNode, SkeletonNode, BranchDirNode)):
             raise _err(errno.ENOTDIR)
         return self._new_handle(DirHandle(node))
 
@@ -636,9 +643,10 @@ class CascowOperations(pyfuse3.Operations):
                 raise _err(errno.EINVAL)
             # keep_cache: the content behind this nodeid can never change.
             return pyfuse3.FileInfo(fh=self._new_handle(LeafHandle(node.entry)), keep_cache=True)
-        if node.ino == CTL_INO:
+        if isinstance(node, CtlNode):
             # Replies are a stream, not a file: no seeking, no page cache.
-            handle = CtlHandle(admin=self._is_admin(ctx))
+            handle = CtlHandle(node, admin=self._is_admin(ctx))
+            self.ctl_lanes.opened(node)
             return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, nonseekable=True)
         if isinstance(node, BranchFileNode) and node.which in ("parent", "commit", "status"):
             if writing and node.which == "status":
@@ -731,7 +739,9 @@ class CascowOperations(pyfuse3.Operations):
 
     @edge
     async def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, CtlHandle):
+            self.ctl_lanes.closed(handle.lane)
 
 
 def _drain(handle: CtlHandle, size: int) -> bytes:
