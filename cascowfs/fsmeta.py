@@ -11,16 +11,25 @@ OVERLAY_XATTR_PREFIX = b"trusted.overlay."
 
 def read_xattrs(path: str | bytes) -> tuple[tuple[bytes, bytes], ...]:
     """Every xattr of ``path`` (not following symlinks), sorted, overlayfs's own left out."""
+    return read_xattrs_and_overlay_keys(path)[0]
+
+
+def read_xattrs_and_overlay_keys(path: str | bytes) -> tuple[tuple[tuple[bytes, bytes], ...],
+                                                            frozenset[bytes]]:
+    """``read_xattrs``, and the names of overlayfs's own xattrs that ``path`` has (so that a
+    walk of an upper directory reads those values only where they exist)."""
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EPERM):
-            return ()
+            return (), frozenset()
         raise
     out = []
+    overlay = []
     for name in names:
         key = name.encode("utf-8", "surrogateescape")
         if key.startswith(OVERLAY_XATTR_PREFIX):
+            overlay.append(key)
             continue
         try:
             out.append((key, os.getxattr(path, name, follow_symlinks=False)))
@@ -28,7 +37,7 @@ def read_xattrs(path: str | bytes) -> tuple[tuple[bytes, bytes], ...]:
             if exc.errno != errno.ENODATA:  # removed meanwhile
                 raise
     out.sort()
-    return tuple(out)
+    return tuple(out), frozenset(overlay)
 
 
 def get_overlay_xattr(path: str | bytes, key: bytes) -> bytes | None:

@@ -31,64 +31,36 @@ class _Writer:
         self.pending = pending
         self.linked: dict[bytes, bytes] = {}
         self.tick = progress or (lambda n: None)
-        self.reused = 0  # files hard-linked from the layers being replaced
 
     def _tree(self, tree_id: bytes) -> dict[bytes, Entry]:
         return self.trees.get(tree_id, pending=self.pending)
 
-    def write_leaf(self, child: Entry, path: bytes, sources: tuple[bytes, ...] = ()) -> None:
-        """One non-directory entry; ``sources``: where the layers being replaced show the
-        entry's directory (``_visible_in``)."""
+    def write_leaf(self, child: Entry, path: bytes) -> None:
         if child.link and child.link in self.linked:
             os.link(self.linked[child.link], path)
             return
-        if child.is_file and sources and self._link_shown(child, path, sources):
-            self.reused += 1  # the shared inode has this entry's metadata already
+        if child.is_file:
+            fsmeta.write_file_data(path, self.content.read(child.ref, pending=self.pending))
+            self.tick(child.size)
+        elif stat.S_ISLNK(child.mode):
+            os.symlink(child.ref, path)
         else:
-            if child.is_file:
-                fsmeta.write_file_data(path, self.content.read(child.ref, pending=self.pending))
-                self.tick(child.size)
-            elif stat.S_ISLNK(child.mode):
-                os.symlink(child.ref, path)
-            else:
-                fsmeta.make_node(path, child.mode, child.rdev)
-            fsmeta.apply_metadata(path, child.mode, child.uid, child.gid, child.mtime_ns, child.xattrs)
+            fsmeta.make_node(path, child.mode, child.rdev)
+        fsmeta.apply_metadata(path, child.mode, child.uid, child.gid, child.mtime_ns, child.xattrs)
         if child.link:
             self.linked[child.link] = path
 
-    @staticmethod
-    def _link_shown(child: Entry, path: bytes, sources: tuple[bytes, ...]) -> bool:
-        """Hard-link the file that the layers being replaced show at this path, if it is this
-        very entry: layers are never written once placed, so the new layer may share it."""
-        name = path.rsplit(b"/", 1)[-1]
-        for src in sources:  # top-most first: the first layer with the name is what shows
-            try:
-                st = os.lstat(src + b"/" + name)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            if not stat.S_ISREG(st.st_mode) or (
-                    st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_size) != (
-                    child.mode, child.uid, child.gid, child.mtime_ns, child.size):
-                return False  # a whiteout, or not the file this tree holds: write it
-            try:
-                os.link(src + b"/" + name, path)
-            except OSError:  # EMLINK, say: a copy is always right
-                return False
-            return True
-        return False
-
-    def write_dir(self, entry: Entry, path: bytes, sources: tuple[bytes, ...] = ()) -> None:
+    def write_dir(self, entry: Entry, path: bytes) -> None:
         """The whole subtree of a directory entry."""
         os.mkdir(path, 0o700)
         for name, child in self._tree(entry.ref).items():
             if child.is_dir:
-                self.write_dir(child, path + b"/" + name, _visible_in(sources, name))
+                self.write_dir(child, path + b"/" + name)
             else:
-                self.write_leaf(child, path + b"/" + name, sources)
+                self.write_leaf(child, path + b"/" + name)
         _set_dir_metadata(path, entry)
 
-    def write_delta(self, base: Entry | None, target: Entry, path: bytes,
-                    sources: tuple[bytes, ...] = ()) -> None:
+    def write_delta(self, base: Entry | None, target: Entry, path: bytes) -> None:
         """Only what turns directory ``base`` into ``target``, in overlayfs's upper format."""
         os.mkdir(path, 0o700)
         before = self._tree(base.ref) if base is not None else {}
@@ -102,34 +74,14 @@ class _Writer:
                 if b is not None and b.is_dir:
                     if b == t:
                         continue  # same subtree, same attributes: the lower layer shows it
-                    self.write_delta(b, t, child, _visible_in(sources, name))
+                    self.write_delta(b, t, child)
                 else:
-                    self.write_dir(t, child, _visible_in(sources, name))
+                    self.write_dir(t, child)
                     if b is not None:  # a directory replacing a file hides nothing below
                         os.setxattr(child, b"trusted.overlay.opaque", b"y")
             elif b is None or b.is_dir or file_key(b) != file_key(t):
-                self.write_leaf(t, child, sources)
+                self.write_leaf(t, child)
         _set_dir_metadata(path, target)
-
-
-def _visible_in(sources: tuple[bytes, ...], name: bytes) -> tuple[bytes, ...]:
-    """Where layers that show a directory at ``sources`` (top-most first) show its child
-    directory ``name``, by overlayfs's lookup rules: a directory merges with those below it
-    unless it is opaque, and anything else hides them. (Layers written here never hold
-    redirects.)"""
-    out: list[bytes] = []
-    for src in sources:
-        path = src + b"/" + name
-        try:
-            st = os.lstat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            break
-        out.append(path)
-        if fsmeta.get_overlay_xattr(path, b"trusted.overlay.opaque") == b"y":
-            break
-    return tuple(out)
 
 
 def _set_dir_metadata(path: bytes, entry: Entry) -> None:
@@ -143,19 +95,10 @@ def materialize(trees: TreeStore, content: ContentStore, root: Entry, dst: Path,
 
 
 def materialize_delta(trees: TreeStore, content: ContentStore, base: Entry | None, root: Entry,
-                      dst: Path, pending: dict[bytes, bytes] | None = None,
-                      replacing: list[Path] | None = None) -> int:
+                      dst: Path, pending: dict[bytes, bytes] | None = None) -> None:
     """Write, as one overlay layer over layers showing ``base`` (None: nothing), what turns
-    that tree into ``root``: changed entries, whiteouts for deleted ones.
-
-    ``replacing``: layers (top-most first) that show ``root`` over those same lower layers,
-    which the new one is to replace (a merge). Files they show are hard-linked, not copied:
-    a merge then costs directories and inodes, not the data again. Returns how many files
-    were linked."""
-    writer = _Writer(trees, content, None, pending)
-    writer.write_delta(base, root, os.fsencode(dst),
-                       tuple(os.fsencode(p) for p in replacing or ()))
-    return writer.reused
+    that tree into ``root``: changed entries, whiteouts for deleted ones."""
+    _Writer(trees, content, None, pending).write_delta(base, root, os.fsencode(dst))
 
 
 def set_root_metadata(path: Path, root: Entry | None) -> None:

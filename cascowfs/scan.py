@@ -64,14 +64,48 @@ class ObjectSink:
         return items
 
 
+_NOTHING_BELOW: dict[bytes, Entry] = {}  # the lower listing of a directory with none (never changed)
+_OPAQUE = b"trusted.overlay.opaque"
+_REDIRECT = b"trusted.overlay.redirect"
+
+
 class DirNode:
-    """A directory being built: its own metadata and its children (entries or nodes)."""
+    """A directory being built: its own metadata and its children (entries or nodes).
 
-    __slots__ = ("meta", "children")
+    A node of an upper walk holds what the upper says about its children (``changes``: name ->
+    entry, node, or None for a whiteout) over the listing of the directory below
+    (``lower``, as the tree cache holds it, and its tree id); ``children``, the two merged, is built when first
+    asked for. ``finalize`` compares only ``changes`` with the branch's last commit, so a
+    directory with a thousand entries and one changed file costs one entry, not a thousand."""
 
-    def __init__(self, meta: Entry, children: dict[bytes, "Entry | DirNode"]) -> None:
+    __slots__ = ("meta", "_children", "lower", "lower_id", "changes")
+
+    def __init__(self, meta: Entry, children: dict[bytes, "Entry | DirNode"] | None = None, *,
+                 lower: dict[bytes, Entry] | None = None, lower_id: bytes = b"",
+                 changes: dict[bytes, "Entry | DirNode | None"] | None = None) -> None:
         self.meta = meta
-        self.children = children
+        self._children = children
+        self.lower = lower
+        self.lower_id = lower_id  # tree id of ``lower`` (b"": nothing below)
+        self.changes = changes
+
+    @property
+    def children(self) -> dict[bytes, "Entry | DirNode"]:
+        if self._children is None:
+            merged: dict = dict(self.lower or ())
+            for name, child in (self.changes or {}).items():
+                if child is None:
+                    merged.pop(name, None)
+                else:
+                    merged[name] = child
+            self._children = merged
+        return self._children
+
+    @property
+    def changes_only(self) -> bool:
+        """Whether ``changes`` over ``lower`` is still all there is (nobody edited
+        ``children``)."""
+        return self.changes is not None and self._children is None
 
 
 def _meta_entry(name: bytes, st: os.stat_result, xattrs: tuple, size: int = 0,
@@ -310,50 +344,59 @@ def apply_upper(trees: TreeStore, base_root: Entry | None, upper: Path, sink: Ob
             return None
         return trees.lookup(base_root, path)
 
-    def walk(path: bytes, rel: bytes, st: os.stat_result, name: bytes, lower: Entry | None) -> DirNode:
-        node = expand(trees, lower, _meta_entry(name, st, fsmeta.read_xattrs(path)))
-        lower_children = trees.get(lower.ref) if lower is not None and lower.is_dir else {}
+    def walk(path: bytes, rel: bytes, st: os.stat_result, name: bytes, lower: Entry | None,
+             siblings: dict[bytes, Entry]) -> DirNode:
+        """``lower``: what the directory below (``siblings``) holds under this name."""
+        xattrs, marks = fsmeta.read_xattrs_and_overlay_keys(path)
+        if _OPAQUE in marks or _REDIRECT in marks:
+            lower = lower_of_marked(path, lower, siblings)
+        if lower is not None and not lower.is_dir:
+            lower = None
+        lower_children = trees.get(lower.ref) if lower is not None else _NOTHING_BELOW
+        changes: dict[bytes, Entry | DirNode | None] = {}
+        node = DirNode(_meta_entry(name, st, xattrs), lower=lower_children,
+                       lower_id=lower.ref if lower is not None else b"", changes=changes)
+        # scandir's order, not sorted: trees are encoded sorted by name whatever the order here
         with os.scandir(path) as it:
-            items = sorted(it, key=lambda d: d.name)
+            items = list(it)
         for item in items:
             cname = item.name
             cpath = path + b"/" + cname
             crel = rel + b"/" + cname if rel else cname
             cst = os.lstat(cpath)
             if stat.S_ISCHR(cst.st_mode) and cst.st_rdev == 0:
-                node.children.pop(cname, None)  # whiteout
-                continue
-            if stat.S_ISDIR(cst.st_mode):
-                if fsmeta.get_overlay_xattr(cpath, b"trusted.overlay.opaque") == b"y":
-                    clower = None
-                else:
-                    redirect = fsmeta.get_overlay_xattr(cpath, b"trusted.overlay.redirect")
-                    if redirect is not None and redirect.startswith(b"/"):
-                        clower = lookup_abs(redirect.strip(b"/"))
-                    elif redirect is not None:
-                        clower = lower_children.get(redirect)
-                    else:
-                        clower = lower_children.get(cname)
-                    if clower is not None and not clower.is_dir:
-                        clower = None
-                node.children[cname] = walk(cpath, crel, cst, cname, clower)
-                continue
-            if stat.S_ISREG(cst.st_mode):
+                changes[cname] = None  # whiteout
+            elif stat.S_ISDIR(cst.st_mode):
+                changes[cname] = walk(cpath, crel, cst, cname, lower_children.get(cname),
+                                      lower_children)
+            elif stat.S_ISREG(cst.st_mode):
                 key = (crel, cst.st_ino, cst.st_size, cst.st_mtime_ns, cst.st_ctime_ns)
                 entry = file_cache.get(key) if file_cache is not None else None
                 if entry is None:
                     entry = _file_entry(cname, cpath, cst, prepare, sink)
                 if keep is not None and cst.st_ctime_ns < stable_before_ns:
                     keep[key] = entry
-                node.children[cname] = entry
+                changes[cname] = entry
                 if cst.st_nlink > 1:
                     links.add(cst, node, cname, crel)
             else:
-                node.children[cname] = _other_entry(cname, cpath, cst)
+                changes[cname] = _other_entry(cname, cpath, cst)
         return node
 
+    def lower_of_marked(path: bytes, lower: Entry | None,
+                        siblings: dict[bytes, Entry]) -> Entry | None:
+        """The lower directory that an opaque or redirected upper directory stands over."""
+        if fsmeta.get_overlay_xattr(path, _OPAQUE) == b"y":
+            return None
+        redirect = fsmeta.get_overlay_xattr(path, _REDIRECT)
+        if redirect is None:
+            return lower
+        if redirect.startswith(b"/"):
+            return lookup_abs(redirect.strip(b"/"))
+        return siblings.get(redirect)
+
     st = os.lstat(upper_root)
-    root = walk(upper_root, b"", st, b"", base_root)
+    root = walk(upper_root, b"", st, b"", base_root, _NOTHING_BELOW)
     links.assign()
     if links.groups or (base_root is not None and base_root.tree_links):
         canonicalize_links(trees, root)
@@ -390,7 +433,9 @@ def canonicalize_links(trees: TreeStore, root: DirNode) -> None:
                 node.children[name] = replace(node.children[name], link=canonical)
 
 
-BuiltDirs = dict  # path -> (entries, tree id, objects, own metadata, entry) of a built directory
+# path -> (entries, tree id, objects, own metadata, entry, lower tree id, changes) of a built
+# directory; the last two are None unless it came from an upper walk
+BuiltDirs = dict
 
 
 def finalize(node: DirNode, sink: ObjectSink,
@@ -405,15 +450,37 @@ def finalize(node: DirNode, sink: ObjectSink,
     A directory whose children are the very same entry objects as then (a commit's unchanged
     files keep their cached entries, unchanged subdirectories their earlier entry) is not
     encoded again: a branch committing again and again re-walks everything it ever changed,
-    and re-encoding all of it made each commit of a long lineage slower than the last."""
-    entries: dict[bytes, Entry] = {
-        name: finalize(child, sink, remember, reuse, built, path + b"/" + name)
-        if isinstance(child, DirNode) else child
-        for name, child in node.children.items()}
-    m = node.meta
+    and re-encoding all of it made each commit of a long lineage slower than the last. For a
+    node of an upper walk only its changes are compared (over the same lower listing), not
+    every entry of the directory."""
     before = reuse.get(path) if reuse is not None else None
+    lower_id = changes = None
+    if node.changes_only:
+        lower_id = node.lower_id
+        changes = {name: finalize(child, sink, remember, reuse, built, path + b"/" + name)
+                   if isinstance(child, DirNode) else child
+                   for name, child in node.changes.items()}  # type: ignore[union-attr]
+        if before is not None and before[5] == lower_id:
+            same = _same_objects(before[6], changes)  # over the same listing: enough to know
+        else:
+            same = False
+        if same:
+            entries = before[0]
+        else:
+            entries = dict(node.lower)  # type: ignore[arg-type]
+            for name, child in changes.items():
+                if child is None:
+                    entries.pop(name, None)
+                else:
+                    entries[name] = child
+    else:
+        entries = {name: finalize(child, sink, remember, reuse, built, path + b"/" + name)
+                   if isinstance(child, DirNode) else child
+                   for name, child in node.children.items()}
+        same = before is not None and _same_objects(before[0], entries)
+    m = node.meta
     entry = None
-    if before is not None and _same_objects(before[0], entries):
+    if same:
         entries, tree_id, objects = before[:3]
         if before[3] == m:
             entry = before[4]  # the very same object, so the parent can be reused in turn
@@ -437,9 +504,11 @@ def finalize(node: DirNode, sink: ObjectSink,
     if remember is not None:
         remember(tree_id, entries)
     if built is not None:
-        built[path] = (entries, tree_id, objects, m, entry)
+        built[path] = (entries, tree_id, objects, m, entry, lower_id, changes)
     return entry
 
 
-def _same_objects(a: dict[bytes, Entry], b: dict[bytes, Entry]) -> bool:
-    return len(a) == len(b) and all(b.get(name) is e for name, e in a.items())
+def _same_objects(a: dict | None, b: dict) -> bool:
+    """Same names, each with the very same object (or None, a whiteout, in both)."""
+    return a is not None and len(a) == len(b) and all(
+        name in b and b[name] is e for name, e in a.items())

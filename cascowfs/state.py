@@ -56,6 +56,7 @@ STORE_FORMAT = 4
 UPGRADES_IN_PLACE = {2, 3}  # older formats a writable open upgrades
 REFCOUNT_BATCH_SECONDS = 0.5  # deferred refcount changes wait this long to be applied together
 REFCOUNT_SLICE = 300  # object updates per transaction of the refcount thread (~2-4 ms of writer time)
+FLATTEN_TRIES = 5  # a flatten racing background merges of the same chain starts over
 
 
 class _OpGate:
@@ -902,6 +903,11 @@ class StateManager:
     def flatten(self, id: str) -> None:
         """Replace a snapshot's layer chain by one full layer written from the CAS (recovery
         uses it to rebuild lost layers; chains themselves stay short by merging)."""
+        for _ in range(FLATTEN_TRIES - 1):
+            try:
+                return self._rewrite_chain(id, merge=False)
+            except BusyError:
+                continue  # a background merge rewrote the chain meanwhile: flatten the new one
         self._rewrite_chain(id, merge=False)
 
     def merge_layers(self, id: str) -> None:
@@ -926,9 +932,8 @@ class StateManager:
             try:
                 with self._disk_errors(f"rewriting the layers of snapshot {id}"):
                     if merge:
-                        merged = [self.layers_dir / lid for lid in chain[:count]]
                         layerfs.materialize_delta(self.trees, self.content, self._root_of(below),
-                                                  root, staged, replacing=merged)
+                                                  root, staged)
                     else:
                         layerfs.materialize(self.trees, self.content, root, staged)
                 crash_point("flatten.staged")
