@@ -64,7 +64,7 @@ class ObjectSink:
         return items
 
 
-_NOTHING_BELOW: dict[bytes, Entry] = {}  # the lower listing of a directory with none (never changed)
+_NOTHING_BELOW: dict[bytes, Entry] = {}  # lower listing of a directory with none; never mutated
 _OPAQUE = b"trusted.overlay.opaque"
 _REDIRECT = b"trusted.overlay.redirect"
 
@@ -73,10 +73,11 @@ class DirNode:
     """A directory being built: its own metadata and its children (entries or nodes).
 
     A node of an upper walk holds what the upper says about its children (``changes``: name ->
-    entry, node, or None for a whiteout) over the listing of the directory below
-    (``lower``, as the tree cache holds it, and its tree id); ``children``, the two merged, is built when first
-    asked for. ``finalize`` compares only ``changes`` with the branch's last commit, so a
-    directory with a thousand entries and one changed file costs one entry, not a thousand."""
+    entry, node, or None for a whiteout) over the listing of the directory below (``lower``,
+    as the tree cache holds it, and its tree id); ``children``, the two merged, is built when
+    first asked for. ``finalize`` compares only ``changes`` with the branch's last commit, so
+    a directory with a thousand entries and one changed file costs one entry, not a
+    thousand."""
 
     __slots__ = ("meta", "_children", "lower", "lower_id", "changes")
 

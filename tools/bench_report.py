@@ -524,10 +524,10 @@ def document(data: dict[str, dict], figs: dict[str, list[str]], notes: str | Non
             "one the agent needs before it can use the result.", "",
             "How each system does each op:", "",
             "| system | branch | commit | discard | prune |", "|---|---|---|---|---|",
-            "| cascowfs | `branch N ID` written to `MNT/ctl`, then its reply line (the tree's path) "
-            "read from the same open file | "
-            "`echo \"ID reward=… agent=…\" > MNT/branches/N/commit` | `rmdir MNT/branches/N` | "
-            "`rmdir MNT/snapshots/ID` |",
+            "| cascowfs (every op: one `open` of `MNT/ctl`, one `write` of the command, its reply "
+            "line read back from the same open file; each open gets a lane of its own, so the "
+            "agents' commands run side by side) | `branch N ID` (the reply is the tree's path) | "
+            "`commit N ID reward=… agent=…` | `discard N` | `prune ID` |",
             "| bare overlayfs (floor) | 3×mkdir + mount(2) of the snapshot's layer chain "
             "(`volatile`) | `cp -a upper` as a new layer (no CAS, no WAL; flattened beyond 400 "
             "layers) | umount2(2) + rm -rf of the upper | rm -rf of layers no chain uses |",
