@@ -28,7 +28,7 @@ import blake3
 from . import fsmeta
 from .cas import PreparedContent, pack_unpacked, prepare_content
 from .model import Entry
-from .trees import TreeStore, tree_objects
+from .trees import TreeStore, same_entries, tree_objects
 
 Prepare = Callable[[bytes], PreparedContent]
 
@@ -462,7 +462,7 @@ def finalize(node: DirNode, sink: ObjectSink,
                    if isinstance(child, DirNode) else child
                    for name, child in node.changes.items()}  # type: ignore[union-attr]
         if before is not None and before[5] == lower_id:
-            same = _same_objects(before[6], changes)  # over the same listing: enough to know
+            same = same_entries(before[6], changes)  # over the same listing: enough to know
         else:
             same = False
         if same:
@@ -478,7 +478,7 @@ def finalize(node: DirNode, sink: ObjectSink,
         entries = {name: finalize(child, sink, remember, reuse, built, path + b"/" + name)
                    if isinstance(child, DirNode) else child
                    for name, child in node.children.items()}
-        same = before is not None and _same_objects(before[0], entries)
+        same = before is not None and same_entries(before[0], entries)
     m = node.meta
     entry = None
     if same:
@@ -486,7 +486,7 @@ def finalize(node: DirNode, sink: ObjectSink,
         if before[3] == m:
             entry = before[4]  # the very same object, so the parent can be reused in turn
     else:
-        tree_id, objects = tree_objects(entries)
+        tree_id, objects = tree_objects(entries, (before[0], before[2]) if before else None)
     if entry is None:
         files = total = links = 0
         for child in entries.values():
@@ -507,9 +507,3 @@ def finalize(node: DirNode, sink: ObjectSink,
     if built is not None:
         built[path] = (entries, tree_id, objects, m, entry, lower_id, changes)
     return entry
-
-
-def _same_objects(a: dict | None, b: dict) -> bool:
-    """Same names, each with the very same object (or None, a whiteout, in both)."""
-    return a is not None and len(a) == len(b) and all(
-        name in b and b[name] is e for name, e in a.items())

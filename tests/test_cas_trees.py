@@ -279,6 +279,29 @@ def test_one_changed_entry_makes_one_new_page(content):
         assert len(new) == 2  # the page holding the entry, and the index
 
 
+def test_an_earlier_encoding_lends_its_unchanged_pages(monkeypatch):
+    """Given the entries and objects of an earlier encoding, only pages whose entries are not
+    the very same objects are encoded again, and the result is exactly a fresh encoding's."""
+    names = [f"header{i:05d}.h".encode() for i in range(1100)]
+    old = _files(names)
+    old_objects = tree_objects(old)[1]
+    encoded: list[int] = []
+    real = trees_mod.encode_tree
+    monkeypatch.setattr(trees_mod, "encode_tree", lambda e: (encoded.append(len(e)), real(e))[1])
+    changed = dict(old)
+    changed[names[500]] = Entry(names[500], stat.S_IFREG | 0o644, 0, 0, 2, 1, b"\x06" * 32)
+    added = dict(changed)
+    added[b"header00500a.h"] = changed[names[500]]
+    equal_but_new = _files(names)  # equal entries, other objects: encoded again, same result
+    for new in (changed, added, equal_but_new):
+        encoded.clear()
+        lent = tree_objects(new, like=(old, old_objects))
+        pages = len(encoded)
+        assert lent == tree_objects(new)
+        assert pages == (len(old_objects) - 1 if new is equal_but_new else 1), pages
+    assert tree_objects(_files(names[:10]), like=(old, old_objects)) == tree_objects(_files(names[:10]))
+
+
 def test_refcounts_cascade_through_pages(content):
     payloads = [_store(content, f"content {i}".encode() * 20) for i in range(200)]
     entries = {f"f{i:03d}".encode(): Entry(f"f{i:03d}".encode(), stat.S_IFREG | 0o644, 0, 0, 1, 1, ref)

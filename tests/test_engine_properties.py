@@ -673,8 +673,8 @@ def test_commits_reencode_only_directories_that_changed(sm, monkeypatch):
 
     encoded: list[int] = []
     real = scan.tree_objects
-    monkeypatch.setattr(scan, "tree_objects", lambda entries: (encoded.append(len(entries)),
-                                                               real(entries))[1])
+    monkeypatch.setattr(scan, "tree_objects", lambda entries, like=None: (
+        encoded.append(len(entries)), real(entries, like))[1])
     tree = sm.create_branch("b").tree
     for d in ("a", "b", "c"):
         (tree / d / "deep").mkdir(parents=True)
@@ -715,8 +715,8 @@ def test_a_long_lineage_compares_only_what_the_upper_changed(sm, tmp_path, monke
         (src / "big" / f"f{i:03}").write_text(f"{i}\n")
     sm.import_tree(src, "base")
     compared: list[int] = []
-    real = scan._same_objects
-    monkeypatch.setattr(scan, "_same_objects", lambda a, b: (compared.append(len(b)), real(a, b))[1])
+    real = scan.same_entries
+    monkeypatch.setattr(scan, "same_entries", lambda a, b: (compared.append(len(b)), real(a, b))[1])
     tree = sm.create_branch("b", "base").tree
     settle = lambda: time.sleep(2 * RACY_NS / 1e9)  # old enough for the file cache
     (tree / "big" / "f007").write_text("seven\n")
