@@ -93,13 +93,7 @@ class DirNode:
     @property
     def children(self) -> dict[bytes, "Entry | DirNode"]:
         if self._children is None:
-            merged: dict = dict(self.lower or ())
-            for name, child in (self.changes or {}).items():
-                if child is None:
-                    merged.pop(name, None)
-                else:
-                    merged[name] = child
-            self._children = merged
+            self._children = _overlaid(self.lower or {}, self.changes or {})
         return self._children
 
     @property
@@ -107,6 +101,17 @@ class DirNode:
         """Whether ``changes`` over ``lower`` is still all there is (nobody edited
         ``children``)."""
         return self.changes is not None and self._children is None
+
+
+def _overlaid(lower: dict, changes: dict) -> dict:
+    """A listing with an upper's changes applied (None: a whiteout, the name goes)."""
+    merged = dict(lower)
+    for name, child in changes.items():
+        if child is None:
+            merged.pop(name, None)
+        else:
+            merged[name] = child
+    return merged
 
 
 def _meta_entry(name: bytes, st: os.stat_result, xattrs: tuple, size: int = 0,
@@ -454,30 +459,21 @@ def finalize(node: DirNode, sink: ObjectSink,
     and re-encoding all of it made each commit of a long lineage slower than the last. For a
     node of an upper walk only its changes are compared (over the same lower listing), not
     every entry of the directory."""
+
+    def finalized(items: dict) -> dict:
+        return {name: finalize(child, sink, remember, reuse, built, path + b"/" + name)
+                if isinstance(child, DirNode) else child for name, child in items.items()}
+
     before = reuse.get(path) if reuse is not None else None
     lower_id = changes = None
     if node.changes_only:
         lower_id = node.lower_id
-        changes = {name: finalize(child, sink, remember, reuse, built, path + b"/" + name)
-                   if isinstance(child, DirNode) else child
-                   for name, child in node.changes.items()}  # type: ignore[union-attr]
-        if before is not None and before[5] == lower_id:
-            same = same_entries(before[6], changes)  # over the same listing: enough to know
-        else:
-            same = False
-        if same:
-            entries = before[0]
-        else:
-            entries = dict(node.lower)  # type: ignore[arg-type]
-            for name, child in changes.items():
-                if child is None:
-                    entries.pop(name, None)
-                else:
-                    entries[name] = child
+        changes = finalized(node.changes or {})
+        # over the same listing, the same changes are enough to know
+        same = before is not None and before[5] == lower_id and same_entries(before[6], changes)
+        entries = before[0] if same else _overlaid(node.lower or {}, changes)
     else:
-        entries = {name: finalize(child, sink, remember, reuse, built, path + b"/" + name)
-                   if isinstance(child, DirNode) else child
-                   for name, child in node.children.items()}
+        entries = finalized(node.children)
         same = before is not None and same_entries(before[0], entries)
     m = node.meta
     entry = None

@@ -32,9 +32,6 @@ class CtlLanes:
         self._allocate = allocate
         self._parent = parent
 
-    def __len__(self) -> int:
-        return len(self._lanes)
-
     def for_lookup(self) -> CtlNode:
         """The lane a lookup of ``ctl`` answers with: the last one handed out while nobody has
         it open (so an uncontended open costs one lookup, as for any file), else an idle one."""
