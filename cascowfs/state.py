@@ -35,6 +35,7 @@ from typing import Callable, Iterator
 
 import lmdb
 
+from . import durability
 from . import layers as layerfs
 from . import overlay
 from .cas import ContentStore, identify_content
@@ -155,6 +156,7 @@ class StateManager:
         self._orphans_suspected = False
         self._refs_wanted = threading.Event()
         self._refs_thread: threading.Thread | None = None
+        self._sync_thread: threading.Thread | None = None
         self._trash_lock = threading.Lock()
         self._trash_filled = threading.Event()  # set by _to_trash, cleared by _empty_trash
         self._trash_filled.set()  # whatever an earlier run left there
@@ -211,6 +213,9 @@ class StateManager:
                                              daemon=True)
         self._refs_thread.start()
         if recover:
+            self._sync_thread = threading.Thread(target=self._sync_layers_loop,
+                                                 name="cascowfs-layer-sync", daemon=True)
+            self._sync_thread.start()
             self._jobs.put(("trash",))
         return self
 
@@ -227,11 +232,17 @@ class StateManager:
         self._jobs.put(None)
         if self._worker is not None:
             self._worker.join()
+        if self._sync_thread is not None:
+            self._sync_thread.join()
         if not self._read_only:
             try:
                 self._apply_deferred_refs()
             except CascowfsError:
                 pass  # the queue is durable: the next open applies it
+            try:
+                self._sync_layers()
+            except (CascowfsError, OSError):
+                pass  # the layers stay marked unsynced: a reboot rebuilds them
         with self._ops.exclusive():
             if unmount_branches:
                 for m in overlay.mounts_under(self.branches_dir):
@@ -289,6 +300,10 @@ class StateManager:
         self.db.write(upgrade, "upgrading the store format")
 
     def _recover(self, progress: bool) -> None:
+        boot = durability.boot_id()
+        with self.db.read() as txn:
+            last_boot = txn.get(b"boot_id", db=self.db.db("meta"))
+        rebooted = last_boot is not None and bytes(last_boot).decode() != boot
         pending = self.wal.pending()
         with self.db.read() as txn:
             applied = {op.op for op in pending if txn.get(op.op.encode(), db=self.db.db("ops"))}
@@ -298,10 +313,15 @@ class StateManager:
                 self._roll_forward(op)
             else:
                 orphans_possible = orphans_possible or op.kind in ("import", "commit", "flatten")
-        self._reconcile()
+        self._reconcile(rebooted, progress)
         if orphans_possible:
             self._sweep_orphans(progress)
         self._checkpoint()
+        if last_boot is None or rebooted:
+            if rebooted:
+                self._sync_layers()  # the rebuilt layers: a second power cut must not tear them
+            self.db.write(lambda txn: txn.put(b"boot_id", boot.encode(), db=self.db.db("meta")),
+                          "recording the boot id")
 
     def _roll_forward(self, op: PendingOp) -> None:
         """Finish the SWITCH step of an op whose APPLY committed (idempotent)."""
@@ -324,8 +344,9 @@ class StateManager:
                 self._mount_branch(op.args["name"], json.loads(raw), fresh_upper=True)
         # The other mount-side effects (discard, branch) are settled by _reconcile from state.
 
-    def _reconcile(self) -> None:
-        """Make disk and mounts agree with the recorded state."""
+    def _reconcile(self, rebooted: bool = False, progress: bool = False) -> None:
+        """Make disk and mounts agree with the recorded state (after a reboot, rebuild the
+        layers a power cut may have torn first: nothing is mounted on them yet)."""
         # staging: nothing in flight survives a restart
         for entry in os.listdir(self.staging_dir):
             self._to_trash(self.staging_dir / entry)
@@ -335,6 +356,8 @@ class StateManager:
         for entry in os.listdir(self.layers_dir):
             if entry not in layer_ids:
                 self._to_trash(self.layers_dir / entry)
+        if rebooted:
+            self._rebuild_unsynced_layers(progress)
         missing = [lid for lid in layer_ids if not (self.layers_dir / lid).is_dir()]
         if missing:
             self._rebuild_layers(set(missing))
@@ -398,6 +421,31 @@ class StateManager:
                 pass  # a snapshot pruned meanwhile, a failing disk: retried at the next need
             finally:
                 self._jobs.task_done()
+
+    def _sync_layers_loop(self) -> None:
+        while not self._closing.wait(durability.LAYER_SYNC_SECONDS):
+            try:
+                self._sync_layers()
+            except (CascowfsError, OSError):
+                pass  # a failing disk: the layers stay marked unsynced, the next round retries
+
+    def _sync_layers(self) -> None:
+        """syncfs the store, then mark every layer recorded before the call as on the disk
+        (a layer is written in full before the transaction that records it)."""
+        meta = self.db.db("meta")
+        with self.db.read() as txn:
+            recorded = int(txn.get(b"layer_seq", b"0", db=meta))
+            synced = int(txn.get(b"layers_synced", b"0", db=meta))
+        if recorded <= synced:
+            return
+        with self._disk_errors("syncing the layers"):
+            durability.syncfs(self.layers_dir)
+
+        def mark(txn: lmdb.Transaction) -> None:
+            if int(txn.get(b"layers_synced", b"0", db=meta)) < recorded:
+                txn.put(b"layers_synced", str(recorded).encode(), db=meta)
+
+        self.db.write(mark, "marking layers synced")
 
     def _apply_refs_loop(self) -> None:
         """Its own thread, so that waiting for a batch to gather never holds up layer merges or
@@ -518,9 +566,14 @@ class StateManager:
 
     def _new_layer(self, txn: lmdb.Transaction, lid: str, top: str, span: int) -> None:
         """Record a layer showing tree ``top`` (with the layers under it). ``span`` counts the
-        commits a delta layer covers; 0 marks a full layer, which nothing is merged into."""
+        commits a delta layer covers; 0 marks a full layer, which nothing is merged into.
+        ``seq`` orders layers for syncing (``durability``)."""
         self._ref(txn, top)
-        txn.put(lid.encode(), _dump({"refs": 0, "top": top, "span": span}), db=self.db.db("layers"))
+        meta = self.db.db("meta")
+        seq = int(txn.get(b"layer_seq", b"0", db=meta)) + 1
+        txn.put(b"layer_seq", str(seq).encode(), db=meta)
+        txn.put(lid.encode(), _dump({"refs": 0, "top": top, "span": span, "seq": seq}),
+                db=self.db.db("layers"))
 
     def _layer_record(self, txn: lmdb.Transaction, lid: str) -> dict:
         raw = txn.get(lid.encode(), db=self.db.db("layers"))
@@ -960,6 +1013,40 @@ class StateManager:
                 self._to_trash(self.layers_dir / lid)
             self._finish(op)
         self._jobs.put(("trash",))
+
+    def _rebuild_unsynced_layers(self, progress: bool) -> None:
+        """After a reboot: rebuild in place, from the CAS, every layer recorded after the last
+        syncfs (a power cut may have dropped its files' contents). A full layer shows its
+        tree; a delta layer is the difference from the tree the layers under it show, which is
+        the same in every chain holding it."""
+        with self.db.read() as txn:
+            synced = int(txn.get(b"layers_synced", b"0", db=self.db.db("meta")))
+            unsynced = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=self.db.db("layers"))}
+            unsynced = {lid: rec for lid, rec in unsynced.items() if rec.get("seq", 0) > synced}
+            below: dict[str, str | None] = {}
+            for records in ("snapshots", "branches"):
+                for _, raw in txn.cursor(db=self.db.db(records)):
+                    chain = json.loads(raw)["layers"]
+                    for at, lid in enumerate(chain):
+                        if lid in unsynced and lid not in below:
+                            below[lid] = (self._layer_record(txn, chain[at + 1])["top"]
+                                          if at + 1 < len(chain) else None)
+        with progress_bar(progress, len(unsynced), "rebuilding unsynced layers", unit="layer") as bar:
+            for lid, rec in unsynced.items():
+                staged = self.staging_dir / f"rebuild-{lid}"
+                with self._disk_errors(f"rebuilding layer {lid}"):
+                    if rec["span"] == 0:
+                        layerfs.materialize(self.trees, self.content, self._root_of(rec["top"]), staged)
+                    elif lid in below:
+                        layerfs.materialize_delta(self.trees, self.content, self._root_of(below[lid]),
+                                                  self._root_of(rec["top"]), staged)
+                    else:
+                        continue  # in no chain: nothing mounts it
+                    if (self.layers_dir / lid).exists():
+                        self._to_trash(self.layers_dir / lid)
+                    os.rename(staged, self.layers_dir / lid)
+                bar(1)
+            _fsync_dir(self.layers_dir)
 
     def _rebuild_layers(self, missing: set[str]) -> None:
         """Layers are a cache: re-create lost ones. Snapshots get a fresh full layer; a branch

@@ -1,0 +1,210 @@
+"""Power cut at every step of every operation, and at random moments (SPEC §7).
+
+A power cut drops every write the page cache holds and no sync forced to the disk. The store
+lives on a fresh ext4 on a loop device, mounted with ``commit=600`` (so no periodic journal
+commit saves unsynced metadata by luck); after the writer is killed, a copy of the disk image
+taken *while still mounted* is exactly what the disk held: writes still in the page cache
+never reached the image. The original is then torn down, the copy mounted in its place, and
+the store reopened as on the next boot (the recorded boot id differs, as after a reboot;
+that is the one thing simulated here, since the machine itself cannot reboot inside a test).
+
+After each cut the store must pass a deep fsck (every snapshot's layer chain, mounted, shows
+exactly its tree: a layer torn by the cut fails it) and every operation the writer saw return
+must have its effect: a returned call is durable (docs/interface.md).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import conftest
+from conftest import (REPO, assert_fsck_clean, check_live, child_env, loop_ext4, mounted_image,
+                      needs_loop, open_store, run_child, snapshot_view)
+from crash_scenarios import APPLIED_STEPS, CHILD, LOOP, VERIFY, prepare_store
+from cascowfs import durability
+from cascowfs.crashpoints import CRASH_POINTS
+from cascowfs.state import StateManager
+
+pytestmark = needs_loop
+
+DISK_MIB = 256
+NO_PERIODIC_COMMIT = "commit=600"
+
+
+def image_after_power_cut(image: Path, cut: Path) -> Path:
+    """What the disk ``image`` (mounted now) would hold if the power went now, copied to ``cut``."""
+    subprocess.run(["cp", "--sparse=always", str(image), str(cut)], check=True)
+    return cut
+
+
+@pytest.fixture
+def rebooted(monkeypatch):
+    """Makes the store see another boot id than the one it recorded, as after a reboot."""
+    boots = iter(range(1, 1_000_000))
+    monkeypatch.setattr(durability, "boot_id", lambda: f"boot-after-power-cut-{next(boots)}")
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_power_cut_at_crash_point(point, tmp_path, rebooted):
+    op, _, step = point.partition(".")
+    fs = tmp_path / "fs"
+    with loop_ext4(fs, DISK_MIB, NO_PERIODIC_COMMIT) as disk:
+        store = disk / "store"
+        conftest._STORES.append(store)
+        before = prepare_store(store, tmp_path)
+        os.sync()  # what the scenario prepared is on the disk; the operation's writes are not
+        args = [str(before.import_src)] if op == "import" else []
+        proc = run_child(CHILD, str(store), op, *args, crash_at=point)
+        assert proc.returncode == -signal.SIGKILL, (
+            f"the child was not killed at {point} (exit {proc.returncode})\n{proc.stderr}")
+        cut = image_after_power_cut(fs / "disk.img", fs / "cut.img")
+    try:
+        with mounted_image(cut, fs / "disk", NO_PERIODIC_COMMIT) as disk:
+            store = disk / "store"
+            StateManager.open(store).close()
+            assert_fsck_clean(store, deep=True)
+            with open_store(store) as sm:
+                VERIFY[op](sm, before, step in APPLIED_STEPS)
+                check_live(sm, deep=True)
+    finally:
+        cut.unlink(missing_ok=True)
+
+
+def returned_and_in_flight(stdout: str) -> tuple[list[tuple[str, str]], tuple[str, str] | None]:
+    """(op, target) of every operation the looping child saw return, in order, and the
+    discard or prune it had started but not seen return (its effect may or may not be there)."""
+    done, in_flight = [], None
+    for line in stdout.splitlines(keepends=True):
+        words = line.split()
+        if not line.endswith("\n") or len(words) != 4:
+            continue
+        if words[0] == "doing":
+            in_flight = (words[2], words[3])
+        elif words[0] == "done":
+            done.append((words[2], words[3]))
+            in_flight = None
+    return done, in_flight
+
+
+def test_power_cut_at_random_moments(tmp_path, rebooted):
+    rng = random.Random(4321)
+    fs = tmp_path / "fs"
+    images: list[Path] = []
+    expect_snaps: set[str] = set()
+    expect_branches: set[str] = set()
+    gone_snaps: set[str] = set()
+    gone_branches: set[str] = set()
+    try:
+        with loop_ext4(fs, DISK_MIB, NO_PERIODIC_COMMIT) as disk:
+            StateManager.open(disk / "store").close()
+            os.sync()
+            images.append(image_after_power_cut(fs / "disk.img", fs / "start.img"))
+        for round_no in range(6):
+            with mounted_image(images[-1], fs / "disk", NO_PERIODIC_COMMIT) as disk:
+                store = disk / "store"
+                conftest._STORES.append(store)
+                proc = subprocess.Popen([sys.executable, "-c", LOOP, str(store), str(100 + round_no)],
+                                        cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+                try:
+                    assert proc.stdout.readline().strip() == "open", proc.stderr.read()
+                    time.sleep(rng.uniform(0.3, 1.5))
+                finally:
+                    proc.kill()
+                    out, err = proc.communicate(timeout=60)
+                assert proc.returncode == -signal.SIGKILL, f"the loop died on its own:\n{err}"
+                assert "Traceback" not in err, err
+                images.append(image_after_power_cut(images[-1], fs / f"cut{round_no}.img"))
+            images.pop(-2).unlink()
+            returned, in_flight = returned_and_in_flight(out)
+            for op, target in returned:
+                if op in ("import", "commit"):
+                    expect_snaps.add(target)
+                elif op == "prune":
+                    expect_snaps.discard(target)
+                    gone_snaps.add(target)
+                elif op == "branch":
+                    expect_branches.add(target)
+                elif op == "discard":
+                    expect_branches.discard(target)
+                    gone_branches.add(target)
+            if in_flight:
+                (expect_snaps if in_flight[0] == "prune" else expect_branches).discard(in_flight[1])
+
+            with mounted_image(images[-1], fs / "disk", NO_PERIODIC_COMMIT) as disk:
+                store = disk / "store"
+                StateManager.open(store).close()
+                assert_fsck_clean(store, deep=True)
+                with open_store(store) as sm:
+                    snaps = {s.id for s in sm.snapshots()}
+                    branches = {b.name for b in sm.branches()}
+                    assert expect_snaps <= snaps, f"returned, then lost: {expect_snaps - snaps}"
+                    assert not gone_snaps & snaps, f"pruned, then back: {gone_snaps & snaps}"
+                    assert expect_branches <= branches, f"lost: {expect_branches - branches}"
+                    assert not gone_branches & branches, f"back: {gone_branches & branches}"
+                    for sid in snaps:
+                        snapshot_view(sm, sid)  # reads every byte back, checks the totals
+                    for name in branches:
+                        sm.status(name)
+                    check_live(sm)
+        assert len(expect_snaps) >= 3, f"the loop did too little to test: {expect_snaps}"
+    finally:
+        for img in images:
+            img.unlink(missing_ok=True)
+
+
+def layer_inodes(store: Path) -> dict[str, int]:
+    return {entry.name: entry.inode() for entry in os.scandir(store / "layers")}
+
+
+def test_layers_the_background_synced_survive_a_cut_and_are_not_rebuilt(tmp_path, monkeypatch,
+                                                                        rebooted):
+    """The other half of the bargain: once the background syncfs has run, a power cut loses
+    nothing and the reboot rebuilds nothing (the same layer directories are still there)."""
+    monkeypatch.setattr(durability, "LAYER_SYNC_SECONDS", 0.1)
+    fs = tmp_path / "fs"
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i}").write_bytes(random.Random(i).randbytes(5000))
+    try:
+        with loop_ext4(fs, DISK_MIB, NO_PERIODIC_COMMIT) as disk:
+            store = disk / "store"
+            conftest._STORES.append(store)
+            with open_store(store) as sm:
+                sm.import_tree(src, "base")
+                tree = sm.create_branch("b", "base").tree
+                (tree / "f3").write_bytes(b"edited")
+                (tree / "new").write_bytes(b"new")
+                sm.commit("b", "c1")
+                sm.settle()
+                meta = sm.db.db("meta")
+                deadline = time.monotonic() + 30
+                while True:
+                    with sm.db.read() as txn:
+                        recorded = int(txn.get(b"layer_seq", b"0", db=meta))
+                        synced = int(txn.get(b"layers_synced", b"0", db=meta))
+                    if synced >= recorded:
+                        break
+                    assert time.monotonic() < deadline, "the background never synced the layers"
+                    time.sleep(0.05)
+                views = {sid: snapshot_view(sm, sid) for sid in ("base", "c1")}
+                inodes = layer_inodes(store)
+                cut = image_after_power_cut(fs / "disk.img", fs / "cut.img")
+        with mounted_image(cut, fs / "disk", NO_PERIODIC_COMMIT) as disk:
+            store = disk / "store"
+            with open_store(store) as sm:
+                assert layer_inodes(store) == inodes, "synced layers were rebuilt"
+                for sid, view in views.items():
+                    assert snapshot_view(sm, sid) == view
+                check_live(sm, deep=True)
+    finally:
+        (fs / "cut.img").unlink(missing_ok=True)
