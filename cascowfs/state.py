@@ -302,8 +302,10 @@ class StateManager:
     def _recover(self, progress: bool) -> None:
         boot = durability.boot_id()
         with self.db.read() as txn:
-            last_boot = txn.get(b"boot_id", db=self.db.db("meta"))
-        rebooted = last_boot is not None and bytes(last_boot).decode() != boot
+            last_boot = bytes(txn.get(b"boot_id", b"", db=self.db.db("meta"))).decode()
+        # a mount of the store's outlives any daemon but never a reboot
+        rebooted = bool(boot and last_boot and last_boot != boot
+                        and not overlay.mounts_under(self.store))
         pending = self.wal.pending()
         with self.db.read() as txn:
             applied = {op.op for op in pending if txn.get(op.op.encode(), db=self.db.db("ops"))}
@@ -317,9 +319,9 @@ class StateManager:
         if orphans_possible:
             self._sweep_orphans(progress)
         self._checkpoint()
-        if last_boot is None or rebooted:
-            if rebooted:
-                self._sync_layers()  # the rebuilt layers: a second power cut must not tear them
+        if rebooted:
+            self._sync_layers()  # the rebuilt layers: a second power cut must not tear them
+        if boot != last_boot:
             self.db.write(lambda txn: txn.put(b"boot_id", boot.encode(), db=self.db.db("meta")),
                           "recording the boot id")
 
@@ -345,19 +347,21 @@ class StateManager:
         # The other mount-side effects (discard, branch) are settled by _reconcile from state.
 
     def _reconcile(self, rebooted: bool = False, progress: bool = False) -> None:
-        """Make disk and mounts agree with the recorded state (after a reboot, rebuild the
-        layers a power cut may have torn first: nothing is mounted on them yet)."""
+        """Make disk and mounts agree with the recorded state. After a reboot, first undo what
+        a power cut may have torn (nothing is mounted yet): branches restart from their parent
+        snapshots, layers recorded since the last syncfs are rebuilt."""
         # staging: nothing in flight survives a restart
         for entry in os.listdir(self.staging_dir):
             self._to_trash(self.staging_dir / entry)
+        if rebooted:
+            self._reset_branches_to_their_parents()
+            self._rebuild_unsynced_layers(progress)
         with self.db.read() as txn:
             layer_ids = {bytes(k).decode() for k, _ in txn.cursor(db=self.db.db("layers"))}
             branches = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=self.db.db("branches"))}
         for entry in os.listdir(self.layers_dir):
             if entry not in layer_ids:
                 self._to_trash(self.layers_dir / entry)
-        if rebooted:
-            self._rebuild_unsynced_layers(progress)
         missing = [lid for lid in layer_ids if not (self.layers_dir / lid).is_dir()]
         if missing:
             self._rebuild_layers(set(missing))
@@ -774,28 +778,19 @@ class StateManager:
         with self._branch_op(name):
             with self.db.read() as txn:
                 old = self._branch_record(txn, name)
-                snap = self._snapshot_record(txn, parent) if parent is not None else None
+                if parent is not None:
+                    self._snapshot_record(txn, parent)  # NotFoundError before anything is logged
             if self.status(name):
                 raise BusyError(f"branch {name!r} has uncommitted changes; commit or discard them first")
-            rec = dict(old, parent=parent, base_root=snap["root"] if snap else None,
-                       layers=snap["layers"] if snap else [])
             op = self.wal.prepare("rebase", name=name, parent=parent)
             crash_point("rebase.prepared")
 
-            def apply(txn: lmdb.Transaction) -> list[str]:
-                if parent is not None:  # not pruned meanwhile; its chain as it is now
-                    rec["layers"] = self._snapshot_record(txn, parent)["layers"]
-                if rec["base_root"]:
-                    self._ref(txn, rec["base_root"])
-                self._layer_refs(txn, rec["layers"], +1)
-                if old["base_root"]:
-                    self._unref(txn, old["base_root"])
-                dropped = self._layer_refs(txn, old["layers"], -1)
-                txn.put(name.encode(), _dump(rec), db=self.db.db("branches"))
+            def apply(txn: lmdb.Transaction) -> tuple[dict, list[str]]:
+                result = self._repoint_branch(txn, name, old, parent)
                 self._mark_applied(txn, op)
-                return dropped
+                return result
 
-            dropped = self.db.write(apply, f"re-basing branch {name}")
+            rec, dropped = self.db.write(apply, f"re-basing branch {name}")
             crash_point("rebase.applied")
             overlay.unmount(self._tree_path(name))
             self._mount_branch(name, rec, fresh_upper=True)
@@ -805,6 +800,43 @@ class StateManager:
             self._finish(op)
             self._jobs.put(("trash",))
             return self._branch_info(name, rec)
+
+    def _repoint_branch(self, txn: lmdb.Transaction, name: str, old: dict, parent: str | None
+                        ) -> tuple[dict, list[str]]:
+        """Record branch ``name`` (record ``old``) as showing snapshot ``parent`` (None: an
+        empty tree) on that snapshot's layers as they are now. Returns the new record and the
+        layers that lost their last reference (their directories can go)."""
+        snap = self._snapshot_record(txn, parent) if parent is not None else None
+        rec = dict(old, parent=parent, base_root=snap["root"] if snap else None,
+                   layers=snap["layers"] if snap else [])
+        if rec["base_root"]:
+            self._ref(txn, rec["base_root"])
+        self._layer_refs(txn, rec["layers"], +1)
+        if old["base_root"]:
+            self._unref(txn, old["base_root"])
+        dropped = self._layer_refs(txn, old["layers"], -1)
+        txn.put(name.encode(), _dump(rec), db=self.db.db("branches"))
+        return rec, dropped
+
+    def _reset_branches_to_their_parents(self) -> None:
+        """After a reboot. A branch's upper directory belongs to a volatile overlay: nothing
+        in it is ever synced (not even by an fsync inside the branch), so a power cut may have
+        torn any file there, including files the branch has since committed. Every branch
+        therefore restarts from its parent snapshot (its last commit, or the snapshot it was
+        made from) with an empty upper directory, as overlayfs asks of a volatile upper."""
+        with self.db.read() as txn:
+            names = [bytes(k).decode() for k, _ in txn.cursor(db=self.db.db("branches"))]
+        for name in names:
+            def apply(txn: lmdb.Transaction) -> list[str]:
+                old = self._branch_record(txn, name)
+                return self._repoint_branch(txn, name, old, old["parent"])[1]
+
+            dropped = self.db.write(apply, f"resetting branch {name} after a reboot")
+            while overlay.unmount(self._tree_path(name)):  # a re-base rolled forward mounts it
+                pass
+            self._to_trash(self.branches_dir / name / "upper")  # mounting makes a fresh one
+            for lid in dropped:
+                self._to_trash(self.layers_dir / lid)
 
     def commit(self, name: str, id: str | None = None, labels: dict[str, str] | None = None) -> str:
         """Freeze the branch into a new snapshot; the branch then continues on top of it."""
