@@ -113,7 +113,7 @@ def _drop_fuse_channel_in_children(fds: list[int]) -> None:
 def _open_state(store: Path) -> Any:
     from .state import StateManager
 
-    return StateManager.open(store)
+    return StateManager.open(store, progress=sys.stderr.isatty())  # a rebuild after a reboot
 
 
 async def _serve(ops: CascowOperations, ready: Callable[[], None]) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import queue
 import secrets
@@ -49,6 +50,8 @@ from .progress import progress_bar
 from .scan import ObjectSink, apply_upper, finalize, scan_directory, Progress
 from .trees import TreeStore, tree_objects
 from .wal import PendingOp, WriteAheadLog
+
+log = logging.getLogger("cascowfs.state")
 
 CHECKPOINT_EVERY = 1024  # WAL records between checkpoints
 # Bump when records or objects change shape. 3: refcount changes are queued; 4: the queue is
@@ -826,6 +829,9 @@ class StateManager:
         made from) with an empty upper directory, as overlayfs asks of a volatile upper."""
         with self.db.read() as txn:
             names = [bytes(k).decode() for k, _ in txn.cursor(db=self.db.db("branches"))]
+        if names:
+            log.warning("%s: opened after a reboot: %d branch(es) restart from their parent "
+                        "snapshots, uncommitted changes dropped", self.store, len(names))
         for name in names:
             def apply(txn: lmdb.Transaction) -> list[str]:
                 old = self._branch_record(txn, name)
@@ -1063,6 +1069,9 @@ class StateManager:
                         if lid in unsynced and lid not in below:
                             below[lid] = (self._layer_record(txn, chain[at + 1])["top"]
                                           if at + 1 < len(chain) else None)
+        if unsynced:
+            log.warning("%s: rebuilding %d layer(s) not yet synced before the reboot",
+                        self.store, len(unsynced))
         with progress_bar(progress, len(unsynced), "rebuilding unsynced layers", unit="layer") as bar:
             for lid, rec in unsynced.items():
                 staged = self.staging_dir / f"rebuild-{lid}"
