@@ -5,20 +5,27 @@ directories are not: an fsync per file would cost a commit one journal flush per
 and layers are a cache the CAS can rebuild. Instead every layer record carries a sequence
 number (``seq``); every ``LAYER_SYNC_SECONDS`` (and on a clean close) the store calls
 syncfs(2) and then records the highest number the call covered (``layers_synced``). Layers
-numbered above that mark may be torn by a power cut, but by nothing else: after kill -9 the
-page cache still holds them, and live branch mounts still use them. The machine's boot id,
-recorded at every open, tells the two apart: a store reopened under another boot id rebuilds
-its unsynced layers from the CAS before mounting anything.
+numbered above that mark may be torn when the page cache is lost (a power cut, a crash of the
+kernel, the store's filesystem shut down on a disk error), but by nothing else: after kill -9
+the page cache still holds them, and live branch mounts still use them. ``page_cache_id``,
+recorded at every open, tells the two apart: it changes with every boot and every mount of the
+store's filesystem. A store reopened under another one rebuilds its unsynced layers from the CAS
+before mounting anything.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from pathlib import Path
 
 LAYER_SYNC_SECONDS = 10.0
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+STATX_MNT_ID_UNIQUE = 0x4000  # Linux 6.8: a mount id never reused within a boot
+_STATX_MASK_AT, _STATX_MNT_ID_AT, _STATX_SIZE = 0, 144, 256  # offsets in struct statx
+_AT_FDCWD = -100
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -32,6 +39,18 @@ def syncfs(path: Path) -> None:
             raise OSError(err, os.strerror(err), str(path))
     finally:
         os.close(fd)
+
+
+def page_cache_id(path: Path) -> str:
+    """Names the page cache that holds ``path``'s unsynced writes: the boot id, and the unique
+    id of the mount ``path`` is on where the kernel has one (else a remount goes unseen)."""
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    mount = ""
+    if _libc.statx(_AT_FDCWD, os.fsencode(path), 0, STATX_MNT_ID_UNIQUE, buf) == 0:
+        (mask,) = struct.unpack_from("I", buf.raw, _STATX_MASK_AT)
+        if mask & STATX_MNT_ID_UNIQUE:
+            mount = "/mount %d" % struct.unpack_from("Q", buf.raw, _STATX_MNT_ID_AT)
+    return boot_id() + mount
 
 
 def boot_id() -> str:

@@ -52,6 +52,9 @@ def _translate(exc: lmdb.Error, what: str, path: Path) -> Exception:
     text = str(exc)
     if "No space left" in text or "ENOSPC" in text or _disk_nearly_full(path):
         return NoSpaceError(f"{what}: store disk is full")
+    if isinstance(exc, lmdb.PanicError):
+        return StoreIOError(f"{what}: the metadata database stopped after a write failed (a "
+                            f"failing disk?); mount the store again once the disk is sound")
     if isinstance(exc, lmdb.DiskError) or "Input/output error" in text:
         return StoreIOError(f"{what}: {text}")
     return StoreIOError(f"{what}: LMDB error: {text}")
@@ -97,6 +100,8 @@ class MetaDB:
         try:
             with self.env.begin(buffers=False) as txn:
                 yield txn
+        except lmdb.Error as exc:  # e.g. MDB_PANIC once a commit failed on a failing disk
+            raise _translate(exc, "reading the store", self.path) from exc
         finally:
             with self._gate:
                 self._readers -= 1

@@ -245,7 +245,7 @@ class StateManager:
             try:
                 self._sync_layers()
             except (CascowfsError, OSError):
-                pass  # the layers stay marked unsynced: a reboot rebuilds them
+                pass  # the layers stay marked unsynced: if the page cache goes, they are rebuilt
         with self._ops.exclusive():
             if unmount_branches:
                 for m in overlay.mounts_under(self.branches_dir):
@@ -303,12 +303,13 @@ class StateManager:
         self.db.write(upgrade, "upgrading the store format")
 
     def _recover(self, progress: bool) -> None:
-        boot = durability.boot_id()
+        cache = durability.page_cache_id(self.store)
         with self.db.read() as txn:
-            last_boot = bytes(txn.get(b"boot_id", b"", db=self.db.db("meta"))).decode()
-        # a mount of the store's outlives any daemon but never a reboot
-        rebooted = bool(boot and last_boot and last_boot != boot
-                        and not overlay.mounts_under(self.store))
+            last_cache = bytes(txn.get(b"page_cache", b"", db=self.db.db("meta"))).decode()
+        # A branch mount outlives any daemon, but never its page cache: while one is there,
+        # nothing was lost, whatever the ids say.
+        cache_lost = bool(cache and last_cache and last_cache != cache
+                          and not overlay.mounts_under(self.store))
         pending = self.wal.pending()
         with self.db.read() as txn:
             applied = {op.op for op in pending if txn.get(op.op.encode(), db=self.db.db("ops"))}
@@ -318,15 +319,15 @@ class StateManager:
                 self._roll_forward(op)
             else:
                 orphans_possible = orphans_possible or op.kind in ("import", "commit", "flatten")
-        self._reconcile(rebooted, progress)
+        self._reconcile(cache_lost, progress)
         if orphans_possible:
             self._sweep_orphans(progress)
         self._checkpoint()
-        if rebooted:
+        if cache_lost:
             self._sync_layers()  # the rebuilt layers: a second power cut must not tear them
-        if boot != last_boot:
-            self.db.write(lambda txn: txn.put(b"boot_id", boot.encode(), db=self.db.db("meta")),
-                          "recording the boot id")
+        if cache != last_cache:
+            self.db.write(lambda txn: txn.put(b"page_cache", cache.encode(), db=self.db.db("meta")),
+                          "recording the page cache id")
 
     def _roll_forward(self, op: PendingOp) -> None:
         """Finish the SWITCH step of an op whose APPLY committed (idempotent)."""
@@ -349,14 +350,15 @@ class StateManager:
                 self._mount_branch(op.args["name"], json.loads(raw), fresh_upper=True)
         # The other mount-side effects (discard, branch) are settled by _reconcile from state.
 
-    def _reconcile(self, rebooted: bool = False, progress: bool = False) -> None:
-        """Make disk and mounts agree with the recorded state. After a reboot, first undo what
-        a power cut may have torn (nothing is mounted yet): branches restart from their parent
-        snapshots, layers recorded since the last syncfs are rebuilt."""
+    def _reconcile(self, cache_lost: bool = False, progress: bool = False) -> None:
+        """Make disk and mounts agree with the recorded state. If the page cache was lost
+        since the last open (a reboot, a remount), first undo what that may have torn (nothing
+        is mounted yet): branches restart from their parent snapshots, layers recorded since
+        the last syncfs are rebuilt."""
         # staging: nothing in flight survives a restart
         for entry in os.listdir(self.staging_dir):
             self._to_trash(self.staging_dir / entry)
-        if rebooted:
+        if cache_lost:
             self._reset_branches_to_their_parents()
             self._rebuild_unsynced_layers(progress)
         with self.db.read() as txn:
@@ -610,16 +612,17 @@ class StateManager:
     def _mount_branch(self, name: str, rec: dict, *, fresh_upper: bool) -> None:
         bdir = self.branches_dir / name
         upper, work, tree = bdir / "upper", bdir / "work", bdir / "tree"
-        bdir.mkdir(exist_ok=True)
-        tree.mkdir(exist_ok=True)
-        if fresh_upper or not upper.is_dir():
-            self._to_trash(upper)
-            upper.mkdir()
-            layerfs.set_root_metadata(upper, self._root_of(rec.get("base_root")))
-        # a volatile mount refuses a work dir it used before a crash: always start it empty
-        self._to_trash(work)
-        work.mkdir()
-        overlay.mount_overlay(tree, self._lower_paths(rec["layers"]), upper, work)
+        with self._disk_errors(f"mounting branch {name}"):
+            bdir.mkdir(exist_ok=True)
+            tree.mkdir(exist_ok=True)
+            if fresh_upper or not upper.is_dir():
+                self._to_trash(upper)
+                upper.mkdir()
+                layerfs.set_root_metadata(upper, self._root_of(rec.get("base_root")))
+            # a volatile mount refuses a work dir it used before a crash: always start it empty
+            self._to_trash(work)
+            work.mkdir()
+            overlay.mount_overlay(tree, self._lower_paths(rec["layers"]), upper, work)
         self._forget_file_caches(name)
 
     # ------------------------------------------------------------------------------------
@@ -688,9 +691,26 @@ class StateManager:
             pass  # the disk is failing; the next open rolls the op back from the WAL
 
     def _finish(self, op: str) -> None:
-        self.wal.finalize(op)
+        """The last step of an applied op. It is durable already and must be reported done:
+        what fails here (a failing disk) is left for replay and reconciliation to redo."""
+        try:
+            self.wal.finalize(op)
+        except CascowfsError as exc:
+            log.warning("%s: op %s is done, but its FINALIZE record is not: %s", self.store, op, exc)
         self._refs_wanted.set()
-        self._when_alone()
+        try:
+            self._when_alone()
+        except (CascowfsError, OSError) as exc:
+            log.warning("%s: housekeeping after op %s failed (retried later): %s", self.store, op, exc)
+
+    def _trash_after_apply(self, paths: list[Path]) -> None:
+        """Move what an applied op dropped into the trash. The op is durable already, so a
+        failure here must not fail it: the next open trashes whatever no record names."""
+        for path in paths:
+            try:
+                self._to_trash(path)
+            except OSError as exc:
+                log.warning("%s: %s stays until the next open: %s", self.store, path, exc)
 
     @contextmanager
     def _branch_op(self, name: str, *, wait: bool = True) -> Iterator[None]:
@@ -763,12 +783,16 @@ class StateManager:
 
                 self.db.write(apply, f"creating branch {name}")
             except BaseException:
-                self._to_trash(bdir)
-                self.wal.finalize(op)
+                try:
+                    self._to_trash(bdir)
+                    self.wal.finalize(op)
+                except (OSError, CascowfsError):
+                    pass  # the disk is failing; the next open reconciles from state
                 raise
             crash_point("branch.applied")
-            overlay.mount_overlay(bdir / "tree", self._lower_paths(rec["layers"]),
-                                  bdir / "upper", bdir / "work")
+            with self._disk_errors(f"mounting branch {name}"):
+                overlay.mount_overlay(bdir / "tree", self._lower_paths(rec["layers"]),
+                                      bdir / "upper", bdir / "work")
             crash_point("branch.switched")
             self._finish(op)
             return self._branch_info(name, rec)
@@ -797,8 +821,7 @@ class StateManager:
             crash_point("rebase.applied")
             overlay.unmount(self._tree_path(name))
             self._mount_branch(name, rec, fresh_upper=True)
-            for lid in dropped:
-                self._to_trash(self.layers_dir / lid)
+            self._trash_after_apply([self.layers_dir / lid for lid in dropped])
             crash_point("rebase.switched")
             self._finish(op)
             self._jobs.put(("trash",))
@@ -822,27 +845,27 @@ class StateManager:
         return rec, dropped
 
     def _reset_branches_to_their_parents(self) -> None:
-        """After a reboot. A branch's upper directory belongs to a volatile overlay: nothing
-        in it is ever synced (not even by an fsync inside the branch), so a power cut may have
-        torn any file there, including files the branch has since committed. Every branch
+        """After the page cache was lost. A branch's upper directory belongs to a volatile
+        overlay: nothing in it is ever synced (not even by an fsync inside the branch), so any
+        file there may be torn, including files the branch has since committed. Every branch
         therefore restarts from its parent snapshot (its last commit, or the snapshot it was
         made from) with an empty upper directory, as overlayfs asks of a volatile upper."""
         with self.db.read() as txn:
             names = [bytes(k).decode() for k, _ in txn.cursor(db=self.db.db("branches"))]
         if names:
-            log.warning("%s: opened after a reboot: %d branch(es) restart from their parent "
-                        "snapshots, uncommitted changes dropped", self.store, len(names))
+            log.warning("%s: the page cache was lost since the last open (a reboot, a remount): "
+                        "%d branch(es) restart from their parent snapshots, uncommitted changes "
+                        "dropped", self.store, len(names))
         for name in names:
             def apply(txn: lmdb.Transaction) -> list[str]:
                 old = self._branch_record(txn, name)
                 return self._repoint_branch(txn, name, old, old["parent"])[1]
 
-            dropped = self.db.write(apply, f"resetting branch {name} after a reboot")
+            dropped = self.db.write(apply, f"resetting branch {name}")
             while overlay.unmount(self._tree_path(name)):  # a re-base rolled forward mounts it
                 pass
             self._to_trash(self.branches_dir / name / "upper")  # mounting makes a fresh one
-            for lid in dropped:
-                self._to_trash(self.layers_dir / lid)
+            self._trash_after_apply([self.layers_dir / lid for lid in dropped])
 
     def commit(self, name: str, id: str | None = None, labels: dict[str, str] | None = None) -> str:
         """Freeze the branch into a new snapshot; the branch then continues on top of it."""
@@ -948,9 +971,8 @@ class StateManager:
             # The mount travels with its directory into the trash; the background thread
             # detaches it there: tearing down an overlay whose dentries cover a whole tree
             # costs ~0.2 s of the unmounting thread's time even with MNT_DETACH.
-            self._to_trash(self.branches_dir / name)
-            for lid in dropped:
-                self._to_trash(self.layers_dir / lid)
+            self._trash_after_apply([self.branches_dir / name]
+                                    + [self.layers_dir / lid for lid in dropped])
             self._forget_file_caches(name)
             crash_point("discard.switched")
             self._finish(op)
@@ -977,8 +999,7 @@ class StateManager:
 
             dropped = self.db.write(apply, f"pruning snapshot {id}")
             crash_point("prune.applied")
-            for lid in dropped:
-                self._to_trash(self.layers_dir / lid)
+            self._trash_after_apply([self.layers_dir / lid for lid in dropped])
             crash_point("prune.switched")
             self._finish(op)
             self._jobs.put(("trash",))
@@ -1047,14 +1068,13 @@ class StateManager:
                 self._abandon(op, layer)
                 raise
             crash_point("flatten.applied")
-            for lid in dropped:
-                self._to_trash(self.layers_dir / lid)
+            self._trash_after_apply([self.layers_dir / lid for lid in dropped])
             self._finish(op)
         self._jobs.put(("trash",))
 
     def _rebuild_unsynced_layers(self, progress: bool) -> None:
-        """After a reboot: rebuild in place, from the CAS, every layer recorded after the last
-        syncfs (a power cut may have dropped its files' contents). A full layer shows its
+        """After the page cache was lost: rebuild in place, from the CAS, every layer recorded
+        after the last syncfs (its files' contents may not have reached the disk). A full layer shows its
         tree; a delta layer is the difference from the tree the layers under it show, which is
         the same in every chain holding it."""
         with self.db.read() as txn:
@@ -1070,7 +1090,7 @@ class StateManager:
                             below[lid] = (self._layer_record(txn, chain[at + 1])["top"]
                                           if at + 1 < len(chain) else None)
         if unsynced:
-            log.warning("%s: rebuilding %d layer(s) not yet synced before the reboot",
+            log.warning("%s: rebuilding %d layer(s) not synced before the page cache was lost",
                         self.store, len(unsynced))
         with progress_bar(progress, len(unsynced), "rebuilding unsynced layers", unit="layer") as bar:
             for lid, rec in unsynced.items():

@@ -462,16 +462,22 @@ def loop_ext4(workdir: Path, size_mib: int, options: str = "") -> Iterator[Path]
     below it is unmounted first on the way out."""
     workdir.mkdir(parents=True, exist_ok=True)
     img = workdir / "disk.img"
-    with open(img, "wb") as fh:
-        fh.truncate(size_mib << 20)
     try:
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
-                        "lazy_itable_init=0,lazy_journal_init=0", str(img)],
-                       check=True, capture_output=True)
+        make_ext4_image(img, size_mib)
         with mounted_image(img, workdir / "disk", options) as mnt:
             yield mnt
     finally:
         img.unlink(missing_ok=True)
+
+
+def make_ext4_image(img: Path, size_mib: int) -> Path:
+    """A sparse file of ``size_mib`` holding a fresh ext4 (journaled, no reserved blocks)."""
+    with open(img, "wb") as fh:
+        fh.truncate(size_mib << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
+                    "lazy_itable_init=0,lazy_journal_init=0", str(img)],
+                   check=True, capture_output=True)
+    return img
 
 
 @contextlib.contextmanager

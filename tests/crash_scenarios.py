@@ -260,7 +260,7 @@ VERIFY = {"import": verify_import, "branch": verify_branch, "commit": verify_com
 
 # A child that loops over random operations until killed; prints what each did
 LOOP = r"""
-import os, random, sys
+import errno, os, random, sys
 from pathlib import Path
 from cascowfs.errors import CascowfsError
 from cascowfs.state import StateManager
@@ -271,32 +271,40 @@ print("open", flush=True)
 n = 0
 while True:
     n += 1
-    snaps = sorted(s.id for s in sm.snapshots())
-    branches = sorted(b.name for b in sm.branches())
-    parents = {b.parent for b in sm.branches()}
     op = rng.choice(["branch", "edit", "edit", "commit", "commit", "discard", "prune", "flatten",
                      "import", "rebase"])
     target = ""
     try:
+        snaps = sorted(s.id for s in sm.snapshots())
+        branches = sorted(b.name for b in sm.branches())
+        parents = {b.parent for b in sm.branches()}
         if op == "import" or not snaps:
-            src = Path(store).parent / f"loop-src-{seed}-{n}"
-            src.mkdir()
-            for i in range(rng.randrange(1, 30)):
-                (src / f"f{i}").write_bytes(rng.randbytes(rng.choice([5, 500, 50_000])))
             op, target = "import", f"i{seed}-{n}"
+            src = Path(store).parent / f"loop-src-{seed}-{n}"
+            try:  # next to the store: a failing disk fails these writes
+                src.mkdir()
+                for i in range(rng.randrange(1, 30)):
+                    (src / f"f{i}").write_bytes(rng.randbytes(rng.choice([5, 500, 50_000])))
+            except OSError as exc:
+                print("refused", op, errno.errorcode[exc.errno], exc, flush=True)
+                continue
             sm.import_tree(src, target)
         elif op == "branch" or not branches:
             op, target = "branch", f"b{seed}-{n}"
             sm.create_branch(target, rng.choice(snaps))
         elif op == "edit":
             tree = sm.branch(rng.choice(branches)).tree
-            for i in range(rng.randrange(1, 20)):
-                (tree / f"e{n}-{i}").write_bytes(rng.randbytes(rng.choice([5, 5000, 200_000])))
-            names = sorted(os.listdir(tree))
-            if names and rng.random() < 0.5:
-                victim = tree / rng.choice(names)
-                if victim.is_file():
-                    victim.unlink()
+            try:  # the branch's own files: a failing disk fails these writes
+                for i in range(rng.randrange(1, 20)):
+                    (tree / f"e{n}-{i}").write_bytes(rng.randbytes(rng.choice([5, 5000, 200_000])))
+                names = sorted(os.listdir(tree))
+                if names and rng.random() < 0.5:
+                    victim = tree / rng.choice(names)
+                    if victim.is_file():
+                        victim.unlink()
+            except OSError as exc:
+                print("refused", op, errno.errorcode[exc.errno], exc, flush=True)
+                continue
         elif op == "commit":
             target = f"c{seed}-{n}"
             sm.commit(rng.choice(branches), target)
@@ -315,7 +323,52 @@ while True:
         elif op == "rebase":
             sm.rebase(rng.choice(branches), rng.choice(snaps + [None]))  # EBUSY if modified
     except CascowfsError as exc:
-        print("refused", op, exc, flush=True)
+        print("refused", op, errno.errorcode[exc.errno], exc, flush=True)
         continue
     print("done", n, op, target, flush=True)
 """
+
+
+@dataclass
+class Returned:
+    """What the output of LOOP children says the store must and must not hold: every call
+    that returned is durable; a discard or prune cut short may or may not have happened."""
+
+    snaps: set[str] = field(default_factory=set)
+    branches: set[str] = field(default_factory=set)
+    gone_snaps: set[str] = field(default_factory=set)
+    gone_branches: set[str] = field(default_factory=set)
+
+    def note(self, stdout: str) -> None:
+        in_flight = None
+        for line in stdout.splitlines(keepends=True):
+            words = line.split()
+            if not line.endswith("\n") or len(words) != 4:
+                continue
+            op, target = words[2], words[3]
+            if words[0] == "doing":
+                in_flight = (op, target)
+                continue
+            if words[0] != "done":
+                continue
+            in_flight = None
+            if op in ("import", "commit"):
+                self.snaps.add(target)
+            elif op == "prune":
+                self.snaps.discard(target)
+                self.gone_snaps.add(target)
+            elif op == "branch":
+                self.branches.add(target)
+            elif op == "discard":
+                self.branches.discard(target)
+                self.gone_branches.add(target)
+        if in_flight:
+            (self.snaps if in_flight[0] == "prune" else self.branches).discard(in_flight[1])
+
+    def check(self, sm) -> None:
+        snaps = {s.id for s in sm.snapshots()}
+        branches = {b.name for b in sm.branches()}
+        assert self.snaps <= snaps, f"returned, then lost: {self.snaps - snaps}"
+        assert not self.gone_snaps & snaps, f"pruned, then back: {self.gone_snaps & snaps}"
+        assert self.branches <= branches, f"returned, then lost: {self.branches - branches}"
+        assert not self.gone_branches & branches, f"discarded, then back: {self.gone_branches & branches}"

@@ -1,0 +1,127 @@
+"""A store disk that fails under the daemon (SPEC §7: EIO gives the caller a clean errno and
+loses nothing committed).
+
+The failure is the kernel's own: ext4's shutdown ioctl (``EXT4_IOC_SHUTDOWN``, what xfstests'
+"godown" uses) with ``NOLOGFLUSH``. From that instant every write to the filesystem, and every
+read the page cache cannot answer, fails with EIO, and whatever the journal had not committed
+is gone, as in a power cut. The writer must keep running and answer EIO; once the disk is
+mounted again (a new mount: the store sees that its page cache was lost), the store must pass
+a deep fsck and hold every operation that returned before the failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import conftest
+from conftest import (REPO, check_live, child_env, force_unmount_below, make_ext4_image,
+                      mounted_image, needs_loop, open_store, snapshot_view)
+from crash_scenarios import LOOP, Returned
+from fusehelpers import Cascow, cascow_base, fuse_unavailable
+
+pytestmark = needs_loop
+
+EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
+EXT4_GOING_FLAGS_NOLOGFLUSH = 2
+
+
+def fail_disk(mountpoint: Path) -> None:
+    """Make the ext4 mounted at ``mountpoint`` fail every I/O from now on, journal unflushed."""
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, struct.pack("I", EXT4_GOING_FLAGS_NOLOGFLUSH))
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=fuse_unavailable() or "")
+def test_a_failed_disk_gives_eio_through_the_file_interface_and_loses_nothing(tmp_path):
+    img = make_ext4_image(tmp_path / "disk.img", 128)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"f{i}").write_text(f"file {i}\n")
+    with cascow_base() as base:
+        fs = Cascow(base)
+        with mounted_image(img, tmp_path / "disk") as disk:
+            fs.store = disk / "store"
+            conftest._STORES.append(fs.store)
+            try:
+                fs.start()
+                fs.sh(f'echo "import base {src}" > $MNT/ctl; mkdir $MNT/branches/b; '
+                      'echo base > $MNT/branches/b/parent; echo x > $MNT/branches/b/tree/f1; '
+                      'echo c1 > $MNT/branches/b/commit; echo y > $MNT/branches/b/tree/f2')
+                fail_disk(disk)
+                for call in ('echo c2 > $MNT/branches/b/commit', 'mkdir $MNT/branches/b2',
+                             f'echo "import i2 {src}" > $MNT/ctl', 'rmdir $MNT/snapshots/base',
+                             'rmdir $MNT/branches/b', 'cat $MNT/branches/b/status'):
+                    proc = fs.sh(call, check=False, timeout=60)
+                    assert proc.returncode != 0 and os.strerror(errno.EIO) in proc.stderr, (
+                        f"{call}: expected EIO, got {proc.returncode}: {proc.stderr}")
+                assert fs.running, f"the daemon died of a failed disk\n{fs.log_text()}"
+                # what the daemon already holds in memory it still serves
+                assert fs.sh("cat $MNT/snapshots/c1/f1").stdout == "x\n"
+                fs.stop()
+            finally:
+                fs.teardown()
+                force_unmount_below(disk)
+    try:
+        with mounted_image(img, tmp_path / "disk") as disk:
+            with open_store(disk / "store") as sm:
+                assert {s.id for s in sm.snapshots()} == {"base", "c1"}
+                assert snapshot_view(sm, "c1")[b"f1"].data == b"x\n"
+                branch = sm.branch("b")
+                assert branch.parent == "c1" and sm.status("b") == []
+                assert (branch.tree / "f1").read_bytes() == b"x\n"
+                check_live(sm, deep=True)
+    finally:
+        img.unlink()
+
+
+def test_a_disk_failing_at_random_moments_loses_nothing_returned(tmp_path):
+    rng = random.Random(777)
+    img = make_ext4_image(tmp_path / "disk.img", 1024)
+    returned = Returned()
+    try:
+        for round_no in range(4):
+            with mounted_image(img, tmp_path / "disk") as disk:
+                store = disk / "store"
+                conftest._STORES.append(store)
+                proc = subprocess.Popen([sys.executable, "-c", LOOP, str(store), str(200 + round_no)],
+                                        cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+                try:
+                    assert proc.stdout.readline().strip() == "open", proc.stderr.read()
+                    time.sleep(rng.uniform(0.3, 1.5))
+                    fail_disk(disk)
+                    time.sleep(0.5)
+                finally:
+                    proc.kill()
+                    out, err = proc.communicate(timeout=60)
+                assert proc.returncode == -signal.SIGKILL, f"the writer died of a failed disk:\n{err}"
+                assert "Traceback" not in err, err
+                last_calls = out.splitlines()[-20:]  # all made on the failed disk
+                assert any(line.startswith("refused") and line.split()[2] == "EIO"
+                           for line in last_calls), f"no EIO after the disk failed:\n{last_calls}"
+                returned.note(out)
+                force_unmount_below(store)
+            with mounted_image(img, tmp_path / "disk") as disk:
+                with open_store(disk / "store") as sm:
+                    returned.check(sm)
+                    for snap in sm.snapshots():
+                        snapshot_view(sm, snap.id)  # reads every byte back, checks the totals
+                    check_live(sm, deep=True)
+        assert len(returned.snaps) >= 3, f"the loop did too little to test: {returned.snaps}"
+    finally:
+        img.unlink()
