@@ -71,9 +71,18 @@ def cmd_umount(args: argparse.Namespace) -> int:
         if store is None:
             raise CascowfsError("--branches: store of the dead mount unknown; run "
                                 "`cascowfs mount` and unmount again", errno=errno.ENOENT)
+        from . import overlay
+        from .errors import StoreIOError
         from .state import StateManager
 
-        StateManager.open(store).close(unmount_branches=True)
+        try:
+            StateManager.open(store).close(unmount_branches=True)
+        except StoreIOError as exc:
+            # a store on a failed disk cannot be opened; its branch mounts can still go
+            for m in overlay.mounts_under(Path(store) / "branches"):
+                overlay.unmount(Path(m.target))
+            print(f"cascowfs umount: {exc}; its branch mounts were detached without it",
+                  file=sys.stderr)
     return 0
 
 

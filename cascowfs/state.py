@@ -183,10 +183,11 @@ class StateManager:
         it was left)."""
         self = cls(Path(store).absolute())
         self._read_only = not recover
-        for d in (self.store, self.layers_dir, self.branches_dir, self.staging_dir,
-                  self.trash_dir, self.empty_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.store / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        with self._disk_errors(f"opening store {self.store}"):
+            for d in (self.store, self.layers_dir, self.branches_dir, self.staging_dir,
+                      self.trash_dir, self.empty_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.store / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -26,7 +26,7 @@ import pytest
 
 import conftest
 from conftest import (REPO, check_live, child_env, force_unmount_below, make_ext4_image,
-                      mounted_image, needs_loop, open_store, snapshot_view)
+                      mounted_image, mounts_below, needs_loop, open_store, snapshot_view)
 from crash_scenarios import LOOP, Returned
 from fusehelpers import Cascow, cascow_base, fuse_unavailable
 
@@ -72,7 +72,8 @@ def test_a_failed_disk_gives_eio_through_the_file_interface_and_loses_nothing(tm
                 assert fs.running, f"the daemon died of a failed disk\n{fs.log_text()}"
                 # what the daemon already holds in memory it still serves
                 assert fs.sh("cat $MNT/snapshots/c1/f1").stdout == "x\n"
-                fs.stop()
+                fs.stop(branches=True)  # the store cannot be opened, its branches go anyway
+                assert not mounts_below(fs.store), "umount --branches left branch mounts"
             finally:
                 fs.teardown()
                 force_unmount_below(disk)
