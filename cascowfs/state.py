@@ -361,7 +361,8 @@ class StateManager:
             self._to_trash(self.staging_dir / entry)
         if cache_lost:
             self._reset_branches_to_their_parents()
-            self._rebuild_unsynced_layers(progress)
+            self._rebuild_layers(self._unsynced_layers(),
+                                 "not synced before the page cache was lost", progress)
         with self.db.read() as txn:
             layer_ids = {bytes(k).decode() for k, _ in txn.cursor(db=self.db.db("layers"))}
             branches = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=self.db.db("branches"))}
@@ -370,7 +371,7 @@ class StateManager:
                 self._to_trash(self.layers_dir / entry)
         missing = [lid for lid in layer_ids if not (self.layers_dir / lid).is_dir()]
         if missing:
-            self._rebuild_layers(set(missing))
+            self._rebuild_layers(set(missing), "missing from layers/", progress)
         # mounts: keep exactly one correct mount per live branch
         expected = {str(self._tree_path(name)): rec for name, rec in branches.items()}
         seen: dict[str, int] = {}
@@ -1073,75 +1074,60 @@ class StateManager:
             self._finish(op)
         self._jobs.put(("trash",))
 
-    def _rebuild_unsynced_layers(self, progress: bool) -> None:
-        """After the page cache was lost: rebuild in place, from the CAS, every layer recorded
-        after the last syncfs (its files' contents may not have reached the disk). A full layer shows its
-        tree; a delta layer is the difference from the tree the layers under it show, which is
-        the same in every chain holding it."""
+    def _unsynced_layers(self) -> set[str]:
+        """Layers recorded after the last syncfs: their files may not have reached the disk."""
         with self.db.read() as txn:
             synced = int(txn.get(b"layers_synced", b"0", db=self.db.db("meta")))
-            unsynced = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=self.db.db("layers"))}
-            unsynced = {lid: rec for lid, rec in unsynced.items() if rec.get("seq", 0) > synced}
+            return {bytes(k).decode() for k, v in txn.cursor(db=self.db.db("layers"))
+                    if json.loads(v).get("seq", 0) > synced}
+
+    def _rebuild_layers(self, lids: set[str], why: str, progress: bool) -> None:
+        """Layers are a cache of the CAS: rebuild these in place, under the same ids, so every
+        chain that names one is whole again. A full layer shows its tree; a delta layer is the
+        difference from the tree the layers under it show, which is the same in every chain
+        that holds it. A branch mounted on one of them is unmounted (reconciliation mounts it
+        again)."""
+        if not lids:
+            return
+        with self.db.read() as txn:
+            records = {lid: self._layer_record(txn, lid) for lid in lids}
             below: dict[str, str | None] = {}
-            for records in ("snapshots", "branches"):
-                for _, raw in txn.cursor(db=self.db.db(records)):
+            branches_on: set[str] = set()
+            for kind in ("snapshots", "branches"):
+                for key, raw in txn.cursor(db=self.db.db(kind)):
                     chain = json.loads(raw)["layers"]
                     for at, lid in enumerate(chain):
-                        if lid in unsynced and lid not in below:
+                        if lid not in records:
+                            continue
+                        if kind == "branches":
+                            branches_on.add(bytes(key).decode())
+                        if lid not in below:
                             below[lid] = (self._layer_record(txn, chain[at + 1])["top"]
                                           if at + 1 < len(chain) else None)
-        if unsynced:
-            log.warning("%s: rebuilding %d layer(s) not synced before the page cache was lost",
-                        self.store, len(unsynced))
-        with progress_bar(progress, len(unsynced), "rebuilding unsynced layers", unit="layer") as bar:
-            for lid, rec in unsynced.items():
+        log.warning("%s: rebuilding %d layer(s) %s", self.store, len(lids), why)
+        for name in branches_on:
+            while overlay.unmount(self._tree_path(name)):
+                pass
+        with progress_bar(progress, len(records), f"rebuilding layers {why}", unit="layer") as bar:
+            for lid, rec in records.items():
+                if rec["span"] != 0 and lid not in below:
+                    continue  # a delta in no chain: nothing mounts it, nothing says what is below
                 staged = self.staging_dir / f"rebuild-{lid}"
                 with self._disk_errors(f"rebuilding layer {lid}"):
                     if rec["span"] == 0:
                         layerfs.materialize(self.trees, self.content, self._root_of(rec["top"]), staged)
-                    elif lid in below:
+                    else:
                         layerfs.materialize_delta(self.trees, self.content, self._root_of(below[lid]),
                                                   self._root_of(rec["top"]), staged)
-                    else:
-                        continue  # in no chain: nothing mounts it
                     if (self.layers_dir / lid).exists():
                         self._to_trash(self.layers_dir / lid)
                     os.rename(staged, self.layers_dir / lid)
                 bar(1)
-            _fsync_dir(self.layers_dir)
-
-    def _rebuild_layers(self, missing: set[str]) -> None:
-        """Layers are a cache: re-create lost ones. Snapshots get a fresh full layer; a branch
-        whose chain lost a layer is moved onto a full layer of its base tree."""
-        with self.db.read() as txn:
-            snaps = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=self.db.db("snapshots"))}
-        for sid, rec in snaps.items():
-            if missing.intersection(rec["layers"]):
-                self.flatten(sid)
-        with self.db.read() as txn:
-            branches = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=self.db.db("branches"))}
-        for name, rec in branches.items():
-            if not missing.intersection(rec["layers"]):
-                continue
-            layer = secrets.token_hex(5)
-            staged = self.staging_dir / f"rebuild-{layer}"
-            layerfs.materialize(self.trees, self.content, self._root_of(rec["base_root"]), staged)
-
-            def apply(txn: lmdb.Transaction) -> None:
-                cur = self._branch_record(txn, name)
-                self._new_layer(txn, layer, cur["base_root"], 0)
-                self._layer_refs(txn, [layer], +1)
-                self._layer_refs(txn, cur["layers"], -1)
-                txn.put(name.encode(), _dump(dict(cur, layers=[layer])), db=self.db.db("branches"))
-
-            self._place_layer(staged, layer, f"rebuilding layers of branch {name}")
-            self.db.write(apply, f"rebuilding layers of branch {name}")
-            overlay.unmount(self._tree_path(name))
-        with self.db.read() as txn:
-            for k, _ in txn.cursor(db=self.db.db("layers")):
-                lid = bytes(k).decode()
-                if lid in missing:
-                    raise StoreIOError(f"layer {lid} is lost and could not be rebuilt")
+            with self._disk_errors("rebuilding layers"):
+                _fsync_dir(self.layers_dir)
+        lost = sorted(lid for lid in lids if not (self.layers_dir / lid).is_dir())
+        if lost:
+            raise StoreIOError(f"layers {', '.join(lost)} are lost and no chain says what they held")
 
     # ------------------------------------------------------------------------------------
     # gc
