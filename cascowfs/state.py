@@ -59,7 +59,6 @@ CHECKPOINT_EVERY = 1024  # WAL records between checkpoints
 STORE_FORMAT = 4
 UPGRADES_IN_PLACE = {2, 3}  # older formats a writable open upgrades
 REFCOUNT_BATCH_SECONDS = 0.5  # deferred refcount changes wait this long to be applied together
-TRASH_ROUND_SECONDS = 0.25  # at most four trash rounds a second: each forks a deleting process
 REFCOUNT_SLICE = 300  # object updates per transaction of the refcount thread (~2-4 ms of writer time)
 FLATTEN_TRIES = 5  # a flatten racing background merges of the same chain starts over
 
@@ -162,9 +161,6 @@ class StateManager:
         self._refs_thread: threading.Thread | None = None
         self._sync_thread: threading.Thread | None = None
         self._trash_lock = threading.Lock()
-        self._trash_round_queued = False  # guarded by _trash_queue_lock
-        self._trash_queue_lock = threading.Lock()
-        self._last_trash_round = 0.0
         self._trash_filled = threading.Event()  # set by _to_trash, cleared by _empty_trash
         self._trash_filled.set()  # whatever an earlier run left there
         self._file_caches: dict[str, dict] = {}  # status: entries with content ids only
@@ -429,15 +425,7 @@ class StateManager:
                 return
             try:
                 if job[0] == "trash":
-                    wait = self._last_trash_round + TRASH_ROUND_SECONDS - time.monotonic()
-                    if wait > 0:
-                        self._closing.wait(wait)  # what arrives meanwhile goes in this round
-                    with self._trash_queue_lock:
-                        self._trash_round_queued = False
-                    try:
-                        self._empty_trash()
-                    finally:
-                        self._last_trash_round = time.monotonic()
+                    self._empty_trash()
                 elif job[0] == "merge":
                     self.merge_layers(job[1])
             except (CascowfsError, OSError):
@@ -697,7 +685,7 @@ class StateManager:
             self._to_trash(self.staging_dir / op)
             if layer is not None:
                 self._to_trash(self.layers_dir / layer)
-            self._queue_trash_round()
+            self._jobs.put(("trash",))
             self.wal.finalize(op)
             self._orphans_suspected = True
             self._when_alone()
@@ -716,15 +704,6 @@ class StateManager:
             self._when_alone()
         except (CascowfsError, OSError) as exc:
             log.warning("%s: housekeeping after op %s failed (retried later): %s", self.store, op, exc)
-
-    def _queue_trash_round(self) -> None:
-        """Queue a round of emptying the trash unless one is already waiting: a round takes
-        everything there is when it runs, and every round forks a deleting process."""
-        with self._trash_queue_lock:
-            if self._trash_round_queued:
-                return
-            self._trash_round_queued = True
-        self._jobs.put(("trash",))
 
     def _trash_after_apply(self, paths: list[Path]) -> None:
         """Move what an applied op dropped into the trash. The op is durable already, so a
@@ -847,7 +826,7 @@ class StateManager:
             self._trash_after_apply([self.layers_dir / lid for lid in dropped])
             crash_point("rebase.switched")
             self._finish(op)
-            self._queue_trash_round()
+            self._jobs.put(("trash",))
             return self._branch_info(name, rec)
 
     def _repoint_branch(self, txn: lmdb.Transaction, name: str, old: dict, parent: str | None
@@ -999,7 +978,7 @@ class StateManager:
             self._forget_file_caches(name)
             crash_point("discard.switched")
             self._finish(op)
-            self._queue_trash_round()
+            self._jobs.put(("trash",))
 
     def prune(self, id: str) -> None:
         """Drop a snapshot (BusyError while a branch is based on it)."""
@@ -1025,7 +1004,7 @@ class StateManager:
             self._trash_after_apply([self.layers_dir / lid for lid in dropped])
             crash_point("prune.switched")
             self._finish(op)
-            self._queue_trash_round()
+            self._jobs.put(("trash",))
 
     def _check_unused(self, txn: lmdb.Transaction, id: str) -> None:
         for bname, raw in txn.cursor(db=self.db.db("branches")):
@@ -1093,7 +1072,7 @@ class StateManager:
             crash_point("flatten.applied")
             self._trash_after_apply([self.layers_dir / lid for lid in dropped])
             self._finish(op)
-        self._queue_trash_round()
+        self._jobs.put(("trash",))
 
     def _unsynced_layers(self) -> set[str]:
         """Layers recorded after the last syncfs: their files may not have reached the disk."""
