@@ -443,18 +443,17 @@ class StateManager:
     def _sync_layers(self) -> None:
         """syncfs the store, then mark every layer recorded before the call as on the disk
         (a layer is written in full before the transaction that records it)."""
-        meta = self.db.db("meta")
         with self.db.read() as txn:
-            recorded = int(txn.get(b"layer_seq", b"0", db=meta))
-            synced = int(txn.get(b"layers_synced", b"0", db=meta))
+            recorded = self._meta_counter(txn, b"layer_seq")
+            synced = self._meta_counter(txn, b"layers_synced")
         if recorded <= synced:
             return
         with self._disk_errors("syncing the layers"):
             durability.syncfs(self.layers_dir)
 
         def mark(txn: lmdb.Transaction) -> None:
-            if int(txn.get(b"layers_synced", b"0", db=meta)) < recorded:
-                txn.put(b"layers_synced", str(recorded).encode(), db=meta)
+            if self._meta_counter(txn, b"layers_synced") < recorded:
+                self._set_meta_counter(txn, b"layers_synced", recorded)
 
         self.db.write(mark, "marking layers synced")
 
@@ -580,11 +579,16 @@ class StateManager:
         commits a delta layer covers; 0 marks a full layer, which nothing is merged into.
         ``seq`` orders layers for syncing (``durability``)."""
         self._ref(txn, top)
-        meta = self.db.db("meta")
-        seq = int(txn.get(b"layer_seq", b"0", db=meta)) + 1
-        txn.put(b"layer_seq", str(seq).encode(), db=meta)
+        seq = self._meta_counter(txn, b"layer_seq") + 1
+        self._set_meta_counter(txn, b"layer_seq", seq)
         txn.put(lid.encode(), _dump({"refs": 0, "top": top, "span": span, "seq": seq}),
                 db=self.db.db("layers"))
+
+    def _meta_counter(self, txn: lmdb.Transaction, key: bytes) -> int:
+        return int(txn.get(key, b"0", db=self.db.db("meta")))
+
+    def _set_meta_counter(self, txn: lmdb.Transaction, key: bytes, value: int) -> None:
+        txn.put(key, str(value).encode(), db=self.db.db("meta"))
 
     def _layer_record(self, txn: lmdb.Transaction, lid: str) -> dict:
         raw = txn.get(lid.encode(), db=self.db.db("layers"))
@@ -705,10 +709,11 @@ class StateManager:
         except (CascowfsError, OSError) as exc:
             log.warning("%s: housekeeping after op %s failed (retried later): %s", self.store, op, exc)
 
-    def _trash_after_apply(self, paths: list[Path]) -> None:
-        """Move what an applied op dropped into the trash. The op is durable already, so a
-        failure here must not fail it: the next open trashes whatever no record names."""
-        for path in paths:
+    def _trash_after_apply(self, layers: list[str], *paths: Path) -> None:
+        """Move what an applied op dropped (``layers``, by id, and ``paths``) into the trash.
+        The op is durable already, so a failure here must not fail it: the next open trashes
+        whatever no record names."""
+        for path in [*paths, *(self.layers_dir / lid for lid in layers)]:
             try:
                 self._to_trash(path)
             except OSError as exc:
@@ -823,7 +828,7 @@ class StateManager:
             crash_point("rebase.applied")
             overlay.unmount(self._tree_path(name))
             self._mount_branch(name, rec, fresh_upper=True)
-            self._trash_after_apply([self.layers_dir / lid for lid in dropped])
+            self._trash_after_apply(dropped)
             crash_point("rebase.switched")
             self._finish(op)
             self._jobs.put(("trash",))
@@ -867,7 +872,7 @@ class StateManager:
             while overlay.unmount(self._tree_path(name)):  # a re-base rolled forward mounts it
                 pass
             self._to_trash(self.branches_dir / name / "upper")  # mounting makes a fresh one
-            self._trash_after_apply([self.layers_dir / lid for lid in dropped])
+            self._trash_after_apply(dropped)
 
     def commit(self, name: str, id: str | None = None, labels: dict[str, str] | None = None) -> str:
         """Freeze the branch into a new snapshot; the branch then continues on top of it."""
@@ -973,8 +978,7 @@ class StateManager:
             # The mount travels with its directory into the trash; the background thread
             # detaches it there: tearing down an overlay whose dentries cover a whole tree
             # costs ~0.2 s of the unmounting thread's time even with MNT_DETACH.
-            self._trash_after_apply([self.branches_dir / name]
-                                    + [self.layers_dir / lid for lid in dropped])
+            self._trash_after_apply(dropped, self.branches_dir / name)
             self._forget_file_caches(name)
             crash_point("discard.switched")
             self._finish(op)
@@ -1001,7 +1005,7 @@ class StateManager:
 
             dropped = self.db.write(apply, f"pruning snapshot {id}")
             crash_point("prune.applied")
-            self._trash_after_apply([self.layers_dir / lid for lid in dropped])
+            self._trash_after_apply(dropped)
             crash_point("prune.switched")
             self._finish(op)
             self._jobs.put(("trash",))
@@ -1070,14 +1074,14 @@ class StateManager:
                 self._abandon(op, layer)
                 raise
             crash_point("flatten.applied")
-            self._trash_after_apply([self.layers_dir / lid for lid in dropped])
+            self._trash_after_apply(dropped)
             self._finish(op)
         self._jobs.put(("trash",))
 
     def _unsynced_layers(self) -> set[str]:
         """Layers recorded after the last syncfs: their files may not have reached the disk."""
         with self.db.read() as txn:
-            synced = int(txn.get(b"layers_synced", b"0", db=self.db.db("meta")))
+            synced = self._meta_counter(txn, b"layers_synced")
             return {bytes(k).decode() for k, v in txn.cursor(db=self.db.db("layers"))
                     if json.loads(v).get("seq", 0) > synced}
 

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
-from conftest import assert_same_view, dir_view, mounts_below, snapshot_view
+from conftest import REPO, assert_same_view, child_env, dir_view, mounts_below, snapshot_view
 from cascowfs.errors import ExistsError, NotFoundError
 from cascowfs.state import StateManager
 
@@ -372,3 +376,21 @@ class Returned:
         assert not self.gone_snaps & snaps, f"pruned, then back: {self.gone_snaps & snaps}"
         assert self.branches <= branches, f"returned, then lost: {self.branches - branches}"
         assert not self.gone_branches & branches, f"discarded, then back: {self.gone_branches & branches}"
+
+
+def run_loop_until_killed(store: Path, seed: int, meanwhile: Callable[[], None]) -> str:
+    """Run LOOP on ``store``; once it has opened the store, call ``meanwhile`` (it waits, it
+    may fail the disk), then SIGKILL the loop. The loop must still have been running and must
+    not have printed a traceback. Returns what it printed."""
+    proc = subprocess.Popen([sys.executable, "-c", LOOP, str(store), str(seed)], cwd=REPO,
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "open", proc.stderr.read()
+        meanwhile()
+    finally:
+        proc.kill()
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the loop died before it was killed:\n{err}"
+    assert "Traceback" not in err, err
+    return out

@@ -25,18 +25,16 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 import conftest
-from conftest import (REPO, assert_fsck_clean, assert_same_view, check_live, child_env,
-                      dir_view, force_unmount_below, mounts_below, needs_overlay, open_store,
-                      run_child, snapshot_view)
-from crash_scenarios import (APPLIED_STEPS, CHILD, LOOP, NOT_APPLIED_STEPS, VERIFY,
-                             prepare_store)
+from conftest import (assert_fsck_clean, assert_same_view, check_live, dir_view,
+                      force_unmount_below, mounts_below, needs_overlay, open_store, run_child,
+                      snapshot_view)
+from crash_scenarios import (APPLIED_STEPS, CHILD, NOT_APPLIED_STEPS, VERIFY, prepare_store,
+                             run_loop_until_killed)
 from cascowfs.crashpoints import CRASH_POINTS
 from cascowfs.state import StateManager
 
@@ -118,17 +116,7 @@ def test_kill_at_random_moments(tmp_path):
     try:
         StateManager.open(store).close()
         for round_no in range(10):
-            proc = subprocess.Popen([sys.executable, "-c", LOOP, str(store), str(round_no)],
-                                    cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-            try:
-                assert proc.stdout.readline().strip() == "open", proc.stderr.read()
-                time.sleep(rng.uniform(0.05, 0.8))
-            finally:
-                proc.kill()
-                out, err = proc.communicate(timeout=60)
-            assert proc.returncode == -signal.SIGKILL, f"the loop died on its own:\n{err}"
-            assert "Traceback" not in err, err
+            run_loop_until_killed(store, round_no, lambda: time.sleep(rng.uniform(0.05, 0.8)))
             StateManager.open(store).close()
             assert_fsck_clean(store, deep=True)
             sm = StateManager.open(store)

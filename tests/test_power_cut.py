@@ -21,16 +21,16 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 import conftest
-from conftest import (REPO, assert_fsck_clean, check_live, child_env, loop_ext4, mounted_image,
-                      needs_loop, open_store, run_child, snapshot_view)
-from crash_scenarios import APPLIED_STEPS, CHILD, LOOP, VERIFY, Before, Returned, prepare_store
+from conftest import (assert_fsck_clean, check_live, loop_ext4, mounted_image, needs_loop,
+                      open_store, run_child, snapshot_view)
+from crash_scenarios import (APPLIED_STEPS, CHILD, VERIFY, Before, Returned, prepare_store,
+                             run_loop_until_killed)
 from cascowfs import durability
 from cascowfs.crashpoints import CRASH_POINTS
 from cascowfs.state import StateManager
@@ -99,17 +99,8 @@ def test_power_cut_at_random_moments(tmp_path):
             with mounted_image(images[-1], fs / "disk", NO_PERIODIC_COMMIT) as disk:
                 store = disk / "store"
                 conftest._STORES.append(store)
-                proc = subprocess.Popen([sys.executable, "-c", LOOP, str(store), str(100 + round_no)],
-                                        cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
-                try:
-                    assert proc.stdout.readline().strip() == "open", proc.stderr.read()
-                    time.sleep(rng.uniform(0.3, 1.5))
-                finally:
-                    proc.kill()
-                    out, err = proc.communicate(timeout=60)
-                assert proc.returncode == -signal.SIGKILL, f"the loop died on its own:\n{err}"
-                assert "Traceback" not in err, err
+                out = run_loop_until_killed(store, 100 + round_no,
+                                            lambda: time.sleep(rng.uniform(0.3, 1.5)))
                 images.append(image_after_power_cut(images[-1], fs / f"cut{round_no}.img"))
             images.pop(-2).unlink()
             returned.note(out)
@@ -155,12 +146,11 @@ def test_layers_the_background_synced_survive_a_cut_and_are_not_rebuilt(tmp_path
                 (tree / "new").write_bytes(b"new")
                 sm.commit("b", "c1")
                 sm.settle()
-                meta = sm.db.db("meta")
                 deadline = time.monotonic() + 30
                 while True:
                     with sm.db.read() as txn:
-                        recorded = int(txn.get(b"layer_seq", b"0", db=meta))
-                        synced = int(txn.get(b"layers_synced", b"0", db=meta))
+                        recorded = sm._meta_counter(txn, b"layer_seq")
+                        synced = sm._meta_counter(txn, b"layers_synced")
                     if synced >= recorded:
                         break
                     assert time.monotonic() < deadline, "the background never synced the layers"
