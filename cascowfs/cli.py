@@ -36,7 +36,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         daemon.setup_logging(logging.INFO, args.log_file)
         if args.debug:  # ours only: pyfuse3's own debug output is one line per request
             logging.getLogger("cascowfs").setLevel(logging.DEBUG)
-        return daemon.run(args.store, args.mountpoint, admin_gid=admin_gid, ready=ready)
+        nice = {} if args.nice is None else {"nice": args.nice}
+        return daemon.run(args.store, args.mountpoint, admin_gid=admin_gid, ready=ready, **nice)
 
     if args.background:
         # Fail fast on the obvious mistakes before forking, so they reach the terminal.
@@ -300,6 +301,16 @@ def _group_id(name: str) -> int:
         raise InvalidArgumentError(f"no such group {name!r}") from None
 
 
+def _nice_value(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not -20 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"{value} is outside -20..19")
+    return value
+
+
 def _time(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
 
@@ -336,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file", metavar="FILE", help="log here (default: stderr; "
                    "with --background and no --log-file logs are discarded)")
     p.add_argument("--debug", "-d", action="store_true", help="log every failed request")
+    p.add_argument("--nice", type=_nice_value, metavar="N",
+                   help="serve at this scheduling priority, -20..19 (default -10: every agent's "
+                        "operation waits on the daemon; raising it needs root or CAP_SYS_NICE)")
 
     p = verb("umount", cmd_umount, "unmount MNT and wait for its daemon to exit")
     p.add_argument("mountpoint", metavar="MNT")

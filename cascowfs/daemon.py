@@ -4,11 +4,13 @@ Order matters, and is the point of this module:
 
 1. A dead FUSE mount left at the mount point by a killed daemon ("Transport endpoint is not
    connected") is lazily unmounted; a live one is refused.
-2. ``StateManager.open`` locks the store, replays the WAL and re-adopts (or re-creates) every
+2. The daemon raises its scheduling priority (``DAEMON_NICE``) before any thread starts, so
+   every thread it starts inherits it.
+3. ``StateManager.open`` locks the store, replays the WAL and re-adopts (or re-creates) every
    branch's overlay mount. Only then is anything mounted: nobody can see a half-recovered state.
-3. ``pyfuse3.init`` mounts; then systemd hears ``READY=1`` (``Type=notify``) and a
+4. ``pyfuse3.init`` mounts; then systemd hears ``READY=1`` (``Type=notify``) and a
    ``--background`` parent is released, so "the command returned" means "the mount is usable".
-4. SIGTERM/SIGINT/SIGHUP end the main loop; the FUSE mount is unmounted (lazily if busy, so no
+5. SIGTERM/SIGINT/SIGHUP end the main loop; the FUSE mount is unmounted (lazily if busy, so no
    dead mount is left behind) and the store is closed. Branch overlay mounts stay: a branch is
    not killed because the daemon was, and processes working inside keep working.
 """
@@ -34,6 +36,12 @@ from .fuse.sysmount import FUSE_TYPE, clear_dead_mount, mount_at
 log = logging.getLogger("cascowfs.daemon")
 
 VERSION = "0.1.0"
+
+# Every agent's operation waits on this one process, and its threads share one GIL: a thread
+# preempted by an agent's process while it holds the GIL (pyfuse3 replies to the kernel with
+# the GIL held, and the reply wakes that very agent) stalls all the others
+# (docs/architecture.md, "Round trips and the GIL").
+DAEMON_NICE = -10
 
 
 def mount_options() -> set[str]:
@@ -133,14 +141,27 @@ async def _watch_signals(ops: CascowOperations) -> None:
             return
 
 
+def set_priority(nice: int) -> None:
+    """Run this process (and every thread started afterwards) at ``nice``. Raising the
+    priority needs root or CAP_SYS_NICE; without them the daemon serves as it was started."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except PermissionError as exc:
+        log.warning("cannot run at nice %d (%s); serving at nice %d", nice, exc.strerror,
+                    os.getpriority(os.PRIO_PROCESS, 0))
+
+
 def run(store: str | Path, mnt: str | Path, *, admin_gid: int | None = None,
-        ready: Callable[[], None] | None = None,
+        nice: int | None = DAEMON_NICE, ready: Callable[[], None] | None = None,
         open_state: Callable[[Path], Any] | None = None) -> int:
-    """Serve ``store`` at ``mnt`` until unmounted or signalled (blocking). Returns an exit code."""
+    """Serve ``store`` at ``mnt`` until unmounted or signalled (blocking). Returns an exit code.
+    ``nice``: the scheduling priority to serve at (None: as started)."""
     store = Path(store).absolute()
     mnt = Path(mnt).absolute()
     faulthandler.enable()
     prepare_mountpoint(mnt)
+    if nice is not None:
+        set_priority(nice)  # before StateManager.open starts the background threads
     log.info("opening store %s (WAL replay, branch mounts)", store)
     sm = (open_state or _open_state)(store)
     try:

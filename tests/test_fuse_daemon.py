@@ -171,6 +171,39 @@ def test_umount_refuses_a_busy_mount_unless_lazy():
         assert fs.proc.wait(timeout=30) == 0
 
 
+def _nice_of_every_thread(pid: int) -> dict[str, int]:
+    nice = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        nice[tid] = int(fields[16])  # field 19 of proc(5), counted from the state (field 3)
+    return nice
+
+
+@pytest.mark.parametrize("asked", [None, "3"])
+def test_daemon_serves_at_the_priority_asked(asked):
+    """Every thread of the daemon runs at the nice value asked (the default: DAEMON_NICE),
+    background threads included, since they are started after the priority is set."""
+    from cascowfs.daemon import DAEMON_NICE
+
+    extra = () if asked is None else ("--nice", asked)
+    with mounted(*extra, populate=_populate) as fs:
+        fs.ctl(f"import base {fs.base / 'src'}")
+        fs.ctl("branch work base")  # an operation has run: every kind of thread has started
+        nice = _nice_of_every_thread(fs.pid)
+        assert len(nice) > 3, nice
+        expected = DAEMON_NICE if asked is None else int(asked)
+        assert set(nice.values()) == {expected}, nice
+
+
+def test_nice_outside_the_kernel_range_is_refused():
+    with cascow_base() as base:
+        proc = run_cli("mount", str(base / "store"), str(base / "mnt"), "--nice", "-21", check=False)
+        assert proc.returncode == 2
+        assert "-21 is outside -20..19" in proc.stderr
+        assert not (base / "store").exists(), "a refused mount touched the store"
+
+
 def test_forked_workers_do_not_hold_the_fuse_channel():
     """A big import forks worker processes inside the daemon. None may keep /dev/fuse open:
     a child holding the channel would keep a killed daemon's mount hanging instead of dead."""

@@ -75,6 +75,7 @@ def test_service_unit_contract():
                       "PrivateDevices", "PrivateMounts", "MountFlags", "TemporaryFileSystem"):
         assert forbidden not in svc, f"{forbidden} would hide our mounts in a private namespace"
     assert "CAP_SYS_ADMIN" in svc["CapabilityBoundingSet"]
+    assert "CAP_SYS_NICE" in svc["CapabilityBoundingSet"], "the daemon could not raise its priority"
     example = _parse(EXAMPLE)
     assert example["Unit"]["After"] == example["Unit"]["Requires"] == \
         "cascowfs@mnt-cascowfs.service"
