@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cascowfs import Client
-from fusehelpers import (Cascow, cascow_base, mounted, mounts_under, needs_fuse,
+from fusehelpers import (PYTHON, REPO, Cascow, cascow_base, mounted, mounts_under, needs_fuse,
                          processes_mentioning, run_cli)
 
 pytestmark = needs_fuse
@@ -188,17 +189,36 @@ def test_daemon_serves_at_the_priority_asked(asked):
 
     extra = () if asked is None else ("--nice", asked)
     with mounted(*extra, populate=_populate) as fs:
-        fs.ctl(f"import base {fs.base / 'src'}")
-        fs.ctl("branch work base")  # an operation has run: every kind of thread has started
+        assert fs.ctl(f"import base {fs.base / 'src'}")[0] == 0
+        assert fs.ctl("branch work base")[0] == 0  # every kind of thread has started by now
         nice = _nice_of_every_thread(fs.pid)
         assert len(nice) > 3, nice
         expected = DAEMON_NICE if asked is None else int(asked)
         assert set(nice.values()) == {expected}, nice
 
 
+def test_a_priority_that_cannot_be_raised_is_a_warning():
+    """Without CAP_SYS_NICE the daemon serves anyway, at the priority it was started with,
+    and says so in its log."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    started_at = os.getpriority(os.PRIO_PROCESS, 0)
+    code = ("import logging, os; logging.basicConfig(); "
+            "from cascowfs.daemon import set_priority; set_priority(-20); "
+            "print(os.getpriority(os.PRIO_PROCESS, 0))")
+    proc = subprocess.run([setpriv, "--bounding-set=-sys_nice", PYTHON, "-c", code],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(started_at)
+    warning = f"cannot run at nice -20 (Permission denied); serving at nice {started_at}"
+    assert warning in proc.stderr
+
+
 def test_nice_outside_the_kernel_range_is_refused():
     with cascow_base() as base:
-        proc = run_cli("mount", str(base / "store"), str(base / "mnt"), "--nice", "-21", check=False)
+        proc = run_cli("mount", str(base / "store"), str(base / "mnt"), "--nice", "-21",
+                       check=False)
         assert proc.returncode == 2
         assert "-21 is outside -20..19" in proc.stderr
         assert not (base / "store").exists(), "a refused mount touched the store"
