@@ -43,6 +43,12 @@ VERSION = "0.1.0"
 # (docs/architecture.md, "Round trips and the GIL").
 DAEMON_NICE = -10
 
+# pyfuse3 keeps this many tasks waiting on /dev/fuse. With its default of one, a request that
+# finds no task waiting starts a new one, which allocates a fresh 1 MiB receive buffer and
+# exits (freeing it) as soon as more than one task waits again (docs/architecture.md,
+# "Round trips and the GIL").
+FUSE_WORKER_TASKS = 8
+
 
 def mount_options() -> set[str]:
     opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks file modes
@@ -128,7 +134,7 @@ async def _serve(ops: CascowOperations, ready: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, ops)
         ready()
-        await pyfuse3.main()
+        await pyfuse3.main(min_tasks=FUSE_WORKER_TASKS)
         nursery.cancel_scope.cancel()
 
 
