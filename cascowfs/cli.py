@@ -36,8 +36,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         daemon.setup_logging(logging.INFO, args.log_file)
         if args.debug:  # ours only: pyfuse3's own debug output is one line per request
             logging.getLogger("cascowfs").setLevel(logging.DEBUG)
-        nice = {} if args.nice is None else {"nice": args.nice}
-        return daemon.run(args.store, args.mountpoint, admin_gid=admin_gid, ready=ready, **nice)
+        nice = daemon.DAEMON_NICE if args.nice is None else args.nice
+        return daemon.run(args.store, args.mountpoint, admin_gid=admin_gid, nice=nice, ready=ready)
 
     if args.background:
         # Fail fast on the obvious mistakes before forking, so they reach the terminal.
@@ -80,8 +80,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
             StateManager.open(store).close(unmount_branches=True)
         except StoreIOError as exc:
             # a store on a failed disk cannot be opened; its branch mounts can still go
-            for m in overlay.mounts_under(Path(store) / "branches"):
-                overlay.unmount(Path(m.target))
+            overlay.unmount_under(Path(store) / "branches")
             print(f"cascowfs umount: {exc}; its branch mounts were detached without it",
                   file=sys.stderr)
     return 0

@@ -122,6 +122,19 @@ def unmount(target: Path, *, lazy: bool = True) -> bool:
     return True
 
 
+def unmount_stacked(target: Path) -> None:
+    """Unmount every mount stacked at ``target`` (a rolled-forward step may have mounted a
+    branch over its old mount)."""
+    while unmount(target):
+        pass
+
+
+def unmount_under(prefix: Path) -> None:
+    """Unmount every mount whose mount point lies under ``prefix``."""
+    for m in mounts_under(prefix):
+        unmount(Path(m.target))
+
+
 @dataclass(frozen=True)
 class MountRecord:
     mount_id: int

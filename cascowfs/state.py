@@ -249,8 +249,7 @@ class StateManager:
                 pass  # the layers stay marked unsynced: if the page cache goes, they are rebuilt
         with self._ops.exclusive():
             if unmount_branches:
-                for m in overlay.mounts_under(self.branches_dir):
-                    overlay.unmount(Path(m.target))
+                overlay.unmount_under(self.branches_dir)
             self.wal.close()
             self.db.close()
         self._release_lock()
@@ -345,9 +344,7 @@ class StateManager:
             with self.db.read() as txn:
                 raw = txn.get(op.args["name"].encode(), db=self.db.db("branches"))
             if raw is not None:
-                tree = self._tree_path(op.args["name"])
-                while overlay.unmount(tree):
-                    pass
+                overlay.unmount_stacked(self._tree_path(op.args["name"]))
                 self._mount_branch(op.args["name"], json.loads(raw), fresh_upper=True)
         # The other mount-side effects (discard, branch) are settled by _reconcile from state.
 
@@ -513,8 +510,7 @@ class StateManager:
                 return
             self._trash_filled.clear()
             try:
-                for m in overlay.mounts_under(self.trash_dir):
-                    overlay.unmount(Path(m.target))  # never delete through a live mount
+                overlay.unmount_under(self.trash_dir)  # never delete through a live mount
                 entries = [self.trash_dir / e for e in os.listdir(self.trash_dir)]
                 if entries:
                     layerfs.remove_trees(entries)
@@ -869,8 +865,7 @@ class StateManager:
                 return self._repoint_branch(txn, name, old, old["parent"])[1]
 
             dropped = self.db.write(apply, f"resetting branch {name}")
-            while overlay.unmount(self._tree_path(name)):  # a re-base rolled forward mounts it
-                pass
+            overlay.unmount_stacked(self._tree_path(name))  # a re-base rolled forward mounts it
             self._to_trash(self.branches_dir / name / "upper")  # mounting makes a fresh one
             self._trash_after_apply(dropped)
 
@@ -1110,8 +1105,7 @@ class StateManager:
                                           if at + 1 < len(chain) else None)
         log.warning("%s: rebuilding %d layer(s) %s", self.store, len(lids), why)
         for name in branches_on:
-            while overlay.unmount(self._tree_path(name)):
-                pass
+            overlay.unmount_stacked(self._tree_path(name))
         with progress_bar(progress, len(records), f"rebuilding layers {why}", unit="layer") as bar:
             for lid, rec in records.items():
                 if rec["span"] != 0 and lid not in below:
