@@ -29,6 +29,7 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
+from . import forks
 from .errors import CascowfsError, BusyError, InvalidArgumentError
 from .fuse.operations import CascowOperations
 from .fuse.sysmount import FUSE_TYPE, clear_dead_mount, mount_at
@@ -107,23 +108,6 @@ def _fuse_fds() -> list[int]:
     return out
 
 
-def _drop_fuse_channel_in_children(fds: list[int]) -> None:
-    """Close the FUSE channel in every child forked from now on.
-
-    The engine forks worker processes (big imports). A child holding a copy of the channel
-    keeps the connection alive: if the daemon is then killed, MNT hangs instead of failing with
-    ENOTCONN, and the next daemon cannot tell the mount is dead. No child ever serves requests.
-    """
-    def close_in_child() -> None:
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    os.register_at_fork(after_in_child=close_in_child)
-
-
 def _open_state(store: Path) -> Any:
     from .state import StateManager
 
@@ -178,7 +162,8 @@ def run(store: str | Path, mnt: str | Path, *, admin_gid: int | None = None,
             pyfuse3.init(ops, str(mnt), mount_options())
         except RuntimeError as exc:  # libfuse reports details on stderr
             raise CascowfsError(f"mounting {mnt} failed: {exc}") from None
-        _drop_fuse_channel_in_children(_fuse_fds())
+        for fd in _fuse_fds():  # a child holding the channel would keep a killed daemon's mount alive
+            forks.close_in_children(fd)
         log.info("serving %s at %s (pid %d)", store, mnt, os.getpid())
         try:
             def announce() -> None:

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import blake3
 
-from . import fsmeta
+from . import forks, fsmeta
 from .cas import PreparedContent, pack_unpacked, prepare_content
 from .model import Entry
 from .trees import TreeStore, same_entries, tree_objects
@@ -238,10 +238,12 @@ def _process_files(files: list[tuple], prepare: Prepare) -> Iterator[tuple[tuple
             yield from zip(files, pool.map(lambda item: _process_one(*item, prepare), items))
         return
     # fork, not spawn: spawn (and forkserver) re-run the caller's __main__ in every worker.
-    # The children only read, hash, compress and write files: they touch no lock, LMDB
-    # environment or FUSE channel inherited from the parent, and exit with the pool.
+    # The children only read, hash, compress and write files: they touch no LMDB environment
+    # inherited from the parent, hold no store lock or FUSE channel (forks.py closes those)
+    # and exit with the pool, or with the parent if it is killed.
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(IMPORT_PROCESSES, mp_context=context) as pool:
+    with ProcessPoolExecutor(IMPORT_PROCESSES, mp_context=context,
+                             initializer=forks.die_with_parent, initargs=(os.getpid(),)) as pool:
         jobs = iter(files)
         for results in pool.map(_process_batch, _batches(items, sizes), itertools.repeat(prepare)):
             for result in results:

@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 import lmdb
 
 from . import durability
+from . import forks
 from . import layers as layerfs
 from . import overlay
 from .cas import ContentStore, identify_content
@@ -194,6 +195,7 @@ class StateManager:
             holder = os.pread(self._lock_fd, 64, 0).decode(errors="replace").strip()
             os.close(self._lock_fd)
             raise StoreLockedError(f"store {self.store} is in use (by pid {holder or '?'})") from None
+        forks.close_in_children(self._lock_fd)
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
         try:
@@ -275,6 +277,7 @@ class StateManager:
 
     def _release_lock(self) -> None:
         if self._lock_fd >= 0:
+            forks.forget(self._lock_fd)
             os.close(self._lock_fd)
             self._lock_fd = -1
 

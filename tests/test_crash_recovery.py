@@ -25,14 +25,16 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 import conftest
-from conftest import (assert_fsck_clean, assert_same_view, check_live, dir_view,
-                      force_unmount_below, mounts_below, needs_overlay, open_store, run_child,
-                      snapshot_view)
+from conftest import (REPO, assert_fsck_clean, assert_same_view, check_live, child_env,
+                      descendant_processes, dir_view, force_unmount_below, mounts_below,
+                      needs_overlay, open_store, run_child, snapshot_view)
 from crash_scenarios import (APPLIED_STEPS, CHILD, NOT_APPLIED_STEPS, VERIFY, prepare_store,
                              run_loop_until_killed)
 from cascowfs.crashpoints import CRASH_POINTS
@@ -162,4 +164,93 @@ def test_lost_layer_directories_are_rebuilt_in_place(tmp_path):
                 assert_same_view(dir_view(tree), view, f"a new branch on {sid}")
             check_live(sm, deep=True)
     finally:
+        force_unmount_below(store)
+
+
+# ----------------------------------------------------------------------------------------
+# kill during a big import: the forked workers
+# ----------------------------------------------------------------------------------------
+
+IMPORT_WITH_WORKERS = r"""
+import sys
+from cascowfs import scan
+from cascowfs.state import StateManager
+scan.PROCESS_POOL_MIN_BYTES = 0  # take the process path whatever the size
+sm = StateManager.open(sys.argv[1])
+print("open", flush=True)
+sm.import_tree(sys.argv[2], "big")
+print("imported", flush=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_import_leaves_no_worker_and_no_lock(tmp_path):
+    """kill -9 of a process in the middle of a big import: its forked workers die with it and
+    never held the store lock, so the store opens at once, without the import."""
+    store = tmp_path / "store"
+    conftest._STORES.append(store)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(400):
+        (src / f"f{i}").write_bytes(os.urandom(256 << 10))
+    proc = subprocess.Popen([sys.executable, "-c", IMPORT_WITH_WORKERS, str(store), str(src)],
+                            cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        try:
+            assert proc.stdout.readline().strip() == "open", proc.stderr.read()
+            deadline = time.monotonic() + 30
+            while not workers and proc.poll() is None and time.monotonic() < deadline:
+                workers = [p for p, _, _ in descendant_processes(proc.pid)]
+                time.sleep(0.01)
+        finally:
+            proc.kill()
+            # orphaned workers would hold the pipes open: read with a bound
+            out, err = proc.communicate(timeout=20)
+        assert workers, f"the import forked no worker before it ended:\n{out}\n{err}"
+        assert "imported" not in out, "the import ended before the kill: make the source bigger"
+        with open_store(store) as sm:  # StoreLockedError if a worker kept the lock
+            assert [s.id for s in sm.snapshots()] == []
+            check_live(sm, deep=True)
+        deadline = time.monotonic() + 10
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_alive, workers)), f"workers outlived the killed import: {workers}"
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        force_unmount_below(store)
+
+
+def test_a_forked_child_does_not_hold_the_store_lock(tmp_path):
+    """Whatever the engine forks (import workers) closes its copy of the store lock, so a child
+    that lingers after its parent let go of the store keeps nobody out."""
+    store = tmp_path / "store"
+    conftest._STORES.append(store)
+    release_r, release_w = os.pipe()
+    sm = StateManager.open(store)
+    child = os.fork()
+    if child == 0:  # the child only waits: it must not run any of pytest's code
+        os.read(release_r, 1)
+        os._exit(0)
+    try:
+        sm.close()
+        with open_store(store) as again:  # StoreLockedError if the child kept the lock
+            check_live(again)
+    finally:
+        os.write(release_w, b"x")
+        os.waitpid(child, 0)
+        os.close(release_r)
+        os.close(release_w)
         force_unmount_below(store)
