@@ -91,6 +91,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     text = doc.read_text()
     assert "SPEC §6 acceptance lines" in text and "create branch" in text
     assert "met" in text or "MISSED" in text
+    assert "`--ctl-open per-agent`" in text  # the default driver: one open of ctl per agent
     pngs = sorted(p.name for p in (tmp_path / "docs" / "img").glob("*.png")) \
         if (tmp_path / "docs" / "img").exists() else []
     try:
@@ -98,3 +99,32 @@ def test_bench_smoke(tmp_path: Path) -> None:
     except ImportError:
         return  # the bench extra is not installed: tables only
     assert any("latency" in p for p in pngs) and any("growth" in p for p in pngs), pngs
+
+
+@pytest.mark.timeout(180)
+def test_bench_smoke_with_ctl_opened_per_command(tmp_path: Path) -> None:
+    """The shell-style driver (`--ctl-open per-command`): every op opens ctl afresh."""
+    images = tmp_path / "images"
+    images.mkdir()
+    env = dict(os.environ, CASCOWFS_BENCH_DATA=str(tmp_path / "data"),
+               CASCOWFS_BENCH_IMAGES=str(images))
+    out = tmp_path / "smoke.json"
+    r = subprocess.run(
+        [sys.executable, str(TOOLS / "bench_mcts.py"), "--corpus", "synthetic",
+         "--synthetic-files", "60", "--systems", "cascowfs", "--agents", "2", "--ops", "30",
+         "--seq-ops", "12", "--no-read-path", "--ctl-open", "per-command", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=160)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["config"]["ctl_open"] == "per-command"
+    for key in ("seq", "mix"):
+        m = res["systems"]["cascowfs"][key]
+        assert m["error_count"] == 0, (key, m["errors"])
+        assert m["ops_detail"]["commit"]["n"] > 0
+    assert _leaks(images) == []
+    doc = tmp_path / "benchmarks.md"
+    r = subprocess.run([sys.executable, str(TOOLS / "bench_report.py"), str(out),
+                        "--doc", str(doc), "--notes", ""],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "`--ctl-open per-command`" in doc.read_text()

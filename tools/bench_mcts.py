@@ -65,6 +65,7 @@ VENV_BIN = Path(sys.executable).parent
 CASCOWFS = str(VENV_BIN / "cascowfs") if (VENV_BIN / "cascowfs").exists() else "cascowfs"
 OPS = ("branch", "commit", "discard", "prune")
 SCRATCH_BYTES = benchfs.DEFAULT_SIZE
+CTL_PER_AGENT = True  # --ctl-open
 
 
 def log(msg: str) -> None:
@@ -275,6 +276,7 @@ class CascowSystem(System):
         self.mnt.mkdir()
         self.ctl = str(self.mnt / "ctl")
         self.mounted = False
+        self.ctl_fd: int | None = None  # an agent's own open of ctl (CTL_PER_AGENT)
 
     def mount(self) -> float:
         t0 = time.perf_counter()
@@ -293,18 +295,24 @@ class CascowSystem(System):
     def daemon_pid(self) -> int:
         return int(os.getxattr(self.mnt, "user.cascowfs.pid"))
 
+    def agent_init(self, agent: int) -> None:
+        if CTL_PER_AGENT:  # as cascowfs.client.Client does: one open of ctl, kept
+            self.ctl_fd = os.open(self.ctl, os.O_RDWR)
+
     def cmd(self, line: str) -> str:
         """One command through ``ctl``, its reply read back from the same open file (``ok`` and
-        the result). Every operation goes this way: each open of ``ctl`` gets a lane of its own
+        the result): the agent's own open (``--ctl-open per-agent``) or a fresh one. Every
+        operation goes this way: each open of ``ctl`` gets a lane of its own
         (docs/interface.md), so the agents' commands run side by side, while the namespace calls
         (``rmdir`` in ``branches/``, a first lookup of ``branches/N/commit``) queue behind each
         other on those directories' locks."""
-        fd = os.open(self.ctl, os.O_RDWR)
+        fd = self.ctl_fd if self.ctl_fd is not None else os.open(self.ctl, os.O_RDWR)
         try:
             os.write(fd, line.encode() + b"\n")
             reply = os.read(fd, 4096).decode()
         finally:
-            os.close(fd)
+            if fd != self.ctl_fd:
+                os.close(fd)
         if reply != "ok\n" and not reply.startswith("ok "):
             raise RuntimeError(f"{line}: unexpected reply {reply!r}")
         return reply[3:].rstrip("\n")
@@ -1111,6 +1119,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="py-spy the daemon in a second mix")
     ap.add_argument("--profile-agents", type=int, default=0, help="agents of that mix "
                     "(default: --agents)")
+    ap.add_argument("--ctl-open", choices=("per-agent", "per-command"), default="per-agent",
+                    help="cascowfs agents keep one open of ctl, as cascowfs.client does, or "
+                    "open it for every command, as `echo CMD > ctl` in a shell does")
     ap.add_argument("--scratch-gb", type=int, default=24, help="size of each sparse scratch fs")
     ap.add_argument("--out", default=None, help="result JSON (default bench-results/...)")
     args = ap.parse_args(argv)
@@ -1118,8 +1129,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         log("needs root (loop devices, mounts)")
         return 2
-    global SCRATCH_BYTES
+    global SCRATCH_BYTES, CTL_PER_AGENT
     SCRATCH_BYTES = args.scratch_gb << 30
+    CTL_PER_AGENT = args.ctl_open == "per-agent"
     if args.corpus.startswith("synthetic"):
         tree = fetch_corpus.make_synthetic(files=args.synthetic_files)
         cname = f"synthetic-{args.synthetic_files}"

@@ -476,6 +476,19 @@ def must_lines(data: dict[str, dict]) -> list[str]:
 
 
 # -- the document -----------------------------------------------------------------------------
+def ctl_open_text(data: dict[str, dict]) -> str:
+    """How the cascowfs agents of these runs opened ctl (``--ctl-open``; runs from before the
+    option opened it for every command)."""
+    modes = sorted({(run.get("config") or {}).get("ctl_open", "per-command")
+                    for d in data.values() for run in d["runs"]
+                    if "cascowfs" in (run.get("config") or {}).get("systems", "").split(",")})
+    text = {"per-agent": "each agent opens `MNT/ctl` once and keeps it, as `cascowfs.client` "
+                         "does (`--ctl-open per-agent`)",
+            "per-command": "every op opens `MNT/ctl` afresh, as `echo CMD > MNT/ctl` in a shell "
+                           "does (`--ctl-open per-command`)"}
+    return "; ".join(text[m] for m in modes) or text["per-agent"]
+
+
 def document(data: dict[str, dict], figs: dict[str, list[str]], notes: str | None,
              sources: list[str]) -> str:
     out: list[str] = ["# Benchmarks", ""]
@@ -524,9 +537,9 @@ def document(data: dict[str, dict], figs: dict[str, list[str]], notes: str | Non
             "one the agent needs before it can use the result.", "",
             "How each system does each op:", "",
             "| system | branch | commit | discard | prune |", "|---|---|---|---|---|",
-            "| cascowfs (every op: one `open` of `MNT/ctl`, one `write` of the command, its reply "
-            "line read back from the same open file; each open gets a lane of its own, so the "
-            "agents' commands run side by side) | `branch N ID` (the reply is the tree's path) | "
+            f"| cascowfs ({ctl_open_text(data)}: a `write` of the command, its reply line read "
+            "back from the same open file; each open gets a lane of its own, so the agents' "
+            "commands run side by side) | `branch N ID` (the reply is the tree's path) | "
             "`commit N ID reward=… agent=…` | `discard N` | `prune ID` |",
             "| bare overlayfs (floor) | 3×mkdir + mount(2) of the snapshot's layer chain "
             "(`volatile`) | `cp -a upper` as a new layer (no CAS, no WAL; flattened beyond 400 "
