@@ -332,16 +332,24 @@ def expand(trees: TreeStore, entry: Entry | None, meta: Entry) -> DirNode:
 RACY_NS = 50_000_000  # well above a kernel timestamp tick (at most 10 ms)
 
 
+def _listing_key(rel: bytes, st: os.stat_result) -> tuple:
+    """The key of a directory's listing in an ``apply_upper`` cache (file keys start with their
+    path, never with this string)."""
+    return ("listing", rel, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def apply_upper(trees: TreeStore, base_root: Entry | None, upper: Path, sink: ObjectSink,
                 prepare: Prepare = prepare_content,
                 file_cache: dict | None = None, keep: dict | None = None) -> DirNode:
     """The tree a reader of overlay(upper over base) sees, as a DirNode.
 
     ``file_cache`` maps (path, ino, size, mtime_ns, ctime_ns) to an already computed file entry,
-    so that repeated status calls or commits of a live branch hash only what changed since.
-    Every file entry this walk uses goes into ``keep`` (which may be ``file_cache`` itself),
-    except for files changed within ``RACY_NS`` of the walk: the kernel's coarse clock could
-    give a further change the same ctime.
+    so that repeated status calls or commits of a live branch hash only what changed since,
+    and ``_listing_key(path, st)`` to a directory's names and xattrs, so that a directory
+    whose ctime has not moved (no entry added, removed or renamed, no xattr or mode change) is
+    not listed again. Every entry this walk uses goes into ``keep`` (which may be
+    ``file_cache`` itself), except for those changed within ``RACY_NS`` of the walk: the
+    kernel's coarse clock could give a further change the same ctime.
     """
     links = HardLinks()
     stable_before_ns = time.time_ns() - RACY_NS
@@ -355,7 +363,16 @@ def apply_upper(trees: TreeStore, base_root: Entry | None, upper: Path, sink: Ob
     def walk(path: bytes, rel: bytes, st: os.stat_result, name: bytes, lower: Entry | None,
              siblings: dict[bytes, Entry]) -> DirNode:
         """``lower``: what the directory below (``siblings``) holds under this name."""
-        xattrs, marks = fsmeta.read_xattrs_and_overlay_keys(path)
+        lkey = _listing_key(rel, st)
+        listing = file_cache.get(lkey) if file_cache is not None else None
+        if listing is None:
+            xattrs, marks = fsmeta.read_xattrs_and_overlay_keys(path)
+            # scandir's order, not sorted: trees are encoded sorted by name whatever the order
+            with os.scandir(path) as it:
+                listing = ([item.name for item in it], xattrs, marks)
+        names, xattrs, marks = listing
+        if keep is not None and st.st_ctime_ns < stable_before_ns:
+            keep[lkey] = listing
         if _OPAQUE in marks or _REDIRECT in marks:
             lower = lower_of_marked(path, lower, siblings)
         if lower is not None and not lower.is_dir:
@@ -364,11 +381,7 @@ def apply_upper(trees: TreeStore, base_root: Entry | None, upper: Path, sink: Ob
         changes: dict[bytes, Entry | DirNode | None] = {}
         node = DirNode(_meta_entry(name, st, xattrs), lower=lower_children,
                        lower_id=lower.ref if lower is not None else b"", changes=changes)
-        # scandir's order, not sorted: trees are encoded sorted by name whatever the order here
-        with os.scandir(path) as it:
-            items = list(it)
-        for item in items:
-            cname = item.name
+        for cname in names:
             cpath = path + b"/" + cname
             crel = rel + b"/" + cname if rel else cname
             cst = os.lstat(cpath)

@@ -701,6 +701,54 @@ def test_commits_reencode_only_directories_that_changed(sm, monkeypatch):
     check_live(sm)
 
 
+def test_commits_list_only_directories_whose_ctime_moved(sm, monkeypatch):
+    """A commit of a live branch lists again only the upper directories whose ctime moved
+    since its last commit (an entry added, removed or renamed, an xattr or mode set); the
+    others keep their names and xattrs from then, while their files are still checked one by
+    one, so an in-place rewrite is committed all the same."""
+    from cascowfs.scan import RACY_NS
+
+    tree = sm.create_branch("b").tree
+    upper = sm.branches_dir / "b" / "upper"
+    listed: list[str] = []
+    real = os.scandir
+
+    def counting(path=".", *a):
+        rel = os.path.relpath(os.fsdecode(path), upper)
+        if not rel.startswith(".."):
+            listed.append(rel)
+        return real(path, *a)
+
+    monkeypatch.setattr(os, "scandir", counting)
+    for d in ("a", "b", "c"):
+        (tree / d / "deep").mkdir(parents=True)
+        (tree / d / "deep" / "f").write_text(f"{d} one\n")
+    settle = lambda: time.sleep(2 * RACY_NS / 1e9)  # old enough for the cache
+    settle()
+    sm.commit("b", "s0")
+    assert sorted(listed) == [".", "a", "a/deep", "b", "b/deep", "c", "c/deep"]
+    listed.clear()
+    settle()
+    sm.commit("b", "s1")
+    assert listed == [] and sm.root_entry("s1") == sm.root_entry("s0")
+    with open(tree / "a" / "deep" / "f", "r+") as fh:  # in place: a/deep's ctime stays
+        fh.write("A")
+    settle()
+    sm.commit("b", "s2")
+    assert listed == []
+    assert sm.read_file(sm.trees.lookup(sm.root_entry("s2"), b"a/deep/f").ref, 0, 100) == b"A one\n"
+    (tree / "b" / "deep" / "g").write_text("new\n")
+    (tree / "a" / "deep" / "f").unlink()
+    os.setxattr(tree / "c", "user.note", b"kept")
+    settle()
+    sm.commit("b", "s3")
+    assert sorted(listed) == ["a/deep", "b/deep", "c"]
+    view = snapshot_view(sm, "s3")
+    assert_same_view(view, dir_view(tree), "s3 against the branch")
+    assert b"a/deep/f" not in view and b"b/deep/g" in view
+    check_live(sm)
+
+
 def test_a_long_lineage_compares_only_what_the_upper_changed(sm, tmp_path, monkeypatch):
     """Deciding that a directory is the same as at the branch's last commit costs its upper
     entries, not its whole listing: a 600-entry directory with one changed file is not
