@@ -9,6 +9,7 @@ import socket
 import stat
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from cascowfs.errors import InvalidArgumentError
 from cascowfs.fuse import control, inodes
@@ -58,6 +59,23 @@ def test_parse_valid(line, expected):
 def test_parse_invalid(line):
     with pytest.raises(InvalidArgumentError):
         control.parse_command(line)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab=/.-_ \t\n\r'\"\\#$\x0b\x0c\u00a0\u2003ü")),
+               max_size=40))
+def test_words_split_like_a_shell(text):
+    """The fast path for plain lines splits exactly as shlex does, and anything shlex refuses
+    (an unbalanced quote) is refused with EINVAL."""
+    import shlex
+
+    try:
+        expected = shlex.split(text, comments=False, posix=True)
+    except ValueError:
+        with pytest.raises(InvalidArgumentError):
+            control.split_words(text)
+        return
+    assert control.split_words(text) == expected
 
 
 def test_parse_branch_file_writes():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,7 +70,17 @@ def decode_line(data: bytes, what: str = "command") -> str:
         raise InvalidArgumentError(f"{what} is not UTF-8") from None
 
 
+# Quotes, backslashes, and whitespace other than space and tab: where a shell's word splitting
+# and str.split() may differ.
+_NEEDS_SHELL_RULES = re.compile(r"""['"\\]|[^\S \t]""")
+
+
 def split_words(text: str, what: str = "command") -> list[str]:
+    """Split ``text`` into words as a POSIX shell does. Plain lines (nearly every command) are
+    split by ``str.split``: shlex walks a line a character at a time in Python, and that cost
+    is paid on the FUSE thread, which every request waits for."""
+    if not _NEEDS_SHELL_RULES.search(text):
+        return text.split()
     try:
         return shlex.split(text, comments=False, posix=True)
     except ValueError as exc:  # unbalanced quotes
