@@ -45,21 +45,36 @@ def _leaks(parent: Path) -> list[str]:
         sys.path.remove(str(TOOLS))
 
 
-@pytest.mark.timeout(240)
-def test_bench_smoke(tmp_path: Path) -> None:
-    images = tmp_path / "images"  # scratch images of this test only (leak check below)
+def _bench(tmp_path: Path, *args: str, timeout: float) -> dict:
+    """Run ``bench_mcts.py`` with its scratch images and corpora under ``tmp_path``; returns
+    the result JSON, after checking the run succeeded and left no scratch image behind."""
+    images = tmp_path / "images"  # scratch images of this run only (leak check below)
     images.mkdir()
     env = dict(os.environ, CASCOWFS_BENCH_DATA=str(tmp_path / "data"),
                CASCOWFS_BENCH_IMAGES=str(images))
     out = tmp_path / "smoke.json"
-    r = subprocess.run(
-        [sys.executable, str(TOOLS / "bench_mcts.py"), "--corpus", "synthetic",
-         "--synthetic-files", "120", "--agents", "2", "--ops", "40", "--seq-ops", "24",
-         "--slow-ops", "16", "--read-repeat", "1", "--growth", "10", "--mount-snapshots", "12",
-         "--mount-branches", "3", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=220)
+    r = subprocess.run([sys.executable, str(TOOLS / "bench_mcts.py"), *args, "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-4000:]
-    res = json.loads(out.read_text())
+    assert _leaks(images) == []
+    return json.loads(out.read_text())
+
+
+def _report(tmp_path: Path, doc: Path) -> str:
+    """The report of ``_bench``'s result, written to ``doc``; returns its text."""
+    r = subprocess.run([sys.executable, str(TOOLS / "bench_report.py"),
+                        str(tmp_path / "smoke.json"), "--doc", str(doc), "--notes", ""],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return doc.read_text()
+
+
+@pytest.mark.timeout(240)
+def test_bench_smoke(tmp_path: Path) -> None:
+    res = _bench(tmp_path, "--corpus", "synthetic", "--synthetic-files", "120", "--agents", "2",
+                 "--ops", "40", "--seq-ops", "24", "--slow-ops", "16", "--read-repeat", "1",
+                 "--growth", "10", "--mount-snapshots", "12", "--mount-branches", "3",
+                 timeout=220)
     assert res["corpus"]["files"] > 100
     systems = res["systems"]
     assert set(systems) == {"cascowfs", "overlay", "btrfs", "git", "cp"}
@@ -81,14 +96,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "cascowfs branch" in rp["tests"]["read every file (find | xargs cat)"]
     assert res["growth"]["cascowfs"]["series"][-1][0] == 10
     assert len(res["mount"]["mount_after_kill9_s"]) == 3
-    assert _leaks(images) == []
 
-    doc = tmp_path / "docs" / "benchmarks.md"
-    r = subprocess.run([sys.executable, str(TOOLS / "bench_report.py"), str(out),
-                        "--doc", str(doc), "--notes", ""],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-4000:]
-    text = doc.read_text()
+    text = _report(tmp_path, tmp_path / "docs" / "benchmarks.md")
     assert "SPEC §6 acceptance lines" in text and "create branch" in text
     assert "met" in text or "MISSED" in text
     assert "`--ctl-open per-agent`" in text  # the default driver: one open of ctl per agent
@@ -104,27 +113,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
 @pytest.mark.timeout(180)
 def test_bench_smoke_with_ctl_opened_per_command(tmp_path: Path) -> None:
     """The shell-style driver (`--ctl-open per-command`): every op opens ctl afresh."""
-    images = tmp_path / "images"
-    images.mkdir()
-    env = dict(os.environ, CASCOWFS_BENCH_DATA=str(tmp_path / "data"),
-               CASCOWFS_BENCH_IMAGES=str(images))
-    out = tmp_path / "smoke.json"
-    r = subprocess.run(
-        [sys.executable, str(TOOLS / "bench_mcts.py"), "--corpus", "synthetic",
-         "--synthetic-files", "60", "--systems", "cascowfs", "--agents", "2", "--ops", "30",
-         "--seq-ops", "12", "--no-read-path", "--ctl-open", "per-command", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=160)
-    assert r.returncode == 0, r.stderr[-4000:]
-    res = json.loads(out.read_text())
+    res = _bench(tmp_path, "--corpus", "synthetic", "--synthetic-files", "60", "--systems",
+                 "cascowfs", "--agents", "2", "--ops", "30", "--seq-ops", "12", "--no-read-path",
+                 "--ctl-open", "per-command", timeout=160)
     assert res["config"]["ctl_open"] == "per-command"
     for key in ("seq", "mix"):
         m = res["systems"]["cascowfs"][key]
         assert m["error_count"] == 0, (key, m["errors"])
         assert m["ops_detail"]["commit"]["n"] > 0
-    assert _leaks(images) == []
-    doc = tmp_path / "benchmarks.md"
-    r = subprocess.run([sys.executable, str(TOOLS / "bench_report.py"), str(out),
-                        "--doc", str(doc), "--notes", ""],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "`--ctl-open per-command`" in doc.read_text()
+    assert "`--ctl-open per-command`" in _report(tmp_path, tmp_path / "benchmarks.md")
