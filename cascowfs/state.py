@@ -61,6 +61,10 @@ STORE_FORMAT = 4
 UPGRADES_IN_PLACE = {2, 3}  # older formats a writable open upgrades
 REFCOUNT_BATCH_SECONDS = 0.5  # deferred refcount changes wait this long to be applied together
 REFCOUNT_SLICE = 300  # object updates per transaction of the refcount thread (~2-4 ms of writer time)
+# Delta layers merge in groups of this many equal spans: each change is rewritten log_F(n)
+# times over a lineage of n commits, and a chain is at most (F - 1) log_F(n) + 1 layers deep.
+# 2 (a binary counter) rewrote every change twice as often for 5 layers less at n = 1,000.
+MERGE_FAN_IN = 4
 FLATTEN_TRIES = 5  # a flatten racing background merges of the same chain starts over
 
 
@@ -941,18 +945,25 @@ class StateManager:
     def _layers_to_merge(self, txn: lmdb.Transaction, chain: list[str]) -> tuple[int, int]:
         """How many top layers of a chain merge into one, and the merged span.
 
-        Delta layers merge like a binary counter: the top layer absorbs the ones under it
-        while their spans are 1, 2, 4, ... So a lineage of n commits is shown by at most
-        log2(n) + 1 delta layers, and the store holds each change O(log n) times instead of
-        every commit copying everything its branch ever changed."""
+        Delta layers merge like a counter in base ``MERGE_FAN_IN``: once the top
+        ``MERGE_FAN_IN`` layers all have span s, they merge into one of span
+        ``MERGE_FAN_IN`` * s, taking along any run of ``MERGE_FAN_IN`` - 1 layers of that
+        span right under them (a carry), and so on. So a lineage of n commits is shown by at
+        most (F - 1) log_F(n) + 1 delta layers, and the store holds each change log_F(n) times
+        instead of every commit copying everything its branch ever changed."""
         if not chain:
             return 0, 0
         span = self._layer_record(txn, chain[0])["span"]
-        count = 1
-        while count < len(chain) and span and self._layer_record(txn, chain[count])["span"] == span:
-            span *= 2
-            count += 1
-        return count, span
+        if not span:
+            return 1, 0
+        count, group = 0, MERGE_FAN_IN
+        while count + group <= len(chain) and all(
+                self._layer_record(txn, lid)["span"] == span
+                for lid in chain[count:count + group]):
+            count += group
+            span *= MERGE_FAN_IN
+            group = MERGE_FAN_IN - 1  # the merged layer is the carry's first member
+        return max(count, 1), span if count else 0
 
     def discard(self, name: str) -> None:
         """Drop a branch: its mount goes at once (lazily), its files in the background."""
@@ -1027,22 +1038,46 @@ class StateManager:
         self._rewrite_chain(id, merge=False)
 
     def merge_layers(self, id: str) -> None:
-        """Merge the top layers of a snapshot's chain as the binary-counter rule says
-        (queued in the background after every commit, so a commit never waits for it)."""
+        """Bring a snapshot's chain into the counter's shape (queued in the background after
+        every commit, so a commit never waits for it): first onto its parent's chain as that
+        is now, then merging its top layers as ``_layers_to_merge`` says."""
         self._rewrite_chain(id, merge=True)
+
+    def _caught_up_chain(self, txn: lmdb.Transaction, rec: dict) -> list[str]:
+        """A commit's chain with the part under its own delta replaced by its parent's chain
+        as it is now. A commit takes its parent's chain as it is at the time; when commits
+        follow each other faster than the merges run, that chain is not merged yet, and
+        merging only the top of each new chain would leave the lineage one layer deeper per
+        commit (deep enough, at 500, that no branch could mount it). Any chain showing the
+        parent's tree will do under a delta relative to that tree."""
+        chain = rec["layers"]
+        if len(chain) < 2 or not rec.get("parent") or self._layer_record(txn, chain[0])["span"] != 1:
+            return chain
+        raw = txn.get(rec["parent"].encode(), db=self.db.db("snapshots"))
+        if raw is None:  # pruned meanwhile: its chain lives on only in this one
+            return chain
+        parent = json.loads(raw)
+        if self._layer_record(txn, chain[1])["top"] != parent["root"]:
+            return chain
+        return chain[:1] + parent["layers"]
 
     def _rewrite_chain(self, id: str, *, merge: bool) -> None:
         with self._ops.running():
             with self.db.read() as txn:
                 rec = self._snapshot_record(txn, id)
                 chain = rec["layers"]
-                count, span = self._layers_to_merge(txn, chain) if merge else (len(chain), 0)
+                layers = self._caught_up_chain(txn, rec) if merge else chain
+                count, span = self._layers_to_merge(txn, layers) if merge else (len(chain), 0)
                 if merge and count < 2:
+                    if layers != chain:
+                        self._replace_chain(id, chain, layers)
                     return
-                below = self._layer_record(txn, chain[count])["top"] if count < len(chain) else None
+                below = self._layer_record(txn, layers[count])["top"] if count < len(layers) else None
             root = self._root_of(rec["root"])
             layer = secrets.token_hex(5)
-            op = self.wal.prepare("flatten", id=id, layer=layer)
+            # Not flushed, as a commit's: before APPLY a rewrite leaves only staging and an
+            # unrecorded layer, which recovery sweeps whether or not it finds the record.
+            op = self.wal.prepare("flatten", id=id, layer=layer, durable=False)
             crash_point("flatten.prepared")
             staged = self.staging_dir / op
             try:
@@ -1056,13 +1091,8 @@ class StateManager:
 
                 def apply(txn: lmdb.Transaction) -> list[str]:
                     cur = self._snapshot_record(txn, id)
-                    if cur["layers"][:count] != chain[:count]:
-                        raise BusyError(f"the layers of snapshot {id} changed meanwhile")
                     self._new_layer(txn, layer, cur["root"], span)
-                    new_chain = [layer] + cur["layers"][count:]
-                    self._layer_refs(txn, new_chain, +1)
-                    dropped = self._layer_refs(txn, cur["layers"], -1)
-                    txn.put(id.encode(), _dump(dict(cur, layers=new_chain)), db=self.db.db("snapshots"))
+                    dropped = self._swap_chain(txn, id, cur, chain, [layer] + layers[count:])
                     self._mark_applied(txn, op)
                     return dropped
 
@@ -1075,6 +1105,26 @@ class StateManager:
             self._trash_after_apply(dropped)
             self._finish(op)
         self._jobs.put(("trash",))
+
+    def _replace_chain(self, id: str, old: list[str], new: list[str]) -> None:
+        """Point a snapshot at another chain of existing layers showing its tree (one
+        transaction, no new files: nothing for the WAL to cover)."""
+        dropped = self.db.write(
+            lambda txn: self._swap_chain(txn, id, self._snapshot_record(txn, id), old, new),
+            f"rewriting the layers of snapshot {id}")
+        self._trash_after_apply(dropped)
+        self._jobs.put(("trash",))
+
+    def _swap_chain(self, txn: lmdb.Transaction, id: str, cur: dict, old: list[str],
+                    new: list[str]) -> list[str]:
+        """Replace snapshot ``id``'s chain ``old`` (as read before the rewrite) by ``new``;
+        returns the layers no chain names any more."""
+        if cur["layers"] != old:
+            raise BusyError(f"the layers of snapshot {id} changed meanwhile")
+        self._layer_refs(txn, new, +1)
+        dropped = self._layer_refs(txn, old, -1)
+        txn.put(id.encode(), _dump(dict(cur, layers=new)), db=self.db.db("snapshots"))
+        return dropped
 
     def _unsynced_layers(self) -> set[str]:
         """Layers recorded after the last syncfs: their files may not have reached the disk."""

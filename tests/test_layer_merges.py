@@ -1,0 +1,94 @@
+"""Background merges of delta layers keep a lineage's chain shallow (``StateManager.merge_layers``).
+
+Commits of one lineage must end up on a chain shaped like a counter in base ``MERGE_FAN_IN``,
+whether the merges keep up with the commits or lag far behind them; every snapshot must still
+read back exactly as it was committed, and fsck must find the store whole.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import conftest
+from conftest import assert_same_view, check_live, dir_view, needs_overlay, snapshot_view
+from cascowfs import state
+
+pytestmark = needs_overlay
+
+
+def _spans(sm, id: str) -> list[int]:
+    with sm.db.read() as txn:
+        chain = sm._snapshot_record(txn, id)["layers"]
+        return [json.loads(txn.get(lid.encode(), db=sm.db.db("layers")))["span"] for lid in chain]
+
+
+def _digits(n: int, base: int) -> list[int]:
+    """The spans of a counter holding n: one layer of base**k for each unit of digit k."""
+    spans, power = [], 1
+    while n:
+        spans += [power] * (n % base)
+        n //= base
+        power *= base
+    return spans
+
+
+def _lineage(sm, src: Path, commits: int, *, settle_each: bool) -> dict[str, dict]:
+    sm.import_tree(src, "base")
+    tree = sm.create_branch("b", "base").tree
+    views = {}
+    for i in range(1, commits + 1):
+        (tree / f"f{i % 7}").write_text(f"version {i}")
+        sid = sm.commit("b", f"g{i}")
+        views[sid] = dir_view(tree)
+        if settle_each:
+            sm.settle()
+    return views
+
+
+def _source(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(10):
+        (src / "d" / f"x{i}").write_text(str(i))
+    return src
+
+
+def test_a_lineage_settled_after_each_commit_has_the_counters_shape(tmp_path):
+    commits = 2 * state.MERGE_FAN_IN ** 2 + state.MERGE_FAN_IN + 3
+    with conftest.open_store(tmp_path / "store") as sm:
+        views = _lineage(sm, _source(tmp_path), commits, settle_each=True)
+        assert _spans(sm, f"g{commits}") == _digits(commits, state.MERGE_FAN_IN) + [0]
+        for sid, view in views.items():
+            assert_same_view(snapshot_view(sm, sid), view, sid)
+        check_live(sm, deep=True)
+        sm.discard("b")
+
+
+def test_merges_that_lag_behind_the_commits_still_keep_the_chain_shallow(tmp_path, monkeypatch):
+    """Every merge waits until all commits are made, so each commit takes its parent's chain
+    unmerged. The merges must still bring the tip's chain to the counter's shape (before,
+    the tip's chain grew by a layer per commit: at 500 no branch can mount it)."""
+    commits = 40
+    with conftest.open_store(tmp_path / "store") as sm:
+        gate = threading.Event()
+        merge_now = sm.merge_layers
+
+        def merge_later(id: str) -> None:
+            gate.wait()
+            merge_now(id)
+
+        monkeypatch.setattr(sm, "merge_layers", merge_later)
+        views = _lineage(sm, _source(tmp_path), commits, settle_each=False)
+        assert len(_spans(sm, f"g{commits}")) == commits + 1  # no merge has run yet
+        gate.set()
+        sm.settle()
+        assert _spans(sm, f"g{commits}") == _digits(commits, state.MERGE_FAN_IN) + [0]
+        for sid, view in views.items():
+            assert_same_view(snapshot_view(sm, sid), view, sid)
+        check_live(sm, deep=True)
+        tree = sm.create_branch("tip", f"g{commits}").tree
+        assert dir_view(tree) == views[f"g{commits}"]
+        sm.discard("tip")
+        sm.discard("b")
