@@ -65,6 +65,9 @@ REFCOUNT_SLICE = 300  # object updates per transaction of the refcount thread (~
 # times over a lineage of n commits, and a chain is at most (F - 1) log_F(n) + 1 layers deep.
 # 2 (a binary counter) rewrote every change twice as often for 5 layers less at n = 1,000.
 MERGE_FAN_IN = 4
+# A chain deeper than this (made by a version whose merges fell behind fast lineages) has all
+# its delta layers merged into one at its next merge: the counter alone never shortens it.
+MERGE_ALL_ABOVE = 64
 FLATTEN_TRIES = 5  # a flatten racing background merges of the same chain starts over
 
 
@@ -1043,6 +1046,16 @@ class StateManager:
         is now, then merging its top layers as ``_layers_to_merge`` says."""
         self._rewrite_chain(id, merge=True)
 
+    def _deltas_on_top(self, txn: lmdb.Transaction, chain: list[str]) -> tuple[int, int]:
+        """How many delta layers lie on the chain's first full layer, and their total span."""
+        spans = []
+        for lid in chain:
+            span = self._layer_record(txn, lid)["span"]
+            if not span:
+                break
+            spans.append(span)
+        return len(spans), sum(spans)
+
     def _caught_up_chain(self, txn: lmdb.Transaction, rec: dict) -> list[str]:
         """A commit's chain with the part under its own delta replaced by its parent's chain
         as it is now. A commit takes its parent's chain as it is at the time; when commits
@@ -1067,7 +1080,12 @@ class StateManager:
                 rec = self._snapshot_record(txn, id)
                 chain = rec["layers"]
                 layers = self._caught_up_chain(txn, rec) if merge else chain
-                count, span = self._layers_to_merge(txn, layers) if merge else (len(chain), 0)
+                if not merge:
+                    count, span = len(chain), 0
+                elif len(layers) > MERGE_ALL_ABOVE:
+                    count, span = self._deltas_on_top(txn, layers)
+                else:
+                    count, span = self._layers_to_merge(txn, layers)
                 if merge and count < 2:
                     if layers != chain:
                         self._replace_chain(id, chain, layers)

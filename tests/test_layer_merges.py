@@ -92,3 +92,25 @@ def test_merges_that_lag_behind_the_commits_still_keep_the_chain_shallow(tmp_pat
         assert dir_view(tree) == views[f"g{commits}"]
         sm.discard("tip")
         sm.discard("b")
+
+
+def test_a_chain_grown_too_deep_is_merged_whole_at_its_next_merge(tmp_path, monkeypatch):
+    """Chains that an older version let grow (each commit on its parent's unmerged chain) are
+    repaired: past ``MERGE_ALL_ABOVE`` layers, a merge folds every delta into one."""
+    monkeypatch.setattr(state, "MERGE_ALL_ABOVE", 12)
+    with conftest.open_store(tmp_path / "store") as sm:
+        monkeypatch.setattr(sm, "merge_layers", lambda id: None)  # as if merges fell behind
+        views = _lineage(sm, _source(tmp_path), 20, settle_each=False)
+        sm.settle()
+        assert len(_spans(sm, "g20")) == 21
+        monkeypatch.undo()
+        monkeypatch.setattr(state, "MERGE_ALL_ABOVE", 12)
+        sm.merge_layers("g20")
+        assert _spans(sm, "g20") == [20, 0]
+        for sid, view in views.items():
+            assert_same_view(snapshot_view(sm, sid), view, sid)
+        check_live(sm, deep=True)
+        tree = sm.create_branch("tip", "g20").tree
+        assert dir_view(tree) == views["g20"]
+        sm.discard("tip")
+        sm.discard("b")
