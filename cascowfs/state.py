@@ -1137,7 +1137,9 @@ class StateManager:
                     new: list[str]) -> list[str]:
         """Replace snapshot ``id``'s chain ``old`` (as read before the rewrite) by ``new``;
         returns the layers no chain names any more."""
-        if cur["layers"] != old:
+        # a chain taken from the parent may have lost layers to the parent's own rewrite
+        if cur["layers"] != old or any(txn.get(lid.encode(), db=self.db.db("layers")) is None
+                                       for lid in new):
             raise BusyError(f"the layers of snapshot {id} changed meanwhile")
         self._layer_refs(txn, new, +1)
         dropped = self._layer_refs(txn, old, -1)

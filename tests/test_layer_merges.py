@@ -11,9 +11,12 @@ import json
 import threading
 from pathlib import Path
 
+import pytest
+
 import conftest
 from conftest import assert_same_view, check_live, dir_view, needs_overlay, snapshot_view
 from cascowfs import state
+from cascowfs.errors import BusyError
 
 pytestmark = needs_overlay
 
@@ -113,4 +116,22 @@ def test_a_chain_grown_too_deep_is_merged_whole_at_its_next_merge(tmp_path, monk
         tree = sm.create_branch("tip", "g20").tree
         assert dir_view(tree) == views["g20"]
         sm.discard("tip")
+        sm.discard("b")
+
+
+def test_a_chain_swap_naming_a_layer_gone_meanwhile_changes_nothing(tmp_path):
+    """A merge reads its parent's chain before its transaction; if the parent's own rewrite
+    dropped one of those layers meanwhile, the swap must refuse (EBUSY) and leave the
+    snapshot's chain and every layer count as they were."""
+    with conftest.open_store(tmp_path / "store") as sm:
+        _lineage(sm, _source(tmp_path), 2, settle_each=True)
+        with sm.db.read() as txn:
+            chain = sm._snapshot_record(txn, "g2")["layers"]
+            counts = {bytes(k): bytes(v) for k, v in txn.cursor(db=sm.db.db("layers"))}
+        with pytest.raises(BusyError, match="changed meanwhile"):
+            sm._replace_chain("g2", chain, chain[:1] + ["0123456789"] + chain[1:])
+        with sm.db.read() as txn:
+            assert sm._snapshot_record(txn, "g2")["layers"] == chain
+            assert {bytes(k): bytes(v) for k, v in txn.cursor(db=sm.db.db("layers"))} == counts
+        check_live(sm, deep=True)
         sm.discard("b")
