@@ -83,9 +83,11 @@ def test_merges_that_lag_behind_the_commits_still_keep_the_chain_shallow(tmp_pat
             merge_now(id)
 
         monkeypatch.setattr(sm, "merge_layers", merge_later)
-        views = _lineage(sm, _source(tmp_path), commits, settle_each=False)
-        assert len(_spans(sm, f"g{commits}")) == commits + 1  # no merge has run yet
-        gate.set()
+        try:
+            views = _lineage(sm, _source(tmp_path), commits, settle_each=False)
+            assert len(_spans(sm, f"g{commits}")) == commits + 1  # no merge has run yet
+        finally:
+            gate.set()  # else the background worker, and closing the store, would wait forever
         sm.settle()
         assert _spans(sm, f"g{commits}") == _digits(commits, state.MERGE_FAN_IN) + [0]
         for sid, view in views.items():
