@@ -946,7 +946,7 @@ class StateManager:
         return id
 
     def _layers_to_merge(self, txn: lmdb.Transaction, chain: list[str]) -> tuple[int, int]:
-        """How many top layers of a chain merge into one, and the merged span.
+        """How many top layers of a chain merge into one, and the merged span ((0, 0): none).
 
         Delta layers merge like a counter in base ``MERGE_FAN_IN``: once the top
         ``MERGE_FAN_IN`` layers all have span s, they merge into one of span
@@ -954,11 +954,9 @@ class StateManager:
         span right under them (a carry), and so on. So a lineage of n commits is shown by at
         most (F - 1) log_F(n) + 1 delta layers, and the store holds each change log_F(n) times
         instead of every commit copying everything its branch ever changed."""
-        if not chain:
+        span = self._layer_record(txn, chain[0])["span"] if chain else 0
+        if not span:  # nothing is merged into a full layer
             return 0, 0
-        span = self._layer_record(txn, chain[0])["span"]
-        if not span:
-            return 1, 0
         count, group = 0, MERGE_FAN_IN
         while count + group <= len(chain) and all(
                 self._layer_record(txn, lid)["span"] == span
@@ -966,7 +964,7 @@ class StateManager:
             count += group
             span *= MERGE_FAN_IN
             group = MERGE_FAN_IN - 1  # the merged layer is the carry's first member
-        return max(count, 1), span if count else 0
+        return (count, span) if count else (0, 0)
 
     def discard(self, name: str) -> None:
         """Drop a branch: its mount goes at once (lazily), its files in the background."""
@@ -1066,10 +1064,10 @@ class StateManager:
         chain = rec["layers"]
         if len(chain) < 2 or not rec.get("parent") or self._layer_record(txn, chain[0])["span"] != 1:
             return chain
-        raw = txn.get(rec["parent"].encode(), db=self.db.db("snapshots"))
-        if raw is None:  # pruned meanwhile: its chain lives on only in this one
+        try:
+            parent = self._snapshot_record(txn, rec["parent"])
+        except NotFoundError:  # pruned meanwhile: its chain lives on only in this one
             return chain
-        parent = json.loads(raw)
         if self._layer_record(txn, chain[1])["top"] != parent["root"]:
             return chain
         return chain[:1] + parent["layers"]

@@ -7,7 +7,6 @@ read back exactly as it was committed, and fsck must find the store whole.
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -24,7 +23,7 @@ pytestmark = needs_overlay
 def _spans(sm, id: str) -> list[int]:
     with sm.db.read() as txn:
         chain = sm._snapshot_record(txn, id)["layers"]
-        return [json.loads(txn.get(lid.encode(), db=sm.db.db("layers")))["span"] for lid in chain]
+        return [sm._layer_record(txn, lid)["span"] for lid in chain]
 
 
 def _digits(n: int, base: int) -> list[int]:
