@@ -1,19 +1,18 @@
-"""Content-addressed object store: chunks, chunk lists and trees, with refcounts.
+"""Content-addressed object store: chunks, chunk lists, packs and trees.
 
 Ids are BLAKE3-256 over a one-letter domain prefix and the payload, so a file chunk can never
 alias a tree object even when an untrusted branch writes a file whose bytes are a tree encoding.
 
-Objects form a DAG (tree -> tree | content; chunk list -> chunk). Refcounts count parent
-references with multiplicity: the first reference to an object adds one reference to each of its
-children; the last one going away removes the object and drops its children in turn. Objects
-written before their operation's APPLY step have no refcount entry at all; gc reclaims those.
+Objects form a DAG (tree -> tree | content; chunk list -> chunk; chunk pointer -> pack). What
+no live root reaches is deleted by the collector (collector.py), which this store helps by
+remembering, while a collection runs, every object stored meanwhile.
 """
 
 from __future__ import annotations
 
 import struct
 import threading
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from typing import Iterable, Iterator
 
 import blake3
@@ -48,10 +47,6 @@ _POINTER = struct.Struct("<32sII")
 PACK_MAX_CHUNK = 16 * 1024
 PACK_TARGET = 256 * 1024
 _LIST_ITEM = struct.Struct("<32sI")
-_REF = struct.Struct("<Q")
-_INCREF = b"+"
-_DECREF = b"-"
-_SEQ_KEY = 8  # key length of store format 3's queue (a u64 sequence number)
 
 ID_SIZE = 32
 
@@ -184,22 +179,24 @@ def children_of(value: bytes) -> list[bytes]:
 
 
 class ContentStore:
-    """Objects and refcounts in LMDB; chunk reads with a small decompressed-chunk cache."""
+    """Objects in LMDB; chunk reads with a small decompressed-chunk cache."""
 
     def __init__(self, db: MetaDB, cache_chunks: int = 256) -> None:
         self.db = db
         self.objects = db.db("objects")
-        self.refs = db.db("refs")
-        self.deferred = db.db("deferred")
+        self._protected: set[bytes] | None = None
+        self._protect_lock = threading.Lock()
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._cache_size = cache_chunks
         self._cache_lock = threading.Lock()
 
     # -- writing ---------------------------------------------------------------------------
     def put_objects(self, txn: lmdb.Transaction, objects: Iterable[tuple[bytes, bytes]]) -> int:
-        """Store objects not yet present (no refcount change); small chunks go into packs.
+        """Store objects not yet present; small chunks go into packs.
         Packs built elsewhere (by import workers) are kept only if one of their chunks is new
         here. Returns bytes newly written."""
+        objects = list(objects)
+        self._note_stored(oid for oid, _ in objects)
         written = 0
         small: list[tuple[bytes, bytes]] = []
         packs: dict[bytes, bytes] = {}
@@ -237,142 +234,31 @@ class ContentStore:
                 written += len(value)
         return written
 
-    # -- refcounts -------------------------------------------------------------------------
-    def refcount(self, txn: lmdb.Transaction, oid: bytes) -> int:
-        raw = txn.get(oid, db=self.refs)
-        return _REF.unpack(raw)[0] if raw else 0
+    # -- protection from a running collection (collector.py) -------------------------------
+    def protect(self) -> None:
+        """From now on remember every object stored, new or already present, until
+        ``unprotect``: a collection cycle must not delete what was stored after its start."""
+        with self._protect_lock:
+            self._protected = set()
 
-    def incref(self, txn: lmdb.Transaction, oid: bytes) -> None:
-        """Add one reference; an object's first one adds one to each of its children."""
-        self._cascade(txn, _INCREF, Counter({oid: 1}), None)
+    def protected_among(self, ids: set[bytes]) -> set[bytes]:
+        """Which of ``ids`` were stored since ``protect`` (call from inside a write
+        transaction: stores happen in write transactions, which all run on one thread, so
+        none is half-done meanwhile)."""
+        with self._protect_lock:
+            if self._protected is None:
+                return set()
+            small, big = sorted((ids, self._protected), key=len)
+            return {oid for oid in small if oid in big}
 
-    def decref(self, txn: lmdb.Transaction, oid: bytes) -> int:
-        """Drop one reference; objects reaching zero are deleted with their children's refs.
-        Returns the number of objects deleted."""
-        return self._cascade(txn, _DECREF, Counter({oid: 1}), None)[1]
+    def unprotect(self) -> None:
+        with self._protect_lock:
+            self._protected = None
 
-    # -- deferred refcount changes ----------------------------------------------------------
-    # A new root's first reference cascades over every child of every new directory: for a
-    # 3-file edit of the linux tree that is ~1,100 refcount updates on random LMDB pages
-    # (~3 MB to write and sync), and a prune's last reference the same. Operations therefore
-    # only queue their refcount changes (one small record, in their own transaction), and a
-    # thread of the StateManager applies the queue later, a bounded slice per transaction, so
-    # that no operation waits long behind it for LMDB's one writer. The queue is keyed by
-    # sign and object, so changes to one object sum while they wait.
-    def defer_incref(self, txn: lmdb.Transaction, oid: bytes) -> None:
-        self._defer(txn, _INCREF, oid, 1)
-
-    def defer_decref(self, txn: lmdb.Transaction, oid: bytes) -> None:
-        self._defer(txn, _DECREF, oid, 1)
-
-    def _defer(self, txn: lmdb.Transaction, sign: bytes, oid: bytes, n: int) -> None:
-        key = sign + oid
-        raw = txn.get(key, db=self.deferred)
-        txn.put(key, _REF.pack((_REF.unpack(raw)[0] if raw else 0) + n), db=self.deferred)
-
-    def rekey_sequenced_queue(self, txn: lmdb.Transaction) -> None:
-        """Store format 3 queued changes by arrival (u64 sequence -> sign + id): key them by
-        object instead, summing repeats."""
-        old = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self.deferred) if len(k) == _SEQ_KEY]
-        for key, change in old:
-            txn.delete(key, db=self.deferred)
-            self._defer(txn, change[:1], change[1:], 1)
-
-    def deferred_count(self, txn: lmdb.Transaction) -> int:
-        """Objects with a queued change (changes to one object count once)."""
-        return txn.stat(self.deferred)["entries"]
-
-    def apply_deferred(self, txn: lmdb.Transaction, budget: int | None = None) -> int:
-        """Apply the queued refcount changes: all of them, or (``budget``) about that many
-        object updates, leaving the rest queued. Returns the number of objects deleted.
-
-        Increments go first: no decrement is applied while any increment is queued. Only a
-        decrement deletes, so an object that a queued increment needs (it existed when the
-        increment was queued) still exists when that increment is applied: final counts are
-        those of applying every change at its operation's time, however the work is sliced."""
-        spent, _, left = self._cascade(txn, _INCREF, self._take(txn, _INCREF, budget), budget)
-        self._requeue(txn, _INCREF, left)
-        # Each increment taken costs an update, so a slice that finished its increments under
-        # budget took every one queued.
-        if left or (budget is not None and spent >= budget):
-            return 0
-        rest = None if budget is None else budget - spent
-        _, deleted, left = self._cascade(txn, _DECREF, self._take(txn, _DECREF, rest), rest)
-        self._requeue(txn, _DECREF, left)
-        return deleted
-
-    def _take(self, txn: lmdb.Transaction, sign: bytes, limit: int | None) -> Counter[bytes]:
-        """Remove and return queued changes of one sign (at most ``limit`` objects)."""
-        taken: Counter[bytes] = Counter()
-        cursor = txn.cursor(db=self.deferred)
-        if not cursor.set_range(sign):
-            return taken
-        while limit is None or len(taken) < limit:
-            key = cursor.key()
-            if key[:1] != sign:
-                break
-            taken[bytes(key[1:])] = _REF.unpack(cursor.value())[0]
-            if not cursor.delete():  # moves to the next record
-                break
-        return taken
-
-    def _requeue(self, txn: lmdb.Transaction, sign: bytes, left: Counter[bytes]) -> None:
-        for oid, n in left.items():
-            self._defer(txn, sign, oid, n)
-
-    def _cascade(self, txn: lmdb.Transaction, sign: bytes, delta: Counter[bytes],
-                 budget: int | None) -> tuple[int, int, Counter[bytes]]:
-        """Apply changes of one sign and the cascades they start, stopping after ``budget``
-        object updates. Returns (updates, objects deleted, changes not yet applied).
-
-        Level by level, with the changes to one object summed first: new roots of one batch
-        share most of their children (the same directories along the same paths), so each
-        count is read and written once per level, not once per reference."""
-        spent = deleted = 0
-        while delta:
-            below: Counter[bytes] = Counter()
-            items = iter(list(delta.items()))
-            for oid, n in items:
-                if budget is not None and spent >= budget:
-                    left = Counter(dict(items))
-                    left[oid] += n
-                    left.update(below)
-                    return spent, deleted, left
-                spent += 1
-                if sign == _INCREF:
-                    self._count_up(txn, oid, n, below)
-                else:
-                    deleted += self._count_down(txn, oid, n, below)
-            delta = below
-        return spent, deleted, Counter()
-
-    def _count_up(self, txn: lmdb.Transaction, oid: bytes, n: int, below: Counter[bytes]) -> None:
-        count = self.refcount(txn, oid)
-        if count == 0:
-            value = txn.get(oid, db=self.objects)
-            if value is None:
-                raise StoreIOError(f"object {oid.hex()} is referenced but missing")
-            below.update(children_of(value))
-        txn.put(oid, _REF.pack(count + n), db=self.refs)
-
-    def _count_down(self, txn: lmdb.Transaction, oid: bytes, n: int, below: Counter[bytes]) -> int:
-        count = self.refcount(txn, oid)
-        if count < n:
-            raise StoreIOError(f"refcount of {oid.hex()} would go below zero")
-        if count > n:
-            txn.put(oid, _REF.pack(count - n), db=self.refs)
-            return 0
-        txn.delete(oid, db=self.refs)
-        value = txn.get(oid, db=self.objects)
-        if value is None:
-            return 0
-        below.update(children_of(value))
-        txn.delete(oid, db=self.objects)
-        return 1
-
-    def iter_refcounts(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, int]]:
-        for key, raw in txn.cursor(db=self.refs):
-            yield bytes(key), _REF.unpack(raw)[0]
+    def _note_stored(self, ids: Iterable[bytes]) -> None:
+        with self._protect_lock:
+            if self._protected is not None:
+                self._protected.update(ids)
 
     def iter_object_ids(self, txn: lmdb.Transaction) -> Iterator[bytes]:
         cur = txn.cursor(db=self.objects)

@@ -219,7 +219,9 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     for problem in report.problems:
         print(problem)
     if report.ok:
-        print("clean", file=sys.stderr)
+        waiting = (f" ({report.awaiting_collection} unreachable object(s) await the next "
+                   f"collection)" if report.awaiting_collection else "")
+        print(f"clean{waiting}", file=sys.stderr)
         return 0
     print(f"{len(report.problems)} problem(s)", file=sys.stderr)
     return 1

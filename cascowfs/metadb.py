@@ -22,14 +22,17 @@ T = TypeVar("T")
 
 DB_NAMES = (
     b"objects",    # object id -> type byte + payload (chunks, chunk lists, trees)
-    b"refs",       # object id -> refcount (u64 little endian); absent means zero
     b"snapshots",  # snapshot id -> JSON record
     b"branches",   # branch name -> JSON record
     b"layers",     # layer id -> refcount (u64): snapshot and branch chains naming it
-    b"deferred",   # b"+"/b"-" + object id -> u64 count: refcount changes to apply
     b"ops",        # WAL op id -> b"applied": the APPLY step of that op committed
     b"meta",       # misc: format version, counters
 )
+
+# Databases of store formats up to 4 (object refcounts and their queue); the upgrade to
+# format 5 drops them.
+LEGACY_DB_NAMES = (b"refs", b"deferred")
+_MAX_DBS = len(DB_NAMES) + len(LEGACY_DB_NAMES) + 1
 
 INITIAL_MAP_SIZE = 1 << 30
 MAX_MAP_SIZE = 1 << 40
@@ -72,7 +75,7 @@ class MetaDB:
             while size < data_file.stat().st_size * 2 and size < MAX_MAP_SIZE:
                 size *= 2
         self.env = lmdb.open(
-            str(path), map_size=size, max_dbs=len(DB_NAMES) + 1, sync=True,
+            str(path), map_size=size, max_dbs=_MAX_DBS, sync=True,
             metasync=True, readahead=False, max_readers=512, subdir=True,
         )
         self.dbs = {name.decode(): self.env.open_db(name) for name in DB_NAMES}
@@ -195,12 +198,29 @@ class MetaDB:
                 self._growing = False
                 self._gate.notify_all()
 
+    def drop_legacy(self, txn: lmdb.Transaction) -> None:
+        """Delete the databases of older store formats (``LEGACY_DB_NAMES``), if there."""
+        for name in LEGACY_DB_NAMES:
+            try:
+                handle = self.env.open_db(name, txn=txn, create=False)
+            except lmdb.NotFoundError:
+                continue
+            txn.drop(handle, delete=True)
+
     def close(self) -> None:
         with self._queue_cond:
             self._closing = True
             self._queue_cond.notify()
         self._committer.join()
         self.env.close()
+
+
+def open_reader(path: str | Path) -> tuple[lmdb.Environment, dict]:
+    """The store's LMDB environment opened read-only from another process (the collector's
+    marking child), with its named databases; a daemon may be writing meanwhile."""
+    env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=_MAX_DBS, subdir=True,
+                    readahead=False, max_readers=512)
+    return env, {name.decode(): env.open_db(name, create=False) for name in DB_NAMES}
 
 
 class _WriteRequest:

@@ -3,7 +3,7 @@
 Store layout (all on one filesystem, so renames are atomic and overlay upper/work dirs work)::
 
     STORE/lock                  flock: one StateManager per store
-    STORE/meta/                 LMDB: objects, refcounts, snapshots, branches, layers, ops
+    STORE/meta/                 LMDB: objects, snapshots, branches, layers, ops
     STORE/wal/log               write-ahead log (wal.py)
     STORE/layers/<layer>/       native lower layers, a cache of the CAS (layers.py)
     STORE/branches/<name>/      upper/, work/ and tree/ (the overlay mount point)
@@ -36,6 +36,7 @@ from typing import Callable, Iterator
 
 import lmdb
 
+from . import collector
 from . import durability
 from . import forks
 from . import layers as layerfs
@@ -56,11 +57,14 @@ log = logging.getLogger("cascowfs.state")
 
 CHECKPOINT_EVERY = 1024  # WAL records between checkpoints
 # Bump when records or objects change shape. 3: refcount changes are queued; 4: the queue is
-# keyed by object (3 kept it in arrival order), and large directories are stored as pages.
-STORE_FORMAT = 4
-UPGRADES_IN_PLACE = {2, 3}  # older formats a writable open upgrades
-REFCOUNT_BATCH_SECONDS = 0.5  # deferred refcount changes wait this long to be applied together
-REFCOUNT_SLICE = 300  # object updates per transaction of the refcount thread (~2-4 ms of writer time)
+# keyed by object (3 kept it in arrival order), and large directories are stored as pages;
+# 5: objects carry no refcounts, a mark-and-sweep collector deletes what no live root reaches.
+STORE_FORMAT = 5
+UPGRADES_IN_PLACE = {2, 3, 4}  # older formats a writable open upgrades
+# A collection cycle starts this long after garbage appeared (a prune, a discard, a failed
+# op), so that one cycle takes what a burst of operations dropped.
+COLLECT_AFTER_SECONDS = 5.0
+SWEEP_SLICE = 300  # object deletions per transaction of a collection's sweep
 # Delta layers merge in groups of this many equal spans: each change is rewritten log_F(n)
 # times over a lineage of n commits, and a chain is at most (F - 1) log_F(n) + 1 layers deep.
 # 2 (a binary counter) rewrote every change twice as often for 5 layers less at n = 1,000.
@@ -72,13 +76,16 @@ FLATTEN_TRIES = 5  # a flatten racing background merges of the same chain starts
 
 
 class _OpGate:
-    """Mutations run side by side ("running"); gc, orphan sweeps and WAL checkpoints need
-    every other one finished ("exclusive"), and never wait for it inside an operation."""
+    """Mutations run side by side ("running"); gc and WAL checkpoints need every other one
+    finished ("exclusive"), and never wait for it inside an operation. A collection cycle
+    waits for the operations running when it starts ("wait_for_running")."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._running = 0
         self._exclusive = False
+        self._next_ticket = 0
+        self._tickets: set[int] = set()  # of the operations running
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -86,12 +93,23 @@ class _OpGate:
             while self._exclusive:
                 self._cond.wait()
             self._running += 1
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._tickets.add(ticket)
         try:
             yield
         finally:
             with self._cond:
                 self._running -= 1
+                self._tickets.discard(ticket)
                 self._cond.notify_all()
+
+    def wait_for_running(self) -> None:
+        """Wait until every operation running now has finished (new ones may start)."""
+        with self._cond:
+            horizon = self._next_ticket
+            while any(t < horizon for t in self._tickets):
+                self._cond.wait()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -149,9 +167,9 @@ class StateManager:
 
     Thread-safe: mutations of different branches run side by side (one lock per branch); their
     LMDB transactions go through MetaDB's committer thread, which shares one sync among those
-    that arrive together. Refcount changes are queued and applied in batches by a thread of
-    their own. Reads (``snapshot``, ``read_tree``, ``read_file`` ...) use short read transactions and
-    may run concurrently with a mutation.
+    that arrive together. Reads (``snapshot``, ``read_tree``, ``read_file`` ...) use short read transactions and
+    may run concurrently with a mutation. Objects no live root reaches are collected by a
+    thread of their own (``collector.py``).
     """
 
     def __init__(self, store: Path) -> None:
@@ -164,9 +182,9 @@ class StateManager:
         self._ops = _OpGate()
         self._branch_locks: dict[str, threading.Lock] = {}
         self._branch_locks_guard = threading.Lock()
-        self._orphans_suspected = False
-        self._refs_wanted = threading.Event()
-        self._refs_thread: threading.Thread | None = None
+        self._collect_wanted = threading.Event()
+        self._collect_thread: threading.Thread | None = None
+        self._collect_lock = threading.Lock()  # one collection cycle at a time
         self._sync_thread: threading.Thread | None = None
         self._trash_lock = threading.Lock()
         self._trash_filled = threading.Event()  # set by _to_trash, cleared by _empty_trash
@@ -222,10 +240,10 @@ class StateManager:
             raise
         self._worker = threading.Thread(target=self._work, name="cascowfs-background", daemon=True)
         self._worker.start()
-        self._refs_thread = threading.Thread(target=self._apply_refs_loop, name="cascowfs-refcounts",
-                                             daemon=True)
-        self._refs_thread.start()
         if recover:
+            self._collect_thread = threading.Thread(target=self._collect_loop,
+                                                    name="cascowfs-collector", daemon=True)
+            self._collect_thread.start()
             self._sync_thread = threading.Thread(target=self._sync_layers_loop,
                                                  name="cascowfs-layer-sync", daemon=True)
             self._sync_thread.start()
@@ -237,9 +255,9 @@ class StateManager:
         if self._closing.is_set():
             return
         self._closing.set()
-        self._refs_wanted.set()
-        if self._refs_thread is not None:
-            self._refs_thread.join()
+        self._collect_wanted.set()
+        if self._collect_thread is not None:
+            self._collect_thread.join()
         if not self._read_only:
             self._jobs.put(("trash",))
         self._jobs.put(None)
@@ -248,10 +266,6 @@ class StateManager:
         if self._sync_thread is not None:
             self._sync_thread.join()
         if not self._read_only:
-            try:
-                self._apply_deferred_refs()
-            except CascowfsError:
-                pass  # the queue is durable: the next open applies it
             try:
                 self._sync_layers()
             except (CascowfsError, OSError):
@@ -265,10 +279,10 @@ class StateManager:
 
     def settle(self) -> None:
         """Wait until the background thread has done everything queued so far (layer merges,
-        refcount changes, emptying the trash)."""
+        emptying the trash), then collect the objects no live root reaches."""
         self._jobs.join()
         if not self._read_only:
-            self._apply_deferred_refs()
+            self.collect()
 
     @contextmanager
     def quiesced(self) -> Iterator[None]:
@@ -293,21 +307,19 @@ class StateManager:
             raw = txn.get(b"format", db=self.db.db("meta"))
             found = int(raw) if raw is not None else None
             empty = txn.stat(self.db.db("snapshots"))["entries"] == 0
-            queued = self.content.deferred_count(txn)
         if found == STORE_FORMAT:
             return
         if found not in UPGRADES_IN_PLACE and not (found is None and empty):
             raise StoreIOError(f"store {self.store} has format {raw and raw.decode() or 'unknown'}; "
                                f"this cascowfs reads format {STORE_FORMAT}")
         if self._read_only:
-            if found == 3 and queued:
-                raise StoreIOError(f"store {self.store} has format 3 with queued refcount changes; "
-                                   f"mount it once to upgrade it to format {STORE_FORMAT}")
-            return
+            return  # formats 2-4 differ only in refcounts, which this version ignores
 
         def upgrade(txn: lmdb.Transaction) -> None:
-            if found == 3:
-                self.content.rekey_sequenced_queue(txn)
+            # Object refcounts (and their queue) are no longer kept; objects they would have
+            # deleted are garbage now, which the first collection takes.
+            self.db.drop_legacy(txn)
+            self._note_garbage(txn)
             txn.put(b"format", str(STORE_FORMAT).encode(), db=self.db.db("meta"))
 
         self.db.write(upgrade, "upgrading the store format")
@@ -331,7 +343,7 @@ class StateManager:
                 orphans_possible = orphans_possible or op.kind in ("import", "commit", "flatten")
         self._reconcile(cache_lost, progress)
         if orphans_possible:
-            self._sweep_orphans(progress)
+            self.collect(progress=progress)
         self._checkpoint()
         if cache_lost:
             self._sync_layers()  # the rebuilt layers: a second power cut must not tear them
@@ -406,18 +418,14 @@ class StateManager:
         self.db.write(lambda txn: txn.drop(self.db.db("ops"), delete=False), "checkpoint")
 
     def _when_alone(self) -> None:
-        """Housekeeping that needs no other operation in flight: sweep the orphans a failed
-        operation left, checkpoint the WAL. Skipped (for a later op) when others run."""
-        if not (self._orphans_suspected or self.wal.records_since_checkpoint >= CHECKPOINT_EVERY):
+        """Housekeeping that needs no other operation in flight: checkpoint the WAL. Skipped
+        (for a later op) when others run."""
+        if self.wal.records_since_checkpoint < CHECKPOINT_EVERY:
             return
         if not self._ops.try_sole():
             return
         try:
-            if self._orphans_suspected:
-                self._orphans_suspected = False
-                self._sweep_orphans(False)
-            if self.wal.records_since_checkpoint >= CHECKPOINT_EVERY:
-                self._checkpoint()
+            self._checkpoint()
         finally:
             self._ops.release_sole()
 
@@ -464,47 +472,34 @@ class StateManager:
 
         self.db.write(mark, "marking layers synced")
 
-    def _apply_refs_loop(self) -> None:
-        """Its own thread, so that waiting for a batch to gather never holds up layer merges or
-        the trash: after a change is queued, wait a moment, then apply the queue a slice per
-        transaction (operations queued for the writer meanwhile go in between)."""
+    def _collect_loop(self) -> None:
+        """Its own thread: a while after garbage appeared, run a collection cycle (its marking
+        in a child process). Waits for nothing else, and nothing waits for it."""
+        if self._collection_pending():
+            self._collect_wanted.set()  # garbage a previous run left uncollected
         while True:
-            self._refs_wanted.wait()
-            if self._closing.is_set():
+            self._collect_wanted.wait()
+            if self._closing.wait(COLLECT_AFTER_SECONDS):
                 return
-            self._closing.wait(REFCOUNT_BATCH_SECONDS)
-            self._refs_wanted.clear()  # changes queued from here on get another round
+            self._collect_wanted.clear()  # garbage from here on gets another cycle
             try:
-                while not self._closing.is_set() and self._apply_deferred_refs(REFCOUNT_SLICE):
-                    pass
-            except (CascowfsError, OSError):
-                pass  # a failing disk: the queue is durable, the next round or open retries
-            if self._closing.is_set():  # close's wake-up may have been cleared just above
-                return
-
-    def _apply_deferred_refs(self, budget: int | None = None) -> bool:
-        """Apply queued refcount changes now (see ``ContentStore.defer_incref``): all, or a
-        slice of about ``budget`` object updates. Returns whether changes are left."""
-        with self.db.read() as txn:
-            if not self.content.deferred_count(txn):
-                return False
-
-        def apply(txn: lmdb.Transaction) -> bool:
-            self.content.apply_deferred(txn, budget)
-            return self.content.deferred_count(txn) > 0
-
-        return self.db.write(apply, "applying refcount changes")
+                self.collect(in_child=True)
+            except (CascowfsError, OSError) as exc:
+                if self._closing.is_set():
+                    return  # cancelled; the pending mark is durable, the next open retries
+                # the pending mark is durable: the next cycle, or the next open, retries
+                log.warning("%s: collecting garbage failed (retried later): %s", self.store, exc)
+                self._collect_wanted.set()
 
     def _forget_file_caches(self, name: str) -> None:
         self._file_caches.pop(name, None)
         self._commit_caches.pop(name, None)
         self._built_dirs.pop(name, None)
 
-    def _ref(self, txn: lmdb.Transaction, superroot_hex: str) -> None:
-        self.content.defer_incref(txn, bytes.fromhex(superroot_hex))
-
-    def _unref(self, txn: lmdb.Transaction, superroot_hex: str) -> None:
-        self.content.defer_decref(txn, bytes.fromhex(superroot_hex))
+    def _note_garbage(self, txn: lmdb.Transaction) -> None:
+        """Objects may have become unreachable (a root dropped, an op failed): a collection
+        is pending until a cycle whose snapshot includes this change has swept."""
+        self._set_meta_counter(txn, b"garbage_seq", self._meta_counter(txn, b"garbage_seq") + 1)
 
     def _to_trash(self, path: Path) -> None:
         if os.path.lexists(path):
@@ -574,7 +569,7 @@ class StateManager:
             rec["refs"] += delta
             if rec["refs"] <= 0:
                 txn.delete(lid.encode(), db=db)
-                self._unref(txn, rec["top"])
+                self._note_garbage(txn)
                 dropped.append(lid)
             else:
                 txn.put(lid.encode(), _dump(rec), db=db)
@@ -584,7 +579,6 @@ class StateManager:
         """Record a layer showing tree ``top`` (with the layers under it). ``span`` counts the
         commits a delta layer covers; 0 marks a full layer, which nothing is merged into.
         ``seq`` orders layers for syncing (``durability``)."""
-        self._ref(txn, top)
         seq = self._meta_counter(txn, b"layer_seq") + 1
         self._set_meta_counter(txn, b"layer_seq", seq)
         txn.put(lid.encode(), _dump({"refs": 0, "top": top, "span": span, "seq": seq}),
@@ -665,7 +659,6 @@ class StateManager:
                 crash_point("import.chunks")
 
                 def apply(txn: lmdb.Transaction) -> None:
-                    self.content.incref(txn, superroot)
                     self._new_layer(txn, layer, superroot.hex(), 0)
                     self._layer_refs(txn, [layer], +1)
                     self._put_snapshot(txn, id, superroot.hex(), None, [layer], labels, root)
@@ -697,8 +690,8 @@ class StateManager:
                 self._to_trash(self.layers_dir / layer)
             self._jobs.put(("trash",))
             self.wal.finalize(op)
-            self._orphans_suspected = True
-            self._when_alone()
+            self.db.write(self._note_garbage, "noting a failed operation's objects")
+            self._collect_wanted.set()
         except (OSError, CascowfsError):
             pass  # the disk is failing; the next open rolls the op back from the WAL
 
@@ -709,7 +702,6 @@ class StateManager:
             self.wal.finalize(op)
         except CascowfsError as exc:
             log.warning("%s: op %s is done, but its FINALIZE record is not: %s", self.store, op, exc)
-        self._refs_wanted.set()
         try:
             self._when_alone()
         except (CascowfsError, OSError) as exc:
@@ -788,8 +780,6 @@ class StateManager:
                         raise ExistsError(f"branch {name!r} already exists")
                     if parent is not None:  # not pruned meanwhile; its chain as it is now
                         rec["layers"] = self._snapshot_record(txn, parent)["layers"]
-                    if rec["base_root"]:
-                        self._ref(txn, rec["base_root"])
                     self._layer_refs(txn, rec["layers"], +1)
                     txn.put(name.encode(), _dump(rec), db=self.db.db("branches"))
                     self._mark_applied(txn, op)
@@ -848,11 +838,9 @@ class StateManager:
         snap = self._snapshot_record(txn, parent) if parent is not None else None
         rec = dict(old, parent=parent, base_root=snap["root"] if snap else None,
                    layers=snap["layers"] if snap else [])
-        if rec["base_root"]:
-            self._ref(txn, rec["base_root"])
         self._layer_refs(txn, rec["layers"], +1)
         if old["base_root"]:
-            self._unref(txn, old["base_root"])
+            self._note_garbage(txn)
         dropped = self._layer_refs(txn, old["layers"], -1)
         txn.put(name.encode(), _dump(rec), db=self.db.db("branches"))
         return rec, dropped
@@ -924,7 +912,6 @@ class StateManager:
                 # which is fine, since the new delta is relative to the parent's tree
                 chain = self._snapshot_record(txn, rec["parent"])["layers"] if parent else []
                 self.content.put_objects(txn, sink.take())
-                self._ref(txn, superroot.hex())
                 self._new_layer(txn, layer, superroot.hex(), 1)
                 self._layer_refs(txn, [layer] + chain, +1)
                 self._put_snapshot(txn, id, superroot.hex(), rec["parent"], [layer] + chain, labels, root)
@@ -978,7 +965,7 @@ class StateManager:
             def apply(txn: lmdb.Transaction) -> list[str]:
                 txn.delete(name.encode(), db=self.db.db("branches"))
                 if rec["base_root"]:
-                    self._unref(txn, rec["base_root"])
+                    self._note_garbage(txn)
                 dropped = self._layer_refs(txn, rec["layers"], -1)
                 self._mark_applied(txn, op)
                 return dropped
@@ -1008,7 +995,7 @@ class StateManager:
                 self._check_unused(txn, id)  # no branch was based on it meanwhile
                 cur = self._snapshot_record(txn, id)  # a background merge may have swapped its chain
                 txn.delete(id.encode(), db=self.db.db("snapshots"))
-                self._unref(txn, cur["root"])
+                self._note_garbage(txn)
                 dropped = self._layer_refs(txn, cur["layers"], -1)
                 self._mark_applied(txn, op)
                 return dropped
@@ -1201,34 +1188,52 @@ class StateManager:
     # ------------------------------------------------------------------------------------
     # gc
     # ------------------------------------------------------------------------------------
-    def _sweep_orphans(self, progress: bool) -> int:
-        """Delete objects with no reference (written by an op that never reached APPLY)."""
-        self._apply_deferred_refs()
-        with self.db.read() as txn:
-            ids = list(self.content.iter_object_ids(txn))
-        doomed = []
-        with progress_bar(progress, len(ids), "gc objects") as bar:
+    def collect(self, *, in_child: bool = False, progress: bool = False) -> int:
+        """One collection cycle (``collector.py``): delete every object no live root reaches.
+        ``in_child``: mark in a child process (the background cycle), not in this thread.
+        Returns the number of objects deleted."""
+        with self._collect_lock:
+            self.content.protect()
+            try:
+                self._ops.wait_for_running()  # they may have stored objects unprotected
+                with self.db.read() as txn:
+                    seen = self._meta_counter(txn, b"garbage_seq")
+                if in_child:
+                    dead = collector.garbage_from_child(str(self.db.path), self._closing.is_set)
+                else:
+                    with self.db.read() as txn:
+                        dead = collector.garbage(txn, self.db.dbs)
+                stop = (self._closing.is_set if self._collect_thread is threading.current_thread()
+                        else lambda: False)  # a background sweep stops at close
+                with progress_bar(progress, len(dead), "collecting", unit="obj") as bar:
+                    removed, finished = collector.sweep(self.db, self.content, dead, SWEEP_SLICE,
+                                                        stop=stop, done=bar)
+            finally:
+                self.content.unprotect()
+
+            def mark_collected(txn: lmdb.Transaction) -> None:
+                if self._meta_counter(txn, b"collected_seq") < seen:
+                    self._set_meta_counter(txn, b"collected_seq", seen)
+
+            if finished:
+                self.db.write(mark_collected, "recording a collection")
+            return removed
+
+    def _collection_pending(self, txn: lmdb.Transaction | None = None) -> bool:
+        """Has garbage appeared since the last completed collection's snapshot? (A store of
+        an older format, looked at read-only, may hold garbage its refcount queue would have
+        deleted.)"""
+        if txn is None:
             with self.db.read() as txn:
-                for oid in ids:
-                    if txn.get(oid, db=self.db.db("refs")) is None:
-                        doomed.append(oid)
-                    bar(1)
-
-        def delete(txn: lmdb.Transaction) -> None:
-            # objects of applied ops whose references are still queued have no count yet
-            self.content.apply_deferred(txn)
-            for oid in doomed:
-                if txn.get(oid, db=self.db.db("refs")) is None:
-                    txn.delete(oid, db=self.db.db("objects"))
-
-        if doomed:
-            self.db.write(delete, "gc")
-        return len(doomed)
+                return self._collection_pending(txn)
+        if txn.get(b"format", db=self.db.db("meta")) != str(STORE_FORMAT).encode():
+            return True
+        return self._meta_counter(txn, b"garbage_seq") > self._meta_counter(txn, b"collected_seq")
 
     def gc(self, progress: bool = False) -> dict:
-        """Reclaim unreferenced objects and layers, empty the trash."""
+        """Reclaim unreachable objects and unrecorded layers, empty the trash."""
         with self._ops.exclusive():
-            objects = self._sweep_orphans(progress)
+            objects = self.collect(progress=progress)
             with self.db.read() as txn:
                 layer_ids = {bytes(k).decode() for k, _ in txn.cursor(db=self.db.db("layers"))}
             stray = [e for e in os.listdir(self.layers_dir) if e not in layer_ids]

@@ -61,25 +61,6 @@ def test_domain_prefix_keeps_a_file_from_aliasing_a_tree():
     assert forged.content_id != tree_id
 
 
-def test_refcounts_cascade_and_collect(content):
-    fid = _store(content, b"hello")
-    child = {b"f": Entry(b"f", stat.S_IFREG | 0o644, 0, 0, 1, 5, fid),
-             b"g": Entry(b"g", stat.S_IFREG | 0o644, 0, 0, 1, 5, fid)}
-    sub_id, sub_value = tree_object(child)
-    top_id, top_value = tree_object({b"d": Entry(b"d", stat.S_IFDIR | 0o755, 0, 0, 1, 0, sub_id)})
-    content.db.write(lambda txn: content.put_objects(txn, [(sub_id, sub_value), (top_id, top_value)]))
-    content.db.write(lambda txn: content.incref(txn, top_id))
-    with content.db.read() as txn:
-        assert content.refcount(txn, top_id) == 1
-        assert content.refcount(txn, sub_id) == 1
-        assert content.refcount(txn, fid) == 2  # two entries name it
-    # both trees, the chunk, and the pack the small chunk went into
-    assert content.db.write(lambda txn: content.decref(txn, top_id)) == 4
-    with content.db.read() as txn:
-        assert list(content.iter_object_ids(txn)) == []
-        assert list(content.iter_refcounts(txn)) == []
-
-
 def test_small_chunks_share_packs_and_read_back(content):
     blobs = [os.urandom(100 + i) for i in range(50)] + [b"same" * 10]
     prepared = [cas.prepare_content(b) for b in blobs]
@@ -93,12 +74,6 @@ def test_small_chunks_share_packs_and_read_back(content):
     for cid, blob in zip(ids, blobs):
         assert content.read(cid) == blob
         assert content.verify(cid, content.get(cid))
-
-
-def test_decref_below_zero_is_an_error(content):
-    fid = _store(content, b"x")
-    with pytest.raises(StoreIOError):
-        content.db.write(lambda txn: content.decref(txn, fid))
 
 
 def test_verify_detects_corruption(content):
@@ -136,87 +111,13 @@ def test_tree_children_are_the_refs_decode_finds():
         tree_children(payload[:-3])
 
 
-def _old_tree_and_a_sharing_one(content: cas.ContentStore):
-    """A stored, referenced tree naming a shared file and one of its own, and (not stored yet)
-    a new tree naming only the shared file: (shared, only_old, old_id, (new_id, new_value))."""
-    shared = _store(content, b"shared file " * 50)
-    only_old = _store(content, b"old file " * 50)
-    f = lambda name, ref: Entry(name, stat.S_IFREG | 0o644, 0, 0, 1, 1, ref)
-    old_id, old_value = tree_object({b"s": f(b"s", shared), b"o": f(b"o", only_old)})
-    content.db.write(lambda txn: content.put_objects(txn, [(old_id, old_value)]))
-    content.db.write(lambda txn: content.incref(txn, old_id))
-    return shared, only_old, old_id, tree_object({b"s": f(b"s", shared)})
-
-
-def test_deferred_changes_keep_what_a_later_increment_needs(content):
-    """A prune queued before a commit that shares its subtree: applying the queue must not
-    delete the shared objects (increments go first), and must delete the rest."""
-    shared, only_old, old_id, (new_id, new_value) = _old_tree_and_a_sharing_one(content)
-    content.db.write(lambda txn: content.defer_decref(txn, old_id))  # the prune, first
-    content.db.write(lambda txn: (content.put_objects(txn, [(new_id, new_value)]),
-                                  content.defer_incref(txn, new_id)))  # then the commit
-    with content.db.read() as txn:
-        assert content.deferred_count(txn) == 2
-        assert content.refcount(txn, shared) == 1  # nothing applied yet
-    deleted = content.db.write(content.apply_deferred)
-    assert deleted == 3  # the old tree, the file only it named and that file's pack
-    with content.db.read() as txn:
-        assert content.deferred_count(txn) == 0
-        assert content.refcount(txn, new_id) == 1
-        assert content.refcount(txn, shared) == 1
-        assert txn.get(old_id, db=content.objects) is None
-        assert txn.get(only_old, db=content.objects) is None
-
-
-def test_sliced_application_never_deletes_what_a_later_increment_needs(content):
-    """The refcount thread applies the queue a slice at a time, and operations queue new
-    changes between slices: here a commit sharing a file with a pruned tree arrives after the
-    prune's first slice. Its increment must count before the prune's decrement of the shared
-    file is applied, or the file would be deleted while the new tree names it."""
-    shared, only_old, old_id, (new_id, new_value) = _old_tree_and_a_sharing_one(content)
-    content.db.write(lambda txn: content.defer_decref(txn, old_id))  # the prune
-    content.db.write(lambda txn: content.apply_deferred(txn, budget=1))  # its first slice
-    with content.db.read() as txn:
-        assert txn.get(old_id, db=content.objects) is None  # the old tree went ...
-        assert content.refcount(txn, shared) == 1  # ... its children's decrements wait
-        assert content.deferred_count(txn) == 2
-    content.db.write(lambda txn: (content.put_objects(txn, [(new_id, new_value)]),
-                                  content.defer_incref(txn, new_id)))  # the commit
-    slices = 0
-    while True:
-        with content.db.read() as txn:
-            if not content.deferred_count(txn):
-                break
-            assert txn.get(shared, db=content.objects) is not None
-        content.db.write(lambda txn: content.apply_deferred(txn, budget=1))
-        slices += 1
-    assert slices >= 3  # the new tree, the shared file's increment, then the decrements
-    with content.db.read() as txn:
-        assert content.refcount(txn, new_id) == 1
-        assert content.refcount(txn, shared) == 1
-        assert txn.get(only_old, db=content.objects) is None
-
-
-def test_queued_changes_to_one_object_sum(content):
-    oid = _store(content, b"y" * 100)
-    for _ in range(3):
-        content.db.write(lambda txn: content.defer_incref(txn, oid))
-    content.db.write(lambda txn: content.defer_decref(txn, oid))
-    with content.db.read() as txn:
-        assert content.deferred_count(txn) == 2  # one record per sign and object
-    content.db.write(content.apply_deferred)
-    with content.db.read() as txn:
-        assert content.refcount(txn, oid) == 2 and content.deferred_count(txn) == 0
-
-
 def test_dry_run_write_changes_nothing(content):
     oid = _store(content, b"x" * 100)
-    content.db.write(lambda txn: content.defer_incref(txn, oid))
-    seen = content.db.write(lambda txn: (content.apply_deferred(txn), content.refcount(txn, oid))[1],
-                            dry_run=True)
-    assert seen == 1
+    seen = content.db.write(lambda txn: (txn.delete(oid, db=content.objects),
+                                         txn.get(oid, db=content.objects))[1], dry_run=True)
+    assert seen is None  # gone inside the transaction ...
     with content.db.read() as txn:
-        assert content.refcount(txn, oid) == 0 and content.deferred_count(txn) == 1
+        assert txn.get(oid, db=content.objects) is not None  # ... and back after it
 
 
 def test_truncated_tree_is_reported_not_crashed():
@@ -300,19 +201,3 @@ def test_an_earlier_encoding_lends_its_unchanged_pages(monkeypatch):
         assert lent == tree_objects(new)
         assert pages == (len(old_objects) - 1 if new is equal_but_new else 1), pages
     assert tree_objects(_files(names[:10]), like=(old, old_objects)) == tree_objects(_files(names[:10]))
-
-
-def test_refcounts_cascade_through_pages(content):
-    payloads = [_store(content, f"content {i}".encode() * 20) for i in range(200)]
-    entries = {f"f{i:03d}".encode(): Entry(f"f{i:03d}".encode(), stat.S_IFREG | 0o644, 0, 0, 1, 1, ref)
-               for i, ref in enumerate(payloads)}
-    top, objects = tree_objects(entries)
-    assert len(objects) > 2
-    content.db.write(lambda txn: content.put_objects(txn, objects))
-    content.db.write(lambda txn: content.incref(txn, top))
-    with content.db.read() as txn:
-        assert all(content.refcount(txn, oid) == 1 for oid, _ in objects)
-        assert all(content.refcount(txn, ref) == 1 for ref in payloads)
-    content.db.write(lambda txn: content.decref(txn, top))
-    with content.db.read() as txn:
-        assert sum(1 for _ in content.iter_object_ids(txn)) == 0

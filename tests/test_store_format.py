@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import struct
 
+import lmdb
 import pytest
 
+from cascowfs import cas
 from cascowfs.errors import StoreIOError
-from cascowfs.metadb import MetaDB
+from cascowfs.fsck import fsck_store
+from cascowfs.metadb import LEGACY_DB_NAMES, MetaDB
 from cascowfs.state import STORE_FORMAT, StateManager
 
 from conftest import check_live, open_store
@@ -54,40 +57,51 @@ def test_unknown_format_is_refused_not_touched(store):
             pass
 
 
-def _as_format_3_with_a_queued_increment(store) -> tuple[bytes, int]:
-    """Rewrite a closed store as format 3 left it with one increment still queued: the branch's
-    reference to its base, taken out of the count and put in the old, sequence-keyed queue."""
+def _as_format_4_with_refcounts_and_garbage(store) -> bytes:
+    """Rewrite a closed store as format 4 left it: object refcounts and a refcount queue in
+    databases of their own, and (as a queued decrement would have left it) an object that no
+    live root reaches. Returns that object's id."""
     db = MetaDB(store / "meta")
     try:
         def rewrite(txn):
-            base_root = bytes.fromhex(json.loads(txn.get(b"b", db=db.db("branches")))["base_root"])
-            count = struct.unpack("<Q", txn.get(base_root, db=db.db("refs")))[0]
-            txn.put(base_root, struct.pack("<Q", count - 1), db=db.db("refs"))
-            txn.put(struct.pack(">Q", 0), b"+" + base_root, db=db.db("deferred"))
-            txn.put(b"format", b"3", db=db.db("meta"))
-            return base_root, count
+            refs = db.env.open_db(b"refs", txn=txn)
+            deferred = db.env.open_db(b"deferred", txn=txn)
+            base_root = bytes.fromhex(json.loads(txn.get(b"base", db=db.db("snapshots")))["root"])
+            txn.put(base_root, struct.pack("<Q", 1), db=refs)
+            txn.put(b"-" + base_root, struct.pack("<Q", 1), db=deferred)
+            prepared = cas.prepare_content(b"garbage left by a queued decrement " * 20)
+            cas.ContentStore(db).put_objects(txn, prepared.objects)
+            txn.put(b"format", b"4", db=db.db("meta"))
+            return prepared.content_id
 
         return db.write(rewrite)
     finally:
         db.close()
 
 
-def test_format_3_queue_is_rekeyed_on_upgrade(store, tmp_path):
+def test_format_4_refcounts_are_dropped_and_its_garbage_collected(store, tmp_path):
     with open_store(store) as sm:
         sm.import_tree(_one_file_tree(tmp_path), "base")
         sm.create_branch("b", "base")
         sm.settle()
-    base_root, count = _as_format_3_with_a_queued_increment(store)
-    with pytest.raises(StoreIOError, match="format 3 with queued refcount changes"):
-        StateManager.open(store, recover=False)  # fsck's read-only open cannot rekey
+    garbage = _as_format_4_with_refcounts_and_garbage(store)
+    report = fsck_store(store)  # read-only: the old format's garbage counts as pending
+    assert report.awaiting_collection >= 1
+    assert not [p for p in report.problems if not p.startswith("invariant 4")], report.problems
     with open_store(store) as sm:
         assert _format(sm) == str(STORE_FORMAT).encode()
+        with sm.db.read() as txn:
+            for name in LEGACY_DB_NAMES:
+                with pytest.raises(lmdb.NotFoundError):
+                    sm.db.env.open_db(name, txn=txn, create=False)
         sm.settle()
         with sm.db.read() as txn:
-            assert sm.content.deferred_count(txn) == 0
-            assert sm.content.refcount(txn, base_root) == count
+            assert txn.get(garbage, db=sm.db.db("objects")) is None
+        assert (sm.branch("b").tree / "a.txt").read_text() == "hello\n"
         check_live(sm)
         sm.discard("b")
         sm.prune("base")
         sm.settle()
         check_live(sm)
+        with sm.db.read() as txn:
+            assert sum(1 for _ in sm.content.iter_object_ids(txn)) == 0

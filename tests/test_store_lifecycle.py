@@ -1,16 +1,17 @@
-"""Refcounts under random lifecycles: import / branch / edit / commit / rebase / discard / prune
+"""The store's accounting under random lifecycles: import / branch / edit / commit / rebase / discard / prune
 / flatten / gc / close-and-reopen, in any order (a hypothesis state machine over a real store).
 
 After every step:
-* fsck's checks on the live store hold: every refcount (objects and layers) equals a recount
-  from scratch over the live snapshots and branches, every object they name exists and
-  verifies, nothing unreferenced is left, every branch is mounted exactly once, no staging;
+* fsck's checks on the live store hold: every layer refcount equals a recount from scratch
+  over the live snapshots and branches, every object they reach exists and verifies, nothing
+  unreachable is left unless a collection is pending, every branch is mounted exactly once,
+  no staging;
 * nothing referenced is gone: every snapshot still reads back (from the CAS) exactly as it was
   committed, and every branch still shows exactly what it showed after its last edit.
 Refused operations (an id or name taken, pruning a snapshot a branch is based on, re-basing a
 modified branch, unknown names) raise the documented error and change nothing.
-At the end everything is discarded and pruned: the store must then hold no object, no refcount,
-no layer and no branch directory at all, and a full fsck of the closed store must be clean.
+At the end everything is discarded and pruned: the store must then hold no object, no layer
+and no branch directory at all, and a full fsck of the closed store must be clean.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def random_edit(rng: random.Random, root: Path, *, creating: bool = False) -> st
 class StoreLifecycle(RuleBasedStateMachine):
     def __init__(self, base: Path) -> None:
         super().__init__()
-        self.dir = Path(tempfile.mkdtemp(prefix="refcounts-", dir=base))
+        self.dir = Path(tempfile.mkdtemp(prefix="lifecycle-", dir=base))
         self.store = self.dir / "store"
         conftest._STORES.append(self.store)
         self.sm = StateManager.open(self.store)
@@ -302,10 +303,9 @@ class StoreLifecycle(RuleBasedStateMachine):
             check_live(self.sm)
             with self.sm.db.read() as txn:
                 objects = sum(1 for _ in self.sm.content.iter_object_ids(txn))
-                refs = sum(1 for _ in self.sm.content.iter_refcounts(txn))
                 layers = sum(1 for _ in txn.cursor(db=self.sm.db.db("layers")))
-            assert (objects, refs, layers) == (0, 0, 0), \
-                f"empty store still holds {objects} objects, {refs} refcounts, {layers} layer records"
+            assert (objects, layers) == (0, 0), \
+                f"empty store still holds {objects} objects, {layers} layer records"
             self.sm.close()
             self.sm = None
             assert os.listdir(self.store / "layers") == [], "layer directories left"
@@ -319,7 +319,7 @@ class StoreLifecycle(RuleBasedStateMachine):
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def test_refcounts_match_a_recount_after_any_sequence(tmp_path):
+def test_the_store_stays_exact_after_any_sequence(tmp_path):
     run_state_machine_as_test(lambda: StoreLifecycle(tmp_path),
                               settings=hypothesis_settings(20, stateful_step_count=30))
 
@@ -419,16 +419,17 @@ def test_gc_while_the_background_thread_empties_the_trash(tmp_path, monkeypatch)
 
 
 def _tiny_pages_and_slices(monkeypatch) -> None:
-    """Page every directory of more than 3 entries, and apply queued refcount changes two at a
-    time and at once: the small trees of these tests then exercise paged directories, and
-    refcount slices interleave with operations all the time."""
+    """Page every directory of more than 3 entries, and start a background collection as
+    soon as garbage appears, sweeping two objects per transaction: the small trees of these
+    tests then exercise paged directories, and collection cycles (marking in their child
+    process) overlap operations all the time."""
     monkeypatch.setattr(trees, "PAGED_ABOVE", 3)
     monkeypatch.setattr(trees, "PAGE_AVERAGE", 2)
-    monkeypatch.setattr(state, "REFCOUNT_SLICE", 2)
-    monkeypatch.setattr(state, "REFCOUNT_BATCH_SECONDS", 0.01)
+    monkeypatch.setattr(state, "SWEEP_SLICE", 2)
+    monkeypatch.setattr(state, "COLLECT_AFTER_SECONDS", 0.01)
 
 
-def test_refcounts_match_a_recount_with_tiny_pages_and_slices(tmp_path, monkeypatch):
+def test_the_store_stays_exact_with_tiny_pages_and_constant_collection(tmp_path, monkeypatch):
     _tiny_pages_and_slices(monkeypatch)
     run_state_machine_as_test(lambda: StoreLifecycle(tmp_path),
                               settings=hypothesis_settings(10, stateful_step_count=30))
