@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Iterator
 import lmdb
 
 from .cas import ID_SIZE, ContentStore, children_of
+from .crashpoints import crash_point
 from .errors import StoreIOError
 from .metadb import MetaDB, open_reader
 
@@ -52,26 +53,30 @@ def live_roots(txn: lmdb.Transaction, dbs: dict) -> Iterator[bytes]:
                 yield bytes.fromhex(hexid)
 
 
-def mark(txn: lmdb.Transaction, objects_db, roots: Iterable[bytes]) -> set[bytes]:
-    """Ids reachable from ``roots`` (a missing object is marked but has no children)."""
-    marked: set[bytes] = set()
-    stack = list(roots)
+def reach(txn: lmdb.Transaction, objects_db, starts: Iterable[bytes],
+          within: set[bytes] | None = None) -> set[bytes]:
+    """``starts`` and every object they reach, through objects of ``within`` only if it is
+    given: from the live roots, the marking; from what was stored again since a cycle's
+    snapshot, what its sweep must keep. A missing object is reached but has no children."""
+    reached: set[bytes] = set()
+    stack = list(starts)
     while stack:
         oid = stack.pop()
-        if oid in marked:
+        if oid in reached:
             continue
-        marked.add(oid)
+        reached.add(oid)
         value = txn.get(oid, db=objects_db)
         if value is not None:
-            stack.extend(c for c in children_of(value) if c not in marked)
-    return marked
+            stack.extend(c for c in children_of(value)
+                         if c not in reached and (within is None or c in within))
+    return reached
 
 
 def garbage(txn: lmdb.Transaction, dbs: dict) -> list[bytes]:
     """Every object the live roots do not reach, parents before children (see the module
     docstring: an object found present must never point at one already deleted)."""
     objects_db = dbs["objects"]
-    live = mark(txn, objects_db, live_roots(txn, dbs))
+    live = reach(txn, objects_db, live_roots(txn, dbs))
     dead = [bytes(k) for k in txn.cursor(db=objects_db).iternext(keys=True, values=False)
             if bytes(k) not in live]
     return parents_first(txn, objects_db, dead)
@@ -107,21 +112,6 @@ def _children_within(txn: lmdb.Transaction, objects_db, oid: bytes, wanted: set[
     return [c for c in children_of(value) if c in wanted] if value is not None else []
 
 
-def reached_within(txn: lmdb.Transaction, objects_db, starts: Iterable[bytes],
-                   within: set[bytes]) -> set[bytes]:
-    """``starts`` and everything of ``within`` they reach through objects of ``within``:
-    what a sweep must keep once ``starts`` (stored again since its snapshot) are protected."""
-    kept: set[bytes] = set()
-    stack = list(starts)
-    while stack:
-        oid = stack.pop()
-        if oid in kept:
-            continue
-        kept.add(oid)
-        stack.extend(_children_within(txn, objects_db, oid, within))
-    return kept
-
-
 def sweep(db: MetaDB, content: ContentStore, dead: list[bytes], slice_size: int, *,
           stop: Callable[[], bool] = lambda: False,
           done: Callable[[int], None] = lambda n: None) -> tuple[int, bool]:
@@ -135,16 +125,18 @@ def sweep(db: MetaDB, content: ContentStore, dead: list[bytes], slice_size: int,
 
     def delete(part: list[bytes]) -> Callable[[lmdb.Transaction], int]:
         def run(txn: lmdb.Transaction) -> int:
-            keep = reached_within(txn, objects, content.protected_among(candidates), candidates)
+            keep = reach(txn, objects, content.protected_among(candidates), candidates)
             return sum(1 for oid in part if oid not in keep and txn.delete(oid, db=objects))
         return run
 
+    crash_point("collect.marked")
     for i in range(0, len(dead), slice_size):
         if stop():
             return removed, False
         part = dead[i:i + slice_size]
         removed += db.write(delete(part), "collecting garbage")
         done(len(part))
+        crash_point("collect.swept")
     return removed, True
 
 
@@ -152,7 +144,11 @@ def sweep(db: MetaDB, content: ContentStore, dead: list[bytes], slice_size: int,
 def garbage_from_child(meta_dir: str, cancelled: Callable[[], bool] = lambda: False) -> list[bytes]:
     """Run ``garbage`` in a child process on its own read snapshot of ``meta_dir``; stop
     it (and raise) if ``cancelled()`` turns true meanwhile (the store is closing)."""
-    proc = subprocess.Popen([sys.executable, "-m", "cascowfs.collector", meta_dir],
+    # the child must import this very package, however the daemon found it
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (package_parent, os.environ.get("PYTHONPATH", "")) if p))
+    proc = subprocess.Popen([sys.executable, "-m", "cascowfs.collector", meta_dir], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     while True:
         if cancelled():

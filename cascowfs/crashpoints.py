@@ -36,6 +36,8 @@ CRASH_POINTS: tuple[str, ...] = (
     "flatten.prepared",
     "flatten.staged",     # new layer (merged or full) built in staging
     "flatten.applied",    # layer placed, chain swapped
+    "collect.marked",     # garbage listed, nothing deleted yet
+    "collect.swept",      # the first slice of the garbage deleted, the rest not
 )
 
 

@@ -79,6 +79,7 @@ class MetaDB:
             metasync=True, readahead=False, max_readers=512, subdir=True,
         )
         self.dbs = {name.decode(): self.env.open_db(name) for name in DB_NAMES}
+        self.release_dead_readers()
         # Map growth needs every transaction of this process closed: readers hold this shared,
         # growth takes it exclusively (a simple writer-preferring gate).
         self._gate = threading.Condition()
@@ -90,6 +91,12 @@ class MetaDB:
         self._committer = threading.Thread(target=self._commit_loop, name="cascowfs-lmdb-commit",
                                            daemon=True)
         self._committer.start()
+
+    def release_dead_readers(self) -> None:
+        """Free the reader slots of processes that died inside a read transaction (a killed
+        collector child, a daemon killed with -9): until then they keep LMDB from reusing
+        the pages their snapshot saw, and the file only grows."""
+        self.env.reader_check()
 
     def db(self, name: str):
         return self.dbs[name]

@@ -20,7 +20,6 @@ recorded state. docs/architecture.md explains each step and which PREPAREs are f
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
@@ -32,7 +31,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import lmdb
 
@@ -43,8 +42,8 @@ from . import layers as layerfs
 from . import overlay
 from .cas import ContentStore, identify_content
 from .crashpoints import crash_point
-from .errors import (BusyError, CascowfsError, ExistsError, InvalidArgumentError, NoSpaceError,
-                     NotFoundError, StoreIOError, StoreLockedError, from_os_error)
+from .errors import (BusyError, CascowfsError, ExistsError, NotFoundError, StoreIOError,
+                     StoreLockedError, from_os_error)
 from .metadb import MetaDB
 from .model import BranchInfo, Change, Entry, SnapshotInfo
 from .names import check_branch_name, check_labels, check_snapshot_id
@@ -319,7 +318,8 @@ class StateManager:
             # Object refcounts (and their queue) are no longer kept; objects they would have
             # deleted are garbage now, which the first collection takes.
             self.db.drop_legacy(txn)
-            self._note_garbage(txn)
+            if found is not None:
+                self._note_garbage(txn)
             txn.put(b"format", str(STORE_FORMAT).encode(), db=self.db.db("meta"))
 
         self.db.write(upgrade, "upgrading the store format")
@@ -498,8 +498,10 @@ class StateManager:
 
     def _note_garbage(self, txn: lmdb.Transaction) -> None:
         """Objects may have become unreachable (a root dropped, an op failed): a collection
-        is pending until a cycle whose snapshot includes this change has swept."""
+        is pending until a cycle whose snapshot includes this change has swept. Wakes the
+        collector (at worst for nothing, if this transaction is then undone)."""
         self._set_meta_counter(txn, b"garbage_seq", self._meta_counter(txn, b"garbage_seq") + 1)
+        self._collect_wanted.set()
 
     def _to_trash(self, path: Path) -> None:
         if os.path.lexists(path):
@@ -691,7 +693,6 @@ class StateManager:
             self._jobs.put(("trash",))
             self.wal.finalize(op)
             self.db.write(self._note_garbage, "noting a failed operation's objects")
-            self._collect_wanted.set()
         except (OSError, CascowfsError):
             pass  # the disk is failing; the next open rolls the op back from the WAL
 
@@ -1199,7 +1200,10 @@ class StateManager:
                 with self.db.read() as txn:
                     seen = self._meta_counter(txn, b"garbage_seq")
                 if in_child:
-                    dead = collector.garbage_from_child(str(self.db.path), self._closing.is_set)
+                    try:
+                        dead = collector.garbage_from_child(str(self.db.path), self._closing.is_set)
+                    finally:
+                        self.db.release_dead_readers()  # a child killed by close
                 else:
                     with self.db.read() as txn:
                         dead = collector.garbage(txn, self.db.dbs)

@@ -200,6 +200,19 @@ def store(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def content(tmp_path: Path):
+    """A content store over a fresh LMDB environment (no mounts needed)."""
+    from cascowfs.cas import ContentStore
+    from cascowfs.metadb import MetaDB
+
+    db = MetaDB(tmp_path / "meta")
+    try:
+        yield ContentStore(db)
+    finally:
+        db.close()
+
+
+@pytest.fixture
 def sm(store: Path):
     with open_store(store) as manager:
         yield manager

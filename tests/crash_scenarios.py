@@ -16,11 +16,12 @@ from typing import Callable
 import pytest
 
 from conftest import REPO, assert_same_view, child_env, dir_view, mounts_below, snapshot_view
+from cascowfs import collector
 from cascowfs.errors import ExistsError, NotFoundError
 from cascowfs.state import StateManager
 
 # The step after which an operation is durable (its LMDB transaction committed).
-APPLIED_STEPS = {"applied", "switched"}
+APPLIED_STEPS = {"applied", "switched", "marked", "swept"}  # a collection follows an applied prune
 NOT_APPLIED_STEPS = {"prepared", "chunks", "staged"}
 
 CHILD = r"""
@@ -42,6 +43,11 @@ elif op == "prune":
     sm.prune("other")
 elif op == "flatten":
     sm.flatten("deep2")
+elif op == "collect":  # a prune, then a collection cut in the middle of its sweep
+    from cascowfs import state
+    state.SWEEP_SLICE = 1
+    sm.prune("other")
+    sm.collect()
 else:
     raise SystemExit(f"unknown op {op}")
 sm.close()
@@ -257,9 +263,19 @@ def verify_flatten(sm, before: Before, applied: bool) -> None:
     branch_shows(sm, "deep2", before.snaps["deep2"])
 
 
+def verify_collect(sm, before: Before, applied: bool) -> None:
+    """A collection cut short deletes only garbage (everything live reads back, checked by
+    fsck's deep check too), and the next one takes the rest."""
+    assert applied, "a collection runs only after its prune applied"
+    verify_prune(sm, before, applied)  # ends with a gc: the rest of the garbage goes
+    with sm.db.read() as txn:
+        assert not collector.garbage(txn, sm.db.dbs)
+        assert not sm._collection_pending(txn)
+
+
 VERIFY = {"import": verify_import, "branch": verify_branch, "commit": verify_commit,
           "rebase": verify_rebase, "discard": verify_discard, "prune": verify_prune,
-          "flatten": verify_flatten}
+          "flatten": verify_flatten, "collect": verify_collect}
 
 
 # A child that loops over random operations until killed; prints what each did

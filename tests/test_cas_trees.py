@@ -10,20 +10,10 @@ import pytest
 
 from cascowfs import cas
 from cascowfs.errors import StoreIOError
-from cascowfs.metadb import MetaDB
 from cascowfs.model import Entry
 from cascowfs import trees as trees_mod
 from cascowfs.trees import (TreeStore, decode_tree, encode_tree, index_pages, tree_children,
                             tree_objects)
-
-
-@pytest.fixture
-def content(tmp_path):
-    db = MetaDB(tmp_path / "meta")
-    try:
-        yield cas.ContentStore(db)
-    finally:
-        db.close()
 
 
 def tree_object(entries: dict[bytes, Entry]) -> tuple[bytes, bytes]:

@@ -12,20 +12,10 @@ import pytest
 
 from cascowfs import cas, collector, state
 from cascowfs.errors import StoreIOError
-from cascowfs.metadb import MetaDB
 from cascowfs.model import Entry
 from cascowfs.state import _OpGate
 from cascowfs.trees import tree_objects
 from conftest import check_live, snapshot_view
-
-
-@pytest.fixture
-def content(tmp_path):
-    db = MetaDB(tmp_path / "meta")
-    try:
-        yield cas.ContentStore(db)
-    finally:
-        db.close()
 
 
 def _file(content: cas.ContentStore, data: bytes) -> bytes:
@@ -84,7 +74,7 @@ def test_what_a_root_reaches_lives_and_the_rest_goes_parents_first(content):
     _set_snapshot(content, "old", None)  # the prune
     dead = _garbage(content)
     with content.db.read() as txn:
-        reached_by_new = collector.mark(txn, content.objects, [new])
+        reached_by_new = collector.reach(txn, content.objects, [new])
     assert set(dead) == _all_ids(content) - reached_by_new
     assert old in dead and only_old in dead and big in dead and shared not in dead
     assert dead[0] == old
@@ -239,7 +229,8 @@ def test_the_background_collector_takes_what_a_prune_dropped(sm, tmp_path, monke
     for i in range(20):
         (src / f"f{i}").write_bytes(f"file {i}\n".encode() * 100)
     sm.import_tree(src, "s")
-    assert _objects(sm)
+    time.sleep(0.5)  # the collector thread, idle: nothing is pending
+    assert _objects(sm) and not sm._collection_pending()
     sm.prune("s")
     deadline = time.monotonic() + 30
     while _objects(sm) and time.monotonic() < deadline:

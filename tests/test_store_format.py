@@ -12,7 +12,7 @@ from cascowfs import cas
 from cascowfs.errors import StoreIOError
 from cascowfs.fsck import fsck_store
 from cascowfs.metadb import LEGACY_DB_NAMES, MetaDB
-from cascowfs.state import STORE_FORMAT, StateManager
+from cascowfs.state import STORE_FORMAT
 
 from conftest import check_live, open_store
 
