@@ -50,6 +50,11 @@ DAEMON_NICE = -10
 # "Round trips and the GIL").
 FUSE_WORKER_TASKS = 8
 
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). A
+# commit's thread, mostly in system calls, takes the GIL back after each one and waited up to
+# that long behind the FUSE thread every time (docs/architecture.md, "Round trips and the GIL").
+GIL_SWITCH_SECONDS = 0.001
+
 
 def mount_options() -> set[str]:
     opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks file modes
@@ -149,6 +154,7 @@ def run(store: str | Path, mnt: str | Path, *, admin_gid: int | None = None,
     store = Path(store).absolute()
     mnt = Path(mnt).absolute()
     faulthandler.enable()
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     prepare_mountpoint(mnt)
     if nice is not None:
         set_priority(nice)  # before StateManager.open starts the background threads
