@@ -24,7 +24,7 @@ DB_NAMES = (
     b"objects",    # object id -> type byte + payload (chunks, chunk lists, trees)
     b"snapshots",  # snapshot id -> JSON record
     b"branches",   # branch name -> JSON record
-    b"layers",     # layer id -> refcount (u64): snapshot and branch chains naming it
+    b"layers",     # layer id -> JSON record: refcount (chains naming it), tree shown, span, seq
     b"ops",        # WAL op id -> b"applied": the APPLY step of that op committed
     b"meta",       # misc: format version, counters
 )
