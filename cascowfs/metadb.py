@@ -32,7 +32,9 @@ DB_NAMES = (
 # Databases of store formats up to 4 (object refcounts and their queue); the upgrade to
 # format 5 drops them.
 LEGACY_DB_NAMES = (b"refs", b"deferred")
-_MAX_DBS = len(DB_NAMES) + len(LEGACY_DB_NAMES) + 1
+# Options of every open of the environment, the daemon's and the collector child's alike.
+_ENV_OPTIONS = dict(max_dbs=len(DB_NAMES) + len(LEGACY_DB_NAMES) + 1, subdir=True,
+                    readahead=False, max_readers=512)
 
 INITIAL_MAP_SIZE = 1 << 30
 MAX_MAP_SIZE = 1 << 40
@@ -74,10 +76,7 @@ class MetaDB:
         if data_file.exists():
             while size < data_file.stat().st_size * 2 and size < MAX_MAP_SIZE:
                 size *= 2
-        self.env = lmdb.open(
-            str(path), map_size=size, max_dbs=_MAX_DBS, sync=True,
-            metasync=True, readahead=False, max_readers=512, subdir=True,
-        )
+        self.env = lmdb.open(str(path), map_size=size, sync=True, metasync=True, **_ENV_OPTIONS)
         self.dbs = {name.decode(): self.env.open_db(name) for name in DB_NAMES}
         self.release_dead_readers()
         # Map growth needs every transaction of this process closed: readers hold this shared,
@@ -225,8 +224,7 @@ class MetaDB:
 def open_reader(path: str | Path) -> tuple[lmdb.Environment, dict]:
     """The store's LMDB environment opened read-only from another process (the collector's
     marking child), with its named databases; a daemon may be writing meanwhile."""
-    env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=_MAX_DBS, subdir=True,
-                    readahead=False, max_readers=512)
+    env = lmdb.open(str(path), readonly=True, lock=True, **_ENV_OPTIONS)
     return env, {name.decode(): env.open_db(name, create=False) for name in DB_NAMES}
 
 

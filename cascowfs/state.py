@@ -81,17 +81,15 @@ class _OpGate:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._running = 0
         self._exclusive = False
         self._next_ticket = 0
-        self._tickets: set[int] = set()  # of the operations running
+        self._tickets: set[int] = set()  # one per operation running
 
     @contextmanager
     def running(self) -> Iterator[None]:
         with self._cond:
             while self._exclusive:
                 self._cond.wait()
-            self._running += 1
             ticket = self._next_ticket
             self._next_ticket += 1
             self._tickets.add(ticket)
@@ -99,7 +97,6 @@ class _OpGate:
             yield
         finally:
             with self._cond:
-                self._running -= 1
                 self._tickets.discard(ticket)
                 self._cond.notify_all()
 
@@ -117,7 +114,7 @@ class _OpGate:
             while self._exclusive:
                 self._cond.wait()
             self._exclusive = True
-            while self._running:
+            while self._tickets:
                 self._cond.wait()
         try:
             yield
@@ -130,7 +127,7 @@ class _OpGate:
         """From inside a running operation: become exclusive if it is the only one running
         (then call ``release_sole``); False at once otherwise."""
         with self._cond:
-            if self._exclusive or self._running != 1:
+            if self._exclusive or len(self._tickets) != 1:
                 return False
             self._exclusive = True
             return True
@@ -1191,7 +1188,8 @@ class StateManager:
     # ------------------------------------------------------------------------------------
     def collect(self, *, in_child: bool = False, progress: bool = False) -> int:
         """One collection cycle (``collector.py``): delete every object no live root reaches.
-        ``in_child``: mark in a child process (the background cycle), not in this thread.
+        ``in_child``: the background cycle, which marks in a child process, not in this
+        thread, and stops at close.
         Returns the number of objects deleted."""
         with self._collect_lock:
             self.content.protect()
@@ -1207,8 +1205,8 @@ class StateManager:
                 else:
                     with self.db.read() as txn:
                         dead = collector.garbage(txn, self.db.dbs)
-                stop = (self._closing.is_set if self._collect_thread is threading.current_thread()
-                        else lambda: False)  # a background sweep stops at close
+                # the background cycle's sweep stops at close; what is left stays pending
+                stop = self._closing.is_set if in_child else (lambda: False)
                 with progress_bar(progress, len(dead), "collecting", unit="obj") as bar:
                     removed, finished = collector.sweep(self.db, self.content, dead, SWEEP_SLICE,
                                                         stop=stop, done=bar)
