@@ -70,6 +70,8 @@ class _Writer:
             os.mknod(path + b"/" + name, stat.S_IFCHR, 0)  # whiteout
         for name, t in after.items():
             b = before.get(name)
+            if b is t:
+                continue  # the same entry object: unchanged (most of a large directory)
             child = path + b"/" + name
             if t.is_dir:
                 if b is not None and b.is_dir:

@@ -28,7 +28,7 @@ import blake3
 from . import forks, fsmeta
 from .cas import PreparedContent, pack_unpacked, prepare_content
 from .model import Entry
-from .trees import TreeStore, same_entries, tree_objects
+from .trees import STORED, TreeStore, same_entries, tree_objects
 
 Prepare = Callable[[bytes], PreparedContent]
 
@@ -45,7 +45,7 @@ class ObjectSink:
 
     def add(self, objects: list[tuple[bytes, bytes]]) -> None:
         for oid, value in objects:
-            if oid not in self.pending:
+            if value != STORED and oid not in self.pending:
                 self.pending[oid] = value
                 self.pending_bytes += len(value)
         if self._flush is not None and self.pending_bytes >= self._batch_bytes:
@@ -65,6 +65,7 @@ class ObjectSink:
 
 
 _NOTHING_BELOW: dict[bytes, Entry] = {}  # lower listing of a directory with none; never mutated
+_NO_TOTALS = (0, 0, 0)
 _OPAQUE = b"trusted.overlay.opaque"
 _REDIRECT = b"trusted.overlay.redirect"
 
@@ -79,15 +80,19 @@ class DirNode:
     a directory with a thousand entries and one changed file costs one entry, not a
     thousand."""
 
-    __slots__ = ("meta", "_children", "lower", "lower_id", "changes")
+    __slots__ = ("meta", "_children", "lower", "lower_id", "lower_totals", "changes")
 
     def __init__(self, meta: Entry, children: dict[bytes, "Entry | DirNode"] | None = None, *,
-                 lower: dict[bytes, Entry] | None = None, lower_id: bytes = b"",
+                 lower: Entry | None = None, lower_children: dict[bytes, Entry] | None = None,
                  changes: dict[bytes, "Entry | DirNode | None"] | None = None) -> None:
         self.meta = meta
         self._children = children
-        self.lower = lower
-        self.lower_id = lower_id  # tree id of ``lower`` (b"": nothing below)
+        self.lower = lower_children
+        self.lower_id = lower.ref if lower is not None else b""  # b"": nothing below
+        # what the directory below holds in all (files, bytes, link members), so that a
+        # change costs its own entries, not a sum over the whole listing
+        self.lower_totals = _NO_TOTALS if lower is None else (
+            lower.tree_files, lower.tree_bytes, lower.tree_links)
         self.changes = changes
 
     @property
@@ -379,8 +384,8 @@ def apply_upper(trees: TreeStore, base_root: Entry | None, upper: Path, sink: Ob
             lower = None
         lower_children = trees.get(lower.ref) if lower is not None else _NOTHING_BELOW
         changes: dict[bytes, Entry | DirNode | None] = {}
-        node = DirNode(_meta_entry(name, st, xattrs), lower=lower_children,
-                       lower_id=lower.ref if lower is not None else b"", changes=changes)
+        node = DirNode(_meta_entry(name, st, xattrs), lower=lower, lower_children=lower_children,
+                       changes=changes)
         for cname in names:
             cpath = path + b"/" + cname
             crel = rel + b"/" + cname if rel else cname
@@ -454,6 +459,16 @@ def canonicalize_links(trees: TreeStore, root: DirNode) -> None:
                 node.children[name] = replace(node.children[name], link=canonical)
 
 
+def _counted(entry: Entry) -> tuple[int, int, int]:
+    """What an entry adds to its directory's (tree_files, tree_bytes, tree_links)."""
+    linked = 1 if entry.link else 0
+    if entry.is_dir:
+        return entry.tree_files, entry.tree_bytes, entry.tree_links + linked
+    if entry.is_file:
+        return 1, entry.size, linked
+    return 0, 0, linked
+
+
 # path -> (entries, tree id, objects, own metadata, entry, lower tree id, changes) of a built
 # directory; the last two are None unless it came from an upper walk
 BuiltDirs = dict
@@ -462,7 +477,7 @@ BuiltDirs = dict
 def finalize(node: DirNode, sink: ObjectSink,
              remember: Callable[[bytes, dict[bytes, Entry]], None] | None = None,
              reuse: BuiltDirs | None = None, built: BuiltDirs | None = None,
-             path: bytes = b"") -> Entry:
+             path: bytes = b"", stored: TreeStore | None = None) -> Entry:
     """Encode a DirNode bottom-up into tree objects (added to ``sink``); returns its entry,
     with ``tree_files``/``tree_bytes`` totals carried in the directory entry. ``remember``
     gets every directory built (id, entries), for a caller that reads them back next.
@@ -473,10 +488,15 @@ def finalize(node: DirNode, sink: ObjectSink,
     encoded again: a branch committing again and again re-walks everything it ever changed,
     and re-encoding all of it made each commit of a long lineage slower than the last. For a
     node of an upper walk only its changes are compared (over the same lower listing), not
-    every entry of the directory."""
+    every entry of the directory.
+
+    ``stored``: the tree store that holds the lower listings of an upper walk. A changed
+    directory with no earlier encoding here then takes the unchanged pages of its lower
+    listing as they are stored (a branch's first commit of one file in a directory of 1,100
+    entries encodes one page, not all of them)."""
 
     def finalized(items: dict) -> dict:
-        return {name: finalize(child, sink, remember, reuse, built, path + b"/" + name)
+        return {name: finalize(child, sink, remember, reuse, built, path + b"/" + name, stored)
                 if isinstance(child, DirNode) else child for name, child in items.items()}
 
     before = reuse.get(path) if reuse is not None else None
@@ -497,19 +517,27 @@ def finalize(node: DirNode, sink: ObjectSink,
         if before[3] == m:
             entry = before[4]  # the very same object, so the parent can be reused in turn
     else:
-        tree_id, objects = tree_objects(entries, (before[0], before[2]) if before else None)
+        like = (before[0], before[2]) if before else None
+        if like is None and changes is not None and stored is not None and lower_id:
+            like = stored.stored_encoding(lower_id, node.lower or {})
+        tree_id, objects = tree_objects(entries, like)
     if entry is None:
-        files = total = links = 0
-        for child in entries.values():
-            if child.is_dir:
-                files += child.tree_files
-                total += child.tree_bytes
-                links += child.tree_links
-            elif child.is_file:
-                files += 1
-                total += child.size
-            if child.link:
-                links += 1
+        if changes is not None:  # the lower listing's totals, corrected by the changes
+            files, total, links = node.lower_totals
+            lower = node.lower or {}
+            for name, child in changes.items():
+                old = lower.get(name)
+                if old is not None:
+                    f, b, n = _counted(old)
+                    files, total, links = files - f, total - b, links - n
+                if child is not None:
+                    f, b, n = _counted(child)
+                    files, total, links = files + f, total + b, links + n
+        else:
+            files = total = links = 0
+            for child in entries.values():
+                f, b, n = _counted(child)
+                files, total, links = files + f, total + b, links + n
         entry = replace(m, size=0, ref=tree_id, rdev=0, link=b"", tree_files=files,
                         tree_bytes=total, tree_links=links)
     sink.add(objects)

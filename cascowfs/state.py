@@ -898,7 +898,7 @@ class StateManager:
                 # the new delta layer is written from these directories right below
                 built: dict = {}
                 root = finalize(node, sink, remember=self.trees.remember,
-                                reuse=self._built_dirs.get(name), built=built)
+                                reuse=self._built_dirs.get(name), built=built, stored=self.trees)
                 superroot = self._superroot(root, sink)
                 below = self._root_of(parent["root"]) if parent else None
                 layerfs.materialize_delta(self.trees, self.content, below, root, staged,

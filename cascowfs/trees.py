@@ -36,6 +36,9 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 
 ROOT_NAME = b""
+# In place of an object's value in an encoding's object list: the object is in the store
+# already (a page reused from a stored listing), so nothing is written for it.
+STORED = b""
 
 
 def encode_tree(entries: dict[bytes, Entry]) -> bytes:
@@ -136,14 +139,17 @@ def tree_objects(entries: dict[bytes, Entry],
 
     ``like``: the entries and objects of an earlier encoding of this directory; its pages
     whose entries are the very same objects are taken as they are, not encoded again (a
-    one-file change to a 1,000-entry directory encodes one page of ~32, not all ~32 pages)."""
+    one-file change to a 1,000-entry directory encodes one page of ~32, not all ~32 pages).
+    Objects given as ``STORED`` there are returned as ``STORED``."""
     if len(entries) <= PAGED_ABOVE:
         oid, value = _object(encode_tree(entries))
         return oid, [(oid, value)]
     earlier: dict[bytes, tuple[dict[bytes, Entry], tuple[bytes, bytes]]] = {}
     if like is not None and len(like[0]) > PAGED_ABOVE:
         # a paged encoding's objects are its pages in order, then the index
-        earlier = {next(iter(page)): (page, obj) for page, obj in zip(_pages(like[0]), like[1])}
+        pages = _pages(like[0])
+        if len(pages) == len(like[1]) - 1:
+            earlier = {next(iter(page)): (page, obj) for page, obj in zip(pages, like[1])}
     objects = []
     for page in _pages(entries):
         old = earlier.get(next(iter(page)))
@@ -238,6 +244,19 @@ class TreeStore:
             self._cache.move_to_end(tree_id)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
+
+    def stored_encoding(self, tree_id: bytes, entries: dict[bytes, Entry]
+                        ) -> tuple[dict[bytes, Entry], list[tuple[bytes, bytes]]] | None:
+        """``entries``, the listing of stored tree ``tree_id``, with its objects as
+        ``tree_objects`` takes them for ``like`` (all ``STORED``); None unless it is paged.
+        Page boundaries depend on the names alone, so ``_pages(entries)`` cuts the listing
+        where it was cut when stored, page for page."""
+        if len(entries) <= PAGED_ABOVE:
+            return None
+        pages = index_pages(self._payload(tree_id, None, None))
+        if pages is None:
+            return None
+        return entries, [(pid, STORED) for pid in pages] + [(tree_id, STORED)]
 
     def _payload(self, oid: bytes, txn: lmdb.Transaction | None,
                  pending: dict[bytes, bytes] | None) -> memoryview:

@@ -701,6 +701,47 @@ def test_commits_reencode_only_directories_that_changed(sm, monkeypatch):
     check_live(sm)
 
 
+def test_a_first_commit_into_large_directories_encodes_only_their_changed_pages(sm, monkeypatch, tmp_path):
+    """A branch's first commit has no earlier encoding of its own: a changed paged directory
+    takes its unchanged pages as the base snapshot stored them, and its totals from the base's
+    corrected by the changes. The result must be exactly what a fresh import of the same view
+    gives (same digest), with only the pages that hold a change encoded."""
+    from cascowfs import trees as trees_mod
+
+    src = tmp_path / "src"
+    for d in ("big", "big/sub", "other"):
+        (src / d).mkdir(parents=True)
+    for i in range(700):
+        (src / "big" / f"header{i:05d}.h").write_bytes(b"x" * (i % 50))
+    for i in range(90):
+        (src / "big" / "sub" / f"f{i:03d}").write_text(f"{i}\n")
+    (src / "other" / "o").write_text("o\n")
+    sm.import_tree(src, "base")
+    tree = sm.create_branch("b", "base").tree
+    (tree / "big" / "header00100.h").write_bytes(b"changed")
+    (tree / "big" / "header00500a.h").write_bytes(b"added, between two names")
+    (tree / "big" / "header00600.h").unlink()
+    (tree / "big" / "sub" / "f010").rename(tree / "big" / "sub" / "f080x")
+    (tree / "big" / "sub" / "new").mkdir()
+    (tree / "big" / "sub" / "new" / "g").write_text("g\n")
+
+    pages: list[int] = []
+    real = trees_mod.encode_tree
+    monkeypatch.setattr(trees_mod, "encode_tree", lambda e: (pages.append(len(e)), real(e))[1])
+    sm.commit("b", "s1")
+    monkeypatch.undo()
+    # big: the pages of 100, 500a and 600; big/sub: those of f010 and f080x (maybe one);
+    # listings of new, big/sub/new, the root and the superroot
+    big_pages = [n for n in pages if n > 1 and n <= trees_mod.PAGE_MAX]
+    assert len(pages) <= 10, pages
+    assert sum(big_pages) < 400, f"encoded {sum(big_pages)} entries of 790 changed-directory entries"
+
+    sm.import_tree(tree, "again")
+    assert sm.snapshot("again").root == sm.snapshot("s1").root, "a commit must equal an import"
+    assert_same_view(snapshot_view(sm, "s1"), dir_view(tree), "s1 against the branch")
+    check_live(sm)
+
+
 def test_commits_list_only_directories_whose_ctime_moved(sm, monkeypatch):
     """A commit of a live branch lists again only the upper directories whose ctime moved
     since its last commit (an entry added, removed or renamed, an xattr or mode set); the
