@@ -45,8 +45,10 @@ MARKER_NICE = 10
 
 
 def live_roots(txn: lmdb.Transaction, dbs: dict) -> Iterator[bytes]:
-    """Every object that roots the live set: snapshot roots, branch bases, layer tops."""
-    for name, field in (("snapshots", "root"), ("branches", "base_root"), ("layers", "top")):
+    """Every object that roots the live set: snapshot roots, branch bases, layer tops, and
+    the trees that layers not written yet are the difference from."""
+    for name, field in (("snapshots", "root"), ("branches", "base_root"), ("layers", "top"),
+                        ("layers", "below")):
         for _, raw in txn.cursor(db=dbs[name]):
             hexid = json.loads(raw).get(field)
             if hexid:

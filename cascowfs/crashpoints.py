@@ -21,9 +21,11 @@ CRASH_POINTS: tuple[str, ...] = (
     "branch.applied",     # branch recorded, overlay not yet mounted
     "branch.switched",    # overlay mounted, FINALIZE not written
     "commit.prepared",
-    "commit.staged",      # tree built from the upper, delta layer written into staging
-    "commit.applied",     # layer placed, snapshot recorded, branch re-parented
+    "commit.staged",      # tree built from the upper, its objects not stored yet
+    "commit.applied",     # snapshot and its (unbuilt) delta layer recorded, branch re-parented
     "commit.switched",    # FINALIZE not written
+    "commit.written",     # the delta layer written into staging (after the commit, in the background)
+    "commit.placed",      # the delta layer moved into layers/, not yet recorded as built
     "rebase.prepared",
     "rebase.applied",     # new parent recorded; overlay still on the old layers
     "rebase.switched",

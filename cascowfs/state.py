@@ -191,6 +191,11 @@ class StateManager:
         self._lock_fd = -1
         self._worker: threading.Thread | None = None
         self._jobs: queue.Queue = queue.Queue()
+        # Delta layers of commits not written yet (``_build_layer``), each with the lock its
+        # one writer holds; and the queue of the thread that writes them.
+        self._unbuilt: dict[str, threading.Lock] = {}
+        self._builds: queue.Queue = queue.Queue()
+        self._builder: threading.Thread | None = None
         self._closing = threading.Event()  # set by close; cuts the background threads' waits short
         self._read_only = False
 
@@ -237,6 +242,9 @@ class StateManager:
         self._worker = threading.Thread(target=self._work, name="cascowfs-background", daemon=True)
         self._worker.start()
         if recover:
+            self._builder = threading.Thread(target=self._build_loop, name="cascowfs-layer-build",
+                                             daemon=True)
+            self._builder.start()
             self._collect_thread = threading.Thread(target=self._collect_loop,
                                                     name="cascowfs-collector", daemon=True)
             self._collect_thread.start()
@@ -254,6 +262,9 @@ class StateManager:
         self._collect_wanted.set()
         if self._collect_thread is not None:
             self._collect_thread.join()
+        self._builds.put(None)  # after the layers queued so far: a clean close leaves none unbuilt
+        if self._builder is not None:
+            self._builder.join()
         if not self._read_only:
             self._jobs.put(("trash",))
         self._jobs.put(None)
@@ -274,8 +285,10 @@ class StateManager:
         self._release_lock()
 
     def settle(self) -> None:
-        """Wait until the background thread has done everything queued so far (layer merges,
-        emptying the trash), then collect the objects no live root reaches."""
+        """Wait until the background threads have done everything queued so far (commits'
+        layers, layer merges, emptying the trash), then collect the objects no live root
+        reaches."""
+        self._builds.join()
         self._jobs.join()
         if not self._read_only:
             self.collect()
@@ -329,6 +342,7 @@ class StateManager:
         # nothing was lost, whatever the ids say.
         cache_lost = bool(cache and last_cache and last_cache != cache
                           and not overlay.mounts_under(self.store))
+        self._find_unbuilt_layers()
         pending = self.wal.pending()
         with self.db.read() as txn:
             applied = {op.op for op in pending if txn.get(op.op.encode(), db=self.db.db("ops"))}
@@ -347,6 +361,19 @@ class StateManager:
         if cache != last_cache:
             self.db.write(lambda txn: txn.put(b"page_cache", cache.encode(), db=self.db.db("meta")),
                           "recording the page cache id")
+
+    def _find_unbuilt_layers(self) -> None:
+        """Queue the commits' layers recorded as not written yet, before anything mounts a
+        chain. A directory of one was placed by a process killed before recording it written:
+        it may not have reached the disk whole, so it goes and is written again."""
+        with self.db.read() as txn:
+            unbuilt = [bytes(k).decode() for k, v in txn.cursor(db=self.db.db("layers"))
+                       if not json.loads(v).get("built", True)]
+        for lid in unbuilt:
+            if os.path.lexists(self.layers_dir / lid):
+                self._to_trash(self.layers_dir / lid)
+            self._unbuilt[lid] = threading.Lock()
+            self._builds.put(lid)
 
     def _roll_forward(self, op: PendingOp) -> None:
         """Finish the SWITCH step of an op whose APPLY committed (idempotent)."""
@@ -380,12 +407,13 @@ class StateManager:
             self._rebuild_layers(self._unsynced_layers(),
                                  "not synced before the page cache was lost", progress)
         with self.db.read() as txn:
-            layer_ids = {bytes(k).decode() for k, _ in txn.cursor(db=self.db.db("layers"))}
+            records = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=self.db.db("layers"))}
             branches = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=self.db.db("branches"))}
         for entry in os.listdir(self.layers_dir):
-            if entry not in layer_ids:
+            if entry not in records:
                 self._to_trash(self.layers_dir / entry)
-        missing = [lid for lid in layer_ids if not (self.layers_dir / lid).is_dir()]
+        missing = [lid for lid in records
+                   if lid not in self._unbuilt and not (self.layers_dir / lid).is_dir()]
         if missing:
             self._rebuild_layers(set(missing), "missing from layers/", progress)
         # mounts: keep exactly one correct mount per live branch
@@ -454,7 +482,8 @@ class StateManager:
 
     def _sync_layers(self) -> None:
         """syncfs the store, then mark every layer recorded before the call as on the disk
-        (a layer is written in full before the transaction that records it)."""
+        (a layer is written in full before the transaction that gives it its ``seq``: the
+        one that records it, or for a commit's delta the one that records it built)."""
         with self.db.read() as txn:
             recorded = self._meta_counter(txn, b"layer_seq")
             synced = self._meta_counter(txn, b"layers_synced")
@@ -574,14 +603,24 @@ class StateManager:
                 txn.put(lid.encode(), _dump(rec), db=db)
         return dropped
 
-    def _new_layer(self, txn: lmdb.Transaction, lid: str, top: str, span: int) -> None:
+    def _new_layer(self, txn: lmdb.Transaction, lid: str, top: str, span: int, *,
+                   below: str | None = None, built: bool = True) -> None:
         """Record a layer showing tree ``top`` (with the layers under it). ``span`` counts the
         commits a delta layer covers; 0 marks a full layer, which nothing is merged into.
-        ``seq`` orders layers for syncing (``durability``)."""
+        ``seq`` orders layers for syncing (``durability``). An unbuilt layer (``built``
+        False) is not on disk yet: ``_build_layer`` writes it as the delta from tree
+        ``below`` (None: nothing) to ``top``, and gives it its ``seq`` then."""
+        rec = {"refs": 0, "top": top, "span": span, "seq": 0}
+        if built:
+            rec["seq"] = self._next_layer_seq(txn)
+        else:
+            rec.update(built=False, below=below)
+        txn.put(lid.encode(), _dump(rec), db=self.db.db("layers"))
+
+    def _next_layer_seq(self, txn: lmdb.Transaction) -> int:
         seq = self._meta_counter(txn, b"layer_seq") + 1
         self._set_meta_counter(txn, b"layer_seq", seq)
-        txn.put(lid.encode(), _dump({"refs": 0, "top": top, "span": span, "seq": seq}),
-                db=self.db.db("layers"))
+        return seq
 
     def _meta_counter(self, txn: lmdb.Transaction, key: bytes) -> int:
         return int(txn.get(key, b"0", db=self.db.db("meta")))
@@ -617,6 +656,7 @@ class StateManager:
     def _mount_branch(self, name: str, rec: dict, *, fresh_upper: bool) -> None:
         bdir = self.branches_dir / name
         upper, work, tree = bdir / "upper", bdir / "work", bdir / "tree"
+        self._build_layers(rec["layers"])
         with self._disk_errors(f"mounting branch {name}"):
             bdir.mkdir(exist_ok=True)
             tree.mkdir(exist_ok=True)
@@ -758,6 +798,8 @@ class StateManager:
                 if txn.get(name.encode(), db=self.db.db("branches")) is not None:
                     raise ExistsError(f"branch {name!r} already exists")
                 snap = self._snapshot_record(txn, parent) if parent is not None else None
+            if snap is not None:
+                self._build_layers(snap["layers"])
             rec = {"parent": parent, "base_root": snap["root"] if snap else None,
                    "layers": snap["layers"] if snap else [], "created_ns": _now_ns(),
                    "last_commit": None}
@@ -791,6 +833,7 @@ class StateManager:
                     pass  # the disk is failing; the next open reconciles from state
                 raise
             crash_point("branch.applied")
+            self._build_layers(rec["layers"])  # a chain re-read in the transaction
             with self._disk_errors(f"mounting branch {name}"):
                 overlay.mount_overlay(bdir / "tree", self._lower_paths(rec["layers"]),
                                       bdir / "upper", bdir / "work")
@@ -878,12 +921,11 @@ class StateManager:
             parent = self._snapshot_record(txn, rec["parent"]) if rec["parent"] else None
         id = self._claim_id(id)
         layer = secrets.token_hex(5)
-        # Not flushed: before APPLY a commit leaves only staging and an unrecorded layer, which
-        # recovery sweeps whether or not it finds the record, unless the sink writes objects
-        # early (a commit of more than its batch size); then the record is flushed first.
+        # Not flushed: before APPLY a commit leaves nothing on disk (its layer is written
+        # after it), unless the sink writes objects early (a commit of more than its batch
+        # size); then the record is flushed first, so that recovery sweeps them.
         op = self.wal.prepare("commit", name=name, id=id, layer=layer, durable=False)
         crash_point("commit.prepared")
-        staged = self.staging_dir / op
         try:
             sink = ObjectSink(self._write_objects_of_logged_op)
             # Files unchanged since this branch's last commit are in its parent snapshot
@@ -895,14 +937,11 @@ class StateManager:
                 node = apply_upper(self.trees, self._root_of(rec["base_root"]),
                                    self.branches_dir / name / "upper", sink,
                                    file_cache=stored, keep=used)
-                # the new delta layer is written from these directories right below
+                # remembered: the new delta layer is written from these directories
                 built: dict = {}
                 root = finalize(node, sink, remember=self.trees.remember,
                                 reuse=self._built_dirs.get(name), built=built, stored=self.trees)
                 superroot = self._superroot(root, sink)
-                below = self._root_of(parent["root"]) if parent else None
-                layerfs.materialize_delta(self.trees, self.content, below, root, staged,
-                                          pending=sink.pending)
             crash_point("commit.staged")
 
             def apply(txn: lmdb.Transaction) -> None:
@@ -910,16 +949,20 @@ class StateManager:
                 # which is fine, since the new delta is relative to the parent's tree
                 chain = self._snapshot_record(txn, rec["parent"])["layers"] if parent else []
                 self.content.put_objects(txn, sink.take())
-                self._new_layer(txn, layer, superroot.hex(), 1)
+                self._new_layer(txn, layer, superroot.hex(), 1,
+                                below=parent["root"] if parent else None, built=False)
                 self._layer_refs(txn, [layer] + chain, +1)
                 self._put_snapshot(txn, id, superroot.hex(), rec["parent"], [layer] + chain, labels, root)
                 txn.put(name.encode(), _dump(dict(rec, parent=id, last_commit=id)),
                         db=self.db.db("branches"))
                 self._mark_applied(txn, op)
 
-            self._place_layer(staged, layer, f"commit of branch {name}")
+            # Registered before the transaction: whoever sees the layer recorded can tell
+            # that it is not on disk yet.
+            self._unbuilt[layer] = threading.Lock()
             self.db.write(apply, f"commit of branch {name}")
         except BaseException:
+            self._unbuilt.pop(layer, None)
             self._abandon(op, layer)
             raise
         crash_point("commit.applied")
@@ -927,8 +970,86 @@ class StateManager:
         self._built_dirs[name] = built
         crash_point("commit.switched")
         self._finish(op)
+        self._builds.put(layer)
         self._jobs.put(("merge", id))
         return id
+
+    # ------------------------------------------------------------------------------------
+    # commits' delta layers, written after the commit
+    # ------------------------------------------------------------------------------------
+    def _build_loop(self) -> None:
+        while True:
+            lid = self._builds.get()
+            try:
+                if lid is None:
+                    return
+                with self._ops.running():  # fsck and gc see no layer half-written
+                    self._build_layer(lid)
+            except (CascowfsError, OSError) as exc:
+                # a failing disk: the layer stays unbuilt, and whoever mounts it tries again
+                log.warning("%s: writing layer %s failed (retried when needed): %s",
+                            self.store, lid, exc)
+            except Exception:  # never let the thread die: settle() waits for its queue
+                log.exception("%s: writing layer %s failed", self.store, lid)
+            finally:
+                self._builds.task_done()
+
+    def _build_layers(self, chain: list[str]) -> None:
+        """Make sure every layer of ``chain`` is on disk (before it is mounted)."""
+        for lid in chain:
+            if lid in self._unbuilt:
+                self._build_layer(lid)
+
+    def _build_layer(self, lid: str) -> None:
+        """Write a commit's delta layer from the CAS, place it, record it built.
+
+        A commit records its snapshot without writing its layer: the snapshot is whole in the
+        CAS, and the layer is a cache of it that only a mount needs (a branch on the snapshot,
+        usually made well after the background thread has written it; else by the branch's
+        own call here). A layer dropped before it was written (a merge replaced it, its
+        snapshot was pruned) never is."""
+        lock = self._unbuilt.get(lid)
+        if lock is None:
+            return
+        with lock:
+            if lid not in self._unbuilt:
+                return  # written meanwhile
+            with self.db.read() as txn:
+                raw = txn.get(lid.encode(), db=self.db.db("layers"))
+            if raw is None:
+                self._unbuilt.pop(lid, None)
+                return
+            rec = json.loads(raw)
+            staged = self.staging_dir / f"layer-{lid}"
+            target = self.layers_dir / lid
+            with self._disk_errors(f"writing layer {lid}"):
+                for leftover in (staged, target):  # of an attempt that failed half-way
+                    if os.path.lexists(leftover):
+                        self._to_trash(leftover)
+                try:
+                    layerfs.materialize_delta(self.trees, self.content,
+                                              self._root_of(rec["below"]),
+                                              self._root_of(rec["top"]), staged)
+                except OSError:
+                    self._to_trash(staged)  # a full disk: the next attempt starts afresh
+                    raise
+                crash_point("commit.written")
+                os.rename(staged, target)
+            crash_point("commit.placed")
+
+            def mark_built(txn: lmdb.Transaction) -> bool:
+                cur = txn.get(lid.encode(), db=self.db.db("layers"))
+                if cur is None:
+                    return False
+                cur = json.loads(cur)
+                cur.pop("below", None)
+                cur.update(built=True, seq=self._next_layer_seq(txn))
+                txn.put(lid.encode(), _dump(cur), db=self.db.db("layers"))
+                return True
+
+            if not self.db.write(mark_built, f"recording layer {lid}"):
+                self._trash_after_apply([lid])  # dropped while it was being written
+            self._unbuilt.pop(lid, None)
 
     def _layers_to_merge(self, txn: lmdb.Transaction, chain: list[str]) -> tuple[int, int]:
         """How many top layers of a chain merge into one, and the merged span ((0, 0): none).

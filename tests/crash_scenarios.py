@@ -21,7 +21,8 @@ from cascowfs.errors import ExistsError, NotFoundError
 from cascowfs.state import StateManager
 
 # The step after which an operation is durable (its LMDB transaction committed).
-APPLIED_STEPS = {"applied", "switched", "marked", "swept"}  # a collection follows an applied prune
+# a collection follows an applied prune; a commit's layer is written after the commit
+APPLIED_STEPS = {"applied", "switched", "marked", "swept", "written", "placed"}
 NOT_APPLIED_STEPS = {"prepared", "chunks", "staged"}
 
 CHILD = r"""

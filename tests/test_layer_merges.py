@@ -136,3 +136,86 @@ def test_a_chain_swap_naming_a_layer_gone_meanwhile_changes_nothing(tmp_path):
             assert {bytes(k): bytes(v) for k, v in txn.cursor(db=sm.db.db("layers"))} == counts
         check_live(sm, deep=True)
         sm.discard("b")
+
+
+# ----------------------------------------------------------------------------------------
+# a commit's delta layer is written after the commit
+# ----------------------------------------------------------------------------------------
+def _layer_of(sm, sid: str) -> tuple[str, dict]:
+    with sm.db.read() as txn:
+        lid = sm._snapshot_record(txn, sid)["layers"][0]
+        return lid, sm._layer_record(txn, lid)
+
+
+def _no_background_builds(monkeypatch) -> None:
+    """Stores opened from now on never write a commit's layer in the background: only a
+    mount that needs it does."""
+    monkeypatch.setattr(state.StateManager, "_build_loop", lambda self: None)
+
+
+def test_a_branch_on_a_commit_not_written_yet_writes_its_layer_first(tmp_path, monkeypatch):
+    _no_background_builds(monkeypatch)
+    with conftest.open_store(tmp_path / "store") as sm:
+        sm.import_tree(_source(tmp_path), "base")
+        tree = sm.create_branch("b", "base").tree
+        (tree / "d" / "x3").write_text("changed")
+        (tree / "d" / "x4").unlink()
+        (tree / "new").write_text("new")
+        sm.commit("b", "s1")
+        view = dir_view(tree)
+        lid, rec = _layer_of(sm, "s1")
+        assert rec["built"] is False and rec["seq"] == 0
+        assert not (sm.layers_dir / lid).exists(), "the commit wrote its layer itself"
+        check_live(sm, deep=True)  # a layer not written yet is no fault
+
+        other = sm.create_branch("c", "s1").tree
+        assert dir_view(other) == view
+        lid, rec = _layer_of(sm, "s1")
+        assert rec["built"] is True and rec["seq"] > 0 and "below" not in rec
+        assert (sm.layers_dir / lid).is_dir()
+        assert_same_view(snapshot_view(sm, "s1"), view, "s1")
+        check_live(sm, deep=True)
+        sm.discard("c")
+        sm.discard("b")
+
+
+def test_a_layer_dropped_before_it_was_written_never_is(tmp_path, monkeypatch):
+    _no_background_builds(monkeypatch)
+    with conftest.open_store(tmp_path / "store") as sm:
+        sm.import_tree(_source(tmp_path), "base")
+        tree = sm.create_branch("b", "base").tree
+        (tree / "new").write_text("new")
+        sm.commit("b", "s1")
+        lid, _ = _layer_of(sm, "s1")
+        sm.discard("b")
+        sm.prune("s1")
+        sm._build_layer(lid)  # what the background thread would do next
+        assert lid not in sm._unbuilt
+        assert not (sm.layers_dir / lid).exists()
+        check_live(sm, deep=True)
+
+
+def test_layers_not_written_before_a_close_are_written_after_the_next_open(tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    with monkeypatch.context() as patch:
+        _no_background_builds(patch)
+        with conftest.open_store(store) as sm:
+            sm.import_tree(_source(tmp_path), "base")
+            tree = sm.create_branch("b", "base").tree
+            (tree / "d" / "x1").write_text("one")
+            sm.commit("b", "s1")
+            (tree / "d" / "x2").write_text("two")
+            sm.commit("b", "s2")
+            view = dir_view(tree)
+            lids = [_layer_of(sm, sid)[0] for sid in ("s1", "s2")]
+            # a layer placed by a process killed before recording it: maybe torn
+            (sm.layers_dir / lids[1]).mkdir()
+    with conftest.open_store(store) as sm:
+        sm.settle()
+        for sid in ("s1", "s2"):
+            lid, rec = _layer_of(sm, sid)
+            assert rec["built"] is True and (sm.layers_dir / lid).is_dir(), sid
+        assert dir_view(sm.create_branch("c", "s2").tree) == view
+        check_live(sm, deep=True)
+        sm.discard("c")
+        sm.discard("b")
