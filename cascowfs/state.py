@@ -367,8 +367,9 @@ class StateManager:
         chain. A directory of one was placed by a process killed before recording it written:
         it may not have reached the disk whole, so it goes and is written again."""
         with self.db.read() as txn:
+            # only an unbuilt record has the key (a store of 10k snapshots has ~10k records)
             unbuilt = [bytes(k).decode() for k, v in txn.cursor(db=self.db.db("layers"))
-                       if not json.loads(v).get("built", True)]
+                       if b'"built"' in v and not json.loads(v).get("built", True)]
         for lid in unbuilt:
             if os.path.lexists(self.layers_dir / lid):
                 self._to_trash(self.layers_dir / lid)
@@ -407,7 +408,7 @@ class StateManager:
             self._rebuild_layers(self._unsynced_layers(),
                                  "not synced before the page cache was lost", progress)
         with self.db.read() as txn:
-            records = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=self.db.db("layers"))}
+            records = {bytes(k).decode() for k, _ in txn.cursor(db=self.db.db("layers"))}
             branches = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=self.db.db("branches"))}
         for entry in os.listdir(self.layers_dir):
             if entry not in records:
@@ -613,7 +614,7 @@ class StateManager:
         rec = {"refs": 0, "top": top, "span": span, "seq": 0}
         if built:
             rec["seq"] = self._next_layer_seq(txn)
-        else:
+        else:  # the only records with these keys: mark_built drops them
             rec.update(built=False, below=below)
         txn.put(lid.encode(), _dump(rec), db=self.db.db("layers"))
 
@@ -1042,8 +1043,8 @@ class StateManager:
                 if cur is None:
                     return False
                 cur = json.loads(cur)
-                cur.pop("below", None)
-                cur.update(built=True, seq=self._next_layer_seq(txn))
+                del cur["built"], cur["below"]  # a built layer's record is as an import's
+                cur["seq"] = self._next_layer_seq(txn)
                 txn.put(lid.encode(), _dump(cur), db=self.db.db("layers"))
                 return True
 
