@@ -37,7 +37,9 @@ _U32 = struct.Struct("<I")
 
 ROOT_NAME = b""
 # In place of an object's value in an encoding's object list: the object is in the store
-# already (a page reused from a stored listing), so nothing is written for it.
+# already (a page reused from a stored listing), so nothing is written for it. A commit takes
+# such pages from its branch's base tree, which keeps them alive as it keeps every unchanged
+# subtree the commit names.
 STORED = b""
 
 
