@@ -268,8 +268,8 @@ class ContentStore:
     # -- reading ---------------------------------------------------------------------------
     def get(self, oid: bytes, txn: lmdb.Transaction | None = None,
             pending: dict[bytes, bytes] | None = None) -> bytes:
-        """An object's stored value; ``pending`` holds objects not written yet (a commit
-        writing its delta layer before its transaction)."""
+        """An object's stored value; ``pending`` holds objects not written yet (read as if
+        they were)."""
         if pending is not None and oid in pending:
             return pending[oid]
         if txn is None:
@@ -294,7 +294,7 @@ class ContentStore:
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
 
-    def _payload(self, value: bytes, pending: dict[bytes, bytes] | None = None) -> bytes:
+    def _payload(self, value: bytes) -> bytes:
         """The plain bytes a chunk or pack value stands for."""
         flag = value[1:2]
         if flag == _ZSTD:
@@ -305,31 +305,29 @@ class ContentStore:
             pack_id, offset, length = _POINTER.unpack_from(value, 2)
             pack = self._cached(pack_id)
             if pack is None:
-                pack = self._payload(self.get(pack_id, None, pending))
+                pack = self._payload(self.get(pack_id))
                 self._remember(pack_id, pack)
             return pack[offset:offset + length]
         raise StoreIOError(f"stored value with unknown encoding {flag!r}")
 
-    def _chunk_data(self, oid: bytes, value: bytes | None = None,
-                    pending: dict[bytes, bytes] | None = None) -> bytes:
+    def _chunk_data(self, oid: bytes, value: bytes | None = None) -> bytes:
         hit = self._cached(oid)
         if hit is not None:
             return hit
         if value is None:
-            value = self.get(oid, None, pending)
+            value = self.get(oid)
         if value[:1] != TYPE_CHUNK:
             raise StoreIOError(f"object {oid.hex()} is not a chunk")
-        data = self._payload(value, pending)
+        data = self._payload(value)
         if value[1:2] != _PACKED:  # packed chunks are slices of a cached pack already
             self._remember(oid, data)
         return data
 
-    def read(self, content_id: bytes, offset: int = 0, size: int = -1,
-             pending: dict[bytes, bytes] | None = None) -> bytes:
+    def read(self, content_id: bytes, offset: int = 0, size: int = -1) -> bytes:
         """Bytes ``[offset, offset+size)`` of a file's content (``size=-1``: to the end)."""
         if not content_id:
             return b""
-        value = self.get(content_id, None, pending)
+        value = self.get(content_id)
         if value[:1] == TYPE_CHUNK:
             data = self._chunk_data(content_id, value)
             return data[offset:] if size < 0 else data[offset:offset + size]
@@ -344,7 +342,7 @@ class ContentStore:
             if end is not None and pos >= end:
                 break
             if pos + length > offset:
-                data = self._chunk_data(cid, None, pending)
+                data = self._chunk_data(cid)
                 lo = max(0, offset - pos)
                 hi = length if end is None else min(length, end - pos)
                 out.append(data[lo:hi])

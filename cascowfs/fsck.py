@@ -27,7 +27,7 @@ from .cas import children_of, identify_content
 from .model import Entry
 from .progress import progress_bar
 from .scan import ObjectSink, finalize, scan_directory
-from .state import StateManager
+from .state import StateManager, layer_written
 from .trees import TreeStore
 
 
@@ -110,12 +110,12 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
         stored = layers.get(lid, {}).get("refs", 0)
         if stored != layer_refs[lid]:
             report.add(2, f"layer {lid} has refcount {stored}, named by {layer_refs[lid]} chains")
-        if lid in layers and _built(layers[lid]) and not (sm.layers_dir / lid).is_dir():
+        if lid in layers and layer_written(layers[lid]) and not (sm.layers_dir / lid).is_dir():
             report.add(1, f"layer {lid} is recorded but its directory is missing")
     for entry in os.listdir(sm.layers_dir):
         if entry not in layers:
             report.add(3, f"layer directory {entry} is not recorded")
-        elif not _built(layers[entry]):
+        elif not layer_written(layers[entry]):
             report.add(5, f"layer {entry} was placed but not recorded as written (mount the "
                           f"store to recover)")
 
@@ -143,15 +143,9 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
     if deep:
         for sid, rec in snaps.items():
             # a commit's layer not written yet has nothing on disk to compare
-            if all(_built(layers.get(lid, {})) for lid in rec["layers"]):
+            if all(layer_written(layers.get(lid, {})) for lid in rec["layers"]):
                 _check_layers(sm, sid, rec, report)
     return report
-
-
-def _built(layer: dict) -> bool:
-    """Whether a layer record's directory is on disk: all are but a commit's delta layer until
-    it is written (``StateManager._build_layer``)."""
-    return layer.get("built", True)
 
 
 def _check_layers(sm: StateManager, sid: str, rec: dict, report: FsckReport) -> None:

@@ -25,23 +25,21 @@ class _Writer:
     """Writes entries from the CAS into a layer directory, keeping hard-link groups."""
 
     def __init__(self, trees: TreeStore, content: ContentStore,
-                 progress: Callable[[int], None] | None,
-                 pending: dict[bytes, bytes] | None = None) -> None:
+                 progress: Callable[[int], None] | None) -> None:
         self.trees = trees
         self.content = content
-        self.pending = pending
         self.linked: dict[bytes, bytes] = {}
         self.tick = progress or (lambda n: None)
 
     def _tree(self, tree_id: bytes) -> dict[bytes, Entry]:
-        return self.trees.get(tree_id, pending=self.pending)
+        return self.trees.get(tree_id)
 
     def write_leaf(self, child: Entry, path: bytes) -> None:
         if child.link and child.link in self.linked:
             os.link(self.linked[child.link], path)
             return
         if child.is_file:
-            fsmeta.write_file_data(path, self.content.read(child.ref, pending=self.pending))
+            fsmeta.write_file_data(path, self.content.read(child.ref))
             self.tick(child.size)
         elif stat.S_ISLNK(child.mode):
             os.symlink(child.ref, path)
@@ -98,10 +96,10 @@ def materialize(trees: TreeStore, content: ContentStore, root: Entry, dst: Path,
 
 
 def materialize_delta(trees: TreeStore, content: ContentStore, base: Entry | None, root: Entry,
-                      dst: Path, pending: dict[bytes, bytes] | None = None) -> None:
+                      dst: Path) -> None:
     """Write, as one overlay layer over layers showing ``base`` (None: nothing), what turns
     that tree into ``root``: changed entries, whiteouts for deleted ones."""
-    _Writer(trees, content, None, pending).write_delta(base, root, os.fsencode(dst))
+    _Writer(trees, content, None).write_delta(base, root, os.fsencode(dst))
 
 
 def set_root_metadata(path: Path, root: Entry | None) -> None:

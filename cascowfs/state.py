@@ -369,10 +369,9 @@ class StateManager:
         with self.db.read() as txn:
             # only an unbuilt record has the key (a store of 10k snapshots has ~10k records)
             unbuilt = [bytes(k).decode() for k, v in txn.cursor(db=self.db.db("layers"))
-                       if b'"built"' in v and not json.loads(v).get("built", True)]
+                       if b'"built"' in v and not layer_written(json.loads(v))]
         for lid in unbuilt:
-            if os.path.lexists(self.layers_dir / lid):
-                self._to_trash(self.layers_dir / lid)
+            self._to_trash(self.layers_dir / lid)
             self._unbuilt[lid] = threading.Lock()
             self._builds.put(lid)
 
@@ -715,9 +714,10 @@ class StateManager:
             return id
 
     def _place_layer(self, staged: Path, layer: str, what: str) -> None:
-        """Move a finished layer into layers/ *before* the transaction that records it: a
-        recorded layer is then always on disk for whoever mounts it next (a new branch may
-        mount it the moment the transaction commits); an unrecorded one is swept as trash."""
+        """Move a finished layer into layers/ *before* the transaction that records it (or,
+        for a commit's delta, records it written): a layer recorded as written is then always
+        on disk for whoever mounts it next (a new branch may mount it the moment the
+        transaction commits); an unrecorded one is swept as trash."""
         with self._disk_errors(what):
             os.rename(staged, self.layers_dir / layer)
 
@@ -799,7 +799,7 @@ class StateManager:
                 if txn.get(name.encode(), db=self.db.db("branches")) is not None:
                     raise ExistsError(f"branch {name!r} already exists")
                 snap = self._snapshot_record(txn, parent) if parent is not None else None
-            if snap is not None:
+            if snap is not None:  # before anything is recorded: a full disk fails it cleanly
                 self._build_layers(snap["layers"])
             rec = {"parent": parent, "base_root": snap["root"] if snap else None,
                    "layers": snap["layers"] if snap else [], "created_ns": _now_ns(),
@@ -1022,11 +1022,9 @@ class StateManager:
                 return
             rec = json.loads(raw)
             staged = self.staging_dir / f"layer-{lid}"
-            target = self.layers_dir / lid
             with self._disk_errors(f"writing layer {lid}"):
-                for leftover in (staged, target):  # of an attempt that failed half-way
-                    if os.path.lexists(leftover):
-                        self._to_trash(leftover)
+                for leftover in (staged, self.layers_dir / lid):  # of an attempt that failed
+                    self._to_trash(leftover)
                 try:
                     layerfs.materialize_delta(self.trees, self.content,
                                               self._root_of(rec["below"]),
@@ -1034,8 +1032,8 @@ class StateManager:
                 except OSError:
                     self._to_trash(staged)  # a full disk: the next attempt starts afresh
                     raise
-                crash_point("commit.written")
-                os.rename(staged, target)
+            crash_point("commit.written")
+            self._place_layer(staged, lid, f"writing layer {lid}")
             crash_point("commit.placed")
 
             def mark_built(txn: lmdb.Transaction) -> bool:
@@ -1437,6 +1435,12 @@ class StateManager:
 
     def read_file(self, content_id: bytes, offset: int, size: int) -> bytes:
         return self.content.read(content_id, offset, size)
+
+
+def layer_written(rec: dict) -> bool:
+    """Whether a layer record's directory is on disk: all are but a commit's delta layer until
+    it is written (``StateManager._build_layer``)."""
+    return rec.get("built", True)
 
 
 def _snapshot_info(id: str, rec: dict) -> SnapshotInfo:

@@ -226,7 +226,7 @@ class TreeStore:
             extra: dict[bytes, dict[bytes, Entry]] | None = None,
             pending: dict[bytes, bytes] | None = None) -> dict[bytes, Entry]:
         """A tree by id; ``extra`` holds decoded trees built in memory but not stored (status),
-        ``pending`` stored values not written yet (commit)."""
+        ``pending`` object values not written yet."""
         if extra is not None and tree_id in extra:
             return extra[tree_id]
         with self._lock:
