@@ -36,15 +36,13 @@ TYPE_TREE = b"T"
 
 # second byte of a chunk's stored value
 _RAW = b"\x00"       # the data itself
-_ZSTD = b"\x01"      # zstd frame
+_ZSTD = b"\x01"      # zstd frame (chunks stored by versions before every chunk was packed)
 _PACKED = b"\x02"    # pointer: pack id, offset, length (the data lives in a pack object)
-_UNPACKED = b"\x03"  # small raw chunk on its way into a pack; never stored as such
+_UNPACKED = b"\x03"  # raw chunk on its way into a pack; never stored as such
 _POINTER = struct.Struct("<32sII")
-# Small chunks (most source files are one) are compressed together in packs of about
-# PACK_TARGET bytes: measured on CPython's sources, 42k files below 16 KiB take 64 MB in LMDB
-# pages compressed one by one and 35 MB packed (overflow pages round every value above
-# ~2 KiB up to 4 KiB, and zstd finds more to share across files).
-PACK_MAX_CHUNK = 16 * 1024
+# Chunks are compressed together in packs of about PACK_TARGET bytes, never one by one: LMDB
+# rounds every value above ~2 KiB up to whole 4 KiB overflow pages, and zstd finds more to
+# share across chunks (docs/architecture.md, "Packs", has the measurements).
 PACK_TARGET = 256 * 1024
 _LIST_ITEM = struct.Struct("<32sI")
 
@@ -94,21 +92,12 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-def _chunk_value(chunk: memoryview) -> bytes:
-    packed = _compressor().compress(chunk)
-    if len(packed) < len(chunk):
-        return TYPE_CHUNK + _ZSTD + packed
-    return TYPE_CHUNK + _RAW + bytes(chunk)
-
-
 def prepare_content(data: bytes) -> PreparedContent:
     """Cut ``data`` into chunks and build the objects that store it. Empty data has id b""."""
     if not data:
         return PreparedContent(b"", 0, [])
     pieces = split_chunks(data)
-    objects = [(object_id(TYPE_CHUNK, p),
-                TYPE_CHUNK + _UNPACKED + bytes(p) if len(p) <= PACK_MAX_CHUNK else _chunk_value(p))
-               for p in pieces]
+    objects = [(object_id(TYPE_CHUNK, p), TYPE_CHUNK + _UNPACKED + bytes(p)) for p in pieces]
     if len(objects) == 1:
         return PreparedContent(objects[0][0], len(data), objects)
     listing = b"".join(_LIST_ITEM.pack(oid, len(p)) for (oid, _), p in zip(objects, pieces))
@@ -131,21 +120,22 @@ def build_pack(chunks: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
 
 
 def pack_unpacked(objects: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Turn the small raw chunks among ``objects`` into packs and pointers (import workers do
-    this, so the compression happens in parallel and far fewer bytes cross the pipe)."""
-    out, small, seen, size = [], [], set(), 0
+    """Turn the raw chunks among ``objects`` into packs and pointers (import workers do this,
+    so the compression happens in parallel and far fewer bytes cross the pipe; operations do
+    it before their write transaction, so compression never holds up LMDB's one writer)."""
+    out, raw, seen, size = [], [], set(), 0
     for oid, value in objects:
         if value[:2] != TYPE_CHUNK + _UNPACKED:
             out.append((oid, value))
         elif oid not in seen:
             seen.add(oid)
-            small.append((oid, value[2:]))
+            raw.append((oid, value[2:]))
             size += len(value) - 2
             if size >= PACK_TARGET:
-                out.extend(build_pack(small))
-                small, size = [], 0
-    if small:
-        out.extend(build_pack(small))
+                out.extend(build_pack(raw))
+                raw, size = [], 0
+    if raw:
+        out.extend(build_pack(raw))
     return out
 
 
@@ -179,7 +169,7 @@ def children_of(value: bytes) -> list[bytes]:
 
 
 class ContentStore:
-    """Objects in LMDB; chunk reads with a small decompressed-chunk cache."""
+    """Objects in LMDB; chunk reads with a small cache of decompressed chunks and packs."""
 
     def __init__(self, db: MetaDB, cache_chunks: int = 256) -> None:
         self.db = db
@@ -191,21 +181,29 @@ class ContentStore:
         self._cache_lock = threading.Lock()
 
     # -- writing ---------------------------------------------------------------------------
+    def pack_missing(self, objects: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """``objects`` with their raw chunks that the store lacks compressed into packs, and
+        the ones it has left out; call before the write transaction that stores them."""
+        with self.db.read() as txn:
+            objects = [(oid, value) for oid, value in objects
+                       if value[:2] != TYPE_CHUNK + _UNPACKED or txn.get(oid, db=self.objects) is None]
+        return pack_unpacked(objects)
+
     def put_objects(self, txn: lmdb.Transaction, objects: Iterable[tuple[bytes, bytes]]) -> int:
-        """Store objects not yet present; small chunks go into packs.
-        Packs built elsewhere (by import workers) are kept only if one of their chunks is new
-        here. Returns bytes newly written."""
+        """Store objects not yet present; raw chunks go into packs (``pack_missing`` does that
+        before the transaction). Packs built outside it are kept only if one of their chunks
+        is new here. Returns bytes newly written."""
         objects = list(objects)
         self._note_stored(oid for oid, _ in objects)
         written = 0
-        small: list[tuple[bytes, bytes]] = []
+        unpacked: list[tuple[bytes, bytes]] = []
         packs: dict[bytes, bytes] = {}
         needed: set[bytes] = set()
         for oid, value in objects:
             head = value[:2]
             if head == TYPE_CHUNK + _UNPACKED:
                 if txn.get(oid, db=self.objects) is None:
-                    small.append((oid, value[2:]))
+                    unpacked.append((oid, value[2:]))
             elif value[:1] == TYPE_PACK:
                 packs[oid] = value
             elif txn.put(oid, value, db=self.objects, overwrite=False):
@@ -217,7 +215,7 @@ class ContentStore:
                 written += len(packs[pack_id])
         batch: list[tuple[bytes, bytes]] = []
         size = 0
-        for item in small:
+        for item in unpacked:
             batch.append(item)
             size += len(item[1])
             if size >= PACK_TARGET:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import stat
 from collections import Counter
 
@@ -64,6 +65,62 @@ def test_small_chunks_share_packs_and_read_back(content):
     for cid, blob in zip(ids, blobs):
         assert content.read(cid) == blob
         assert content.verify(cid, content.get(cid))
+
+
+def _source_like(size: int, seed: int) -> bytes:
+    """Compressible bytes with enough variety for content-defined chunking to cut them."""
+    rng = random.Random(seed)
+    words = [b"static", b"int", b"return", b"struct", b"*dev", b"(void)", b"{", b"}", b";\n"]
+    out = bytearray()
+    while len(out) < size:
+        out += rng.choice(words) + b" " + str(rng.randrange(10**6)).encode() + b" "
+    return bytes(out[:size])
+
+
+def _values(content: cas.ContentStore) -> dict[bytes, bytes]:
+    with content.db.read() as txn:
+        return {bytes(k): bytes(v) for k, v in txn.cursor(db=content.objects)}
+
+
+def test_large_chunks_are_packed_too(content):
+    """Chunks above 16 KiB compressed one by one each rounded up to whole LMDB overflow pages
+    (~2 KiB lost per chunk); every chunk now lives in a pack."""
+    data = _source_like(5 * cas.CHUNK_AVG, 1)
+    prepared = cas.prepare_content(data)
+    objects = content.pack_missing(prepared.objects)
+    content.db.write(lambda txn: content.put_objects(txn, objects))
+    values = _values(content)
+    chunks = [v for v in values.values() if v[:1] == cas.TYPE_CHUNK]
+    assert len(chunks) > 1 and max(len(v) for v in chunks) < 64  # pointers, not data
+    packs = [v for v in values.values() if v[:1] == cas.TYPE_PACK]
+    assert sum(map(len, packs)) < len(data) // 2
+    assert content.read(prepared.content_id) == data
+    for offset, size in [(0, 10), (cas.CHUNK_AVG + 5, 3 * cas.CHUNK_AVG), (len(data) - 3, 10)]:
+        assert content.read(prepared.content_id, offset, size) == data[offset:offset + size]
+    assert all(content.verify(oid, v) for oid, v in values.items()
+               if v[:1] in (cas.TYPE_CHUNK, cas.TYPE_PACK))
+
+
+def test_pack_missing_leaves_out_chunks_the_store_has(content):
+    old, new = _source_like(3 * cas.CHUNK_AVG, 2), _source_like(3 * cas.CHUNK_AVG, 3)
+    old_id = _store(content, old)
+    before = _values(content)
+    prepared = cas.prepare_content(new)
+    objects = content.pack_missing(cas.prepare_content(old).objects + prepared.objects)
+    (pack,) = [v for _, v in objects if v[:1] == cas.TYPE_PACK]
+    assert len(content._payload(pack)) == len(new)  # none of old's chunks
+    content.db.write(lambda txn: content.put_objects(txn, objects))
+    after = _values(content)
+    assert {k: v for k, v in after.items() if k in before} == before  # old's objects untouched
+    assert content.read(old_id) == old and content.read(prepared.content_id) == new
+
+
+def test_chunks_stored_one_by_one_by_earlier_versions_still_read(content):
+    data = _source_like(40_000, 4)
+    oid = cas.object_id(cas.TYPE_CHUNK, data)
+    value = cas.TYPE_CHUNK + cas._ZSTD + cas.zstandard.ZstdCompressor(level=3).compress(data)
+    content.db.write(lambda txn: txn.put(oid, value, db=content.objects))
+    assert content.read(oid) == data and content.verify(oid, value)
 
 
 def test_verify_detects_corruption(content):
