@@ -92,6 +92,18 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
+def compress(data: bytes | memoryview) -> bytes:
+    """A zstd frame of ``data`` at the store's level (this thread's compressor)."""
+    return _compressor().compress(data)
+
+
+def decompress(frame: bytes | memoryview) -> bytes:
+    try:
+        return _decompressor().decompress(frame)
+    except zstandard.ZstdError as exc:
+        raise StoreIOError(f"a stored object does not decompress: {exc}") from None
+
+
 def prepare_content(data: bytes) -> PreparedContent:
     """Cut ``data`` into chunks and build the objects that store it. Empty data has id b""."""
     if not data:
@@ -110,7 +122,7 @@ def build_pack(chunks: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """One pack holding ``chunks`` (id, raw data): the pack object, then a pointer per chunk."""
     raw = b"".join(data for _, data in chunks)
     pack_id = object_id(TYPE_PACK, raw)
-    packed = _compressor().compress(raw)
+    packed = compress(raw)
     objects = [(pack_id, TYPE_PACK + (_ZSTD + packed if len(packed) < len(raw) else _RAW + raw))]
     offset = 0
     for oid, data in chunks:
@@ -162,9 +174,9 @@ def children_of(value: bytes) -> list[bytes]:
         body = memoryview(value)[1:]
         return [bytes(body[i:i + ID_SIZE]) for i in range(0, len(body), _LIST_ITEM.size)]
     if kind == TYPE_TREE:
-        from .trees import tree_children  # trees build on this module, not the other way round
+        from .trees import stored_payload, tree_children  # trees build on this module
 
-        return tree_children(memoryview(value)[1:])
+        return tree_children(stored_payload(value))
     raise StoreIOError(f"object of unknown type {kind!r}")
 
 
@@ -182,12 +194,16 @@ class ContentStore:
 
     # -- writing ---------------------------------------------------------------------------
     def pack_missing(self, objects: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        """``objects`` with their raw chunks that the store lacks compressed into packs, and
-        the ones it has left out; call before the write transaction that stores them."""
+        """``objects`` with the raw chunks the store lacks compressed into packs; call before
+        the write transaction that stores them. Chunks found present stay as they are:
+        ``put_objects`` must still see them, to protect them from a running collection and
+        to store them after all if a sweep took them meanwhile."""
+        unpacked = TYPE_CHUNK + _UNPACKED
         with self.db.read() as txn:
-            objects = [(oid, value) for oid, value in objects
-                       if value[:2] != TYPE_CHUNK + _UNPACKED or txn.get(oid, db=self.objects) is None]
-        return pack_unpacked(objects)
+            present = {oid for oid, value in objects
+                       if value[:2] == unpacked and txn.get(oid, db=self.objects) is not None}
+        return (pack_unpacked([o for o in objects if o[0] not in present])
+                + [o for o in objects if o[0] in present])
 
     def put_objects(self, txn: lmdb.Transaction, objects: Iterable[tuple[bytes, bytes]]) -> int:
         """Store objects not yet present; raw chunks go into packs (``pack_missing`` does that
@@ -296,7 +312,7 @@ class ContentStore:
         """The plain bytes a chunk or pack value stands for."""
         flag = value[1:2]
         if flag == _ZSTD:
-            return _decompressor().decompress(value[2:])
+            return decompress(value[2:])
         if flag in (_RAW, _UNPACKED):
             return value[2:]
         if flag == _PACKED and value[:1] == TYPE_CHUNK:
@@ -348,8 +364,16 @@ class ContentStore:
         return b"".join(out)
 
     def verify(self, oid: bytes, value: bytes) -> bool:
-        """Does the stored value hash to its id? (fsck)"""
+        """Does the stored value hash to its id? (fsck; a frame that does not decompress
+        does not)"""
+        from .trees import stored_payload  # trees build on this module
+
         kind = value[:1]
-        if kind in (TYPE_CHUNK, TYPE_PACK):
-            return object_id(kind, self._payload(value)) == oid
+        try:
+            if kind in (TYPE_CHUNK, TYPE_PACK):
+                return object_id(kind, self._payload(value)) == oid
+            if kind == TYPE_TREE:
+                return object_id(kind, stored_payload(value)) == oid
+        except StoreIOError:
+            return False
         return object_id(kind, value[1:]) == oid

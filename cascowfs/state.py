@@ -57,9 +57,10 @@ log = logging.getLogger("cascowfs.state")
 CHECKPOINT_EVERY = 1024  # WAL records between checkpoints
 # Bump when records or objects change shape. 3: refcount changes are queued; 4: the queue is
 # keyed by object (3 kept it in arrival order), and large directories are stored as pages;
-# 5: objects carry no refcounts, a mark-and-sweep collector deletes what no live root reaches.
-STORE_FORMAT = 5
-UPGRADES_IN_PLACE = {2, 3, 4}  # older formats a writable open upgrades
+# 5: objects carry no refcounts, a mark-and-sweep collector deletes what no live root reaches;
+# 6: tree objects may be stored compressed (format 5's plain ones still read).
+STORE_FORMAT = 6
+UPGRADES_IN_PLACE = {2, 3, 4, 5}  # older formats a writable open upgrades
 # A collection cycle starts this long after garbage appeared (a prune, a discard, a failed
 # op), so that one cycle takes what a burst of operations dropped.
 COLLECT_AFTER_SECONDS = 5.0
@@ -324,13 +325,13 @@ class StateManager:
             raise StoreIOError(f"store {self.store} has format {raw and raw.decode() or 'unknown'}; "
                                f"this cascowfs reads format {STORE_FORMAT}")
         if self._read_only:
-            return  # formats 2-4 differ only in refcounts, which this version ignores
+            return  # formats 2-4 differ only in refcounts, which this version ignores; 5 reads as is
 
         def upgrade(txn: lmdb.Transaction) -> None:
-            # Object refcounts (and their queue) are no longer kept; objects they would have
-            # deleted are garbage now, which the first collection takes.
-            self.db.drop_legacy(txn)
-            if found is not None:
+            if found is not None and found < 5:
+                # Object refcounts (and their queue) are no longer kept; objects they would
+                # have deleted are garbage now, which the first collection takes.
+                self.db.drop_legacy(txn)
                 self._note_garbage(txn)
             txn.put(b"format", str(STORE_FORMAT).encode(), db=self.db.db("meta"))
 

@@ -22,12 +22,18 @@ from typing import Callable, Iterator
 import lmdb
 import xxhash
 
-from .cas import ID_SIZE, TYPE_TREE, ContentStore, object_id
+from .cas import ID_SIZE, TYPE_TREE, ContentStore, compress, decompress, object_id
 from .errors import StoreIOError
 from .model import Change, Entry
 
 FORMAT_VERSION = 2  # 2: directory entries carry tree_links
 INDEX_VERSION = 3  # an index of a paged directory: its pages' ids, in name order
+# First byte of a stored tree payload that is a zstd frame of the payload (listing or index).
+# A tree's id is always that of the plain payload. Listings shrink ~2.4x (linux-source's take
+# 12.3 MB of LMDB plain and 5.1 MB compressed), mostly under LMDB's ~2 KiB threshold, above
+# which a value takes whole 4 KiB overflow pages.
+COMPRESSED = 4
+COMPRESS_ABOVE = 128  # bytes of payload; smaller listings gain nothing
 PAGED_ABOVE = 64  # directories with more entries than this are split into pages
 PAGE_AVERAGE = 32  # an entry closes its page when the hash of its name is 0 modulo this
 PAGE_MAX = 128  # ... or when the page is this full
@@ -170,7 +176,19 @@ def same_entries(a: dict | None, b: dict) -> bool:
 
 
 def _object(payload: bytes) -> tuple[bytes, bytes]:
+    """A tree object's id and stored value: its payload, compressed where that is smaller."""
+    if len(payload) > COMPRESS_ABOVE:
+        frame = compress(payload)
+        if len(frame) + 1 < len(payload):
+            return object_id(TYPE_TREE, payload), TYPE_TREE + bytes([COMPRESSED]) + frame
     return object_id(TYPE_TREE, payload), TYPE_TREE + payload
+
+
+def stored_payload(value: bytes) -> bytes | memoryview:
+    """A tree object's payload (what its id is the hash of) from its stored value."""
+    if value[1:2] == bytes([COMPRESSED]):
+        return decompress(memoryview(value)[2:])
+    return memoryview(value)[1:]
 
 
 def _pages(entries: dict[bytes, Entry]) -> list[dict[bytes, Entry]]:
@@ -261,11 +279,11 @@ class TreeStore:
         return entries, [(pid, STORED) for pid in pages] + [(tree_id, STORED)]
 
     def _payload(self, oid: bytes, txn: lmdb.Transaction | None,
-                 pending: dict[bytes, bytes] | None) -> memoryview:
+                 pending: dict[bytes, bytes] | None) -> bytes | memoryview:
         value = self.content.get(oid, txn, pending)
         if value[:1] != TYPE_TREE:
             raise StoreIOError(f"object {oid.hex()} is not a tree")
-        return memoryview(value)[1:]
+        return stored_payload(value)
 
     def lookup(self, root: Entry, path: bytes, txn: lmdb.Transaction | None = None) -> Entry | None:
         """The entry at a relative ``a/b/c`` path under directory entry ``root``."""

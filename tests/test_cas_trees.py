@@ -13,8 +13,8 @@ from cascowfs import cas
 from cascowfs.errors import StoreIOError
 from cascowfs.model import Entry
 from cascowfs import trees as trees_mod
-from cascowfs.trees import (TreeStore, decode_tree, encode_tree, index_pages, tree_children,
-                            tree_objects)
+from cascowfs.trees import (TreeStore, decode_tree, encode_tree, index_pages, stored_payload,
+                            tree_children, tree_objects)
 
 
 def tree_object(entries: dict[bytes, Entry]) -> tuple[bytes, bytes]:
@@ -106,9 +106,12 @@ def test_pack_missing_leaves_out_chunks_the_store_has(content):
     old_id = _store(content, old)
     before = _values(content)
     prepared = cas.prepare_content(new)
-    objects = content.pack_missing(cas.prepare_content(old).objects + prepared.objects)
+    old_objects = cas.prepare_content(old).objects
+    objects = content.pack_missing(old_objects + prepared.objects)
     (pack,) = [v for _, v in objects if v[:1] == cas.TYPE_PACK]
     assert len(content._payload(pack)) == len(new)  # none of old's chunks
+    # old's chunks still reach put_objects (a running collection must learn they are used)
+    assert {oid for oid, _ in old_objects} <= {oid for oid, _ in objects}
     content.db.write(lambda txn: content.put_objects(txn, objects))
     after = _values(content)
     assert {k: v for k, v in after.items() if k in before} == before  # old's objects untouched
@@ -202,16 +205,36 @@ def test_large_directories_are_paged_and_read_back_whole(content):
     entries = _files([f"file{i:05d}.c".encode() for i in range(3000)])
     top, objects = tree_objects(entries)
     assert top == objects[-1][0]
-    pages = index_pages(memoryview(objects[-1][1])[1:])
+    pages = index_pages(stored_payload(objects[-1][1]))
     assert pages == [oid for oid, _ in objects[:-1]]
-    sizes = [len(decode_tree(memoryview(v)[1:])) for _, v in objects[:-1]]
+    sizes = [len(decode_tree(stored_payload(v))) for _, v in objects[:-1]]
     assert sum(sizes) == 3000 and max(sizes) <= trees_mod.PAGE_MAX and len(sizes) > 3000 // 128
-    assert tree_children(memoryview(objects[-1][1])[1:]) == pages
+    assert tree_children(stored_payload(objects[-1][1])) == pages
     assert TreeStore(content).get(top, pending=dict(objects)) == entries  # not stored yet
     content.db.write(lambda txn: content.put_objects(txn, objects))
     assert TreeStore(content).get(top) == entries
     small = _files([b"a", b"b"])
     assert len(tree_objects(small)[1]) == 1  # small directories stay one listing
+
+
+def test_listings_are_stored_compressed_under_the_id_of_their_plain_encoding(content):
+    entries = {n: Entry(n, stat.S_IFREG | 0o644, 0, 0, 1_700_000_000 * 10**9, 100 + i,
+                        bytes([i]) * 32) for i, n in enumerate(b"f%03d.c" % i for i in range(60))}
+    oid, [(_, value)] = tree_objects(entries)
+    plain = encode_tree(entries)
+    assert oid == cas.object_id(cas.TYPE_TREE, plain)
+    assert value[1] == trees_mod.COMPRESSED and len(value) < len(plain) // 2
+    assert bytes(stored_payload(value)) == plain
+    content.db.write(lambda txn: content.put_objects(txn, [(oid, value)]))
+    assert TreeStore(content).get(oid) == entries
+    assert content.verify(oid, value)
+    assert Counter(cas.children_of(value)) == Counter(e.ref for e in entries.values())
+    _, [(_, tiny)] = tree_objects(_files([b"a"]))
+    assert tiny[1:] == encode_tree(_files([b"a"]))  # too small to gain: stored plain
+    damaged = value[:-8] + b"\0" * 8
+    with pytest.raises(StoreIOError):
+        stored_payload(damaged)
+    assert not content.verify(oid, damaged)
 
 
 def test_one_changed_entry_makes_one_new_page(content):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import lmdb
 import pytest
 
-from cascowfs import cas
+from cascowfs import cas, trees
 from cascowfs.errors import StoreIOError
 from cascowfs.fsck import fsck_store
 from cascowfs.metadb import LEGACY_DB_NAMES, MetaDB
@@ -47,6 +48,35 @@ def test_format_2_store_upgrades_in_place_and_keeps_its_snapshots(store, tmp_pat
         sm.prune("base")
         sm.settle()
         check_live(sm)
+
+
+def test_format_5_store_with_plain_trees_upgrades_and_reads_them(store, tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    (src / "big").mkdir(parents=True)
+    for i in range(200):  # a paged directory: listings well above the compression threshold
+        (src / "big" / f"file{i:03d}.c").write_text(f"{i}\n")
+    with monkeypatch.context() as m:
+        m.setattr(trees, "COMPRESS_ABOVE", 1 << 30)  # trees as format 5 stored them
+        with open_store(store) as sm:
+            sm.import_tree(src, "base")
+            _set_format(sm, b"5")
+            with sm.db.read() as txn:
+                assert not [v for _, v in txn.cursor(db=sm.db.db("objects"))
+                            if v[:1] == cas.TYPE_TREE and v[1] == trees.COMPRESSED]
+    with open_store(store) as sm:
+        assert _format(sm) == str(STORE_FORMAT).encode()
+        tree = sm.create_branch("b", "base").tree
+        assert sorted(os.listdir(tree / "big")) == sorted(os.listdir(src / "big"))
+        (tree / "big" / "file007.c").write_text("changed\n")
+        sm.commit("b", "next")
+        assert [c.line() for c in sm.diff("base", "next")] == ["M big/file007.c"]
+        with sm.db.read() as txn:  # the commit's new listings are compressed, the old plain
+            kinds = {v[1] == trees.COMPRESSED for _, v in txn.cursor(db=sm.db.db("objects"))
+                     if v[:1] == cas.TYPE_TREE}
+        assert kinds == {True, False}
+        sm.discard("b")
+        sm.settle()
+        check_live(sm, deep=True)
 
 
 def test_unknown_format_is_refused_not_touched(store):
