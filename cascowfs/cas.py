@@ -280,12 +280,8 @@ class ContentStore:
             yield bytes(key)
 
     # -- reading ---------------------------------------------------------------------------
-    def get(self, oid: bytes, txn: lmdb.Transaction | None = None,
-            pending: dict[bytes, bytes] | None = None) -> bytes:
-        """An object's stored value; ``pending`` holds objects not written yet (read as if
-        they were)."""
-        if pending is not None and oid in pending:
-            return pending[oid]
+    def get(self, oid: bytes, txn: lmdb.Transaction | None = None) -> bytes:
+        """An object's stored value."""
         if txn is None:
             with self.db.read() as rtxn:
                 value = rtxn.get(oid, db=self.objects)

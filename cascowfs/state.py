@@ -725,6 +725,15 @@ class StateManager:
         with self._disk_errors(what):
             os.rename(staged, self.layers_dir / layer)
 
+    def _write_layer(self, staged: Path, top: str, below: str | None, *, full: bool) -> None:
+        """Write a layer from the CAS into ``staged``: the whole tree of superroot ``top``
+        (a full layer), or its difference from the tree of ``below`` (a delta)."""
+        if full:
+            layerfs.materialize(self.trees, self.content, self._root_of(top), staged)
+        else:
+            layerfs.materialize_delta(self.trees, self.content, self._root_of(below),
+                                      self._root_of(top), staged)
+
     def _abandon(self, op: str, layer: str | None = None) -> None:
         """Roll back an op that failed before APPLY: its staging (and its layer, if already
         placed) goes, orphans are swept."""
@@ -1031,9 +1040,7 @@ class StateManager:
                 for leftover in (staged, self.layers_dir / lid):  # of an attempt that failed
                     self._to_trash(leftover)
                 try:
-                    layerfs.materialize_delta(self.trees, self.content,
-                                              self._root_of(rec["below"]),
-                                              self._root_of(rec["top"]), staged)
+                    self._write_layer(staged, rec["top"], rec["below"], full=False)
                 except OSError:
                     self._to_trash(staged)  # a full disk: the next attempt starts afresh
                     raise
@@ -1199,7 +1206,6 @@ class StateManager:
                         self._replace_chain(id, chain, layers)
                     return
                 below = self._layer_record(txn, layers[count])["top"] if count < len(layers) else None
-            root = self._root_of(rec["root"])
             layer = secrets.token_hex(5)
             # Not flushed, as a commit's: before APPLY a rewrite leaves only staging and an
             # unrecorded layer, which recovery sweeps whether or not it finds the record.
@@ -1208,11 +1214,7 @@ class StateManager:
             staged = self.staging_dir / op
             try:
                 with self._disk_errors(f"rewriting the layers of snapshot {id}"):
-                    if merge:
-                        layerfs.materialize_delta(self.trees, self.content, self._root_of(below),
-                                                  root, staged)
-                    else:
-                        layerfs.materialize(self.trees, self.content, root, staged)
+                    self._write_layer(staged, rec["root"], below, full=not merge)
                 crash_point("flatten.staged")
 
                 def apply(txn: lmdb.Transaction) -> list[str]:
@@ -1293,11 +1295,7 @@ class StateManager:
                     continue  # a delta in no chain: nothing mounts it, nothing says what is below
                 staged = self.staging_dir / f"rebuild-{lid}"
                 with self._disk_errors(f"rebuilding layer {lid}"):
-                    if rec["span"] == 0:
-                        layerfs.materialize(self.trees, self.content, self._root_of(rec["top"]), staged)
-                    else:
-                        layerfs.materialize_delta(self.trees, self.content, self._root_of(below[lid]),
-                                                  self._root_of(rec["top"]), staged)
+                    self._write_layer(staged, rec["top"], below.get(lid), full=rec["span"] == 0)
                     if (self.layers_dir / lid).exists():
                         self._to_trash(self.layers_dir / lid)
                     os.rename(staged, self.layers_dir / lid)

@@ -241,10 +241,8 @@ class TreeStore:
         self._lock = threading.Lock()
 
     def get(self, tree_id: bytes, txn: lmdb.Transaction | None = None,
-            extra: dict[bytes, dict[bytes, Entry]] | None = None,
-            pending: dict[bytes, bytes] | None = None) -> dict[bytes, Entry]:
-        """A tree by id; ``extra`` holds decoded trees built in memory but not stored (status),
-        ``pending`` object values not written yet."""
+            extra: dict[bytes, dict[bytes, Entry]] | None = None) -> dict[bytes, Entry]:
+        """A tree by id; ``extra`` holds decoded trees built in memory but not stored (status)."""
         if extra is not None and tree_id in extra:
             return extra[tree_id]
         with self._lock:
@@ -252,8 +250,8 @@ class TreeStore:
             if hit is not None:
                 self._cache.move_to_end(tree_id)
                 return hit
-        entries = decode_listing(self._payload(tree_id, txn, pending),
-                                 lambda pid: self._payload(pid, txn, pending))
+        entries = decode_listing(self._payload(tree_id, txn),
+                                 lambda pid: self._payload(pid, txn))
         self.remember(tree_id, entries)
         return entries
 
@@ -273,14 +271,13 @@ class TreeStore:
         where it was cut when stored, page for page."""
         if len(entries) <= PAGED_ABOVE:
             return None
-        pages = index_pages(self._payload(tree_id, None, None))
+        pages = index_pages(self._payload(tree_id, None))
         if pages is None:
             return None
         return entries, [(pid, STORED) for pid in pages] + [(tree_id, STORED)]
 
-    def _payload(self, oid: bytes, txn: lmdb.Transaction | None,
-                 pending: dict[bytes, bytes] | None) -> bytes | memoryview:
-        value = self.content.get(oid, txn, pending)
+    def _payload(self, oid: bytes, txn: lmdb.Transaction | None) -> bytes | memoryview:
+        value = self.content.get(oid, txn)
         if value[:1] != TYPE_TREE:
             raise StoreIOError(f"object {oid.hex()} is not a tree")
         return stored_payload(value)

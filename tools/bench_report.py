@@ -429,7 +429,7 @@ def must_lines(data: dict[str, dict]) -> list[str]:
         note = "" if corpus == "linux" else " (*1 GB tree not run*)"
         disk = cold_read_mb_s(data[corpus])
         copy = (data[corpus]["systems"].get("cp") or {}).get("import_mb_s")
-        than_disk = (f"; the disk reads the same tree cold at {disk:.0f} MB/s" if disk else "") + \
+        than_disk = (f"; one `cat` process reads the same tree cold at {disk:.0f} MB/s" if disk else "") + \
                     (f"; `cp -a` copies it at {copy:.0f} MB/s" if copy else "")
         rows.append(f"| import of a 1 GB / 80k-file tree | ≥ 100 MB/s | "
                     f"{s['import_mb_s']:.0f} MB/s ({corpus}{note}, cold cache, `import` via ctl"
@@ -446,15 +446,14 @@ def must_lines(data: dict[str, dict]) -> list[str]:
                 n = c.get("snapshots", g.get("snapshots"))
                 grown.append((corpus, key, n, c))
     if grown:
+        # The line speaks of an 80k-file tree: L. A small tree's ratio is mostly the per-snapshot
+        # cost over a tiny copy; it is shown, not judged (as with import).
         cells = "; ".join(f"{c['ratio_to_one_copy']:.2f}× ({'chain' if k == 'cascowfs' else 'wide'}"
-                          f", {n} snapshots, {corpus})" for corpus, k, n, c in grown)
-        full = [c for corpus, k, n, c in grown if n >= 1000]
-        if any(c["ratio_to_one_copy"] > 1.3 for c in full):
-            v = verdict(False)
-        elif any(corpus == "linux" and n >= 1000 for corpus, k, n, c in grown):
-            v = verdict(True)
-        else:
-            v = verdict(None)
+                          f", {n} snapshots, {corpus}"
+                          f"{'' if corpus in ('linux', 'synthetic') else ', not an 80k-file tree: not judged'})"
+                          for corpus, k, n, c in grown)
+        full = [c for corpus, k, n, c in grown if n >= 1000 and corpus == "linux"]
+        v = verdict(all(c["ratio_to_one_copy"] <= 1.3 for c in full)) if full else verdict(None)
         rows.append(f"| store size, 1,000 snapshots of an 80k-file tree, small edits | ≤ 1.3× "
                     f"one copy | {cells} | {v} |")
     else:
