@@ -28,7 +28,8 @@ from .model import Change, Entry
 
 FORMAT_VERSION = 2  # 2: directory entries carry tree_links
 INDEX_VERSION = 3  # an index of a paged directory: its pages' ids, in name order
-# First byte of a stored tree payload that is a zstd frame of the payload (listing or index).
+# First byte of a stored tree payload that is a zstd frame of the payload (listing or index);
+# no FORMAT_VERSION or INDEX_VERSION may take this value.
 # A tree's id is always that of the plain payload. Listings shrink ~2.4x (linux-source's take
 # 12.3 MB of LMDB plain and 5.1 MB compressed), mostly under LMDB's ~2 KiB threshold, above
 # which a value takes whole 4 KiB overflow pages.

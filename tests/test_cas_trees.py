@@ -83,8 +83,8 @@ def _values(content: cas.ContentStore) -> dict[bytes, bytes]:
 
 
 def test_large_chunks_are_packed_too(content):
-    """Chunks above 16 KiB compressed one by one each rounded up to whole LMDB overflow pages
-    (~2 KiB lost per chunk); every chunk now lives in a pack."""
+    """Chunks above 16 KiB were compressed one by one, each rounded up to whole LMDB overflow
+    pages (~2 KiB lost per chunk); every chunk now lives in a pack."""
     data = _source_like(5 * cas.CHUNK_AVG, 1)
     prepared = cas.prepare_content(data)
     objects = content.pack_missing(prepared.objects)
