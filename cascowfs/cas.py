@@ -219,7 +219,7 @@ class ContentStore:
             head = value[:2]
             if head == TYPE_CHUNK + _UNPACKED:
                 if txn.get(oid, db=self.objects) is None:
-                    unpacked.append((oid, value[2:]))
+                    unpacked.append((oid, value))
             elif value[:1] == TYPE_PACK:
                 packs[oid] = value
             elif txn.put(oid, value, db=self.objects, overwrite=False):
@@ -229,21 +229,9 @@ class ContentStore:
         for pack_id in needed & packs.keys():
             if txn.put(pack_id, packs[pack_id], db=self.objects, overwrite=False):
                 written += len(packs[pack_id])
-        batch: list[tuple[bytes, bytes]] = []
-        size = 0
-        for item in unpacked:
-            batch.append(item)
-            size += len(item[1])
-            if size >= PACK_TARGET:
-                written += self._put_pack(txn, batch)
-                batch, size = [], 0
-        if batch:
-            written += self._put_pack(txn, batch)
-        return written
-
-    def _put_pack(self, txn: lmdb.Transaction, chunks: list[tuple[bytes, bytes]]) -> int:
-        written = 0
-        for oid, value in build_pack(chunks):
+        # raw chunks still missing here (a caller that did not pack them, or a sweep that took
+        # them after pack_missing found them present)
+        for oid, value in pack_unpacked(unpacked):
             if txn.put(oid, value, db=self.objects, overwrite=False):
                 written += len(value)
         return written

@@ -1296,8 +1296,7 @@ class StateManager:
                 staged = self.staging_dir / f"rebuild-{lid}"
                 with self._disk_errors(f"rebuilding layer {lid}"):
                     self._write_layer(staged, rec["top"], below.get(lid), full=rec["span"] == 0)
-                    if (self.layers_dir / lid).exists():
-                        self._to_trash(self.layers_dir / lid)
+                    self._to_trash(self.layers_dir / lid)  # a missing one is ignored
                     os.rename(staged, self.layers_dir / lid)
                 bar(1)
             with self._disk_errors("rebuilding layers"):

@@ -34,6 +34,7 @@ INDEX_VERSION = 3  # an index of a paged directory: its pages' ids, in name orde
 # 12.3 MB of LMDB plain and 5.1 MB compressed), mostly under LMDB's ~2 KiB threshold, above
 # which a value takes whole 4 KiB overflow pages.
 COMPRESSED = 4
+_COMPRESSED_MARK = bytes([COMPRESSED])
 COMPRESS_ABOVE = 128  # bytes of payload; smaller listings gain nothing
 PAGED_ABOVE = 64  # directories with more entries than this are split into pages
 PAGE_AVERAGE = 32  # an entry closes its page when the hash of its name is 0 modulo this
@@ -181,13 +182,13 @@ def _object(payload: bytes) -> tuple[bytes, bytes]:
     if len(payload) > COMPRESS_ABOVE:
         frame = compress(payload)
         if len(frame) + 1 < len(payload):
-            return object_id(TYPE_TREE, payload), TYPE_TREE + bytes([COMPRESSED]) + frame
+            return object_id(TYPE_TREE, payload), TYPE_TREE + _COMPRESSED_MARK + frame
     return object_id(TYPE_TREE, payload), TYPE_TREE + payload
 
 
 def stored_payload(value: bytes) -> bytes | memoryview:
     """A tree object's payload (what its id is the hash of) from its stored value."""
-    if value[1:2] == bytes([COMPRESSED]):
+    if value[1:2] == _COMPRESSED_MARK:
         return decompress(memoryview(value)[2:])
     return memoryview(value)[1:]
 
