@@ -28,6 +28,7 @@ import blake3
 from . import forks, fsmeta
 from .cas import PreparedContent, pack_unpacked, prepare_content
 from .model import Entry
+from .readahead import Readahead
 from .trees import STORED, TreeStore, same_entries, tree_objects
 
 Prepare = Callable[[bytes], PreparedContent]
@@ -238,9 +239,14 @@ def _process_files(files: list[tuple], prepare: Prepare) -> Iterator[tuple[tuple
     items = [(path, mirror, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
              for _, _, path, st, mirror in files]
     sizes = [st.st_size for _, _, _, st, _ in files]
+    paths = [item[0] for item in items]
+    jobs = zip(files, sizes)
     if sum(sizes) < PROCESS_POOL_MIN_BYTES or (os.cpu_count() or 1) < 2:
-        with ThreadPoolExecutor(IMPORT_THREADS, thread_name_prefix="cascowfs-scan") as pool:
-            yield from zip(files, pool.map(lambda item: _process_one(*item, prepare), items))
+        with ThreadPoolExecutor(IMPORT_THREADS, thread_name_prefix="cascowfs-scan") as pool, \
+                Readahead(paths, sizes) as readahead:
+            for (job, size), result in zip(jobs, pool.map(lambda item: _process_one(*item, prepare), items)):
+                readahead.consumed(size)
+                yield job, result
         return
     # fork, not spawn: spawn (and forkserver) re-run the caller's __main__ in every worker.
     # The children only read, hash, compress and write files: they touch no LMDB environment
@@ -249,10 +255,15 @@ def _process_files(files: list[tuple], prepare: Prepare) -> Iterator[tuple[tuple
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(IMPORT_PROCESSES, mp_context=context,
                              initializer=forks.die_with_parent, initargs=(os.getpid(),)) as pool:
-        jobs = iter(files)
-        for results in pool.map(_process_batch, _batches(items, sizes), itertools.repeat(prepare)):
-            for result in results:
-                yield next(jobs), result
+        # map submits every batch at once, so the workers are forked before the readahead
+        # thread exists.
+        batches = pool.map(_process_batch, _batches(items, sizes), itertools.repeat(prepare))
+        with Readahead(paths, sizes) as readahead:
+            for results in batches:
+                for result in results:
+                    job, size = next(jobs)
+                    readahead.consumed(size)
+                    yield job, result
 
 
 def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None,

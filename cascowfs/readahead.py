@@ -1,0 +1,80 @@
+"""Asking the kernel to read files before the import's workers do.
+
+A worker that reads a cold file waits for the disk, and while it waits its core does nothing:
+small files are one request each, and the workers can keep only a few in flight. A thread that
+walks ahead of them and calls ``posix_fadvise(WILLNEED)`` on each file keeps the disk's queue
+deep, so the workers find their files in the page cache. The window bounds how far ahead it
+gets, so a big import does not fill memory with pages nobody reads yet.
+
+Measured on L (1.3 GB, 80k files, cold, 2 cores): the import's walk and copy went from
+60-74 MB/s to 98-102 MB/s, and the workers' CPU time fell from 18-20 s to 13.5 s, since a read
+from the page cache costs less than one that waits for the disk (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Callable, Sequence
+
+READAHEAD_BYTES = 64 << 20
+
+
+def advise_willneed(path: bytes) -> None:
+    """Start reading ``path`` into the page cache without waiting for it. Failures are left
+    for the reader to meet and report: this is only a hint."""
+    try:
+        # O_NONBLOCK: if the file became a FIFO since the walk saw it, open must not wait.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Readahead:
+    """A thread that advises ``paths`` in order, at most ``window`` bytes ahead of what the
+    consumer has reported done with ``consumed``. Use it as a context manager; leaving it
+    stops the thread."""
+
+    def __init__(self, paths: Sequence[bytes], sizes: Sequence[int], *,
+                 window: int = READAHEAD_BYTES,
+                 advise: Callable[[bytes], None] = advise_willneed) -> None:
+        self._paths = paths
+        self._sizes = sizes
+        self._window = window
+        self._advise = advise
+        self._consumed = 0
+        self._stopped = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="cascowfs-readahead", daemon=True)
+
+    def __enter__(self) -> "Readahead":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._changed:
+            self._stopped = True
+            self._changed.notify()
+        self._thread.join()
+
+    def consumed(self, size: int) -> None:
+        with self._changed:
+            self._consumed += size
+            self._changed.notify()
+
+    def _run(self) -> None:
+        issued = 0
+        for path, size in zip(self._paths, self._sizes):
+            with self._changed:
+                while not self._stopped and issued - self._consumed >= self._window:
+                    self._changed.wait()
+                if self._stopped:
+                    return
+            self._advise(path)
+            issued += size

@@ -1,0 +1,82 @@
+"""The import's readahead: how far ahead it runs, that it stops, and that the kernel reads."""
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+
+from cascowfs.readahead import Readahead, advise_willneed
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.advised: list[bytes] = []
+        self.changed = threading.Condition()
+
+    def __call__(self, path: bytes) -> None:
+        with self.changed:
+            self.advised.append(path)
+            self.changed.notify_all()
+
+    def wait_for(self, count: int) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.advised) >= count, timeout=5), self.advised
+
+
+def test_stays_within_its_window_of_what_was_consumed():
+    paths = [b"f%d" % i for i in range(10)]
+    recorder = Recorder()
+    with Readahead(paths, [10] * 10, window=25, advise=recorder) as readahead:
+        recorder.wait_for(3)  # 0, 10 and 20 bytes ahead are inside the window; 30 is not
+        time.sleep(0.2)
+        assert recorder.advised == paths[:3]
+        readahead.consumed(10)
+        recorder.wait_for(4)
+        time.sleep(0.2)
+        assert recorder.advised == paths[:4]
+    assert recorder.advised == paths[:4]  # leaving stopped it, although files were left
+
+
+def test_advises_every_path_in_order_when_the_consumer_keeps_up():
+    paths = [b"f%d" % i for i in range(50)]
+    recorder = Recorder()
+    with Readahead(paths, [1 << 20] * 50, window=4 << 20, advise=recorder) as readahead:
+        for done in range(50):
+            recorder.wait_for(done + 1)
+            readahead.consumed(1 << 20)
+        recorder.wait_for(50)
+    assert recorder.advised == paths
+
+
+def _resident_bytes(path: str) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.strip())
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="fincore (util-linux) is missing")
+def test_advice_makes_the_kernel_read_the_file(tmp_path):
+    path = tmp_path / "data"
+    size = 4 << 20
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if _resident_bytes(str(path)) > size // 2:
+        pytest.skip("this filesystem keeps the file cached after DONTNEED")
+    advise_willneed(os.fsencode(path))
+    deadline = time.monotonic() + 5
+    while _resident_bytes(str(path)) < size and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _resident_bytes(str(path)) == size
+
+
+def test_advice_neither_blocks_on_a_fifo_nor_fails_on_a_missing_path(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    advise_willneed(os.fsencode(fifo))  # a blocking open would hang here: no writer ever comes
+    advise_willneed(os.fsencode(tmp_path / "gone"))
