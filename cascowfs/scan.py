@@ -271,7 +271,8 @@ def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None
     """Read a plain directory tree into a DirNode (and into ``mirror_to``, a layer, if given).
 
     The walk runs on the calling thread; file contents are read, cut, hashed, compressed and
-    mirrored by a small thread pool; objects reach ``sink`` on the calling thread, in order.
+    mirrored by worker processes (threads for small imports) while a readahead thread asks the
+    kernel for the files ahead of them; objects reach ``sink`` on the calling thread, in order.
     """
     progress = progress or Progress()
     links = HardLinks()
