@@ -244,7 +244,8 @@ def _process_files(files: list[tuple], prepare: Prepare) -> Iterator[tuple[tuple
     if sum(sizes) < PROCESS_POOL_MIN_BYTES or (os.cpu_count() or 1) < 2:
         with ThreadPoolExecutor(IMPORT_THREADS, thread_name_prefix="cascowfs-scan") as pool, \
                 Readahead(paths, sizes) as readahead:
-            for (job, size), result in zip(jobs, pool.map(lambda item: _process_one(*item, prepare), items)):
+            results = pool.map(lambda item: _process_one(*item, prepare), items)
+            for (job, size), result in zip(jobs, results):
                 readahead.consumed(size)
                 yield job, result
         return
