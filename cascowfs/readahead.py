@@ -6,9 +6,9 @@ walks ahead of them and calls ``posix_fadvise(WILLNEED)`` on each file keeps the
 deep, so the workers find their files in the page cache. The window bounds how far ahead it
 gets, so a big import does not fill memory with pages nobody reads yet.
 
-Measured on L (1.3 GB, 80k files, cold, 2 cores): the import's walk and copy went from
-60-74 MB/s to 98-102 MB/s, and the workers' CPU time fell from 18-20 s to 13.5 s, since a read
-from the page cache costs less than one that waits for the disk (docs/benchmarks.md).
+Measured on L (1.3 GB, 80k files, cold, 2 cores): whole imports went from 78-83 MB/s to
+107-111 MB/s, and the workers' CPU time fell from 17-18 s to 12.5 s, since a read from the
+page cache costs less than one that waits for the disk (tools/bench_notes.md, *Import*).
 """
 
 from __future__ import annotations

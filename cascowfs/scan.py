@@ -239,15 +239,10 @@ def _process_files(files: list[tuple], prepare: Prepare) -> Iterator[tuple[tuple
     items = [(path, mirror, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
              for _, _, path, st, mirror in files]
     sizes = [st.st_size for _, _, _, st, _ in files]
-    paths = [item[0] for item in items]
-    jobs = zip(files, sizes)
     if sum(sizes) < PROCESS_POOL_MIN_BYTES or (os.cpu_count() or 1) < 2:
-        with ThreadPoolExecutor(IMPORT_THREADS, thread_name_prefix="cascowfs-scan") as pool, \
-                Readahead(paths, sizes) as readahead:
+        with ThreadPoolExecutor(IMPORT_THREADS, thread_name_prefix="cascowfs-scan") as pool:
             results = pool.map(lambda item: _process_one(*item, prepare), items)
-            for (job, size), result in zip(jobs, results):
-                readahead.consumed(size)
-                yield job, result
+            yield from _behind_readahead(files, sizes, results)
         return
     # fork, not spawn: spawn (and forkserver) re-run the caller's __main__ in every worker.
     # The children only read, hash, compress and write files: they touch no LMDB environment
@@ -259,12 +254,17 @@ def _process_files(files: list[tuple], prepare: Prepare) -> Iterator[tuple[tuple
         # map submits every batch at once, so the workers are forked before the readahead
         # thread exists.
         batches = pool.map(_process_batch, _batches(items, sizes), itertools.repeat(prepare))
-        with Readahead(paths, sizes) as readahead:
-            for results in batches:
-                for result in results:
-                    job, size = next(jobs)
-                    readahead.consumed(size)
-                    yield job, result
+        yield from _behind_readahead(files, sizes, itertools.chain.from_iterable(batches))
+
+
+def _behind_readahead(files: list[tuple], sizes: list[int],
+                      results: Iterator[_FileResult]) -> Iterator[tuple[tuple, _FileResult]]:
+    """Pair ``results`` (in job order) with their jobs while a readahead thread asks the
+    kernel for the files that come next."""
+    with Readahead([path for _, _, path, _, _ in files], sizes) as readahead:
+        for job, size, result in zip(files, sizes, results):
+            readahead.consumed(size)
+            yield job, result
 
 
 def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None,
