@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Callable, Sequence
+from collections import deque
+from typing import Callable, Iterable
 
 READAHEAD_BYTES = 64 << 20
 
@@ -37,17 +38,16 @@ def advise_willneed(path: bytes) -> None:
 
 
 class Readahead:
-    """A thread that advises ``paths`` in order, at most ``window`` bytes ahead of what the
-    consumer has reported done with ``consumed``. Use it as a context manager; leaving it
-    stops the thread."""
+    """A thread that advises the paths given to ``add``, in order, at most ``window`` bytes
+    ahead of what the consumer has reported done with ``consumed``. Paths may keep coming
+    while it runs (the import hands files to its workers while its walk still finds them).
+    Use it as a context manager; leaving it stops the thread, whatever is left."""
 
-    def __init__(self, paths: Sequence[bytes], sizes: Sequence[int], *,
-                 window: int = READAHEAD_BYTES,
+    def __init__(self, *, window: int = READAHEAD_BYTES,
                  advise: Callable[[bytes], None] = advise_willneed) -> None:
-        self._paths = paths
-        self._sizes = sizes
         self._window = window
         self._advise = advise
+        self._queued: deque[tuple[bytes, int]] = deque()
         self._consumed = 0
         self._stopped = False
         self._changed = threading.Condition()
@@ -63,6 +63,11 @@ class Readahead:
             self._changed.notify()
         self._thread.join()
 
+    def add(self, paths: Iterable[bytes], sizes: Iterable[int]) -> None:
+        with self._changed:
+            self._queued.extend(zip(paths, sizes))
+            self._changed.notify()
+
     def consumed(self, size: int) -> None:
         with self._changed:
             self._consumed += size
@@ -70,11 +75,13 @@ class Readahead:
 
     def _run(self) -> None:
         issued = 0
-        for path, size in zip(self._paths, self._sizes):
+        while True:
             with self._changed:
-                while not self._stopped and issued - self._consumed >= self._window:
+                while not self._stopped and (not self._queued
+                                             or issued - self._consumed >= self._window):
                     self._changed.wait()
                 if self._stopped:
                     return
+                path, size = self._queued.popleft()
             self._advise(path)
             issued += size

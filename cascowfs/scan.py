@@ -17,21 +17,16 @@ import os
 import stat
 import time
 from dataclasses import replace
-import itertools
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import blake3
 
-from . import forks, fsmeta
-from .cas import PreparedContent, pack_unpacked, prepare_content
+from . import fsmeta
+from .cas import prepare_content
+from .import_workers import FileJob, FileResult, ImportWorkers, Prepare
 from .model import Entry
-from .readahead import Readahead
 from .trees import STORED, TreeStore, same_entries, tree_objects
-
-Prepare = Callable[[bytes], PreparedContent]
 
 
 class ObjectSink:
@@ -188,92 +183,13 @@ class Progress:
         self.update = update or (lambda n: None)
 
 
-IMPORT_THREADS = 3  # small imports: reading, hashing, compressing and writing release the GIL
-# Big imports are GIL-bound in threads (measured: CPU time == wall time on 2 cores), so they go
-# to one worker process per core, in batches that amortize the pickling.
-PROCESS_POOL_MIN_BYTES = 64 << 20
-IMPORT_PROCESSES = (os.cpu_count() or 1) + 1  # one more than cores: cold reads wait on the disk
-PROCESS_BATCH_BYTES = 8 << 20
-PROCESS_BATCH_FILES = 256
-
-_FileResult = tuple[bytes, int, tuple, list[tuple[bytes, bytes]]]
-
-
-def _process_one(path: bytes, mirror: bytes | None, mode: int, uid: int, gid: int,
-                 mtime_ns: int, prepare: Prepare) -> _FileResult:
-    data = fsmeta.read_file_data(path)
-    prepared = prepare(data)
-    xattrs = fsmeta.read_xattrs(path)
-    if mirror is not None:
-        fsmeta.write_file_data(mirror, data)
-        fsmeta.apply_metadata(mirror, mode, uid, gid, mtime_ns, xattrs)
-    return prepared.content_id, len(data), xattrs, prepared.objects
-
-
-def _process_batch(batch: list[tuple], prepare: Prepare) -> list[_FileResult]:
-    """A worker process's share: its small chunks leave it already packed and compressed
-    (the packs ride along with the batch's first file)."""
-    results = [_process_one(*item, prepare) for item in batch]
-    objects = pack_unpacked([o for *_, objs in results for o in objs])
-    if not results:
-        return results
-    first = results[0]
-    return [first[:3] + (objects,)] + [r[:3] + ([],) for r in results[1:]]
-
-
-def _batches(items: list[tuple], sizes: list[int]) -> Iterator[list[tuple]]:
-    batch: list[tuple] = []
-    total = 0
-    for item, size in zip(items, sizes):
-        batch.append(item)
-        total += size
-        if total >= PROCESS_BATCH_BYTES or len(batch) >= PROCESS_BATCH_FILES:
-            yield batch
-            batch, total = [], 0
-    if batch:
-        yield batch
-
-
-def _process_files(files: list[tuple], prepare: Prepare) -> Iterator[tuple[tuple, _FileResult]]:
-    """(job, result) for every file job, results in job order."""
-    items = [(path, mirror, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
-             for _, _, path, st, mirror in files]
-    sizes = [st.st_size for _, _, _, st, _ in files]
-    if sum(sizes) < PROCESS_POOL_MIN_BYTES or (os.cpu_count() or 1) < 2:
-        with ThreadPoolExecutor(IMPORT_THREADS, thread_name_prefix="cascowfs-scan") as pool:
-            results = pool.map(lambda item: _process_one(*item, prepare), items)
-            yield from _behind_readahead(files, sizes, results)
-        return
-    # fork, not spawn: spawn (and forkserver) re-run the caller's __main__ in every worker.
-    # The children only read, hash, compress and write files: they touch no LMDB environment
-    # inherited from the parent, hold no store lock or FUSE channel (forks.py closes those)
-    # and exit with the pool, or with the parent if it is killed.
-    context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(IMPORT_PROCESSES, mp_context=context,
-                             initializer=forks.die_with_parent, initargs=(os.getpid(),)) as pool:
-        # map submits every batch at once, so the workers are forked before the readahead
-        # thread exists.
-        batches = pool.map(_process_batch, _batches(items, sizes), itertools.repeat(prepare))
-        yield from _behind_readahead(files, sizes, itertools.chain.from_iterable(batches))
-
-
-def _behind_readahead(files: list[tuple], sizes: list[int],
-                      results: Iterator[_FileResult]) -> Iterator[tuple[tuple, _FileResult]]:
-    """Pair ``results`` (in job order) with their jobs while a readahead thread asks the
-    kernel for the files that come next."""
-    with Readahead([path for _, _, path, _, _ in files], sizes) as readahead:
-        for job, size, result in zip(files, sizes, results):
-            readahead.consumed(size)
-            yield job, result
-
-
 def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None,
                    prepare: Prepare = prepare_content, progress: Progress | None = None) -> DirNode:
     """Read a plain directory tree into a DirNode (and into ``mirror_to``, a layer, if given).
 
-    The walk runs on the calling thread; file contents are read, cut, hashed, compressed and
-    mirrored by worker processes (threads for small imports) while a readahead thread asks the
-    kernel for the files ahead of them; objects reach ``sink`` on the calling thread, in order.
+    The walk runs on the calling thread and hands each file to ``ImportWorkers``, which read,
+    cut, hash, compress and mirror it in worker processes (threads for small imports), the
+    big ones while the walk goes on; objects reach ``sink`` on the calling thread, in order.
     """
     progress = progress or Progress()
     links = HardLinks()
@@ -284,7 +200,6 @@ def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None
     mirror_root = os.fsencode(mirror_to) if mirror_to is not None else None
     if mirror_root is not None:
         os.makedirs(mirror_root, exist_ok=True)
-    files: list[tuple[DirNode, bytes, bytes, os.stat_result, bytes | None]] = []
     followers: list[tuple[DirNode, bytes, bytes | None, tuple[int, int]]] = []
     dirs: list[tuple[bytes, Entry]] = []
     first_of_inode: dict[tuple[int, int], tuple[DirNode, bytes, bytes | None]] = {}
@@ -313,23 +228,27 @@ def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None
                         followers.append((node, cname, cmirror, inode))
                         continue
                     first_of_inode[inode] = (node, cname, cmirror)
-                files.append((node, cname, cpath, cst, cmirror))
+                workers.add(FileJob(node, cname, cpath, cst, cmirror))
             else:
                 entry = _other_entry(cname, cpath, cst)
                 if cmirror is not None:
                     _mirror_other(entry, cmirror)
                     fsmeta.apply_metadata(cmirror, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs)
                 node.children[cname] = entry
+        for job, result in workers.ready():
+            take(job, result)
         return node
 
-    root = walk(root_path, b"", st, b"", mirror_root)
-    files.sort(key=lambda job: job[3].st_ino)  # disk order: cold reads are seeks otherwise
-
-    for job, (content_id, size, xattrs, objects) in _process_files(files, prepare):
-        node, name, _, fst, _ = job
-        node.children[name] = _meta_entry(name, fst, xattrs, size, content_id)
+    def take(job: FileJob, result: FileResult) -> None:
+        content_id, size, xattrs, objects = result
+        job.node.children[job.name] = _meta_entry(job.name, job.st, xattrs, size, content_id)
         sink.add(objects)
         progress.update(size)
+
+    with ImportWorkers(prepare) as workers:
+        root = walk(root_path, b"", st, b"", mirror_root)
+        for job, result in workers.rest():
+            take(job, result)
     for node, name, mirror, inode in followers:
         first_node, first_name, first_mirror = first_of_inode[inode]
         node.children[name] = replace(first_node.children[first_name], name=name)

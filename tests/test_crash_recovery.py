@@ -173,9 +173,9 @@ def test_lost_layer_directories_are_rebuilt_in_place(tmp_path):
 
 IMPORT_WITH_WORKERS = r"""
 import sys
-from cascowfs import scan
+from cascowfs import import_workers
 from cascowfs.state import StateManager
-scan.PROCESS_POOL_MIN_BYTES = 0  # take the process path whatever the size
+import_workers.PROCESS_POOL_MIN_BYTES = 0  # take the process path whatever the size
 sm = StateManager.open(sys.argv[1])
 print("open", flush=True)
 sm.import_tree(sys.argv[2], "big")

@@ -87,9 +87,9 @@ def test_close_with_unmount_branches_unmounts_every_branch(store):
 
 def test_a_big_import_leaves_no_worker_process(tmp_path, monkeypatch):
     """Big imports fan out to worker processes; none may outlive the import."""
-    from cascowfs import scan
+    from cascowfs import import_workers
 
-    monkeypatch.setattr(scan, "PROCESS_POOL_MIN_BYTES", 0)  # take the process path at once
+    monkeypatch.setattr(import_workers, "PROCESS_POOL_MIN_BYTES", 0)  # take the process path at once
     src = _source(tmp_path, files=300)
     with open_store(tmp_path / "store") as sm:
         before = {p for p, _, _ in descendant_processes(os.getpid())}

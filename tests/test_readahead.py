@@ -29,7 +29,8 @@ class Recorder:
 def test_stays_within_its_window_of_what_was_consumed():
     paths = [b"f%d" % i for i in range(10)]
     recorder = Recorder()
-    with Readahead(paths, [10] * 10, window=25, advise=recorder) as readahead:
+    with Readahead(window=25, advise=recorder) as readahead:
+        readahead.add(paths, [10] * 10)
         recorder.wait_for(3)  # 0, 10 and 20 bytes ahead are inside the window; 30 is not
         time.sleep(0.2)
         assert recorder.advised == paths[:3]
@@ -43,12 +44,37 @@ def test_stays_within_its_window_of_what_was_consumed():
 def test_advises_every_path_in_order_when_the_consumer_keeps_up():
     paths = [b"f%d" % i for i in range(50)]
     recorder = Recorder()
-    with Readahead(paths, [1 << 20] * 50, window=4 << 20, advise=recorder) as readahead:
+    with Readahead(window=4 << 20, advise=recorder) as readahead:
+        readahead.add(paths, [1 << 20] * 50)
         for done in range(50):
             recorder.wait_for(done + 1)
             readahead.consumed(1 << 20)
         recorder.wait_for(50)
     assert recorder.advised == paths
+
+
+def test_waits_for_paths_that_come_later_and_keeps_their_order():
+    recorder = Recorder()
+    with Readahead(window=1 << 20, advise=recorder) as readahead:
+        time.sleep(0.1)  # nothing to do yet: it waits, it does not stop
+        readahead.add([b"a", b"b"], [10, 10])
+        recorder.wait_for(2)
+        readahead.add([b"c"], [10])
+        recorder.wait_for(3)
+    assert recorder.advised == [b"a", b"b", b"c"]
+
+
+def test_a_later_path_still_waits_for_the_window():
+    recorder = Recorder()
+    with Readahead(window=25, advise=recorder) as readahead:
+        readahead.add([b"a", b"b", b"c"], [10, 10, 10])
+        recorder.wait_for(3)
+        readahead.add([b"d"], [10])
+        time.sleep(0.2)
+        assert recorder.advised == [b"a", b"b", b"c"]  # 30 bytes ahead: outside the window
+        readahead.consumed(10)
+        recorder.wait_for(4)
+    assert recorder.advised == [b"a", b"b", b"c", b"d"]
 
 
 def _resident_bytes(path: str) -> int:

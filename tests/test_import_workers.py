@@ -1,0 +1,105 @@
+"""The import's file workers: they start while the walk still finds files, give results back in
+order, stay on threads for small imports, and leave nothing behind when a file fails."""
+
+import os
+import time
+
+import pytest
+
+from cascowfs import import_workers
+from cascowfs.cas import prepare_content
+from cascowfs.import_workers import FileJob, ImportWorkers
+from cascowfs.scan import ObjectSink, finalize, scan_directory
+
+from conftest import descendant_processes
+
+
+def _files(root, count: int, size: int = 3000) -> list[FileJob]:
+    root.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for i in range(count):
+        path = root / f"f{i:04d}"
+        path.write_bytes(os.urandom(size // 2) + b"x" * (size // 2) + b"%d" % i)
+        jobs.append(FileJob(None, path.name.encode(), os.fsencode(path), os.lstat(path), None))
+    return jobs
+
+
+def _workers_alive(before: set[int]) -> list[int]:
+    return [p for p, _, _ in descendant_processes(os.getpid()) if p not in before]
+
+
+@pytest.fixture
+def process_path(monkeypatch):
+    monkeypatch.setattr(import_workers, "PROCESS_POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(import_workers, "PROCESS_BATCH_FILES", 4)
+
+
+def test_workers_start_before_the_walk_ends_and_keep_the_order(tmp_path, process_path):
+    jobs = _files(tmp_path / "src", 40)
+    taken = []
+    with ImportWorkers(prepare_content) as workers:
+        for job in jobs[:20]:
+            workers.add(job)
+        deadline = time.monotonic() + 30
+        while not taken and time.monotonic() < deadline:  # the "walk" has not ended
+            taken += workers.ready()
+            time.sleep(0.01)
+        assert taken, "no result came back before the last file was handed over"
+        for job in jobs[20:]:
+            workers.add(job)
+        taken += workers.rest()
+    # every job once; in order within each batch, batches in dispatch order
+    assert sorted(job.name for job, _ in taken) == sorted(job.name for job in jobs)
+    for job, (content_id, size, _, _) in taken:
+        data = open(job.path, "rb").read()
+        assert (content_id, size) == (prepare_content(data).content_id, len(data))
+
+
+def test_small_imports_stay_on_threads(tmp_path, monkeypatch):
+    monkeypatch.setattr(import_workers, "PROCESS_POOL_MIN_BYTES", 1 << 30)
+    jobs = _files(tmp_path / "src", 12)
+    before = {p for p, _, _ in descendant_processes(os.getpid())}
+    with ImportWorkers(prepare_content) as workers:
+        for job in jobs:
+            workers.add(job)
+        assert list(workers.ready()) == []  # nothing is dispatched before the walk ends
+        assert _workers_alive(before) == []
+        taken = list(workers.rest())
+    assert [job for job, _ in taken] == sorted(jobs, key=lambda job: job.st.st_ino)
+
+
+def test_a_failing_file_raises_and_leaves_no_worker(tmp_path, process_path):
+    jobs = _files(tmp_path / "src", 20)
+    os.unlink(jobs[13].path)  # gone between the walk and the read
+    before = {p for p, _, _ in descendant_processes(os.getpid())}
+    with pytest.raises(FileNotFoundError):
+        with ImportWorkers(prepare_content) as workers:
+            for job in jobs:
+                workers.add(job)
+            list(workers.rest())
+    deadline = time.monotonic() + 10
+    while _workers_alive(before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _workers_alive(before) == []
+
+
+def test_threads_and_processes_build_the_same_tree(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    for d in range(6):
+        _files(src / f"d{d}", 15)
+    (src / "d0" / "link").symlink_to("f0001")
+    os.link(src / "d1" / "f0002", src / "d2" / "hard")
+
+    def import_root(min_bytes: int, layer) -> bytes:
+        monkeypatch.setattr(import_workers, "PROCESS_POOL_MIN_BYTES", min_bytes)
+        monkeypatch.setattr(import_workers, "PROCESS_BATCH_FILES", 7)
+        sink = ObjectSink()
+        return finalize(scan_directory(src, sink, mirror_to=layer), sink).ref
+
+    assert import_root(1 << 30, tmp_path / "a") == import_root(0, tmp_path / "b")
+    for layer in ("a", "b"):
+        for d in range(6):
+            for name in os.listdir(src / f"d{d}"):
+                mirrored = tmp_path / layer / f"d{d}" / name
+                if not mirrored.is_symlink():
+                    assert mirrored.read_bytes() == (src / f"d{d}" / name).read_bytes()
