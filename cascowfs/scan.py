@@ -153,12 +153,10 @@ class HardLinks:
 
 
 def _file_entry(name: bytes, path: bytes, st: os.stat_result, prepare: Prepare,
-                sink: ObjectSink, *, mirror: bytes | None = None) -> Entry:
+                sink: ObjectSink) -> Entry:
     data = fsmeta.read_file_data(path)
     prepared = prepare(data)
     sink.add(prepared.objects)
-    if mirror is not None:
-        fsmeta.write_file_data(mirror, data)
     return _meta_entry(name, st, fsmeta.read_xattrs(path), len(data), prepared.content_id)
 
 
