@@ -6,7 +6,7 @@ done, while it walks on) and ``rest`` (everything else, once the walk is over).
 
 Small imports run on a few threads after the walk: reading, hashing, compressing and writing
 release the GIL, and forking would cost more than it saves. Once the files found pass
-``PROCESS_POOL_MIN_BYTES``, one worker process per core is forked and takes them in batches
+``PROCESS_POOL_MIN_BYTES``, worker processes (one per core, plus one) are forked and take them in batches
 from then on, while the walk goes on: on L (1.3 GB, 80k files) the cold walk alone takes
 ~2.5 s, a fifth of the import, and the cores were idle through it. A readahead thread
 (``readahead.py``) asks the kernel for the files just ahead of the workers.
