@@ -9,17 +9,19 @@ import stat
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
 
 
-def read_xattrs(path: str | bytes) -> tuple[tuple[bytes, bytes], ...]:
-    """Every xattr of ``path`` (not following symlinks), sorted, overlayfs's own left out."""
-    return read_xattrs_and_overlay_keys(path)[0]
+def read_xattrs(target: str | bytes | int) -> tuple[tuple[bytes, bytes], ...]:
+    """Every xattr of ``target`` (a path, not following symlinks, or an open descriptor),
+    sorted, overlayfs's own left out."""
+    return read_xattrs_and_overlay_keys(target)[0]
 
 
-def read_xattrs_and_overlay_keys(path: str | bytes) -> tuple[tuple[tuple[bytes, bytes], ...],
-                                                            frozenset[bytes]]:
-    """``read_xattrs``, and the names of overlayfs's own xattrs that ``path`` has (so that a
+def read_xattrs_and_overlay_keys(target: str | bytes | int) -> tuple[tuple[tuple[bytes, bytes], ...],
+                                                                    frozenset[bytes]]:
+    """``read_xattrs``, and the names of overlayfs's own xattrs that ``target`` has (so that a
     walk of an upper directory reads those values only where they exist)."""
+    follow = isinstance(target, int)  # a descriptor is the file itself: nothing to follow
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(target, follow_symlinks=follow)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EPERM):
             return (), frozenset()
@@ -32,7 +34,7 @@ def read_xattrs_and_overlay_keys(path: str | bytes) -> tuple[tuple[tuple[bytes, 
             overlay.append(key)
             continue
         try:
-            out.append((key, os.getxattr(path, name, follow_symlinks=False)))
+            out.append((key, os.getxattr(target, name, follow_symlinks=follow)))
         except OSError as exc:
             if exc.errno != errno.ENODATA:  # removed meanwhile
                 raise
@@ -62,18 +64,29 @@ def apply_metadata(path: str | bytes, mode: int, uid: int, gid: int, mtime_ns: i
     os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
 
 
-def write_file_data(dst: str | bytes, data: bytes) -> None:
+def write_file(dst: str | bytes, data: bytes, mode: int, uid: int, gid: int, mtime_ns: int,
+               xattrs: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """Create ``dst`` (it must not exist) with ``data`` and exactly this metadata, all through
+    the descriptor that wrote it: an import writes ~80k such files, and each path call would
+    resolve the path again."""
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
             view = view[n:]
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, stat.S_IMODE(mode))  # after chown, which clears set-id bits
+        for key, value in xattrs:
+            os.setxattr(fd, key, value)
+        os.utime(fd, ns=(mtime_ns, mtime_ns))  # last: writes and xattrs change the times
     finally:
         os.close(fd)
 
 
-def read_file_data(path: str | bytes) -> bytes:
+def read_file(path: str | bytes) -> tuple[bytes, tuple[tuple[bytes, bytes], ...]]:
+    """The content of the regular file ``path`` (a symlink is refused with ELOOP, not followed)
+    and its xattrs as ``read_xattrs`` gives them, both read through one open."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         chunks = []
@@ -82,7 +95,7 @@ def read_file_data(path: str | bytes) -> bytes:
             if not block:
                 break
             chunks.append(block)
-        return b"".join(chunks)
+        return b"".join(chunks), read_xattrs(fd)
     finally:
         os.close(fd)
 

@@ -49,12 +49,10 @@ FileResult = tuple[bytes, int, tuple, list[tuple[bytes, bytes]]]
 
 def _process_one(path: bytes, mirror: bytes | None, mode: int, uid: int, gid: int,
                  mtime_ns: int, prepare: Prepare) -> FileResult:
-    data = fsmeta.read_file_data(path)
+    data, xattrs = fsmeta.read_file(path)
     prepared = prepare(data)
-    xattrs = fsmeta.read_xattrs(path)
     if mirror is not None:
-        fsmeta.write_file_data(mirror, data)
-        fsmeta.apply_metadata(mirror, mode, uid, gid, mtime_ns, xattrs)
+        fsmeta.write_file(mirror, data, mode, uid, gid, mtime_ns, xattrs)
     return prepared.content_id, len(data), xattrs, prepared.objects
 
 

@@ -39,13 +39,16 @@ class _Writer:
             os.link(self.linked[child.link], path)
             return
         if child.is_file:
-            fsmeta.write_file_data(path, self.content.read(child.ref))
+            fsmeta.write_file(path, self.content.read(child.ref), child.mode, child.uid,
+                              child.gid, child.mtime_ns, child.xattrs)
             self.tick(child.size)
-        elif stat.S_ISLNK(child.mode):
-            os.symlink(child.ref, path)
         else:
-            fsmeta.make_node(path, child.mode, child.rdev)
-        fsmeta.apply_metadata(path, child.mode, child.uid, child.gid, child.mtime_ns, child.xattrs)
+            if stat.S_ISLNK(child.mode):
+                os.symlink(child.ref, path)
+            else:
+                fsmeta.make_node(path, child.mode, child.rdev)
+            fsmeta.apply_metadata(path, child.mode, child.uid, child.gid, child.mtime_ns,
+                                  child.xattrs)
         if child.link:
             self.linked[child.link] = path
 

@@ -154,10 +154,10 @@ class HardLinks:
 
 def _file_entry(name: bytes, path: bytes, st: os.stat_result, prepare: Prepare,
                 sink: ObjectSink) -> Entry:
-    data = fsmeta.read_file_data(path)
+    data, xattrs = fsmeta.read_file(path)
     prepared = prepare(data)
     sink.add(prepared.objects)
-    return _meta_entry(name, st, fsmeta.read_xattrs(path), len(data), prepared.content_id)
+    return _meta_entry(name, st, xattrs, len(data), prepared.content_id)
 
 
 def _other_entry(name: bytes, path: bytes, st: os.stat_result) -> Entry:

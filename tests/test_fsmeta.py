@@ -1,7 +1,9 @@
-"""Reading a file's contents, as the import's workers and a commit's walk do."""
+"""Reading a file with its xattrs, and writing one with its metadata, as the import's workers,
+a commit's walk and a layer's writer do."""
 
 import errno
 import os
+import stat
 
 import pytest
 
@@ -9,16 +11,64 @@ from cascowfs import fsmeta
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, 1 << 20, (3 << 20) + 7])
-def test_read_file_data_reads_every_byte(tmp_path, size):
+def test_read_file_reads_every_byte(tmp_path, size):
     path = tmp_path / "f"
     data = os.urandom(size)
     path.write_bytes(data)
-    assert fsmeta.read_file_data(os.fsencode(path)) == data
+    assert fsmeta.read_file(os.fsencode(path)) == (data, ())
 
 
-def test_read_file_data_does_not_follow_a_symlink(tmp_path):
+def test_read_file_does_not_follow_a_symlink(tmp_path):
     (tmp_path / "target").write_bytes(b"x")
     (tmp_path / "link").symlink_to("target")
     with pytest.raises(OSError) as err:
-        fsmeta.read_file_data(os.fsencode(tmp_path / "link"))
+        fsmeta.read_file(os.fsencode(tmp_path / "link"))
     assert err.value.errno == errno.ELOOP
+
+
+def _xattrs_supported(path) -> bool:
+    try:
+        os.setxattr(path, b"user.probe", b"1")
+        os.removexattr(path, b"user.probe")
+        return True
+    except OSError:
+        return False
+
+
+def test_read_file_gives_the_xattrs_sorted_as_read_xattrs_does(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"body")
+    if not _xattrs_supported(path):
+        pytest.skip(f"no user xattrs on {tmp_path}")
+    os.setxattr(path, b"user.zz", b"last")
+    os.setxattr(path, b"user.aa", b"")
+    data, xattrs = fsmeta.read_file(os.fsencode(path))
+    assert data == b"body"
+    assert xattrs == ((b"user.aa", b""), (b"user.zz", b"last"))
+    assert xattrs == fsmeta.read_xattrs(os.fsencode(path))
+
+
+def test_write_file_gives_content_and_every_piece_of_metadata(tmp_path):
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    xattrs = ((b"user.a", b"1"), (b"user.b", b"\x00\xff")) if _xattrs_supported(probe) else ()
+    dst = os.fsencode(tmp_path / "f")
+    data = os.urandom((1 << 20) + 3)
+    uid, gid = (1234, 5678) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    mode = stat.S_IFREG | (0o4755 if os.geteuid() == 0 else 0o751)
+    mtime_ns = 1_600_000_000_123_456_789
+    fsmeta.write_file(dst, data, mode, uid, gid, mtime_ns, xattrs)
+    st = os.lstat(dst)
+    assert (st.st_uid, st.st_gid) == (uid, gid)
+    assert stat.S_IMODE(st.st_mode) == stat.S_IMODE(mode)  # set-id kept: chmod after chown
+    assert st.st_mtime_ns == mtime_ns  # set last, after the writes and the xattrs
+    assert fsmeta.read_file(dst) == (data, xattrs)
+
+
+def test_write_file_never_overwrites(tmp_path):
+    dst = tmp_path / "f"
+    dst.write_bytes(b"keep")
+    with pytest.raises(FileExistsError):
+        fsmeta.write_file(os.fsencode(dst), b"new", stat.S_IFREG | 0o644, os.getuid(),
+                          os.getgid(), 0)
+    assert dst.read_bytes() == b"keep"
