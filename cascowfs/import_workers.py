@@ -6,9 +6,10 @@ done, while it walks on) and ``rest`` (everything else, once the walk is over).
 
 Small imports run on a few threads after the walk: reading, hashing, compressing and writing
 release the GIL, and forking would cost more than it saves. Once the files found pass
-``PROCESS_POOL_MIN_BYTES``, worker processes (one per core, plus one) are forked and take them in batches
-from then on, while the walk goes on: on L (1.3 GB, 80k files) the cold walk alone takes
-~2.5 s, a fifth of the import, and the cores were idle through it. A readahead thread
+``PROCESS_POOL_MIN_FILES`` or ``PROCESS_POOL_MIN_BYTES``, worker processes (one per core, plus
+one) are forked and take them in batches from then on, while the walk goes on: on L (1.3 GB,
+80k files) the cold walk alone takes ~2.5 s, a fifth of the import, and the cores were idle
+through it. A readahead thread
 (``readahead.py``) asks the kernel for the files just ahead of the workers.
 """
 
@@ -29,6 +30,10 @@ Prepare = Callable[[bytes], PreparedContent]
 IMPORT_THREADS = 3
 # Big imports are GIL-bound in threads (measured: CPU time == wall time on 2 cores), so they go
 # to one worker process per core, in batches that amortize the pickling.
+# Per-file work (a dozen system calls and the Python around them) holds the GIL too: on M
+# (44 MB in 6.8k files) threads after the walk took 2.2 s, processes from the 512th file 1.2 s.
+# Forking three workers costs ~20 ms, more than 50 files take on threads.
+PROCESS_POOL_MIN_FILES = 512
 PROCESS_POOL_MIN_BYTES = 64 << 20
 IMPORT_PROCESSES = (os.cpu_count() or 1) + 1  # one more than cores: cold reads wait on the disk
 PROCESS_BATCH_BYTES = 8 << 20
@@ -117,7 +122,9 @@ class ImportWorkers:
         self._waiting.append(job)
         self._waiting_bytes += job.st.st_size
         if self._processes is None:
-            if self._waiting_bytes < PROCESS_POOL_MIN_BYTES or (os.cpu_count() or 1) < 2:
+            small = (len(self._waiting) < PROCESS_POOL_MIN_FILES
+                     and self._waiting_bytes < PROCESS_POOL_MIN_BYTES)
+            if small or (os.cpu_count() or 1) < 2:
                 return
             # fork, not spawn: spawn (and forkserver) re-run the caller's __main__ in every
             # worker. The children only read, hash, compress and write files: they touch no

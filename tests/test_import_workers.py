@@ -68,6 +68,20 @@ def test_small_imports_stay_on_threads(tmp_path, monkeypatch):
     assert [job for job, _ in taken] == sorted(jobs, key=lambda job: job.st.st_ino)
 
 
+def test_many_small_files_go_to_worker_processes(tmp_path):
+    jobs = _files(tmp_path / "src", import_workers.PROCESS_POOL_MIN_FILES, size=100)
+    assert sum(job.st.st_size for job in jobs) < import_workers.PROCESS_POOL_MIN_BYTES
+    before = {p for p, _, _ in descendant_processes(os.getpid())}
+    with ImportWorkers(prepare_content) as workers:
+        for job in jobs[:-1]:
+            workers.add(job)
+        assert _workers_alive(before) == []  # one file short: still a small import
+        workers.add(jobs[-1])
+        assert _workers_alive(before) != []
+        taken = list(workers.rest())
+    assert sorted(job.name for job, _ in taken) == sorted(job.name for job in jobs)
+
+
 def test_a_failing_file_raises_and_leaves_no_worker(tmp_path, process_path):
     jobs = _files(tmp_path / "src", 20)
     os.unlink(jobs[13].path)  # gone between the walk and the read
