@@ -9,8 +9,8 @@ release the GIL, and forking would cost more than it saves. Once the files found
 ``PROCESS_POOL_MIN_FILES`` or ``PROCESS_POOL_MIN_BYTES``, worker processes (one per core, plus
 one) are forked and take them in batches from then on, while the walk goes on: on L (1.3 GB,
 80k files) the cold walk alone takes ~2.5 s, a fifth of the import, and the cores were idle
-through it. A readahead thread
-(``readahead.py``) asks the kernel for the files just ahead of the workers.
+through it. A readahead thread (``readahead.py``) asks the kernel for the files just ahead of
+the workers.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ IMPORT_THREADS = 3
 # to one worker process per core, in batches that amortize the pickling.
 # Per-file work (a dozen system calls and the Python around them) holds the GIL too: on M
 # (44 MB in 6.8k files) threads after the walk took 2.2 s, processes from the 512th file 1.2 s.
-# Forking three workers costs ~20 ms, more than 50 files take on threads.
+# Forking the workers costs ~20 ms, more than 50 files take on threads.
 PROCESS_POOL_MIN_FILES = 512
 PROCESS_POOL_MIN_BYTES = 64 << 20
 IMPORT_PROCESSES = (os.cpu_count() or 1) + 1  # one more than cores: cold reads wait on the disk
