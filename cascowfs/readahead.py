@@ -8,7 +8,7 @@ gets, so a big import does not fill memory with pages nobody reads yet.
 
 Measured on L (1.3 GB, 80k files, cold, 2 cores): whole imports went from 78-83 MB/s to
 107-111 MB/s, and the workers' CPU time fell from 17-18 s to 12.5 s, since a read from the
-page cache costs less than one that waits for the disk (tools/bench_notes.md, *Import*).
+page cache costs less than one that waits for the disk (bench-results/NOTES.md, *Import*).
 """
 
 from __future__ import annotations
