@@ -23,11 +23,11 @@ from fastcdc import fastcdc
 from .errors import StoreIOError
 from .metadb import MetaDB
 
-# Chunk sizes: see docs/architecture.md ("Chunking") for the measurement behind them.
+# Chunk sizes: bench-results/NOTES.md ("Chunks") has the measurement behind them.
 CHUNK_MIN = 16 * 1024
 CHUNK_AVG = 64 * 1024
 CHUNK_MAX = 256 * 1024
-ZSTD_LEVEL = 3  # see docs/architecture.md ("Compression")
+ZSTD_LEVEL = 3  # see docs/architecture.md ("Decisions and why")
 
 TYPE_CHUNK = b"C"
 TYPE_PACK = b"K"
@@ -42,7 +42,7 @@ _UNPACKED = b"\x03"  # raw chunk on its way into a pack; never stored as such
 _POINTER = struct.Struct("<32sII")
 # Chunks are compressed together in packs of about PACK_TARGET bytes, never one by one: LMDB
 # rounds every value above ~2 KiB up to whole 4 KiB overflow pages, and zstd finds more to
-# share across chunks (docs/architecture.md, "Packs", has the measurements).
+# share across chunks (bench-results/NOTES.md, "Packs", has the measurements).
 PACK_TARGET = 256 * 1024
 _LIST_ITEM = struct.Struct("<32sI")
 

@@ -41,18 +41,18 @@ VERSION = "0.1.0"
 # Every agent's operation waits on this one process, and its threads share one GIL: a thread
 # preempted by an agent's process while it holds the GIL (pyfuse3 replies to the kernel with
 # the GIL held, and the reply wakes that very agent) stalls all the others
-# (docs/architecture.md, "Round trips and the GIL").
+# (docs/architecture.md, "Decisions and why").
 DAEMON_NICE = -10
 
 # pyfuse3 keeps this many tasks waiting on /dev/fuse. With its default of one, a request that
 # finds no task waiting starts a new one, which allocates a fresh 1 MiB receive buffer and
 # exits (freeing it) as soon as more than one task waits again (docs/architecture.md,
-# "Round trips and the GIL").
+# "Decisions and why").
 FUSE_WORKER_TASKS = 8
 
 # How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). A
 # commit's thread, mostly in system calls, takes the GIL back after each one and waited up to
-# that long behind the FUSE thread every time (docs/architecture.md, "Round trips and the GIL").
+# that long behind the FUSE thread every time (docs/architecture.md, "Decisions and why").
 # 1 ms beat 5 ms in 3 of 3 interleaved pairs of L mixes, and 0.25 ms beat 1 ms in 3 of 3.
 GIL_SWITCH_SECONDS = 0.00025
 
