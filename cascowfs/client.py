@@ -1,4 +1,4 @@
-"""``cascowfs.Client(MNT)``: the file contract of SPEC §3 as Python calls, for agent loops.
+"""``cascowfs.Client(MNT)``: docs/interface.md's file contract as Python calls, for agent loops.
 
 Nothing here talks to the daemon other than through plain file calls on the mount (open, write,
 read, mkdir, readlink, getxattr), so the client behaves exactly like a shell script would, and a

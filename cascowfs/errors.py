@@ -1,6 +1,6 @@
 """Precise exceptions raised inside cascowfs.
 
-Every exception carries the errno that the contract of SPEC §3 assigns to it. The FUSE layer
+Every exception carries the errno docs/interface.md (Errors) assigns to it. The FUSE layer
 translates them to ``pyfuse3.FUSEError`` exactly once, at its edge; the Python client raises the
 same classes from the errno a file call returned, so in-process and file-interface users see one
 error vocabulary.

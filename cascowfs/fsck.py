@@ -1,4 +1,4 @@
-"""``cascowfs fsck``: check the five invariants of SPEC §5 on a store, report each failure.
+"""``cascowfs fsck``: check docs/architecture.md's five invariants, report each failure.
 
 1. every snapshot's tree verifies against its root digest and every object it names exists;
 2. every refcount equals the count recomputed from live state: layer refcounts, from the

@@ -1,4 +1,4 @@
-"""Validation of user-chosen snapshot ids and branch names (SPEC §3)."""
+"""Validation of user-chosen snapshot ids and branch names (docs/interface.md: ids and names)."""
 
 from __future__ import annotations
 

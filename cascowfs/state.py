@@ -1,4 +1,4 @@
-"""StateManager: the one entry point for every state change (SPEC §4).
+"""StateManager: the one entry point for every state change (docs/architecture.md, Module map).
 
 Store layout (all on one filesystem, so renames are atomic and overlay upper/work dirs work)::
 

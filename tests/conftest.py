@@ -25,7 +25,7 @@ Comparable views: ``{relative path (bytes, b"" = root): Node}``
     ``expected_status(before, after)``     the A/M/D lines a status/diff must contain
     ``assert_status(changes, before, after, what)``  status/diff checked against that oracle
 
-Store checks (SPEC §5 invariants, via ``cascowfs.fsck``)
+Store checks (the invariants of docs/architecture.md, via ``cascowfs.fsck``)
     ``assert_fsck_clean(store, deep=True)``  on a closed store (fsck takes the store lock);
                                              close it with ``sm.close()``, not
                                              ``unmount_branches=True``: invariant 4 wants every
@@ -249,7 +249,7 @@ def check_live(sm, *, deep: bool = False) -> None:
 # comparable views of trees
 # ----------------------------------------------------------------------------------------
 class Node(NamedTuple):
-    """Everything a reader sees of one path (SPEC §3: what a snapshot keeps)."""
+    """Everything a reader sees of one path (docs/interface.md, Snapshots)."""
 
     kind: str  # f d l c b p s
     mode: int  # full st_mode
@@ -417,7 +417,7 @@ def expected_status(before: dict[bytes, Node] | None, after: dict[bytes, Node]
                     ) -> tuple[set[str], set[str]]:
     """(lines that must appear, lines that may appear) for the change ``before`` -> ``after``.
 
-    Rules (SPEC §3 gives only the A|M|D line format; the engine documents the rest in
+    Rules (docs/interface.md gives only the A|M|D line format; the engine documents the rest in
     trees.py, and these rules are what a reader can check independently):
     * a path only in ``after`` is ``A``, only in ``before`` is ``D``; a path that is a directory
       on one side and not on the other is ``D`` and ``A``;

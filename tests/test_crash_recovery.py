@@ -1,4 +1,4 @@
-"""kill -9 at every step of every operation (SPEC §5, §7).
+"""kill -9 at every step of every operation (docs/architecture.md, Recovery and Guarantees).
 
 For EVERY name in ``cascowfs.crashpoints.CRASH_POINTS``: a child Python process opens a
 prepared store and runs the operation with ``CASCOWFS_CRASH_AT=<point>``, so that it SIGKILLs

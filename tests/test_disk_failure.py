@@ -1,5 +1,5 @@
-"""A store disk that fails under the daemon (SPEC §7: EIO gives the caller a clean errno and
-loses nothing committed).
+"""A store disk that fails under the daemon (docs/architecture.md, Guarantees: EIO gives the
+caller a clean errno and loses nothing committed).
 
 The failure is the kernel's own: ext4's shutdown ioctl (``EXT4_IOC_SHUTDOWN``, what xfstests'
 "godown" uses) with ``NOLOGFLUSH``. From that instant every write to the filesystem, and every

@@ -1,4 +1,4 @@
-"""A full store disk (SPEC §7): ENOSPC for the caller, nothing lost, nothing half-done.
+"""A full store disk (docs/architecture.md, Guarantees): ENOSPC, nothing lost or half-done.
 
 The store lives on a small, freshly made ext4 on a loop device. The disk is filled with a
 ballast file to one of three levels before the operation, so that space runs out at different

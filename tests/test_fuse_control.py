@@ -1,4 +1,4 @@
-"""Every row of SPEC §3's errno table, through both file interfaces (configfs files and ctl),
+"""Every row of docs/interface.md's errno table, through both file interfaces (branch files, ctl),
 plus bad names, malformed ctl lines, concurrency and permissions — all on a real mount."""
 
 from __future__ import annotations

@@ -185,7 +185,7 @@ def test_snapshot_root_metadata(fs):
     assert os.getxattr(s2, "user.cascowfs.root").decode() == root
     assert os.getxattr(s1 / "dir", "user.cascowfs.tree") == \
         os.getxattr(s2 / "dir", "user.cascowfs.tree")
-    # getfattr, as the SPEC shows it
+    # getfattr, as docs/interface.md shows it
     out = fs.sh('getfattr -d -m user.cascowfs "$MNT/snapshots/s1"').stdout
     assert f'user.cascowfs.root="{root}"' in out and 'label.origin="test"' in out
 

@@ -1,4 +1,4 @@
-"""Names, labels and errors (SPEC §3, §7): validation against an independent oracle, the errno
+"""Names, labels and errors (docs/interface.md): validation against an independent oracle, the errno
 of every refusal, and bad input leaving the store untouched."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ REST = FIRST | set("._-")
 
 
 def oracle_valid(name: str) -> bool:
-    """SPEC §3 spelled out by hand: ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``, ASCII only."""
+    """docs/interface.md spelled out by hand: ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``, ASCII only."""
     return 1 <= len(name) <= 128 and name[0] in FIRST and all(c in REST for c in name[1:])
 
 
@@ -143,7 +143,7 @@ def test_refusals_have_their_errno_and_change_nothing(sm, tmp_path):
                   (errno.EINVAL, lambda bad=bad: sm.create_branch("ok", bad)),
                   (errno.EINVAL, lambda bad=bad: sm.discard(bad)),
                   (errno.EINVAL, lambda bad=bad: sm.prune(bad))]
-        if bad:  # an empty id asks commit and import for a generated one (SPEC §3)
+        if bad:  # an empty id asks commit and import for a generated one (docs/interface.md)
             cases += [(errno.EINVAL, lambda bad=bad: sm.commit("clean", bad)),
                       (errno.EINVAL, lambda bad=bad: sm.import_tree(src, bad))]
     cases += [(errno.EINVAL, lambda: sm.create_branch(b"\xff")),

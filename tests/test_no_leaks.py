@@ -1,4 +1,4 @@
-"""Nothing leaks (SPEC §7): no mount, staging directory, trash, process or thread is left
+"""Nothing leaks (docs/architecture.md, Guarantees): no mount, staging, trash, process, thread left
 behind by the engine's operations, by their failures, or by closing a store. (The session-end
 hook in conftest.py checks the same for the whole test run.)"""
 

@@ -1,4 +1,4 @@
-"""Power cut at every step of every operation, and at random moments (SPEC §7).
+"""Power cut at every step of every operation, and at random moments (docs/architecture.md).
 
 A power cut drops every write the page cache holds and no sync forced to the disk. The store
 lives on a fresh ext4 on a loop device, mounted with ``commit=600`` (so no periodic journal

@@ -437,7 +437,7 @@ def test_the_store_stays_exact_with_tiny_pages_and_constant_collection(tmp_path,
 
 @pytest.mark.parametrize("tiny", [False, True], ids=["default", "tiny-pages-and-slices"])
 def test_concurrent_agents_keep_the_store_exact(tmp_path, monkeypatch, tiny):
-    """Four agents in threads (the MCTS mix of SPEC §6: many branches, some commits, most
+    """Four agents in threads (docs/benchmarks.md's MCTS mix: many branches, some commits, most
     discarded, old snapshots pruned) against one manager, plus a reader: every commit is
     exactly its branch, and afterwards the store passes every check."""
     if tiny:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fetch the benchmark corpora from the package registries, cached between runs.
 
-Corpora (SPEC §6 names them M and L):
+Corpora (docs/benchmarks.md, Targets, names them M and L):
 
 * ``django`` (medium, ~10k entries): the Django 5.1.4 sdist from PyPI, fetched with
   ``pip download --no-deps --no-binary :all: django==5.1.4``;

@@ -1,4 +1,4 @@
-"""The FUSE face of cascowfs: SPEC §3's file tree served by pyfuse3 on trio.
+"""The FUSE face of cascowfs: the file tree of docs/interface.md served by pyfuse3 on trio.
 
 ``operations.CascowOperations`` handles requests, ``inodes`` keeps the nodeid table,
 ``snapshot_view`` turns snapshot entries into attributes, ``control`` parses and runs control

@@ -1,4 +1,4 @@
-"""The pyfuse3 request handlers: SPEC §3's file tree over a StateManager.
+"""The pyfuse3 request handlers: the file tree of docs/interface.md over a StateManager.
 
 Layout and the rules it follows:
 
@@ -138,7 +138,7 @@ class DirHandle:
 
 
 class CascowOperations(pyfuse3.Operations):
-    """SPEC §3 over one StateManager."""
+    """The file contract (docs/interface.md) over one StateManager."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False

@@ -56,7 +56,7 @@ def iso_time(ns: int) -> str:
 
 
 def root_xattrs(info: SnapshotInfo) -> dict[bytes, bytes]:
-    """The ``user.cascowfs.*`` attributes of a snapshot root (SPEC §3 "metadata")."""
+    """The ``user.cascowfs.*`` attributes of a snapshot root (docs/interface.md, Snapshots)."""
     out: dict[bytes, bytes] = {}
     if info.parent:
         out[XATTR_PREFIX + b"parent"] = info.parent.encode()
