@@ -17,6 +17,7 @@ from typing import Callable, Iterator, TypeVar
 import lmdb
 
 from .errors import NoSpaceError, StoreIOError
+from .privacy import PRIVATE_FILE
 
 T = TypeVar("T")
 
@@ -76,7 +77,8 @@ class MetaDB:
         if data_file.exists():
             while size < data_file.stat().st_size * 2 and size < MAX_MAP_SIZE:
                 size *= 2
-        self.env = lmdb.open(str(path), map_size=size, sync=True, metasync=True, **_ENV_OPTIONS)
+        self.env = lmdb.open(str(path), map_size=size, sync=True, metasync=True,
+                             mode=PRIVATE_FILE, **_ENV_OPTIONS)
         self.dbs = {name.decode(): self.env.open_db(name) for name in DB_NAMES}
         self.release_dead_readers()
         # Map growth needs every transaction of this process closed: readers hold this shared,

@@ -3,6 +3,7 @@
 Store layout (all on one filesystem, so renames are atomic and overlay upper/work dirs work)::
 
     STORE/lock                  flock: one StateManager per store
+    (every path root's alone, but the three on the way to a branch's tree: privacy.py)
     STORE/meta/                 LMDB: objects, snapshots, branches, layers, ops
     STORE/wal/log               write-ahead log (wal.py)
     STORE/layers/<layer>/       native lower layers, a cache of the CAS (layers.py)
@@ -40,6 +41,7 @@ from . import durability
 from . import forks
 from . import layers as layerfs
 from . import overlay
+from . import privacy
 from .cas import ContentStore, identify_content
 from .crashpoints import crash_point
 from .errors import (BusyError, CascowfsError, ExistsError, NotFoundError, StoreIOError,
@@ -192,6 +194,7 @@ class StateManager:
         self._commit_caches: dict[str, dict] = {}  # commit: entries whose content is stored
         self._built_dirs: dict[str, dict] = {}  # commit: directories the last commit encoded
         self._lock_fd = -1
+        self._umask_before: int | None = None  # this process's umask before the store's own
         self._worker: threading.Thread | None = None
         self._jobs: queue.Queue = queue.Queue()
         # Delta layers of commits not written yet (``_build_layer``), each with the lock its
@@ -228,6 +231,8 @@ class StateManager:
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
         try:
+            with self._disk_errors(f"opening store {self.store}"):
+                self._umask_before = privacy.make_private(self.store)
             self.db = MetaDB(self.store / "meta")
             self.content = ContentStore(self.db)
             self.trees = TreeStore(self.content)
@@ -313,6 +318,9 @@ class StateManager:
             forks.forget(self._lock_fd)
             os.close(self._lock_fd)
             self._lock_fd = -1
+        if self._umask_before is not None:
+            os.umask(self._umask_before)
+            self._umask_before = None
 
     def _check_format(self) -> None:
         with self.db.read() as txn:
@@ -663,6 +671,7 @@ class StateManager:
         self._build_layers(rec["layers"])
         with self._disk_errors(f"mounting branch {name}"):
             bdir.mkdir(exist_ok=True)
+            privacy.make_passage(bdir)
             tree.mkdir(exist_ok=True)
             if fresh_upper or not upper.is_dir():
                 self._to_trash(upper)
@@ -824,6 +833,7 @@ class StateManager:
                 with self._disk_errors(f"creating branch {name}"):
                     self._to_trash(bdir)  # leftovers of an earlier branch of that name
                     bdir.mkdir()
+                    privacy.make_passage(bdir)
                     (bdir / "upper").mkdir()
                     (bdir / "work").mkdir()
                     (bdir / "tree").mkdir()

@@ -1,0 +1,284 @@
+"""The threat model of docs/security.md, tried as an unprivileged local user would.
+
+A store's own files are private to root, fresh or made by an older version; a user who is not
+root reads nothing through the store directory, reads a snapshot only as the mount's
+permission checks allow, changes nothing without the admin group, and, with it, imports only
+what it may read itself. The user's side runs in a real process with that user's credentials
+(``setpriv``) against a real daemon."""
+
+from __future__ import annotations
+
+import errno
+import grp
+import json
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import open_store
+from fusehelpers import Cascow, mounted, needs_fuse
+
+NOBODY = 65534
+PASSAGES = {"", "branches", "branches/*"}  # 0711: on the way to a branch's tree
+# Copies of users' trees, with those trees' own modes, behind a private parent (or, for an
+# upper, with the same modes the branch's tree shows).
+USER_TREES = ("layers/*", "staging/*", "trash/*", "branches/*/upper", "branches/*/tree")
+
+
+def _pattern_of(rel: str) -> str:
+    parts = rel.split("/") if rel else []
+    if parts[:1] == ["branches"] and len(parts) >= 2:
+        parts[1] = "*"
+    if parts[:1] in (["layers"], ["staging"], ["trash"]) and len(parts) >= 2:
+        parts[1] = "*"
+    return "/".join(parts)
+
+
+def _inside_user_tree(rel: str) -> bool:
+    pattern = _pattern_of(rel)
+    return any(pattern == t or pattern.startswith(t + "/") for t in USER_TREES)
+
+
+def store_modes(store: Path) -> dict[str, int]:
+    """Mode of every path under ``store`` (relative; "" is the store), not entering mounts."""
+    modes = {"": stat.S_IMODE(os.lstat(store).st_mode)}
+    for dirpath, dirnames, filenames in os.walk(store):
+        for name in list(dirnames):
+            if os.path.ismount(os.path.join(dirpath, name)):
+                dirnames.remove(name)
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            modes[os.path.relpath(path, store)] = stat.S_IMODE(os.lstat(path).st_mode)
+    return modes
+
+
+def assert_private(store: Path) -> None:
+    """Every path the store owns is root's alone (0700/0600) but the passages (0711); the
+    users' trees it holds are reachable only through passages and their own modes."""
+    modes = store_modes(store)
+    for rel, mode in modes.items():
+        if _inside_user_tree(rel):
+            continue
+        if _pattern_of(rel) in PASSAGES:
+            assert mode == 0o711, (rel, oct(mode))
+        else:
+            assert mode & 0o077 == 0, (rel, oct(mode))
+    # what others may reach from the store down and open: passages, and the trees of branches
+    for rel in modes:
+        parents = [""] + ["/".join(rel.split("/")[:i]) for i in range(1, rel.count("/") + 1)]
+        if rel and modes[rel] & 0o007 and all(modes[p] & 0o001 for p in parents):
+            pattern = _pattern_of(rel)
+            assert (pattern in PASSAGES or pattern.startswith("branches/*/upper")
+                    or pattern.startswith("branches/*/tree")), (rel, [oct(modes[p]) for p in parents])
+
+
+def _populate(sm, base: Path) -> None:
+    src = base / "src"
+    (src / "dir").mkdir(parents=True)
+    os.chmod(src, 0o755)
+    (src / "dir" / "secret").write_text("root only")
+    os.chmod(src / "dir" / "secret", 0o600)
+    (src / "open").write_text("anyone")
+    os.chmod(src / "open", 0o644)
+    sm.import_tree(src, "s1")
+    tree = sm.create_branch("b", "s1").tree
+    (tree / "new").write_text("x")
+    sm.commit("b", "s2")
+    (tree / "pending").write_text("y")
+
+
+def test_fresh_store_leaves_nothing_to_group_or_others(tmp_path, store):
+    with open_store(store) as sm:
+        _populate(sm, tmp_path)
+        assert_private(store)
+    assert_private(store)
+
+
+def test_older_store_is_tightened_at_open(tmp_path, store, caplog):
+    with open_store(store) as sm:
+        _populate(sm, tmp_path)
+    for rel in store_modes(store):  # as a version without privacy.py left it
+        if not _inside_user_tree(rel):
+            path = store / rel
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    os.chmod(store, 0o755)
+    with caplog.at_level(logging.WARNING, logger="cascowfs.privacy"):
+        with open_store(store) as sm:
+            assert_private(store)
+            assert sm.snapshot("s1") is not None and sm.branch("b") is not None
+    lines = [r.getMessage() for r in caplog.records if r.name == "cascowfs.privacy"]
+    assert len(lines) == 1 and "meta/data.mdb 644->600" in lines[0], lines
+    with caplog.at_level(logging.WARNING, logger="cascowfs.privacy"):
+        caplog.clear()
+        with open_store(store):
+            pass
+    assert not [r for r in caplog.records if r.name == "cascowfs.privacy"]  # nothing left to do
+
+
+def test_umask_is_the_stores_while_open_and_restored_after(store):
+    before = os.umask(0o022)
+    try:
+        with open_store(store):
+            assert os.umask(0o077) == 0o077
+        assert os.umask(0o022) == 0o022
+    finally:
+        os.umask(before)
+
+
+# ----------------------------------------------------------------------------------------
+# as an unprivileged user, against a mounted store
+# ----------------------------------------------------------------------------------------
+USER_SCRIPT = r"""
+import errno, json, os, sys
+def outcome(op, path, arg=None):
+    try:
+        if op == "read":
+            with open(path, "rb") as fh:
+                fh.read(1)
+        elif op == "list":
+            os.listdir(path)
+        elif op == "stat":
+            os.lstat(path)
+        elif op == "write":
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, arg.encode())
+            finally:
+                os.close(fd)
+        elif op == "ctl":
+            fd = os.open(path, os.O_RDWR)
+            try:
+                try:
+                    os.write(fd, arg.encode())
+                except OSError as exc:
+                    return errno.errorcode[exc.errno] + " " + os.read(fd, 65536).decode().strip()
+                return "ok " + os.read(fd, 65536).decode().strip()
+            finally:
+                os.close(fd)
+        elif op == "mkdir":
+            os.mkdir(path)
+        elif op == "rmdir":
+            os.rmdir(path)
+        return "ok"
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+print(json.dumps([outcome(*job) for job in json.loads(sys.argv[1])]))
+"""
+
+
+def as_user(jobs: list[tuple], *, groups: list[int] = ()) -> list[str]:
+    """Run (op, path[, arg]) jobs as nobody (with ``groups`` only); each one's outcome."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    group_arg = [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
+    # the system interpreter: the test's own may live where nobody may not read
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    proc = subprocess.run([setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", *group_arg,
+                           python, "-c", USER_SCRIPT, json.dumps([list(j) for j in jobs])],
+                          capture_output=True, text=True, timeout=120, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def admin_group():
+    """A group made for this module (and removed after): the daemon's --admin-group."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to add a group and to switch users")
+    name = f"cascowfs-t{os.getpid()}"
+    subprocess.run(["groupadd", name], check=True, capture_output=True)
+    try:
+        yield grp.getgrnam(name)
+    finally:
+        subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def fs(admin_group):
+    def populate(fs: Cascow) -> None:
+        src = fs.base / "src"
+        (src / "dir").mkdir(parents=True)
+        for d in (src, src / "dir"):
+            os.chmod(d, 0o755)
+        (src / "dir" / "secret").write_text("root only")
+        os.chmod(src / "dir" / "secret", 0o600)
+        (src / "open").write_text("anyone")
+        os.chmod(src / "open", 0o644)
+
+    with mounted("--admin-group", admin_group.gr_name, populate=populate) as fs:
+        assert fs.ctl(f"import base {fs.base / 'src'}")[0] == 0
+        code, reply = fs.ctl("branch work base")
+        assert code == 0, reply
+        tree = Path(reply.split(" ", 1)[1])
+        (tree / "dir" / "secret").write_text("changed, still root only")  # now in the upper
+        (tree / "open").write_text("changed, still anyone's")
+        yield fs
+
+
+@needs_fuse
+def test_user_reads_nothing_through_the_store_directory(fs):
+    modes = store_modes(fs.store)
+    outside = [rel for rel in modes if not _inside_user_tree(rel) and rel]
+    outside += [rel for rel in modes if _pattern_of(rel).startswith(("layers/*", "staging/*",
+                                                                      "trash/*"))]
+    assert any(rel == "meta/data.mdb" for rel in outside)
+    assert any(_pattern_of(rel).startswith("layers/*/") for rel in outside)
+    jobs = []
+    for rel in outside:
+        path = fs.store / rel
+        jobs.append(("list" if path.is_dir() and not path.is_symlink() else "read", str(path)))
+    jobs.append(("list", str(fs.store)))
+    jobs.append(("list", str(fs.store / "branches")))
+    results = as_user(jobs)
+    for job, got in zip(jobs, results):
+        assert got == "EACCES", (job, got)
+
+
+@needs_fuse
+def test_branch_upper_shows_no_more_than_the_branch_tree(fs):
+    """An upper carries the tree root's mode (overlayfs shows it as the tree's root): what a
+    user reaches through it is what it reaches through the mounted tree, file by file."""
+    upper = fs.store / "branches" / "work" / "upper"
+    tree = fs.store / "branches" / "work" / "tree"
+    rels = sorted(os.path.relpath(os.path.join(d, n), upper)
+                  for d, dirs, files in os.walk(upper) for n in dirs + files)
+    assert "dir/secret" in rels and "open" in rels
+    jobs = [("read" if (upper / r).is_file() else "list", str(base / r))
+            for r in rels for base in (upper, tree)]
+    results = as_user(jobs)
+    for i in range(0, len(jobs), 2):
+        assert results[i] == results[i + 1], (jobs[i], results[i], results[i + 1])
+    assert dict(zip([j[1] for j in jobs], results))[str(upper / "dir" / "secret")] == "EACCES"
+    assert as_user([("read", str(tree / "open"))]) == ["ok"]  # the tree itself stays usable
+
+
+@needs_fuse
+def test_user_reads_a_snapshot_only_as_its_modes_allow(fs):
+    snap = fs.mnt / "snapshots" / "base"
+    assert as_user([("read", str(snap / "dir" / "secret")), ("read", str(snap / "open")),
+                    ("list", str(snap / "dir"))]) == ["EACCES", "ok", "ok"]
+
+
+@needs_fuse
+def test_user_without_the_admin_group_changes_nothing(fs):
+    before = (sorted(os.listdir(fs.mnt / "snapshots")), sorted(os.listdir(fs.mnt / "branches")))
+    ctl = str(fs.mnt / "ctl")
+    jobs = [("ctl", ctl, "branch evil base"), ("ctl", ctl, "commit work evil"),
+            ("ctl", ctl, "discard work"), ("ctl", ctl, "prune base"),
+            ("ctl", ctl, f"import evil {fs.base / 'src'}"),
+            ("mkdir", str(fs.mnt / "branches" / "evil")),
+            ("rmdir", str(fs.mnt / "branches" / "work")),
+            ("rmdir", str(fs.mnt / "snapshots" / "base")),
+            ("write", str(fs.mnt / "branches" / "work" / "commit"), "evil"),
+            ("write", str(fs.mnt / "branches" / "work" / "parent"), "base")]
+    for job, got in zip(jobs, as_user(jobs)):
+        assert got.split()[0] == "EPERM", (job, got)
+    assert (sorted(os.listdir(fs.mnt / "snapshots")), sorted(os.listdir(fs.mnt / "branches"))) \
+        == before
