@@ -1,4 +1,4 @@
-"""Who may read the store (docs/security.md).
+"""Who may read the store, and what an import may read (docs/security.md).
 
 The store holds every committed file's bytes in its metadata database (where no file mode
 guards them) and in its layers. The mount (``MNT/snapshots``, the branches' overlayfs trees) is the
@@ -9,14 +9,24 @@ itself, ``branches/`` and ``branches/<name>/``, the path from ``/`` to each bran
 mount point that non-root code inside the branch works in. A branch's ``upper/`` carries the
 tree root's own mode (overlayfs shows it as the tree's root), so what a user reaches through it
 is what that user reaches through the tree, under the same modes.
+
+The daemon runs as root, so an ``import`` asked through ``ctl`` by a member of the admin group
+would read what only root may read. ``check_readable`` walks the source in a child forked with
+the caller's credentials (the FUSE request's uid, gid and supplementary groups) and refuses the
+import with EACCES naming the first path that caller cannot read.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
+
+from . import forks
+from .errors import CascowfsError, PermissionDeniedError
 
 log = logging.getLogger("cascowfs.privacy")
 
@@ -63,8 +73,7 @@ def make_private(store: Path) -> int:
             if stat.S_ISLNK(st.st_mode) or stat.S_IMODE(st.st_mode) == mode:
                 continue
             os.chmod(path, mode)
-            tightened.append(f"{path.relative_to(store) if path != store else '.'} "
-                             f"{stat.S_IMODE(st.st_mode):o}->{mode:o}")
+            tightened.append(f"{path.relative_to(store)} {stat.S_IMODE(st.st_mode):o}->{mode:o}")
     if older and tightened:
         log.warning("%s: made private to root (was readable by others): %s", store,
                     ", ".join(tightened))
@@ -84,3 +93,83 @@ def _expand(store: Path, pattern: str) -> list[Path]:
 def make_passage(path: Path) -> None:
     """Let every user search (not list) ``path``: a directory on the way to a branch's tree."""
     os.chmod(path, PASSAGE_DIR)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The credentials of a FUSE request's process."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
+def check_readable(caller: Caller, src: str) -> None:
+    """Raise EACCES naming the first path under ``src`` (``src`` included) that ``caller``
+    may not read: a directory it may not list and search, a file it may not read. Root
+    callers read anything and pass at once."""
+    if caller.uid == 0:
+        return
+    parent_pid = os.getpid()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child (of a threaded parent): system calls only, then _exit
+        status = 1
+        try:
+            os.close(read_end)
+            forks.die_with_parent(parent_pid)
+            os.setgroups(list(caller.groups))
+            os.setresgid(caller.gid, caller.gid, caller.gid)
+            os.setresuid(caller.uid, caller.uid, caller.uid)
+            code, path = _first_refusal(os.fsencode(src))
+            os.write(write_end, b"%d\0" % code + path)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    try:
+        answer = b""
+        while chunk := os.read(read_end, 65536):
+            answer += chunk
+    finally:
+        os.close(read_end)
+        _, wait_status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(wait_status) != 0 or b"\0" not in answer:
+        raise CascowfsError(f"import of {src}: checking the caller's access failed")
+    code, path = answer.split(b"\0", 1)
+    if int(code) == errno.EACCES:
+        raise PermissionDeniedError(f"import of {src}: {os.fsdecode(path)} is not readable by "
+                                    f"uid {caller.uid}", errno=errno.EACCES)
+    if int(code):
+        raise CascowfsError(f"import of {src}: {os.fsdecode(path)}: {os.strerror(int(code))}",
+                            errno=int(code))
+
+
+def _first_refusal(top: bytes) -> tuple[int, bytes]:
+    """(errno, path) of the first entry under ``top`` the current credentials may not read,
+    or (0, b"") if there is none. Symbolic links are not followed below ``top``; special files
+    need no permission (an import records them without opening them)."""
+    try:
+        st = os.stat(top)  # as this caller: every directory on the way must be searchable
+    except OSError as exc:
+        return exc.errno or errno.EIO, top
+    if not stat.S_ISDIR(st.st_mode):
+        return 0, b""  # not importable at all: the import says so, as to root
+    if not os.access(top, os.R_OK | os.X_OK):
+        return errno.EACCES, top
+    stack = [top]
+    while stack:
+        path = stack.pop()
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        if not os.access(entry.path, os.R_OK | os.X_OK, follow_symlinks=False):
+                            return errno.EACCES, entry.path
+                        stack.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        if not os.access(entry.path, os.R_OK, follow_symlinks=False):
+                            return errno.EACCES, entry.path
+        except OSError as exc:
+            return exc.errno or errno.EIO, path
+    return 0, b""

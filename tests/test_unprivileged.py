@@ -282,3 +282,48 @@ def test_user_without_the_admin_group_changes_nothing(fs):
         assert got.split()[0] == "EPERM", (job, got)
     assert (sorted(os.listdir(fs.mnt / "snapshots")), sorted(os.listdir(fs.mnt / "branches"))) \
         == before
+
+
+@needs_fuse
+def test_admin_imports_only_what_it_may_read(fs, admin_group):
+    ctl = str(fs.mnt / "ctl")
+    private = fs.base / "private"  # root's 0700 directory, as /root is
+    private.mkdir()
+    (private / "key").write_text("root's")
+    os.chmod(private, 0o700)
+    nested = fs.base / "nested"  # readable, but for one file deep inside
+    (nested / "a" / "b").mkdir(parents=True)
+    for d in (nested, nested / "a", nested / "a" / "b"):
+        os.chmod(d, 0o755)
+    (nested / "a" / "b" / "key").write_text("root's")
+    os.chmod(nested / "a" / "b" / "key", 0o600)
+    hidden = fs.base / "shut" / "inner"  # readable, behind a directory nobody may search
+    hidden.mkdir(parents=True)
+    os.chmod(fs.base / "shut", 0o700)
+    os.chmod(hidden, 0o755)
+    gid = admin_group.gr_gid
+    got = as_user([("ctl", ctl, f"import p1 {private}"), ("ctl", ctl, f"import p2 {nested}"),
+                   ("ctl", ctl, f"import p3 {hidden}"),
+                   ("ctl", ctl, f"import p4 {fs.base / 'src' / 'dir'}"),
+                   ("ctl", ctl, f"import ok {fs.base / 'src' / 'open'}")], groups=[gid])
+    assert got[0].startswith("EACCES error EACCES") and str(private) in got[0], got[0]
+    assert got[1].startswith("EACCES") and str(nested / "a" / "b" / "key") in got[1], got[1]
+    assert got[2].startswith("EACCES") and str(hidden) in got[2], got[2]
+    assert got[3].startswith("EACCES") and "secret" in got[3], got[3]
+    assert got[4].split()[0] in ("ENOTDIR", "ENOENT"), got[4]  # a file: not importable at all
+    snapshots = os.listdir(fs.mnt / "snapshots")
+    assert not {"p1", "p2", "p3", "p4", "ok"} & set(snapshots)
+    assert os.listdir(fs.store / "staging") == []
+    # what the member may read imports; root imports the private directory as before
+    readable = fs.base / "readable"
+    (readable / "d").mkdir(parents=True)
+    for d in (readable, readable / "d"):
+        os.chmod(d, 0o755)
+    (readable / "d" / "f").write_text("shared")
+    os.chmod(readable / "d" / "f", 0o644)
+    os.symlink("/root", readable / "link")  # recorded as a link, never followed
+    assert as_user([("ctl", ctl, f"import mine {readable}")], groups=[gid]) == ["ok ok mine"]
+    assert (fs.mnt / "snapshots" / "mine" / "d" / "f").read_text() == "shared"
+    assert os.readlink(fs.mnt / "snapshots" / "mine" / "link") == "/root"
+    assert fs.ctl(f"import rootsown {private}")[0] == 0
+    assert (fs.mnt / "snapshots" / "rootsown" / "key").read_text() == "root's"

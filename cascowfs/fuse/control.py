@@ -14,6 +14,7 @@ POSIX shell does, so a label value may be quoted: ``plan="fix the parser"``)::
     prune   <id>                           drop a snapshot
     rebase  <name> [<id>]                  re-base an unmodified branch (no id: the empty snapshot)
     import  <id> <absolute-path> [key=value ...]   import a directory tree as snapshot <id>
+                                           (all of it readable by the caller)
     gc                                     reclaim unreferenced objects now
 
 Replies (one line each, readable from the same open file): ``ok <result>`` or
@@ -31,6 +32,7 @@ from typing import Any
 
 from ..errors import CascowfsError, InvalidArgumentError
 from ..names import check_branch_name, check_snapshot_id, parse_labels
+from ..privacy import Caller, check_readable
 
 MAX_COMMAND = 64 * 1024
 VERBS = ("branch", "commit", "discard", "prune", "rebase", "import", "gc")
@@ -154,8 +156,11 @@ def parse_commit_write(branch: str, data: bytes) -> Command:
     return Command("commit", name=branch, id=ident, labels=labels)
 
 
-def execute(sm: Any, cmd: Command) -> str:
-    """Run a validated command against a StateManager (blocking). Returns the reply result."""
+def execute(sm: Any, cmd: Command, caller: Caller | None = None) -> str:
+    """Run a validated command against a StateManager (blocking). Returns the reply result.
+
+    An import reads its source only if ``caller`` (the process that opened ``ctl``; None:
+    the daemon itself) may read all of it."""
     if cmd.verb == "branch":
         info = sm.create_branch(cmd.name, cmd.id)
         return str(info.tree)
@@ -171,6 +176,8 @@ def execute(sm: Any, cmd: Command) -> str:
         info = sm.rebase(cmd.name, cmd.id)
         return info.parent or ""
     if cmd.verb == "import":
+        if caller is not None:
+            check_readable(caller, cmd.src)
         return str(sm.import_tree(cmd.src, cmd.id, cmd.labels or None))
     if cmd.verb == "gc":
         stats = sm.gc()

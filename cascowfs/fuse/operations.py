@@ -37,6 +37,7 @@ import trio
 from ..errors import CascowfsError, NotFoundError, PermissionDeniedError
 from ..model import BranchInfo, Entry, SnapshotInfo
 from ..names import check_branch_name, check_snapshot_id
+from ..privacy import Caller
 from . import control
 from .ctl_lanes import CtlLanes
 from .inodes import (
@@ -115,6 +116,7 @@ class CtlHandle:
     # right to change state is decided when the file is opened.
     lane: CtlNode
     admin: bool = False
+    caller: Caller | None = None  # whose access an import's source is checked against
     replies: deque[bytes] = field(default_factory=lambda: deque(maxlen=1024))
     partial: bytes = b""  # unread tail of a reply that a short read split
 
@@ -196,6 +198,16 @@ class CascowOperations(pyfuse3.Operations):
             return self.admin_gid in pyfuse3.get_sup_groups(ctx.pid)
         except Exception:  # the caller may be gone already; then it is no admin of ours
             return False
+
+    @staticmethod
+    def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+        if ctx.uid == 0:  # reads anything: its groups do not matter
+            return Caller(0, ctx.gid)
+        try:
+            groups = tuple(sorted(pyfuse3.get_sup_groups(ctx.pid)))
+        except Exception:  # the caller is gone already: checked without its groups
+            groups = ()
+        return Caller(ctx.uid, ctx.gid, groups)
 
     def _require_admin(self, ctx: pyfuse3.RequestContext, what: str) -> None:
         if not self._is_admin(ctx):
@@ -645,7 +657,7 @@ class CascowOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self._new_handle(LeafHandle(node.entry)), keep_cache=True)
         if isinstance(node, CtlNode):
             # Replies are a stream, not a file: no seeking, no page cache.
-            handle = CtlHandle(node, admin=self._is_admin(ctx))
+            handle = CtlHandle(node, admin=self._is_admin(ctx), caller=self._caller(ctx))
             self.ctl_lanes.opened(node)
             return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, nonseekable=True)
         if isinstance(node, BranchFileNode) and node.which in ("parent", "commit", "status"):
@@ -702,7 +714,7 @@ class CascowOperations(pyfuse3.Operations):
             if not handle.admin:
                 raise PermissionDeniedError("only root or the admin group may change state")
             cmd = control.parse_command(buf)
-            result = await self._q(control.execute, self.sm, cmd)
+            result = await self._q(control.execute, self.sm, cmd, handle.caller)
         except Exception as exc:
             code, message = control.error_of(exc)
             handle.replies.append(control.error_reply(code, message))
