@@ -13,6 +13,7 @@ import grp
 import json
 import logging
 import os
+import secrets
 import shutil
 import stat
 import subprocess
@@ -20,8 +21,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from conftest import open_store
+from conftest import hypothesis_settings, open_store
 from fusehelpers import Cascow, mounted, needs_fuse
 
 NOBODY = 65534
@@ -327,3 +330,71 @@ def test_admin_imports_only_what_it_may_read(fs, admin_group):
     assert os.readlink(fs.mnt / "snapshots" / "mine" / "link") == "/root"
     assert fs.ctl(f"import rootsown {private}")[0] == 0
     assert (fs.mnt / "snapshots" / "rootsown" / "key").read_text() == "root's"
+
+
+# A tree node: (mode, uid, gid, children) for a directory, (mode, uid, gid, None) for a file.
+_OWNERS = st.sampled_from([0, NOBODY])
+_DIR_MODES = st.sampled_from([0o755, 0o750, 0o711, 0o705, 0o700, 0o500, 0o570, 0o057])
+_FILE_MODES = st.sampled_from([0o644, 0o640, 0o604, 0o600, 0o400, 0o040, 0o004, 0o000])
+
+
+def _trees(admin_gid: int) -> st.SearchStrategy:
+    groups = st.sampled_from([0, NOBODY, admin_gid])
+    files = st.tuples(_FILE_MODES, _OWNERS, groups, st.none())
+    return st.recursive(
+        files,
+        lambda kids: st.tuples(_DIR_MODES, _OWNERS, groups,
+                               st.dictionaries(st.sampled_from("abcd"), kids, max_size=3)),
+        max_leaves=8).filter(lambda node: node[3] is not None)
+
+
+def _may(node: tuple, want: int, groups: set[int]) -> bool:
+    """Whether nobody, in ``groups``, has every bit of ``want`` (r=4, x=1) on ``node``."""
+    mode, uid, gid, _ = node
+    shift = 6 if uid == NOBODY else 3 if gid in groups else 0
+    return (mode >> shift) & want == want
+
+
+def _build(path: Path, node: tuple) -> None:
+    mode, uid, gid, children = node
+    if children is None:
+        path.write_text(str(path))
+    else:
+        path.mkdir()
+        for name, child in children.items():
+            _build(path / name, child)
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
+
+
+def _first_refusals(path: Path, node: tuple, groups: set[int]) -> set[Path]:
+    """The paths an import by nobody may be refused by: unreadable, below readable dirs."""
+    children = node[3]
+    if not _may(node, 4 if children is None else 5, groups):
+        return {path}
+    return set().union(*(_first_refusals(path / n, c, groups) for n, c in (children or {}).items()))
+
+
+@needs_fuse
+@hypothesis_settings(12)
+@given(data=st.data())
+def test_admin_import_is_refused_exactly_when_some_path_is_unreadable(fs, admin_group, data):
+    tree = data.draw(_trees(admin_group.gr_gid))
+    ident = f"prop{secrets.token_hex(4)}"
+    top = fs.base / ident
+    _build(top, tree)
+    try:
+        groups = {NOBODY, admin_group.gr_gid}
+        refusals = _first_refusals(top, tree, groups)
+        [got] = as_user([("ctl", str(fs.mnt / "ctl"), f"import {ident} {top}")],
+                        groups=[admin_group.gr_gid])
+        imported = (fs.mnt / "snapshots" / ident).exists()
+        if refusals:
+            assert got.startswith("EACCES error EACCES") and not imported, got
+            named = got.split(f"import of {top}: ", 1)[1].rsplit(" is not readable", 1)[0]
+            assert Path(named) in refusals, (named, refusals)
+        else:
+            assert got == f"ok ok {ident}" and imported, got
+            assert fs.ctl(f"prune {ident}")[0] == 0
+    finally:
+        shutil.rmtree(top)
