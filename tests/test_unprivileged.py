@@ -81,14 +81,23 @@ def assert_private(store: Path) -> None:
                     or pattern.startswith("branches/*/tree")), (rel, [oct(modes[p]) for p in parents])
 
 
+SOURCE = {"dir/secret": ("root only", 0o600), "open": ("anyone", 0o644)}
+
+
+def make_tree(top: Path, files: dict[str, tuple[str, int]]) -> Path:
+    """Root's files (relative path: (text, mode)) in 0755 directories, under ``top``."""
+    for rel, (text, mode) in files.items():
+        path = top / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        os.chmod(path, mode)
+        for d in path.relative_to(top).parents:  # "." (top) included
+            os.chmod(top / d, 0o755)
+    return top
+
+
 def _populate(sm, base: Path) -> None:
-    src = base / "src"
-    (src / "dir").mkdir(parents=True)
-    os.chmod(src, 0o755)
-    (src / "dir" / "secret").write_text("root only")
-    os.chmod(src / "dir" / "secret", 0o600)
-    (src / "open").write_text("anyone")
-    os.chmod(src / "open", 0o644)
+    src = make_tree(base / "src", SOURCE)
     sm.import_tree(src, "s1")
     tree = sm.create_branch("b", "s1").tree
     (tree / "new").write_text("x")
@@ -206,14 +215,7 @@ def admin_group():
 @pytest.fixture(scope="module")
 def fs(admin_group):
     def populate(fs: Cascow) -> None:
-        src = fs.base / "src"
-        (src / "dir").mkdir(parents=True)
-        for d in (src, src / "dir"):
-            os.chmod(d, 0o755)
-        (src / "dir" / "secret").write_text("root only")
-        os.chmod(src / "dir" / "secret", 0o600)
-        (src / "open").write_text("anyone")
-        os.chmod(src / "open", 0o644)
+        make_tree(fs.base / "src", SOURCE)
 
     with mounted("--admin-group", admin_group.gr_name, populate=populate) as fs:
         assert fs.ctl(f"import base {fs.base / 'src'}")[0] == 0
@@ -294,12 +296,7 @@ def test_admin_imports_only_what_it_may_read(fs, admin_group):
     private.mkdir()
     (private / "key").write_text("root's")
     os.chmod(private, 0o700)
-    nested = fs.base / "nested"  # readable, but for one file deep inside
-    (nested / "a" / "b").mkdir(parents=True)
-    for d in (nested, nested / "a", nested / "a" / "b"):
-        os.chmod(d, 0o755)
-    (nested / "a" / "b" / "key").write_text("root's")
-    os.chmod(nested / "a" / "b" / "key", 0o600)
+    nested = make_tree(fs.base / "nested", {"a/b/key": ("root's", 0o600)})  # one file deep inside
     hidden = fs.base / "shut" / "inner"  # readable, behind a directory nobody may search
     hidden.mkdir(parents=True)
     os.chmod(fs.base / "shut", 0o700)
@@ -318,12 +315,7 @@ def test_admin_imports_only_what_it_may_read(fs, admin_group):
     assert not {"p1", "p2", "p3", "p4", "ok"} & set(snapshots)
     assert os.listdir(fs.store / "staging") == []
     # what the member may read imports; root imports the private directory as before
-    readable = fs.base / "readable"
-    (readable / "d").mkdir(parents=True)
-    for d in (readable, readable / "d"):
-        os.chmod(d, 0o755)
-    (readable / "d" / "f").write_text("shared")
-    os.chmod(readable / "d" / "f", 0o644)
+    readable = make_tree(fs.base / "readable", {"d/f": ("shared", 0o644)})
     os.symlink("/root", readable / "link")  # recorded as a link, never followed
     assert as_user([("ctl", ctl, f"import mine {readable}")], groups=[gid]) == ["ok ok mine"]
     assert (fs.mnt / "snapshots" / "mine" / "d" / "f").read_text() == "shared"
