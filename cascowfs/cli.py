@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .client import Client
-from .errors import CascowfsError, InvalidArgumentError, StoreLockedError
+from .errors import CascowfsError, ExistsError, InvalidArgumentError, StoreLockedError
 from .fuse.sysmount import FUSE_TYPE, MNT_DETACH, is_cascowfs_mount, mounts, umount2
 from .names import parse_labels
 
@@ -45,6 +45,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
             raise InvalidArgumentError(f"mount point {args.mountpoint} is not a directory")
         return daemon.run_background(start, args.log_file)
     return start(None)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .state import StateManager, is_store
+
+    store = Path(args.store).absolute()
+    if is_store(store):
+        raise ExistsError(f"{store} is already a cascowfs store")
+    StateManager.open(store, create=True).close()
+    print(store)
+    return 0
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -77,7 +88,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         from .state import StateManager
 
         try:
-            StateManager.open(store).close(unmount_branches=True)
+            StateManager.open(store, create=False).close(unmount_branches=True)
         except StoreIOError as exc:
             # a store on a failed disk cannot be opened; its branch mounts can still go
             overlay.unmount_under(Path(store) / "branches")
@@ -252,7 +263,7 @@ class _offline:
         from .state import StateManager
 
         try:
-            self.sm = StateManager.open(self.store)
+            self.sm = StateManager.open(self.store, create=False)
         except StoreLockedError as exc:
             raise StoreLockedError(f"{exc.message}; use its mount point instead") from None
         return self.sm
@@ -335,8 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
+    p = verb("init", cmd_init, "create a new store in STORE (missing or empty)",
+             "Create and initialise a store. STORE must be missing or an empty directory: a "
+             "non-empty one is refused (ENOTEMPTY), an existing store too (EEXIST). Every verb "
+             "but init and mount refuses a path that is not a store.")
+    p.add_argument("store", help="store directory")
+
     p = verb("mount", cmd_mount, "serve STORE at MNT (foreground unless --background)",
-             "Open (creating if needed) STORE, replay its write-ahead log, re-adopt branch "
+             "Open STORE (a missing or empty directory becomes a new store; anything else that "
+             "is not a store is refused), replay its write-ahead log, re-adopt branch "
              "mounts, then mount the filesystem at MNT and serve it. A dead mount left by a "
              "killed daemon is cleared first. Signals readiness to systemd (sd_notify).")
     p.add_argument("store", help="store directory")

@@ -49,7 +49,7 @@ class FsckReport:
 
 def fsck_store(store: str | Path, *, progress: bool = False, deep: bool = False) -> FsckReport:
     """Check a store that no daemon holds (takes the store lock; changes nothing)."""
-    sm = StateManager.open(store, recover=False)
+    sm = StateManager.open(store, recover=False, create=False)
     try:
         return check(sm, progress=progress, deep=deep)
     finally:

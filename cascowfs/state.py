@@ -4,7 +4,8 @@ Store layout (all on one filesystem, so renames are atomic and overlay upper/wor
 
     STORE/lock                  flock: one StateManager per store
     (every path root's alone, but the three on the way to a branch's tree: privacy.py)
-    STORE/meta/                 LMDB: objects, snapshots, branches, layers, ops
+    STORE/meta/                 LMDB: objects, snapshots, branches, layers, ops; its data.mdb
+                                is what makes a directory a store (``is_store``)
     STORE/wal/log               write-ahead log (wal.py)
     STORE/layers/<layer>/       native lower layers, a cache of the CAS (layers.py)
     STORE/branches/<name>/      upper/, work/ and tree/ (the overlay mount point)
@@ -21,6 +22,7 @@ recorded state. docs/architecture.md explains each step and which PREPAREs are f
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -44,8 +46,8 @@ from . import overlay
 from . import privacy
 from .cas import ContentStore, identify_content
 from .crashpoints import crash_point
-from .errors import (BusyError, CascowfsError, ExistsError, NotFoundError, StoreIOError,
-                     StoreLockedError, from_os_error)
+from .errors import (BusyError, CascowfsError, ExistsError, InvalidArgumentError, NotFoundError,
+                     StoreIOError, StoreLockedError, from_os_error)
 from .metadb import MetaDB
 from .model import BranchInfo, Change, Entry, SnapshotInfo
 from .names import check_branch_name, check_labels, check_snapshot_id
@@ -77,6 +79,41 @@ MERGE_FAN_IN = 8
 # its delta layers merged into one at its next merge: the counter alone never shortens it.
 MERGE_ALL_ABOVE = 64
 FLATTEN_TRIES = 5  # a flatten racing background merges of the same chain starts over
+# What a store directory holds; a directory holding nothing else (and no metadata database)
+# is what an interrupted creation leaves, which a creating open finishes.
+STORE_ENTRIES = frozenset({"lock", "meta", "wal", "layers", "branches", "staging", "trash",
+                           "empty"})
+NOT_A_STORE = "not a cascowfs store; run cascowfs init"
+
+
+def is_store(path: Path) -> bool:
+    """A directory is a cascowfs store once its metadata database exists (the format record
+    inside it is checked when the store is opened)."""
+    return (path / "meta" / "data.mdb").is_file()
+
+
+def check_store_dir(store: Path, *, create: bool) -> None:
+    """Refuse, before anything is written, to open what is not a store: ENOENT if ``store`` is
+    missing, EINVAL if it is something else. ``create`` also accepts a missing directory, an
+    empty one or one an interrupted creation left; a non-empty other directory is ENOTEMPTY
+    (a source tree given for a store must not gain a store's directories)."""
+    if is_store(store):
+        return
+    try:
+        entries = set(os.listdir(store))
+    except FileNotFoundError:
+        if create:
+            return
+        raise NotFoundError(f"{store}: {NOT_A_STORE}") from None
+    except NotADirectoryError:
+        if create:
+            raise CascowfsError(f"{store} is not a directory", errno=errno.ENOTDIR) from None
+        raise InvalidArgumentError(f"{store}: {NOT_A_STORE}") from None
+    if not create:
+        raise InvalidArgumentError(f"{store}: {NOT_A_STORE}")
+    if not entries <= STORE_ENTRIES:
+        raise CascowfsError(f"{store} is neither empty nor a cascowfs store; give a new or "
+                            f"empty directory", errno=errno.ENOTEMPTY)
 
 
 class _OpGate:
@@ -209,12 +246,16 @@ class StateManager:
     # opening, recovery, closing
     # ------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, store: str | Path, *, progress: bool = False, recover: bool = True) -> "StateManager":
-        """Open (creating if needed) the store, lock it, replay the WAL and reconcile mounts.
+    def open(cls, store: str | Path, *, progress: bool = False, recover: bool = True,
+             create: bool = True) -> "StateManager":
+        """Open the store, lock it, replay the WAL and reconcile mounts.
 
+        ``create``: a missing or empty directory becomes a new store; without it anything but
+        an existing store is refused and nothing is written (``check_store_dir``).
         ``recover=False`` opens without touching anything (fsck uses it to look at a store as
         it was left)."""
         self = cls(Path(store).absolute())
+        check_store_dir(self.store, create=create)
         self._read_only = not recover
         with self._disk_errors(f"opening store {self.store}"):
             for d in (self.store, self.layers_dir, self.branches_dir, self.staging_dir,

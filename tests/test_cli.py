@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fusehelpers import Cascow, mounted, needs_fuse, run_cli
 
-VERBS = ["mount", "umount", "branch", "commit", "discard", "prune", "rebase", "ls", "log",
+VERBS = ["init", "mount", "umount", "branch", "commit", "discard", "prune", "rebase", "ls", "log",
          "status", "diff", "import", "fsck", "gc"]
 
 
