@@ -87,8 +87,9 @@ def mount_overlay(target: Path, lowers: list[Path], upper: Path | None = None,
             for layer in lowers:
                 set_string("lowerdir+", os.fsencode(layer))
             if upper is not None:
-                set_string("upperdir", os.fsencode(upper))
-                set_string("workdir", os.fsencode(work))
+                # overlayfs unescapes backslashes in these two paths (not in lowerdir+)
+                set_string("upperdir", os.fsencode(upper).replace(b"\\", b"\\\\"))
+                set_string("workdir", os.fsencode(work).replace(b"\\", b"\\\\"))
                 set_flag("volatile")
             set_string("redirect_dir", "on")
             set_string("index", "off")
