@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 
 from .client import Client
 from .errors import CascowfsError, ExistsError, InvalidArgumentError, StoreLockedError
-from .fuse.sysmount import FUSE_TYPE, MNT_DETACH, is_cascowfs_mount, mounts, umount2
+from .fuse.sysmount import (FUSE_TYPE, MNT_DETACH, is_cascowfs_mount, mount_at, mounts,
+                            store_of_source, umount2)
 from .names import parse_labels
 
 log = logging.getLogger("cascowfs.cli")
@@ -60,12 +61,13 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     mnt = Path(args.mountpoint).absolute()
-    if not is_cascowfs_mount(mnt):
+    entry = mount_at(mnt)
+    if entry is None or entry.fstype != FUSE_TYPE:
         raise InvalidArgumentError(f"{mnt} is not a cascowfs mount")
-    pid = store = None
+    store = store_of_source(entry.source)  # in the mount table even when the daemon is dead
+    pid = None
     try:
         pid = int(os.getxattr(mnt, "user.cascowfs.pid"))
-        store = os.getxattr(mnt, "user.cascowfs.store").decode()
     except OSError as exc:
         if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
             raise
@@ -81,20 +83,27 @@ def cmd_umount(args: argparse.Namespace) -> int:
                             errno=errno.ETIMEDOUT)
     if args.branches:
         if store is None:
-            raise CascowfsError("--branches: store of the dead mount unknown; run "
-                                "`cascowfs mount` and unmount again", errno=errno.ENOENT)
-        from . import overlay
-        from .errors import StoreIOError
-        from .state import StateManager
-
-        try:
-            StateManager.open(store, create=False).close(unmount_branches=True)
-        except StoreIOError as exc:
-            # a store on a failed disk cannot be opened; its branch mounts can still go
-            overlay.unmount_under(Path(store) / "branches")
-            print(f"cascowfs umount: {exc}; its branch mounts were detached without it",
-                  file=sys.stderr)
+            raise CascowfsError(f"--branches: the mount names no store (source {entry.source!r})",
+                                errno=errno.ENOENT)
+        _unmount_branches(store)
     return 0
+
+
+def _unmount_branches(store: Path) -> None:
+    """Unmount every branch overlay of ``store``. Opening the store first replays what a crash
+    left half done; a store that cannot be opened (a failed disk, a store gone) still has its
+    branch mounts detached. One that another daemon holds keeps them: they are its branches."""
+    from . import overlay
+    from .state import StateManager
+
+    try:
+        StateManager.open(store, create=False).close(unmount_branches=True)
+    except StoreLockedError:
+        raise
+    except CascowfsError as exc:
+        overlay.unmount_under(store / "branches")
+        print(f"cascowfs umount: {exc.message}; its branch mounts were detached without it",
+              file=sys.stderr)
 
 
 def cmd_branch(args: argparse.Namespace) -> int:
@@ -373,8 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("umount", cmd_umount, "unmount MNT and wait for its daemon to exit")
     p.add_argument("mountpoint", metavar="MNT")
     p.add_argument("--branches", action="store_true",
-                   help="also unmount every branch overlay (full teardown; branches survive "
-                        "as state and are mounted again by the next `mount`)")
+                   help="also unmount every branch overlay, also after the daemon was killed "
+                        "(full teardown; branches survive as state and are mounted again by "
+                        "the next `mount`)")
     p.add_argument("--lazy", "-l", action="store_true", help="detach even if busy")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the daemon")
 

@@ -32,7 +32,7 @@ import trio
 from . import forks
 from .errors import CascowfsError, BusyError, InvalidArgumentError
 from .fuse.operations import CascowOperations
-from .fuse.sysmount import FUSE_TYPE, clear_dead_mount, mount_at
+from .fuse.sysmount import FUSE_TYPE, clear_dead_mount, mount_at, store_source
 
 log = logging.getLogger("cascowfs.daemon")
 
@@ -57,11 +57,11 @@ FUSE_WORKER_TASKS = 8
 GIL_SWITCH_SECONDS = 0.00025
 
 
-def mount_options() -> set[str]:
+def mount_options(store: Path) -> set[str]:
     opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks file modes
     opts |= {
-        "fsname=cascowfs",
-        "subtype=cascowfs",  # /proc/mounts: "cascowfs MNT fuse.cascowfs ..."
+        f"fsname={store_source(store)}",  # /proc/mounts: "STORE MNT fuse.cascowfs ..."
+        "subtype=cascowfs",
         "allow_other",  # any process of the VM may use it (the daemon runs as root)
         "nosuid",  # snapshots are data to read, not programs to gain privileges from
         "nodev",
@@ -166,7 +166,7 @@ def run(store: str | Path, mnt: str | Path, *, admin_gid: int | None = None,
             "pid": str(os.getpid()), "store": str(store), "version": VERSION,
         })
         try:
-            pyfuse3.init(ops, str(mnt), mount_options())
+            pyfuse3.init(ops, str(mnt), mount_options(store))
         except RuntimeError as exc:  # libfuse reports details on stderr
             raise CascowfsError(f"mounting {mnt} failed: {exc}") from None
         for fd in _fuse_fds():  # a child holding the channel would keep a killed daemon's mount alive

@@ -42,7 +42,7 @@ def test_proc_mounts_and_root_xattrs():
         line = [l for l in Path("/proc/mounts").read_text().splitlines()
                 if f" {fs.mnt} " in l][0]
         source, point, fstype, options = line.split()[:4]
-        assert (source, fstype) == ("cascowfs", "fuse.cascowfs")
+        assert (source, fstype) == (str(fs.store), "fuse.cascowfs")
         assert "default_permissions" in options and "allow_other" in options
         assert int(os.getxattr(fs.mnt, "user.cascowfs.pid")) == fs.pid
         assert os.getxattr(fs.mnt, "user.cascowfs.store").decode() == str(fs.store)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import urllib.parse
 from pathlib import Path
 
 from ..overlay import MountRecord, all_mounts
@@ -15,6 +16,26 @@ FUSE_TYPE = "fuse.cascowfs"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+
+
+# Characters a store path keeps as they are in the FUSE mount's source; libfuse's option
+# parser takes ASCII only and splits at commas, so everything else is percent-encoded.
+_SOURCE_SAFE = "/._-+=@:~"
+
+
+def store_source(store: Path) -> str:
+    """The FUSE mount's source (``fsname``, the first column of /proc/mounts) for ``store``.
+
+    The kernel keeps it exactly as long as the mount, and shows it even after the daemon died,
+    so ``cascowfs umount --branches`` finds the store of a dead mount from the mount table."""
+    return urllib.parse.quote(os.fsencode(store), safe=_SOURCE_SAFE)
+
+
+def store_of_source(source: str) -> Path | None:
+    """The store a FUSE mount's source names (``store_source``), None if it names none."""
+    if not source.startswith("/"):
+        return None
+    return Path(os.fsdecode(urllib.parse.unquote_to_bytes(source)))
 
 
 def umount2(path: str | Path, flags: int = 0) -> None:
