@@ -29,6 +29,7 @@ import logging
 import os
 import queue
 import secrets
+import stat
 import threading
 import time
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ from .cas import ContentStore, identify_content
 from .crashpoints import crash_point
 from .errors import (BusyError, CascowfsError, ExistsError, InvalidArgumentError, NotFoundError,
                      StoreIOError, StoreLockedError, from_os_error)
+from .fuse.sysmount import FUSE_TYPE, store_of_source
 from .metadb import MetaDB
 from .model import BranchInfo, Change, Entry, SnapshotInfo
 from .names import check_branch_name, check_labels, check_snapshot_id
@@ -730,10 +732,8 @@ class StateManager:
     def import_tree(self, src: str | Path, id: str | None = None,
                     labels: dict[str, str] | None = None, *, progress: bool = False) -> str:
         """Import a plain directory as a new snapshot (its own full layer)."""
-        src = Path(src)
         labels = check_labels(labels)
-        if not src.is_dir():
-            raise NotFoundError(f"import source {src} is not a directory")
+        src = resolve_import_source(Path(src), self.store)
         with self._ops.running():
             id = self._claim_id(id)
             layer = secrets.token_hex(5)
@@ -1499,6 +1499,38 @@ def layer_written(rec: dict) -> bool:
 def _snapshot_info(id: str, rec: dict) -> SnapshotInfo:
     return SnapshotInfo(id, rec["root"], rec["parent"], rec["created_ns"], rec["size"],
                         rec["files"], dict(rec.get("labels") or {}))
+
+
+def resolve_import_source(src: Path, store: Path) -> Path:
+    """The directory an import of ``src`` reads: ``src`` with its symlinks resolved. ENOENT if
+    it is missing, ENOTDIR if it is not a directory (a file, FIFO, device or socket), EINVAL if
+    it lies inside ``store`` or inside a mount serving it: such an import would read the
+    staging directory it writes, or ask its own daemon for every file. A branch's tree is the
+    exception: it is a mount of its own, showing what the branch holds and no store file."""
+    try:
+        st = os.stat(src)
+    except OSError as exc:
+        raise from_os_error(exc, f"import source {src}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CascowfsError(f"import source {src} is not a directory", errno=errno.ENOTDIR)
+    real = Path(os.path.realpath(src))
+    store_real = Path(os.path.realpath(store))
+    if _within(real, store_real):
+        parts = real.relative_to(store_real).parts
+        if parts[:1] == ("branches",) and parts[2:3] == ("tree",):
+            return real
+        raise InvalidArgumentError(f"import source {src} lies inside the store it would be "
+                                   f"imported into ({store})")
+    for m in overlay.all_mounts():
+        if (m.fstype == FUSE_TYPE and store_of_source(m.source) == store
+                and _within(real, Path(m.target))):
+            raise InvalidArgumentError(f"import source {src} lies inside {m.target}, a mount "
+                                       f"of the store it would be imported into")
+    return real
+
+
+def _within(path: Path, top: Path) -> bool:
+    return path == top or top in path.parents
 
 
 def _tree_bytes(src: Path) -> int:
