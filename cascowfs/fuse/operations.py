@@ -34,7 +34,7 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 import pyfuse3
 import trio
 
-from ..errors import CascowfsError, NotFoundError, PermissionDeniedError
+from ..errors import CascowfsError, InvalidArgumentError, NotFoundError, PermissionDeniedError
 from ..model import BranchInfo, Entry, SnapshotInfo
 from ..names import check_branch_name, check_snapshot_id
 from ..privacy import Caller
@@ -126,6 +126,7 @@ class BranchFileHandle:
     node: BranchFileNode
     admin: bool = False
     content: bytes | None = None
+    written: bool = False  # parent and commit take one write per open file
 
 
 @dataclass(eq=False)
@@ -696,6 +697,12 @@ class CascowOperations(pyfuse3.Operations):
             node = handle.node
             if not handle.admin:
                 raise PermissionDeniedError("only root or the admin group may change state")
+            if handle.written:
+                # A shell writes each line of `printf 'a\nb\n' > parent` separately; the second
+                # would act on the result of the first. ctl is a stream of commands; these
+                # files hold one value.
+                raise InvalidArgumentError(f"{node.which} takes one line per open file")
+            handle.written = True
             if node.which == "parent":
                 cmd = control.parse_parent_write(node.branch, buf)
             elif node.which == "commit":
