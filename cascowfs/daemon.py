@@ -10,9 +10,10 @@ Order matters, and is the point of this module:
    branch's overlay mount. Only then is anything mounted: nobody can see a half-recovered state.
 4. ``pyfuse3.init`` mounts; then systemd hears ``READY=1`` (``Type=notify``) and a
    ``--background`` parent is released, so "the command returned" means "the mount is usable".
-5. SIGTERM/SIGINT/SIGHUP end the main loop; the FUSE mount is unmounted (lazily if busy, so no
+5. SIGTERM/SIGINT end the main loop; the FUSE mount is unmounted (lazily if busy, so no
    dead mount is left behind) and the store is closed. Branch overlay mounts stay: a branch is
-   not killed because the daemon was, and processes working inside keep working.
+   not killed because the daemon was, and processes working inside keep working. SIGHUP only
+   reopens the log file (logrotate sends it); SIGUSR1 writes every thread's stack to stderr.
 """
 
 from __future__ import annotations
@@ -131,6 +132,9 @@ async def _serve(ops: CascowOperations, ready: Callable[[], None]) -> None:
 async def _watch_signals(ops: CascowOperations) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                reopen_log_files()
+                continue
             log.info("%s: unmounting", signal.Signals(signum).name)
             sd_notify("STOPPING=1")
             pyfuse3.terminate()
@@ -155,6 +159,10 @@ def run(store: str | Path, mnt: str | Path, *, admin_gid: int | None = None,
     store = Path(store).absolute()
     mnt = Path(mnt).absolute()
     faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # its default action would kill
+    # Until the serving loop watches signals (after a recovery that may take minutes), SIGHUP
+    # reopens the log too: its default action would kill the daemon mid-recovery.
+    signal.signal(signal.SIGHUP, lambda signum, frame: reopen_log_files())
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     prepare_mountpoint(mnt)
     if nice is not None:
@@ -200,6 +208,34 @@ def setup_logging(level: int, log_file: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def reopen_log_files() -> None:
+    """Reopen every log file at its path (logrotate has moved it away), and nothing else. A
+    background daemon's stdout and stderr, where faulthandler and libfuse write, point at the
+    log file too: they follow it."""
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler) or handler.stream is None:
+            continue
+        try:
+            fresh = open(handler.baseFilename, handler.mode, encoding=handler.encoding)
+        except OSError as exc:
+            log.warning("SIGHUP: cannot reopen %s (%s); logging on to the old file",
+                        handler.baseFilename, exc.strerror)
+            continue
+        old = handler.setStream(fresh)
+        if old is None:
+            continue
+        was = os.fstat(old.fileno())
+        for fd in (1, 2):
+            try:
+                st = os.fstat(fd)
+            except OSError:  # closed
+                continue
+            if (st.st_dev, st.st_ino) == (was.st_dev, was.st_ino):
+                os.dup2(fresh.fileno(), fd)
+        old.close()
+        log.info("SIGHUP: reopened log file %s", handler.baseFilename)
 
 
 def run_background(start: Callable[[Callable[[], None]], int], log_file: str | None) -> int:
