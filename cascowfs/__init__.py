@@ -4,6 +4,8 @@
 engine (the daemon serves one); every error is a ``CascowfsError`` subclass carrying its errno.
 """
 
+from importlib.metadata import version
+
 from .client import Client
 from .errors import (
     BusyError,
@@ -20,7 +22,7 @@ from .errors import (
 )
 from .state import StateManager
 
-__version__ = "0.1.0"
+__version__ = version("cascowfs")
 
 __all__ = [
     "BusyError",

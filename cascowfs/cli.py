@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from . import __version__
 from .client import Client
 from .errors import CascowfsError, ExistsError, InvalidArgumentError, StoreLockedError
 from .fuse.sysmount import (FUSE_TYPE, MNT_DETACH, is_cascowfs_mount, mount_at, mounts,
@@ -347,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cascowfs",
         description="Millisecond branching of a working directory: CAS snapshots, overlayfs "
                     "branches, a WAL. See docs/interface.md for the file contract.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     def verb(name: str, fn: Callable[[argparse.Namespace], int], help: str,

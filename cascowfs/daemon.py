@@ -30,14 +30,12 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from . import forks
+from . import __version__, forks
 from .errors import CascowfsError, BusyError, InvalidArgumentError
 from .fuse.operations import CascowOperations
 from .fuse.sysmount import FUSE_TYPE, clear_dead_mount, mount_at, store_source
 
 log = logging.getLogger("cascowfs.daemon")
-
-VERSION = "0.1.0"
 
 # Every agent's operation waits on this one process, and its threads share one GIL: a thread
 # preempted by an agent's process while it holds the GIL (pyfuse3 replies to the kernel with
@@ -171,7 +169,7 @@ def run(store: str | Path, mnt: str | Path, *, admin_gid: int | None = None,
     sm = (open_state or _open_state)(store)
     try:
         ops = CascowOperations(sm, store, admin_gid=admin_gid, info={
-            "pid": str(os.getpid()), "store": str(store), "version": VERSION,
+            "pid": str(os.getpid()), "store": str(store), "version": __version__,
         })
         try:
             pyfuse3.init(ops, str(mnt), mount_options(store))
