@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections import OrderedDict
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import blake3
 import lmdb
@@ -112,7 +112,8 @@ def prepare_content(data: bytes) -> PreparedContent:
     objects = [(object_id(TYPE_CHUNK, p), TYPE_CHUNK + _UNPACKED + bytes(p)) for p in pieces]
     if len(objects) == 1:
         return PreparedContent(objects[0][0], len(data), objects)
-    listing = b"".join(_LIST_ITEM.pack(oid, len(p)) for (oid, _), p in zip(objects, pieces))
+    listing = b"".join(_LIST_ITEM.pack(oid, len(p))
+                       for (oid, _), p in zip(objects, pieces, strict=True))
     list_id = object_id(TYPE_LIST, listing)
     objects.append((list_id, TYPE_LIST + listing))
     return PreparedContent(list_id, len(data), objects)
@@ -159,7 +160,7 @@ def identify_content(data: bytes) -> PreparedContent:
     ids = [object_id(TYPE_CHUNK, p) for p in pieces]
     if len(ids) == 1:
         return PreparedContent(ids[0], len(data), [])
-    listing = b"".join(_LIST_ITEM.pack(oid, len(p)) for oid, p in zip(ids, pieces))
+    listing = b"".join(_LIST_ITEM.pack(oid, len(p)) for oid, p in zip(ids, pieces, strict=True))
     return PreparedContent(object_id(TYPE_LIST, listing), len(data), [])
 
 

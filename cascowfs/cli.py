@@ -16,8 +16,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from . import __version__
 from .client import Client
@@ -147,7 +148,8 @@ def cmd_rebase(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     with Client(args.mountpoint) as client:
         snaps = [client.snapshot(i) for i in client.snapshots()] if args.what != "branches" else []
-        branches = [client.branch_info(n) for n in client.branches()] if args.what != "snapshots" else []
+        branches = ([client.branch_info(n) for n in client.branches()]
+                    if args.what != "snapshots" else [])
     if args.json:
         print(json.dumps({
             "snapshots": [_snap_dict(s) for s in snaps],
@@ -453,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--deep", action="store_true",
-                   help="also mount every snapshot's layers read-only and compare them with its tree")
+                   help="also mount every snapshot's layers read-only and compare them with its "
+                        "tree")
 
     p = verb("gc", cmd_gc, "reclaim unreferenced objects and layers now")
     p.add_argument("target", metavar="STORE|MNT")

@@ -17,8 +17,8 @@ import os
 import shlex
 import stat
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import CascowfsError, error_from_errno
 from .fuse.control import parse_reply
@@ -41,7 +41,7 @@ class Client:
         with self._lock:
             self._reset_fd()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -30,7 +30,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import lmdb
 
@@ -109,7 +109,8 @@ def parents_first(txn: lmdb.Transaction, objects_db, ids: list[bytes]) -> list[b
     return post
 
 
-def _children_within(txn: lmdb.Transaction, objects_db, oid: bytes, wanted: set[bytes]) -> list[bytes]:
+def _children_within(txn: lmdb.Transaction, objects_db, oid: bytes,
+                     wanted: set[bytes]) -> list[bytes]:
     value = txn.get(oid, db=objects_db)
     return [c for c in children_of(value) if c in wanted] if value is not None else []
 
@@ -151,7 +152,8 @@ def garbage_from_child(meta_dir: str, cancelled: Callable[[], bool] = lambda: Fa
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (package_parent, os.environ.get("PYTHONPATH", "")) if p))
     proc = subprocess.Popen([sys.executable, "-m", "cascowfs.collector", meta_dir], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
     while True:
         if cancelled():
             proc.kill()

@@ -24,7 +24,8 @@ CRASH_POINTS: tuple[str, ...] = (
     "commit.staged",      # tree built from the upper, its objects not stored yet
     "commit.applied",     # snapshot and its (unbuilt) delta layer recorded, branch re-parented
     "commit.switched",    # FINALIZE not written
-    "commit.written",     # the delta layer written into staging (after the commit, in the background)
+    "commit.written",     # the delta layer written into staging (after the commit, in the
+                          # background)
     "commit.placed",      # the delta layer moved into layers/, not yet recorded as built
     "rebase.prepared",
     "rebase.applied",     # new parent recorded; overlay still on the old layers

@@ -24,14 +24,15 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyfuse3
 import trio
 
 from . import __version__, forks
-from .errors import CascowfsError, BusyError, InvalidArgumentError
+from .errors import BusyError, CascowfsError, InvalidArgumentError
 from .fuse.operations import CascowOperations
 from .fuse.sysmount import FUSE_TYPE, clear_dead_mount, mount_at, store_source
 
@@ -175,7 +176,8 @@ def run(store: str | Path, mnt: str | Path, *, admin_gid: int | None = None,
             pyfuse3.init(ops, str(mnt), mount_options(store))
         except RuntimeError as exc:  # libfuse reports details on stderr
             raise CascowfsError(f"mounting {mnt} failed: {exc}") from None
-        for fd in _fuse_fds():  # a child holding the channel would keep a killed daemon's mount alive
+        # a child holding the channel would keep a killed daemon's mount alive
+        for fd in _fuse_fds():
             forks.close_in_children(fd)
         log.info("serving %s at %s (pid %d)", store, mnt, os.getpid())
         try:

@@ -49,7 +49,8 @@ def page_cache_id(path: Path) -> str:
     if _libc.statx(_AT_FDCWD, os.fsencode(path), 0, STATX_MNT_ID_UNIQUE, buf) == 0:
         (mask,) = struct.unpack_from("I", buf.raw, _STATX_MASK_AT)
         if mask & STATX_MNT_ID_UNIQUE:
-            mount = "/mount %d" % struct.unpack_from("Q", buf.raw, _STATX_MNT_ID_AT)
+            (mount_id,) = struct.unpack_from("Q", buf.raw, _STATX_MNT_ID_AT)
+            mount = f"/mount {mount_id}"
     return boot_id() + mount
 
 

@@ -70,7 +70,8 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
 
     # 1: walk every live root, verifying each distinct object once
     roots = [(f"snapshot {sid}", rec["root"]) for sid, rec in snaps.items()]
-    roots += [(f"branch {name}", rec["base_root"]) for name, rec in branches.items() if rec["base_root"]]
+    roots += [(f"branch {name}", rec["base_root"])
+              for name, rec in branches.items() if rec["base_root"]]
     roots += [(f"layer {lid}", rec["top"]) for lid, rec in layers.items()]
     roots += [(f"layer {lid} (not written yet)", rec["below"]) for lid, rec in layers.items()
               if rec.get("below")]
@@ -137,7 +138,8 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
 
     # 5: nothing half-done
     for op in sm.wal.pending():
-        report.add(5, f"operation {op.kind} {op.op} {op.args} is unfinished (mount the store to recover)")
+        report.add(5, f"operation {op.kind} {op.op} {op.args} is unfinished "
+                      "(mount the store to recover)")
     for entry in os.listdir(sm.staging_dir):
         report.add(5, f"staging directory {entry} is left over")
     if deep:
@@ -161,13 +163,16 @@ def _check_layers(sm: StateManager, sid: str, rec: dict, report: FsckReport) -> 
                 got = _scan_tree(Path(mnt))
             finally:
                 overlay.unmount(Path(mnt), lazy=False)
-    if got[1] is None:
+    got_trees, got_root = got
+    if got_root is None:
         report.add(1, f"snapshot {sid}: layer chain cannot be read")
         return
-    got_view = comparable(got[0], got[1])
+    got_view = comparable(got_trees, got_root)
+    assert want is not None  # every snapshot records its tree
     want_view = comparable(sm.trees, want)
     if got_view != want_view:
-        diffs = sorted(k for k in got_view.keys() | want_view.keys() if got_view.get(k) != want_view.get(k))
+        diffs = sorted(k for k in got_view.keys() | want_view.keys()
+                       if got_view.get(k) != want_view.get(k))
         report.add(5, f"snapshot {sid}: its layers differ from its tree at {diffs[:5]}")
 
 

@@ -15,8 +15,8 @@ def read_xattrs(target: str | bytes | int) -> tuple[tuple[bytes, bytes], ...]:
     return read_xattrs_and_overlay_keys(target)[0]
 
 
-def read_xattrs_and_overlay_keys(target: str | bytes | int) -> tuple[tuple[tuple[bytes, bytes], ...],
-                                                                    frozenset[bytes]]:
+def read_xattrs_and_overlay_keys(
+        target: str | bytes | int) -> tuple[tuple[tuple[bytes, bytes], ...], frozenset[bytes]]:
     """``read_xattrs``, and the names of overlayfs's own xattrs that ``target`` has (so that a
     walk of an upper directory reads those values only where they exist)."""
     follow = isinstance(target, int)  # a descriptor is the file itself: nothing to follow

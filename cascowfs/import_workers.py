@@ -18,8 +18,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 from . import forks, fsmeta
 from .cas import PreparedContent, pack_unpacked
@@ -61,12 +62,16 @@ def _process_one(path: bytes, mirror: bytes | None, mode: int, uid: int, gid: in
     return prepared.content_id, len(data), xattrs, prepared.objects
 
 
-def _work_item(job: FileJob) -> tuple:
+# path, mirror, mode, uid, gid, mtime_ns: what a worker process needs of a FileJob
+WorkItem = tuple[bytes, bytes | None, int, int, int, int]
+
+
+def _work_item(job: FileJob) -> WorkItem:
     st = job.st
     return job.path, job.mirror, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns
 
 
-def _process_batch(batch: list[tuple], prepare: Prepare) -> list[FileResult]:
+def _process_batch(batch: list[WorkItem], prepare: Prepare) -> list[FileResult]:
     """A worker process's share: its small chunks leave it already packed and compressed
     (the packs ride along with the batch's first file)."""
     results = [_process_one(*item, prepare) for item in batch]
@@ -107,7 +112,7 @@ class ImportWorkers:
         self._processes: ProcessPoolExecutor | None = None
         self._readahead: Readahead | None = None
 
-    def __enter__(self) -> "ImportWorkers":
+    def __enter__(self) -> ImportWorkers:
         return self
 
     def __exit__(self, exc_type: type | None, *exc: object) -> None:
@@ -180,6 +185,6 @@ class ImportWorkers:
                 Readahead() as readahead:
             readahead.add([job.path for job in jobs], [job.st.st_size for job in jobs])
             results = pool.map(lambda job: _process_one(*_work_item(job), prepare), jobs)
-            for job, result in zip(jobs, results):
+            for job, result in zip(jobs, results, strict=True):
                 readahead.consumed(job.st.st_size)
                 yield job, result

@@ -12,8 +12,8 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from . import fsmeta
 from .cas import ContentStore
@@ -110,7 +110,8 @@ def set_root_metadata(path: Path, root: Entry | None) -> None:
     root's attributes from the upper directory)."""
     if root is None:
         return
-    fsmeta.apply_metadata(os.fsencode(path), root.mode, root.uid, root.gid, root.mtime_ns, root.xattrs)
+    fsmeta.apply_metadata(os.fsencode(path), root.mode, root.uid, root.gid, root.mtime_ns,
+                          root.xattrs)
 
 
 _RM = shutil.which("rm")

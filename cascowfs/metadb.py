@@ -10,9 +10,10 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import lmdb
 
@@ -149,7 +150,7 @@ class MetaDB:
                 batch, self._queue = self._queue, []
             self._commit_batch(batch)
 
-    def _commit_batch(self, batch: list["_WriteRequest"]) -> None:
+    def _commit_batch(self, batch: list[_WriteRequest]) -> None:
         while True:
             for request in batch:
                 request.result, request.error = None, None
@@ -237,6 +238,6 @@ class _WriteRequest:
         self.fn = fn
         self.what = what
         self.dry_run = dry_run
-        self.result = None
+        self.result: Any = None
         self.error: BaseException | None = None
         self.done = threading.Event()

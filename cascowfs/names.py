@@ -41,7 +41,8 @@ def check_branch_name(value: object) -> str:
 
 
 def check_labels(labels: dict[str, str] | None) -> dict[str, str]:
-    """Labels are ``key=value`` pairs; keys are short identifiers, values any UTF-8 without NUL/newline."""
+    """Labels are ``key=value`` pairs; keys are short identifiers, values any UTF-8 without
+    NUL/newline."""
     if not labels:
         return {}
     out: dict[str, str] = {}
@@ -51,7 +52,8 @@ def check_labels(labels: dict[str, str] | None) -> dict[str, str]:
         if not _LABEL_KEY_RE.fullmatch(key):
             raise InvalidArgumentError(f"invalid label key {key!r}")
         if "\n" in val or "\0" in val or len(val) > 4096:
-            raise InvalidArgumentError(f"invalid value for label {key!r}: no newline/NUL, at most 4096 chars")
+            raise InvalidArgumentError(f"invalid value for label {key!r}: no newline/NUL, "
+                                       "at most 4096 chars")
         out[key] = val
     return out
 

@@ -87,6 +87,8 @@ def mount_overlay(target: Path, lowers: list[Path], upper: Path | None = None,
             for layer in lowers:
                 set_string("lowerdir+", os.fsencode(layer))
             if upper is not None:
+                if work is None:
+                    raise ValueError("an overlay with an upper layer needs a work directory")
                 # overlayfs unescapes backslashes in these two paths (not in lowerdir+)
                 set_string("upperdir", os.fsencode(upper).replace(b"\\", b"\\\\"))
                 set_string("workdir", os.fsencode(work).replace(b"\\", b"\\\\"))
@@ -104,9 +106,11 @@ def mount_overlay(target: Path, lowers: list[Path], upper: Path | None = None,
     finally:
         os.close(fs_fd)
     try:
-        _syscall("move_mount", mnt_fd, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH)
+        _syscall("move_mount", mnt_fd, b"", _AT_FDCWD, os.fsencode(target),
+                 _MOVE_MOUNT_F_EMPTY_PATH)
     except OSError as exc:
-        raise MountError(f"attaching overlay at {target} failed: {exc.strerror}", errno=exc.errno) from None
+        raise MountError(f"attaching overlay at {target} failed: {exc.strerror}",
+                         errno=exc.errno) from None
     finally:
         os.close(mnt_fd)
 

@@ -7,12 +7,13 @@ tqdm draws on stderr and only when asked (the CLI asks when stderr is a terminal
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 
 @contextmanager
-def progress_bar(enabled: bool, total: int, desc: str, unit: str = "B") -> Iterator[Callable[[int], None]]:
+def progress_bar(enabled: bool, total: int, desc: str,
+                 unit: str = "B") -> Iterator[Callable[[int], None]]:
     if not enabled:
         yield lambda n: None
         return

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 READAHEAD_BYTES = 64 << 20
 
@@ -53,7 +53,7 @@ class Readahead:
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="cascowfs-readahead", daemon=True)
 
-    def __enter__(self) -> "Readahead":
+    def __enter__(self) -> Readahead:
         self._thread.start()
         return self
 
@@ -65,7 +65,7 @@ class Readahead:
 
     def add(self, paths: Iterable[bytes], sizes: Iterable[int]) -> None:
         with self._changed:
-            self._queued.extend(zip(paths, sizes))
+            self._queued.extend(zip(paths, sizes, strict=True))
             self._changed.notify()
 
     def consumed(self, size: int) -> None:

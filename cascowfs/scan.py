@@ -16,9 +16,10 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import cast
 
 import blake3
 
@@ -78,9 +79,9 @@ class DirNode:
 
     __slots__ = ("meta", "_children", "lower", "lower_id", "lower_totals", "changes")
 
-    def __init__(self, meta: Entry, children: dict[bytes, "Entry | DirNode"] | None = None, *,
+    def __init__(self, meta: Entry, children: dict[bytes, Entry | DirNode] | None = None, *,
                  lower: Entry | None = None, lower_children: dict[bytes, Entry] | None = None,
-                 changes: dict[bytes, "Entry | DirNode | None"] | None = None) -> None:
+                 changes: dict[bytes, Entry | DirNode | None] | None = None) -> None:
         self.meta = meta
         self._children = children
         self.lower = lower_children
@@ -92,7 +93,7 @@ class DirNode:
         self.changes = changes
 
     @property
-    def children(self) -> dict[bytes, "Entry | DirNode"]:
+    def children(self) -> dict[bytes, Entry | DirNode]:
         if self._children is None:
             self._children = _overlaid(self.lower or {}, self.changes or {})
         return self._children
@@ -149,7 +150,7 @@ class HardLinks:
                 continue
             key = link_key([path for _, _, path in members])
             for node, name, _ in members:
-                node.children[name] = replace(node.children[name], link=key)
+                node.children[name] = replace(cast(Entry, node.children[name]), link=key)
 
 
 def _file_entry(name: bytes, path: bytes, st: os.stat_result, prepare: Prepare,
@@ -202,7 +203,8 @@ def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None
     dirs: list[tuple[bytes, Entry]] = []
     first_of_inode: dict[tuple[int, int], tuple[DirNode, bytes, bytes | None]] = {}
 
-    def walk(path: bytes, rel: bytes, st: os.stat_result, name: bytes, mirror: bytes | None) -> DirNode:
+    def walk(path: bytes, rel: bytes, st: os.stat_result, name: bytes,
+             mirror: bytes | None) -> DirNode:
         node = DirNode(_meta_entry(name, st, fsmeta.read_xattrs(path)), {})
         if mirror is not None:
             dirs.append((mirror, node.meta))
@@ -231,7 +233,8 @@ def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None
                 entry = _other_entry(cname, cpath, cst)
                 if cmirror is not None:
                     _mirror_other(entry, cmirror)
-                    fsmeta.apply_metadata(cmirror, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs)
+                    fsmeta.apply_metadata(cmirror, entry.mode, entry.uid, entry.gid,
+                                          entry.mtime_ns, entry.xattrs)
                 node.children[cname] = entry
         for job, result in workers.ready():
             take(job, result)
@@ -249,8 +252,9 @@ def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None
             take(job, result)
     for node, name, mirror, inode in followers:
         first_node, first_name, first_mirror = first_of_inode[inode]
-        node.children[name] = replace(first_node.children[first_name], name=name)
+        node.children[name] = replace(cast(Entry, first_node.children[first_name]), name=name)
         if mirror is not None:
+            assert first_mirror is not None  # every file of a mirrored walk has a mirror
             os.link(first_mirror, mirror)
     for mirror, meta in reversed(dirs):  # children first: creating them changed the mtimes
         fsmeta.apply_metadata(mirror, meta.mode, meta.uid, meta.gid, meta.mtime_ns, meta.xattrs)
@@ -386,7 +390,7 @@ def canonicalize_links(trees: TreeStore, root: DirNode) -> None:
         canonical = link_key([path for _, _, path in group]) if len(group) > 1 else b""
         if canonical != key:
             for node, name, _ in group:
-                node.children[name] = replace(node.children[name], link=canonical)
+                node.children[name] = replace(cast(Entry, node.children[name]), link=canonical)
 
 
 def _counted(entry: Entry) -> tuple[int, int, int]:
@@ -436,13 +440,14 @@ def finalize(node: DirNode, sink: ObjectSink,
         changes = finalized(node.changes or {})
         # over the same listing, the same changes are enough to know
         same = before is not None and before[5] == lower_id and same_entries(before[6], changes)
-        entries = before[0] if same else _overlaid(node.lower or {}, changes)
+        entries = before[0] if before is not None and same else _overlaid(node.lower or {},
+                                                                           changes)
     else:
         entries = finalized(node.children)
         same = before is not None and same_entries(before[0], entries)
     m = node.meta
     entry = None
-    if same:
+    if before is not None and same:
         entries, tree_id, objects = before[:3]
         if before[3] == m:
             entry = before[4]  # the very same object, so the parent can be reused in turn

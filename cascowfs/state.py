@@ -32,18 +32,15 @@ import secrets
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import lmdb
 
-from . import collector
-from . import durability
-from . import forks
+from . import collector, durability, forks, overlay
 from . import layers as layerfs
-from . import overlay
 from . import privacy
 from .cas import ContentStore, identify_content
 from .crashpoints import crash_point
@@ -54,7 +51,7 @@ from .metadb import MetaDB
 from .model import BranchInfo, Change, Entry, SnapshotInfo
 from .names import check_branch_name, check_labels, check_snapshot_id
 from .progress import progress_bar
-from .scan import ObjectSink, apply_upper, finalize, scan_directory, Progress
+from .scan import ObjectSink, Progress, apply_upper, finalize, scan_directory
 from .trees import TreeStore, tree_objects
 from .wal import PendingOp, WriteAheadLog
 
@@ -207,10 +204,16 @@ class StateManager:
 
     Thread-safe: mutations of different branches run side by side (one lock per branch); their
     LMDB transactions go through MetaDB's committer thread, which shares one sync among those
-    that arrive together. Reads (``snapshot``, ``read_tree``, ``read_file`` ...) use short read transactions and
-    may run concurrently with a mutation. Objects no live root reaches are collected by a
-    thread of their own (``collector.py``).
+    that arrive together. Reads (``snapshot``, ``read_tree``, ``read_file`` ...) use short read
+    transactions and may run concurrently with a mutation. Objects no live root reaches are
+    collected by a thread of their own (``collector.py``).
     """
+
+    # set by ``open``, which builds a StateManager only once it holds the store's lock
+    db: MetaDB
+    content: ContentStore
+    trees: TreeStore
+    wal: WriteAheadLog
 
     def __init__(self, store: Path) -> None:
         self.store = store
@@ -269,7 +272,8 @@ class StateManager:
         except BlockingIOError:
             holder = os.pread(self._lock_fd, 64, 0).decode(errors="replace").strip()
             os.close(self._lock_fd)
-            raise StoreLockedError(f"store {self.store} is in use (by pid {holder or '?'})") from None
+            raise StoreLockedError(
+                f"store {self.store} is in use (by pid {holder or '?'})") from None
         forks.close_in_children(self._lock_fd)
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
@@ -350,7 +354,7 @@ class StateManager:
         with self._ops.exclusive():
             yield
 
-    def __enter__(self) -> "StateManager":
+    def __enter__(self) -> StateManager:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -373,10 +377,12 @@ class StateManager:
         if found == STORE_FORMAT:
             return
         if found not in UPGRADES_IN_PLACE and not (found is None and empty):
-            raise StoreIOError(f"store {self.store} has format {raw and raw.decode() or 'unknown'}; "
+            raise StoreIOError(f"store {self.store} has format "
+                               f"{raw and raw.decode() or 'unknown'}; "
                                f"this cascowfs reads format {STORE_FORMAT}")
         if self._read_only:
-            return  # formats 2-4 differ only in refcounts, which this version ignores; 5 reads as is
+            # formats 2-4 differ only in refcounts, which this version ignores; 5 reads as is
+            return
 
         def upgrade(txn: lmdb.Transaction) -> None:
             if found is not None and found < 5:
@@ -462,7 +468,8 @@ class StateManager:
                                  "not synced before the page cache was lost", progress)
         with self.db.read() as txn:
             records = {bytes(k).decode() for k, _ in txn.cursor(db=self.db.db("layers"))}
-            branches = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=self.db.db("branches"))}
+            branches = {bytes(k).decode(): json.loads(v)
+                        for k, v in txn.cursor(db=self.db.db("branches"))}
         for entry in os.listdir(self.layers_dir):
             if entry not in records:
                 self._to_trash(self.layers_dir / entry)
@@ -778,11 +785,13 @@ class StateManager:
     def _write_layer(self, staged: Path, top: str, below: str | None, *, full: bool) -> None:
         """Write a layer from the CAS into ``staged``: the whole tree of superroot ``top``
         (a full layer), or its difference from the tree of ``below`` (a delta)."""
+        root = self._root_of(top)
+        assert root is not None  # every superroot shows a tree
         if full:
-            layerfs.materialize(self.trees, self.content, self._root_of(top), staged)
+            layerfs.materialize(self.trees, self.content, root, staged)
         else:
-            layerfs.materialize_delta(self.trees, self.content, self._root_of(below),
-                                      self._root_of(top), staged)
+            layerfs.materialize_delta(self.trees, self.content, self._root_of(below), root,
+                                      staged)
 
     def _abandon(self, op: str, layer: str | None = None) -> None:
         """Roll back an op that failed before APPLY: its staging (and its layer, if already
@@ -803,11 +812,13 @@ class StateManager:
         try:
             self.wal.finalize(op)
         except CascowfsError as exc:
-            log.warning("%s: op %s is done, but its FINALIZE record is not: %s", self.store, op, exc)
+            log.warning("%s: op %s is done, but its FINALIZE record is not: %s",
+                        self.store, op, exc)
         try:
             self._when_alone()
         except (CascowfsError, OSError) as exc:
-            log.warning("%s: housekeeping after op %s failed (retried later): %s", self.store, op, exc)
+            log.warning("%s: housekeeping after op %s failed (retried later): %s",
+                        self.store, op, exc)
 
     def _trash_after_apply(self, layers: list[str], *paths: Path) -> None:
         """Move what an applied op dropped (``layers``, by id, and ``paths``) into the trash.
@@ -867,7 +878,8 @@ class StateManager:
             rec = {"parent": parent, "base_root": snap["root"] if snap else None,
                    "layers": snap["layers"] if snap else [], "created_ns": _now_ns(),
                    "last_commit": None}
-            op = self.wal.prepare("branch", name=name, parent=parent, durable=False)  # state-reconciled
+            op = self.wal.prepare("branch", name=name, parent=parent,
+                                  durable=False)  # state-reconciled
             crash_point("branch.prepared")
             bdir = self.branches_dir / name
             try:
@@ -917,7 +929,8 @@ class StateManager:
                 if parent is not None:
                     self._snapshot_record(txn, parent)  # NotFoundError before anything is logged
             if self.status(name):
-                raise BusyError(f"branch {name!r} has uncommitted changes; commit or discard them first")
+                raise BusyError(f"branch {name!r} has uncommitted changes; "
+                                "commit or discard them first")
             op = self.wal.prepare("rebase", name=name, parent=parent)
             crash_point("rebase.prepared")
 
@@ -964,7 +977,7 @@ class StateManager:
                         "%d branch(es) restart from their parent snapshots, uncommitted changes "
                         "dropped", self.store, len(names))
         for name in names:
-            def apply(txn: lmdb.Transaction) -> list[str]:
+            def apply(txn: lmdb.Transaction, name: str = name) -> list[str]:
                 old = self._branch_record(txn, name)
                 return self._repoint_branch(txn, name, old, old["parent"])[1]
 
@@ -1018,7 +1031,8 @@ class StateManager:
                 self._new_layer(txn, layer, superroot.hex(), 1,
                                 below=parent["root"] if parent else None, built=False)
                 self._layer_refs(txn, [layer] + chain, +1)
-                self._put_snapshot(txn, id, superroot.hex(), rec["parent"], [layer] + chain, labels, root)
+                self._put_snapshot(txn, id, superroot.hex(), rec["parent"], [layer] + chain,
+                                   labels, root)
                 txn.put(name.encode(), _dump(dict(rec, parent=id, last_commit=id)),
                         db=self.db.db("branches"))
                 self._mark_applied(txn, op)
@@ -1167,14 +1181,15 @@ class StateManager:
         id = check_snapshot_id(id)
         with self._ops.running():
             with self.db.read() as txn:
-                rec = self._snapshot_record(txn, id)
+                self._snapshot_record(txn, id)
                 self._check_unused(txn, id)
             op = self.wal.prepare("prune", id=id, durable=False)  # state-reconciled
             crash_point("prune.prepared")
 
             def apply(txn: lmdb.Transaction) -> list[str]:
                 self._check_unused(txn, id)  # no branch was based on it meanwhile
-                cur = self._snapshot_record(txn, id)  # a background merge may have swapped its chain
+                # a background merge may have swapped its chain
+                cur = self._snapshot_record(txn, id)
                 txn.delete(id.encode(), db=self.db.db("snapshots"))
                 self._note_garbage(txn)
                 dropped = self._layer_refs(txn, cur["layers"], -1)
@@ -1191,7 +1206,8 @@ class StateManager:
     def _check_unused(self, txn: lmdb.Transaction, id: str) -> None:
         for bname, raw in txn.cursor(db=self.db.db("branches")):
             if json.loads(raw)["parent"] == id:
-                raise BusyError(f"snapshot {id!r} is the parent of branch {bytes(bname).decode()!r}")
+                raise BusyError(f"snapshot {id!r} is the parent of branch "
+                                f"{bytes(bname).decode()!r}")
 
     # ------------------------------------------------------------------------------------
     # flattening and rebuilding layers
@@ -1230,7 +1246,8 @@ class StateManager:
         commit (deep enough, at 500, that no branch could mount it). Any chain showing the
         parent's tree will do under a delta relative to that tree."""
         chain = rec["layers"]
-        if len(chain) < 2 or not rec.get("parent") or self._layer_record(txn, chain[0])["span"] != 1:
+        if (len(chain) < 2 or not rec.get("parent")
+                or self._layer_record(txn, chain[0])["span"] != 1):
             return chain
         try:
             parent = self._snapshot_record(txn, rec["parent"])
@@ -1256,7 +1273,8 @@ class StateManager:
                     if layers != chain:
                         self._replace_chain(id, chain, layers)
                     return
-                below = self._layer_record(txn, layers[count])["top"] if count < len(layers) else None
+                below = (self._layer_record(txn, layers[count])["top"]
+                         if count < len(layers) else None)
             layer = secrets.token_hex(5)
             # Not flushed, as a commit's: before APPLY a rewrite leaves only staging and an
             # unrecorded layer, which recovery sweeps whether or not it finds the record.
@@ -1354,7 +1372,8 @@ class StateManager:
                 _fsync_dir(self.layers_dir)
         lost = sorted(lid for lid in lids if not (self.layers_dir / lid).is_dir())
         if lost:
-            raise StoreIOError(f"layers {', '.join(lost)} are lost and no chain says what they held")
+            raise StoreIOError(
+                f"layers {', '.join(lost)} are lost and no chain says what they held")
 
     # ------------------------------------------------------------------------------------
     # gc
@@ -1481,7 +1500,9 @@ class StateManager:
         id = check_snapshot_id(id)
         with self.db.read() as txn:
             rec = self._snapshot_record(txn, id)
-        return self._root_of(rec["root"])
+        root = self._root_of(rec["root"])
+        assert root is not None  # every snapshot records its tree
+        return root
 
     def read_tree(self, tree_id: bytes) -> dict[bytes, Entry]:
         return self.trees.get(tree_id)

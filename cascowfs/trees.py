@@ -17,7 +17,7 @@ import stat
 import struct
 import threading
 from collections import OrderedDict
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import lmdb
 import xxhash
@@ -81,23 +81,35 @@ def decode_tree(payload: bytes | memoryview) -> dict[bytes, Entry]:
     end = len(buf)
     try:
         while pos < end:
-            (n,) = _U16.unpack_from(buf, pos); pos += 2
-            name = bytes(buf[pos:pos + n]); pos += n
-            mode, uid, gid, mtime_ns, size, rdev, tfiles, tbytes, tlinks = _FIXED.unpack_from(buf, pos)
+            (n,) = _U16.unpack_from(buf, pos)
+            pos += 2
+            name = bytes(buf[pos:pos + n])
+            pos += n
+            (mode, uid, gid, mtime_ns, size, rdev,
+             tfiles, tbytes, tlinks) = _FIXED.unpack_from(buf, pos)
             pos += _FIXED.size
-            (n,) = _U16.unpack_from(buf, pos); pos += 2
-            ref = bytes(buf[pos:pos + n]); pos += n
-            (n,) = _U16.unpack_from(buf, pos); pos += 2
-            link = bytes(buf[pos:pos + n]); pos += n
-            (count,) = _U16.unpack_from(buf, pos); pos += 2
+            (n,) = _U16.unpack_from(buf, pos)
+            pos += 2
+            ref = bytes(buf[pos:pos + n])
+            pos += n
+            (n,) = _U16.unpack_from(buf, pos)
+            pos += 2
+            link = bytes(buf[pos:pos + n])
+            pos += n
+            (count,) = _U16.unpack_from(buf, pos)
+            pos += 2
             xattrs = []
             for _ in range(count):
-                (n,) = _U16.unpack_from(buf, pos); pos += 2
-                key = bytes(buf[pos:pos + n]); pos += n
-                (n,) = _U32.unpack_from(buf, pos); pos += 4
-                xattrs.append((key, bytes(buf[pos:pos + n]))); pos += n
-            entries[name] = Entry(name, mode, uid, gid, mtime_ns, size, ref, rdev, tuple(xattrs), link,
-                                  tfiles, tbytes, tlinks)
+                (n,) = _U16.unpack_from(buf, pos)
+                pos += 2
+                key = bytes(buf[pos:pos + n])
+                pos += n
+                (n,) = _U32.unpack_from(buf, pos)
+                pos += 4
+                xattrs.append((key, bytes(buf[pos:pos + n])))
+                pos += n
+            entries[name] = Entry(name, mode, uid, gid, mtime_ns, size, ref, rdev, tuple(xattrs),
+                                  link, tfiles, tbytes, tlinks)
     except struct.error as exc:
         raise StoreIOError(f"tree object is truncated: {exc}") from None
     return entries
@@ -159,7 +171,8 @@ def tree_objects(entries: dict[bytes, Entry],
         # a paged encoding's objects are its pages in order, then the index
         pages = _pages(like[0])
         if len(pages) == len(like[1]) - 1:
-            earlier = {next(iter(page)): (page, obj) for page, obj in zip(pages, like[1])}
+            earlier = {next(iter(page)): (page, obj)
+                       for page, obj in zip(pages, like[1], strict=False)}
     objects = []
     for page in _pages(entries):
         old = earlier.get(next(iter(page)))
@@ -328,6 +341,7 @@ class TreeStore:
             ea, eb = left.get(name), right.get(name)
             child = path + b"/" + name if path else name
             if ea is None:
+                assert eb is not None  # the name is in one listing at least
                 self._report_all(eb, child, "A", changes, extra)
             elif eb is None:
                 self._report_all(ea, child, "D", changes, extra)
@@ -341,7 +355,8 @@ class TreeStore:
             elif file_key(ea) != file_key(eb):
                 changes.append(Change(_text(child), "M"))
 
-    def _report_all(self, entry: Entry, path: bytes, kind: str, changes: list[Change], extra) -> None:
+    def _report_all(self, entry: Entry, path: bytes, kind: str, changes: list[Change],
+                    extra) -> None:
         changes.append(Change(_text(path), kind))
         if entry.is_dir:
             for sub, _ in self.walk(entry, path, extra=extra):

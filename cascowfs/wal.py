@@ -17,6 +17,7 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import from_os_error
 
@@ -95,7 +96,7 @@ class WriteAheadLog:
 
     def pending(self) -> list[PendingOp]:
         """Operations prepared but not finalized, in log order. A torn tail is ignored."""
-        ops: dict[str, PendingOp] = {}
+        ops: dict[Any, PendingOp] = {}  # by op id, as the log spells it
         with open(self.path, "rb") as fh:
             for raw in fh:
                 rec = _parse(raw)

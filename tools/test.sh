@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Install everything (tools/install.sh), run the whole test suite, then check that the run
-# left no mount, daemon process or staging directory behind. Any pytest exit code other than 0
-# (including 5, "no tests collected") fails.
+# Install everything (tools/install.sh), run the static gates (tools/lint.sh) and the whole test
+# suite, then check that the run left no mount, daemon process or staging directory behind. Any
+# pytest exit code other than 0 (including 5, "no tests collected") fails.
 set -uo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$here"
 bash tools/install.sh || exit 1
+
+# The static gates (ruff, mypy) first: a lint or type error fails the run like a failing test.
+bash tools/lint.sh || { echo "lint FAILED (tools/lint.sh)" >&2; exit 1; }
 
 status=0
 .venv/bin/python -m pytest -ra "$@" || status=$?

@@ -134,7 +134,8 @@ def parse_command(data: bytes) -> Command:
         src = words[2]
         if not os.path.isabs(src):
             raise InvalidArgumentError(f"import source must be an absolute path: {src!r}")
-        return Command("import", id=ident, src=os.path.normpath(src), labels=parse_labels(words[3:]))
+        return Command("import", id=ident, src=os.path.normpath(src),
+                       labels=parse_labels(words[3:]))
     if verb == "gc":
         _arity(words, 0, 0, "gc")
         return Command("gc")
@@ -143,7 +144,8 @@ def parse_command(data: bytes) -> Command:
 
 
 def parse_parent_write(branch: str, data: bytes) -> Command:
-    """A write to ``branches/<name>/parent``: a snapshot id (or an empty line: the empty snapshot)."""
+    """A write to ``branches/<name>/parent``: a snapshot id (or an empty line: the empty
+    snapshot)."""
     words = split_words(decode_line(data, "parent"), "parent")
     if len(words) > 1:
         raise InvalidArgumentError("write one snapshot id to parent")

@@ -18,7 +18,7 @@ still share a lane; they then run one after the other, as with a single inode.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .inodes import CtlNode, Node
 

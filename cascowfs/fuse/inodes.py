@@ -23,8 +23,9 @@ decrements; a node whose count reaches zero is dropped unless it is pinned (the 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, TypeVar
 
 import xxhash
 
@@ -39,6 +40,7 @@ HASHED_BASE = 1 << 52
 HASHED_MASK = HASHED_BASE - 1
 
 _LEAF_FIXED = struct.Struct("<IIIqQQI")
+PinnedNode = TypeVar("PinnedNode", bound="Node")
 
 
 @dataclass(eq=False, slots=True)
@@ -50,7 +52,7 @@ class Node:
     pinned: bool = False
     # Directory-like nodes remember the nodeids of the children they handed out so that a second
     # lookup of the same name returns the same nodeid (required for directories).
-    parent: "Node | None" = None
+    parent: Node | None = None
     name: bytes = b""
 
 
@@ -83,7 +85,8 @@ class SnapDirNode(Node):
 
     @property
     def is_root(self) -> bool:
-        return self.entry is not None and self.parent is not None and self.parent.ino == SNAPSHOTS_INO
+        return (self.entry is not None and self.parent is not None
+                and self.parent.ino == SNAPSHOTS_INO)
 
 
 @dataclass(eq=False, slots=True)
@@ -144,7 +147,7 @@ class InodeTable:
     def __iter__(self) -> Iterator[Node]:
         return iter(list(self._nodes.values()))
 
-    def add_pinned(self, node: Node) -> Node:
+    def add_pinned(self, node: PinnedNode) -> PinnedNode:
         node.pinned = True
         self._nodes[node.ino] = node
         return node

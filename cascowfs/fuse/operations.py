@@ -27,9 +27,10 @@ import os
 import stat
 import time
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -66,6 +67,7 @@ from .snapshot_view import (
 log = logging.getLogger("cascowfs.fuse")
 
 T = TypeVar("T")
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 # Skeleton directories change when branches/snapshots come and go; a second of staleness in
 # their mtime is harmless and saves a getattr round trip per path walk through MNT/branches/.
@@ -84,11 +86,11 @@ MODE_SYMLINK = stat.S_IFLNK | 0o777
 _ACCMODE = os.O_ACCMODE
 
 
-def edge(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def edge(fn: Handler) -> Handler:
     """Translate every error of a handler into FUSEError, once, here."""
 
     @functools.wraps(fn)
-    async def wrapper(self: "CascowOperations", *args: Any) -> T:
+    async def wrapper(self: CascowOperations, *args: Any) -> Any:
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -103,7 +105,7 @@ def edge(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             log.exception("unexpected error in %s%r", fn.__name__, args[:2])
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    return wrapper
+    return cast(Handler, wrapper)
 
 
 def _err(code: int) -> pyfuse3.FUSEError:
@@ -165,7 +167,8 @@ class CascowOperations(pyfuse3.Operations):
             SkeletonNode(SNAPSHOTS_INO, name=b"snapshots", parent=self.root))
         self.branches = self.table.add_pinned(
             SkeletonNode(BRANCHES_INO, name=b"branches", parent=self.root))
-        self._skeleton = {b"ctl": self.ctl, b"snapshots": self.snapshots, b"branches": self.branches}
+        self._skeleton = {b"ctl": self.ctl, b"snapshots": self.snapshots,
+                          b"branches": self.branches}
         self._handles: dict[int, Any] = {}
         self._fh = itertools.count(1)
         # Hard-link group sizes per snapshot root tree id (immutable, so cached for good).
@@ -640,7 +643,8 @@ class CascowOperations(pyfuse3.Operations):
 
     @edge
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+                     ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         raise self._refuse_change(self._node(parent_inode))
 
     # -- files ---------------------------------------------------------------------------------
@@ -664,8 +668,8 @@ class CascowOperations(pyfuse3.Operations):
         if isinstance(node, BranchFileNode) and node.which in ("parent", "commit", "status"):
             if writing and node.which == "status":
                 raise _err(errno.EACCES)
-            handle = BranchFileHandle(node, admin=self._is_admin(ctx))
-            return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True)
+            branch_handle = BranchFileHandle(node, admin=self._is_admin(ctx))
+            return pyfuse3.FileInfo(fh=self._new_handle(branch_handle), direct_io=True)
         if isinstance(node, SnapDirNode) or isinstance(node, SkeletonNode):
             raise _err(errno.EISDIR)
         raise _err(errno.EINVAL)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import stat
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import pyfuse3
 
@@ -51,7 +51,7 @@ def entry_attrs(ino: int, entry: Entry, nlink: int = 1) -> pyfuse3.EntryAttribut
 def iso_time(ns: int) -> str:
     """RFC 3339 UTC with nanoseconds: readable in a shell, parseable by datetime.fromisoformat."""
     secs, frac = divmod(ns, 1_000_000_000)
-    base = _dt.datetime.fromtimestamp(secs, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    base = _dt.datetime.fromtimestamp(secs, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{base}.{frac:09d}Z"
 
 

@@ -1,4 +1,5 @@
-"""Small mount-table helpers for the daemon and the CLI (umount2 via ctypes, /proc/self/mountinfo)."""
+"""Small mount-table helpers for the daemon and the CLI (umount2 via ctypes,
+/proc/self/mountinfo)."""
 
 from __future__ import annotations
 
