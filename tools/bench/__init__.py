@@ -1,0 +1,17 @@
+"""The benchmark tools, in parts.
+
+A run (``mcts``, behind ``tools/bench_mcts.py``) measures cascowfs against its peers and writes
+a result JSON; ``tools/bench_report.py`` turns result files into ``docs/benchmarks.md``.
+
+- ``host``: commands, mounts and disk usage on this machine
+- ``stats``: percentiles, summaries, drift
+- ``systems``: cascowfs and its peers (bare overlayfs, btrfs, git, cp) behind one interface
+- ``workload``: the corpus's editable files, the seeded edit script, the MCTS agents
+- ``pyspy``: the daemon profiled with py-spy during a second mix
+- ``sections``: the sections of a run: import, single agent and MCTS mix; read path; growth;
+  mount time
+
+The package is ``tools.bench``: the repository root is on ``sys.path`` when Python runs from it
+(``python -m tools.bench.mcts``) and in the project's virtual environment, whose editable
+install puts the repository there.
+"""
