@@ -1,7 +1,8 @@
 """The benchmark tools, in parts.
 
 A run (``mcts``, behind ``tools/bench_mcts.py``) measures cascowfs against its peers and writes
-a result JSON; ``tools/bench_report.py`` turns result files into ``docs/benchmarks.md``.
+a result JSON; the report (``report``, behind ``tools/bench_report.py``) turns result files into
+``docs/benchmarks.md`` and its plots.
 
 - ``host``: commands, mounts and disk usage on this machine
 - ``stats``: percentiles, summaries, drift
@@ -10,6 +11,8 @@ a result JSON; ``tools/bench_report.py`` turns result files into ``docs/benchmar
 - ``pyspy``: the daemon profiled with py-spy during a second mix
 - ``sections``: the sections of a run: import, single agent and MCTS mix; read path; growth;
   mount time
+- ``targets``: every target line with its must and aim, and the verdicts on a run
+- ``tables``, ``plots``: the report's Markdown tables and its PNG plots
 
 The package is ``tools.bench``: the repository root is on ``sys.path`` when Python runs from it
 (``python -m tools.bench.mcts``) and in the project's virtual environment, whose editable
