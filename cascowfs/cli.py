@@ -23,8 +23,15 @@ from typing import Any
 from . import __version__
 from .client import Client
 from .errors import CascowfsError, ExistsError, InvalidArgumentError, StoreLockedError
-from .fuse.sysmount import (FUSE_TYPE, MNT_DETACH, is_cascowfs_mount, mount_at, mounts,
-                            store_of_source, umount2)
+from .fuse.sysmount import (
+    FUSE_TYPE,
+    MNT_DETACH,
+    is_cascowfs_mount,
+    mount_at,
+    mounts,
+    store_of_source,
+    umount2,
+)
 from .names import parse_labels
 
 log = logging.getLogger("cascowfs.cli")

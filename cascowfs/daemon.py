@@ -218,7 +218,7 @@ def reopen_log_files() -> None:
         if not isinstance(handler, logging.FileHandler) or handler.stream is None:
             continue
         try:
-            fresh = open(handler.baseFilename, handler.mode, encoding=handler.encoding)
+            fresh = open(handler.baseFilename, "a", encoding=handler.encoding)
         except OSError as exc:
             log.warning("SIGHUP: cannot reopen %s (%s); logging on to the old file",
                         handler.baseFilename, exc.strerror)

@@ -136,13 +136,14 @@ def check_readable(caller: Caller, src: str) -> None:
         _, wait_status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(wait_status) != 0 or b"\0" not in answer:
         raise CascowfsError(f"import of {src}: checking the caller's access failed")
-    code, path = answer.split(b"\0", 1)
-    if int(code) == errno.EACCES:
+    raw_code, path = answer.split(b"\0", 1)
+    code = int(raw_code)
+    if code == errno.EACCES:
         raise PermissionDeniedError(f"import of {src}: {os.fsdecode(path)} is not readable by "
                                     f"uid {caller.uid}", errno=errno.EACCES)
-    if int(code):
-        raise CascowfsError(f"import of {src}: {os.fsdecode(path)}: {os.strerror(int(code))}",
-                            errno=int(code))
+    if code:
+        raise CascowfsError(f"import of {src}: {os.fsdecode(path)}: {os.strerror(code)}",
+                            errno=code)
 
 
 def _first_refusal(top: bytes) -> tuple[int, bytes]:

@@ -39,13 +39,20 @@ from pathlib import Path
 
 import lmdb
 
-from . import collector, durability, forks, overlay
+from . import collector, durability, forks, overlay, privacy
 from . import layers as layerfs
-from . import privacy
 from .cas import ContentStore, identify_content
 from .crashpoints import crash_point
-from .errors import (BusyError, CascowfsError, ExistsError, InvalidArgumentError, NotFoundError,
-                     StoreIOError, StoreLockedError, from_os_error)
+from .errors import (
+    BusyError,
+    CascowfsError,
+    ExistsError,
+    InvalidArgumentError,
+    NotFoundError,
+    StoreIOError,
+    StoreLockedError,
+    from_os_error,
+)
 from .fuse.sysmount import FUSE_TYPE, store_of_source
 from .metadb import MetaDB
 from .model import BranchInfo, Change, Entry, SnapshotInfo
@@ -252,7 +259,7 @@ class StateManager:
     # ------------------------------------------------------------------------------------
     @classmethod
     def open(cls, store: str | Path, *, progress: bool = False, recover: bool = True,
-             create: bool = True) -> "StateManager":
+             create: bool = True) -> StateManager:
         """Open the store, lock it, replay the WAL and reconcile mounts.
 
         ``create``: a missing or empty directory becomes a new store; without it anything but

@@ -178,6 +178,8 @@ def execute(sm: Any, cmd: Command, caller: Caller | None = None) -> str:
         info = sm.rebase(cmd.name, cmd.id)
         return info.parent or ""
     if cmd.verb == "import":
+        if cmd.src is None:
+            raise InvalidArgumentError("import needs a source directory")
         if caller is not None:
             check_readable(caller, cmd.src)
         return str(sm.import_tree(cmd.src, cmd.id, cmd.labels or None))
