@@ -9,6 +9,7 @@ Exit status: 0 success, 1 the operation failed (message on stderr, with the errn
 from __future__ import annotations
 
 import argparse
+import base64
 import errno
 import grp
 import json
@@ -32,6 +33,7 @@ from .fuse.sysmount import (
     store_of_source,
     umount2,
 )
+from .model import Change
 from .names import parse_labels
 
 log = logging.getLogger("cascowfs.cli")
@@ -203,8 +205,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     with Client(args.mountpoint) as client:
-        for change in client.status(args.name):
-            print(change.line())
+        _print_changes(client.status(args.name), args)
     return 0
 
 
@@ -218,8 +219,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     else:
         with _offline(target) as sm:
             changes = sm.diff(a, b)
-    for change in changes:
-        print(change.line())
+    _print_changes(changes, args)
     return 0
 
 
@@ -346,6 +346,35 @@ def _time(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
 
 
+def _print_changes(changes: list[Change], args: argparse.Namespace) -> None:
+    """Changes as quoted lines (default), NUL-terminated records (-z) or JSON lines (--json)."""
+    if args.z:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(b"".join(change.record_z() for change in changes))
+        sys.stdout.buffer.flush()
+        return
+    for change in changes:
+        print(json.dumps(_change_dict(change)) if args.json else change.line())
+
+
+def _change_dict(change: Change) -> dict:
+    """``path`` is the name as str when it is UTF-8; otherwise null, and ``path_b64`` holds
+    its bytes (base64), so JSON output stays exact for any name."""
+    try:
+        return {"change": change.kind, "path": change.raw_path.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"change": change.kind, "path": None,
+                "path_b64": base64.b64encode(change.raw_path).decode("ascii")}
+
+
+def _change_format_options(parser: argparse.ArgumentParser) -> None:
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("-z", action="store_true",
+                      help="NUL-terminated records '<A|M|D> <raw path>', no quoting")
+    form.add_argument("--json", action="store_true",
+                      help='one JSON object per line: {"change": "A", "path": ...}')
+
+
 def _snap_dict(s: Any) -> dict:
     return {"id": s.id, "parent": s.parent, "root": s.root, "created_ns": s.created_ns,
             "size": s.size, "files": s.files, "labels": s.labels}
@@ -437,16 +466,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("start", metavar="ID|BRANCH")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    p = verb("status", cmd_status, "a branch's changes against its parent (A|M|D PATH)")
+    p = verb("status", cmd_status, "a branch's changes against its parent (A|M|D PATH)",
+             "One line per change, the path quoted as git quotes it when it holds a byte "
+             "outside printable ASCII, a quote or a backslash (docs/interface.md).")
     p.add_argument("mountpoint", metavar="MNT")
     p.add_argument("name")
+    _change_format_options(p)
 
     p = verb("diff", cmd_diff, "changes from snapshot A to snapshot B (A|M|D PATH)",
              "TARGET is a mount point or a store no daemon serves. '-' names the empty "
-             "snapshot.")
+             "snapshot. Paths are quoted as in `status`.")
     p.add_argument("target", metavar="MNT|STORE")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
+    _change_format_options(p)
 
     p = verb("import", cmd_import, "import directory SRC as snapshot ID",
              "Import a directory tree as a new snapshot. TARGET is a mount point, or a store: "

@@ -203,8 +203,15 @@ class Client:
         return BranchInfo(name, self.parent(name), self.tree(name), created, self.last_commit(name))
 
     def status(self, name: str) -> list[Change]:
-        text = self._read(self.mnt / "branches" / name / "status")
-        return [Change(line[2:], line[0]) for line in text.splitlines() if line]
+        """The branch's changes, read from ``status.z`` (NUL-terminated, so every name that a
+        file can have comes back exactly: ``Change.path`` is str with ``surrogateescape``)."""
+        path = self.mnt / "branches" / name / "status.z"
+        try:
+            with open(path, "rb", buffering=0) as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise _wrap(exc, f"read {path}") from None
+        return [Change.from_record_z(record) for record in data.split(b"\0")[:-1]]
 
     def diff(self, a: str | None, b: str | None) -> list[Change]:
         """Changes from snapshot ``a`` to ``b`` (None: the empty snapshot), by walking both trees.

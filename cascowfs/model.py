@@ -6,6 +6,9 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import InvalidArgumentError
+from .pathquote import path_bytes, path_text, quote, unquote
+
 # Entry kinds, one byte each in the tree encoding.
 KIND_FILE = "f"
 KIND_DIR = "d"
@@ -86,12 +89,42 @@ class BranchInfo:
     last_commit: str | None = None
 
 
+CHANGE_KINDS = "AMD"  # added, modified, deleted
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class Change:
-    """One line of ``status`` / ``diff``: ``A``dded, ``M``odified or ``D``eleted path."""
+    """One line of ``status`` / ``diff``: ``A``dded, ``M``odified or ``D``eleted path.
+
+    ``path`` is the exact name: a str decoded from UTF-8 with ``surrogateescape``, so bytes
+    that are not UTF-8 survive (``raw_path`` gives them back).
+    """
 
     path: str
     kind: str  # "A" | "M" | "D"
 
+    @property
+    def raw_path(self) -> bytes:
+        return path_bytes(self.path)
+
     def line(self) -> str:
-        return f"{self.kind} {self.path}"
+        """``<kind> <path>`` with the path quoted (``pathquote``): one line whatever the name."""
+        return f"{self.kind} {quote(self.path)}"
+
+    def record_z(self) -> bytes:
+        """``<kind> <raw path>\\0``: the NUL-terminated form (``status -z``)."""
+        return self.kind.encode() + b" " + self.raw_path + b"\0"
+
+    @classmethod
+    def from_line(cls, line: str) -> "Change":
+        """Parse what ``line()`` wrote."""
+        if len(line) < 3 or line[0] not in CHANGE_KINDS or line[1] != " ":
+            raise InvalidArgumentError(f"malformed change line {line!r}")
+        return cls(path_text(unquote(line[2:])), line[0])
+
+    @classmethod
+    def from_record_z(cls, record: bytes) -> "Change":
+        """Parse one ``record_z()`` without its NUL."""
+        if len(record) < 3 or chr(record[0]) not in CHANGE_KINDS or record[1:2] != b" ":
+            raise InvalidArgumentError(f"malformed change record {record!r}")
+        return cls(path_text(record[2:]), chr(record[0]))

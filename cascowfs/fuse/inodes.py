@@ -109,7 +109,7 @@ class BranchDirNode(Node):
 
 @dataclass(eq=False, slots=True)
 class BranchFileNode(Node):
-    """``tree``, ``parent``, ``commit`` or ``status`` inside ``branches/<name>/``."""
+    """``tree``, ``parent``, ``commit``, ``status`` or ``status.z`` inside ``branches/<name>/``."""
 
     branch: str = ""
     which: str = ""

@@ -8,7 +8,8 @@ Layout and the rules it follows:
   trio thread. Everything is immutable, so attributes and entries are cached by the kernel for a
   day and files are opened with ``keep_cache``; any write gets EROFS.
 * ``branches/<name>/`` is configfs-style: ``tree`` (symlink to the overlay mount), ``parent``,
-  ``commit``, ``status``. These files are ``direct_io`` so a reader never sees stale content.
+  ``commit``, ``status``, ``status.z``. These files are ``direct_io`` so a reader never sees
+  stale content.
 * Every state change (and every query that may walk a directory or wait for the store's operation
   lock) runs in a worker thread via ``trio.to_thread.run_sync``, so a long commit never stalls
   the reads of other requests.
@@ -72,7 +73,8 @@ Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 # Skeleton directories change when branches/snapshots come and go; a second of staleness in
 # their mtime is harmless and saves a getattr round trip per path walk through MNT/branches/.
 SKELETON_ATTR_TIMEOUT = 1.0
-BRANCH_FILES = (b"tree", b"parent", b"commit", b"status")
+BRANCH_FILES = (b"tree", b"parent", b"commit", b"status", b"status.z")
+STATUS_FILES = ("status", "status.z")  # computed on read, never written
 # Mode bits: mutating entries are writable by everyone so that a non-admin caller reaches the
 # daemon and gets the contract's EPERM instead of the kernel's EACCES (default_permissions).
 MODE_ROOT = stat.S_IFDIR | 0o755
@@ -283,9 +285,11 @@ class CascowOperations(pyfuse3.Operations):
         return attr
 
     async def _branch_file_content(self, node: BranchFileNode) -> bytes:
-        if node.which == "status":
+        if node.which in STATUS_FILES:
             changes = await self._q(self.sm.status, node.branch)
-            return "".join(c.line() + "\n" for c in changes).encode("utf-8", "surrogateescape")
+            if node.which == "status.z":
+                return b"".join(c.record_z() for c in changes)
+            return "".join(c.line() + "\n" for c in changes).encode("ascii")
         info: BranchInfo = self.sm.branch(node.branch)
         if node.which == "parent":
             return f"{info.parent}\n".encode() if info.parent else b""
@@ -302,7 +306,7 @@ class CascowOperations(pyfuse3.Operations):
         attr.st_blksize = 4096
         created = node.parent.created_ns if isinstance(node.parent, BranchDirNode) else 0
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = created
-        if node.which == "status":
+        if node.which in STATUS_FILES:
             # Computing status walks the branch's upper layer: too costly for every stat, so
             # its size is 0 like a /proc file; reads (direct_io) return the real content.
             attr.st_mode, attr.st_size, attr.attr_timeout = MODE_RO_FILE, 0, 0
@@ -665,8 +669,8 @@ class CascowOperations(pyfuse3.Operations):
             handle = CtlHandle(node, admin=self._is_admin(ctx), caller=self._caller(ctx))
             self.ctl_lanes.opened(node)
             return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, nonseekable=True)
-        if isinstance(node, BranchFileNode) and node.which in ("parent", "commit", "status"):
-            if writing and node.which == "status":
+        if isinstance(node, BranchFileNode) and node.which in ("parent", "commit", *STATUS_FILES):
+            if writing and node.which in STATUS_FILES:
                 raise _err(errno.EACCES)
             branch_handle = BranchFileHandle(node, admin=self._is_admin(ctx))
             return pyfuse3.FileInfo(fh=self._new_handle(branch_handle), direct_io=True)
