@@ -35,6 +35,7 @@ from .fuse.sysmount import (
 )
 from .model import Change
 from .names import parse_labels
+from .pathquote import quote
 
 log = logging.getLogger("cascowfs.cli")
 
@@ -155,8 +156,15 @@ def cmd_rebase(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    failed = 0
     with Client(args.mountpoint) as client:
-        snaps = [client.snapshot(i) for i in client.snapshots()] if args.what != "branches" else []
+        snaps = []
+        for ident in client.snapshots() if args.what != "branches" else []:
+            try:
+                snaps.append(client.snapshot(ident))
+            except CascowfsError as exc:  # one unreadable record must not hide the others
+                print(f"cascowfs ls: {ident}: {exc.errno_name}: {exc.message}", file=sys.stderr)
+                failed += 1
         branches = ([client.branch_info(n) for n in client.branches()]
                     if args.what != "snapshots" else [])
     if args.json:
@@ -165,20 +173,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
             "branches": [{"name": b.name, "parent": b.parent, "tree": str(b.tree),
                           "last_commit": b.last_commit} for b in branches],
         }, indent=2))
-        return 0
+        return 1 if failed else 0
     if args.what != "branches":
         if args.what == "all":
             print("snapshots:")
         for s in sorted(snaps, key=lambda s: s.created_ns):
-            labels = " ".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
             print(f"  {s.id:<24} parent={s.parent or '-':<20} files={s.files:<7} "
-                  f"size={s.size:<10} {_time(s.created_ns)} {labels}".rstrip())
+                  f"size={s.size:<10} {_time(s.created_ns)} {_labels_text(s)}".rstrip())
     if args.what != "snapshots":
         if args.what == "all":
             print("branches:")
         for b in branches:
-            print(f"  {b.name:<24} parent={b.parent or '-':<20} tree={b.tree}")
-    return 0
+            print(f"  {b.name:<24} parent={b.parent or '-':<20} tree={quote(str(b.tree))}")
+    return 1 if failed else 0
 
 
 def cmd_log(args: argparse.Namespace) -> int:
@@ -193,9 +200,8 @@ def cmd_log(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(_snap_dict(info)))
             else:
-                labels = " ".join(f"{k}={v}" for k, v in sorted(info.labels.items()))
                 print(f"{info.id}  {_time(info.created_ns)}  files={info.files} size={info.size}"
-                      f"  root={info.root[:16]}  {labels}".rstrip())
+                      f"  root={info.root[:16]}  {_labels_text(info)}".rstrip())
             if info.parent and info.parent not in client.snapshots():
                 print(f"{info.parent}  (pruned)")
                 break
@@ -376,8 +382,19 @@ def _change_format_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _snap_dict(s: Any) -> dict:
-    return {"id": s.id, "parent": s.parent, "root": s.root, "created_ns": s.created_ns,
-            "size": s.size, "files": s.files, "labels": s.labels}
+    out = {"id": s.id, "parent": s.parent, "root": s.root, "created_ns": s.created_ns,
+           "size": s.size, "files": s.files, "labels": s.labels}
+    if s.error:
+        out["error"] = s.error
+    return out
+
+
+def _labels_text(s: Any) -> str:
+    """``key=value`` words, each value quoted like a path when it needs it (one line always)."""
+    words = [f"{key}={quote(val)}" for key, val in sorted(s.labels.items())]
+    if s.error:
+        words.append(f"error={quote(s.error)}")
+    return " ".join(words)
 
 
 # -- argument parsing -------------------------------------------------------------------------

@@ -178,6 +178,7 @@ class Client:
             size=int(attrs.get("size", "0")),
             files=int(attrs.get("files", "0")),
             labels=labels,
+            error=attrs.get("error"),
         )
 
     def tree(self, name: str) -> Path:
@@ -247,11 +248,34 @@ class Client:
 
     @staticmethod
     def _xattrs(path: Path) -> dict[str, str]:
+        """The ``user.cascowfs.*`` xattrs of a snapshot root, without the prefix."""
         try:
-            names = [n for n in os.listxattr(path) if n.startswith(_XATTR)]
+            try:
+                names = [n for n in os.listxattr(path) if n.startswith(_XATTR)]
+            except OSError as exc:
+                if exc.errno != errno.E2BIG:
+                    raise
+                # The root's own xattrs crowd the list: the recorded names are still readable
+                # one by one, the labels are not.
+                return _recorded_without_labels(path)
             return {n[len(_XATTR):]: os.getxattr(path, n).decode("utf-8", "replace") for n in names}
         except OSError as exc:
             raise _wrap(exc, f"xattrs of {path}") from None
+
+
+# What the mount records on a snapshot root besides labels (fuse/snapshot_view.root_xattrs).
+_RECORDED = ("parent", "root", "created_ns", "size", "files", "error")
+
+
+def _recorded_without_labels(path: Path) -> dict[str, str]:
+    out = {"error": f"the xattr list of {path} exceeds the kernel's limit; labels not shown"}
+    for name in _RECORDED:
+        try:
+            out[name] = os.getxattr(path, _XATTR + name).decode("utf-8", "replace")
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                raise
+    return out
 
 
 def _wrap(exc: OSError, what: str) -> CascowfsError:

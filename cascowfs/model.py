@@ -78,6 +78,9 @@ class SnapshotInfo:
     size: int  # logical bytes of regular files
     files: int
     labels: dict[str, str] = field(default_factory=dict)
+    # Set by the client when the mount cannot show the record whole (labels beyond the caps,
+    # written by an older version): the labels are then left out.
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""Validation of user-chosen snapshot ids and branch names (docs/interface.md: ids and names)."""
+"""Validation of user-chosen snapshot ids, branch names and labels (docs/interface.md: ids and
+names, Label limits)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,17 @@ from .errors import InvalidArgumentError
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _LABEL_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+# C0 controls and DEL: a label is shown on one line by `cascowfs ls`/`log` and by getfattr.
+_LABEL_VALUE_FORBIDDEN_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+# A snapshot root serves every label as the xattr user.cascowfs.label.<key>, beside the other
+# recorded names, and the kernel refuses a listxattr list or an xattr value over 64 KiB
+# (XATTR_LIST_MAX, XATTR_SIZE_MAX). At these caps the label names take at most
+# 128 * 85 = 10,880 bytes of the list and names plus values at most 43,648 bytes, which leaves
+# the root directory's own xattrs more than 20 KiB of the list.
+MAX_LABELS = 128
+MAX_LABEL_VALUE_CHARS = 4096
+MAX_LABELS_BYTES = 32768  # UTF-8 bytes of every key and value together
 
 
 def _as_text(value: object, what: str) -> str:
@@ -41,8 +53,8 @@ def check_branch_name(value: object) -> str:
 
 
 def check_labels(labels: dict[str, str] | None) -> dict[str, str]:
-    """Labels are ``key=value`` pairs; keys are short identifiers, values any UTF-8 without
-    NUL/newline."""
+    """Labels are ``key=value`` pairs: keys short identifiers, values UTF-8 without control
+    characters; at most ``MAX_LABELS`` of them and ``MAX_LABELS_BYTES`` in all."""
     if not labels:
         return {}
     out: dict[str, str] = {}
@@ -50,12 +62,28 @@ def check_labels(labels: dict[str, str] | None) -> dict[str, str]:
         key = _as_text(key, "label key")
         val = _as_text(val, "label value")
         if not _LABEL_KEY_RE.fullmatch(key):
-            raise InvalidArgumentError(f"invalid label key {key!r}")
-        if "\n" in val or "\0" in val or len(val) > 4096:
-            raise InvalidArgumentError(f"invalid value for label {key!r}: no newline/NUL, "
-                                       "at most 4096 chars")
+            raise InvalidArgumentError(
+                f"invalid label key {key[:80]!r}: must match [A-Za-z0-9_][A-Za-z0-9._-]{{0,63}}")
+        if _LABEL_VALUE_FORBIDDEN_RE.search(val) or len(val) > MAX_LABEL_VALUE_CHARS:
+            raise InvalidArgumentError(
+                f"invalid value for label {key!r}: no control characters, at most "
+                f"{MAX_LABEL_VALUE_CHARS} characters")
         out[key] = val
+    problem = labels_over_limits(out)
+    if problem:
+        raise InvalidArgumentError(problem)
     return out
+
+
+def labels_over_limits(labels: dict[str, str]) -> str | None:
+    """Why this label set exceeds the count or size cap, or None if it fits."""
+    if len(labels) > MAX_LABELS:
+        return f"too many labels: {len(labels)}, at most {MAX_LABELS}"
+    size = sum(len(key.encode()) + len(val.encode("utf-8", "surrogateescape"))
+               for key, val in labels.items())
+    if size > MAX_LABELS_BYTES:
+        return f"labels too large: {size} bytes of keys and values, at most {MAX_LABELS_BYTES}"
+    return None
 
 
 def parse_labels(words: list[str]) -> dict[str, str]:

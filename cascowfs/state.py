@@ -1470,9 +1470,17 @@ class StateManager:
         return self.trees.diff(roots[0], roots[1])
 
     def snapshots(self) -> list[SnapshotInfo]:
+        """Every snapshot; a record that does not decode is left out with a log line, so that
+        one damaged record does not hide the others from every listing."""
+        out = []
         with self.db.read() as txn:
-            return [_snapshot_info(bytes(k).decode(), json.loads(v))
-                    for k, v in txn.cursor(db=self.db.db("snapshots"))]
+            for key, raw in txn.cursor(db=self.db.db("snapshots")):
+                try:
+                    out.append(_snapshot_info(bytes(key).decode(), json.loads(raw)))
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning("snapshot record %r does not decode, not listed: %r",
+                                bytes(key), exc)
+        return out
 
     def snapshot(self, id: str) -> SnapshotInfo:
         id = check_snapshot_id(id)

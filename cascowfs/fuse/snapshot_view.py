@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pyfuse3
 
 from ..model import Entry, SnapshotInfo
+from ..names import labels_over_limits
 
 # A day: "forever" for a cache, yet bounded so that a forgotten invalidation heals by itself.
 IMMUTABLE_TIMEOUT = 86400.0
@@ -56,7 +57,12 @@ def iso_time(ns: int) -> str:
 
 
 def root_xattrs(info: SnapshotInfo) -> dict[bytes, bytes]:
-    """The ``user.cascowfs.*`` attributes of a snapshot root (docs/interface.md, Snapshots)."""
+    """The ``user.cascowfs.*`` attributes of a snapshot root: what cascowfs recorded
+    (docs/interface.md, Snapshots).
+
+    A record with more labels than ``names.check_labels`` admits (a store written before the
+    caps) shows ``error`` instead of its labels: listing them could overflow the kernel's
+    64 KiB xattr list and fail every ``getfattr -d`` and ``cascowfs ls`` of the store."""
     out: dict[bytes, bytes] = {}
     if info.parent:
         out[XATTR_PREFIX + b"parent"] = info.parent.encode()
@@ -65,6 +71,10 @@ def root_xattrs(info: SnapshotInfo) -> dict[bytes, bytes]:
     out[XATTR_PREFIX + b"created_ns"] = str(info.created_ns).encode()
     out[XATTR_PREFIX + b"size"] = str(info.size).encode()
     out[XATTR_PREFIX + b"files"] = str(info.files).encode()
+    problem = labels_over_limits(info.labels)
+    if problem:
+        out[XATTR_PREFIX + b"error"] = f"labels not shown: {problem}".encode()
+        return out
     for key, val in sorted(info.labels.items()):
         out[XATTR_PREFIX + b"label." + key.encode()] = val.encode()
     return out
