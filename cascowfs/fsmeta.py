@@ -7,18 +7,23 @@ import os
 import stat
 
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
+# cascowfs's own namespace: a snapshot root serves its recorded metadata under it, so a tree's
+# own xattrs there (set inside a branch, or copied by `cp -a` from a snapshot) are never kept.
+RESERVED_XATTR_PREFIX = b"user.cascowfs."
 
 
 def read_xattrs(target: str | bytes | int) -> tuple[tuple[bytes, bytes], ...]:
     """Every xattr of ``target`` (a path, not following symlinks, or an open descriptor),
-    sorted, overlayfs's own left out."""
+    sorted, overlayfs's own and the reserved ``user.cascowfs.*`` left out."""
     return read_xattrs_and_overlay_keys(target)[0]
 
 
 def read_xattrs_and_overlay_keys(
         target: str | bytes | int) -> tuple[tuple[tuple[bytes, bytes], ...], frozenset[bytes]]:
     """``read_xattrs``, and the names of overlayfs's own xattrs that ``target`` has (so that a
-    walk of an upper directory reads those values only where they exist)."""
+    walk of an upper directory reads those values only where they exist). Every snapshot's
+    xattrs are read here, on import and on commit: the one place that strips the reserved
+    namespace."""
     follow = isinstance(target, int)  # a descriptor is the file itself: nothing to follow
     try:
         names = os.listxattr(target, follow_symlinks=follow)
@@ -32,6 +37,8 @@ def read_xattrs_and_overlay_keys(
         key = name.encode("utf-8", "surrogateescape")
         if key.startswith(OVERLAY_XATTR_PREFIX):
             overlay.append(key)
+            continue
+        if key.startswith(RESERVED_XATTR_PREFIX):
             continue
         try:
             out.append((key, os.getxattr(target, name, follow_symlinks=follow)))

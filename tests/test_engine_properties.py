@@ -8,7 +8,7 @@ nodes and changes of type. After each round the branch is committed and
 
 * the snapshot, read back from the CAS, equals what the branch showed, byte for byte and
   attribute for attribute (type, mode, uid/gid, mtime ns, symlink target, rdev, xattrs other
-  than ``trusted.overlay.*``, hard-link grouping) -- directory mtimes included: overlayfs shows
+  than ``trusted.overlay.*`` and the reserved ``user.cascowfs.*``, hard-link grouping) -- directory mtimes included: overlayfs shows
   the upper directory's own mtime, which the commit copies, so there is no reason to ignore them;
 * the branch itself still shows the same, its status is empty and its parent is the snapshot;
 * ``status`` before the commit and ``diff(parent, snapshot)`` after it list exactly the changes;

@@ -62,7 +62,7 @@ from .snapshot_view import (
     XATTR_PREFIX,
     count_links,
     entry_attrs,
-    root_xattrs,
+    entry_xattrs,
 )
 
 log = logging.getLogger("cascowfs.fuse")
@@ -485,10 +485,7 @@ class CascowOperations(pyfuse3.Operations):
     def _xattrs(self, node: Node) -> dict[bytes, bytes]:
         if isinstance(node, (SnapDirNode, SnapLeafNode)):
             assert node.entry is not None
-            out = dict(node.entry.xattrs)
-            if isinstance(node, SnapDirNode) and node.info is not None:
-                out.update(root_xattrs(node.info))
-            return out
+            return entry_xattrs(node.entry, node.info if isinstance(node, SnapDirNode) else None)
         if node.ino == ROOT_INO:
             return {XATTR_PREFIX + k.encode(): v.encode() for k, v in sorted(self.info.items())}
         return {}

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import pyfuse3
 
+from ..fsmeta import RESERVED_XATTR_PREFIX
 from ..model import Entry, SnapshotInfo
 from ..names import labels_over_limits
 
@@ -21,7 +22,7 @@ from ..names import labels_over_limits
 IMMUTABLE_TIMEOUT = 86400.0
 BLKSIZE = 128 * 1024  # matches the kernel's default max_read, so cp/cat use full-size reads
 
-XATTR_PREFIX = b"user.cascowfs."
+XATTR_PREFIX = RESERVED_XATTR_PREFIX
 # Served on every snapshot directory but not listed (so `getfattr -d` and `diff` of trees stay
 # clean): the tree id, which lets tools skip equal subtrees (cascowfs diff over a mount).
 TREE_XATTR = XATTR_PREFIX + b"tree"
@@ -54,6 +55,16 @@ def iso_time(ns: int) -> str:
     secs, frac = divmod(ns, 1_000_000_000)
     base = _dt.datetime.fromtimestamp(secs, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{base}.{frac:09d}Z"
+
+
+def entry_xattrs(entry: Entry, info: SnapshotInfo | None) -> dict[bytes, bytes]:
+    """What a snapshot entry shows as xattrs: its stored ones, and on a snapshot root (``info``
+    given) the recorded metadata. Only cascowfs speaks under ``user.cascowfs.``: commit and
+    import strip that namespace, and a tree stored before they did has it hidden here."""
+    out = {key: val for key, val in entry.xattrs if not key.startswith(XATTR_PREFIX)}
+    if info is not None:
+        out.update(root_xattrs(info))
+    return out
 
 
 def root_xattrs(info: SnapshotInfo) -> dict[bytes, bytes]:
