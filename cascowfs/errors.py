@@ -68,6 +68,13 @@ class StoreIOError(CascowfsError):
     errno = _errno.EIO
 
 
+class XattrTooLargeError(CascowfsError):
+    """An xattr that the store's filesystem cannot hold (ext4 without ea_inode keeps about
+    4 KiB of xattrs per file, where xfs and tmpfs keep 64 KiB values)."""
+
+    errno = _errno.E2BIG
+
+
 class StoreLockedError(CascowfsError):
     """Another process (a daemon, usually) has the store open."""
 

@@ -6,6 +6,8 @@ import errno
 import os
 import stat
 
+from .errors import XattrTooLargeError
+
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
 # cascowfs's own namespace: a snapshot root serves its recorded metadata under it, so a tree's
 # own xattrs there (set inside a branch, or copied by `cp -a` from a snapshot) are never kept.
@@ -49,6 +51,42 @@ def read_xattrs_and_overlay_keys(
     return tuple(out), frozenset(overlay)
 
 
+# Below this much free space an ENOSPC from setxattr is taken for a full disk.
+_FULL_DISK_BYTES = 1 << 20
+
+
+def set_xattrs(target: str | bytes | int, xattrs: tuple[tuple[bytes, bytes], ...],
+               shown: str | bytes | None = None) -> None:
+    """Set ``xattrs`` on ``target`` (a path, not following symlinks, or an open descriptor;
+    ``shown`` names a descriptor's file in errors).
+
+    ext4 answers ENOSPC for an xattr that does not fit its one xattr block even when the disk
+    has room: that is XattrTooLargeError (E2BIG) naming the file and the xattr, so that an
+    import of a tree from xfs or tmpfs says what to fix instead of "disk full"."""
+    follow = isinstance(target, int)
+    for key, value in xattrs:
+        try:
+            os.setxattr(target, key, value, follow_symlinks=follow)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.E2BIG) or _disk_full(target):
+                raise
+            name = os.fsdecode(shown if shown is not None else target)
+            raise XattrTooLargeError(
+                f"{name}: xattr {key.decode('utf-8', 'backslashreplace')} ({len(value)} bytes) "
+                f"does not fit the store's filesystem ({exc.strerror}); remove it or keep the "
+                f"store on a filesystem that holds large xattrs (xfs, ext4 with ea_inode)"
+            ) from None
+
+
+def _disk_full(target: str | bytes | int) -> bool:
+    try:
+        st = os.fstatvfs(target) if isinstance(target, int) \
+            else os.statvfs(os.path.dirname(os.path.abspath(target)))
+    except OSError:
+        return True
+    return st.f_bavail * st.f_frsize < _FULL_DISK_BYTES
+
+
 def get_overlay_xattr(path: str | bytes, key: bytes) -> bytes | None:
     try:
         return os.getxattr(path, key, follow_symlinks=False)
@@ -66,8 +104,7 @@ def apply_metadata(path: str | bytes, mode: int, uid: int, gid: int, mtime_ns: i
     os.chown(path, uid, gid, follow_symlinks=False)
     if not is_link:
         os.chmod(path, stat.S_IMODE(mode))  # after chown, which clears set-id bits
-    for key, value in xattrs:
-        os.setxattr(path, key, value, follow_symlinks=False)
+    set_xattrs(path, xattrs)
     os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
 
 
@@ -84,8 +121,7 @@ def write_file(dst: str | bytes, data: bytes, mode: int, uid: int, gid: int, mti
             view = view[n:]
         os.fchown(fd, uid, gid)
         os.fchmod(fd, stat.S_IMODE(mode))  # after chown, which clears set-id bits
-        for key, value in xattrs:
-            os.setxattr(fd, key, value)
+        set_xattrs(fd, xattrs, dst)
         os.utime(fd, ns=(mtime_ns, mtime_ns))  # last: writes and xattrs change the times
     finally:
         os.close(fd)
