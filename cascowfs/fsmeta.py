@@ -70,7 +70,10 @@ def set_xattrs(target: str | bytes | int, xattrs: tuple[tuple[bytes, bytes], ...
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.E2BIG) or _disk_full(target):
                 raise
-            name = os.fsdecode(shown if shown is not None else target)
+            if shown is not None:
+                name = os.fsdecode(shown)
+            else:
+                name = f"descriptor {target}" if isinstance(target, int) else os.fsdecode(target)
             raise XattrTooLargeError(
                 f"{name}: xattr {key.decode('utf-8', 'backslashreplace')} ({len(value)} bytes) "
                 f"does not fit the store's filesystem ({exc.strerror}); remove it or keep the "

@@ -119,14 +119,14 @@ class Change:
         return self.kind.encode() + b" " + self.raw_path + b"\0"
 
     @classmethod
-    def from_line(cls, line: str) -> "Change":
+    def from_line(cls, line: str) -> Change:
         """Parse what ``line()`` wrote."""
         if len(line) < 3 or line[0] not in CHANGE_KINDS or line[1] != " ":
             raise InvalidArgumentError(f"malformed change line {line!r}")
         return cls(path_text(unquote(line[2:])), line[0])
 
     @classmethod
-    def from_record_z(cls, record: bytes) -> "Change":
+    def from_record_z(cls, record: bytes) -> Change:
         """Parse one ``record_z()`` without its NUL."""
         if len(record) < 3 or chr(record[0]) not in CHANGE_KINDS or record[1:2] != b" ":
             raise InvalidArgumentError(f"malformed change record {record!r}")
