@@ -9,6 +9,9 @@ Fixtures
     ``sm``              a ``StateManager`` opened on ``store``; closed in ``finally`` with
                         ``unmount_branches=True``, after which no mount may remain under it
     ``content``         a ``ContentStore`` over a fresh LMDB environment (no mounts)
+    ``track_store``     ``track_store(path) -> path`` for a store the test opens and kills
+                        itself: the store joins the leak check, and whatever is still mounted
+                        below it is lazily unmounted when the test ends, however it ends
 
 Session end: a hook fails the run if an overlay/FUSE mount made by this run, a store staging
 directory under the run's temp dir, a child process or a StateManager background thread is
@@ -23,6 +26,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
@@ -70,6 +74,19 @@ def content(tmp_path: Path):
 def sm(store: Path):
     with open_store(store) as manager:
         yield manager
+
+
+@pytest.fixture
+def track_store() -> Iterator[Callable[[Path], Path]]:
+    tracked: list[Path] = []
+
+    def track(path: Path) -> Path:
+        tracked.append(register_store(path))
+        return tracked[-1]
+
+    yield track
+    for path in reversed(tracked):
+        force_unmount_below(path)
 
 
 # ----------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import time
 
 import pytest
 
-import conftest
 from conftest import (REPO, assert_fsck_clean, assert_same_view, check_live, child_env,
                       descendant_processes, dir_view, force_unmount_below, mounts_below,
                       needs_overlay, open_store, run_child, snapshot_view)
@@ -52,12 +51,11 @@ def test_every_crash_point_has_a_scenario():
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
-def test_kill_at_crash_point(point, tmp_path):
+def test_kill_at_crash_point(point, tmp_path, track_store):
     op, _, step = point.partition(".")
     if op not in VERIFY or step not in APPLIED_STEPS | NOT_APPLIED_STEPS:
         pytest.fail(f"no scenario for crash point {point}")
-    store = tmp_path / "store"
-    conftest._STORES.append(store)
+    store = track_store(tmp_path / "store")
     try:
         before = prepare_store(store, tmp_path)
         args = [str(before.import_src)] if op == "import" else []
@@ -81,11 +79,10 @@ def test_kill_at_crash_point(point, tmp_path):
             force_unmount_below(store)
 
 
-def test_crash_leaves_branch_mounts_that_reopen_adopts(tmp_path):
+def test_crash_leaves_branch_mounts_that_reopen_adopts(tmp_path, track_store):
     """A killed process leaves its branch mounts: reopening must adopt them (same mount, a
     process inside keeps working) rather than stack a second mount or drop the first."""
-    store = tmp_path / "store"
-    conftest._STORES.append(store)
+    store = track_store(tmp_path / "store")
     try:
         before = prepare_store(store, tmp_path)
         proc = run_child(CHILD, str(store), "commit", crash_at="commit.switched")
@@ -111,9 +108,8 @@ def test_crash_leaves_branch_mounts_that_reopen_adopts(tmp_path):
 # ----------------------------------------------------------------------------------------
 
 
-def test_kill_at_random_moments(tmp_path):
-    store = tmp_path / "store"
-    conftest._STORES.append(store)
+def test_kill_at_random_moments(tmp_path, track_store):
+    store = track_store(tmp_path / "store")
     rng = random.Random(1234)
     try:
         StateManager.open(store).close()
@@ -141,12 +137,11 @@ def test_kill_at_random_moments(tmp_path):
             force_unmount_below(store)
 
 
-def test_lost_layer_directories_are_rebuilt_in_place(tmp_path):
+def test_lost_layer_directories_are_rebuilt_in_place(tmp_path, track_store):
     """Layers are a cache of the CAS: with every layer directory deleted, reopening rebuilds
     each under its own id (chains keep their length: nothing is flattened into full copies),
     and every snapshot and branch, uncommitted changes included, reads back exactly."""
-    store = tmp_path / "store"
-    conftest._STORES.append(store)
+    store = track_store(tmp_path / "store")
     try:
         before = prepare_store(store, tmp_path)
         with open_store(store):
@@ -191,11 +186,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_killed_import_leaves_no_worker_and_no_lock(tmp_path):
+def test_a_killed_import_leaves_no_worker_and_no_lock(tmp_path, track_store):
     """kill -9 of a process in the middle of a big import: its forked workers die with it and
     never held the store lock, so the store opens at once, without the import."""
-    store = tmp_path / "store"
-    conftest._STORES.append(store)
+    store = track_store(tmp_path / "store")
     src = tmp_path / "src"
     src.mkdir()
     for i in range(400):
@@ -233,11 +227,10 @@ def test_a_killed_import_leaves_no_worker_and_no_lock(tmp_path):
         force_unmount_below(store)
 
 
-def test_a_forked_child_does_not_hold_the_store_lock(tmp_path):
+def test_a_forked_child_does_not_hold_the_store_lock(tmp_path, track_store):
     """Whatever the engine forks (import workers) closes its copy of the store lock, so a child
     that lingers after its parent let go of the store keeps nobody out."""
-    store = tmp_path / "store"
-    conftest._STORES.append(store)
+    store = track_store(tmp_path / "store")
     release_r, release_w = os.pipe()
     sm = StateManager.open(store)
     child = os.fork()

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-import conftest
 from conftest import (check_live, force_unmount_below, make_ext4_image, mounted_image,
                       mounts_below, needs_loop, open_store, snapshot_view)
 from crash_scenarios import Returned, run_loop_until_killed
@@ -43,7 +42,8 @@ def fail_disk(mountpoint: Path) -> None:
 
 
 @pytest.mark.skipif(fuse_unavailable() is not None, reason=fuse_unavailable() or "")
-def test_a_failed_disk_gives_eio_through_the_file_interface_and_loses_nothing(tmp_path):
+def test_a_failed_disk_gives_eio_through_the_file_interface_and_loses_nothing(tmp_path,
+                                                                              track_store):
     img = make_ext4_image(tmp_path / "disk.img", 128)
     src = tmp_path / "src"
     src.mkdir()
@@ -52,8 +52,7 @@ def test_a_failed_disk_gives_eio_through_the_file_interface_and_loses_nothing(tm
     with cascow_base() as base:
         fs = Cascow(base)
         with mounted_image(img, tmp_path / "disk") as disk:
-            fs.store = disk / "store"
-            conftest._STORES.append(fs.store)
+            fs.store = track_store(disk / "store")
             try:
                 fs.start()
                 fs.sh(f'echo "import base {src}" > $MNT/ctl; mkdir $MNT/branches/b; '
@@ -93,15 +92,14 @@ def test_a_failed_disk_gives_eio_through_the_file_interface_and_loses_nothing(tm
         img.unlink()
 
 
-def test_a_disk_failing_at_random_moments_loses_nothing_returned(tmp_path):
+def test_a_disk_failing_at_random_moments_loses_nothing_returned(tmp_path, track_store):
     rng = random.Random(777)
     img = make_ext4_image(tmp_path / "disk.img", 1024)
     returned = Returned()
     try:
         for round_no in range(4):
             with mounted_image(img, tmp_path / "disk") as disk:
-                store = disk / "store"
-                conftest._STORES.append(store)
+                store = track_store(disk / "store")
                 def fail_meanwhile(disk: Path = disk) -> None:
                     time.sleep(rng.uniform(0.3, 1.5))
                     fail_disk(disk)

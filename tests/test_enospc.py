@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 
-import conftest
 from conftest import (assert_fsck_clean, assert_same_view, check_live, dir_view, force_unmount_below,
                       loop_ext4, needs_loop, open_store, snapshot_view)
 from cascowfs.errors import NoSpaceError
@@ -116,13 +115,12 @@ def earlier_state_intact(sm, views: dict) -> None:
 
 
 @pytest.mark.parametrize("level", list(LEVELS))
-def test_import_on_a_full_disk(tmp_path, level):
+def test_import_on_a_full_disk(tmp_path, level, track_store):
     src = random_tree(tmp_path / "src", DATA_MIB << 20, seed=1)
     src_view = dir_view(src)
     small = random_tree(tmp_path / "small", 200_000, seed=2)
     with loop_ext4(tmp_path / "fs", DISK_MIB) as disk:
-        store = disk / "store"
-        conftest._STORES.append(store)
+        store = track_store(disk / "store")
         try:
             sm = StateManager.open(store)
             try:
@@ -153,11 +151,10 @@ def test_import_on_a_full_disk(tmp_path, level):
 
 
 @pytest.mark.parametrize("level", list(LEVELS))
-def test_commit_on_a_full_disk(tmp_path, level):
+def test_commit_on_a_full_disk(tmp_path, level, track_store):
     small = random_tree(tmp_path / "small", 200_000, seed=3)
     with loop_ext4(tmp_path / "fs", DISK_MIB) as disk:
-        store = disk / "store"
-        conftest._STORES.append(store)
+        store = track_store(disk / "store")
         try:
             sm = StateManager.open(store)
             try:
@@ -209,14 +206,13 @@ def test_commit_on_a_full_disk(tmp_path, level):
             force_unmount_below(store)
 
 
-def test_every_state_change_on_a_completely_full_disk(tmp_path):
+def test_every_state_change_on_a_completely_full_disk(tmp_path, track_store):
     """With not one free block, each state change either succeeds or raises NoSpaceError
     (discard and prune free space, so succeeding is the better answer for them), and leaves a
     consistent store; once space is back every one of them succeeds."""
     small = random_tree(tmp_path / "small", 300_000, seed=5)
     with loop_ext4(tmp_path / "fs", DISK_MIB) as disk:
-        store = disk / "store"
-        conftest._STORES.append(store)
+        store = track_store(disk / "store")
         try:
             sm = StateManager.open(store)
             try:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 
-import conftest
 from conftest import (assert_fsck_clean, check_live, loop_ext4, mounted_image, needs_loop,
                       open_store, run_child, snapshot_view)
 from crash_scenarios import (APPLIED_STEPS, CHILD, VERIFY, Before, Returned, prepare_store,
@@ -59,12 +58,11 @@ def as_after_a_reboot(before: Before, op: str, applied: bool) -> Before:
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
-def test_power_cut_at_crash_point(point, tmp_path):
+def test_power_cut_at_crash_point(point, tmp_path, track_store):
     op, _, step = point.partition(".")
     fs = tmp_path / "fs"
     with loop_ext4(fs, DISK_MIB, NO_PERIODIC_COMMIT) as disk:
-        store = disk / "store"
-        conftest._STORES.append(store)
+        store = track_store(disk / "store")
         before = prepare_store(store, tmp_path)
         os.sync()  # what the scenario prepared is on the disk; the operation's writes are not
         args = [str(before.import_src)] if op == "import" else []
@@ -85,7 +83,7 @@ def test_power_cut_at_crash_point(point, tmp_path):
         cut.unlink(missing_ok=True)
 
 
-def test_power_cut_at_random_moments(tmp_path):
+def test_power_cut_at_random_moments(tmp_path, track_store):
     rng = random.Random(4321)
     fs = tmp_path / "fs"
     images: list[Path] = []
@@ -97,8 +95,7 @@ def test_power_cut_at_random_moments(tmp_path):
             images.append(image_after_power_cut(fs / "disk.img", fs / "start.img"))
         for round_no in range(6):
             with mounted_image(images[-1], fs / "disk", NO_PERIODIC_COMMIT) as disk:
-                store = disk / "store"
-                conftest._STORES.append(store)
+                store = track_store(disk / "store")
                 out = run_loop_until_killed(store, 100 + round_no,
                                             lambda: time.sleep(rng.uniform(0.3, 1.5)))
                 images.append(image_after_power_cut(images[-1], fs / f"cut{round_no}.img"))
@@ -126,7 +123,8 @@ def layer_inodes(store: Path) -> dict[str, int]:
     return {entry.name: entry.inode() for entry in os.scandir(store / "layers")}
 
 
-def test_layers_the_background_synced_survive_a_cut_and_are_not_rebuilt(tmp_path, monkeypatch):
+def test_layers_the_background_synced_survive_a_cut_and_are_not_rebuilt(tmp_path, monkeypatch,
+                                                                        track_store):
     """The other half of the bargain: once the background syncfs has run, a power cut loses
     nothing and the next open rebuilds nothing (the same layer directories are still there)."""
     monkeypatch.setattr(durability, "LAYER_SYNC_SECONDS", 0.1)
@@ -137,8 +135,7 @@ def test_layers_the_background_synced_survive_a_cut_and_are_not_rebuilt(tmp_path
         (src / f"f{i}").write_bytes(random.Random(i).randbytes(5000))
     try:
         with loop_ext4(fs, DISK_MIB, NO_PERIODIC_COMMIT) as disk:
-            store = disk / "store"
-            conftest._STORES.append(store)
+            store = track_store(disk / "store")
             with open_store(store) as sm:
                 sm.import_tree(src, "base")
                 tree = sm.create_branch("b", "base").tree
@@ -169,11 +166,10 @@ def test_layers_the_background_synced_survive_a_cut_and_are_not_rebuilt(tmp_path
         (fs / "cut.img").unlink(missing_ok=True)
 
 
-def test_branches_still_mounted_mean_no_reboot_whatever_the_boot_id(tmp_path, monkeypatch):
+def test_branches_still_mounted_mean_no_reboot_whatever_the_boot_id(tmp_path, monkeypatch, track_store):
     """Branch mounts outlive a daemon, never a reboot: while they are there, a changed boot id
     (a container, a misread) must not reset branches whose upper directories are live."""
-    store = tmp_path / "store"
-    conftest._STORES.append(store)
+    store = track_store(tmp_path / "store")
     src = tmp_path / "src"
     src.mkdir()
     (src / "a").write_bytes(b"a")

@@ -116,7 +116,7 @@ class StoreLifecycle(RuleBasedStateMachine):
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="lifecycle-", dir=base))
         self.store = self.dir / "store"
-        conftest._STORES.append(self.store)
+        conftest.register_store(self.store)
         self.sm = StateManager.open(self.store)
         self.snaps: dict[str, dict] = {}      # id -> view at commit/import
         self.branches: dict[str, dict] = {}   # name -> view after its last change
