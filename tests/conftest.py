@@ -13,6 +13,12 @@ Fixtures
                         itself: the store joins the leak check, and whatever is still mounted
                         below it is lazily unmounted when the test ends, however it ends
 
+Tiers: every test is marked ``unit`` (no root, no mount), or with what it needs of the machine:
+``engine`` (real overlayfs), ``loop`` (loop devices), ``fuse`` (a real FUSE daemon); see
+support/skips.py. ``pytest_collection_modifyitems`` gives each test its tiers from its marks
+and fixtures and skips those this machine cannot run; ``slow`` tests run only with
+``--runslow``.
+
 Session end: a hook fails the run if an overlay/FUSE mount made by this run, a store staging
 directory under the run's temp dir, a child process or a StateManager background thread is
 left behind (and then cleans the leaked mounts up, so one bad test does not poison the VM).
@@ -35,7 +41,8 @@ from support.mounts import Mount, all_mounts, force_unmount_below, mounts_below
 from support.processes import (REPO, child_env, descendant_processes, other_pytest_running,
                                run_child)
 from support.properties import EXAMPLES_SCALE, hypothesis_settings
-from support.skips import loop_unavailable, needs_loop, needs_overlay, overlay_unavailable
+from support.skips import (TIER_UNAVAILABLE, loop_unavailable, needs_loop, needs_overlay,
+                           overlay_unavailable, tiers_of)
 from support.stores import STORES, assert_fsck_clean, check_live, open_store, register_store
 from support.views import (OVERLAY_PREFIX, Node, assert_same_view, assert_status,
                            describe_view_diff, dir_view, expected_status, snapshot_view)
@@ -48,6 +55,26 @@ __all__ = ["EXAMPLES_SCALE", "OVERLAY_PREFIX", "REPO", "Mount", "Node", "all_mou
            "open_store", "overlay_unavailable", "register_store", "run_child", "snapshot_view"]
 
 _STORES = STORES  # the old name of the leak check's list of stores
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run the tests marked slow (soaks, big corpora)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by the tier marks added here
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    run_slow = config.getoption("--runslow")
+    for item in items:
+        marks = {m.name for m in item.iter_markers()}
+        for tier in sorted(tiers_of(marks, set(getattr(item, "fixturenames", ())))):
+            if tier not in marks:
+                item.add_marker(tier)
+            why = TIER_UNAVAILABLE[tier]() if tier in TIER_UNAVAILABLE else None
+            if why:
+                item.add_marker(pytest.mark.skip(reason=why))
+        if "slow" in marks and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))
 
 
 @pytest.fixture

@@ -32,7 +32,8 @@ def _why_not() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
+pytestmark = [pytest.mark.skipif(_why_not() is not None, reason=str(_why_not())),
+              pytest.mark.fuse, pytest.mark.loop]
 
 
 def _leaks(parent: Path) -> list[str]:

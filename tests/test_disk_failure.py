@@ -24,7 +24,7 @@ import pytest
 from conftest import (check_live, force_unmount_below, make_ext4_image, mounted_image,
                       mounts_below, needs_loop, open_store, snapshot_view)
 from crash_scenarios import Returned, run_loop_until_killed
-from fusehelpers import Cascow, cascow_base, fuse_unavailable
+from fusehelpers import Cascow, cascow_base, needs_fuse
 
 pytestmark = needs_loop
 
@@ -41,7 +41,7 @@ def fail_disk(mountpoint: Path) -> None:
         os.close(fd)
 
 
-@pytest.mark.skipif(fuse_unavailable() is not None, reason=fuse_unavailable() or "")
+@needs_fuse
 def test_a_failed_disk_gives_eio_through_the_file_interface_and_loses_nothing(tmp_path,
                                                                               track_store):
     img = make_ext4_image(tmp_path / "disk.img", 128)

@@ -1,9 +1,15 @@
-"""Skip conditions: each ``needs_*`` is a ``pytest.mark.skipif`` with a clear reason, tried for
-real once per run; each ``*_unavailable()`` gives that reason as a string, or None.
+"""What a test needs of the machine, and why the machine may not have it.
+
+Each ``needs_*`` marks a test with its tier (``engine``, ``loop``, ``fuse``); conftest.py skips
+a test whose tier the machine cannot serve, with the reason ``*_unavailable()`` gives (a
+string, or None when the need is met; each is tried for real once per run):
 
 ``needs_overlay``   root and a kernel whose overlayfs takes ``lowerdir+`` (fsconfig)
 ``needs_loop``      ``needs_overlay`` plus loop devices, ``losetup`` and ``mkfs.ext4``
 ``needs_fuse``      root, /dev/fuse and the fuse3 user-space tools
+
+A test with none of these marks, and none of the fixtures that imply one (see
+``FIXTURE_TIERS``), is a ``unit`` test: it runs as any user, with no mount.
 """
 
 from __future__ import annotations
@@ -64,9 +70,6 @@ def loop_unavailable() -> str | None:
     return None
 
 
-needs_overlay = pytest.mark.skipif(overlay_unavailable() is not None,
-                                   reason=overlay_unavailable() or "")
-needs_loop = pytest.mark.skipif(loop_unavailable() is not None, reason=loop_unavailable() or "")
 
 
 def fuse_unavailable() -> str | None:
@@ -79,5 +82,19 @@ def fuse_unavailable() -> str | None:
     return None
 
 
-needs_fuse = pytest.mark.skipif(fuse_unavailable() is not None,
-                                reason=fuse_unavailable() or "")
+needs_overlay = pytest.mark.engine
+needs_loop = pytest.mark.loop
+needs_fuse = pytest.mark.fuse
+
+# Tiers, each with what says whether this machine can run it; "unit" is the rest.
+TIER_UNAVAILABLE = {"engine": overlay_unavailable, "loop": loop_unavailable,
+                    "fuse": fuse_unavailable}
+# Fixtures that make a test need a tier without a mark saying so.
+FIXTURE_TIERS = {"store": "engine", "sm": "engine", "track_store": "engine"}
+
+
+def tiers_of(marks: set[str], fixtures: set[str]) -> set[str]:
+    """The tiers of a test with these marker names and fixture names (``unit`` if none)."""
+    tiers = {m for m in marks if m in TIER_UNAVAILABLE}
+    tiers |= {FIXTURE_TIERS[f] for f in fixtures if f in FIXTURE_TIERS}
+    return tiers or {"unit"}
