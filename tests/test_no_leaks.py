@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
-import subprocess
 import threading
 import time
 
@@ -150,66 +148,3 @@ def test_failed_operations_leave_no_staging_and_no_pending_op(tmp_path, store, m
     assert_fsck_clean(store)
     with open_store(store):
         pass
-
-
-# -- deleting the trash -----------------------------------------------------------------------
-def _odd_tree(root, outside):
-    """Every kind of entry a layer or an upper holds, links pointing out of the tree."""
-    (root / "a" / "b").mkdir(parents=True)
-    (root / "a" / "b" / "f").write_bytes(b"x")
-    (root / "locked").mkdir()
-    (root / "locked" / "g").write_bytes(b"y")
-    os.chmod(root / "locked", 0)  # overlayfs leaves work/work like this
-    os.mknod(root / "whiteout", stat.S_IFCHR | 0o600, os.makedev(0, 0))
-    os.mkfifo(root / "fifo")
-    os.symlink(outside / "file", root / "link")
-    os.symlink(outside, root / "dirlink")
-
-
-@pytest.mark.parametrize("rm", ["rm", "no rm"])
-def test_deleting_trees_does_not_follow_links(tmp_path, monkeypatch, rm):
-    """Every kind of entry goes (read-only directories, whiteouts, fifos); links pointing out
-    of the tree are removed, not followed; with rm or, where it is missing, without."""
-    from cascowfs import layers
-
-    if rm == "no rm":
-        monkeypatch.setattr(layers, "_RM", None)
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "file").write_bytes(b"keep")
-    trees = [tmp_path / "t1", tmp_path / "t2"]
-    for t in trees:
-        t.mkdir()
-        _odd_tree(t, outside)
-    (tmp_path / "lone").write_bytes(b"x")
-    layers.remove_trees(trees + [tmp_path / "lone", tmp_path / "missing"])
-    assert sorted(os.listdir(tmp_path)) == ["outside"]
-    assert (outside / "file").read_bytes() == b"keep"
-
-
-@needs_overlay  # root, to mount
-@pytest.mark.parametrize("rm", ["rm", "no rm"])
-def test_deleting_a_tree_never_goes_through_a_mount(tmp_path, monkeypatch, rm):
-    """A tree that holds a mount point loses everything else; the mounted files stay. (The
-    check is by device, as ``rm --one-file-system`` does it: the trash's own mounts are
-    overlays, each a device of its own, and are detached before anything is deleted.)"""
-    from cascowfs import layers, overlay
-
-    if rm == "no rm":
-        monkeypatch.setattr(layers, "_RM", None)
-    tree = tmp_path / "tree"
-    mnt = tree / "sub" / "mnt"
-    mnt.mkdir(parents=True)
-    (tree / "sub" / "f").write_bytes(b"x")
-    (tree / "other").mkdir()
-    (tree / "other" / "g").write_bytes(b"y")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "cascowfs-test", str(mnt)], check=True)
-    try:
-        (mnt / "precious").write_bytes(b"keep")
-        layers.remove_trees([tree])
-        assert (mnt / "precious").read_bytes() == b"keep"
-        assert sorted(os.listdir(tree)) == ["sub"] and os.listdir(tree / "sub") == ["mnt"]
-    finally:
-        overlay.unmount(mnt, lazy=True)
-    layers.remove_trees([tree])  # the mount gone, the rest goes too
-    assert not tree.exists()
