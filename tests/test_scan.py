@@ -1,0 +1,153 @@
+"""cascowfs/scan.py: real directories turned into snapshot trees. ``scan_directory`` (an import,
+mirrored into a layer from the bytes it hashed) and ``apply_upper`` (a branch's overlayfs upper
+laid over its base) must give exactly the tree a reader of the directory sees."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import assert_same_view, dir_view, needs_overlay, snapshot_view
+from cascowfs import layers, overlay
+from cascowfs.model import Entry
+from cascowfs.scan import ObjectSink, apply_upper, finalize, scan_directory
+from cascowfs.trees import STORED, TreeStore
+
+
+class _Tree:
+    """The read path ``snapshot_view`` walks, over a bare content store."""
+
+    def __init__(self, content, root: Entry) -> None:
+        self.content, self.trees, self.root = content, TreeStore(content), root
+
+    def root_entry(self, _id: str) -> Entry:
+        return self.root
+
+    def read_tree(self, tree_id: bytes) -> dict[bytes, Entry]:
+        return self.trees.get(tree_id)
+
+    def read_file(self, content_id: bytes, offset: int, size: int) -> bytes:
+        return self.content.read(content_id, offset, size)
+
+    def snapshot(self, _id: str) -> SimpleNamespace:
+        return SimpleNamespace(files=self.root.tree_files, size=self.root.tree_bytes)
+
+
+def _stored(content, node, sink: ObjectSink) -> _Tree:
+    """Finalize a scanned tree, store its objects (``sink`` holds those of the scan), and read
+    it back from the store."""
+    root = finalize(node, sink)
+    objects = sink.take()
+    content.db.write(lambda txn: content.put_objects(txn, objects))
+    return _Tree(content, root)
+
+
+def _source(root: Path) -> Path:
+    (root / "pkg" / "sub").mkdir(parents=True)
+    (root / "empty-dir").mkdir()
+    (root / "a.py").write_bytes(b"a = 1\n")
+    (root / "pkg" / "big.bin").write_bytes(os.urandom(1 << 20))  # several chunks
+    (root / "pkg" / "sub" / "same").write_bytes(b"a = 1\n")    # the same content again
+    (root / "nul").write_bytes(b"")
+    (root / "name with\nnewline \xe9").write_bytes(b"odd")
+    (root / os.fsdecode(b"not-utf8-\xff")).write_bytes(b"bytes")
+    os.link(root / "a.py", root / "pkg" / "hard")
+    os.symlink("../a.py", root / "pkg" / "link")
+    os.symlink("/dangling/target", root / "dangling")
+    os.mkfifo(root / "fifo")
+    os.setxattr(root / "a.py", b"user.k", b"\x00binary\xff")
+    os.chmod(root / "pkg" / "sub", 0o750)
+    os.utime(root / "pkg", ns=(7, 1_000_000_007))
+    return root
+
+
+def test_a_scanned_tree_reads_back_as_the_directory_and_its_mirror(content, tmp_path):
+    src = _source(tmp_path / "src")
+    want = dir_view(src)
+    sink = ObjectSink()
+    tree = _stored(content, scan_directory(src, sink, mirror_to=tmp_path / "layer"), sink)
+    assert_same_view(snapshot_view(tree, "scanned"), want, "scanned tree")
+    assert_same_view(dir_view(tmp_path / "layer"), want, "mirrored layer")
+    assert tree.root.tree_files == sum(1 for n in want.values() if n.kind == "f")
+
+
+def _scanned_root(content, src: Path) -> Entry:
+    sink = ObjectSink()
+    return _stored(content, scan_directory(src, sink), sink).root
+
+
+def test_scanning_is_deterministic_and_sees_every_change(content, tmp_path):
+    src = _source(tmp_path / "src")
+    first = _scanned_root(content, src)
+    assert _scanned_root(content, src) == first
+    (src / "pkg" / "sub" / "same").write_bytes(b"a = 2\n")
+    os.utime(src / "pkg" / "sub" / "same", ns=(0, 0))
+    os.utime(src / "pkg" / "sub", ns=(0, 0))
+    os.utime(src / "pkg", ns=(7, 1_000_000_007))
+    assert _scanned_root(content, src).ref != first.ref
+
+
+def test_only_a_directory_is_scanned(tmp_path):
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError):
+        scan_directory(tmp_path / "file", ObjectSink())
+    with pytest.raises(FileNotFoundError):
+        scan_directory(tmp_path / "missing", ObjectSink())
+
+
+def test_a_sink_keeps_new_objects_once_and_flushes_in_batches():
+    batches: list[list[tuple[bytes, bytes]]] = []
+    sink = ObjectSink(batches.append, batch_bytes=10)
+    sink.add([(b"a", b"1234"), (b"stored", STORED), (b"a", b"1234")])
+    assert batches == [] and sink.pending_bytes == 4
+    sink.add([(b"b", b"1234567")])
+    assert batches == [[(b"a", b"1234"), (b"b", b"1234567")]] and sink.pending_bytes == 0
+    sink.add([(b"c", b"1")])
+    sink.flush()
+    sink.flush()  # nothing pending: no empty batch
+    assert batches[1:] == [[(b"c", b"1")]]
+    keeper = ObjectSink()
+    keeper.add([(b"d", b"x" * 100)])
+    keeper.flush()  # no writer: the objects stay until taken
+    assert keeper.take() == [(b"d", b"x" * 100)] and keeper.take() == []
+
+
+def _edit_through_the_mount(mnt: Path) -> None:
+    """Changes that give the upper every form overlayfs has: copy-ups, whiteouts, an opaque
+    directory, a renamed (redirected) directory, a new hard link, metadata-only changes."""
+    (mnt / "a.py").write_bytes(b"a = 3\n")
+    os.unlink(mnt / "nul")
+    os.unlink(mnt / "fifo")
+    (mnt / "pkg" / "sub" / "same").unlink()
+    os.rmdir(mnt / "pkg" / "sub")
+    (mnt / "pkg" / "sub").mkdir()                      # deleted and made again: opaque
+    (mnt / "pkg" / "sub" / "fresh").write_bytes(b"fresh")
+    os.rename(mnt / "pkg", mnt / "moved")              # a redirect
+    os.link(mnt / "moved" / "big.bin", mnt / "big-again")
+    os.chmod(mnt / "empty-dir", 0o700)
+    os.utime(mnt / "dangling", ns=(3, 3), follow_symlinks=False)
+
+
+@needs_overlay
+def test_an_upper_over_its_base_gives_what_the_branch_shows(content, tmp_path):
+    sink = ObjectSink()
+    base = _stored(content, scan_directory(_source(tmp_path / "src"), sink), sink)
+    lower, upper, work, mnt = (tmp_path / d for d in ("lower", "upper", "work", "mnt"))
+    layers.materialize(base.trees, content, base.root, lower)
+    for d in (upper, work, mnt):
+        d.mkdir()
+    layers.set_root_metadata(upper, base.root)
+    overlay.mount_overlay(mnt, [lower], upper, work)
+    try:
+        _edit_through_the_mount(mnt)
+        want = dir_view(mnt)
+    finally:
+        overlay.unmount(mnt, lazy=False)
+    for cache in (None, {}):
+        sink = ObjectSink()
+        node = apply_upper(base.trees, base.root, upper, sink, file_cache=cache)
+        assert_same_view(snapshot_view(_stored(content, node, sink), "branch"), want,
+                         "upper over base")
