@@ -38,8 +38,8 @@ import pytest
 
 from support.loopdev import loop_ext4, make_ext4_image, mounted_image
 from support.mounts import Mount, all_mounts, force_unmount_below, mounts_below
-from support.processes import (REPO, child_env, descendant_processes, other_pytest_running,
-                               run_child)
+from support.processes import (REPO, alive, child_env, descendant_processes,
+                               other_pytest_running, run_child)
 from support.properties import EXAMPLES_SCALE, hypothesis_settings
 from support.skips import (TIER_UNAVAILABLE, loop_unavailable, needs_loop, needs_overlay,
                            overlay_unavailable, tiers_of)
@@ -47,7 +47,7 @@ from support.stores import STORES, assert_fsck_clean, check_live, open_store, re
 from support.views import (OVERLAY_PREFIX, Node, assert_same_view, assert_status,
                            describe_view_diff, dir_view, expected_status, snapshot_view)
 
-__all__ = ["EXAMPLES_SCALE", "OVERLAY_PREFIX", "REPO", "Mount", "Node", "all_mounts",
+__all__ = ["EXAMPLES_SCALE", "OVERLAY_PREFIX", "REPO", "Mount", "Node", "alive", "all_mounts",
            "assert_fsck_clean", "assert_same_view", "assert_status", "check_live", "child_env",
            "descendant_processes", "describe_view_diff", "dir_view", "expected_status",
            "force_unmount_below", "hypothesis_settings", "loop_ext4", "loop_unavailable",

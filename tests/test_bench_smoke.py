@@ -9,31 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from support.skips import needs_fuse, needs_loop
+
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = REPO / "tools"
 
 
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (loop devices, overlay and FUSE mounts)"
-    if not os.path.exists("/dev/fuse"):
-        return "needs /dev/fuse"
-    if not shutil.which("losetup") or not shutil.which("mkfs.ext4"):
-        return "needs losetup and mkfs.ext4"
-    if "overlay" not in Path("/proc/filesystems").read_text():
-        return "needs overlayfs"
-    return None
-
-
-pytestmark = [pytest.mark.skipif(_why_not() is not None, reason=str(_why_not())),
-              pytest.mark.fuse, pytest.mark.loop]
+pytestmark = [needs_fuse, needs_loop]  # the benchmark mounts cascowfs on a loop-device ext4
 
 
 def _leaks(parent: Path) -> list[str]:

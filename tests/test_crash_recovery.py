@@ -31,7 +31,7 @@ import time
 
 import pytest
 
-from conftest import (REPO, assert_fsck_clean, assert_same_view, check_live, child_env,
+from conftest import (REPO, alive, assert_fsck_clean, assert_same_view, check_live, child_env,
                       descendant_processes, dir_view, force_unmount_below, mounts_below,
                       needs_overlay, open_store, run_child, snapshot_view)
 from crash_scenarios import (APPLIED_STEPS, CHILD, NOT_APPLIED_STEPS, VERIFY, prepare_store,
@@ -178,14 +178,6 @@ print("imported", flush=True)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_killed_import_leaves_no_worker_and_no_lock(tmp_path, track_store):
     """kill -9 of a process in the middle of a big import: its forked workers die with it and
     never held the store lock, so the store opens at once, without the import."""
@@ -215,9 +207,9 @@ def test_a_killed_import_leaves_no_worker_and_no_lock(tmp_path, track_store):
             assert [s.id for s in sm.snapshots()] == []
             check_live(sm, deep=True)
         deadline = time.monotonic() + 10
-        while any(map(_alive, workers)) and time.monotonic() < deadline:
+        while any(map(alive, workers)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(map(_alive, workers)), f"workers outlived the killed import: {workers}"
+        assert not any(map(alive, workers)), f"workers outlived the killed import: {workers}"
     finally:
         for pid in workers:
             try:

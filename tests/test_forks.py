@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, child_env
+from support.processes import REPO, alive, child_env
 from cascowfs import forks
 
 
@@ -59,32 +59,24 @@ time.sleep(600)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_a_child_dies_when_its_parent_is_killed():
     parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=REPO, env=child_env(),
                               stdout=subprocess.PIPE, text=True)
     child = 0
     try:
         child = int(parent.stdout.readline())
-        assert _alive(child)
+        assert alive(child)
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while _alive(child) and time.monotonic() < deadline:
+        while alive(child) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert not _alive(child), f"child {child} outlived its killed parent"
+        assert not alive(child), f"child {child} outlived its killed parent"
     finally:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
-        if child and _alive(child):
+        if child and alive(child):
             os.kill(child, signal.SIGKILL)
         parent.stdout.close()
 

@@ -3,6 +3,7 @@
 ``run_child(code, *args, crash_at=None)``  ``python -c code args`` with ``CASCOWFS_CRASH_AT``
 ``child_env(crash_at=None)``                the environment such a child gets
 ``descendant_processes(pid)``               (pid, state, command) of live descendants of ``pid``
+``alive(pid)``                               whether ``pid`` runs (exists and is no zombie)
 ``processes_mentioning(text)``            pids (not ours) whose command line holds ``text``
 ``other_pytest_running()``                  whether a pytest not started by this one runs
 """
@@ -93,3 +94,12 @@ def processes_mentioning(text: str) -> list[int]:
         if text in cmd and state != "Z":
             pids.append(int(entry))
     return pids
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
