@@ -1,0 +1,128 @@
+"""cascowfs/fsck.py: the store's invariants (docs/architecture.md) checked on a closed store,
+each broken for real on disk, found, and named by invariant and object."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from cascowfs import overlay
+from cascowfs.fsck import fsck_store
+from cascowfs.metadb import MetaDB
+from cascowfs.state import StateManager
+
+
+@pytest.fixture
+def closed_store(tmp_path: Path, track_store) -> Iterator[dict]:
+    """A store with an import, a commit on it and a live branch, closed with its branch
+    mounted (as a stopped daemon leaves it); what the breakages need to know about it. Its
+    mounts go with ``track_store``, a staging directory a breakage left goes here."""
+    store = track_store(tmp_path / "store")
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"content of f")
+    (src / "g").write_bytes(b"content of g")
+    sm = StateManager.open(store)
+    try:
+        sm.import_tree(src, "base")
+        tree = sm.create_branch("b", "base").tree
+        (tree / "g").write_bytes(b"changed g")
+        sm.commit("b", "c1")
+        sm.settle()
+        facts = {"store": store, "root": sm.root_entry("c1").ref,
+                 "layers": [p.name for p in sm.layer_chain("c1")],
+                 "tree": sm.root_entry("base").ref}
+    finally:
+        sm.close()
+    yield facts
+    for entry in os.listdir(store / "staging"):
+        shutil.rmtree(store / "staging" / entry)
+
+
+def _objects(store: Path, change: Callable) -> None:
+    db = MetaDB(store / "meta")
+    try:
+        db.write(lambda txn: change(txn, db.db("objects")))
+    finally:
+        db.close()
+
+
+def _missing_object(s: dict) -> str:
+    _objects(s["store"], lambda txn, objects: txn.delete(s["root"], db=objects))
+    return f"invariant 1: snapshot c1: object {s['root'].hex()} is missing"
+
+
+def _corrupt_object(s: dict) -> str:
+    def flip(txn, objects):
+        value = bytearray(txn.get(s["tree"], db=objects))
+        value[-1] ^= 0xFF
+        txn.put(s["tree"], bytes(value), db=objects)
+    _objects(s["store"], flip)
+    return f"object {s['tree'].hex()} does not match its id (corrupt)"
+
+
+def _unreachable_object(s: dict) -> str:
+    _objects(s["store"], lambda txn, objects: txn.put(b"\x01" * 32, b"\x00orphan", db=objects))
+    return "invariant 3: object " + "01" * 32 + " is not reachable"
+
+
+def _lost_layer(s: dict) -> str:
+    shutil.rmtree(s["store"] / "layers" / s["layers"][-1])
+    return f"invariant 1: layer {s['layers'][-1]} is recorded but its directory is missing"
+
+
+def _stray_layer(s: dict) -> str:
+    (s["store"] / "layers" / "stray").mkdir()
+    return "invariant 3: layer directory stray is not recorded"
+
+
+def _left_staging(s: dict) -> str:
+    (s["store"] / "staging" / "op-left").mkdir()
+    return "invariant 5: staging directory op-left is left over"
+
+
+def _unmounted_branch(s: dict) -> str:
+    overlay.unmount(s["store"] / "branches" / "b" / "tree", lazy=False)
+    return "invariant 4: branch b is not mounted"
+
+
+def _stray_mount(s: dict) -> str:
+    target = s["store"] / "branches" / "ghost"
+    target.mkdir()
+    lowers = [s["store"].parent / "top", s["store"].parent / "bottom"]
+    for layer in lowers:
+        layer.mkdir()
+    overlay.mount_overlay(target, lowers)
+    return f"invariant 4: mount at {target} is not named by any branch"
+
+
+BREAKAGES = [_missing_object, _corrupt_object, _unreachable_object, _lost_layer, _stray_layer,
+             _left_staging, _unmounted_branch, _stray_mount]
+
+
+def test_a_sound_store_is_clean_and_counted(closed_store):
+    report = fsck_store(closed_store["store"], deep=True)
+    assert report.ok, report.problems
+    assert (report.snapshots, report.branches) == (2, 1) and report.objects > 0
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES, ids=lambda f: f.__name__.strip("_"))
+def test_each_breakage_is_found_and_named(closed_store, breakage):
+    want = breakage(closed_store)
+    problems = fsck_store(closed_store["store"]).problems
+    assert any(want in p for p in problems), f"wanted {want!r} among {problems}"
+
+
+def test_only_a_deep_check_compares_layers_with_trees(closed_store):
+    layer = closed_store["store"] / "layers" / closed_store["layers"][-1]
+    victim = next(p for p in sorted(layer.rglob("*")) if p.is_file())
+    os.chmod(victim, 0o600)
+    victim.write_bytes(b"not what the CAS holds")
+    assert fsck_store(closed_store["store"]).ok
+    problems = fsck_store(closed_store["store"], deep=True).problems
+    assert any(p.startswith("invariant 5: snapshot ") and "layers differ from its tree" in p
+               for p in problems), problems
