@@ -14,6 +14,8 @@ import pytest
 from cascowfs.errors import XattrTooLargeError
 from conftest import check_live, loop_ext4, loop_unavailable, open_store
 
+pytestmark = [pytest.mark.engine, pytest.mark.loop]  # tmpfs and loop ext4 mounts, stores
+
 BIG = 65536  # XATTR_SIZE_MAX: valid on xfs, tmpfs, ext4 with ea_inode
 
 
