@@ -64,6 +64,7 @@ def make_private(store: Path) -> int:
     umask_before = os.umask(STORE_UMASK)
     older = (store / "meta").exists()
     tightened = []
+    store_dev = os.stat(store).st_dev
     for pattern, mode in _MODES:
         for path in _expand(store, pattern):
             try:
@@ -72,6 +73,8 @@ def make_private(store: Path) -> int:
                 continue
             if stat.S_ISLNK(st.st_mode) or stat.S_IMODE(st.st_mode) == mode:
                 continue
+            if st.st_dev != store_dev:
+                continue  # a mount over the store's own path (left by a crash): not ours to chmod
             os.chmod(path, mode)
             tightened.append(f"{path.relative_to(store)} {stat.S_IMODE(st.st_mode):o}->{mode:o}")
     if older and tightened:
