@@ -87,7 +87,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert len(res["mount"]["mount_after_kill9_s"]) == 3
 
     text = _report(tmp_path, tmp_path / "docs" / "benchmarks.md")
-    assert "SPEC §6 acceptance lines" in text and "create branch" in text
+    assert "## Current figures" in text and "create branch" in text
     assert "met" in text or "MISSED" in text
     assert "`--ctl-open per-agent`" in text  # the default driver: one open of ctl per agent
     pngs = sorted(p.name for p in (tmp_path / "docs" / "img").glob("*.png")) \

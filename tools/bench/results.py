@@ -8,6 +8,7 @@ import statistics
 PEER_ORDER = ("overlay", "btrfs", "git", "cp")
 CORPUS_ORDER = ("django", "linux")
 CORPUS_LABEL = {"django": "M = Django 5.1.4 sdist", "linux": "L = linux-source-6.1"}
+CORPUS_PROSE = {"django": "the Django 5.1.4 sdist", "linux": "Debian's linux-source-6.1"}
 GROWTH_KEYS = ("cascowfs", "btrfs", "cascowfs-wide", "btrfs-wide")
 
 

@@ -34,26 +34,24 @@ def mb(x: float | None) -> str:
     return "—" if x is None else f"{x / 1e6:,.1f} MB"
 
 
-def fs_line(fs: dict | None) -> str:
-    if not fs:
-        return "—"
-    j = " journaled" if fs.get("journal") else ""
-    return (f"{fs.get('fstype')}{j} on {fs.get('source')} ({fs.get('backing', '')}; "
-            f"{fs.get('size_gb')} GB; `{fs.get('options')}`)")
-
-
-def machine_table(m: dict, last_started: str) -> list[str]:
+def machine_table(m: dict, scratch: list[dict]) -> list[str]:
+    """The machine, and the scratch filesystems (``scratch``: one of each type used)."""
     root = m.get("root_fs", {})
+    kinds = " and ".join(f"{fs.get('fstype')}{' journaled' if fs.get('journal') else ''} "
+                         f"({fs.get('size_gb')} GB)" for fs in scratch)
+    backing = {fs.get("backing") for fs in scratch}
+    where = ("each on a loop device with direct I/O over a sparse image on `/`, mounted "
+             "`noatime`" if backing == {"loop device, direct-io, sparse image on /"}
+             else "; ".join(sorted(str(b) for b in backing)))
     return [
         "| | |", "|---|---|",
         f"| CPU | {m.get('cpu')}, {m.get('cores')} cores |",
         f"| memory | {m.get('memory_gb')} GiB |",
         f"| kernel | {m.get('kernel')} (Firecracker micro-VM) |",
         f"| Python | {m.get('python')} |",
-        f"| `/` | {root.get('fstype')} on {root.get('source')}, `{root.get('options')}` — "
-        "no journal; **not used** for any figure |",
-        f"| last run started | {last_started} UTC (every run is listed under *Commands*) |",
-    ]
+        f"| `/` | {root.get('fstype')} on {root.get('source')}, no journal; **not used** for any "
+        "figure |",
+    ] + ([f"| scratch filesystems | {kinds}, {where} |"] if scratch else [])
 
 
 def mix_table(d: dict, key: str) -> list[str]:
@@ -86,13 +84,17 @@ def mix_table(d: dict, key: str) -> list[str]:
     return rows
 
 
+def mostly_failed(m: dict) -> bool:
+    """More than 5% of the run's ops failed: its figures are left out of the ratios."""
+    return bool(m.get("error_count")) and m["error_count"] > 0.05 * max(1, m["ops"])
+
+
 def ratio_table(d: dict, key: str) -> list[str]:
     c = (d["systems"].get("cascowfs") or {}).get(key)
     if not c:
         return ["*(no cascowfs figures for this run)*"]
     peers = [p for p in PEER_ORDER if key in (d["systems"].get(p) or {})]
-    broken = [p for p in peers if d["systems"][p][key]["error_count"]
-              > 0.05 * max(1, d["systems"][p][key]["ops"])]
+    broken = [p for p in peers if mostly_failed(d["systems"][p][key])]
     peers = [p for p in peers if p not in broken]
     if not peers:
         return ["*(no peer completed this run without errors)*"]
