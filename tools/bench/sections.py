@@ -84,7 +84,7 @@ def bench_system(cls: type[System], src_tree: Path, args: argparse.Namespace,
                     for op in OPS if d[op]["n"]))
             if mix["error_count"]:
                 log(f"{cls.name}: first errors: {mix['errors'][:3]}")
-        if cls is CascowSystem and args.profile:
+        if isinstance(system, CascowSystem) and args.profile:
             res["profile"] = profile_cascowfs(system, args, files)
     return res
 
@@ -127,8 +127,9 @@ def bench_read_path(src_tree: Path, args: argparse.Namespace, corpus_info: dict)
                   f"lowerdir={native},upperdir={floor}/u,workdir={floor}/w,volatile")
         try:
             places = {"native ext4": str(native), "cascowfs branch": tree,
-                      "bare overlay on ext4": str(floor / "m"),
-                      "cascowfs snapshot (FUSE)": system.snapshot_path("base")}
+                      "bare overlay on ext4": str(floor / "m")}
+            if snapshot := system.snapshot_path("base"):
+                places["cascowfs snapshot (FUSE)"] = snapshot
             for test, cmd in tests.items():
                 row: dict[str, Any] = {}
                 for place, path in places.items():
@@ -196,7 +197,7 @@ def _growth_one(cls: type[System], shape: str, n: int, src_tree: Path,
         series = [(0, system.storage(), fs_used(fsroot) - used0)]
         breakdown = []
         commit_s = []
-        tree = system.branch("grow", "base") if shape == "chain" else None
+        tree = system.branch("grow", "base") if shape == "chain" else ""
         prev = "base"
         failed = None
         t_start = time.perf_counter()
@@ -264,10 +265,10 @@ def bench_mount(src_tree: Path, args: argparse.Namespace, files: list[str]) -> d
         # layer chain below the engine's flattening threshold: this measures mount time, not
         # flattening (see the growth run for deep chains).
         t0 = time.perf_counter()
-        tree = None
+        tree = ""
         for i in range(1, nsnap + 1):
             if (i - 1) % 8 == 0:
-                if tree is not None:
+                if tree:
                     system.discard("grow")
                 tree = system.branch("grow", "base")
             EditScript.apply(tree, [a for a in script.next(rng) if a[0] == "modify"][:1])

@@ -44,7 +44,8 @@ class System:
         figure (the mount times of the growth run)."""
 
     def setup(self, src: Path) -> None: ...
-    def branch(self, name: str, parent: str) -> str: ...  # returns the working tree path
+    def branch(self, name: str, parent: str) -> str:  # returns the working tree path
+        raise NotImplementedError
     def commit(self, name: str, sid: str, labels: dict[str, str]) -> None: ...
     def discard(self, name: str) -> None: ...
     def prune(self, sid: str) -> None: ...
@@ -87,7 +88,7 @@ class CascowSystem(System):
 
     def umount(self, branches: bool = True) -> None:
         if self.mounted:
-            args = [CASCOWFS, "umount", self.mnt] + (["--branches"] if branches else [])
+            args = [CASCOWFS, "umount", str(self.mnt)] + (["--branches"] if branches else [])
             run(*args)
             self.mounted = False
 

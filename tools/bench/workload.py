@@ -109,10 +109,10 @@ class EditScript:
                     os.rename(p, os.path.join(root, act[2]))
                 elif kind == "big":
                     r = random.Random(act[3])
-                    body = r.randbytes(act[2] // 2).hex().encode()
+                    blob = r.randbytes(act[2] // 2).hex().encode()
                     with open(p, "wb") as f:
-                        f.write(body)
-                    written += len(body)
+                        f.write(blob)
+                    written += len(blob)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 pass
         return written
@@ -206,7 +206,7 @@ def run_mix(system: System, agents: int, nops: int, seed: int, files: list[str],
         p.join()
     recs = [r for res in results for r in res["recs"]]
     errors = [e for res in results for e in res["errors"]]
-    out = {"agents": agents, "ops": len(recs), "wall_s": wall,
+    out: dict[str, Any] = {"agents": agents, "ops": len(recs), "wall_s": wall,
            "throughput_ops_s": len(recs) / wall if wall else 0, "errors": errors[:20],
            "error_count": len(errors), "ops_detail": {}, "latencies": {},
            "edit": summarize([x for res in results for x in res["edit_s"]]),
