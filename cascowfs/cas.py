@@ -270,14 +270,17 @@ class ContentStore:
     # -- reading ---------------------------------------------------------------------------
     def get(self, oid: bytes, txn: lmdb.Transaction | None = None) -> bytes:
         """An object's stored value."""
-        if txn is None:
-            with self.db.read() as rtxn:
-                value = rtxn.get(oid, db=self.objects)
-        else:
-            value = txn.get(oid, db=self.objects)
+        value = self.find(oid, txn)
         if value is None:
             raise StoreIOError(f"object {oid.hex()} is missing from the store")
         return value
+
+    def find(self, oid: bytes, txn: lmdb.Transaction | None = None) -> bytes | None:
+        """An object's stored value, or None if the store has no such object."""
+        if txn is None:
+            with self.db.read() as rtxn:
+                return rtxn.get(oid, db=self.objects)
+        return txn.get(oid, db=self.objects)
 
     def _cached(self, oid: bytes) -> bytes | None:
         with self._cache_lock:

@@ -26,7 +26,6 @@ another process.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from typing import Callable, Iterable, Iterator
 import lmdb
 
 from .cas import ID_SIZE, ContentStore, children_of
+from .catalog import Catalog
 from .crashpoints import crash_point
 from .errors import StoreIOError
 from .metadb import MetaDB, open_reader
@@ -42,17 +42,6 @@ from .metadb import MetaDB, open_reader
 # The marking child runs at this niceness: it holds no lock the daemon needs, and the agents'
 # work comes first.
 MARKER_NICE = 10
-
-
-def live_roots(txn: lmdb.Transaction, dbs: dict) -> Iterator[bytes]:
-    """Every object that roots the live set: snapshot roots, branch bases, layer tops, and
-    the trees that layers not written yet are the difference from."""
-    for name, field in (("snapshots", "root"), ("branches", "base_root"), ("layers", "top"),
-                        ("layers", "below")):
-        for _, raw in txn.cursor(db=dbs[name]):
-            hexid = json.loads(raw).get(field)
-            if hexid:
-                yield bytes.fromhex(hexid)
 
 
 def reach(txn: lmdb.Transaction, objects_db, starts: Iterable[bytes],
@@ -78,7 +67,7 @@ def garbage(txn: lmdb.Transaction, dbs: dict) -> list[bytes]:
     """Every object the live roots do not reach, parents before children (see the module
     docstring: an object found present must never point at one already deleted)."""
     objects_db = dbs["objects"]
-    live = reach(txn, objects_db, live_roots(txn, dbs))
+    live = reach(txn, objects_db, Catalog(dbs).live_roots(txn))
     dead = [bytes(k) for k in txn.cursor(db=objects_db).iternext(keys=True, values=False)
             if bytes(k) not in live]
     return parents_first(txn, objects_db, dead)

@@ -21,7 +21,6 @@ recorded state. docs/architecture.md explains each step and which PREPAREs are f
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import queue
@@ -41,6 +40,7 @@ from . import forks
 from . import layers as layerfs
 from . import overlay
 from .cas import ContentStore, identify_content
+from .catalog import BranchRecord, Catalog, Counter, LayerRecord, SnapshotRecord
 from .crashpoints import crash_point
 from .errors import (BusyError, CascowfsError, ExistsError, NotFoundError, StoreIOError,
                      StoreLockedError, from_os_error)
@@ -153,14 +153,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _dump(record: dict) -> bytes:
-    return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
-
-
-def _count(raw: bytes | None) -> int:
-    return int.from_bytes(raw, "little") if raw else 0
-
-
 class StateManager:
     """Snapshots, branches and their lifecycle over one store directory.
 
@@ -229,6 +221,7 @@ class StateManager:
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
         try:
             self.db = MetaDB(self.store / "meta")
+            self.catalog = Catalog(self.db.dbs)
             self.content = ContentStore(self.db)
             self.trees = TreeStore(self.content)
             self.wal = WriteAheadLog(self.store / "wal" / "log")
@@ -316,9 +309,9 @@ class StateManager:
 
     def _check_format(self) -> None:
         with self.db.read() as txn:
-            raw = txn.get(b"format", db=self.db.db("meta"))
+            raw = self.catalog.format(txn)
             found = int(raw) if raw is not None else None
-            empty = txn.stat(self.db.db("snapshots"))["entries"] == 0
+            empty = self.catalog.snapshot_count(txn) == 0
         if found == STORE_FORMAT:
             return
         if found not in UPGRADES_IN_PLACE and not (found is None and empty):
@@ -333,14 +326,14 @@ class StateManager:
                 # have deleted are garbage now, which the first collection takes.
                 self.db.drop_legacy(txn)
                 self._note_garbage(txn)
-            txn.put(b"format", str(STORE_FORMAT).encode(), db=self.db.db("meta"))
+            self.catalog.set_format(txn, STORE_FORMAT)
 
         self.db.write(upgrade, "upgrading the store format")
 
     def _recover(self, progress: bool) -> None:
         cache = durability.page_cache_id(self.store)
         with self.db.read() as txn:
-            last_cache = bytes(txn.get(b"page_cache", b"", db=self.db.db("meta"))).decode()
+            last_cache = self.catalog.page_cache(txn)
         # A branch mount outlives any daemon, but never its page cache: while one is there,
         # nothing was lost, whatever the ids say.
         cache_lost = bool(cache and last_cache and last_cache != cache
@@ -348,7 +341,7 @@ class StateManager:
         self._find_unbuilt_layers()
         pending = self.wal.pending()
         with self.db.read() as txn:
-            applied = {op.op for op in pending if txn.get(op.op.encode(), db=self.db.db("ops"))}
+            applied = {op.op for op in pending if self.catalog.is_applied(txn, op.op)}
         orphans_possible = False
         for op in pending:
             if op.op in applied:
@@ -362,7 +355,7 @@ class StateManager:
         if cache_lost:
             self._sync_layers()  # the rebuilt layers: a second power cut must not tear them
         if cache != last_cache:
-            self.db.write(lambda txn: txn.put(b"page_cache", cache.encode(), db=self.db.db("meta")),
+            self.db.write(lambda txn: self.catalog.set_page_cache(txn, cache),
                           "recording the page cache id")
 
     def _find_unbuilt_layers(self) -> None:
@@ -370,9 +363,7 @@ class StateManager:
         chain. A directory of one was placed by a process killed before recording it written:
         it may not have reached the disk whole, so it goes and is written again."""
         with self.db.read() as txn:
-            # only an unbuilt record has the key (a store of 10k snapshots has ~10k records)
-            unbuilt = [bytes(k).decode() for k, v in txn.cursor(db=self.db.db("layers"))
-                       if b'"built"' in v and not layer_written(json.loads(v))]
+            unbuilt = self.catalog.unbuilt_layer_ids(txn)
         for lid in unbuilt:
             self._to_trash(self.layers_dir / lid)
             self._unbuilt[lid] = threading.Lock()
@@ -391,10 +382,10 @@ class StateManager:
             # The branch was unmodified (rebase checks) and its upper still carries the old
             # base's root attributes: start it afresh on the new layers, as rebase would have.
             with self.db.read() as txn:
-                raw = txn.get(op.args["name"].encode(), db=self.db.db("branches"))
-            if raw is not None:
+                branch = self.catalog.find_branch(txn, op.args["name"])
+            if branch is not None:
                 overlay.unmount_stacked(self._tree_path(op.args["name"]))
-                self._mount_branch(op.args["name"], json.loads(raw), fresh_upper=True)
+                self._mount_branch(op.args["name"], branch, fresh_upper=True)
         # The other mount-side effects (discard, branch) are settled by _reconcile from state.
 
     def _reconcile(self, cache_lost: bool = False, progress: bool = False) -> None:
@@ -410,8 +401,8 @@ class StateManager:
             self._rebuild_layers(self._unsynced_layers(),
                                  "not synced before the page cache was lost", progress)
         with self.db.read() as txn:
-            records = {bytes(k).decode() for k, _ in txn.cursor(db=self.db.db("layers"))}
-            branches = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=self.db.db("branches"))}
+            records = self.catalog.layer_ids(txn)
+            branches = dict(self.catalog.branches(txn))
         for entry in os.listdir(self.layers_dir):
             if entry not in records:
                 self._to_trash(self.layers_dir / entry)
@@ -424,7 +415,7 @@ class StateManager:
         seen: dict[str, int] = {}
         for m in overlay.mounts_under(self.store):
             rec = expected.get(m.target)
-            if rec is not None and seen.get(m.target, 0) == 0 and self._mount_matches(m, rec):
+            if rec is not None and seen.get(m.target, 0) == 0 and self.mount_matches(m, rec):
                 seen[m.target] = 1
                 continue
             overlay.unmount(Path(m.target))
@@ -435,15 +426,16 @@ class StateManager:
             if str(self._tree_path(name)) not in seen:
                 self._mount_branch(name, rec, fresh_upper=False)
 
-    def _mount_matches(self, m: overlay.MountRecord, rec: dict) -> bool:
-        want = ",".join(f"lowerdir+={p}" for p in self._lower_paths(rec["layers"]))
+    def mount_matches(self, m: overlay.MountRecord, rec: BranchRecord) -> bool:
+        """Whether mount ``m`` is branch ``rec``'s overlay on the layers it records."""
+        want = ",".join(f"lowerdir+={p}" for p in self.lower_paths(rec.layers))
         return m.fstype == "overlay" and want in m.options
 
     def _checkpoint(self) -> None:
         """Forget finished operations: WAL first, then the applied markers (never the reverse,
         or a pending op would lose its 'applied' mark and be rolled back)."""
         self.wal.checkpoint()
-        self.db.write(lambda txn: txn.drop(self.db.db("ops"), delete=False), "checkpoint")
+        self.db.write(self.catalog.forget_applied, "checkpoint")
 
     def _when_alone(self) -> None:
         """Housekeeping that needs no other operation in flight: checkpoint the WAL. Skipped
@@ -488,23 +480,23 @@ class StateManager:
         (a layer is written in full before the transaction that gives it its ``seq``: the
         one that records it, or for a commit's delta the one that records it built)."""
         with self.db.read() as txn:
-            recorded = self._meta_counter(txn, b"layer_seq")
-            synced = self._meta_counter(txn, b"layers_synced")
+            recorded = self.catalog.counter(txn, Counter.LAYER_SEQ)
+            synced = self.catalog.counter(txn, Counter.LAYERS_SYNCED)
         if recorded <= synced:
             return
         with self._disk_errors("syncing the layers"):
             durability.syncfs(self.layers_dir)
 
         def mark(txn: lmdb.Transaction) -> None:
-            if self._meta_counter(txn, b"layers_synced") < recorded:
-                self._set_meta_counter(txn, b"layers_synced", recorded)
+            if self.catalog.counter(txn, Counter.LAYERS_SYNCED) < recorded:
+                self.catalog.set_counter(txn, Counter.LAYERS_SYNCED, recorded)
 
         self.db.write(mark, "marking layers synced")
 
     def _collect_loop(self) -> None:
         """Its own thread: a while after garbage appeared, run a collection cycle (its marking
         in a child process). Waits for nothing else, and nothing waits for it."""
-        if self._collection_pending():
+        if self.collection_pending():
             self._collect_wanted.set()  # garbage a previous run left uncollected
         while True:
             self._collect_wanted.wait()
@@ -529,7 +521,8 @@ class StateManager:
         """Objects may have become unreachable (a root dropped, an op failed): a collection
         is pending until a cycle whose snapshot includes this change has swept. Wakes the
         collector (at worst for nothing, if this transaction is then undone)."""
-        self._set_meta_counter(txn, b"garbage_seq", self._meta_counter(txn, b"garbage_seq") + 1)
+        self.catalog.set_counter(txn, Counter.GARBAGE_SEQ,
+                                 self.catalog.counter(txn, Counter.GARBAGE_SEQ) + 1)
         self._collect_wanted.set()
 
     def _to_trash(self, path: Path) -> None:
@@ -560,7 +553,8 @@ class StateManager:
     def _tree_path(self, name: str) -> Path:
         return self.branches_dir / name / "tree"
 
-    def _lower_paths(self, chain: list[str]) -> list[Path]:
+    def lower_paths(self, chain: list[str]) -> list[Path]:
+        """The layer directories an overlay of ``chain`` stacks (top first)."""
         return [self.layers_dir / lid for lid in chain] or [self.empty_dir]
 
     @contextmanager
@@ -570,19 +564,8 @@ class StateManager:
         except OSError as exc:
             raise from_os_error(exc, what) from exc
 
-    def _snapshot_record(self, txn: lmdb.Transaction, id: str) -> dict:
-        raw = txn.get(id.encode(), db=self.db.db("snapshots"))
-        if raw is None:
-            raise NotFoundError(f"no snapshot {id!r}")
-        return json.loads(raw)
-
-    def _branch_record(self, txn: lmdb.Transaction, name: str) -> dict:
-        raw = txn.get(name.encode(), db=self.db.db("branches"))
-        if raw is None:
-            raise NotFoundError(f"no branch {name!r}")
-        return json.loads(raw)
-
-    def _root_of(self, superroot_hex: str | None) -> Entry | None:
+    def root_of(self, superroot_hex: str | None) -> Entry | None:
+        """The root directory entry of the tree of superroot ``superroot_hex`` (None: none)."""
         if not superroot_hex:
             return None
         return self.trees.get(bytes.fromhex(superroot_hex))[b""]
@@ -590,20 +573,18 @@ class StateManager:
     def _layer_refs(self, txn: lmdb.Transaction, chain: list[str], delta: int) -> list[str]:
         """Adjust layer refcounts; layers that drop to zero lose their record and their
         reference on the tree they show. Returns those layers (their directories can go)."""
-        db = self.db.db("layers")
         dropped = []
         for lid in chain:
-            raw = txn.get(lid.encode(), db=db)
-            if raw is None:
+            rec = self.catalog.find_layer(txn, lid)
+            if rec is None:
                 raise StoreIOError(f"layer {lid} is named by a chain but has no record")
-            rec = json.loads(raw)
-            rec["refs"] += delta
-            if rec["refs"] <= 0:
-                txn.delete(lid.encode(), db=db)
+            rec = replace(rec, refs=rec.refs + delta)
+            if rec.refs <= 0:
+                self.catalog.delete_layer(txn, lid)
                 self._note_garbage(txn)
                 dropped.append(lid)
             else:
-                txn.put(lid.encode(), _dump(rec), db=db)
+                self.catalog.put_layer(txn, lid, rec)
         return dropped
 
     def _new_layer(self, txn: lmdb.Transaction, lid: str, top: str, span: int, *,
@@ -613,32 +594,16 @@ class StateManager:
         ``seq`` orders layers for syncing (``durability``). An unbuilt layer (``built``
         False) is not on disk yet: ``_build_layer`` writes it as the delta from tree
         ``below`` (None: nothing) to ``top``, and gives it its ``seq`` then."""
-        rec = {"refs": 0, "top": top, "span": span, "seq": 0}
         if built:
-            rec["seq"] = self._next_layer_seq(txn)
-        else:  # the only records with these keys: mark_built drops them
-            rec.update(built=False, below=below)
-        txn.put(lid.encode(), _dump(rec), db=self.db.db("layers"))
+            rec = LayerRecord(refs=0, top=top, span=span, seq=self._next_layer_seq(txn))
+        else:
+            rec = LayerRecord(refs=0, top=top, span=span, built=False, below=below)
+        self.catalog.put_layer(txn, lid, rec)
 
     def _next_layer_seq(self, txn: lmdb.Transaction) -> int:
-        seq = self._meta_counter(txn, b"layer_seq") + 1
-        self._set_meta_counter(txn, b"layer_seq", seq)
+        seq = self.catalog.counter(txn, Counter.LAYER_SEQ) + 1
+        self.catalog.set_counter(txn, Counter.LAYER_SEQ, seq)
         return seq
-
-    def _meta_counter(self, txn: lmdb.Transaction, key: bytes) -> int:
-        return int(txn.get(key, b"0", db=self.db.db("meta")))
-
-    def _set_meta_counter(self, txn: lmdb.Transaction, key: bytes, value: int) -> None:
-        txn.put(key, str(value).encode(), db=self.db.db("meta"))
-
-    def _layer_record(self, txn: lmdb.Transaction, lid: str) -> dict:
-        raw = txn.get(lid.encode(), db=self.db.db("layers"))
-        if raw is None:
-            raise StoreIOError(f"layer {lid} has no record")
-        return json.loads(raw)
-
-    def _mark_applied(self, txn: lmdb.Transaction, op: str) -> None:
-        txn.put(op.encode(), b"applied", db=self.db.db("ops"))
 
     def _write_objects(self, objects: list[tuple[bytes, bytes]]) -> None:
         objects = self.content.pack_missing(objects)
@@ -657,21 +622,21 @@ class StateManager:
         sink.add(objects)
         return sid
 
-    def _mount_branch(self, name: str, rec: dict, *, fresh_upper: bool) -> None:
+    def _mount_branch(self, name: str, rec: BranchRecord, *, fresh_upper: bool) -> None:
         bdir = self.branches_dir / name
         upper, work, tree = bdir / "upper", bdir / "work", bdir / "tree"
-        self._build_layers(rec["layers"])
+        self._build_layers(rec.layers)
         with self._disk_errors(f"mounting branch {name}"):
             bdir.mkdir(exist_ok=True)
             tree.mkdir(exist_ok=True)
             if fresh_upper or not upper.is_dir():
                 self._to_trash(upper)
                 upper.mkdir()
-                layerfs.set_root_metadata(upper, self._root_of(rec.get("base_root")))
+                layerfs.set_root_metadata(upper, self.root_of(rec.base_root))
             # a volatile mount refuses a work dir it used before a crash: always start it empty
             self._to_trash(work)
             work.mkdir()
-            overlay.mount_overlay(tree, self._lower_paths(rec["layers"]), upper, work)
+            overlay.mount_overlay(tree, self.lower_paths(rec.layers), upper, work)
         self._forget_file_caches(name)
 
     # ------------------------------------------------------------------------------------
@@ -705,7 +670,7 @@ class StateManager:
                     self._new_layer(txn, layer, superroot.hex(), 0)
                     self._layer_refs(txn, [layer], +1)
                     self._put_snapshot(txn, id, superroot.hex(), None, [layer], labels, root)
-                    self._mark_applied(txn, op)
+                    self.catalog.mark_applied(txn, op)
 
                 self._place_layer(staged, layer, f"import of {src}")
                 self.db.write(apply, f"import of {src}")
@@ -729,10 +694,10 @@ class StateManager:
         """Write a layer from the CAS into ``staged``: the whole tree of superroot ``top``
         (a full layer), or its difference from the tree of ``below`` (a delta)."""
         if full:
-            layerfs.materialize(self.trees, self.content, self._root_of(top), staged)
+            layerfs.materialize(self.trees, self.content, self.root_of(top), staged)
         else:
-            layerfs.materialize_delta(self.trees, self.content, self._root_of(below),
-                                      self._root_of(top), staged)
+            layerfs.materialize_delta(self.trees, self.content, self.root_of(below),
+                                      self.root_of(top), staged)
 
     def _abandon(self, op: str, layer: str | None = None) -> None:
         """Roll back an op that failed before APPLY: its staging (and its layer, if already
@@ -787,17 +752,17 @@ class StateManager:
             return f"snap-{secrets.token_hex(6)}"
         id = check_snapshot_id(id)
         with self.db.read() as txn:
-            if txn.get(id.encode(), db=self.db.db("snapshots")) is not None:
+            if self.catalog.has_snapshot(txn, id):
                 raise ExistsError(f"snapshot {id!r} already exists")
         return id
 
     def _put_snapshot(self, txn: lmdb.Transaction, id: str, superroot: str, parent: str | None,
                       chain: list[str], labels: dict[str, str], root: Entry) -> None:
-        if txn.get(id.encode(), db=self.db.db("snapshots")) is not None:
+        if self.catalog.has_snapshot(txn, id):
             raise ExistsError(f"snapshot {id!r} already exists")
-        rec = {"root": superroot, "parent": parent, "created_ns": _now_ns(), "labels": labels,
-               "layers": chain, "files": root.tree_files, "size": root.tree_bytes}
-        txn.put(id.encode(), _dump(rec), db=self.db.db("snapshots"))
+        self.catalog.put_snapshot(txn, id, SnapshotRecord(
+            root=superroot, parent=parent, created_ns=_now_ns(), layers=chain,
+            files=root.tree_files, size=root.tree_bytes, labels=labels))
 
     # ------------------------------------------------------------------------------------
     # branches
@@ -809,14 +774,13 @@ class StateManager:
             parent = check_snapshot_id(parent)
         with self._branch_op(name):
             with self.db.read() as txn:
-                if txn.get(name.encode(), db=self.db.db("branches")) is not None:
+                if self.catalog.find_branch(txn, name) is not None:
                     raise ExistsError(f"branch {name!r} already exists")
-                snap = self._snapshot_record(txn, parent) if parent is not None else None
+                snap = self.catalog.snapshot(txn, parent) if parent is not None else None
             if snap is not None:  # before anything is recorded: a full disk fails it cleanly
-                self._build_layers(snap["layers"])
-            rec = {"parent": parent, "base_root": snap["root"] if snap else None,
-                   "layers": snap["layers"] if snap else [], "created_ns": _now_ns(),
-                   "last_commit": None}
+                self._build_layers(snap.layers)
+            rec = BranchRecord(parent=parent, base_root=snap.root if snap else None,
+                               layers=snap.layers if snap else [], created_ns=_now_ns())
             op = self.wal.prepare("branch", name=name, parent=parent, durable=False)  # state-reconciled
             crash_point("branch.prepared")
             bdir = self.branches_dir / name
@@ -827,18 +791,20 @@ class StateManager:
                     (bdir / "upper").mkdir()
                     (bdir / "work").mkdir()
                     (bdir / "tree").mkdir()
-                    layerfs.set_root_metadata(bdir / "upper", self._root_of(rec["base_root"]))
+                    layerfs.set_root_metadata(bdir / "upper", self.root_of(rec.base_root))
 
-                def apply(txn: lmdb.Transaction) -> None:
-                    if txn.get(name.encode(), db=self.db.db("branches")) is not None:
+                def apply(txn: lmdb.Transaction) -> BranchRecord:
+                    if self.catalog.find_branch(txn, name) is not None:
                         raise ExistsError(f"branch {name!r} already exists")
+                    now = rec
                     if parent is not None:  # not pruned meanwhile; its chain as it is now
-                        rec["layers"] = self._snapshot_record(txn, parent)["layers"]
-                    self._layer_refs(txn, rec["layers"], +1)
-                    txn.put(name.encode(), _dump(rec), db=self.db.db("branches"))
-                    self._mark_applied(txn, op)
+                        now = replace(rec, layers=self.catalog.snapshot(txn, parent).layers)
+                    self._layer_refs(txn, now.layers, +1)
+                    self.catalog.put_branch(txn, name, now)
+                    self.catalog.mark_applied(txn, op)
+                    return now
 
-                self.db.write(apply, f"creating branch {name}")
+                rec = self.db.write(apply, f"creating branch {name}")
             except BaseException:
                 try:
                     self._to_trash(bdir)
@@ -847,9 +813,9 @@ class StateManager:
                     pass  # the disk is failing; the next open reconciles from state
                 raise
             crash_point("branch.applied")
-            self._build_layers(rec["layers"])  # a chain re-read in the transaction
+            self._build_layers(rec.layers)  # a chain re-read in the transaction
             with self._disk_errors(f"mounting branch {name}"):
-                overlay.mount_overlay(bdir / "tree", self._lower_paths(rec["layers"]),
+                overlay.mount_overlay(bdir / "tree", self.lower_paths(rec.layers),
                                       bdir / "upper", bdir / "work")
             crash_point("branch.switched")
             self._finish(op)
@@ -862,17 +828,17 @@ class StateManager:
             parent = check_snapshot_id(parent)
         with self._branch_op(name):
             with self.db.read() as txn:
-                old = self._branch_record(txn, name)
+                old = self.catalog.branch(txn, name)
                 if parent is not None:
-                    self._snapshot_record(txn, parent)  # NotFoundError before anything is logged
+                    self.catalog.snapshot(txn, parent)  # NotFoundError before anything is logged
             if self.status(name):
                 raise BusyError(f"branch {name!r} has uncommitted changes; commit or discard them first")
             op = self.wal.prepare("rebase", name=name, parent=parent)
             crash_point("rebase.prepared")
 
-            def apply(txn: lmdb.Transaction) -> tuple[dict, list[str]]:
+            def apply(txn: lmdb.Transaction) -> tuple[BranchRecord, list[str]]:
                 result = self._repoint_branch(txn, name, old, parent)
-                self._mark_applied(txn, op)
+                self.catalog.mark_applied(txn, op)
                 return result
 
             rec, dropped = self.db.write(apply, f"re-basing branch {name}")
@@ -885,19 +851,19 @@ class StateManager:
             self._jobs.put(("trash",))
             return self._branch_info(name, rec)
 
-    def _repoint_branch(self, txn: lmdb.Transaction, name: str, old: dict, parent: str | None
-                        ) -> tuple[dict, list[str]]:
+    def _repoint_branch(self, txn: lmdb.Transaction, name: str, old: BranchRecord,
+                        parent: str | None) -> tuple[BranchRecord, list[str]]:
         """Record branch ``name`` (record ``old``) as showing snapshot ``parent`` (None: an
         empty tree) on that snapshot's layers as they are now. Returns the new record and the
         layers that lost their last reference (their directories can go)."""
-        snap = self._snapshot_record(txn, parent) if parent is not None else None
-        rec = dict(old, parent=parent, base_root=snap["root"] if snap else None,
-                   layers=snap["layers"] if snap else [])
-        self._layer_refs(txn, rec["layers"], +1)
-        if old["base_root"]:
+        snap = self.catalog.snapshot(txn, parent) if parent is not None else None
+        rec = replace(old, parent=parent, base_root=snap.root if snap else None,
+                      layers=snap.layers if snap else [])
+        self._layer_refs(txn, rec.layers, +1)
+        if old.base_root:
             self._note_garbage(txn)
-        dropped = self._layer_refs(txn, old["layers"], -1)
-        txn.put(name.encode(), _dump(rec), db=self.db.db("branches"))
+        dropped = self._layer_refs(txn, old.layers, -1)
+        self.catalog.put_branch(txn, name, rec)
         return rec, dropped
 
     def _reset_branches_to_their_parents(self) -> None:
@@ -907,15 +873,15 @@ class StateManager:
         therefore restarts from its parent snapshot (its last commit, or the snapshot it was
         made from) with an empty upper directory, as overlayfs asks of a volatile upper."""
         with self.db.read() as txn:
-            names = [bytes(k).decode() for k, _ in txn.cursor(db=self.db.db("branches"))]
+            names = self.catalog.branch_names(txn)
         if names:
             log.warning("%s: the page cache was lost since the last open (a reboot, a remount): "
                         "%d branch(es) restart from their parent snapshots, uncommitted changes "
                         "dropped", self.store, len(names))
         for name in names:
             def apply(txn: lmdb.Transaction) -> list[str]:
-                old = self._branch_record(txn, name)
-                return self._repoint_branch(txn, name, old, old["parent"])[1]
+                old = self.catalog.branch(txn, name)
+                return self._repoint_branch(txn, name, old, old.parent)[1]
 
             dropped = self.db.write(apply, f"resetting branch {name}")
             overlay.unmount_stacked(self._tree_path(name))  # a re-base rolled forward mounts it
@@ -931,8 +897,8 @@ class StateManager:
 
     def _commit(self, name: str, id: str | None, labels: dict[str, str]) -> str:
         with self.db.read() as txn:
-            rec = self._branch_record(txn, name)
-            parent = self._snapshot_record(txn, rec["parent"]) if rec["parent"] else None
+            rec = self.catalog.branch(txn, name)
+            parent = self.catalog.snapshot(txn, rec.parent) if rec.parent else None
         id = self._claim_id(id)
         layer = secrets.token_hex(5)
         # Not flushed: before APPLY a commit leaves nothing on disk (its layer is written
@@ -948,7 +914,7 @@ class StateManager:
             stored = self._commit_caches.get(name, {})
             used: dict = {}
             with self._disk_errors(f"commit of branch {name}"):
-                node = apply_upper(self.trees, self._root_of(rec["base_root"]),
+                node = apply_upper(self.trees, self.root_of(rec.base_root),
                                    self.branches_dir / name / "upper", sink,
                                    file_cache=stored, keep=used)
                 # remembered: the new delta layer is written from these directories
@@ -962,15 +928,14 @@ class StateManager:
             def apply(txn: lmdb.Transaction) -> None:
                 # the parent's chain as it is now: a background merge may have rewritten it,
                 # which is fine, since the new delta is relative to the parent's tree
-                chain = self._snapshot_record(txn, rec["parent"])["layers"] if parent else []
+                chain = self.catalog.snapshot(txn, rec.parent).layers if parent else []
                 self.content.put_objects(txn, objects)
                 self._new_layer(txn, layer, superroot.hex(), 1,
-                                below=parent["root"] if parent else None, built=False)
+                                below=parent.root if parent else None, built=False)
                 self._layer_refs(txn, [layer] + chain, +1)
-                self._put_snapshot(txn, id, superroot.hex(), rec["parent"], [layer] + chain, labels, root)
-                txn.put(name.encode(), _dump(dict(rec, parent=id, last_commit=id)),
-                        db=self.db.db("branches"))
-                self._mark_applied(txn, op)
+                self._put_snapshot(txn, id, superroot.hex(), rec.parent, [layer] + chain, labels, root)
+                self.catalog.put_branch(txn, name, replace(rec, parent=id, last_commit=id))
+                self.catalog.mark_applied(txn, op)
 
             # Registered before the transaction: whoever sees the layer recorded can tell
             # that it is not on disk yet.
@@ -1030,17 +995,16 @@ class StateManager:
             if lid not in self._unbuilt:
                 return  # written meanwhile
             with self.db.read() as txn:
-                raw = txn.get(lid.encode(), db=self.db.db("layers"))
-            if raw is None:
+                rec = self.catalog.find_layer(txn, lid)
+            if rec is None:
                 self._unbuilt.pop(lid, None)
                 return
-            rec = json.loads(raw)
             staged = self.staging_dir / f"layer-{lid}"
             with self._disk_errors(f"writing layer {lid}"):
                 for leftover in (staged, self.layers_dir / lid):  # of an attempt that failed
                     self._to_trash(leftover)
                 try:
-                    self._write_layer(staged, rec["top"], rec["below"], full=False)
+                    self._write_layer(staged, rec.top, rec.below, full=False)
                 except OSError:
                     self._to_trash(staged)  # a full disk: the next attempt starts afresh
                     raise
@@ -1049,13 +1013,12 @@ class StateManager:
             crash_point("commit.placed")
 
             def mark_built(txn: lmdb.Transaction) -> bool:
-                cur = txn.get(lid.encode(), db=self.db.db("layers"))
+                cur = self.catalog.find_layer(txn, lid)
                 if cur is None:
                     return False
-                cur = json.loads(cur)
-                del cur["built"], cur["below"]  # a built layer's record is as an import's
-                cur["seq"] = self._next_layer_seq(txn)
-                txn.put(lid.encode(), _dump(cur), db=self.db.db("layers"))
+                # a built layer's record is as an import's
+                self.catalog.put_layer(txn, lid, replace(cur, built=True, below=None,
+                                                         seq=self._next_layer_seq(txn)))
                 return True
 
             if not self.db.write(mark_built, f"recording layer {lid}"):
@@ -1071,12 +1034,12 @@ class StateManager:
         span right under them (a carry), and so on. So a lineage of n commits is shown by at
         most (F - 1) log_F(n) + 1 delta layers, and the store holds each change log_F(n) times
         instead of every commit copying everything its branch ever changed."""
-        span = self._layer_record(txn, chain[0])["span"] if chain else 0
+        span = self.catalog.layer(txn, chain[0]).span if chain else 0
         if not span:  # nothing is merged into a full layer
             return 0, 0
         count, group = 0, MERGE_FAN_IN
         while count + group <= len(chain) and all(
-                self._layer_record(txn, lid)["span"] == span
+                self.catalog.layer(txn, lid).span == span
                 for lid in chain[count:count + group]):
             count += group
             span *= MERGE_FAN_IN
@@ -1088,16 +1051,16 @@ class StateManager:
         name = check_branch_name(name)
         with self._branch_op(name):
             with self.db.read() as txn:
-                rec = self._branch_record(txn, name)
+                rec = self.catalog.branch(txn, name)
             op = self.wal.prepare("discard", name=name, durable=False)  # state-reconciled
             crash_point("discard.prepared")
 
             def apply(txn: lmdb.Transaction) -> list[str]:
-                txn.delete(name.encode(), db=self.db.db("branches"))
-                if rec["base_root"]:
+                self.catalog.delete_branch(txn, name)
+                if rec.base_root:
                     self._note_garbage(txn)
-                dropped = self._layer_refs(txn, rec["layers"], -1)
-                self._mark_applied(txn, op)
+                dropped = self._layer_refs(txn, rec.layers, -1)
+                self.catalog.mark_applied(txn, op)
                 return dropped
 
             dropped = self.db.write(apply, f"discarding branch {name}")
@@ -1116,18 +1079,18 @@ class StateManager:
         id = check_snapshot_id(id)
         with self._ops.running():
             with self.db.read() as txn:
-                rec = self._snapshot_record(txn, id)
+                rec = self.catalog.snapshot(txn, id)
                 self._check_unused(txn, id)
             op = self.wal.prepare("prune", id=id, durable=False)  # state-reconciled
             crash_point("prune.prepared")
 
             def apply(txn: lmdb.Transaction) -> list[str]:
                 self._check_unused(txn, id)  # no branch was based on it meanwhile
-                cur = self._snapshot_record(txn, id)  # a background merge may have swapped its chain
-                txn.delete(id.encode(), db=self.db.db("snapshots"))
+                cur = self.catalog.snapshot(txn, id)  # a background merge may have swapped its chain
+                self.catalog.delete_snapshot(txn, id)
                 self._note_garbage(txn)
-                dropped = self._layer_refs(txn, cur["layers"], -1)
-                self._mark_applied(txn, op)
+                dropped = self._layer_refs(txn, cur.layers, -1)
+                self.catalog.mark_applied(txn, op)
                 return dropped
 
             dropped = self.db.write(apply, f"pruning snapshot {id}")
@@ -1138,9 +1101,9 @@ class StateManager:
             self._jobs.put(("trash",))
 
     def _check_unused(self, txn: lmdb.Transaction, id: str) -> None:
-        for bname, raw in txn.cursor(db=self.db.db("branches")):
-            if json.loads(raw)["parent"] == id:
-                raise BusyError(f"snapshot {id!r} is the parent of branch {bytes(bname).decode()!r}")
+        for bname, branch in self.catalog.branches(txn):
+            if branch.parent == id:
+                raise BusyError(f"snapshot {id!r} is the parent of branch {bname!r}")
 
     # ------------------------------------------------------------------------------------
     # flattening and rebuilding layers
@@ -1165,35 +1128,35 @@ class StateManager:
         """How many delta layers lie on the chain's first full layer, and their total span."""
         spans = []
         for lid in chain:
-            span = self._layer_record(txn, lid)["span"]
+            span = self.catalog.layer(txn, lid).span
             if not span:
                 break
             spans.append(span)
         return len(spans), sum(spans)
 
-    def _caught_up_chain(self, txn: lmdb.Transaction, rec: dict) -> list[str]:
+    def _caught_up_chain(self, txn: lmdb.Transaction, rec: SnapshotRecord) -> list[str]:
         """A commit's chain with the part under its own delta replaced by its parent's chain
         as it is now. A commit takes its parent's chain as it is at the time; when commits
         follow each other faster than the merges run, that chain is not merged yet, and
         merging only the top of each new chain would leave the lineage one layer deeper per
         commit (deep enough, at 500, that no branch could mount it). Any chain showing the
         parent's tree will do under a delta relative to that tree."""
-        chain = rec["layers"]
-        if len(chain) < 2 or not rec.get("parent") or self._layer_record(txn, chain[0])["span"] != 1:
+        chain = rec.layers
+        if len(chain) < 2 or not rec.parent or self.catalog.layer(txn, chain[0]).span != 1:
             return chain
         try:
-            parent = self._snapshot_record(txn, rec["parent"])
+            parent = self.catalog.snapshot(txn, rec.parent)
         except NotFoundError:  # pruned meanwhile: its chain lives on only in this one
             return chain
-        if self._layer_record(txn, chain[1])["top"] != parent["root"]:
+        if self.catalog.layer(txn, chain[1]).top != parent.root:
             return chain
-        return chain[:1] + parent["layers"]
+        return chain[:1] + parent.layers
 
     def _rewrite_chain(self, id: str, *, merge: bool) -> None:
         with self._ops.running():
             with self.db.read() as txn:
-                rec = self._snapshot_record(txn, id)
-                chain = rec["layers"]
+                rec = self.catalog.snapshot(txn, id)
+                chain = rec.layers
                 layers = self._caught_up_chain(txn, rec) if merge else chain
                 if not merge:
                     count, span = len(chain), 0
@@ -1205,7 +1168,7 @@ class StateManager:
                     if layers != chain:
                         self._replace_chain(id, chain, layers)
                     return
-                below = self._layer_record(txn, layers[count])["top"] if count < len(layers) else None
+                below = self.catalog.layer(txn, layers[count]).top if count < len(layers) else None
             layer = secrets.token_hex(5)
             # Not flushed, as a commit's: before APPLY a rewrite leaves only staging and an
             # unrecorded layer, which recovery sweeps whether or not it finds the record.
@@ -1214,14 +1177,14 @@ class StateManager:
             staged = self.staging_dir / op
             try:
                 with self._disk_errors(f"rewriting the layers of snapshot {id}"):
-                    self._write_layer(staged, rec["root"], below, full=not merge)
+                    self._write_layer(staged, rec.root, below, full=not merge)
                 crash_point("flatten.staged")
 
                 def apply(txn: lmdb.Transaction) -> list[str]:
-                    cur = self._snapshot_record(txn, id)
-                    self._new_layer(txn, layer, cur["root"], span)
+                    cur = self.catalog.snapshot(txn, id)
+                    self._new_layer(txn, layer, cur.root, span)
                     dropped = self._swap_chain(txn, id, cur, chain, [layer] + layers[count:])
-                    self._mark_applied(txn, op)
+                    self.catalog.mark_applied(txn, op)
                     return dropped
 
                 self._place_layer(staged, layer, f"rewriting the layers of snapshot {id}")
@@ -1238,30 +1201,28 @@ class StateManager:
         """Point a snapshot at another chain of existing layers showing its tree (one
         transaction, no new files: nothing for the WAL to cover)."""
         dropped = self.db.write(
-            lambda txn: self._swap_chain(txn, id, self._snapshot_record(txn, id), old, new),
+            lambda txn: self._swap_chain(txn, id, self.catalog.snapshot(txn, id), old, new),
             f"rewriting the layers of snapshot {id}")
         self._trash_after_apply(dropped)
         self._jobs.put(("trash",))
 
-    def _swap_chain(self, txn: lmdb.Transaction, id: str, cur: dict, old: list[str],
+    def _swap_chain(self, txn: lmdb.Transaction, id: str, cur: SnapshotRecord, old: list[str],
                     new: list[str]) -> list[str]:
         """Replace snapshot ``id``'s chain ``old`` (as read before the rewrite) by ``new``;
         returns the layers no chain names any more."""
         # a chain taken from the parent may have lost layers to the parent's own rewrite
-        if cur["layers"] != old or any(txn.get(lid.encode(), db=self.db.db("layers")) is None
-                                       for lid in new):
+        if cur.layers != old or any(self.catalog.find_layer(txn, lid) is None for lid in new):
             raise BusyError(f"the layers of snapshot {id} changed meanwhile")
         self._layer_refs(txn, new, +1)
         dropped = self._layer_refs(txn, old, -1)
-        txn.put(id.encode(), _dump(dict(cur, layers=new)), db=self.db.db("snapshots"))
+        self.catalog.put_snapshot(txn, id, replace(cur, layers=new))
         return dropped
 
     def _unsynced_layers(self) -> set[str]:
         """Layers recorded after the last syncfs: their files may not have reached the disk."""
         with self.db.read() as txn:
-            synced = self._meta_counter(txn, b"layers_synced")
-            return {bytes(k).decode() for k, v in txn.cursor(db=self.db.db("layers"))
-                    if json.loads(v).get("seq", 0) > synced}
+            synced = self.catalog.counter(txn, Counter.LAYERS_SYNCED)
+            return {lid for lid, rec in self.catalog.layers(txn) if rec.seq > synced}
 
     def _rebuild_layers(self, lids: set[str], why: str, progress: bool) -> None:
         """Layers are a cache of the CAS: rebuild these in place, under the same ids, so every
@@ -1272,30 +1233,30 @@ class StateManager:
         if not lids:
             return
         with self.db.read() as txn:
-            records = {lid: self._layer_record(txn, lid) for lid in lids}
+            records = {lid: self.catalog.layer(txn, lid) for lid in lids}
             below: dict[str, str | None] = {}
             branches_on: set[str] = set()
-            for kind in ("snapshots", "branches"):
-                for key, raw in txn.cursor(db=self.db.db(kind)):
-                    chain = json.loads(raw)["layers"]
-                    for at, lid in enumerate(chain):
-                        if lid not in records:
-                            continue
-                        if kind == "branches":
-                            branches_on.add(bytes(key).decode())
-                        if lid not in below:
-                            below[lid] = (self._layer_record(txn, chain[at + 1])["top"]
-                                          if at + 1 < len(chain) else None)
+            chains = [(None, rec.layers) for _, rec in self.catalog.snapshots(txn)]
+            chains += [(name, rec.layers) for name, rec in self.catalog.branches(txn)]
+            for branch, chain in chains:
+                for at, lid in enumerate(chain):
+                    if lid not in records:
+                        continue
+                    if branch is not None:
+                        branches_on.add(branch)
+                    if lid not in below:
+                        below[lid] = (self.catalog.layer(txn, chain[at + 1]).top
+                                      if at + 1 < len(chain) else None)
         log.warning("%s: rebuilding %d layer(s) %s", self.store, len(lids), why)
         for name in branches_on:
             overlay.unmount_stacked(self._tree_path(name))
         with progress_bar(progress, len(records), f"rebuilding layers {why}", unit="layer") as bar:
             for lid, rec in records.items():
-                if rec["span"] != 0 and lid not in below:
+                if rec.span != 0 and lid not in below:
                     continue  # a delta in no chain: nothing mounts it, nothing says what is below
                 staged = self.staging_dir / f"rebuild-{lid}"
                 with self._disk_errors(f"rebuilding layer {lid}"):
-                    self._write_layer(staged, rec["top"], below.get(lid), full=rec["span"] == 0)
+                    self._write_layer(staged, rec.top, below.get(lid), full=rec.span == 0)
                     self._to_trash(self.layers_dir / lid)  # a missing one is ignored
                     os.rename(staged, self.layers_dir / lid)
                 bar(1)
@@ -1318,7 +1279,7 @@ class StateManager:
             try:
                 self._ops.wait_for_running()  # they may have stored objects unprotected
                 with self.db.read() as txn:
-                    seen = self._meta_counter(txn, b"garbage_seq")
+                    seen = self.catalog.counter(txn, Counter.GARBAGE_SEQ)
                 if in_child:
                     try:
                         dead = collector.garbage_from_child(str(self.db.path), self._closing.is_set)
@@ -1336,30 +1297,31 @@ class StateManager:
                 self.content.unprotect()
 
             def mark_collected(txn: lmdb.Transaction) -> None:
-                if self._meta_counter(txn, b"collected_seq") < seen:
-                    self._set_meta_counter(txn, b"collected_seq", seen)
+                if self.catalog.counter(txn, Counter.COLLECTED_SEQ) < seen:
+                    self.catalog.set_counter(txn, Counter.COLLECTED_SEQ, seen)
 
             if finished:
                 self.db.write(mark_collected, "recording a collection")
             return removed
 
-    def _collection_pending(self, txn: lmdb.Transaction | None = None) -> bool:
+    def collection_pending(self, txn: lmdb.Transaction | None = None) -> bool:
         """Has garbage appeared since the last completed collection's snapshot? (A store of
         an older format, looked at read-only, may hold garbage its refcount queue would have
         deleted.)"""
         if txn is None:
             with self.db.read() as txn:
-                return self._collection_pending(txn)
-        if txn.get(b"format", db=self.db.db("meta")) != str(STORE_FORMAT).encode():
+                return self.collection_pending(txn)
+        if self.catalog.format(txn) != str(STORE_FORMAT).encode():
             return True
-        return self._meta_counter(txn, b"garbage_seq") > self._meta_counter(txn, b"collected_seq")
+        return (self.catalog.counter(txn, Counter.GARBAGE_SEQ)
+                > self.catalog.counter(txn, Counter.COLLECTED_SEQ))
 
     def gc(self, progress: bool = False) -> dict:
         """Reclaim unreachable objects and unrecorded layers, empty the trash."""
         with self._ops.exclusive():
             objects = self.collect(progress=progress)
             with self.db.read() as txn:
-                layer_ids = {bytes(k).decode() for k, _ in txn.cursor(db=self.db.db("layers"))}
+                layer_ids = self.catalog.layer_ids(txn)
             stray = [e for e in os.listdir(self.layers_dir) if e not in layer_ids]
             for entry in stray:
                 self._to_trash(self.layers_dir / entry)
@@ -1373,17 +1335,17 @@ class StateManager:
         """The branch's changes against its parent, as a reader of the branch sees them."""
         name = check_branch_name(name)
         with self.db.read() as txn:
-            rec = self._branch_record(txn, name)
-            parent = self._snapshot_record(txn, rec["parent"]) if rec["parent"] else None
+            rec = self.catalog.branch(txn, name)
+            parent = self.catalog.snapshot(txn, rec.parent) if rec.parent else None
         sink = ObjectSink()
         cache = self._file_caches.setdefault(name, {})
         with self._disk_errors(f"status of branch {name}"):
-            node = apply_upper(self.trees, self._root_of(rec["base_root"]),
+            node = apply_upper(self.trees, self.root_of(rec.base_root),
                                self.branches_dir / name / "upper", sink,
                                prepare=identify_content, file_cache=cache, keep=cache)
         extra: dict[bytes, dict[bytes, Entry]] = {}  # the directories built, for the diff
         view = finalize(node, sink, remember=extra.__setitem__)
-        return self.trees.diff(self._root_of(parent["root"]) if parent else None, view, extra)
+        return self.trees.diff(self.root_of(parent.root) if parent else None, view, extra)
 
     def diff(self, a: str | None, b: str | None) -> list[Change]:
         """Changes from snapshot ``a`` to snapshot ``b`` (None: the empty snapshot)."""
@@ -1394,43 +1356,41 @@ class StateManager:
 
     def snapshots(self) -> list[SnapshotInfo]:
         with self.db.read() as txn:
-            return [_snapshot_info(bytes(k).decode(), json.loads(v))
-                    for k, v in txn.cursor(db=self.db.db("snapshots"))]
+            return [_snapshot_info(id, rec) for id, rec in self.catalog.snapshots(txn)]
 
     def snapshot(self, id: str) -> SnapshotInfo:
         id = check_snapshot_id(id)
         with self.db.read() as txn:
-            return _snapshot_info(id, self._snapshot_record(txn, id))
+            return _snapshot_info(id, self.catalog.snapshot(txn, id))
 
     def has_snapshot(self, id: str) -> bool:
         with self.db.read() as txn:
-            return txn.get(id.encode(), db=self.db.db("snapshots")) is not None
+            return self.catalog.has_snapshot(txn, id)
 
     def branches(self) -> list[BranchInfo]:
         with self.db.read() as txn:
-            return [self._branch_info(bytes(k).decode(), json.loads(v))
-                    for k, v in txn.cursor(db=self.db.db("branches"))]
+            return [self._branch_info(name, rec) for name, rec in self.catalog.branches(txn)]
 
     def branch(self, name: str) -> BranchInfo:
         name = check_branch_name(name)
         with self.db.read() as txn:
-            return self._branch_info(name, self._branch_record(txn, name))
+            return self._branch_info(name, self.catalog.branch(txn, name))
 
-    def _branch_info(self, name: str, rec: dict) -> BranchInfo:
-        return BranchInfo(name, rec["parent"], self._tree_path(name), rec["created_ns"],
-                          rec.get("last_commit"))
+    def _branch_info(self, name: str, rec: BranchRecord) -> BranchInfo:
+        return BranchInfo(name, rec.parent, self._tree_path(name), rec.created_ns,
+                          rec.last_commit)
 
     def layer_chain(self, id: str) -> list[Path]:
         """Lower layer directories a branch on snapshot ``id`` is mounted on (top first)."""
         with self.db.read() as txn:
-            return self._lower_paths(self._snapshot_record(txn, id)["layers"])
+            return self.lower_paths(self.catalog.snapshot(txn, id).layers)
 
     # -- reading snapshot trees (the FUSE layer serves snapshots from these) -----------------
     def root_entry(self, id: str) -> Entry:
         id = check_snapshot_id(id)
         with self.db.read() as txn:
-            rec = self._snapshot_record(txn, id)
-        return self._root_of(rec["root"])
+            rec = self.catalog.snapshot(txn, id)
+        return self.root_of(rec.root)
 
     def read_tree(self, tree_id: bytes) -> dict[bytes, Entry]:
         return self.trees.get(tree_id)
@@ -1439,15 +1399,9 @@ class StateManager:
         return self.content.read(content_id, offset, size)
 
 
-def layer_written(rec: dict) -> bool:
-    """Whether a layer record's directory is on disk: all are but a commit's delta layer until
-    it is written (``StateManager._build_layer``)."""
-    return rec.get("built", True)
-
-
-def _snapshot_info(id: str, rec: dict) -> SnapshotInfo:
-    return SnapshotInfo(id, rec["root"], rec["parent"], rec["created_ns"], rec["size"],
-                        rec["files"], dict(rec.get("labels") or {}))
+def _snapshot_info(id: str, rec: SnapshotRecord) -> SnapshotInfo:
+    return SnapshotInfo(id, rec.root, rec.parent, rec.created_ns, rec.size, rec.files,
+                        dict(rec.labels))
 
 
 def _tree_bytes(src: Path) -> int:

@@ -271,7 +271,7 @@ def verify_collect(sm, before: Before, applied: bool) -> None:
     verify_prune(sm, before, applied)  # ends with a gc: the rest of the garbage goes
     with sm.db.read() as txn:
         assert not collector.garbage(txn, sm.db.dbs)
-        assert not sm._collection_pending(txn)
+        assert not sm.collection_pending(txn)
 
 
 VERIFY = {"import": verify_import, "branch": verify_branch, "commit": verify_commit,

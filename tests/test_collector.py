@@ -230,12 +230,12 @@ def test_the_background_collector_takes_what_a_prune_dropped(sm, tmp_path, monke
         (src / f"f{i}").write_bytes(f"file {i}\n".encode() * 100)
     sm.import_tree(src, "s")
     time.sleep(0.5)  # the collector thread, idle: nothing is pending
-    assert _objects(sm) and not sm._collection_pending()
+    assert _objects(sm) and not sm.collection_pending()
     sm.prune("s")
     deadline = time.monotonic() + 30
     while _objects(sm) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _objects(sm) == set()
-    while sm._collection_pending() and time.monotonic() < deadline:
+    while sm.collection_pending() and time.monotonic() < deadline:
         time.sleep(0.1)  # the cycle records itself after its sweep
-    assert not sm._collection_pending()
+    assert not sm.collection_pending()

@@ -15,6 +15,7 @@ import pytest
 import conftest
 from conftest import assert_same_view, check_live, dir_view, needs_overlay, snapshot_view
 from cascowfs import state
+from cascowfs.catalog import LayerRecord
 from cascowfs.errors import BusyError
 
 pytestmark = needs_overlay
@@ -22,8 +23,8 @@ pytestmark = needs_overlay
 
 def _spans(sm, id: str) -> list[int]:
     with sm.db.read() as txn:
-        chain = sm._snapshot_record(txn, id)["layers"]
-        return [sm._layer_record(txn, lid)["span"] for lid in chain]
+        chain = sm.catalog.snapshot(txn, id).layers
+        return [sm.catalog.layer(txn, lid).span for lid in chain]
 
 
 def _digits(n: int, base: int) -> list[int]:
@@ -127,12 +128,12 @@ def test_a_chain_swap_naming_a_layer_gone_meanwhile_changes_nothing(tmp_path):
     with conftest.open_store(tmp_path / "store") as sm:
         _lineage(sm, _source(tmp_path), 2, settle_each=True)
         with sm.db.read() as txn:
-            chain = sm._snapshot_record(txn, "g2")["layers"]
+            chain = sm.catalog.snapshot(txn, "g2").layers
             counts = {bytes(k): bytes(v) for k, v in txn.cursor(db=sm.db.db("layers"))}
         with pytest.raises(BusyError, match="changed meanwhile"):
             sm._replace_chain("g2", chain, chain[:1] + ["0123456789"] + chain[1:])
         with sm.db.read() as txn:
-            assert sm._snapshot_record(txn, "g2")["layers"] == chain
+            assert sm.catalog.snapshot(txn, "g2").layers == chain
             assert {bytes(k): bytes(v) for k, v in txn.cursor(db=sm.db.db("layers"))} == counts
         check_live(sm, deep=True)
         sm.discard("b")
@@ -141,10 +142,10 @@ def test_a_chain_swap_naming_a_layer_gone_meanwhile_changes_nothing(tmp_path):
 # ----------------------------------------------------------------------------------------
 # a commit's delta layer is written after the commit
 # ----------------------------------------------------------------------------------------
-def _layer_of(sm, sid: str) -> tuple[str, dict]:
+def _layer_of(sm, sid: str) -> tuple[str, LayerRecord]:
     with sm.db.read() as txn:
-        lid = sm._snapshot_record(txn, sid)["layers"][0]
-        return lid, sm._layer_record(txn, lid)
+        lid = sm.catalog.snapshot(txn, sid).layers[0]
+        return lid, sm.catalog.layer(txn, lid)
 
 
 def _no_background_builds(monkeypatch) -> None:
@@ -164,14 +165,14 @@ def test_a_branch_on_a_commit_not_written_yet_writes_its_layer_first(tmp_path, m
         sm.commit("b", "s1")
         view = dir_view(tree)
         lid, rec = _layer_of(sm, "s1")
-        assert rec["built"] is False and rec["seq"] == 0
+        assert rec.built is False and rec.seq == 0
         assert not (sm.layers_dir / lid).exists(), "the commit wrote its layer itself"
         check_live(sm, deep=True)  # a layer not written yet is no fault
 
         other = sm.create_branch("c", "s1").tree
         assert dir_view(other) == view
         lid, rec = _layer_of(sm, "s1")
-        assert rec["seq"] > 0 and "built" not in rec and "below" not in rec
+        assert rec.seq > 0 and rec.built and rec.below is None
         assert (sm.layers_dir / lid).is_dir()
         assert_same_view(snapshot_view(sm, "s1"), view, "s1")
         check_live(sm, deep=True)
@@ -214,7 +215,7 @@ def test_layers_not_written_before_a_close_are_written_after_the_next_open(tmp_p
         sm.settle()
         for sid in ("s1", "s2"):
             lid, rec = _layer_of(sm, sid)
-            assert "built" not in rec and (sm.layers_dir / lid).is_dir(), sid
+            assert rec.built and (sm.layers_dir / lid).is_dir(), sid
         assert dir_view(sm.create_branch("c", "s2").tree) == view
         check_live(sm, deep=True)
         sm.discard("c")

@@ -32,6 +32,7 @@ from conftest import (assert_fsck_clean, check_live, loop_ext4, mounted_image, n
 from crash_scenarios import (APPLIED_STEPS, CHILD, VERIFY, Before, Returned, prepare_store,
                              run_loop_until_killed)
 from cascowfs import durability
+from cascowfs.catalog import Counter
 from cascowfs.crashpoints import CRASH_POINTS
 from cascowfs.state import StateManager
 
@@ -149,8 +150,8 @@ def test_layers_the_background_synced_survive_a_cut_and_are_not_rebuilt(tmp_path
                 deadline = time.monotonic() + 30
                 while True:
                     with sm.db.read() as txn:
-                        recorded = sm._meta_counter(txn, b"layer_seq")
-                        synced = sm._meta_counter(txn, b"layers_synced")
+                        recorded = sm.catalog.counter(txn, Counter.LAYER_SEQ)
+                        synced = sm.catalog.counter(txn, Counter.LAYERS_SYNCED)
                     if synced >= recorded:
                         break
                     assert time.monotonic() < deadline, "the background never synced the layers"
