@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pyfuse3
 import trio
@@ -33,6 +33,7 @@ from . import forks
 from .errors import CascowfsError, BusyError, InvalidArgumentError
 from .fuse.operations import CascowOperations
 from .fuse.sysmount import FUSE_TYPE, clear_dead_mount, mount_at
+from .state import StateManager
 
 log = logging.getLogger("cascowfs.daemon")
 
@@ -114,9 +115,7 @@ def _fuse_fds() -> list[int]:
     return out
 
 
-def _open_state(store: Path) -> Any:
-    from .state import StateManager
-
+def _open_state(store: Path) -> StateManager:
     return StateManager.open(store, progress=sys.stderr.isatty())  # a rebuild after a reboot
 
 
@@ -149,7 +148,7 @@ def set_priority(nice: int) -> None:
 
 def run(store: str | Path, mnt: str | Path, *, admin_gid: int | None = None,
         nice: int | None = DAEMON_NICE, ready: Callable[[], None] | None = None,
-        open_state: Callable[[Path], Any] | None = None) -> int:
+        open_state: Callable[[Path], StateManager] | None = None) -> int:
     """Serve ``store`` at ``mnt`` until unmounted or signalled (blocking). Returns an exit code.
     ``nice``: the scheduling priority to serve at (None: as started)."""
     store = Path(store).absolute()

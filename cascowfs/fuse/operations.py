@@ -36,7 +36,9 @@ import trio
 
 from ..errors import CascowfsError, NotFoundError, PermissionDeniedError
 from ..model import BranchInfo, Entry, SnapshotInfo
+from .. import wire
 from ..names import check_branch_name, check_snapshot_id
+from ..state import StateManager
 from . import control
 from .ctl_lanes import CtlLanes
 from .inodes import (
@@ -144,7 +146,7 @@ class CascowOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, sm: Any, store: str | Path, *, admin_gid: int | None = None,
+    def __init__(self, sm: StateManager, store: str | Path, *, admin_gid: int | None = None,
                  info: dict[str, str] | None = None) -> None:
         super().__init__()
         self.sm = sm
@@ -685,9 +687,9 @@ class CascowOperations(pyfuse3.Operations):
             if not handle.admin:
                 raise PermissionDeniedError("only root or the admin group may change state")
             if node.which == "parent":
-                cmd = control.parse_parent_write(node.branch, buf)
+                cmd = wire.parse_parent_write(node.branch, buf)
             elif node.which == "commit":
-                cmd = control.parse_commit_write(node.branch, buf)
+                cmd = wire.parse_commit_write(node.branch, buf)
             else:
                 raise _err(errno.EBADF)
             await self._q(control.execute, self.sm, cmd)
@@ -701,17 +703,17 @@ class CascowOperations(pyfuse3.Operations):
         try:
             if not handle.admin:
                 raise PermissionDeniedError("only root or the admin group may change state")
-            cmd = control.parse_command(buf)
+            cmd = wire.parse_command(buf)
             result = await self._q(control.execute, self.sm, cmd)
         except Exception as exc:
             code, message = control.error_of(exc)
-            handle.replies.append(control.error_reply(code, message))
+            handle.replies.append(wire.error_reply(code, message))
             raise
         await self._after_command(cmd)
-        handle.replies.append(control.ok_reply(result))
+        handle.replies.append(wire.ok_reply(result))
         return len(buf)
 
-    async def _after_command(self, cmd: control.Command) -> None:
+    async def _after_command(self, cmd: wire.Command) -> None:
         """Make a change done through ctl visible in the kernel's dentry cache."""
         now = time.time_ns()
         if cmd.verb == "discard" and cmd.name:
