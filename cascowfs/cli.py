@@ -21,8 +21,9 @@ from typing import Any, Callable, Sequence
 
 from .client import Client
 from .errors import CascowfsError, InvalidArgumentError, StoreLockedError
-from .fuse.sysmount import FUSE_TYPE, MNT_DETACH, is_cascowfs_mount, mounts, umount2
+from .fuse.sysmount import FUSE_TYPE, MNT_DETACH, is_cascowfs_mount, umount2
 from .names import parse_labels
+from .overlay import all_mounts
 
 log = logging.getLogger("cascowfs.cli")
 
@@ -264,7 +265,7 @@ class _offline:
 def _mount_of_store(store: Path) -> Path | None:
     """The mount point of the daemon serving ``store``, if one is running."""
     want = str(store.absolute())
-    for entry in mounts():
+    for entry in all_mounts():
         if entry.fstype != FUSE_TYPE:
             continue
         try:

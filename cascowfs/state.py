@@ -145,14 +145,6 @@ def _now_ns() -> int:
     return time.time_ns()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class StateManager:
     """Snapshots, branches and their lifecycle over one store directory.
 
@@ -377,7 +369,7 @@ class StateManager:
             target = self.layers_dir / layer
             if staged.exists() and not target.exists():
                 os.rename(staged, target)
-                _fsync_dir(self.layers_dir)
+                durability.fsync_dir(self.layers_dir)
         if op.kind == "rebase":
             # The branch was unmodified (rebase checks) and its upper still carries the old
             # base's root attributes: start it afresh on the new layers, as rebase would have.
@@ -1261,7 +1253,7 @@ class StateManager:
                     os.rename(staged, self.layers_dir / lid)
                 bar(1)
             with self._disk_errors("rebuilding layers"):
-                _fsync_dir(self.layers_dir)
+                durability.fsync_dir(self.layers_dir)
         lost = sorted(lid for lid in lids if not (self.layers_dir / lid).is_dir())
         if lost:
             raise StoreIOError(f"layers {', '.join(lost)} are lost and no chain says what they held")

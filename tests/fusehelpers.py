@@ -25,6 +25,8 @@ from typing import Iterator
 
 import pytest
 
+from cascowfs import overlay
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 CLI = [PYTHON, "-m", "cascowfs"]
@@ -47,15 +49,7 @@ needs_fuse = pytest.mark.skipif(fuse_unavailable() is not None,
 
 def mounts_under(base: Path) -> list[tuple[str, str]]:
     """(mount point, fstype) of every mount at or below ``base`` (reads mountinfo, no stat)."""
-    prefix = str(base)
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
-        for line in fh:
-            left, _, right = line.partition(" - ")
-            point = left.split()[4].replace("\\040", " ")
-            if point == prefix or point.startswith(prefix + "/"):
-                out.append((point, right.split()[0]))
-    return out
+    return [(m.target, m.fstype) for m in overlay.mounts_under(base)]
 
 
 def processes_mentioning(text: str) -> list[int]:
