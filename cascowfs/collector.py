@@ -1,4 +1,4 @@
-"""Mark-and-sweep collection of CAS objects (store format 5; before it, objects were refcounted).
+"""Mark-and-sweep collection of CAS objects (store formats 5 and later).
 
 An object lives while a live root reaches it: a snapshot's root, a branch's base tree, or the
 tree a layer record shows. Nothing is counted when operations run; a collection cycle instead
@@ -19,7 +19,7 @@ or parent snapshot, which cannot be pruned under it); by induction from the snap
 live roots reach only marked objects, nothing live ever names an unprotected unmarked object.
 Deleting parents before children means an object that a later store finds already present
 never points at something already gone. What it costs, against refcounts: no per-operation
-work at all (a commit on the linux tree used to queue ~200 refcount updates on random LMDB
+work at all (refcounts make a commit on the linux tree queue ~200 updates on random LMDB
 pages, and its prune as many again), for a marking pass over the live objects per cycle in
 another process.
 """
