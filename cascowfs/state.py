@@ -50,28 +50,17 @@ from .names import check_branch_name, check_labels, check_snapshot_id
 from .progress import progress_bar
 from .scan import ObjectSink, apply_upper, finalize, scan_directory, Progress
 from .trees import TreeStore, tree_objects
+from .tuning import Tuning
 from .wal import PendingOp, WriteAheadLog
 
 log = logging.getLogger("cascowfs.state")
 
-CHECKPOINT_EVERY = 1024  # WAL records between checkpoints
 # Bump when records or objects change shape. 3: refcount changes are queued; 4: the queue is
 # keyed by object (3 kept it in arrival order), and large directories are stored as pages;
 # 5: objects carry no refcounts, a mark-and-sweep collector deletes what no live root reaches;
 # 6: tree objects may be stored compressed (format 5's plain ones still read).
 STORE_FORMAT = 6
 UPGRADES_IN_PLACE = {2, 3, 4, 5}  # older formats a writable open upgrades
-# A collection cycle starts this long after garbage appeared (a prune, a discard, a failed
-# op), so that one cycle takes what a burst of operations dropped.
-COLLECT_AFTER_SECONDS = 5.0
-SWEEP_SLICE = 300  # object deletions per transaction of a collection's sweep
-# Delta layers merge in groups of this many equal spans: each change is rewritten log_F(n)
-# times over a lineage of n commits, and a chain is at most (F - 1) log_F(n) + 1 layers deep.
-MERGE_FAN_IN = 8  # vs 4: 132 MB instead of 158 MB of layers for 1,000 commits of linux-source
-# A chain deeper than this (left by merges that fell behind fast lineages) has all its delta
-# layers merged into one at its next merge: the counter alone never shortens it.
-MERGE_ALL_ABOVE = 64
-FLATTEN_TRIES = 5  # a flatten racing background merges of the same chain starts over
 
 
 class _OpGate:
@@ -152,8 +141,9 @@ class StateManager:
     thread of their own (``collector.py``).
     """
 
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, tuning: Tuning) -> None:
         self.store = store
+        self.tuning = tuning
         self.layers_dir = store / "layers"
         self.branches_dir = store / "branches"
         self.staging_dir = store / "staging"
@@ -187,12 +177,13 @@ class StateManager:
     # opening, recovery, closing
     # ------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, store: str | Path, *, progress: bool = False, recover: bool = True) -> "StateManager":
+    def open(cls, store: str | Path, *, progress: bool = False, recover: bool = True,
+             tuning: Tuning = Tuning()) -> "StateManager":
         """Open (creating if needed) the store, lock it, replay the WAL and reconcile mounts.
 
         ``recover=False`` opens without touching anything (fsck uses it to look at a store as
         it was left)."""
-        self = cls(Path(store).absolute())
+        self = cls(Path(store).absolute(), tuning)
         self._read_only = not recover
         with self._disk_errors(f"opening store {self.store}"):
             for d in (self.store, self.layers_dir, self.branches_dir, self.staging_dir,
@@ -429,7 +420,7 @@ class StateManager:
     def _when_alone(self) -> None:
         """Housekeeping that needs no other operation in flight: checkpoint the WAL. Skipped
         (for a later op) when others run."""
-        if self.wal.records_since_checkpoint < CHECKPOINT_EVERY:
+        if self.wal.records_since_checkpoint < self.tuning.checkpoint_every:
             return
         if not self._ops.try_sole():
             return
@@ -458,7 +449,7 @@ class StateManager:
                 self._jobs.task_done()
 
     def _sync_layers_loop(self) -> None:
-        while not self._closing.wait(durability.LAYER_SYNC_SECONDS):
+        while not self._closing.wait(self.tuning.layer_sync_seconds):
             try:
                 self._sync_layers()
             except (CascowfsError, OSError):
@@ -489,7 +480,7 @@ class StateManager:
             self._collect_wanted.set()  # garbage a previous run left uncollected
         while True:
             self._collect_wanted.wait()
-            if self._closing.wait(COLLECT_AFTER_SECONDS):
+            if self._closing.wait(self.tuning.collect_after_seconds):
                 return
             self._collect_wanted.clear()  # garbage from here on gets another cycle
             try:
@@ -1017,22 +1008,23 @@ class StateManager:
     def _layers_to_merge(self, txn: lmdb.Transaction, chain: list[str]) -> tuple[int, int]:
         """How many top layers of a chain merge into one, and the merged span ((0, 0): none).
 
-        Delta layers merge like a counter in base ``MERGE_FAN_IN``: once the top
-        ``MERGE_FAN_IN`` layers all have span s, they merge into one of span
-        ``MERGE_FAN_IN`` * s, taking along any run of ``MERGE_FAN_IN`` - 1 layers of that
+        Delta layers merge like a counter in base F (``Tuning.merge_fan_in``): once the top
+        F layers all have span s, they merge into one of span F * s, taking along any run of
+        F - 1 layers of that
         span right under them (a carry), and so on. So a lineage of n commits is shown by at
         most (F - 1) log_F(n) + 1 delta layers, and the store holds each change log_F(n) times
         instead of every commit copying everything its branch ever changed."""
         span = self.catalog.layer(txn, chain[0]).span if chain else 0
         if not span:  # nothing is merged into a full layer
             return 0, 0
-        count, group = 0, MERGE_FAN_IN
+        fan_in = self.tuning.merge_fan_in
+        count, group = 0, fan_in
         while count + group <= len(chain) and all(
                 self.catalog.layer(txn, lid).span == span
                 for lid in chain[count:count + group]):
             count += group
-            span *= MERGE_FAN_IN
-            group = MERGE_FAN_IN - 1  # the merged layer is the carry's first member
+            span *= fan_in
+            group = fan_in - 1  # the merged layer is the carry's first member
         return (count, span) if count else (0, 0)
 
     def discard(self, name: str) -> None:
@@ -1100,7 +1092,7 @@ class StateManager:
     def flatten(self, id: str) -> None:
         """Replace a snapshot's layer chain by one full layer written from the CAS (recovery
         uses it to rebuild lost layers; chains themselves stay short by merging)."""
-        for _ in range(FLATTEN_TRIES - 1):
+        for _ in range(self.tuning.flatten_tries - 1):
             try:
                 return self._rewrite_chain(id, merge=False)
             except BusyError:
@@ -1149,7 +1141,7 @@ class StateManager:
                 layers = self._caught_up_chain(txn, rec) if merge else chain
                 if not merge:
                     count, span = len(chain), 0
-                elif len(layers) > MERGE_ALL_ABOVE:
+                elif len(layers) > self.tuning.merge_all_above:
                     count, span = self._deltas_on_top(txn, layers)
                 else:
                     count, span = self._layers_to_merge(txn, layers)
@@ -1280,7 +1272,7 @@ class StateManager:
                 # the background cycle's sweep stops at close; what is left stays pending
                 stop = self._closing.is_set if in_child else (lambda: False)
                 with progress_bar(progress, len(dead), "collecting", unit="obj") as bar:
-                    removed, finished = collector.sweep(self.db, self.content, dead, SWEEP_SLICE,
+                    removed, finished = collector.sweep(self.db, self.content, dead, self.tuning.sweep_slice,
                                                         stop=stop, done=bar)
             finally:
                 self.content.unprotect()

@@ -10,12 +10,13 @@ import time
 
 import pytest
 
-from cascowfs import cas, collector, state
+from cascowfs import cas, collector
 from cascowfs.errors import StoreIOError
 from cascowfs.model import Entry
 from cascowfs.state import _OpGate
 from cascowfs.trees import tree_objects
-from conftest import check_live, snapshot_view
+from cascowfs.tuning import Tuning
+from conftest import check_live, open_store, snapshot_view
 
 
 def _file(content: cas.ContentStore, data: bytes) -> bytes:
@@ -222,8 +223,12 @@ def test_content_committed_while_a_collection_runs_survives_it(sm, tmp_path, mon
     assert snapshot_view(sm, "new")[b"p.txt"].data == payload
 
 
-def test_the_background_collector_takes_what_a_prune_dropped(sm, tmp_path, monkeypatch):
-    monkeypatch.setattr(state, "COLLECT_AFTER_SECONDS", 0.05)
+def test_the_background_collector_takes_what_a_prune_dropped(tmp_path):
+    with open_store(tmp_path / "store", tuning=Tuning(collect_after_seconds=0.05)) as sm:
+        _background_collection_takes_a_prune(sm, tmp_path)
+
+
+def _background_collection_takes_a_prune(sm, tmp_path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     for i in range(20):

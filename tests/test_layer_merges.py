@@ -16,6 +16,7 @@ import conftest
 from conftest import assert_same_view, check_live, dir_view, needs_overlay, snapshot_view
 from cascowfs import state
 from cascowfs.catalog import LayerRecord
+from cascowfs.tuning import Tuning
 from cascowfs.errors import BusyError
 
 pytestmark = needs_overlay
@@ -59,10 +60,10 @@ def _source(tmp_path: Path) -> Path:
 
 
 def test_a_lineage_settled_after_each_commit_has_the_counters_shape(tmp_path):
-    commits = 2 * state.MERGE_FAN_IN ** 2 + state.MERGE_FAN_IN + 3
+    commits = 2 * Tuning().merge_fan_in ** 2 + Tuning().merge_fan_in + 3
     with conftest.open_store(tmp_path / "store") as sm:
         views = _lineage(sm, _source(tmp_path), commits, settle_each=True)
-        assert _spans(sm, f"g{commits}") == _digits(commits, state.MERGE_FAN_IN) + [0]
+        assert _spans(sm, f"g{commits}") == _digits(commits, Tuning().merge_fan_in) + [0]
         for sid, view in views.items():
             assert_same_view(snapshot_view(sm, sid), view, sid)
         check_live(sm, deep=True)
@@ -89,7 +90,7 @@ def test_merges_that_lag_behind_the_commits_still_keep_the_chain_shallow(tmp_pat
         finally:
             gate.set()  # else the background worker, and closing the store, would wait forever
         sm.settle()
-        assert _spans(sm, f"g{commits}") == _digits(commits, state.MERGE_FAN_IN) + [0]
+        assert _spans(sm, f"g{commits}") == _digits(commits, Tuning().merge_fan_in) + [0]
         for sid, view in views.items():
             assert_same_view(snapshot_view(sm, sid), view, sid)
         check_live(sm, deep=True)
@@ -102,14 +103,12 @@ def test_merges_that_lag_behind_the_commits_still_keep_the_chain_shallow(tmp_pat
 def test_a_chain_grown_too_deep_is_merged_whole_at_its_next_merge(tmp_path, monkeypatch):
     """Chains that an older version let grow (each commit on its parent's unmerged chain) are
     repaired: past ``MERGE_ALL_ABOVE`` layers, a merge folds every delta into one."""
-    monkeypatch.setattr(state, "MERGE_ALL_ABOVE", 12)
-    with conftest.open_store(tmp_path / "store") as sm:
+    with conftest.open_store(tmp_path / "store", tuning=Tuning(merge_all_above=12)) as sm:
         monkeypatch.setattr(sm, "merge_layers", lambda id: None)  # as if merges fell behind
         views = _lineage(sm, _source(tmp_path), 20, settle_each=False)
         sm.settle()
         assert len(_spans(sm, "g20")) == 21
         monkeypatch.undo()
-        monkeypatch.setattr(state, "MERGE_ALL_ABOVE", 12)
         sm.merge_layers("g20")
         assert _spans(sm, "g20") == [20, 0]
         for sid, view in views.items():

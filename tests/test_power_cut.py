@@ -35,6 +35,7 @@ from cascowfs import durability
 from cascowfs.catalog import Counter
 from cascowfs.crashpoints import CRASH_POINTS
 from cascowfs.state import StateManager
+from cascowfs.tuning import Tuning
 
 pytestmark = needs_loop
 
@@ -130,7 +131,6 @@ def layer_inodes(store: Path) -> dict[str, int]:
 def test_layers_the_background_synced_survive_a_cut_and_are_not_rebuilt(tmp_path, monkeypatch):
     """The other half of the bargain: once the background syncfs has run, a power cut loses
     nothing and the next open rebuilds nothing (the same layer directories are still there)."""
-    monkeypatch.setattr(durability, "LAYER_SYNC_SECONDS", 0.1)
     fs = tmp_path / "fs"
     src = tmp_path / "src"
     src.mkdir()
@@ -140,7 +140,7 @@ def test_layers_the_background_synced_survive_a_cut_and_are_not_rebuilt(tmp_path
         with loop_ext4(fs, DISK_MIB, NO_PERIODIC_COMMIT) as disk:
             store = disk / "store"
             conftest._STORES.append(store)
-            with open_store(store) as sm:
+            with open_store(store, tuning=Tuning(layer_sync_seconds=0.1)) as sm:
                 sm.import_tree(src, "base")
                 tree = sm.create_branch("b", "base").tree
                 (tree / "f3").write_bytes(b"edited")
