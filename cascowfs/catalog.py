@@ -29,6 +29,13 @@ import lmdb
 from .errors import NotFoundError, StoreIOError
 
 
+# Bump when records or objects change shape. 3: refcount changes are queued; 4: the queue is
+# keyed by object (3 kept it in arrival order), and large directories are stored as pages;
+# 5: objects carry no refcounts, a mark-and-sweep collector deletes what no live root reaches;
+# 6: tree objects may be stored compressed (format 5's plain ones still read).
+STORE_FORMAT = 6
+
+
 class Counter(Enum):
     """Monotonic counters kept in ``meta`` (decimal text; a missing one reads 0)."""
 

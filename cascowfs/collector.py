@@ -26,18 +26,25 @@ another process.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
-from typing import Callable, Iterable, Iterator
+import threading
+from typing import Callable, Iterable
 
 import lmdb
 
 from .cas import ID_SIZE, ContentStore, children_of
-from .catalog import Catalog
+from .catalog import STORE_FORMAT, Catalog, Counter
 from .crashpoints import crash_point
-from .errors import StoreIOError
+from .errors import CascowfsError, StoreIOError
+from .gate import OpGate
 from .metadb import MetaDB, open_reader
+from .progress import progress_bar
+from .tuning import Tuning
+
+log = logging.getLogger("cascowfs.collector")
 
 # The marking child runs at this niceness: it holds no lock the daemon needs, and the agents'
 # work comes first.
@@ -168,6 +175,107 @@ def _child_main(meta_dir: str) -> None:
     finally:
         env.close()
     sys.stdout.buffer.write(b"".join(dead))
+
+
+class Collector:
+    """Collection cycles of one open store, and the thread that runs them in the background:
+    a while (``Tuning.collect_after_seconds``) after garbage appeared, a cycle whose marking
+    runs in a child process. It waits for nothing else, and nothing waits for it."""
+
+    def __init__(self, db: MetaDB, catalog: Catalog, content: ContentStore, gate: OpGate,
+                 closing: threading.Event, tuning: Tuning) -> None:
+        self._db = db
+        self._catalog = catalog
+        self._content = content
+        self._gate = gate
+        self._closing = closing
+        self._tuning = tuning
+        self._wanted = threading.Event()
+        self._lock = threading.Lock()  # one collection cycle at a time
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="cascowfs-collector", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the background thread (the store's ``closing`` event is set): a cycle under
+        way stops after its current slice, and its garbage stays pending."""
+        self._wanted.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def note_garbage(self, txn: lmdb.Transaction) -> None:
+        """Objects may have become unreachable (a root dropped, an op failed): a collection
+        is pending until a cycle whose snapshot includes this change has swept. Wakes the
+        collector (at worst for nothing, if this transaction is then undone)."""
+        self._catalog.set_counter(txn, Counter.GARBAGE_SEQ,
+                                  self._catalog.counter(txn, Counter.GARBAGE_SEQ) + 1)
+        self._wanted.set()
+
+    def pending(self, txn: lmdb.Transaction | None = None) -> bool:
+        """Has garbage appeared since the last completed collection's snapshot? (A store of
+        an older format, looked at read-only, may hold garbage its refcount queue would have
+        deleted.)"""
+        if txn is None:
+            with self._db.read() as txn:
+                return self.pending(txn)
+        if self._catalog.format(txn) != str(STORE_FORMAT).encode():
+            return True
+        return (self._catalog.counter(txn, Counter.GARBAGE_SEQ)
+                > self._catalog.counter(txn, Counter.COLLECTED_SEQ))
+
+    def collect(self, *, in_child: bool = False, progress: bool = False) -> int:
+        """One collection cycle: delete every object no live root reaches. ``in_child``: the
+        background cycle, which marks in a child process, not in this thread, and stops at
+        close. Returns the number of objects deleted."""
+        with self._lock:
+            self._content.protect()
+            try:
+                self._gate.wait_for_running()  # they may have stored objects unprotected
+                with self._db.read() as txn:
+                    seen = self._catalog.counter(txn, Counter.GARBAGE_SEQ)
+                if in_child:
+                    try:
+                        dead = garbage_from_child(str(self._db.path), self._closing.is_set)
+                    finally:
+                        self._db.release_dead_readers()  # a child killed by close
+                else:
+                    with self._db.read() as txn:
+                        dead = garbage(txn, self._db.dbs)
+                # the background cycle's sweep stops at close; what is left stays pending
+                stop = self._closing.is_set if in_child else (lambda: False)
+                with progress_bar(progress, len(dead), "collecting", unit="obj") as bar:
+                    removed, finished = sweep(self._db, self._content, dead,
+                                              self._tuning.sweep_slice, stop=stop, done=bar)
+            finally:
+                self._content.unprotect()
+
+            def mark_collected(txn: lmdb.Transaction) -> None:
+                if self._catalog.counter(txn, Counter.COLLECTED_SEQ) < seen:
+                    self._catalog.set_counter(txn, Counter.COLLECTED_SEQ, seen)
+
+            if finished:
+                self._db.write(mark_collected, "recording a collection")
+            return removed
+
+    def _loop(self) -> None:
+        if self.pending():
+            self._wanted.set()  # garbage a previous run left uncollected
+        while True:
+            self._wanted.wait()
+            if self._closing.wait(self._tuning.collect_after_seconds):
+                return
+            self._wanted.clear()  # garbage from here on gets another cycle
+            try:
+                self.collect(in_child=True)
+            except (CascowfsError, OSError) as exc:
+                if self._closing.is_set():
+                    return  # cancelled; the pending mark is durable, the next open retries
+                # the pending mark is durable: the next cycle, or the next open, retries
+                log.warning("%s: collecting garbage failed (retried later): %s",
+                            self._db.path.parent, exc)
+                self._wanted.set()
 
 
 if __name__ == "__main__":

@@ -246,6 +246,13 @@ class TreeStore:
         self._cache_size = cache_trees
         self._lock = threading.Lock()
 
+    def root_of(self, superroot_hex: str | None) -> Entry | None:
+        """The root directory entry of the tree of superroot ``superroot_hex`` (a one-entry
+        tree holding the root under the empty name; None: no tree)."""
+        if not superroot_hex:
+            return None
+        return self.get(bytes.fromhex(superroot_hex))[ROOT_NAME]
+
     def get(self, tree_id: bytes, txn: lmdb.Transaction | None = None,
             extra: dict[bytes, dict[bytes, Entry]] | None = None) -> dict[bytes, Entry]:
         """A tree by id; ``extra`` holds decoded trees built in memory but not stored (status)."""

@@ -13,7 +13,7 @@ import pytest
 from cascowfs import cas, collector
 from cascowfs.errors import StoreIOError
 from cascowfs.model import Entry
-from cascowfs.state import _OpGate
+from cascowfs.gate import OpGate
 from cascowfs.trees import tree_objects
 from cascowfs.tuning import Tuning
 from conftest import check_live, open_store, snapshot_view
@@ -167,7 +167,7 @@ def test_the_marking_child_is_stopped_when_cancelled(content):
 
 
 def test_a_cycle_waits_for_the_operations_running_when_it_starts():
-    gate = _OpGate()
+    gate = OpGate()
     started, release = threading.Event(), threading.Event()
 
     def op():

@@ -14,8 +14,9 @@ import pytest
 
 import conftest
 from conftest import assert_same_view, check_live, dir_view, needs_overlay, snapshot_view
-from cascowfs import state
 from cascowfs.catalog import LayerRecord
+from cascowfs.layer_builder import LayerBuilder
+from cascowfs.merge_plan import counter_spans
 from cascowfs.tuning import Tuning
 from cascowfs.errors import BusyError
 
@@ -26,16 +27,6 @@ def _spans(sm, id: str) -> list[int]:
     with sm.db.read() as txn:
         chain = sm.catalog.snapshot(txn, id).layers
         return [sm.catalog.layer(txn, lid).span for lid in chain]
-
-
-def _digits(n: int, base: int) -> list[int]:
-    """The spans of a counter holding n: one layer of base**k for each unit of digit k."""
-    spans, power = [], 1
-    while n:
-        spans += [power] * (n % base)
-        n //= base
-        power *= base
-    return spans
 
 
 def _lineage(sm, src: Path, commits: int, *, settle_each: bool) -> dict[str, dict]:
@@ -63,7 +54,7 @@ def test_a_lineage_settled_after_each_commit_has_the_counters_shape(tmp_path):
     commits = 2 * Tuning().merge_fan_in ** 2 + Tuning().merge_fan_in + 3
     with conftest.open_store(tmp_path / "store") as sm:
         views = _lineage(sm, _source(tmp_path), commits, settle_each=True)
-        assert _spans(sm, f"g{commits}") == _digits(commits, Tuning().merge_fan_in) + [0]
+        assert _spans(sm, f"g{commits}") == counter_spans(commits, Tuning().merge_fan_in) + [0]
         for sid, view in views.items():
             assert_same_view(snapshot_view(sm, sid), view, sid)
         check_live(sm, deep=True)
@@ -90,7 +81,7 @@ def test_merges_that_lag_behind_the_commits_still_keep_the_chain_shallow(tmp_pat
         finally:
             gate.set()  # else the background worker, and closing the store, would wait forever
         sm.settle()
-        assert _spans(sm, f"g{commits}") == _digits(commits, Tuning().merge_fan_in) + [0]
+        assert _spans(sm, f"g{commits}") == counter_spans(commits, Tuning().merge_fan_in) + [0]
         for sid, view in views.items():
             assert_same_view(snapshot_view(sm, sid), view, sid)
         check_live(sm, deep=True)
@@ -150,7 +141,7 @@ def _layer_of(sm, sid: str) -> tuple[str, LayerRecord]:
 def _no_background_builds(monkeypatch) -> None:
     """Stores opened from now on never write a commit's layer in the background: only a
     mount that needs it does."""
-    monkeypatch.setattr(state.StateManager, "_build_loop", lambda self: None)
+    monkeypatch.setattr(LayerBuilder, "_build_loop", lambda self: None)
 
 
 def test_a_branch_on_a_commit_not_written_yet_writes_its_layer_first(tmp_path, monkeypatch):
@@ -189,8 +180,8 @@ def test_a_layer_dropped_before_it_was_written_never_is(tmp_path, monkeypatch):
         lid, _ = _layer_of(sm, "s1")
         sm.discard("b")
         sm.prune("s1")
-        sm._build_layer(lid)  # what the background thread would do next
-        assert lid not in sm._unbuilt
+        sm.layers.build(lid)  # what the background thread would do next
+        assert not sm.layers.is_unbuilt(lid)
         assert not (sm.layers_dir / lid).exists()
         check_live(sm, deep=True)
 
