@@ -1,7 +1,7 @@
 """Content-addressed object store: chunks, chunk lists, packs and trees.
 
-Ids are BLAKE3-256 over a one-letter domain prefix and the payload, so a file chunk can never
-alias a tree object even when an untrusted branch writes a file whose bytes are a tree encoding.
+Ids and compression are ``codec.py``'s; tree objects are encoded by ``trees.py``, which this
+store reads to follow a tree's references and verify it.
 
 Objects form a DAG (tree -> tree | content; chunk list -> chunk; chunk pointer -> pack). What
 no live root reaches is deleted by the collector (collector.py), which this store helps by
@@ -15,24 +15,27 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
-import blake3
 import lmdb
-import zstandard
 from fastcdc import fastcdc
 
+from .codec import (
+    ID_SIZE,
+    TYPE_CHUNK,
+    TYPE_LIST,
+    TYPE_PACK,
+    TYPE_TREE,
+    compress,
+    decompress,
+    object_id,
+)
 from .errors import StoreIOError
 from .metadb import MetaDB
+from .trees import stored_payload, tree_children
 
 # Chunk sizes: bench-results/NOTES.md ("Chunks") has the measurement behind them.
 CHUNK_MIN = 16 * 1024
 CHUNK_AVG = 64 * 1024
 CHUNK_MAX = 256 * 1024
-ZSTD_LEVEL = 3  # see docs/architecture.md ("Decisions and why")
-
-TYPE_CHUNK = b"C"
-TYPE_PACK = b"K"
-TYPE_LIST = b"L"
-TYPE_TREE = b"T"
 
 # second byte of a chunk's stored value
 _RAW = b"\x00"       # the data itself
@@ -45,15 +48,6 @@ _POINTER = struct.Struct("<32sII")
 # share across chunks (bench-results/NOTES.md, "Packs", has the measurements).
 PACK_TARGET = 256 * 1024
 _LIST_ITEM = struct.Struct("<32sI")
-
-ID_SIZE = 32
-
-
-def object_id(kind: bytes, payload: bytes | memoryview) -> bytes:
-    hasher = blake3.blake3(kind + b"\0")
-    hasher.update(payload)
-    return hasher.digest()
-
 
 def split_chunks(data: bytes) -> list[memoryview]:
     """Content-defined chunk boundaries (FastCDC, Cython path)."""
@@ -73,35 +67,6 @@ class PreparedContent:
         self.content_id = content_id
         self.size = size
         self.objects = objects  # (id, stored value) for every chunk and the list, if any
-
-
-_local = threading.local()
-
-
-def _compressor() -> zstandard.ZstdCompressor:
-    comp = getattr(_local, "comp", None)
-    if comp is None:
-        comp = _local.comp = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-    return comp
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    dec = getattr(_local, "dec", None)
-    if dec is None:
-        dec = _local.dec = zstandard.ZstdDecompressor()
-    return dec
-
-
-def compress(data: bytes | memoryview) -> bytes:
-    """A zstd frame of ``data`` at the store's level (this thread's compressor)."""
-    return _compressor().compress(data)
-
-
-def decompress(frame: bytes | memoryview) -> bytes:
-    try:
-        return _decompressor().decompress(frame)
-    except zstandard.ZstdError as exc:
-        raise StoreIOError(f"a stored object does not decompress: {exc}") from None
 
 
 def prepare_content(data: bytes) -> PreparedContent:
@@ -175,8 +140,6 @@ def children_of(value: bytes) -> list[bytes]:
         body = memoryview(value)[1:]
         return [bytes(body[i:i + ID_SIZE]) for i in range(0, len(body), _LIST_ITEM.size)]
     if kind == TYPE_TREE:
-        from .trees import stored_payload, tree_children  # trees build on this module
-
         return tree_children(stored_payload(value))
     raise StoreIOError(f"object of unknown type {kind!r}")
 
@@ -271,14 +234,17 @@ class ContentStore:
     # -- reading ---------------------------------------------------------------------------
     def get(self, oid: bytes, txn: lmdb.Transaction | None = None) -> bytes:
         """An object's stored value."""
-        if txn is None:
-            with self.db.read() as rtxn:
-                value = rtxn.get(oid, db=self.objects)
-        else:
-            value = txn.get(oid, db=self.objects)
+        value = self.find(oid, txn)
         if value is None:
             raise StoreIOError(f"object {oid.hex()} is missing from the store")
         return value
+
+    def find(self, oid: bytes, txn: lmdb.Transaction | None = None) -> bytes | None:
+        """An object's stored value, or None if the store has no such object."""
+        if txn is None:
+            with self.db.read() as rtxn:
+                return rtxn.get(oid, db=self.objects)
+        return txn.get(oid, db=self.objects)
 
     def _cached(self, oid: bytes) -> bytes | None:
         with self._cache_lock:
@@ -351,8 +317,6 @@ class ContentStore:
     def verify(self, oid: bytes, value: bytes) -> bool:
         """Does the stored value hash to its id? (fsck; a frame that does not decompress
         does not)"""
-        from .trees import stored_payload  # trees build on this module
-
         kind = value[:1]
         try:
             if kind in (TYPE_CHUNK, TYPE_PACK):

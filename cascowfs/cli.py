@@ -29,12 +29,12 @@ from .fuse.sysmount import (
     MNT_DETACH,
     is_cascowfs_mount,
     mount_at,
-    mounts,
     store_of_source,
     umount2,
 )
 from .model import Change
 from .names import parse_labels
+from .overlay import all_mounts
 from .pathquote import quote
 
 log = logging.getLogger("cascowfs.cli")
@@ -300,7 +300,7 @@ class _offline:
 def _mount_of_store(store: Path) -> Path | None:
     """The mount point of the daemon serving ``store``, if one is running."""
     want = str(store.absolute())
-    for entry in mounts():
+    for entry in all_mounts():
         if entry.fstype != FUSE_TYPE:
             continue
         try:

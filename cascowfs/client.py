@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import errno
 import os
-import shlex
 import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import CascowfsError, error_from_errno
-from .fuse.control import parse_reply
 from .model import BranchInfo, Change, SnapshotInfo
+from .wire import command_line, parse_reply
 
 _XATTR = "user.cascowfs."
 _DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
@@ -76,7 +75,7 @@ class Client:
 
     def command(self, *words: str) -> str:
         """Send one ctl command (words are shell-quoted) and return the result of its reply."""
-        line = (" ".join(shlex.quote(w) for w in words) + "\n").encode()
+        line = (command_line(words) + "\n").encode()
         with self._lock:
             for attempt in (1, 2):
                 fd = self._ctl_fd()

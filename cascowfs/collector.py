@@ -1,4 +1,4 @@
-"""Mark-and-sweep collection of CAS objects (store format 5; before it, objects were refcounted).
+"""Mark-and-sweep collection of CAS objects (store formats 5 and later).
 
 An object lives while a live root reaches it: a snapshot's root, a branch's base tree, or the
 tree a layer record shows. Nothing is counted when operations run; a collection cycle instead
@@ -19,40 +19,36 @@ or parent snapshot, which cannot be pruned under it); by induction from the snap
 live roots reach only marked objects, nothing live ever names an unprotected unmarked object.
 Deleting parents before children means an object that a later store finds already present
 never points at something already gone. What it costs, against refcounts: no per-operation
-work at all (a commit on the linux tree used to queue ~200 refcount updates on random LMDB
+work at all (refcounts make a commit on the linux tree queue ~200 updates on random LMDB
 pages, and its prune as many again), for a marking pass over the live objects per cycle in
 another process.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable
 
 import lmdb
 
 from .cas import ID_SIZE, ContentStore, children_of
+from .catalog import STORE_FORMAT, Catalog, Counter
 from .crashpoints import crash_point
-from .errors import StoreIOError
+from .errors import CascowfsError, StoreIOError
+from .gate import OpGate
 from .metadb import MetaDB, open_reader
+from .progress import progress_bar
+from .tuning import Tuning
+
+log = logging.getLogger("cascowfs.collector")
 
 # The marking child runs at this niceness: it holds no lock the daemon needs, and the agents'
 # work comes first.
 MARKER_NICE = 10
-
-
-def live_roots(txn: lmdb.Transaction, dbs: dict) -> Iterator[bytes]:
-    """Every object that roots the live set: snapshot roots, branch bases, layer tops, and
-    the trees that layers not written yet are the difference from."""
-    for name, field in (("snapshots", "root"), ("branches", "base_root"), ("layers", "top"),
-                        ("layers", "below")):
-        for _, raw in txn.cursor(db=dbs[name]):
-            hexid = json.loads(raw).get(field)
-            if hexid:
-                yield bytes.fromhex(hexid)
 
 
 def reach(txn: lmdb.Transaction, objects_db, starts: Iterable[bytes],
@@ -78,7 +74,7 @@ def garbage(txn: lmdb.Transaction, dbs: dict) -> list[bytes]:
     """Every object the live roots do not reach, parents before children (see the module
     docstring: an object found present must never point at one already deleted)."""
     objects_db = dbs["objects"]
-    live = reach(txn, objects_db, live_roots(txn, dbs))
+    live = reach(txn, objects_db, Catalog(dbs).live_roots(txn))
     dead = [bytes(k) for k in txn.cursor(db=objects_db).iternext(keys=True, values=False)
             if bytes(k) not in live]
     return parents_first(txn, objects_db, dead)
@@ -181,6 +177,107 @@ def _child_main(meta_dir: str) -> None:
     finally:
         env.close()
     sys.stdout.buffer.write(b"".join(dead))
+
+
+class Collector:
+    """Collection cycles of one open store, and the thread that runs them in the background:
+    a while (``Tuning.collect_after_seconds``) after garbage appeared, a cycle whose marking
+    runs in a child process. It waits for nothing else, and nothing waits for it."""
+
+    def __init__(self, db: MetaDB, catalog: Catalog, content: ContentStore, gate: OpGate,
+                 closing: threading.Event, tuning: Tuning) -> None:
+        self._db = db
+        self._catalog = catalog
+        self._content = content
+        self._gate = gate
+        self._closing = closing
+        self._tuning = tuning
+        self._wanted = threading.Event()
+        self._lock = threading.Lock()  # one collection cycle at a time
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="cascowfs-collector", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the background thread (the store's ``closing`` event is set): a cycle under
+        way stops after its current slice, and its garbage stays pending."""
+        self._wanted.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def note_garbage(self, txn: lmdb.Transaction) -> None:
+        """Objects may have become unreachable (a root dropped, an op failed): a collection
+        is pending until a cycle whose snapshot includes this change has swept. Wakes the
+        collector (at worst for nothing, if this transaction is then undone)."""
+        self._catalog.set_counter(txn, Counter.GARBAGE_SEQ,
+                                  self._catalog.counter(txn, Counter.GARBAGE_SEQ) + 1)
+        self._wanted.set()
+
+    def pending(self, txn: lmdb.Transaction | None = None) -> bool:
+        """Has garbage appeared since the last completed collection's snapshot? (A store of
+        an older format, looked at read-only, may hold garbage its refcount queue would have
+        deleted.)"""
+        if txn is None:
+            with self._db.read() as txn:
+                return self.pending(txn)
+        if self._catalog.format(txn) != str(STORE_FORMAT).encode():
+            return True
+        return (self._catalog.counter(txn, Counter.GARBAGE_SEQ)
+                > self._catalog.counter(txn, Counter.COLLECTED_SEQ))
+
+    def collect(self, *, in_child: bool = False, progress: bool = False) -> int:
+        """One collection cycle: delete every object no live root reaches. ``in_child``: the
+        background cycle, which marks in a child process, not in this thread, and stops at
+        close. Returns the number of objects deleted."""
+        with self._lock:
+            self._content.protect()
+            try:
+                self._gate.wait_for_running()  # they may have stored objects unprotected
+                with self._db.read() as txn:
+                    seen = self._catalog.counter(txn, Counter.GARBAGE_SEQ)
+                if in_child:
+                    try:
+                        dead = garbage_from_child(str(self._db.path), self._closing.is_set)
+                    finally:
+                        self._db.release_dead_readers()  # a child killed by close
+                else:
+                    with self._db.read() as txn:
+                        dead = garbage(txn, self._db.dbs)
+                # the background cycle's sweep stops at close; what is left stays pending
+                stop = self._closing.is_set if in_child else (lambda: False)
+                with progress_bar(progress, len(dead), "collecting", unit="obj") as bar:
+                    removed, finished = sweep(self._db, self._content, dead,
+                                              self._tuning.sweep_slice, stop=stop, done=bar)
+            finally:
+                self._content.unprotect()
+
+            def mark_collected(txn: lmdb.Transaction) -> None:
+                if self._catalog.counter(txn, Counter.COLLECTED_SEQ) < seen:
+                    self._catalog.set_counter(txn, Counter.COLLECTED_SEQ, seen)
+
+            if finished:
+                self._db.write(mark_collected, "recording a collection")
+            return removed
+
+    def _loop(self) -> None:
+        if self.pending():
+            self._wanted.set()  # garbage a previous run left uncollected
+        while True:
+            self._wanted.wait()
+            if self._closing.wait(self._tuning.collect_after_seconds):
+                return
+            self._wanted.clear()  # garbage from here on gets another cycle
+            try:
+                self.collect(in_child=True)
+            except (CascowfsError, OSError) as exc:
+                if self._closing.is_set():
+                    return  # cancelled; the pending mark is durable, the next open retries
+                # the pending mark is durable: the next cycle, or the next open, retries
+                log.warning("%s: collecting garbage failed (retried later): %s",
+                            self._db.path.parent, exc)
+                self._wanted.set()
 
 
 if __name__ == "__main__":

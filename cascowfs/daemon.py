@@ -26,7 +26,6 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pyfuse3
 import trio
@@ -35,6 +34,7 @@ from . import __version__, forks
 from .errors import BusyError, CascowfsError, InvalidArgumentError
 from .fuse.operations import CascowOperations
 from .fuse.sysmount import FUSE_TYPE, clear_dead_mount, mount_at, store_source
+from .state import StateManager
 
 log = logging.getLogger("cascowfs.daemon")
 
@@ -51,10 +51,9 @@ DAEMON_NICE = -10
 FUSE_WORKER_TASKS = 8
 
 # How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). A
-# commit's thread, mostly in system calls, takes the GIL back after each one and waited up to
-# that long behind the FUSE thread every time (docs/architecture.md, "Decisions and why").
-# 1 ms beat 5 ms in 3 of 3 interleaved pairs of L mixes, and 0.25 ms beat 1 ms in 3 of 3.
-GIL_SWITCH_SECONDS = 0.00025
+# commit's thread, mostly in system calls, takes the GIL back after each one and would wait up
+# to that long behind the FUSE thread every time (docs/architecture.md, "Decisions and why").
+GIL_SWITCH_SECONDS = 0.00025  # vs 1 ms and 5 ms: faster in 3 of 3 interleaved pairs of L mixes
 
 
 def mount_options(store: Path) -> set[str]:
@@ -114,9 +113,7 @@ def _fuse_fds() -> list[int]:
     return out
 
 
-def _open_state(store: Path) -> Any:
-    from .state import StateManager
-
+def _open_state(store: Path) -> StateManager:
     return StateManager.open(store, progress=sys.stderr.isatty())  # a rebuild after a reboot
 
 
@@ -152,7 +149,7 @@ def set_priority(nice: int) -> None:
 
 def run(store: str | Path, mnt: str | Path, *, admin_gid: int | None = None,
         nice: int | None = DAEMON_NICE, ready: Callable[[], None] | None = None,
-        open_state: Callable[[Path], Any] | None = None) -> int:
+        open_state: Callable[[Path], StateManager] | None = None) -> int:
     """Serve ``store`` at ``mnt`` until unmounted or signalled (blocking). Returns an exit code.
     ``nice``: the scheduling priority to serve at (None: as started)."""
     store = Path(store).absolute()

@@ -30,6 +30,15 @@ _AT_FDCWD = -100
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (names created, renamed, removed) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def syncfs(path: Path) -> None:
     """Write everything the page cache holds for the filesystem of ``path`` to its disk."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

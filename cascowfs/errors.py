@@ -9,6 +9,8 @@ error vocabulary.
 from __future__ import annotations
 
 import errno as _errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class CascowfsError(Exception):
@@ -106,3 +108,12 @@ def from_os_error(exc: OSError, what: str) -> CascowfsError:
     """Wrap an OSError from the store disk, keeping ENOSPC/EIO distinct for the caller."""
     code = exc.errno or _errno.EIO
     return error_from_errno(code, f"{what}: {exc.strerror or exc}")
+
+
+@contextmanager
+def disk_errors(what: str) -> Iterator[None]:
+    """Raise an OSError of the block as the store error it stands for, naming ``what``."""
+    try:
+        yield
+    except OSError as exc:
+        raise from_os_error(exc, what) from exc

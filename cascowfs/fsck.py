@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections import Counter
@@ -24,10 +23,11 @@ from pathlib import Path
 
 from . import overlay
 from .cas import children_of, identify_content
+from .catalog import LayerRecord, SnapshotRecord
 from .model import Entry
 from .progress import progress_bar
 from .scan import ObjectSink, finalize, scan_directory
-from .state import StateManager, layer_written
+from .state import StateManager
 from .trees import TreeStore
 
 
@@ -60,21 +60,20 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
     report = FsckReport()
     db = sm.db
     with db.read() as txn:
-        snaps = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=db.db("snapshots"))}
-        branches = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=db.db("branches"))}
-        layers = {bytes(k).decode(): json.loads(v) for k, v in txn.cursor(db=db.db("layers"))}
+        snaps = dict(sm.catalog.snapshots(txn))
+        branches = dict(sm.catalog.branches(txn))
+        layers = dict(sm.catalog.layers(txn))
 
         object_ids = set(sm.content.iter_object_ids(txn))
-        pending = sm._collection_pending(txn)
+        pending = sm.collection_pending(txn)
     report.snapshots, report.branches, report.objects = len(snaps), len(branches), len(object_ids)
 
     # 1: walk every live root, verifying each distinct object once
-    roots = [(f"snapshot {sid}", rec["root"]) for sid, rec in snaps.items()]
-    roots += [(f"branch {name}", rec["base_root"])
-              for name, rec in branches.items() if rec["base_root"]]
-    roots += [(f"layer {lid}", rec["top"]) for lid, rec in layers.items()]
-    roots += [(f"layer {lid} (not written yet)", rec["below"]) for lid, rec in layers.items()
-              if rec.get("below")]
+    roots = [(f"snapshot {sid}", rec.root) for sid, rec in snaps.items()]
+    roots += [(f"branch {name}", rec.base_root) for name, rec in branches.items() if rec.base_root]
+    roots += [(f"layer {lid}", rec.top) for lid, rec in layers.items()]
+    roots += [(f"layer {lid} (not written yet)", rec.below) for lid, rec in layers.items()
+              if rec.below]
     visited: set[bytes] = set()
     with progress_bar(progress, len(object_ids), "fsck objects", unit="obj") as bar:
         for owner, hexid in roots:
@@ -85,8 +84,7 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
                     continue
                 visited.add(oid)
                 bar(1)
-                with db.read() as txn:
-                    value = txn.get(oid, db=db.db("objects"))
+                value = sm.content.find(oid)
                 if value is None:
                     report.add(1, f"{owner}: object {oid.hex()} is missing")
                     continue
@@ -105,18 +103,18 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
 
     # 2 (layers): layer refcounts and directories
     layer_refs: Counter = Counter()
-    for rec in list(snaps.values()) + list(branches.values()):
-        layer_refs.update(rec["layers"])
+    for chain in [rec.layers for rec in snaps.values()] + [rec.layers for rec in branches.values()]:
+        layer_refs.update(chain)
     for lid in set(layer_refs) | set(layers):
-        stored = layers.get(lid, {}).get("refs", 0)
+        stored = layers[lid].refs if lid in layers else 0
         if stored != layer_refs[lid]:
             report.add(2, f"layer {lid} has refcount {stored}, named by {layer_refs[lid]} chains")
-        if lid in layers and layer_written(layers[lid]) and not (sm.layers_dir / lid).is_dir():
+        if lid in layers and layers[lid].built and not (sm.layers_dir / lid).is_dir():
             report.add(1, f"layer {lid} is recorded but its directory is missing")
     for entry in os.listdir(sm.layers_dir):
         if entry not in layers:
             report.add(3, f"layer directory {entry} is not recorded")
-        elif not layer_written(layers[entry]):
+        elif not layers[entry].built:
             report.add(5, f"layer {entry} was placed but not recorded as written (mount the "
                           f"store to recover)")
 
@@ -128,7 +126,7 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
             report.add(4, f"mount at {m.target} is not named by any branch")
             continue
         seen[m.target] += 1
-        if not sm._mount_matches(m, expected[m.target][1]):
+        if not sm.mount_matches(m, expected[m.target][1]):
             report.add(4, f"branch {expected[m.target][0]} is mounted on the wrong layers")
     for target, (name, _) in expected.items():
         if seen[target] == 0:
@@ -145,15 +143,21 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
     if deep:
         for sid, rec in snaps.items():
             # a commit's layer not written yet has nothing on disk to compare
-            if all(layer_written(layers.get(lid, {})) for lid in rec["layers"]):
+            if all(_written(layers, lid) for lid in rec.layers):
                 _check_layers(sm, sid, rec, report)
     return report
 
 
-def _check_layers(sm: StateManager, sid: str, rec: dict, report: FsckReport) -> None:
+def _written(layers: dict[str, LayerRecord], lid: str) -> bool:
+    """Whether a layer's directory is there to compare (a layer with no record is checked
+    and reported as such)."""
+    return lid not in layers or layers[lid].built
+
+
+def _check_layers(sm: StateManager, sid: str, rec: SnapshotRecord, report: FsckReport) -> None:
     """The snapshot's layer chain, mounted read-only, must show exactly its tree."""
-    lowers = sm._lower_paths(rec["layers"])
-    want = sm._root_of(rec["root"])
+    lowers = sm.lower_paths(rec.layers)
+    want = sm.root_of(rec.root)
     if len(lowers) == 1:
         got = _scan_tree(lowers[0])
     else:

@@ -32,7 +32,7 @@ IMPORT_THREADS = 3
 # Big imports are GIL-bound in threads (measured: CPU time == wall time on 2 cores), so they go
 # to one worker process per core, in batches that amortize the pickling.
 # Per-file work (a dozen system calls and the Python around them) holds the GIL too: on M
-# (44 MB in 6.8k files) threads after the walk took 2.2 s, processes from the 512th file 1.2 s.
+# (44 MB in 6.8k files) threads after the walk take 2.2 s, processes from the 512th file 1.2 s.
 # Forking the workers costs ~20 ms, more than 50 files take on threads.
 PROCESS_POOL_MIN_FILES = 512
 PROCESS_POOL_MIN_BYTES = 64 << 20

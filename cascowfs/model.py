@@ -9,29 +9,6 @@ from pathlib import Path
 from .errors import InvalidArgumentError
 from .pathquote import path_bytes, path_text, quote, unquote
 
-# Entry kinds, one byte each in the tree encoding.
-KIND_FILE = "f"
-KIND_DIR = "d"
-KIND_SYMLINK = "l"
-KIND_CHARDEV = "c"
-KIND_BLOCKDEV = "b"
-KIND_FIFO = "p"
-KIND_SOCKET = "s"
-
-_KIND_OF_FMT = {
-    stat.S_IFREG: KIND_FILE,
-    stat.S_IFDIR: KIND_DIR,
-    stat.S_IFLNK: KIND_SYMLINK,
-    stat.S_IFCHR: KIND_CHARDEV,
-    stat.S_IFBLK: KIND_BLOCKDEV,
-    stat.S_IFIFO: KIND_FIFO,
-    stat.S_IFSOCK: KIND_SOCKET,
-}
-
-
-def kind_of_mode(mode: int) -> str:
-    return _KIND_OF_FMT[stat.S_IFMT(mode)]
-
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -55,10 +32,6 @@ class Entry:
     tree_files: int = 0  # directories: regular files below (each hard link counted)
     tree_bytes: int = 0  # directories: logical bytes of those files
     tree_links: int = 0  # directories: entries below that belong to a hard-link group
-
-    @property
-    def kind(self) -> str:
-        return kind_of_mode(self.mode)
 
     @property
     def is_dir(self) -> bool:

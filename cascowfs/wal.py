@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .durability import fsync_dir
 from .errors import from_os_error
 
 
@@ -33,14 +34,6 @@ def new_op_id() -> str:
     return secrets.token_hex(5)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class WriteAheadLog:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -49,7 +42,7 @@ class WriteAheadLog:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._lock = threading.Lock()  # operations on different branches append concurrently
         if created:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         self.records_since_checkpoint = 0
 
     def _append(self, record: dict, durable: bool) -> None:

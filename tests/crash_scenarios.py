@@ -28,8 +28,9 @@ NOT_APPLIED_STEPS = {"prepared", "chunks", "staged"}
 CHILD = r"""
 import sys
 from cascowfs.state import StateManager
+from cascowfs.tuning import Tuning
 store, op = sys.argv[1], sys.argv[2]
-sm = StateManager.open(store)
+sm = StateManager.open(store, tuning=Tuning(sweep_slice=1) if op == "collect" else Tuning())
 if op == "import":
     sm.import_tree(sys.argv[3], "imp", labels={"from": "child"})
 elif op == "branch":
@@ -45,8 +46,6 @@ elif op == "prune":
 elif op == "flatten":
     sm.flatten("deep2")
 elif op == "collect":  # a prune, then a collection cut in the middle of its sweep
-    from cascowfs import state
-    state.SWEEP_SLICE = 1
     sm.prune("other")
     sm.collect()
 else:
@@ -271,7 +270,7 @@ def verify_collect(sm, before: Before, applied: bool) -> None:
     verify_prune(sm, before, applied)  # ends with a gc: the rest of the garbage goes
     with sm.db.read() as txn:
         assert not collector.garbage(txn, sm.db.dbs)
-        assert not sm._collection_pending(txn)
+        assert not sm.collection_pending(txn)
 
 
 VERIFY = {"import": verify_import, "branch": verify_branch, "commit": verify_commit,

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cascowfs.errors import InvalidArgumentError
-from cascowfs.fuse.control import parse_command, parse_commit_write, parse_parent_write
+from cascowfs.wire import parse_command, parse_commit_write, parse_parent_write
 from conftest import hypothesis_settings
 from fusehelpers import Cascow, mounted, needs_fuse
 

@@ -8,6 +8,7 @@ import stat
 from collections import Counter
 
 import pytest
+import zstandard
 
 from cascowfs import cas
 from cascowfs.errors import StoreIOError
@@ -121,7 +122,7 @@ def test_pack_missing_leaves_out_chunks_the_store_has(content):
 def test_chunks_stored_one_by_one_by_earlier_versions_still_read(content):
     data = _source_like(40_000, 4)
     oid = cas.object_id(cas.TYPE_CHUNK, data)
-    value = cas.TYPE_CHUNK + cas._ZSTD + cas.zstandard.ZstdCompressor(level=3).compress(data)
+    value = cas.TYPE_CHUNK + cas._ZSTD + zstandard.ZstdCompressor(level=3).compress(data)
     content.db.write(lambda txn: txn.put(oid, value, db=content.objects))
     assert content.read(oid) == data and content.verify(oid, value)
 

@@ -10,12 +10,13 @@ import time
 
 import pytest
 
-from cascowfs import cas, collector, state
+from cascowfs import cas, collector
 from cascowfs.errors import StoreIOError
 from cascowfs.model import Entry
-from cascowfs.state import _OpGate
+from cascowfs.gate import OpGate
 from cascowfs.trees import tree_objects
-from conftest import check_live, snapshot_view
+from cascowfs.tuning import Tuning
+from conftest import check_live, open_store, snapshot_view
 
 
 def _file(content: cas.ContentStore, data: bytes) -> bytes:
@@ -166,7 +167,7 @@ def test_the_marking_child_is_stopped_when_cancelled(content):
 
 
 def test_a_cycle_waits_for_the_operations_running_when_it_starts():
-    gate = _OpGate()
+    gate = OpGate()
     started, release = threading.Event(), threading.Event()
 
     def op():
@@ -222,20 +223,24 @@ def test_content_committed_while_a_collection_runs_survives_it(sm, tmp_path, mon
     assert snapshot_view(sm, "new")[b"p.txt"].data == payload
 
 
-def test_the_background_collector_takes_what_a_prune_dropped(sm, tmp_path, monkeypatch):
-    monkeypatch.setattr(state, "COLLECT_AFTER_SECONDS", 0.05)
+def test_the_background_collector_takes_what_a_prune_dropped(tmp_path):
+    with open_store(tmp_path / "store", tuning=Tuning(collect_after_seconds=0.05)) as sm:
+        _background_collection_takes_a_prune(sm, tmp_path)
+
+
+def _background_collection_takes_a_prune(sm, tmp_path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     for i in range(20):
         (src / f"f{i}").write_bytes(f"file {i}\n".encode() * 100)
     sm.import_tree(src, "s")
     time.sleep(0.5)  # the collector thread, idle: nothing is pending
-    assert _objects(sm) and not sm._collection_pending()
+    assert _objects(sm) and not sm.collection_pending()
     sm.prune("s")
     deadline = time.monotonic() + 30
     while _objects(sm) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _objects(sm) == set()
-    while sm._collection_pending() and time.monotonic() < deadline:
+    while sm.collection_pending() and time.monotonic() < deadline:
         time.sleep(0.1)  # the cycle records itself after its sweep
-    assert not sm._collection_pending()
+    assert not sm.collection_pending()

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from cascowfs.errors import InvalidArgumentError
+from cascowfs import wire
 from cascowfs.fuse import control, inodes
 from cascowfs.fuse.inodes import (FIRST_ALLOCATED, HASHED_BASE, InodeTable, SkeletonNode,
                                   SnapDirNode)
@@ -21,30 +22,30 @@ from cascowfs.model import Entry, SnapshotInfo
 
 # -- ctl grammar ----------------------------------------------------------------------------
 @pytest.mark.parametrize("line, expected", [
-    (b"branch b1 s1\n", control.Command("branch", name="b1", id="s1")),
-    (b"branch b1 s1", control.Command("branch", name="b1", id="s1")),
-    (b"branch b1 s1\r\n", control.Command("branch", name="b1", id="s1")),
-    (b"  branch   b1\ts1  \n", control.Command("branch", name="b1", id="s1")),
-    (b"commit b1\n", control.Command("commit", name="b1")),
-    (b"commit b1 s2\n", control.Command("commit", name="b1", id="s2")),
+    (b"branch b1 s1\n", wire.Command("branch", name="b1", id="s1")),
+    (b"branch b1 s1", wire.Command("branch", name="b1", id="s1")),
+    (b"branch b1 s1\r\n", wire.Command("branch", name="b1", id="s1")),
+    (b"  branch   b1\ts1  \n", wire.Command("branch", name="b1", id="s1")),
+    (b"commit b1\n", wire.Command("commit", name="b1")),
+    (b"commit b1 s2\n", wire.Command("commit", name="b1", id="s2")),
     (b"commit b1 s2 reward=1 plan='two words'\n",
-     control.Command("commit", name="b1", id="s2", labels={"reward": "1", "plan": "two words"})),
-    (b"commit b1 k=v\n", control.Command("commit", name="b1", labels={"k": "v"})),
-    (b"commit b1 s2 k=a=b\n", control.Command("commit", name="b1", id="s2", labels={"k": "a=b"})),
-    (b"commit b1 s2 k=\n", control.Command("commit", name="b1", id="s2", labels={"k": ""})),
-    (b"discard b1\n", control.Command("discard", name="b1")),
-    (b"prune s1\n", control.Command("prune", id="s1")),
-    (b"rebase b1 s1\n", control.Command("rebase", name="b1", id="s1")),
-    (b"rebase b1\n", control.Command("rebase", name="b1")),
-    (b"import s1 /src/dir x=y\n", control.Command("import", id="s1", src="/src/dir",
+     wire.Command("commit", name="b1", id="s2", labels={"reward": "1", "plan": "two words"})),
+    (b"commit b1 k=v\n", wire.Command("commit", name="b1", labels={"k": "v"})),
+    (b"commit b1 s2 k=a=b\n", wire.Command("commit", name="b1", id="s2", labels={"k": "a=b"})),
+    (b"commit b1 s2 k=\n", wire.Command("commit", name="b1", id="s2", labels={"k": ""})),
+    (b"discard b1\n", wire.Command("discard", name="b1")),
+    (b"prune s1\n", wire.Command("prune", id="s1")),
+    (b"rebase b1 s1\n", wire.Command("rebase", name="b1", id="s1")),
+    (b"rebase b1\n", wire.Command("rebase", name="b1")),
+    (b"import s1 /src/dir x=y\n", wire.Command("import", id="s1", src="/src/dir",
                                                    labels={"x": "y"})),
-    (b"import s1 '/with space/dir/'\n", control.Command("import", id="s1", src="/with space/dir")),
-    (b"gc\n", control.Command("gc")),
-    ("commit b1 s2 note=ünï\n".encode(), control.Command("commit", name="b1", id="s2",
+    (b"import s1 '/with space/dir/'\n", wire.Command("import", id="s1", src="/with space/dir")),
+    (b"gc\n", wire.Command("gc")),
+    ("commit b1 s2 note=ünï\n".encode(), wire.Command("commit", name="b1", id="s2",
                                                          labels={"note": "ünï"})),
 ])
 def test_parse_valid(line, expected):
-    assert control.parse_command(line) == expected
+    assert wire.parse_command(line) == expected
 
 
 @pytest.mark.parametrize("line", [
@@ -58,7 +59,7 @@ def test_parse_valid(line, expected):
 ])
 def test_parse_invalid(line):
     with pytest.raises(InvalidArgumentError):
-        control.parse_command(line)
+        wire.parse_command(line)
 
 
 @settings(max_examples=2000, deadline=None)
@@ -73,32 +74,32 @@ def test_words_split_like_a_shell(text):
         expected = shlex.split(text, comments=False, posix=True)
     except ValueError:
         with pytest.raises(InvalidArgumentError):
-            control.split_words(text)
+            wire.split_words(text)
         return
-    assert control.split_words(text) == expected
+    assert wire.split_words(text) == expected
 
 
 def test_parse_branch_file_writes():
-    assert control.parse_parent_write("b", b"s1\n") == control.Command("rebase", name="b", id="s1")
-    assert control.parse_parent_write("b", b"\n") == control.Command("rebase", name="b")
-    assert control.parse_commit_write("b", b"\n") == control.Command("commit", name="b")
-    assert control.parse_commit_write("b", b"s2 k=v\n") == \
-        control.Command("commit", name="b", id="s2", labels={"k": "v"})
+    assert wire.parse_parent_write("b", b"s1\n") == wire.Command("rebase", name="b", id="s1")
+    assert wire.parse_parent_write("b", b"\n") == wire.Command("rebase", name="b")
+    assert wire.parse_commit_write("b", b"\n") == wire.Command("commit", name="b")
+    assert wire.parse_commit_write("b", b"s2 k=v\n") == \
+        wire.Command("commit", name="b", id="s2", labels={"k": "v"})
     for bad in (b"s1 s2\n", b"../x\n", b"\xff\n"):
         with pytest.raises(InvalidArgumentError):
-            control.parse_parent_write("b", bad)
+            wire.parse_parent_write("b", bad)
     with pytest.raises(InvalidArgumentError):
-        control.parse_commit_write("b", b"s1 s2\n")
+        wire.parse_commit_write("b", b"s1 s2\n")
 
 
 def test_replies_round_trip():
-    assert control.ok_reply("/a/b") == b"ok /a/b\n"
-    assert control.ok_reply("") == b"ok\n"
-    line = control.error_reply(errno.EEXIST, "snapshot 's1'\nexists")
+    assert wire.ok_reply("/a/b") == b"ok /a/b\n"
+    assert wire.ok_reply("") == b"ok\n"
+    line = wire.error_reply(errno.EEXIST, "snapshot 's1'\nexists")
     assert line == b"error EEXIST snapshot 's1' exists\n"
-    assert control.parse_reply(line.decode()) == (False, errno.EEXIST, "snapshot 's1' exists")
-    assert control.parse_reply("ok s1\n") == (True, 0, "s1")
-    assert control.parse_reply("garbage") [0] is False
+    assert wire.parse_reply(line.decode()) == (False, errno.EEXIST, "snapshot 's1' exists")
+    assert wire.parse_reply("ok s1\n") == (True, 0, "s1")
+    assert wire.parse_reply("garbage") [0] is False
 
 
 def test_error_of():

@@ -14,7 +14,10 @@ import pytest
 
 import conftest
 from conftest import assert_same_view, check_live, dir_view, needs_overlay, snapshot_view
-from cascowfs import state
+from cascowfs.catalog import LayerRecord
+from cascowfs.layer_builder import LayerBuilder
+from cascowfs.merge_plan import counter_spans
+from cascowfs.tuning import Tuning
 from cascowfs.errors import BusyError
 
 pytestmark = needs_overlay
@@ -22,18 +25,8 @@ pytestmark = needs_overlay
 
 def _spans(sm, id: str) -> list[int]:
     with sm.db.read() as txn:
-        chain = sm._snapshot_record(txn, id)["layers"]
-        return [sm._layer_record(txn, lid)["span"] for lid in chain]
-
-
-def _digits(n: int, base: int) -> list[int]:
-    """The spans of a counter holding n: one layer of base**k for each unit of digit k."""
-    spans, power = [], 1
-    while n:
-        spans += [power] * (n % base)
-        n //= base
-        power *= base
-    return spans
+        chain = sm.catalog.snapshot(txn, id).layers
+        return [sm.catalog.layer(txn, lid).span for lid in chain]
 
 
 def _lineage(sm, src: Path, commits: int, *, settle_each: bool) -> dict[str, dict]:
@@ -58,10 +51,10 @@ def _source(tmp_path: Path) -> Path:
 
 
 def test_a_lineage_settled_after_each_commit_has_the_counters_shape(tmp_path):
-    commits = 2 * state.MERGE_FAN_IN ** 2 + state.MERGE_FAN_IN + 3
+    commits = 2 * Tuning().merge_fan_in ** 2 + Tuning().merge_fan_in + 3
     with conftest.open_store(tmp_path / "store") as sm:
         views = _lineage(sm, _source(tmp_path), commits, settle_each=True)
-        assert _spans(sm, f"g{commits}") == _digits(commits, state.MERGE_FAN_IN) + [0]
+        assert _spans(sm, f"g{commits}") == counter_spans(commits, Tuning().merge_fan_in) + [0]
         for sid, view in views.items():
             assert_same_view(snapshot_view(sm, sid), view, sid)
         check_live(sm, deep=True)
@@ -88,7 +81,7 @@ def test_merges_that_lag_behind_the_commits_still_keep_the_chain_shallow(tmp_pat
         finally:
             gate.set()  # else the background worker, and closing the store, would wait forever
         sm.settle()
-        assert _spans(sm, f"g{commits}") == _digits(commits, state.MERGE_FAN_IN) + [0]
+        assert _spans(sm, f"g{commits}") == counter_spans(commits, Tuning().merge_fan_in) + [0]
         for sid, view in views.items():
             assert_same_view(snapshot_view(sm, sid), view, sid)
         check_live(sm, deep=True)
@@ -101,14 +94,12 @@ def test_merges_that_lag_behind_the_commits_still_keep_the_chain_shallow(tmp_pat
 def test_a_chain_grown_too_deep_is_merged_whole_at_its_next_merge(tmp_path, monkeypatch):
     """Chains that an older version let grow (each commit on its parent's unmerged chain) are
     repaired: past ``MERGE_ALL_ABOVE`` layers, a merge folds every delta into one."""
-    monkeypatch.setattr(state, "MERGE_ALL_ABOVE", 12)
-    with conftest.open_store(tmp_path / "store") as sm:
+    with conftest.open_store(tmp_path / "store", tuning=Tuning(merge_all_above=12)) as sm:
         monkeypatch.setattr(sm, "merge_layers", lambda id: None)  # as if merges fell behind
         views = _lineage(sm, _source(tmp_path), 20, settle_each=False)
         sm.settle()
         assert len(_spans(sm, "g20")) == 21
         monkeypatch.undo()
-        monkeypatch.setattr(state, "MERGE_ALL_ABOVE", 12)
         sm.merge_layers("g20")
         assert _spans(sm, "g20") == [20, 0]
         for sid, view in views.items():
@@ -127,12 +118,12 @@ def test_a_chain_swap_naming_a_layer_gone_meanwhile_changes_nothing(tmp_path):
     with conftest.open_store(tmp_path / "store") as sm:
         _lineage(sm, _source(tmp_path), 2, settle_each=True)
         with sm.db.read() as txn:
-            chain = sm._snapshot_record(txn, "g2")["layers"]
+            chain = sm.catalog.snapshot(txn, "g2").layers
             counts = {bytes(k): bytes(v) for k, v in txn.cursor(db=sm.db.db("layers"))}
         with pytest.raises(BusyError, match="changed meanwhile"):
             sm._replace_chain("g2", chain, chain[:1] + ["0123456789"] + chain[1:])
         with sm.db.read() as txn:
-            assert sm._snapshot_record(txn, "g2")["layers"] == chain
+            assert sm.catalog.snapshot(txn, "g2").layers == chain
             assert {bytes(k): bytes(v) for k, v in txn.cursor(db=sm.db.db("layers"))} == counts
         check_live(sm, deep=True)
         sm.discard("b")
@@ -141,16 +132,16 @@ def test_a_chain_swap_naming_a_layer_gone_meanwhile_changes_nothing(tmp_path):
 # ----------------------------------------------------------------------------------------
 # a commit's delta layer is written after the commit
 # ----------------------------------------------------------------------------------------
-def _layer_of(sm, sid: str) -> tuple[str, dict]:
+def _layer_of(sm, sid: str) -> tuple[str, LayerRecord]:
     with sm.db.read() as txn:
-        lid = sm._snapshot_record(txn, sid)["layers"][0]
-        return lid, sm._layer_record(txn, lid)
+        lid = sm.catalog.snapshot(txn, sid).layers[0]
+        return lid, sm.catalog.layer(txn, lid)
 
 
 def _no_background_builds(monkeypatch) -> None:
     """Stores opened from now on never write a commit's layer in the background: only a
     mount that needs it does."""
-    monkeypatch.setattr(state.StateManager, "_build_loop", lambda self: None)
+    monkeypatch.setattr(LayerBuilder, "_build_loop", lambda self: None)
 
 
 def test_a_branch_on_a_commit_not_written_yet_writes_its_layer_first(tmp_path, monkeypatch):
@@ -164,14 +155,14 @@ def test_a_branch_on_a_commit_not_written_yet_writes_its_layer_first(tmp_path, m
         sm.commit("b", "s1")
         view = dir_view(tree)
         lid, rec = _layer_of(sm, "s1")
-        assert rec["built"] is False and rec["seq"] == 0
+        assert rec.built is False and rec.seq == 0
         assert not (sm.layers_dir / lid).exists(), "the commit wrote its layer itself"
         check_live(sm, deep=True)  # a layer not written yet is no fault
 
         other = sm.create_branch("c", "s1").tree
         assert dir_view(other) == view
         lid, rec = _layer_of(sm, "s1")
-        assert rec["seq"] > 0 and "built" not in rec and "below" not in rec
+        assert rec.seq > 0 and rec.built and rec.below is None
         assert (sm.layers_dir / lid).is_dir()
         assert_same_view(snapshot_view(sm, "s1"), view, "s1")
         check_live(sm, deep=True)
@@ -189,8 +180,8 @@ def test_a_layer_dropped_before_it_was_written_never_is(tmp_path, monkeypatch):
         lid, _ = _layer_of(sm, "s1")
         sm.discard("b")
         sm.prune("s1")
-        sm._build_layer(lid)  # what the background thread would do next
-        assert lid not in sm._unbuilt
+        sm.layers.build(lid)  # what the background thread would do next
+        assert not sm.layers.is_unbuilt(lid)
         assert not (sm.layers_dir / lid).exists()
         check_live(sm, deep=True)
 
@@ -214,7 +205,7 @@ def test_layers_not_written_before_a_close_are_written_after_the_next_open(tmp_p
         sm.settle()
         for sid in ("s1", "s2"):
             lid, rec = _layer_of(sm, sid)
-            assert "built" not in rec and (sm.layers_dir / lid).is_dir(), sid
+            assert rec.built and (sm.layers_dir / lid).is_dir(), sid
         assert dir_view(sm.create_branch("c", "s2").tree) == view
         check_live(sm, deep=True)
         sm.discard("c")

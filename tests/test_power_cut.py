@@ -31,8 +31,10 @@ from conftest import (assert_fsck_clean, check_live, loop_ext4, mounted_image, n
 from crash_scenarios import (APPLIED_STEPS, CHILD, VERIFY, Before, Returned, prepare_store,
                              run_loop_until_killed)
 from cascowfs import durability
+from cascowfs.catalog import Counter
 from cascowfs.crashpoints import CRASH_POINTS
 from cascowfs.state import StateManager
+from cascowfs.tuning import Tuning
 
 pytestmark = needs_loop
 
@@ -127,7 +129,6 @@ def test_layers_the_background_synced_survive_a_cut_and_are_not_rebuilt(tmp_path
                                                                         track_store):
     """The other half of the bargain: once the background syncfs has run, a power cut loses
     nothing and the next open rebuilds nothing (the same layer directories are still there)."""
-    monkeypatch.setattr(durability, "LAYER_SYNC_SECONDS", 0.1)
     fs = tmp_path / "fs"
     src = tmp_path / "src"
     src.mkdir()
@@ -136,7 +137,7 @@ def test_layers_the_background_synced_survive_a_cut_and_are_not_rebuilt(tmp_path
     try:
         with loop_ext4(fs, DISK_MIB, NO_PERIODIC_COMMIT) as disk:
             store = track_store(disk / "store")
-            with open_store(store) as sm:
+            with open_store(store, tuning=Tuning(layer_sync_seconds=0.1)) as sm:
                 sm.import_tree(src, "base")
                 tree = sm.create_branch("b", "base").tree
                 (tree / "f3").write_bytes(b"edited")
@@ -146,8 +147,8 @@ def test_layers_the_background_synced_survive_a_cut_and_are_not_rebuilt(tmp_path
                 deadline = time.monotonic() + 30
                 while True:
                     with sm.db.read() as txn:
-                        recorded = sm._meta_counter(txn, b"layer_seq")
-                        synced = sm._meta_counter(txn, b"layers_synced")
+                        recorded = sm.catalog.counter(txn, Counter.LAYER_SEQ)
+                        synced = sm.catalog.counter(txn, Counter.LAYERS_SYNCED)
                     if synced >= recorded:
                         break
                     assert time.monotonic() < deadline, "the background never synced the layers"

@@ -34,8 +34,9 @@ import conftest
 from conftest import (assert_fsck_clean, assert_same_view, check_live, dir_view,
                       hypothesis_settings, needs_overlay, snapshot_view)
 from cascowfs.errors import (BusyError, ExistsError, InvalidArgumentError, NotFoundError)
-from cascowfs import state, trees
+from cascowfs import trees
 from cascowfs.state import StateManager
+from cascowfs.tuning import Tuning
 
 pytestmark = needs_overlay
 
@@ -112,12 +113,13 @@ def random_edit(rng: random.Random, root: Path, *, creating: bool = False) -> st
 
 
 class StoreLifecycle(RuleBasedStateMachine):
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, tuning: Tuning = Tuning()) -> None:
         super().__init__()
+        self.tuning = tuning
         self.dir = Path(tempfile.mkdtemp(prefix="lifecycle-", dir=base))
         self.store = self.dir / "store"
         conftest.register_store(self.store)
-        self.sm = StateManager.open(self.store)
+        self.sm = StateManager.open(self.store, tuning=self.tuning)
         self.snaps: dict[str, dict] = {}      # id -> view at commit/import
         self.branches: dict[str, dict] = {}   # name -> view after its last change
         self.parents: dict[str, str | None] = {}
@@ -251,7 +253,7 @@ class StoreLifecycle(RuleBasedStateMachine):
     def reopen(self, unmount):
         self.sm.close(unmount_branches=unmount)
         self.sm = None
-        self.sm = StateManager.open(self.store)
+        self.sm = StateManager.open(self.store, tuning=self.tuning)
 
     @rule(data=st.data())
     def refused(self, data):
@@ -418,20 +420,19 @@ def test_gc_while_the_background_thread_empties_the_trash(tmp_path, monkeypatch)
         check_live(sm)
 
 
-def _tiny_pages_and_slices(monkeypatch) -> None:
+def _tiny_pages_and_slices(monkeypatch) -> Tuning:
     """Page every directory of more than 3 entries, and start a background collection as
     soon as garbage appears, sweeping two objects per transaction: the small trees of these
     tests then exercise paged directories, and collection cycles (marking in their child
     process) overlap operations all the time."""
     monkeypatch.setattr(trees, "PAGED_ABOVE", 3)
     monkeypatch.setattr(trees, "PAGE_AVERAGE", 2)
-    monkeypatch.setattr(state, "SWEEP_SLICE", 2)
-    monkeypatch.setattr(state, "COLLECT_AFTER_SECONDS", 0.01)
+    return Tuning(sweep_slice=2, collect_after_seconds=0.01)
 
 
 def test_the_store_stays_exact_with_tiny_pages_and_constant_collection(tmp_path, monkeypatch):
-    _tiny_pages_and_slices(monkeypatch)
-    run_state_machine_as_test(lambda: StoreLifecycle(tmp_path),
+    tuning = _tiny_pages_and_slices(monkeypatch)
+    run_state_machine_as_test(lambda: StoreLifecycle(tmp_path, tuning),
                               settings=hypothesis_settings(10, stateful_step_count=30))
 
 
@@ -440,12 +441,11 @@ def test_concurrent_agents_keep_the_store_exact(tmp_path, monkeypatch, tiny):
     """Four agents in threads (docs/benchmarks.md's MCTS mix: many branches, some commits, most
     discarded, old snapshots pruned) against one manager, plus a reader: every commit is
     exactly its branch, and afterwards the store passes every check."""
-    if tiny:
-        _tiny_pages_and_slices(monkeypatch)
+    tuning = _tiny_pages_and_slices(monkeypatch) if tiny else Tuning()
     src = tmp_path / "src"
     random_tree(random.Random(11), src, 25)
     failures: list[str] = []
-    with conftest.open_store(tmp_path / "store") as sm:
+    with conftest.open_store(tmp_path / "store", tuning=tuning) as sm:
         sm.import_tree(src, "base")
         base_view = snapshot_view(sm, "base")
         done = threading.Event()

@@ -83,11 +83,6 @@ class SnapDirNode(Node):
     info: Any = None  # SnapshotInfo of a snapshot root (its xattrs); None below the root
     children: dict[bytes, Node] = field(default_factory=dict)
 
-    @property
-    def is_root(self) -> bool:
-        return (self.entry is not None and self.parent is not None
-                and self.parent.ino == SNAPSHOTS_INO)
-
 
 @dataclass(eq=False, slots=True)
 class SnapLeafNode(Node):

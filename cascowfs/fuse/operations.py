@@ -36,10 +36,12 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
+from .. import wire
 from ..errors import CascowfsError, InvalidArgumentError, NotFoundError, PermissionDeniedError
 from ..model import BranchInfo, Entry, SnapshotInfo
 from ..names import check_branch_name, check_snapshot_id
 from ..privacy import Caller
+from ..state import StateManager
 from . import control
 from .ctl_lanes import CtlLanes
 from .inodes import (
@@ -151,7 +153,7 @@ class CascowOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, sm: Any, store: str | Path, *, admin_gid: int | None = None,
+    def __init__(self, sm: StateManager, store: str | Path, *, admin_gid: int | None = None,
                  info: dict[str, str] | None = None) -> None:
         super().__init__()
         self.sm = sm
@@ -530,11 +532,11 @@ class CascowOperations(pyfuse3.Operations):
         elif node.ino == ROOT_INO:
             items += list(self._skeleton.items())
         elif node.ino == SNAPSHOTS_INO:
-            infos = await self._q(self.sm.snapshots)
-            items += sorted((i.id.encode(), i) for i in infos)
+            snaps = await self._q(self.sm.snapshots)
+            items += sorted((i.id.encode(), i) for i in snaps)
         elif node.ino == BRANCHES_INO:
-            infos = await self._q(self.sm.branches)
-            items += sorted((i.name.encode(), i) for i in infos)
+            branches = await self._q(self.sm.branches)
+            items += sorted((i.name.encode(), i) for i in branches)
         elif isinstance(node, BranchDirNode):
             items += [(name, name) for name in BRANCH_FILES]
         return items
@@ -709,9 +711,9 @@ class CascowOperations(pyfuse3.Operations):
                 raise InvalidArgumentError(f"{node.which} takes one line per open file")
             handle.written = True
             if node.which == "parent":
-                cmd = control.parse_parent_write(node.branch, buf)
+                cmd = wire.parse_parent_write(node.branch, buf)
             elif node.which == "commit":
-                cmd = control.parse_commit_write(node.branch, buf)
+                cmd = wire.parse_commit_write(node.branch, buf)
             else:
                 raise _err(errno.EBADF)
             await self._q(control.execute, self.sm, cmd)
@@ -725,17 +727,17 @@ class CascowOperations(pyfuse3.Operations):
         try:
             if not handle.admin:
                 raise PermissionDeniedError("only root or the admin group may change state")
-            cmd = control.parse_command(buf)
+            cmd = wire.parse_command(buf)
             result = await self._q(control.execute, self.sm, cmd, handle.caller)
         except Exception as exc:
             code, message = control.error_of(exc)
-            handle.replies.append(control.error_reply(code, message))
+            handle.replies.append(wire.error_reply(code, message))
             raise
         await self._after_command(cmd)
-        handle.replies.append(control.ok_reply(result))
+        handle.replies.append(wire.ok_reply(result))
         return len(buf)
 
-    async def _after_command(self, cmd: control.Command) -> None:
+    async def _after_command(self, cmd: wire.Command) -> None:
         """Make a change done through ctl visible in the kernel's dentry cache."""
         now = time.time_ns()
         if cmd.verb == "discard" and cmd.name:

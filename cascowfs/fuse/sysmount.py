@@ -1,5 +1,5 @@
-"""Small mount-table helpers for the daemon and the CLI (umount2 via ctypes,
-/proc/self/mountinfo)."""
+"""Small mount-table helpers for the daemon and the CLI: umount2 via ctypes, FUSE mounts of
+cascowfs found through ``overlay.all_mounts`` (the package's one mountinfo parser)."""
 
 from __future__ import annotations
 
@@ -45,16 +45,11 @@ def umount2(path: str | Path, flags: int = 0) -> None:
         raise OSError(code, os.strerror(code), str(path))
 
 
-def mounts() -> list[MountRecord]:
-    """Every mount of this mount namespace, in mount order."""
-    return all_mounts()
-
-
 def mount_at(path: str | Path) -> MountRecord | None:
     """The topmost mount whose mount point is exactly ``path`` (no stat: it may be dead)."""
     target = os.path.realpath(str(path))
     found = None
-    for entry in mounts():
+    for entry in all_mounts():
         if entry.target == target:
             found = entry
     return found

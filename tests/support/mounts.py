@@ -2,8 +2,10 @@
 
 ``all_mounts()`` / ``mounts_below(path)``  every mount / those at or below a path (``Mount``)
 ``force_unmount_below(path)``              lazy umount of everything there (clean-up only)
-``mounts_under(path)`` / ``lazy_umount(path)``  the same as (point, fstype) pairs, without
-                                               importing the engine (for the FUSE tests)
+``mounts_under(path)`` / ``lazy_umount(path)``  the same as (point, fstype) pairs (for the
+                                               FUSE tests)
+
+All of it reads the table through the package's one parser (``overlay.all_mounts``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ all_mounts = overlay.all_mounts
 
 def mounts_below(base: Path | str) -> list[Mount]:
     """Mounts at or below ``base``."""
-    prefix = str(base).rstrip("/")
-    return [m for m in all_mounts() if m.target == prefix or m.target.startswith(prefix + "/")]
+    return overlay.mounts_under(Path(base))
 
 
 def force_unmount_below(base: Path | str) -> list[str]:
@@ -33,15 +34,7 @@ def force_unmount_below(base: Path | str) -> list[str]:
 
 def mounts_under(base: Path) -> list[tuple[str, str]]:
     """(mount point, fstype) of every mount at or below ``base`` (reads mountinfo, no stat)."""
-    prefix = str(base)
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
-        for line in fh:
-            left, _, right = line.partition(" - ")
-            point = left.split()[4].replace("\\040", " ")
-            if point == prefix or point.startswith(prefix + "/"):
-                out.append((point, right.split()[0]))
-    return out
+    return [(m.target, m.fstype) for m in overlay.mounts_under(base)]
 
 
 def lazy_umount(path: str) -> None:

@@ -1,0 +1,64 @@
+"""The background worker: one thread that runs jobs an operation queues instead of waiting
+for them (emptying the trash, merging a new snapshot's layers), in the order queued."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import CascowfsError
+
+
+@dataclass(frozen=True)
+class EmptyTrash:
+    """Delete what is in the trash."""
+
+
+@dataclass(frozen=True)
+class MergeLayers:
+    """Bring snapshot ``id``'s layer chain into the counter's shape (``merge_plan.py``)."""
+
+    id: str
+
+
+Job = EmptyTrash | MergeLayers
+
+
+class BackgroundWorker:
+    def __init__(self, run: Callable[[Job], None], name: str = "cascowfs-background") -> None:
+        self._run = run
+        self._name = name
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+        self._thread.start()
+
+    def put(self, job: Job) -> None:
+        self._jobs.put(job)
+
+    def join(self) -> None:
+        """Wait until every job queued so far is done."""
+        self._jobs.join()
+
+    def stop(self) -> None:
+        """Run the jobs queued so far, then end the thread."""
+        self._jobs.put(None)
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                self._jobs.task_done()
+                return
+            try:
+                self._run(job)
+            except (CascowfsError, OSError):
+                pass  # a snapshot pruned meanwhile, a failing disk: retried at the next need
+            finally:
+                self._jobs.task_done()

@@ -1,0 +1,274 @@
+"""The catalog: every LMDB record of the store other than CAS objects, typed.
+
+The metadata database holds five named databases. ``objects`` belongs to the CAS
+(``cas.py``); this module owns the other four and is the one place that knows how their
+records are laid out:
+
+- ``snapshots``: snapshot id -> ``SnapshotRecord`` (its tree, its parent, its layer chain);
+- ``branches``: branch name -> ``BranchRecord`` (the snapshot it continues and the chain its
+  overlay mount stacks);
+- ``layers``: layer id -> ``LayerRecord`` (the tree a layer directory shows, how many chains
+  name it, and for a commit's delta layer not written yet what it is the difference from);
+- ``meta``: the store format, the page cache id and the ``Counter``s;
+- ``ops``: the operations whose APPLY transaction committed (``wal.py``'s protocol).
+
+Records are JSON objects with sorted keys and no spaces, so that a store written by any
+version since format 5 reads and rewrites byte for byte the same; the dataclasses are frozen,
+and a change is a new record (``dataclasses.replace``) put in the same write transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import lmdb
+
+from .errors import NotFoundError, StoreIOError
+
+log = logging.getLogger("cascowfs.catalog")
+
+
+# Bump when records or objects change shape. 3: refcount changes are queued; 4: the queue is
+# keyed by object (3 kept it in arrival order), and large directories are stored as pages;
+# 5: objects carry no refcounts, a mark-and-sweep collector deletes what no live root reaches;
+# 6: tree objects may be stored compressed (format 5's plain ones still read).
+STORE_FORMAT = 6
+
+
+class Counter(Enum):
+    """Monotonic counters kept in ``meta`` (decimal text; a missing one reads 0)."""
+
+    LAYER_SEQ = b"layer_seq"  # the last ``seq`` given to a layer written to disk
+    LAYERS_SYNCED = b"layers_synced"  # every layer of a ``seq`` up to this one was synced
+    GARBAGE_SEQ = b"garbage_seq"  # bumped whenever objects may have become unreachable
+    COLLECTED_SEQ = b"collected_seq"  # the garbage_seq the last finished collection covered
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    root: str  # hex id of the superroot: a one-entry tree holding the root directory
+    parent: str | None
+    created_ns: int
+    layers: list[str]  # the lower layers a branch on it mounts, top first
+    files: int
+    size: int
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BranchRecord:
+    parent: str | None  # the snapshot the branch continues (its last commit, or its base)
+    base_root: str | None  # the superroot its upper directory is a difference from
+    layers: list[str]  # the chain its overlay mount stacks (the base's, as it was then)
+    created_ns: int
+    last_commit: str | None = None
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """A layer directory showing tree ``top`` (with the layers under it in a chain).
+
+    ``span`` counts the commits a delta layer covers; 0 marks a full layer. ``seq`` orders
+    layers for syncing (``durability.py``); a commit's delta layer not written yet
+    (``built`` False) has seq 0 and is the difference from tree ``below`` (None: nothing)."""
+
+    refs: int
+    top: str
+    span: int
+    seq: int = 0
+    built: bool = True
+    below: str | None = None
+
+
+def _dump(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
+
+
+def encode_snapshot(rec: SnapshotRecord) -> bytes:
+    return _dump({"root": rec.root, "parent": rec.parent, "created_ns": rec.created_ns,
+                  "labels": rec.labels, "layers": rec.layers, "files": rec.files,
+                  "size": rec.size})
+
+
+def decode_snapshot(raw: bytes) -> SnapshotRecord:
+    d = json.loads(raw)
+    return SnapshotRecord(root=d["root"], parent=d["parent"], created_ns=d["created_ns"],
+                          layers=list(d["layers"]), files=d["files"], size=d["size"],
+                          labels=dict(d.get("labels") or {}))
+
+
+def encode_branch(rec: BranchRecord) -> bytes:
+    return _dump({"parent": rec.parent, "base_root": rec.base_root, "layers": rec.layers,
+                  "created_ns": rec.created_ns, "last_commit": rec.last_commit})
+
+
+def decode_branch(raw: bytes) -> BranchRecord:
+    d = json.loads(raw)
+    return BranchRecord(parent=d["parent"], base_root=d["base_root"], layers=list(d["layers"]),
+                        created_ns=d["created_ns"], last_commit=d.get("last_commit"))
+
+
+def encode_layer(rec: LayerRecord) -> bytes:
+    d: dict[str, Any] = {"refs": rec.refs, "top": rec.top, "span": rec.span, "seq": rec.seq}
+    if not rec.built:  # the only records with these keys: a written layer's record drops them
+        d.update(built=False, below=rec.below)
+    return _dump(d)
+
+
+def decode_layer(raw: bytes) -> LayerRecord:
+    d = json.loads(raw)
+    return LayerRecord(refs=d["refs"], top=d["top"], span=d["span"], seq=d.get("seq", 0),
+                       built=d.get("built", True), below=d.get("below"))
+
+
+class Catalog:
+    """Typed access to the records, inside transactions the caller opens (``MetaDB.read`` /
+    ``MetaDB.write``), so an operation composes several changes into one atomic step.
+
+    ``dbs`` maps database names to handles: ``MetaDB.dbs``, or ``metadb.open_reader``'s in
+    another process."""
+
+    def __init__(self, dbs: Mapping[str, Any]) -> None:
+        self._snapshots = dbs["snapshots"]
+        self._branches = dbs["branches"]
+        self._layers = dbs["layers"]
+        self._meta = dbs["meta"]
+        self._ops = dbs["ops"]
+
+    # -- snapshots --------------------------------------------------------------------
+    def snapshot(self, txn: lmdb.Transaction, id: str) -> SnapshotRecord:
+        raw = txn.get(id.encode(), db=self._snapshots)
+        if raw is None:
+            raise NotFoundError(f"no snapshot {id!r}")
+        return decode_snapshot(raw)
+
+    def has_snapshot(self, txn: lmdb.Transaction, id: str) -> bool:
+        return txn.get(id.encode(), db=self._snapshots) is not None
+
+    def snapshots(self, txn: lmdb.Transaction, *, skip_damaged: bool = False
+                  ) -> Iterator[tuple[str, SnapshotRecord]]:
+        """Every snapshot record. ``skip_damaged``: a record that does not decode is left out
+        with a log line (listings), so that one damaged record does not hide the others."""
+        for key, raw in txn.cursor(db=self._snapshots):
+            try:
+                rec = decode_snapshot(raw)
+            except (ValueError, KeyError, TypeError) as exc:
+                if not skip_damaged:
+                    raise
+                log.warning("snapshot record %r does not decode, not listed: %r",
+                            bytes(key), exc)
+                continue
+            yield bytes(key).decode(), rec
+
+    def snapshot_count(self, txn: lmdb.Transaction) -> int:
+        return txn.stat(self._snapshots)["entries"]
+
+    def put_snapshot(self, txn: lmdb.Transaction, id: str, rec: SnapshotRecord) -> None:
+        txn.put(id.encode(), encode_snapshot(rec), db=self._snapshots)
+
+    def delete_snapshot(self, txn: lmdb.Transaction, id: str) -> None:
+        txn.delete(id.encode(), db=self._snapshots)
+
+    # -- branches ---------------------------------------------------------------------
+    def branch(self, txn: lmdb.Transaction, name: str) -> BranchRecord:
+        raw = txn.get(name.encode(), db=self._branches)
+        if raw is None:
+            raise NotFoundError(f"no branch {name!r}")
+        return decode_branch(raw)
+
+    def find_branch(self, txn: lmdb.Transaction, name: str) -> BranchRecord | None:
+        raw = txn.get(name.encode(), db=self._branches)
+        return decode_branch(raw) if raw is not None else None
+
+    def branches(self, txn: lmdb.Transaction) -> Iterator[tuple[str, BranchRecord]]:
+        for key, raw in txn.cursor(db=self._branches):
+            yield bytes(key).decode(), decode_branch(raw)
+
+    def branch_names(self, txn: lmdb.Transaction) -> list[str]:
+        return [bytes(k).decode()
+                for k in txn.cursor(db=self._branches).iternext(keys=True, values=False)]
+
+    def put_branch(self, txn: lmdb.Transaction, name: str, rec: BranchRecord) -> None:
+        txn.put(name.encode(), encode_branch(rec), db=self._branches)
+
+    def delete_branch(self, txn: lmdb.Transaction, name: str) -> None:
+        txn.delete(name.encode(), db=self._branches)
+
+    # -- layers -----------------------------------------------------------------------
+    def layer(self, txn: lmdb.Transaction, lid: str) -> LayerRecord:
+        rec = self.find_layer(txn, lid)
+        if rec is None:
+            raise StoreIOError(f"layer {lid} has no record")
+        return rec
+
+    def find_layer(self, txn: lmdb.Transaction, lid: str) -> LayerRecord | None:
+        raw = txn.get(lid.encode(), db=self._layers)
+        return decode_layer(raw) if raw is not None else None
+
+    def layers(self, txn: lmdb.Transaction) -> Iterator[tuple[str, LayerRecord]]:
+        for key, raw in txn.cursor(db=self._layers):
+            yield bytes(key).decode(), decode_layer(raw)
+
+    def layer_ids(self, txn: lmdb.Transaction) -> set[str]:
+        return {bytes(k).decode()
+                for k in txn.cursor(db=self._layers).iternext(keys=True, values=False)}
+
+    def unbuilt_layer_ids(self, txn: lmdb.Transaction) -> list[str]:
+        """The commits' delta layers recorded as not written yet."""
+        # only such a record has the key (a store of 10k snapshots has ~10k records)
+        return [bytes(k).decode() for k, v in txn.cursor(db=self._layers)
+                if b'"built"' in v and not decode_layer(v).built]
+
+    def put_layer(self, txn: lmdb.Transaction, lid: str, rec: LayerRecord) -> None:
+        txn.put(lid.encode(), encode_layer(rec), db=self._layers)
+
+    def delete_layer(self, txn: lmdb.Transaction, lid: str) -> None:
+        txn.delete(lid.encode(), db=self._layers)
+
+    # -- meta -------------------------------------------------------------------------
+    def format(self, txn: lmdb.Transaction) -> bytes | None:
+        """The store format number as stored (None: a store that never recorded one)."""
+        raw = txn.get(b"format", db=self._meta)
+        return bytes(raw) if raw is not None else None
+
+    def set_format(self, txn: lmdb.Transaction, number: int) -> None:
+        txn.put(b"format", str(number).encode(), db=self._meta)
+
+    def page_cache(self, txn: lmdb.Transaction) -> str:
+        return bytes(txn.get(b"page_cache", b"", db=self._meta)).decode()
+
+    def set_page_cache(self, txn: lmdb.Transaction, cache: str) -> None:
+        txn.put(b"page_cache", cache.encode(), db=self._meta)
+
+    def counter(self, txn: lmdb.Transaction, which: Counter) -> int:
+        return int(txn.get(which.value, b"0", db=self._meta))
+
+    def set_counter(self, txn: lmdb.Transaction, which: Counter, value: int) -> None:
+        txn.put(which.value, str(value).encode(), db=self._meta)
+
+    # -- applied operations -----------------------------------------------------------
+    def mark_applied(self, txn: lmdb.Transaction, op: str) -> None:
+        txn.put(op.encode(), b"applied", db=self._ops)
+
+    def is_applied(self, txn: lmdb.Transaction, op: str) -> bool:
+        return txn.get(op.encode(), db=self._ops) is not None
+
+    def forget_applied(self, txn: lmdb.Transaction) -> None:
+        txn.drop(self._ops, delete=False)
+
+    # -- what keeps objects alive -----------------------------------------------------
+    def live_roots(self, txn: lmdb.Transaction) -> Iterator[bytes]:
+        """Every object that roots the live set: snapshot roots, branch bases, layer tops,
+        and the trees that layers not written yet are the difference from."""
+        # reads only the root fields: the marking child walks every record of the store
+        for db, key in ((self._snapshots, "root"), (self._branches, "base_root"),
+                        (self._layers, "top"), (self._layers, "below")):
+            for _, raw in txn.cursor(db=db):
+                hexid = json.loads(raw).get(key)
+                if hexid:
+                    yield bytes.fromhex(hexid)

@@ -1,0 +1,59 @@
+"""Object ids and zstd frames: what every kind of stored object shares.
+
+An id is BLAKE3-256 over a one-letter domain prefix (the object's kind) and the payload, so a
+file chunk can never alias a tree object even when an untrusted branch writes a file whose
+bytes are a tree encoding. ``cas.py`` (chunks, chunk lists, packs) and ``trees.py``
+(directories) both build on this module.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import blake3
+import zstandard
+
+from .errors import StoreIOError
+
+ID_SIZE = 32
+ZSTD_LEVEL = 3  # see docs/architecture.md ("Decisions and why")
+
+TYPE_CHUNK = b"C"
+TYPE_PACK = b"K"
+TYPE_LIST = b"L"
+TYPE_TREE = b"T"
+
+
+def object_id(kind: bytes, payload: bytes | memoryview) -> bytes:
+    hasher = blake3.blake3(kind + b"\0")
+    hasher.update(payload)
+    return hasher.digest()
+
+
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    comp = getattr(_local, "comp", None)
+    if comp is None:
+        comp = _local.comp = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return comp
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dec = getattr(_local, "dec", None)
+    if dec is None:
+        dec = _local.dec = zstandard.ZstdDecompressor()
+    return dec
+
+
+def compress(data: bytes | memoryview) -> bytes:
+    """A zstd frame of ``data`` at the store's level (this thread's compressor)."""
+    return _compressor().compress(data)
+
+
+def decompress(frame: bytes | memoryview) -> bytes:
+    try:
+        return _decompressor().decompress(frame)
+    except zstandard.ZstdError as exc:
+        raise StoreIOError(f"a stored object does not decompress: {exc}") from None

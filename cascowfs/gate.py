@@ -1,0 +1,76 @@
+"""The operation gate: which state changes may run at the same time as which.
+
+Mutations of a store run side by side; garbage collection, WAL checkpoints and fsck of a live
+store need every other one finished, and a collection cycle needs the ones running when it
+starts to have finished (they may have stored objects before it began protecting them).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class OpGate:
+    """Mutations run side by side ("running"); gc and WAL checkpoints need every other one
+    finished ("exclusive"), and never wait for it inside an operation. A collection cycle
+    waits for the operations running when it starts ("wait_for_running")."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._exclusive = False
+        self._next_ticket = 0
+        self._tickets: set[int] = set()  # one per operation running
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._tickets.add(ticket)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._tickets.discard(ticket)
+                self._cond.notify_all()
+
+    def wait_for_running(self) -> None:
+        """Wait until every operation running now has finished (new ones may start)."""
+        with self._cond:
+            horizon = self._next_ticket
+            while any(t < horizon for t in self._tickets):
+                self._cond.wait()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Wait until no operation runs; hold new ones back meanwhile."""
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._exclusive = True
+            while self._tickets:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+    def try_sole(self) -> bool:
+        """From inside a running operation: become exclusive if it is the only one running
+        (then call ``release_sole``); False at once otherwise."""
+        with self._cond:
+            if self._exclusive or len(self._tickets) != 1:
+                return False
+            self._exclusive = True
+            return True
+
+    def release_sole(self) -> None:
+        with self._cond:
+            self._exclusive = False
+            self._cond.notify_all()

@@ -1,0 +1,320 @@
+"""Layer directories: the native lower layers branches mount, a cache of the CAS.
+
+A layer shows a tree (with the layers under it in a chain): a full layer the whole tree, a
+delta layer its difference from the tree the layers under it show. This module writes them
+from the CAS, places them in STORE/layers/, keeps their records (refcounts: how many chains
+name a layer), writes a commit's delta layer after the commit (in a thread of its own, or
+when a mount needs it first), rebuilds layers a power cut may have torn, and syncs them to
+the disk in the background (``durability.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import lmdb
+
+from . import durability
+from . import layers as layerfs
+from .cas import ContentStore
+from .catalog import Catalog, Counter, LayerRecord
+from .crashpoints import crash_point
+from .errors import CascowfsError, StoreIOError, disk_errors
+from .gate import OpGate
+from .metadb import MetaDB
+from .progress import progress_bar
+from .trash import Trash
+from .trees import TreeStore
+
+log = logging.getLogger("cascowfs.layers")
+
+
+class LayerBuilder:
+    def __init__(self, store: Path, db: MetaDB, catalog: Catalog, trees: TreeStore,
+                 content: ContentStore, trash: Trash, gate: OpGate,
+                 note_garbage: Callable[[lmdb.Transaction], None]) -> None:
+        self.store = store
+        self.layers_dir = store / "layers"
+        self.staging_dir = store / "staging"
+        self.empty_dir = store / "empty"
+        self._db = db
+        self._catalog = catalog
+        self._trees = trees
+        self._content = content
+        self._trash = trash
+        self._gate = gate
+        self._note_garbage = note_garbage
+        # Delta layers of commits not written yet (``build``), each with the lock its one
+        # writer holds; and the queue of the thread that writes them.
+        self._unbuilt: dict[str, threading.Lock] = {}
+        self._builds: queue.Queue[str | None] = queue.Queue()
+        self._builder: threading.Thread | None = None
+        self._syncer: threading.Thread | None = None
+
+    # -- paths and records -------------------------------------------------------------
+    def path(self, lid: str) -> Path:
+        return self.layers_dir / lid
+
+    def lower_paths(self, chain: list[str]) -> list[Path]:
+        """The layer directories an overlay of ``chain`` stacks (top first)."""
+        return [self.layers_dir / lid for lid in chain] or [self.empty_dir]
+
+    def add_refs(self, txn: lmdb.Transaction, chain: list[str], delta: int) -> list[str]:
+        """Adjust layer refcounts; layers that drop to zero lose their record and their
+        reference on the tree they show. Returns those layers (their directories can go)."""
+        dropped = []
+        for lid in chain:
+            rec = self._catalog.find_layer(txn, lid)
+            if rec is None:
+                raise StoreIOError(f"layer {lid} is named by a chain but has no record")
+            rec = replace(rec, refs=rec.refs + delta)
+            if rec.refs <= 0:
+                self._catalog.delete_layer(txn, lid)
+                self._note_garbage(txn)
+                dropped.append(lid)
+            else:
+                self._catalog.put_layer(txn, lid, rec)
+        return dropped
+
+    def record(self, txn: lmdb.Transaction, lid: str, top: str, span: int, *,
+               below: str | None = None, built: bool = True) -> None:
+        """Record a layer showing tree ``top`` (with the layers under it). ``span`` counts the
+        commits a delta layer covers; 0 marks a full layer, which nothing is merged into.
+        ``seq`` orders layers for syncing (``durability``). An unbuilt layer (``built``
+        False) is not on disk yet: ``build`` writes it as the delta from tree ``below``
+        (None: nothing) to ``top``, and gives it its ``seq`` then."""
+        if built:
+            rec = LayerRecord(refs=0, top=top, span=span, seq=self._next_seq(txn))
+        else:
+            rec = LayerRecord(refs=0, top=top, span=span, built=False, below=below)
+        self._catalog.put_layer(txn, lid, rec)
+
+    def _next_seq(self, txn: lmdb.Transaction) -> int:
+        seq = self._catalog.counter(txn, Counter.LAYER_SEQ) + 1
+        self._catalog.set_counter(txn, Counter.LAYER_SEQ, seq)
+        return seq
+
+    # -- writing and placing -----------------------------------------------------------
+    def write(self, staged: Path, top: str, below: str | None, *, full: bool) -> None:
+        """Write a layer from the CAS into ``staged``: the whole tree of superroot ``top``
+        (a full layer), or its difference from the tree of ``below`` (a delta)."""
+        root = self._trees.root_of(top)
+        assert root is not None  # every superroot shows a tree
+        if full:
+            layerfs.materialize(self._trees, self._content, root, staged)
+        else:
+            layerfs.materialize_delta(self._trees, self._content, self._trees.root_of(below),
+                                      root, staged)
+
+    def place(self, staged: Path, lid: str, what: str) -> None:
+        """Move a finished layer into layers/ *before* the transaction that records it (or,
+        for a commit's delta, records it written): a layer recorded as written is then always
+        on disk for whoever mounts it next (a new branch may mount it the moment the
+        transaction commits); an unrecorded one is swept as trash."""
+        with disk_errors(what):
+            os.rename(staged, self.layers_dir / lid)
+
+    # -- commits' delta layers, written after the commit -------------------------------
+    def expect(self, lid: str) -> None:
+        """Layer ``lid`` is about to be recorded unbuilt: registered before the transaction,
+        so that whoever sees the record can tell that it is not on disk yet."""
+        self._unbuilt[lid] = threading.Lock()
+
+    def forget(self, lid: str) -> None:
+        """The transaction that would have recorded ``lid`` unbuilt failed."""
+        self._unbuilt.pop(lid, None)
+
+    def is_unbuilt(self, lid: str) -> bool:
+        return lid in self._unbuilt
+
+    def queue(self, lid: str) -> None:
+        """Have the builder thread write ``lid``."""
+        self._builds.put(lid)
+
+    def find_unbuilt(self) -> None:
+        """Queue the commits' layers recorded as not written yet, before anything mounts a
+        chain. A directory of one was placed by a process killed before recording it written:
+        it may not have reached the disk whole, so it goes and is written again."""
+        with self._db.read() as txn:
+            unbuilt = self._catalog.unbuilt_layer_ids(txn)
+        for lid in unbuilt:
+            self._trash.put(self.layers_dir / lid)
+            self._unbuilt[lid] = threading.Lock()
+            self._builds.put(lid)
+
+    def build_chain(self, chain: list[str]) -> None:
+        """Make sure every layer of ``chain`` is on disk (before it is mounted)."""
+        for lid in chain:
+            if lid in self._unbuilt:
+                self.build(lid)
+
+    def build(self, lid: str) -> None:
+        """Write a commit's delta layer from the CAS, place it, record it built.
+
+        A commit records its snapshot without writing its layer: the snapshot is whole in the
+        CAS, and the layer is a cache of it that only a mount needs (a branch on the snapshot,
+        usually made well after the background thread has written it; else by the branch's
+        own call here). A layer dropped before it was written (a merge replaced it, its
+        snapshot was pruned) never is."""
+        lock = self._unbuilt.get(lid)
+        if lock is None:
+            return
+        with lock:
+            if lid not in self._unbuilt:
+                return  # written meanwhile
+            with self._db.read() as txn:
+                rec = self._catalog.find_layer(txn, lid)
+            if rec is None:
+                self._unbuilt.pop(lid, None)
+                return
+            staged = self.staging_dir / f"layer-{lid}"
+            with disk_errors(f"writing layer {lid}"):
+                for leftover in (staged, self.layers_dir / lid):  # of an attempt that failed
+                    self._trash.put(leftover)
+                try:
+                    self.write(staged, rec.top, rec.below, full=False)
+                except OSError:
+                    self._trash.put(staged)  # a full disk: the next attempt starts afresh
+                    raise
+            crash_point("commit.written")
+            self.place(staged, lid, f"writing layer {lid}")
+            crash_point("commit.placed")
+
+            def mark_built(txn: lmdb.Transaction) -> bool:
+                cur = self._catalog.find_layer(txn, lid)
+                if cur is None:
+                    return False
+                # a built layer's record is as an import's
+                self._catalog.put_layer(txn, lid, replace(cur, built=True, below=None,
+                                                          seq=self._next_seq(txn)))
+                return True
+
+            if not self._db.write(mark_built, f"recording layer {lid}"):
+                # dropped while it was being written
+                self._trash.put_after_apply([self.layers_dir / lid], self.store)
+            self._unbuilt.pop(lid, None)
+
+    def start_building(self) -> None:
+        self._builder = threading.Thread(target=self._build_loop, name="cascowfs-layer-build",
+                                         daemon=True)
+        self._builder.start()
+
+    def stop_building(self) -> None:
+        """Write the layers queued so far, then end the thread: a clean close leaves none
+        unbuilt."""
+        self._builds.put(None)
+        if self._builder is not None:
+            self._builder.join()
+
+    def join(self) -> None:
+        """Wait until every layer queued so far is written."""
+        self._builds.join()
+
+    def _build_loop(self) -> None:
+        while True:
+            lid = self._builds.get()
+            try:
+                if lid is None:
+                    return
+                with self._gate.running():  # fsck and gc see no layer half-written
+                    self.build(lid)
+            except (CascowfsError, OSError) as exc:
+                # a failing disk: the layer stays unbuilt, and whoever mounts it tries again
+                log.warning("%s: writing layer %s failed (retried when needed): %s",
+                            self.store, lid, exc)
+            except Exception:  # never let the thread die: settle() waits for its queue
+                log.exception("%s: writing layer %s failed", self.store, lid)
+            finally:
+                self._builds.task_done()
+
+    # -- durability --------------------------------------------------------------------
+    def sync(self) -> None:
+        """syncfs the store, then mark every layer recorded before the call as on the disk
+        (a layer is written in full before the transaction that gives it its ``seq``: the
+        one that records it, or for a commit's delta the one that records it built)."""
+        with self._db.read() as txn:
+            recorded = self._catalog.counter(txn, Counter.LAYER_SEQ)
+            synced = self._catalog.counter(txn, Counter.LAYERS_SYNCED)
+        if recorded <= synced:
+            return
+        with disk_errors("syncing the layers"):
+            durability.syncfs(self.layers_dir)
+
+        def mark(txn: lmdb.Transaction) -> None:
+            if self._catalog.counter(txn, Counter.LAYERS_SYNCED) < recorded:
+                self._catalog.set_counter(txn, Counter.LAYERS_SYNCED, recorded)
+
+        self._db.write(mark, "marking layers synced")
+
+    def start_syncing(self, every: float, closing: threading.Event) -> None:
+        def loop() -> None:
+            while not closing.wait(every):
+                try:
+                    self.sync()
+                except (CascowfsError, OSError):
+                    pass  # a failing disk: the layers stay marked unsynced, the next round retries
+
+        self._syncer = threading.Thread(target=loop, name="cascowfs-layer-sync", daemon=True)
+        self._syncer.start()
+
+    def stop_syncing(self) -> None:
+        """End the sync thread (the ``closing`` event it was started with is set)."""
+        if self._syncer is not None:
+            self._syncer.join()
+
+    def unsynced(self) -> set[str]:
+        """Layers recorded after the last syncfs: their files may not have reached the disk."""
+        with self._db.read() as txn:
+            synced = self._catalog.counter(txn, Counter.LAYERS_SYNCED)
+            return {lid for lid, rec in self._catalog.layers(txn) if rec.seq > synced}
+
+    def rebuild(self, lids: set[str], why: str, progress: bool,
+                unmount_branch: Callable[[str], None]) -> None:
+        """Layers are a cache of the CAS: rebuild these in place, under the same ids, so every
+        chain that names one is whole again. A full layer shows its tree; a delta layer is the
+        difference from the tree the layers under it show, which is the same in every chain
+        that holds it. A branch mounted on one of them is unmounted (``unmount_branch``;
+        reconciliation mounts it again)."""
+        if not lids:
+            return
+        with self._db.read() as txn:
+            records = {lid: self._catalog.layer(txn, lid) for lid in lids}
+            below: dict[str, str | None] = {}
+            branches_on: set[str] = set()
+            chains: list[tuple[str | None, list[str]]] = [
+                (None, rec.layers) for _, rec in self._catalog.snapshots(txn)]
+            chains += [(name, rec.layers) for name, rec in self._catalog.branches(txn)]
+            for branch, chain in chains:
+                for at, lid in enumerate(chain):
+                    if lid not in records:
+                        continue
+                    if branch is not None:
+                        branches_on.add(branch)
+                    if lid not in below:
+                        below[lid] = (self._catalog.layer(txn, chain[at + 1]).top
+                                      if at + 1 < len(chain) else None)
+        log.warning("%s: rebuilding %d layer(s) %s", self.store, len(lids), why)
+        for name in branches_on:
+            unmount_branch(name)
+        with progress_bar(progress, len(records), f"rebuilding layers {why}", unit="layer") as bar:
+            for lid, rec in records.items():
+                if rec.span != 0 and lid not in below:
+                    continue  # a delta in no chain: nothing mounts it, nothing says what is below
+                staged = self.staging_dir / f"rebuild-{lid}"
+                with disk_errors(f"rebuilding layer {lid}"):
+                    self.write(staged, rec.top, below.get(lid), full=rec.span == 0)
+                    self._trash.put(self.layers_dir / lid)  # a missing one is ignored
+                    os.rename(staged, self.layers_dir / lid)
+                bar(1)
+            with disk_errors("rebuilding layers"):
+                durability.fsync_dir(self.layers_dir)
+        lost = sorted(lid for lid in lids if not (self.layers_dir / lid).is_dir())
+        if lost:
+            raise StoreIOError(
+                f"layers {', '.join(lost)} are lost and no chain says what they held")

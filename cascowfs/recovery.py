@@ -1,0 +1,171 @@
+"""Opening a store after whatever ended its last run: the format check and upgrade, WAL
+replay, reconciliation of the disk and the mount table with the recorded state, and the
+reset after a lost page cache.
+
+Every op whose APPLY transaction committed is rolled forward (its SWITCH step redone); every
+other one leaves only staging, unrecorded layers and unreachable objects, which
+reconciliation and a collection sweep. If the page cache was lost since the last open (a
+reboot, a remount: ``durability.py``), the branches restart from their parent snapshots and
+the layers recorded since the last syncfs are rebuilt before anything is mounted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lmdb
+
+from . import durability, overlay
+from .catalog import STORE_FORMAT
+from .errors import StoreIOError
+from .wal import PendingOp
+
+if TYPE_CHECKING:  # the StateManager opens a store through this module
+    from .state import StateManager
+
+log = logging.getLogger("cascowfs.recovery")
+
+UPGRADES_IN_PLACE = {2, 3, 4, 5}  # older formats a writable open upgrades
+# ops that may leave objects no live root reaches when rolled back
+_MAY_LEAVE_OBJECTS = ("import", "commit", "flatten")
+
+
+def check_format(sm: StateManager, *, read_only: bool) -> None:
+    """Refuse a store of a format this version cannot read; upgrade an older one in place
+    (unless ``read_only``)."""
+    with sm.db.read() as txn:
+        raw = sm.catalog.format(txn)
+        found = int(raw) if raw is not None else None
+        empty = sm.catalog.snapshot_count(txn) == 0
+    if found == STORE_FORMAT:
+        return
+    if found not in UPGRADES_IN_PLACE and not (found is None and empty):
+        raise StoreIOError(f"store {sm.store} has format {raw and raw.decode() or 'unknown'}; "
+                           f"this cascowfs reads format {STORE_FORMAT}")
+    if read_only:
+        return  # formats 2-4 differ only in refcounts, which this version ignores; 5 reads as is
+
+    def upgrade(txn: lmdb.Transaction) -> None:
+        if found is not None and found < 5:
+            # Object refcounts (and their queue) are not kept; objects they would have
+            # deleted are garbage now, which the first collection takes.
+            sm.db.drop_legacy(txn)
+            sm.collector.note_garbage(txn)
+        sm.catalog.set_format(txn, STORE_FORMAT)
+
+    sm.db.write(upgrade, "upgrading the store format")
+
+
+def recover(sm: StateManager, progress: bool) -> None:
+    """Replay the WAL and reconcile, as the module docstring says."""
+    cache = durability.page_cache_id(sm.store)
+    with sm.db.read() as txn:
+        last_cache = sm.catalog.page_cache(txn)
+    # A branch mount outlives any daemon, but never its page cache: while one is there,
+    # nothing was lost, whatever the ids say.
+    cache_lost = bool(cache and last_cache and last_cache != cache
+                      and not overlay.mounts_under(sm.store))
+    sm.layers.find_unbuilt()
+    pending = sm.wal.pending()
+    with sm.db.read() as txn:
+        applied = {op.op for op in pending if sm.catalog.is_applied(txn, op.op)}
+    orphans_possible = False
+    for op in pending:
+        if op.op in applied:
+            _roll_forward(sm, op)
+        else:
+            orphans_possible = orphans_possible or op.kind in _MAY_LEAVE_OBJECTS
+    reconcile(sm, cache_lost, progress)
+    if orphans_possible:
+        sm.collect(progress=progress)
+    sm.checkpoint()
+    if cache_lost:
+        sm.layers.sync()  # the rebuilt layers: a second power cut must not tear them
+    if cache != last_cache:
+        sm.db.write(lambda txn: sm.catalog.set_page_cache(txn, cache),
+                    "recording the page cache id")
+
+
+def _roll_forward(sm: StateManager, op: PendingOp) -> None:
+    """Finish the SWITCH step of an op whose APPLY committed (idempotent)."""
+    layer = op.args.get("layer")
+    if layer:
+        staged = sm.staging_dir / op.op
+        target = sm.layers.path(layer)
+        if staged.exists() and not target.exists():
+            os.rename(staged, target)
+            durability.fsync_dir(sm.layers.layers_dir)
+    if op.kind == "rebase":
+        # The branch was unmodified (rebase checks) and its upper still carries the old
+        # base's root attributes: start it afresh on the new layers, as rebase would have.
+        with sm.db.read() as txn:
+            branch = sm.catalog.find_branch(txn, op.args["name"])
+        if branch is not None:
+            overlay.unmount_stacked(sm.tree_path(op.args["name"]))
+            sm.mount_branch(op.args["name"], branch, fresh_upper=True)
+    # The other mount-side effects (discard, branch) are settled by reconcile from state.
+
+
+def reconcile(sm: StateManager, cache_lost: bool = False, progress: bool = False) -> None:
+    """Make disk and mounts agree with the recorded state. If the page cache was lost
+    since the last open (a reboot, a remount), first undo what that may have torn (nothing
+    is mounted yet): branches restart from their parent snapshots, layers recorded since
+    the last syncfs are rebuilt."""
+    # staging: nothing in flight survives a restart
+    for entry in os.listdir(sm.staging_dir):
+        sm.trash.put(sm.staging_dir / entry)
+    if cache_lost:
+        _reset_branches_to_their_parents(sm)
+        sm.layers.rebuild(sm.layers.unsynced(), "not synced before the page cache was lost",
+                          progress, sm.unmount_branch)
+    with sm.db.read() as txn:
+        records = sm.catalog.layer_ids(txn)
+        branches = dict(sm.catalog.branches(txn))
+    for entry in os.listdir(sm.layers.layers_dir):
+        if entry not in records:
+            sm.trash.put(sm.layers.path(entry))
+    missing = [lid for lid in records
+               if not sm.layers.is_unbuilt(lid) and not sm.layers.path(lid).is_dir()]
+    if missing:
+        sm.layers.rebuild(set(missing), "missing from layers/", progress, sm.unmount_branch)
+    # mounts: keep exactly one correct mount per live branch
+    expected = {str(sm.tree_path(name)): rec for name, rec in branches.items()}
+    seen: dict[str, int] = {}
+    for m in overlay.mounts_under(sm.store):
+        rec = expected.get(m.target)
+        if rec is not None and seen.get(m.target, 0) == 0 and sm.mount_matches(m, rec):
+            seen[m.target] = 1
+            continue
+        overlay.unmount(Path(m.target))
+    for name in os.listdir(sm.branches_dir):
+        if name not in branches:
+            sm.trash.put(sm.branches_dir / name)
+    for name, rec in branches.items():
+        if str(sm.tree_path(name)) not in seen:
+            sm.mount_branch(name, rec, fresh_upper=False)
+
+
+def _reset_branches_to_their_parents(sm: StateManager) -> None:
+    """After the page cache was lost. A branch's upper directory belongs to a volatile
+    overlay: nothing in it is ever synced (not even by an fsync inside the branch), so any
+    file there may be torn, including files the branch has since committed. Every branch
+    therefore restarts from its parent snapshot (its last commit, or the snapshot it was
+    made from) with an empty upper directory, as overlayfs asks of a volatile upper."""
+    with sm.db.read() as txn:
+        names = sm.catalog.branch_names(txn)
+    if names:
+        log.warning("%s: the page cache was lost since the last open (a reboot, a remount): "
+                    "%d branch(es) restart from their parent snapshots, uncommitted changes "
+                    "dropped", sm.store, len(names))
+    for name in names:
+        def apply(txn: lmdb.Transaction, name: str = name) -> list[str]:
+            old = sm.catalog.branch(txn, name)
+            return sm.repoint_branch(txn, name, old, old.parent)[1]
+
+        dropped = sm.db.write(apply, f"resetting branch {name}")
+        sm.unmount_branch(name)  # a re-base rolled forward mounts it
+        sm.trash.put(sm.branches_dir / name / "upper")  # mounting makes a fresh one
+        sm.trash_after_apply(dropped)

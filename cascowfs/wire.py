@@ -1,0 +1,189 @@
+"""The ctl wire format: what is written to ``MNT/ctl`` and the branch files, and what is read
+back. The FUSE layer (``fuse/control.py``, ``fuse/operations.py``) parses with it; the client
+(``client.py``) writes commands and reads replies with it; neither imports the other.
+
+Parsing is strict and complete *before* anything is executed: a command that is unknown,
+malformed, names an invalid id, or carries a bad label is refused with EINVAL and the store is
+not touched.
+
+Grammar (one command per write(2); a single trailing newline is ignored; words are split like a
+POSIX shell does, so a label value may be quoted: ``plan="fix the parser"``)::
+
+    branch  <name> <id>                    create a branch on snapshot <id>
+    commit  <name> [<id>] [key=value ...]  freeze a branch (no id: a generated one)
+    discard <name>                         drop a branch
+    prune   <id>                           drop a snapshot
+    rebase  <name> [<id>]                  re-base an unmodified branch (no id: the empty snapshot)
+    import  <id> <absolute-path> [key=value ...]   import a directory tree as snapshot <id>
+                                           (all of it readable by the caller)
+    gc                                     reclaim unreferenced objects now
+
+Replies (one line each, readable from the same open file): ``ok <result>`` or
+``error <ERRNO-NAME> <message>``.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+
+from .errors import InvalidArgumentError
+from .names import check_branch_name, check_snapshot_id, parse_labels
+
+MAX_COMMAND = 64 * 1024
+VERBS = ("branch", "commit", "discard", "prune", "rebase", "import", "gc")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    verb: str
+    name: str | None = None  # branch name
+    id: str | None = None  # snapshot id
+    labels: dict[str, str] = field(default_factory=dict)
+    src: str | None = None  # import source
+
+    def line(self) -> str:
+        """The command in ctl syntax (for logs and replies)."""
+        words = [self.verb]
+        words += [w for w in (self.name, self.id, self.src) if w is not None]
+        words += [f"{k}={v}" for k, v in self.labels.items()]
+        return command_line(words)
+
+
+def command_line(words: list[str] | tuple[str, ...]) -> str:
+    """Words as one ctl command, each quoted so that ``split_words`` gives them back."""
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def decode_line(data: bytes, what: str = "command") -> str:
+    """One line of UTF-8 text from a write(2) buffer, or EINVAL."""
+    if len(data) > MAX_COMMAND:
+        raise InvalidArgumentError(f"{what} longer than {MAX_COMMAND} bytes")
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    if b"\n" in data or b"\r" in data:
+        raise InvalidArgumentError(f"one {what} per write: got several lines")
+    if b"\0" in data:
+        raise InvalidArgumentError(f"{what} contains a NUL byte")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgumentError(f"{what} is not UTF-8") from None
+
+
+# Quotes, backslashes, and whitespace other than space and tab: where a shell's word splitting
+# and str.split() may differ.
+_NEEDS_SHELL_RULES = re.compile(r"""['"\\]|[^\S \t]""")
+
+
+def split_words(text: str, what: str = "command") -> list[str]:
+    """Split ``text`` into words as a POSIX shell does. Plain lines (nearly every command) are
+    split by ``str.split``: shlex walks a line a character at a time in Python, and that cost
+    is paid on the FUSE thread, which every request waits for."""
+    if not _NEEDS_SHELL_RULES.search(text):
+        return text.split()
+    try:
+        return shlex.split(text, comments=False, posix=True)
+    except ValueError as exc:  # unbalanced quotes
+        raise InvalidArgumentError(f"malformed {what}: {exc}") from None
+
+
+def _id_and_labels(words: list[str]) -> tuple[str | None, dict[str, str]]:
+    """``[<id>] [key=value ...]``: ids never contain '=', so the first word tells which."""
+    ident = None
+    if words and "=" not in words[0]:
+        ident = check_snapshot_id(words[0])
+        words = words[1:]
+    return ident, parse_labels(words)
+
+
+def _arity(words: list[str], lo: int, hi: int, usage: str) -> None:
+    if not lo <= len(words) - 1 <= hi:
+        raise InvalidArgumentError(f"usage: {usage}")
+
+
+def parse_command(data: bytes) -> Command:
+    """Parse and validate one ctl write; raises InvalidArgumentError (EINVAL) on anything bad."""
+    words = split_words(decode_line(data))
+    if not words:
+        raise InvalidArgumentError("empty command")
+    verb = words[0]
+    if verb == "branch":
+        _arity(words, 2, 2, "branch <name> <id>")
+        return Command("branch", name=check_branch_name(words[1]), id=check_snapshot_id(words[2]))
+    if verb == "commit":
+        if len(words) < 2:
+            raise InvalidArgumentError("usage: commit <name> [<id>] [key=value ...]")
+        ident, labels = _id_and_labels(words[2:])
+        return Command("commit", name=check_branch_name(words[1]), id=ident, labels=labels)
+    if verb == "discard":
+        _arity(words, 1, 1, "discard <name>")
+        return Command("discard", name=check_branch_name(words[1]))
+    if verb == "prune":
+        _arity(words, 1, 1, "prune <id>")
+        return Command("prune", id=check_snapshot_id(words[1]))
+    if verb == "rebase":
+        _arity(words, 1, 2, "rebase <name> [<id>]")
+        ident = check_snapshot_id(words[2]) if len(words) == 3 else None
+        return Command("rebase", name=check_branch_name(words[1]), id=ident)
+    if verb == "import":
+        if len(words) < 3:
+            raise InvalidArgumentError("usage: import <id> <absolute-path> [key=value ...]")
+        ident = check_snapshot_id(words[1])
+        src = words[2]
+        if not os.path.isabs(src):
+            raise InvalidArgumentError(f"import source must be an absolute path: {src!r}")
+        return Command("import", id=ident, src=os.path.normpath(src),
+                       labels=parse_labels(words[3:]))
+    if verb == "gc":
+        _arity(words, 0, 0, "gc")
+        return Command("gc")
+    shown = verb if len(verb) <= 40 else verb[:40] + "..."
+    raise InvalidArgumentError(f"unknown command {shown!r}; known: {', '.join(VERBS)}")
+
+
+def parse_parent_write(branch: str, data: bytes) -> Command:
+    """A write to ``branches/<name>/parent``: a snapshot id (or an empty line: the empty
+    snapshot)."""
+    words = split_words(decode_line(data, "parent"), "parent")
+    if len(words) > 1:
+        raise InvalidArgumentError("write one snapshot id to parent")
+    return Command("rebase", name=branch, id=check_snapshot_id(words[0]) if words else None)
+
+
+def parse_commit_write(branch: str, data: bytes) -> Command:
+    """A write to ``branches/<name>/commit``: ``[<id>] [key=value ...]``; empty: generated id."""
+    ident, labels = _id_and_labels(split_words(decode_line(data, "commit"), "commit"))
+    return Command("commit", name=branch, id=ident, labels=labels)
+
+
+def ok_reply(result: str) -> bytes:
+    return _one_line(f"ok {result}".rstrip()) + b"\n"
+
+
+def error_reply(code: int, message: str) -> bytes:
+    name = _errno.errorcode.get(code, str(code))
+    return _one_line(f"error {name} {message}") + b"\n"
+
+
+def _one_line(text: str) -> bytes:
+    return text.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace")
+
+
+def parse_reply(line: str) -> tuple[bool, int, str]:
+    """(ok, errno, text) of one reply line (the client reads replies with it)."""
+    line = line.rstrip("\n")
+    if line.startswith("ok"):
+        return True, 0, line[3:]
+    if line.startswith("error "):
+        _, name, *rest = line.split(" ", 2)
+        code = getattr(_errno, name, None)
+        if code is None:
+            code = int(name) if name.isdigit() else _errno.EIO
+        return False, code, rest[0] if rest else ""
+    return False, _errno.EIO, f"unexpected reply {line!r}"

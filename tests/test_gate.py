@@ -1,0 +1,63 @@
+"""The operation gate (``gate.py``): operations run side by side, an exclusive section waits
+for all of them and holds new ones back, and an operation alone may become exclusive."""
+
+from __future__ import annotations
+
+import threading
+
+from cascowfs.gate import OpGate
+
+
+def _hold(gate: OpGate, section: str = "running") -> tuple[threading.Thread, threading.Event,
+                                                            threading.Event]:
+    """A thread inside ``gate.<section>()`` until the returned release event is set."""
+    inside, release = threading.Event(), threading.Event()
+
+    def run() -> None:
+        with getattr(gate, section)():
+            inside.set()
+            release.wait()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, inside, release
+
+
+def test_operations_run_side_by_side():
+    gate = OpGate()
+    t, inside, release = _hold(gate)
+    assert inside.wait(5)
+    with gate.running():  # does not wait for the other one
+        assert not release.is_set()
+    release.set()
+    t.join()
+
+
+def test_an_exclusive_section_waits_for_running_operations_and_holds_new_ones_back():
+    gate = OpGate()
+    op, op_inside, op_release = _hold(gate)
+    assert op_inside.wait(5)
+    ex, ex_inside, ex_release = _hold(gate, "exclusive")
+    assert not ex_inside.wait(0.2)  # the running operation holds it off
+    op_release.set()
+    op.join()
+    assert ex_inside.wait(5)
+    late, late_inside, late_release = _hold(gate)
+    assert not late_inside.wait(0.2)  # held back while the section runs
+    ex_release.set()
+    ex.join()
+    assert late_inside.wait(5)
+    late_release.set()
+    late.join()
+
+
+def test_an_operation_alone_may_become_exclusive_but_not_beside_another():
+    gate = OpGate()
+    with gate.running():
+        assert gate.try_sole()
+        gate.release_sole()
+        t, inside, release = _hold(gate)
+        assert inside.wait(5)
+        assert not gate.try_sole()
+        release.set()
+        t.join()

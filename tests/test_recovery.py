@@ -1,0 +1,58 @@
+"""Opening a store (``recovery.py``): reconciliation makes the disk and the mount table agree
+with the recorded state, and an op logged but never applied leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import conftest
+from conftest import check_live, dir_view, needs_overlay
+from cascowfs import overlay, recovery
+
+pytestmark = needs_overlay
+
+
+def _source(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"f{i}").write_text(f"{i}\n")
+    return src
+
+
+def test_reconcile_restores_what_the_records_say_and_trashes_the_rest(tmp_path):
+    with conftest.open_store(tmp_path / "store") as sm:
+        sm.import_tree(_source(tmp_path), "base")
+        tree = sm.create_branch("b", "base").tree
+        (tree / "new").write_text("uncommitted")
+        view = dir_view(tree)
+        with sm.db.read() as txn:
+            (lid,) = sm.catalog.snapshot(txn, "base").layers
+        sm.unmount_branch("b")
+        shutil.rmtree(sm.layers.path(lid))  # a lost layer
+        (sm.layers_dir / "0000000000").mkdir()  # a layer no record names
+        (sm.staging_dir / "leftover").mkdir()  # an op in flight when the daemon died
+        (sm.branches_dir / "gone").mkdir()  # a branch no record names
+        recovery.reconcile(sm)
+        assert dir_view(tree) == view  # mounted again, its upper kept
+        assert [m.target for m in overlay.mounts_under(sm.branches_dir)] == [str(tree)]
+        assert sorted(os.listdir(sm.layers_dir)) == [lid]
+        assert os.listdir(sm.staging_dir) == []
+        assert sorted(os.listdir(sm.branches_dir)) == ["b"]
+        check_live(sm, deep=True)
+        sm.discard("b")
+
+
+def test_an_op_logged_but_never_applied_is_rolled_back_at_the_next_open(tmp_path):
+    store = tmp_path / "store"
+    with conftest.open_store(store) as sm:
+        sm.import_tree(_source(tmp_path), "base")
+        op = sm.wal.prepare("import", id="half", layer="1111111111")
+        (sm.staging_dir / op).mkdir()
+        (sm.layers_dir / "1111111111").mkdir()  # placed, never recorded
+    with conftest.open_store(store) as sm:
+        assert sm.wal.pending() == []
+        assert not sm.has_snapshot("half")
+        assert os.listdir(sm.staging_dir) == [] and not (sm.layers_dir / "1111111111").exists()
+        check_live(sm, deep=True)

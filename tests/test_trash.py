@@ -1,0 +1,82 @@
+"""The trash (``trash.py``): a path goes at once by rename, its content later; a mount moved
+into the trash is detached before anything under it is deleted."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import conftest
+from conftest import needs_overlay
+from cascowfs import overlay
+from cascowfs.trash import Trash
+
+
+@pytest.fixture
+def trash(tmp_path):
+    (tmp_path / "trash").mkdir()
+    return Trash(tmp_path / "trash")
+
+
+def test_a_path_put_in_the_trash_is_gone_at_once_and_deleted_when_emptied(trash, tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "f").write_text("x")
+    (tmp_path / "file").write_text("y")
+    trash.put(tree)
+    trash.put(tmp_path / "file")
+    assert not tree.exists() and not (tmp_path / "file").exists()
+    assert len(os.listdir(trash.path)) == 2
+    trash.empty()
+    assert os.listdir(trash.path) == []
+
+
+def test_two_paths_of_one_name_both_fit_in_the_trash(trash, tmp_path):
+    for parent in ("a", "b"):
+        (tmp_path / parent / "upper").mkdir(parents=True)
+        trash.put(tmp_path / parent / "upper")
+    assert len(os.listdir(trash.path)) == 2
+
+
+def test_a_missing_path_is_ignored(trash, tmp_path):
+    trash.put(tmp_path / "nothing")
+    trash.put_after_apply([tmp_path / "nothing"], tmp_path)
+    assert os.listdir(trash.path) == []
+
+
+@needs_overlay
+def test_what_cannot_be_moved_after_an_apply_stays_without_failing(trash, tmp_path, caplog):
+    """A mount point cannot be renamed (EBUSY): the op it belongs to is durable already, so
+    the trash logs it and leaves it for the next open."""
+    lower, upper, work, target = (tmp_path / d for d in ("lower", "upper", "work", "tree"))
+    for d in (lower, upper, work, target):
+        d.mkdir()
+    conftest._STORES.append(tmp_path)
+    overlay.mount_overlay(target, [lower], upper, work)
+    try:
+        trash.put_after_apply([target], tmp_path)
+        assert target.is_dir() and "stays until the next open" in caplog.text
+        assert os.listdir(trash.path) == []
+    finally:
+        conftest.force_unmount_below(tmp_path)
+
+
+@needs_overlay
+def test_a_mount_in_the_trash_is_detached_before_its_tree_is_deleted(trash, tmp_path):
+    """As a discarded branch goes: its directory, holding the mount point, is moved."""
+    lower = tmp_path / "lower"
+    upper, work, target = (tmp_path / "b" / d for d in ("upper", "work", "tree"))
+    for d in (lower, upper, work, target):
+        d.mkdir(parents=True)
+    (lower / "kept").write_text("the lower layer is not the trash's to delete")
+    conftest._STORES.append(tmp_path)
+    overlay.mount_overlay(target, [lower], upper, work)
+    try:
+        trash.put(tmp_path / "b")
+        trash.empty()
+        assert os.listdir(trash.path) == []
+        assert (lower / "kept").read_text().startswith("the lower layer")
+        assert not [m for m in overlay.all_mounts() if m.target.startswith(str(tmp_path))]
+    finally:
+        conftest.force_unmount_below(tmp_path)
