@@ -117,9 +117,60 @@ def _open_state(store: Path) -> StateManager:
     return StateManager.open(store, progress=sys.stderr.isatty())  # a rebuild after a reboot
 
 
-async def _serve(ops: CascowOperations, ready: Callable[[], None]) -> None:
+# How often STATUS= is refreshed for `systemctl status` (only sent when it changed).
+STATUS_SECONDS = 2.0
+
+
+def watchdog_interval() -> float | None:
+    """Half the watchdog timeout systemd asks for (sd_watchdog_enabled(3)): ``WATCHDOG_USEC``
+    set, and ``WATCHDOG_PID`` unset or this process. None: no watchdog for us."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+def status_line(sm: Any, mnt: Path) -> str:
+    """What `systemctl status` shows: counts read from one LMDB read transaction (O(1) each)
+    and the kind of the latest logged operation."""
+    with sm.db.read() as txn:
+        branches = txn.stat(sm.db.db("branches"))["entries"]
+        snapshots = txn.stat(sm.db.db("snapshots"))["entries"]
+    return (f"serving {mnt}: {branches} branches, {snapshots} snapshots, "
+            f"last op {sm.wal.last_kind or 'none'}")
+
+
+async def _ping_watchdog(interval: float) -> None:
+    """WATCHDOG=1 from the trio loop itself: a stopped or wedged loop stops the pings and
+    systemd restarts the daemon."""
+    while True:
+        sd_notify("WATCHDOG=1")
+        await trio.sleep(interval)
+
+
+async def _report_status(status: Callable[[], str]) -> None:
+    last = ""
+    while True:
+        await trio.sleep(STATUS_SECONDS)
+        try:
+            line = await trio.to_thread.run_sync(status)  # an LMDB read may wait on a map resize
+        except CascowfsError as exc:
+            line = f"status unavailable: {exc.message}"
+        if line != last:
+            sd_notify(f"STATUS={line}")
+            last = line
+
+
+async def _serve(ops: CascowOperations, ready: Callable[[], None],
+                 status: Callable[[], str] | None = None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, ops)
+        interval = watchdog_interval()
+        if interval is not None:
+            nursery.start_soon(_ping_watchdog, interval)
+        if status is not None and os.environ.get("NOTIFY_SOCKET"):
+            nursery.start_soon(_report_status, status)
         ready()
         await pyfuse3.main(min_tasks=FUSE_WORKER_TASKS)
         nursery.cancel_scope.cancel()
@@ -179,11 +230,11 @@ def run(store: str | Path, mnt: str | Path, *, admin_gid: int | None = None,
         log.info("serving %s at %s (pid %d)", store, mnt, os.getpid())
         try:
             def announce() -> None:
-                sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {store} at {mnt}")
+                sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={status_line(sm, mnt)}")
                 if ready is not None:
                     ready()
 
-            trio.run(_serve, ops, announce)
+            trio.run(_serve, ops, announce, lambda: status_line(sm, mnt))
         finally:
             # As root libfuse unmounts lazily if the mount is busy; after an external umount
             # (our `cascowfs umount`) the connection is gone and this is a no-op.

@@ -44,6 +44,7 @@ class WriteAheadLog:
         if created:
             fsync_dir(path.parent)
         self.records_since_checkpoint = 0
+        self.last_kind: str | None = None  # the latest operation logged (systemd's STATUS=)
 
     def _append(self, record: dict, durable: bool) -> None:
         body = json.dumps(record, separators=(",", ":"), sort_keys=True)
@@ -73,6 +74,7 @@ class WriteAheadLog:
         not flushed, saving one fdatasync on the hot path."""
         op = new_op_id()
         self._append({"op": op, "step": "prepare", "kind": kind, "args": args}, durable=durable)
+        self.last_kind = kind
         return op
 
     def sync(self) -> None:
