@@ -30,8 +30,9 @@ if [ ! -e /etc/cascowfs/mnt-cascowfs.env ]; then
 fi
 
 systemd-sysusers /etc/sysusers.d/cascowfs.conf
-systemd-tmpfiles --create /etc/tmpfiles.d/cascowfs.conf
-if [ -d /run/systemd/system ]; then  # systemd is running (not an image being built)
+if [ -d /run/systemd/system ]; then  # systemd is running (not an image being built, whose
+    # first boot runs systemd-tmpfiles and systemd-modules-load anyway)
+    systemd-tmpfiles --create /etc/tmpfiles.d/cascowfs.conf
     systemctl daemon-reload
     systemctl restart systemd-modules-load.service
 fi

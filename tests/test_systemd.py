@@ -163,8 +163,9 @@ def test_service_unit_contract():
         assert forbidden not in svc, f"{forbidden} would hide our mounts in a private namespace"
     assert "CAP_SYS_ADMIN" in svc["CapabilityBoundingSet"]
     assert "CAP_SYS_NICE" in svc["CapabilityBoundingSet"], "the daemon could not raise its priority"
-    assert "ConditionPathIsDirectory" not in unit["Unit"], "a missing MNT must fail, not skip"
-    assert unit["Unit"]["AssertPathIsDirectory"] == "%f"
+    for check in ("ConditionPathIsDirectory", "AssertPathIsDirectory"):
+        # after a kill -9, %f is the dead FUSE mount (stat: ENOTCONN): the restart would fail
+        assert check not in unit["Unit"], f"{check}= would stop the restart after a crash"
     assert int(svc["WatchdogSec"].rstrip("s")) > 0
     assert "SIGHUP" not in svc.get("KillSignal", ""), "SIGHUP only reopens the log"
     example = _parse(EXAMPLE)
