@@ -10,6 +10,8 @@ Order matters, and is the point of this module:
    branch's overlay mount. Only then is anything mounted: nobody can see a half-recovered state.
 4. ``pyfuse3.init`` mounts; then systemd hears ``READY=1`` (``Type=notify``) and a
    ``--background`` parent is released, so "the command returned" means "the mount is usable".
+   From then on the trio loop itself sends systemd's ``WATCHDOG=1`` (a hung loop gets the
+   daemon restarted) and keeps ``STATUS=`` current.
 5. SIGTERM/SIGINT end the main loop; the FUSE mount is unmounted (lazily if busy, so no
    dead mount is left behind) and the store is closed. Branch overlay mounts stay: a branch is
    not killed because the daemon was, and processes working inside keep working. SIGHUP only
