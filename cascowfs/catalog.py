@@ -168,6 +168,9 @@ class Catalog:
     def snapshot_count(self, txn: lmdb.Transaction) -> int:
         return txn.stat(self._snapshots)["entries"]
 
+    def branch_count(self, txn: lmdb.Transaction) -> int:
+        return txn.stat(self._branches)["entries"]
+
     def put_snapshot(self, txn: lmdb.Transaction, id: str, rec: SnapshotRecord) -> None:
         txn.put(id.encode(), encode_snapshot(rec), db=self._snapshots)
 

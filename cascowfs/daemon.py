@@ -133,12 +133,12 @@ def watchdog_interval() -> float | None:
     return int(usec) / 2e6
 
 
-def status_line(sm: Any, mnt: Path) -> str:
+def status_line(sm: StateManager, mnt: Path) -> str:
     """What `systemctl status` shows: counts read from one LMDB read transaction (O(1) each)
     and the kind of the latest logged operation."""
     with sm.db.read() as txn:
-        branches = txn.stat(sm.db.db("branches"))["entries"]
-        snapshots = txn.stat(sm.db.db("snapshots"))["entries"]
+        branches = sm.catalog.branch_count(txn)
+        snapshots = sm.catalog.snapshot_count(txn)
     return (f"serving {mnt}: {branches} branches, {snapshots} snapshots, "
             f"last op {sm.wal.last_kind or 'none'}")
 
