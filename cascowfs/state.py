@@ -58,9 +58,10 @@ CHECKPOINT_EVERY = 1024  # WAL records between checkpoints
 # Bump when records or objects change shape. 3: refcount changes are queued; 4: the queue is
 # keyed by object (3 kept it in arrival order), and large directories are stored as pages;
 # 5: objects carry no refcounts, a mark-and-sweep collector deletes what no live root reaches;
-# 6: tree objects may be stored compressed (format 5's plain ones still read).
-STORE_FORMAT = 6
-UPGRADES_IN_PLACE = {2, 3, 4, 5}  # older formats a writable open upgrades
+# 6: tree objects may be stored compressed (format 5's plain ones still read); 7: chunk lists
+# may hold holes (format 6's zero chunks still read, and layers skip them).
+STORE_FORMAT = 7
+UPGRADES_IN_PLACE = {2, 3, 4, 5, 6}  # older formats a writable open upgrades
 # A collection cycle starts this long after garbage appeared (a prune, a discard, a failed
 # op), so that one cycle takes what a burst of operations dropped.
 COLLECT_AFTER_SECONDS = 5.0
@@ -325,7 +326,7 @@ class StateManager:
             raise StoreIOError(f"store {self.store} has format {raw and raw.decode() or 'unknown'}; "
                                f"this cascowfs reads format {STORE_FORMAT}")
         if self._read_only:
-            return  # formats 2-4 differ only in refcounts, which this version ignores; 5 reads as is
+            return  # formats 2-4 differ only in refcounts, which this version ignores; 5-6 read as is
 
         def upgrade(txn: lmdb.Transaction) -> None:
             if found is not None and found < 5:
