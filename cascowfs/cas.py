@@ -309,6 +309,7 @@ def children_of(value: bytes) -> list[bytes]:
     raise StoreIOError(f"object of unknown type {kind!r}")
 
 
+MAP_RELEASE_BYTES = 64 << 20
 LISTINGS_CACHED = 16  # chunk lists of open big files, each with an index of its offsets
 
 
@@ -343,6 +344,7 @@ class ContentStore:
         self._cache_size = cache_chunks
         self._cache_lock = threading.Lock()
         self._listings: OrderedDict[bytes, _Listing] = OrderedDict()
+        self._mapped = 0
 
     # -- writing ---------------------------------------------------------------------------
     def pack_missing(self, objects: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -386,6 +388,7 @@ class ContentStore:
         for oid, value in pack_unpacked(unpacked):
             if txn.put(oid, value, db=self.objects, overwrite=False):
                 written += len(value)
+        self._count_mapped(written)
         return written
 
     # -- protection from a running collection (collector.py) -------------------------------
@@ -429,7 +432,20 @@ class ContentStore:
             value = txn.get(oid, db=self.objects)
         if value is None:
             raise StoreIOError(f"object {oid.hex()} is missing from the store")
+        self._count_mapped(len(value))
         return value
+
+    def _count_mapped(self, nbytes: int) -> None:
+        """Count bytes read or written through LMDB's map, and have its pages released every
+        ``MAP_RELEASE_BYTES``: streaming a big file through the store must not leave the
+        whole file mapped in the daemon (``MetaDB.release_mapped_pages``)."""
+        with self._cache_lock:
+            self._mapped += nbytes
+            due = self._mapped >= MAP_RELEASE_BYTES
+            if due:
+                self._mapped = 0
+        if due:
+            self.db.release_mapped_pages()
 
     def _cached(self, oid: bytes) -> bytes | None:
         with self._cache_lock:

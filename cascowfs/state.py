@@ -1327,7 +1327,7 @@ class StateManager:
                         self.db.release_dead_readers()  # a child killed by close
                 else:
                     with self.db.read() as txn:
-                        dead = collector.garbage(txn, self.db.dbs)
+                        dead = collector.garbage(txn, self.db.dbs, self.db.release_mapped_pages)
                 # the background cycle's sweep stops at close; what is left stays pending
                 stop = self._closing.is_set if in_child else (lambda: False)
                 with progress_bar(progress, len(dead), "collecting", unit="obj") as bar:
