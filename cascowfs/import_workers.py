@@ -55,22 +55,31 @@ class FileJob(NamedTuple):
 FileResult = tuple[bytes, int, tuple, list[tuple[bytes, bytes]]]
 
 
+class Mirror(NamedTuple):
+    """Where an import writes its copy of a file (in the layer), with the file's metadata."""
+
+    path: bytes
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+
+
 def read_content(path: bytes, prepare: Prepare, emit: Emit | None = None,
-                 mirror: tuple | None = None) -> tuple[PreparedContent, tuple]:
+                 mirror: Mirror | None = None) -> tuple[PreparedContent, tuple]:
     """The content of the regular file ``path`` prepared as a stream (objects through
-    ``emit``, if given) and its xattrs, both read through one open; with ``mirror`` (path,
-    mode, uid, gid, mtime_ns) a copy, holes kept, is written from the very bytes read."""
+    ``emit``, if given) and its xattrs, both read through one open; with ``mirror`` a copy,
+    holes kept, is written from the very bytes read."""
     fd = fsmeta.open_file(path)
     try:
         xattrs = fsmeta.read_xattrs(fd)
         pieces = extents.read_pieces(fd, os.fstat(fd).st_size)
         if mirror is None:
             return prepare(pieces, emit), xattrs
-        dst, mode, uid, gid, mtime_ns = mirror
-        out = fsmeta.create_file(dst)
+        out = fsmeta.create_file(mirror.path)
         try:
             prepared = prepare(extents.copied(pieces, out), emit)
-            fsmeta.finish_file(out, mode, uid, gid, mtime_ns, xattrs)
+            fsmeta.finish_file(out, mirror.mode, mirror.uid, mirror.gid, mirror.mtime_ns, xattrs)
         finally:
             os.close(out)
         return prepared, xattrs
@@ -81,7 +90,7 @@ def read_content(path: bytes, prepare: Prepare, emit: Emit | None = None,
 def _process_one(path: bytes, mirror: bytes | None, mode: int, uid: int, gid: int,
                  mtime_ns: int, prepare: Prepare, emit: Emit | None = None) -> FileResult:
     prepared, xattrs = read_content(path, prepare, emit,
-                                    (mirror, mode, uid, gid, mtime_ns) if mirror else None)
+                                    Mirror(mirror, mode, uid, gid, mtime_ns) if mirror else None)
     return prepared.content_id, prepared.size, xattrs, prepared.objects
 
 

@@ -32,6 +32,7 @@ from .trees import STORED, TreeStore, same_entries, tree_objects
 class ObjectSink:
     """New objects of one operation; ``flush`` hands batches to a writer (an LMDB transaction)."""
 
+    # a flush holds a batch, its packs and LMDB's copy of them at once: ~3x this in memory
     def __init__(self, flush: Callable[[list[tuple[bytes, bytes]]], None] | None = None,
                  batch_bytes: int = 32 << 20) -> None:
         self.pending: dict[bytes, bytes] = {}

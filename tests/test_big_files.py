@@ -9,6 +9,7 @@ store, its layers or its branches, whether the filesystem had it as a hole or as
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import subprocess
@@ -16,10 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from hypothesis import given, strategies as st
 
 from cascowfs import cas, extents
-from conftest import REPO, child_env, hypothesis_settings, needs_overlay, open_store
+from conftest import REPO, child_env, hypothesis_settings, needs_loop, needs_overlay, open_store
+from fusehelpers import fuse_unavailable
 
 MIB = 1 << 20
 BLOCK = cas.HOLE_BLOCK
@@ -380,3 +383,27 @@ def test_import_commit_and_layers_of_a_big_file_stay_in_bounded_memory(tmp_path)
     # holding the file once would take all of it; the map's pages are released as it goes
     assert peak["RssAnon"] < size // 2, f"{peak} for a {size >> 20} MiB file"
     assert peak["VmRSS"] < size * 3 // 4, f"{peak} for a {size >> 20} MiB file"
+
+
+# ----------------------------------------------------------------------------------------
+# the benchmark tool, at a small size
+# ----------------------------------------------------------------------------------------
+@needs_loop
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=fuse_unavailable() or "")
+def test_bench_bigfiles_runs_end_to_end_and_leaves_nothing(tmp_path):
+    """It runs through a real mount, checks its reads by hash, writes its JSON and leaves
+    nothing mounted; no speed or memory figure is asserted (those are the benchmark's)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    out = tmp_path / "bigfiles.json"
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "bench_bigfiles.py"),
+                        "--size-gib", "0.0625", "--sparse-gib", "1", "--out", str(out)],
+                       env=dict(os.environ, CASCOWFS_BENCH_IMAGES=str(images)),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode in (0, 1), r.stderr[-4000:]  # 1: a limit missed, not a failure here
+    result = json.loads(out.read_text())
+    assert result["big_file"]["size"] == 64 * MIB
+    assert {"import", "commit", "branch of commit"} <= result["daemon_memory"]["peaks"].keys()
+    assert result["sparse_file"]["size"] == 1 << 30
+    assert "daemon VmHWM" in r.stdout
+    assert list(images.iterdir()) == []  # the scratch image and its mounts are gone
