@@ -489,18 +489,18 @@ class ContentStore:
             self._remember(oid, data)
         return data
 
-    def _listing(self, content_id: bytes, value: bytes) -> "_Listing":
+    def _cached_listing(self, content_id: bytes) -> "_Listing | None":
         with self._cache_lock:
             hit = self._listings.get(content_id)
             if hit is not None:
                 self._listings.move_to_end(content_id)
-                return hit
-        listing = _Listing(memoryview(value)[1:])
+            return hit
+
+    def _remember_listing(self, content_id: bytes, listing: "_Listing") -> None:
         with self._cache_lock:
             self._listings[content_id] = listing
             if len(self._listings) > LISTINGS_CACHED:
                 self._listings.popitem(last=False)
-        return listing
 
     def read(self, content_id: bytes, offset: int = 0, size: int = -1) -> bytes:
         """Bytes ``[offset, offset+size)`` of a file's content (``size=-1``: to the end; for
@@ -513,14 +513,18 @@ class ContentStore:
         their parts) as bytes, its holes as ints, one chunk in memory at a time."""
         if not content_id or size == 0:
             return
-        value = self.get(content_id)
-        if value[:1] == TYPE_CHUNK:
-            data = self._chunk_data(content_id, value)
-            yield data[offset:] if size < 0 else data[offset:offset + size]
-            return
-        if value[:1] != TYPE_LIST:
-            raise StoreIOError(f"object {content_id.hex()} is not file content")
-        listing = self._listing(content_id, value)
+        # a big file's list is megabytes: read once, not at every read of the file
+        listing = self._cached_listing(content_id)
+        if listing is None:
+            value = self.get(content_id)
+            if value[:1] == TYPE_CHUNK:
+                data = self._chunk_data(content_id, value)
+                yield data[offset:] if size < 0 else data[offset:offset + size]
+                return
+            if value[:1] != TYPE_LIST:
+                raise StoreIOError(f"object {content_id.hex()} is not file content")
+            listing = _Listing(memoryview(value)[1:])
+            self._remember_listing(content_id, listing)
         end = listing.size if size < 0 else min(listing.size, offset + size)
         for oid, start, length in listing.items_from(offset):
             if start >= end:
