@@ -310,6 +310,7 @@ def children_of(value: bytes) -> list[bytes]:
 
 
 MAP_RELEASE_BYTES = 64 << 20
+RELEASE_AFTER_WRITE_BYTES = 1 << 20  # more than an agent's commit of small files writes
 LISTINGS_CACHED = 16  # chunk lists of open big files, each with an index of its offsets
 
 
@@ -388,7 +389,8 @@ class ContentStore:
         for oid, value in pack_unpacked(unpacked):
             if txn.put(oid, value, db=self.objects, overwrite=False):
                 written += len(value)
-        self._count_mapped(written)
+        if written >= RELEASE_AFTER_WRITE_BYTES:
+            self.db.release_after_commit()  # a transaction maps about thrice what it writes
         return written
 
     # -- protection from a running collection (collector.py) -------------------------------
@@ -436,7 +438,7 @@ class ContentStore:
         return value
 
     def _count_mapped(self, nbytes: int) -> None:
-        """Count bytes read or written through LMDB's map, and have its pages released every
+        """Count bytes read through LMDB's map, and have its pages released every
         ``MAP_RELEASE_BYTES``: streaming a big file through the store must not leave the
         whole file mapped in the daemon (``MetaDB.release_mapped_pages``)."""
         with self._cache_lock:

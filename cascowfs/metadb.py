@@ -99,6 +99,7 @@ class MetaDB:
         self._queue: list[_WriteRequest] = []
         self._queue_cond = threading.Condition()
         self._closing = False
+        self._release_due = False  # set inside a write transaction, acted on after its commit
         self._committer = threading.Thread(target=self._commit_loop, name="cascowfs-lmdb-commit",
                                            daemon=True)
         self._committer.start()
@@ -111,6 +112,11 @@ class MetaDB:
 
     def db(self, name: str):
         return self.dbs[name]
+
+    def release_after_commit(self) -> None:
+        """Have ``release_mapped_pages`` run once the write transaction now running commits
+        (call from inside it: a write maps the pages it touches, commit included)."""
+        self._release_due = True
 
     def release_mapped_pages(self) -> None:
         """Unmap the pages of the data file this process has read through LMDB's map.
@@ -227,6 +233,9 @@ class MetaDB:
                         NoSpaceError(f"{request.what}: store disk is full")
                         if exc.errno == errno.ENOSPC else StoreIOError(f"{request.what}: {exc}"))
                 break
+        if self._release_due:
+            self._release_due = False
+            self.release_mapped_pages()
         for request in batch:
             request.done.set()
 
