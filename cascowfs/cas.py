@@ -309,7 +309,7 @@ def children_of(value: bytes) -> list[bytes]:
     raise StoreIOError(f"object of unknown type {kind!r}")
 
 
-MAP_RELEASE_BYTES = 64 << 20
+MAP_RELEASE_BYTES = 16 << 20  # counted by value; ext4 maps whole large folios around them
 RELEASE_AFTER_WRITE_BYTES = 1 << 20  # more than an agent's commit of small files writes
 LISTINGS_CACHED = 16  # chunk lists of open big files, each with an index of its offsets
 
