@@ -309,8 +309,12 @@ def children_of(value: bytes) -> list[bytes]:
     raise StoreIOError(f"object of unknown type {kind!r}")
 
 
-MAP_RELEASE_BYTES = 16 << 20  # counted by value; ext4 maps whole large folios around them
+MAP_RELEASE_BYTES = 16 << 20
+# what one read of a value may map, however small the value: ext4 maps the whole large folio
+# around a page touched, other values' pages with it
+MAPPED_PER_TOUCH = 256 << 10
 RELEASE_AFTER_WRITE_BYTES = 1 << 20  # more than an agent's commit of small files writes
+RELEASE_AFTER_OBJECTS = 64
 LISTINGS_CACHED = 16  # chunk lists of open big files, each with an index of its offsets
 
 
@@ -357,6 +361,7 @@ class ContentStore:
         with self.db.read() as txn:
             present = {oid for oid, value in objects
                        if value[:2] == unpacked and txn.get(oid, db=self.objects) is not None}
+        self._count_mapped(len(objects) * MAPPED_PER_TOUCH)
         return (pack_unpacked([o for o in objects if o[0] not in present])
                 + [o for o in objects if o[0] in present])
 
@@ -389,8 +394,8 @@ class ContentStore:
         for oid, value in pack_unpacked(unpacked):
             if txn.put(oid, value, db=self.objects, overwrite=False):
                 written += len(value)
-        if written >= RELEASE_AFTER_WRITE_BYTES:
-            self.db.release_after_commit()  # a transaction maps about thrice what it writes
+        if written >= RELEASE_AFTER_WRITE_BYTES or len(objects) >= RELEASE_AFTER_OBJECTS:
+            self.db.release_after_commit()  # what the transaction touched stays mapped
         return written
 
     # -- protection from a running collection (collector.py) -------------------------------
@@ -442,7 +447,7 @@ class ContentStore:
         ``MAP_RELEASE_BYTES``: streaming a big file through the store must not leave the
         whole file mapped in the daemon (``MetaDB.release_mapped_pages``)."""
         with self._cache_lock:
-            self._mapped += nbytes
+            self._mapped += max(nbytes, MAPPED_PER_TOUCH)
             due = self._mapped >= MAP_RELEASE_BYTES
             if due:
                 self._mapped = 0
