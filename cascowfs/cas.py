@@ -6,14 +6,23 @@ store reads to follow a tree's references and verify it.
 Objects form a DAG (tree -> tree | content; chunk list -> chunk; chunk pointer -> pack). What
 no live root reaches is deleted by the collector (collector.py), which this store helps by
 remembering, while a collection runs, every object stored meanwhile.
+
+File content is cut and read as a stream of bounded pieces, never held whole: a checkpoint
+or disk image is bigger than the daemon's memory. Its zeros are holes, not chunks: every
+whole ``HOLE_BLOCK`` of zeros (on a grid from offset 0) is a hole item in the chunk list, so
+a sparse file and a file that writes the same zeros have one content id, no zero chunk is
+stored, and layers written from either keep the holes.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import struct
 import threading
+from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import lmdb
 from fastcdc import fastcdc
@@ -49,13 +58,21 @@ _POINTER = struct.Struct("<32sII")
 PACK_TARGET = 256 * 1024
 _LIST_ITEM = struct.Struct("<32sI")
 
-def split_chunks(data: bytes) -> list[memoryview]:
-    """Content-defined chunk boundaries (FastCDC, Cython path)."""
-    if len(data) <= CHUNK_MIN:
-        return [memoryview(data)]
-    view = memoryview(data)
-    return [view[c.offset:c.offset + c.length]
-            for c in fastcdc(data, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX, fat=False)]
+# A chunk list item with this id is a hole: that many zero bytes, no object. No BLAKE3 output
+# is all zeros (finding one is a preimage attack), so it can never name a stored chunk.
+HOLE_ID = bytes(ID_SIZE)
+HOLE_BLOCK = 64 * 1024  # the zero runs that become holes: whole blocks of this grid
+HOLE_ITEM_MAX = 1 << 30  # a list item's length is 32 bits; longer holes take several items
+_ZERO_BLOCK = bytes(HOLE_BLOCK)
+# Content streams through the cutter in pieces of this size (a multiple of HOLE_BLOCK), and
+# its objects leave in batches of about EMIT_BYTES: with the object sink's batch and its
+# packs, that bounds the memory an import or commit takes whatever the file sizes.
+STREAM_PIECE = 4 << 20
+EMIT_BYTES = 8 << 20
+
+# A piece of a content stream: data, or an int, that many zero bytes (a hole)
+Piece = bytes | int
+Emit = Callable[[list[tuple[bytes, bytes]]], None]
 
 
 class PreparedContent:
@@ -69,19 +86,142 @@ class PreparedContent:
         self.objects = objects  # (id, stored value) for every chunk and the list, if any
 
 
-def prepare_content(data: bytes) -> PreparedContent:
-    """Cut ``data`` into chunks and build the objects that store it. Empty data has id b""."""
-    if not data:
-        return PreparedContent(b"", 0, [])
-    pieces = split_chunks(data)
-    objects = [(object_id(TYPE_CHUNK, p), TYPE_CHUNK + _UNPACKED + bytes(p)) for p in pieces]
-    if len(objects) == 1:
-        return PreparedContent(objects[0][0], len(data), objects)
-    listing = b"".join(_LIST_ITEM.pack(oid, len(p))
-                       for (oid, _), p in zip(objects, pieces, strict=True))
-    list_id = object_id(TYPE_LIST, listing)
-    objects.append((list_id, TYPE_LIST + listing))
-    return PreparedContent(list_id, len(data), objects)
+def zero_runs(pieces: Iterable[Piece]) -> Iterator[Piece]:
+    """A content stream with its holes made canonical: every run of whole ``HOLE_BLOCK``s of
+    zeros, read or known, becomes an int, and everything else bytes (zeros of a last partial
+    block included). ``pieces`` must start and end on the block grid except at the end of
+    the content (``extents.read_pieces`` and ``pieces_of`` give such streams)."""
+    for piece in pieces:
+        if isinstance(piece, int):
+            whole, tail = divmod(piece, HOLE_BLOCK)
+            if whole:
+                yield whole * HOLE_BLOCK
+            if tail:
+                yield bytes(tail)
+            continue
+        view = memoryview(piece)
+        start = 0  # of the data not yet given out
+        for at in range(0, len(piece) - HOLE_BLOCK + 1, HOLE_BLOCK):
+            # the two ends first: data is rarely zero there, and the full test copies
+            if (not piece[at] and not piece[at + HOLE_BLOCK - 1]
+                    and view[at:at + HOLE_BLOCK].tobytes() == _ZERO_BLOCK):
+                if at > start:
+                    yield piece[start:at]
+                yield HOLE_BLOCK
+                start = at + HOLE_BLOCK
+        if start < len(piece):
+            yield piece[start:] if start else piece
+
+
+def pieces_of(data: bytes) -> Iterator[Piece]:
+    """``data`` as a content stream of ``STREAM_PIECE`` pieces."""
+    for at in range(0, len(data), STREAM_PIECE):
+        yield data[at:at + STREAM_PIECE]
+
+
+class ContentCutter:
+    """Cuts a content stream into chunks and holes as it comes, keeping only a window of it.
+
+    Data between holes is cut by FastCDC as if it were a file of its own. A cut depends on
+    at most ``CHUNK_MAX`` bytes from the chunk's start, so the chunks of a window whose start
+    lies ``CHUNK_MAX`` or more before its end are those of the whole stream; the rest is
+    carried into the next window. With ``store`` every chunk becomes an object (handed to
+    ``emit`` in batches, or kept in ``objects`` without one); without it only ids are made."""
+
+    def __init__(self, store: bool, emit: Emit | None = None) -> None:
+        self.size = 0
+        self.objects: list[tuple[bytes, bytes]] = []
+        self._store = store
+        self._emit = emit
+        self._pending = 0
+        self._window = bytearray()
+        self._listing = bytearray()
+        self._only_chunk: bytes | None = None  # the id, while one chunk is all there is
+        self._hole_tail = 0  # the length of the last item if it is a hole
+
+    def add(self, piece: Piece) -> None:
+        if isinstance(piece, int):
+            self._cut(final=True)
+            self.size += piece
+            # a run of zeros is one item per HOLE_ITEM_MAX however its pieces came
+            if self._hole_tail:
+                grown = min(HOLE_ITEM_MAX, self._hole_tail + piece)
+                del self._listing[-_LIST_ITEM.size:]
+                self._listing += _LIST_ITEM.pack(HOLE_ID, grown)
+                piece -= grown - self._hole_tail
+                self._hole_tail = grown
+            while piece:
+                self._hole_tail = min(piece, HOLE_ITEM_MAX)
+                self._listing += _LIST_ITEM.pack(HOLE_ID, self._hole_tail)
+                piece -= self._hole_tail
+            self._only_chunk = None
+            return
+        self._window += piece
+        self.size += len(piece)
+        if len(self._window) >= STREAM_PIECE + CHUNK_MAX:
+            self._cut(final=False)
+
+    def finish(self) -> PreparedContent:
+        self._cut(final=True)
+        if not self._listing:
+            return PreparedContent(b"", 0, self.objects)
+        if self._only_chunk is not None:
+            return PreparedContent(self._only_chunk, self.size, self.objects)
+        listing = bytes(self._listing)
+        list_id = object_id(TYPE_LIST, listing)
+        if self._store:
+            self.objects.append((list_id, TYPE_LIST + listing))
+        return PreparedContent(list_id, self.size, self.objects)
+
+    def _cut(self, final: bool) -> None:
+        if not self._window:
+            return
+        data = bytes(self._window)
+        view = memoryview(data)
+        taken = 0
+        if len(data) <= CHUNK_MIN:
+            self._chunk(view)
+            taken = len(data)
+        else:
+            for c in fastcdc(data, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX, fat=False):
+                if not final and c.offset + CHUNK_MAX > len(data):
+                    break
+                self._chunk(view[c.offset:c.offset + c.length])
+                taken = c.offset + c.length
+        del self._window[:taken]
+
+    def _chunk(self, piece: memoryview) -> None:
+        oid = object_id(TYPE_CHUNK, piece)
+        self._hole_tail = 0
+        self._only_chunk = oid if not self._listing else None
+        self._listing += _LIST_ITEM.pack(oid, len(piece))
+        if not self._store:
+            return
+        self.objects.append((oid, TYPE_CHUNK + _UNPACKED + bytes(piece)))
+        self._pending += len(piece)
+        if self._emit is not None and self._pending >= EMIT_BYTES:
+            self._emit(self.objects)
+            self.objects, self._pending = [], 0
+
+
+def prepare_content(content: bytes | Iterable[Piece], emit: Emit | None = None) -> PreparedContent:
+    """Cut ``content`` (bytes, or a stream of pieces) into chunks and holes and build the
+    objects that store it; with ``emit``, those pass through it in batches as they are made
+    and only the rest are in the result. Empty content has id b""."""
+    return _cut_content(content, ContentCutter(True, emit))
+
+
+def identify_content(content: bytes | Iterable[Piece], emit: Emit | None = None) -> PreparedContent:
+    """Only the content id of ``content`` (no compression, no objects): for status and diff."""
+    return _cut_content(content, ContentCutter(False))
+
+
+def _cut_content(content: bytes | Iterable[Piece], cutter: ContentCutter) -> PreparedContent:
+    if isinstance(content, (bytes, bytearray)):
+        content = pieces_of(bytes(content))
+    for piece in zero_runs(content):
+        cutter.add(piece)
+    return cutter.finish()
 
 
 def build_pack(chunks: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -117,18 +257,6 @@ def pack_unpacked(objects: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes
     return out
 
 
-def identify_content(data: bytes) -> PreparedContent:
-    """Only the content id of ``data`` (no compression, no objects): for status and diff."""
-    if not data:
-        return PreparedContent(b"", 0, [])
-    pieces = split_chunks(data)
-    ids = [object_id(TYPE_CHUNK, p) for p in pieces]
-    if len(ids) == 1:
-        return PreparedContent(ids[0], len(data), [])
-    listing = b"".join(_LIST_ITEM.pack(oid, len(p)) for oid, p in zip(ids, pieces, strict=True))
-    return PreparedContent(object_id(TYPE_LIST, listing), len(data), [])
-
-
 def children_of(value: bytes) -> list[bytes]:
     """Ids an object references (with multiplicity), from its stored value."""
     kind = value[:1]
@@ -138,10 +266,39 @@ def children_of(value: bytes) -> list[bytes]:
         return []
     if kind == TYPE_LIST:
         body = memoryview(value)[1:]
-        return [bytes(body[i:i + ID_SIZE]) for i in range(0, len(body), _LIST_ITEM.size)]
+        ids = (bytes(body[i:i + ID_SIZE]) for i in range(0, len(body), _LIST_ITEM.size))
+        return [oid for oid in ids if oid != HOLE_ID]
     if kind == TYPE_TREE:
         return tree_children(stored_payload(value))
     raise StoreIOError(f"object of unknown type {kind!r}")
+
+
+MAP_RELEASE_BYTES = 16 << 20
+# what one read of a value may map, however small the value: ext4 maps the whole large folio
+# around a page touched, other values' pages with it
+MAPPED_PER_TOUCH = 256 << 10
+RELEASE_AFTER_WRITE_BYTES = 1 << 20  # more than an agent's commit of small files writes
+RELEASE_AFTER_OBJECTS = 64
+LISTINGS_CACHED = 16  # chunk lists of open big files, each with an index of its offsets
+
+
+class _Listing:
+    """A chunk list with the offset of every item, for reads at any offset in log time."""
+
+    __slots__ = ("body", "starts", "size")
+
+    def __init__(self, body: memoryview) -> None:
+        self.body = body
+        lengths = (length for _, length in _LIST_ITEM.iter_unpack(body))
+        self.starts = array("Q", itertools.accumulate(lengths, initial=0))
+        self.size = self.starts[-1]
+
+    def items_from(self, offset: int) -> Iterator[tuple[bytes, int, int]]:
+        """(id, start, length) of every item from the one holding ``offset`` on."""
+        first = max(0, bisect.bisect_right(self.starts, offset) - 1)
+        for i in range(first, len(self.starts) - 1):
+            oid, length = _LIST_ITEM.unpack_from(self.body, i * _LIST_ITEM.size)
+            yield oid, self.starts[i], length
 
 
 class ContentStore:
@@ -155,6 +312,8 @@ class ContentStore:
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._cache_size = cache_chunks
         self._cache_lock = threading.Lock()
+        self._listings: OrderedDict[bytes, _Listing] = OrderedDict()
+        self._mapped = 0
 
     # -- writing ---------------------------------------------------------------------------
     def pack_missing(self, objects: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -166,6 +325,7 @@ class ContentStore:
         with self.db.read() as txn:
             present = {oid for oid, value in objects
                        if value[:2] == unpacked and txn.get(oid, db=self.objects) is not None}
+        self._count_mapped(len(objects) * MAPPED_PER_TOUCH)
         return (pack_unpacked([o for o in objects if o[0] not in present])
                 + [o for o in objects if o[0] in present])
 
@@ -198,6 +358,8 @@ class ContentStore:
         for oid, value in pack_unpacked(unpacked):
             if txn.put(oid, value, db=self.objects, overwrite=False):
                 written += len(value)
+        if written >= RELEASE_AFTER_WRITE_BYTES or len(objects) >= RELEASE_AFTER_OBJECTS:
+            self.db.release_after_commit()  # what the transaction touched stays mapped
         return written
 
     # -- protection from a running collection (collector.py) -------------------------------
@@ -237,6 +399,7 @@ class ContentStore:
         value = self.find(oid, txn)
         if value is None:
             raise StoreIOError(f"object {oid.hex()} is missing from the store")
+        self._count_mapped(len(value))
         return value
 
     def find(self, oid: bytes, txn: lmdb.Transaction | None = None) -> bytes | None:
@@ -245,6 +408,18 @@ class ContentStore:
             with self.db.read() as rtxn:
                 return rtxn.get(oid, db=self.objects)
         return txn.get(oid, db=self.objects)
+
+    def _count_mapped(self, nbytes: int) -> None:
+        """Count bytes read through LMDB's map, and have its pages released every
+        ``MAP_RELEASE_BYTES``: streaming a big file through the store must not leave the
+        whole file mapped in the daemon (``MetaDB.release_mapped_pages``)."""
+        with self._cache_lock:
+            self._mapped += max(nbytes, MAPPED_PER_TOUCH)
+            due = self._mapped >= MAP_RELEASE_BYTES
+            if due:
+                self._mapped = 0
+        if due:
+            self.db.release_mapped_pages()
 
     def _cached(self, oid: bytes) -> bytes | None:
         with self._cache_lock:
@@ -288,31 +463,52 @@ class ContentStore:
             self._remember(oid, data)
         return data
 
+    def _cached_listing(self, content_id: bytes) -> _Listing | None:
+        with self._cache_lock:
+            hit = self._listings.get(content_id)
+            if hit is not None:
+                self._listings.move_to_end(content_id)
+            return hit
+
+    def _remember_listing(self, content_id: bytes, listing: _Listing) -> None:
+        with self._cache_lock:
+            self._listings[content_id] = listing
+            if len(self._listings) > LISTINGS_CACHED:
+                self._listings.popitem(last=False)
+
     def read(self, content_id: bytes, offset: int = 0, size: int = -1) -> bytes:
-        """Bytes ``[offset, offset+size)`` of a file's content (``size=-1``: to the end)."""
-        if not content_id:
-            return b""
-        value = self.get(content_id)
-        if value[:1] == TYPE_CHUNK:
-            data = self._chunk_data(content_id, value)
-            return data[offset:] if size < 0 else data[offset:offset + size]
-        if value[:1] != TYPE_LIST:
-            raise StoreIOError(f"object {content_id.hex()} is not file content")
-        out = []
-        end = None if size < 0 else offset + size
-        pos = 0
-        body = memoryview(value)[1:]
-        for i in range(0, len(body), _LIST_ITEM.size):
-            cid, length = _LIST_ITEM.unpack(body[i:i + _LIST_ITEM.size])
-            if end is not None and pos >= end:
-                break
-            if pos + length > offset:
-                data = self._chunk_data(cid)
-                lo = max(0, offset - pos)
-                hi = length if end is None else min(length, end - pos)
-                out.append(data[lo:hi])
-            pos += length
-        return b"".join(out)
+        """Bytes ``[offset, offset+size)`` of a file's content (``size=-1``: to the end; for
+        small content only: a caller of a big file's whole content takes ``pieces``)."""
+        return b"".join(piece if isinstance(piece, bytes) else bytes(piece)
+                        for piece in self.pieces(content_id, offset, size))
+
+    def pieces(self, content_id: bytes, offset: int = 0, size: int = -1) -> Iterator[Piece]:
+        """Bytes ``[offset, offset+size)`` of a file's content as a stream: its chunks (or
+        their parts) as bytes, its holes as ints, one chunk in memory at a time."""
+        if not content_id or size == 0:
+            return
+        # a big file's list is megabytes: read once, not at every read of the file
+        listing = self._cached_listing(content_id)
+        if listing is None:
+            value = self.get(content_id)
+            if value[:1] == TYPE_CHUNK:
+                data = self._chunk_data(content_id, value)
+                yield data[offset:] if size < 0 else data[offset:offset + size]
+                return
+            if value[:1] != TYPE_LIST:
+                raise StoreIOError(f"object {content_id.hex()} is not file content")
+            listing = _Listing(memoryview(value)[1:])
+            self._remember_listing(content_id, listing)
+        end = listing.size if size < 0 else min(listing.size, offset + size)
+        for oid, start, length in listing.items_from(offset):
+            if start >= end:
+                return
+            lo, hi = max(0, offset - start), min(length, end - start)
+            if oid == HOLE_ID:
+                yield hi - lo
+            else:
+                data = self._chunk_data(oid)
+                yield data[lo:hi] if (lo, hi) != (0, length) else data
 
     def verify(self, oid: bytes, value: bytes) -> bool:
         """Does the stored value hash to its id? (fsck; a frame that does not decompress

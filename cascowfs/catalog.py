@@ -36,8 +36,9 @@ log = logging.getLogger("cascowfs.catalog")
 # Bump when records or objects change shape. 3: refcount changes are queued; 4: the queue is
 # keyed by object (3 kept it in arrival order), and large directories are stored as pages;
 # 5: objects carry no refcounts, a mark-and-sweep collector deletes what no live root reaches;
-# 6: tree objects may be stored compressed (format 5's plain ones still read).
-STORE_FORMAT = 6
+# 6: tree objects may be stored compressed (format 5's plain ones still read); 7: chunk lists
+# may hold holes (format 6's zero chunks still read, and layers skip them).
+STORE_FORMAT = 7
 
 
 class Counter(Enum):

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 
 import lmdb
 
-from .cas import ID_SIZE, ContentStore, children_of
+from .cas import ID_SIZE, TYPE_CHUNK, ContentStore, children_of
 from .catalog import STORE_FORMAT, Catalog, Counter
 from .crashpoints import crash_point
 from .errors import CascowfsError, StoreIOError
@@ -64,19 +64,39 @@ def reach(txn: lmdb.Transaction, objects_db, starts: Iterable[bytes],
             continue
         reached.add(oid)
         value = txn.get(oid, db=objects_db)
-        if value is not None:
-            stack.extend(c for c in children_of(value)
-                         if c not in reached and (within is None or c in within))
+        if value is None:
+            continue
+        children = [c for c in children_of(value)
+                    if c not in reached and (within is None or c in within)]
+        if value[:1] == TYPE_CHUNK:
+            # a chunk's one child is its pack, which has none: not read, so that marking
+            # does not bring every pack of the store into this process's memory
+            reached.update(children)
+        else:
+            stack.extend(children)
     return reached
 
 
-def garbage(txn: lmdb.Transaction, dbs: dict) -> list[bytes]:
+# objects walked between two releases of the pages the walk mapped (``release``)
+RELEASE_EVERY = 256  # 64 MiB of packs at most
+
+
+def garbage(txn: lmdb.Transaction, dbs: dict,
+            release: Callable[[], None] = lambda: None) -> list[bytes]:
     """Every object the live roots do not reach, parents before children (see the module
-    docstring: an object found present must never point at one already deleted)."""
+    docstring: an object found present must never point at one already deleted).
+    ``release`` is called every ``RELEASE_EVERY`` objects of the walk over every id (which
+    maps every object's value: ``MetaDB.release_mapped_pages``)."""
     objects_db = dbs["objects"]
     live = reach(txn, objects_db, Catalog(dbs).live_roots(txn))
-    dead = [bytes(k) for k in txn.cursor(db=objects_db).iternext(keys=True, values=False)
-            if bytes(k) not in live]
+    dead = []
+    keys = txn.cursor(db=objects_db).iternext(keys=True, values=False)
+    for n, key in enumerate(keys, 1):
+        if bytes(key) not in live:
+            dead.append(bytes(key))
+        if n % RELEASE_EVERY == 0:
+            release()
+    release()
     return parents_first(txn, objects_db, dead)
 
 
@@ -134,6 +154,7 @@ def sweep(db: MetaDB, content: ContentStore, dead: list[bytes], slice_size: int,
             return removed, False
         part = dead[i:i + slice_size]
         removed += db.write(delete(part), "collecting garbage")
+        db.release_mapped_pages()  # deleting a value maps it
         done(len(part))
         crash_point("collect.swept")
     return removed, True
@@ -244,7 +265,7 @@ class Collector:
                         self._db.release_dead_readers()  # a child killed by close
                 else:
                     with self._db.read() as txn:
-                        dead = garbage(txn, self._db.dbs)
+                        dead = garbage(txn, self._db.dbs, self._db.release_mapped_pages)
                 # the background cycle's sweep stops at close; what is left stays pending
                 stop = self._closing.is_set if in_child else (lambda: False)
                 with progress_bar(progress, len(dead), "collecting", unit="obj") as bar:

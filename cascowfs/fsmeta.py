@@ -5,7 +5,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterable
 
+from . import extents
+from .cas import Piece
 from .errors import XattrTooLargeError
 
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
@@ -111,39 +114,39 @@ def apply_metadata(path: str | bytes, mode: int, uid: int, gid: int, mtime_ns: i
     os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
 
 
-def write_file(dst: str | bytes, data: bytes, mode: int, uid: int, gid: int, mtime_ns: int,
-               xattrs: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-    """Create ``dst`` (it must not exist) with ``data`` and exactly this metadata, all through
-    the descriptor that wrote it: an import writes ~80k such files, and each path call would
-    resolve the path again."""
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def write_file(dst: str | bytes, content: bytes | Iterable[Piece], mode: int, uid: int,
+               gid: int, mtime_ns: int, xattrs: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """Create ``dst`` (it must not exist) with ``content`` (bytes, or a stream of pieces
+    whose holes stay holes) and exactly this metadata, all through the descriptor that wrote
+    it: an import writes ~80k such files, and each path call would resolve the path again."""
+    fd = create_file(dst)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fchown(fd, uid, gid)
-        os.fchmod(fd, stat.S_IMODE(mode))  # after chown, which clears set-id bits
-        set_xattrs(fd, xattrs, dst)
-        os.utime(fd, ns=(mtime_ns, mtime_ns))  # last: writes and xattrs change the times
+        extents.write_pieces(fd, [content] if isinstance(content, bytes) else content)
+        finish_file(fd, mode, uid, gid, mtime_ns, xattrs, shown=dst)
     finally:
         os.close(fd)
 
 
-def read_file(path: str | bytes) -> tuple[bytes, tuple[tuple[bytes, bytes], ...]]:
-    """The content of the regular file ``path`` (a symlink is refused with ELOOP, not followed)
-    and its xattrs as ``read_xattrs`` gives them, both read through one open."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        chunks = []
-        while True:
-            block = os.read(fd, 1 << 20)
-            if not block:
-                break
-            chunks.append(block)
-        return b"".join(chunks), read_xattrs(fd)
-    finally:
-        os.close(fd)
+def create_file(dst: str | bytes) -> int:
+    """A descriptor of the new file ``dst`` (it must not exist), for ``finish_file``."""
+    return os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+
+def finish_file(fd: int, mode: int, uid: int, gid: int, mtime_ns: int,
+                xattrs: tuple[tuple[bytes, bytes], ...] = (),
+                shown: str | bytes | None = None) -> None:
+    """Give the file written through ``fd`` (named ``shown`` in errors) exactly this
+    metadata."""
+    os.fchown(fd, uid, gid)
+    os.fchmod(fd, stat.S_IMODE(mode))  # after chown, which clears set-id bits
+    set_xattrs(fd, xattrs, shown)
+    os.utime(fd, ns=(mtime_ns, mtime_ns))  # last: writes and xattrs change the times
+
+
+def open_file(path: str | bytes) -> int:
+    """A read descriptor of the regular file ``path`` (a symlink is refused with ELOOP, not
+    followed); its content is read as a stream (``extents.read_pieces``), never whole."""
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
 
 
 def make_node(path: str | bytes, mode: int, rdev: int) -> None:

@@ -18,15 +18,15 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
-from . import forks, fsmeta
-from .cas import PreparedContent, pack_unpacked
+from . import extents, forks, fsmeta
+from .cas import Emit, Piece, PreparedContent, pack_unpacked
 from .readahead import Readahead
 
-Prepare = Callable[[bytes], PreparedContent]
+Prepare = Callable[[Iterable[Piece], Emit | None], PreparedContent]
 
 IMPORT_THREADS = 3
 # Big imports are GIL-bound in threads (measured: CPU time == wall time on 2 cores), so they go
@@ -39,6 +39,9 @@ PROCESS_POOL_MIN_BYTES = 64 << 20
 IMPORT_PROCESSES = (os.cpu_count() or 1) + 1  # one more than cores: cold reads wait on the disk
 PROCESS_BATCH_BYTES = 8 << 20
 PROCESS_BATCH_FILES = 256
+# A file this big is not read by a worker but streamed on the calling thread, its objects
+# handed to ``emit`` as they are made: a worker returns a file's objects all at once.
+STREAMED_FILE_MIN = 32 << 20
 
 
 class FileJob(NamedTuple):
@@ -53,13 +56,44 @@ class FileJob(NamedTuple):
 FileResult = tuple[bytes, int, tuple, list[tuple[bytes, bytes]]]
 
 
+class Mirror(NamedTuple):
+    """Where an import writes its copy of a file (in the layer), with the file's metadata."""
+
+    path: bytes
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+
+
+def read_content(path: bytes, prepare: Prepare, emit: Emit | None = None,
+                 mirror: Mirror | None = None) -> tuple[PreparedContent, tuple]:
+    """The content of the regular file ``path`` prepared as a stream (objects through
+    ``emit``, if given) and its xattrs, both read through one open; with ``mirror`` a copy,
+    holes kept, is written from the very bytes read."""
+    fd = fsmeta.open_file(path)
+    try:
+        xattrs = fsmeta.read_xattrs(fd)
+        pieces = extents.read_pieces(fd, os.fstat(fd).st_size)
+        if mirror is None:
+            return prepare(pieces, emit), xattrs
+        out = fsmeta.create_file(mirror.path)
+        try:
+            prepared = prepare(extents.copied(pieces, out), emit)
+            fsmeta.finish_file(out, mirror.mode, mirror.uid, mirror.gid, mirror.mtime_ns, xattrs,
+                               shown=mirror.path)
+        finally:
+            os.close(out)
+        return prepared, xattrs
+    finally:
+        os.close(fd)
+
+
 def _process_one(path: bytes, mirror: bytes | None, mode: int, uid: int, gid: int,
-                 mtime_ns: int, prepare: Prepare) -> FileResult:
-    data, xattrs = fsmeta.read_file(path)
-    prepared = prepare(data)
-    if mirror is not None:
-        fsmeta.write_file(mirror, data, mode, uid, gid, mtime_ns, xattrs)
-    return prepared.content_id, len(data), xattrs, prepared.objects
+                 mtime_ns: int, prepare: Prepare, emit: Emit | None = None) -> FileResult:
+    prepared, xattrs = read_content(path, prepare, emit,
+                                    Mirror(mirror, mode, uid, gid, mtime_ns) if mirror else None)
+    return prepared.content_id, prepared.size, xattrs, prepared.objects
 
 
 # path, mirror, mode, uid, gid, mtime_ns: what a worker process needs of a FileJob
@@ -104,8 +138,10 @@ class ImportWorkers:
     manager: leaving it stops the readahead and the workers (cancelling what is queued if
     it is left by an exception)."""
 
-    def __init__(self, prepare: Prepare) -> None:
+    def __init__(self, prepare: Prepare, emit: Emit | None = None) -> None:
         self._prepare = prepare
+        self._emit = emit
+        self._streamed: list[FileJob] = []
         self._waiting: list[FileJob] = []
         self._waiting_bytes = 0
         self._dispatched: deque[tuple[list[FileJob], Future]] = deque()
@@ -124,6 +160,9 @@ class ImportWorkers:
                 self._processes.shutdown(wait=True, cancel_futures=exc_type is not None)
 
     def add(self, job: FileJob) -> None:
+        if job.st.st_size >= STREAMED_FILE_MIN:
+            self._streamed.append(job)
+            return
         self._waiting.append(job)
         self._waiting_bytes += job.st.st_size
         if self._processes is None:
@@ -149,15 +188,19 @@ class ImportWorkers:
             yield from self._take_first()
 
     def rest(self) -> Iterator[tuple[FileJob, FileResult]]:
-        """Every result not yet taken, in order; no more jobs may be added."""
+        """Every result not yet taken, in order (the big files last); no more jobs may be
+        added."""
         if self._processes is None:
             yield from self._on_threads(_in_disk_order(self._waiting))
             self._waiting = []
-            return
-        if self._waiting:
-            self._dispatch_waiting()
-        while self._dispatched:
-            yield from self._take_first()
+        else:
+            if self._waiting:
+                self._dispatch_waiting()
+            while self._dispatched:
+                yield from self._take_first()
+        for job in self._streamed:
+            yield job, _process_one(*_work_item(job), self._prepare, self._emit)
+        self._streamed = []
 
     def _dispatch_waiting(self) -> None:
         assert self._processes is not None

@@ -39,7 +39,7 @@ class _Writer:
             os.link(self.linked[child.link], path)
             return
         if child.is_file:
-            fsmeta.write_file(path, self.content.read(child.ref), child.mode, child.uid,
+            fsmeta.write_file(path, self.content.pieces(child.ref), child.mode, child.uid,
                               child.gid, child.mtime_ns, child.xattrs)
             self.tick(child.size)
         else:

@@ -7,6 +7,7 @@ always the committer thread, which runs the transactions of all callers (group c
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import threading
@@ -40,6 +41,17 @@ _ENV_OPTIONS = dict(max_dbs=len(DB_NAMES) + len(LEGACY_DB_NAMES) + 1, subdir=Tru
 
 INITIAL_MAP_SIZE = 1 << 30
 MAX_MAP_SIZE = 1 << 40
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_MADV_DONTNEED = 4
+
+
+def _madvise(start: int, length: int, advice: int) -> None:
+    if _libc.madvise(start, length, advice) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise of the store's map: {os.strerror(err)}")
 
 
 # LMDB reports a write that hit a full disk as EIO from mdb_txn_commit; below this much free
@@ -90,6 +102,7 @@ class MetaDB:
         self._queue: list[_WriteRequest] = []
         self._queue_cond = threading.Condition()
         self._closing = False
+        self._release_due = False  # set inside a write transaction, acted on after its commit
         self._committer = threading.Thread(target=self._commit_loop, name="cascowfs-lmdb-commit",
                                            daemon=True)
         self._committer.start()
@@ -103,6 +116,36 @@ class MetaDB:
     def db(self, name: str):
         return self.dbs[name]
 
+    def release_after_commit(self) -> None:
+        """Have ``release_mapped_pages`` run once the write transaction now running commits
+        (call from inside it: a write maps the pages it touches, commit included)."""
+        self._release_due = True
+
+    def release_mapped_pages(self) -> None:
+        """Unmap the pages of the data file this process has read through LMDB's map.
+
+        Reads go through a read-only shared map of the whole file, and every page read stays
+        mapped, counted in the process's RSS, until the kernel wants the memory back: reading
+        a 4 GiB file's chunks would show 4 GiB more RSS (a cursor walk over keys alone maps
+        every value: ext4's large folios map whole values at a touch). ``MADV_DONTNEED`` on a
+        shared file map only drops the page table entries: the pages stay in the page cache,
+        and a later read maps them again. Skipped while the map grows (the caller may hold a
+        read transaction, which that growth waits for); never waits itself."""
+        data_file = os.fsencode(os.path.realpath(self.path / "data.mdb"))
+        with self._gate:
+            if self._growing:
+                return
+            self._readers += 1  # the map stays where it is until this is done
+        try:
+            with open("/proc/self/maps", "rb") as maps:
+                ranges = [line.split(None, 1)[0] for line in maps
+                          if line.rstrip(b"\n").endswith(b" " + data_file)]
+            for span in ranges:
+                start, end = (int(x, 16) for x in span.split(b"-"))
+                _madvise(start, end - start, _MADV_DONTNEED)
+        finally:
+            self._leave_gate()
+
     @contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
         with self._gate:
@@ -115,9 +158,12 @@ class MetaDB:
         except lmdb.Error as exc:  # e.g. MDB_PANIC once a commit failed on a failing disk
             raise _translate(exc, "reading the store", self.path) from exc
         finally:
-            with self._gate:
-                self._readers -= 1
-                self._gate.notify_all()
+            self._leave_gate()
+
+    def _leave_gate(self) -> None:
+        with self._gate:
+            self._readers -= 1
+            self._gate.notify_all()
 
     def write(self, fn: Callable[[lmdb.Transaction], T], what: str = "write", *,
               dry_run: bool = False) -> T:
@@ -190,6 +236,9 @@ class MetaDB:
                         NoSpaceError(f"{request.what}: store disk is full")
                         if exc.errno == errno.ENOSPC else StoreIOError(f"{request.what}: {exc}"))
                 break
+        if self._release_due:
+            self._release_due = False
+            self.release_mapped_pages()
         for request in batch:
             request.done.set()
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the StateManager opens a store through this module
 
 log = logging.getLogger("cascowfs.recovery")
 
-UPGRADES_IN_PLACE = {2, 3, 4, 5}  # older formats a writable open upgrades
+UPGRADES_IN_PLACE = {2, 3, 4, 5, 6}  # older formats a writable open upgrades
 # ops that may leave objects no live root reaches when rolled back
 _MAY_LEAVE_OBJECTS = ("import", "commit", "flatten")
 
@@ -46,7 +46,8 @@ def check_format(sm: StateManager, *, read_only: bool) -> None:
         raise StoreIOError(f"store {sm.store} has format {raw and raw.decode() or 'unknown'}; "
                            f"this cascowfs reads format {STORE_FORMAT}")
     if read_only:
-        return  # formats 2-4 differ only in refcounts, which this version ignores; 5 reads as is
+        # formats 2-4 differ only in refcounts, which this version ignores; 5-6 read as is
+        return
 
     def upgrade(txn: lmdb.Transaction) -> None:
         if found is not None and found < 5:

@@ -25,7 +25,7 @@ import blake3
 
 from . import fsmeta
 from .cas import prepare_content
-from .import_workers import FileJob, FileResult, ImportWorkers, Prepare
+from .import_workers import FileJob, FileResult, ImportWorkers, Prepare, read_content
 from .model import Entry
 from .trees import STORED, TreeStore, same_entries, tree_objects
 
@@ -33,8 +33,9 @@ from .trees import STORED, TreeStore, same_entries, tree_objects
 class ObjectSink:
     """New objects of one operation; ``flush`` hands batches to a writer (an LMDB transaction)."""
 
+    # a flush holds a batch, its packs and LMDB's copy of them at once: ~3x this in memory
     def __init__(self, flush: Callable[[list[tuple[bytes, bytes]]], None] | None = None,
-                 batch_bytes: int = 64 << 20) -> None:
+                 batch_bytes: int = 32 << 20) -> None:
         self.pending: dict[bytes, bytes] = {}
         self.pending_bytes = 0
         self._flush = flush
@@ -155,10 +156,9 @@ class HardLinks:
 
 def _file_entry(name: bytes, path: bytes, st: os.stat_result, prepare: Prepare,
                 sink: ObjectSink) -> Entry:
-    data, xattrs = fsmeta.read_file(path)
-    prepared = prepare(data)
+    prepared, xattrs = read_content(path, prepare, sink.add)
     sink.add(prepared.objects)
-    return _meta_entry(name, st, xattrs, len(data), prepared.content_id)
+    return _meta_entry(name, st, xattrs, prepared.size, prepared.content_id)
 
 
 def _other_entry(name: bytes, path: bytes, st: os.stat_result) -> Entry:
@@ -246,7 +246,7 @@ def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None
         sink.add(objects)
         progress.update(size)
 
-    with ImportWorkers(prepare) as workers:
+    with ImportWorkers(prepare, sink.add) as workers:
         root = walk(root_path, b"", st, b"", mirror_root)
         for job, result in workers.rest():
             take(job, result)

@@ -208,8 +208,8 @@ def test_content_committed_while_a_collection_runs_survives_it(sm, tmp_path, mon
     sm.prune("old")
     marked = collector.garbage
 
-    def garbage_then_a_commit(txn, dbs):
-        dead = marked(txn, dbs)
+    def garbage_then_a_commit(txn, dbs, *release):
+        dead = marked(txn, dbs, *release)
         (tree / "p.txt").write_bytes(payload)
         sm.commit("b", "new")
         return dead

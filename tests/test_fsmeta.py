@@ -7,22 +7,30 @@ import stat
 
 import pytest
 
-from cascowfs import fsmeta
+from cascowfs import cas, fsmeta
+from cascowfs.import_workers import read_content
 
 
-@pytest.mark.parametrize("size", [0, 1, 4095, 1 << 20, (3 << 20) + 7])
-def test_read_file_reads_every_byte(tmp_path, size):
+def read_file(path) -> tuple[bytes, tuple]:
+    """Content and xattrs as the import reads them (content small enough to join here)."""
+    pieces: list = []
+    _, xattrs = read_content(os.fsencode(path), lambda stream, emit: pieces.extend(stream))
+    return b"".join(p if isinstance(p, bytes) else bytes(p) for p in pieces), xattrs
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 1 << 20, (3 << 20) + 7, cas.STREAM_PIECE * 2 + 9])
+def test_read_content_reads_every_byte(tmp_path, size):
     path = tmp_path / "f"
     data = os.urandom(size)
     path.write_bytes(data)
-    assert fsmeta.read_file(os.fsencode(path)) == (data, ())
+    assert read_file(path) == (data, ())
 
 
-def test_read_file_does_not_follow_a_symlink(tmp_path):
+def test_read_content_does_not_follow_a_symlink(tmp_path):
     (tmp_path / "target").write_bytes(b"x")
     (tmp_path / "link").symlink_to("target")
     with pytest.raises(OSError) as err:
-        fsmeta.read_file(os.fsencode(tmp_path / "link"))
+        read_file(tmp_path / "link")
     assert err.value.errno == errno.ELOOP
 
 
@@ -35,14 +43,14 @@ def _xattrs_supported(path) -> bool:
         return False
 
 
-def test_read_file_gives_the_xattrs_sorted_as_read_xattrs_does(tmp_path):
+def test_read_content_gives_the_xattrs_sorted_as_read_xattrs_does(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"body")
     if not _xattrs_supported(path):
         pytest.skip(f"no user xattrs on {tmp_path}")
     os.setxattr(path, b"user.zz", b"last")
     os.setxattr(path, b"user.aa", b"")
-    data, xattrs = fsmeta.read_file(os.fsencode(path))
+    data, xattrs = read_file(path)
     assert data == b"body"
     assert xattrs == ((b"user.aa", b""), (b"user.zz", b"last"))
     assert xattrs == fsmeta.read_xattrs(os.fsencode(path))
@@ -62,7 +70,7 @@ def test_write_file_gives_content_and_every_piece_of_metadata(tmp_path):
     assert (st.st_uid, st.st_gid) == (uid, gid)
     assert stat.S_IMODE(st.st_mode) == stat.S_IMODE(mode)  # set-id kept: chmod after chown
     assert st.st_mtime_ns == mtime_ns  # set last, after the writes and the xattrs
-    assert fsmeta.read_file(dst) == (data, xattrs)
+    assert read_file(dst) == (data, xattrs)
 
 
 def test_write_file_never_overwrites(tmp_path):

@@ -156,3 +156,34 @@ def test_every_record_a_lineage_writes_reads_back_byte_for_byte(store, tmp_path)
                                              sort_keys=True).encode(), (name, key)
                     assert encode(decode(raw)) == raw, (name, key)
         sm.discard("b")
+def test_format_6_store_with_zero_chunks_upgrades_and_its_layers_get_holes(store, tmp_path,
+                                                                          monkeypatch):
+    from cascowfs import extents, layers
+
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(5000) + bytes(40 * cas.HOLE_BLOCK) + os.urandom(7)
+    (src / "zeros").write_bytes(data)
+    with monkeypatch.context() as m:
+        for module in (cas, extents):  # zeros as format 6 stored them: chunks like any data
+            m.setattr(module, "zero_runs", lambda pieces: iter(pieces))
+        with open_store(store) as sm:
+            sm.import_tree(src, "base")
+            old_ref = sm.read_tree(sm.root_entry("base").ref)[b"zeros"].ref
+            _set_format(sm, b"6")
+    assert old_ref != cas.identify_content(data).content_id
+    with open_store(store) as sm:
+        assert _format(sm) == str(STORE_FORMAT).encode()
+        assert sm.read_file(old_ref, 0, len(data) + 1) == data
+        out = tmp_path / "rebuilt"
+        layers.materialize(sm.trees, sm.content, sm.root_entry("base"), out)
+        assert (out / "zeros").read_bytes() == data
+        assert os.stat(out / "zeros").st_blocks * 512 < len(data) // 4  # zero chunks skipped
+        tree = sm.create_branch("b", "base").tree
+        (tree / "zeros").write_bytes(data)  # the same bytes written again: the new id
+        sm.commit("b", "next")
+        assert sm.read_tree(sm.root_entry("next").ref)[b"zeros"].ref == \
+            cas.identify_content(data).content_id
+        sm.discard("b")
+        sm.settle()
+        check_live(sm, deep=True)
