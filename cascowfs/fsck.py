@@ -165,7 +165,9 @@ def _check_layers(sm: StateManager, sid: str, rec: SnapshotRecord, report: FsckR
         try:
             _compare_layers(sm, sid, rec, Path(mnt), report)
         finally:
-            overlay.unmount(Path(mnt), lazy=False)
+            # detached lazily: a passing reader (a walk of /tmp) must not make it EBUSY and
+            # leak the mount, and nothing of ours is left inside it
+            overlay.unmount(Path(mnt))
 
 
 def _compare_layers(sm: StateManager, sid: str, rec: SnapshotRecord, shown: Path,
