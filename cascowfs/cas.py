@@ -47,9 +47,9 @@ CHUNK_AVG = 64 * 1024
 CHUNK_MAX = 256 * 1024
 
 # second byte of a chunk's stored value
-_RAW = b"\x00"       # the data itself
-_ZSTD = b"\x01"      # zstd frame (chunks stored by versions before every chunk was packed)
-_PACKED = b"\x02"    # pointer: pack id, offset, length (the data lives in a pack object)
+_RAW = b"\x00"  # the data itself
+_ZSTD = b"\x01"  # zstd frame (chunks stored by versions before every chunk was packed)
+_PACKED = b"\x02"  # pointer: pack id, offset, length (the data lives in a pack object)
 _UNPACKED = b"\x03"  # raw chunk on its way into a pack; never stored as such
 _POINTER = struct.Struct("<32sII")
 # Chunks are compressed together in packs of about PACK_TARGET bytes, never one by one: LMDB
@@ -103,8 +103,11 @@ def zero_runs(pieces: Iterable[Piece]) -> Iterator[Piece]:
         start = 0  # of the data not yet given out
         for at in range(0, len(piece) - HOLE_BLOCK + 1, HOLE_BLOCK):
             # the two ends first: data is rarely zero there, and the full test copies
-            if (not piece[at] and not piece[at + HOLE_BLOCK - 1]
-                    and view[at:at + HOLE_BLOCK].tobytes() == _ZERO_BLOCK):
+            if (
+                not piece[at]
+                and not piece[at + HOLE_BLOCK - 1]
+                and view[at : at + HOLE_BLOCK].tobytes() == _ZERO_BLOCK
+            ):
                 if at > start:
                     yield piece[start:at]
                 yield HOLE_BLOCK
@@ -116,7 +119,7 @@ def zero_runs(pieces: Iterable[Piece]) -> Iterator[Piece]:
 def pieces_of(data: bytes) -> Iterator[Piece]:
     """``data`` as a content stream of ``STREAM_PIECE`` pieces."""
     for at in range(0, len(data), STREAM_PIECE):
-        yield data[at:at + STREAM_PIECE]
+        yield data[at : at + STREAM_PIECE]
 
 
 class ContentCutter:
@@ -146,7 +149,7 @@ class ContentCutter:
             # a run of zeros is one item per HOLE_ITEM_MAX however its pieces came
             if self._hole_tail:
                 grown = min(HOLE_ITEM_MAX, self._hole_tail + piece)
-                del self._listing[-_LIST_ITEM.size:]
+                del self._listing[-_LIST_ITEM.size :]
                 self._listing += _LIST_ITEM.pack(HOLE_ID, grown)
                 piece -= grown - self._hole_tail
                 self._hole_tail = grown
@@ -186,7 +189,7 @@ class ContentCutter:
             for c in fastcdc(data, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX, fat=False):
                 if not final and c.offset + CHUNK_MAX > len(data):
                     break
-                self._chunk(view[c.offset:c.offset + c.length])
+                self._chunk(view[c.offset : c.offset + c.length])
                 taken = c.offset + c.length
         del self._window[:taken]
 
@@ -266,7 +269,7 @@ def children_of(value: bytes) -> list[bytes]:
         return []
     if kind == TYPE_LIST:
         body = memoryview(value)[1:]
-        ids = (bytes(body[i:i + ID_SIZE]) for i in range(0, len(body), _LIST_ITEM.size))
+        ids = (bytes(body[i : i + ID_SIZE]) for i in range(0, len(body), _LIST_ITEM.size))
         return [oid for oid in ids if oid != HOLE_ID]
     if kind == TYPE_TREE:
         return tree_children(stored_payload(value))
@@ -323,11 +326,15 @@ class ContentStore:
         to store them after all if a sweep took them meanwhile."""
         unpacked = TYPE_CHUNK + _UNPACKED
         with self.db.read() as txn:
-            present = {oid for oid, value in objects
-                       if value[:2] == unpacked and txn.get(oid, db=self.objects) is not None}
+            present = {
+                oid
+                for oid, value in objects
+                if value[:2] == unpacked and txn.get(oid, db=self.objects) is not None
+            }
         self._count_mapped(len(objects) * MAPPED_PER_TOUCH)
-        return (pack_unpacked([o for o in objects if o[0] not in present])
-                + [o for o in objects if o[0] in present])
+        return pack_unpacked([o for o in objects if o[0] not in present]) + [
+            o for o in objects if o[0] in present
+        ]
 
     def put_objects(self, txn: lmdb.Transaction, objects: Iterable[tuple[bytes, bytes]]) -> int:
         """Store objects not yet present; raw chunks go into packs (``pack_missing`` does that
@@ -447,7 +454,7 @@ class ContentStore:
             if pack is None:
                 pack = self._payload(self.get(pack_id))
                 self._remember(pack_id, pack)
-            return pack[offset:offset + length]
+            return pack[offset : offset + length]
         raise StoreIOError(f"stored value with unknown encoding {flag!r}")
 
     def _chunk_data(self, oid: bytes, value: bytes | None = None) -> bytes:
@@ -479,8 +486,10 @@ class ContentStore:
     def read(self, content_id: bytes, offset: int = 0, size: int = -1) -> bytes:
         """Bytes ``[offset, offset+size)`` of a file's content (``size=-1``: to the end; for
         small content only: a caller of a big file's whole content takes ``pieces``)."""
-        return b"".join(piece if isinstance(piece, bytes) else bytes(piece)
-                        for piece in self.pieces(content_id, offset, size))
+        return b"".join(
+            piece if isinstance(piece, bytes) else bytes(piece)
+            for piece in self.pieces(content_id, offset, size)
+        )
 
     def pieces(self, content_id: bytes, offset: int = 0, size: int = -1) -> Iterator[Piece]:
         """Bytes ``[offset, offset+size)`` of a file's content as a stream: its chunks (or
@@ -493,7 +502,7 @@ class ContentStore:
             value = self.get(content_id)
             if value[:1] == TYPE_CHUNK:
                 data = self._chunk_data(content_id, value)
-                yield data[offset:] if size < 0 else data[offset:offset + size]
+                yield data[offset:] if size < 0 else data[offset : offset + size]
                 return
             if value[:1] != TYPE_LIST:
                 raise StoreIOError(f"object {content_id.hex()} is not file content")

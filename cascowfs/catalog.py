@@ -91,27 +91,53 @@ def _dump(record: dict[str, Any]) -> bytes:
 
 
 def encode_snapshot(rec: SnapshotRecord) -> bytes:
-    return _dump({"root": rec.root, "parent": rec.parent, "created_ns": rec.created_ns,
-                  "labels": rec.labels, "layers": rec.layers, "files": rec.files,
-                  "size": rec.size})
+    return _dump(
+        {
+            "root": rec.root,
+            "parent": rec.parent,
+            "created_ns": rec.created_ns,
+            "labels": rec.labels,
+            "layers": rec.layers,
+            "files": rec.files,
+            "size": rec.size,
+        }
+    )
 
 
 def decode_snapshot(raw: bytes) -> SnapshotRecord:
     d = json.loads(raw)
-    return SnapshotRecord(root=d["root"], parent=d["parent"], created_ns=d["created_ns"],
-                          layers=list(d["layers"]), files=d["files"], size=d["size"],
-                          labels=dict(d.get("labels") or {}))
+    return SnapshotRecord(
+        root=d["root"],
+        parent=d["parent"],
+        created_ns=d["created_ns"],
+        layers=list(d["layers"]),
+        files=d["files"],
+        size=d["size"],
+        labels=dict(d.get("labels") or {}),
+    )
 
 
 def encode_branch(rec: BranchRecord) -> bytes:
-    return _dump({"parent": rec.parent, "base_root": rec.base_root, "layers": rec.layers,
-                  "created_ns": rec.created_ns, "last_commit": rec.last_commit})
+    return _dump(
+        {
+            "parent": rec.parent,
+            "base_root": rec.base_root,
+            "layers": rec.layers,
+            "created_ns": rec.created_ns,
+            "last_commit": rec.last_commit,
+        }
+    )
 
 
 def decode_branch(raw: bytes) -> BranchRecord:
     d = json.loads(raw)
-    return BranchRecord(parent=d["parent"], base_root=d["base_root"], layers=list(d["layers"]),
-                        created_ns=d["created_ns"], last_commit=d.get("last_commit"))
+    return BranchRecord(
+        parent=d["parent"],
+        base_root=d["base_root"],
+        layers=list(d["layers"]),
+        created_ns=d["created_ns"],
+        last_commit=d.get("last_commit"),
+    )
 
 
 def encode_layer(rec: LayerRecord) -> bytes:
@@ -123,8 +149,14 @@ def encode_layer(rec: LayerRecord) -> bytes:
 
 def decode_layer(raw: bytes) -> LayerRecord:
     d = json.loads(raw)
-    return LayerRecord(refs=d["refs"], top=d["top"], span=d["span"], seq=d.get("seq", 0),
-                       built=d.get("built", True), below=d.get("below"))
+    return LayerRecord(
+        refs=d["refs"],
+        top=d["top"],
+        span=d["span"],
+        seq=d.get("seq", 0),
+        built=d.get("built", True),
+        below=d.get("below"),
+    )
 
 
 class Catalog:
@@ -151,8 +183,9 @@ class Catalog:
     def has_snapshot(self, txn: lmdb.Transaction, id: str) -> bool:
         return txn.get(id.encode(), db=self._snapshots) is not None
 
-    def snapshots(self, txn: lmdb.Transaction, *, skip_damaged: bool = False
-                  ) -> Iterator[tuple[str, SnapshotRecord]]:
+    def snapshots(
+        self, txn: lmdb.Transaction, *, skip_damaged: bool = False
+    ) -> Iterator[tuple[str, SnapshotRecord]]:
         """Every snapshot record. ``skip_damaged``: a record that does not decode is left out
         with a log line (listings), so that one damaged record does not hide the others."""
         for key, raw in txn.cursor(db=self._snapshots):
@@ -161,8 +194,7 @@ class Catalog:
             except (ValueError, KeyError, TypeError) as exc:
                 if not skip_damaged:
                     raise
-                log.warning("snapshot record %r does not decode, not listed: %r",
-                            bytes(key), exc)
+                log.warning("snapshot record %r does not decode, not listed: %r", bytes(key), exc)
                 continue
             yield bytes(key).decode(), rec
 
@@ -194,8 +226,10 @@ class Catalog:
             yield bytes(key).decode(), decode_branch(raw)
 
     def branch_names(self, txn: lmdb.Transaction) -> list[str]:
-        return [bytes(k).decode()
-                for k in txn.cursor(db=self._branches).iternext(keys=True, values=False)]
+        return [
+            bytes(k).decode()
+            for k in txn.cursor(db=self._branches).iternext(keys=True, values=False)
+        ]
 
     def put_branch(self, txn: lmdb.Transaction, name: str, rec: BranchRecord) -> None:
         txn.put(name.encode(), encode_branch(rec), db=self._branches)
@@ -219,14 +253,18 @@ class Catalog:
             yield bytes(key).decode(), decode_layer(raw)
 
     def layer_ids(self, txn: lmdb.Transaction) -> set[str]:
-        return {bytes(k).decode()
-                for k in txn.cursor(db=self._layers).iternext(keys=True, values=False)}
+        return {
+            bytes(k).decode() for k in txn.cursor(db=self._layers).iternext(keys=True, values=False)
+        }
 
     def unbuilt_layer_ids(self, txn: lmdb.Transaction) -> list[str]:
         """The commits' delta layers recorded as not written yet."""
         # only such a record has the key (a store of 10k snapshots has ~10k records)
-        return [bytes(k).decode() for k, v in txn.cursor(db=self._layers)
-                if b'"built"' in v and not decode_layer(v).built]
+        return [
+            bytes(k).decode()
+            for k, v in txn.cursor(db=self._layers)
+            if b'"built"' in v and not decode_layer(v).built
+        ]
 
     def put_layer(self, txn: lmdb.Transaction, lid: str, rec: LayerRecord) -> None:
         txn.put(lid.encode(), encode_layer(rec), db=self._layers)
@@ -270,8 +308,12 @@ class Catalog:
         """Every object that roots the live set: snapshot roots, branch bases, layer tops,
         and the trees that layers not written yet are the difference from."""
         # reads only the root fields: the marking child walks every record of the store
-        for db, key in ((self._snapshots, "root"), (self._branches, "base_root"),
-                        (self._layers, "top"), (self._layers, "below")):
+        for db, key in (
+            (self._snapshots, "root"),
+            (self._branches, "base_root"),
+            (self._layers, "top"),
+            (self._layers, "below"),
+        ):
             for _, raw in txn.cursor(db=db):
                 hexid = json.loads(raw).get(key)
                 if hexid:

@@ -45,6 +45,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from . import daemon
 
     admin_gid = _group_id(args.admin_group) if args.admin_group else None
+
     def start(ready: Callable[[], None] | None) -> int:
         daemon.setup_logging(logging.INFO, args.log_file)
         if args.debug:  # ours only: pyfuse3's own debug output is one line per request
@@ -87,16 +88,20 @@ def cmd_umount(args: argparse.Namespace) -> int:
         umount2(mnt, MNT_DETACH if args.lazy or pid is None else 0)
     except OSError as exc:
         if exc.errno == errno.EBUSY:
-            raise CascowfsError(f"{mnt} is busy (a process uses it; see fuser -m, or --lazy)",
-                                errno=errno.EBUSY) from None
+            raise CascowfsError(
+                f"{mnt} is busy (a process uses it; see fuser -m, or --lazy)", errno=errno.EBUSY
+            ) from None
         raise
     if pid is not None and not _wait_gone(pid, args.timeout):
-        raise CascowfsError(f"daemon pid {pid} did not exit within {args.timeout}s",
-                            errno=errno.ETIMEDOUT)
+        raise CascowfsError(
+            f"daemon pid {pid} did not exit within {args.timeout}s", errno=errno.ETIMEDOUT
+        )
     if args.branches:
         if store is None:
-            raise CascowfsError(f"--branches: the mount names no store (source {entry.source!r})",
-                                errno=errno.ENOENT)
+            raise CascowfsError(
+                f"--branches: the mount names no store (source {entry.source!r})",
+                errno=errno.ENOENT,
+            )
         _unmount_branches(store)
     return 0
 
@@ -114,8 +119,10 @@ def _unmount_branches(store: Path) -> None:
         raise
     except CascowfsError as exc:
         overlay.unmount_under(store / "branches")
-        print(f"cascowfs umount: {exc.message}; its branch mounts were detached without it",
-              file=sys.stderr)
+        print(
+            f"cascowfs umount: {exc.message}; its branch mounts were detached without it",
+            file=sys.stderr,
+        )
 
 
 def cmd_branch(args: argparse.Namespace) -> int:
@@ -165,21 +172,36 @@ def cmd_ls(args: argparse.Namespace) -> int:
             except CascowfsError as exc:  # one unreadable record must not hide the others
                 print(f"cascowfs ls: {ident}: {exc.errno_name}: {exc.message}", file=sys.stderr)
                 failed += 1
-        branches = ([client.branch_info(n) for n in client.branches()]
-                    if args.what != "snapshots" else [])
+        branches = (
+            [client.branch_info(n) for n in client.branches()] if args.what != "snapshots" else []
+        )
     if args.json:
-        print(json.dumps({
-            "snapshots": [_snap_dict(s) for s in snaps],
-            "branches": [{"name": b.name, "parent": b.parent, "tree": str(b.tree),
-                          "last_commit": b.last_commit} for b in branches],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "snapshots": [_snap_dict(s) for s in snaps],
+                    "branches": [
+                        {
+                            "name": b.name,
+                            "parent": b.parent,
+                            "tree": str(b.tree),
+                            "last_commit": b.last_commit,
+                        }
+                        for b in branches
+                    ],
+                },
+                indent=2,
+            )
+        )
         return 1 if failed else 0
     if args.what != "branches":
         if args.what == "all":
             print("snapshots:")
         for s in sorted(snaps, key=lambda s: s.created_ns):
-            print(f"  {s.id:<24} parent={s.parent or '-':<20} files={s.files:<7} "
-                  f"size={s.size:<10} {_time(s.created_ns)} {_labels_text(s)}".rstrip())
+            print(
+                f"  {s.id:<24} parent={s.parent or '-':<20} files={s.files:<7} "
+                f"size={s.size:<10} {_time(s.created_ns)} {_labels_text(s)}".rstrip()
+            )
     if args.what != "snapshots":
         if args.what == "all":
             print("branches:")
@@ -200,8 +222,10 @@ def cmd_log(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(_snap_dict(info)))
             else:
-                print(f"{info.id}  {_time(info.created_ns)}  files={info.files} size={info.size}"
-                      f"  root={info.root[:16]}  {_labels_text(info)}".rstrip())
+                print(
+                    f"{info.id}  {_time(info.created_ns)}  files={info.files} size={info.size}"
+                    f"  root={info.root[:16]}  {_labels_text(info)}".rstrip()
+                )
             if info.parent and info.parent not in client.snapshots():
                 print(f"{info.parent}  (pruned)")
                 break
@@ -255,8 +279,11 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     for problem in report.problems:
         print(problem)
     if report.ok:
-        waiting = (f" ({report.awaiting_collection} unreachable object(s) await the next "
-                   f"collection)" if report.awaiting_collection else "")
+        waiting = (
+            f" ({report.awaiting_collection} unreachable object(s) await the next collection)"
+            if report.awaiting_collection
+            else ""
+        )
         print(f"clean{waiting}", file=sys.stderr)
         return 0
     print(f"{len(report.problems)} problem(s)", file=sys.stderr)
@@ -369,21 +396,33 @@ def _change_dict(change: Change) -> dict:
     try:
         return {"change": change.kind, "path": change.raw_path.decode("utf-8")}
     except UnicodeDecodeError:
-        return {"change": change.kind, "path": None,
-                "path_b64": base64.b64encode(change.raw_path).decode("ascii")}
+        return {
+            "change": change.kind,
+            "path": None,
+            "path_b64": base64.b64encode(change.raw_path).decode("ascii"),
+        }
 
 
 def _change_format_options(parser: argparse.ArgumentParser) -> None:
     form = parser.add_mutually_exclusive_group()
-    form.add_argument("-z", action="store_true",
-                      help="NUL-terminated records '<A|M|D> <raw path>', no quoting")
-    form.add_argument("--json", action="store_true",
-                      help='one JSON object per line: {"change": "A", "path": ...}')
+    form.add_argument(
+        "-z", action="store_true", help="NUL-terminated records '<A|M|D> <raw path>', no quoting"
+    )
+    form.add_argument(
+        "--json", action="store_true", help='one JSON object per line: {"change": "A", "path": ...}'
+    )
 
 
 def _snap_dict(s: Any) -> dict:
-    out = {"id": s.id, "parent": s.parent, "root": s.root, "created_ns": s.created_ns,
-           "size": s.size, "files": s.files, "labels": s.labels}
+    out = {
+        "id": s.id,
+        "parent": s.parent,
+        "root": s.root,
+        "created_ns": s.created_ns,
+        "size": s.size,
+        "files": s.files,
+        "labels": s.labels,
+    }
     if s.error:
         out["error"] = s.error
     return out
@@ -402,59 +441,94 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cascowfs",
         description="Millisecond branching of a working directory: CAS snapshots, overlayfs "
-                    "branches, a WAL. See docs/interface.md for the file contract.")
+        "branches, a WAL. See docs/interface.md for the file contract.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    def verb(name: str, fn: Callable[[argparse.Namespace], int], help: str,
-             description: str | None = None) -> argparse.ArgumentParser:
+    def verb(
+        name: str,
+        fn: Callable[[argparse.Namespace], int],
+        help: str,
+        description: str | None = None,
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=description or help)
         p.set_defaults(fn=fn)
         return p
 
-    p = verb("init", cmd_init, "create a new store in STORE (missing or empty)",
-             "Create and initialise a store. STORE must be missing or an empty directory: a "
-             "non-empty one is refused (ENOTEMPTY), an existing store too (EEXIST). Every verb "
-             "but init and mount refuses a path that is not a store.")
+    p = verb(
+        "init",
+        cmd_init,
+        "create a new store in STORE (missing or empty)",
+        "Create and initialise a store. STORE must be missing or an empty directory: a "
+        "non-empty one is refused (ENOTEMPTY), an existing store too (EEXIST). Every verb "
+        "but init and mount refuses a path that is not a store.",
+    )
     p.add_argument("store", help="store directory")
 
-    p = verb("mount", cmd_mount, "serve STORE at MNT (foreground unless --background)",
-             "Open STORE (a missing or empty directory becomes a new store; anything else that "
-             "is not a store is refused), replay its write-ahead log, re-adopt branch "
-             "mounts, then mount the filesystem at MNT and serve it. A dead mount left by a "
-             "killed daemon is cleared first. Signals readiness to systemd (sd_notify).")
+    p = verb(
+        "mount",
+        cmd_mount,
+        "serve STORE at MNT (foreground unless --background)",
+        "Open STORE (a missing or empty directory becomes a new store; anything else that "
+        "is not a store is refused), replay its write-ahead log, re-adopt branch "
+        "mounts, then mount the filesystem at MNT and serve it. A dead mount left by a "
+        "killed daemon is cleared first. Signals readiness to systemd (sd_notify).",
+    )
     p.add_argument("store", help="store directory")
     p.add_argument("mountpoint", metavar="MNT", help="mount point (an existing directory)")
-    p.add_argument("--background", "-b", action="store_true",
-                   help="detach; return once the mount is ready")
-    p.add_argument("--admin-group", metavar="GROUP",
-                   help="members of GROUP may also create/commit/discard/prune (root always may)")
-    p.add_argument("--log-file", metavar="FILE", help="log here (default: stderr; "
-                   "with --background and no --log-file logs are discarded)")
+    p.add_argument(
+        "--background", "-b", action="store_true", help="detach; return once the mount is ready"
+    )
+    p.add_argument(
+        "--admin-group",
+        metavar="GROUP",
+        help="members of GROUP may also create/commit/discard/prune (root always may)",
+    )
+    p.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="log here (default: stderr; with --background and no --log-file logs are discarded)",
+    )
     p.add_argument("--debug", "-d", action="store_true", help="log every failed request")
-    p.add_argument("--nice", type=_nice_value, metavar="N",
-                   help="serve at this scheduling priority, -20..19 (default -10: every agent's "
-                        "operation waits on the daemon; raising it needs root or CAP_SYS_NICE)")
+    p.add_argument(
+        "--nice",
+        type=_nice_value,
+        metavar="N",
+        help="serve at this scheduling priority, -20..19 (default -10: every agent's "
+        "operation waits on the daemon; raising it needs root or CAP_SYS_NICE)",
+    )
 
     p = verb("umount", cmd_umount, "unmount MNT and wait for its daemon to exit")
     p.add_argument("mountpoint", metavar="MNT")
-    p.add_argument("--branches", action="store_true",
-                   help="also unmount every branch overlay, also after the daemon was killed "
-                        "(full teardown; branches survive as state and are mounted again by "
-                        "the next `mount`)")
+    p.add_argument(
+        "--branches",
+        action="store_true",
+        help="also unmount every branch overlay, also after the daemon was killed "
+        "(full teardown; branches survive as state and are mounted again by "
+        "the next `mount`)",
+    )
     p.add_argument("--lazy", "-l", action="store_true", help="detach even if busy")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the daemon")
 
-    p = verb("branch", cmd_branch, "create branch NAME on snapshot PARENT; prints its tree",
-             "Create a branch (an overlayfs mount) on snapshot PARENT, or on the empty "
-             "snapshot if PARENT is omitted. Prints the branch's writable tree path.")
+    p = verb(
+        "branch",
+        cmd_branch,
+        "create branch NAME on snapshot PARENT; prints its tree",
+        "Create a branch (an overlayfs mount) on snapshot PARENT, or on the empty "
+        "snapshot if PARENT is omitted. Prints the branch's writable tree path.",
+    )
     p.add_argument("mountpoint", metavar="MNT")
     p.add_argument("name")
     p.add_argument("parent", nargs="?")
 
-    p = verb("commit", cmd_commit, "freeze branch NAME into snapshot ID; prints the id",
-             "Commit a branch into a new snapshot (ID omitted: a generated one), with optional "
-             "KEY=VALUE labels. The branch continues on the new snapshot.")
+    p = verb(
+        "commit",
+        cmd_commit,
+        "freeze branch NAME into snapshot ID; prints the id",
+        "Commit a branch into a new snapshot (ID omitted: a generated one), with optional "
+        "KEY=VALUE labels. The branch continues on the new snapshot.",
+    )
     p.add_argument("mountpoint", metavar="MNT")
     p.add_argument("name")
     p.add_argument("id", nargs="?")
@@ -483,25 +557,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("start", metavar="ID|BRANCH")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    p = verb("status", cmd_status, "a branch's changes against its parent (A|M|D PATH)",
-             "One line per change, the path quoted as git quotes it when it holds a byte "
-             "outside printable ASCII, a quote or a backslash (docs/interface.md).")
+    p = verb(
+        "status",
+        cmd_status,
+        "a branch's changes against its parent (A|M|D PATH)",
+        "One line per change, the path quoted as git quotes it when it holds a byte "
+        "outside printable ASCII, a quote or a backslash (docs/interface.md).",
+    )
     p.add_argument("mountpoint", metavar="MNT")
     p.add_argument("name")
     _change_format_options(p)
 
-    p = verb("diff", cmd_diff, "changes from snapshot A to snapshot B (A|M|D PATH)",
-             "TARGET is a mount point or a store no daemon serves. '-' names the empty "
-             "snapshot. Paths are quoted as in `status`.")
+    p = verb(
+        "diff",
+        cmd_diff,
+        "changes from snapshot A to snapshot B (A|M|D PATH)",
+        "TARGET is a mount point or a store no daemon serves. '-' names the empty "
+        "snapshot. Paths are quoted as in `status`.",
+    )
     p.add_argument("target", metavar="MNT|STORE")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
     _change_format_options(p)
 
-    p = verb("import", cmd_import, "import directory SRC as snapshot ID",
-             "Import a directory tree as a new snapshot. TARGET is a mount point, or a store: "
-             "if a daemon serves the store the import goes through its ctl file, otherwise "
-             "the store is opened directly.")
+    p = verb(
+        "import",
+        cmd_import,
+        "import directory SRC as snapshot ID",
+        "Import a directory tree as a new snapshot. TARGET is a mount point, or a store: "
+        "if a daemon serves the store the import goes through its ctl file, otherwise "
+        "the store is opened directly.",
+    )
     p.add_argument("target", metavar="STORE|MNT")
     p.add_argument("src", metavar="SRC")
     p.add_argument("id", metavar="ID")
@@ -511,9 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("fsck", cmd_fsck, "check a store's invariants (exit 1 on any problem)")
     p.add_argument("store")
     p.add_argument("--progress", action="store_true")
-    p.add_argument("--deep", action="store_true",
-                   help="also mount every snapshot's layers read-only and compare them with its "
-                        "tree")
+    p.add_argument(
+        "--deep",
+        action="store_true",
+        help="also mount every snapshot's layers read-only and compare them with its tree",
+    )
 
     p = verb("gc", cmd_gc, "reclaim unreferenced objects and layers now")
     p.add_argument("target", metavar="STORE|MNT")

@@ -94,8 +94,9 @@ class Client:
                     if exc.errno in _DEAD:
                         self._reset_fd()
                     ok, code, text = parse_reply(reply) if reply else (False, exc.errno, "")
-                    raise error_from_errno(exc.errno or code or errno.EIO,
-                                           text or exc.strerror or str(exc)) from None
+                    raise error_from_errno(
+                        exc.errno or code or errno.EIO, text or exc.strerror or str(exc)
+                    ) from None
             reply = self._read_reply(fd)
         ok, code, text = parse_reply(reply)
         if not ok:
@@ -122,8 +123,7 @@ class Client:
             return self.tree(name)
         return Path(self.command("branch", name, parent))
 
-    def commit(self, name: str, id: str | None = None,
-               labels: dict[str, str] | None = None) -> str:
+    def commit(self, name: str, id: str | None = None, labels: dict[str, str] | None = None) -> str:
         """Freeze branch ``name`` into snapshot ``id`` (None: generated); the new id."""
         words = ["commit", name] + ([id] if id is not None else [])
         words += [f"{k}={v}" for k, v in (labels or {}).items()]
@@ -139,8 +139,9 @@ class Client:
         """Re-base an unmodified branch on ``parent`` (None: the empty snapshot)."""
         self.command("rebase", name, *([parent] if parent is not None else []))
 
-    def import_tree(self, src: str | os.PathLike[str], id: str,
-                    labels: dict[str, str] | None = None) -> str:
+    def import_tree(
+        self, src: str | os.PathLike[str], id: str, labels: dict[str, str] | None = None
+    ) -> str:
         """Import directory ``src`` (read by the daemon) as snapshot ``id``."""
         words = ["import", id, os.path.abspath(src)]
         words += [f"{k}={v}" for k, v in (labels or {}).items()]
@@ -168,7 +169,7 @@ class Client:
         """Metadata of a snapshot, from the ``user.cascowfs.*`` xattrs of its root."""
         path = self.snapshot_path(id)
         attrs = self._xattrs(path)
-        labels = {k[len("label."):]: v for k, v in attrs.items() if k.startswith("label.")}
+        labels = {k[len("label.") :]: v for k, v in attrs.items() if k.startswith("label.")}
         return SnapshotInfo(
             id=id,
             root=attrs.get("root", ""),
@@ -257,7 +258,9 @@ class Client:
                 # The root's own xattrs crowd the list: the recorded names are still readable
                 # one by one, the labels are not.
                 return _recorded_without_labels(path)
-            return {n[len(_XATTR):]: os.getxattr(path, n).decode("utf-8", "replace") for n in names}
+            return {
+                n[len(_XATTR) :]: os.getxattr(path, n).decode("utf-8", "replace") for n in names
+            }
         except OSError as exc:
             raise _wrap(exc, f"xattrs of {path}") from None
 
@@ -310,8 +313,10 @@ def _report(path: Path, rel: str, is_dir: bool, kind: str, changes: list[Change]
 
 
 def _dir_meta(path: Path, st: os.stat_result) -> tuple:
-    xattrs = sorted((n, os.getxattr(path, n, follow_symlinks=False))
-                    for n in os.listxattr(path, follow_symlinks=False))
+    xattrs = sorted(
+        (n, os.getxattr(path, n, follow_symlinks=False))
+        for n in os.listxattr(path, follow_symlinks=False)
+    )
     return (st.st_mode, st.st_uid, st.st_gid, xattrs)
 
 

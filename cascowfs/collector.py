@@ -51,8 +51,9 @@ log = logging.getLogger("cascowfs.collector")
 MARKER_NICE = 10
 
 
-def reach(txn: lmdb.Transaction, objects_db, starts: Iterable[bytes],
-          within: set[bytes] | None = None) -> set[bytes]:
+def reach(
+    txn: lmdb.Transaction, objects_db, starts: Iterable[bytes], within: set[bytes] | None = None
+) -> set[bytes]:
     """``starts`` and every object they reach, through objects of ``within`` only if it is
     given: from the live roots, the marking; from what was stored again since a cycle's
     snapshot, what its sweep must keep. A missing object is reached but has no children."""
@@ -66,8 +67,9 @@ def reach(txn: lmdb.Transaction, objects_db, starts: Iterable[bytes],
         value = txn.get(oid, db=objects_db)
         if value is None:
             continue
-        children = [c for c in children_of(value)
-                    if c not in reached and (within is None or c in within)]
+        children = [
+            c for c in children_of(value) if c not in reached and (within is None or c in within)
+        ]
         if value[:1] == TYPE_CHUNK:
             # a chunk's one child is its pack, which has none: not read, so that marking
             # does not bring every pack of the store into this process's memory
@@ -81,8 +83,9 @@ def reach(txn: lmdb.Transaction, objects_db, starts: Iterable[bytes],
 RELEASE_EVERY = 256  # 64 MiB of packs at most
 
 
-def garbage(txn: lmdb.Transaction, dbs: dict,
-            release: Callable[[], None] = lambda: None) -> list[bytes]:
+def garbage(
+    txn: lmdb.Transaction, dbs: dict, release: Callable[[], None] = lambda: None
+) -> list[bytes]:
     """Every object the live roots do not reach, parents before children (see the module
     docstring: an object found present must never point at one already deleted).
     ``release`` is called every ``RELEASE_EVERY`` objects of the walk over every id (which
@@ -125,15 +128,22 @@ def parents_first(txn: lmdb.Transaction, objects_db, ids: list[bytes]) -> list[b
     return post
 
 
-def _children_within(txn: lmdb.Transaction, objects_db, oid: bytes,
-                     wanted: set[bytes]) -> list[bytes]:
+def _children_within(
+    txn: lmdb.Transaction, objects_db, oid: bytes, wanted: set[bytes]
+) -> list[bytes]:
     value = txn.get(oid, db=objects_db)
     return [c for c in children_of(value) if c in wanted] if value is not None else []
 
 
-def sweep(db: MetaDB, content: ContentStore, dead: list[bytes], slice_size: int, *,
-          stop: Callable[[], bool] = lambda: False,
-          done: Callable[[int], None] = lambda n: None) -> tuple[int, bool]:
+def sweep(
+    db: MetaDB,
+    content: ContentStore,
+    dead: list[bytes],
+    slice_size: int,
+    *,
+    stop: Callable[[], bool] = lambda: False,
+    done: Callable[[int], None] = lambda n: None,
+) -> tuple[int, bool]:
     """Delete ``dead`` (parents first) ``slice_size`` objects per write transaction, keeping
     what was stored since the cycle began protecting and every object of ``dead`` those
     reach. Returns the number deleted and whether the sweep finished (``stop()`` ends it
@@ -146,13 +156,14 @@ def sweep(db: MetaDB, content: ContentStore, dead: list[bytes], slice_size: int,
         def run(txn: lmdb.Transaction) -> int:
             keep = reach(txn, objects, content.protected_among(candidates), candidates)
             return sum(1 for oid in part if oid not in keep and txn.delete(oid, db=objects))
+
         return run
 
     crash_point("collect.marked")
     for i in range(0, len(dead), slice_size):
         if stop():
             return removed, False
-        part = dead[i:i + slice_size]
+        part = dead[i : i + slice_size]
         removed += db.write(delete(part), "collecting garbage")
         db.release_mapped_pages()  # deleting a value maps it
         done(len(part))
@@ -166,11 +177,19 @@ def garbage_from_child(meta_dir: str, cancelled: Callable[[], bool] = lambda: Fa
     it (and raise) if ``cancelled()`` turns true meanwhile (the store is closing)."""
     # the child must import this very package, however the daemon found it
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (package_parent, os.environ.get("PYTHONPATH", "")) if p))
-    proc = subprocess.Popen([sys.executable, "-m", "cascowfs.collector", meta_dir], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            p for p in (package_parent, os.environ.get("PYTHONPATH", "")) if p
+        ),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cascowfs.collector", meta_dir],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
     while True:
         if cancelled():
             proc.kill()
@@ -182,11 +201,13 @@ def garbage_from_child(meta_dir: str, cancelled: Callable[[], bool] = lambda: Fa
         except subprocess.TimeoutExpired:
             continue
     if proc.returncode != 0:
-        raise StoreIOError(f"the collector's marking process failed ({proc.returncode}): "
-                           f"{err.decode(errors='replace').strip()[-500:]}")
+        raise StoreIOError(
+            f"the collector's marking process failed ({proc.returncode}): "
+            f"{err.decode(errors='replace').strip()[-500:]}"
+        )
     if len(out) % ID_SIZE:
         raise StoreIOError("the collector's marking process gave a truncated list")
-    return [out[i:i + ID_SIZE] for i in range(0, len(out), ID_SIZE)]
+    return [out[i : i + ID_SIZE] for i in range(0, len(out), ID_SIZE)]
 
 
 def _child_main(meta_dir: str) -> None:
@@ -205,8 +226,15 @@ class Collector:
     a while (``Tuning.collect_after_seconds``) after garbage appeared, a cycle whose marking
     runs in a child process. It waits for nothing else, and nothing waits for it."""
 
-    def __init__(self, db: MetaDB, catalog: Catalog, content: ContentStore, gate: OpGate,
-                 closing: threading.Event, tuning: Tuning) -> None:
+    def __init__(
+        self,
+        db: MetaDB,
+        catalog: Catalog,
+        content: ContentStore,
+        gate: OpGate,
+        closing: threading.Event,
+        tuning: Tuning,
+    ) -> None:
         self._db = db
         self._catalog = catalog
         self._content = content
@@ -232,8 +260,9 @@ class Collector:
         """Objects may have become unreachable (a root dropped, an op failed): a collection
         is pending until a cycle whose snapshot includes this change has swept. Wakes the
         collector (at worst for nothing, if this transaction is then undone)."""
-        self._catalog.set_counter(txn, Counter.GARBAGE_SEQ,
-                                  self._catalog.counter(txn, Counter.GARBAGE_SEQ) + 1)
+        self._catalog.set_counter(
+            txn, Counter.GARBAGE_SEQ, self._catalog.counter(txn, Counter.GARBAGE_SEQ) + 1
+        )
         self._wanted.set()
 
     def pending(self, txn: lmdb.Transaction | None = None) -> bool:
@@ -245,8 +274,9 @@ class Collector:
                 return self.pending(txn)
         if self._catalog.format(txn) != str(STORE_FORMAT).encode():
             return True
-        return (self._catalog.counter(txn, Counter.GARBAGE_SEQ)
-                > self._catalog.counter(txn, Counter.COLLECTED_SEQ))
+        return self._catalog.counter(txn, Counter.GARBAGE_SEQ) > self._catalog.counter(
+            txn, Counter.COLLECTED_SEQ
+        )
 
     def collect(self, *, in_child: bool = False, progress: bool = False) -> int:
         """One collection cycle: delete every object no live root reaches. ``in_child``: the
@@ -269,8 +299,9 @@ class Collector:
                 # the background cycle's sweep stops at close; what is left stays pending
                 stop = self._closing.is_set if in_child else (lambda: False)
                 with progress_bar(progress, len(dead), "collecting", unit="obj") as bar:
-                    removed, finished = sweep(self._db, self._content, dead,
-                                              self._tuning.sweep_slice, stop=stop, done=bar)
+                    removed, finished = sweep(
+                        self._db, self._content, dead, self._tuning.sweep_slice, stop=stop, done=bar
+                    )
             finally:
                 self._content.unprotect()
 
@@ -296,8 +327,9 @@ class Collector:
                 if self._closing.is_set():
                     return  # cancelled; the pending mark is durable, the next open retries
                 # the pending mark is durable: the next cycle, or the next open, retries
-                log.warning("%s: collecting garbage failed (retried later): %s",
-                            self._db.path.parent, exc)
+                log.warning(
+                    "%s: collecting garbage failed (retried later): %s", self._db.path.parent, exc
+                )
                 self._wanted.set()
 
 

@@ -13,34 +13,34 @@ ENV_VAR = "CASCOWFS_CRASH_AT"
 
 # <operation>.<step>: every step of every multi-step operation, in protocol order.
 CRASH_POINTS: tuple[str, ...] = (
-    "import.prepared",    # WAL PREPARE written, nothing else
-    "import.chunks",      # chunks and trees written (unreferenced), staging layer filled
-    "import.applied",     # layer placed, LMDB transaction committed
-    "import.switched",    # FINALIZE not written
+    "import.prepared",  # WAL PREPARE written, nothing else
+    "import.chunks",  # chunks and trees written (unreferenced), staging layer filled
+    "import.applied",  # layer placed, LMDB transaction committed
+    "import.switched",  # FINALIZE not written
     "branch.prepared",
-    "branch.applied",     # branch recorded, overlay not yet mounted
-    "branch.switched",    # overlay mounted, FINALIZE not written
+    "branch.applied",  # branch recorded, overlay not yet mounted
+    "branch.switched",  # overlay mounted, FINALIZE not written
     "commit.prepared",
-    "commit.staged",      # tree built from the upper, its objects not stored yet
-    "commit.applied",     # snapshot and its (unbuilt) delta layer recorded, branch re-parented
-    "commit.switched",    # FINALIZE not written
-    "commit.written",     # the delta layer written into staging (after the commit, in the
-                          # background)
-    "commit.placed",      # the delta layer moved into layers/, not yet recorded as built
+    "commit.staged",  # tree built from the upper, its objects not stored yet
+    "commit.applied",  # snapshot and its (unbuilt) delta layer recorded, branch re-parented
+    "commit.switched",  # FINALIZE not written
+    "commit.written",  # the delta layer written into staging (after the commit, in the
+    # background)
+    "commit.placed",  # the delta layer moved into layers/, not yet recorded as built
     "rebase.prepared",
-    "rebase.applied",     # new parent recorded; overlay still on the old layers
+    "rebase.applied",  # new parent recorded; overlay still on the old layers
     "rebase.switched",
     "discard.prepared",
-    "discard.applied",    # branch record gone; overlay still mounted
+    "discard.applied",  # branch record gone; overlay still mounted
     "discard.switched",
     "prune.prepared",
-    "prune.applied",      # snapshot record gone; layers not yet removed
+    "prune.applied",  # snapshot record gone; layers not yet removed
     "prune.switched",
     "flatten.prepared",
-    "flatten.staged",     # new layer (merged or full) built in staging
-    "flatten.applied",    # layer placed, chain swapped
-    "collect.marked",     # garbage listed, nothing deleted yet
-    "collect.swept",      # the first slice of the garbage deleted, the rest not
+    "flatten.staged",  # new layer (merged or full) built in staging
+    "flatten.applied",  # layer placed, chain swapped
+    "collect.marked",  # garbage listed, nothing deleted yet
+    "collect.swept",  # the first slice of the garbage deleted, the rest not
 )
 
 

@@ -139,8 +139,10 @@ def status_line(sm: StateManager, mnt: Path) -> str:
     with sm.db.read() as txn:
         branches = sm.catalog.branch_count(txn)
         snapshots = sm.catalog.snapshot_count(txn)
-    return (f"serving {mnt}: {branches} branches, {snapshots} snapshots, "
-            f"last op {sm.wal.last_kind or 'none'}")
+    return (
+        f"serving {mnt}: {branches} branches, {snapshots} snapshots, "
+        f"last op {sm.wal.last_kind or 'none'}"
+    )
 
 
 async def _ping_watchdog(interval: float) -> None:
@@ -164,8 +166,9 @@ async def _report_status(status: Callable[[], str]) -> None:
             last = line
 
 
-async def _serve(ops: CascowOperations, ready: Callable[[], None],
-                 status: Callable[[], str] | None = None) -> None:
+async def _serve(
+    ops: CascowOperations, ready: Callable[[], None], status: Callable[[], str] | None = None
+) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, ops)
         interval = watchdog_interval()
@@ -196,13 +199,23 @@ def set_priority(nice: int) -> None:
     try:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
     except PermissionError as exc:
-        log.warning("cannot run at nice %d (%s); serving at nice %d", nice, exc.strerror,
-                    os.getpriority(os.PRIO_PROCESS, 0))
+        log.warning(
+            "cannot run at nice %d (%s); serving at nice %d",
+            nice,
+            exc.strerror,
+            os.getpriority(os.PRIO_PROCESS, 0),
+        )
 
 
-def run(store: str | Path, mnt: str | Path, *, admin_gid: int | None = None,
-        nice: int | None = DAEMON_NICE, ready: Callable[[], None] | None = None,
-        open_state: Callable[[Path], StateManager] | None = None) -> int:
+def run(
+    store: str | Path,
+    mnt: str | Path,
+    *,
+    admin_gid: int | None = None,
+    nice: int | None = DAEMON_NICE,
+    ready: Callable[[], None] | None = None,
+    open_state: Callable[[Path], StateManager] | None = None,
+) -> int:
     """Serve ``store`` at ``mnt`` until unmounted or signalled (blocking). Returns an exit code.
     ``nice``: the scheduling priority to serve at (None: as started)."""
     store = Path(store).absolute()
@@ -219,9 +232,16 @@ def run(store: str | Path, mnt: str | Path, *, admin_gid: int | None = None,
     log.info("opening store %s (WAL replay, branch mounts)", store)
     sm = (open_state or _open_state)(store)
     try:
-        ops = CascowOperations(sm, store, admin_gid=admin_gid, info={
-            "pid": str(os.getpid()), "store": str(store), "version": __version__,
-        })
+        ops = CascowOperations(
+            sm,
+            store,
+            admin_gid=admin_gid,
+            info={
+                "pid": str(os.getpid()),
+                "store": str(store),
+                "version": __version__,
+            },
+        )
         try:
             pyfuse3.init(ops, str(mnt), mount_options(store))
         except RuntimeError as exc:  # libfuse reports details on stderr
@@ -231,6 +251,7 @@ def run(store: str | Path, mnt: str | Path, *, admin_gid: int | None = None,
             forks.close_in_children(fd)
         log.info("serving %s at %s (pid %d)", store, mnt, os.getpid())
         try:
+
             def announce() -> None:
                 sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={status_line(sm, mnt)}")
                 if ready is not None:
@@ -270,8 +291,11 @@ def reopen_log_files() -> None:
         try:
             fresh = open(handler.baseFilename, "a", encoding=handler.encoding)
         except OSError as exc:
-            log.warning("SIGHUP: cannot reopen %s (%s); logging on to the old file",
-                        handler.baseFilename, exc.strerror)
+            log.warning(
+                "SIGHUP: cannot reopen %s (%s); logging on to the old file",
+                handler.baseFilename,
+                exc.strerror,
+            )
             continue
         old = handler.setStream(fresh)
         if old is None:

@@ -72,8 +72,9 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
     roots = [(f"snapshot {sid}", rec.root) for sid, rec in snaps.items()]
     roots += [(f"branch {name}", rec.base_root) for name, rec in branches.items() if rec.base_root]
     roots += [(f"layer {lid}", rec.top) for lid, rec in layers.items()]
-    roots += [(f"layer {lid} (not written yet)", rec.below) for lid, rec in layers.items()
-              if rec.below]
+    roots += [
+        (f"layer {lid} (not written yet)", rec.below) for lid, rec in layers.items() if rec.below
+    ]
     visited: set[bytes] = set()
     with progress_bar(progress, len(object_ids), "fsck objects", unit="obj") as bar:
         for owner, hexid in roots:
@@ -115,8 +116,11 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
         if entry not in layers:
             report.add(3, f"layer directory {entry} is not recorded")
         elif not layers[entry].built:
-            report.add(5, f"layer {entry} was placed but not recorded as written (mount the "
-                          f"store to recover)")
+            report.add(
+                5,
+                f"layer {entry} was placed but not recorded as written (mount the "
+                f"store to recover)",
+            )
 
     # 4: mounts
     expected = {str(sm.branches_dir / name / "tree"): (name, rec) for name, rec in branches.items()}
@@ -136,8 +140,9 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
 
     # 5: nothing half-done
     for op in sm.wal.pending():
-        report.add(5, f"operation {op.kind} {op.op} {op.args} is unfinished "
-                      "(mount the store to recover)")
+        report.add(
+            5, f"operation {op.kind} {op.op} {op.args} is unfinished (mount the store to recover)"
+        )
     for entry in os.listdir(sm.staging_dir):
         report.add(5, f"staging directory {entry} is left over")
     if deep:
@@ -170,8 +175,9 @@ def _check_layers(sm: StateManager, sid: str, rec: SnapshotRecord, report: FsckR
             overlay.unmount(Path(mnt))
 
 
-def _compare_layers(sm: StateManager, sid: str, rec: SnapshotRecord, shown: Path,
-                    report: FsckReport) -> None:
+def _compare_layers(
+    sm: StateManager, sid: str, rec: SnapshotRecord, shown: Path, report: FsckReport
+) -> None:
     got = _scan_tree(shown)
     if got[1] is None:
         report.add(1, f"snapshot {sid}: layer chain cannot be read")
@@ -180,10 +186,12 @@ def _compare_layers(sm: StateManager, sid: str, rec: SnapshotRecord, shown: Path
     want = sm.root_of(rec.root)
     assert want is not None  # every snapshot records its tree
     want_view = comparable(sm.trees, want)
-    diffs = sorted(k for k in got_view.keys() | want_view.keys()
-                   if got_view.get(k) != want_view.get(k)
-                   and not _same_bytes_other_id(sm, shown / os.fsdecode(k), got_view.get(k),
-                                                want_view.get(k)))
+    diffs = sorted(
+        k
+        for k in got_view.keys() | want_view.keys()
+        if got_view.get(k) != want_view.get(k)
+        and not _same_bytes_other_id(sm, shown / os.fsdecode(k), got_view.get(k), want_view.get(k))
+    )
     if diffs:
         report.add(5, f"snapshot {sid}: its layers differ from its tree at {diffs[:5]}")
 
@@ -191,13 +199,14 @@ def _compare_layers(sm: StateManager, sid: str, rec: SnapshotRecord, shown: Path
 _REF = 5  # where a file's content id sits in a ``comparable`` view
 
 
-def _same_bytes_other_id(sm: StateManager, path: Path, got: tuple | None,
-                         want: tuple | None) -> bool:
+def _same_bytes_other_id(
+    sm: StateManager, path: Path, got: tuple | None, want: tuple | None
+) -> bool:
     """Whether a file differs only in its content id, its bytes the same: content stored by
     an older store format (zero runs as chunks) has another id than a fresh cut gives it."""
     if got is None or want is None or len(got) != len(want) or len(got) <= _REF:
         return False
-    if got[:_REF] + got[_REF + 1:] != want[:_REF] + want[_REF + 1:]:
+    if got[:_REF] + got[_REF + 1 :] != want[:_REF] + want[_REF + 1 :]:
         return False
     with open(path, "rb") as f:
         for piece in sm.content.pieces(want[_REF]):
@@ -208,11 +217,12 @@ def _same_bytes_other_id(sm: StateManager, path: Path, got: tuple | None,
                 expected, length = piece, len(piece)
             while length:
                 read = f.read(min(length, STREAM_PIECE))
-                if not read or read != (expected[:len(read)] if expected is not None
-                                        else bytes(len(read))):
+                if not read or read != (
+                    expected[: len(read)] if expected is not None else bytes(len(read))
+                ):
                     return False
                 if expected is not None:
-                    expected = expected[len(read):]
+                    expected = expected[len(read) :]
                 length -= len(read)
         return not f.read(1)
 
@@ -220,8 +230,9 @@ def _same_bytes_other_id(sm: StateManager, path: Path, got: tuple | None,
 def _scan_tree(path: Path) -> tuple[TreeStore, Entry | None]:
     sink = ObjectSink()
     trees: dict[bytes, dict[bytes, Entry]] = {}
-    root = finalize(scan_directory(path, sink, prepare=identify_content), sink,
-                    remember=trees.__setitem__)
+    root = finalize(
+        scan_directory(path, sink, prepare=identify_content), sink, remember=trees.__setitem__
+    )
     return _MemoryTrees(trees), root
 
 

@@ -24,7 +24,8 @@ def read_xattrs(target: str | bytes | int) -> tuple[tuple[bytes, bytes], ...]:
 
 
 def read_xattrs_and_overlay_keys(
-        target: str | bytes | int) -> tuple[tuple[tuple[bytes, bytes], ...], frozenset[bytes]]:
+    target: str | bytes | int,
+) -> tuple[tuple[tuple[bytes, bytes], ...], frozenset[bytes]]:
     """``read_xattrs``, and the names of overlayfs's own xattrs that ``target`` has (so that a
     walk of an upper directory reads those values only where they exist). Every snapshot's
     xattrs are read here, on import and on commit: the one place that strips the reserved
@@ -58,8 +59,11 @@ def read_xattrs_and_overlay_keys(
 _FULL_DISK_BYTES = 1 << 20
 
 
-def set_xattrs(target: str | bytes | int, xattrs: tuple[tuple[bytes, bytes], ...],
-               shown: str | bytes | None = None) -> None:
+def set_xattrs(
+    target: str | bytes | int,
+    xattrs: tuple[tuple[bytes, bytes], ...],
+    shown: str | bytes | None = None,
+) -> None:
     """Set ``xattrs`` on ``target`` (a path, not following symlinks, or an open descriptor;
     ``shown`` names a descriptor's file in errors).
 
@@ -86,8 +90,11 @@ def set_xattrs(target: str | bytes | int, xattrs: tuple[tuple[bytes, bytes], ...
 
 def _disk_full(target: str | bytes | int) -> bool:
     try:
-        st = os.fstatvfs(target) if isinstance(target, int) \
+        st = (
+            os.fstatvfs(target)
+            if isinstance(target, int)
             else os.statvfs(os.path.dirname(os.path.abspath(target)))
+        )
     except OSError:
         return True
     return st.f_bavail * st.f_frsize < _FULL_DISK_BYTES
@@ -102,8 +109,14 @@ def get_overlay_xattr(path: str | bytes, key: bytes) -> bytes | None:
         raise
 
 
-def apply_metadata(path: str | bytes, mode: int, uid: int, gid: int, mtime_ns: int,
-                   xattrs: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+def apply_metadata(
+    path: str | bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    mtime_ns: int,
+    xattrs: tuple[tuple[bytes, bytes], ...] = (),
+) -> None:
     """Give ``path`` (already created) exactly this metadata; mtime last, since the others
     do not change it but xattrs on a directory's children would have."""
     is_link = stat.S_ISLNK(mode)
@@ -114,8 +127,15 @@ def apply_metadata(path: str | bytes, mode: int, uid: int, gid: int, mtime_ns: i
     os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
 
 
-def write_file(dst: str | bytes, content: bytes | Iterable[Piece], mode: int, uid: int,
-               gid: int, mtime_ns: int, xattrs: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+def write_file(
+    dst: str | bytes,
+    content: bytes | Iterable[Piece],
+    mode: int,
+    uid: int,
+    gid: int,
+    mtime_ns: int,
+    xattrs: tuple[tuple[bytes, bytes], ...] = (),
+) -> None:
     """Create ``dst`` (it must not exist) with ``content`` (bytes, or a stream of pieces
     whose holes stay holes) and exactly this metadata, all through the descriptor that wrote
     it: an import writes ~80k such files, and each path call would resolve the path again."""
@@ -132,9 +152,15 @@ def create_file(dst: str | bytes) -> int:
     return os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
 
-def finish_file(fd: int, mode: int, uid: int, gid: int, mtime_ns: int,
-                xattrs: tuple[tuple[bytes, bytes], ...] = (),
-                shown: str | bytes | None = None) -> None:
+def finish_file(
+    fd: int,
+    mode: int,
+    uid: int,
+    gid: int,
+    mtime_ns: int,
+    xattrs: tuple[tuple[bytes, bytes], ...] = (),
+    shown: str | bytes | None = None,
+) -> None:
     """Give the file written through ``fd`` (named ``shown`` in errors) exactly this
     metadata."""
     os.fchown(fd, uid, gid)

@@ -45,7 +45,7 @@ STREAMED_FILE_MIN = 32 << 20
 
 
 class FileJob(NamedTuple):
-    node: Any          # the directory node the file's entry goes into (the walk's business)
+    node: Any  # the directory node the file's entry goes into (the walk's business)
     name: bytes
     path: bytes
     st: os.stat_result
@@ -66,8 +66,9 @@ class Mirror(NamedTuple):
     mtime_ns: int
 
 
-def read_content(path: bytes, prepare: Prepare, emit: Emit | None = None,
-                 mirror: Mirror | None = None) -> tuple[PreparedContent, tuple]:
+def read_content(
+    path: bytes, prepare: Prepare, emit: Emit | None = None, mirror: Mirror | None = None
+) -> tuple[PreparedContent, tuple]:
     """The content of the regular file ``path`` prepared as a stream (objects through
     ``emit``, if given) and its xattrs, both read through one open; with ``mirror`` a copy,
     holes kept, is written from the very bytes read."""
@@ -80,8 +81,9 @@ def read_content(path: bytes, prepare: Prepare, emit: Emit | None = None,
         out = fsmeta.create_file(mirror.path)
         try:
             prepared = prepare(extents.copied(pieces, out), emit)
-            fsmeta.finish_file(out, mirror.mode, mirror.uid, mirror.gid, mirror.mtime_ns, xattrs,
-                               shown=mirror.path)
+            fsmeta.finish_file(
+                out, mirror.mode, mirror.uid, mirror.gid, mirror.mtime_ns, xattrs, shown=mirror.path
+            )
         finally:
             os.close(out)
         return prepared, xattrs
@@ -89,10 +91,19 @@ def read_content(path: bytes, prepare: Prepare, emit: Emit | None = None,
         os.close(fd)
 
 
-def _process_one(path: bytes, mirror: bytes | None, mode: int, uid: int, gid: int,
-                 mtime_ns: int, prepare: Prepare, emit: Emit | None = None) -> FileResult:
-    prepared, xattrs = read_content(path, prepare, emit,
-                                    Mirror(mirror, mode, uid, gid, mtime_ns) if mirror else None)
+def _process_one(
+    path: bytes,
+    mirror: bytes | None,
+    mode: int,
+    uid: int,
+    gid: int,
+    mtime_ns: int,
+    prepare: Prepare,
+    emit: Emit | None = None,
+) -> FileResult:
+    prepared, xattrs = read_content(
+        path, prepare, emit, Mirror(mirror, mode, uid, gid, mtime_ns) if mirror else None
+    )
     return prepared.content_id, prepared.size, xattrs, prepared.objects
 
 
@@ -166,8 +177,10 @@ class ImportWorkers:
         self._waiting.append(job)
         self._waiting_bytes += job.st.st_size
         if self._processes is None:
-            small = (len(self._waiting) < PROCESS_POOL_MIN_FILES
-                     and self._waiting_bytes < PROCESS_POOL_MIN_BYTES)
+            small = (
+                len(self._waiting) < PROCESS_POOL_MIN_FILES
+                and self._waiting_bytes < PROCESS_POOL_MIN_BYTES
+            )
             if small or (os.cpu_count() or 1) < 2:
                 return
             # fork, not spawn: spawn (and forkserver) re-run the caller's __main__ in every
@@ -176,10 +189,12 @@ class ImportWorkers:
             # (forks.py closes those) and exit with the pool, or with the parent if it is
             # killed.
             self._processes = ProcessPoolExecutor(
-                IMPORT_PROCESSES, mp_context=multiprocessing.get_context("fork"),
-                initializer=forks.die_with_parent, initargs=(os.getpid(),))
-        if (self._waiting_bytes >= PROCESS_BATCH_BYTES
-                or len(self._waiting) >= PROCESS_BATCH_FILES):
+                IMPORT_PROCESSES,
+                mp_context=multiprocessing.get_context("fork"),
+                initializer=forks.die_with_parent,
+                initargs=(os.getpid(),),
+            )
+        if self._waiting_bytes >= PROCESS_BATCH_BYTES or len(self._waiting) >= PROCESS_BATCH_FILES:
             self._dispatch_waiting()
 
     def ready(self) -> Iterator[tuple[FileJob, FileResult]]:
@@ -205,8 +220,9 @@ class ImportWorkers:
     def _dispatch_waiting(self) -> None:
         assert self._processes is not None
         for batch in _batches(_in_disk_order(self._waiting)):
-            future = self._processes.submit(_process_batch, [_work_item(j) for j in batch],
-                                            self._prepare)
+            future = self._processes.submit(
+                _process_batch, [_work_item(j) for j in batch], self._prepare
+            )
             self._dispatched.append((batch, future))
             if self._readahead is None:
                 # only now: the first submit forked every worker (fork start method), and
@@ -224,8 +240,10 @@ class ImportWorkers:
 
     def _on_threads(self, jobs: list[FileJob]) -> Iterator[tuple[FileJob, FileResult]]:
         prepare = self._prepare
-        with ThreadPoolExecutor(IMPORT_THREADS, thread_name_prefix="cascowfs-scan") as pool, \
-                Readahead() as readahead:
+        with (
+            ThreadPoolExecutor(IMPORT_THREADS, thread_name_prefix="cascowfs-scan") as pool,
+            Readahead() as readahead,
+        ):
             readahead.add([job.path for job in jobs], [job.st.st_size for job in jobs])
             results = pool.map(lambda job: _process_one(*_work_item(job), prepare), jobs)
             for job, result in zip(jobs, results, strict=True):

@@ -36,9 +36,17 @@ log = logging.getLogger("cascowfs.layers")
 
 
 class LayerBuilder:
-    def __init__(self, store: Path, db: MetaDB, catalog: Catalog, trees: TreeStore,
-                 content: ContentStore, trash: Trash, gate: OpGate,
-                 note_garbage: Callable[[lmdb.Transaction], None]) -> None:
+    def __init__(
+        self,
+        store: Path,
+        db: MetaDB,
+        catalog: Catalog,
+        trees: TreeStore,
+        content: ContentStore,
+        trash: Trash,
+        gate: OpGate,
+        note_garbage: Callable[[lmdb.Transaction], None],
+    ) -> None:
         self.store = store
         self.layers_dir = store / "layers"
         self.staging_dir = store / "staging"
@@ -82,8 +90,16 @@ class LayerBuilder:
                 self._catalog.put_layer(txn, lid, rec)
         return dropped
 
-    def record(self, txn: lmdb.Transaction, lid: str, top: str, span: int, *,
-               below: str | None = None, built: bool = True) -> None:
+    def record(
+        self,
+        txn: lmdb.Transaction,
+        lid: str,
+        top: str,
+        span: int,
+        *,
+        below: str | None = None,
+        built: bool = True,
+    ) -> None:
         """Record a layer showing tree ``top`` (with the layers under it). ``span`` counts the
         commits a delta layer covers; 0 marks a full layer, which nothing is merged into.
         ``seq`` orders layers for syncing (``durability``). An unbuilt layer (``built``
@@ -109,8 +125,9 @@ class LayerBuilder:
         if full:
             layerfs.materialize(self._trees, self._content, root, staged)
         else:
-            layerfs.materialize_delta(self._trees, self._content, self._trees.root_of(below),
-                                      root, staged)
+            layerfs.materialize_delta(
+                self._trees, self._content, self._trees.root_of(below), root, staged
+            )
 
     def place(self, staged: Path, lid: str, what: str) -> None:
         """Move a finished layer into layers/ *before* the transaction that records it (or,
@@ -191,8 +208,9 @@ class LayerBuilder:
                 if cur is None:
                     return False
                 # a built layer's record is as an import's
-                self._catalog.put_layer(txn, lid, replace(cur, built=True, below=None,
-                                                          seq=self._next_seq(txn)))
+                self._catalog.put_layer(
+                    txn, lid, replace(cur, built=True, below=None, seq=self._next_seq(txn))
+                )
                 return True
 
             if not self._db.write(mark_built, f"recording layer {lid}"):
@@ -201,8 +219,9 @@ class LayerBuilder:
             self._unbuilt.pop(lid, None)
 
     def start_building(self) -> None:
-        self._builder = threading.Thread(target=self._build_loop, name="cascowfs-layer-build",
-                                         daemon=True)
+        self._builder = threading.Thread(
+            target=self._build_loop, name="cascowfs-layer-build", daemon=True
+        )
         self._builder.start()
 
     def stop_building(self) -> None:
@@ -226,8 +245,9 @@ class LayerBuilder:
                     self.build(lid)
             except (CascowfsError, OSError) as exc:
                 # a failing disk: the layer stays unbuilt, and whoever mounts it tries again
-                log.warning("%s: writing layer %s failed (retried when needed): %s",
-                            self.store, lid, exc)
+                log.warning(
+                    "%s: writing layer %s failed (retried when needed): %s", self.store, lid, exc
+                )
             except Exception:  # never let the thread die: settle() waits for its queue
                 log.exception("%s: writing layer %s failed", self.store, lid)
             finally:
@@ -274,8 +294,9 @@ class LayerBuilder:
             synced = self._catalog.counter(txn, Counter.LAYERS_SYNCED)
             return {lid for lid, rec in self._catalog.layers(txn) if rec.seq > synced}
 
-    def rebuild(self, lids: set[str], why: str, progress: bool,
-                unmount_branch: Callable[[str], None]) -> None:
+    def rebuild(
+        self, lids: set[str], why: str, progress: bool, unmount_branch: Callable[[str], None]
+    ) -> None:
         """Layers are a cache of the CAS: rebuild these in place, under the same ids, so every
         chain that names one is whole again. A full layer shows its tree; a delta layer is the
         difference from the tree the layers under it show, which is the same in every chain
@@ -288,7 +309,8 @@ class LayerBuilder:
             below: dict[str, str | None] = {}
             branches_on: set[str] = set()
             chains: list[tuple[str | None, list[str]]] = [
-                (None, rec.layers) for _, rec in self._catalog.snapshots(txn)]
+                (None, rec.layers) for _, rec in self._catalog.snapshots(txn)
+            ]
             chains += [(name, rec.layers) for name, rec in self._catalog.branches(txn)]
             for branch, chain in chains:
                 for at, lid in enumerate(chain):
@@ -297,8 +319,11 @@ class LayerBuilder:
                     if branch is not None:
                         branches_on.add(branch)
                     if lid not in below:
-                        below[lid] = (self._catalog.layer(txn, chain[at + 1]).top
-                                      if at + 1 < len(chain) else None)
+                        below[lid] = (
+                            self._catalog.layer(txn, chain[at + 1]).top
+                            if at + 1 < len(chain)
+                            else None
+                        )
         log.warning("%s: rebuilding %d layer(s) %s", self.store, len(lids), why)
         for name in branches_on:
             unmount_branch(name)
@@ -317,4 +342,5 @@ class LayerBuilder:
         lost = sorted(lid for lid in lids if not (self.layers_dir / lid).is_dir())
         if lost:
             raise StoreIOError(
-                f"layers {', '.join(lost)} are lost and no chain says what they held")
+                f"layers {', '.join(lost)} are lost and no chain says what they held"
+            )

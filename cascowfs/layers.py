@@ -24,8 +24,9 @@ from .trees import TreeStore, file_key
 class _Writer:
     """Writes entries from the CAS into a layer directory, keeping hard-link groups."""
 
-    def __init__(self, trees: TreeStore, content: ContentStore,
-                 progress: Callable[[int], None] | None) -> None:
+    def __init__(
+        self, trees: TreeStore, content: ContentStore, progress: Callable[[int], None] | None
+    ) -> None:
         self.trees = trees
         self.content = content
         self.linked: dict[bytes, bytes] = {}
@@ -39,16 +40,24 @@ class _Writer:
             os.link(self.linked[child.link], path)
             return
         if child.is_file:
-            fsmeta.write_file(path, self.content.pieces(child.ref), child.mode, child.uid,
-                              child.gid, child.mtime_ns, child.xattrs)
+            fsmeta.write_file(
+                path,
+                self.content.pieces(child.ref),
+                child.mode,
+                child.uid,
+                child.gid,
+                child.mtime_ns,
+                child.xattrs,
+            )
             self.tick(child.size)
         else:
             if stat.S_ISLNK(child.mode):
                 os.symlink(child.ref, path)
             else:
                 fsmeta.make_node(path, child.mode, child.rdev)
-            fsmeta.apply_metadata(path, child.mode, child.uid, child.gid, child.mtime_ns,
-                                  child.xattrs)
+            fsmeta.apply_metadata(
+                path, child.mode, child.uid, child.gid, child.mtime_ns, child.xattrs
+            )
         if child.link:
             self.linked[child.link] = path
 
@@ -92,14 +101,20 @@ def _set_dir_metadata(path: bytes, entry: Entry) -> None:
     fsmeta.apply_metadata(path, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs)
 
 
-def materialize(trees: TreeStore, content: ContentStore, root: Entry, dst: Path,
-                progress: Callable[[int], None] | None = None) -> None:
+def materialize(
+    trees: TreeStore,
+    content: ContentStore,
+    root: Entry,
+    dst: Path,
+    progress: Callable[[int], None] | None = None,
+) -> None:
     """Write the full tree of a snapshot from the CAS into ``dst`` (which must not exist)."""
     _Writer(trees, content, progress).write_dir(root, os.fsencode(dst))
 
 
-def materialize_delta(trees: TreeStore, content: ContentStore, base: Entry | None, root: Entry,
-                      dst: Path) -> None:
+def materialize_delta(
+    trees: TreeStore, content: ContentStore, base: Entry | None, root: Entry, dst: Path
+) -> None:
     """Write, as one overlay layer over layers showing ``base`` (None: nothing), what turns
     that tree into ``root``: changed entries, whiteouts for deleted ones."""
     _Writer(trees, content, None).write_delta(base, root, os.fsencode(dst))
@@ -110,8 +125,9 @@ def set_root_metadata(path: Path, root: Entry | None) -> None:
     root's attributes from the upper directory)."""
     if root is None:
         return
-    fsmeta.apply_metadata(os.fsencode(path), root.mode, root.uid, root.gid, root.mtime_ns,
-                          root.xattrs)
+    fsmeta.apply_metadata(
+        os.fsencode(path), root.mode, root.uid, root.gid, root.mtime_ns, root.xattrs
+    )
 
 
 _RM = shutil.which("rm")
@@ -132,9 +148,12 @@ def remove_trees(paths: list[Path]) -> None:
     ``SCHED_IDLE``: an rm starved while it holds a journal handle stalls every writer of the
     filesystem (a 5.6 s stall of all operations was seen with it, under a profiler's load)."""
     if _RM is not None:
-        child = subprocess.Popen([_RM, "-rf", "--one-file-system", "--", *map(str, paths)],
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
+        child = subprocess.Popen(
+            [_RM, "-rf", "--one-file-system", "--", *map(str, paths)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             os.setpriority(os.PRIO_PROCESS, child.pid, REMOVER_NICE)
         except OSError:

@@ -31,7 +31,7 @@ def counter_merge(spans: Sequence[int], fan_in: int) -> Merge:
     if not span:
         return NOTHING
     count, group = 0, fan_in
-    while count + group <= len(spans) and all(s == span for s in spans[count:count + group]):
+    while count + group <= len(spans) and all(s == span for s in spans[count : count + group]):
         count += group
         span *= fan_in
         group = fan_in - 1  # the merged layer is the carry's first member

@@ -24,20 +24,21 @@ from .privacy import PRIVATE_FILE
 T = TypeVar("T")
 
 DB_NAMES = (
-    b"objects",    # object id -> type byte + payload (chunks, chunk lists, trees)
+    b"objects",  # object id -> type byte + payload (chunks, chunk lists, trees)
     b"snapshots",  # snapshot id -> JSON record
-    b"branches",   # branch name -> JSON record
-    b"layers",     # layer id -> JSON record: refcount (chains naming it), tree shown, span, seq
-    b"ops",        # WAL op id -> b"applied": the APPLY step of that op committed
-    b"meta",       # misc: format version, counters
+    b"branches",  # branch name -> JSON record
+    b"layers",  # layer id -> JSON record: refcount (chains naming it), tree shown, span, seq
+    b"ops",  # WAL op id -> b"applied": the APPLY step of that op committed
+    b"meta",  # misc: format version, counters
 )
 
 # Databases of store formats up to 4 (object refcounts and their queue); the upgrade to
 # format 5 drops them.
 LEGACY_DB_NAMES = (b"refs", b"deferred")
 # Options of every open of the environment, the daemon's and the collector child's alike.
-_ENV_OPTIONS = dict(max_dbs=len(DB_NAMES) + len(LEGACY_DB_NAMES) + 1, subdir=True,
-                    readahead=False, max_readers=512)
+_ENV_OPTIONS = dict(
+    max_dbs=len(DB_NAMES) + len(LEGACY_DB_NAMES) + 1, subdir=True, readahead=False, max_readers=512
+)
 
 INITIAL_MAP_SIZE = 1 << 30
 MAX_MAP_SIZE = 1 << 40
@@ -72,8 +73,10 @@ def _translate(exc: lmdb.Error, what: str, path: Path) -> Exception:
     if "No space left" in text or "ENOSPC" in text or _disk_nearly_full(path):
         return NoSpaceError(f"{what}: store disk is full")
     if isinstance(exc, lmdb.PanicError):
-        return StoreIOError(f"{what}: the metadata database stopped after a write failed (a "
-                            f"failing disk?); mount the store again once the disk is sound")
+        return StoreIOError(
+            f"{what}: the metadata database stopped after a write failed (a "
+            f"failing disk?); mount the store again once the disk is sound"
+        )
     if isinstance(exc, lmdb.DiskError) or "Input/output error" in text:
         return StoreIOError(f"{what}: {text}")
     return StoreIOError(f"{what}: LMDB error: {text}")
@@ -90,8 +93,9 @@ class MetaDB:
         if data_file.exists():
             while size < data_file.stat().st_size * 2 and size < MAX_MAP_SIZE:
                 size *= 2
-        self.env = lmdb.open(str(path), map_size=size, sync=True, metasync=True,
-                             mode=PRIVATE_FILE, **_ENV_OPTIONS)
+        self.env = lmdb.open(
+            str(path), map_size=size, sync=True, metasync=True, mode=PRIVATE_FILE, **_ENV_OPTIONS
+        )
         self.dbs = {name.decode(): self.env.open_db(name) for name in DB_NAMES}
         self.release_dead_readers()
         # Map growth needs every transaction of this process closed: readers hold this shared,
@@ -103,8 +107,9 @@ class MetaDB:
         self._queue_cond = threading.Condition()
         self._closing = False
         self._release_due = False  # set inside a write transaction, acted on after its commit
-        self._committer = threading.Thread(target=self._commit_loop, name="cascowfs-lmdb-commit",
-                                           daemon=True)
+        self._committer = threading.Thread(
+            target=self._commit_loop, name="cascowfs-lmdb-commit", daemon=True
+        )
         self._committer.start()
 
     def release_dead_readers(self) -> None:
@@ -138,8 +143,11 @@ class MetaDB:
             self._readers += 1  # the map stays where it is until this is done
         try:
             with open("/proc/self/maps", "rb") as maps:
-                ranges = [line.split(None, 1)[0] for line in maps
-                          if line.rstrip(b"\n").endswith(b" " + data_file)]
+                ranges = [
+                    line.split(None, 1)[0]
+                    for line in maps
+                    if line.rstrip(b"\n").endswith(b" " + data_file)
+                ]
             for span in ranges:
                 start, end = (int(x, 16) for x in span.split(b"-"))
                 _madvise(start, end - start, _MADV_DONTNEED)
@@ -165,8 +173,9 @@ class MetaDB:
             self._readers -= 1
             self._gate.notify_all()
 
-    def write(self, fn: Callable[[lmdb.Transaction], T], what: str = "write", *,
-              dry_run: bool = False) -> T:
+    def write(
+        self, fn: Callable[[lmdb.Transaction], T], what: str = "write", *, dry_run: bool = False
+    ) -> T:
         """Run ``fn`` in a write transaction, durable when this returns; raises what ``fn``
         raised (its changes undone) or the store's error. ``dry_run``: undo ``fn``'s changes
         anyway and only return its result (fsck looks at the store as it would be after a
@@ -234,7 +243,9 @@ class MetaDB:
                 for request in batch:
                     request.error = request.error or (
                         NoSpaceError(f"{request.what}: store disk is full")
-                        if exc.errno == errno.ENOSPC else StoreIOError(f"{request.what}: {exc}"))
+                        if exc.errno == errno.ENOSPC
+                        else StoreIOError(f"{request.what}: {exc}")
+                    )
                 break
         if self._release_due:
             self._release_due = False

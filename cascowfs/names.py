@@ -63,11 +63,13 @@ def check_labels(labels: dict[str, str] | None) -> dict[str, str]:
         val = _as_text(val, "label value")
         if not _LABEL_KEY_RE.fullmatch(key):
             raise InvalidArgumentError(
-                f"invalid label key {key[:80]!r}: must match [A-Za-z0-9_][A-Za-z0-9._-]{{0,63}}")
+                f"invalid label key {key[:80]!r}: must match [A-Za-z0-9_][A-Za-z0-9._-]{{0,63}}"
+            )
         if _LABEL_VALUE_FORBIDDEN_RE.search(val) or len(val) > MAX_LABEL_VALUE_CHARS:
             raise InvalidArgumentError(
                 f"invalid value for label {key!r}: no control characters, at most "
-                f"{MAX_LABEL_VALUE_CHARS} characters")
+                f"{MAX_LABEL_VALUE_CHARS} characters"
+            )
         out[key] = val
     problem = labels_over_limits(out)
     if problem:
@@ -79,8 +81,10 @@ def labels_over_limits(labels: dict[str, str]) -> str | None:
     """Why this label set exceeds the count or size cap, or None if it fits."""
     if len(labels) > MAX_LABELS:
         return f"too many labels: {len(labels)}, at most {MAX_LABELS}"
-    size = sum(len(key.encode()) + len(val.encode("utf-8", "surrogateescape"))
-               for key, val in labels.items())
+    size = sum(
+        len(key.encode()) + len(val.encode("utf-8", "surrogateescape"))
+        for key, val in labels.items()
+    )
     if size > MAX_LABELS_BYTES:
         return f"labels too large: {size} bytes of keys and values, at most {MAX_LABELS_BYTES}"
     return None

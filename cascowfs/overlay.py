@@ -66,8 +66,14 @@ class MountError(StoreIOError):
     pass
 
 
-def mount_overlay(target: Path, lowers: list[Path], upper: Path | None = None,
-                  work: Path | None = None, *, readonly: bool = False) -> None:
+def mount_overlay(
+    target: Path,
+    lowers: list[Path],
+    upper: Path | None = None,
+    work: Path | None = None,
+    *,
+    readonly: bool = False,
+) -> None:
     """Mount an overlay at ``target``: ``lowers`` top first; no upper means read-only."""
     if not lowers:
         raise ValueError("an overlay needs at least one lower layer")
@@ -75,6 +81,7 @@ def mount_overlay(target: Path, lowers: list[Path], upper: Path | None = None,
         raise MountError(f"{len(lowers)} lower layers exceed the kernel's {MAX_LOWER_LAYERS}")
     fs_fd = _syscall("fsopen", b"overlay", _FSOPEN_CLOEXEC)
     try:
+
         def set_string(key: str, value: str | bytes) -> None:
             v = value if isinstance(value, bytes) else value.encode()
             _syscall("fsconfig", fs_fd, _FSCONFIG_SET_STRING, key.encode(), v, 0)
@@ -97,20 +104,26 @@ def mount_overlay(target: Path, lowers: list[Path], upper: Path | None = None,
             set_string("index", "off")
             set_string("metacopy", "off")
             _syscall("fsconfig", fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
-            mnt_fd = _syscall("fsmount", fs_fd, _FSMOUNT_CLOEXEC,
-                              _MOUNT_ATTR_RDONLY if readonly else 0)
+            mnt_fd = _syscall(
+                "fsmount", fs_fd, _FSMOUNT_CLOEXEC, _MOUNT_ATTR_RDONLY if readonly else 0
+            )
         except OSError as exc:
             detail = _fs_messages(fs_fd)
-            raise MountError(f"overlay mount at {target} failed: {exc.strerror}"
-                             + (f" ({detail})" if detail else ""), errno=exc.errno) from None
+            raise MountError(
+                f"overlay mount at {target} failed: {exc.strerror}"
+                + (f" ({detail})" if detail else ""),
+                errno=exc.errno,
+            ) from None
     finally:
         os.close(fs_fd)
     try:
-        _syscall("move_mount", mnt_fd, b"", _AT_FDCWD, os.fsencode(target),
-                 _MOVE_MOUNT_F_EMPTY_PATH)
+        _syscall(
+            "move_mount", mnt_fd, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH
+        )
     except OSError as exc:
-        raise MountError(f"attaching overlay at {target} failed: {exc.strerror}",
-                         errno=exc.errno) from None
+        raise MountError(
+            f"attaching overlay at {target} failed: {exc.strerror}", errno=exc.errno
+        ) from None
     finally:
         os.close(mnt_fd)
 
@@ -155,8 +168,8 @@ def unescape_mountinfo(field: str) -> str:
         return field  # the usual case, and overlay option strings are long
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
             i += 4
         else:
             out.append(field[i])
@@ -173,8 +186,15 @@ def all_mounts() -> list[MountRecord]:
             lf, rf = left.split(), right.split()
             if len(lf) < 5 or len(rf) < 2:
                 continue
-            found.append(MountRecord(int(lf[0]), unescape_mountinfo(lf[4]), rf[0],
-                                     unescape_mountinfo(rf[1]), rf[2] if len(rf) > 2 else ""))
+            found.append(
+                MountRecord(
+                    int(lf[0]),
+                    unescape_mountinfo(lf[4]),
+                    rf[0],
+                    unescape_mountinfo(rf[1]),
+                    rf[2] if len(rf) > 2 else "",
+                )
+            )
     return found
 
 

@@ -16,8 +16,17 @@ from __future__ import annotations
 
 from .errors import InvalidArgumentError
 
-_ESCAPES = {0x07: "a", 0x08: "b", 0x09: "t", 0x0A: "n", 0x0B: "v", 0x0C: "f", 0x0D: "r",
-            0x22: '"', 0x5C: "\\"}
+_ESCAPES = {
+    0x07: "a",
+    0x08: "b",
+    0x09: "t",
+    0x0A: "n",
+    0x0B: "v",
+    0x0C: "f",
+    0x0D: "r",
+    0x22: '"',
+    0x5C: "\\",
+}
 _UNESCAPES = {ord(letter): byte for byte, letter in _ESCAPES.items()}
 
 
@@ -72,12 +81,12 @@ def unquote(text: str) -> bytes:
             out.append(byte)
             pos += 1
             continue
-        escape = body[pos + 1:pos + 2]
+        escape = body[pos + 1 : pos + 2]
         if escape and escape[0] in _UNESCAPES:
             out.append(_UNESCAPES[escape[0]])
             pos += 2
             continue
-        digits = body[pos + 1:pos + 4]
+        digits = body[pos + 1 : pos + 4]
         if len(digits) == 3 and all(0x30 <= d <= 0x37 for d in digits) and int(digits, 8) < 256:
             out.append(int(digits, 8))
             pos += 4

@@ -78,8 +78,9 @@ def make_private(store: Path) -> int:
             os.chmod(path, mode)
             tightened.append(f"{path.relative_to(store)} {stat.S_IMODE(st.st_mode):o}->{mode:o}")
     if older and tightened:
-        log.warning("%s: made private to root (was readable by others): %s", store,
-                    ", ".join(tightened))
+        log.warning(
+            "%s: made private to root (was readable by others): %s", store, ", ".join(tightened)
+        )
     return umask_before
 
 
@@ -142,11 +143,14 @@ def check_readable(caller: Caller, src: str) -> None:
     raw_code, path = answer.split(b"\0", 1)
     code = int(raw_code)
     if code == errno.EACCES:
-        raise PermissionDeniedError(f"import of {src}: {os.fsdecode(path)} is not readable by "
-                                    f"uid {caller.uid}", errno=errno.EACCES)
+        raise PermissionDeniedError(
+            f"import of {src}: {os.fsdecode(path)} is not readable by uid {caller.uid}",
+            errno=errno.EACCES,
+        )
     if code:
-        raise CascowfsError(f"import of {src}: {os.fsdecode(path)}: {os.strerror(code)}",
-                            errno=code)
+        raise CascowfsError(
+            f"import of {src}: {os.fsdecode(path)}: {os.strerror(code)}", errno=code
+        )
 
 
 def _first_refusal(top: bytes) -> tuple[int, bytes]:

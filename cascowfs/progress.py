@@ -12,15 +12,23 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def progress_bar(enabled: bool, total: int, desc: str,
-                 unit: str = "B") -> Iterator[Callable[[int], None]]:
+def progress_bar(
+    enabled: bool, total: int, desc: str, unit: str = "B"
+) -> Iterator[Callable[[int], None]]:
     if not enabled:
         yield lambda n: None
         return
     from tqdm import tqdm
 
-    bar = tqdm(total=total or None, desc=desc, unit=unit, unit_scale=unit == "B",
-               file=sys.stderr, mininterval=0.2, leave=True)
+    bar = tqdm(
+        total=total or None,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit == "B",
+        file=sys.stderr,
+        mininterval=0.2,
+        leave=True,
+    )
     try:
         yield bar.update
     finally:

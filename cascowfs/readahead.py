@@ -43,8 +43,9 @@ class Readahead:
     while it runs (the import hands files to its workers while its walk still finds them).
     Use it as a context manager; leaving it stops the thread, whatever is left."""
 
-    def __init__(self, *, window: int = READAHEAD_BYTES,
-                 advise: Callable[[bytes], None] = advise_willneed) -> None:
+    def __init__(
+        self, *, window: int = READAHEAD_BYTES, advise: Callable[[bytes], None] = advise_willneed
+    ) -> None:
         self._window = window
         self._advise = advise
         self._queued: deque[tuple[bytes, int]] = deque()
@@ -77,8 +78,9 @@ class Readahead:
         issued = 0
         while True:
             with self._changed:
-                while not self._stopped and (not self._queued
-                                             or issued - self._consumed >= self._window):
+                while not self._stopped and (
+                    not self._queued or issued - self._consumed >= self._window
+                ):
                     self._changed.wait()
                 if self._stopped:
                     return

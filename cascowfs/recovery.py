@@ -43,8 +43,10 @@ def check_format(sm: StateManager, *, read_only: bool) -> None:
     if found == STORE_FORMAT:
         return
     if found not in UPGRADES_IN_PLACE and not (found is None and empty):
-        raise StoreIOError(f"store {sm.store} has format {raw and raw.decode() or 'unknown'}; "
-                           f"this cascowfs reads format {STORE_FORMAT}")
+        raise StoreIOError(
+            f"store {sm.store} has format {raw and raw.decode() or 'unknown'}; "
+            f"this cascowfs reads format {STORE_FORMAT}"
+        )
     if read_only:
         # formats 2-4 differ only in refcounts, which this version ignores; 5-6 read as is
         return
@@ -67,8 +69,9 @@ def recover(sm: StateManager, progress: bool) -> None:
         last_cache = sm.catalog.page_cache(txn)
     # A branch mount outlives any daemon, but never its page cache: while one is there,
     # nothing was lost, whatever the ids say.
-    cache_lost = bool(cache and last_cache and last_cache != cache
-                      and not overlay.mounts_under(sm.store))
+    cache_lost = bool(
+        cache and last_cache and last_cache != cache and not overlay.mounts_under(sm.store)
+    )
     sm.layers.find_unbuilt()
     pending = sm.wal.pending()
     with sm.db.read() as txn:
@@ -86,8 +89,9 @@ def recover(sm: StateManager, progress: bool) -> None:
     if cache_lost:
         sm.layers.sync()  # the rebuilt layers: a second power cut must not tear them
     if cache != last_cache:
-        sm.db.write(lambda txn: sm.catalog.set_page_cache(txn, cache),
-                    "recording the page cache id")
+        sm.db.write(
+            lambda txn: sm.catalog.set_page_cache(txn, cache), "recording the page cache id"
+        )
 
 
 def _roll_forward(sm: StateManager, op: PendingOp) -> None:
@@ -120,16 +124,21 @@ def reconcile(sm: StateManager, cache_lost: bool = False, progress: bool = False
         sm.trash.put(sm.staging_dir / entry)
     if cache_lost:
         _reset_branches_to_their_parents(sm)
-        sm.layers.rebuild(sm.layers.unsynced(), "not synced before the page cache was lost",
-                          progress, sm.unmount_branch)
+        sm.layers.rebuild(
+            sm.layers.unsynced(),
+            "not synced before the page cache was lost",
+            progress,
+            sm.unmount_branch,
+        )
     with sm.db.read() as txn:
         records = sm.catalog.layer_ids(txn)
         branches = dict(sm.catalog.branches(txn))
     for entry in os.listdir(sm.layers.layers_dir):
         if entry not in records:
             sm.trash.put(sm.layers.path(entry))
-    missing = [lid for lid in records
-               if not sm.layers.is_unbuilt(lid) and not sm.layers.path(lid).is_dir()]
+    missing = [
+        lid for lid in records if not sm.layers.is_unbuilt(lid) and not sm.layers.path(lid).is_dir()
+    ]
     if missing:
         sm.layers.rebuild(set(missing), "missing from layers/", progress, sm.unmount_branch)
     # mounts: keep exactly one correct mount per live branch
@@ -158,10 +167,15 @@ def _reset_branches_to_their_parents(sm: StateManager) -> None:
     with sm.db.read() as txn:
         names = sm.catalog.branch_names(txn)
     if names:
-        log.warning("%s: the page cache was lost since the last open (a reboot, a remount): "
-                    "%d branch(es) restart from their parent snapshots, uncommitted changes "
-                    "dropped", sm.store, len(names))
+        log.warning(
+            "%s: the page cache was lost since the last open (a reboot, a remount): "
+            "%d branch(es) restart from their parent snapshots, uncommitted changes "
+            "dropped",
+            sm.store,
+            len(names),
+        )
     for name in names:
+
         def apply(txn: lmdb.Transaction, name: str = name) -> list[str]:
             old = sm.catalog.branch(txn, name)
             return sm.repoint_branch(txn, name, old, old.parent)[1]

@@ -34,8 +34,11 @@ class ObjectSink:
     """New objects of one operation; ``flush`` hands batches to a writer (an LMDB transaction)."""
 
     # a flush holds a batch, its packs and LMDB's copy of them at once: ~3x this in memory
-    def __init__(self, flush: Callable[[list[tuple[bytes, bytes]]], None] | None = None,
-                 batch_bytes: int = 32 << 20) -> None:
+    def __init__(
+        self,
+        flush: Callable[[list[tuple[bytes, bytes]]], None] | None = None,
+        batch_bytes: int = 32 << 20,
+    ) -> None:
         self.pending: dict[bytes, bytes] = {}
         self.pending_bytes = 0
         self._flush = flush
@@ -80,17 +83,24 @@ class DirNode:
 
     __slots__ = ("meta", "_children", "lower", "lower_id", "lower_totals", "changes")
 
-    def __init__(self, meta: Entry, children: dict[bytes, Entry | DirNode] | None = None, *,
-                 lower: Entry | None = None, lower_children: dict[bytes, Entry] | None = None,
-                 changes: dict[bytes, Entry | DirNode | None] | None = None) -> None:
+    def __init__(
+        self,
+        meta: Entry,
+        children: dict[bytes, Entry | DirNode] | None = None,
+        *,
+        lower: Entry | None = None,
+        lower_children: dict[bytes, Entry] | None = None,
+        changes: dict[bytes, Entry | DirNode | None] | None = None,
+    ) -> None:
         self.meta = meta
         self._children = children
         self.lower = lower_children
         self.lower_id = lower.ref if lower is not None else b""  # b"": nothing below
         # what the directory below holds in all (files, bytes, link members), so that a
         # change costs its own entries, not a sum over the whole listing
-        self.lower_totals = _NO_TOTALS if lower is None else (
-            lower.tree_files, lower.tree_bytes, lower.tree_links)
+        self.lower_totals = (
+            _NO_TOTALS if lower is None else (lower.tree_files, lower.tree_bytes, lower.tree_links)
+        )
         self.changes = changes
 
     @property
@@ -117,11 +127,20 @@ def _overlaid(lower: dict, changes: dict) -> dict:
     return merged
 
 
-def _meta_entry(name: bytes, st: os.stat_result, xattrs: tuple, size: int = 0,
-                ref: bytes = b"") -> Entry:
-    return Entry(name, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, size, ref,
-                 st.st_rdev if (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) else 0,
-                 xattrs)
+def _meta_entry(
+    name: bytes, st: os.stat_result, xattrs: tuple, size: int = 0, ref: bytes = b""
+) -> Entry:
+    return Entry(
+        name,
+        st.st_mode,
+        st.st_uid,
+        st.st_gid,
+        st.st_mtime_ns,
+        size,
+        ref,
+        st.st_rdev if (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) else 0,
+        xattrs,
+    )
 
 
 def link_key(paths: list[bytes]) -> bytes:
@@ -154,8 +173,9 @@ class HardLinks:
                 node.children[name] = replace(cast(Entry, node.children[name]), link=key)
 
 
-def _file_entry(name: bytes, path: bytes, st: os.stat_result, prepare: Prepare,
-                sink: ObjectSink) -> Entry:
+def _file_entry(
+    name: bytes, path: bytes, st: os.stat_result, prepare: Prepare, sink: ObjectSink
+) -> Entry:
     prepared, xattrs = read_content(path, prepare, sink.add)
     sink.add(prepared.objects)
     return _meta_entry(name, st, xattrs, prepared.size, prepared.content_id)
@@ -182,8 +202,14 @@ class Progress:
         self.update = update or (lambda n: None)
 
 
-def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None,
-                   prepare: Prepare = prepare_content, progress: Progress | None = None) -> DirNode:
+def scan_directory(
+    src: Path,
+    sink: ObjectSink,
+    *,
+    mirror_to: Path | None = None,
+    prepare: Prepare = prepare_content,
+    progress: Progress | None = None,
+) -> DirNode:
     """Read a plain directory tree into a DirNode (and into ``mirror_to``, a layer, if given).
 
     The walk runs on the calling thread and hands each file to ``ImportWorkers``, which read,
@@ -203,8 +229,9 @@ def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None
     dirs: list[tuple[bytes, Entry]] = []
     first_of_inode: dict[tuple[int, int], tuple[DirNode, bytes, bytes | None]] = {}
 
-    def walk(path: bytes, rel: bytes, st: os.stat_result, name: bytes,
-             mirror: bytes | None) -> DirNode:
+    def walk(
+        path: bytes, rel: bytes, st: os.stat_result, name: bytes, mirror: bytes | None
+    ) -> DirNode:
         node = DirNode(_meta_entry(name, st, fsmeta.read_xattrs(path)), {})
         if mirror is not None:
             dirs.append((mirror, node.meta))
@@ -233,8 +260,9 @@ def scan_directory(src: Path, sink: ObjectSink, *, mirror_to: Path | None = None
                 entry = _other_entry(cname, cpath, cst)
                 if cmirror is not None:
                     _mirror_other(entry, cmirror)
-                    fsmeta.apply_metadata(cmirror, entry.mode, entry.uid, entry.gid,
-                                          entry.mtime_ns, entry.xattrs)
+                    fsmeta.apply_metadata(
+                        cmirror, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs
+                    )
                 node.children[cname] = entry
         for job, result in workers.ready():
             take(job, result)
@@ -277,9 +305,15 @@ def _listing_key(rel: bytes, st: os.stat_result) -> tuple:
     return ("listing", rel, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def apply_upper(trees: TreeStore, base_root: Entry | None, upper: Path, sink: ObjectSink,
-                prepare: Prepare = prepare_content,
-                file_cache: dict | None = None, keep: dict | None = None) -> DirNode:
+def apply_upper(
+    trees: TreeStore,
+    base_root: Entry | None,
+    upper: Path,
+    sink: ObjectSink,
+    prepare: Prepare = prepare_content,
+    file_cache: dict | None = None,
+    keep: dict | None = None,
+) -> DirNode:
     """The tree a reader of overlay(upper over base) sees, as a DirNode.
 
     ``file_cache`` maps (path, ino, size, mtime_ns, ctime_ns) to an already computed file entry,
@@ -299,8 +333,14 @@ def apply_upper(trees: TreeStore, base_root: Entry | None, upper: Path, sink: Ob
             return None
         return trees.lookup(base_root, path)
 
-    def walk(path: bytes, rel: bytes, st: os.stat_result, name: bytes, lower: Entry | None,
-             siblings: dict[bytes, Entry]) -> DirNode:
+    def walk(
+        path: bytes,
+        rel: bytes,
+        st: os.stat_result,
+        name: bytes,
+        lower: Entry | None,
+        siblings: dict[bytes, Entry],
+    ) -> DirNode:
         """``lower``: what the directory below (``siblings``) holds under this name."""
         lkey = _listing_key(rel, st)
         listing = file_cache.get(lkey) if file_cache is not None else None
@@ -318,8 +358,12 @@ def apply_upper(trees: TreeStore, base_root: Entry | None, upper: Path, sink: Ob
             lower = None
         lower_children = trees.get(lower.ref) if lower is not None else _NOTHING_BELOW
         changes: dict[bytes, Entry | DirNode | None] = {}
-        node = DirNode(_meta_entry(name, st, xattrs), lower=lower, lower_children=lower_children,
-                       changes=changes)
+        node = DirNode(
+            _meta_entry(name, st, xattrs),
+            lower=lower,
+            lower_children=lower_children,
+            changes=changes,
+        )
         for cname in names:
             cpath = path + b"/" + cname
             crel = rel + b"/" + cname if rel else cname
@@ -327,8 +371,9 @@ def apply_upper(trees: TreeStore, base_root: Entry | None, upper: Path, sink: Ob
             if stat.S_ISCHR(cst.st_mode) and cst.st_rdev == 0:
                 changes[cname] = None  # whiteout
             elif stat.S_ISDIR(cst.st_mode):
-                changes[cname] = walk(cpath, crel, cst, cname, lower_children.get(cname),
-                                      lower_children)
+                changes[cname] = walk(
+                    cpath, crel, cst, cname, lower_children.get(cname), lower_children
+                )
             elif stat.S_ISREG(cst.st_mode):
                 key = (crel, cst.st_ino, cst.st_size, cst.st_mtime_ns, cst.st_ctime_ns)
                 entry = file_cache.get(key) if file_cache is not None else None
@@ -343,8 +388,9 @@ def apply_upper(trees: TreeStore, base_root: Entry | None, upper: Path, sink: Ob
                 changes[cname] = _other_entry(cname, cpath, cst)
         return node
 
-    def lower_of_marked(path: bytes, lower: Entry | None,
-                        siblings: dict[bytes, Entry]) -> Entry | None:
+    def lower_of_marked(
+        path: bytes, lower: Entry | None, siblings: dict[bytes, Entry]
+    ) -> Entry | None:
         """The lower directory that an opaque or redirected upper directory stands over."""
         if fsmeta.get_overlay_xattr(path, _OPAQUE) == b"y":
             return None
@@ -408,10 +454,15 @@ def _counted(entry: Entry) -> tuple[int, int, int]:
 BuiltDirs = dict
 
 
-def finalize(node: DirNode, sink: ObjectSink,
-             remember: Callable[[bytes, dict[bytes, Entry]], None] | None = None,
-             reuse: BuiltDirs | None = None, built: BuiltDirs | None = None,
-             path: bytes = b"", stored: TreeStore | None = None) -> Entry:
+def finalize(
+    node: DirNode,
+    sink: ObjectSink,
+    remember: Callable[[bytes, dict[bytes, Entry]], None] | None = None,
+    reuse: BuiltDirs | None = None,
+    built: BuiltDirs | None = None,
+    path: bytes = b"",
+    stored: TreeStore | None = None,
+) -> Entry:
     """Encode a DirNode bottom-up into tree objects (added to ``sink``); returns its entry,
     with ``tree_files``/``tree_bytes`` totals carried in the directory entry. ``remember``
     gets every directory built (id, entries), for a caller that reads them back next.
@@ -430,8 +481,12 @@ def finalize(node: DirNode, sink: ObjectSink,
     entries encodes one page, not all of them)."""
 
     def finalized(items: dict) -> dict:
-        return {name: finalize(child, sink, remember, reuse, built, path + b"/" + name, stored)
-                if isinstance(child, DirNode) else child for name, child in items.items()}
+        return {
+            name: finalize(child, sink, remember, reuse, built, path + b"/" + name, stored)
+            if isinstance(child, DirNode)
+            else child
+            for name, child in items.items()
+        }
 
     before = reuse.get(path) if reuse is not None else None
     lower_id = changes = None
@@ -440,8 +495,7 @@ def finalize(node: DirNode, sink: ObjectSink,
         changes = finalized(node.changes or {})
         # over the same listing, the same changes are enough to know
         same = before is not None and before[5] == lower_id and same_entries(before[6], changes)
-        entries = before[0] if before is not None and same else _overlaid(node.lower or {},
-                                                                           changes)
+        entries = before[0] if before is not None and same else _overlaid(node.lower or {}, changes)
     else:
         entries = finalized(node.children)
         same = before is not None and same_entries(before[0], entries)
@@ -473,8 +527,16 @@ def finalize(node: DirNode, sink: ObjectSink,
             for child in entries.values():
                 f, b, n = _counted(child)
                 files, total, links = files + f, total + b, links + n
-        entry = replace(m, size=0, ref=tree_id, rdev=0, link=b"", tree_files=files,
-                        tree_bytes=total, tree_links=links)
+        entry = replace(
+            m,
+            size=0,
+            ref=tree_id,
+            rdev=0,
+            link=b"",
+            tree_files=files,
+            tree_bytes=total,
+            tree_links=links,
+        )
     sink.add(objects)
     if remember is not None:
         remember(tree_id, entries)

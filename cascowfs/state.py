@@ -72,13 +72,20 @@ from .wal import WriteAheadLog
 
 log = logging.getLogger("cascowfs.state")
 
-__all__ = ["STORE_FORMAT", "StateManager", "Tuning", "check_store_dir", "is_store",
-           "resolve_import_source"]
+__all__ = [
+    "STORE_FORMAT",
+    "StateManager",
+    "Tuning",
+    "check_store_dir",
+    "is_store",
+    "resolve_import_source",
+]
 
 # What a store directory holds; a directory holding nothing else (and no metadata database)
 # is what an interrupted creation leaves, which a creating open finishes.
-STORE_ENTRIES = frozenset({"lock", "meta", "wal", "layers", "branches", "staging", "trash",
-                           "empty"})
+STORE_ENTRIES = frozenset(
+    {"lock", "meta", "wal", "layers", "branches", "staging", "trash", "empty"}
+)
 NOT_A_STORE = "not a cascowfs store; run cascowfs init"
 
 
@@ -108,8 +115,10 @@ def check_store_dir(store: Path, *, create: bool) -> None:
     if not create:
         raise InvalidArgumentError(f"{store}: {NOT_A_STORE}")
     if not entries <= STORE_ENTRIES:
-        raise CascowfsError(f"{store} is neither empty nor a cascowfs store; give a new or "
-                            f"empty directory", errno=errno.ENOTEMPTY)
+        raise CascowfsError(
+            f"{store} is neither empty nor a cascowfs store; give a new or empty directory",
+            errno=errno.ENOTEMPTY,
+        )
 
 
 def _now_ns() -> int:
@@ -160,8 +169,15 @@ class StateManager:
     # opening and closing
     # ------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, store: str | Path, *, progress: bool = False, recover: bool = True,
-             tuning: Tuning = DEFAULT_TUNING, create: bool = True) -> StateManager:
+    def open(
+        cls,
+        store: str | Path,
+        *,
+        progress: bool = False,
+        recover: bool = True,
+        tuning: Tuning = DEFAULT_TUNING,
+        create: bool = True,
+    ) -> StateManager:
         """Open the store, lock it, replay the WAL and reconcile mounts.
 
         ``create``: a missing or empty directory becomes a new store; without it anything but
@@ -172,8 +188,14 @@ class StateManager:
         check_store_dir(self.store, create=create)
         self._read_only = not recover
         with disk_errors(f"opening store {self.store}"):
-            for d in (self.store, self.layers_dir, self.branches_dir, self.staging_dir,
-                      self.trash_dir, self.empty_dir):
+            for d in (
+                self.store,
+                self.layers_dir,
+                self.branches_dir,
+                self.staging_dir,
+                self.trash_dir,
+                self.empty_dir,
+            ):
                 d.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(self.store / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -182,7 +204,8 @@ class StateManager:
             holder = os.pread(self._lock_fd, 64, 0).decode(errors="replace").strip()
             os.close(self._lock_fd)
             raise StoreLockedError(
-                f"store {self.store} is in use (by pid {holder or '?'})") from None
+                f"store {self.store} is in use (by pid {holder or '?'})"
+            ) from None
         forks.close_in_children(self._lock_fd)
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
@@ -194,11 +217,19 @@ class StateManager:
             self.content = ContentStore(self.db)
             self.trees = TreeStore(self.content)
             self.wal = WriteAheadLog(self.store / "wal" / "log")
-            self.collector = Collector(self.db, self.catalog, self.content, self._ops,
-                                       self._closing, tuning)
-            self.layers = LayerBuilder(self.store, self.db, self.catalog, self.trees,
-                                       self.content, self.trash, self._ops,
-                                       self.collector.note_garbage)
+            self.collector = Collector(
+                self.db, self.catalog, self.content, self._ops, self._closing, tuning
+            )
+            self.layers = LayerBuilder(
+                self.store,
+                self.db,
+                self.catalog,
+                self.trees,
+                self.content,
+                self.trash,
+                self._ops,
+                self.collector.note_garbage,
+            )
             recovery.check_format(self, read_only=not recover)
             if recover:
                 recovery.recover(self, progress)
@@ -363,16 +394,23 @@ class StateManager:
     # ------------------------------------------------------------------------------------
     # import
     # ------------------------------------------------------------------------------------
-    def import_tree(self, src: str | Path, id: str | None = None,
-                    labels: dict[str, str] | None = None, *, progress: bool = False) -> str:
+    def import_tree(
+        self,
+        src: str | Path,
+        id: str | None = None,
+        labels: dict[str, str] | None = None,
+        *,
+        progress: bool = False,
+    ) -> str:
         """Import a plain directory as a new snapshot (its own full layer)."""
         labels = check_labels(labels)
         src = resolve_import_source(Path(src), self.store)
         with self._ops.running():
             id = self._claim_id(id)
             layer = secrets.token_hex(5)
-            with self._logged_op("import", id=id, layer=layer,
-                                 undo=lambda op: self._abandon(op, layer)) as op:
+            with self._logged_op(
+                "import", id=id, layer=layer, undo=lambda op: self._abandon(op, layer)
+            ) as op:
                 staged = self.staging_dir / op
                 total = _tree_bytes(src) if progress else 0
                 with progress_bar(progress, total, f"import {id}") as bar:
@@ -401,9 +439,14 @@ class StateManager:
     # the skeleton every logged operation shares
     # ------------------------------------------------------------------------------------
     @contextmanager
-    def _logged_op(self, kind: str, *, durable: bool = True,
-                   undo: Callable[[str], None] | None = None, **args: str | None
-                   ) -> Iterator[str]:
+    def _logged_op(
+        self,
+        kind: str,
+        *,
+        durable: bool = True,
+        undo: Callable[[str], None] | None = None,
+        **args: str | None,
+    ) -> Iterator[str]:
         """PREPARE an op of ``kind`` and yield its id to the block, which does the op's side
         effects and its APPLY transaction. If the block fails, ``undo(op)`` rolls the op back
         (an op with nothing to undo before APPLY passes none: recovery settles it from the
@@ -438,20 +481,21 @@ class StateManager:
         try:
             self.wal.finalize(op)
         except CascowfsError as exc:
-            log.warning("%s: op %s is done, but its FINALIZE record is not: %s",
-                        self.store, op, exc)
+            log.warning(
+                "%s: op %s is done, but its FINALIZE record is not: %s", self.store, op, exc
+            )
         try:
             self._when_alone()
         except (CascowfsError, OSError) as exc:
-            log.warning("%s: housekeeping after op %s failed (retried later): %s",
-                        self.store, op, exc)
+            log.warning(
+                "%s: housekeeping after op %s failed (retried later): %s", self.store, op, exc
+            )
 
     def trash_after_apply(self, layers: list[str], *paths: Path) -> None:
         """Move what an applied op dropped (``layers``, by id, and ``paths``) into the trash.
         The op is durable already, so a failure here must not fail it: the next open trashes
         whatever no record names."""
-        self.trash.put_after_apply([*paths, *(self.layers.path(lid) for lid in layers)],
-                                   self.store)
+        self.trash.put_after_apply([*paths, *(self.layers.path(lid) for lid in layers)], self.store)
 
     @contextmanager
     def _branch_op(self, name: str, *, wait: bool = True) -> Iterator[None]:
@@ -475,13 +519,31 @@ class StateManager:
                 raise ExistsError(f"snapshot {id!r} already exists")
         return id
 
-    def _put_snapshot(self, txn: lmdb.Transaction, id: str, superroot: str, parent: str | None,
-                      chain: list[str], labels: dict[str, str], root: Entry) -> None:
+    def _put_snapshot(
+        self,
+        txn: lmdb.Transaction,
+        id: str,
+        superroot: str,
+        parent: str | None,
+        chain: list[str],
+        labels: dict[str, str],
+        root: Entry,
+    ) -> None:
         if self.catalog.has_snapshot(txn, id):
             raise ExistsError(f"snapshot {id!r} already exists")
-        self.catalog.put_snapshot(txn, id, SnapshotRecord(
-            root=superroot, parent=parent, created_ns=_now_ns(), layers=chain,
-            files=root.tree_files, size=root.tree_bytes, labels=labels))
+        self.catalog.put_snapshot(
+            txn,
+            id,
+            SnapshotRecord(
+                root=superroot,
+                parent=parent,
+                created_ns=_now_ns(),
+                layers=chain,
+                files=root.tree_files,
+                size=root.tree_bytes,
+                labels=labels,
+            ),
+        )
 
     # ------------------------------------------------------------------------------------
     # branches
@@ -498,8 +560,12 @@ class StateManager:
                 snap = self.catalog.snapshot(txn, parent) if parent is not None else None
             if snap is not None:  # before anything is recorded: a full disk fails it cleanly
                 self.layers.build_chain(snap.layers)
-            rec = BranchRecord(parent=parent, base_root=snap.root if snap else None,
-                               layers=snap.layers if snap else [], created_ns=_now_ns())
+            rec = BranchRecord(
+                parent=parent,
+                base_root=snap.root if snap else None,
+                layers=snap.layers if snap else [],
+                created_ns=_now_ns(),
+            )
             bdir = self.branches_dir / name
 
             def undo(op: str) -> None:
@@ -510,8 +576,9 @@ class StateManager:
                     pass  # the disk is failing; the next open reconciles from state
 
             # not flushed: state-reconciled
-            with self._logged_op("branch", name=name, parent=parent, durable=False,
-                                 undo=undo) as op:
+            with self._logged_op(
+                "branch", name=name, parent=parent, durable=False, undo=undo
+            ) as op:
                 with disk_errors(f"creating branch {name}"):
                     self.trash.put(bdir)  # leftovers of an earlier branch of that name
                     bdir.mkdir()
@@ -536,8 +603,9 @@ class StateManager:
             crash_point("branch.applied")
             self.layers.build_chain(rec.layers)  # a chain re-read in the transaction
             with disk_errors(f"mounting branch {name}"):
-                overlay.mount_overlay(bdir / "tree", self.lower_paths(rec.layers),
-                                      bdir / "upper", bdir / "work")
+                overlay.mount_overlay(
+                    bdir / "tree", self.lower_paths(rec.layers), bdir / "upper", bdir / "work"
+                )
             crash_point("branch.switched")
             self._finish(op)
             return self._branch_info(name, rec)
@@ -553,9 +621,11 @@ class StateManager:
                 if parent is not None:
                     self.catalog.snapshot(txn, parent)  # NotFoundError before anything is logged
             if self.status(name):
-                raise BusyError(f"branch {name!r} has uncommitted changes; "
-                                "commit or discard them first")
+                raise BusyError(
+                    f"branch {name!r} has uncommitted changes; commit or discard them first"
+                )
             with self._logged_op("rebase", name=name, parent=parent) as op:
+
                 def apply(txn: lmdb.Transaction) -> tuple[BranchRecord, list[str]]:
                     result = self.repoint_branch(txn, name, old, parent)
                     self.catalog.mark_applied(txn, op)
@@ -571,14 +641,19 @@ class StateManager:
             self._background.put(EmptyTrash())
             return self._branch_info(name, rec)
 
-    def repoint_branch(self, txn: lmdb.Transaction, name: str, old: BranchRecord,
-                        parent: str | None) -> tuple[BranchRecord, list[str]]:
+    def repoint_branch(
+        self, txn: lmdb.Transaction, name: str, old: BranchRecord, parent: str | None
+    ) -> tuple[BranchRecord, list[str]]:
         """Record branch ``name`` (record ``old``) as showing snapshot ``parent`` (None: an
         empty tree) on that snapshot's layers as they are now. Returns the new record and the
         layers that lost their last reference (their directories can go)."""
         snap = self.catalog.snapshot(txn, parent) if parent is not None else None
-        rec = replace(old, parent=parent, base_root=snap.root if snap else None,
-                      layers=snap.layers if snap else [])
+        rec = replace(
+            old,
+            parent=parent,
+            base_root=snap.root if snap else None,
+            layers=snap.layers if snap else [],
+        )
         self.layers.add_refs(txn, rec.layers, +1)
         if old.base_root:
             self.collector.note_garbage(txn)
@@ -607,8 +682,9 @@ class StateManager:
         # Not flushed: before APPLY a commit leaves nothing on disk (its layer is written
         # after it), unless the sink writes objects early (a commit of more than its batch
         # size); then the record is flushed first, so that recovery sweeps them.
-        with self._logged_op("commit", name=name, id=id, layer=layer, durable=False,
-                             undo=undo) as op:
+        with self._logged_op(
+            "commit", name=name, id=id, layer=layer, durable=False, undo=undo
+        ) as op:
             sink = ObjectSink(self._write_objects_of_logged_op)
             # Files unchanged since this branch's last commit are in its parent snapshot
             # (which cannot be pruned under the branch): their entries are reused, not re-read.
@@ -616,13 +692,24 @@ class StateManager:
             stored = self._commit_caches.get(name, {})
             used: dict = {}
             with disk_errors(f"commit of branch {name}"):
-                node = apply_upper(self.trees, self.root_of(rec.base_root),
-                                   self.branches_dir / name / "upper", sink,
-                                   file_cache=stored, keep=used)
+                node = apply_upper(
+                    self.trees,
+                    self.root_of(rec.base_root),
+                    self.branches_dir / name / "upper",
+                    sink,
+                    file_cache=stored,
+                    keep=used,
+                )
                 # remembered: the new delta layer is written from these directories
                 built: dict = {}
-                root = finalize(node, sink, remember=self.trees.remember,
-                                reuse=self._built_dirs.get(name), built=built, stored=self.trees)
+                root = finalize(
+                    node,
+                    sink,
+                    remember=self.trees.remember,
+                    reuse=self._built_dirs.get(name),
+                    built=built,
+                    stored=self.trees,
+                )
                 superroot = self._superroot(root, sink)
             crash_point("commit.staged")
             objects = self.content.pack_missing(sink.take())
@@ -632,11 +719,18 @@ class StateManager:
                 # which is fine, since the new delta is relative to the parent's tree
                 chain = self.catalog.snapshot(txn, rec.parent).layers if rec.parent else []
                 self.content.put_objects(txn, objects)
-                self.layers.record(txn, layer, superroot.hex(), 1,
-                                   below=parent.root if parent else None, built=False)
+                self.layers.record(
+                    txn,
+                    layer,
+                    superroot.hex(),
+                    1,
+                    below=parent.root if parent else None,
+                    built=False,
+                )
                 self.layers.add_refs(txn, [layer] + chain, +1)
-                self._put_snapshot(txn, id, superroot.hex(), rec.parent, [layer] + chain, labels,
-                                   root)
+                self._put_snapshot(
+                    txn, id, superroot.hex(), rec.parent, [layer] + chain, labels, root
+                )
                 self.catalog.put_branch(txn, name, replace(rec, parent=id, last_commit=id))
                 self.catalog.mark_applied(txn, op)
 
@@ -659,6 +753,7 @@ class StateManager:
                 rec = self.catalog.branch(txn, name)
             # not flushed: state-reconciled
             with self._logged_op("discard", name=name, durable=False) as op:
+
                 def apply(txn: lmdb.Transaction) -> list[str]:
                     self.catalog.delete_branch(txn, name)
                     if rec.base_root:
@@ -685,6 +780,7 @@ class StateManager:
                 self._check_unused(txn, id)
             # not flushed: state-reconciled
             with self._logged_op("prune", id=id, durable=False) as op:
+
                 def apply(txn: lmdb.Transaction) -> list[str]:
                     self._check_unused(txn, id)  # no branch was based on it meanwhile
                     # a background merge may have swapped its chain
@@ -753,7 +849,9 @@ class StateManager:
                 if merge:
                     count, span = merge_plan.plan(
                         [self.catalog.layer(txn, lid).span for lid in layers],
-                        self.tuning.merge_fan_in, self.tuning.merge_all_above)
+                        self.tuning.merge_fan_in,
+                        self.tuning.merge_all_above,
+                    )
                 else:
                     count, span = len(chain), 0
                 if merge and count < 2:
@@ -764,8 +862,13 @@ class StateManager:
             layer = secrets.token_hex(5)
             # Not flushed, as a commit's: before APPLY a rewrite leaves only staging and an
             # unrecorded layer, which recovery sweeps whether or not it finds the record.
-            with self._logged_op("flatten", id=id, layer=layer, durable=False,
-                                 undo=lambda op: self._abandon(op, layer)) as op:
+            with self._logged_op(
+                "flatten",
+                id=id,
+                layer=layer,
+                durable=False,
+                undo=lambda op: self._abandon(op, layer),
+            ) as op:
                 staged = self.staging_dir / op
                 with disk_errors(f"rewriting the layers of snapshot {id}"):
                     self.layers.write(staged, rec.root, below, full=not merge)
@@ -790,12 +893,14 @@ class StateManager:
         transaction, no new files: nothing for the WAL to cover)."""
         dropped = self.db.write(
             lambda txn: self._swap_chain(txn, id, self.catalog.snapshot(txn, id), old, new),
-            f"rewriting the layers of snapshot {id}")
+            f"rewriting the layers of snapshot {id}",
+        )
         self.trash_after_apply(dropped)
         self._background.put(EmptyTrash())
 
-    def _swap_chain(self, txn: lmdb.Transaction, id: str, cur: SnapshotRecord, old: list[str],
-                    new: list[str]) -> list[str]:
+    def _swap_chain(
+        self, txn: lmdb.Transaction, id: str, cur: SnapshotRecord, old: list[str], new: list[str]
+    ) -> list[str]:
         """Replace snapshot ``id``'s chain ``old`` (as read before the rewrite) by ``new``;
         returns the layers no chain names any more."""
         # a chain taken from the parent may have lost layers to the parent's own rewrite
@@ -843,9 +948,15 @@ class StateManager:
         sink = ObjectSink()
         cache = self._file_caches.setdefault(name, {})
         with disk_errors(f"status of branch {name}"):
-            node = apply_upper(self.trees, self.root_of(rec.base_root),
-                               self.branches_dir / name / "upper", sink,
-                               prepare=identify_content, file_cache=cache, keep=cache)
+            node = apply_upper(
+                self.trees,
+                self.root_of(rec.base_root),
+                self.branches_dir / name / "upper",
+                sink,
+                prepare=identify_content,
+                file_cache=cache,
+                keep=cache,
+            )
         extra: dict[bytes, dict[bytes, Entry]] = {}  # the directories built, for the diff
         view = finalize(node, sink, remember=extra.__setitem__)
         return self.trees.diff(self.root_of(parent.root) if parent else None, view, extra)
@@ -859,8 +970,10 @@ class StateManager:
 
     def snapshots(self) -> list[SnapshotInfo]:
         with self.db.read() as txn:
-            return [_snapshot_info(id, rec)
-                    for id, rec in self.catalog.snapshots(txn, skip_damaged=True)]
+            return [
+                _snapshot_info(id, rec)
+                for id, rec in self.catalog.snapshots(txn, skip_damaged=True)
+            ]
 
     def snapshot(self, id: str) -> SnapshotInfo:
         id = check_snapshot_id(id)
@@ -881,8 +994,7 @@ class StateManager:
             return self._branch_info(name, self.catalog.branch(txn, name))
 
     def _branch_info(self, name: str, rec: BranchRecord) -> BranchInfo:
-        return BranchInfo(name, rec.parent, self.tree_path(name), rec.created_ns,
-                          rec.last_commit)
+        return BranchInfo(name, rec.parent, self.tree_path(name), rec.created_ns, rec.last_commit)
 
     def layer_chain(self, id: str) -> list[Path]:
         """Lower layer directories a branch on snapshot ``id`` is mounted on (top first)."""
@@ -906,8 +1018,9 @@ class StateManager:
 
 
 def _snapshot_info(id: str, rec: SnapshotRecord) -> SnapshotInfo:
-    return SnapshotInfo(id, rec.root, rec.parent, rec.created_ns, rec.size, rec.files,
-                        dict(rec.labels))
+    return SnapshotInfo(
+        id, rec.root, rec.parent, rec.created_ns, rec.size, rec.files, dict(rec.labels)
+    )
 
 
 def resolve_import_source(src: Path, store: Path) -> Path:
@@ -928,13 +1041,19 @@ def resolve_import_source(src: Path, store: Path) -> Path:
         parts = real.relative_to(store_real).parts
         if parts[:1] == ("branches",) and parts[2:3] == ("tree",):
             return real
-        raise InvalidArgumentError(f"import source {src} lies inside the store it would be "
-                                   f"imported into ({store})")
+        raise InvalidArgumentError(
+            f"import source {src} lies inside the store it would be imported into ({store})"
+        )
     for m in overlay.all_mounts():
-        if (m.fstype == FUSE_TYPE and store_of_source(m.source) == store
-                and _within(real, Path(m.target))):
-            raise InvalidArgumentError(f"import source {src} lies inside {m.target}, a mount "
-                                       f"of the store it would be imported into")
+        if (
+            m.fstype == FUSE_TYPE
+            and store_of_source(m.source) == store
+            and _within(real, Path(m.target))
+        ):
+            raise InvalidArgumentError(
+                f"import source {src} lies inside {m.target}, a mount "
+                f"of the store it would be imported into"
+            )
     return real
 
 

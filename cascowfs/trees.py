@@ -61,8 +61,19 @@ def encode_tree(entries: dict[bytes, Entry]) -> bytes:
         e = entries[name]
         out.append(_U16.pack(len(name)))
         out.append(name)
-        out.append(_FIXED.pack(e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.rdev,
-                                e.tree_files, e.tree_bytes, e.tree_links))
+        out.append(
+            _FIXED.pack(
+                e.mode,
+                e.uid,
+                e.gid,
+                e.mtime_ns,
+                e.size,
+                e.rdev,
+                e.tree_files,
+                e.tree_bytes,
+                e.tree_links,
+            )
+        )
         out.append(_U16.pack(len(e.ref)))
         out.append(e.ref)
         out.append(_U16.pack(len(e.link)))
@@ -87,18 +98,19 @@ def decode_tree(payload: bytes | memoryview) -> dict[bytes, Entry]:
         while pos < end:
             (n,) = _U16.unpack_from(buf, pos)
             pos += 2
-            name = bytes(buf[pos:pos + n])
+            name = bytes(buf[pos : pos + n])
             pos += n
-            (mode, uid, gid, mtime_ns, size, rdev,
-             tfiles, tbytes, tlinks) = _FIXED.unpack_from(buf, pos)
+            (mode, uid, gid, mtime_ns, size, rdev, tfiles, tbytes, tlinks) = _FIXED.unpack_from(
+                buf, pos
+            )
             pos += _FIXED.size
             (n,) = _U16.unpack_from(buf, pos)
             pos += 2
-            ref = bytes(buf[pos:pos + n])
+            ref = bytes(buf[pos : pos + n])
             pos += n
             (n,) = _U16.unpack_from(buf, pos)
             pos += 2
-            link = bytes(buf[pos:pos + n])
+            link = bytes(buf[pos : pos + n])
             pos += n
             (count,) = _U16.unpack_from(buf, pos)
             pos += 2
@@ -106,14 +118,27 @@ def decode_tree(payload: bytes | memoryview) -> dict[bytes, Entry]:
             for _ in range(count):
                 (n,) = _U16.unpack_from(buf, pos)
                 pos += 2
-                key = bytes(buf[pos:pos + n])
+                key = bytes(buf[pos : pos + n])
                 pos += n
                 (n,) = _U32.unpack_from(buf, pos)
                 pos += 4
-                xattrs.append((key, bytes(buf[pos:pos + n])))
+                xattrs.append((key, bytes(buf[pos : pos + n])))
                 pos += n
-            entries[name] = Entry(name, mode, uid, gid, mtime_ns, size, ref, rdev, tuple(xattrs),
-                                  link, tfiles, tbytes, tlinks)
+            entries[name] = Entry(
+                name,
+                mode,
+                uid,
+                gid,
+                mtime_ns,
+                size,
+                ref,
+                rdev,
+                tuple(xattrs),
+                link,
+                tfiles,
+                tbytes,
+                tlinks,
+            )
     except struct.error as exc:
         raise StoreIOError(f"tree object is truncated: {exc}") from None
     return entries
@@ -142,7 +167,7 @@ def tree_children(payload: bytes | memoryview) -> list[bytes]:
             pos += _FIXED.size
             (n,) = _U16.unpack_from(buf, pos)
             if n and stat.S_IFMT(mode) in (stat.S_IFDIR, stat.S_IFREG):
-                out.append(bytes(buf[pos + 2:pos + 2 + n]))
+                out.append(bytes(buf[pos + 2 : pos + 2 + n]))
             pos += 2 + n
             (n,) = _U16.unpack_from(buf, pos)  # hard-link group
             pos += 2 + n
@@ -158,9 +183,10 @@ def tree_children(payload: bytes | memoryview) -> list[bytes]:
     return out
 
 
-def tree_objects(entries: dict[bytes, Entry],
-                 like: tuple[dict[bytes, Entry], list[tuple[bytes, bytes]]] | None = None,
-                 ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+def tree_objects(
+    entries: dict[bytes, Entry],
+    like: tuple[dict[bytes, Entry], list[tuple[bytes, bytes]]] | None = None,
+) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """The id of a directory listing and its stored objects: one listing, or for a large
     directory its pages and then their index.
 
@@ -176,13 +202,15 @@ def tree_objects(entries: dict[bytes, Entry],
         # a paged encoding's objects are its pages in order, then the index
         pages = _pages(like[0])
         if len(pages) == len(like[1]) - 1:
-            earlier = {next(iter(page)): (page, obj)
-                       for page, obj in zip(pages, like[1], strict=False)}
+            earlier = {
+                next(iter(page)): (page, obj) for page, obj in zip(pages, like[1], strict=False)
+            }
     objects = []
     for page in _pages(entries):
         old = earlier.get(next(iter(page)))
-        objects.append(old[1] if old is not None and same_entries(old[0], page)
-                       else _object(encode_tree(page)))
+        objects.append(
+            old[1] if old is not None and same_entries(old[0], page) else _object(encode_tree(page))
+        )
     index = _object(bytes([INDEX_VERSION]) + b"".join(oid for oid, _ in objects))
     objects.append(index)
     return index[0], objects
@@ -191,8 +219,11 @@ def tree_objects(entries: dict[bytes, Entry],
 def same_entries(a: dict | None, b: dict) -> bool:
     """Same names, each with the very same object (or None, a whiteout, in both): entries are
     immutable, so identity is enough to know two listings encode alike."""
-    return a is not None and len(a) == len(b) and all(
-        name in b and b[name] is e for name, e in a.items())
+    return (
+        a is not None
+        and len(a) == len(b)
+        and all(name in b and b[name] is e for name, e in a.items())
+    )
 
 
 def _object(payload: bytes) -> tuple[bytes, bytes]:
@@ -231,11 +262,12 @@ def index_pages(payload: bytes | memoryview) -> list[bytes] | None:
     body = buf[1:]
     if len(body) % ID_SIZE:
         raise StoreIOError("tree index object is truncated")
-    return [bytes(body[i:i + ID_SIZE]) for i in range(0, len(body), ID_SIZE)]
+    return [bytes(body[i : i + ID_SIZE]) for i in range(0, len(body), ID_SIZE)]
 
 
-def decode_listing(payload: bytes | memoryview,
-                   page: Callable[[bytes], bytes | memoryview]) -> dict[bytes, Entry]:
+def decode_listing(
+    payload: bytes | memoryview, page: Callable[[bytes], bytes | memoryview]
+) -> dict[bytes, Entry]:
     """A directory's entries from its object's payload; ``page(id)`` gives a page's payload."""
     ids = index_pages(payload)
     if ids is None:
@@ -267,8 +299,12 @@ class TreeStore:
             return None
         return self.get(bytes.fromhex(superroot_hex))[ROOT_NAME]
 
-    def get(self, tree_id: bytes, txn: lmdb.Transaction | None = None,
-            extra: dict[bytes, dict[bytes, Entry]] | None = None) -> dict[bytes, Entry]:
+    def get(
+        self,
+        tree_id: bytes,
+        txn: lmdb.Transaction | None = None,
+        extra: dict[bytes, dict[bytes, Entry]] | None = None,
+    ) -> dict[bytes, Entry]:
         """A tree by id; ``extra`` holds decoded trees built in memory but not stored (status)."""
         if extra is not None and tree_id in extra:
             return extra[tree_id]
@@ -277,8 +313,7 @@ class TreeStore:
             if hit is not None:
                 self._cache.move_to_end(tree_id)
                 return hit
-        entries = decode_listing(self._payload(tree_id, txn),
-                                 lambda pid: self._payload(pid, txn))
+        entries = decode_listing(self._payload(tree_id, txn), lambda pid: self._payload(pid, txn))
         self.remember(tree_id, entries)
         return entries
 
@@ -290,8 +325,9 @@ class TreeStore:
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
 
-    def stored_encoding(self, tree_id: bytes, entries: dict[bytes, Entry]
-                        ) -> tuple[dict[bytes, Entry], list[tuple[bytes, bytes]]] | None:
+    def stored_encoding(
+        self, tree_id: bytes, entries: dict[bytes, Entry]
+    ) -> tuple[dict[bytes, Entry], list[tuple[bytes, bytes]]] | None:
         """``entries``, the listing of stored tree ``tree_id``, with its objects as
         ``tree_objects`` takes them for ``like`` (all ``STORED``); None unless it is paged.
         Page boundaries depend on the names alone, so ``_pages(entries)`` cuts the listing
@@ -321,8 +357,13 @@ class TreeStore:
             cur = nxt
         return cur
 
-    def walk(self, root: Entry, prefix: bytes = b"", txn: lmdb.Transaction | None = None,
-             extra: dict[bytes, dict[bytes, Entry]] | None = None) -> Iterator[tuple[bytes, Entry]]:
+    def walk(
+        self,
+        root: Entry,
+        prefix: bytes = b"",
+        txn: lmdb.Transaction | None = None,
+        extra: dict[bytes, dict[bytes, Entry]] | None = None,
+    ) -> Iterator[tuple[bytes, Entry]]:
         """Every (path, entry) below directory entry ``root``, parents before children."""
         stack = [(prefix, root)]
         while stack:
@@ -335,16 +376,18 @@ class TreeStore:
                 if child.is_dir:
                     stack.append((child_path, child))
 
-    def diff(self, a: Entry | None, b: Entry | None,
-             extra: dict[bytes, dict[bytes, Entry]] | None = None) -> list[Change]:
+    def diff(
+        self, a: Entry | None, b: Entry | None, extra: dict[bytes, dict[bytes, Entry]] | None = None
+    ) -> list[Change]:
         """Changes that turn tree ``a`` into tree ``b`` (roots as directory entries)."""
         changes: list[Change] = []
         self._diff_dirs(a, b, b"", changes, extra)
         changes.sort()
         return changes
 
-    def _diff_dirs(self, a: Entry | None, b: Entry | None, path: bytes,
-                   changes: list[Change], extra) -> None:
+    def _diff_dirs(
+        self, a: Entry | None, b: Entry | None, path: bytes, changes: list[Change], extra
+    ) -> None:
         if a is not None and b is not None and a.ref == b.ref:
             return
         left = self.get(a.ref, None, extra) if a is not None else {}
@@ -367,8 +410,9 @@ class TreeStore:
             elif file_key(ea) != file_key(eb):
                 changes.append(Change(_text(child), "M"))
 
-    def _report_all(self, entry: Entry, path: bytes, kind: str, changes: list[Change],
-                    extra) -> None:
+    def _report_all(
+        self, entry: Entry, path: bytes, kind: str, changes: list[Change], extra
+    ) -> None:
         changes.append(Change(_text(path), kind))
         if entry.is_dir:
             for sub, _ in self.walk(entry, path, extra=extra):
@@ -381,5 +425,3 @@ def _dir_meta(e: Entry) -> tuple:
 
 def _text(path: bytes) -> str:
     return path.decode("utf-8", "surrogateescape")
-
-

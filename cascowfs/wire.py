@@ -138,8 +138,9 @@ def parse_command(data: bytes) -> Command:
         src = words[2]
         if not os.path.isabs(src):
             raise InvalidArgumentError(f"import source must be an absolute path: {src!r}")
-        return Command("import", id=ident, src=os.path.normpath(src),
-                       labels=parse_labels(words[3:]))
+        return Command(
+            "import", id=ident, src=os.path.normpath(src), labels=parse_labels(words[3:])
+        )
     if verb == "gc":
         _arity(words, 0, 0, "gc")
         return Command("gc")

@@ -113,10 +113,13 @@ class BranchFileNode(Node):
 def leaf_key(entry: Entry, nlink: int) -> bytes:
     """Canonical bytes of everything a reader can observe about a non-directory entry."""
     parts = [
-        _LEAF_FIXED.pack(entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.size,
-                         entry.rdev, nlink),
-        struct.pack("<H", len(entry.ref)), entry.ref,
-        struct.pack("<H", len(entry.link)), entry.link,
+        _LEAF_FIXED.pack(
+            entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.size, entry.rdev, nlink
+        ),
+        struct.pack("<H", len(entry.ref)),
+        entry.ref,
+        struct.pack("<H", len(entry.link)),
+        entry.link,
     ]
     for key, val in entry.xattrs:
         parts += [struct.pack("<HI", len(key), len(val)), key, val]

@@ -153,8 +153,14 @@ class CascowOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, sm: StateManager, store: str | Path, *, admin_gid: int | None = None,
-                 info: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        sm: StateManager,
+        store: str | Path,
+        *,
+        admin_gid: int | None = None,
+        info: dict[str, str] | None = None,
+    ) -> None:
         super().__init__()
         self.sm = sm
         self.store = str(store)
@@ -168,11 +174,16 @@ class CascowOperations(pyfuse3.Operations):
         self.ctl = self.table.add_pinned(CtlNode(CTL_INO, name=b"ctl", parent=self.root))
         self.ctl_lanes = CtlLanes(self.ctl, self.table.allocate, self.root)
         self.snapshots = self.table.add_pinned(
-            SkeletonNode(SNAPSHOTS_INO, name=b"snapshots", parent=self.root))
+            SkeletonNode(SNAPSHOTS_INO, name=b"snapshots", parent=self.root)
+        )
         self.branches = self.table.add_pinned(
-            SkeletonNode(BRANCHES_INO, name=b"branches", parent=self.root))
-        self._skeleton = {b"ctl": self.ctl, b"snapshots": self.snapshots,
-                          b"branches": self.branches}
+            SkeletonNode(BRANCHES_INO, name=b"branches", parent=self.root)
+        )
+        self._skeleton = {
+            b"ctl": self.ctl,
+            b"snapshots": self.snapshots,
+            b"branches": self.branches,
+        }
         self._handles: dict[int, Any] = {}
         self._fh = itertools.count(1)
         # Hard-link group sizes per snapshot root tree id (immutable, so cached for good).
@@ -341,8 +352,14 @@ class CascowOperations(pyfuse3.Operations):
         if isinstance(node, SnapDirNode) and node.version == version:
             return node
         entry = self.sm.root_entry(info.id)
-        new = SnapDirNode(self.table.allocate(), snap=info.id, entry=entry, version=version,
-                          root_ref=entry.ref, info=info)
+        new = SnapDirNode(
+            self.table.allocate(),
+            snap=info.id,
+            entry=entry,
+            version=version,
+            root_ref=entry.ref,
+            info=info,
+        )
         return self.table.adopt(self.snapshots, name, new)  # type: ignore[return-value]
 
     def _branch_dir(self, info: BranchInfo) -> BranchDirNode:
@@ -375,8 +392,9 @@ class CascowOperations(pyfuse3.Operations):
             node = self.table.child(parent, name)
             if isinstance(node, SnapDirNode) and node.entry == entry:
                 return node
-            new = SnapDirNode(self.table.allocate(), snap=parent.snap, entry=entry,
-                              root_ref=parent.root_ref)
+            new = SnapDirNode(
+                self.table.allocate(), snap=parent.snap, entry=entry, root_ref=parent.root_ref
+            )
             return self.table.adopt(parent, name, new)
         return self.table.leaf(entry, await self._nlink(parent, entry))
 
@@ -423,8 +441,9 @@ class CascowOperations(pyfuse3.Operations):
 
     # -- lookups and attributes ----------------------------------------------------------------
     @edge
-    async def lookup(self, parent_inode: int, name: bytes,
-                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         node = await self._lookup_node(self._node(parent_inode), name)
         attr = await self._attrs(node)
         self.table.looked_up(node)
@@ -443,15 +462,25 @@ class CascowOperations(pyfuse3.Operations):
         return await self._attrs(self._node(inode))
 
     @edge
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         writable = isinstance(node, CtlNode) or (
-            isinstance(node, BranchFileNode) and node.which in ("parent", "commit"))
+            isinstance(node, BranchFileNode) and node.which in ("parent", "commit")
+        )
         only_truncate = fields.update_size and not (
-            fields.update_mode or fields.update_uid or fields.update_gid
-            or fields.update_atime or fields.update_mtime)
+            fields.update_mode
+            or fields.update_uid
+            or fields.update_gid
+            or fields.update_atime
+            or fields.update_mtime
+        )
         if writable and only_truncate and attr.st_size == 0:
             # `echo x > file` truncates first; the file's content is generated, so this is a
             # no-op, but it must succeed for the shell's redirection to work.
@@ -461,8 +490,11 @@ class CascowOperations(pyfuse3.Operations):
     @edge
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
-        if isinstance(node, SnapLeafNode) and node.entry is not None \
-                and stat.S_ISLNK(node.entry.mode):
+        if (
+            isinstance(node, SnapLeafNode)
+            and node.entry is not None
+            and stat.S_ISLNK(node.entry.mode)
+        ):
             return node.entry.ref
         if isinstance(node, BranchFileNode) and node.which == "tree":
             return await self._branch_file_content(node)
@@ -507,8 +539,9 @@ class CascowOperations(pyfuse3.Operations):
         return list(self._xattrs(self._node(inode)))
 
     @edge
-    async def setxattr(self, inode: int, name: bytes, value: bytes,
-                       ctx: pyfuse3.RequestContext) -> None:
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
         raise self._refuse_change(self._node(inode))
 
     @edge
@@ -581,8 +614,9 @@ class CascowOperations(pyfuse3.Operations):
 
     # -- control plane: namespace changes ------------------------------------------------------
     @edge
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         if parent.ino != BRANCHES_INO:
             raise self._refuse_change(parent)
@@ -623,31 +657,41 @@ class CascowOperations(pyfuse3.Operations):
         raise self._refuse_change(self._node(parent_inode))
 
     @edge
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         raise self._refuse_change(self._node(parent_inode))
 
     @edge
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         raise self._refuse_change(self._node(parent_inode))
 
     @edge
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
-                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         raise self._refuse_change(self._node(new_parent_inode))
 
     @edge
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
         old = self._node(parent_inode_old)
         new = self._node(parent_inode_new)
         raise self._refuse_change(old if self._in_snapshot(old) else new)
 
     @edge
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext
-                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         raise self._refuse_change(self._node(parent_inode))
 
     # -- files ---------------------------------------------------------------------------------
@@ -692,7 +736,7 @@ class CascowOperations(pyfuse3.Operations):
                 # A read from the start shows the current state; continuations of one read
                 # sequence stay consistent with its beginning.
                 handle.content = await self._branch_file_content(handle.node)
-            return handle.content[off:off + size]
+            return handle.content[off : off + size]
         raise _err(errno.EBADF)
 
     @edge

@@ -22,12 +22,15 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run(*cmd: str | os.PathLike[str], cwd: str | os.PathLike[str] | None = None,
-        env: dict | None = None) -> str:
+def run(
+    *cmd: str | os.PathLike[str], cwd: str | os.PathLike[str] | None = None, env: dict | None = None
+) -> str:
     r = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))}: exit {r.returncode}: "
-                           f"{(r.stderr.strip() or r.stdout.strip())[-500:]}")
+        raise RuntimeError(
+            f"{' '.join(map(str, cmd))}: exit {r.returncode}: "
+            f"{(r.stderr.strip() or r.stdout.strip())[-500:]}"
+        )
     return r.stdout
 
 

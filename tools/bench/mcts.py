@@ -65,13 +65,17 @@ def product_version() -> dict:
     h = hashlib.sha256()
     for p in sorted((REPO / "cascowfs").rglob("*.py")):
         h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes())
+
     def git(*a: str) -> str:
         r = subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True)
         return r.stdout.strip()
-    return {"head": git("rev-parse", "--short", "HEAD"),
-            "head_subject": git("log", "-1", "--format=%s")[:100],
-            "cascowfs_dirty": bool(git("status", "--porcelain", "--", "cascowfs")),
-            "sources_sha256": h.hexdigest()[:12]}
+
+    return {
+        "head": git("rev-parse", "--short", "HEAD"),
+        "head_subject": git("log", "-1", "--format=%s")[:100],
+        "cascowfs_dirty": bool(git("status", "--porcelain", "--", "cascowfs")),
+        "sources_sha256": h.hexdigest()[:12],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,32 +84,61 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic-files", type=int, default=200)
     ap.add_argument("--systems", default="cascowfs,overlay,btrfs,git,cp")
     ap.add_argument("--agents", type=int, default=4)
-    ap.add_argument("--ops", type=int, default=2000,
-                    help="ops of the concurrent MCTS mix per system (all agents; 0: skip)")
-    ap.add_argument("--seq-ops", type=int, default=500,
-                    help="ops of the single-agent run (per-op target lines); slow peers do 1/4 "
-                    "(at most --slow-ops)")
-    ap.add_argument("--slow-ops", type=int, default=200,
-                    help="ops for the slow peers (git, cp): a prefix of the same script")
+    ap.add_argument(
+        "--ops",
+        type=int,
+        default=2000,
+        help="ops of the concurrent MCTS mix per system (all agents; 0: skip)",
+    )
+    ap.add_argument(
+        "--seq-ops",
+        type=int,
+        default=500,
+        help="ops of the single-agent run (per-op target lines); slow peers do 1/4 "
+        "(at most --slow-ops)",
+    )
+    ap.add_argument(
+        "--slow-ops",
+        type=int,
+        default=200,
+        help="ops for the slow peers (git, cp): a prefix of the same script",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-read-path", action="store_true")
     ap.add_argument("--read-repeat", type=int, default=3)
     ap.add_argument("--compile-repeat", type=int, default=1)
-    ap.add_argument("--growth", type=int, default=0,
-                    help="snapshots in the chain growth run: one lineage (0: skip)")
-    ap.add_argument("--growth-wide", type=int, default=0,
-                    help="snapshots in the wide growth run: each from base (0: skip)")
+    ap.add_argument(
+        "--growth",
+        type=int,
+        default=0,
+        help="snapshots in the chain growth run: one lineage (0: skip)",
+    )
+    ap.add_argument(
+        "--growth-wide",
+        type=int,
+        default=0,
+        help="snapshots in the wide growth run: each from base (0: skip)",
+    )
     ap.add_argument("--growth-systems", default="cascowfs,btrfs")
-    ap.add_argument("--growth-timeout", type=float, default=0,
-                    help="stop a growth run after this many seconds (0: never)")
+    ap.add_argument(
+        "--growth-timeout",
+        type=float,
+        default=0,
+        help="stop a growth run after this many seconds (0: never)",
+    )
     ap.add_argument("--mount-snapshots", type=int, default=0, help="0: skip the mount test")
     ap.add_argument("--mount-branches", type=int, default=100)
     ap.add_argument("--profile", action="store_true", help="py-spy the daemon in a second mix")
-    ap.add_argument("--profile-agents", type=int, default=0, help="agents of that mix "
-                    "(default: --agents)")
-    ap.add_argument("--ctl-open", choices=("per-agent", "per-command"), default="per-agent",
-                    help="cascowfs agents keep one open of ctl, as cascowfs.client does, or "
-                    "open it for every command, as `echo CMD > ctl` in a shell does")
+    ap.add_argument(
+        "--profile-agents", type=int, default=0, help="agents of that mix (default: --agents)"
+    )
+    ap.add_argument(
+        "--ctl-open",
+        choices=("per-agent", "per-command"),
+        default="per-agent",
+        help="cascowfs agents keep one open of ctl, as cascowfs.client does, or "
+        "open it for every command, as `echo CMD > ctl` in a shell does",
+    )
     ap.add_argument("--scratch-gb", type=int, default=24, help="size of each sparse scratch fs")
     ap.add_argument("--out", default=None, help="result JSON (default bench-results/...)")
     args = ap.parse_args(argv)
@@ -125,13 +158,18 @@ def main(argv: list[str] | None = None) -> int:
         args.out = str(REPO / "bench-results" / f"{cname}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     files = corpus_files(tree)
-    log(f"corpus {cname}: {cinfo['entries']} entries, {cinfo['bytes']/1e6:.1f} MB, "
-        f"{len(files)} editable files")
+    log(
+        f"corpus {cname}: {cinfo['entries']} entries, {cinfo['bytes'] / 1e6:.1f} MB, "
+        f"{len(files)} editable files"
+    )
     result: dict[str, Any] = {
-        "corpus": cinfo, "machine": benchfs.machine(),
+        "corpus": cinfo,
+        "machine": benchfs.machine(),
         # the command as run from the repository (also when started with python -m)
         "argv": ["tools/bench_mcts.py"] + (sys.argv[1:] if argv is None else list(argv)),
-        "config": vars(args), "systems": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "config": vars(args),
+        "systems": {},
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "product": product_version(),
     }
 
@@ -145,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             result["systems"][name] = bench_system(SYSTEMS[name], tree, args, files, cinfo)
         except Exception as exc:  # noqa: BLE001
             log(f"{name}: FAILED: {exc}")
-            result["systems"][name] = {"system": name, "label": SYSTEMS[name].label,
-                                       "failed": f"{exc}\n{traceback.format_exc()}"}
+            result["systems"][name] = {
+                "system": name,
+                "label": SYSTEMS[name].label,
+                "failed": f"{exc}\n{traceback.format_exc()}",
+            }
         save()
     if not args.no_read_path:
         result["read_path"] = bench_read_path(tree, args, cinfo)

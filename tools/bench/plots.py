@@ -18,13 +18,17 @@ def plots(data: dict[str, dict], img: Path, rel: str) -> dict[str, list[str]]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib missing: no plots (EXTRAS=bench bash tools/install.sh)",
-              file=sys.stderr)
+        print("matplotlib missing: no plots (EXTRAS=bench bash tools/install.sh)", file=sys.stderr)
         return {}
     img.mkdir(parents=True, exist_ok=True)
     made: dict[str, list[str]] = {}
-    colors = {"cascowfs": "tab:red", "overlay": "tab:gray", "btrfs": "tab:blue",
-              "git": "tab:orange", "cp": "tab:green"}
+    colors = {
+        "cascowfs": "tab:red",
+        "overlay": "tab:gray",
+        "btrfs": "tab:blue",
+        "git": "tab:orange",
+        "cp": "tab:green",
+    }
     for corpus, d in data.items():
         figs = made.setdefault(corpus, [])
         for key, title in (("mix", "concurrent MCTS mix"), ("seq", "single agent")):
@@ -38,8 +42,13 @@ def plots(data: dict[str, dict], img: Path, rel: str) -> dict[str, list[str]]:
                     if not lat:
                         continue
                     ys = [(i + 1) / len(lat) for i in range(len(lat))]
-                    ax.step([max(x, 1e-5) * 1e3 for x in lat], ys, where="post",
-                            label=f"{name} (n={len(lat)})", color=colors.get(name))
+                    ax.step(
+                        [max(x, 1e-5) * 1e3 for x in lat],
+                        ys,
+                        where="post",
+                        label=f"{name} (n={len(lat)})",
+                        color=colors.get(name),
+                    )
                 ax.set_xscale("log")
                 ax.set_title(op)
                 ax.set_xlabel("latency (ms, log)")
@@ -48,16 +57,17 @@ def plots(data: dict[str, dict], img: Path, rel: str) -> dict[str, list[str]]:
                 ax.legend(fontsize=7, loc="lower right")
             axes[0].set_ylabel("fraction of ops ≤ x")
             agents = systems[0][1][key]["agents"]
-            fig.suptitle(f"{CORPUS_LABEL.get(corpus, corpus)}: latency CDF per op, {title} "
-                         f"({agents} agent{'s' if agents > 1 else ''}); dotted line = P95")
+            fig.suptitle(
+                f"{CORPUS_LABEL.get(corpus, corpus)}: latency CDF per op, {title} "
+                f"({agents} agent{'s' if agents > 1 else ''}); dotted line = P95"
+            )
             fig.tight_layout()
             fn = f"{corpus}-latency-{key}.png"
             fig.savefig(img / fn, dpi=90)
             plt.close(fig)
             figs.append(f"{rel}/{fn}")
         g = d.get("growth") or {}
-        series = [(n, g[n]) for n in GROWTH_KEYS if isinstance(g.get(n), dict)
-                  and "series" in g[n]]
+        series = [(n, g[n]) for n in GROWTH_KEYS if isinstance(g.get(n), dict) and "series" in g[n]]
         if series:
             fig, ax = plt.subplots(figsize=(7, 4.5))
             one = series[0][1]["one_copy_bytes"]
@@ -66,12 +76,20 @@ def plots(data: dict[str, dict], img: Path, rel: str) -> dict[str, list[str]]:
                 ys = [p[1] / 1e6 for p in s["series"]]
                 base = name.split("-")[0]
                 shape = "wide: each from base" if name.endswith("-wide") else "chain: one lineage"
-                ax.plot(xs, ys, marker="o", ms=3, label=f"{base} ({shape})",
-                        color=colors.get(base), ls="--" if name.endswith("-wide") else "-")
+                ax.plot(
+                    xs,
+                    ys,
+                    marker="o",
+                    ms=3,
+                    label=f"{base} ({shape})",
+                    color=colors.get(base),
+                    ls="--" if name.endswith("-wide") else "-",
+                )
             ax.axhline(one / 1e6, color="k", ls="--", lw=1, label="one copy (du)")
             limit = TARGETS["store"].limit
-            ax.axhline(limit * one / 1e6, color="tab:red", ls=":", lw=1,
-                       label=f"must: {limit:g}× one copy")
+            ax.axhline(
+                limit * one / 1e6, color="tab:red", ls=":", lw=1, label=f"must: {limit:g}× one copy"
+            )
             ax.set_xlabel("snapshots")
             ax.set_ylabel("space used (MB)")
             ax.set_ylim(bottom=0)
@@ -89,13 +107,16 @@ def plots(data: dict[str, dict], img: Path, rel: str) -> dict[str, list[str]]:
             for op in OPS:
                 pts = [(t, lat) for t, o, lat in mix["timeline"] if o == op]
                 if pts:
-                    ax.scatter([p[0] for p in pts], [p[1] * 1e3 for p in pts], s=2, alpha=0.4,
-                               label=op)
+                    ax.scatter(
+                        [p[0] for p in pts], [p[1] * 1e3 for p in pts], s=2, alpha=0.4, label=op
+                    )
             ax.set_yscale("log")
             ax.set_xlabel("seconds into the run")
             ax.set_ylabel("latency (ms, log)")
-            ax.set_title(f"{CORPUS_LABEL.get(corpus, corpus)}: cascowfs latency over the "
-                         f"{mix['ops']}-op MCTS mix ({mix['agents']} agents)")
+            ax.set_title(
+                f"{CORPUS_LABEL.get(corpus, corpus)}: cascowfs latency over the "
+                f"{mix['ops']}-op MCTS mix ({mix['agents']} agents)"
+            )
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(markerscale=5, fontsize=8)
             fig.tight_layout()

@@ -26,9 +26,24 @@ def profile_cascowfs(system: CascowSystem, args: argparse.Namespace, files: list
     out = Path(args.out).with_suffix(".profile.txt")
     raw = Path(args.out).with_suffix(".pyspy.raw")
     pid = system.daemon_pid()
-    prof = subprocess.Popen([pyspy, "record", "--pid", str(pid), "--format", "raw", "--rate",
-                             "500", "--threads", "--idle", "-o", str(raw)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    prof = subprocess.Popen(
+        [
+            pyspy,
+            "record",
+            "--pid",
+            str(pid),
+            "--format",
+            "raw",
+            "--rate",
+            "500",
+            "--threads",
+            "--idle",
+            "-o",
+            str(raw),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         time.sleep(1.0)
         agents = args.profile_agents or args.agents
@@ -42,14 +57,23 @@ def profile_cascowfs(system: CascowSystem, args: argparse.Namespace, files: list
             prof.wait()
     summary = summarize_pyspy(raw) if raw.exists() else {}
     out.write_text(json.dumps(summary, indent=1))
-    return {"ops": mix["ops"], "agents": agents, "raw": str(raw), "summary": summary,
-            "ops_detail": {op: {k: v for k, v in d.items()} for op, d in
-                           mix["ops_detail"].items()}}
+    return {
+        "ops": mix["ops"],
+        "agents": agents,
+        "raw": str(raw),
+        "summary": summary,
+        "ops_detail": {op: {k: v for k, v in d.items()} for op, d in mix["ops_detail"].items()},
+    }
 
 
-IDLE_LEAVES = ("Condition.wait (threading.py", "EpollIOManager.get_events",
-               "_thread_cache.py:211)", "Queue.get (queue.py", "Event.wait (threading.py",
-               "select (selectors.py")
+IDLE_LEAVES = (
+    "Condition.wait (threading.py",
+    "EpollIOManager.get_events",
+    "_thread_cache.py:211)",
+    "Queue.get (queue.py",
+    "Event.wait (threading.py",
+    "select (selectors.py",
+)
 
 
 def summarize_pyspy(raw: Path, top: int = 25) -> dict:
@@ -64,8 +88,11 @@ def summarize_pyspy(raw: Path, top: int = 25) -> dict:
         if not n.isdigit():
             continue
         n_i = int(n)
-        frames = [f for f in stack.split(";") if f and not f.startswith("thread ")
-                  and not f.startswith("process ")]
+        frames = [
+            f
+            for f in stack.split(";")
+            if f and not f.startswith("thread ") and not f.startswith("process ")
+        ]
         if not frames:
             continue
         total += n_i
@@ -76,6 +103,9 @@ def summarize_pyspy(raw: Path, top: int = 25) -> dict:
             incl[f] = incl.get(f, 0) + n_i
         self_[frames[-1]] = self_.get(frames[-1], 0) + n_i
     ours = {f: n for f, n in incl.items() if "cascowfs/" in f}
-    return {"samples": total, "busy": busy,
-            "inclusive": sorted(ours.items(), key=lambda kv: -kv[1])[:top],
-            "self": sorted(self_.items(), key=lambda kv: -kv[1])[:top]}
+    return {
+        "samples": total,
+        "busy": busy,
+        "inclusive": sorted(ours.items(), key=lambda kv: -kv[1])[:top],
+        "self": sorted(self_.items(), key=lambda kv: -kv[1])[:top],
+    }

@@ -53,9 +53,11 @@ from .targets import (
     targets_table,
 )
 
-SPACE_NOTE = ("Space: cascowfs = allocated blocks below the store (CAS, LMDB, native layers, "
-              "branch uppers); btrfs = filesystem blocks used beyond the source copy; others = "
-              "allocated blocks below their directory (hard links once).")
+SPACE_NOTE = (
+    "Space: cascowfs = allocated blocks below the store (CAS, LMDB, native layers, "
+    "branch uppers); btrfs = filesystem blocks used beyond the source copy; others = "
+    "allocated blocks below their directory (hard links once)."
+)
 RUN_TITLES = (("seq", "Single agent"), ("mix", "MCTS mix (concurrent agents)"))
 WIDTH = 100  # the command lines' width in "How to reproduce"
 PROSE_WIDTH = 95
@@ -64,20 +66,31 @@ PROSE_WIDTH = 95
 def ctl_open_text(data: dict[str, dict]) -> str:
     """How the cascowfs agents of these runs opened ctl (``--ctl-open``; runs from before the
     option opened it for every command)."""
-    modes = sorted({(run.get("config") or {}).get("ctl_open", "per-command")
-                    for d in data.values() for run in d["runs"]
-                    if "cascowfs" in (run.get("config") or {}).get("systems", "").split(",")})
-    text = {"per-agent": "each agent opens `MNT/ctl` once and keeps it, as `cascowfs.client` "
-                         "does (`--ctl-open per-agent`)",
-            "per-command": "every op opens `MNT/ctl` afresh, as `echo CMD > MNT/ctl` in a shell "
-                           "does (`--ctl-open per-command`)"}
+    modes = sorted(
+        {
+            (run.get("config") or {}).get("ctl_open", "per-command")
+            for d in data.values()
+            for run in d["runs"]
+            if "cascowfs" in (run.get("config") or {}).get("systems", "").split(",")
+        }
+    )
+    text = {
+        "per-agent": "each agent opens `MNT/ctl` once and keeps it, as `cascowfs.client` "
+        "does (`--ctl-open per-agent`)",
+        "per-command": "every op opens `MNT/ctl` afresh, as `echo CMD > MNT/ctl` in a shell "
+        "does (`--ctl-open per-command`)",
+    }
     return "; ".join(text[m] for m in modes) or text["per-agent"]
 
 
-def document(data: dict[str, dict], figs: dict[str, list[str]], notes: str | None,
-             sources: list[str]) -> str:
-    out = (wrap_prose(_intro(data) + _targets(data) + _peers(data)) + _current(data, notes)
-           + wrap_prose(_reproduce(data, sources) + _method() + _machine(data)))
+def document(
+    data: dict[str, dict], figs: dict[str, list[str]], notes: str | None, sources: list[str]
+) -> str:
+    out = (
+        wrap_prose(_intro(data) + _targets(data) + _peers(data))
+        + _current(data, notes)
+        + wrap_prose(_reproduce(data, sources) + _method() + _machine(data))
+    )
     for corpus in corpora_in_order(data):
         d = data[corpus]
         corpus_figs = figs.get(corpus, [])
@@ -99,8 +112,13 @@ def wrap_prose(lines: list[str]) -> list[str]:
             out.append(line)
             continue
         indent = "  " if line.startswith("* ") else ""
-        out += textwrap.wrap(line, PROSE_WIDTH, subsequent_indent=indent,
-                             break_long_words=False, break_on_hyphens=False)
+        out += textwrap.wrap(
+            line,
+            PROSE_WIDTH,
+            subsequent_indent=indent,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
     return out
 
 
@@ -114,15 +132,20 @@ def with_extra_sections(page: str, folder: Path) -> str:
 
 
 def _runs_in_order(data: dict[str, dict]) -> list[tuple[str, dict]]:
-    return sorted(((c, r) for c, d in data.items() for r in d["runs"]),
-                  key=lambda cr: cr[1].get("started") or "")
+    return sorted(
+        ((c, r) for c, d in data.items() for r in d["runs"]),
+        key=lambda cr: cr[1].get("started") or "",
+    )
 
 
 def _engine(data: dict[str, dict]) -> tuple[str, str]:
     """The engine version behind the figures (that of the first run), and a note naming the
     runs made at another commit, with whether their engine sources differ."""
-    known = [(c, r, r["product"]) for c, r in _runs_in_order(data)
-             if (r.get("product") or {}).get("head")]
+    known = [
+        (c, r, r["product"])
+        for c, r in _runs_in_order(data)
+        if (r.get("product") or {}).get("head")
+    ]
     if not known:
         return "an engine version the runs did not record", ""
     first = known[0][2]
@@ -132,9 +155,11 @@ def _engine(data: dict[str, dict]) -> tuple[str, str]:
             continue
         whole_corpus = all(_version(p) == _version(pv) for c, _, p in known if c == corpus)
         who = short(corpus) if whole_corpus else f"{short(corpus)} {_run_label(run)}"
-        same = ("with the same engine sources"
-                if pv.get("sources_sha256") == first.get("sources_sha256")
-                else f"engine sources {pv.get('sources_sha256')}")
+        same = (
+            "with the same engine sources"
+            if pv.get("sources_sha256") == first.get("sources_sha256")
+            else f"engine sources {pv.get('sources_sha256')}"
+        )
         runs = others.setdefault(f"at {_version(pv)}, {same}", [])
         if who not in runs:
             runs.append(who)
@@ -156,14 +181,18 @@ def _run_label(run: dict) -> str:
 def _intro(data: dict[str, dict]) -> list[str]:
     dates = sorted({(r.get("started") or "?")[:10] for _, r in _runs_in_order(data)})
     engine, _ = _engine(data)
-    return ["# Benchmarks", "",
-            "What cascowfs must and aims to achieve, how it compares with the peers an agent "
-            "could use instead (a bare overlayfs mount, btrfs snapshots, git worktrees, "
-            "`cp -a`), and how to measure it again. The figures are those of the latest run "
-            f"({', '.join(dates)}, engine at {engine}); the raw results are in "
-            "`bench-results/`, the history of runs and the analyses behind the design in "
-            "[CHANGELOG.md](../CHANGELOG.md) and "
-            "[bench-results/NOTES.md](../bench-results/NOTES.md).", ""]
+    return [
+        "# Benchmarks",
+        "",
+        "What cascowfs must and aims to achieve, how it compares with the peers an agent "
+        "could use instead (a bare overlayfs mount, btrfs snapshots, git worktrees, "
+        "`cp -a`), and how to measure it again. The figures are those of the latest run "
+        f"({', '.join(dates)}, engine at {engine}); the raw results are in "
+        "`bench-results/`, the history of runs and the analyses behind the design in "
+        "[CHANGELOG.md](../CHANGELOG.md) and "
+        "[bench-results/NOTES.md](../bench-results/NOTES.md).",
+        "",
+    ]
 
 
 def _size(n: float) -> str:
@@ -171,34 +200,56 @@ def _size(n: float) -> str:
 
 
 def _targets(data: dict[str, dict]) -> list[str]:
-    out = ["## Targets", "",
-           "Measured on the development machine (2 cores, ext4 on virtio) as P50/P95/P99. "
-           "\"Must\" is the acceptance line; \"aim\" is where cascowfs intends to be: ahead of "
-           "btrfs, the best peer, and near the floor (overlay mount(2) 0.2 ms, fdatasync "
-           "0.1–0.3 ms).", ""] + targets_table() + [""]
+    out = (
+        [
+            "## Targets",
+            "",
+            "Measured on the development machine (2 cores, ext4 on virtio) as P50/P95/P99. "
+            '"Must" is the acceptance line; "aim" is where cascowfs intends to be: ahead of '
+            "btrfs, the best peer, and near the floor (overlay mount(2) 0.2 ms, fdatasync "
+            "0.1–0.3 ms).",
+            "",
+        ]
+        + targets_table()
+        + [""]
+    )
     corpora = []
     for corpus in corpora_in_order(data):
         ci = data[corpus].get("corpus") or {}
         what = CORPUS_PROSE.get(corpus, ci.get("source"))
         entries = ci.get("entries", 0)
         count = f"{entries / 1000:.0f}k" if entries >= 1000 else str(entries)
-        corpora.append(f"**{short(corpus)}** = {what} ({count} entries, "
-                       f"{_size(ci.get('bytes', 0))})")
-    out += [f"\"No drift\": for every op, the median of its P95 over the last three tenths of "
-            f"the run is at most {DRIFT_LIMIT}× the same over the first three tenths. The "
-            "corpora (fetched by `tools/fetch_corpus.py`): " + ", ".join(corpora) + ". The "
-            "per-op lines are judged on the single-agent run (one agent, ops one after "
-            "another), the mix line on the concurrent run.", ""]
+        corpora.append(
+            f"**{short(corpus)}** = {what} ({count} entries, {_size(ci.get('bytes', 0))})"
+        )
+    out += [
+        f'"No drift": for every op, the median of its P95 over the last three tenths of '
+        f"the run is at most {DRIFT_LIMIT}× the same over the first three tenths. The "
+        "corpora (fetched by `tools/fetch_corpus.py`): " + ", ".join(corpora) + ". The "
+        "per-op lines are judged on the single-agent run (one agent, ops one after "
+        "another), the mix line on the concurrent run.",
+        "",
+    ]
     return out
 
 
 def _peers(data: dict[str, dict]) -> list[str]:
-    return ["## Peers", "",
+    return (
+        [
+            "## Peers",
+            "",
             "Reference medians measured on this machine class (ext4 on a loop device), before "
             "any cascowfs run; every benchmark run measures the peers again, side by side on "
-            "the same data:", ""] + PEER_REFERENCE + ["",
-            "How each system does each op in the benchmark:", "",
-            "| system | branch | commit | discard | prune |", "|---|---|---|---|---|",
+            "the same data:",
+            "",
+        ]
+        + PEER_REFERENCE
+        + [
+            "",
+            "How each system does each op in the benchmark:",
+            "",
+            "| system | branch | commit | discard | prune |",
+            "|---|---|---|---|---|",
             f"| cascowfs ({ctl_open_text(data)}: a `write` of the command, its reply read "
             "back from the same open file) | `branch N ID` (the reply is the tree's path) | "
             "`commit N ID reward=… agent=…` | `discard N` | `prune ID` |",
@@ -209,20 +260,31 @@ def _peers(data: dict[str, dict]) -> list[str]:
             "`btrfs subvolume delete` | `btrfs subvolume delete` |",
             "| git | `git worktree add --detach` | `git add -A -f` + `git commit` + `update-ref` | "
             "`git worktree remove --force` | `git update-ref -d` |",
-            "| cp | `cp -a` | `cp -a` | `rm -rf` | `rm -rf` |", ""]
+            "| cp | `cp -a` | `cp -a` | `rm -rf` | `rm -rf` |",
+            "",
+        ]
+    )
 
 
 def _current(data: dict[str, dict], notes: str | None) -> list[str]:
-    out = wrap_prose(["## Current figures", "",
-                      "The latest run against the targets (L where the line speaks of an "
-                      "80k-file tree; both corpora otherwise):", ""]) + current_figures(data)
+    out = wrap_prose(
+        [
+            "## Current figures",
+            "",
+            "The latest run against the targets (L where the line speaks of an "
+            "80k-file tree; both corpora otherwise):",
+            "",
+        ]
+    ) + current_figures(data)
     out += [""]
     if notes:
         out += [notes.strip("\n"), ""]
     tables = "The tables below are the latest run's, per corpus. " + SPACE_NOTE
     if any((d["systems"].get("cascowfs") or {}).get("profile") for d in data.values()):
-        tables += (" Where the daemon's time goes (py-spy profiles of a second mix) is in "
-                   "`bench-results/*-cascowfs.profile.txt`.")
+        tables += (
+            " Where the daemon's time goes (py-spy profiles of a second mix) is in "
+            "`bench-results/*-cascowfs.profile.txt`."
+        )
     return out + wrap_prose([tables, ""])
 
 
@@ -264,13 +326,17 @@ def _hhmm(stamp: str | None) -> str:
 
 def _reproduce(data: dict[str, dict], sources: list[str]) -> list[str]:
     runs = _runs_in_order(data)
-    out = ["## How to reproduce", "",
-           "As root on a 2-core micro-VM like the one under *Machine and filesystems*:", "",
-           "```sh",
-           "EXTRAS=bench bash tools/install.sh                    # py-spy and matplotlib on top "
-           "of the usual install",
-           ".venv/bin/python tools/fetch_corpus.py django linux   # into bench-data/, cached",
-           "# the runs behind these figures, in the order they ran:"]
+    out = [
+        "## How to reproduce",
+        "",
+        "As root on a 2-core micro-VM like the one under *Machine and filesystems*:",
+        "",
+        "```sh",
+        "EXTRAS=bench bash tools/install.sh                    # py-spy and matplotlib on top "
+        "of the usual install",
+        ".venv/bin/python tools/fetch_corpus.py django linux   # into bench-data/, cached",
+        "# the runs behind these figures, in the order they ran:",
+    ]
     for _, r in runs:
         argv = list(r.get("argv") or [])
         for i, w in enumerate(argv[:-1]):
@@ -283,23 +349,31 @@ def _reproduce(data: dict[str, dict], sources: list[str]) -> list[str]:
     per_corpus: dict[str, list[str]] = {}
     for c, r in runs:
         per_corpus.setdefault(c, []).append(
-            f"{_run_label(r)} {_hhmm(r.get('started'))}–{_hhmm(r.get('finished'))}")
+            f"{_run_label(r)} {_hhmm(r.get('started'))}–{_hhmm(r.get('finished'))}"
+        )
     dates = sorted({(r.get("started") or "?")[:10] for _, r in runs})
     engine, note = _engine(data)
-    out += ["Runs of the latest figures: " + ", ".join(
-        f"{short(c)} " + " and ".join(labels) for c, labels in per_corpus.items())
+    out += [
+        "Runs of the latest figures: "
+        + ", ".join(f"{short(c)} " + " and ".join(labels) for c, labels in per_corpus.items())
         + f", {'all on ' if len(runs) > 1 else 'on '}{' to '.join(dates)} (engine {engine}"
-        + (f"; {note}" if note else "") + ")."]
-    if len(runs) > len(per_corpus) and all(_span_s(data[c]["runs"]) <= 3600
-                                           for c in per_corpus):
-        out[-1] += (" Each corpus's runs lie within one hour, so every ratio compares runs made "
-                    "within the same hour.")
-    out += ["",
-            "`tools/bench_report.py` writes this page from the result files, with "
-            "`tools/bench_notes.md` (what the figures say) under the current figures. A section "
-            "written by hand goes into a Markdown file of its own in `docs/benchmarks.extra/` "
-            "(starting with its `## ` heading); the report appends those files after the "
-            "generated part, in file name order, so regenerating the page keeps them.", ""]
+        + (f"; {note}" if note else "")
+        + ")."
+    ]
+    if len(runs) > len(per_corpus) and all(_span_s(data[c]["runs"]) <= 3600 for c in per_corpus):
+        out[-1] += (
+            " Each corpus's runs lie within one hour, so every ratio compares runs made "
+            "within the same hour."
+        )
+    out += [
+        "",
+        "`tools/bench_report.py` writes this page from the result files, with "
+        "`tools/bench_notes.md` (what the figures say) under the current figures. A section "
+        "written by hand goes into a Markdown file of its own in `docs/benchmarks.extra/` "
+        "(starting with its `## ` heading); the report appends those files after the "
+        "generated part, in file name order, so regenerating the page keeps them.",
+        "",
+    ]
     return out
 
 
@@ -314,37 +388,44 @@ def _span_s(runs: list[dict]) -> float:
 
 
 def _method() -> list[str]:
-    return ["## Method", "",
-            "Every store, peer and native baseline runs on its **own fresh loop-mounted "
-            "filesystem** made by `tools/benchfs.py` (sparse image on `/`, loop device with "
-            "direct I/O, `mkfs.ext4 -O has_journal -E lazy_itable_init=0,lazy_journal_init=0`, "
-            "mounted `noatime`; `mkfs.btrfs` for the btrfs peer), torn down afterwards. `/` "
-            "itself (ext4 without a journal, slow to create files after a big delete) is never "
-            "measured.", "",
-            "`tools/bench_mcts.py` copies the corpus onto the scratch filesystem (`src/`), starts "
-            "the system (cascowfs: mounts the store), drops caches, imports the copy as snapshot "
-            "`base` (timed), then replays the same seeded tree-search script:", "",
-            "* an agent picks a snapshot from its frontier (mostly among its 4 newest), "
-            "**branches** 2–4 copies, applies an agent-size edit to each (1–5 small source "
-            "edits; 30% a new file; 10% a delete; 10% a rename; 3% a 256 KiB–1 MiB generated "
-            "file; never more than 20 files or 1 MiB), **commits** one (15%: two, 20%: none) "
-            "with labels, **discards** every branch, and **prunes** its oldest snapshots beyond "
-            "six;",
-            "* decisions and edits come from a per-agent seeded RNG, so every system replays "
-            "exactly the same script; git and cp, which are slow, replay a prefix of it;",
-            "* *single agent*: one agent alone; *MCTS mix*: N agents (processes) started "
-            "together on the same store;",
-            "* an op's latency is wall time from the first file call to the return of the last "
-            "one the agent needs before it can use the result.", "",
-            "Read path: a cascowfs branch of `base` against the plain ext4 copy it was imported "
-            "from, a bare overlay over that copy, and the FUSE view `MNT/snapshots/base`; cold "
-            "= after `sync; echo 3 > /proc/sys/vm/drop_caches`, warm = immediately after. "
-            "Growth, *chain*: one branch, N commits in a row of 1–3 small edits each, space "
-            "sampled on the way; *wide*: N branches of base with one small edit each, committed "
-            "and discarded. Mount: N commits (8 in a row per branch of base), then B live "
-            "branches on random snapshots, then `cascowfs umount` (branches stay mounted) + "
-            "`cascowfs mount --background` until `MNT/ctl` answers, three times, then three "
-            "times after `kill -9` of the daemon (dead mount cleared, WAL replayed).", ""]
+    return [
+        "## Method",
+        "",
+        "Every store, peer and native baseline runs on its **own fresh loop-mounted "
+        "filesystem** made by `tools/benchfs.py` (sparse image on `/`, loop device with "
+        "direct I/O, `mkfs.ext4 -O has_journal -E lazy_itable_init=0,lazy_journal_init=0`, "
+        "mounted `noatime`; `mkfs.btrfs` for the btrfs peer), torn down afterwards. `/` "
+        "itself (ext4 without a journal, slow to create files after a big delete) is never "
+        "measured.",
+        "",
+        "`tools/bench_mcts.py` copies the corpus onto the scratch filesystem (`src/`), starts "
+        "the system (cascowfs: mounts the store), drops caches, imports the copy as snapshot "
+        "`base` (timed), then replays the same seeded tree-search script:",
+        "",
+        "* an agent picks a snapshot from its frontier (mostly among its 4 newest), "
+        "**branches** 2–4 copies, applies an agent-size edit to each (1–5 small source "
+        "edits; 30% a new file; 10% a delete; 10% a rename; 3% a 256 KiB–1 MiB generated "
+        "file; never more than 20 files or 1 MiB), **commits** one (15%: two, 20%: none) "
+        "with labels, **discards** every branch, and **prunes** its oldest snapshots beyond "
+        "six;",
+        "* decisions and edits come from a per-agent seeded RNG, so every system replays "
+        "exactly the same script; git and cp, which are slow, replay a prefix of it;",
+        "* *single agent*: one agent alone; *MCTS mix*: N agents (processes) started "
+        "together on the same store;",
+        "* an op's latency is wall time from the first file call to the return of the last "
+        "one the agent needs before it can use the result.",
+        "",
+        "Read path: a cascowfs branch of `base` against the plain ext4 copy it was imported "
+        "from, a bare overlay over that copy, and the FUSE view `MNT/snapshots/base`; cold "
+        "= after `sync; echo 3 > /proc/sys/vm/drop_caches`, warm = immediately after. "
+        "Growth, *chain*: one branch, N commits in a row of 1–3 small edits each, space "
+        "sampled on the way; *wide*: N branches of base with one small edit each, committed "
+        "and discarded. Mount: N commits (8 in a row per branch of base), then B live "
+        "branches on random snapshots, then `cascowfs umount` (branches stay mounted) + "
+        "`cascowfs mount --background` until `MNT/ctl` answers, three times, then three "
+        "times after `kill -9` of the daemon (dead mount cleared, WAL replayed).",
+        "",
+    ]
 
 
 def _machine(data: dict[str, dict]) -> list[str]:
@@ -355,8 +436,11 @@ def _machine(data: dict[str, dict]) -> list[str]:
             fs = (d["systems"].get(name) or {}).get("fs")
             if fs:
                 scratch.setdefault(fs.get("fstype"), fs)
-    return (["## Machine and filesystems", ""]
-            + machine_table(first.get("machine", {}), list(scratch.values())) + [""])
+    return (
+        ["## Machine and filesystems", ""]
+        + machine_table(first.get("machine", {}), list(scratch.values()))
+        + [""]
+    )
 
 
 def _runs(d: dict, figs: list[str]) -> list[str]:
@@ -367,19 +451,39 @@ def _runs(d: dict, figs: list[str]) -> list[str]:
             out += [f"### {title}", "", "*not run for this corpus*", ""]
             continue
         out += [f"### {title}", ""] + mix_table(d, key) + [""]
-        loads = [(n, s[key]) for n, s in d["systems"].items()
-                 if key in s and s[key].get("loadavg_1m_before_after")]
+        loads = [
+            (n, s[key])
+            for n, s in d["systems"].items()
+            if key in s and s[key].get("loadavg_1m_before_after")
+        ]
         if loads:
-            out += ["Machine load while each system ran (1-minute load average before → "
-                    "after; other busy processes seen at the end): " + "; ".join(
-                        f"{n} {m['loadavg_1m_before_after'][0]:.1f} → "
-                        f"{m['loadavg_1m_before_after'][1]:.1f}"
-                        + (f" ({len(m.get('other_busy_processes') or [])} foreign: "
-                           + ", ".join(f"`{p[:40]}`" for p in m['other_busy_processes'][:2])
-                           + ")" if m.get("other_busy_processes") else "")
-                        for n, m in loads) + ".", ""]
-        out += [f"cascowfs latency as a ratio to each peer ({title}; < 1 means "
-                "cascowfs is faster):", ""] + ratio_table(d, key) + [""]
+            out += [
+                "Machine load while each system ran (1-minute load average before → "
+                "after; other busy processes seen at the end): "
+                + "; ".join(
+                    f"{n} {m['loadavg_1m_before_after'][0]:.1f} → "
+                    f"{m['loadavg_1m_before_after'][1]:.1f}"
+                    + (
+                        f" ({len(m.get('other_busy_processes') or [])} foreign: "
+                        + ", ".join(f"`{p[:40]}`" for p in m["other_busy_processes"][:2])
+                        + ")"
+                        if m.get("other_busy_processes")
+                        else ""
+                    )
+                    for n, m in loads
+                )
+                + ".",
+                "",
+            ]
+        out += (
+            [
+                f"cascowfs latency as a ratio to each peer ({title}; < 1 means "
+                "cascowfs is faster):",
+                "",
+            ]
+            + ratio_table(d, key)
+            + [""]
+        )
     for f in figs:
         if "latency" in f:
             out += [f"![latency CDFs]({f})", ""]
@@ -388,8 +492,11 @@ def _runs(d: dict, figs: list[str]) -> list[str]:
 
 def _import_and_read(d: dict) -> list[str]:
     out = ["### Import and space", ""] + import_table(d) + [""]
-    out += [SPACE_NOTE + " \"After the runs\" holds the snapshots still live at the end "
-            "(each agent keeps up to six).", ""]
+    out += [
+        SPACE_NOTE + ' "After the runs" holds the snapshots still live at the end '
+        "(each agent keeps up to six).",
+        "",
+    ]
     out += ["### Read path", ""] + read_table(d.get("read_path") or {}) + [""]
     return out
 
@@ -398,8 +505,11 @@ def _growth(d: dict, figs: list[str]) -> list[str]:
     g = d.get("growth") or {}
     out = ["### Growth", ""]
     if any(isinstance(g.get(k), dict) for k in GROWTH_KEYS):
-        out += ["| system | shape | snapshots | space | one copy | ratio | commit P50 / P95 ms "
-                "| space by part (cascowfs) |", "|---|---|---|---|---|---|---|---|"]
+        out += [
+            "| system | shape | snapshots | space | one copy | ratio | commit P50 / P95 ms "
+            "| space by part (cascowfs) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for key in GROWTH_KEYS:
             s = g.get(key)
             name = key.split("-")[0]
@@ -408,21 +518,27 @@ def _growth(d: dict, figs: list[str]) -> list[str]:
                 parts = ""
                 if s.get("breakdown"):
                     i, bd = s["breakdown"][-1]
-                    parts = ", ".join(f"{k} {mb(v)}" for k, v in bd.items()
-                                      if k != "layer_count" and v > 1e6)
+                    parts = ", ".join(
+                        f"{k} {mb(v)}" for k, v in bd.items() if k != "layer_count" and v > 1e6
+                    )
                     parts += f"; {bd.get('layer_count')} layer dirs (at {i})"
                 if s.get("failed"):
                     parts += f" — stopped: {s['failed']}"
-                out.append(f"| {name} | {shape} | {s.get('snapshots', g.get('snapshots'))} | "
-                           f"{mb(s['final_storage'])} | {mb(s['one_copy_bytes'])} | "
-                           f"{s['ratio_to_one_copy']:.2f}× | {ms(s['commit']['p50'])} / "
-                           f"{ms(s['commit']['p95'])} | {parts} |")
+                out.append(
+                    f"| {name} | {shape} | {s.get('snapshots', g.get('snapshots'))} | "
+                    f"{mb(s['final_storage'])} | {mb(s['one_copy_bytes'])} | "
+                    f"{s['ratio_to_one_copy']:.2f}× | {ms(s['commit']['p50'])} / "
+                    f"{ms(s['commit']['p95'])} | {parts} |"
+                )
             elif isinstance(s, dict):
                 out.append(f"| {name} | {shape} | skipped: {s.get('skipped')} | | | | | |")
         c = g.get("cascowfs") or {}
         if c.get("commit_drift_p95"):
-            out += ["", "cascowfs commit P95 per tenth of the chain growth run (ms): "
-                    + ", ".join(ms(x) for x in c["commit_drift_p95"])]
+            out += [
+                "",
+                "cascowfs commit P95 per tenth of the chain growth run (ms): "
+                + ", ".join(ms(x) for x in c["commit_drift_p95"]),
+            ]
         out.append("")
         for f in figs:
             if "growth" in f:
@@ -436,13 +552,20 @@ def _mount(d: dict) -> list[str]:
     m = d.get("mount") or {}
     out = ["### Mount time", ""]
     if "mount_clean_s" in m:
-        out += [f"Store with {m['snapshots']:,} snapshots and {m['branches']} live branches "
-                f"({mb(m.get('store_bytes'))}; built in {m.get('build_s', 0):.0f} s):", "",
-                "| | run 1 | run 2 | run 3 |", "|---|---|---|---|",
-                "| mount after clean umount (ms) | "
-                + " | ".join(ms(x) for x in m["mount_clean_s"]) + " |",
-                "| mount after kill -9, WAL replay (ms) | "
-                + " | ".join(ms(x) for x in m["mount_after_kill9_s"]) + " |", ""]
+        out += [
+            f"Store with {m['snapshots']:,} snapshots and {m['branches']} live branches "
+            f"({mb(m.get('store_bytes'))}; built in {m.get('build_s', 0):.0f} s):",
+            "",
+            "| | run 1 | run 2 | run 3 |",
+            "|---|---|---|---|",
+            "| mount after clean umount (ms) | "
+            + " | ".join(ms(x) for x in m["mount_clean_s"])
+            + " |",
+            "| mount after kill -9, WAL replay (ms) | "
+            + " | ".join(ms(x) for x in m["mount_after_kill9_s"])
+            + " |",
+            "",
+        ]
     else:
         out += ["*not run for this corpus*", ""]
     return out
@@ -452,10 +575,14 @@ def _drift(d: dict, figs: list[str]) -> list[str]:
     out: list[str] = []
     mix = (d["systems"].get("cascowfs") or {}).get("mix")
     if mix and mix.get("drift_p95"):
-        out += ["### Drift over the MCTS mix", "",
-                "cascowfs P95 (ms) per tenth of the run:", "",
-                "| op | " + " | ".join(str(i + 1) for i in range(10)) + " |",
-                "|---|" + "---|" * 10]
+        out += [
+            "### Drift over the MCTS mix",
+            "",
+            "cascowfs P95 (ms) per tenth of the run:",
+            "",
+            "| op | " + " | ".join(str(i + 1) for i in range(10)) + " |",
+            "|---|" + "---|" * 10,
+        ]
         for op, xs in mix["drift_p95"].items():
             out.append(f"| {op} | " + " | ".join(ms(x) for x in xs) + " |")
         out.append("")
@@ -471,20 +598,24 @@ def _not_done(data: dict[str, dict]) -> list[str]:
     prefixes = []
     for corpus in corpora_in_order(data):
         d = data[corpus]
-        slow_cfg = [(r.get("config") or {}) for r in d["runs"]
-                    if {"git", "cp"} & set(((r.get("config") or {}).get("systems") or "")
-                                           .split(","))]
+        slow_cfg = [
+            (r.get("config") or {})
+            for r in d["runs"]
+            if {"git", "cp"} & set(((r.get("config") or {}).get("systems") or "").split(","))
+        ]
         if slow_cfg and slow_cfg[-1].get("slow_ops"):
             cfg = slow_cfg[-1]
             seq = min(cfg.get("seq_ops", 0) // 4, cfg["slow_ops"])
             prefixes.append((short(corpus), cfg["slow_ops"], seq))
     if prefixes:
         (c0, mix0, seq0), rest = prefixes[0], prefixes[1:]
-        missing.append("* git and cp replay only a prefix of the scripts: "
-                       f"{mix0} ops (mix) / {seq0} ops (single agent) on {c0}"
-                       + "".join(f", and {m} / {s} on {c}" for c, m, s in rest)
-                       + ", because they cost seconds per op; their figures come from fewer "
-                       "samples.")
+        missing.append(
+            "* git and cp replay only a prefix of the scripts: "
+            f"{mix0} ops (mix) / {seq0} ops (single agent) on {c0}"
+            + "".join(f", and {m} / {s} on {c}" for c, m, s in rest)
+            + ", because they cost seconds per op; their figures come from fewer "
+            "samples."
+        )
     for corpus in corpora_in_order(data):
         d = data[corpus]
         for name in ("cascowfs",) + PEER_ORDER:
@@ -501,22 +632,30 @@ def _not_done(data: dict[str, dict]) -> list[str]:
                 if "No space left" in (m.get("errors") or [""])[0]:
                     scratch = next((r.get("config") or {}).get("scratch_gb") for r in d["runs"])
                     size = (d.get("corpus") or {}).get("bytes", 0)
-                    full = (f" with ENOSPC (the {scratch} GB scratch filesystem holds fewer "
-                            f"full copies of the {_size(size)} tree than the run keeps alive)")
+                    full = (
+                        f" with ENOSPC (the {scratch} GB scratch filesystem holds fewer "
+                        f"full copies of the {_size(size)} tree than the run keeps alive)"
+                    )
                 other = "mix" if key == "seq" else "seq"
-                stand = (f" Its {_run_name(s[other])} figures stand;" if other in s
-                         and not mostly_failed(s[other]) else "")
-                missing.append(f"* {name} on {short(corpus)}, {_run_name(m)}: "
-                               f"{m['error_count']} of {m['ops']} ops failed{full}.{stand} Its "
-                               f"{_run_name(m)} figures are left out of the ratios."
-                               .replace("; Its", "; its"))
+                stand = (
+                    f" Its {_run_name(s[other])} figures stand;"
+                    if other in s and not mostly_failed(s[other])
+                    else ""
+                )
+                missing.append(
+                    f"* {name} on {short(corpus)}, {_run_name(m)}: "
+                    f"{m['error_count']} of {m['ops']} ops failed{full}.{stand} Its "
+                    f"{_run_name(m)} figures are left out of the ratios.".replace("; Its", "; its")
+                )
         if not any(isinstance((d.get("growth") or {}).get(k), dict) for k in GROWTH_KEYS):
             missing.append(f"* {corpus}: growth run not requested")
         if "mount_clean_s" not in (d.get("mount") or {}):
             missing.append(f"* {corpus}: mount-time run not requested")
     if any("tests" in (d.get("read_path") or {}) for d in data.values()):
-        missing.append("* Peers in the read-path comparison are native ext4 and a bare "
-                       "overlay; btrfs snapshots and git worktrees were not read-path tested.")
+        missing.append(
+            "* Peers in the read-path comparison are native ext4 and a bare "
+            "overlay; btrfs snapshots and git worktrees were not read-path tested."
+        )
     out += (missing or ["*none*"]) + [""]
     return out
 
@@ -532,8 +671,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"))
     ap.add_argument("--img", default=None, help="default: <doc dir>/img")
     ap.add_argument("--notes", default=str(REPO / "tools" / "bench_notes.md"))
-    ap.add_argument("--extra", default=None,
-                    help="hand-written sections, one *.md each (default: <doc>.extra/)")
+    ap.add_argument(
+        "--extra", default=None, help="hand-written sections, one *.md each (default: <doc>.extra/)"
+    )
     args = ap.parse_args(argv)
     results = [json.loads(Path(p).read_text()) for p in args.results]
     data = merge(results)
@@ -543,8 +683,10 @@ def main(argv: list[str] | None = None) -> int:
     rel = os.path.relpath(img, doc.parent)
     figs = plots(data, img, rel)
     notes = Path(args.notes).read_text() if args.notes and Path(args.notes).exists() else None
-    sources = [os.path.relpath(p, REPO) if os.path.abspath(p).startswith(str(REPO)) else p
-               for p in args.results]
+    sources = [
+        os.path.relpath(p, REPO) if os.path.abspath(p).startswith(str(REPO)) else p
+        for p in args.results
+    ]
     doc.parent.mkdir(parents=True, exist_ok=True)
     extra = Path(args.extra) if args.extra else doc.with_suffix(".extra")
     doc.write_text(with_extra_sections(document(data, figs, notes, sources), extra))

@@ -22,8 +22,9 @@ def merge(results: list[dict]) -> dict[str, dict]:
     for res in results:
         key = corpus_key(res)
         cur = out.setdefault(key, {"systems": {}, "runs": []})
-        cur["runs"].append({k: res.get(k) for k in ("argv", "started", "finished", "config",
-                                                    "product")})
+        cur["runs"].append(
+            {k: res.get(k) for k in ("argv", "started", "finished", "config", "product")}
+        )
         for k, v in res.items():
             if k == "systems":
                 for name, sysres in v.items():
@@ -32,8 +33,7 @@ def merge(results: list[dict]) -> dict[str, dict]:
                         if not old:
                             cur["systems"][name] = sysres
                         continue
-                    merged = {kk: vv for kk, vv in old.items()
-                              if kk not in ("skipped", "failed")}
+                    merged = {kk: vv for kk, vv in old.items() if kk not in ("skipped", "failed")}
                     merged.update(v[name])
                     cur["systems"][name] = merged
             elif k == "growth" and isinstance(v, dict):

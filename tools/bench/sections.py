@@ -34,14 +34,15 @@ from .systems import BtrfsSystem, CascowSystem, System, system_on_scratch
 from .workload import OPS, EditScript, busy_foreign_processes, corpus_files, run_mix
 
 
-def _on_scratch(cls: type[System], label: str,
-                args: argparse.Namespace) -> contextlib.AbstractContextManager[
-                    tuple[System, Path, dict]]:
+def _on_scratch(
+    cls: type[System], label: str, args: argparse.Namespace
+) -> contextlib.AbstractContextManager[tuple[System, Path, dict]]:
     return system_on_scratch(cls, label, args.scratch_gb << 30)
 
 
-def bench_system(cls: type[System], src_tree: Path, args: argparse.Namespace,
-                 files: list[str], corpus_info: dict) -> dict:
+def bench_system(
+    cls: type[System], src_tree: Path, args: argparse.Namespace, files: list[str], corpus_info: dict
+) -> dict:
     why = cls.unavailable()
     if why:
         log(f"{cls.name}: SKIPPED ({why})")
@@ -65,8 +66,10 @@ def bench_system(cls: type[System], src_tree: Path, args: argparse.Namespace,
         res["fs_used_after_import"] = fs_used(fsroot) - used0
         log(f"{cls.name}: imported in {res['import_s']:.2f}s ({res['import_mb_s']:.0f} MB/s)")
         seq_ops = min(args.seq_ops // 4, args.slow_ops) if cls.slow else args.seq_ops
-        for key, agents, n, seed in (("seq", 1, seq_ops, args.seed + 100),
-                                     ("mix", args.agents, nops, args.seed)):
+        for key, agents, n, seed in (
+            ("seq", 1, seq_ops, args.seed + 100),
+            ("mix", args.agents, nops, args.seed),
+        ):
             if n <= 0 or (key == "mix" and args.ops <= 0):
                 continue
             log(f"{cls.name}: {key}: {n} ops, {agents} agent(s)")
@@ -78,10 +81,15 @@ def bench_system(cls: type[System], src_tree: Path, args: argparse.Namespace,
             res[f"storage_after_{key}"] = system.storage()
             res[f"fs_used_after_{key}"] = fs_used(fsroot) - used0
             d = mix["ops_detail"]
-            log(f"{cls.name}: {key}: {mix['ops']} ops in {mix['wall_s']:.1f}s, errors "
-                f"{mix['error_count']}; " + ", ".join(
-                    f"{op} p50 {d[op]['p50']*1e3:.1f} p95 {d[op]['p95']*1e3:.1f} ms"
-                    for op in OPS if d[op]["n"]))
+            log(
+                f"{cls.name}: {key}: {mix['ops']} ops in {mix['wall_s']:.1f}s, errors "
+                f"{mix['error_count']}; "
+                + ", ".join(
+                    f"{op} p50 {d[op]['p50'] * 1e3:.1f} p95 {d[op]['p95'] * 1e3:.1f} ms"
+                    for op in OPS
+                    if d[op]["n"]
+                )
+            )
             if mix["error_count"]:
                 log(f"{cls.name}: first errors: {mix['errors'][:3]}")
         if isinstance(system, CascowSystem) and args.profile:
@@ -91,8 +99,9 @@ def bench_system(cls: type[System], src_tree: Path, args: argparse.Namespace,
 
 def _time_shell(cmd: str, cwd: str) -> float:
     t0 = time.perf_counter()
-    r = subprocess.run(["bash", "-c", cmd], cwd=cwd, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+    r = subprocess.run(
+        ["bash", "-c", cmd], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     dt = time.perf_counter() - t0
     if r.returncode not in (0, 1):  # grep exits 1 on no match
         raise RuntimeError(f"{cmd} in {cwd}: exit {r.returncode}")
@@ -123,11 +132,18 @@ def bench_read_path(src_tree: Path, args: argparse.Namespace, corpus_info: dict)
         floor = fsroot / "floor"
         for d in ("u", "w", "m"):
             (floor / d).mkdir(parents=True)
-        sys_mount("overlay", str(floor / "m"), "overlay",
-                  f"lowerdir={native},upperdir={floor}/u,workdir={floor}/w,volatile")
+        sys_mount(
+            "overlay",
+            str(floor / "m"),
+            "overlay",
+            f"lowerdir={native},upperdir={floor}/u,workdir={floor}/w,volatile",
+        )
         try:
-            places = {"native ext4": str(native), "cascowfs branch": tree,
-                      "bare overlay on ext4": str(floor / "m")}
+            places = {
+                "native ext4": str(native),
+                "cascowfs branch": tree,
+                "bare overlay on ext4": str(floor / "m"),
+            }
             if snapshot := system.snapshot_path("base"):
                 places["cascowfs snapshot (FUSE)"] = snapshot
             for test, cmd in tests.items():
@@ -141,16 +157,25 @@ def bench_read_path(src_tree: Path, args: argparse.Namespace, corpus_info: dict)
                         benchfs.drop_caches()
                         cold.append(_time_shell(cmd, path))
                         warm.append(_time_shell(cmd, path))
-                    row[place] = {"cold": statistics.median(cold), "warm": statistics.median(warm),
-                                  "cold_all": cold, "warm_all": warm}
+                    row[place] = {
+                        "cold": statistics.median(cold),
+                        "warm": statistics.median(warm),
+                        "cold_all": cold,
+                        "warm_all": warm,
+                    }
                 base = row["native ext4"]
                 for v in row.values():
                     v["cold_ratio"] = v["cold"] / base["cold"]
                     v["warm_ratio"] = v["warm"] / base["warm"]
                 res["tests"][test] = row
-                log(f"read path: {test}: " + ", ".join(
-                    f"{p} {v['cold']*1e3:.0f}/{v['warm']*1e3:.0f} ms "
-                    f"(x{v['cold_ratio']:.2f}/x{v['warm_ratio']:.2f})" for p, v in row.items()))
+                log(
+                    f"read path: {test}: "
+                    + ", ".join(
+                        f"{p} {v['cold'] * 1e3:.0f}/{v['warm'] * 1e3:.0f} ms "
+                        f"(x{v['cold_ratio']:.2f}/x{v['warm_ratio']:.2f})"
+                        for p, v in row.items()
+                    )
+                )
             # discard after the branch read the whole tree (the discard target's aim)
             t0 = time.perf_counter()
             system.discard("reader")
@@ -164,11 +189,16 @@ def bench_read_path(src_tree: Path, args: argparse.Namespace, corpus_info: dict)
     return res
 
 
-def bench_growth(src_tree: Path, args: argparse.Namespace, files: list[str],
-                 corpus_info: dict) -> dict:
+def bench_growth(
+    src_tree: Path, args: argparse.Namespace, files: list[str], corpus_info: dict
+) -> dict:
     out: dict[str, Any] = {"snapshots": args.growth, "wide_snapshots": args.growth_wide}
-    for cls, shape in ((CascowSystem, "chain"), (BtrfsSystem, "chain"),
-                       (CascowSystem, "wide"), (BtrfsSystem, "wide")):
+    for cls, shape in (
+        (CascowSystem, "chain"),
+        (BtrfsSystem, "chain"),
+        (CascowSystem, "wide"),
+        (BtrfsSystem, "wide"),
+    ):
         n = args.growth if shape == "chain" else args.growth_wide
         key = cls.name if shape == "chain" else f"{cls.name}-wide"
         if n <= 0 or cls.name not in args.growth_systems.split(","):
@@ -181,8 +211,14 @@ def bench_growth(src_tree: Path, args: argparse.Namespace, files: list[str],
     return out
 
 
-def _growth_one(cls: type[System], shape: str, n: int, src_tree: Path,
-                args: argparse.Namespace, files: list[str]) -> dict:
+def _growth_one(
+    cls: type[System],
+    shape: str,
+    n: int,
+    src_tree: Path,
+    args: argparse.Namespace,
+    files: list[str],
+) -> dict:
     """chain: one branch, n commits in a row (an n-deep lineage); wide: n snapshots, each a
     branch of base with one small edit (depth 1)."""
     step = max(1, n // 20)
@@ -233,17 +269,25 @@ def _growth_one(cls: type[System], shape: str, n: int, src_tree: Path,
         if shape == "chain":
             system.discard("grow")
         final = system.storage()
-        res = {"shape": shape, "snapshots": n,
-            "fs": fsdesc, "one_copy_bytes": one_copy, "series": series,
-            "breakdown": breakdown, "failed": failed,
-            "final_storage": final, "ratio_to_one_copy": final / one_copy,
+        res = {
+            "shape": shape,
+            "snapshots": n,
+            "fs": fsdesc,
+            "one_copy_bytes": one_copy,
+            "series": series,
+            "breakdown": breakdown,
+            "failed": failed,
+            "final_storage": final,
+            "ratio_to_one_copy": final / one_copy,
             "commit": summarize(commit_s),
             "commit_drift_p95": tenths_p95(commit_s),
             "last": prev,
         }
-        log(f"growth {cls.name} {shape}: {n} snapshots -> {final/1e6:.1f} MB "
-            f"(one copy {one_copy/1e6:.1f} MB, x{final/one_copy:.2f}); commit p95 "
-            f"{pct(commit_s, 95)*1e3:.1f} ms")
+        log(
+            f"growth {cls.name} {shape}: {n} snapshots -> {final / 1e6:.1f} MB "
+            f"(one copy {one_copy / 1e6:.1f} MB, x{final / one_copy:.2f}); commit p95 "
+            f"{pct(commit_s, 95) * 1e3:.1f} ms"
+        )
         return res
 
 
@@ -299,6 +343,9 @@ def bench_mount(src_tree: Path, args: argparse.Namespace, files: list[str]) -> d
             crash.append(system.mount())  # clears the dead FUSE mount, replays the WAL
         res["mount_clean_s"] = clean
         res["mount_after_kill9_s"] = crash
-        log(f"mount with {nsnap} snapshots + {nbr} branches: clean "
-            f"{[round(x*1e3) for x in clean]} ms, after kill -9 {[round(x*1e3) for x in crash]} ms")
+        log(
+            f"mount with {nsnap} snapshots + {nbr} branches: clean "
+            f"{[round(x * 1e3) for x in clean]} ms, "
+            f"after kill -9 {[round(x * 1e3) for x in crash]} ms"
+        )
     return res

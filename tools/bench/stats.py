@@ -18,9 +18,14 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def summarize(lat: list[float]) -> dict:
-    return {"n": len(lat), "p50": pct(lat, 50), "p95": pct(lat, 95), "p99": pct(lat, 99),
-            "max": max(lat) if lat else float("nan"),
-            "mean": statistics.fmean(lat) if lat else float("nan")}
+    return {
+        "n": len(lat),
+        "p50": pct(lat, 50),
+        "p95": pct(lat, 95),
+        "p99": pct(lat, 99),
+        "max": max(lat) if lat else float("nan"),
+        "mean": statistics.fmean(lat) if lat else float("nan"),
+    }
 
 
 def drift(recs: list[Record], ops: Sequence[str], windows: int = 10) -> dict[str, list[float]]:
@@ -31,7 +36,7 @@ def drift(recs: list[Record], ops: Sequence[str], windows: int = 10) -> dict[str
         return out
     size = len(recs) // windows
     for w in range(windows):
-        part = recs[w * size:(w + 1) * size]
+        part = recs[w * size : (w + 1) * size]
         for op in ops:
             xs = [r[2] for r in part if r[0] == op]
             out.setdefault(op, []).append(pct(xs, 95) if xs else float("nan"))
@@ -42,7 +47,7 @@ def tenths_p95(xs: list[float]) -> list[float]:
     """P95 of each tenth of a series in run order (none below ten values)."""
     if len(xs) < 10:
         return []
-    return [pct(xs[w * len(xs) // 10:(w + 1) * len(xs) // 10], 95) for w in range(10)]
+    return [pct(xs[w * len(xs) // 10 : (w + 1) * len(xs) // 10], 95) for w in range(10)]
 
 
 def drift_ratio(p95s: list[float]) -> float | None:

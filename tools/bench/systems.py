@@ -46,12 +46,17 @@ class System:
     def setup(self, src: Path) -> None: ...
     def branch(self, name: str, parent: str) -> str:  # returns the working tree path
         raise NotImplementedError
+
     def commit(self, name: str, sid: str, labels: dict[str, str]) -> None: ...
     def discard(self, name: str) -> None: ...
     def prune(self, sid: str) -> None: ...
-    def snapshot_path(self, sid: str) -> str | None: return None
+    def snapshot_path(self, sid: str) -> str | None:
+        return None
+
     def agent_init(self, agent: int) -> None: ...
-    def storage(self) -> int: return du_bytes(self.root)
+    def storage(self) -> int:
+        return du_bytes(self.root)
+
     def close(self) -> None: ...
 
 
@@ -80,8 +85,15 @@ class CascowSystem(System):
 
     def mount(self) -> float:
         t0 = time.perf_counter()
-        run(CASCOWFS, "mount", self.store, self.mnt, "--background",
-            "--log-file", self.root / "daemon.log")
+        run(
+            CASCOWFS,
+            "mount",
+            self.store,
+            self.mnt,
+            "--background",
+            "--log-file",
+            self.root / "daemon.log",
+        )
         os.stat(self.ctl)
         self.mounted = True
         return time.perf_counter() - t0
@@ -196,8 +208,12 @@ class OverlayFloor(System):
         (b / "w").mkdir()
         (b / "m").mkdir()
         chain = self.chain[parent]
-        sys_mount("overlay", str(b / "m"), "overlay",
-                  f"lowerdir={':'.join(chain)},upperdir={b}/u,workdir={b}/w,volatile")
+        sys_mount(
+            "overlay",
+            str(b / "m"),
+            "overlay",
+            f"lowerdir={':'.join(chain)},upperdir={b}/u,workdir={b}/w,volatile",
+        )
         self.bchain[name] = chain
         self._ref(chain, 1)
         return str(b / "m")
@@ -274,9 +290,15 @@ class GitSystem(System):
         self.repo = root / "repo"
         self.wt = root / "wt"
         self.sha: dict[str, str] = {}
-        self.env = dict(os.environ, GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="b@x",
-                        GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="b@x",
-                        GIT_CONFIG_NOSYSTEM="1", HOME=str(root))
+        self.env = dict(
+            os.environ,
+            GIT_AUTHOR_NAME="bench",
+            GIT_AUTHOR_EMAIL="b@x",
+            GIT_COMMITTER_NAME="bench",
+            GIT_COMMITTER_EMAIL="b@x",
+            GIT_CONFIG_NOSYSTEM="1",
+            HOME=str(root),
+        )
 
     def git(self, *args: str | os.PathLike[str], cwd: Path | str | None = None) -> str:
         return run("git", *args, cwd=cwd or self.repo, env=self.env)
@@ -329,19 +351,39 @@ class BtrfsSystem(System):
         # --reflink=never: a real copy, as every other system makes (cp would otherwise clone
         # the extents of src/ on the same btrfs, and import would cost nothing).
         run("cp", "-a", "--reflink=never", f"{src}/.", self.root / "import")
-        run("btrfs", "-q", "subvolume", "snapshot", "-r", self.root / "import",
-            self.root / "snap" / "base")
+        run(
+            "btrfs",
+            "-q",
+            "subvolume",
+            "snapshot",
+            "-r",
+            self.root / "import",
+            self.root / "snap" / "base",
+        )
         run("btrfs", "-q", "subvolume", "delete", self.root / "import")
         os.sync()
 
     def branch(self, name: str, parent: str) -> str:
-        run("btrfs", "-q", "subvolume", "snapshot", self.root / "snap" / parent,
-            self.root / "br" / name)
+        run(
+            "btrfs",
+            "-q",
+            "subvolume",
+            "snapshot",
+            self.root / "snap" / parent,
+            self.root / "br" / name,
+        )
         return str(self.root / "br" / name)
 
     def commit(self, name: str, sid: str, labels: dict[str, str]) -> None:
-        run("btrfs", "-q", "subvolume", "snapshot", "-r", self.root / "br" / name,
-            self.root / "snap" / sid)
+        run(
+            "btrfs",
+            "-q",
+            "subvolume",
+            "snapshot",
+            "-r",
+            self.root / "br" / name,
+            self.root / "snap" / sid,
+        )
 
     def discard(self, name: str) -> None:
         run("btrfs", "-q", "subvolume", "delete", self.root / "br" / name)
@@ -358,13 +400,15 @@ class BtrfsSystem(System):
         return fs_used(self.root) - self.baseline
 
 
-SYSTEMS: dict[str, type[System]] = {c.name: c for c in (
-    CascowSystem, OverlayFloor, BtrfsSystem, GitSystem, CopySystem)}
+SYSTEMS: dict[str, type[System]] = {
+    c.name: c for c in (CascowSystem, OverlayFloor, BtrfsSystem, GitSystem, CopySystem)
+}
 
 
 @contextlib.contextmanager
-def system_on_scratch(cls: type[System], label: str,
-                      size: int) -> Iterator[tuple[System, Path, dict]]:
+def system_on_scratch(
+    cls: type[System], label: str, size: int
+) -> Iterator[tuple[System, Path, dict]]:
     """A fresh scratch filesystem of ``size`` bytes, and the system on it."""
     with benchfs.scratch_fs(cls.fstype, size=size, label=label) as fsroot:
         sysroot = fsroot / cls.name

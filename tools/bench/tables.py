@@ -37,14 +37,19 @@ def mb(x: float | None) -> str:
 def machine_table(m: dict, scratch: list[dict]) -> list[str]:
     """The machine, and the scratch filesystems (``scratch``: one of each type used)."""
     root = m.get("root_fs", {})
-    kinds = " and ".join(f"{fs.get('fstype')}{' journaled' if fs.get('journal') else ''} "
-                         f"({fs.get('size_gb')} GB)" for fs in scratch)
+    kinds = " and ".join(
+        f"{fs.get('fstype')}{' journaled' if fs.get('journal') else ''} ({fs.get('size_gb')} GB)"
+        for fs in scratch
+    )
     backing = {fs.get("backing") for fs in scratch}
-    where = ("each on a loop device with direct I/O over a sparse image on `/`, mounted "
-             "`noatime`" if backing == {"loop device, direct-io, sparse image on /"}
-             else "; ".join(sorted(str(b) for b in backing)))
+    where = (
+        "each on a loop device with direct I/O over a sparse image on `/`, mounted `noatime`"
+        if backing == {"loop device, direct-io, sparse image on /"}
+        else "; ".join(sorted(str(b) for b in backing))
+    )
     return [
-        "| | |", "|---|---|",
+        "| | |",
+        "|---|---|",
         f"| CPU | {m.get('cpu')}, {m.get('cores')} cores |",
         f"| memory | {m.get('memory_gb')} GiB |",
         f"| kernel | {m.get('kernel')} (Firecracker micro-VM) |",
@@ -55,8 +60,10 @@ def machine_table(m: dict, scratch: list[dict]) -> list[str]:
 
 
 def mix_table(d: dict, key: str) -> list[str]:
-    rows = ["| system | ops | wall | op | n | P50 ms | P95 ms | P99 ms | max ms | ops/s |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| system | ops | wall | op | n | P50 ms | P95 ms | P99 ms | max ms | ops/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in ("cascowfs",) + PEER_ORDER:
         s = d["systems"].get(name)
         if not s:
@@ -64,8 +71,10 @@ def mix_table(d: dict, key: str) -> list[str]:
         if key not in s:
             why = s.get("skipped") or (s.get("failed") or "").splitlines()[0:1]
             if why:
-                rows.append(f"| {name} | — | — | *{'skipped' if 'skipped' in s else 'failed'}: "
-                            f"{why if isinstance(why, str) else why[0]}* | | | | | | |")
+                rows.append(
+                    f"| {name} | — | — | *{'skipped' if 'skipped' in s else 'failed'}: "
+                    f"{why if isinstance(why, str) else why[0]}* | | | | | | |"
+                )
             continue
         m = s[key]
         first = True
@@ -73,14 +82,21 @@ def mix_table(d: dict, key: str) -> list[str]:
             o = m["ops_detail"][op]
             if not o["n"]:
                 continue
-            lead = (f"| **{name}** | {m['ops']} ({m['error_count']} errors) | "
-                    f"{m['wall_s']:.1f} s") if first else "| | |"
-            rows.append(f"{lead} | {op} | {o['n']} | {ms(o['p50'])} | {ms(o['p95'])} | "
-                        f"{ms(o['p99'])} | {ms(o['max'])} | {o['throughput_ops_s']:.1f} |")
+            lead = (
+                (f"| **{name}** | {m['ops']} ({m['error_count']} errors) | {m['wall_s']:.1f} s")
+                if first
+                else "| | |"
+            )
+            rows.append(
+                f"{lead} | {op} | {o['n']} | {ms(o['p50'])} | {ms(o['p95'])} | "
+                f"{ms(o['p99'])} | {ms(o['max'])} | {o['throughput_ops_s']:.1f} |"
+            )
             first = False
         if m["error_count"]:
-            rows.append(f"| | | | *{m['error_count']} failed ops; first: "
-                        f"{m['errors'][0][:160].replace('|', '/')}…* | | | | | | |")
+            rows.append(
+                f"| | | | *{m['error_count']} failed ops; first: "
+                f"{m['errors'][0][:160].replace('|', '/')}…* | | | | | | |"
+            )
     return rows
 
 
@@ -98,10 +114,15 @@ def ratio_table(d: dict, key: str) -> list[str]:
     peers = [p for p in peers if p not in broken]
     if not peers:
         return ["*(no peer completed this run without errors)*"]
-    rows = [f"*Left out (more than 5% of their ops failed, see above): {', '.join(broken)}.*",
-            ""] if broken else []
-    rows += ["| op | " + " | ".join(f"÷ {p} P50 | ÷ {p} P95" for p in peers) + " |",
-            "|---|" + "---|---|" * len(peers)]
+    rows = (
+        [f"*Left out (more than 5% of their ops failed, see above): {', '.join(broken)}.*", ""]
+        if broken
+        else []
+    )
+    rows += [
+        "| op | " + " | ".join(f"÷ {p} P50 | ÷ {p} P95" for p in peers) + " |",
+        "|---|" + "---|---|" * len(peers),
+    ]
     for op in OPS:
         co = c["ops_detail"][op]
         cells = []
@@ -113,22 +134,30 @@ def ratio_table(d: dict, key: str) -> list[str]:
 
 
 def import_table(d: dict) -> list[str]:
-    rows = ["| system | import (cold cache) | MB/s | space after import | space after the runs |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| system | import (cold cache) | MB/s | space after import | space after the runs |",
+        "|---|---|---|---|---|",
+    ]
     for name in ("cascowfs",) + PEER_ORDER:
         s = d["systems"].get(name)
         if not s or "import_s" not in s:
             continue
         after = s.get("storage_after_mix", s.get("storage_after_seq"))
         if name == "btrfs":  # older runs: storage() was the whole fs (with the src copy)
-            imp, after = (s.get("fs_used_after_import"),
-                          s.get("fs_used_after_mix", s.get("fs_used_after_seq")))
-            rows.append(f"| {name} | {s['import_s']:.2f} s | {s['import_mb_s']:.0f} | "
-                        f"{mb(imp)} | {mb(after)} |")
+            imp, after = (
+                s.get("fs_used_after_import"),
+                s.get("fs_used_after_mix", s.get("fs_used_after_seq")),
+            )
+            rows.append(
+                f"| {name} | {s['import_s']:.2f} s | {s['import_mb_s']:.0f} | "
+                f"{mb(imp)} | {mb(after)} |"
+            )
             continue
         with_start = " (with the daemon's start)" if import_includes_start(s) else ""
-        rows.append(f"| {name} | {s['import_s']:.2f} s{with_start} | {s['import_mb_s']:.0f} | "
-                    f"{mb(s.get('storage_after_import'))} | {mb(after)} |")
+        rows.append(
+            f"| {name} | {s['import_s']:.2f} s{with_start} | {s['import_mb_s']:.0f} | "
+            f"{mb(s.get('storage_after_import'))} | {mb(after)} |"
+        )
     return rows
 
 
@@ -140,8 +169,10 @@ def read_table(rp: dict) -> list[str]:
         for p in row:
             if p not in places:
                 places.append(p)
-    rows = ["| test | " + " | ".join(f"{p} cold / warm" for p in places) + " |",
-            "|---|" + "---|" * len(places)]
+    rows = [
+        "| test | " + " | ".join(f"{p} cold / warm" for p in places) + " |",
+        "|---|" + "---|" * len(places),
+    ]
     for test, row in rp["tests"].items():
         cells = []
         for p in places:
@@ -149,17 +180,24 @@ def read_table(rp: dict) -> list[str]:
             if not v:
                 cells.append("—")
                 continue
-            cells.append(f"{dur(v['cold'])} / {dur(v['warm'])}" if p == "native ext4" else
-                         f"{dur(v['cold'])} / {dur(v['warm'])} "
-                         f"(**{v['cold_ratio']:.2f}× / {v['warm_ratio']:.2f}×**)")
+            cells.append(
+                f"{dur(v['cold'])} / {dur(v['warm'])}"
+                if p == "native ext4"
+                else f"{dur(v['cold'])} / {dur(v['warm'])} "
+                f"(**{v['cold_ratio']:.2f}× / {v['warm_ratio']:.2f}×**)"
+            )
         rows.append(f"| {test.replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
     rows.append("")
-    rows.append(f"{rp.get('repeat')} runs of each (compileall: "
-                f"{rp.get('compile_repeat', 1)}), every warm run right after its cold one; cold = "
-                "median, warm = best run (another session's drop_caches or I/O burst can make a "
-                "warm run cold on this shared machine); ratios are to native ext4.")
+    rows.append(
+        f"{rp.get('repeat')} runs of each (compileall: "
+        f"{rp.get('compile_repeat', 1)}), every warm run right after its cold one; cold = "
+        "median, warm = best run (another session's drop_caches or I/O burst can make a "
+        "warm run cold on this shared machine); ratios are to native ext4."
+    )
     if "discard_after_full_read_s" in rp:
-        rows.append(f"Discard of the branch after all of the above read the whole tree: "
-                    f"{ms(rp['discard_after_full_read_s'])} ms (bare overlay umount after the "
-                    f"same: {ms(rp.get('floor_umount_after_full_read_s'))} ms).")
+        rows.append(
+            f"Discard of the branch after all of the above read the whole tree: "
+            f"{ms(rp['discard_after_full_read_s'])} ms (bare overlay umount after the "
+            f"same: {ms(rp.get('floor_umount_after_full_read_s'))} ms)."
+        )
     return rows

@@ -43,35 +43,109 @@ class Target:
 
 MIB = 1 << 20
 TARGETS = {
-    "branch": Target("create branch (file calls, end to end)", "create branch", "P95 < 20 ms",
-                     "P95 < 2 ms", 0.020, 0.002, "2 ms", "below"),
-    "discard": Target("discard branch", "discard branch", "P95 < 20 ms",
-                      "P95 < 2 ms, even after the branch read the whole tree", 0.020, 0.002,
-                      "2 ms", "below"),
-    "commit": Target("commit of an agent-size edit (≤ 20 files, ≤ 1 MiB) on an 80k-file tree",
-                     "commit of an agent-size edit, 80k-file tree", "P95 < 50 ms", "P95 < 10 ms",
-                     0.050, 0.010, "10 ms", "below"),
+    "branch": Target(
+        "create branch (file calls, end to end)",
+        "create branch",
+        "P95 < 20 ms",
+        "P95 < 2 ms",
+        0.020,
+        0.002,
+        "2 ms",
+        "below",
+    ),
+    "discard": Target(
+        "discard branch",
+        "discard branch",
+        "P95 < 20 ms",
+        "P95 < 2 ms, even after the branch read the whole tree",
+        0.020,
+        0.002,
+        "2 ms",
+        "below",
+    ),
+    "commit": Target(
+        "commit of an agent-size edit (≤ 20 files, ≤ 1 MiB) on an 80k-file tree",
+        "commit of an agent-size edit, 80k-file tree",
+        "P95 < 50 ms",
+        "P95 < 10 ms",
+        0.050,
+        0.010,
+        "10 ms",
+        "below",
+    ),
     "prune": Target("prune", "prune", "P95 < 50 ms", "P95 < 5 ms", 0.050, 0.005, "5 ms", "below"),
-    "mix": Target("MCTS mix (many branch, few commit, most discarded/pruned), 4 concurrent "
-                  "agents, 10k ops", "MCTS mix", "every op P95 < 50 ms, no drift",
-                  "every op P95 < 20 ms", 0.050, 0.020, "20 ms", "below"),
-    "read": Target("reading and stat-walking unchanged files inside a branch (warm; cold no "
-                   "worse than today)", "read path in a branch", "≤ 1.15× native ext4",
-                   "≤ 1.05×", 1.15, 1.05, "1.05×", "at most"),
-    "import": Target("import of a 1 GB / 80k-file tree", "import, 1 GB / 80k files",
-                     "≥ 100 MB/s", "≥ 250 MB/s", 100, 250, "250 MB/s", "at least"),
-    "store": Target("store size for 1,000 snapshots of an 80k-file tree with small edits",
-                    "store size, 1,000 snapshots, 80k-file tree", "≤ 1.15× one copy", "≤ 1.0×",
-                    1.15, 1.0, "1.0×", "at most"),
-    "mount": Target("mount with 10k snapshots and 100 live branches, WAL replay included",
-                    "mount, 10k snapshots, 100 branches", "< 1 s", "< 200 ms", 1.0, 0.2,
-                    "200 ms", "below"),
-    "label": Target("label a snapshot (MCTS back-propagation)", "label a snapshot",
-                    "P95 < 20 ms", "P95 < 5 ms", 0.020, 0.005, "5 ms", "below",
-                    "not measured on its own (labels travel with the commit)"),
-    "memory": Target("daemon memory, any file size", "daemon memory", "bounded, < 512 MiB",
-                     "< 256 MiB", 512 * MIB, 256 * MIB, "256 MiB", "below",
-                     "not measured by the benchmark"),
+    "mix": Target(
+        "MCTS mix (many branch, few commit, most discarded/pruned), 4 concurrent agents, 10k ops",
+        "MCTS mix",
+        "every op P95 < 50 ms, no drift",
+        "every op P95 < 20 ms",
+        0.050,
+        0.020,
+        "20 ms",
+        "below",
+    ),
+    "read": Target(
+        "reading and stat-walking unchanged files inside a branch (warm; cold no worse than today)",
+        "read path in a branch",
+        "≤ 1.15× native ext4",
+        "≤ 1.05×",
+        1.15,
+        1.05,
+        "1.05×",
+        "at most",
+    ),
+    "import": Target(
+        "import of a 1 GB / 80k-file tree",
+        "import, 1 GB / 80k files",
+        "≥ 100 MB/s",
+        "≥ 250 MB/s",
+        100,
+        250,
+        "250 MB/s",
+        "at least",
+    ),
+    "store": Target(
+        "store size for 1,000 snapshots of an 80k-file tree with small edits",
+        "store size, 1,000 snapshots, 80k-file tree",
+        "≤ 1.15× one copy",
+        "≤ 1.0×",
+        1.15,
+        1.0,
+        "1.0×",
+        "at most",
+    ),
+    "mount": Target(
+        "mount with 10k snapshots and 100 live branches, WAL replay included",
+        "mount, 10k snapshots, 100 branches",
+        "< 1 s",
+        "< 200 ms",
+        1.0,
+        0.2,
+        "200 ms",
+        "below",
+    ),
+    "label": Target(
+        "label a snapshot (MCTS back-propagation)",
+        "label a snapshot",
+        "P95 < 20 ms",
+        "P95 < 5 ms",
+        0.020,
+        0.005,
+        "5 ms",
+        "below",
+        "not measured on its own (labels travel with the commit)",
+    ),
+    "memory": Target(
+        "daemon memory, any file size",
+        "daemon memory",
+        "bounded, < 512 MiB",
+        "< 256 MiB",
+        512 * MIB,
+        256 * MIB,
+        "256 MiB",
+        "below",
+        "not measured by the benchmark",
+    ),
 }
 # "No drift" in the MCTS mix: for every op, the median of its P95 over the last three tenths of
 # the run is at most this many times the same over the first three tenths.
@@ -93,7 +167,8 @@ PEER_REFERENCE = [
 
 def targets_table() -> list[str]:
     return ["| what | must | aim |", "|---|---|---|"] + [
-        f"| {t.what} | {t.must} | {t.aim} |" for t in TARGETS.values()]
+        f"| {t.what} | {t.must} | {t.aim} |" for t in TARGETS.values()
+    ]
 
 
 def verdict(ok: bool | None) -> str:
@@ -126,13 +201,19 @@ def current_figures(data: dict[str, dict]) -> list[str]:
     against the must and, once that is met, against the aim."""
     rows = ["| line | must | measured | verdict | aim |", "|---|---|---|---|---|"]
 
-    def row(key: str, measured: str | None, ok: bool | None, aim: str | None = None,
-            line: str | None = None) -> None:
+    def row(
+        key: str,
+        measured: str | None,
+        ok: bool | None,
+        aim: str | None = None,
+        line: str | None = None,
+    ) -> None:
         target = TARGETS[key]
         if measured is None:
             measured, ok, aim = target.unmeasured or "not measured", None, "—"
-        rows.append(f"| {line or target.line} | {target.must} | {measured} | {verdict(ok)} | "
-                    f"{aim or '—'} |")
+        rows.append(
+            f"| {line or target.line} | {target.must} | {measured} | {verdict(ok)} | {aim or '—'} |"
+        )
 
     def corpora(pref: tuple[str, ...] = ("linux", "django")) -> list[str]:
         """The preferred corpora present; the synthetic smoke corpus only when none is."""
@@ -141,12 +222,18 @@ def current_figures(data: dict[str, dict]) -> list[str]:
     def cascowfs(corpus: str, key: str) -> dict:
         return (data[corpus]["systems"].get("cascowfs") or {}).get(key) or {}
 
-    def p95_line(key: str, want: tuple[str, ...] = ("linux", "django"),
-                 extra: list[tuple[str, float, str]] | None = None) -> None:
+    def p95_line(
+        key: str,
+        want: tuple[str, ...] = ("linux", "django"),
+        extra: list[tuple[str, float, str]] | None = None,
+    ) -> None:
         """A per-op line judged on the single-agent run; ``extra`` adds (corpus, P95, what)."""
         target = TARGETS[key]
-        values = [(short(c), cascowfs(c, "seq")["ops_detail"][key]["p95"]) for c in corpora(want)
-                  if cascowfs(c, "seq").get("ops_detail", {}).get(key, {}).get("n")]
+        values = [
+            (short(c), cascowfs(c, "seq")["ops_detail"][key]["p95"])
+            for c in corpora(want)
+            if cascowfs(c, "seq").get("ops_detail", {}).get(key, {}).get("n")
+        ]
         if not values:
             row(key, None, None)
             return
@@ -157,17 +244,24 @@ def current_figures(data: dict[str, dict]) -> list[str]:
         row(key, measured, ok, aim_verdict(target, ok, values))
 
     p95_line("branch")
-    after_read = [(short(c), rp["discard_after_full_read_s"],
-                   f"({short(c)}) after the branch read the whole tree") for c in corpora()
-                  if (rp := data[c].get("read_path") or {}).get("discard_after_full_read_s")]
+    after_read = [
+        (
+            short(c),
+            rp["discard_after_full_read_s"],
+            f"({short(c)}) after the branch read the whole tree",
+        )
+        for c in corpora()
+        if (rp := data[c].get("read_path") or {}).get("discard_after_full_read_s")
+    ]
     p95_line("discard", extra=after_read[:1])
     commit_corpora = ("linux",) if "linux" in data else ("django",)
     lineage = []
     for c in commit_corpora:
         chain = ((data.get(c) or {}).get("growth") or {}).get("cascowfs")
         if isinstance(chain, dict) and chain.get("commit", {}).get("n"):
-            lineage.append((short(c), chain["commit"]["p95"],
-                            f"in a {chain['commit']['n']:,}-commit lineage"))
+            lineage.append(
+                (short(c), chain["commit"]["p95"], f"in a {chain['commit']['n']:,}-commit lineage")
+            )
     p95_line("commit", commit_corpora, lineage)
     p95_line("prune")
     _mix_line(data, corpora(), row)
@@ -182,8 +276,7 @@ def current_figures(data: dict[str, dict]) -> list[str]:
 
 def _mix_line(data: dict[str, dict], corpora: list[str], row: Callable[..., None]) -> None:
     target = TARGETS["mix"]
-    runs = [(c, m) for c in corpora
-            if (m := (data[c]["systems"].get("cascowfs") or {}).get("mix"))]
+    runs = [(c, m) for c in corpora if (m := (data[c]["systems"].get("cascowfs") or {}).get("mix"))]
     if not runs:
         row("mix", None, None)
         return
@@ -195,8 +288,9 @@ def _mix_line(data: dict[str, dict], corpora: list[str], row: Callable[..., None
         worst.append((short(c), *max((v, op) for op, v in p95.items())))
         for op, v in p95.items():
             per_op.setdefault(op, []).append(v)
-        drifts += [r for xs in (m.get("drift_p95") or {}).values()
-                   if (r := drift_ratio(xs)) is not None]
+        drifts += [
+            r for xs in (m.get("drift_p95") or {}).values() if (r := drift_ratio(xs)) is not None
+        ]
     ok = all(target.met(v) for _, v, _ in worst) and all(r <= DRIFT_LIMIT for r in drifts)
     measured = "worst P95 " + ", ".join(f"{fms(v)} ms ({c}, {op})" for c, v, op in worst)
     if drifts:
@@ -226,9 +320,12 @@ def _read_line(data: dict[str, dict], corpora: list[str], row: Callable[..., Non
     worst, floor = [], []
     for c in corpora:
         tests = (data[c].get("read_path") or {}).get("tests") or {}
-        cells = [(v["cascowfs branch"][f"{temp}_ratio"], temp, test, v)
-                 for test, v in tests.items() if "cascowfs branch" in v
-                 for temp in ("cold", "warm")]
+        cells = [
+            (v["cascowfs branch"][f"{temp}_ratio"], temp, test, v)
+            for test, v in tests.items()
+            if "cascowfs branch" in v
+            for temp in ("cold", "warm")
+        ]
         if not cells:
             continue
         ratio, temp, test, v = max(cells, key=lambda cell: cell[0])
@@ -242,16 +339,16 @@ def _read_line(data: dict[str, dict], corpora: list[str], row: Callable[..., Non
         return
     measured = "worst " + ", ".join(f"{r:.2f}× ({c}, {what})" for c, r, what in worst)
     if len(floor) == len(worst):
-        measured += ("; a bare overlayfs on the same copy: "
-                     + _and([f"{r:.2f}×" for r in floor]))
+        measured += "; a bare overlayfs on the same copy: " + _and([f"{r:.2f}×" for r in floor])
     ok = all(target.met(r) for _, r, _ in worst)
     row("read", measured, ok, aim_verdict(target, ok, [(c, r) for c, r, _ in worst]))
 
 
 def _import_line(data: dict[str, dict], corpora: list[str], row: Callable[..., None]) -> None:
     target = TARGETS["import"]
-    imported = [(c, s) for c in corpora
-                if "import_mb_s" in (s := data[c]["systems"].get("cascowfs") or {})]
+    imported = [
+        (c, s) for c in corpora if "import_mb_s" in (s := data[c]["systems"].get("cascowfs") or {})
+    ]
     if not imported:
         row("import", None, None)
         return
@@ -264,9 +361,13 @@ def _import_line(data: dict[str, dict], corpora: list[str], row: Callable[..., N
     if disk := cold_read_mb_s(data[corpus]):
         beside.append(f"one `cat` reads it cold at {disk:.0f} MB/s")
     not_judged = "" if judged else ", not a 1 GB tree: not judged"
-    measured = (f"{s['import_mb_s']:.0f} MB/s ({short(corpus)}{not_judged}, cold cache, through "
-                f"`ctl`{start}" + "".join(f"; {b}" for b in beside[:1])
-                + "".join(f", {b}" for b in beside[1:]) + ")")
+    measured = (
+        f"{s['import_mb_s']:.0f} MB/s ({short(corpus)}{not_judged}, cold cache, through "
+        f"`ctl`{start}"
+        + "".join(f"; {b}" for b in beside[:1])
+        + "".join(f", {b}" for b in beside[1:])
+        + ")"
+    )
     ok = target.met(s["import_mb_s"]) if judged else None
     row("import", measured, ok, aim_verdict(target, ok, [(corpus, s["import_mb_s"])]))
 
@@ -284,17 +385,22 @@ def _store_line(data: dict[str, dict], corpora: list[str], row: Callable[..., No
             for key, shape in ((system, "chain"), (f"{system}-wide", "wide")):
                 s = g.get(key)
                 if isinstance(s, dict) and "ratio_to_one_copy" in s:
-                    out.append((f"{shape}" + ("" if c == "linux" else f", {short(c)}"),
-                                s.get("snapshots", g.get("snapshots")) or 0,
-                                s["ratio_to_one_copy"]))
+                    out.append(
+                        (
+                            f"{shape}" + ("" if c == "linux" else f", {short(c)}"),
+                            s.get("snapshots", g.get("snapshots")) or 0,
+                            s["ratio_to_one_copy"],
+                        )
+                    )
         return out
 
     ours = grown("cascowfs")
     if not ours:
         row("store", None, None)
         return
-    measured = ", ".join(f"{r:.2f}× ({what}" + (f", {n} snapshots" if n < 1000 else "") + ")"
-                         for what, n, r in ours)
+    measured = ", ".join(
+        f"{r:.2f}× ({what}" + (f", {n} snapshots" if n < 1000 else "") + ")" for what, n, r in ours
+    )
     if shown != ["linux"]:
         measured += ", not an 80k-file tree: not judged"
     if btrfs := grown("btrfs"):
@@ -306,16 +412,24 @@ def _store_line(data: dict[str, dict], corpora: list[str], row: Callable[..., No
 
 def _mount_line(data: dict[str, dict], corpora: list[str], row: Callable[..., None]) -> None:
     target = TARGETS["mount"]
-    mounts = [(c, data[c]["mount"]) for c in corpora
-              if "mount_clean_s" in (data[c].get("mount") or {})]
+    mounts = [
+        (c, data[c]["mount"]) for c in corpora if "mount_clean_s" in (data[c].get("mount") or {})
+    ]
     if not mounts:
         row("mount", None, None)
         return
     corpus, m = mounts[0]
     worst = max(m["mount_clean_s"] + m["mount_after_kill9_s"])
     full_size = m["snapshots"] >= 10000 and m["branches"] >= 100
-    size = "" if full_size else (f"; {m['snapshots']:,} snapshots, {m['branches']} branches: "
-                                 "not judged")
+    size = (
+        ""
+        if full_size
+        else (f"; {m['snapshots']:,} snapshots, {m['branches']} branches: not judged")
+    )
     ok = target.met(worst) if full_size else None
-    row("mount", f"worst {worst:.2f} s (clean and after kill -9{size})", ok,
-        aim_verdict(target, ok, [(short(corpus), worst)]))
+    row(
+        "mount",
+        f"worst {worst:.2f} s (clean and after kill -9{size})",
+        ok,
+        aim_verdict(target, ok, [(short(corpus), worst)]),
+    )

@@ -38,8 +38,24 @@ def corpus_files(tree: Path) -> list[str]:
                 continue
             if not os.path.isfile(p) or os.path.islink(p) or not 0 < st.st_size <= 65536:
                 continue
-            if n.endswith((".py", ".c", ".h", ".txt", ".html", ".js", ".css", ".rst", ".S",
-                           ".sh", ".json", "Makefile", "Kconfig", ".po")):
+            if n.endswith(
+                (
+                    ".py",
+                    ".c",
+                    ".h",
+                    ".txt",
+                    ".html",
+                    ".js",
+                    ".css",
+                    ".rst",
+                    ".S",
+                    ".sh",
+                    ".json",
+                    "Makefile",
+                    "Kconfig",
+                    ".po",
+                )
+            ):
                 out.append(os.path.relpath(p, tree))
     return sorted(out)
 
@@ -57,13 +73,25 @@ class EditScript:
         acts: list[tuple] = []
         budget = 1 << 20
         for _ in range(rng.randint(1, 5)):
-            acts.append(("modify", rng.choice(self.hot), rng.random(),
-                         f"# agent {self.agent} edit {self.k} value={rng.randrange(10**6)}\n"))
+            acts.append(
+                (
+                    "modify",
+                    rng.choice(self.hot),
+                    rng.random(),
+                    f"# agent {self.agent} edit {self.k} value={rng.randrange(10**6)}\n",
+                )
+            )
         if rng.random() < 0.3:
             d = os.path.dirname(rng.choice(self.hot))
             size = rng.randint(500, 8000)
-            acts.append(("create", os.path.join(d, f"gen_a{self.agent}_{self.k}.py"), size,
-                         rng.randrange(1 << 30)))
+            acts.append(
+                (
+                    "create",
+                    os.path.join(d, f"gen_a{self.agent}_{self.k}.py"),
+                    size,
+                    rng.randrange(1 << 30),
+                )
+            )
             budget -= size
         if rng.random() < 0.1:
             acts.append(("delete", rng.choice(self.hot)))
@@ -72,8 +100,9 @@ class EditScript:
             acts.append(("rename", src, src + f".r{self.agent}_{self.k}"))
         if rng.random() < 0.03:
             size = rng.randint(256 << 10, min(budget - 64 << 10, 1 << 20) - 1)
-            acts.append(("big", f"generated_a{self.agent}_{self.k}.dat", size,
-                         rng.randrange(1 << 30)))
+            acts.append(
+                ("big", f"generated_a{self.agent}_{self.k}.dat", size, rng.randrange(1 << 30))
+            )
         self.k += 1
         return acts
 
@@ -97,8 +126,10 @@ class EditScript:
                     written += len(data)
                 elif kind == "create":
                     r = random.Random(act[3])
-                    body = "".join(f"def f{i}(x):\n    return x + {r.randrange(1000)}\n"
-                                   for i in range(act[2] // 40))
+                    body = "".join(
+                        f"def f{i}(x):\n    return x + {r.randrange(1000)}\n"
+                        for i in range(act[2] // 40)
+                    )
                     os.makedirs(os.path.dirname(p), exist_ok=True)
                     with open(p, "w") as f:
                         f.write(body)
@@ -118,8 +149,17 @@ class EditScript:
         return written
 
 
-def agent_loop(system: System, agent: int, nops: int, seed: int, files: list[str],
-               barrier: Any, q: Any, tag: str = "", frontier_max: int = 6) -> None:
+def agent_loop(
+    system: System,
+    agent: int,
+    nops: int,
+    seed: int,
+    files: list[str],
+    barrier: Any,
+    q: Any,
+    tag: str = "",
+    frontier_max: int = 6,
+) -> None:
     recs: list[Record] = []
     errors: list[str] = []
     edit_s: list[float] = []
@@ -168,8 +208,13 @@ def agent_loop(system: System, agent: int, nops: int, seed: int, files: list[str
             for name in live[:keep]:
                 sid = f"{tag}a{agent}s{k}"
                 k += 1
-                ok, _ = timed("commit", system.commit, name, sid,
-                              {"reward": f"{rng.random():.3f}", "agent": str(agent)})
+                ok, _ = timed(
+                    "commit",
+                    system.commit,
+                    name,
+                    sid,
+                    {"reward": f"{rng.random():.3f}", "agent": str(agent)},
+                )
                 if ok:
                     frontier.append(sid)
                     owned.append(sid)
@@ -179,23 +224,40 @@ def agent_loop(system: System, agent: int, nops: int, seed: int, files: list[str
                 victim = owned.pop(0)
                 frontier.remove(victim)
                 timed("prune", system.prune, victim)
-        q.put({"agent": agent, "recs": recs, "errors": errors, "edit_s": edit_s,
-               "live_snapshots": owned})
+        q.put(
+            {
+                "agent": agent,
+                "recs": recs,
+                "errors": errors,
+                "edit_s": edit_s,
+                "live_snapshots": owned,
+            }
+        )
     except BaseException:  # noqa: BLE001
-        q.put({"agent": agent, "recs": recs, "errors": errors + [traceback.format_exc()],
-               "edit_s": edit_s, "live_snapshots": []})
+        q.put(
+            {
+                "agent": agent,
+                "recs": recs,
+                "errors": errors + [traceback.format_exc()],
+                "edit_s": edit_s,
+                "live_snapshots": [],
+            }
+        )
 
 
-def run_mix(system: System, agents: int, nops: int, seed: int, files: list[str],
-            tag: str = "") -> dict:
+def run_mix(
+    system: System, agents: int, nops: int, seed: int, files: list[str], tag: str = ""
+) -> dict:
     """N agent processes replaying the script on one system; names and ids carry `tag` so that
     several runs on one store never collide."""
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     barrier = ctx.Barrier(agents + 1)
     per = max(1, nops // agents)
-    procs = [ctx.Process(target=agent_loop, args=(system, a, per, seed, files, barrier, q, tag))
-             for a in range(agents)]
+    procs = [
+        ctx.Process(target=agent_loop, args=(system, a, per, seed, files, barrier, q, tag))
+        for a in range(agents)
+    ]
     for p in procs:
         p.start()
     barrier.wait()
@@ -206,11 +268,18 @@ def run_mix(system: System, agents: int, nops: int, seed: int, files: list[str],
         p.join()
     recs = [r for res in results for r in res["recs"]]
     errors = [e for res in results for e in res["errors"]]
-    out: dict[str, Any] = {"agents": agents, "ops": len(recs), "wall_s": wall,
-           "throughput_ops_s": len(recs) / wall if wall else 0, "errors": errors[:20],
-           "error_count": len(errors), "ops_detail": {}, "latencies": {},
-           "edit": summarize([x for res in results for x in res["edit_s"]]),
-           "live_snapshots": sum(len(res["live_snapshots"]) for res in results)}
+    out: dict[str, Any] = {
+        "agents": agents,
+        "ops": len(recs),
+        "wall_s": wall,
+        "throughput_ops_s": len(recs) / wall if wall else 0,
+        "errors": errors[:20],
+        "error_count": len(errors),
+        "ops_detail": {},
+        "latencies": {},
+        "edit": summarize([x for res in results for x in res["edit_s"]]),
+        "live_snapshots": sum(len(res["live_snapshots"]) for res in results),
+    }
     for op in OPS:
         lat = [r[2] for r in recs if r[0] == op]
         s = summarize(lat)
@@ -220,8 +289,9 @@ def run_mix(system: System, agents: int, nops: int, seed: int, files: list[str],
     out["drift_p95"] = drift(recs, OPS)
     # start time, op, latency (for latency-over-time plots), relative to the run start
     t_first = min((r[1] for r in recs), default=0)
-    out["timeline"] = [(round(r[1] - t_first, 4), r[0], round(r[2], 6))
-                       for r in sorted(recs, key=lambda r: r[1])]
+    out["timeline"] = [
+        (round(r[1] - t_first, 4), r[0], round(r[2], 6)) for r in sorted(recs, key=lambda r: r[1])
+    ]
     return out
 
 
