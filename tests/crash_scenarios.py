@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from conftest import REPO, assert_same_view, child_env, dir_view, mounts_below, snapshot_view
+from conftest import assert_same_view, dir_view, mounts_below, snapshot_view
+from support.processes import run_until_killed
 from cascowfs import collector
 from cascowfs.errors import ExistsError, NotFoundError
 from cascowfs.state import StateManager
@@ -395,18 +393,6 @@ class Returned:
 
 
 def run_loop_until_killed(store: Path, seed: int, meanwhile: Callable[[], None]) -> str:
-    """Run LOOP on ``store``; once it has opened the store, call ``meanwhile`` (it waits, it
-    may fail the disk), then SIGKILL the loop. The loop must still have been running and must
-    not have printed a traceback. Returns what it printed."""
-    proc = subprocess.Popen([sys.executable, "-c", LOOP, str(store), str(seed)], cwd=REPO,
-                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        assert proc.stdout.readline().strip() == "open", proc.stderr.read()
-        meanwhile()
-    finally:
-        proc.kill()
-        out, err = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, f"the loop died before it was killed:\n{err}"
-    assert "Traceback" not in err, err
-    return out
+    """Run LOOP on ``store`` until killed (``run_until_killed``): ``meanwhile`` runs once it
+    has opened the store. Returns what it printed."""
+    return run_until_killed(LOOP, [str(store), str(seed)], meanwhile)

@@ -36,6 +36,7 @@ from conftest import (REPO, alive, assert_fsck_clean, assert_same_view, check_li
                       needs_overlay, open_store, run_child, snapshot_view)
 from crash_scenarios import (APPLIED_STEPS, CHILD, NOT_APPLIED_STEPS, VERIFY, prepare_store,
                              run_loop_until_killed)
+from support.processes import read_first_line, run_until_killed
 from cascowfs.crashpoints import CRASH_POINTS
 from cascowfs.state import StateManager
 
@@ -106,6 +107,17 @@ def test_crash_leaves_branch_mounts_that_reopen_adopts(tmp_path, track_store):
 # ----------------------------------------------------------------------------------------
 # kill at random moments
 # ----------------------------------------------------------------------------------------
+
+
+def test_a_killed_child_loses_none_of_the_lines_it_printed():
+    """Lines a looping child prints right after "open", in the same write (on a loaded machine
+    they pile up in the pipe before this process reads "open"), all reach the output the loop
+    tests judge the store by: a lost "done N prune ID" makes a prune that returned look like
+    lost data, a lost "done N import ID" hides an import from the check."""
+    lines = [f"done {n} prune s{n}" for n in range(1, 60)]
+    printed = "".join(f"{line}\n" for line in ["open", *lines])  # one write, under PIPE_BUF
+    child = f"import sys, time\nsys.stdout.write({printed!r})\nsys.stdout.flush()\ntime.sleep(600)"
+    assert run_until_killed(child, [], lambda: None).splitlines() == lines
 
 
 def test_kill_at_random_moments(tmp_path, track_store):
@@ -192,7 +204,7 @@ def test_a_killed_import_leaves_no_worker_and_no_lock(tmp_path, track_store):
     workers: list[int] = []
     try:
         try:
-            assert proc.stdout.readline().strip() == "open", proc.stderr.read()
+            assert read_first_line(proc).strip() == "open", proc.stderr.read()
             deadline = time.monotonic() + 30
             while not workers and proc.poll() is None and time.monotonic() < deadline:
                 workers = [p for p, _, _ in descendant_processes(proc.pid)]

@@ -8,7 +8,8 @@ Module map (import from the module, e.g. ``from support.views import dir_view``)
     views       ``dir_view`` / ``snapshot_view`` (comparable trees), ``assert_same_view``,
                 ``expected_status`` / ``assert_status`` (the status/diff oracle)
     loopdev     ``loop_ext4``, ``make_ext4_image``, ``mounted_image``: ext4 on loop devices
-    processes   ``run_child`` (armed at a crash point), ``child_env``, ``descendant_processes``
+    processes   ``run_child`` (armed at a crash point), ``child_env``, ``descendant_processes``,
+                ``run_until_killed`` (a child's output up to its SIGKILL), ``read_first_line``
     properties  ``hypothesis_settings`` (example counts scaled by ``CASCOWFS_TEST_EXAMPLES``)
     fuse        ``mounted`` / ``Cascow``: a real daemon over a fresh store, torn down for sure
 """

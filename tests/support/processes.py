@@ -2,6 +2,8 @@
 
 ``run_child(code, *args, crash_at=None)``  ``python -c code args`` with ``CASCOWFS_CRASH_AT``
 ``child_env(crash_at=None)``                the environment such a child gets
+``run_until_killed(code, args, meanwhile)`` a child run until SIGKILL once it printed "open"
+``read_first_line(proc)``                   a child's first line, nothing after it taken
 ``descendant_processes(pid)``               (pid, state, command) of live descendants of ``pid``
 ``alive(pid)``                               whether ``pid`` runs (exists and is no zombie)
 ``processes_mentioning(text)``            pids (not ours) whose command line holds ``text``
@@ -11,8 +13,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -34,6 +38,39 @@ def run_child(code: str, *args: str, crash_at: str | None = None, timeout: float
     crash point; returns the finished process (never leaves it running)."""
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=REPO,
                           env=child_env(crash_at), capture_output=True, text=True, timeout=timeout)
+
+
+def run_until_killed(code: str, args: list[str], meanwhile: Callable[[], None]) -> str:
+    """Run ``python -c code args...``; once it has printed "open", call ``meanwhile`` (it
+    waits, it may fail the disk under the child), then SIGKILL the child. The child must still
+    have been running and must not have printed a traceback. Returns all it printed after
+    "open"."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert read_first_line(proc).strip() == "open", proc.stderr.read()
+        meanwhile()
+    finally:
+        proc.kill()
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the child died before it was killed:\n{err}"
+    assert "Traceback" not in err, err
+    return out
+
+
+def read_first_line(proc: subprocess.Popen) -> str:
+    """The first line ``proc`` writes to its stdout pipe, read a byte at a time.
+    ``proc.stdout.readline()`` would read ahead whatever else the pipe holds, and
+    ``communicate()``, which reads the pipe itself, would never return those lines."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        line += byte
+    return line.decode()
 
 
 def descendant_processes(pid: int) -> list[tuple[int, str, str]]:
