@@ -198,14 +198,10 @@ class StateManager:
             ):
                 d.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(self.store / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._lock_fd, 64, 0).decode(errors="replace").strip()
+        holder = _take_store_lock(self._lock_fd)
+        if holder is not None:
             os.close(self._lock_fd)
-            raise StoreLockedError(
-                f"store {self.store} is in use (by pid {holder or '?'})"
-            ) from None
+            raise StoreLockedError(f"store {self.store} is in use (by pid {holder or '?'})")
         forks.close_in_children(self._lock_fd)
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
@@ -1021,6 +1017,42 @@ def _snapshot_info(id: str, rec: SnapshotRecord) -> SnapshotInfo:
     return SnapshotInfo(
         id, rec.root, rec.parent, rec.created_ns, rec.size, rec.files, dict(rec.labels)
     )
+
+
+# How long an open waits for a lock whose recorded holder is dead: the worker processes it
+# forked keep the lock's open file until they notice their parent died and exit.
+ORPHANED_LOCK_WAIT_SECONDS = 5.0
+
+
+def _take_store_lock(fd: int) -> str | None:
+    """Take the store lock on ``fd`` without waiting for a live holder; returns None once
+    taken, else the holder's pid as recorded in the lock file. A holder that is dead (a daemon
+    killed by SIGKILL) may still hold the lock through its forked workers for a moment: that
+    is waited out, for at most ``ORPHANED_LOCK_WAIT_SECONDS``."""
+    deadline = time.monotonic() + ORPHANED_LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if not _pid_is_dead(holder) or time.monotonic() > deadline:
+            return holder
+        time.sleep(0.02)
+
+
+def _pid_is_dead(pid: str) -> bool:
+    """Whether process ``pid`` is gone or exiting (a zombie closes its files as it dies)."""
+    if not pid.isdigit():
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    except (OSError, IndexError):
+        return False
+    return state in (b"Z", b"X")
 
 
 def resolve_import_source(src: Path, store: Path) -> Path:
