@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, forks
 from .client import Client
 from .errors import CascowfsError, ExistsError, InvalidArgumentError, StoreLockedError
 from .fuse.sysmount import (
@@ -341,16 +341,7 @@ def _mount_of_store(store: Path) -> Path | None:
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        # a zombie child of ours (tests) counts as gone
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except OSError:
+        if forks.process_gone(pid):  # a zombie child of ours (tests) counts as gone
             return True
         time.sleep(0.02)
     return False

@@ -43,6 +43,19 @@ def _close_in_child() -> None:
 os.register_at_fork(after_in_child=_close_in_child)
 
 
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited: there is none, or it is a zombie (which has closed
+    its files, and so released whatever lock or pipe they held)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:  # no such process, or it went while we looked
+        return True
+    except IndexError:
+        return False
+    return state in (b"Z", b"X")
+
+
 def die_with_parent(parent_pid: int) -> None:
     """Have the kernel SIGKILL this (forked) process when ``parent_pid`` dies.
 

@@ -1036,23 +1036,10 @@ def _take_store_lock(fd: int) -> str | None:
             return None
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        if not _pid_is_dead(holder) or time.monotonic() > deadline:
+        dead = holder.isdigit() and forks.process_gone(int(holder))
+        if not dead or time.monotonic() > deadline:
             return holder
         time.sleep(0.02)
-
-
-def _pid_is_dead(pid: str) -> bool:
-    """Whether process ``pid`` is gone or exiting (a zombie closes its files as it dies)."""
-    if not pid.isdigit():
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            state = fh.read().rsplit(b")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    except (OSError, IndexError):
-        return False
-    return state in (b"Z", b"X")
 
 
 def resolve_import_source(src: Path, store: Path) -> Path:
