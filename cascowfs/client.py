@@ -2,24 +2,32 @@
 
 Nothing here talks to the daemon other than through plain file calls on the mount (open, write,
 read, mkdir, readlink, getxattr), so the client behaves exactly like a shell script would, and a
-failed call raises the same ``CascowfsError`` subclass the engine raised (``error_from_errno``):
-``ExistsError``, ``NotFoundError``, ``InvalidArgumentError``, ``BusyError``, ...
+failed call raises the engine's class for its errno, which is also the builtin ``OSError``
+subclass for it (``os_error_from_errno``): ``NotFoundError`` is a ``FileNotFoundError``,
+``ExistsError`` a ``FileExistsError``, ``PermissionDeniedError`` a ``PermissionError``, ...
 
-Commands go through one ``ctl`` file descriptor kept open per client, so that each command's
-reply line (``ok <result>`` / ``error <ERRNO> <message>``) is read back from the same open file;
-a lock makes a client safe to share between threads.
+Each command opens ``ctl``, writes its line, reads its reply line from the same open file and
+closes it. An idle client therefore holds nothing open on the mount, and ``cascowfs umount``
+never finds it busy; each open gets a ``ctl`` lane of its own, so threads sharing a client
+run their commands side by side. The price is a LOOKUP, an OPEN and a RELEASE per command
+(docs/interface.md, "Many agents at once", has the figure).
+
+A mount point with no live daemon (nothing mounted there, or a FUSE mount whose daemon is
+gone) raises ``DaemonNotRunningError`` naming it, never the ENOENT that the plain directory
+underneath answers for every snapshot and branch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import CascowfsError, error_from_errno
+from .errors import CascowfsError, DaemonNotRunningError, NotFoundError, os_error_from_errno
+from .fuse.sysmount import is_cascowfs_mount
 from .model import BranchInfo, Change, SnapshotInfo
 from .wire import command_line, parse_reply
 
@@ -32,13 +40,10 @@ class Client:
 
     def __init__(self, mnt: str | os.PathLike[str]) -> None:
         self.mnt = Path(mnt).absolute()
-        self._fd: int | None = None
-        self._lock = threading.Lock()
 
     # -- plumbing ------------------------------------------------------------------------------
     def close(self) -> None:
-        with self._lock:
-            self._reset_fd()
+        """Nothing to release: no file stays open between calls (kept for ``with``)."""
 
     def __enter__(self) -> Client:
         return self
@@ -46,70 +51,64 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:  # best effort; close() is the real API
-        try:
-            self.close()
-        except Exception:
-            pass
-
     @property
     def ctl(self) -> Path:
         return self.mnt / "ctl"
 
-    def _ctl_fd(self) -> int:
-        if self._fd is None:
-            try:
-                self._fd = os.open(self.ctl, os.O_RDWR | os.O_CLOEXEC)
-            except OSError as exc:
-                raise _wrap(exc, f"open {self.ctl}") from None
-        return self._fd
-
-    def _read_reply(self, fd: int) -> str:
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            buf += chunk
-        return buf.decode("utf-8", "replace")
-
     def command(self, *words: str) -> str:
         """Send one ctl command (words are shell-quoted) and return the result of its reply."""
-        line = (command_line(words) + "\n").encode()
-        with self._lock:
-            for attempt in (1, 2):
-                fd = self._ctl_fd()
-                try:
-                    os.write(fd, line)
-                    break
-                except OSError as exc:
-                    if exc.errno == errno.ENOTCONN and attempt == 1:
-                        # Our open file belongs to a daemon that is gone (restarted since).
-                        # ENOTCONN means the request never reached any daemon, so sending it
-                        # again on a fresh open is safe. (ECONNABORTED: the daemon died while
-                        # handling it; the outcome is unknown, so that one is raised.)
-                        self._reset_fd()
-                        continue
-                    reply = self._read_reply(fd) if exc.errno not in _DEAD else ""
-                    if exc.errno in _DEAD:
-                        self._reset_fd()
-                    ok, code, text = parse_reply(reply) if reply else (False, exc.errno, "")
-                    raise error_from_errno(
-                        exc.errno or code or errno.EIO, text or exc.strerror or str(exc)
-                    ) from None
-            reply = self._read_reply(fd)
+        line = command_line(words)
+        try:
+            fd = os.open(self.ctl, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise self._error(exc, f"open {self.ctl}") from None
+        try:
+            try:
+                os.write(fd, (line + "\n").encode())
+            except OSError as exc:
+                if exc.errno in _DEAD:
+                    raise self._error(exc, line) from None
+                # The daemon's reply names what it refused; the bare errno does not.
+                reply = _read_reply(fd)
+                ok, code, text = parse_reply(reply) if reply else (False, exc.errno, "")
+                raise os_error_from_errno(
+                    exc.errno or code or errno.EIO, text or exc.strerror or str(exc)
+                ) from None
+            try:
+                reply = _read_reply(fd)
+            except OSError as exc:
+                raise self._error(exc, line) from None
+        finally:
+            # The reply is read: a FLUSH error on close (a daemon gone meanwhile) changes
+            # nothing about it, and must not hide the error being raised.
+            with contextlib.suppress(OSError):
+                os.close(fd)
         ok, code, text = parse_reply(reply)
         if not ok:
-            raise error_from_errno(code, text)
+            raise os_error_from_errno(code, text)
         return text
 
-    def _reset_fd(self) -> None:
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = None
+    def _error(self, exc: OSError, what: str) -> CascowfsError:
+        """The client's exception for a failed file call on the mount, naming ``what``.
+
+        ENOTCONN/ECONNABORTED come from a FUSE mount whose daemon is gone; ENOENT from a mount
+        point with nothing mounted on it, whose plain directory has no ``ctl`` nor
+        ``snapshots/``. Both are told apart from a real "no such ..." here, on the error path,
+        so a working call costs no check."""
+        code = exc.errno or errno.EIO
+        if code in _DEAD:
+            verb = "exited while handling" if code == errno.ECONNABORTED else "is not running for"
+            return DaemonNotRunningError(
+                f"{self.mnt}: the cascowfs daemon {verb} {what!r} (run cascowfs mount STORE "
+                f"{self.mnt})",
+                errno=code,
+            )
+        if code == errno.ENOENT and not is_cascowfs_mount(self.mnt):
+            return DaemonNotRunningError(
+                f"{self.mnt} is not a cascowfs mount: no daemon serves it (run cascowfs mount "
+                f"STORE {self.mnt})"
+            )
+        return os_error_from_errno(code, f"{what}: {exc.strerror or exc}")
 
     # -- state changes -------------------------------------------------------------------------
     def branch(self, name: str, parent: str | None = None) -> Path:
@@ -119,9 +118,14 @@ class Client:
             try:
                 os.mkdir(path)
             except OSError as exc:
-                raise _wrap(exc, f"mkdir {path}") from None
+                raise self._error(exc, f"mkdir {path}") from None
             return self.tree(name)
         return Path(self.command("branch", name, parent))
+
+    def new_branch(self, name: str, parent: str | None = None) -> Branch:
+        """``branch()`` as an object: ``with client.new_branch(name, parent) as b:`` discards the
+        branch on leaving the block unless it was committed."""
+        return Branch(self, name, self.branch(name, parent))
 
     def commit(self, name: str, id: str | None = None, labels: dict[str, str] | None = None) -> str:
         """Freeze branch ``name`` into snapshot ``id`` (None: generated); the new id."""
@@ -187,7 +191,7 @@ class Client:
         try:
             return Path(os.readlink(link))
         except OSError as exc:
-            raise _wrap(exc, f"readlink {link}") from None
+            raise self._error(exc, f"readlink {link}") from None
 
     def parent(self, name: str) -> str | None:
         return self._read(self.mnt / "branches" / name / "parent").strip() or None
@@ -200,7 +204,7 @@ class Client:
         try:
             created = os.stat(directory).st_mtime_ns
         except OSError as exc:
-            raise _wrap(exc, f"stat {directory}") from None
+            raise self._error(exc, f"stat {directory}") from None
         return BranchInfo(name, self.parent(name), self.tree(name), created, self.last_commit(name))
 
     def status(self, name: str) -> list[Change]:
@@ -211,7 +215,7 @@ class Client:
             with open(path, "rb", buffering=0) as fh:
                 data = fh.read()
         except OSError as exc:
-            raise _wrap(exc, f"read {path}") from None
+            raise self._error(exc, f"read {path}") from None
         return [Change.from_record_z(record) for record in data.split(b"\0")[:-1]]
 
     def diff(self, a: str | None, b: str | None) -> list[Change]:
@@ -226,28 +230,25 @@ class Client:
         try:
             _diff_dirs(left, right, "", changes)
         except OSError as exc:
-            raise _wrap(exc, "diff") from None
+            raise self._error(exc, "diff") from None
         changes.sort()
         return changes
 
     # -- helpers -------------------------------------------------------------------------------
-    @staticmethod
-    def _listdir(path: Path) -> list[str]:
+    def _listdir(self, path: Path) -> list[str]:
         try:
             return os.listdir(path)
         except OSError as exc:
-            raise _wrap(exc, f"list {path}") from None
+            raise self._error(exc, f"list {path}") from None
 
-    @staticmethod
-    def _read(path: Path) -> str:
+    def _read(self, path: Path) -> str:
         try:
             with open(path, "rb", buffering=0) as fh:
                 return fh.read().decode("utf-8", "surrogateescape")
         except OSError as exc:
-            raise _wrap(exc, f"read {path}") from None
+            raise self._error(exc, f"read {path}") from None
 
-    @staticmethod
-    def _xattrs(path: Path) -> dict[str, str]:
+    def _xattrs(self, path: Path) -> dict[str, str]:
         """The ``user.cascowfs.*`` xattrs of a snapshot root, without the prefix."""
         try:
             try:
@@ -262,7 +263,59 @@ class Client:
                 n[len(_XATTR) :]: os.getxattr(path, n).decode("utf-8", "replace") for n in names
             }
         except OSError as exc:
-            raise _wrap(exc, f"xattrs of {path}") from None
+            raise self._error(exc, f"xattrs of {path}") from None
+
+
+class Branch:
+    """A live branch of a ``Client``: its name and writable ``tree``, its ``parent``, ``status``
+    and ``last_commit`` read afresh from the branch files, and the calls that act on it.
+
+    As a context manager it is scoped work: leaving the block discards the branch unless it
+    was committed (through this object or any other way), exception or not. A committed branch
+    is kept, continuing on its last commit as every branch does; one already discarded is left
+    alone.
+    """
+
+    def __init__(self, client: Client, name: str, tree: Path) -> None:
+        self.client = client
+        self.name = name
+        self.tree = tree
+
+    def __repr__(self) -> str:
+        return f"Branch({self.name!r}, tree={str(self.tree)!r})"
+
+    def __enter__(self) -> Branch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            committed = self.last_commit is not None
+        except NotFoundError:  # discarded inside the block
+            return
+        if not committed:
+            self.discard()
+
+    @property
+    def parent(self) -> str | None:
+        return self.client.parent(self.name)
+
+    @property
+    def status(self) -> list[Change]:
+        return self.client.status(self.name)
+
+    @property
+    def last_commit(self) -> str | None:
+        return self.client.last_commit(self.name)
+
+    def commit(self, id: str | None = None, labels: dict[str, str] | None = None) -> str:
+        """Freeze the branch into snapshot ``id`` (None: generated); the new id."""
+        return self.client.commit(self.name, id, labels)
+
+    def discard(self) -> None:
+        self.client.discard(self.name)
+
+    def rebase(self, parent: str | None) -> None:
+        self.client.rebase(self.name, parent)
 
 
 # What the mount records on a snapshot root besides labels (fuse/snapshot_view.root_xattrs).
@@ -280,9 +333,14 @@ def _recorded_without_labels(path: Path) -> dict[str, str]:
     return out
 
 
-def _wrap(exc: OSError, what: str) -> CascowfsError:
-    code = exc.errno or errno.EIO
-    return error_from_errno(code, f"{what}: {exc.strerror or exc}")
+def _read_reply(fd: int) -> str:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode("utf-8", "replace")
 
 
 def _tree_id(path: Path) -> bytes | None:

@@ -4,11 +4,17 @@ Every exception carries the errno docs/interface.md (Errors) assigns to it. The 
 translates them to ``pyfuse3.FUSEError`` exactly once, at its edge; the Python client raises the
 same classes from the errno a file call returned, so in-process and file-interface users see one
 error vocabulary.
+
+At the client the classes are also ``OSError`` subclasses of the builtin class for their errno
+(``os_error_from_errno``): a caller may catch ``NotFoundError`` or ``FileNotFoundError``, as it
+would after any file call. Inside the engine they are not, so that an ``except OSError`` around
+a disk call never swallows a refusal of the engine's own.
 """
 
 from __future__ import annotations
 
 import errno as _errno
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -101,6 +107,84 @@ _BY_ERRNO: dict[int, type[CascowfsError]] = {
 def error_from_errno(code: int, message: str) -> CascowfsError:
     """The exception class for an errno that a file call (or a ctl reply) returned."""
     cls = _BY_ERRNO.get(code, CascowfsError)
+    return cls(message, errno=code)
+
+
+# -- the same errors as a caller of the file interface sees them ------------------------------
+class _OSErrorEdge:
+    """Mixed in first, before the engine's class and then the builtin one, so that ``.errno``
+    resolves to the engine's class attribute (not ``OSError``'s slot) and ``str()`` stays the
+    message; ``strerror`` is the errno's text, as for any ``OSError``. (mypy sees ``errno`` typed
+    twice, ``int`` here and ``int | None`` in ``OSError``: hence the ignores below.)"""
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        CascowfsError.__init__(self, message, errno=errno)  # type: ignore[arg-type]
+        object.__setattr__(self, "strerror", os.strerror(getattr(self, "errno")))  # noqa: B009
+
+
+class NotFoundOSError(_OSErrorEdge, NotFoundError, FileNotFoundError):  # type: ignore[misc]
+    pass
+
+
+class ExistsOSError(_OSErrorEdge, ExistsError, FileExistsError):  # type: ignore[misc]
+    pass
+
+
+class PermissionDeniedOSError(_OSErrorEdge, PermissionDeniedError, PermissionError):  # type: ignore[misc]
+    """EPERM (the daemon refused a state change) or EACCES (the kernel's mode check)."""
+
+
+class InvalidArgumentOSError(_OSErrorEdge, InvalidArgumentError, OSError):  # type: ignore[misc]
+    pass
+
+
+class BusyOSError(_OSErrorEdge, BusyError, OSError):  # type: ignore[misc]
+    pass
+
+
+class ReadOnlyOSError(_OSErrorEdge, ReadOnlyError, OSError):  # type: ignore[misc]
+    pass
+
+
+class NoSpaceOSError(_OSErrorEdge, NoSpaceError, OSError):  # type: ignore[misc]
+    pass
+
+
+class StoreIOOSError(_OSErrorEdge, StoreIOError, OSError):  # type: ignore[misc]
+    pass
+
+
+class OtherOSError(_OSErrorEdge, CascowfsError, OSError):  # type: ignore[misc]
+    """An errno without a class of its own (EXDEV, ENOTDIR, ...)."""
+
+
+class DaemonNotRunningError(_OSErrorEdge, CascowfsError, ConnectionError):
+    """The mount point has no live daemon: nothing is mounted there, or the FUSE mount's daemon
+    is gone (the kernel answers ENOTCONN), or it died while handling the request
+    (ECONNABORTED: the request's outcome is unknown)."""
+
+    errno = _errno.ENOTCONN
+
+
+_OS_BY_ERRNO: dict[int, type[CascowfsError]] = {
+    _errno.ENOENT: NotFoundOSError,
+    _errno.EEXIST: ExistsOSError,
+    _errno.EPERM: PermissionDeniedOSError,
+    _errno.EACCES: PermissionDeniedOSError,
+    _errno.EINVAL: InvalidArgumentOSError,
+    _errno.EBUSY: BusyOSError,
+    _errno.EROFS: ReadOnlyOSError,
+    _errno.ENOSPC: NoSpaceOSError,
+    _errno.EIO: StoreIOOSError,
+    _errno.ENOTCONN: DaemonNotRunningError,
+    _errno.ECONNABORTED: DaemonNotRunningError,
+}
+
+
+def os_error_from_errno(code: int, message: str) -> CascowfsError:
+    """The client's exception for an errno: the engine's class for it and the builtin
+    ``OSError`` subclass Python gives that errno (``FileNotFoundError`` for ENOENT, ...)."""
+    cls = _OS_BY_ERRNO.get(code, OtherOSError)
     return cls(message, errno=code)
 
 

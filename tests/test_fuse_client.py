@@ -1,8 +1,11 @@
-"""``cascowfs.Client`` on a real mount: an agent loop, the same errors as Python exceptions,
-thread safety, and a diff over the mount that agrees with the engine's own."""
+"""``cascowfs.Client`` on a real mount: an agent loop, the same errors as Python exceptions
+(and as the builtin ``OSError`` subclasses), a distinct error when no daemon serves the mount,
+``Branch`` as a context manager, no file held open while idle, thread safety, and a diff over
+the mount that agrees with the engine's own."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
@@ -10,10 +13,11 @@ from pathlib import Path
 import pytest
 
 import cascowfs
-from cascowfs import (BusyError, Client, ExistsError, InvalidArgumentError, NotFoundError)
+from cascowfs import (BusyError, Client, DaemonNotRunningError, ExistsError,
+                      InvalidArgumentError, NotFoundError, PermissionDeniedError)
 from cascowfs.model import Change
 
-from fusehelpers import Cascow, make_source_tree, mounted, needs_fuse
+from fusehelpers import Cascow, cascow_base, make_source_tree, mounted, needs_fuse
 
 pytestmark = needs_fuse
 
@@ -133,3 +137,131 @@ def test_diff_over_the_mount(fs):
         assert len(c.diff(None, "root")) == len(list(Path(c.snapshot_path("root")).rglob("*")))
         c.discard("d")
         c.prune("d1")
+
+
+def test_errors_are_also_the_builtin_os_errors(fs):
+    """An agent catches what it would catch after any file call; errno and message kept."""
+    with Client(fs.mnt) as c:
+        cases = [(lambda: c.branch("x", "no-such-snapshot"), FileNotFoundError, NotFoundError,
+                  errno.ENOENT, "no-such-snapshot"),
+                 (lambda: c.commit("no-such-branch"), FileNotFoundError, NotFoundError,
+                  errno.ENOENT, "no-such-branch"),
+                 (lambda: c.snapshot("nope"), FileNotFoundError, NotFoundError, errno.ENOENT,
+                  "nope"),
+                 (lambda: c.import_tree(fs.base / "src", "root"), FileExistsError, ExistsError,
+                  errno.EEXIST, "root"),
+                 (lambda: c.branch("bad name", "root"), OSError, InvalidArgumentError,
+                  errno.EINVAL, "bad name")]
+        for call, builtin, ours, code, named in cases:
+            with pytest.raises(builtin) as info:
+                call()
+            exc = info.value
+            assert isinstance(exc, ours) and isinstance(exc, cascowfs.CascowfsError)
+            assert exc.errno == code and exc.strerror == os.strerror(code)
+            assert named in str(exc) and str(exc) == exc.message
+        c.branch("held", "root")
+        with pytest.raises(BusyError) as busy:
+            c.prune("root")
+        assert isinstance(busy.value, OSError) and busy.value.errno == errno.EBUSY
+        c.discard("held")
+
+
+def test_a_caller_that_may_not_change_state_gets_permission_error(fs):
+    """Forked and made nobody: the daemon's EPERM is a ``PermissionError``."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 1
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            try:
+                Client(fs.mnt).branch("as-nobody", "root")
+                os.write(write, b"no error")
+            except PermissionError as exc:
+                ok = isinstance(exc, PermissionDeniedError) and exc.errno == errno.EPERM
+                os.write(write, b"ok" if ok else repr(exc).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        said = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and said == b"ok", said
+    assert "as-nobody" not in Client(fs.mnt).branches()
+
+
+def test_a_mount_point_without_a_daemon_is_daemon_not_running():
+    with cascow_base() as base:
+        plain = Client(base)  # a directory, nothing mounted on it
+        for call in (plain.snapshots, plain.branches, lambda: plain.branch("b", "s"),
+                     lambda: plain.snapshot("s"), lambda: plain.command("gc")):
+            with pytest.raises(DaemonNotRunningError) as info:
+                call()
+            assert str(base) in str(info.value) and info.value.errno == errno.ENOTCONN
+            assert isinstance(info.value, ConnectionError)
+    with mounted() as fs:
+        (fs.base / "src").mkdir()
+        (fs.base / "src" / "f").write_text("f\n")
+        c = Client(fs.mnt)
+        c.import_tree(fs.base / "src", "base")
+        tree = c.branch("w", "base")
+        fs.kill9()  # the FUSE mount stays, dead: the kernel answers ENOTCONN
+        for call in (c.snapshots, lambda: c.snapshot("base"), lambda: c.commit("w"),
+                     lambda: c.status("w"), lambda: c.diff(None, "base")):
+            with pytest.raises(DaemonNotRunningError) as info:
+                call()
+            assert str(fs.mnt) in str(info.value), info.value
+        assert (tree / "f").read_text() == "f\n"  # the branch itself lives on
+        fs.start()  # the next daemon clears the dead mount; the same client works again
+        assert c.snapshots() == ["base"] and c.branches() == ["w"]
+
+
+def test_an_idle_client_does_not_keep_the_mount_busy():
+    with mounted() as fs:
+        (fs.base / "src").mkdir()
+        c = Client(fs.mnt)  # never closed, never leaves scope
+        c.import_tree(fs.base / "src", "base")
+        c.branch("w", "base")
+        c.discard("w")
+        fs.stop()  # `cascowfs umount`: EBUSY if the client held ctl open
+        assert not fs.running
+        fs.start()
+        assert c.snapshots() == ["base"]
+
+
+def test_branch_context_manager_discards_unless_committed(fs):
+    with Client(fs.mnt) as c:
+        with c.new_branch("scoped", "root") as b:
+            assert b.name == "scoped" and b.parent == "root" and b.last_commit is None
+            assert b.tree == c.tree("scoped")
+            (b.tree / "scratch").write_text("x")
+            assert b.status == [Change("scratch", "A")]
+        assert "scoped" not in c.branches()
+
+        with pytest.raises(RuntimeError):
+            with c.new_branch("failing", "root") as b:
+                raise RuntimeError("the agent's action failed")
+        assert "failing" not in c.branches()
+
+        with c.new_branch("kept", "root") as b:
+            (b.tree / "result").write_text("good\n")
+            new = b.commit(labels={"reward": "1"})
+            assert b.parent == new and b.last_commit == new and b.status == []
+        assert "kept" in c.branches() and c.parent("kept") == new
+        assert (c.snapshot_path(new) / "result").read_text() == "good\n"
+        assert c.snapshot(new).labels == {"reward": "1"}
+
+        with c.new_branch("gone", "root") as b:
+            b.discard()  # discarded inside: leaving the block has nothing left to do
+        assert "gone" not in c.branches()
+
+        with c.new_branch("empty") as b:
+            assert b.parent is None and os.listdir(b.tree) == []
+        with pytest.raises(ExistsError):
+            c.new_branch("kept", "root")
+        c.discard("kept")
+        c.prune(new)

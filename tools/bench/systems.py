@@ -108,7 +108,7 @@ class CascowSystem(System):
         return int(os.getxattr(self.mnt, "user.cascowfs.pid"))
 
     def agent_init(self, agent: int) -> None:
-        if self.ctl_per_agent:  # as cascowfs.client.Client does: one open of ctl, kept
+        if self.ctl_per_agent:  # one open of ctl per agent, kept for the whole run
             self.ctl_fd = os.open(self.ctl, os.O_RDWR)
 
     def cmd(self, line: str) -> str:
