@@ -3,7 +3,10 @@
 Verbs that act on a running filesystem take the mount point and go through its files exactly
 like a shell script would (``Client``); verbs that act on a store at rest (``fsck``, offline
 ``import``/``gc``/``diff``) open it with the StateManager and refuse while a daemon holds it.
-Exit status: 0 success, 1 the operation failed (message on stderr, with the errno name), 2 usage.
+Every verb takes ``--json``: its result as JSON (one object per line for lists) and an error as
+one JSON object on stderr; ``emit`` and ``report_error`` are the one place each is rendered.
+The exit status tells the errno class of a failure apart (``EXIT_CODES``, documented in
+docs/interface.md, "Exit status").
 """
 
 from __future__ import annotations
@@ -19,11 +22,17 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__, forks
 from .client import Client
-from .errors import CascowfsError, ExistsError, InvalidArgumentError, StoreLockedError
+from .errors import (
+    CascowfsError,
+    DaemonNotRunningError,
+    ExistsError,
+    InvalidArgumentError,
+    StoreLockedError,
+)
 from .fuse.sysmount import (
     FUSE_TYPE,
     MNT_DETACH,
@@ -38,6 +47,70 @@ from .overlay import all_mounts
 from .pathquote import quote
 
 log = logging.getLogger("cascowfs.cli")
+
+
+# -- exit status and output --------------------------------------------------------------------
+EXIT_OK = 0
+EXIT_OTHER = 1  # a failure of no class below; fsck: problems found
+EXIT_USAGE = 2  # argparse's own code for a bad command line
+EXIT_NOT_FOUND = 3
+EXIT_EXISTS = 4
+EXIT_PERMISSION = 5
+EXIT_BUSY = 6
+EXIT_INVALID = 7
+EXIT_NO_SPACE = 8
+EXIT_IO = 9
+EXIT_DAEMON_NOT_RUNNING = 10
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
+
+EXIT_CODES: dict[int, int] = {
+    errno.ENOENT: EXIT_NOT_FOUND,
+    errno.EEXIST: EXIT_EXISTS,
+    errno.ENOTEMPTY: EXIT_EXISTS,
+    errno.EPERM: EXIT_PERMISSION,
+    errno.EACCES: EXIT_PERMISSION,
+    errno.EROFS: EXIT_PERMISSION,
+    errno.EBUSY: EXIT_BUSY,
+    errno.EINVAL: EXIT_INVALID,
+    errno.ENOTDIR: EXIT_INVALID,
+    errno.ENAMETOOLONG: EXIT_INVALID,
+    errno.ELOOP: EXIT_INVALID,
+    errno.E2BIG: EXIT_INVALID,
+    errno.ENOSPC: EXIT_NO_SPACE,
+    errno.EDQUOT: EXIT_NO_SPACE,
+    errno.EIO: EXIT_IO,
+    errno.ENOTCONN: EXIT_DAEMON_NOT_RUNNING,
+    errno.ECONNABORTED: EXIT_DAEMON_NOT_RUNNING,
+}
+
+
+def exit_status(code: int) -> int:
+    """The exit status of a verb that failed with errno ``code``."""
+    return EXIT_CODES.get(code, EXIT_OTHER)
+
+
+def emit(args: argparse.Namespace, record: dict[str, Any], text: str | None) -> None:
+    """Print one result: ``record`` as a JSON line with --json, else ``text`` (None: nothing)."""
+    if args.json:
+        print(json.dumps(record))
+    elif text is not None:
+        print(text)
+
+
+def report_error(args: argparse.Namespace, code: int, message: str, what: str = "") -> int:
+    """Print a failure on stderr (a JSON object with --json, else ``cascowfs VERB: ERRNO:
+    message``); its exit status. ``what`` names the item of a many-item verb that failed."""
+    name = errno.errorcode.get(code or 0, str(code))
+    status = exit_status(code)
+    if getattr(args, "json", False):
+        record = {"verb": args.verb, "error": name, "errno": code, "message": message}
+        if what:
+            record["item"] = what
+        print(json.dumps({**record, "exit": status}), file=sys.stderr)
+    else:
+        prefix = f"{what}: " if what else ""
+        print(f"cascowfs {args.verb}: {prefix}{name}: {message}", file=sys.stderr)
+    return status
 
 
 # -- verbs ------------------------------------------------------------------------------------
@@ -57,7 +130,16 @@ def cmd_mount(args: argparse.Namespace) -> int:
         # Fail fast on the obvious mistakes before forking, so they reach the terminal.
         if not is_cascowfs_mount(args.mountpoint) and not Path(args.mountpoint).is_dir():
             raise InvalidArgumentError(f"mount point {args.mountpoint} is not a directory")
-        return daemon.run_background(start, args.log_file)
+        status = daemon.run_background(start, args.log_file)
+        if status == 0 and args.json:
+            mnt = Path(args.mountpoint).absolute()
+            pid = int(os.getxattr(mnt, "user.cascowfs.pid"))
+            emit(
+                args,
+                {"mountpoint": str(mnt), "store": str(Path(args.store).absolute()), "pid": pid},
+                None,
+            )
+        return status
     return start(None)
 
 
@@ -68,7 +150,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     if is_store(store):
         raise ExistsError(f"{store} is already a cascowfs store")
     StateManager.open(store, create=True).close()
-    print(store)
+    emit(args, {"store": str(store)}, str(store))
     return 0
 
 
@@ -103,6 +185,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
                 errno=errno.ENOENT,
             )
         _unmount_branches(store)
+    emit(args, {"mountpoint": str(mnt), "pid": pid, "branches": args.branches}, None)
     return 0
 
 
@@ -127,7 +210,8 @@ def _unmount_branches(store: Path) -> None:
 
 def cmd_branch(args: argparse.Namespace) -> int:
     with Client(args.mountpoint) as client:
-        print(client.branch(args.name, args.parent))
+        tree = client.branch(args.name, args.parent)
+    emit(args, {"name": args.name, "parent": args.parent, "tree": str(tree)}, str(tree))
     return 0
 
 
@@ -138,7 +222,8 @@ def cmd_commit(args: argparse.Namespace) -> int:
         labels = {**parse_labels([ident]), **labels}
         ident = None
     with Client(args.mountpoint) as client:
-        print(client.commit(args.name, ident, labels))
+        new = client.commit(args.name, ident, labels)
+    emit(args, {"id": new, "branch": args.name, "labels": labels}, new)
     return 0
 
 
@@ -146,6 +231,7 @@ def cmd_discard(args: argparse.Namespace) -> int:
     with Client(args.mountpoint) as client:
         for name in args.names:
             client.discard(name)
+            emit(args, {"discarded": name}, None)
     return 0
 
 
@@ -153,12 +239,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     with Client(args.mountpoint) as client:
         for ident in args.ids:
             client.prune(ident)
+            emit(args, {"pruned": ident}, None)
     return 0
 
 
 def cmd_rebase(args: argparse.Namespace) -> int:
     with Client(args.mountpoint) as client:
         client.rebase(args.name, args.parent)
+    emit(args, {"name": args.name, "parent": args.parent}, None)
     return 0
 
 
@@ -169,45 +257,38 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for ident in client.snapshots() if args.what != "branches" else []:
             try:
                 snaps.append(client.snapshot(ident))
+            except DaemonNotRunningError:
+                raise
             except CascowfsError as exc:  # one unreadable record must not hide the others
-                print(f"cascowfs ls: {ident}: {exc.errno_name}: {exc.message}", file=sys.stderr)
+                report_error(args, exc.errno, exc.message, ident)
                 failed += 1
         branches = (
             [client.branch_info(n) for n in client.branches()] if args.what != "snapshots" else []
         )
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "snapshots": [_snap_dict(s) for s in snaps],
-                    "branches": [
-                        {
-                            "name": b.name,
-                            "parent": b.parent,
-                            "tree": str(b.tree),
-                            "last_commit": b.last_commit,
-                        }
-                        for b in branches
-                    ],
-                },
-                indent=2,
-            )
+    if args.what == "all" and not args.json:
+        print("snapshots:")
+    for snap in sorted(snaps, key=lambda s: s.created_ns):
+        emit(
+            args,
+            {"type": "snapshot", **_snap_dict(snap)},
+            f"  {snap.id:<24} parent={snap.parent or '-':<20} files={snap.files:<7} "
+            f"size={snap.size:<10} {_time(snap.created_ns)} {_labels_text(snap)}".rstrip(),
         )
-        return 1 if failed else 0
-    if args.what != "branches":
-        if args.what == "all":
-            print("snapshots:")
-        for s in sorted(snaps, key=lambda s: s.created_ns):
-            print(
-                f"  {s.id:<24} parent={s.parent or '-':<20} files={s.files:<7} "
-                f"size={s.size:<10} {_time(s.created_ns)} {_labels_text(s)}".rstrip()
-            )
-    if args.what != "snapshots":
-        if args.what == "all":
-            print("branches:")
-        for b in branches:
-            print(f"  {b.name:<24} parent={b.parent or '-':<20} tree={quote(str(b.tree))}")
-    return 1 if failed else 0
+    if args.what == "all" and not args.json:
+        print("branches:")
+    for b in branches:
+        emit(
+            args,
+            {
+                "type": "branch",
+                "name": b.name,
+                "parent": b.parent,
+                "tree": str(b.tree),
+                "last_commit": b.last_commit,
+            },
+            f"  {b.name:<24} parent={b.parent or '-':<20} tree={quote(str(b.tree))}",
+        )
+    return EXIT_OTHER if failed else 0
 
 
 def cmd_log(args: argparse.Namespace) -> int:
@@ -219,15 +300,14 @@ def cmd_log(args: argparse.Namespace) -> int:
         while start and start not in seen:
             seen.add(start)
             info = client.snapshot(start)
-            if args.json:
-                print(json.dumps(_snap_dict(info)))
-            else:
-                print(
-                    f"{info.id}  {_time(info.created_ns)}  files={info.files} size={info.size}"
-                    f"  root={info.root[:16]}  {_labels_text(info)}".rstrip()
-                )
+            emit(
+                args,
+                _snap_dict(info),
+                f"{info.id}  {_time(info.created_ns)}  files={info.files} size={info.size}"
+                f"  root={info.root[:16]}  {_labels_text(info)}".rstrip(),
+            )
             if info.parent and info.parent not in client.snapshots():
-                print(f"{info.parent}  (pruned)")
+                emit(args, {"id": info.parent, "pruned": True}, f"{info.parent}  (pruned)")
                 break
             start = info.parent
     return 0
@@ -260,10 +340,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     mnt = target if is_cascowfs_mount(target) else _mount_of_store(target)
     if mnt is not None:
         with Client(mnt) as client:
-            print(client.import_tree(src, args.id, labels))
-        return 0
-    with _offline(target) as sm:
-        print(sm.import_tree(src, args.id, labels or None, progress=_progress(args)))
+            new = client.import_tree(src, args.id, labels)
+    else:
+        with _offline(target) as sm:
+            new = sm.import_tree(src, args.id, labels or None, progress=_progress(args))
+    emit(args, {"id": new, "labels": labels}, new)
     return 0
 
 
@@ -276,6 +357,20 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     from .fsck import fsck_store
 
     report = fsck_store(Path(args.store), progress=_progress(args), deep=args.deep)
+    if args.json:
+        emit(
+            args,
+            {
+                "ok": report.ok,
+                "problems": report.problems,
+                "snapshots": report.snapshots,
+                "branches": report.branches,
+                "objects": report.objects,
+                "awaiting_collection": report.awaiting_collection,
+            },
+            None,
+        )
+        return 0 if report.ok else EXIT_OTHER
     for problem in report.problems:
         print(problem)
     if report.ok:
@@ -287,7 +382,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         print(f"clean{waiting}", file=sys.stderr)
         return 0
     print(f"{len(report.problems)} problem(s)", file=sys.stderr)
-    return 1
+    return EXIT_OTHER
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -299,7 +394,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     else:
         with _offline(target) as sm:
             stats = sm.gc(progress=_progress(args))
-    print(" ".join(f"{k}={v}" for k, v in sorted(stats.items())))
+    emit(args, stats, " ".join(f"{k}={v}" for k, v in sorted(stats.items())))
     return 0
 
 
@@ -428,8 +523,22 @@ def _labels_text(s: Any) -> str:
 
 
 # -- argument parsing -------------------------------------------------------------------------
+class UsageError(Exception):
+    """A command line argparse refuses; ``main`` reports it (as JSON with --json)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cascowfs",
         description="Millisecond branching of a working directory: CAS snapshots, overlayfs "
         "branches, a WAL. See docs/interface.md for the file contract.",
@@ -442,9 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
         fn: Callable[[argparse.Namespace], int],
         help: str,
         description: str | None = None,
+        json_help: str | None = "print the result as JSON (lists: one object per line) and "
+        "an error as a JSON object on stderr",
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=description or help)
         p.set_defaults(fn=fn)
+        if json_help is not None:
+            p.add_argument("--json", action="store_true", help=json_help)
         return p
 
     p = verb(
@@ -538,15 +651,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("parent", nargs="?", help="omitted: the empty snapshot")
 
-    p = verb("ls", cmd_ls, "list snapshots and branches")
+    p = verb(
+        "ls",
+        cmd_ls,
+        "list snapshots and branches",
+        json_help='one JSON object per line: {"type": "snapshot"|"branch", ...}',
+    )
     p.add_argument("mountpoint", metavar="MNT")
     p.add_argument("what", nargs="?", choices=("all", "snapshots", "branches"), default="all")
-    p.add_argument("--json", action="store_true")
 
-    p = verb("log", cmd_log, "the ancestry of a snapshot (or of a branch's parent)")
+    p = verb(
+        "log",
+        cmd_log,
+        "the ancestry of a snapshot (or of a branch's parent)",
+        json_help="one JSON object per line",
+    )
     p.add_argument("mountpoint", metavar="MNT")
     p.add_argument("start", metavar="ID|BRANCH")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
 
     p = verb(
         "status",
@@ -554,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a branch's changes against its parent (A|M|D PATH)",
         "One line per change, the path quoted as git quotes it when it holds a byte "
         "outside printable ASCII, a quote or a backslash (docs/interface.md).",
+        json_help=None,
     )
     p.add_argument("mountpoint", metavar="MNT")
     p.add_argument("name")
@@ -565,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
         "changes from snapshot A to snapshot B (A|M|D PATH)",
         "TARGET is a mount point or a store no daemon serves. '-' names the empty "
         "snapshot. Paths are quoted as in `status`.",
+        json_help=None,
     )
     p.add_argument("target", metavar="MNT|STORE")
     p.add_argument("a", metavar="A")
@@ -602,20 +725,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(words)
+    except UsageError as exc:
+        if "--json" in words:
+            verb = exc.parser.prog.removeprefix("cascowfs").strip() or None
+            record = {"verb": verb, "error": "usage", "errno": None, "message": exc.message}
+            print(json.dumps({**record, "exit": EXIT_USAGE}), file=sys.stderr)
+        else:
+            exc.parser.print_usage(sys.stderr)
+            print(f"{exc.parser.prog}: error: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
     if args.verb != "mount":
         logging.basicConfig(level=logging.WARNING, format="cascowfs: %(message)s")
     try:
         return args.fn(args)
     except CascowfsError as exc:
-        print(f"cascowfs {args.verb}: {exc.errno_name}: {exc.message}", file=sys.stderr)
-        return 1
+        return report_error(args, exc.errno, exc.message)
     except OSError as exc:
-        name = errno.errorcode.get(exc.errno or 0, "EIO")
-        print(f"cascowfs {args.verb}: {name}: {exc}", file=sys.stderr)
-        return 1
+        return report_error(args, exc.errno or errno.EIO, str(exc))
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
 """The `cascowfs` command line: --help for every verb, every verb against a live mount, the
-offline verbs against the store at rest, and errors as exit status + errno name."""
+offline verbs against the store at rest, --json on every verb, and errors as exit status (one
+per errno class, the table in docs/interface.md) + errno name."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 from pathlib import Path
 
+import pytest
 
-from fusehelpers import Cascow, mounted, needs_fuse, run_cli
+from cascowfs import cli
+from cascowfs.cli import exit_status
+from fusehelpers import REPO, Cascow, cascow_base, mounted, needs_fuse, run_cli
 
 VERBS = ["init", "mount", "umount", "branch", "commit", "discard", "prune", "rebase", "ls", "log",
          "status", "diff", "import", "fsck", "gc"]
@@ -61,11 +67,12 @@ def test_every_verb_on_a_live_mount_and_offline():
         assert os.getxattr(fs.mnt / "snapshots" / generated, "user.cascowfs.label.note") == \
             b"generated"
         # ls, log, diff
-        listing = json.loads(run_cli("ls", mnt, "--json").stdout)
-        assert {s["id"] for s in listing["snapshots"]} == {"base", "base2", "step1", generated}
-        step1 = [s for s in listing["snapshots"] if s["id"] == "step1"][0]
+        listing = _json_lines(run_cli("ls", mnt, "--json").stdout)
+        snaps = [s for s in listing if s["type"] == "snapshot"]
+        assert {s["id"] for s in snaps} == {"base", "base2", "step1", generated}
+        step1 = [s for s in snaps if s["id"] == "step1"][0]
         assert step1["parent"] == "base" and step1["labels"] == {"reward": "1", "plan": "edit a"}
-        assert {b["name"]: b["parent"] for b in listing["branches"]} == \
+        assert {b["name"]: b["parent"] for b in listing if b["type"] == "branch"} == \
             {"work": generated, "scratch": None}
         text = run_cli("ls", mnt).stdout
         assert "step1" in text and "work" in text and "plan=edit a" in text
@@ -83,7 +90,7 @@ def test_every_verb_on_a_live_mount_and_offline():
         assert sorted(os.listdir(fs.mnt / "snapshots")) == sorted(["base", "step1", generated])
         gc = run_cli("gc", mnt).stdout
         assert "objects_removed=" in gc
-        # errors: exit 1 with the errno name
+        # errors: the exit status of the errno's class, with the errno name
         for args, name in ((("commit", mnt, "work", "step1"), "EEXIST"),
                            (("prune", mnt, "nosuch"), "ENOENT"),
                            (("prune", mnt, generated), "EBUSY"),
@@ -93,7 +100,8 @@ def test_every_verb_on_a_live_mount_and_offline():
                            (("fsck", store), "EBUSY"),  # the daemon holds the store
                            (("umount", str(fs.base)), "EINVAL")):
             proc = run_cli(*args, check=False)
-            assert proc.returncode == 1 and name in proc.stderr, (args, proc.stderr)
+            assert proc.returncode == exit_status(getattr(errno, name)), (args, proc.stderr)
+            assert f"{name}: " in proc.stderr, (args, proc.stderr)
         # offline: the same diff from the engine itself, fsck, gc, import
         fs.stop()
         assert run_cli("diff", store, "base", "step1").stdout == mount_diff
@@ -103,3 +111,121 @@ def test_every_verb_on_a_live_mount_and_offline():
         assert run_cli("import", store, str(src), "offline").stdout.strip() == "offline"
         fs.start()
         assert (fs.mnt / "snapshots" / "offline" / "README").read_text() == "readme\n"
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+# -- exit status ------------------------------------------------------------------------------
+def test_exit_status_classes_are_distinct_and_documented():
+    """The table in docs/interface.md is the one the CLI uses, and every class has its own code."""
+    doc = (REPO / "docs" / "interface.md").read_text()
+    section = doc.split("### Exit status", 1)[1].split("\n## ", 1)[0]
+    documented = {}
+    for code, errnos in re.findall(r"^\| (\d+) \| [^|]+ \| ([^|]*) \|$", section, re.M):
+        for name in re.findall(r"`(E[A-Z0-9]+)`", errnos):
+            documented[getattr(errno, name)] = int(code)
+    assert documented == cli.EXIT_CODES
+    codes = {cli.EXIT_OK, cli.EXIT_OTHER, cli.EXIT_USAGE, cli.EXIT_NOT_FOUND, cli.EXIT_EXISTS,
+             cli.EXIT_PERMISSION, cli.EXIT_BUSY, cli.EXIT_INVALID, cli.EXIT_NO_SPACE, cli.EXIT_IO,
+             cli.EXIT_DAEMON_NOT_RUNNING}
+    assert len(codes) == 11
+    for code in (cli.EXIT_OK, cli.EXIT_OTHER, cli.EXIT_USAGE):
+        assert code not in cli.EXIT_CODES.values()
+    assert exit_status(errno.EXDEV) == cli.EXIT_OTHER  # an errno of no class
+
+
+# -- --json -----------------------------------------------------------------------------------
+def test_every_verb_takes_json():
+    for verb in VERBS:
+        assert "--json" in run_cli(verb, "--help").stdout, verb
+
+
+@pytest.mark.parametrize("argv", [["commit", "--json"], ["frobnicate", "--json"],
+                                  ["ls", "--json", "x", "y", "z"], ["--json"]])
+def test_usage_errors_with_json_are_a_json_object_and_exit_2(argv):
+    proc = run_cli(*argv, check=False)
+    assert proc.returncode == cli.EXIT_USAGE and proc.stdout == ""
+    err = json.loads(proc.stderr)
+    assert err["error"] == "usage" and err["exit"] == cli.EXIT_USAGE and err["message"]
+
+
+@needs_fuse
+def test_json_output_of_every_verb_on_a_live_mount():
+    with mounted() as fs:
+        mnt, store = str(fs.mnt), str(fs.store)
+        src = _src(fs)
+
+        def one(*args: str) -> dict:
+            lines = _json_lines(run_cli(*args, "--json").stdout)
+            assert len(lines) == 1, (args, lines)
+            return lines[0]
+
+        assert one("import", mnt, str(src), "base", "k=v") == {"id": "base", "labels": {"k": "v"}}
+        made = one("branch", mnt, "w", "base")
+        assert made == {"name": "w", "parent": "base",
+                        "tree": os.readlink(fs.mnt / "branches" / "w" / "tree")}
+        (Path(made["tree"]) / "new").write_text("n\n")
+        assert _json_lines(run_cli("status", mnt, "w", "--json").stdout) == \
+            [{"change": "A", "path": "new"}]
+        assert one("commit", mnt, "w", "s1", "reward=0.5") == \
+            {"id": "s1", "branch": "w", "labels": {"reward": "0.5"}}
+        generated = one("commit", mnt, "w")["id"]
+        assert generated in os.listdir(fs.mnt / "snapshots")
+        log = _json_lines(run_cli("log", mnt, "w", "--json").stdout)
+        assert [e["id"] for e in log] == [generated, "s1", "base"]
+        assert log[1]["labels"] == {"reward": "0.5"} and log[1]["parent"] == "base"
+        listing = _json_lines(run_cli("ls", mnt, "snapshots", "--json").stdout)
+        assert {e["type"] for e in listing} == {"snapshot"} and len(listing) == 3
+        assert _json_lines(run_cli("ls", mnt, "branches", "--json").stdout) == \
+            [{"type": "branch", "name": "w", "parent": generated, "tree": made["tree"],
+              "last_commit": generated}]
+        assert one("rebase", mnt, "w", "s1") == {"name": "w", "parent": "s1"}
+        assert _json_lines(run_cli("discard", mnt, "w", "--json").stdout) == [{"discarded": "w"}]
+        assert _json_lines(run_cli("prune", mnt, generated, "s1", "--json").stdout) == \
+            [{"pruned": generated}, {"pruned": "s1"}]
+        # a pruned parent ends the log with a JSON line too
+        run_cli("branch", mnt, "v", "base")
+        run_cli("commit", mnt, "v", "s2")
+        run_cli("discard", mnt, "v")
+        run_cli("prune", mnt, "base")
+        assert _json_lines(run_cli("log", mnt, "s2", "--json").stdout)[-1] == \
+            {"id": "base", "pruned": True}
+        assert "objects_removed" in one("gc", mnt)
+        assert _json_lines(run_cli("diff", mnt, "-", "s2", "--json").stdout)
+        # errors: one JSON object on stderr, nothing on stdout
+        proc = run_cli("prune", mnt, "nosuch", "--json", check=False)
+        assert proc.returncode == cli.EXIT_NOT_FOUND and proc.stdout == ""
+        err = json.loads(proc.stderr)
+        assert err["verb"] == "prune" and err["error"] == "ENOENT" and err["errno"] == errno.ENOENT
+        assert "nosuch" in err["message"] and err["exit"] == cli.EXIT_NOT_FOUND
+        fs.stop()
+        report = one("fsck", store)
+        assert report["ok"] is True and report["problems"] == [] and report["snapshots"] == 1
+        assert one("init", str(fs.base / "store2")) == {"store": str(fs.base / "store2")}
+        fs.start()
+
+
+# -- no daemon --------------------------------------------------------------------------------
+@needs_fuse
+def test_verbs_on_a_mount_point_without_a_daemon_exit_10():
+    """Nothing mounted, then a FUSE mount whose daemon was killed: "daemon not running", not
+    the ENOENT the plain directory answers."""
+    with cascow_base() as base:
+        plain = base / "mnt"
+        plain.mkdir()
+        for args in (("ls", str(plain)), ("branch", str(plain), "b", "s"),
+                     ("commit", str(plain), "b"), ("log", str(plain), "s")):
+            proc = run_cli(*args, "--json", check=False)
+            assert proc.returncode == cli.EXIT_DAEMON_NOT_RUNNING, (args, proc.stderr)
+            err = json.loads(proc.stderr)
+            assert err["error"] == "ENOTCONN" and str(plain) in err["message"], err
+    with mounted() as fs:
+        run_cli("import", str(fs.mnt), str(_src(fs)), "base")
+        fs.kill9()
+        for args in (("ls", str(fs.mnt)), ("branch", str(fs.mnt), "b", "base"),
+                     ("diff", str(fs.mnt), "-", "base")):
+            proc = run_cli(*args, check=False)
+            assert proc.returncode == cli.EXIT_DAEMON_NOT_RUNNING, (args, proc.stderr)
+            assert "ENOTCONN: " in proc.stderr and str(fs.mnt) in proc.stderr, proc.stderr

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from cascowfs import Client
+from cascowfs.cli import exit_status
 from fusehelpers import (PYTHON, REPO, Cascow, cascow_base, mounted, mounts_under, needs_fuse,
                          processes_mentioning, run_cli)
 
@@ -150,9 +151,11 @@ def test_second_daemon_is_refused():
         other = fs.base / "other"
         other.mkdir()
         proc = run_cli("mount", str(fs.store), str(other), check=False, timeout=30)
-        assert proc.returncode == 1 and "EBUSY" in proc.stderr, proc.stderr  # store locked
+        assert proc.returncode == exit_status(errno.EBUSY), proc.stderr  # store locked
+        assert "EBUSY" in proc.stderr, proc.stderr
         proc = run_cli("mount", str(fs.base / "store2"), str(fs.mnt), check=False, timeout=30)
-        assert proc.returncode == 1 and "already served" in proc.stderr, proc.stderr
+        assert proc.returncode == exit_status(errno.EBUSY), proc.stderr
+        assert "already served" in proc.stderr, proc.stderr
         assert not (fs.base / "store2").exists()
         assert [p for p, _ in mounts_under(fs.base)] == [str(fs.mnt)]
 
@@ -163,7 +166,7 @@ def test_umount_refuses_a_busy_mount_unless_lazy():
         try:
             time.sleep(0.1)
             proc = run_cli("umount", str(fs.mnt), check=False)
-            assert proc.returncode == 1 and "EBUSY" in proc.stderr
+            assert proc.returncode == exit_status(errno.EBUSY) and "EBUSY" in proc.stderr
             assert fs.running
         finally:
             holder.kill()

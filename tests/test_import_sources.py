@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from cascowfs.cli import exit_status
 from fusehelpers import Cascow, lazy_umount, mounted, needs_fuse, run_cli
 
 pytestmark = needs_fuse
@@ -88,11 +89,11 @@ def test_ctl_import_of_a_bad_source_gets_its_errno_and_changes_nothing(fs):
     assert _snapshots(fs) == before
 
 
-def test_cli_import_of_a_bad_source_exits_1_with_its_errno_name(fs):
+def test_cli_import_of_a_bad_source_exits_with_its_errno_class_and_name(fs):
     before = _snapshots(fs)
     for name, (src, want) in _bad_sources(fs).items():
         proc = run_cli("import", str(fs.mnt), str(src), "bad", check=False)
-        assert proc.returncode == 1, (name, proc.stdout)
+        assert proc.returncode == exit_status(want), (name, proc.stdout)
         assert f"{errno.errorcode[want]}: " in proc.stderr, (name, proc.stderr)
     assert _snapshots(fs) == before
 
@@ -148,7 +149,8 @@ def test_offline_import_of_the_store_or_a_bad_source_is_refused(fs):
         for src, want in ((fs.store, "EINVAL"), (fs.store / "layers", "EINVAL"),
                           (Path("/etc/hostname"), "ENOTDIR"), (fs.base / "nowhere", "ENOENT")):
             proc = run_cli("import", str(fs.store), str(src), "bad", check=False)
-            assert proc.returncode == 1 and f"{want}: " in proc.stderr, (src, proc.stderr)
+            assert proc.returncode == exit_status(getattr(errno, want)), (src, proc.stderr)
+            assert f"{want}: " in proc.stderr, (src, proc.stderr)
         assert run_cli("import", str(fs.store), str(fs.base / "src"), "offline").stdout.strip() \
             == "offline"
     finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from cascowfs.cli import exit_status
 from cascowfs.errors import CascowfsError, InvalidArgumentError, NotFoundError
 from cascowfs.state import StateManager, is_store
 from conftest import needs_overlay
@@ -64,7 +65,7 @@ def test_verbs_refuse_what_is_not_a_store_and_create_nothing(tmp_path, kind):
     before = tree_listing(tmp_path)
     for argv in _verbs(target, src):
         proc = run_cli(*argv, check=False)
-        assert proc.returncode == 1, (argv, proc.stdout, proc.stderr)
+        assert proc.returncode == exit_status(getattr(errno, want)), (argv, proc.stderr)
         assert f"{want}: " in proc.stderr and NOT_A_STORE in proc.stderr, (argv, proc.stderr)
         assert tree_listing(tmp_path) == before, argv
 
@@ -75,7 +76,8 @@ def test_import_with_swapped_arguments_leaves_the_source_tree_alone(tmp_path):
     StateManager.open(tmp_path / "store").close()
     before = tree_listing(tmp_path)
     proc = run_cli("import", str(src), str(tmp_path / "store"), "snap", check=False)
-    assert proc.returncode == 1 and "EINVAL" in proc.stderr and NOT_A_STORE in proc.stderr
+    assert proc.returncode == exit_status(errno.EINVAL)
+    assert "EINVAL" in proc.stderr and NOT_A_STORE in proc.stderr
     assert tree_listing(tmp_path) == before
 
 
@@ -124,7 +126,8 @@ def test_init_refuses_what_it_would_spoil(tmp_path, kind, want):
     target, _ = _not_a_store(kind, tmp_path)
     before = tree_listing(tmp_path)
     proc = run_cli("init", str(target), check=False)
-    assert proc.returncode == 1 and f"{want}: " in proc.stderr and str(target) in proc.stderr
+    assert proc.returncode == exit_status(getattr(errno, want))
+    assert f"{want}: " in proc.stderr and str(target) in proc.stderr
     assert tree_listing(tmp_path) == before
 
 
@@ -134,7 +137,8 @@ def test_init_refuses_an_existing_store(tmp_path):
     run_cli("init", str(store))
     before = tree_listing(tmp_path)
     proc = run_cli("init", str(store), check=False)
-    assert proc.returncode == 1 and "EEXIST: " in proc.stderr and "already" in proc.stderr
+    assert proc.returncode == exit_status(errno.EEXIST)
+    assert "EEXIST: " in proc.stderr and "already" in proc.stderr
     assert tree_listing(tmp_path) == before
 
 
