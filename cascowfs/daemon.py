@@ -70,8 +70,15 @@ def mount_options(store: Path) -> set[str]:
     return opts
 
 
-def sd_notify(message: str) -> bool:
-    """Send a sd_notify(3) datagram to $NOTIFY_SOCKET, if systemd (or a test) set one."""
+NOTIFY_WAIT_SECONDS = 5.0
+
+
+def sd_notify(message: str, wait: float = NOTIFY_WAIT_SECONDS) -> bool:
+    """Send a sd_notify(3) datagram to $NOTIFY_SOCKET, if systemd (or a test) set one.
+
+    A datagram socket whose reader has stopped reading fills up (10 datagrams by default), and
+    a send to it then blocks: the daemon's event loop would stall for good. So a send waits at
+    most ``wait`` seconds (0: not at all, for the periodic status line) and is then dropped."""
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr:
         return False
@@ -79,6 +86,7 @@ def sd_notify(message: str) -> bool:
         addr = "\0" + addr[1:]  # abstract namespace
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(wait)
             sock.connect(addr)
             sock.sendall(message.encode())
     except OSError as exc:
@@ -149,7 +157,7 @@ async def _ping_watchdog(interval: float) -> None:
     """WATCHDOG=1 from the trio loop itself: a stopped or wedged loop stops the pings and
     systemd restarts the daemon."""
     while True:
-        sd_notify("WATCHDOG=1")
+        sd_notify("WATCHDOG=1", wait=0)
         await trio.sleep(interval)
 
 
@@ -162,7 +170,7 @@ async def _report_status(status: Callable[[], str]) -> None:
         except CascowfsError as exc:
             line = f"status unavailable: {exc.message}"
         if line != last:
-            sd_notify(f"STATUS={line}")
+            sd_notify(f"STATUS={line}", wait=0)
             last = line
 
 

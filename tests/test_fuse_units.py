@@ -208,6 +208,31 @@ def test_sd_notify(tmp_path, monkeypatch, abstract):
     assert not sd_notify("READY=1")
 
 
+def test_sd_notify_to_a_reader_that_stopped_reading_drops_instead_of_blocking(tmp_path,
+                                                                             monkeypatch):
+    """A full notify socket (its reader gone quiet) must not stall the daemon's event loop."""
+    import threading
+
+    from cascowfs.daemon import sd_notify
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "n.sock"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "n.sock"))
+    sent: list[bool] = []
+    sender = threading.Thread(
+        target=lambda: sent.extend(sd_notify(f"STATUS={i}", wait=0) for i in range(200)),
+        daemon=True)
+    try:
+        sender.start()
+        sender.join(60)  # a blocking send would never return: the queue holds far fewer
+        assert not sender.is_alive(), "sd_notify blocked on a full socket"
+        assert sent[0] and not sent[-1] and len(sent) == 200
+        assert sock.recv(100) == b"STATUS=0"
+        assert sd_notify("READY=1", wait=0.01) is True  # room again for one more
+    finally:
+        sock.close()
+
+
 def test_mountinfo_unescape():
     from cascowfs.overlay import unescape_mountinfo as _unescape
 
