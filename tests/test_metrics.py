@@ -7,9 +7,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import select
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,6 +20,8 @@ from fusehelpers import Cascow, mounted, needs_fuse
 
 pytestmark = needs_fuse
 
+REPO = Path(__file__).resolve().parent.parent
+DASHBOARD = REPO / "docs" / "grafana" / "cascowfs.json"
 EVENT_KEYS = {"time", "time_ns", "op", "names", "result", "latency_ms", "id"}
 AGREED_FAMILIES = {
     "cascowfs_operation_seconds": "histogram",
@@ -339,6 +343,26 @@ def test_wal_replays_counts_the_operation_a_kill_left(monkeypatch):
         samples = scrape(fs)
         assert sample(samples, "cascowfs_wal_replays_total") == 1
         assert sample(samples, "cascowfs_snapshots") == 1  # applied: rolled forward
+
+
+# -- the Grafana dashboard ---------------------------------------------------------------------
+def dashboard_metrics() -> set[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert exprs, "the dashboard queries nothing"
+    return {name for e in exprs for name in re.findall(r"\bcascowfs_[a-z_]+", e)}
+
+
+def test_dashboard_queries_only_exported_metrics(fs):
+    commit(fs, "main", "dash-1")
+    fs.ctl("commit main dash-1")  # an error, so that the errors counter has a sample
+    exported = {name for name, _ in scrape(fs)}
+    queried = dashboard_metrics()
+    assert queried <= exported, queried - exported
+    wanted = {"cascowfs_operation_seconds_bucket", "cascowfs_operation_seconds_count",
+              "cascowfs_branches", "cascowfs_snapshots", "cascowfs_dedup_ratio",
+              "cascowfs_errors_total"}
+    assert wanted <= queried, wanted - queried
 
 
 def err_of(fn, *args) -> int:
