@@ -40,6 +40,11 @@ class BackgroundWorker:
     def put(self, job: Job) -> None:
         self._jobs.put(job)
 
+    def waiting(self, kind: type) -> int:
+        """How many jobs of ``kind`` are queued and not started yet."""
+        with self._jobs.mutex:
+            return sum(isinstance(job, kind) for job in self._jobs.queue)
+
     def join(self) -> None:
         """Wait until every job queued so far is done."""
         self._jobs.join()

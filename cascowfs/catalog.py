@@ -198,6 +198,10 @@ class Catalog:
                 continue
             yield bytes(key).decode(), rec
 
+    def snapshot_ids(self, txn: lmdb.Transaction) -> Iterator[str]:
+        for key in txn.cursor(db=self._snapshots).iternext(keys=True, values=False):
+            yield bytes(key).decode()
+
     def snapshot_count(self, txn: lmdb.Transaction) -> int:
         return txn.stat(self._snapshots)["entries"]
 
@@ -256,6 +260,9 @@ class Catalog:
         return {
             bytes(k).decode() for k in txn.cursor(db=self._layers).iternext(keys=True, values=False)
         }
+
+    def layer_count(self, txn: lmdb.Transaction) -> int:
+        return txn.stat(self._layers)["entries"]
 
     def unbuilt_layer_ids(self, txn: lmdb.Transaction) -> list[str]:
         """The commits' delta layers recorded as not written yet."""

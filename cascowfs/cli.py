@@ -41,6 +41,7 @@ from .fuse.sysmount import (
     store_of_source,
     umount2,
 )
+from .logs import LOG_FORMATS
 from .model import Change
 from .names import parse_labels
 from .overlay import all_mounts
@@ -120,7 +121,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     admin_gid = _group_id(args.admin_group) if args.admin_group else None
 
     def start(ready: Callable[[], None] | None) -> int:
-        daemon.setup_logging(logging.INFO, args.log_file)
+        daemon.setup_logging(logging.INFO, args.log_file, args.log_format)
         if args.debug:  # ours only: pyfuse3's own debug output is one line per request
             logging.getLogger("cascowfs").setLevel(logging.DEBUG)
         nice = daemon.DAEMON_NICE if args.nice is None else args.nice
@@ -593,6 +594,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-file",
         metavar="FILE",
         help="log here (default: stderr; with --background and no --log-file logs are discarded)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="json",
+        help="json: one JSON object per line, an operation's with its latency (default); "
+        "text: one line of text",
     )
     p.add_argument("--debug", "-d", action="store_true", help="log every failed request")
     p.add_argument(

@@ -32,7 +32,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import __version__, forks
+from . import __version__, forks, logs
 from .errors import BusyError, CascowfsError, InvalidArgumentError
 from .fuse.operations import CascowOperations
 from .fuse.sysmount import FUSE_TYPE, clear_dead_mount, mount_at, store_source
@@ -277,13 +277,14 @@ def run(
     return 0
 
 
-def setup_logging(level: int, log_file: str | None = None) -> None:
+def setup_logging(level: int, log_file: str | None = None, log_format: str = "json") -> None:
+    """Log at ``level`` to ``log_file`` (None: stderr) in ``log_format`` (``logs.py``)."""
     handler: logging.Handler
     if log_file:
         handler = logging.FileHandler(log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.setFormatter(logs.formatter(log_format))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -121,6 +121,11 @@ class MetaDB:
     def db(self, name: str):
         return self.dbs[name]
 
+    def bytes_used(self, txn: lmdb.Transaction, name: str) -> int:
+        """Bytes of the pages database ``name`` occupies (its B-tree and overflow pages)."""
+        st = txn.stat(self.dbs[name])
+        return st["psize"] * (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"])
+
     def release_after_commit(self) -> None:
         """Have ``release_mapped_pages`` run once the write transaction now running commits
         (call from inside it: a write maps the pages it touches, commit included)."""

@@ -74,6 +74,7 @@ def recover(sm: StateManager, progress: bool) -> None:
     )
     sm.layers.find_unbuilt()
     pending = sm.wal.pending()
+    sm.wal.replayed = len(pending)
     with sm.db.read() as txn:
         applied = {op.op for op in pending if sm.catalog.is_applied(txn, op.op)}
     orphans_possible = False

@@ -920,6 +920,10 @@ class StateManager:
         """Has garbage appeared since the last completed collection's snapshot?"""
         return self.collector.pending(txn)
 
+    def pending_merges(self) -> int:
+        """Layer merges queued in the background and not started yet."""
+        return self._background.waiting(MergeLayers)
+
     def gc(self, progress: bool = False) -> dict:
         """Reclaim unreachable objects and unrecorded layers, empty the trash."""
         with self._ops.exclusive():

@@ -45,6 +45,7 @@ class WriteAheadLog:
             fsync_dir(path.parent)
         self.records_since_checkpoint = 0
         self.last_kind: str | None = None  # the latest operation logged (systemd's STATUS=)
+        self.replayed = 0  # unfinished operations recovery found at open (the metrics')
 
     def _append(self, record: dict, durable: bool) -> None:
         body = json.dumps(record, separators=(",", ":"), sort_keys=True)

@@ -44,6 +44,7 @@ from ..privacy import Caller
 from ..state import StateManager
 from . import control
 from .ctl_lanes import CtlLanes
+from .feeds import FEED_HANDLES, FeedNode, Feeds, OperationRecord, read_feed, unparsed
 from .inodes import (
     BRANCHES_INO,
     CTL_INO,
@@ -95,6 +96,7 @@ def edge(fn: Handler) -> Handler:
 
     @functools.wraps(fn)
     async def wrapper(self: CascowOperations, *args: Any) -> Any:
+        self.feeds.metrics.fuse_requests[fn.__name__] += 1
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -179,10 +181,12 @@ class CascowOperations(pyfuse3.Operations):
         self.branches = self.table.add_pinned(
             SkeletonNode(BRANCHES_INO, name=b"branches", parent=self.root)
         )
-        self._skeleton = {
+        self.feeds = Feeds(sm, self.table, self.root)
+        self._skeleton: dict[bytes, Node] = {
             b"ctl": self.ctl,
             b"snapshots": self.snapshots,
             b"branches": self.branches,
+            **self.feeds.nodes,
         }
         self._handles: dict[int, Any] = {}
         self._fh = itertools.count(1)
@@ -342,6 +346,8 @@ class CascowOperations(pyfuse3.Operations):
             return self._branch_dir_attrs(node)
         if isinstance(node, BranchFileNode):
             return await self._branch_file_attrs(node)
+        if isinstance(node, FeedNode):
+            return self.feeds.attrs(node, self.admin_gid or 0)
         return self._skeleton_attrs(node)
 
     # -- building child nodes ------------------------------------------------------------------
@@ -620,9 +626,10 @@ class CascowOperations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         if parent.ino != BRANCHES_INO:
             raise self._refuse_change(parent)
-        self._require_admin(ctx, "mkdir")
-        bname = check_branch_name(name)
-        info = await self._q(self.sm.create_branch, bname, None)
+        with self.feeds.operation(_file_call("branch", "mkdir branches", name)):
+            self._require_admin(ctx, "mkdir")
+            bname = check_branch_name(name)
+            info = await self._q(self.sm.create_branch, bname, None)
         self.changed_ns[BRANCHES_INO] = time.time_ns()
         node = self._branch_dir(info)
         attr = self._branch_dir_attrs(node)
@@ -633,20 +640,24 @@ class CascowOperations(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
         if parent.ino == BRANCHES_INO:
-            self._require_admin(ctx, "rmdir")
-            bname = _valid_or_none(check_branch_name, name)
-            if bname is None:
-                raise NotFoundError(f"no branch {name!r}")
-            await self._q(self.sm.discard, bname)
+            with self.feeds.operation(_file_call("discard", "rmdir branches", name)):
+                self._require_admin(ctx, "rmdir")
+                bname = _valid_or_none(check_branch_name, name)
+                if bname is None:
+                    raise NotFoundError(f"no branch {name!r}")
+                await self._q(self.sm.discard, bname)
             self.table.detach(parent, name)
             self.changed_ns[BRANCHES_INO] = time.time_ns()
             return
         if parent.ino == SNAPSHOTS_INO:
-            self._require_admin(ctx, "rmdir")
-            ident = _valid_or_none(check_snapshot_id, name)
-            if ident is None:
-                raise NotFoundError(f"no snapshot {name!r}")
-            await self._q(self.sm.prune, ident)
+            shown = os.fsdecode(name)
+            record = OperationRecord("prune", command=f"rmdir snapshots/{shown}", id=shown)
+            with self.feeds.operation(record):
+                self._require_admin(ctx, "rmdir")
+                ident = _valid_or_none(check_snapshot_id, name)
+                if ident is None:
+                    raise NotFoundError(f"no snapshot {name!r}")
+                await self._q(self.sm.prune, ident)
             self.table.detach(parent, name)
             self.changed_ns[SNAPSHOTS_INO] = time.time_ns()
             return
@@ -717,6 +728,9 @@ class CascowOperations(pyfuse3.Operations):
                 raise _err(errno.EACCES)
             branch_handle = BranchFileHandle(node, admin=self._is_admin(ctx))
             return pyfuse3.FileInfo(fh=self._new_handle(branch_handle), direct_io=True)
+        if isinstance(node, FeedNode):
+            feed, stream = await self.feeds.open(node, flags)
+            return pyfuse3.FileInfo(fh=self._new_handle(feed), direct_io=True, nonseekable=stream)
         if isinstance(node, SnapDirNode) or isinstance(node, SkeletonNode):
             raise _err(errno.EISDIR)
         raise _err(errno.EINVAL)
@@ -731,6 +745,8 @@ class CascowOperations(pyfuse3.Operations):
             return self.sm.read_file(handle.entry.ref, off, min(size, remaining))
         if isinstance(handle, CtlHandle):
             return _drain(handle, size)
+        if isinstance(handle, FEED_HANDLES):
+            return read_feed(handle, off, size)
         if isinstance(handle, BranchFileHandle):
             if handle.content is None or off == 0:
                 # A read from the start shows the current state; continuations of one read
@@ -746,21 +762,25 @@ class CascowOperations(pyfuse3.Operations):
             return await self._ctl_write(handle, buf)
         if isinstance(handle, BranchFileHandle):
             node = handle.node
-            if not handle.admin:
-                raise PermissionDeniedError("only root or the admin group may change state")
-            if handle.written:
-                # A shell writes each line of `printf 'a\nb\n' > parent` separately; the second
-                # would act on the result of the first. ctl is a stream of commands; these
-                # files hold one value.
-                raise InvalidArgumentError(f"{node.which} takes one line per open file")
-            handle.written = True
-            if node.which == "parent":
-                cmd = wire.parse_parent_write(node.branch, buf)
-            elif node.which == "commit":
-                cmd = wire.parse_commit_write(node.branch, buf)
-            else:
+            if node.which not in ("parent", "commit"):
                 raise _err(errno.EBADF)
-            await self._q(control.execute, self.sm, cmd)
+            verb = "rebase" if node.which == "parent" else "commit"
+            shown = f"write branches/{node.branch}/{node.which}"
+            with self.feeds.operation(OperationRecord(verb, [node.branch], shown)) as record:
+                if not handle.admin:
+                    raise PermissionDeniedError("only root or the admin group may change state")
+                if handle.written:
+                    # A shell writes each line of `printf 'a\nb\n' > parent` separately; the
+                    # second would act on the result of the first. ctl is a stream of commands;
+                    # these files hold one value.
+                    raise InvalidArgumentError(f"{node.which} takes one line per open file")
+                handle.written = True
+                if node.which == "parent":
+                    cmd = wire.parse_parent_write(node.branch, buf)
+                else:
+                    cmd = wire.parse_commit_write(node.branch, buf)
+                record.parsed(cmd)
+                record.finished(await self._q(control.execute, self.sm, cmd))
             if cmd.verb == "commit":
                 self.changed_ns[SNAPSHOTS_INO] = time.time_ns()
             handle.content = None
@@ -769,10 +789,13 @@ class CascowOperations(pyfuse3.Operations):
 
     async def _ctl_write(self, handle: CtlHandle, buf: bytes) -> int:
         try:
-            if not handle.admin:
-                raise PermissionDeniedError("only root or the admin group may change state")
-            cmd = wire.parse_command(buf)
-            result = await self._q(control.execute, self.sm, cmd, handle.caller)
+            with self.feeds.operation(unparsed(buf)) as record:
+                if not handle.admin:
+                    raise PermissionDeniedError("only root or the admin group may change state")
+                cmd = wire.parse_command(buf)
+                record.parsed(cmd)
+                result = await self._q(control.execute, self.sm, cmd, handle.caller)
+                record.finished(result)
         except Exception as exc:
             code, message = control.error_of(exc)
             handle.replies.append(wire.error_reply(code, message))
@@ -823,6 +846,13 @@ def _drain(handle: CtlHandle, size: int) -> bytes:
         handle.partial = bytes(out[size:])
         del out[size:]
     return bytes(out)
+
+
+def _file_call(verb: str, where: str, name: bytes) -> OperationRecord:
+    """The record of a ``mkdir``/``rmdir`` of ``name``: the raw name, which no check has
+    passed yet."""
+    text = os.fsdecode(name)
+    return OperationRecord(verb, [text], f"{where}/{text}")
 
 
 def _valid_or_none(check: Callable[[object], str], name: bytes) -> str | None:
