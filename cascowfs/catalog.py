@@ -44,6 +44,7 @@ log = logging.getLogger("cascowfs.catalog")
 # may hold holes (format 6's zero chunks still read, and layers skip them); 10: the children
 # and labels indexes, and snapshots may carry a large observation.
 STORE_FORMAT = 10
+INDEXED_FORMAT = 10  # the first format whose stores keep the children and labels indexes
 
 
 class Counter(Enum):
@@ -267,6 +268,31 @@ class Catalog:
         txn.drop(self._labels, delete=False)
         for id, rec in self.snapshots(txn, skip_damaged=True):
             self._index(txn, id, rec)
+
+    def index_mismatches(self, txn: lmdb.Transaction) -> list[str]:
+        """Index entries that disagree with the snapshot records: missing, stale or with
+        another value (fsck)."""
+        want_children: set[bytes] = set()
+        want_labels: dict[bytes, bytes] = {}
+        for id, rec in self.snapshots(txn, skip_damaged=True):
+            want_children.add(_pair(rec.parent or "", id))
+            for key, val in rec.labels.items():
+                want_labels[_pair(key, id)] = val.encode("utf-8", "surrogateescape")
+        have_children = {
+            bytes(k) for k in txn.cursor(db=self._children).iternext(keys=True, values=False)
+        }
+        have_labels = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._labels)}
+        out = [
+            f"children index entry {key!r} is {'missing' if key in want_children else 'stale'}"
+            for key in sorted(want_children ^ have_children)
+        ]
+        out += [
+            f"labels index entry {key!r} is {have_labels.get(key)!r}, the record says "
+            f"{want_labels.get(key)!r}"
+            for key in sorted(want_labels.keys() | have_labels.keys())
+            if want_labels.get(key) != have_labels.get(key)
+        ]
+        return out
 
     def children(self, txn: lmdb.Transaction, parent: str | None) -> list[str]:
         """The ids of the snapshots whose parent is ``parent`` (None: those without one),

@@ -12,6 +12,7 @@ from hypothesis import given, strategies as st
 from cascowfs.catalog import STORE_FORMAT
 from cascowfs.episodes import FindQuery, Predicate
 from cascowfs.errors import BusyError, InvalidArgumentError, NotFoundError
+from cascowfs.fsck import check
 from cascowfs.names import MAX_LABEL_VALUE_CHARS, MAX_LABELS
 from conftest import dir_view, hypothesis_settings, open_store, snapshot_view
 
@@ -249,3 +250,31 @@ def test_records_without_an_observation_keep_their_bytes(tree):
     with tree.db.read() as txn:
         raw = json.loads(bytes(txn.get(b"a", db=tree.db.db("snapshots"))))
     assert "obs" not in raw
+
+
+def test_fsck_checks_the_indexes_and_counts_an_observation_live(tree, tmp_path):
+    path = tmp_path / "obs"
+    path.write_bytes(os.urandom(200_000))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        work = tree.branch("work").tree
+        (work / "y").write_text("y\n")
+        tree.commit("work", "with-obs", obs=fd)
+    finally:
+        os.close(fd)
+    tree.gc()
+    with tree.quiesced():
+        assert check(tree).problems == []
+
+    def corrupt(txn):
+        txn.delete(b"action\0a", db=tree.db.db("labels"))
+        txn.put(b"reward\0b", b"99", db=tree.db.db("labels"))
+        txn.put(b"nope\0x", b"", db=tree.db.db("children"))
+
+    tree.db.write(corrupt)
+    with tree.quiesced():
+        problems = check(tree).problems
+    assert len(problems) == 3 and all(p.startswith("invariant 2: ") for p in problems), problems
+    tree.db.write(tree.catalog.rebuild_indexes)
+    with tree.quiesced():
+        assert check(tree).problems == []
