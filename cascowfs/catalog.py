@@ -311,13 +311,14 @@ class Catalog:
     @staticmethod
     def _with_prefix(txn: lmdb.Transaction, db: Any, prefix: str) -> Iterator[tuple[str, bytes]]:
         start = prefix.encode() + b"\0"
+        skip = len(start)
         cursor = txn.cursor(db=db)
         if not cursor.set_range(start):
             return
-        for key, value in cursor:
+        for key, value in cursor:  # bytes already: the environment hands out no buffers
             if not key.startswith(start):
                 return
-            yield bytes(key[len(start) :]).decode(), bytes(value)
+            yield key[skip:].decode(), value
 
     # -- branches ---------------------------------------------------------------------
     def branch(self, txn: lmdb.Transaction, name: str) -> BranchRecord:

@@ -20,6 +20,7 @@ snapshots without it last, ties by id); without it the ids come in id order.
 
 from __future__ import annotations
 
+import heapq
 import json
 import operator
 import re
@@ -67,15 +68,23 @@ class Predicate:
         return f"has:{self.key}" if self.op is None else f"{self.key}{self.op}{self.value}"
 
     def holds(self, actual: str | None) -> bool:
-        if actual is None:
-            return False
+        return self.matcher()(actual)
+
+    def matcher(self) -> Callable[[str | None], bool]:
+        """``holds`` with the right-hand side parsed once (a query tests thousands of values)."""
         if self.op is None:
-            return True
-        left, right = _number(actual), _number(self.value)
-        compare = _OPERATORS[self.op]
-        if left is not None and right is not None:
-            return compare(left, right)
-        return compare(actual, self.value)
+            return lambda actual: actual is not None
+        compare, text, number = _OPERATORS[self.op], self.value, _number(self.value)
+
+        def holds(actual: str | None) -> bool:
+            if actual is None:
+                return False
+            left = _number(actual) if number is not None else None
+            if left is not None:
+                return compare(left, number)
+            return compare(actual, text)
+
+        return holds
 
 
 def parse_predicate(word: str) -> Predicate:
@@ -179,6 +188,11 @@ def descendants(catalog: Catalog, txn: lmdb.Transaction, id: str) -> set[str]:
     return found
 
 
+# Above this many candidates a label's values are read by one scan of its index entries,
+# below it by one lookup per candidate.
+SCAN_ABOVE = 256
+
+
 def find(catalog: Catalog, txn: lmdb.Transaction, query: FindQuery) -> list[str]:
     """The ids ``query`` selects, in its order (NotFoundError for a missing --parent or
     --ancestor)."""
@@ -189,51 +203,65 @@ def find(catalog: Catalog, txn: lmdb.Transaction, query: FindQuery) -> list[str]
     elif query.ancestor is not None:
         catalog.snapshot(txn, query.ancestor)
         scope = descendants(catalog, txn, query.ancestor)
+    scanned: dict[str, dict[str, str]] = {}  # label key -> {id: value}, read whole
+
+    def values(key: str, ids: list[str]) -> dict[str, str]:
+        if key in scanned:
+            return scanned[key]
+        if len(ids) > SCAN_ABOVE:
+            scanned[key] = dict(catalog.labelled(txn, key))
+            return scanned[key]
+        return {id: v for id in ids if (v := catalog.label(txn, key, id)) is not None}
+
     labelled = [p for p in query.predicates if p.key != OBS_KEY or p.op is not None]
-    candidates: Iterable[str]
-    if labelled:  # the first label predicate reads its index; the others look values up
+    if labelled:  # the first label predicate reads its index whole, the others as they need
         first = labelled[0]
+        first_values = scanned[first.key] = dict(catalog.labelled(txn, first.key))
+        holds = first.matcher()
         candidates = [
             id
-            for id, value in catalog.labelled(txn, first.key)
-            if (scope is None or id in scope) and first.holds(value)
+            for id, value in first_values.items()
+            if (scope is None or id in scope) and holds(value)
         ]
-        rest = labelled[1:]
     else:
         candidates = sorted(scope) if scope is not None else catalog.snapshot_ids(txn)
-        rest = []
-    wants_obs = any(p.key == OBS_KEY and p.op is None for p in query.predicates)
-    selected = [
-        id
-        for id in candidates
-        if all(p.holds(catalog.label(txn, p.key, id)) for p in rest)
-        and (not wants_obs or catalog.snapshot(txn, id).obs is not None)
-    ]
+    for p in labelled[1:]:
+        holds, known = p.matcher(), values(p.key, candidates)
+        candidates = [id for id in candidates if holds(known.get(id))]
+    if any(p.key == OBS_KEY and p.op is None for p in query.predicates):
+        candidates = [id for id in candidates if catalog.snapshot(txn, id).obs is not None]
     if query.sort is not None:
-        selected = _sorted_by_label(catalog, txn, selected, query.sort, query.descending)
-    return selected if query.limit is None else selected[: query.limit]
+        known = values(query.sort, candidates)
+        candidates = _sorted_by_label(candidates, known, query.descending, query.limit)
+    return candidates if query.limit is None else candidates[: query.limit]
 
 
 def _sorted_by_label(
-    catalog: Catalog, txn: lmdb.Transaction, ids: list[str], key: str, descending: bool
+    ids: list[str], known: dict[str, str], descending: bool, limit: int | None
 ) -> list[str]:
+    """``ids`` ordered by their values in ``known``: numbers (by value), then other values
+    (by code point), then ids without one; ties by id. Only the first ``limit`` are sorted."""
     numbers: list[tuple[float, str]] = []
     texts: list[tuple[str, str]] = []
     missing: list[str] = []
+    sign = -1.0 if descending else 1.0
     for id in ids:
-        value = catalog.label(txn, key, id)
+        value = known.get(id)
         number = _number(value) if value is not None else None
         if value is None:
             missing.append(id)
         elif number is not None:
-            numbers.append((number, id))
+            numbers.append((sign * number, id))
         else:
             texts.append((value, id))
-    # ties by id in both directions: the same query always answers in the same order
-    numbers.sort(key=lambda item: (-item[0] if descending else item[0], item[1]))
-    texts.sort(key=lambda item: item[1])
-    texts.sort(key=lambda item: item[0], reverse=descending)
-    return [id for _, id in numbers] + [id for _, id in texts] + sorted(missing)
+    want = len(ids) if limit is None else limit
+    out = [id for _, id in heapq.nsmallest(want, numbers)]
+    if len(out) < want:
+        # ties by id in both directions: the same query always answers in the same order
+        texts.sort(key=lambda item: item[1])
+        texts.sort(key=lambda item: item[0], reverse=descending)
+        out += [id for _, id in texts] + sorted(missing)
+    return out
 
 
 # ----------------------------------------------------------------------------------------

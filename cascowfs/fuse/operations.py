@@ -496,6 +496,10 @@ class CascowOperations(pyfuse3.Operations):
             bytes.fromhex(obs.ref),
         )
 
+    def _episodes_content(self) -> bytes:
+        """``episodes`` as of now (blocking: reads every snapshot record)."""
+        return b"".join(episode_lines(self.sm.episodes(), iso_time))
+
     def _observation_entries(self) -> list[Entry]:
         out = []
         for info in self.sm.snapshots():
@@ -793,8 +797,7 @@ class CascowOperations(pyfuse3.Operations):
         if isinstance(node, GeneratedFileNode):
             if writing:
                 raise _err(errno.EACCES)
-            episodes = await self._q(self.sm.episodes)
-            content = b"".join(episode_lines(episodes, iso_time))
+            content = await self._q(self._episodes_content)
             return pyfuse3.FileInfo(fh=self._new_handle(GeneratedHandle(content)), direct_io=True)
         if isinstance(node, SnapDirNode) or isinstance(node, SkeletonNode):
             raise _err(errno.EISDIR)
