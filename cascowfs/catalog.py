@@ -11,10 +11,12 @@ records are laid out:
   name it, and for a commit's delta layer not written yet what it is the difference from);
 - ``meta``: the store format, the page cache id and the ``Counter``s;
 - ``ops``: the operations whose APPLY transaction committed (``wal.py``'s protocol);
-- ``children`` and ``labels``: indexes of the snapshot records, kept by ``put_snapshot`` and
-  ``delete_snapshot`` in the transaction that changes the record: the snapshot tree's edges
-  (``<parent>\0<child>``; a snapshot without parent under the empty id) and every label
-  (``<key>\0<id>`` -> value), so that ``find`` and ``children`` read only what they ask for.
+- ``children``, ``labels`` and ``label_order``: indexes of the snapshot records, kept by
+  ``put_snapshot`` and ``delete_snapshot`` in the transaction that changes the record: the
+  snapshot tree's edges (``<parent>\0<child>``; a snapshot without parent under the empty id),
+  every label (``<key>\0<id>`` -> value), and every label again in the order ``find`` sorts
+  by (``<key>\0<sort bytes>\0<id>``, ``sort_bytes``), so that ``find`` and ``children``
+  read only what they ask for.
 
 Records are JSON objects with sorted keys and no spaces, so that a store written by any
 version since format 5 reads and rewrites byte for byte the same; the dataclasses are frozen,
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -33,6 +36,7 @@ from typing import Any
 import lmdb
 
 from .errors import NotFoundError, StoreIOError
+from .names import label_number
 
 log = logging.getLogger("cascowfs.catalog")
 
@@ -103,6 +107,32 @@ class LayerRecord:
     seq: int = 0
     built: bool = True
     below: str | None = None
+
+
+# A label's sort bytes: numbers first, by value (an IEEE double made to sort as bytes), then
+# every other value by its UTF-8 bytes, which sort as its code points do.
+NUMBER_TAG, TEXT_TAG, AFTER_TEXT = b"\x01", b"\x02", b"\x03"
+
+
+def sort_bytes(value: str) -> bytes:
+    """Where ``value`` sorts among a label's values (``label_order``)."""
+    number = label_number(value)
+    if number is None:
+        return TEXT_TAG + value.encode("utf-8", "surrogateescape")
+    return NUMBER_TAG + number_bytes(number)
+
+
+def number_bytes(number: float) -> bytes:
+    """8 bytes that sort as ``number`` does (-0.0 as 0.0)."""
+    raw = struct.pack(">d", number + 0.0)
+    if raw[0] & 0x80:  # negative: every bit flipped, so that larger magnitudes sort first
+        return bytes(b ^ 0xFF for b in raw)
+    return bytes([raw[0] | 0x80]) + raw[1:]
+
+
+def _order_key(key: str, value: str, id: str) -> bytes:
+    # label values hold no control character, so no NUL: the last NUL ends the sort bytes
+    return key.encode() + b"\0" + sort_bytes(value) + b"\0" + id.encode()
 
 
 def _pair(first: str, second: str) -> bytes:
@@ -200,6 +230,7 @@ class Catalog:
         self._ops = dbs["ops"]
         self._children = dbs["children"]
         self._labels = dbs["labels"]
+        self._label_order = dbs["label_order"]
 
     # -- snapshots --------------------------------------------------------------------
     def snapshot(self, txn: lmdb.Transaction, id: str) -> SnapshotRecord:
@@ -256,16 +287,19 @@ class Catalog:
         txn.put(_pair(rec.parent or "", id), b"", db=self._children)
         for key, val in rec.labels.items():
             txn.put(_pair(key, id), val.encode("utf-8", "surrogateescape"), db=self._labels)
+            txn.put(_order_key(key, val, id), b"", db=self._label_order)
 
     def _unindex(self, txn: lmdb.Transaction, id: str, rec: SnapshotRecord) -> None:
         txn.delete(_pair(rec.parent or "", id), db=self._children)
-        for key in rec.labels:
+        for key, val in rec.labels.items():
             txn.delete(_pair(key, id), db=self._labels)
+            txn.delete(_order_key(key, val, id), db=self._label_order)
 
     def rebuild_indexes(self, txn: lmdb.Transaction) -> None:
         """Index every snapshot record afresh (the upgrade to format 10)."""
         txn.drop(self._children, delete=False)
         txn.drop(self._labels, delete=False)
+        txn.drop(self._label_order, delete=False)
         for id, rec in self.snapshots(txn, skip_damaged=True):
             self._index(txn, id, rec)
 
@@ -274,17 +308,26 @@ class Catalog:
         another value (fsck)."""
         want_children: set[bytes] = set()
         want_labels: dict[bytes, bytes] = {}
+        want_order: set[bytes] = set()
         for id, rec in self.snapshots(txn, skip_damaged=True):
             want_children.add(_pair(rec.parent or "", id))
             for key, val in rec.labels.items():
                 want_labels[_pair(key, id)] = val.encode("utf-8", "surrogateescape")
+                want_order.add(_order_key(key, val, id))
         have_children = {
             bytes(k) for k in txn.cursor(db=self._children).iternext(keys=True, values=False)
         }
         have_labels = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._labels)}
+        have_order = {
+            bytes(k) for k in txn.cursor(db=self._label_order).iternext(keys=True, values=False)
+        }
         out = [
             f"children index entry {key!r} is {'missing' if key in want_children else 'stale'}"
             for key in sorted(want_children ^ have_children)
+        ]
+        out += [
+            f"label order entry {key!r} is {'missing' if key in want_order else 'stale'}"
+            for key in sorted(want_order ^ have_order)
         ]
         out += [
             f"labels index entry {key!r} is {have_labels.get(key)!r}, the record says "
@@ -303,6 +346,26 @@ class Catalog:
         """(snapshot id, value) of every snapshot carrying label ``key``, by id."""
         for id, raw in self._with_prefix(txn, self._labels, key):
             yield id, raw.decode("utf-8", "surrogateescape")
+
+    def ordered(
+        self, txn: lmdb.Transaction, key: str, low: bytes, high: bytes, *, descending: bool
+    ) -> Iterator[tuple[bytes, str]]:
+        """(sort bytes, snapshot id) of label ``key``'s values whose sort bytes lie in
+        [``low``, ``high``), ascending (ties by id) or descending (ties by id descending)."""
+        prefix = key.encode() + b"\0"
+        start, stop = prefix + low, prefix + high
+        cursor = txn.cursor(db=self._label_order)
+        if descending:
+            placed = cursor.prev() if cursor.set_range(stop) else cursor.last()
+            entries = cursor.iterprev(keys=True, values=False) if placed else iter(())
+        else:
+            placed = cursor.set_range(start)
+            entries = cursor.iternext(keys=True, values=False) if placed else iter(())
+        for raw in entries:
+            if not start <= raw < stop:
+                return
+            cut = raw.rindex(b"\0")
+            yield raw[len(prefix) : cut], raw[cut + 1 :].decode()
 
     def label(self, txn: lmdb.Transaction, key: str, id: str) -> str | None:
         raw = txn.get(_pair(key, id), db=self._labels)

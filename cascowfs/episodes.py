@@ -29,8 +29,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .catalog import AFTER_TEXT, NUMBER_TAG, TEXT_TAG, number_bytes
 from .errors import InvalidArgumentError
-from .names import LABEL_KEY_PATTERN, check_label_value, check_snapshot_id
+from .names import (
+    LABEL_KEY_PATTERN,
+    LABEL_NUMBER_RE,
+    check_label_value,
+    check_snapshot_id,
+    label_number,
+)
 
 if TYPE_CHECKING:
     import lmdb
@@ -39,7 +46,7 @@ if TYPE_CHECKING:
 
 # A label named this is the observation's place (``commit ... obs=@/path``), never a label.
 OBS_KEY = "obs"
-NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+NUMBER_RE = LABEL_NUMBER_RE
 _COMPARISON_RE = re.compile(rf"({LABEL_KEY_PATTERN})(<=|>=|!=|=|<|>)(.*)", re.DOTALL)
 _OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
     "=": operator.eq,
@@ -52,8 +59,7 @@ _OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
 MAX_LIMIT = 1 << 31
 
 
-def _number(text: str) -> float | None:
-    return float(text) if NUMBER_RE.fullmatch(text) else None
+_number = label_number
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +201,12 @@ SCAN_ABOVE = 256
 
 def find(catalog: Catalog, txn: lmdb.Transaction, query: FindQuery) -> list[str]:
     """The ids ``query`` selects, in its order (NotFoundError for a missing --parent or
-    --ancestor)."""
+    --ancestor).
+
+    With ``--sort`` and ``--limit`` the sort key's ordered index drives: entries come in the
+    asked order and the query stops at the limit, whatever the store's size. Otherwise the
+    first label predicate gives the candidates (a range of the ordered index when it compares
+    with a number, else its key's index entries), the others filter them."""
     scope: set[str] | None = None
     if query.parent is not None:
         catalog.snapshot(txn, query.parent)
@@ -203,6 +214,11 @@ def find(catalog: Catalog, txn: lmdb.Transaction, query: FindQuery) -> list[str]
     elif query.ancestor is not None:
         catalog.snapshot(txn, query.ancestor)
         scope = descendants(catalog, txn, query.ancestor)
+    labelled = [p for p in query.predicates if p.key != OBS_KEY or p.op is not None]
+    wants_obs = len(labelled) < len(query.predicates)
+    small_scope = scope is not None and len(scope) <= SCAN_ABOVE
+    if query.sort is not None and query.limit is not None and not small_scope:
+        return _first_in_order(catalog, txn, query, labelled, wants_obs, scope)
     scanned: dict[str, dict[str, str]] = {}  # label key -> {id: value}, read whole
 
     def values(key: str, ids: list[str]) -> dict[str, str]:
@@ -213,27 +229,124 @@ def find(catalog: Catalog, txn: lmdb.Transaction, query: FindQuery) -> list[str]
             return scanned[key]
         return {id: v for id in ids if (v := catalog.label(txn, key, id)) is not None}
 
-    labelled = [p for p in query.predicates if p.key != OBS_KEY or p.op is not None]
-    if labelled:  # the first label predicate reads its index whole, the others as they need
-        first = labelled[0]
-        first_values = scanned[first.key] = dict(catalog.labelled(txn, first.key))
-        holds = first.matcher()
-        candidates = [
-            id
-            for id, value in first_values.items()
-            if (scope is None or id in scope) and holds(value)
-        ]
+    if labelled:
+        first, rest = labelled[0], labelled[1:]
+        ranges = [p for p in labelled if p.key == first.key and _bounds(p) is not None]
+        if first in ranges:  # every range on the first key: one scan of their intersection
+            rest = [p for p in labelled if p not in ranges]
+            in_range = _in_ranges(catalog, txn, first.key, ranges)
+            candidates = sorted(id for id in in_range if scope is None or id in scope)
+        else:
+            first_values = scanned[first.key] = dict(catalog.labelled(txn, first.key))
+            holds = first.matcher()
+            candidates = [
+                id
+                for id, value in first_values.items()
+                if (scope is None or id in scope) and holds(value)
+            ]
     else:
         candidates = sorted(scope) if scope is not None else catalog.snapshot_ids(txn)
-    for p in labelled[1:]:
+        rest = []
+    for p in rest:
         holds, known = p.matcher(), values(p.key, candidates)
         candidates = [id for id in candidates if holds(known.get(id))]
-    if any(p.key == OBS_KEY and p.op is None for p in query.predicates):
+    if wants_obs:
         candidates = [id for id in candidates if catalog.snapshot(txn, id).obs is not None]
     if query.sort is not None:
         known = values(query.sort, candidates)
         candidates = _sorted_by_label(candidates, known, query.descending, query.limit)
     return candidates if query.limit is None else candidates[: query.limit]
+
+
+def _bounds(p: Predicate) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]] | None:
+    """The [low, high) sort bytes of the values satisfying ``p``: among the label's numbers,
+    and among its other values (compared as text). None when ``p`` is no such range
+    (``has:``, ``!=``, a comparison with a word: numbers then compare as text)."""
+    number = label_number(p.value)
+    if p.op is None or p.op == "!=" or number is None:
+        return None
+    at = NUMBER_TAG + number_bytes(number)
+    text = TEXT_TAG + p.value.encode()
+    after_at, after_text = at + b"\1", text + b"\1"  # past every "<at>\0<id>"
+    return {
+        "<": ((NUMBER_TAG, at), (TEXT_TAG, text)),
+        "<=": ((NUMBER_TAG, after_at), (TEXT_TAG, after_text)),
+        ">": ((after_at, TEXT_TAG), (after_text, AFTER_TEXT)),
+        ">=": ((at, TEXT_TAG), (text, AFTER_TEXT)),
+        "=": ((at, after_at), (text, after_text)),
+    }[p.op]
+
+
+def _in_ranges(
+    catalog: Catalog, txn: lmdb.Transaction, key: str, ranges: list[Predicate]
+) -> list[str]:
+    """The ids whose label ``key`` satisfies every predicate of ``ranges`` (each with
+    ``_bounds``): the intersection of their intervals, read from the ordered index."""
+    bounds = [b for p in ranges if (b := _bounds(p)) is not None]
+    out: list[str] = []
+    for region in (0, 1):
+        low = max(b[region][0] for b in bounds)
+        high = min(b[region][1] for b in bounds)
+        if low < high:
+            out += [id for _, id in catalog.ordered(txn, key, low, high, descending=False)]
+    return out
+
+
+def _first_in_order(
+    catalog: Catalog,
+    txn: lmdb.Transaction,
+    query: FindQuery,
+    labelled: list[Predicate],
+    wants_obs: bool,
+    scope: set[str] | None,
+) -> list[str]:
+    """``find`` with ``--sort`` and ``--limit``: walk the sort key's ordered index (numbers,
+    then other values, then the snapshots without the label) and keep the first ``limit``
+    snapshots that pass every predicate."""
+    assert query.sort is not None and query.limit is not None
+    checks = [(p.key, p.matcher()) for p in labelled]
+    out: list[str] = []
+
+    def passes(id: str) -> bool:
+        return (
+            (scope is None or id in scope)
+            and all(holds(catalog.label(txn, key, id)) for key, holds in checks)
+            and (not wants_obs or catalog.snapshot(txn, id).obs is not None)
+        )
+
+    for ids in _ordered_ties(catalog, txn, query.sort, query.descending):
+        for id in ids:
+            if len(out) == query.limit:
+                return out
+            if passes(id):
+                out.append(id)
+    if len(out) < query.limit:
+        has_sort_key = {id for id, _ in catalog.labelled(txn, query.sort)}
+        pool = sorted(scope) if scope is not None else catalog.snapshot_ids(txn)
+        for id in pool:
+            if len(out) == query.limit:
+                break
+            if id not in has_sort_key and passes(id):
+                out.append(id)
+    return out
+
+
+def _ordered_ties(
+    catalog: Catalog, txn: lmdb.Transaction, key: str, descending: bool
+) -> Iterator[list[str]]:
+    """Label ``key``'s snapshot ids in sort order, numbers before other values in either
+    direction, each run of equal values as one list sorted by id."""
+    for low, high in ((NUMBER_TAG, TEXT_TAG), (TEXT_TAG, AFTER_TEXT)):
+        run: list[str] = []
+        value = b""
+        for sort_key, id in catalog.ordered(txn, key, low, high, descending=descending):
+            if run and sort_key != value:
+                yield sorted(run)
+                run = []
+            value = sort_key
+            run.append(id)
+        if run:
+            yield sorted(run)
 
 
 def _sorted_by_label(

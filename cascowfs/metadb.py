@@ -32,6 +32,7 @@ DB_NAMES = (
     b"meta",  # misc: format version, counters
     b"children",  # parent snapshot id + NUL + child id -> b"": the snapshot tree's edges
     b"labels",  # label key + NUL + snapshot id -> the label's value: find's index
+    b"label_order",  # label key + NUL + the value's sort bytes + NUL + snapshot id -> b""
 )
 
 # Databases of store formats up to 4 (object refcounts and their queue); the upgrade to

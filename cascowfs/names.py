@@ -20,6 +20,9 @@ _LABEL_VALUE_FORBIDDEN_RE = re.compile(r"[\x00-\x1f\x7f]")
 # (XATTR_LIST_MAX, XATTR_SIZE_MAX). At these caps the label names take at most
 # 128 * 85 = 10,880 bytes of the list and names plus values at most 43,648 bytes, which leaves
 # the root directory's own xattrs more than 20 KiB of the list.
+# A label value that is a decimal number (not nan, inf, hex or with spaces): find compares
+# and sorts such values as numbers.
+LABEL_NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 MAX_LABELS = 128
 MAX_LABEL_VALUE_CHARS = 4096
 MAX_LABELS_BYTES = 32768  # UTF-8 bytes of every key and value together
@@ -34,6 +37,11 @@ def _as_text(value: object, what: str) -> str:
     if not isinstance(value, str):
         raise InvalidArgumentError(f"invalid {what}: {value!r} is not a string")
     return value
+
+
+def label_number(text: str) -> float | None:
+    """The value as a number if it is one (``LABEL_NUMBER_RE``), else None."""
+    return float(text) if LABEL_NUMBER_RE.fullmatch(text) else None
 
 
 def check_name(value: object, what: str = "name") -> str:

@@ -15,11 +15,12 @@ Store layout (all on one filesystem, so renames are atomic and overlay upper/wor
 
 Every mutation follows PREPARE (WAL) -> side effects in staging, a new layer moved into
 layers/ -> APPLY (one LMDB transaction, which also marks the op applied) -> SWITCH (mount,
-unmount, directories into the trash) -> FINALIZE. The operations (import, branch, rebase,
-commit, discard, prune, and the layer rewrite behind flatten and merges) sit side by side in
-this module, each inside ``_logged_op``. ``open`` replays unfinished ops and reconciles the
-disk and the mount table with the recorded state (recovery.py); collection (collector.py),
-layer writing (layer_builder.py) and the trash (trash.py) run in threads of their own.
+unmount, directories into the trash) -> FINALIZE. The operations (import, branch, rebase and
+reset, commit, discard, prune, label, and the layer rewrite behind flatten and merges) sit side
+by side in this module, each inside ``_logged_op``. ``open`` replays unfinished ops and
+reconciles the disk and the mount table with the recorded state (recovery.py); collection
+(collector.py), layer writing (layer_builder.py) and the trash (trash.py) run in threads of
+their own.
 docs/architecture.md explains each step and which PREPAREs are flushed.
 """
 

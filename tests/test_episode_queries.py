@@ -242,6 +242,11 @@ def test_numbers_compare_as_numbers_and_the_rest_as_text(catalog):
         assert ids("--sort", "-r") == ["b", "c", "f", "a", "e", "d"]
         assert ids("--sort", "r", "--limit", "2") == ["e", "a"]
         assert ids("has:r", "r!=10", "--sort", "r") == ["e", "a", "d"]
+        assert ids("r>0", "r<10") == ["a"]  # one range of the ordered index, both bounds
+        assert ids("r>=-0.5", "r<=9", "--sort", "-r") == ["a", "e"]
+        assert ids("--sort", "-r", "--limit", "4") == ["b", "c", "f", "a"]  # ties by id
+        assert ids("--sort", "r", "--limit", "6") == ["e", "a", "b", "c", "f", "d"]
+        assert ids("r>=a", "--sort", "r", "--limit", "9") == ["d"]
 
 
 @pytest.mark.parametrize("words", [

@@ -235,6 +235,7 @@ def test_a_format_7_store_gains_its_indexes_on_open(tree):
     def as_format_7(txn):
         txn.drop(tree.db.db("children"), delete=False)
         txn.drop(tree.db.db("labels"), delete=False)
+        txn.drop(tree.db.db("label_order"), delete=False)
         txn.put(b"format", b"7", db=tree.db.db("meta"))
 
     tree.db.write(as_format_7)
@@ -244,6 +245,7 @@ def test_a_format_7_store_gains_its_indexes_on_open(tree):
             assert sm.catalog.format(txn) == str(STORE_FORMAT).encode()
         assert sm.children("a") == ["b"]
         assert sm.find(FindQuery(predicates=(_has("action"),), sort="reward")) == ["b", "a"]
+        assert sm.find(FindQuery(sort="reward", descending=True, limit=2)) == ["a", "b"]
 
 
 def test_records_without_an_observation_keep_their_bytes(tree):

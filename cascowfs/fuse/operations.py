@@ -866,7 +866,8 @@ class CascowOperations(pyfuse3.Operations):
     @staticmethod
     def _permitted(handle: CtlHandle, buf: bytes) -> wire.Command:
         """The command in ``buf`` if this open file may send it: queries anyone, changes
-        root and the admin group (EPERM before any parse error, as before queries existed)."""
+        root and the admin group. A malformed command from anyone else is EPERM too, the
+        answer every change of theirs gets."""
         if handle.admin:
             return wire.parse_command(buf)
         refused = PermissionDeniedError("only root or the admin group may change state")
