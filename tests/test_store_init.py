@@ -163,6 +163,6 @@ def test_mount_makes_a_store_of_an_empty_directory():
         try:
             fs.start()
             assert is_store(fs.store)
-            assert sorted(os.listdir(fs.mnt)) == ["branches", "ctl", "snapshots"]
+            assert sorted(os.listdir(fs.mnt)) == ["branches", "ctl", "episodes", "observations", "snapshots"]
         finally:
             fs.teardown()
