@@ -13,8 +13,8 @@ Predicate grammar (one word each; every predicate must hold)::
     has:KEY                       the label is set (has:obs: a large observation is stored)
 
 A comparison is numeric when both the label's value and VALUE are decimal numbers
-(``NUMBER_RE``), else it compares the strings by code point; a snapshot without the label
-matches no comparison. ``--sort [-]KEY`` orders by a label (numbers before other strings,
+(``names.LABEL_NUMBER_RE``), else it compares the strings by code point; a snapshot without
+the label matches no comparison. ``--sort [-]KEY`` orders by a label (numbers before other strings,
 snapshots without it last, ties by id); without it the ids come in id order.
 """
 
@@ -33,7 +33,6 @@ from .catalog import AFTER_TEXT, NUMBER_TAG, TEXT_TAG, number_bytes
 from .errors import InvalidArgumentError
 from .names import (
     LABEL_KEY_PATTERN,
-    LABEL_NUMBER_RE,
     check_label_value,
     check_snapshot_id,
     label_number,
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
 
 # A label named this is the observation's place (``commit ... obs=@/path``), never a label.
 OBS_KEY = "obs"
-NUMBER_RE = LABEL_NUMBER_RE
 _COMPARISON_RE = re.compile(rf"({LABEL_KEY_PATTERN})(<=|>=|!=|=|<|>)(.*)", re.DOTALL)
 _OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
     "=": operator.eq,
@@ -57,9 +55,6 @@ _OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
     ">=": operator.ge,
 }
 MAX_LIMIT = 1 << 31
-
-
-_number = label_number
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,19 +68,17 @@ class Predicate:
     def word(self) -> str:
         return f"has:{self.key}" if self.op is None else f"{self.key}{self.op}{self.value}"
 
-    def holds(self, actual: str | None) -> bool:
-        return self.matcher()(actual)
-
     def matcher(self) -> Callable[[str | None], bool]:
-        """``holds`` with the right-hand side parsed once (a query tests thousands of values)."""
+        """Whether a label's value (None: no such label) satisfies the predicate; the
+        right-hand side is parsed once, as a query may test thousands of values."""
         if self.op is None:
             return lambda actual: actual is not None
-        compare, text, number = _OPERATORS[self.op], self.value, _number(self.value)
+        compare, text, number = _OPERATORS[self.op], self.value, label_number(self.value)
 
         def holds(actual: str | None) -> bool:
             if actual is None:
                 return False
-            left = _number(actual) if number is not None else None
+            left = label_number(actual) if number is not None else None
             if left is not None:
                 return compare(left, number)
             return compare(actual, text)
@@ -360,7 +353,7 @@ def _sorted_by_label(
     sign = -1.0 if descending else 1.0
     for id in ids:
         value = known.get(id)
-        number = _number(value) if value is not None else None
+        number = label_number(value) if value is not None else None
         if value is None:
             missing.append(id)
         elif number is not None:

@@ -11,10 +11,11 @@ import pytest
 from hypothesis import given, strategies as st
 
 from cascowfs.catalog import Catalog, Observation, SnapshotRecord
-from cascowfs.episodes import (NUMBER_RE, FindQuery, Predicate, descendants, find, parse_find,
+from cascowfs.episodes import (FindQuery, Predicate, descendants, find, parse_find,
                                parse_predicate)
 from cascowfs.errors import InvalidArgumentError, NotFoundError
 from cascowfs.metadb import MetaDB
+from cascowfs.names import LABEL_NUMBER_RE as NUMBER_RE
 from cascowfs.names import check_labels, parse_labels
 
 from conftest import hypothesis_settings
