@@ -229,7 +229,8 @@ def drop_caches() -> None:
 def leaks(parent: str | None = None) -> list[str]:
     """Mounts and loop devices of scratch filesystems (made under `parent`) still around."""
     mine = os.path.realpath(parent or IMAGE_PARENT) + "/cascowfs-"
-    out = [line for line in Path("/proc/mounts").read_text().splitlines() if mine in line]
+    table = Path("/proc/mounts").read_text(errors="surrogateescape")
+    out = [line for line in table.splitlines() if mine in line]
     r = _run("losetup", "-a", check=False)
     out += [ln for ln in r.stdout.splitlines() if mine in ln]
     return out
