@@ -14,15 +14,15 @@ _LABEL_KEY_RE = re.compile(LABEL_KEY_PATTERN)
 RESERVED_LABEL_KEYS = frozenset({"obs"})
 # C0 controls and DEL: a label is shown on one line by `cascowfs ls`/`log` and by getfattr.
 _LABEL_VALUE_FORBIDDEN_RE = re.compile(r"[\x00-\x1f\x7f]")
+# A label value that is a decimal number (not nan, inf, hex or with spaces): find compares
+# and sorts such values as numbers.
+LABEL_NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
 # A snapshot root serves every label as the xattr user.cascowfs.label.<key>, beside the other
 # recorded names, and the kernel refuses a listxattr list or an xattr value over 64 KiB
 # (XATTR_LIST_MAX, XATTR_SIZE_MAX). At these caps the label names take at most
 # 128 * 85 = 10,880 bytes of the list and names plus values at most 43,648 bytes, which leaves
 # the root directory's own xattrs more than 20 KiB of the list.
-# A label value that is a decimal number (not nan, inf, hex or with spaces): find compares
-# and sorts such values as numbers.
-LABEL_NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 MAX_LABELS = 128
 MAX_LABEL_VALUE_CHARS = 4096
 MAX_LABELS_BYTES = 32768  # UTF-8 bytes of every key and value together
