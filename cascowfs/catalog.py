@@ -1,7 +1,7 @@
 """The catalog: every LMDB record of the store other than CAS objects, typed.
 
-The metadata database holds five named databases. ``objects`` belongs to the CAS
-(``cas.py``); this module owns the other four and is the one place that knows how their
+The metadata database holds eight named databases. ``objects`` belongs to the CAS
+(``cas.py``); this module owns the others and is the one place that knows how their
 records are laid out:
 
 - ``snapshots``: snapshot id -> ``SnapshotRecord`` (its tree, its parent, its layer chain);
@@ -10,7 +10,13 @@ records are laid out:
 - ``layers``: layer id -> ``LayerRecord`` (the tree a layer directory shows, how many chains
   name it, and for a commit's delta layer not written yet what it is the difference from);
 - ``meta``: the store format, the page cache id and the ``Counter``s;
-- ``ops``: the operations whose APPLY transaction committed (``wal.py``'s protocol).
+- ``ops``: the operations whose APPLY transaction committed (``wal.py``'s protocol);
+- ``children``, ``labels`` and ``label_order``: indexes of the snapshot records, kept by
+  ``put_snapshot`` and ``delete_snapshot`` in the transaction that changes the record: the
+  snapshot tree's edges (``<parent>\0<child>``; a snapshot without parent under the empty id),
+  every label (``<key>\0<id>`` -> value), and every label again in the order ``find`` sorts
+  by (``<key>\0<sort bytes>\0<id>``, ``sort_bytes``), so that ``find`` and ``children``
+  read only what they ask for.
 
 Records are JSON objects with sorted keys and no spaces, so that a store written by any
 version since format 5 reads and rewrites byte for byte the same; the dataclasses are frozen,
@@ -21,14 +27,16 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
 import lmdb
 
 from .errors import NotFoundError, StoreIOError
+from .names import label_number
 
 log = logging.getLogger("cascowfs.catalog")
 
@@ -37,8 +45,10 @@ log = logging.getLogger("cascowfs.catalog")
 # keyed by object (3 kept it in arrival order), and large directories are stored as pages;
 # 5: objects carry no refcounts, a mark-and-sweep collector deletes what no live root reaches;
 # 6: tree objects may be stored compressed (format 5's plain ones still read); 7: chunk lists
-# may hold holes (format 6's zero chunks still read, and layers skip them).
-STORE_FORMAT = 7
+# may hold holes (format 6's zero chunks still read, and layers skip them); 10: the children
+# and labels indexes, and snapshots may carry a large observation.
+STORE_FORMAT = 10
+INDEXED_FORMAT = 10  # the first format whose stores keep the children and labels indexes
 
 
 class Counter(Enum):
@@ -51,6 +61,18 @@ class Counter(Enum):
 
 
 @dataclass(frozen=True)
+class Observation:
+    """A snapshot's large observation: a file's bytes in the CAS beside its tree, with the
+    owner and mode of the file it was read from (``MNT/observations/<id>`` shows them)."""
+
+    ref: str  # hex content id (empty for empty content)
+    size: int
+    mode: int  # permission bits
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
 class SnapshotRecord:
     root: str  # hex id of the superroot: a one-entry tree holding the root directory
     parent: str | None
@@ -59,6 +81,7 @@ class SnapshotRecord:
     files: int
     size: int
     labels: dict[str, str] = field(default_factory=dict)
+    obs: Observation | None = None
 
 
 @dataclass(frozen=True)
@@ -86,22 +109,54 @@ class LayerRecord:
     below: str | None = None
 
 
+# A label's sort bytes: numbers first, by value (an IEEE double made to sort as bytes), then
+# every other value by its UTF-8 bytes, which sort as its code points do.
+NUMBER_TAG, TEXT_TAG, AFTER_TEXT = b"\x01", b"\x02", b"\x03"
+
+
+def sort_bytes(value: str) -> bytes:
+    """Where ``value`` sorts among a label's values (``label_order``)."""
+    number = label_number(value)
+    if number is None:
+        return TEXT_TAG + value.encode("utf-8", "surrogateescape")
+    return NUMBER_TAG + number_bytes(number)
+
+
+def number_bytes(number: float) -> bytes:
+    """8 bytes that sort as ``number`` does (-0.0 as 0.0)."""
+    raw = struct.pack(">d", number + 0.0)
+    if raw[0] & 0x80:  # negative: every bit flipped, so that larger magnitudes sort first
+        return bytes(b ^ 0xFF for b in raw)
+    return bytes([raw[0] | 0x80]) + raw[1:]
+
+
+def _order_key(key: str, value: str, id: str) -> bytes:
+    # label values hold no control character, so no NUL: the last NUL ends the sort bytes
+    return key.encode() + b"\0" + sort_bytes(value) + b"\0" + id.encode()
+
+
+def _pair(first: str, second: str) -> bytes:
+    """An index key: ids, names and label keys never hold a NUL, so it splits unambiguously."""
+    return first.encode() + b"\0" + second.encode()
+
+
 def _dump(record: dict[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
 
 
 def encode_snapshot(rec: SnapshotRecord) -> bytes:
-    return _dump(
-        {
-            "root": rec.root,
-            "parent": rec.parent,
-            "created_ns": rec.created_ns,
-            "labels": rec.labels,
-            "layers": rec.layers,
-            "files": rec.files,
-            "size": rec.size,
-        }
-    )
+    d: dict[str, Any] = {
+        "root": rec.root,
+        "parent": rec.parent,
+        "created_ns": rec.created_ns,
+        "labels": rec.labels,
+        "layers": rec.layers,
+        "files": rec.files,
+        "size": rec.size,
+    }
+    if rec.obs is not None:  # the only records with the key: others read as format 9 wrote them
+        d["obs"] = asdict(rec.obs)
+    return _dump(d)
 
 
 def decode_snapshot(raw: bytes) -> SnapshotRecord:
@@ -114,6 +169,7 @@ def decode_snapshot(raw: bytes) -> SnapshotRecord:
         files=d["files"],
         size=d["size"],
         labels=dict(d.get("labels") or {}),
+        obs=Observation(**d["obs"]) if d.get("obs") else None,
     )
 
 
@@ -172,6 +228,9 @@ class Catalog:
         self._layers = dbs["layers"]
         self._meta = dbs["meta"]
         self._ops = dbs["ops"]
+        self._children = dbs["children"]
+        self._labels = dbs["labels"]
+        self._label_order = dbs["label_order"]
 
     # -- snapshots --------------------------------------------------------------------
     def snapshot(self, txn: lmdb.Transaction, id: str) -> SnapshotRecord:
@@ -198,9 +257,11 @@ class Catalog:
                 continue
             yield bytes(key).decode(), rec
 
-    def snapshot_ids(self, txn: lmdb.Transaction) -> Iterator[str]:
-        for key in txn.cursor(db=self._snapshots).iternext(keys=True, values=False):
-            yield bytes(key).decode()
+    def snapshot_ids(self, txn: lmdb.Transaction) -> list[str]:
+        return [
+            bytes(k).decode()
+            for k in txn.cursor(db=self._snapshots).iternext(keys=True, values=False)
+        ]
 
     def snapshot_count(self, txn: lmdb.Transaction) -> int:
         return txn.stat(self._snapshots)["entries"]
@@ -209,10 +270,118 @@ class Catalog:
         return txn.stat(self._branches)["entries"]
 
     def put_snapshot(self, txn: lmdb.Transaction, id: str, rec: SnapshotRecord) -> None:
+        old = txn.get(id.encode(), db=self._snapshots)
+        if old is not None:
+            self._unindex(txn, id, decode_snapshot(old))
         txn.put(id.encode(), encode_snapshot(rec), db=self._snapshots)
+        self._index(txn, id, rec)
 
     def delete_snapshot(self, txn: lmdb.Transaction, id: str) -> None:
+        old = txn.get(id.encode(), db=self._snapshots)
+        if old is not None:
+            self._unindex(txn, id, decode_snapshot(old))
         txn.delete(id.encode(), db=self._snapshots)
+
+    # -- the indexes of snapshot records ------------------------------------------------
+    def _index(self, txn: lmdb.Transaction, id: str, rec: SnapshotRecord) -> None:
+        txn.put(_pair(rec.parent or "", id), b"", db=self._children)
+        for key, val in rec.labels.items():
+            txn.put(_pair(key, id), val.encode("utf-8", "surrogateescape"), db=self._labels)
+            txn.put(_order_key(key, val, id), b"", db=self._label_order)
+
+    def _unindex(self, txn: lmdb.Transaction, id: str, rec: SnapshotRecord) -> None:
+        txn.delete(_pair(rec.parent or "", id), db=self._children)
+        for key, val in rec.labels.items():
+            txn.delete(_pair(key, id), db=self._labels)
+            txn.delete(_order_key(key, val, id), db=self._label_order)
+
+    def rebuild_indexes(self, txn: lmdb.Transaction) -> None:
+        """Index every snapshot record afresh (the upgrade to format 10)."""
+        txn.drop(self._children, delete=False)
+        txn.drop(self._labels, delete=False)
+        txn.drop(self._label_order, delete=False)
+        for id, rec in self.snapshots(txn, skip_damaged=True):
+            self._index(txn, id, rec)
+
+    def index_mismatches(self, txn: lmdb.Transaction) -> list[str]:
+        """Index entries that disagree with the snapshot records: missing, stale or with
+        another value (fsck)."""
+        want_children: set[bytes] = set()
+        want_labels: dict[bytes, bytes] = {}
+        want_order: set[bytes] = set()
+        for id, rec in self.snapshots(txn, skip_damaged=True):
+            want_children.add(_pair(rec.parent or "", id))
+            for key, val in rec.labels.items():
+                want_labels[_pair(key, id)] = val.encode("utf-8", "surrogateescape")
+                want_order.add(_order_key(key, val, id))
+        have_children = {
+            bytes(k) for k in txn.cursor(db=self._children).iternext(keys=True, values=False)
+        }
+        have_labels = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._labels)}
+        have_order = {
+            bytes(k) for k in txn.cursor(db=self._label_order).iternext(keys=True, values=False)
+        }
+        out = [
+            f"children index entry {key!r} is {'missing' if key in want_children else 'stale'}"
+            for key in sorted(want_children ^ have_children)
+        ]
+        out += [
+            f"label order entry {key!r} is {'missing' if key in want_order else 'stale'}"
+            for key in sorted(want_order ^ have_order)
+        ]
+        out += [
+            f"labels index entry {key!r} is {have_labels.get(key)!r}, the record says "
+            f"{want_labels.get(key)!r}"
+            for key in sorted(want_labels.keys() | have_labels.keys())
+            if want_labels.get(key) != have_labels.get(key)
+        ]
+        return out
+
+    def children(self, txn: lmdb.Transaction, parent: str | None) -> list[str]:
+        """The ids of the snapshots whose parent is ``parent`` (None: those without one),
+        sorted."""
+        return [id for id, _ in self._with_prefix(txn, self._children, parent or "")]
+
+    def labelled(self, txn: lmdb.Transaction, key: str) -> Iterator[tuple[str, str]]:
+        """(snapshot id, value) of every snapshot carrying label ``key``, by id."""
+        for id, raw in self._with_prefix(txn, self._labels, key):
+            yield id, raw.decode("utf-8", "surrogateescape")
+
+    def ordered(
+        self, txn: lmdb.Transaction, key: str, low: bytes, high: bytes, *, descending: bool
+    ) -> Iterator[tuple[bytes, str]]:
+        """(sort bytes, snapshot id) of label ``key``'s values whose sort bytes lie in
+        [``low``, ``high``), ascending (ties by id) or descending (ties by id descending)."""
+        prefix = key.encode() + b"\0"
+        start, stop = prefix + low, prefix + high
+        cursor = txn.cursor(db=self._label_order)
+        if descending:
+            placed = cursor.prev() if cursor.set_range(stop) else cursor.last()
+            entries = cursor.iterprev(keys=True, values=False) if placed else iter(())
+        else:
+            placed = cursor.set_range(start)
+            entries = cursor.iternext(keys=True, values=False) if placed else iter(())
+        for raw in entries:
+            if not start <= raw < stop:
+                return
+            cut = raw.rindex(b"\0")
+            yield raw[len(prefix) : cut], raw[cut + 1 :].decode()
+
+    def label(self, txn: lmdb.Transaction, key: str, id: str) -> str | None:
+        raw = txn.get(_pair(key, id), db=self._labels)
+        return bytes(raw).decode("utf-8", "surrogateescape") if raw is not None else None
+
+    @staticmethod
+    def _with_prefix(txn: lmdb.Transaction, db: Any, prefix: str) -> Iterator[tuple[str, bytes]]:
+        start = prefix.encode() + b"\0"
+        skip = len(start)
+        cursor = txn.cursor(db=db)
+        if not cursor.set_range(start):
+            return
+        for key, value in cursor:  # bytes already: the environment hands out no buffers
+            if not key.startswith(start):
+                return
+            yield key[skip:].decode(), value
 
     # -- branches ---------------------------------------------------------------------
     def branch(self, txn: lmdb.Transaction, name: str) -> BranchRecord:
@@ -312,11 +481,16 @@ class Catalog:
 
     # -- what keeps objects alive -----------------------------------------------------
     def live_roots(self, txn: lmdb.Transaction) -> Iterator[bytes]:
-        """Every object that roots the live set: snapshot roots, branch bases, layer tops,
-        and the trees that layers not written yet are the difference from."""
+        """Every object that roots the live set: snapshot roots and observations, branch
+        bases, layer tops, and the trees that layers not written yet are the difference from."""
         # reads only the root fields: the marking child walks every record of the store
+        for _, raw in txn.cursor(db=self._snapshots):
+            d = json.loads(raw)
+            yield bytes.fromhex(d["root"])
+            obs = d.get("obs")
+            if obs and obs["ref"]:
+                yield bytes.fromhex(obs["ref"])
         for db, key in (
-            (self._snapshots, "root"),
             (self._branches, "base_root"),
             (self._layers, "top"),
             (self._layers, "below"),

@@ -47,7 +47,7 @@ def test_proc_mounts_and_root_xattrs():
         assert "default_permissions" in options and "allow_other" in options
         assert int(os.getxattr(fs.mnt, "user.cascowfs.pid")) == fs.pid
         assert os.getxattr(fs.mnt, "user.cascowfs.store").decode() == str(fs.store)
-        assert sorted(os.listdir(fs.mnt)) == ["branches", "ctl", "events", "metrics", "snapshots"]
+        assert sorted(os.listdir(fs.mnt)) == ["branches", "ctl", "episodes", "events", "metrics", "observations", "snapshots"]
 
 
 def test_sigterm_unmounts_and_branches_survive_a_restart():
@@ -123,7 +123,7 @@ def test_background_mount_is_ready_when_the_command_returns():
             t0 = time.monotonic()
             run_cli("mount", "--background", str(store), str(mnt),
                     "--log-file", str(base / "log"), timeout=60)
-            assert sorted(os.listdir(mnt)) == ["branches", "ctl", "events", "metrics", "snapshots"]
+            assert sorted(os.listdir(mnt)) == ["branches", "ctl", "episodes", "events", "metrics", "observations", "snapshots"]
             pid = int(os.getxattr(mnt, "user.cascowfs.pid"))
             assert pid != os.getpid() and processes_mentioning(str(store)) == [pid]
             assert time.monotonic() - t0 < 30

@@ -167,6 +167,6 @@ def test_mount_makes_a_store_of_an_empty_directory():
         try:
             fs.start()
             assert is_store(fs.store)
-            assert sorted(os.listdir(fs.mnt)) == ["branches", "ctl", "events", "metrics", "snapshots"]
+            assert sorted(os.listdir(fs.mnt)) == ["branches", "ctl", "episodes", "events", "metrics", "observations", "snapshots"]
         finally:
             fs.teardown()

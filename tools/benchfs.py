@@ -61,9 +61,9 @@ def mounts_below(path: str | os.PathLike[str]) -> list[str]:
     """Mount points at or below path, deepest first (from /proc/self/mountinfo)."""
     root = os.path.realpath(path)
     out = []
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
         for line in f:
-            mp = line.split()[4].encode().decode("unicode_escape")
+            mp = line.split()[4].encode(errors="surrogateescape").decode("unicode_escape")
             if mp == root or mp.startswith(root + "/"):
                 out.append(mp)
     return sorted(set(out), key=lambda p: (-p.count("/"), p))
@@ -171,7 +171,8 @@ def fs_description(path: str | os.PathLike[str]) -> dict:
     """Type, source, mount options and size of the filesystem holding path."""
     real = os.path.realpath(path)
     best = None
-    with open("/proc/self/mountinfo") as f:
+    # any mount point's name may hold bytes that are not UTF-8 (a test's hostile names)
+    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
         for line in f:
             parts = line.split()
             mp = parts[4]
@@ -228,7 +229,8 @@ def drop_caches() -> None:
 def leaks(parent: str | None = None) -> list[str]:
     """Mounts and loop devices of scratch filesystems (made under `parent`) still around."""
     mine = os.path.realpath(parent or IMAGE_PARENT) + "/cascowfs-"
-    out = [line for line in Path("/proc/mounts").read_text().splitlines() if mine in line]
+    table = Path("/proc/mounts").read_text(errors="surrogateescape")
+    out = [line for line in table.splitlines() if mine in line]
     r = _run("losetup", "-a", check=False)
     out += [ln for ln in r.stdout.splitlines() if mine in ln]
     return out
