@@ -22,13 +22,16 @@ Verb = Callable[..., argparse.ArgumentParser]
 
 def cmd_label(args: argparse.Namespace) -> int:
     with Client(args.mountpoint) as client:
-        client.label(args.id, label_words(args.labels))
+        changes = label_words(args.labels)
+        client.label(args.id, changes)
+    _emit(args, {"id": args.id, "labels": changes}, None)
     return 0
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
     with Client(args.mountpoint) as client:
         client.reset(args.name, args.id)
+    _emit(args, {"branch": args.name, "id": args.id}, None)
     return 0
 
 
@@ -42,14 +45,15 @@ def cmd_find(args: argparse.Namespace) -> int:
             ancestor=args.ancestor,
         )
     for ident in ids:
-        print(ident)
+        _emit(args, {"id": ident}, ident)
     return 0
 
 
 def cmd_children(args: argparse.Namespace) -> int:
     with Client(args.mountpoint) as client:
-        for ident in client.children(args.id):
-            print(ident)
+        kids = client.children(args.id)
+    for ident in kids:
+        _emit(args, {"id": ident}, ident)
     return 0
 
 
@@ -57,7 +61,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     with Client(args.mountpoint) as client:
         record = client.show(args.id)
     if args.json:
-        print(json.dumps(record))
+        _emit(args, record, None)
         return 0
     for key in ("id", "parent", "created_ns", "files", "size", "root", "obs"):
         value = record[key]
@@ -84,30 +88,41 @@ def cmd_tree(args: argparse.Namespace) -> int:
         roots = [args.id]
     else:
         roots = children.get(None, [])
-    for line in _tree_lines(roots, children, by_id, args.labels):
-        print(line)
+    for ident, depth, lead in _tree_walk(roots, children):
+        ep = by_id[ident]
+        labels = ep["labels"]
+        shown = sorted(labels) if args.labels is None else [k for k in args.labels if k in labels]
+        words = " ".join(f"{k}={quote(labels[k])}" for k in shown)
+        record = {
+            "id": ident,
+            "parent": ep["parent"],
+            "depth": depth,
+            "labels": {k: labels[k] for k in shown},
+        }
+        _emit(args, record, f"{lead}{ident}  {words}".rstrip())
     return 0
 
 
-def _tree_lines(
-    roots: list[str],
-    children: dict[str | None, list[str]],
-    by_id: dict[str, dict],
-    keys: list[str] | None,
-) -> Iterator[str]:
-    """``tree(1)``-style lines, depth first, without recursion (a search tree is deep)."""
-    stack: list[tuple[str, str, str]] = [(r, "", "") for r in reversed(roots)]
+def _tree_walk(
+    roots: list[str], children: dict[str | None, list[str]]
+) -> Iterator[tuple[str, int, str]]:
+    """(id, depth, ``tree(1)``-style lead) depth first, without recursion (a search tree is
+    deep)."""
+    stack: list[tuple[str, int, str, str]] = [(r, 0, "", "") for r in reversed(roots)]
     while stack:
-        ident, lead, below = stack.pop()
-        labels = by_id[ident]["labels"]
-        shown = sorted(labels) if keys is None else [k for k in keys if k in labels]
-        words = " ".join(f"{k}={quote(labels[k])}" for k in shown)
-        yield f"{lead}{ident}  {words}".rstrip()
+        ident, depth, lead, below = stack.pop()
+        yield ident, depth, lead
         kids = children.get(ident, [])
         for i, kid in reversed(list(enumerate(kids))):
             last = i == len(kids) - 1
             branch, rule = ("└── ", "    ") if last else ("├── ", "│   ")
-            stack.append((kid, below + branch, below + rule))
+            stack.append((kid, depth + 1, below + branch, below + rule))
+
+
+def _emit(args: argparse.Namespace, record: dict, text: str | None) -> None:
+    from .cli import emit  # here: cli imports this module
+
+    emit(args, record, text)
 
 
 def cmd_episodes(args: argparse.Namespace) -> int:
@@ -183,7 +198,6 @@ def add_verbs(verb: Verb) -> None:
     p = verb("show", cmd_show, "a snapshot's record, labels, observation size and children")
     p.add_argument("mountpoint", metavar="MNT")
     p.add_argument("id", metavar="ID")
-    p.add_argument("--json", action="store_true", help="one JSON object")
 
     p = verb(
         "episodes",
@@ -192,6 +206,7 @@ def add_verbs(verb: Verb) -> None:
         "One object per snapshot, oldest first: id, parent, created, created_ns, labels, "
         "files, size, root, obs. --with-diff adds 'changes', the change list against the "
         "parent (as `diff --json` gives it).",
+        json_help="accepted for symmetry: the output is JSON Lines already",
     )
     p.add_argument("mountpoint", metavar="MNT")
     p.add_argument("-o", "--output", metavar="FILE", help="write there (default: stdout)")

@@ -11,6 +11,7 @@ import stat
 import pytest
 
 from cascowfs import Client
+from cascowfs.cli import exit_status
 from cascowfs.errors import BusyError, InvalidArgumentError, NotFoundError
 from fusehelpers import mounted, needs_fuse, run_cli
 
@@ -122,7 +123,7 @@ def test_show_and_tree(fs):
     below = run_cli("tree", str(fs.mnt), "s1", "--labels", "none").stdout.splitlines()
     assert below == ["s1", "└── s2"]
     missing = run_cli("tree", str(fs.mnt), "nope", check=False)
-    assert missing.returncode == 1 and "ENOENT" in missing.stderr
+    assert missing.returncode == exit_status(errno.ENOENT) and "ENOENT" in missing.stderr
 
 
 def test_reset_through_client_and_cli_drops_changes(fs):

@@ -186,7 +186,9 @@ def test_metrics_reads_to_eof_with_cat_and_is_read_only(fs):
         for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
             assert err_of(os.open, fs.mnt / name, flags) == errno.EACCES, (name, flags)
         assert err_of(os.unlink, fs.mnt / name) == errno.EPERM
-    assert sorted(os.listdir(fs.mnt)) == ["branches", "ctl", "events", "metrics", "snapshots"]
+    assert sorted(os.listdir(fs.mnt)) == [
+        "branches", "ctl", "episodes", "events", "metrics", "observations", "snapshots"
+    ]
 
 
 # -- MNT/events --------------------------------------------------------------------------------
