@@ -12,9 +12,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import conftest
-from conftest import assert_same_view, check_live, dir_view, needs_overlay, snapshot_view
+from conftest import (
+    assert_same_view,
+    check_live,
+    dir_view,
+    hypothesis_settings,
+    needs_overlay,
+    snapshot_view,
+)
 from cascowfs import images, overlay
 from cascowfs.state import StateManager
 from cascowfs.tuning import Tuning
@@ -194,3 +203,50 @@ def test_a_sparse_tree_stays_a_directory_layer(tmp_path):
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="layer images 'zfs'"):
         images.detect("zfs")
+
+
+# names and xattr values a branch may create: any byte but "/" and NUL, up to NAME_MAX
+_names = st.binary(min_size=1, max_size=255).filter(
+    lambda n: b"/" not in n and b"\0" not in n and n not in (b".", b"..")
+)
+_xattrs = st.dictionaries(
+    st.binary(min_size=1, max_size=40).filter(lambda k: b"\0" not in k).map(
+        lambda k: b"user." + k
+    ),
+    st.binary(max_size=3000),
+    max_size=3,
+)
+
+
+@given(
+    entries=st.lists(st.tuples(_names, st.binary(max_size=5000), _xattrs), max_size=12),
+    deleted=st.integers(0, 12),
+)
+@hypothesis_settings(15)
+def test_any_names_and_xattrs_round_trip_through_images(tmp_path_factory, entries, deleted):
+    _needs(images.FILE_BACKED)
+    base = tmp_path_factory.mktemp("names")
+    src = base / "src"
+    (src / "dir").mkdir(parents=True)
+    made = []
+    for name, content, xattrs in entries:
+        path = os.path.join(os.fsencode(src / "dir"), name)
+        if os.path.lexists(path):
+            continue
+        with open(path, "wb") as f:
+            f.write(content)
+        for key, value in xattrs.items():
+            os.setxattr(path, key, value)
+        made.append(name)
+    with conftest.open_store(base / "store", tuning=Tuning(layer_images="erofs")) as sm:
+        sm.import_tree(src, "base")
+        tree = sm.create_branch("b", "base").tree
+        for name in made[:deleted]:  # whiteouts of hostile names in the commit's image
+            os.unlink(os.path.join(os.fsencode(tree / "dir"), name))
+        sm.commit("b", "next")
+        sm.settle()
+        assert all(sm.layers.is_image(lid) for lid in _chain(sm, "next"))
+        for sid in ("base", "next"):
+            other = sm.create_branch(f"on-{sid}", sid).tree
+            assert_same_view(dir_view(other), snapshot_view(sm, sid), f"branch on {sid}")
+        check_live(sm, deep=True)
