@@ -50,7 +50,9 @@ class ImageError(StoreIOError):
 
 
 def build(tree: Path, image: Path, *, compress: bool) -> None:
-    """Write the EROFS image of directory ``tree`` to ``image`` and fsync it.
+    """Write the EROFS image of directory ``tree`` to ``image``. It reaches the disk as a
+    layer directory does: by the store's background syncfs, and a layer recorded after the
+    last one is rebuilt if the page cache is lost (``durability.py``).
 
     Every attribute the layer directory holds goes into the image: owners, modes, mtimes in
     nanoseconds (``--preserve-mtime``: extended inodes where a file's mtime is not the
@@ -72,11 +74,6 @@ def build(tree: Path, image: Path, *, compress: bool) -> None:
     if run.returncode != 0:
         detail = run.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
         raise ImageError(f"mkfs.erofs {image} from {tree} failed: {detail[0]}")
-    fd = os.open(image, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def find_sparse_file(tree: Path) -> Path | None:

@@ -54,6 +54,7 @@ class LayerBuilder:
         gate: OpGate,
         note_garbage: Callable[[lmdb.Transaction], None],
         image_mode: str = images.DIRECTORIES,
+        empty_trash_soon: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.image_mode = image_mode  # ``images.detect``: how layer images mount here
@@ -68,6 +69,7 @@ class LayerBuilder:
         self._trash = trash
         self._gate = gate
         self._note_garbage = note_garbage
+        self._empty_trash_soon = empty_trash_soon
         # Delta layers of commits not written yet (``build``), each with the lock its one
         # writer holds; and the queue of the thread that writes them.
         self._unbuilt: dict[str, threading.Lock] = {}
@@ -153,7 +155,8 @@ class LayerBuilder:
 
     def unmount_unused(self) -> None:
         """Detach every image mount no overlay stacks (on this machine: branches, snapshot
-        views, fsck) and no ``mounted`` block holds, and remove the mount points left over."""
+        views, fsck) and no ``mounted`` block holds, and remove the mount points of layers
+        that are gone."""
         prefix = re.escape(f"lowerdir+={self.mounts_dir}/")
         named = re.compile(prefix + r"([^,/]+)")
         with self._mount_lock:
@@ -168,11 +171,17 @@ class LayerBuilder:
                 if lid is not None and lid not in keep:
                     overlay.unmount(Path(m.target))
             for entry in os.listdir(self.mounts_dir):
-                if entry not in keep:
+                if entry not in keep and not self.is_image(entry):
                     try:
                         os.rmdir(self.mounts_dir / entry)
                     except OSError:
                         pass  # still a mount point (a stacked mount left over): the next round
+
+    def _make_mount_point(self, lid: str) -> None:
+        """An image layer's mount point, made when the image is placed: mounting it later
+        (a branch on a full disk) then allocates nothing."""
+        if self.is_image(lid):
+            (self.mounts_dir / lid).mkdir(mode=0o700, exist_ok=True)
 
     def add_refs(self, txn: lmdb.Transaction, chain: list[str], delta: int) -> list[str]:
         """Adjust layer refcounts; layers that drop to zero lose their record and their
@@ -235,7 +244,7 @@ class LayerBuilder:
         self.seal(staged, compress=compress)
 
     def seal(self, staged: Path, *, compress: bool) -> None:
-        """Turn the layer directory ``staged`` into its EROFS image, written, synced and
+        """Turn the layer directory ``staged`` into its EROFS image, written beside it and
         renamed to ``staged``; the directory goes. Where images do not mount, where the tree
         holds a sparse file, or where mkfs.erofs fails on it, the layer stays the directory."""
         if self.image_mode == images.DIRECTORIES:
@@ -260,7 +269,9 @@ class LayerBuilder:
             self._trash.put(tree)
             raise
         os.rename(image, staged)
-        layerfs.remove_trees([tree])
+        # deleted in the background: a child rm at nice 19 starves behind a busy machine
+        self._trash.put(tree)
+        self._empty_trash_soon()
 
     def place(self, staged: Path, lid: str, what: str) -> None:
         """Move a finished layer into layers/ *before* the transaction that records it (or,
@@ -269,6 +280,7 @@ class LayerBuilder:
         transaction commits); an unrecorded one is swept as trash."""
         with disk_errors(what):
             os.rename(staged, self.layers_dir / lid)
+            self._make_mount_point(lid)
 
     # -- commits' delta layers, written after the commit -------------------------------
     def expect(self, lid: str) -> None:
@@ -478,6 +490,7 @@ class LayerBuilder:
                     self._unmount_image(lid)
                     self._trash.put(self.layers_dir / lid)  # a missing one is ignored
                     os.rename(staged, self.layers_dir / lid)
+                    self._make_mount_point(lid)
                 bar(1)
             with disk_errors("rebuilding layers"):
                 durability.fsync_dir(self.layers_dir)

@@ -228,6 +228,7 @@ class StateManager:
                 self._ops,
                 self.collector.note_garbage,
                 images.detect(tuning.layer_images),
+                lambda: self._background.put(EmptyTrash()),
             )
             log.info("%s: layers mount as %s", self.store, self.layers.image_mode)
             recovery.check_format(self, read_only=not recover)
