@@ -15,7 +15,6 @@ at open (``detect``):
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -36,6 +35,8 @@ AUTO = "auto"
 
 # A file bigger than this with fewer bytes allocated than its size has holes (the CAS's grid).
 HOLE_GRID = 65536
+# The most xattr bytes (names and values) of one entry that mkfs.erofs 1.5 writes right.
+MAX_XATTR_BYTES = 3072
 # Compression for a layer that shows a whole tree or many commits (full and merged layers):
 # lz4 halves a source tree's image for ~3x the CPU of an uncompressed one; lz4hc saves
 # another tenth for ~70x (docs/architecture.md, *Decisions*).
@@ -76,9 +77,12 @@ def build(tree: Path, image: Path, *, compress: bool) -> None:
         raise ImageError(f"mkfs.erofs {image} from {tree} failed: {detail[0]}")
 
 
-def find_sparse_file(tree: Path) -> Path | None:
-    """A file under ``tree`` with holes (fewer bytes allocated than its size), if any."""
-    dirs = [os.fspath(tree)]
+def why_not_an_image(tree: Path) -> str | None:
+    """Why the layer directory ``tree`` must stay a directory (None: it may be an image):
+    mkfs.erofs 1.5 writes a hole's zeros (reading 16 GiB of them for a 16 GiB disk image),
+    and writes an entry with more than ``MAX_XATTR_BYTES`` of xattrs into an image that
+    answers EUCLEAN."""
+    dirs = [os.fsencode(tree)]
     while dirs:
         with os.scandir(dirs.pop()) as it:
             for entry in it:
@@ -87,8 +91,20 @@ def find_sparse_file(tree: Path) -> Path | None:
                 elif entry.is_file(follow_symlinks=False):
                     st = entry.stat(follow_symlinks=False)
                     if st.st_size > HOLE_GRID and st.st_blocks * 512 < st.st_size:
-                        return Path(entry.path)
+                        return f"{os.fsdecode(entry.path)} is sparse"
+                if _xattr_bytes(entry.path) > MAX_XATTR_BYTES:
+                    return f"{os.fsdecode(entry.path)} has large xattrs"
     return None
+
+
+def _xattr_bytes(path: bytes) -> int:
+    total = 0
+    for name in os.listxattr(path, follow_symlinks=False):
+        try:
+            total += len(name) + len(os.getxattr(path, name, follow_symlinks=False))
+        except OSError:
+            pass  # removed meanwhile: nothing to hold
+    return total
 
 
 def mount(image: Path, target: Path, mode: str) -> None:
@@ -122,20 +138,30 @@ def mount(image: Path, target: Path, mode: str) -> None:
         )
 
 
-@functools.cache
-def detect(wanted: str) -> str:
-    """How this machine can mount layer images: ``wanted`` unless it is ``AUTO``, else the
-    first of file-backed EROFS, a loop device, directories that works for a one-file image
-    (built and mounted in a temporary directory, once per process)."""
+def detect(wanted: str, where: Path) -> str:
+    """How layer images stored in directory ``where`` mount: ``wanted`` unless it is
+    ``AUTO``, else the first of file-backed EROFS, a loop device, directories that works for
+    a one-file image built and mounted there (once per process and filesystem: file-backed
+    mounts need the backing filesystem's support, which tmpfs lacks)."""
     if wanted in MODES:
         return wanted
     if wanted != AUTO:
         raise ValueError(f"layer images {wanted!r}: expected one of {', '.join(MODES)}, {AUTO}")
+    device = os.stat(where).st_dev
+    if device not in _PROBED:
+        _PROBED[device] = _probe(where)
+    return _PROBED[device]
+
+
+_PROBED: dict[int, str] = {}  # filesystem (st_dev) -> what ``_probe`` found there
+
+
+def _probe(where: Path) -> str:
     if _MKFS is None:
         log.warning("mkfs.erofs is missing: layers are directories (install erofs-utils)")
         return DIRECTORIES
     reasons = []
-    with tempfile.TemporaryDirectory(prefix="cascowfs-probe-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="probe-", dir=where) as tmp:
         tree, image, target = Path(tmp, "tree"), Path(tmp, "image"), Path(tmp, "mnt")
         tree.mkdir()
         (tree / "probe").write_bytes(b"probe")

@@ -246,13 +246,13 @@ class LayerBuilder:
     def seal(self, staged: Path, *, compress: bool) -> None:
         """Turn the layer directory ``staged`` into its EROFS image, written beside it and
         renamed to ``staged``; the directory goes. Where images do not mount, where the tree
-        holds a sparse file, or where mkfs.erofs fails on it, the layer stays the directory."""
+        holds what mkfs.erofs cannot write (``images.why_not_an_image``), or where it fails,
+        the layer stays the directory."""
         if self.image_mode == images.DIRECTORIES:
             return
-        sparse = images.find_sparse_file(staged)
-        if sparse is not None:
-            # mkfs.erofs 1.5 reads a hole's zeros, 16 GiB of them for a 16 GiB disk image
-            log.info("%s: %s is sparse; its layer stays a directory", self.store, sparse)
+        why = images.why_not_an_image(staged)
+        if why is not None:
+            log.info("%s: %s; its layer stays a directory", self.store, why)
             return
         tree = _tree_of(staged)
         image = staged.with_name(staged.name + ".image")

@@ -227,7 +227,7 @@ class StateManager:
                 self.trash,
                 self._ops,
                 self.collector.note_garbage,
-                images.detect(tuning.layer_images),
+                images.detect(tuning.layer_images, self.staging_dir),
                 lambda: self._background.put(EmptyTrash()),
             )
             log.info("%s: layers mount as %s", self.store, self.layers.image_mode)
