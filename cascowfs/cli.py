@@ -203,6 +203,7 @@ def _unmount_branches(store: Path) -> None:
         raise
     except CascowfsError as exc:
         overlay.unmount_under(store / "branches")
+        overlay.unmount_under(store / "mounts")  # the layer images the branches stacked
         print(
             f"cascowfs umount: {exc.message}; its branch mounts were detached without it",
             file=sys.stderr,

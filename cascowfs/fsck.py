@@ -26,6 +26,7 @@ from pathlib import Path
 from . import overlay
 from .cas import STREAM_PIECE, children_of, identify_content
 from .catalog import INDEXED_FORMAT, LayerRecord, SnapshotRecord
+from .errors import StoreIOError
 from .model import Entry
 from .progress import progress_bar
 from .scan import ObjectSink, finalize, scan_directory
@@ -120,8 +121,8 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
         stored = layers[lid].refs if lid in layers else 0
         if stored != layer_refs[lid]:
             report.add(2, f"layer {lid} has refcount {stored}, named by {layer_refs[lid]} chains")
-        if lid in layers and layers[lid].built and not (sm.layers_dir / lid).is_dir():
-            report.add(1, f"layer {lid} is recorded but its directory is missing")
+        if lid in layers and layers[lid].built and not sm.layers.exists(lid):
+            report.add(1, f"layer {lid} is recorded but missing from layers/")
     for entry in os.listdir(sm.layers_dir):
         if entry not in layers:
             report.add(3, f"layer directory {entry} is not recorded")
@@ -138,7 +139,11 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
     # 4: mounts
     expected = {str(sm.branches_dir / name / "tree"): (name, rec) for name, rec in branches.items()}
     seen: Counter = Counter()
-    for m in overlay.mounts_under(sm.store):
+    for m in overlay.mounts_under(sm.mounts_dir):
+        lid = Path(m.target).name
+        if m.fstype != "erofs" or lid not in layers or not sm.layers.is_image(lid):
+            report.add(4, f"mount at {m.target} is not an image layer's")
+    for m in sm.branch_side_mounts():
         if m.target not in expected:
             report.add(4, f"mount at {m.target} is not named by any branch")
             continue
@@ -173,19 +178,25 @@ def _written(layers: dict[str, LayerRecord], lid: str) -> bool:
 
 
 def _check_layers(sm: StateManager, sid: str, rec: SnapshotRecord, report: FsckReport) -> None:
-    """The snapshot's layer chain, mounted read-only, must show exactly its tree."""
-    lowers = sm.lower_paths(rec.layers)
-    if len(lowers) == 1:
-        _compare_layers(sm, sid, rec, lowers[0], report)
-        return
-    with tempfile.TemporaryDirectory(prefix="cascowfs-fsck-") as mnt:
-        overlay.mount_overlay(Path(mnt), lowers, readonly=True)
-        try:
-            _compare_layers(sm, sid, rec, Path(mnt), report)
-        finally:
-            # detached lazily: a passing reader (a walk of /tmp) must not make it EBUSY and
-            # leak the mount, and nothing of ours is left inside it
-            overlay.unmount(Path(mnt))
+    """The snapshot's layer chain, its images mounted, the whole mounted read-only, must
+    show exactly its tree."""
+    try:
+        with sm.layers.mounted(rec.layers, repair=False) as lowers:
+            if len(lowers) == 1:
+                _compare_layers(sm, sid, rec, lowers[0], report)
+                return
+            with tempfile.TemporaryDirectory(prefix="cascowfs-fsck-") as mnt:
+                overlay.mount_overlay(Path(mnt), lowers, readonly=True)
+                try:
+                    _compare_layers(sm, sid, rec, Path(mnt), report)
+                finally:
+                    # detached lazily: a passing reader (a walk of /tmp) must not make it
+                    # EBUSY and leak the mount, and nothing of ours is left inside it
+                    overlay.unmount(Path(mnt))
+    except StoreIOError as exc:
+        report.add(1, f"snapshot {sid}: its layers do not mount: {exc}")
+    finally:
+        sm.layers.unmount_unused()
 
 
 def _compare_layers(

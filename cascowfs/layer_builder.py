@@ -1,4 +1,4 @@
-"""Layer directories: the native lower layers branches mount, a cache of the CAS.
+"""Layers: the native lower layers branches mount, a cache of the CAS.
 
 A layer shows a tree (with the layers under it in a chain): a full layer the whole tree, a
 delta layer its difference from the tree the layers under it show. This module writes them
@@ -6,21 +6,28 @@ from the CAS, places them in STORE/layers/, keeps their records (refcounts: how 
 name a layer), writes a commit's delta layer after the commit (in a thread of its own, or
 when a mount needs it first), rebuilds layers a power cut may have torn, and syncs them to
 the disk in the background (``durability.py``).
+
+``STORE/layers/<id>`` is an EROFS image (a file, ``images.py``), mounted read-only at
+``STORE/mounts/<id>`` once for every overlay that stacks it, or a layer directory (store
+format 7, or where the kernel mounts no EROFS image).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
+import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import lmdb
 
-from . import durability
+from . import durability, images, overlay
 from . import layers as layerfs
 from .cas import ContentStore
 from .catalog import Catalog, Counter, LayerRecord
@@ -46,9 +53,13 @@ class LayerBuilder:
         trash: Trash,
         gate: OpGate,
         note_garbage: Callable[[lmdb.Transaction], None],
+        image_mode: str = images.DIRECTORIES,
+        empty_trash_soon: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
+        self.image_mode = image_mode  # ``images.detect``: how layer images mount here
         self.layers_dir = store / "layers"
+        self.mounts_dir = store / "mounts"
         self.staging_dir = store / "staging"
         self.empty_dir = store / "empty"
         self._db = db
@@ -58,20 +69,119 @@ class LayerBuilder:
         self._trash = trash
         self._gate = gate
         self._note_garbage = note_garbage
+        self._empty_trash_soon = empty_trash_soon
         # Delta layers of commits not written yet (``build``), each with the lock its one
         # writer holds; and the queue of the thread that writes them.
         self._unbuilt: dict[str, threading.Lock] = {}
         self._builds: queue.Queue[str | None] = queue.Queue()
         self._builder: threading.Thread | None = None
         self._syncer: threading.Thread | None = None
+        # Image mounts: made and swept under one lock; a layer pinned by ``mounted`` (an
+        # overlay about to be mounted on it) is never swept.
+        self._mount_lock = threading.Lock()
+        self._pinned: collections.Counter[str] = collections.Counter()
 
     # -- paths and records -------------------------------------------------------------
     def path(self, lid: str) -> Path:
+        """Where layer ``lid`` is stored: its image file or its directory."""
         return self.layers_dir / lid
 
+    def exists(self, lid: str) -> bool:
+        return os.path.lexists(self.layers_dir / lid)
+
+    def is_image(self, lid: str) -> bool:
+        return os.path.isfile(self.layers_dir / lid)
+
     def lower_paths(self, chain: list[str]) -> list[Path]:
-        """The layer directories an overlay of ``chain`` stacks (top first)."""
-        return [self.layers_dir / lid for lid in chain] or [self.empty_dir]
+        """The directories an overlay of ``chain`` stacks (top first): an image layer's
+        mount point, a directory layer itself. Nothing is mounted here (``mounted``)."""
+        return [
+            self.mounts_dir / lid if self.is_image(lid) else self.layers_dir / lid for lid in chain
+        ] or [self.empty_dir]
+
+    # -- image mounts ------------------------------------------------------------------
+    @contextmanager
+    def mounted(self, chain: list[str], *, repair: bool = True) -> Iterator[list[Path]]:
+        """The lower directories of ``chain`` (``lower_paths``), every image among them
+        mounted and kept mounted inside the block: mount the overlay that stacks them there.
+        Once an overlay stacks an image's mount it keeps it: ``unmount_unused`` leaves it.
+        ``repair``: an image that does not mount is rebuilt from the CAS and mounted again
+        (fsck passes False, to report it)."""
+        with self._mount_lock:
+            self._pinned.update(chain)
+        try:
+            for lid in chain:
+                if self.is_image(lid):
+                    self._mount_image(lid, repair)
+            yield self.lower_paths(chain)
+        finally:
+            with self._mount_lock:
+                self._pinned.subtract(chain)
+                self._pinned += collections.Counter()  # drops the zeros
+
+    def _mount_image(self, lid: str, repair: bool) -> None:
+        target = self.mounts_dir / lid
+        with self._mount_lock:
+            if os.path.ismount(target):
+                return
+            with disk_errors(f"mounting layer {lid}"):
+                target.mkdir(mode=0o700, exist_ok=True)
+            try:
+                if self.image_mode == images.DIRECTORIES:
+                    raise images.ImageError(f"layer {lid} is an image; images do not mount here")
+                images.mount(self.path(lid), target, self.image_mode)
+                return
+            except StoreIOError as exc:
+                if not repair:
+                    raise
+                log.warning("%s: %s", self.store, exc)
+        self.rebuild({lid}, "whose image does not mount", False, lambda name: None)
+        if self.is_image(lid):
+            with self._mount_lock:
+                images.mount(self.path(lid), target, self.image_mode)
+
+    def _unmount_image(self, lid: str) -> None:
+        """Detach image ``lid``'s mount (overlays stacking it keep it alive until they go)."""
+        overlay.unmount_stacked(self.mounts_dir / lid)
+
+    def unmount_images(self, lids: list[str]) -> None:
+        """Detach the mounts of layers no record names any more (best-effort: the next
+        ``unmount_unused`` takes what is left)."""
+        for lid in lids:
+            try:
+                self._unmount_image(lid)
+            except StoreIOError as exc:
+                log.warning("%s: %s", self.store, exc)
+
+    def unmount_unused(self) -> None:
+        """Detach every image mount no overlay stacks (on this machine: branches, snapshot
+        views, fsck) and no ``mounted`` block holds, and remove the mount points of layers
+        that are gone."""
+        prefix = re.escape(f"lowerdir+={self.mounts_dir}/")
+        named = re.compile(prefix + r"([^,/]+)")
+        with self._mount_lock:
+            everything = overlay.all_mounts()
+            stacked = {
+                lid for m in everything if m.fstype == "overlay" for lid in named.findall(m.options)
+            }
+            keep = stacked | set(self._pinned)
+            base = f"{self.mounts_dir}/"
+            for m in everything:
+                lid = m.target[len(base) :] if m.target.startswith(base) else None
+                if lid is not None and lid not in keep:
+                    overlay.unmount(Path(m.target))
+            for entry in os.listdir(self.mounts_dir):
+                if entry not in keep and not self.is_image(entry):
+                    try:
+                        os.rmdir(self.mounts_dir / entry)
+                    except OSError:
+                        pass  # still a mount point (a stacked mount left over): the next round
+
+    def _make_mount_point(self, lid: str) -> None:
+        """An image layer's mount point, made when the image is placed: mounting it later
+        (a branch on a full disk) then allocates nothing."""
+        if self.is_image(lid):
+            (self.mounts_dir / lid).mkdir(mode=0o700, exist_ok=True)
 
     def add_refs(self, txn: lmdb.Transaction, chain: list[str], delta: int) -> list[str]:
         """Adjust layer refcounts; layers that drop to zero lose their record and their
@@ -117,9 +227,12 @@ class LayerBuilder:
         return seq
 
     # -- writing and placing -----------------------------------------------------------
-    def write(self, staged: Path, top: str, below: str | None, *, full: bool) -> None:
+    def write(
+        self, staged: Path, top: str, below: str | None, *, full: bool, compress: bool
+    ) -> None:
         """Write a layer from the CAS into ``staged``: the whole tree of superroot ``top``
-        (a full layer), or its difference from the tree of ``below`` (a delta)."""
+        (a full layer), or its difference from the tree of ``below`` (a delta); an image
+        (``compress``: compressed) unless layers are directories here."""
         root = self._trees.root_of(top)
         assert root is not None  # every superroot shows a tree
         if full:
@@ -128,6 +241,37 @@ class LayerBuilder:
             layerfs.materialize_delta(
                 self._trees, self._content, self._trees.root_of(below), root, staged
             )
+        self.seal(staged, compress=compress)
+
+    def seal(self, staged: Path, *, compress: bool) -> None:
+        """Turn the layer directory ``staged`` into its EROFS image, written beside it and
+        renamed to ``staged``; the directory goes. Where images do not mount, where the tree
+        holds what mkfs.erofs cannot write (``images.why_not_an_image``), or where it fails,
+        the layer stays the directory."""
+        if self.image_mode == images.DIRECTORIES:
+            return
+        why = images.why_not_an_image(staged)
+        if why is not None:
+            log.info("%s: %s; its layer stays a directory", self.store, why)
+            return
+        tree = _tree_of(staged)
+        image = staged.with_name(staged.name + ".image")
+        os.rename(staged, tree)
+        try:
+            images.build(tree, image, compress=compress)
+        except images.ImageError as exc:
+            log.warning("%s: %s; the layer stays a directory", self.store, exc)
+            self._trash.put(image)
+            os.rename(tree, staged)
+            return
+        except BaseException:
+            self._trash.put(image)
+            self._trash.put(tree)
+            raise
+        os.rename(image, staged)
+        # deleted in the background: a child rm at nice 19 starves behind a busy machine
+        self._trash.put(tree)
+        self._empty_trash_soon()
 
     def place(self, staged: Path, lid: str, what: str) -> None:
         """Move a finished layer into layers/ *before* the transaction that records it (or,
@@ -136,6 +280,7 @@ class LayerBuilder:
         transaction commits); an unrecorded one is swept as trash."""
         with disk_errors(what):
             os.rename(staged, self.layers_dir / lid)
+            self._make_mount_point(lid)
 
     # -- commits' delta layers, written after the commit -------------------------------
     def expect(self, lid: str) -> None:
@@ -161,6 +306,7 @@ class LayerBuilder:
         with self._db.read() as txn:
             unbuilt = self._catalog.unbuilt_layer_ids(txn)
         for lid in unbuilt:
+            self._unmount_image(lid)
             self._trash.put(self.layers_dir / lid)
             self._unbuilt[lid] = threading.Lock()
             self._builds.put(lid)
@@ -192,10 +338,11 @@ class LayerBuilder:
                 return
             staged = self.staging_dir / f"layer-{lid}"
             with disk_errors(f"writing layer {lid}"):
-                for leftover in (staged, self.layers_dir / lid):  # of an attempt that failed
-                    self._trash.put(leftover)
+                for leftover in (staged, _tree_of(staged), self.layers_dir / lid):
+                    self._trash.put(leftover)  # of an attempt that failed
+                self._unmount_image(lid)
                 try:
-                    self.write(staged, rec.top, rec.below, full=False)
+                    self.write(staged, rec.top, rec.below, full=False, compress=False)
                 except OSError:
                     self._trash.put(staged)  # a full disk: the next attempt starts afresh
                     raise
@@ -333,14 +480,34 @@ class LayerBuilder:
                     continue  # a delta in no chain: nothing mounts it, nothing says what is below
                 staged = self.staging_dir / f"rebuild-{lid}"
                 with disk_errors(f"rebuilding layer {lid}"):
-                    self.write(staged, rec.top, below.get(lid), full=rec.span == 0)
+                    self.write(
+                        staged,
+                        rec.top,
+                        below.get(lid),
+                        full=rec.span == 0,
+                        compress=compressed(rec.span),
+                    )
+                    self._unmount_image(lid)
                     self._trash.put(self.layers_dir / lid)  # a missing one is ignored
                     os.rename(staged, self.layers_dir / lid)
+                    self._make_mount_point(lid)
                 bar(1)
             with disk_errors("rebuilding layers"):
                 durability.fsync_dir(self.layers_dir)
-        lost = sorted(lid for lid in lids if not (self.layers_dir / lid).is_dir())
+        lost = sorted(lid for lid in lids if not self.exists(lid))
         if lost:
             raise StoreIOError(
                 f"layers {', '.join(lost)} are lost and no chain says what they held"
             )
+
+
+def compressed(span: int) -> bool:
+    """Whether a layer of ``span`` is a compressed image: a full layer (span 0) or a merged
+    one holds most of what a chain shows and is read cold; a commit's own delta (span 1) is
+    small, short-lived and written on the commit's path."""
+    return span != 1
+
+
+def _tree_of(staged: Path) -> Path:
+    """Where a layer's directory is written before its image is made from it."""
+    return staged.with_name(staged.name + ".tree")

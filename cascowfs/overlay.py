@@ -79,30 +79,37 @@ def mount_overlay(
         raise ValueError("an overlay needs at least one lower layer")
     if len(lowers) > MAX_LOWER_LAYERS:
         raise MountError(f"{len(lowers)} lower layers exceed the kernel's {MAX_LOWER_LAYERS}")
-    fs_fd = _syscall("fsopen", b"overlay", _FSOPEN_CLOEXEC)
+    if upper is not None and work is None:
+        raise ValueError("an overlay with an upper layer needs a work directory")
+    options: list[tuple[str, bytes | None]] = [("source", b"cascowfs")]
+    options += [("lowerdir+", os.fsencode(layer)) for layer in lowers]
+    if upper is not None and work is not None:
+        # overlayfs unescapes backslashes in these two paths (not in lowerdir+)
+        options.append(("upperdir", os.fsencode(upper).replace(b"\\", b"\\\\")))
+        options.append(("workdir", os.fsencode(work).replace(b"\\", b"\\\\")))
+        options.append(("volatile", None))
+    options += [("redirect_dir", b"on"), ("index", b"off"), ("metacopy", b"off")]
+    _mount("overlay", target, options, readonly=readonly)
+
+
+def mount_erofs(target: Path, source: Path) -> None:
+    """Mount the EROFS image (or block device) ``source`` read-only at ``target``."""
+    _mount("erofs", target, [("source", os.fsencode(source)), ("ro", None)], readonly=True)
+
+
+def _mount(
+    fstype: str, target: Path, options: list[tuple[str, bytes | None]], *, readonly: bool
+) -> None:
+    """A new mount of ``fstype`` at ``target``, configured by ``options`` (a value of None
+    sets a flag)."""
+    fs_fd = _syscall("fsopen", fstype.encode(), _FSOPEN_CLOEXEC)
     try:
-
-        def set_string(key: str, value: str | bytes) -> None:
-            v = value if isinstance(value, bytes) else value.encode()
-            _syscall("fsconfig", fs_fd, _FSCONFIG_SET_STRING, key.encode(), v, 0)
-
-        def set_flag(key: str) -> None:
-            _syscall("fsconfig", fs_fd, _FSCONFIG_SET_FLAG, key.encode(), None, 0)
-
         try:
-            set_string("source", "cascowfs")
-            for layer in lowers:
-                set_string("lowerdir+", os.fsencode(layer))
-            if upper is not None:
-                if work is None:
-                    raise ValueError("an overlay with an upper layer needs a work directory")
-                # overlayfs unescapes backslashes in these two paths (not in lowerdir+)
-                set_string("upperdir", os.fsencode(upper).replace(b"\\", b"\\\\"))
-                set_string("workdir", os.fsencode(work).replace(b"\\", b"\\\\"))
-                set_flag("volatile")
-            set_string("redirect_dir", "on")
-            set_string("index", "off")
-            set_string("metacopy", "off")
+            for key, value in options:
+                if value is None:
+                    _syscall("fsconfig", fs_fd, _FSCONFIG_SET_FLAG, key.encode(), None, 0)
+                else:
+                    _syscall("fsconfig", fs_fd, _FSCONFIG_SET_STRING, key.encode(), value, 0)
             _syscall("fsconfig", fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
             mnt_fd = _syscall(
                 "fsmount", fs_fd, _FSMOUNT_CLOEXEC, _MOUNT_ATTR_RDONLY if readonly else 0
@@ -110,7 +117,7 @@ def mount_overlay(
         except OSError as exc:
             detail = _fs_messages(fs_fd)
             raise MountError(
-                f"overlay mount at {target} failed: {exc.strerror}"
+                f"{fstype} mount at {target} failed: {exc.strerror}"
                 + (f" ({detail})" if detail else ""),
                 errno=exc.errno,
             ) from None
@@ -122,7 +129,7 @@ def mount_overlay(
         )
     except OSError as exc:
         raise MountError(
-            f"attaching overlay at {target} failed: {exc.strerror}", errno=exc.errno
+            f"attaching {fstype} at {target} failed: {exc.strerror}", errno=exc.errno
         ) from None
     finally:
         os.close(mnt_fd)

@@ -51,6 +51,7 @@ _MODES = (
     ("wal/*", PRIVATE_FILE),
     ("layers", PRIVATE_DIR),
     ("staging", PRIVATE_DIR),
+    ("mounts", PRIVATE_DIR),  # layer images mounted: copies of users' trees, as layers
     ("trash", PRIVATE_DIR),
     ("empty", PRIVATE_DIR),
 )

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the StateManager opens a store through this module
 
 log = logging.getLogger("cascowfs.recovery")
 
-UPGRADES_IN_PLACE = {2, 3, 4, 5, 6, 7}  # older formats a writable open upgrades
+UPGRADES_IN_PLACE = {2, 3, 4, 5, 6, 7, 9}  # older formats a writable open upgrades
 # ops that may leave objects no live root reaches when rolled back
 _MAY_LEAVE_OBJECTS = ("import", "commit", "flatten")
 
@@ -49,7 +49,8 @@ def check_format(sm: StateManager, *, read_only: bool) -> None:
         )
     if read_only:
         # formats 2-4 differ only in refcounts, which this version ignores; 5-7 read as is
-        # (without the indexes, which only the queries of a served store read)
+        # (format 7's layer directories mount as they are; the indexes, which only the
+        # queries of a served store read, are missing below format 10)
         return
 
     def upgrade(txn: lmdb.Transaction) -> None:
@@ -141,14 +142,14 @@ def reconcile(sm: StateManager, cache_lost: bool = False, progress: bool = False
         if entry not in records:
             sm.trash.put(sm.layers.path(entry))
     missing = [
-        lid for lid in records if not sm.layers.is_unbuilt(lid) and not sm.layers.path(lid).is_dir()
+        lid for lid in records if not sm.layers.is_unbuilt(lid) and not sm.layers.exists(lid)
     ]
     if missing:
         sm.layers.rebuild(set(missing), "missing from layers/", progress, sm.unmount_branch)
     # mounts: keep exactly one correct mount per live branch
     expected = {str(sm.tree_path(name)): rec for name, rec in branches.items()}
     seen: dict[str, int] = {}
-    for m in overlay.mounts_under(sm.store):
+    for m in sm.branch_side_mounts():
         rec = expected.get(m.target)
         if rec is not None and seen.get(m.target, 0) == 0 and sm.mount_matches(m, rec):
             seen[m.target] = 1
@@ -160,6 +161,8 @@ def reconcile(sm: StateManager, cache_lost: bool = False, progress: bool = False
     for name, rec in branches.items():
         if str(sm.tree_path(name)) not in seen:
             sm.mount_branch(name, rec, fresh_upper=False)
+    # image mounts no overlay stacks any more (a killed run's, a pruned layer's)
+    sm.layers.unmount_unused()
 
 
 def _reset_branches_to_their_parents(sm: StateManager) -> None:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import lmdb
 
-from . import forks, merge_plan, overlay, privacy, recovery
+from . import forks, images, merge_plan, overlay, privacy, recovery
 from . import layers as layerfs
 from .background import BackgroundWorker, EmptyTrash, Job, MergeLayers
 from .cas import ContentStore, identify_content, prepare_content
@@ -62,7 +62,7 @@ from .errors import (
 from .extents import read_pieces
 from .fuse.sysmount import FUSE_TYPE, store_of_source
 from .gate import OpGate
-from .layer_builder import LayerBuilder
+from .layer_builder import LayerBuilder, compressed
 from .metadb import MetaDB
 from .model import BranchInfo, Change, Entry, SnapshotInfo
 from .names import (
@@ -161,6 +161,7 @@ class StateManager:
         self.staging_dir = store / "staging"
         self.trash_dir = store / "trash"
         self.empty_dir = store / "empty"
+        self.mounts_dir = store / "mounts"  # layer images' mount points
         self.trash = Trash(self.trash_dir)
         self._ops = OpGate()
         self._branch_locks: dict[str, threading.Lock] = {}
@@ -204,6 +205,7 @@ class StateManager:
                 self.staging_dir,
                 self.trash_dir,
                 self.empty_dir,
+                self.mounts_dir,
             ):
                 d.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(self.store / "lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -234,7 +236,10 @@ class StateManager:
                 self.trash,
                 self._ops,
                 self.collector.note_garbage,
+                images.detect(tuning.layer_images, self.staging_dir),
+                lambda: self._background.put(EmptyTrash()),
             )
+            log.info("%s: layers mount as %s", self.store, self.layers.image_mode)
             recovery.check_format(self, read_only=not recover)
             if recover:
                 recovery.recover(self, progress)
@@ -272,6 +277,9 @@ class StateManager:
         with self._ops.exclusive():
             if unmount_branches:
                 overlay.unmount_under(self.branches_dir)
+                overlay.unmount_under(self.mounts_dir)
+            elif not self._read_only:
+                self.layers.unmount_unused()
             self.wal.close()
             self.db.close()
         self._release_lock()
@@ -309,6 +317,7 @@ class StateManager:
     def _run_job(self, job: Job) -> None:
         if isinstance(job, EmptyTrash):
             self.trash.empty()
+            self.layers.unmount_unused()  # images only the trashed overlays stacked
         elif isinstance(job, MergeLayers):
             self.merge_layers(job.id)
 
@@ -319,6 +328,11 @@ class StateManager:
         """Whether mount ``m`` is branch ``rec``'s overlay on the layers it records."""
         want = ",".join(f"lowerdir+={p}" for p in self.lower_paths(rec.layers))
         return m.fstype == "overlay" and want in m.options
+
+    def branch_side_mounts(self) -> list[overlay.MountRecord]:
+        """The store's mounts but its layer images' (branches, and strays anywhere else)."""
+        images_at = f"{self.mounts_dir}/"
+        return [m for m in overlay.mounts_under(self.store) if not m.target.startswith(images_at)]
 
     def checkpoint(self) -> None:
         """Forget finished operations: WAL first, then the applied markers (never the reverse,
@@ -393,7 +407,8 @@ class StateManager:
             # a volatile mount refuses a work dir it used before a crash: always start it empty
             self.trash.put(work)
             work.mkdir()
-            overlay.mount_overlay(tree, self.lower_paths(rec.layers), upper, work)
+            with self.layers.mounted(rec.layers) as lowers:
+                overlay.mount_overlay(tree, lowers, upper, work)
         self._forget_file_caches(name)
 
     # ------------------------------------------------------------------------------------
@@ -425,6 +440,7 @@ class StateManager:
                         root = finalize(node, sink)
                         superroot = self._superroot(root, sink)
                         sink.flush()
+                        self.layers.seal(staged, compress=compressed(0))
                 crash_point("import.chunks")
 
                 def apply(txn: lmdb.Transaction) -> None:
@@ -473,6 +489,7 @@ class StateManager:
         try:
             self.trash.put(self.staging_dir / op)
             if layer is not None:
+                self.layers.unmount_images([layer])
                 self.trash.put(self.layers_dir / layer)
             self._background.put(EmptyTrash())
             self.wal.finalize(op)
@@ -500,6 +517,7 @@ class StateManager:
         """Move what an applied op dropped (``layers``, by id, and ``paths``) into the trash.
         The op is durable already, so a failure here must not fail it: the next open trashes
         whatever no record names."""
+        self.layers.unmount_images(layers)  # overlays still stacking one keep it
         self.trash.put_after_apply([*paths, *(self.layers.path(lid) for lid in layers)], self.store)
 
     @contextmanager
@@ -609,10 +627,8 @@ class StateManager:
                 rec = self.db.write(apply, f"creating branch {name}")
             crash_point("branch.applied")
             self.layers.build_chain(rec.layers)  # a chain re-read in the transaction
-            with disk_errors(f"mounting branch {name}"):
-                overlay.mount_overlay(
-                    bdir / "tree", self.lower_paths(rec.layers), bdir / "upper", bdir / "work"
-                )
+            with disk_errors(f"mounting branch {name}"), self.layers.mounted(rec.layers) as lowers:
+                overlay.mount_overlay(bdir / "tree", lowers, bdir / "upper", bdir / "work")
             crash_point("branch.switched")
             self._finish(op)
             return self._branch_info(name, rec)
@@ -937,7 +953,9 @@ class StateManager:
             ) as op:
                 staged = self.staging_dir / op
                 with disk_errors(f"rewriting the layers of snapshot {id}"):
-                    self.layers.write(staged, rec.root, below, full=not merge)
+                    self.layers.write(
+                        staged, rec.root, below, full=not merge, compress=compressed(span)
+                    )
                 crash_point("flatten.staged")
 
                 def apply(txn: lmdb.Transaction) -> list[str]:
@@ -1001,6 +1019,7 @@ class StateManager:
             with self.db.read() as txn:
                 layer_ids = self.catalog.layer_ids(txn)
             stray = [e for e in os.listdir(self.layers_dir) if e not in layer_ids]
+            self.layers.unmount_images(stray)
             for entry in stray:
                 self.trash.put(self.layers.path(entry))
             self.trash.empty(force=True)
@@ -1091,9 +1110,22 @@ class StateManager:
         return BranchInfo(name, rec.parent, self.tree_path(name), rec.created_ns, rec.last_commit)
 
     def layer_chain(self, id: str) -> list[Path]:
-        """Lower layer directories a branch on snapshot ``id`` is mounted on (top first)."""
+        """The lower directories a branch on snapshot ``id`` is mounted on (top first), its
+        images mounted. To mount an overlay on them, use ``mounted_chain``: outside it an
+        image mount no overlay stacks may be swept."""
+        with self.mounted_chain(id) as lowers:
+            return lowers
+
+    @contextmanager
+    def mounted_chain(self, id: str) -> Iterator[list[Path]]:
+        """``layer_chain`` of snapshot ``id``, kept mounted inside the block (an overlay
+        mounted on them there keeps them mounted as long as it lives)."""
+        id = check_snapshot_id(id)
         with self.db.read() as txn:
-            return self.lower_paths(self.catalog.snapshot(txn, id).layers)
+            chain = self.catalog.snapshot(txn, id).layers
+        self.layers.build_chain(chain)
+        with self.layers.mounted(chain) as lowers:
+            yield lowers
 
     # -- reading snapshot trees (the FUSE layer serves snapshots from these) -----------------
     def root_entry(self, id: str) -> Entry:

@@ -7,9 +7,10 @@ a few operations the states a store reaches in thousands.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
-from . import durability
+from . import durability, images
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class Tuning:
     merge_all_above: int = 64
     flatten_tries: int = 5  # a flatten racing background merges of the same chain starts over
     layer_sync_seconds: float = durability.LAYER_SYNC_SECONDS  # between background syncfs calls
+    # How layers are stored and mounted (``images.py``): "auto" probes at open; "erofs",
+    # "loop" or "dir" force one (CI runs the suite with "dir" too).
+    layer_images: str = field(
+        default_factory=lambda: os.environ.get("CASCOWFS_LAYER_IMAGES", images.AUTO)
+    )
 
 
 DEFAULT_TUNING = Tuning()  # the figures above, shared by every open that passes none

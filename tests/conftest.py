@@ -136,7 +136,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 
     # 1. mounts made by this run
     new = [m for m in all_mounts() if m.mount_id not in _START_MOUNTS
-           and (m.fstype == "overlay" or m.fstype.startswith("fuse"))]
+           and (m.fstype in ("overlay", "erofs") or m.fstype.startswith("fuse"))]
     stores = [str(s) for s in STORES]
     ours = [m for m in new if (basetemp and m.target.startswith(basetemp + "/"))
             or any(m.target.startswith(s + "/") for s in stores)]

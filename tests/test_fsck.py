@@ -10,8 +10,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from cascowfs import overlay
+from cascowfs import images, overlay
 from cascowfs.fsck import fsck_store
+from cascowfs.layers import remove_within_filesystem
 from cascowfs.metadb import MetaDB
 from cascowfs.state import StateManager
 
@@ -71,8 +72,8 @@ def _unreachable_object(s: dict) -> str:
 
 
 def _lost_layer(s: dict) -> str:
-    shutil.rmtree(s["store"] / "layers" / s["layers"][-1])
-    return f"invariant 1: layer {s['layers'][-1]} is recorded but its directory is missing"
+    remove_within_filesystem(s["store"] / "layers" / s["layers"][-1])
+    return f"invariant 1: layer {s['layers'][-1]} is recorded but missing from layers/"
 
 
 def _stray_layer(s: dict) -> str:
@@ -117,12 +118,33 @@ def test_each_breakage_is_found_and_named(closed_store, breakage):
     assert any(want in p for p in problems), f"wanted {want!r} among {problems}"
 
 
-def test_only_a_deep_check_compares_layers_with_trees(closed_store):
+def test_only_a_deep_check_compares_layers_with_trees(closed_store, tmp_path):
     layer = closed_store["store"] / "layers" / closed_store["layers"][-1]
-    victim = next(p for p in sorted(layer.rglob("*")) if p.is_file())
-    os.chmod(victim, 0o600)
-    victim.write_bytes(b"not what the CAS holds")
+    if layer.is_file():  # an image: replaced by the image of another tree
+        overlay.unmount_under(closed_store["store"] / "mounts")  # the branch keeps its own
+        other = tmp_path / "other"
+        (other / "d").mkdir(parents=True)
+        (other / "d" / "f").write_bytes(b"not what the CAS holds")
+        layer.unlink()
+        images.build(other, layer, compress=True)
+    else:
+        victim = next(p for p in sorted(layer.rglob("*")) if p.is_file())
+        os.chmod(victim, 0o600)
+        victim.write_bytes(b"not what the CAS holds")
     assert fsck_store(closed_store["store"]).ok
     problems = fsck_store(closed_store["store"], deep=True).problems
     assert any(p.startswith("invariant 5: snapshot ") and "layers differ from its tree" in p
                for p in problems), problems
+
+
+def test_a_deep_check_finds_an_image_that_does_not_mount(closed_store):
+    layer = closed_store["store"] / "layers" / closed_store["layers"][-1]
+    if not layer.is_file():
+        pytest.skip("layers are directories here (no EROFS)")
+    overlay.unmount_under(closed_store["store"] / "mounts")  # the branch keeps its own
+    with open(layer, "r+b") as f:  # the superblock, torn
+        f.seek(1024)
+        f.write(bytes(128))
+    assert fsck_store(closed_store["store"]).ok
+    problems = fsck_store(closed_store["store"], deep=True).problems
+    assert any("its layers do not mount" in p for p in problems), problems

@@ -3,13 +3,12 @@ the CAS, and which of them may not have reached the disk yet."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 import conftest
 from conftest import check_live, dir_view, needs_overlay
 from cascowfs.errors import StoreIOError
+from cascowfs.layers import remove_within_filesystem
 
 pytestmark = needs_overlay
 
@@ -27,6 +26,12 @@ def _layer_view(path) -> dict:
     """A layer's view, whiteouts without their mtime (a whiteout is made anew each time)."""
     return {p: node._replace(mtime_ns=0) if node.kind == "c" and node.rdev == 0 else node
             for p, node in dir_view(path).items()}
+
+
+def _shown(sm, lid: str) -> dict:
+    """What layer ``lid`` shows, its image mounted if it is one."""
+    with sm.layers.mounted([lid]) as (shown,):
+        return _layer_view(shown)
 
 
 def _chain(sm, sid: str) -> list[str]:
@@ -66,9 +71,9 @@ def test_layers_rebuilt_from_the_cas_show_what_they_showed(tmp_path):
         sm.commit("b", "c1")
         sm.settle()
         chain = _chain(sm, "c1")
-        views = {lid: _layer_view(sm.layers.path(lid)) for lid in chain}
+        views = {lid: _shown(sm, lid) for lid in chain}
         for lid in chain:
-            shutil.rmtree(sm.layers.path(lid))
+            remove_within_filesystem(sm.layers.path(lid))
         unmounted: list[str] = []
 
         def unmount(name: str) -> None:
@@ -77,7 +82,7 @@ def test_layers_rebuilt_from_the_cas_show_what_they_showed(tmp_path):
 
         sm.layers.rebuild(set(chain), "for a test", False, unmount)
         assert unmounted == ["b"]  # the branch stacks the base's layer
-        assert {lid: _layer_view(sm.layers.path(lid)) for lid in chain} == views
+        assert {lid: _shown(sm, lid) for lid in chain} == views
         with sm.db.read() as txn:
             rec = sm.catalog.branch(txn, "b")
         sm.mount_branch("b", rec, fresh_upper=False)

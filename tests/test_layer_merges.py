@@ -163,7 +163,7 @@ def test_a_branch_on_a_commit_not_written_yet_writes_its_layer_first(tmp_path, m
         assert dir_view(other) == view
         lid, rec = _layer_of(sm, "s1")
         assert rec.seq > 0 and rec.built and rec.below is None
-        assert (sm.layers_dir / lid).is_dir()
+        assert sm.layers.exists(lid)
         assert_same_view(snapshot_view(sm, "s1"), view, "s1")
         check_live(sm, deep=True)
         sm.discard("c")
@@ -205,7 +205,7 @@ def test_layers_not_written_before_a_close_are_written_after_the_next_open(tmp_p
         sm.settle()
         for sid in ("s1", "s2"):
             lid, rec = _layer_of(sm, sid)
-            assert rec.built and (sm.layers_dir / lid).is_dir(), sid
+            assert rec.built and sm.layers.exists(lid), sid
         assert dir_view(sm.create_branch("c", "s2").tree) == view
         check_live(sm, deep=True)
         sm.discard("c")

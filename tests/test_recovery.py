@@ -4,11 +4,11 @@ with the recorded state, and an op logged but never applied leaves nothing behin
 from __future__ import annotations
 
 import os
-import shutil
 
 import conftest
 from conftest import check_live, dir_view, needs_overlay
 from cascowfs import overlay, recovery
+from cascowfs.layers import remove_within_filesystem
 
 pytestmark = needs_overlay
 
@@ -30,7 +30,7 @@ def test_reconcile_restores_what_the_records_say_and_trashes_the_rest(tmp_path):
         with sm.db.read() as txn:
             (lid,) = sm.catalog.snapshot(txn, "base").layers
         sm.unmount_branch("b")
-        shutil.rmtree(sm.layers.path(lid))  # a lost layer
+        remove_within_filesystem(sm.layers.path(lid))  # a lost layer
         (sm.layers_dir / "0000000000").mkdir()  # a layer no record names
         (sm.staging_dir / "leftover").mkdir()  # an op in flight when the daemon died
         (sm.branches_dir / "gone").mkdir()  # a branch no record names

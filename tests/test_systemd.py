@@ -98,7 +98,7 @@ def test_tmpfiles_and_sysusers_apply_to_a_fresh_root(tmp_path):
 def test_modules_load_names_the_file_systems_the_daemon_mounts():
     listed = [l.strip() for l in (REPO / "systemd/modules-load.d/cascowfs.conf").read_text()
               .splitlines() if l.strip() and not l.startswith("#")]
-    assert sorted(listed) == ["fuse", "overlay"]
+    assert sorted(listed) == ["erofs", "fuse", "overlay"]
     known = Path("/proc/filesystems").read_text().split()
     for fs in listed:
         assert fs in known, f"{fs} is not a file system this kernel has loaded or built in"

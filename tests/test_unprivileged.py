@@ -32,14 +32,15 @@ NOBODY = 65534
 PASSAGES = {"", "branches", "branches/*"}  # 0711: on the way to a branch's tree
 # Copies of users' trees, with those trees' own modes, behind a private parent (or, for an
 # upper, with the same modes the branch's tree shows).
-USER_TREES = ("layers/*", "staging/*", "trash/*", "branches/*/upper", "branches/*/tree")
+USER_TREES = ("layers/*", "mounts/*", "staging/*", "trash/*", "branches/*/upper",
+              "branches/*/tree")
 
 
 def _pattern_of(rel: str) -> str:
     parts = rel.split("/") if rel else []
     if parts[:1] == ["branches"] and len(parts) >= 2:
         parts[1] = "*"
-    if parts[:1] in (["layers"], ["staging"], ["trash"]) and len(parts) >= 2:
+    if parts[:1] in (["layers"], ["mounts"], ["staging"], ["trash"]) and len(parts) >= 2:
         parts[1] = "*"
     return "/".join(parts)
 
@@ -232,10 +233,11 @@ def fs(admin_group):
 def test_user_reads_nothing_through_the_store_directory(fs):
     modes = store_modes(fs.store)
     outside = [rel for rel in modes if not _inside_user_tree(rel) and rel]
-    outside += [rel for rel in modes if _pattern_of(rel).startswith(("layers/*", "staging/*",
-                                                                      "trash/*"))]
+    outside += [rel for rel in modes if _pattern_of(rel).startswith(("layers/*", "mounts/*",
+                                                                      "staging/*", "trash/*"))]
     assert any(rel == "meta/data.mdb" for rel in outside)
-    assert any(_pattern_of(rel).startswith("layers/*/") for rel in outside)
+    # a layer: its image file, or the files in its directory
+    assert any(_pattern_of(rel).startswith("layers/*") for rel in outside)
     jobs = []
     for rel in outside:
         path = fs.store / rel

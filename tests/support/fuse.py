@@ -173,7 +173,7 @@ class Cascow:
                 for point, fstype in mounts_under(self.base):
                     if fstype == "fuse.cascowfs":
                         lazy_umount(point)
-                if any(t == "overlay" for _, t in mounts_under(self.base)):
+                if any(t in ("overlay", "erofs") for _, t in mounts_under(self.base)):
                     try:
                         from cascowfs.state import StateManager
 

@@ -108,12 +108,41 @@ def _time_shell(cmd: str, cwd: str) -> float:
     return dt
 
 
+# An import storm: every module of every package at the tree's top, as a test collection
+# imports them (modules that fail to import, wanting settings or extras, are passed over).
+_IMPORT_STORM = (
+    "import importlib, os, pkgutil, sys\n"
+    "sys.path.insert(0, '.')\n"
+    "for top in sorted(os.listdir('.')):\n"
+    "    if not os.path.isfile(os.path.join(top, '__init__.py')):\n"
+    "        continue\n"
+    "    for m in pkgutil.walk_packages([top], top + '.', onerror=lambda name: None):\n"
+    "        try:\n"
+    "            importlib.import_module(m.name)\n"
+    "        except BaseException:\n"
+    "            pass\n"
+)
 READ_TESTS = {
     "stat walk (find -printf %s)": "find . -printf '%s\\n' > /dev/null",
     "read every file (find | xargs cat)": "find . -type f -print0 | xargs -0 cat > /dev/null",
     "grep -r": "grep -r -c cascowfs_no_match_token . > /dev/null",
+    # GIT_DIR outside the tree, its index made (untimed) once per place: status stats every
+    # file against the index and reads none
+    "git status": "git --git-dir=$BENCH_GIT_DIR --work-tree=. status --porcelain > /dev/null",
+    "import storm (python)": f'PYTHONDONTWRITEBYTECODE=1 {sys.executable} -c "{_IMPORT_STORM}"',
     "python -m compileall": f"{sys.executable} -m compileall -q -f -j 1 . > /dev/null",
 }
+_PYTHON_ONLY = ("compileall", "import storm")
+
+
+def _git_index(tree: str, git_dir: Path) -> None:
+    """A git index of ``tree`` in ``git_dir`` (outside it), for the timed ``git status``."""
+    env = {**os.environ, "GIT_DIR": str(git_dir), "GIT_WORK_TREE": tree}
+    subprocess.run(["git", "init", "-q"], env=env, check=True)
+    subprocess.run(["git", "add", "-A", "-f", "."], cwd=tree, env=env, check=True)
+    subprocess.run(
+        ["git", "status", "--porcelain"], cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL
+    )
 
 
 def bench_read_path(src_tree: Path, args: argparse.Namespace, corpus_info: dict) -> dict:
@@ -121,7 +150,7 @@ def bench_read_path(src_tree: Path, args: argparse.Namespace, corpus_info: dict)
     if why:
         return {"skipped": why}
     has_py = sum(f.endswith(".py") for f in corpus_files(src_tree)) >= 20
-    tests = {k: v for k, v in READ_TESTS.items() if has_py or "compileall" not in k}
+    tests = {k: v for k, v in READ_TESTS.items() if has_py or not any(p in k for p in _PYTHON_ONLY)}
     res: dict[str, Any] = {"repeat": args.read_repeat, "tests": {}}
     with _on_scratch(CascowSystem, "read", args) as (system, fsroot, fsdesc):
         res["fs"] = fsdesc
@@ -138,19 +167,37 @@ def bench_read_path(src_tree: Path, args: argparse.Namespace, corpus_info: dict)
             "overlay",
             f"lowerdir={native},upperdir={floor}/u,workdir={floor}/w,volatile",
         )
+        # the floor of a branch on an image layer: a bare overlay on the tree's EROFS image,
+        # compressed as cascowfs compresses an import's layer
+        erofs = fsroot / "erofs"
+        for d in ("img", "u", "w", "m"):
+            (erofs / d).mkdir(parents=True)
+        run("mkfs.erofs", "--quiet", "--preserve-mtime", "-zlz4", erofs / "image", native)
+        sys_mount(str(erofs / "image"), str(erofs / "img"), "erofs", "")
+        sys_mount(
+            "overlay",
+            str(erofs / "m"),
+            "overlay",
+            f"lowerdir={erofs}/img,upperdir={erofs}/u,workdir={erofs}/w,volatile",
+        )
         try:
             places = {
                 "native ext4": str(native),
                 "cascowfs branch": tree,
                 "bare overlay on ext4": str(floor / "m"),
+                "bare overlay on EROFS": str(erofs / "m"),
             }
             if snapshot := system.snapshot_path("base"):
                 places["cascowfs snapshot (FUSE)"] = snapshot
+            git_dirs = {place: fsroot / f"git-{n}" for n, place in enumerate(places)}
             for test, cmd in tests.items():
                 row: dict[str, Any] = {}
                 for place, path in places.items():
                     if "compileall" in test and "snapshot" in place:
                         continue  # read-only: compileall cannot write its .pyc files
+                    if "git status" in test:
+                        _git_index(path, git_dirs[place])
+                        os.environ["BENCH_GIT_DIR"] = str(git_dirs[place])
                     cold, warm = [], []
                     reps = args.read_repeat if "compileall" not in test else args.compile_repeat
                     for _ in range(max(1, reps)):
@@ -184,8 +231,9 @@ def bench_read_path(src_tree: Path, args: argparse.Namespace, corpus_info: dict)
             sys_umount(str(floor / "m"))
             res["floor_umount_after_full_read_s"] = time.perf_counter() - t0
         finally:
-            with contextlib.suppress(OSError):
-                sys_umount(str(floor / "m"), MNT_DETACH)
+            for target in (floor / "m", erofs / "m", erofs / "img"):
+                with contextlib.suppress(OSError):
+                    sys_umount(str(target), MNT_DETACH)
     return res
 
 

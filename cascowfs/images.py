@@ -1,0 +1,189 @@
+"""EROFS images: how layers are stored and mounted where the kernel can.
+
+A layer directory written from the CAS (``layers.py``) is turned into an EROFS image by
+``mkfs.erofs`` (erofs-utils), and the image is mounted read-only once, for every branch that
+stacks it. Overlayfs reads an image's whiteouts (character devices 0/0) and opaque directories
+(``trusted.overlay.opaque``) as it reads a directory's. Which way images are mounted is found
+at open (``detect``):
+
+* ``erofs``: the kernel mounts an image file directly (file-backed EROFS, Linux 6.12+);
+* ``loop``: the image is mounted through a loop device, detached with its last unmount;
+* ``dir``: no EROFS (or no ``mkfs.erofs``): layers stay directories, as in store format 7.
+
+``CASCOWFS_LAYER_IMAGES`` (``Tuning.layer_images``) forces one of them; ``auto`` probes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from . import overlay
+from .errors import StoreIOError
+
+log = logging.getLogger("cascowfs.images")
+
+FILE_BACKED = "erofs"
+LOOP = "loop"
+DIRECTORIES = "dir"
+MODES = (FILE_BACKED, LOOP, DIRECTORIES)
+AUTO = "auto"
+
+# A file bigger than this with fewer bytes allocated than its size has holes (the CAS's grid).
+HOLE_GRID = 65536
+# The most xattr bytes (names and values) of one entry that mkfs.erofs 1.5 writes right.
+MAX_XATTR_BYTES = 3072
+# Compression for a layer that shows a whole tree or many commits (full and merged layers):
+# lz4 halves a source tree's image for ~3x the CPU of an uncompressed one; lz4hc saves
+# another tenth for ~70x (docs/architecture.md, *Decisions*).
+COMPRESSOR = "lz4"
+
+_MKFS = shutil.which("mkfs.erofs")
+_LOSETUP = shutil.which("losetup")
+
+
+class ImageError(StoreIOError):
+    pass
+
+
+def build(tree: Path, image: Path, *, compress: bool) -> None:
+    """Write the EROFS image of directory ``tree`` to ``image``. It reaches the disk as a
+    layer directory does: by the store's background syncfs, and a layer recorded after the
+    last one is rebuilt if the page cache is lost (``durability.py``).
+
+    Every attribute the layer directory holds goes into the image: owners, modes, mtimes in
+    nanoseconds (``--preserve-mtime``: extended inodes where a file's mtime is not the
+    image's), xattrs, hard links, device nodes (whiteouts among them). mkfs.erofs reads a
+    file's bytes as a stream; it writes a hole's zeros, so sparse trees stay directories
+    (``find_sparse_file``)."""
+    if _MKFS is None:
+        raise ImageError("mkfs.erofs is not installed (Debian package erofs-utils)")
+    args = [_MKFS, "--quiet", "--preserve-mtime"]
+    if compress:
+        args.append(f"-z{COMPRESSOR}")
+    run = subprocess.run(
+        [*args, os.fsdecode(image), os.fsdecode(tree)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        check=False,
+    )
+    if run.returncode != 0:
+        detail = run.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        raise ImageError(f"mkfs.erofs {image} from {tree} failed: {detail[0]}")
+
+
+def why_not_an_image(tree: Path) -> str | None:
+    """Why the layer directory ``tree`` must stay a directory (None: it may be an image):
+    mkfs.erofs 1.5 writes a hole's zeros (reading 16 GiB of them for a 16 GiB disk image),
+    and writes an entry with more than ``MAX_XATTR_BYTES`` of xattrs into an image that
+    answers EUCLEAN."""
+    dirs = [os.fsencode(tree)]
+    while dirs:
+        with os.scandir(dirs.pop()) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    dirs.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    if st.st_size > HOLE_GRID and st.st_blocks * 512 < st.st_size:
+                        return f"{os.fsdecode(entry.path)} is sparse"
+                if _xattr_bytes(entry.path) > MAX_XATTR_BYTES:
+                    return f"{os.fsdecode(entry.path)} has large xattrs"
+    return None
+
+
+def _xattr_bytes(path: bytes) -> int:
+    total = 0
+    for name in os.listxattr(path, follow_symlinks=False):
+        try:
+            total += len(name) + len(os.getxattr(path, name, follow_symlinks=False))
+        except OSError:
+            pass  # removed meanwhile: nothing to hold
+    return total
+
+
+def mount(image: Path, target: Path, mode: str) -> None:
+    """Mount ``image`` read-only at ``target``, the file itself or (``LOOP``) a loop device
+    made for it, which the kernel detaches at the mount's end."""
+    if mode == FILE_BACKED:
+        overlay.mount_erofs(target, image)
+        return
+    if _LOSETUP is None:
+        raise ImageError(f"mounting {image} needs losetup (util-linux)")
+    made = subprocess.run(
+        [_LOSETUP, "--find", "--show", "--read-only", os.fsdecode(image)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=False,
+    )
+    if made.returncode != 0:
+        raise ImageError(
+            f"no loop device for {image}: {made.stderr.decode(errors='replace').strip()}"
+        )
+    device = made.stdout.decode().strip()
+    try:
+        overlay.mount_erofs(target, Path(device))
+    finally:
+        # detaching a mounted loop device marks it autoclear: it goes with the last unmount
+        subprocess.run(
+            [_LOSETUP, "--detach", device],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+        )
+
+
+def detect(wanted: str, where: Path) -> str:
+    """How layer images stored in directory ``where`` mount: ``wanted`` unless it is
+    ``AUTO``, else the first of file-backed EROFS, a loop device, directories that works for
+    a one-file image built and mounted there (once per process and filesystem: file-backed
+    mounts need the backing filesystem's support, which tmpfs lacks)."""
+    if wanted in MODES:
+        return wanted
+    if wanted != AUTO:
+        raise ValueError(f"layer images {wanted!r}: expected one of {', '.join(MODES)}, {AUTO}")
+    device = os.stat(where).st_dev
+    if device not in _PROBED:
+        _PROBED[device] = _probe(where)
+    return _PROBED[device]
+
+
+_PROBED: dict[int, str] = {}  # filesystem (st_dev) -> what ``_probe`` found there
+
+
+def _probe(where: Path) -> str:
+    if _MKFS is None:
+        log.warning("mkfs.erofs is missing: layers are directories (install erofs-utils)")
+        return DIRECTORIES
+    reasons = []
+    with tempfile.TemporaryDirectory(prefix="probe-", dir=where) as tmp:
+        tree, image, target = Path(tmp, "tree"), Path(tmp, "image"), Path(tmp, "mnt")
+        tree.mkdir()
+        (tree / "probe").write_bytes(b"probe")
+        target.mkdir()
+        try:
+            build(tree, image, compress=False)
+        except ImageError as exc:
+            log.warning("%s: layers are directories", exc)
+            return DIRECTORIES
+        for mode in (FILE_BACKED, LOOP):
+            try:
+                mount(image, target, mode)
+            except StoreIOError as exc:
+                reasons.append(f"{mode}: {exc}")
+                continue
+            try:
+                works = (target / "probe").read_bytes() == b"probe"
+            finally:
+                overlay.unmount(target)
+            if works:
+                if reasons:
+                    log.warning("layer images mount through %s (%s)", mode, "; ".join(reasons))
+                return mode
+    log.warning("layers are directories: no EROFS mount works (%s)", "; ".join(reasons))
+    return DIRECTORIES

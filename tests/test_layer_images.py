@@ -1,0 +1,265 @@
+"""Layers as EROFS images (``images.py``, ``layer_builder.py``): each way of mounting them
+(file-backed, through a loop device, plain directories) shows every snapshot exactly; an image
+is mounted once however many branches stack it and goes when none does; a torn image is
+rebuilt; a store of directory layers keeps working and gains images."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import conftest
+from conftest import (
+    assert_same_view,
+    check_live,
+    dir_view,
+    hypothesis_settings,
+    needs_overlay,
+    snapshot_view,
+)
+from cascowfs import images, overlay
+from cascowfs.state import StateManager
+from cascowfs.tuning import Tuning
+
+pytestmark = needs_overlay
+
+MODES = [images.FILE_BACKED, images.LOOP, images.DIRECTORIES]
+
+
+def _needs(mode: str) -> None:
+    if mode != images.DIRECTORIES and images.detect(images.AUTO, Path("/var/tmp")) == "dir":
+        pytest.skip("this machine mounts no EROFS image")
+    if mode == images.LOOP and not Path("/dev/loop-control").exists():
+        pytest.skip("no loop devices here")
+
+
+def _source(root: Path) -> Path:
+    (root / "d" / "e").mkdir(parents=True)
+    (root / "f").write_bytes(b"file\n")
+    (root / "d" / "big").write_bytes(os.urandom(300_000))
+    (root / "d" / "e" / "deep").write_bytes(b"deep")
+    (root / "gone").write_bytes(b"deleted by the commit")
+    (root / "was-file").write_bytes(b"a file, then a directory")
+    os.link(root / "f", root / "d" / "hard")
+    os.symlink("../f", root / "d" / "link")
+    os.setxattr(root / "f", b"user.note", b"x")
+    os.utime(root / "d" / "e" / "deep", ns=(1, 123456789))
+    return root
+
+
+def _edit(tree: Path) -> None:
+    (tree / "f").write_bytes(b"changed")
+    (tree / "gone").unlink()  # a whiteout in the delta
+    (tree / "was-file").unlink()
+    (tree / "was-file").mkdir()  # an opaque directory in the delta
+    (tree / "was-file" / "inside").write_bytes(b"new")
+
+
+def _image_mounts(sm) -> list[overlay.MountRecord]:
+    return overlay.mounts_under(sm.mounts_dir)
+
+
+def _chain(sm, sid: str) -> list[str]:
+    with sm.db.read() as txn:
+        return sm.catalog.snapshot(txn, sid).layers
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_shows_each_snapshot_exactly(tmp_path, mode):
+    _needs(mode)
+    tuning = Tuning(layer_images=mode, merge_fan_in=2)
+    with conftest.open_store(tmp_path / "store", tuning=tuning) as sm:
+        sm.import_tree(_source(tmp_path / "src"), "base")
+        tree = sm.create_branch("b", "base").tree
+        for i in range(3):
+            _edit(tree) if i == 0 else (tree / f"n{i}").write_bytes(b"%d" % i)
+            sm.commit("b", f"c{i}")
+        sm.settle()
+        for lid in _chain(sm, "c2"):
+            assert sm.layers.is_image(lid) == (mode != images.DIRECTORIES), lid
+        for sid in ("base", "c0", "c2"):
+            other = sm.create_branch(f"on-{sid}", sid).tree
+            assert_same_view(dir_view(other), snapshot_view(sm, sid), f"branch on {sid}")
+        check_live(sm, deep=True)
+        if mode == images.DIRECTORIES:
+            assert _image_mounts(sm) == []
+        else:
+            assert {m.fstype for m in _image_mounts(sm)} == {"erofs"}
+            if mode == images.LOOP:
+                assert all(m.source.startswith("/dev/loop") for m in _image_mounts(sm))
+
+
+@contextmanager
+def _imported(tmp_path: Path) -> Iterator[tuple[StateManager, str]]:
+    """A store of file-backed image layers holding ``_source`` as "base", and its layer."""
+    _needs(images.FILE_BACKED)
+    tuning = Tuning(layer_images=images.FILE_BACKED)
+    with conftest.open_store(tmp_path / "store", tuning=tuning) as sm:
+        sm.import_tree(_source(tmp_path / "src"), "base")
+        (lid,) = _chain(sm, "base")
+        yield sm, lid
+
+
+def test_an_image_is_mounted_once_and_goes_with_its_last_branch(tmp_path):
+    with _imported(tmp_path) as (sm, lid):
+        trees = [sm.create_branch(f"b{i}", "base").tree for i in range(3)]
+        assert [m.target for m in _image_mounts(sm)] == [str(sm.mounts_dir / lid)]
+        assert all((t / "f").read_bytes() == b"file\n" for t in trees)
+        for i in range(3):
+            sm.discard(f"b{i}")
+        sm.settle()
+        assert _image_mounts(sm) == []
+        sm.prune("base")
+        sm.settle()
+        assert not sm.layers.exists(lid) and os.listdir(sm.mounts_dir) == []
+
+
+def test_a_killed_daemon_leaves_no_image_mount_behind(tmp_path):
+    _needs(images.FILE_BACKED)
+    tuning = Tuning(layer_images=images.FILE_BACKED)
+    store = tmp_path / "store"
+    with conftest.open_store(store, tuning=tuning) as sm:
+        sm.import_tree(_source(tmp_path / "src"), "base")
+        sm.create_branch("keep", "base")
+        sm.create_branch("drop", "base")
+    script = (
+        "import os, sys\n"
+        "from cascowfs.state import StateManager\n"
+        "from cascowfs.tuning import Tuning\n"
+        "sm = StateManager.open(sys.argv[1], tuning=Tuning(layer_images='erofs'))\n"
+        "sm.commit('drop', 'c1')\n"
+        "sm.create_branch('later', 'c1')\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    killed = subprocess.run(
+        [os.sys.executable, "-c", script, str(store)], cwd=conftest.REPO, check=False
+    )
+    assert killed.returncode == -9
+    before = {m.target for m in overlay.mounts_under(store / "mounts")}
+    assert before, "the killed run left its image mounts"
+    with conftest.open_store(store, tuning=tuning) as sm:
+        sm.discard("drop")
+        sm.discard("later")
+        sm.prune("c1")
+        sm.settle()
+        (base,) = _chain(sm, "base")
+        assert [m.target for m in _image_mounts(sm)] == [str(sm.mounts_dir / base)]
+        check_live(sm, deep=True)
+    assert overlay.mounts_under(store) == []  # umount --branches: the images go too
+
+
+def test_an_image_that_does_not_mount_is_rebuilt(tmp_path):
+    with _imported(tmp_path) as (sm, lid):
+        with open(sm.layers.path(lid), "r+b") as f:  # its superblock, torn
+            f.seek(1024)
+            f.write(bytes(128))
+        tree = sm.create_branch("b", "base").tree
+        assert_same_view(dir_view(tree), snapshot_view(sm, "base"), "branch on a rebuilt image")
+        assert sm.layers.is_image(lid)
+        check_live(sm, deep=True)
+
+
+def test_a_store_of_directory_layers_keeps_them_and_gains_images(tmp_path):
+    _needs(images.FILE_BACKED)
+    store = tmp_path / "store"
+    with conftest.open_store(store, tuning=Tuning(layer_images=images.DIRECTORIES)) as sm:
+        sm.import_tree(_source(tmp_path / "src"), "base")
+        sm.create_branch("b", "base")
+    with conftest.open_store(store, tuning=Tuning(layer_images=images.FILE_BACKED)) as sm:
+        (old,) = _chain(sm, "base")
+        assert sm.layers.path(old).is_dir()
+        tree = sm.branch("b").tree
+        _edit(tree)
+        sm.commit("b", "c1")
+        sm.settle()
+        new = _chain(sm, "c1")[0]
+        assert sm.layers.is_image(new) and sm.layers.path(old).is_dir()
+        other = sm.create_branch("c", "c1").tree
+        assert_same_view(dir_view(other), snapshot_view(sm, "c1"), "images over directories")
+        check_live(sm, deep=True)
+
+
+def test_a_sparse_tree_stays_a_directory_layer(tmp_path):
+    _needs(images.FILE_BACKED)
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "disk.img", "wb") as f:
+        f.write(b"start")
+        f.truncate(64 << 20)
+    with conftest.open_store(tmp_path / "store", tuning=Tuning(layer_images="erofs")) as sm:
+        sm.import_tree(src, "base")
+        (lid,) = _chain(sm, "base")
+        assert sm.layers.path(lid).is_dir()
+        assert os.stat(sm.layers.path(lid) / "disk.img").st_blocks * 512 < 1 << 20
+
+
+def test_an_entry_with_large_xattrs_keeps_its_layer_a_directory(tmp_path):
+    _needs(images.FILE_BACKED)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    os.setxattr(src / "f", b"user.big", b"v" * (images.MAX_XATTR_BYTES + 1))
+    with conftest.open_store(tmp_path / "store", tuning=Tuning(layer_images="erofs")) as sm:
+        sm.import_tree(src, "base")
+        (lid,) = _chain(sm, "base")
+        assert sm.layers.path(lid).is_dir()
+        check_live(sm, deep=True)
+
+
+def test_an_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="layer images 'zfs'"):
+        images.detect("zfs", Path("/var/tmp"))
+
+
+# names and xattr values a branch may create: any byte but "/" and NUL, up to NAME_MAX
+_names = st.binary(min_size=1, max_size=255).filter(
+    lambda n: b"/" not in n and b"\0" not in n and n not in (b".", b"..")
+)
+_xattrs = st.dictionaries(
+    st.binary(min_size=1, max_size=40).filter(lambda k: b"\0" not in k).map(
+        lambda k: b"user." + k
+    ),
+    st.binary(max_size=900),  # 3 of them stay under images.MAX_XATTR_BYTES
+    max_size=3,
+)
+
+
+@given(
+    entries=st.lists(st.tuples(_names, st.binary(max_size=5000), _xattrs), max_size=12),
+    deleted=st.integers(0, 12),
+)
+@hypothesis_settings(15)
+def test_any_names_and_xattrs_round_trip_through_images(tmp_path_factory, entries, deleted):
+    _needs(images.FILE_BACKED)
+    base = tmp_path_factory.mktemp("names")
+    src = base / "src"
+    (src / "dir").mkdir(parents=True)
+    made = []
+    for name, content, xattrs in entries:
+        path = os.path.join(os.fsencode(src / "dir"), name)
+        if os.path.lexists(path):
+            continue
+        with open(path, "wb") as f:
+            f.write(content)
+        for key, value in xattrs.items():
+            os.setxattr(path, key, value)
+        made.append(name)
+    with conftest.open_store(base / "store", tuning=Tuning(layer_images="erofs")) as sm:
+        sm.import_tree(src, "base")
+        tree = sm.create_branch("b", "base").tree
+        for name in made[:deleted]:  # whiteouts of hostile names in the commit's image
+            os.unlink(os.path.join(os.fsencode(tree / "dir"), name))
+        sm.commit("b", "next")
+        sm.settle()
+        assert all(sm.layers.is_image(lid) for lid in _chain(sm, "next"))
+        for sid in ("base", "next"):
+            other = sm.create_branch(f"on-{sid}", sid).tree
+            assert_same_view(dir_view(other), snapshot_view(sm, sid), f"branch on {sid}")
+        check_live(sm, deep=True)
