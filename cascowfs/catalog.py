@@ -37,8 +37,9 @@ log = logging.getLogger("cascowfs.catalog")
 # keyed by object (3 kept it in arrival order), and large directories are stored as pages;
 # 5: objects carry no refcounts, a mark-and-sweep collector deletes what no live root reaches;
 # 6: tree objects may be stored compressed (format 5's plain ones still read); 7: chunk lists
-# may hold holes (format 6's zero chunks still read, and layers skip them).
-STORE_FORMAT = 7
+# may hold holes (format 6's zero chunks still read, and layers skip them); 8: a branch's upper
+# and work directories sit in its private directory (recovery.py moves them there).
+STORE_FORMAT = 8
 
 
 class Counter(Enum):

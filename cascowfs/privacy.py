@@ -7,8 +7,8 @@ the process creating it runs under a 077 umask, and ``make_private`` takes back 
 older version left readable. Three directories stay searchable (0711, no listing): the store
 itself, ``branches/`` and ``branches/<name>/``, the path from ``/`` to each branch's tree, a
 mount point that non-root code inside the branch works in. A branch's ``upper/`` carries the
-tree root's own mode (overlayfs shows it as the tree's root), so what a user reaches through it
-is what that user reaches through the tree, under the same modes.
+tree root's own mode (overlayfs shows it as the tree's root), so it and ``work/`` sit in the
+branch's private directory, ``branches/<name>/private``.
 
 The daemon runs as root, so an ``import`` asked through ``ctl`` by a member of the admin group
 would read what only root may read. ``check_readable`` walks the source in a child forked with
@@ -42,7 +42,7 @@ _MODES = (
     ("", PASSAGE_DIR),
     ("branches", PASSAGE_DIR),
     ("branches/*", PASSAGE_DIR),
-    ("branches/*/work", PRIVATE_DIR),
+    ("branches/*/private", PRIVATE_DIR),
     ("lock", PRIVATE_FILE),
     ("meta", PRIVATE_DIR),
     ("meta/*", PRIVATE_FILE),

@@ -278,7 +278,7 @@ def test_a_16_gib_sparse_file_grows_the_store_by_less_than_1_mib(tmp_path):
         # three grid blocks hold data (the start, a quarter, the middle): those and no more
         assert os.stat(delta / "disk.img").st_blocks * 512 <= 3 * BLOCK + 4096
         # overlayfs copies up in 1 MiB pieces around data: a few MiB at most in the upper
-        upper = tmp_path / "store" / "branches" / "b" / "upper" / "disk.img"
+        upper = sm.upper_path("b") / "disk.img"
         assert os.stat(upper).st_blocks * 512 <= 4 * MIB
         assert allocated_bytes(tmp_path / "store") - metadata_only < MIB
         sm.discard("b")

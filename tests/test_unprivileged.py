@@ -29,9 +29,10 @@ from fusehelpers import Cascow, mounted, needs_fuse
 
 NOBODY = 65534
 PASSAGES = {"", "branches", "branches/*"}  # 0711: on the way to a branch's tree
-# Copies of users' trees, with those trees' own modes, behind a private parent (or, for an
-# upper, with the same modes the branch's tree shows).
-USER_TREES = ("layers/*", "staging/*", "trash/*", "branches/*/upper", "branches/*/tree")
+# Copies of users' trees, with those trees' own modes, behind a private parent (a branch's
+# upper and work directories sit in its private directory); a branch's tree is its mount.
+USER_TREES = ("layers/*", "staging/*", "trash/*", "branches/*/private/upper",
+              "branches/*/private/work", "branches/*/tree")
 
 
 def _pattern_of(rel: str) -> str:
@@ -77,8 +78,8 @@ def assert_private(store: Path) -> None:
         parents = [""] + ["/".join(rel.split("/")[:i]) for i in range(1, rel.count("/") + 1)]
         if rel and modes[rel] & 0o007 and all(modes[p] & 0o001 for p in parents):
             pattern = _pattern_of(rel)
-            assert (pattern in PASSAGES or pattern.startswith("branches/*/upper")
-                    or pattern.startswith("branches/*/tree")), (rel, [oct(modes[p]) for p in parents])
+            assert pattern in PASSAGES or pattern.startswith("branches/*/tree"), (
+                rel, [oct(modes[p]) for p in parents])
 
 
 SOURCE = {"dir/secret": ("root only", 0o600), "open": ("anyone", 0o644)}
@@ -231,8 +232,8 @@ def fs(admin_group):
 def test_user_reads_nothing_through_the_store_directory(fs):
     modes = store_modes(fs.store)
     outside = [rel for rel in modes if not _inside_user_tree(rel) and rel]
-    outside += [rel for rel in modes if _pattern_of(rel).startswith(("layers/*", "staging/*",
-                                                                      "trash/*"))]
+    outside += [rel for rel in modes if _pattern_of(rel).startswith(
+        ("layers/*", "staging/*", "trash/*", "branches/*/private/"))]
     assert any(rel == "meta/data.mdb" for rel in outside)
     assert any(_pattern_of(rel).startswith("layers/*/") for rel in outside)
     jobs = []
@@ -247,21 +248,23 @@ def test_user_reads_nothing_through_the_store_directory(fs):
 
 
 @needs_fuse
-def test_branch_upper_shows_no_more_than_the_branch_tree(fs):
-    """An upper carries the tree root's mode (overlayfs shows it as the tree's root): what a
-    user reaches through it is what it reaches through the mounted tree, file by file."""
-    upper = fs.store / "branches" / "work" / "upper"
-    tree = fs.store / "branches" / "work" / "tree"
-    rels = sorted(os.path.relpath(os.path.join(d, n), upper)
-                  for d, dirs, files in os.walk(upper) for n in dirs + files)
-    assert "dir/secret" in rels and "open" in rels
-    jobs = [("read" if (upper / r).is_file() else "list", str(base / r))
-            for r in rels for base in (upper, tree)]
-    results = as_user(jobs)
-    for i in range(0, len(jobs), 2):
-        assert results[i] == results[i + 1], (jobs[i], results[i], results[i + 1])
-    assert dict(zip([j[1] for j in jobs], results))[str(upper / "dir" / "secret")] == "EACCES"
-    assert as_user([("read", str(tree / "open"))]) == ["ok"]  # the tree itself stays usable
+def test_branch_upper_is_out_of_reach_by_its_full_path(fs):
+    """The upper carries the tree root's mode (overlayfs shows it as the tree's root), and what
+    the branch wrote keeps its own modes in it: its private parent keeps every user out of it,
+    even one who knows each full path, while the same files stay readable through the tree."""
+    private = fs.store / "branches" / "work" / "private"
+    upper, tree = private / "upper", fs.store / "branches" / "work" / "tree"
+    assert stat.S_IMODE(os.lstat(private).st_mode) == 0o700
+    assert stat.S_IMODE(os.lstat(upper).st_mode) & 0o005 == 0o005  # the tree root's own mode
+    rels = sorted(os.path.relpath(os.path.join(d, n), private)
+                  for d, dirs, files in os.walk(private) for n in dirs + files)
+    assert "upper/open" in rels and "upper/dir/secret" in rels
+    assert as_user([("list", str(private))]) == ["EACCES"]
+    for op in ("read", "list", "stat"):
+        assert set(as_user([(op, str(private / r)) for r in rels])) == {"EACCES"}, op
+    assert not os.path.lexists(tree.parent / "upper")  # nothing left where format 7 kept it
+    assert as_user([("read", str(tree / "open")), ("read", str(tree / "dir" / "secret"))]) == [
+        "ok", "EACCES"]  # the tree shows the same files under their own modes
 
 
 @needs_fuse
