@@ -420,8 +420,10 @@ class StateManager:
         labels: dict[str, str] | None = None,
         *,
         progress: bool = False,
+        reader: privacy.Caller | None = None,
     ) -> str:
-        """Import a plain directory as a new snapshot (its own full layer)."""
+        """Import a plain directory as a new snapshot (its own full layer), reading it with
+        ``reader``'s credentials if given (``privacy.reading_as``)."""
         labels = check_labels(labels)
         src = resolve_import_source(Path(src), self.store)
         with self._ops.running():
@@ -435,7 +437,14 @@ class StateManager:
                 with progress_bar(progress, total, f"import {id}") as bar:
                     sink = ObjectSink(self._write_objects)
                     with disk_errors(f"import of {src}"):
-                        node = scan_directory(src, sink, mirror_to=staged, progress=Progress(bar))
+                        try:
+                            node = scan_directory(
+                                src, sink, mirror_to=staged, progress=Progress(bar), reader=reader
+                            )
+                        except PermissionError as exc:
+                            if reader is None or exc.filename is None:
+                                raise
+                            raise privacy.unreadable_by(reader, src, exc.filename) from None
                         root = finalize(node, sink)
                         superroot = self._superroot(root, sink)
                         sink.flush()

@@ -20,7 +20,7 @@ def execute(sm: StateManager, cmd: Command, caller: Caller | None = None) -> str
     """Run a validated command against a StateManager (blocking). Returns the reply result.
 
     An import reads its source only if ``caller`` (the process that opened ``ctl``; None:
-    the daemon itself) may read all of it."""
+    the daemon itself) may read all of it, and then reads it with that caller's credentials."""
     if cmd.verb == "branch":
         info = sm.create_branch(_given(cmd.name, "branch name"), cmd.id)
         return str(info.tree)
@@ -41,7 +41,7 @@ def execute(sm: StateManager, cmd: Command, caller: Caller | None = None) -> str
         src = _given(cmd.src, "import source")
         if caller is not None:
             check_readable(caller, src)
-        return str(sm.import_tree(src, cmd.id, cmd.labels or None))
+        return str(sm.import_tree(src, cmd.id, cmd.labels or None, reader=caller))
     if cmd.verb == "gc":
         stats = sm.gc()
         return " ".join(f"{k}={v}" for k, v in sorted((stats or {}).items()))
