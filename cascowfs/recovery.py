@@ -87,6 +87,7 @@ def _move_branch_dirs_into_private(sm: StateManager) -> None:
             else:
                 os.rename(legacy_upper, upper)
         sm.trash.put(legacy_work)
+        durability.fsync_dir(upper.parent)
         durability.fsync_dir(bdir)
         crash_point("upgrade.moved")
     log.info("%s: branch upper directories moved into their private directories", sm.store)

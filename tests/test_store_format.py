@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import stat
 import struct
-from pathlib import Path
 
 import lmdb
 import pytest
@@ -17,9 +15,10 @@ from cascowfs import cas, catalog, overlay, trees
 from cascowfs.errors import StoreIOError
 from cascowfs.fsck import fsck_store
 from cascowfs.metadb import LEGACY_DB_NAMES, MetaDB
-from cascowfs.state import STORE_FORMAT
+from cascowfs.state import STORE_FORMAT, StateManager
 
-from conftest import check_live, needs_overlay, open_store, run_child
+from conftest import check_live, needs_overlay, open_store, register_store, run_child
+from crash_scenarios import as_format_7
 
 
 def _set_format(sm, value: bytes) -> None:
@@ -203,33 +202,18 @@ StateManager.open(sys.argv[1], create=False).close()
 """
 
 
-def _as_format_7_layout(store, lowers: list[Path]) -> None:
-    """Rewrite a closed store as format 7 left it: each branch's upper/ and work/ beside its
-    tree, mounted from there (a branch mount outlives the daemon that made it)."""
-    for name in sorted(os.listdir(store / "branches")):
-        bdir = store / "branches" / name
-        os.rename(bdir / "private" / "upper", bdir / "upper")
-        shutil.rmtree(bdir / "private" / "work")  # a volatile mount wants a fresh one
-        (bdir / "work").mkdir()
-        os.rmdir(bdir / "private")
-        overlay.mount_overlay(bdir / "tree", lowers, bdir / "upper", bdir / "work")
-    db = MetaDB(store / "meta")
+def _two_branches_with_changes(store, tmp_path) -> None:
+    """Two branches of one snapshot with a file each, left mounted as a daemon leaves them."""
+    sm = StateManager.open(register_store(store))
     try:
-        db.write(lambda txn: txn.put(b"format", b"7", db=db.db("meta")))
-    finally:
-        db.close()
-
-
-def _two_branches_with_changes(store, tmp_path) -> list[Path]:
-    """Two branches of one snapshot with a file each; returns their lower layers."""
-    with open_store(store) as sm:
         sm.import_tree(_one_file_tree(tmp_path), "base")
         for name in ("b1", "b2"):
             tree = sm.create_branch(name, "base").tree
             (tree / f"{name}.txt").write_text(f"uncommitted in {name}\n")
             os.chmod(tree, 0o755)
         sm.settle()
-        return sm.layer_chain("base")
+    finally:
+        sm.close()
 
 
 @needs_overlay
@@ -239,7 +223,8 @@ def test_format_7_branches_move_their_uppers_into_private_dirs(store, tmp_path,
     """Mounted branches of a format 7 store keep their uncommitted files through the upgrade,
     also when the upgrading process is killed -9 after moving one branch's upper; afterwards
     every upper is private and mounted from there."""
-    _as_format_7_layout(store, _two_branches_with_changes(store, tmp_path))
+    _two_branches_with_changes(store, tmp_path)
+    as_format_7(store)
     assert fsck_store(store).problems == []  # read as format 7 lays its branches out
     if killed_after_moves:
         child = run_child(UPGRADE, str(store), crash_at="upgrade.moved")
