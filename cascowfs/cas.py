@@ -325,13 +325,14 @@ class ContentStore:
         ``put_objects`` must still see them, to protect them from a running collection and
         to store them after all if a sweep took them meanwhile."""
         unpacked = TYPE_CHUNK + _UNPACKED
+        present = set()
         with self.db.read() as txn:
-            present = {
-                oid
-                for oid, value in objects
-                if value[:2] == unpacked and txn.get(oid, db=self.objects) is not None
-            }
-        self._count_mapped(len(objects) * MAPPED_PER_TOUCH)
+            for oid, value in objects:
+                if value[:2] == unpacked:
+                    found = txn.get(oid, db=self.objects)
+                    if found is not None:
+                        present.add(oid)
+                    self._count_mapped(len(found) if found is not None else 0)
         return pack_unpacked([o for o in objects if o[0] not in present]) + [
             o for o in objects if o[0] in present
         ]
@@ -347,16 +348,22 @@ class ContentStore:
         packs: dict[bytes, bytes] = {}
         needed: set[bytes] = set()
         for oid, value in objects:
+            # every lookup maps pages (the value found, and a freshly written value's whole
+            # large folio): released as the transaction goes, not only after it commits
             head = value[:2]
             if head == TYPE_CHUNK + _UNPACKED:
-                if txn.get(oid, db=self.objects) is None:
+                found = txn.get(oid, db=self.objects)
+                self._count_mapped(len(found) if found is not None else 0)
+                if found is None:
                     unpacked.append((oid, value))
             elif value[:1] == TYPE_PACK:
                 packs[oid] = value
-            elif txn.put(oid, value, db=self.objects, overwrite=False):
-                written += len(value)
-                if head == TYPE_CHUNK + _PACKED:
-                    needed.add(_POINTER.unpack_from(value, 2)[0])
+            else:
+                self._count_mapped(0)  # at least a page of the tree, at most a folio
+                if txn.put(oid, value, db=self.objects, overwrite=False):
+                    written += len(value)
+                    if head == TYPE_CHUNK + _PACKED:
+                        needed.add(_POINTER.unpack_from(value, 2)[0])
         for pack_id in needed & packs.keys():
             if txn.put(pack_id, packs[pack_id], db=self.objects, overwrite=False):
                 written += len(packs[pack_id])

@@ -45,9 +45,10 @@ log = logging.getLogger("cascowfs.catalog")
 # keyed by object (3 kept it in arrival order), and large directories are stored as pages;
 # 5: objects carry no refcounts, a mark-and-sweep collector deletes what no live root reaches;
 # 6: tree objects may be stored compressed (format 5's plain ones still read); 7: chunk lists
-# may hold holes (format 6's zero chunks still read, and layers skip them); 9: layers may be
-# EROFS images (format 7's layer directories still mount, and are never rewritten); 10: the
-# children and labels indexes, and snapshots may carry a large observation.
+# may hold holes (format 6's zero chunks still read, and layers skip them); 8: a branch's upper
+# and work directories sit in its private directory (recovery.py moves them there); 9: layers
+# may be EROFS images (format 7's layer directories still mount, and are never rewritten);
+# 10: the children and labels indexes, and snapshots may carry a large observation.
 STORE_FORMAT = 10
 INDEXED_FORMAT = 10  # the first format whose stores keep the children and labels indexes
 

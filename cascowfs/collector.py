@@ -52,11 +52,16 @@ MARKER_NICE = 10
 
 
 def reach(
-    txn: lmdb.Transaction, objects_db, starts: Iterable[bytes], within: set[bytes] | None = None
+    txn: lmdb.Transaction,
+    objects_db,
+    starts: Iterable[bytes],
+    within: set[bytes] | None = None,
+    release: Callable[[], None] = lambda: None,
 ) -> set[bytes]:
     """``starts`` and every object they reach, through objects of ``within`` only if it is
     given: from the live roots, the marking; from what was stored again since a cycle's
-    snapshot, what its sweep must keep. A missing object is reached but has no children."""
+    snapshot, what its sweep must keep. A missing object is reached but has no children.
+    ``release`` is called every ``RELEASE_EVERY`` objects read (each read maps its value)."""
     reached: set[bytes] = set()
     stack = list(starts)
     while stack:
@@ -64,6 +69,8 @@ def reach(
         if oid in reached:
             continue
         reached.add(oid)
+        if len(reached) % RELEASE_EVERY == 0:
+            release()
         value = txn.get(oid, db=objects_db)
         if value is None:
             continue
@@ -79,8 +86,9 @@ def reach(
     return reached
 
 
-# objects walked between two releases of the pages the walk mapped (``release``)
-RELEASE_EVERY = 256  # 64 MiB of packs at most
+# objects walked between two releases of the pages the walk mapped (``release``): a read may
+# map a whole large folio of the data file around the value (cas.MAPPED_PER_TOUCH)
+RELEASE_EVERY = 64
 
 
 def garbage(
@@ -91,7 +99,7 @@ def garbage(
     ``release`` is called every ``RELEASE_EVERY`` objects of the walk over every id (which
     maps every object's value: ``MetaDB.release_mapped_pages``)."""
     objects_db = dbs["objects"]
-    live = reach(txn, objects_db, Catalog(dbs).live_roots(txn))
+    live = reach(txn, objects_db, Catalog(dbs).live_roots(txn), release=release)
     dead = []
     keys = txn.cursor(db=objects_db).iternext(keys=True, values=False)
     for n, key in enumerate(keys, 1):

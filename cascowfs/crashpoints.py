@@ -46,6 +46,7 @@ CRASH_POINTS: tuple[str, ...] = (
     "flatten.applied",  # layer placed, chain swapped
     "collect.marked",  # garbage listed, nothing deleted yet
     "collect.swept",  # the first slice of the garbage deleted, the rest not
+    "upgrade.moved",  # format 8: one branch's upper moved into its private directory
 )
 
 

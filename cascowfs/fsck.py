@@ -148,8 +148,8 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
             report.add(4, f"mount at {m.target} is not named by any branch")
             continue
         seen[m.target] += 1
-        if not sm.mount_matches(m, expected[m.target][1]):
-            report.add(4, f"branch {expected[m.target][0]} is mounted on the wrong layers")
+        if not sm.mount_matches(m, *expected[m.target]):
+            report.add(4, f"branch {expected[m.target][0]} is mounted on the wrong layers or upper")
     for target, (name, _) in expected.items():
         if seen[target] == 0:
             report.add(4, f"branch {name} is not mounted")

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 from . import extents, forks, fsmeta
 from .cas import Emit, Piece, PreparedContent, pack_unpacked
+from .privacy import Caller, reading_as
 from .readahead import Readahead
 
 Prepare = Callable[[Iterable[Piece], Emit | None], PreparedContent]
@@ -66,15 +67,52 @@ class Mirror(NamedTuple):
     mtime_ns: int
 
 
-def read_content(
-    path: bytes, prepare: Prepare, emit: Emit | None = None, mirror: Mirror | None = None
-) -> tuple[PreparedContent, tuple]:
-    """The content of the regular file ``path`` prepared as a stream (objects through
-    ``emit``, if given) and its xattrs, both read through one open; with ``mirror`` a copy,
-    holes kept, is written from the very bytes read."""
+# a source file opened for reading, and its xattrs read through that open
+Opened = tuple[int, tuple]
+
+
+def open_source(path: bytes) -> Opened:
+    """``path`` opened (never through a symbolic link at its end) and its xattrs."""
     fd = fsmeta.open_file(path)
     try:
-        xattrs = fsmeta.read_xattrs(fd)
+        return fd, fsmeta.read_xattrs(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_all(paths: list[bytes], reader: Caller | None) -> list[Opened]:
+    """Every path opened as ``reader``, in one switch of credentials (a switch costs tens of
+    microseconds: one per file would cost more than opening it)."""
+    opened: list[Opened] = []
+    try:
+        with reading_as(reader):
+            for path in paths:
+                opened.append(open_source(path))
+    except BaseException:
+        for fd, _ in opened:
+            os.close(fd)
+        raise
+    return opened
+
+
+def read_content(
+    path: bytes,
+    prepare: Prepare,
+    emit: Emit | None = None,
+    mirror: Mirror | None = None,
+    reader: Caller | None = None,
+    opened: Opened | None = None,
+) -> tuple[PreparedContent, tuple]:
+    """The content of the regular file ``path`` prepared as a stream (objects through
+    ``emit``, if given) and its xattrs, both read through one open (as ``reader``,
+    ``privacy.reading_as``, unless ``opened`` is that open already, which this closes);
+    with ``mirror`` a copy, holes kept, is written from the very bytes read."""
+    if opened is None:
+        with reading_as(reader):
+            opened = open_source(path)
+    fd, xattrs = opened
+    try:
         pieces = extents.read_pieces(fd, os.fstat(fd).st_size)
         if mirror is None:
             return prepare(pieces, emit), xattrs
@@ -100,9 +138,16 @@ def _process_one(
     mtime_ns: int,
     prepare: Prepare,
     emit: Emit | None = None,
+    reader: Caller | None = None,
+    opened: Opened | None = None,
 ) -> FileResult:
     prepared, xattrs = read_content(
-        path, prepare, emit, Mirror(mirror, mode, uid, gid, mtime_ns) if mirror else None
+        path,
+        prepare,
+        emit,
+        Mirror(mirror, mode, uid, gid, mtime_ns) if mirror else None,
+        reader,
+        opened,
     )
     return prepared.content_id, prepared.size, xattrs, prepared.objects
 
@@ -116,10 +161,19 @@ def _work_item(job: FileJob) -> WorkItem:
     return job.path, job.mirror, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns
 
 
-def _process_batch(batch: list[WorkItem], prepare: Prepare) -> list[FileResult]:
+def _process_batch(
+    batch: list[WorkItem], prepare: Prepare, reader: Caller | None
+) -> list[FileResult]:
     """A worker process's share: its small chunks leave it already packed and compressed
     (the packs ride along with the batch's first file)."""
-    results = [_process_one(*item, prepare) for item in batch]
+    sources = _open_all([item[0] for item in batch], reader)
+    results: list[FileResult] = []
+    try:
+        for item, source in zip(batch, sources, strict=True):
+            results.append(_process_one(*item, prepare, None, None, source))
+    finally:
+        for fd, _ in sources[len(results) + 1 :]:  # read_content closed the one that failed
+            os.close(fd)
     objects = pack_unpacked([o for *_, objs in results for o in objs])
     if not results:
         return results
@@ -149,9 +203,12 @@ class ImportWorkers:
     manager: leaving it stops the readahead and the workers (cancelling what is queued if
     it is left by an exception)."""
 
-    def __init__(self, prepare: Prepare, emit: Emit | None = None) -> None:
+    def __init__(
+        self, prepare: Prepare, emit: Emit | None = None, reader: Caller | None = None
+    ) -> None:
         self._prepare = prepare
         self._emit = emit
+        self._reader = reader  # whose credentials the source is read with
         self._streamed: list[FileJob] = []
         self._waiting: list[FileJob] = []
         self._waiting_bytes = 0
@@ -214,20 +271,20 @@ class ImportWorkers:
             while self._dispatched:
                 yield from self._take_first()
         for job in self._streamed:
-            yield job, _process_one(*_work_item(job), self._prepare, self._emit)
+            yield job, _process_one(*_work_item(job), self._prepare, self._emit, self._reader)
         self._streamed = []
 
     def _dispatch_waiting(self) -> None:
         assert self._processes is not None
         for batch in _batches(_in_disk_order(self._waiting)):
             future = self._processes.submit(
-                _process_batch, [_work_item(j) for j in batch], self._prepare
+                _process_batch, [_work_item(j) for j in batch], self._prepare, self._reader
             )
             self._dispatched.append((batch, future))
             if self._readahead is None:
                 # only now: the first submit forked every worker (fork start method), and
                 # a process should not fork while this thread runs
-                self._readahead = Readahead().__enter__()
+                self._readahead = Readahead(reader=self._reader).__enter__()
             self._readahead.add([job.path for job in batch], [job.st.st_size for job in batch])
         self._waiting, self._waiting_bytes = [], 0
 
@@ -239,13 +296,15 @@ class ImportWorkers:
             yield job, result
 
     def _on_threads(self, jobs: list[FileJob]) -> Iterator[tuple[FileJob, FileResult]]:
-        prepare = self._prepare
+        prepare, reader = self._prepare, self._reader
         with (
             ThreadPoolExecutor(IMPORT_THREADS, thread_name_prefix="cascowfs-scan") as pool,
-            Readahead() as readahead,
+            Readahead(reader=reader) as readahead,
         ):
             readahead.add([job.path for job in jobs], [job.st.st_size for job in jobs])
-            results = pool.map(lambda job: _process_one(*_work_item(job), prepare), jobs)
+            results = pool.map(
+                lambda job: _process_one(*_work_item(job), prepare, None, reader), jobs
+            )
             for job, result in zip(jobs, results, strict=True):
                 readahead.consumed(job.st.st_size)
                 yield job, result

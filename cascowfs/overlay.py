@@ -184,6 +184,30 @@ def unescape_mountinfo(field: str) -> str:
     return "".join(out)
 
 
+@dataclass(frozen=True)
+class OverlayDirs:
+    """The directories an overlay mount stacks, as ``mount_overlay`` gave them."""
+
+    lowers: tuple[str, ...]  # top first
+    upper: str | None
+
+
+def overlay_dirs(m: MountRecord) -> OverlayDirs:
+    """The lower and upper directories that overlay mount ``m``'s options name.
+
+    mountinfo escapes a comma inside a value (``\\054``), so the options split at every
+    comma; overlayfs shows ``upperdir`` as it was given, backslashes doubled (``mount_overlay``)."""
+    lowers: list[str] = []
+    upper = None
+    for option in m.options.split(","):
+        key, _, value = option.partition("=")
+        if key == "lowerdir+":
+            lowers.append(unescape_mountinfo(value))
+        elif key == "upperdir":
+            upper = unescape_mountinfo(value).replace("\\\\", "\\")
+    return OverlayDirs(tuple(lowers), upper)
+
+
 def all_mounts() -> list[MountRecord]:
     """Every mount of this mount namespace, in mount order (from /proc/self/mountinfo)."""
     found = []

@@ -7,22 +7,30 @@ the process creating it runs under a 077 umask, and ``make_private`` takes back 
 older version left readable. Three directories stay searchable (0711, no listing): the store
 itself, ``branches/`` and ``branches/<name>/``, the path from ``/`` to each branch's tree, a
 mount point that non-root code inside the branch works in. A branch's ``upper/`` carries the
-tree root's own mode (overlayfs shows it as the tree's root), so what a user reaches through it
-is what that user reaches through the tree, under the same modes.
+tree root's own mode (overlayfs shows it as the tree's root), so it and ``work/`` sit in the
+branch's private directory, ``branches/<name>/private``.
 
 The daemon runs as root, so an ``import`` asked through ``ctl`` by a member of the admin group
 would read what only root may read. ``check_readable`` walks the source in a child forked with
 the caller's credentials (the FUSE request's uid, gid and supplementary groups) and refuses the
-import with EACCES naming the first path that caller cannot read.
+import with EACCES naming the first path that caller cannot read. The import then reads the
+source as that caller too (``reading_as``): every path it resolves in the source, and every
+file it opens there, is checked by the kernel against the caller's credentials, so a source
+changed after the check (a directory swapped for a symbolic link) yields EACCES, never bytes
+the caller could not read.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
+import platform
 import socket
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +51,7 @@ _MODES = (
     ("", PASSAGE_DIR),
     ("branches", PASSAGE_DIR),
     ("branches/*", PASSAGE_DIR),
-    ("branches/*/work", PRIVATE_DIR),
+    ("branches/*/private", PRIVATE_DIR),
     ("lock", PRIVATE_FILE),
     ("meta", PRIVATE_DIR),
     ("meta/*", PRIVATE_FILE),
@@ -110,6 +118,75 @@ class Caller:
     groups: tuple[int, ...] = ()
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+# Raw system calls: glibc's setgroups (like its setresuid) changes every thread of the
+# process; the kernel's changes the calling thread's credentials alone. setfsuid/setfsgid
+# change only the credentials that file access is checked against.
+_CREDENTIAL_SYSCALLS = {
+    "x86_64": {"setfsuid": 122, "setfsgid": 123, "setgroups": 116},
+    "aarch64": {"setfsuid": 151, "setfsgid": 152, "setgroups": 159},
+}
+
+
+def _thread_syscall(name: str, *args: object) -> int:
+    nr = _CREDENTIAL_SYSCALLS.get(platform.machine(), _CREDENTIAL_SYSCALLS["x86_64"])[name]
+    return int(_libc.syscall(nr, *args))
+
+
+def _set_thread_groups(groups: tuple[int, ...]) -> None:
+    array = (ctypes.c_uint32 * len(groups))(*groups)
+    if _thread_syscall("setgroups", ctypes.c_size_t(len(groups)), array) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setgroups: {os.strerror(err)}")
+
+
+def _set_fs_ids(uid: int, gid: int) -> None:
+    """Make ``uid``/``gid`` this thread's filesystem ids; setfsuid reports no error, so the
+    ids are read back (an id of -1 changes nothing and returns the current one)."""
+    _thread_syscall("setfsgid", ctypes.c_uint32(gid))
+    _thread_syscall("setfsuid", ctypes.c_uint32(uid))
+    if (
+        _thread_syscall("setfsuid", ctypes.c_uint32(0xFFFFFFFF)) != uid
+        or _thread_syscall("setfsgid", ctypes.c_uint32(0xFFFFFFFF)) != gid
+    ):
+        raise PermissionDeniedError(
+            f"could not take uid {uid} gid {gid} to read as", errno=errno.EPERM
+        )
+
+
+@contextmanager
+def reading_as(caller: Caller | None) -> Iterator[None]:
+    """Inside this block the calling thread opens, lists and looks up files with ``caller``'s
+    credentials (filesystem uid and gid, supplementary groups), as the kernel checks them;
+    the process's other threads keep theirs. A no-op for None (the daemon itself) and root.
+
+    From root, a non-zero filesystem uid also drops the capabilities that pass permission
+    checks (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER ...); going back to 0 restores
+    them. What is opened inside stays readable after the block, as any open file does."""
+    if caller is None or caller.uid == 0:
+        yield
+        return
+    uid_before = os.geteuid()
+    gid_before = os.getegid()
+    groups_before = tuple(os.getgroups())  # the calling thread's: a plain system call
+    try:
+        _set_thread_groups(caller.groups)
+        _set_fs_ids(caller.uid, caller.gid)
+        yield
+    finally:
+        _set_fs_ids(uid_before, gid_before)
+        _set_thread_groups(groups_before)
+
+
+def unreadable_by(caller: Caller, src: str | Path, path: str | bytes) -> PermissionDeniedError:
+    """The EACCES of an import of ``src`` that ``caller`` may not read at ``path``."""
+    return PermissionDeniedError(
+        f"import of {src}: {os.fsdecode(path)} is not readable by uid {caller.uid}",
+        errno=errno.EACCES,
+    )
+
+
 def check_readable(caller: Caller, src: str) -> None:
     """Raise EACCES naming the first path under ``src`` (``src`` included) that ``caller``
     may not read: a directory it may not list and search, a file it may not read. Root
@@ -145,10 +222,7 @@ def check_readable(caller: Caller, src: str) -> None:
     raw_code, path = answer.split(b"\0", 1)
     code = int(raw_code)
     if code == errno.EACCES:
-        raise PermissionDeniedError(
-            f"import of {src}: {os.fsdecode(path)} is not readable by uid {caller.uid}",
-            errno=errno.EACCES,
-        )
+        raise unreadable_by(caller, src, path)
     if code:
         raise CascowfsError(
             f"import of {src}: {os.fsdecode(path)}: {os.strerror(code)}", errno=code

@@ -18,6 +18,8 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 
+from .privacy import Caller, reading_as
+
 READAHEAD_BYTES = 64 << 20
 
 
@@ -41,11 +43,17 @@ class Readahead:
     """A thread that advises the paths given to ``add``, in order, at most ``window`` bytes
     ahead of what the consumer has reported done with ``consumed``. Paths may keep coming
     while it runs (the import hands files to its workers while its walk still finds them).
-    Use it as a context manager; leaving it stops the thread, whatever is left."""
+    Use it as a context manager; leaving it stops the thread, whatever is left. The thread
+    opens the files as ``reader`` (``privacy.reading_as``), as the workers read them."""
 
     def __init__(
-        self, *, window: int = READAHEAD_BYTES, advise: Callable[[bytes], None] = advise_willneed
+        self,
+        *,
+        window: int = READAHEAD_BYTES,
+        advise: Callable[[bytes], None] = advise_willneed,
+        reader: Caller | None = None,
     ) -> None:
+        self._reader = reader
         self._window = window
         self._advise = advise
         self._queued: deque[tuple[bytes, int]] = deque()
@@ -75,6 +83,10 @@ class Readahead:
             self._changed.notify()
 
     def _run(self) -> None:
+        with reading_as(self._reader):
+            self._advise_ahead()
+
+    def _advise_ahead(self) -> None:
         issued = 0
         while True:
             with self._changed:

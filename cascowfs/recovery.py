@@ -20,6 +20,7 @@ import lmdb
 
 from . import durability, overlay
 from .catalog import STORE_FORMAT
+from .crashpoints import crash_point
 from .errors import StoreIOError
 from .wal import PendingOp
 
@@ -28,7 +29,8 @@ if TYPE_CHECKING:  # the StateManager opens a store through this module
 
 log = logging.getLogger("cascowfs.recovery")
 
-UPGRADES_IN_PLACE = {2, 3, 4, 5, 6, 7, 9}  # older formats a writable open upgrades
+UPGRADES_IN_PLACE = {2, 3, 4, 5, 6, 7, 8, 9}  # older formats a writable open upgrades
+PRIVATE_BRANCH_DIRS_SINCE = 8  # older formats keep a branch's upper and work beside its tree
 # ops that may leave objects no live root reaches when rolled back
 _MAY_LEAVE_OBJECTS = ("import", "commit", "flatten")
 
@@ -47,11 +49,16 @@ def check_format(sm: StateManager, *, read_only: bool) -> None:
             f"store {sm.store} has format {raw and raw.decode() or 'unknown'}; "
             f"this cascowfs reads format {STORE_FORMAT}"
         )
+    older_layout = found is not None and found < PRIVATE_BRANCH_DIRS_SINCE
     if read_only:
-        # formats 2-4 differ only in refcounts, which this version ignores; 5-7 read as is
-        # (format 7's layer directories mount as they are; the indexes, which only the
-        # queries of a served store read, are missing below format 10)
+        # formats 2-4 differ only in refcounts, which this version ignores; 5-7 read as is,
+        # with the branches' uppers where they are (format 7's layer directories mount as
+        # they are; the indexes, which only the queries of a served store read, are missing
+        # below format 10)
+        sm.legacy_branch_layout = older_layout
         return
+    if older_layout:
+        _move_branch_dirs_into_private(sm)
 
     def upgrade(txn: lmdb.Transaction) -> None:
         if found is not None and found < 5:
@@ -64,6 +71,30 @@ def check_format(sm: StateManager, *, read_only: bool) -> None:
         sm.catalog.set_format(txn, STORE_FORMAT)
 
     sm.db.write(upgrade, "upgrading the store format")
+
+
+def _move_branch_dirs_into_private(sm: StateManager) -> None:
+    """Format 8: move each branch's ``upper/`` into its private directory, and its ``work/``
+    into the trash (a mount starts it afresh anyway). Each step is one rename or is done
+    already, and the format is recorded only after the last: a kill -9 anywhere leaves steps
+    the next open redoes or skips. A branch still mounted over its old upper keeps working (a
+    rename does not reach the mount); reconcile mounts it again over the moved upper."""
+    for name in sorted(os.listdir(sm.branches_dir)):
+        bdir = sm.branches_dir / name
+        legacy_upper, legacy_work = bdir / "upper", bdir / "work"
+        if not os.path.lexists(legacy_upper) and not os.path.lexists(legacy_work):
+            continue
+        upper, _ = sm.make_branch_dirs(name)
+        if os.path.lexists(legacy_upper):
+            if os.path.lexists(upper):
+                sm.trash.put(legacy_upper)  # never both: a rename moved it, or it was never made
+            else:
+                os.rename(legacy_upper, upper)
+        sm.trash.put(legacy_work)
+        durability.fsync_dir(upper.parent)
+        durability.fsync_dir(bdir)
+        crash_point("upgrade.moved")
+    log.info("%s: branch upper directories moved into their private directories", sm.store)
 
 
 def recover(sm: StateManager, progress: bool) -> None:
@@ -147,11 +178,11 @@ def reconcile(sm: StateManager, cache_lost: bool = False, progress: bool = False
     if missing:
         sm.layers.rebuild(set(missing), "missing from layers/", progress, sm.unmount_branch)
     # mounts: keep exactly one correct mount per live branch
-    expected = {str(sm.tree_path(name)): rec for name, rec in branches.items()}
+    expected = {str(sm.tree_path(name)): (name, rec) for name, rec in branches.items()}
     seen: dict[str, int] = {}
     for m in sm.branch_side_mounts():
-        rec = expected.get(m.target)
-        if rec is not None and seen.get(m.target, 0) == 0 and sm.mount_matches(m, rec):
+        found = expected.get(m.target)
+        if found is not None and seen.get(m.target, 0) == 0 and sm.mount_matches(m, *found):
             seen[m.target] = 1
             continue
         overlay.unmount(Path(m.target))
@@ -189,5 +220,5 @@ def _reset_branches_to_their_parents(sm: StateManager) -> None:
 
         dropped = sm.db.write(apply, f"resetting branch {name}")
         sm.unmount_branch(name)  # a re-base rolled forward mounts it
-        sm.trash.put(sm.branches_dir / name / "upper")  # mounting makes a fresh one
+        sm.trash.put(sm.upper_path(name))  # mounting makes a fresh one
         sm.trash_after_apply(dropped)

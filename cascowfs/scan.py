@@ -27,6 +27,7 @@ from . import fsmeta
 from .cas import prepare_content
 from .import_workers import FileJob, FileResult, ImportWorkers, Prepare, read_content
 from .model import Entry
+from .privacy import Caller, reading_as
 from .trees import STORED, TreeStore, same_entries, tree_objects
 
 
@@ -209,17 +210,21 @@ def scan_directory(
     mirror_to: Path | None = None,
     prepare: Prepare = prepare_content,
     progress: Progress | None = None,
+    reader: Caller | None = None,
 ) -> DirNode:
     """Read a plain directory tree into a DirNode (and into ``mirror_to``, a layer, if given).
 
     The walk runs on the calling thread and hands each file to ``ImportWorkers``, which read,
     cut, hash, compress and mirror it in worker processes (threads for small imports), the
     big ones while the walk goes on; objects reach ``sink`` on the calling thread, in order.
+    ``reader``: whose credentials every lookup, listing and open in ``src`` is checked against
+    (``privacy.reading_as``); the mirror is written with the process's own.
     """
     progress = progress or Progress()
     links = HardLinks()
     root_path = os.fsencode(src)
-    st = os.lstat(root_path)
+    with reading_as(reader):
+        st = os.lstat(root_path)
     if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(20, "not a directory", str(src))
     mirror_root = os.fsencode(mirror_to) if mirror_to is not None else None
@@ -232,17 +237,26 @@ def scan_directory(
     def walk(
         path: bytes, rel: bytes, st: os.stat_result, name: bytes, mirror: bytes | None
     ) -> DirNode:
-        node = DirNode(_meta_entry(name, st, fsmeta.read_xattrs(path)), {})
+        with reading_as(reader):  # everything this directory holds, read as ``reader``
+            node = DirNode(_meta_entry(name, st, fsmeta.read_xattrs(path)), {})
+            with os.scandir(path) as it:
+                names = sorted(item.name for item in it)
+            children = []
+            for cname in names:
+                cpath = path + b"/" + cname
+                cst = os.lstat(cpath)
+                kind = stat.S_IFMT(cst.st_mode)
+                other = (
+                    None
+                    if kind in (stat.S_IFDIR, stat.S_IFREG)
+                    else _other_entry(cname, cpath, cst)
+                )
+                children.append((cname, cpath, cst, other))
         if mirror is not None:
             dirs.append((mirror, node.meta))
-        with os.scandir(path) as it:
-            items = sorted(it, key=lambda d: d.name)
-        for item in items:
-            cname = item.name
-            cpath = path + b"/" + cname
+        for cname, cpath, cst, other in children:
             crel = rel + b"/" + cname if rel else cname
             cmirror = mirror + b"/" + cname if mirror is not None else None
-            cst = os.lstat(cpath)
             if stat.S_ISDIR(cst.st_mode):
                 if cmirror is not None:
                     os.mkdir(cmirror, 0o700)
@@ -257,7 +271,7 @@ def scan_directory(
                     first_of_inode[inode] = (node, cname, cmirror)
                 workers.add(FileJob(node, cname, cpath, cst, cmirror))
             else:
-                entry = _other_entry(cname, cpath, cst)
+                entry = cast(Entry, other)
                 if cmirror is not None:
                     _mirror_other(entry, cmirror)
                     fsmeta.apply_metadata(
@@ -274,7 +288,7 @@ def scan_directory(
         sink.add(objects)
         progress.update(size)
 
-    with ImportWorkers(prepare, sink.add) as workers:
+    with ImportWorkers(prepare, sink.add, reader) as workers:
         root = walk(root_path, b"", st, b"", mirror_root)
         for job, result in workers.rest():
             take(job, result)

@@ -8,7 +8,8 @@ Store layout (all on one filesystem, so renames are atomic and overlay upper/wor
                                 its data.mdb is what makes a directory a store (``is_store``)
     STORE/wal/log               write-ahead log (wal.py)
     STORE/layers/<layer>/       native lower layers, a cache of the CAS (layer_builder.py)
-    STORE/branches/<name>/      upper/, work/ and tree/ (the overlay mount point)
+    STORE/branches/<name>/      tree/ (the overlay mount point) and private/ (root's alone:
+                                the overlay's upper/ and work/)
     STORE/staging/<op>/         work in progress of one operation
     STORE/trash/                whatever is being deleted in the background (trash.py)
     STORE/empty/                the lower layer of branches on the empty snapshot
@@ -96,6 +97,7 @@ STORE_ENTRIES = frozenset(
     {"lock", "meta", "wal", "layers", "branches", "staging", "trash", "empty"}
 )
 NOT_A_STORE = "not a cascowfs store; run cascowfs init"
+BRANCH_PRIVATE = "private"  # a branch's directory for its upper and work directories
 
 
 def is_store(path: Path) -> bool:
@@ -174,6 +176,9 @@ class StateManager:
         self._background = BackgroundWorker(self._run_job)
         self._closing = threading.Event()  # set by close; cuts the background threads' waits short
         self._read_only = False
+        # a store of format 7 or older opened read-only: its branches' uppers are where that
+        # format kept them (recovery.check_format)
+        self.legacy_branch_layout = False
 
     # ------------------------------------------------------------------------------------
     # opening and closing
@@ -324,10 +329,14 @@ class StateManager:
     # ------------------------------------------------------------------------------------
     # what recovery, fsck and the operations share
     # ------------------------------------------------------------------------------------
-    def mount_matches(self, m: overlay.MountRecord, rec: BranchRecord) -> bool:
-        """Whether mount ``m`` is branch ``rec``'s overlay on the layers it records."""
-        want = ",".join(f"lowerdir+={p}" for p in self.lower_paths(rec.layers))
-        return m.fstype == "overlay" and want in m.options
+    def mount_matches(self, m: overlay.MountRecord, name: str, rec: BranchRecord) -> bool:
+        """Whether mount ``m`` is branch ``name``'s overlay, on the layers ``rec`` records and
+        over the branch's upper directory."""
+        if m.fstype != "overlay":
+            return False
+        dirs = overlay.overlay_dirs(m)
+        lowers = tuple(str(p) for p in self.lower_paths(rec.layers))
+        return dirs.lowers == lowers and dirs.upper == str(self.upper_path(name))
 
     def branch_side_mounts(self) -> list[overlay.MountRecord]:
         """The store's mounts but its layer images' (branches, and strays anywhere else)."""
@@ -361,6 +370,24 @@ class StateManager:
         """Branch ``name``'s overlay mount point."""
         return self.branches_dir / name / "tree"
 
+    def upper_path(self, name: str) -> Path:
+        """Branch ``name``'s upper directory (inside its private directory: privacy.py)."""
+        if self.legacy_branch_layout:
+            return self.branches_dir / name / "upper"
+        return self.branches_dir / name / BRANCH_PRIVATE / "upper"
+
+    def make_branch_dirs(self, name: str) -> tuple[Path, Path]:
+        """Branch ``name``'s directory (searchable by all), its tree mount point and its
+        private directory (root's alone); returns its upper and work directories' paths."""
+        bdir = self.branches_dir / name
+        bdir.mkdir(exist_ok=True)
+        privacy.make_passage(bdir)
+        (bdir / "tree").mkdir(exist_ok=True)
+        private = bdir / BRANCH_PRIVATE
+        private.mkdir(mode=privacy.PRIVATE_DIR, exist_ok=True)
+        os.chmod(private, privacy.PRIVATE_DIR)
+        return private / "upper", private / "work"
+
     def unmount_branch(self, name: str) -> None:
         """Unmount every mount stacked at branch ``name``'s mount point."""
         overlay.unmount_stacked(self.tree_path(name))
@@ -393,13 +420,9 @@ class StateManager:
     def mount_branch(self, name: str, rec: BranchRecord, *, fresh_upper: bool) -> None:
         """Mount branch ``name`` on the layers its record names (writing any not written yet),
         over its upper directory (``fresh_upper``: an empty one)."""
-        bdir = self.branches_dir / name
-        upper, work, tree = bdir / "upper", bdir / "work", bdir / "tree"
         self.layers.build_chain(rec.layers)
         with disk_errors(f"mounting branch {name}"):
-            bdir.mkdir(exist_ok=True)
-            privacy.make_passage(bdir)
-            tree.mkdir(exist_ok=True)
+            upper, work = self.make_branch_dirs(name)
             if fresh_upper or not upper.is_dir():
                 self.trash.put(upper)
                 upper.mkdir()
@@ -408,7 +431,7 @@ class StateManager:
             self.trash.put(work)
             work.mkdir()
             with self.layers.mounted(rec.layers) as lowers:
-                overlay.mount_overlay(tree, lowers, upper, work)
+                overlay.mount_overlay(self.tree_path(name), lowers, upper, work)
         self._forget_file_caches(name)
 
     # ------------------------------------------------------------------------------------
@@ -421,8 +444,10 @@ class StateManager:
         labels: dict[str, str] | None = None,
         *,
         progress: bool = False,
+        reader: privacy.Caller | None = None,
     ) -> str:
-        """Import a plain directory as a new snapshot (its own full layer)."""
+        """Import a plain directory as a new snapshot (its own full layer), reading it with
+        ``reader``'s credentials if given (``privacy.reading_as``)."""
         labels = check_labels(labels)
         src = resolve_import_source(Path(src), self.store)
         with self._ops.running():
@@ -436,7 +461,14 @@ class StateManager:
                 with progress_bar(progress, total, f"import {id}") as bar:
                     sink = ObjectSink(self._write_objects)
                     with disk_errors(f"import of {src}"):
-                        node = scan_directory(src, sink, mirror_to=staged, progress=Progress(bar))
+                        try:
+                            node = scan_directory(
+                                src, sink, mirror_to=staged, progress=Progress(bar), reader=reader
+                            )
+                        except PermissionError as exc:
+                            if reader is None or exc.filename is None:
+                                raise
+                            raise privacy.unreadable_by(reader, src, exc.filename) from None
                         root = finalize(node, sink)
                         superroot = self._superroot(root, sink)
                         sink.flush()
@@ -606,12 +638,10 @@ class StateManager:
             ) as op:
                 with disk_errors(f"creating branch {name}"):
                     self.trash.put(bdir)  # leftovers of an earlier branch of that name
-                    bdir.mkdir()
-                    privacy.make_passage(bdir)
-                    (bdir / "upper").mkdir()
-                    (bdir / "work").mkdir()
-                    (bdir / "tree").mkdir()
-                    layerfs.set_root_metadata(bdir / "upper", self.root_of(rec.base_root))
+                    upper, work = self.make_branch_dirs(name)
+                    upper.mkdir()
+                    work.mkdir()
+                    layerfs.set_root_metadata(upper, self.root_of(rec.base_root))
 
                 def apply(txn: lmdb.Transaction) -> BranchRecord:
                     if self.catalog.find_branch(txn, name) is not None:
@@ -628,7 +658,7 @@ class StateManager:
             crash_point("branch.applied")
             self.layers.build_chain(rec.layers)  # a chain re-read in the transaction
             with disk_errors(f"mounting branch {name}"), self.layers.mounted(rec.layers) as lowers:
-                overlay.mount_overlay(bdir / "tree", lowers, bdir / "upper", bdir / "work")
+                overlay.mount_overlay(self.tree_path(name), lowers, upper, work)
             crash_point("branch.switched")
             self._finish(op)
             return self._branch_info(name, rec)
@@ -740,7 +770,7 @@ class StateManager:
                 node = apply_upper(
                     self.trees,
                     self.root_of(rec.base_root),
-                    self.branches_dir / name / "upper",
+                    self.upper_path(name),
                     sink,
                     file_cache=stored,
                     keep=used,
@@ -1040,7 +1070,7 @@ class StateManager:
             node = apply_upper(
                 self.trees,
                 self.root_of(rec.base_root),
-                self.branches_dir / name / "upper",
+                self.upper_path(name),
                 sink,
                 prepare=identify_content,
                 file_cache=cache,

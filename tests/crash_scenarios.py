@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -14,15 +15,16 @@ import pytest
 
 from conftest import assert_same_view, dir_view, mounts_below, snapshot_view
 from support.processes import run_until_killed
-from cascowfs import collector
+from cascowfs import collector, overlay
 from cascowfs.episodes import FindQuery, Predicate, parse_predicate
 from cascowfs.errors import ExistsError, NotFoundError
+from cascowfs.metadb import MetaDB
 from cascowfs.state import StateManager
 
 # The step after which an operation is durable (its LMDB transaction committed).
 # a collection follows an applied prune; a commit's layer is written after the commit
 APPLIED_STEPS = {"applied", "switched", "marked", "swept", "written", "placed"}
-NOT_APPLIED_STEPS = {"prepared", "chunks", "staged"}
+NOT_APPLIED_STEPS = {"prepared", "chunks", "staged", "moved"}
 
 CHILD = r"""
 import sys
@@ -51,6 +53,8 @@ elif op == "flatten":
 elif op == "collect":  # a prune, then a collection cut in the middle of its sweep
     sm.prune("other")
     sm.collect()
+elif op == "upgrade":
+    pass  # opening a format 7 store (as_format_7) upgraded it
 else:
     raise SystemExit(f"unknown op {op}")
 sm.close()
@@ -304,10 +308,39 @@ def verify_collect(sm, before: Before, applied: bool) -> None:
         assert not sm.collection_pending(txn)
 
 
+def as_format_7(store: Path) -> None:
+    """Rewrite a closed store as format 7 left it: each branch's upper/ and work/ beside its
+    tree, mounted from there if it was mounted (a branch mount outlives its daemon)."""
+    for name in sorted(os.listdir(store / "branches")):
+        bdir = store / "branches" / name
+        mounts = [m for m in overlay.all_mounts() if m.target == str(bdir / "tree")]
+        overlay.unmount_stacked(bdir / "tree")
+        os.rename(bdir / "private" / "upper", bdir / "upper")
+        shutil.rmtree(bdir / "private")  # a volatile mount wants a fresh work dir
+        (bdir / "work").mkdir()
+        if mounts:
+            lowers = [Path(p) for p in overlay.overlay_dirs(mounts[-1]).lowers]
+            overlay.mount_overlay(bdir / "tree", lowers, bdir / "upper", bdir / "work")
+    db = MetaDB(store / "meta")
+    try:
+        db.write(lambda txn: txn.put(b"format", b"7", db=db.db("meta")))
+    finally:
+        db.close()
+
+
+def verify_upgrade(sm, before: Before, applied: bool) -> None:
+    unchanged_except(sm, before)
+    for name in before.branches:
+        bdir = sm.branches_dir / name
+        assert sorted(os.listdir(bdir)) == ["private", "tree"], name
+        [mount] = [m for m in overlay.all_mounts() if m.target == str(bdir / "tree")]
+        assert overlay.overlay_dirs(mount).upper == str(bdir / "private" / "upper")
+
+
 VERIFY = {"import": verify_import, "branch": verify_branch, "commit": verify_commit,
           "rebase": verify_rebase, "reset": verify_reset, "label": verify_label,
           "discard": verify_discard, "prune": verify_prune,
-          "flatten": verify_flatten, "collect": verify_collect}
+          "flatten": verify_flatten, "collect": verify_collect, "upgrade": verify_upgrade}
 
 
 # A child that loops over random operations until killed; prints what each did

@@ -278,7 +278,7 @@ def test_a_16_gib_sparse_file_grows_the_store_by_less_than_1_mib(tmp_path):
         # three grid blocks hold data (the start, a quarter, the middle): those and no more
         assert os.stat(delta / "disk.img").st_blocks * 512 <= 3 * BLOCK + 4096
         # overlayfs copies up in 1 MiB pieces around data: a few MiB at most in the upper
-        upper = tmp_path / "store" / "branches" / "b" / "upper" / "disk.img"
+        upper = sm.upper_path("b") / "disk.img"
         assert os.stat(upper).st_blocks * 512 <= 4 * MIB
         assert allocated_bytes(tmp_path / "store") - metadata_only < MIB
         sm.discard("b")
@@ -352,6 +352,28 @@ def test_pages_read_through_the_map_are_released(content):
         content.get(cas.object_id(cas.TYPE_PACK, v))  # past MAP_RELEASE_BYTES, again and again
     assert rss_file() - before < 2 * cas.MAP_RELEASE_BYTES
     assert [content.get(cas.object_id(cas.TYPE_PACK, v)) for v in values] == values
+
+
+def test_pages_a_write_transaction_maps_are_released_before_it_commits(content):
+    """Storing a batch of objects looks each one up, and a lookup maps the pages around the
+    value it finds (a whole large folio of the data file): a batch of a big file's chunks
+    would keep all of them mapped until its transaction commits, if they were released only
+    then."""
+    datas = [os.urandom(MIB) for _ in range(96)]
+    objects = [(cas.object_id(cas.TYPE_CHUNK, d), cas.TYPE_CHUNK + cas._UNPACKED + d)
+               for d in datas]
+    for at in range(0, len(objects), 32):
+        content.db.write(lambda txn: [txn.put(oid, value, db=content.objects)
+                                      for oid, value in objects[at:at + 32]])
+    content.db.release_mapped_pages()
+    before = rss_file()
+
+    def store_again(txn) -> int:
+        content.put_objects(txn, objects)  # every one present: each looked up, none written
+        return rss_file() - before  # before the transaction commits
+
+    assert content.db.write(store_again, "storing again") < 2 * cas.MAP_RELEASE_BYTES
+    assert rss_file() - before < 2 * cas.MAP_RELEASE_BYTES
 
 
 @needs_overlay

@@ -34,8 +34,8 @@ import pytest
 from conftest import (REPO, alive, assert_fsck_clean, assert_same_view, check_live, child_env,
                       descendant_processes, dir_view, force_unmount_below, mounts_below,
                       needs_overlay, open_store, run_child, snapshot_view)
-from crash_scenarios import (APPLIED_STEPS, CHILD, NOT_APPLIED_STEPS, VERIFY, prepare_store,
-                             run_loop_until_killed)
+from crash_scenarios import (APPLIED_STEPS, CHILD, NOT_APPLIED_STEPS, VERIFY, as_format_7,
+                             prepare_store, run_loop_until_killed)
 from support.processes import read_first_line, run_until_killed
 from cascowfs.crashpoints import CRASH_POINTS
 from cascowfs.layers import remove_within_filesystem
@@ -60,6 +60,8 @@ def test_kill_at_crash_point(point, tmp_path, track_store):
     store = track_store(tmp_path / "store")
     try:
         before = prepare_store(store, tmp_path)
+        if op == "upgrade":
+            as_format_7(store)
         args = [str(before.import_src)] if op == "import" else []
         proc = run_child(CHILD, str(store), op, *args, crash_at=point)
         assert proc.returncode == -signal.SIGKILL, (

@@ -750,7 +750,7 @@ def test_commits_list_only_directories_whose_ctime_moved(sm, monkeypatch):
     from cascowfs.scan import RACY_NS
 
     tree = sm.create_branch("b").tree
-    upper = sm.branches_dir / "b" / "upper"
+    upper = sm.upper_path("b")
     listed: list[str] = []
     real = os.scandir
 

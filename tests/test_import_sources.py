@@ -71,7 +71,7 @@ def _bad_sources(fs: Cascow) -> dict[str, tuple[Path, int]]:
         "a branch directory of its mount": (fs.mnt / "branches" / "b", errno.EINVAL),
         "the store": (fs.store, errno.EINVAL),
         "the store's layers": (fs.store / "layers", errno.EINVAL),
-        "a branch's upper directory": (tree.parent / "upper", errno.EINVAL),
+        "a branch's upper directory": (tree.parent / "private" / "upper", errno.EINVAL),
         "the store's staging": (fs.store / "staging", errno.EINVAL),
     }
 

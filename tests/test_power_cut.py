@@ -28,8 +28,8 @@ import pytest
 
 from conftest import (assert_fsck_clean, check_live, loop_ext4, mounted_image, needs_loop,
                       open_store, run_child, snapshot_view)
-from crash_scenarios import (APPLIED_STEPS, CHILD, VERIFY, Before, Returned, prepare_store,
-                             run_loop_until_killed)
+from crash_scenarios import (APPLIED_STEPS, CHILD, VERIFY, Before, Returned, as_format_7,
+                             prepare_store, run_loop_until_killed)
 from cascowfs import durability
 from cascowfs.catalog import Counter
 from cascowfs.crashpoints import CRASH_POINTS
@@ -66,6 +66,8 @@ def test_power_cut_at_crash_point(point, tmp_path, track_store):
     with loop_ext4(fs, DISK_MIB, NO_PERIODIC_COMMIT) as disk:
         store = track_store(disk / "store")
         before = prepare_store(store, tmp_path)
+        if op == "upgrade":
+            as_format_7(store)
         os.sync()  # what the scenario prepared is on the disk; the operation's writes are not
         args = [str(before.import_src)] if op == "import" else []
         proc = run_child(CHILD, str(store), op, *args, crash_at=point)

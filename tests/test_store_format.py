@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import stat
 import struct
 
 import lmdb
 import pytest
 
-from cascowfs import cas, catalog, trees
+from cascowfs import cas, catalog, overlay, trees
 from cascowfs.errors import StoreIOError
 from cascowfs.fsck import fsck_store
 from cascowfs.metadb import LEGACY_DB_NAMES, MetaDB
-from cascowfs.state import STORE_FORMAT
+from cascowfs.state import STORE_FORMAT, StateManager
 
-from conftest import check_live, open_store
+from conftest import check_live, needs_overlay, open_store, register_store, run_child
+from crash_scenarios import as_format_7
 
 
 def _set_format(sm, value: bytes) -> None:
@@ -187,3 +190,63 @@ def test_format_6_store_with_zero_chunks_upgrades_and_its_layers_get_holes(store
         sm.discard("b")
         sm.settle()
         check_live(sm, deep=True)
+
+
+# ----------------------------------------------------------------------------------------
+# format 8: a branch's upper and work directories move into its private directory
+# ----------------------------------------------------------------------------------------
+UPGRADE = """
+import sys
+from cascowfs.state import StateManager
+StateManager.open(sys.argv[1], create=False).close()
+"""
+
+
+def _two_branches_with_changes(store, tmp_path) -> None:
+    """Two branches of one snapshot with a file each, left mounted as a daemon leaves them."""
+    sm = StateManager.open(register_store(store))
+    try:
+        sm.import_tree(_one_file_tree(tmp_path), "base")
+        for name in ("b1", "b2"):
+            tree = sm.create_branch(name, "base").tree
+            (tree / f"{name}.txt").write_text(f"uncommitted in {name}\n")
+            os.chmod(tree, 0o755)
+        sm.settle()
+    finally:
+        sm.close()
+
+
+@needs_overlay
+@pytest.mark.parametrize("killed_after_moves", [0, 1])
+def test_format_7_branches_move_their_uppers_into_private_dirs(store, tmp_path,
+                                                               killed_after_moves):
+    """Mounted branches of a format 7 store keep their uncommitted files through the upgrade,
+    also when the upgrading process is killed -9 after moving one branch's upper; afterwards
+    every upper is private and mounted from there."""
+    _two_branches_with_changes(store, tmp_path)
+    as_format_7(store)
+    assert fsck_store(store).problems == []  # read as format 7 lays its branches out
+    if killed_after_moves:
+        child = run_child(UPGRADE, str(store), crash_at="upgrade.moved")
+        assert child.returncode == -signal.SIGKILL, child.stderr
+        moved = [n for n in ("b1", "b2") if (store / "branches" / n / "private" / "upper").is_dir()]
+        assert moved == ["b1"]
+    with open_store(store) as sm:
+        assert _format(sm) == str(STORE_FORMAT).encode()
+        for name in ("b1", "b2"):
+            bdir = store / "branches" / name
+            assert sorted(os.listdir(bdir)) == ["private", "tree"]
+            assert stat.S_IMODE(os.lstat(bdir / "private").st_mode) == 0o700
+            assert sorted(os.listdir(bdir / "private")) == ["upper", "work"]
+            assert stat.S_IMODE(os.lstat(bdir / "tree").st_mode) == 0o755  # the tree's own
+            assert (sm.branch(name).tree / f"{name}.txt").read_text() == (
+                f"uncommitted in {name}\n")
+            [mount] = [m for m in overlay.all_mounts() if m.target == str(bdir / "tree")]
+            assert overlay.overlay_dirs(mount).upper == str(bdir / "private" / "upper")
+            assert [c.path for c in sm.status(name)] == [f"{name}.txt"]
+        sm.commit("b1", "c1")
+        assert [c.line() for c in sm.diff("base", "c1")] == ["A b1.txt"]
+        check_live(sm)
+        sm.discard("b1")
+        sm.discard("b2")
+    assert fsck_store(store).problems == []

@@ -18,6 +18,8 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,15 +27,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cascowfs import Client
+from cascowfs import import_workers, privacy
+from cascowfs.errors import PermissionDeniedError
 from conftest import hypothesis_settings, open_store
 from fusehelpers import Cascow, mounted, needs_fuse
 
 NOBODY = 65534
 PASSAGES = {"", "branches", "branches/*"}  # 0711: on the way to a branch's tree
-# Copies of users' trees, with those trees' own modes, behind a private parent (or, for an
-# upper, with the same modes the branch's tree shows).
-USER_TREES = ("layers/*", "mounts/*", "staging/*", "trash/*", "branches/*/upper",
-              "branches/*/tree")
+# Copies of users' trees, with those trees' own modes, behind a private parent (a branch's
+# upper and work directories sit in its private directory); a branch's tree is its mount.
+USER_TREES = ("layers/*", "mounts/*", "staging/*", "trash/*", "branches/*/private/upper",
+              "branches/*/private/work", "branches/*/tree")
 
 
 def _pattern_of(rel: str) -> str:
@@ -79,8 +83,8 @@ def assert_private(store: Path) -> None:
         parents = [""] + ["/".join(rel.split("/")[:i]) for i in range(1, rel.count("/") + 1)]
         if rel and modes[rel] & 0o007 and all(modes[p] & 0o001 for p in parents):
             pattern = _pattern_of(rel)
-            assert (pattern in PASSAGES or pattern.startswith("branches/*/upper")
-                    or pattern.startswith("branches/*/tree")), (rel, [oct(modes[p]) for p in parents])
+            assert pattern in PASSAGES or pattern.startswith("branches/*/tree"), (
+                rel, [oct(modes[p]) for p in parents])
 
 
 SOURCE = {"dir/secret": ("root only", 0o600), "open": ("anyone", 0o644)}
@@ -133,6 +137,79 @@ def test_older_store_is_tightened_at_open(tmp_path, store, caplog):
         with open_store(store):
             pass
     assert not [r for r in caplog.records if r.name == "cascowfs.privacy"]  # nothing left to do
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every user may search, for files whose own modes are under test."""
+    path = Path(tempfile.mkdtemp(prefix="cascowfs-reading-as-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_reading_as_checks_the_callers_access_on_this_thread_only(shared_dir):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to take another user's credentials")
+    group_file = shared_dir / "group"  # root's, readable by its group 4242 only
+    group_file.write_text("for the group")
+    os.chown(group_file, 0, 4242)
+    os.chmod(group_file, 0o640)
+    outside = {}
+    entered, read = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        entered.wait()
+        outside["text"] = group_file.read_text()  # root's credentials, while the other reads
+        read.set()
+
+    groups_before = os.getgroups()
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    try:
+        with privacy.reading_as(privacy.Caller(NOBODY, NOBODY, ())):
+            with pytest.raises(PermissionError):
+                group_file.read_text()
+            entered.set()
+            assert read.wait(30)
+        with privacy.reading_as(privacy.Caller(NOBODY, NOBODY, (4242,))):
+            assert group_file.read_text() == "for the group"
+            with pytest.raises(PermissionError):
+                os.open(shared_dir / "new", os.O_CREAT | os.O_WRONLY, 0o600)  # not its dir
+    finally:
+        entered.set()
+        thread.join()
+    assert outside["text"] == "for the group"
+    assert os.getgroups() == groups_before
+    os.chmod(group_file, 0o000)  # root's capabilities are back: no mode keeps it out
+    assert group_file.read_text() == "for the group"
+    (shared_dir / "root's again").write_text("root may write here")
+
+
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_import_reads_its_source_as_the_reader_given(shared_dir, store, monkeypatch, workers):
+    """An import given a reader opens every file with that reader's credentials, in the
+    worker threads of a small import and the forked worker processes of a big one alike."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to take another user's credentials")
+    if workers == "processes":
+        monkeypatch.setattr(import_workers, "PROCESS_POOL_MIN_FILES", 4)
+    src = make_tree(shared_dir / "src", {f"d/f{i:02}": (f"file {i}", 0o644) for i in range(40)})
+    locked = src / "d" / "f33"
+    os.chmod(locked, 0o600)  # root's alone: the reader may list it, not open it
+    nobody = privacy.Caller(NOBODY, NOBODY)
+    with open_store(store) as sm:
+        with pytest.raises(PermissionDeniedError, match=f"{locked} is not readable by uid"):
+            sm.import_tree(src, "refused", reader=nobody)
+        assert "refused" not in [s.id for s in sm.snapshots()] and os.listdir(store / "staging") == []
+        os.chmod(locked, 0o644)
+        sm.import_tree(src, "read", reader=nobody)
+        tree = sm.create_branch("b", "read").tree
+        assert (tree / "d" / "f33").read_text() == "file 33"
+        assert len(os.listdir(tree / "d")) == 40
+        sm.discard("b")
 
 
 def test_umask_is_the_stores_while_open_and_restored_after(store):
@@ -233,8 +310,8 @@ def fs(admin_group):
 def test_user_reads_nothing_through_the_store_directory(fs):
     modes = store_modes(fs.store)
     outside = [rel for rel in modes if not _inside_user_tree(rel) and rel]
-    outside += [rel for rel in modes if _pattern_of(rel).startswith(("layers/*", "mounts/*",
-                                                                      "staging/*", "trash/*"))]
+    outside += [rel for rel in modes if _pattern_of(rel).startswith(
+        ("layers/*", "mounts/*", "staging/*", "trash/*", "branches/*/private/"))]
     assert any(rel == "meta/data.mdb" for rel in outside)
     # a layer: its image file, or the files in its directory
     assert any(_pattern_of(rel).startswith("layers/*") for rel in outside)
@@ -250,21 +327,23 @@ def test_user_reads_nothing_through_the_store_directory(fs):
 
 
 @needs_fuse
-def test_branch_upper_shows_no_more_than_the_branch_tree(fs):
-    """An upper carries the tree root's mode (overlayfs shows it as the tree's root): what a
-    user reaches through it is what it reaches through the mounted tree, file by file."""
-    upper = fs.store / "branches" / "work" / "upper"
-    tree = fs.store / "branches" / "work" / "tree"
-    rels = sorted(os.path.relpath(os.path.join(d, n), upper)
-                  for d, dirs, files in os.walk(upper) for n in dirs + files)
-    assert "dir/secret" in rels and "open" in rels
-    jobs = [("read" if (upper / r).is_file() else "list", str(base / r))
-            for r in rels for base in (upper, tree)]
-    results = as_user(jobs)
-    for i in range(0, len(jobs), 2):
-        assert results[i] == results[i + 1], (jobs[i], results[i], results[i + 1])
-    assert dict(zip([j[1] for j in jobs], results))[str(upper / "dir" / "secret")] == "EACCES"
-    assert as_user([("read", str(tree / "open"))]) == ["ok"]  # the tree itself stays usable
+def test_branch_upper_is_out_of_reach_by_its_full_path(fs):
+    """The upper carries the tree root's mode (overlayfs shows it as the tree's root), and what
+    the branch wrote keeps its own modes in it: its private parent keeps every user out of it,
+    even one who knows each full path, while the same files stay readable through the tree."""
+    private = fs.store / "branches" / "work" / "private"
+    upper, tree = private / "upper", fs.store / "branches" / "work" / "tree"
+    assert stat.S_IMODE(os.lstat(private).st_mode) == 0o700
+    assert stat.S_IMODE(os.lstat(upper).st_mode) & 0o005 == 0o005  # the tree root's own mode
+    rels = sorted(os.path.relpath(os.path.join(d, n), private)
+                  for d, dirs, files in os.walk(private) for n in dirs + files)
+    assert "upper/open" in rels and "upper/dir/secret" in rels
+    assert as_user([("list", str(private))]) == ["EACCES"]
+    for op in ("read", "list", "stat"):
+        assert set(as_user([(op, str(private / r)) for r in rels])) == {"EACCES"}, op
+    assert not os.path.lexists(tree.parent / "upper")  # nothing left where format 7 kept it
+    assert as_user([("read", str(tree / "open")), ("read", str(tree / "dir" / "secret"))]) == [
+        "ok", "EACCES"]  # the tree shows the same files under their own modes
 
 
 @needs_fuse
@@ -436,3 +515,96 @@ def test_anyone_may_query_and_only_admins_label_or_reset(fs):
     assert got[5] == "ok"
     with Client(fs.mnt) as c:
         assert "k" not in c.snapshot("base").labels
+
+
+RACE_SCRIPT = r"""
+import ctypes, json, os, sys, threading
+ctl, src, prefix, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+libc = ctypes.CDLL(None, use_errno=True)
+stop = threading.Event()
+def flip():  # swap the directory src/d and the symbolic link src/s, atomically, again and again
+    d, s = os.fsencode(os.path.join(src, "d")), os.fsencode(os.path.join(src, "s"))
+    while not stop.is_set():
+        if libc.renameat2(-100, d, -100, s, 2) != 0:  # RENAME_EXCHANGE
+            raise OSError(ctypes.get_errno(), "renameat2")
+flipper = threading.Thread(target=flip)
+flipper.start()
+replies = []
+try:
+    for i in range(rounds):
+        fd = os.open(ctl, os.O_RDWR)
+        try:
+            try:
+                os.write(fd, f"import {prefix}{i} {src}".encode())
+                replies.append("ok " + os.read(fd, 65536).decode().strip())
+            except OSError as exc:
+                replies.append(os.strerror(exc.errno) + " " + os.read(fd, 65536).decode().strip())
+        finally:
+            os.close(fd)
+finally:
+    stop.set()
+    flipper.join()
+print(json.dumps(replies))
+"""
+
+
+def _files_below(top: Path) -> list[Path]:
+    return [Path(d) / n for d, _, files in os.walk(top) for n in files]
+
+
+@needs_fuse
+def test_admin_import_never_reads_what_a_swapped_in_link_reaches(fs, admin_group):
+    """A member of the admin group imports a directory it owns while it swaps a directory in it
+    for a symbolic link to a directory only root may search, as fast as it can: whatever the
+    check before the import saw, the daemon reads the source as that member, so each import
+    either holds the member's own files or is refused, and the root-only bytes never reach the
+    store (not a snapshot, not a layer, not the metadata database)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    marker = f"root-only-{secrets.token_hex(16)}"
+    race = fs.base / f"race-{secrets.token_hex(4)}"
+    secret, src = race / "secret", race / "src"
+    race.mkdir()
+    os.chmod(race, 0o755)
+    secret.mkdir(mode=0o700)
+    src.mkdir()
+    (src / "d").mkdir()
+    for i in range(8):  # the same names on both sides: a path through the link finds a file
+        (secret / f"f{i}").write_text(f"{marker} {i}\n")
+        os.chmod(secret / f"f{i}", 0o644)  # only the directory above keeps others out
+        (src / "d" / f"f{i}").write_text(f"the member's own {i}\n")
+        os.chmod(src / "d" / f"f{i}", 0o644)
+    os.symlink(secret, src / "s")
+    for path in [src, src / "d", src / "s", *(src / "d").iterdir()]:
+        os.lchown(path, NOBODY, NOBODY)
+    os.chmod(src, 0o755)
+    os.chmod(src / "d", 0o755)
+    prefix = f"race{secrets.token_hex(3)}x"
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    proc = subprocess.run(
+        [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", f"--groups={admin_group.gr_gid}",
+         python, "-c", RACE_SCRIPT, str(fs.mnt / "ctl"), str(src), prefix, "60"],
+        capture_output=True, text=True, timeout=600, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    replies = json.loads(proc.stdout)
+    assert len(replies) == 60
+    imported = [r.split()[-1] for r in replies if r.startswith("ok ok ")]
+    refused = [r for r in replies if not r.startswith("ok ok ")]
+    for reply in refused:  # EINVAL: a link read as it turned into the directory (readlink)
+        assert reply.startswith(("Permission denied error EACCES ",
+                                 "Invalid argument error EINVAL ")), reply
+        assert "EACCES" not in reply or f"is not readable by uid {NOBODY}" in reply, reply
+    try:
+        for ident in imported:
+            snap = fs.mnt / "snapshots" / ident
+            for path in _files_below(snap):
+                assert marker not in path.read_text(errors="replace"), path
+        assert os.listdir(fs.store / "staging") == []
+        for path in _files_below(fs.store / "layers") + [fs.store / "meta" / "data.mdb"]:
+            with open(path, "rb") as fh:
+                assert marker.encode() not in fh.read(), path
+    finally:
+        for ident in imported:
+            fs.ctl(f"prune {ident}")
+        shutil.rmtree(race)

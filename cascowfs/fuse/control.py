@@ -24,7 +24,8 @@ def execute(sm: StateManager, cmd: Command, caller: Caller | None = None) -> str
     """Run a validated command against a StateManager (blocking). Returns the reply result.
 
     An import reads its source, and a commit its observation file, only if ``caller`` (the
-    process that opened ``ctl``; None: the daemon itself) may read it."""
+    process that opened ``ctl``; None: the daemon itself) may read it; an import then reads
+    it with that caller's credentials."""
     if cmd.verb == "branch":
         info = sm.create_branch(_given(cmd.name, "branch name"), cmd.id)
         return str(info.tree)
@@ -52,7 +53,7 @@ def execute(sm: StateManager, cmd: Command, caller: Caller | None = None) -> str
         src = _given(cmd.src, "import source")
         if caller is not None:
             check_readable(caller, src)
-        return str(sm.import_tree(src, cmd.id, cmd.labels or None))
+        return str(sm.import_tree(src, cmd.id, cmd.labels or None, reader=caller))
     if cmd.verb == "gc":
         stats = sm.gc()
         return " ".join(f"{k}={v}" for k, v in sorted((stats or {}).items()))
