@@ -228,3 +228,52 @@ def test_watchdog_is_for_the_pid_systemd_names(monkeypatch):
         monkeypatch.setenv("WATCHDOG_USEC", bad)
         monkeypatch.delenv("WATCHDOG_PID", raising=False)
         assert watchdog_interval() is None, bad
+
+
+# -- the monitor's unit -----------------------------------------------------------------------
+MONITOR_UNIT = REPO / "systemd" / "cascowfs-monitor@.service"
+MONITOR_SECURITY_CEILING = 3.3  # `systemd-analyze security` rates it 3.3 today
+
+
+def _instances(tmp_path: Path) -> tuple[Path, Path]:
+    """The monitor's and the daemon's units as instances for /mnt/cascowfs, side by side."""
+    paths = []
+    for unit, name in ((MONITOR_UNIT, "cascowfs-monitor@mnt-cascowfs.service"),
+                       (UNIT, "cascowfs@mnt-cascowfs.service")):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(unit.read_text().replace("/usr/local/bin/cascowfs", _installed_cli()))
+    return paths[0], paths[1]
+
+
+@needs_analyze
+def test_monitor_unit_verifies_beside_the_daemons(tmp_path):
+    monitor, daemon = _instances(tmp_path)
+    proc = subprocess.run(["systemd-analyze", "verify", str(monitor), str(daemon)],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, SYSTEMD_LOG_LEVEL="notice"))
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+    proc = subprocess.run(["systemd-analyze", "security", "--offline=true", str(monitor)],
+                          capture_output=True, text=True, timeout=120)
+    if "--offline" in proc.stderr and "unrecognized" in proc.stderr:
+        pytest.skip("systemd-analyze security has no --offline (systemd < 252)")
+    lines = [l for l in proc.stdout.splitlines() if "Overall exposure level" in l]
+    assert lines, proc.stdout + proc.stderr
+    assert float(lines[0].split(":")[-1].split()[0]) <= MONITOR_SECURITY_CEILING, proc.stdout
+
+
+def test_monitor_unit_follows_the_daemon():
+    """Bound to the daemon of the same instance, started after it and again with it; the
+    monitor of %f, with no capability and no mount namespace (MNT would be read-only in one)."""
+    unit = _parse(MONITOR_UNIT)
+    assert unit["Unit"]["BindsTo"] == unit["Unit"]["After"] == "cascowfs@%i.service"
+    assert unit["Install"]["WantedBy"] == "cascowfs@.service"
+    svc = unit["Service"]
+    argv = svc["ExecStart"].split()
+    assert argv[1] == "monitor" and argv[-1] == "%f"
+    assert svc["Type"] == "notify" and svc["Restart"] == "on-failure"
+    assert svc["CapabilityBoundingSet"] == ""
+    for forbidden in ("ProtectSystem", "PrivateTmp", "ProtectHome", "ReadWritePaths",
+                      "PrivateDevices", "PrivateMounts", "ProtectKernelModules", "MountFlags"):
+        assert forbidden not in svc, f"{forbidden} would give the monitor a mount namespace"
+    assert svc["IPAddressDeny"] == "any" and svc["IPAddressAllow"] == "localhost"
+    assert "127.0.0.1:8470" in svc["Environment"]
