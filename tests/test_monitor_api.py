@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -280,7 +281,8 @@ event_like = st.fixed_dictionaries(
 def test_events_parser_passes_on_only_valid_records(objects):
     parsed = parse_events(b"\n".join(json.dumps(o).encode() for o in objects))
     for event in parsed.records:
-        assert event.op.isidentifier() and event.result.isalnum()
+        assert re.fullmatch(r"[A-Za-z0-9_.:-]{1,32}", event.op)
+        assert re.fullmatch(r"[A-Za-z0-9_.:-]{1,32}", event.result)
         assert event.latency_ms >= 0 and event.time_ns >= 0
         assert event.id is None or _valid(check_snapshot_id, event.id)
         assert all(isinstance(n, str) and len(n) <= 256 for n in event.names)

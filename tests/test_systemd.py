@@ -61,18 +61,23 @@ def test_verify_catches_a_broken_unit(tmp_path):
     assert proc.returncode != 0 or "notifyy" in proc.stderr
 
 
-@needs_analyze
-def test_security_exposure_stays_lowered(tmp_path):
-    instance = tmp_path / "cascowfs@mnt-cascowfs.service"
-    instance.write_text(UNIT.read_text().replace("/usr/local/bin/cascowfs", _installed_cli()))
-    proc = subprocess.run(["systemd-analyze", "security", "--offline=true", str(instance)],
+def _exposure(unit: Path) -> tuple[float, str]:
+    """`systemd-analyze security`'s overall exposure of a unit file, and its report."""
+    proc = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
                           capture_output=True, text=True, timeout=120)
     if "--offline" in proc.stderr and "unrecognized" in proc.stderr:
         pytest.skip("systemd-analyze security has no --offline (systemd < 252)")
     lines = [l for l in proc.stdout.splitlines() if "Overall exposure level" in l]
     assert lines, proc.stdout + proc.stderr
-    exposure = float(lines[0].split(":")[-1].split()[0])
-    assert exposure <= SECURITY_CEILING, proc.stdout
+    return float(lines[0].split(":")[-1].split()[0]), proc.stdout
+
+
+@needs_analyze
+def test_security_exposure_stays_lowered(tmp_path):
+    instance = tmp_path / "cascowfs@mnt-cascowfs.service"
+    instance.write_text(UNIT.read_text().replace("/usr/local/bin/cascowfs", _installed_cli()))
+    exposure, report = _exposure(instance)
+    assert exposure <= SECURITY_CEILING, report
 
 
 def test_tmpfiles_and_sysusers_apply_to_a_fresh_root(tmp_path):
@@ -252,13 +257,8 @@ def test_monitor_unit_verifies_beside_the_daemons(tmp_path):
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, SYSTEMD_LOG_LEVEL="notice"))
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
-    proc = subprocess.run(["systemd-analyze", "security", "--offline=true", str(monitor)],
-                          capture_output=True, text=True, timeout=120)
-    if "--offline" in proc.stderr and "unrecognized" in proc.stderr:
-        pytest.skip("systemd-analyze security has no --offline (systemd < 252)")
-    lines = [l for l in proc.stdout.splitlines() if "Overall exposure level" in l]
-    assert lines, proc.stdout + proc.stderr
-    assert float(lines[0].split(":")[-1].split()[0]) <= MONITOR_SECURITY_CEILING, proc.stdout
+    exposure, report = _exposure(monitor)
+    assert exposure <= MONITOR_SECURITY_CEILING, report
 
 
 def test_monitor_unit_follows_the_daemon():

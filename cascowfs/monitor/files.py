@@ -16,6 +16,8 @@ import errno
 import json
 import math
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -25,6 +27,9 @@ from ..errors import CascowfsError, InvalidArgumentError
 from ..names import check_branch_name, check_labels, check_snapshot_id
 
 T = TypeVar("T")
+
+# An operation's name or result (``commit``, ``ok``, ``EBUSY``) as MNT/events writes it.
+_WORD_RE = re.compile(r"[A-Za-z0-9_.:-]{1,32}")
 
 # A daemon without the file answers ENOENT; these mean the mount itself is gone.
 DAEMON_GONE = (errno.ENOTCONN, errno.ECONNABORTED)
@@ -188,64 +193,67 @@ def _int(value: object) -> int:
     return value
 
 
-def parse_episodes(data: bytes) -> Parsed[Node]:
-    """``MNT/episodes``: one JSON object per snapshot (docs/monitor.md gives the shape)."""
-    nodes: list[Node] = []
+def _parse_lines(data: bytes, parse_one: Callable[[dict], T]) -> Parsed[T]:
+    """Each line of a JSON Lines file through ``parse_one``, which raises ValueError or
+    InvalidArgumentError on an object without the agreed shape."""
+    records: list[T] = []
     rejected = 0
     for obj in _json_lines(data):
         try:
             if not isinstance(obj, dict):
                 raise ValueError("not an object")
-            parent = obj.get("parent")
-            labels = obj.get("labels") or {}
-            if not isinstance(labels, dict):
-                raise ValueError("labels not an object")
-            nodes.append(
-                Node(
-                    id=check_snapshot_id(obj.get("id")),
-                    parent=None if parent is None else check_snapshot_id(parent),
-                    created_ns=_int(obj.get("created_ns", 0)),
-                    files=_int(obj.get("files", 0)),
-                    size=_int(obj.get("size", 0)),
-                    labels=check_labels(labels),
-                )
-            )
+            records.append(parse_one(obj))
         except (ValueError, InvalidArgumentError):
             rejected += 1
-    return Parsed(nodes, rejected)
+    return Parsed(records, rejected)
+
+
+def _episode(obj: dict) -> Node:
+    parent = obj.get("parent")
+    labels = obj.get("labels") or {}
+    if not isinstance(labels, dict):
+        raise ValueError("labels not an object")
+    return Node(
+        id=check_snapshot_id(obj.get("id")),
+        parent=None if parent is None else check_snapshot_id(parent),
+        created_ns=_int(obj.get("created_ns", 0)),
+        files=_int(obj.get("files", 0)),
+        size=_int(obj.get("size", 0)),
+        labels=check_labels(labels),
+    )
+
+
+def _event(obj: dict) -> Event:
+    op, result, names = obj.get("op"), obj.get("result"), obj.get("names") or []
+    latency, ident = obj.get("latency_ms"), obj.get("id")
+    if not (isinstance(op, str) and _WORD_RE.fullmatch(op)):
+        raise ValueError("bad op")
+    if not (isinstance(result, str) and _WORD_RE.fullmatch(result)):
+        raise ValueError("bad result")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError("bad names")
+    if isinstance(latency, bool) or not isinstance(latency, int | float):
+        raise ValueError("bad latency")
+    if not math.isfinite(latency) or latency < 0:
+        raise ValueError("bad latency")
+    return Event(
+        time_ns=_int(obj.get("time_ns")),
+        op=op,
+        # names are shown as text only; long ones are cut for the table
+        names=tuple(n[:256] for n in names[:8]),
+        result=result,
+        latency_ms=float(latency),
+        id=None if ident is None else check_snapshot_id(ident),
+    )
+
+
+def parse_episodes(data: bytes) -> Parsed[Node]:
+    """``MNT/episodes``: one object per snapshot with ``id``, ``parent``, ``created_ns``,
+    ``files``, ``size`` and ``labels`` (other keys are not used)."""
+    return _parse_lines(data, _episode)
 
 
 def parse_events(data: bytes) -> Parsed[Event]:
-    """``MNT/events``: one JSON object per operation, oldest first."""
-    events: list[Event] = []
-    rejected = 0
-    for obj in _json_lines(data):
-        try:
-            if not isinstance(obj, dict):
-                raise ValueError("not an object")
-            op, result, names = obj.get("op"), obj.get("result"), obj.get("names") or []
-            latency, ident = obj.get("latency_ms"), obj.get("id")
-            if not (isinstance(op, str) and op.isidentifier() and len(op) <= 32):
-                raise ValueError("bad op")
-            if not (isinstance(result, str) and result.isalnum() and len(result) <= 32):
-                raise ValueError("bad result")
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise ValueError("bad names")
-            if isinstance(latency, bool) or not isinstance(latency, int | float):
-                raise ValueError("bad latency")
-            if not math.isfinite(latency) or latency < 0:
-                raise ValueError("bad latency")
-            events.append(
-                Event(
-                    time_ns=_int(obj.get("time_ns")),
-                    op=op,
-                    # names and ids are shown as text only; long ones are cut for the table
-                    names=tuple(n[:256] for n in names[:8]),
-                    result=result,
-                    latency_ms=float(latency),
-                    id=None if ident is None else check_snapshot_id(ident),
-                )
-            )
-        except (ValueError, InvalidArgumentError):
-            rejected += 1
-    return Parsed(events, rejected)
+    """``MNT/events``: one object per operation, oldest first, with ``time_ns``, ``op``,
+    ``names``, ``result`` (``ok`` or an errno name), ``latency_ms`` and ``id``."""
+    return _parse_lines(data, _event)

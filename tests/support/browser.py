@@ -40,22 +40,25 @@ class MonitorProcess:
 
 @contextlib.contextmanager
 def monitor(mnt: Path, *args: str) -> Iterator[MonitorProcess]:
-    proc = subprocess.Popen([sys.executable, "-m", "cascowfs", "monitor", str(mnt),
-                             "--listen", "127.0.0.1:0", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert " at http://" in line, f"monitor did not start: {line!r}\n{proc.stderr.read()}"
-        yield MonitorProcess(proc, line.rsplit(" at ", 1)[1].strip())
-    finally:
-        proc.terminate()
+    """The monitor's log goes to a file (a pipe nobody reads could fill and stall it)."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen([sys.executable, "-m", "cascowfs", "monitor", str(mnt),
+                                 "--listen", "127.0.0.1:0", *args], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=log, text=True)
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-        proc.stdout.close()
-        proc.stderr.close()
+            line = proc.stdout.readline()
+            if " at http://" not in line:
+                log.seek(0)
+                raise AssertionError(f"monitor did not start: {line!r}\n{log.read().decode()}")
+            yield MonitorProcess(proc, line.rsplit(" at ", 1)[1].strip())
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
+            proc.stdout.close()
 
 
 def chromium_unavailable() -> str | None:
