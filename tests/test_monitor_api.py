@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,6 +106,32 @@ def test_branch_ops_do_not_reread_the_tree(tmp_path):
         tracker.poll_once()
         state = get_json(server, "/api/state")
         assert state["snapshots"] == 1 and state["branches"] == [{"name": "b9", "parent": "s1"}]
+
+
+def test_an_event_that_started_earlier_is_still_new(tmp_path):
+    """Events are appended as operations end but stamped when they began: a long commit's
+    line follows a short branch's, with an earlier time, and must still be read as new."""
+    root = fake_mount(tmp_path / "mnt", [episode("s1", None, 10)], {},
+                      events=[{**EVENT, "time_ns": 50, "op": "branch"}])
+    with serving(root) as (server, tracker):
+        write_lines(root / "episodes", [episode("s1", None, 10), episode("s2", "s1", 20)])
+        write_lines(root / "events", [{**EVENT, "time_ns": 50, "op": "branch"},
+                                      {**EVENT, "time_ns": 40, "id": "s2"}])
+        tracker.poll_once()
+        state = get_json(server, "/api/state")
+        assert state["snapshots"] == 2
+        assert [(e["op"], e["time_ns"]) for e in state["events"]] == [("branch", 50),
+                                                                       ("commit", 40)]
+
+
+def test_a_refused_commands_words_are_kept_as_text(tmp_path):
+    refused = {**EVENT, "op": "commit", "names": ["b1", "<b>x</b>"], "result": "EINVAL",
+               "id": "../etc"}
+    root = fake_mount(tmp_path / "mnt", [], {}, events=[refused])
+    with serving(root) as (server, _):
+        [event] = get_json(server, "/api/events")
+        assert event["id"] is None and event["names"] == ["b1", "<b>x</b>"]
+        assert event["result"] == "EINVAL"
 
 
 def test_missing_files_are_reported_not_made_up(tmp_path):
@@ -281,8 +306,7 @@ event_like = st.fixed_dictionaries(
 def test_events_parser_passes_on_only_valid_records(objects):
     parsed = parse_events(b"\n".join(json.dumps(o).encode() for o in objects))
     for event in parsed.records:
-        assert re.fullmatch(r"[A-Za-z0-9_.:-]{1,32}", event.op)
-        assert re.fullmatch(r"[A-Za-z0-9_.:-]{1,32}", event.result)
+        assert isinstance(event.op, str) and len(event.op) <= 32 and len(event.result) <= 32
         assert event.latency_ms >= 0 and event.time_ns >= 0
         assert event.id is None or _valid(check_snapshot_id, event.id)
         assert all(isinstance(n, str) and len(n) <= 256 for n in event.names)

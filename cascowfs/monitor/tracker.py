@@ -58,7 +58,7 @@ class Tracker:
         self._tree_problems: dict[str, str] = {}  # from the last read of the tree
         self._label_keys: list[str] = []
         self._branches_known = False
-        self._last_event_ns = -1
+        self._events_seen: set[Event] = set()  # what the last read of MNT/events held
         self._tree_due = 0.0  # clock time before which the tree is not read again
         self._tree_read_at = float("-inf")
         self._tree_pending = True  # a change was seen that the tree does not show yet
@@ -145,9 +145,11 @@ class Tracker:
             return []
         if parsed.rejected:
             problems["events_rejected"] = f"{parsed.rejected} malformed line(s) in MNT/events"
-        new = [e for e in parsed.records if e.time_ns > self._last_event_ns]
+        # Lines are appended as operations end but carry their start time, so a long commit
+        # may follow a later branch: what is new is what the last read did not hold.
+        new = [e for e in parsed.records if e not in self._events_seen]
+        self._events_seen = set(parsed.records)
         if new:
-            self._last_event_ns = max(e.time_ns for e in new)
             with self._cond:
                 self._events.extend(new)
         return new
