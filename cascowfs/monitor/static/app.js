@@ -5,7 +5,7 @@
 
 const SVG = "http://www.w3.org/2000/svg";
 const COLUMN = 220; // px per tree level: room for an id and the labels line
-const ROW = 34; // px per leaf
+const ROW = 40; // px per leaf: an id, a line of labels, the +n of hidden children
 const $ = (id) => document.getElementById(id);
 
 const state = {
@@ -165,7 +165,7 @@ function drawTree() {
   const keys = shownKeys();
   const hitSet = new Set(hits);
   const x = (p) => 20 + p.depth * COLUMN;
-  const y = (p) => 24 + p.row * ROW;
+  const y = (p) => 36 + p.row * ROW;
 
   const edges = el("svg:g", { class: "edges" });
   const dots = el("svg:g", { class: "nodes" });
@@ -188,22 +188,22 @@ function drawTree() {
       "data-id": id,
     });
     g.append(el("svg:circle", { r: at.has(id) ? 8 : 6, fill: scale.colour(node) }));
-    g.append(el("svg:text", { x: 12, y: -3, class: "node-id" }, shorten(id, 24)));
+    g.append(el("svg:text", { x: 11, y: -14, class: "node-id" }, shorten(id, 24)));
     const labelText = keys.filter((k) => Object.prototype.hasOwnProperty.call(node.labels, k))
       .map((k) => `${k}=${shorten(node.labels[k], 16)}`).join(" ");
-    if (labelText) g.append(el("svg:text", { x: 12, y: 10, class: "node-labels" }, shorten(labelText, 30)));
+    if (labelText) g.append(el("svg:text", { x: 11, y: -3, class: "node-labels" }, shorten(labelText, 30)));
     g.addEventListener("click", () => select(id));
     dots.append(g);
     if (at.has(id)) {
       const names = at.get(id);
       const tag = names.slice(0, 3).join(", ") + (names.length > 3 ? ` +${names.length - 3}` : "");
-      dots.append(el("svg:text", { x: x(p) - 10, y: y(p) - 12, class: "branch-tag", "text-anchor": "end" }, shorten(tag, 40)));
+      dots.append(el("svg:text", { x: x(p) - 11, y: y(p) - 6, class: "branch-tag", "text-anchor": "end" }, shorten(tag, 40)));
     }
     const kids = state.tree.children.get(id) || [];
     if (kids.length) {
       const open = mode === "all" ? !state.toggled.has(id) : p.hidden === 0;
       const toggle = el("svg:text", {
-        x: x(p) - 4, y: y(p) + 18, class: "toggle", "data-toggle": id, "text-anchor": "end",
+        x: x(p) + 11, y: y(p) + 13, class: "toggle", "data-toggle": id,
       }, open ? "−" : `+${p.hidden}`);
       toggle.addEventListener("click", (event) => { event.stopPropagation(); toggleNode(id); });
       dots.append(toggle);
@@ -271,6 +271,17 @@ function drawEvents() {
   $("events").tBodies[0].replaceChildren(...rows);
 }
 
+// The daemon's own operations get colours far apart; any other a hue from its name.
+const OP_COLOURS = {
+  commit: "#f2c14e", branch: "#7fb3e6", discard: "#8a94a0", prune: "#b07cc6", reset: "#e76f51",
+  label: "#5cb85c", import: "#4fc1c9", rebase: "#d98bb4", gc: "#c9a36b",
+};
+
+function opColour(op) {
+  return Object.prototype.hasOwnProperty.call(OP_COLOURS, op) ? OP_COLOURS[op]
+    : `hsl(${CascowTree.hueOf(op)} 60% 55%)`;
+}
+
 function drawLatency() {
   const svg = $("latency");
   const events = state.summary.latency;
@@ -288,7 +299,7 @@ function drawLatency() {
     const h = Math.max(1, (Math.log10(e.latency_ms + 1) / top) * (height - 16));
     const bar = el("svg:rect", {
       x: (i * step).toFixed(1), y: (height - h).toFixed(1), width: Math.max(1, step - 1).toFixed(1), height: h.toFixed(1),
-      fill: `hsl(${CascowTree.hueOf(e.op)} 60% 55%)`, class: e.result === "ok" ? "" : "failed",
+      fill: opColour(e.op), class: e.result === "ok" ? "" : "failed",
     });
     bar.append(el("svg:title", {}, `${e.op} ${e.names.join(" ")}: ${e.latency_ms.toFixed(2)} ms (${e.result})`));
     return bar;
@@ -297,7 +308,7 @@ function drawLatency() {
   const ops = [...new Set(events.map((e) => e.op))].sort();
   $("latency-legend").replaceChildren(...ops.map((op) => {
     const item = el("span", { class: "op" }, op);
-    item.style.setProperty("--op-colour", `hsl(${CascowTree.hueOf(op)} 60% 55%)`);
+    item.style.setProperty("--op-colour", opColour(op));
     return item;
   }));
 }
