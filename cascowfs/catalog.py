@@ -1,7 +1,7 @@
 """The catalog: every LMDB record of the store other than CAS objects, typed.
 
-The metadata database holds five named databases. ``objects`` belongs to the CAS
-(``cas.py``); this module owns the other four and is the one place that knows how their
+The metadata database holds eight named databases. ``objects`` belongs to the CAS
+(``cas.py``); this module owns the others and is the one place that knows how their
 records are laid out:
 
 - ``snapshots``: snapshot id -> ``SnapshotRecord`` (its tree, its parent, its layer chain);
@@ -10,7 +10,11 @@ records are laid out:
 - ``layers``: layer id -> ``LayerRecord`` (the tree a layer directory shows, how many chains
   name it, and for a commit's delta layer not written yet what it is the difference from);
 - ``meta``: the store format, the page cache id and the ``Counter``s;
-- ``ops``: the operations whose APPLY transaction committed (``wal.py``'s protocol).
+- ``ops``: the operations whose APPLY transaction committed (``wal.py``'s protocol);
+- ``children`` and ``labels``: indexes of the snapshot records, kept by ``put_snapshot`` and
+  ``delete_snapshot`` in the transaction that changes the record: the snapshot tree's edges
+  (``<parent>\0<child>``; a snapshot without parent under the empty id) and every label
+  (``<key>\0<id>`` -> value), so that ``find`` and ``children`` read only what they ask for.
 
 Records are JSON objects with sorted keys and no spaces, so that a store written by any
 version since format 5 reads and rewrites byte for byte the same; the dataclasses are frozen,
@@ -22,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -37,8 +41,10 @@ log = logging.getLogger("cascowfs.catalog")
 # keyed by object (3 kept it in arrival order), and large directories are stored as pages;
 # 5: objects carry no refcounts, a mark-and-sweep collector deletes what no live root reaches;
 # 6: tree objects may be stored compressed (format 5's plain ones still read); 7: chunk lists
-# may hold holes (format 6's zero chunks still read, and layers skip them).
-STORE_FORMAT = 7
+# may hold holes (format 6's zero chunks still read, and layers skip them); 10: the children
+# and labels indexes, and snapshots may carry a large observation.
+STORE_FORMAT = 10
+INDEXED_FORMAT = 10  # the first format whose stores keep the children and labels indexes
 
 
 class Counter(Enum):
@@ -51,6 +57,18 @@ class Counter(Enum):
 
 
 @dataclass(frozen=True)
+class Observation:
+    """A snapshot's large observation: a file's bytes in the CAS beside its tree, with the
+    owner and mode of the file it was read from (``MNT/observations/<id>`` shows them)."""
+
+    ref: str  # hex content id (empty for empty content)
+    size: int
+    mode: int  # permission bits
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
 class SnapshotRecord:
     root: str  # hex id of the superroot: a one-entry tree holding the root directory
     parent: str | None
@@ -59,6 +77,7 @@ class SnapshotRecord:
     files: int
     size: int
     labels: dict[str, str] = field(default_factory=dict)
+    obs: Observation | None = None
 
 
 @dataclass(frozen=True)
@@ -86,22 +105,28 @@ class LayerRecord:
     below: str | None = None
 
 
+def _pair(first: str, second: str) -> bytes:
+    """An index key: ids, names and label keys never hold a NUL, so it splits unambiguously."""
+    return first.encode() + b"\0" + second.encode()
+
+
 def _dump(record: dict[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
 
 
 def encode_snapshot(rec: SnapshotRecord) -> bytes:
-    return _dump(
-        {
-            "root": rec.root,
-            "parent": rec.parent,
-            "created_ns": rec.created_ns,
-            "labels": rec.labels,
-            "layers": rec.layers,
-            "files": rec.files,
-            "size": rec.size,
-        }
-    )
+    d: dict[str, Any] = {
+        "root": rec.root,
+        "parent": rec.parent,
+        "created_ns": rec.created_ns,
+        "labels": rec.labels,
+        "layers": rec.layers,
+        "files": rec.files,
+        "size": rec.size,
+    }
+    if rec.obs is not None:  # the only records with the key: others read as format 9 wrote them
+        d["obs"] = asdict(rec.obs)
+    return _dump(d)
 
 
 def decode_snapshot(raw: bytes) -> SnapshotRecord:
@@ -114,6 +139,7 @@ def decode_snapshot(raw: bytes) -> SnapshotRecord:
         files=d["files"],
         size=d["size"],
         labels=dict(d.get("labels") or {}),
+        obs=Observation(**d["obs"]) if d.get("obs") else None,
     )
 
 
@@ -172,6 +198,8 @@ class Catalog:
         self._layers = dbs["layers"]
         self._meta = dbs["meta"]
         self._ops = dbs["ops"]
+        self._children = dbs["children"]
+        self._labels = dbs["labels"]
 
     # -- snapshots --------------------------------------------------------------------
     def snapshot(self, txn: lmdb.Transaction, id: str) -> SnapshotRecord:
@@ -198,6 +226,12 @@ class Catalog:
                 continue
             yield bytes(key).decode(), rec
 
+    def snapshot_ids(self, txn: lmdb.Transaction) -> list[str]:
+        return [
+            bytes(k).decode()
+            for k in txn.cursor(db=self._snapshots).iternext(keys=True, values=False)
+        ]
+
     def snapshot_count(self, txn: lmdb.Transaction) -> int:
         return txn.stat(self._snapshots)["entries"]
 
@@ -205,10 +239,86 @@ class Catalog:
         return txn.stat(self._branches)["entries"]
 
     def put_snapshot(self, txn: lmdb.Transaction, id: str, rec: SnapshotRecord) -> None:
+        old = txn.get(id.encode(), db=self._snapshots)
+        if old is not None:
+            self._unindex(txn, id, decode_snapshot(old))
         txn.put(id.encode(), encode_snapshot(rec), db=self._snapshots)
+        self._index(txn, id, rec)
 
     def delete_snapshot(self, txn: lmdb.Transaction, id: str) -> None:
+        old = txn.get(id.encode(), db=self._snapshots)
+        if old is not None:
+            self._unindex(txn, id, decode_snapshot(old))
         txn.delete(id.encode(), db=self._snapshots)
+
+    # -- the indexes of snapshot records ------------------------------------------------
+    def _index(self, txn: lmdb.Transaction, id: str, rec: SnapshotRecord) -> None:
+        txn.put(_pair(rec.parent or "", id), b"", db=self._children)
+        for key, val in rec.labels.items():
+            txn.put(_pair(key, id), val.encode("utf-8", "surrogateescape"), db=self._labels)
+
+    def _unindex(self, txn: lmdb.Transaction, id: str, rec: SnapshotRecord) -> None:
+        txn.delete(_pair(rec.parent or "", id), db=self._children)
+        for key in rec.labels:
+            txn.delete(_pair(key, id), db=self._labels)
+
+    def rebuild_indexes(self, txn: lmdb.Transaction) -> None:
+        """Index every snapshot record afresh (the upgrade to format 10)."""
+        txn.drop(self._children, delete=False)
+        txn.drop(self._labels, delete=False)
+        for id, rec in self.snapshots(txn, skip_damaged=True):
+            self._index(txn, id, rec)
+
+    def index_mismatches(self, txn: lmdb.Transaction) -> list[str]:
+        """Index entries that disagree with the snapshot records: missing, stale or with
+        another value (fsck)."""
+        want_children: set[bytes] = set()
+        want_labels: dict[bytes, bytes] = {}
+        for id, rec in self.snapshots(txn, skip_damaged=True):
+            want_children.add(_pair(rec.parent or "", id))
+            for key, val in rec.labels.items():
+                want_labels[_pair(key, id)] = val.encode("utf-8", "surrogateescape")
+        have_children = {
+            bytes(k) for k in txn.cursor(db=self._children).iternext(keys=True, values=False)
+        }
+        have_labels = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._labels)}
+        out = [
+            f"children index entry {key!r} is {'missing' if key in want_children else 'stale'}"
+            for key in sorted(want_children ^ have_children)
+        ]
+        out += [
+            f"labels index entry {key!r} is {have_labels.get(key)!r}, the record says "
+            f"{want_labels.get(key)!r}"
+            for key in sorted(want_labels.keys() | have_labels.keys())
+            if want_labels.get(key) != have_labels.get(key)
+        ]
+        return out
+
+    def children(self, txn: lmdb.Transaction, parent: str | None) -> list[str]:
+        """The ids of the snapshots whose parent is ``parent`` (None: those without one),
+        sorted."""
+        return [id for id, _ in self._with_prefix(txn, self._children, parent or "")]
+
+    def labelled(self, txn: lmdb.Transaction, key: str) -> Iterator[tuple[str, str]]:
+        """(snapshot id, value) of every snapshot carrying label ``key``, by id."""
+        for id, raw in self._with_prefix(txn, self._labels, key):
+            yield id, raw.decode("utf-8", "surrogateescape")
+
+    def label(self, txn: lmdb.Transaction, key: str, id: str) -> str | None:
+        raw = txn.get(_pair(key, id), db=self._labels)
+        return bytes(raw).decode("utf-8", "surrogateescape") if raw is not None else None
+
+    @staticmethod
+    def _with_prefix(txn: lmdb.Transaction, db: Any, prefix: str) -> Iterator[tuple[str, bytes]]:
+        start = prefix.encode() + b"\0"
+        skip = len(start)
+        cursor = txn.cursor(db=db)
+        if not cursor.set_range(start):
+            return
+        for key, value in cursor:  # bytes already: the environment hands out no buffers
+            if not key.startswith(start):
+                return
+            yield key[skip:].decode(), value
 
     # -- branches ---------------------------------------------------------------------
     def branch(self, txn: lmdb.Transaction, name: str) -> BranchRecord:
@@ -305,11 +415,16 @@ class Catalog:
 
     # -- what keeps objects alive -----------------------------------------------------
     def live_roots(self, txn: lmdb.Transaction) -> Iterator[bytes]:
-        """Every object that roots the live set: snapshot roots, branch bases, layer tops,
-        and the trees that layers not written yet are the difference from."""
+        """Every object that roots the live set: snapshot roots and observations, branch
+        bases, layer tops, and the trees that layers not written yet are the difference from."""
         # reads only the root fields: the marking child walks every record of the store
+        for _, raw in txn.cursor(db=self._snapshots):
+            d = json.loads(raw)
+            yield bytes.fromhex(d["root"])
+            obs = d.get("obs")
+            if obs and obs["ref"]:
+                yield bytes.fromhex(obs["ref"])
         for db, key in (
-            (self._snapshots, "root"),
             (self._branches, "base_root"),
             (self._layers, "top"),
             (self._layers, "below"),

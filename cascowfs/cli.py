@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, forks
+from . import __version__, cli_episodes, forks
 from .client import Client
 from .errors import CascowfsError, ExistsError, InvalidArgumentError, StoreLockedError
 from .fuse.sysmount import (
@@ -132,13 +132,17 @@ def cmd_branch(args: argparse.Namespace) -> int:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
-    labels = parse_labels(args.labels)
+    words = list(args.labels)
     ident = args.id
     if ident is not None and "=" in ident:  # `commit MNT b key=value`: generated id
-        labels = {**parse_labels([ident]), **labels}
+        words.insert(0, ident)
         ident = None
+    obs = [w[len("obs=@") :] for w in words if w.startswith("obs=@")]
+    if len(obs) > 1:
+        raise InvalidArgumentError("one obs=@FILE per commit")
+    labels = parse_labels([w for w in words if not w.startswith("obs=@")])
     with Client(args.mountpoint) as client:
-        print(client.commit(args.name, ident, labels))
+        print(client.commit(args.name, ident, labels, obs=obs[0] if obs else None))
     return 0
 
 
@@ -525,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_commit,
         "freeze branch NAME into snapshot ID; prints the id",
         "Commit a branch into a new snapshot (ID omitted: a generated one), with optional "
-        "KEY=VALUE labels. The branch continues on the new snapshot.",
+        "KEY=VALUE labels and obs=@FILE, a large observation stored beside it. The branch "
+        "continues on the new snapshot.",
     )
     p.add_argument("mountpoint", metavar="MNT")
     p.add_argument("name")
@@ -626,6 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("gc", cmd_gc, "reclaim unreferenced objects and layers now")
     p.add_argument("target", metavar="STORE|MNT")
     p.add_argument("--progress", action="store_true", help="show a progress bar (offline)")
+
+    cli_episodes.add_verbs(verb)
     return parser
 
 

@@ -13,6 +13,7 @@ a lock makes a client safe to share between threads.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import threading
@@ -123,11 +124,28 @@ class Client:
             return self.tree(name)
         return Path(self.command("branch", name, parent))
 
-    def commit(self, name: str, id: str | None = None, labels: dict[str, str] | None = None) -> str:
-        """Freeze branch ``name`` into snapshot ``id`` (None: generated); the new id."""
+    def commit(
+        self,
+        name: str,
+        id: str | None = None,
+        labels: dict[str, str] | None = None,
+        obs: str | os.PathLike[str] | None = None,
+    ) -> str:
+        """Freeze branch ``name`` into snapshot ``id`` (None: generated); the new id. ``obs``:
+        a file (readable by this process) stored beside the snapshot as its observation."""
         words = ["commit", name] + ([id] if id is not None else [])
         words += [f"{k}={v}" for k, v in (labels or {}).items()]
+        if obs is not None:
+            words.append(f"obs=@{os.path.abspath(obs)}")
         return self.command(*words)
+
+    def label(self, id: str, labels: dict[str, str]) -> None:
+        """Set labels of snapshot ``id``; a key with the value "" is removed."""
+        self.command("label", id, *(f"{k}={v}" for k, v in labels.items()))
+
+    def reset(self, name: str, id: str) -> None:
+        """Drop branch ``name``'s changes and re-base it on snapshot ``id``."""
+        self.command("reset", name, id)
 
     def discard(self, name: str) -> None:
         self.command("discard", name)
@@ -156,6 +174,58 @@ class Client:
         return out
 
     # -- queries -------------------------------------------------------------------------------
+    def find(
+        self,
+        *predicates: str,
+        sort: str | None = None,
+        limit: int | None = None,
+        parent: str | None = None,
+        ancestor: str | None = None,
+    ) -> list[str]:
+        """Snapshot ids whose labels satisfy every predicate (``reward>0.5``, ``action=fix``,
+        ``has:obs``), among ``parent``'s children or ``ancestor``'s descendants if given,
+        ordered by label ``sort`` (``-key``: descending), at most ``limit`` of them."""
+        words = ["find", *predicates]
+        for option, value in (
+            ("--sort", sort),
+            ("--limit", limit),
+            ("--parent", parent),
+            ("--ancestor", ancestor),
+        ):
+            if value is not None:
+                words += [option, str(value)]
+        return self.command(*words).split()
+
+    def children(self, id: str | None) -> list[str]:
+        """The snapshots whose parent is ``id`` (None: those without a parent), sorted."""
+        return self.command("children", *([id] if id is not None else [])).split()
+
+    def episodes(self) -> list[dict]:
+        """Every snapshot as a record of ``MNT/episodes`` (id, parent, created, labels, ...)."""
+        return [json.loads(line) for line in self._read(self.mnt / "episodes").splitlines()]
+
+    def observation_path(self, id: str) -> Path:
+        """Where snapshot ``id``'s large observation reads (ENOENT there: it has none)."""
+        return self.mnt / "observations" / id
+
+    def show(self, id: str) -> dict:
+        """Snapshot ``id``'s record, labels, root digest, observation size and children."""
+        info = self.snapshot(id)
+        out = {
+            "id": info.id,
+            "parent": info.parent,
+            "created_ns": info.created_ns,
+            "files": info.files,
+            "size": info.size,
+            "root": info.root,
+            "obs": info.obs,
+            "labels": info.labels,
+            "children": self.children(id),
+        }
+        if info.error:
+            out["error"] = info.error
+        return out
+
     def snapshots(self) -> list[str]:
         return sorted(self._listdir(self.mnt / "snapshots"))
 
@@ -179,6 +249,7 @@ class Client:
             files=int(attrs.get("files", "0")),
             labels=labels,
             error=attrs.get("error"),
+            obs=int(attrs["obs"]) if "obs" in attrs else None,
         )
 
     def tree(self, name: str) -> Path:
@@ -266,7 +337,7 @@ class Client:
 
 
 # What the mount records on a snapshot root besides labels (fuse/snapshot_view.root_xattrs).
-_RECORDED = ("parent", "root", "created_ns", "size", "files", "error")
+_RECORDED = ("parent", "root", "created_ns", "size", "files", "obs", "error")
 
 
 def _recorded_without_labels(path: Path) -> dict[str, str]:

@@ -30,6 +30,11 @@ CRASH_POINTS: tuple[str, ...] = (
     "rebase.prepared",
     "rebase.applied",  # new parent recorded; overlay still on the old layers
     "rebase.switched",
+    "reset.prepared",
+    "reset.applied",  # new parent recorded; overlay still on the old layers and old upper
+    "reset.switched",
+    "label.prepared",
+    "label.applied",  # the labels changed; FINALIZE not written
     "discard.prepared",
     "discard.applied",  # branch record gone; overlay still mounted
     "discard.switched",

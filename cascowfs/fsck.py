@@ -3,10 +3,12 @@
 1. every snapshot's tree verifies against its root digest and every object it names exists;
 2. every refcount equals the count recomputed from live state: layer refcounts, from the
    snapshot and branch chains naming them (since store format 5 objects carry no refcounts:
-   they live while a live root reaches them, see ``collector.py``);
+   they live while a live root reaches them, see ``collector.py``); likewise every entry of
+   the children and labels indexes (store format 10) is what the snapshot records say;
 3. no object is unreachable from a live root (snapshots, branches and layers each hold a
-   tree), unless a collection is pending: then unreachable objects are garbage not yet
-   collected, and only counted (``awaiting_collection``);
+   tree; a snapshot's observation is a root too), unless a collection is pending: then
+   unreachable objects are garbage not yet collected, and only counted
+   (``awaiting_collection``);
 4. no mount of ours is left that the state does not name, and every live branch is mounted;
 5. no operation is left half-done: the WAL has nothing pending, no staging directory remains,
    and (``deep``) every snapshot's layer chain shows exactly the snapshot's tree (a chain that
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from . import overlay
 from .cas import STREAM_PIECE, children_of, identify_content
-from .catalog import LayerRecord, SnapshotRecord
+from .catalog import INDEXED_FORMAT, LayerRecord, SnapshotRecord
 from .model import Entry
 from .progress import progress_bar
 from .scan import ObjectSink, finalize, scan_directory
@@ -66,10 +68,18 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
 
         object_ids = set(sm.content.iter_object_ids(txn))
         pending = sm.collection_pending(txn)
+        stored_format = sm.catalog.format(txn)
+        indexed = stored_format is not None and int(stored_format) >= INDEXED_FORMAT
+        index_problems = sm.catalog.index_mismatches(txn) if indexed else []
     report.snapshots, report.branches, report.objects = len(snaps), len(branches), len(object_ids)
 
     # 1: walk every live root, verifying each distinct object once
     roots = [(f"snapshot {sid}", rec.root) for sid, rec in snaps.items()]
+    roots += [
+        (f"observation of snapshot {sid}", rec.obs.ref)
+        for sid, rec in snaps.items()
+        if rec.obs is not None and rec.obs.ref
+    ]
     roots += [(f"branch {name}", rec.base_root) for name, rec in branches.items() if rec.base_root]
     roots += [(f"layer {lid}", rec.top) for lid, rec in layers.items()]
     roots += [
@@ -121,6 +131,9 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
                 f"layer {entry} was placed but not recorded as written (mount the "
                 f"store to recover)",
             )
+
+    for problem in index_problems:
+        report.add(2, problem)
 
     # 4: mounts
     expected = {str(sm.branches_dir / name / "tree"): (name, rec) for name, rec in branches.items()}

@@ -30,6 +30,8 @@ DB_NAMES = (
     b"layers",  # layer id -> JSON record: refcount (chains naming it), tree shown, span, seq
     b"ops",  # WAL op id -> b"applied": the APPLY step of that op committed
     b"meta",  # misc: format version, counters
+    b"children",  # parent snapshot id + NUL + child id -> b"": the snapshot tree's edges
+    b"labels",  # label key + NUL + snapshot id -> the label's value: find's index
 )
 
 # Databases of store formats up to 4 (object refcounts and their queue); the upgrade to

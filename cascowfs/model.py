@@ -54,6 +54,7 @@ class SnapshotInfo:
     # Set by the client when the mount cannot show the record whole (labels beyond the caps,
     # written by an older version): the labels are then left out.
     error: str | None = None
+    obs: int | None = None  # bytes of the large observation stored beside it (None: none)
 
 
 @dataclass(frozen=True, slots=True)

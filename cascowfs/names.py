@@ -8,7 +8,10 @@ import re
 from .errors import InvalidArgumentError
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_LABEL_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+LABEL_KEY_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}"
+_LABEL_KEY_RE = re.compile(LABEL_KEY_PATTERN)
+# Where a commit's large observation goes (``obs=@/path``), so never the key of a label.
+RESERVED_LABEL_KEYS = frozenset({"obs"})
 # C0 controls and DEL: a label is shown on one line by `cascowfs ls`/`log` and by getfattr.
 _LABEL_VALUE_FORBIDDEN_RE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -57,24 +60,40 @@ def check_labels(labels: dict[str, str] | None) -> dict[str, str]:
     characters; at most ``MAX_LABELS`` of them and ``MAX_LABELS_BYTES`` in all."""
     if not labels:
         return {}
-    out: dict[str, str] = {}
-    for key, val in labels.items():
-        key = _as_text(key, "label key")
-        val = _as_text(val, "label value")
-        if not _LABEL_KEY_RE.fullmatch(key):
-            raise InvalidArgumentError(
-                f"invalid label key {key[:80]!r}: must match [A-Za-z0-9_][A-Za-z0-9._-]{{0,63}}"
-            )
-        if _LABEL_VALUE_FORBIDDEN_RE.search(val) or len(val) > MAX_LABEL_VALUE_CHARS:
-            raise InvalidArgumentError(
-                f"invalid value for label {key!r}: no control characters, at most "
-                f"{MAX_LABEL_VALUE_CHARS} characters"
-            )
-        out[key] = val
+    out = {check_label_key(key): check_label_value(key, val) for key, val in labels.items()}
     problem = labels_over_limits(out)
     if problem:
         raise InvalidArgumentError(problem)
     return out
+
+
+def check_label_key(value: object) -> str:
+    key = _as_text(value, "label key")
+    if not _LABEL_KEY_RE.fullmatch(key):
+        raise InvalidArgumentError(
+            f"invalid label key {key[:80]!r}: must match [A-Za-z0-9_][A-Za-z0-9._-]{{0,63}}"
+        )
+    if key in RESERVED_LABEL_KEYS:
+        raise InvalidArgumentError(f"label key {key!r} is reserved (a commit's obs=@/path)")
+    return key
+
+
+def check_label_value(key: str, value: object) -> str:
+    val = _as_text(value, "label value")
+    if _LABEL_VALUE_FORBIDDEN_RE.search(val) or len(val) > MAX_LABEL_VALUE_CHARS:
+        raise InvalidArgumentError(
+            f"invalid value for label {key!r}: no control characters, at most "
+            f"{MAX_LABEL_VALUE_CHARS} characters"
+        )
+    return val
+
+
+def check_label_changes(changes: dict[str, str]) -> dict[str, str]:
+    """A ``label`` command's changes: valid keys, each with a valid value or "" (remove it);
+    at least one. The caps apply to the labels the changes leave (``labels_over_limits``)."""
+    if not changes:
+        raise InvalidArgumentError("label: give at least one key=value (key= removes)")
+    return {check_label_key(key): check_label_value(key, val) for key, val in changes.items()}
 
 
 def labels_over_limits(labels: dict[str, str]) -> str | None:
@@ -90,12 +109,17 @@ def labels_over_limits(labels: dict[str, str]) -> str | None:
     return None
 
 
-def parse_labels(words: list[str]) -> dict[str, str]:
-    """Parse ``key=value`` words (as given on a ctl line or the CLI)."""
+def label_words(words: list[str]) -> dict[str, str]:
+    """``key=value`` words (as given on a ctl line or the CLI) as a dict, not checked."""
     labels: dict[str, str] = {}
     for word in words:
         key, sep, val = word.partition("=")
         if not sep:
-            raise InvalidArgumentError(f"invalid label {word!r}: expected key=value")
+            raise InvalidArgumentError(f"invalid label {word[:80]!r}: expected key=value")
         labels[key] = val
-    return check_labels(labels)
+    return labels
+
+
+def parse_labels(words: list[str]) -> dict[str, str]:
+    """Parse ``key=value`` words (as given on a ctl line or the CLI)."""
+    return check_labels(label_words(words))

@@ -21,12 +21,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import forks
-from .errors import CascowfsError, PermissionDeniedError
+from .errors import CascowfsError, PermissionDeniedError, from_os_error
 
 log = logging.getLogger("cascowfs.privacy")
 
@@ -181,3 +182,56 @@ def _first_refusal(top: bytes) -> tuple[int, bytes]:
         except OSError as exc:
             return exc.errno or errno.EIO, path
     return 0, b""
+
+
+# What opening an observation file asks: O_NONBLOCK, so that a FIFO given for a file does
+# not hang the child (the commit then refuses it: not a regular file).
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+
+
+def open_as(caller: Caller | None, path: str) -> int:
+    """Open ``path`` for reading as ``caller`` (None: the daemon itself) and return the
+    descriptor: EACCES, ENOENT ... as that caller's own open(2) would fail. A non-root
+    caller's open runs in a child forked with its credentials, which passes the descriptor
+    back over a socket pair."""
+    what = f"observation {path}"
+    if caller is None or caller.uid == 0:
+        try:
+            return os.open(path, _OPEN_FLAGS)
+        except OSError as exc:
+            raise from_os_error(exc, what) from None
+    parent_pid = os.getpid()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:  # the child (of a threaded parent): system calls only, then _exit
+        status = 1
+        try:
+            os.close(ours.fileno())
+            forks.die_with_parent(parent_pid)
+            os.setgroups(list(caller.groups))
+            os.setresgid(caller.gid, caller.gid, caller.gid)
+            os.setresuid(caller.uid, caller.uid, caller.uid)
+            try:
+                fd = os.open(path, _OPEN_FLAGS)
+            except OSError as exc:
+                theirs.sendall(b"%d" % (exc.errno or errno.EIO))
+            else:
+                socket.send_fds(theirs, [b"0"], [fd])
+            status = 0
+        finally:
+            os._exit(status)
+    theirs.close()
+    try:
+        message, fds, _, _ = socket.recv_fds(ours, 64, 1)
+    finally:
+        ours.close()
+        _, wait_status = os.waitpid(pid, 0)
+    if fds:
+        os.set_inheritable(fds[0], False)
+        return fds[0]
+    code = int(message) if message.isdigit() else 0
+    if os.waitstatus_to_exitcode(wait_status) != 0 or not code:
+        raise CascowfsError(f"{what}: opening it as uid {caller.uid} failed")
+    if code == errno.EACCES:
+        raise PermissionDeniedError(f"{what} is not readable by uid {caller.uid}", errno=code)
+    raise from_os_error(OSError(code, os.strerror(code)), what)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the StateManager opens a store through this module
 
 log = logging.getLogger("cascowfs.recovery")
 
-UPGRADES_IN_PLACE = {2, 3, 4, 5, 6}  # older formats a writable open upgrades
+UPGRADES_IN_PLACE = {2, 3, 4, 5, 6, 7}  # older formats a writable open upgrades
 # ops that may leave objects no live root reaches when rolled back
 _MAY_LEAVE_OBJECTS = ("import", "commit", "flatten")
 
@@ -48,7 +48,8 @@ def check_format(sm: StateManager, *, read_only: bool) -> None:
             f"this cascowfs reads format {STORE_FORMAT}"
         )
     if read_only:
-        # formats 2-4 differ only in refcounts, which this version ignores; 5-6 read as is
+        # formats 2-4 differ only in refcounts, which this version ignores; 5-7 read as is
+        # (without the indexes, which only the queries of a served store read)
         return
 
     def upgrade(txn: lmdb.Transaction) -> None:
@@ -57,6 +58,8 @@ def check_format(sm: StateManager, *, read_only: bool) -> None:
             # deleted are garbage now, which the first collection takes.
             sm.db.drop_legacy(txn)
             sm.collector.note_garbage(txn)
+        if found is not None and found < 10:
+            sm.catalog.rebuild_indexes(txn)  # 10: the children and labels indexes
         sm.catalog.set_format(txn, STORE_FORMAT)
 
     sm.db.write(upgrade, "upgrading the store format")
@@ -103,9 +106,9 @@ def _roll_forward(sm: StateManager, op: PendingOp) -> None:
         if staged.exists() and not target.exists():
             os.rename(staged, target)
             durability.fsync_dir(sm.layers.layers_dir)
-    if op.kind == "rebase":
-        # The branch was unmodified (rebase checks) and its upper still carries the old
-        # base's root attributes: start it afresh on the new layers, as rebase would have.
+    if op.kind in ("rebase", "reset"):
+        # The branch's upper still carries the old base's root attributes (and, after a
+        # reset, the changes it drops): start it afresh on the new layers, as the op would.
         with sm.db.read() as txn:
             branch = sm.catalog.find_branch(txn, op.args["name"])
         if branch is not None:

@@ -43,10 +43,11 @@ import lmdb
 from . import forks, merge_plan, overlay, privacy, recovery
 from . import layers as layerfs
 from .background import BackgroundWorker, EmptyTrash, Job, MergeLayers
-from .cas import ContentStore, identify_content
-from .catalog import STORE_FORMAT, BranchRecord, Catalog, SnapshotRecord
+from .cas import ContentStore, identify_content, prepare_content
+from .catalog import STORE_FORMAT, BranchRecord, Catalog, Observation, SnapshotRecord
 from .collector import Collector
 from .crashpoints import crash_point
+from .episodes import Episode, FindQuery, episode_of, find
 from .errors import (
     BusyError,
     CascowfsError,
@@ -57,12 +58,19 @@ from .errors import (
     disk_errors,
     from_os_error,
 )
+from .extents import read_pieces
 from .fuse.sysmount import FUSE_TYPE, store_of_source
 from .gate import OpGate
 from .layer_builder import LayerBuilder
 from .metadb import MetaDB
 from .model import BranchInfo, Change, Entry, SnapshotInfo
-from .names import check_branch_name, check_labels, check_snapshot_id
+from .names import (
+    check_branch_name,
+    check_label_changes,
+    check_labels,
+    check_snapshot_id,
+    labels_over_limits,
+)
 from .progress import progress_bar
 from .scan import ObjectSink, Progress, apply_upper, finalize, scan_directory
 from .trash import Trash
@@ -524,6 +532,7 @@ class StateManager:
         chain: list[str],
         labels: dict[str, str],
         root: Entry,
+        obs: Observation | None = None,
     ) -> None:
         if self.catalog.has_snapshot(txn, id):
             raise ExistsError(f"snapshot {id!r} already exists")
@@ -538,6 +547,7 @@ class StateManager:
                 files=root.tree_files,
                 size=root.tree_bytes,
                 labels=labels,
+                obs=obs,
             ),
         )
 
@@ -608,6 +618,18 @@ class StateManager:
 
     def rebase(self, name: str, parent: str | None) -> BranchInfo:
         """Point an unmodified branch at another snapshot (BusyError if it has changes)."""
+        return self._repoint(name, parent, "rebase")
+
+    def reset(self, name: str, parent: str) -> BranchInfo:
+        """Drop the branch's changes and point it at snapshot ``parent``, in one step: a
+        rollback of a tree search's agent to any node."""
+        return self._repoint(name, check_snapshot_id(parent), "reset")
+
+    def _repoint(self, name: str, parent: str | None, kind: str) -> BranchInfo:
+        """Re-base branch ``name`` on ``parent`` (None: the empty snapshot) on a fresh upper
+        directory; a ``rebase`` refuses a branch with changes, a ``reset`` drops them. The
+        PREPARE is flushed: a crash after APPLY leaves the old upper directory over the new
+        layers, which only replay (``recovery._roll_forward``) knows to replace."""
         name = check_branch_name(name)
         if parent is not None:
             parent = check_snapshot_id(parent)
@@ -616,11 +638,11 @@ class StateManager:
                 old = self.catalog.branch(txn, name)
                 if parent is not None:
                     self.catalog.snapshot(txn, parent)  # NotFoundError before anything is logged
-            if self.status(name):
+            if kind == "rebase" and self.status(name):
                 raise BusyError(
                     f"branch {name!r} has uncommitted changes; commit or discard them first"
                 )
-            with self._logged_op("rebase", name=name, parent=parent) as op:
+            with self._logged_op(kind, name=name, parent=parent) as op:
 
                 def apply(txn: lmdb.Transaction) -> tuple[BranchRecord, list[str]]:
                     result = self.repoint_branch(txn, name, old, parent)
@@ -628,11 +650,11 @@ class StateManager:
                     return result
 
                 rec, dropped = self.db.write(apply, f"re-basing branch {name}")
-            crash_point("rebase.applied")
+            crash_point(f"{kind}.applied")
             overlay.unmount(self.tree_path(name))
             self.mount_branch(name, rec, fresh_upper=True)
             self.trash_after_apply(dropped)
-            crash_point("rebase.switched")
+            crash_point(f"{kind}.switched")
             self._finish(op)
             self._background.put(EmptyTrash())
             return self._branch_info(name, rec)
@@ -657,14 +679,24 @@ class StateManager:
         self.catalog.put_branch(txn, name, rec)
         return rec, dropped
 
-    def commit(self, name: str, id: str | None = None, labels: dict[str, str] | None = None) -> str:
-        """Freeze the branch into a new snapshot; the branch then continues on top of it."""
+    def commit(
+        self,
+        name: str,
+        id: str | None = None,
+        labels: dict[str, str] | None = None,
+        obs: int | None = None,
+    ) -> str:
+        """Freeze the branch into a new snapshot; the branch then continues on top of it.
+        ``obs``: an open regular file (the caller's, read from its start, left open) whose
+        bytes are stored beside the snapshot as its large observation."""
         name = check_branch_name(name)
         labels = check_labels(labels)
+        if obs is not None:
+            check_observation(obs)
         with self._branch_op(name, wait=False):
-            return self._commit(name, id, labels)
+            return self._commit(name, id, labels, obs)
 
-    def _commit(self, name: str, id: str | None, labels: dict[str, str]) -> str:
+    def _commit(self, name: str, id: str | None, labels: dict[str, str], obs: int | None) -> str:
         with self.db.read() as txn:
             rec = self.catalog.branch(txn, name)
             parent = self.catalog.snapshot(txn, rec.parent) if rec.parent else None
@@ -707,6 +739,7 @@ class StateManager:
                     stored=self.trees,
                 )
                 superroot = self._superroot(root, sink)
+                observation = _store_observation(obs, sink) if obs is not None else None
             crash_point("commit.staged")
             objects = self.content.pack_missing(sink.take())
 
@@ -725,7 +758,7 @@ class StateManager:
                 )
                 self.layers.add_refs(txn, [layer] + chain, +1)
                 self._put_snapshot(
-                    txn, id, superroot.hex(), rec.parent, [layer] + chain, labels, root
+                    txn, id, superroot.hex(), rec.parent, [layer] + chain, labels, root, observation
                 )
                 self.catalog.put_branch(txn, name, replace(rec, parent=id, last_commit=id))
                 self.catalog.mark_applied(txn, op)
@@ -798,6 +831,42 @@ class StateManager:
         for bname, branch in self.catalog.branches(txn):
             if branch.parent == id:
                 raise BusyError(f"snapshot {id!r} is the parent of branch {bname!r}")
+
+    # ------------------------------------------------------------------------------------
+    # labels after commit
+    # ------------------------------------------------------------------------------------
+    def label(self, id: str, changes: dict[str, str]) -> dict[str, str]:
+        """Set snapshot ``id``'s labels in ``changes`` (an empty value removes one); returns
+        the labels it has afterwards. The tree stays as it is: labels are metadata, which a
+        tree search rewrites on every back-propagation, so the op is one transaction and its
+        PREPARE is not flushed (nothing but the recorded state tells whether it happened)."""
+        id = check_snapshot_id(id)
+        changes = check_label_changes(changes)
+        with self._ops.running():
+            with self.db.read() as txn:
+                _relabelled(id, self.catalog.snapshot(txn, id).labels, changes)  # before logging
+            with self._logged_op(
+                "label", id=id, keys=",".join(sorted(changes)), durable=False, undo=self._drop_op
+            ) as op:
+
+                def apply(txn: lmdb.Transaction) -> dict[str, str]:
+                    rec = self.catalog.snapshot(txn, id)
+                    labels = _relabelled(id, rec.labels, changes)
+                    self.catalog.put_snapshot(txn, id, replace(rec, labels=labels))
+                    self.catalog.mark_applied(txn, op)
+                    return labels
+
+                labels = self.db.write(apply, f"labelling snapshot {id}")
+            crash_point("label.applied")
+            self._finish(op)
+        return labels
+
+    def _drop_op(self, op: str) -> None:
+        """Roll back an op that failed before APPLY and left nothing but its PREPARE."""
+        try:
+            self.wal.finalize(op)
+        except CascowfsError:
+            pass  # the next open finds it never applied
 
     # ------------------------------------------------------------------------------------
     # flattening and rebuilding layers
@@ -976,6 +1045,30 @@ class StateManager:
         with self.db.read() as txn:
             return _snapshot_info(id, self.catalog.snapshot(txn, id))
 
+    def find(self, query: FindQuery) -> list[str]:
+        """The snapshot ids ``query`` selects (episodes.py), in its order."""
+        with self.db.read() as txn:
+            return find(self.catalog, txn, query)
+
+    def children(self, id: str | None) -> list[str]:
+        """The snapshots whose parent is ``id`` (None: those without a parent), sorted."""
+        with self.db.read() as txn:
+            if id is not None:
+                self.catalog.snapshot(txn, check_snapshot_id(id))
+            return self.catalog.children(txn, id)
+
+    def episodes(self) -> list[Episode]:
+        """Every snapshot as an episode record (``MNT/episodes``)."""
+        with self.db.read() as txn:
+            return [
+                episode_of(id, rec) for id, rec in self.catalog.snapshots(txn, skip_damaged=True)
+            ]
+
+    def observation(self, id: str) -> Observation | None:
+        """Snapshot ``id``'s large observation (None: it has none)."""
+        with self.db.read() as txn:
+            return self.catalog.snapshot(txn, check_snapshot_id(id)).obs
+
     def has_snapshot(self, id: str) -> bool:
         with self.db.read() as txn:
             return self.catalog.has_snapshot(txn, id)
@@ -1015,7 +1108,43 @@ class StateManager:
 
 def _snapshot_info(id: str, rec: SnapshotRecord) -> SnapshotInfo:
     return SnapshotInfo(
-        id, rec.root, rec.parent, rec.created_ns, rec.size, rec.files, dict(rec.labels)
+        id,
+        rec.root,
+        rec.parent,
+        rec.created_ns,
+        rec.size,
+        rec.files,
+        dict(rec.labels),
+        obs=rec.obs.size if rec.obs is not None else None,
+    )
+
+
+def _relabelled(id: str, labels: dict[str, str], changes: dict[str, str]) -> dict[str, str]:
+    """``labels`` with ``changes`` made; EINVAL if the result breaks a cap."""
+    out = {**labels, **{k: v for k, v in changes.items() if v}}
+    for key, val in changes.items():
+        if not val:
+            out.pop(key, None)
+    problem = labels_over_limits(out)
+    if problem:
+        raise InvalidArgumentError(f"labels of snapshot {id}: {problem}")
+    return out
+
+
+def check_observation(fd: int) -> None:
+    """EINVAL unless ``fd`` is an open regular file (a FIFO or a device would never end)."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise InvalidArgumentError("an observation must be a regular file")
+
+
+def _store_observation(fd: int, sink: ObjectSink) -> Observation:
+    """Cut the file ``fd`` into the CAS through ``sink`` (in bounded batches, as a commit's
+    own files); its record for the snapshot."""
+    st = os.fstat(fd)
+    content = prepare_content(read_pieces(fd, st.st_size), emit=sink.add)
+    sink.add(content.objects)
+    return Observation(
+        content.content_id.hex(), content.size, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
     )
 
 

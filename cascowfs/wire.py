@@ -10,13 +10,24 @@ Grammar (one command per write(2); a single trailing newline is ignored; words a
 POSIX shell does, so a label value may be quoted: ``plan="fix the parser"``)::
 
     branch  <name> <id>                    create a branch on snapshot <id>
-    commit  <name> [<id>] [key=value ...]  freeze a branch (no id: a generated one)
+    commit  <name> [<id>] [key=value ...] [obs=@<absolute-path>]
+                                           freeze a branch (no id: a generated one); obs=@
+                                           stores that file (readable by the caller) beside it
     discard <name>                         drop a branch
     prune   <id>                           drop a snapshot
     rebase  <name> [<id>]                  re-base an unmodified branch (no id: the empty snapshot)
     import  <id> <absolute-path> [key=value ...]   import a directory tree as snapshot <id>
                                            (all of it readable by the caller)
     gc                                     reclaim unreferenced objects now
+    label   <id> key=value ... key= ...    set labels of a snapshot (key=: remove that one)
+    reset   <name> <id>                    drop a branch's changes and re-base it on <id>
+    find    <predicate> ... [--sort [-]key] [--limit N] [--parent <id>|--ancestor <id>]
+                                           snapshot ids by labels and lineage (episodes.py)
+    children [<id>]                        ids of the snapshots whose parent is <id>
+                                           (none: of those without a parent)
+
+``find`` and ``children`` change nothing: any caller may send them; every other command needs
+root or the admin group.
 
 Replies (one line each, readable from the same open file): ``ok <result>`` or
 ``error <ERRNO-NAME> <message>``.
@@ -30,11 +41,31 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
+from .episodes import OBS_KEY, FindQuery, parse_find
 from .errors import InvalidArgumentError
-from .names import check_branch_name, check_snapshot_id, parse_labels
+from .names import (
+    check_branch_name,
+    check_label_changes,
+    check_snapshot_id,
+    label_words,
+    parse_labels,
+)
 
 MAX_COMMAND = 64 * 1024
-VERBS = ("branch", "commit", "discard", "prune", "rebase", "import", "gc")
+VERBS = (
+    "branch",
+    "commit",
+    "discard",
+    "prune",
+    "rebase",
+    "import",
+    "gc",
+    "label",
+    "reset",
+    "find",
+    "children",
+)
+QUERY_VERBS = ("find", "children")  # read-only: open to every caller
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +75,18 @@ class Command:
     id: str | None = None  # snapshot id
     labels: dict[str, str] = field(default_factory=dict)
     src: str | None = None  # import source
+    obs: str | None = None  # commit: the observation file's absolute path
+    query: FindQuery | None = None  # find
 
     def line(self) -> str:
         """The command in ctl syntax (for logs and replies)."""
         words = [self.verb]
         words += [w for w in (self.name, self.id, self.src) if w is not None]
         words += [f"{k}={v}" for k, v in self.labels.items()]
+        if self.obs is not None:
+            words.append(f"{OBS_KEY}=@{self.obs}")
+        if self.query is not None:
+            words += self.query.words()
         return command_line(words)
 
 
@@ -93,13 +130,27 @@ def split_words(text: str, what: str = "command") -> list[str]:
         raise InvalidArgumentError(f"malformed {what}: {exc}") from None
 
 
-def _id_and_labels(words: list[str]) -> tuple[str | None, dict[str, str]]:
-    """``[<id>] [key=value ...]``: ids never contain '=', so the first word tells which."""
+def _id_and_labels(words: list[str]) -> tuple[str | None, dict[str, str], str | None]:
+    """``[<id>] [key=value ...] [obs=@<path>]``: ids never contain '=', so the first word
+    tells which. Returns the id, the labels and the observation's path."""
     ident = None
     if words and "=" not in words[0]:
         ident = check_snapshot_id(words[0])
         words = words[1:]
-    return ident, parse_labels(words)
+    obs = None
+    marker = f"{OBS_KEY}=@"
+    for word in words:
+        if word.startswith(marker):
+            if obs is not None:
+                raise InvalidArgumentError("one obs=@<path> per commit")
+            obs = _absolute(word[len(marker) :], "observation path")
+    return ident, parse_labels([w for w in words if not w.startswith(marker)]), obs
+
+
+def _absolute(path: str, what: str) -> str:
+    if not os.path.isabs(path):
+        raise InvalidArgumentError(f"{what} must be an absolute path: {path[:200]!r}")
+    return os.path.normpath(path)
 
 
 def _arity(words: list[str], lo: int, hi: int, usage: str) -> None:
@@ -119,8 +170,8 @@ def parse_command(data: bytes) -> Command:
     if verb == "commit":
         if len(words) < 2:
             raise InvalidArgumentError("usage: commit <name> [<id>] [key=value ...]")
-        ident, labels = _id_and_labels(words[2:])
-        return Command("commit", name=check_branch_name(words[1]), id=ident, labels=labels)
+        ident, labels, obs = _id_and_labels(words[2:])
+        return Command("commit", name=check_branch_name(words[1]), id=ident, labels=labels, obs=obs)
     if verb == "discard":
         _arity(words, 1, 1, "discard <name>")
         return Command("discard", name=check_branch_name(words[1]))
@@ -135,15 +186,24 @@ def parse_command(data: bytes) -> Command:
         if len(words) < 3:
             raise InvalidArgumentError("usage: import <id> <absolute-path> [key=value ...]")
         ident = check_snapshot_id(words[1])
-        src = words[2]
-        if not os.path.isabs(src):
-            raise InvalidArgumentError(f"import source must be an absolute path: {src!r}")
-        return Command(
-            "import", id=ident, src=os.path.normpath(src), labels=parse_labels(words[3:])
-        )
+        src = _absolute(words[2], "import source")
+        return Command("import", id=ident, src=src, labels=parse_labels(words[3:]))
     if verb == "gc":
         _arity(words, 0, 0, "gc")
         return Command("gc")
+    if verb == "label":
+        if len(words) < 3:
+            raise InvalidArgumentError("usage: label <id> key=value ... (key= removes)")
+        changes = check_label_changes(label_words(words[2:]))
+        return Command("label", id=check_snapshot_id(words[1]), labels=changes)
+    if verb == "reset":
+        _arity(words, 2, 2, "reset <name> <id>")
+        return Command("reset", name=check_branch_name(words[1]), id=check_snapshot_id(words[2]))
+    if verb == "find":
+        return Command("find", query=parse_find(words[1:]))
+    if verb == "children":
+        _arity(words, 0, 1, "children [<id>]")
+        return Command("children", id=check_snapshot_id(words[1]) if len(words) == 2 else None)
     shown = verb if len(verb) <= 40 else verb[:40] + "..."
     raise InvalidArgumentError(f"unknown command {shown!r}; known: {', '.join(VERBS)}")
 
@@ -159,8 +219,8 @@ def parse_parent_write(branch: str, data: bytes) -> Command:
 
 def parse_commit_write(branch: str, data: bytes) -> Command:
     """A write to ``branches/<name>/commit``: ``[<id>] [key=value ...]``; empty: generated id."""
-    ident, labels = _id_and_labels(split_words(decode_line(data, "commit"), "commit"))
-    return Command("commit", name=branch, id=ident, labels=labels)
+    ident, labels, obs = _id_and_labels(split_words(decode_line(data, "commit"), "commit"))
+    return Command("commit", name=branch, id=ident, labels=labels, obs=obs)
 
 
 def ok_reply(result: str) -> bytes:

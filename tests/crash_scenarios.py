@@ -15,6 +15,7 @@ import pytest
 from conftest import assert_same_view, dir_view, mounts_below, snapshot_view
 from support.processes import run_until_killed
 from cascowfs import collector
+from cascowfs.episodes import FindQuery, Predicate, parse_predicate
 from cascowfs.errors import ExistsError, NotFoundError
 from cascowfs.state import StateManager
 
@@ -37,6 +38,10 @@ elif op == "commit":
     sm.commit("work", "c1", labels={"k": "v"})
 elif op == "rebase":
     sm.rebase("clean", "other")
+elif op == "reset":
+    sm.reset("work", "other")
+elif op == "label":
+    sm.label("deep1", {"visits": "7", "value": "0.25"})
 elif op == "discard":
     sm.discard("work")
 elif op == "prune":
@@ -222,6 +227,34 @@ def verify_rebase(sm, before: Before, applied: bool) -> None:
         assert_same_view(dir_view(info.tree), before.snaps["other"], "re-base after rollback")
 
 
+def verify_reset(sm, before: Before, applied: bool) -> None:
+    unchanged_except(sm, before, branches={"work"})
+    info = sm.branch("work")
+    if applied:
+        assert info.parent == "other" and sm.status("work") == []
+        assert_same_view(dir_view(info.tree), before.snaps["other"], "recovered reset")
+    else:
+        assert info.parent == "base"
+        assert_same_view(dir_view(info.tree), before.branches["work"], "branch after rolled back reset")
+        assert [c.line() for c in sm.status("work")] == before.status["work"]
+        info = sm.reset("work", "other")
+        assert_same_view(dir_view(info.tree), before.snaps["other"], "reset after rollback")
+    assert {s.id for s in sm.snapshots()} == set(before.snaps)  # a reset makes no snapshot
+
+
+def verify_label(sm, before: Before, applied: bool) -> None:
+    unchanged_except(sm, before)
+    labels = sm.snapshot("deep1").labels
+    if applied:
+        assert labels == {"visits": "7", "value": "0.25"}
+    else:
+        assert labels == {}
+        assert sm.find(FindQuery(predicates=(Predicate("visits"),))) == []
+        sm.label("deep1", {"visits": "7", "value": "0.25"})
+    assert sm.find(FindQuery(predicates=(Predicate("visits"),))) == ["deep1"]
+    assert sm.find(FindQuery(predicates=(parse_predicate("value<0.5"),))) == ["deep1"]
+
+
 def verify_discard(sm, before: Before, applied: bool) -> None:
     unchanged_except(sm, before, branches={"work"})
     if applied:
@@ -272,7 +305,8 @@ def verify_collect(sm, before: Before, applied: bool) -> None:
 
 
 VERIFY = {"import": verify_import, "branch": verify_branch, "commit": verify_commit,
-          "rebase": verify_rebase, "discard": verify_discard, "prune": verify_prune,
+          "rebase": verify_rebase, "reset": verify_reset, "label": verify_label,
+          "discard": verify_discard, "prune": verify_prune,
           "flatten": verify_flatten, "collect": verify_collect}
 
 

@@ -111,3 +111,26 @@ def test_bench_smoke_with_ctl_opened_per_command(tmp_path: Path) -> None:
         assert m["error_count"] == 0, (key, m["errors"])
         assert m["ops_detail"]["commit"]["n"] > 0
     assert "`--ctl-open per-command`" in _report(tmp_path, tmp_path / "benchmarks.md")
+
+
+@pytest.mark.timeout(200)
+def test_bench_smoke_of_the_episode_lines(tmp_path: Path) -> None:
+    """The MCTS mix labels paths and resets branches (P50/P95/P99 of each), the mount section
+    times find over its labelled snapshots, and the report has a line for each."""
+    res = _bench(tmp_path, "--corpus", "synthetic", "--synthetic-files", "60", "--systems",
+                 "cascowfs", "--agents", "2", "--ops", "80", "--seq-ops", "30", "--no-read-path",
+                 "--mount-snapshots", "12", "--mount-branches", "2", timeout=180)
+    for key in ("seq", "mix"):
+        m = res["systems"]["cascowfs"][key]
+        assert m["error_count"] == 0, (key, m["errors"])
+        detail = m["ops_detail"]
+        assert detail["discard"]["n"] == detail["branch"]["n"]  # a reset branch goes once too
+        for op in ("label", "reset"):
+            assert detail[op]["n"] > 0, (key, op)
+            assert detail[op]["p50"] <= detail[op]["p95"] <= detail[op]["p99"]
+    find = res["mount"]["find"]
+    assert find["snapshots"] == 12 and find["all"]["n"] == 80
+    text = _report(tmp_path, tmp_path / "benchmarks.md")
+    for line in ("label a snapshot, MCTS mix", "reset a branch, MCTS mix", "find, 10k snapshots"):
+        row = next(r for r in text.splitlines() if r.startswith(f"| {line} |"))
+        assert "P95" in row, row

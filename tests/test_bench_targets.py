@@ -78,10 +78,33 @@ def test_read_path_and_store_size_are_judged_at_1_15(key: str, ratio: float, ver
 
 def test_lines_without_figures_are_not_measured():
     rows = current_figures(merge([_result({})]))
-    for key in ("mix", "read", "import", "store", "mount"):
+    for key in ("mix", "read", "import", "store", "mount", "label", "reset", "find"):
         assert _row(rows, TARGETS[key].line).endswith("| not measured | — | — |")
-    for key in ("label", "memory"):
+    for key in ("memory",):
         assert _row(rows, TARGETS[key].line).endswith(f"| {TARGETS[key].unmeasured} | — | — |")
+
+
+@pytest.mark.parametrize("op", ["label", "reset"])
+@pytest.mark.parametrize("factor, verdict", [(0.5, "**met**"), (2.0, "**missed**")])
+def test_label_and_reset_are_judged_on_the_mix(op: str, factor: float, verdict: str):
+    target = TARGETS[op]
+    res = _result({})
+    detail = {o: {"n": 10, "p95": 0.001} for o in OPS}
+    detail[op] = {"n": 10, "p95": target.limit * factor}
+    res["systems"]["cascowfs"]["mix"] = {"ops_detail": detail, "agents": 4, "ops": 100}
+    _, must, measured, judged, _ = _cells(_row(current_figures(merge([res])), target.line))
+    assert (must, judged) == (target.must, verdict)
+    assert f"{target.limit * factor * 1e3:.1f} ms (M)" in measured
+
+
+@pytest.mark.parametrize("snapshots, p95, verdict", [(10000, 0.05, "**met**"),
+                                                     (10000, 0.2, "**missed**"),
+                                                     (12, 0.2, "—")])
+def test_find_is_judged_over_10k_snapshots_only(snapshots: int, p95: float, verdict: str):
+    res = _result({})
+    res["mount"] = {"find": {"snapshots": snapshots, "all": {"n": 80, "p95": p95}}}
+    _, _, measured, judged, _ = _cells(_row(current_figures(merge([res])), TARGETS["find"].line))
+    assert judged == verdict and f"{p95 * 1e3:.1f} ms" in measured
 
 
 def test_every_target_has_one_current_figures_row():

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cascowfs import Client
 from conftest import hypothesis_settings, open_store
 from fusehelpers import Cascow, mounted, needs_fuse
 
@@ -390,3 +391,46 @@ def test_admin_import_is_refused_exactly_when_some_path_is_unreadable(fs, admin_
             assert fs.ctl(f"prune {ident}")[0] == 0
     finally:
         shutil.rmtree(top)
+
+
+@needs_fuse
+def test_an_observation_is_read_with_the_callers_rights(fs, admin_group):
+    """``commit ... obs=@/path`` as an admin-group member: a file only root may read (or one
+    behind a directory it may not search, or a symlink to one) is EACCES and commits nothing;
+    a file it may read is stored, and shows with that file's owner and mode."""
+    ctl, gid = str(fs.mnt / "ctl"), admin_group.gr_gid
+    assert fs.ctl("branch obsb base")[0] == 0
+    secret = make_tree(fs.base / "obs-secret", {"key": ("root's", 0o600)}) / "key"
+    shut = make_tree(fs.base / "obs-shut", {"in/trace": ("open", 0o644)})
+    os.chmod(shut / "in", 0o700)
+    link = fs.base / "obs-link"
+    os.symlink(secret, link)
+    readable = make_tree(fs.base / "obs-open", {"trace": ("shared trace", 0o644)}) / "trace"
+    got = as_user([("ctl", ctl, f"commit obsb o1 obs=@{secret}"),
+                   ("ctl", ctl, f"commit obsb o2 obs=@{shut / 'in' / 'trace'}"),
+                   ("ctl", ctl, f"commit obsb o3 obs=@{link}"),
+                   ("ctl", ctl, f"commit obsb o4 obs=@{readable}")], groups=[gid])
+    assert [g.split()[0] for g in got] == ["EACCES", "EACCES", "EACCES", "ok"], got
+    assert str(secret) in got[0] or str(link) in got[2]
+    snapshots = set(os.listdir(fs.mnt / "snapshots"))
+    assert not {"o1", "o2", "o3"} & snapshots and "o4" in snapshots
+    obs = fs.mnt / "observations" / "o4"
+    assert obs.read_text() == "shared trace"
+    assert stat.S_IMODE(os.stat(obs).st_mode) == 0o444 and os.stat(obs).st_uid == 0
+    assert fs.ctl(f"commit obsb o5 obs=@{secret}")[0] == 0  # root reads it, as before
+    assert as_user([("read", str(fs.mnt / "observations" / "o5"))]) == ["EACCES"]
+    assert fs.ctl("discard obsb")[0] == 0
+
+
+@needs_fuse
+def test_anyone_may_query_and_only_admins_label_or_reset(fs):
+    ctl = str(fs.mnt / "ctl")
+    got = as_user([("ctl", ctl, "find --sort x"), ("ctl", ctl, "children"),
+                   ("ctl", ctl, "label base k=v"), ("ctl", ctl, "reset work base"),
+                   ("ctl", ctl, "find 'bad word'"), ("read", str(fs.mnt / "episodes"))])
+    assert got[0].startswith("ok ok") and "base" in got[0].split()
+    assert got[1].startswith("ok ok") and "base" in got[1].split()
+    assert [g.split()[0] for g in got[2:5]] == ["EPERM", "EPERM", "EPERM"], got
+    assert got[5] == "ok"
+    with Client(fs.mnt) as c:
+        assert "k" not in c.snapshot("base").labels

@@ -9,23 +9,34 @@ thread so that reads of snapshots never wait for a commit).
 from __future__ import annotations
 
 import errno as _errno
+import os
+from typing import TypeVar
 
 from ..errors import CascowfsError, InvalidArgumentError
-from ..privacy import Caller, check_readable
+from ..privacy import Caller, check_readable, open_as
 from ..state import StateManager
 from ..wire import Command
+
+T = TypeVar("T")
 
 
 def execute(sm: StateManager, cmd: Command, caller: Caller | None = None) -> str:
     """Run a validated command against a StateManager (blocking). Returns the reply result.
 
-    An import reads its source only if ``caller`` (the process that opened ``ctl``; None:
-    the daemon itself) may read all of it."""
+    An import reads its source, and a commit its observation file, only if ``caller`` (the
+    process that opened ``ctl``; None: the daemon itself) may read it."""
     if cmd.verb == "branch":
         info = sm.create_branch(_given(cmd.name, "branch name"), cmd.id)
         return str(info.tree)
     if cmd.verb == "commit":
-        return str(sm.commit(_given(cmd.name, "branch name"), cmd.id, cmd.labels or None))
+        name = _given(cmd.name, "branch name")
+        if cmd.obs is None:
+            return str(sm.commit(name, cmd.id, cmd.labels or None))
+        fd = open_as(caller, cmd.obs)  # the caller's rights, not the daemon's
+        try:
+            return str(sm.commit(name, cmd.id, cmd.labels or None, obs=fd))
+        finally:
+            os.close(fd)
     if cmd.verb == "discard":
         name = _given(cmd.name, "branch name")
         sm.discard(name)
@@ -45,10 +56,20 @@ def execute(sm: StateManager, cmd: Command, caller: Caller | None = None) -> str
     if cmd.verb == "gc":
         stats = sm.gc()
         return " ".join(f"{k}={v}" for k, v in sorted((stats or {}).items()))
+    if cmd.verb == "label":
+        sm.label(_given(cmd.id, "snapshot id"), cmd.labels)
+        return _given(cmd.id, "snapshot id")
+    if cmd.verb == "reset":
+        info = sm.reset(_given(cmd.name, "branch name"), _given(cmd.id, "snapshot id"))
+        return info.parent or ""
+    if cmd.verb == "find":
+        return " ".join(sm.find(_given(cmd.query, "query")))
+    if cmd.verb == "children":
+        return " ".join(sm.children(cmd.id))
     raise InvalidArgumentError(f"unknown command {cmd.verb!r}")
 
 
-def _given(value: str | None, what: str) -> str:
+def _given(value: T | None, what: str) -> T:
     """A word the parser requires for this verb (``wire.parse_command`` never leaves it out)."""
     if value is None:
         raise InvalidArgumentError(f"{what} missing")

@@ -2,7 +2,8 @@
 
 Three ranges of inode numbers, chosen so that they can never collide with each other:
 
-* ``1 .. 15``: the fixed skeleton (mount root, ``ctl``, ``snapshots/``, ``branches/``).
+* ``1 .. 15``: the fixed skeleton (mount root, ``ctl``, ``snapshots/``, ``branches/``,
+  ``episodes``, ``observations/``).
   Further lanes of ``ctl`` (``ctl_lanes``) are allocated like the range below.
 * ``16 .. 2**52 - 1``: allocated from a counter that never goes back, for every directory of a
   snapshot (unique per (snapshot, path), because the kernel must never see one directory nodeid
@@ -35,6 +36,8 @@ ROOT_INO = 1
 CTL_INO = 2
 SNAPSHOTS_INO = 3
 BRANCHES_INO = 4
+EPISODES_INO = 10
+OBSERVATIONS_INO = 11
 FIRST_ALLOCATED = 16
 HASHED_BASE = 1 << 52
 HASHED_MASK = HASHED_BASE - 1
@@ -68,6 +71,11 @@ class CtlNode(Node):
     """``ctl``, or one of its lanes (see ``ctl_lanes``): ``opens`` counts its open files."""
 
     opens: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class GeneratedFileNode(Node):
+    """A read-only file of the skeleton whose content is generated at open (``episodes``)."""
 
 
 @dataclass(eq=False, slots=True)

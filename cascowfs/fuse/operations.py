@@ -2,7 +2,9 @@
 
 Layout and the rules it follows:
 
-* ``ctl``, ``snapshots/``, ``branches/`` form a fixed skeleton (pinned inodes 1-4).
+* ``ctl``, ``snapshots/``, ``branches/``, ``episodes`` and ``observations/`` form a fixed
+  skeleton (pinned inodes). ``episodes`` is generated at each open (JSON Lines, one snapshot a
+  line); ``observations/<id>`` serves a snapshot's large observation from the CAS, read-only.
 * ``snapshots/<id>/...`` is served straight from the CAS through ``StateManager.root_entry``,
   ``read_tree`` and ``read_file``; those are short LMDB read transactions and run inline on the
   trio thread. Everything is immutable, so attributes and entries are cached by the kernel for a
@@ -37,6 +39,7 @@ import pyfuse3
 import trio
 
 from .. import wire
+from ..episodes import episode_lines
 from ..errors import CascowfsError, InvalidArgumentError, NotFoundError, PermissionDeniedError
 from ..model import BranchInfo, Entry, SnapshotInfo
 from ..names import check_branch_name, check_snapshot_id
@@ -47,11 +50,14 @@ from .ctl_lanes import CtlLanes
 from .inodes import (
     BRANCHES_INO,
     CTL_INO,
+    EPISODES_INO,
+    OBSERVATIONS_INO,
     ROOT_INO,
     SNAPSHOTS_INO,
     BranchDirNode,
     BranchFileNode,
     CtlNode,
+    GeneratedFileNode,
     InodeTable,
     Node,
     SkeletonNode,
@@ -65,6 +71,7 @@ from .snapshot_view import (
     count_links,
     entry_attrs,
     entry_xattrs,
+    iso_time,
 )
 
 log = logging.getLogger("cascowfs.fuse")
@@ -133,6 +140,12 @@ class BranchFileHandle:
     admin: bool = False
     content: bytes | None = None
     written: bool = False  # parent and commit take one write per open file
+    caller: Caller | None = None  # whose access a commit's observation file is checked against
+
+
+@dataclass(eq=False)
+class GeneratedHandle:
+    content: bytes  # generated at open: every read of one open file sees one version
 
 
 @dataclass(eq=False)
@@ -179,10 +192,18 @@ class CascowOperations(pyfuse3.Operations):
         self.branches = self.table.add_pinned(
             SkeletonNode(BRANCHES_INO, name=b"branches", parent=self.root)
         )
+        self.episodes = self.table.add_pinned(
+            GeneratedFileNode(EPISODES_INO, name=b"episodes", parent=self.root)
+        )
+        self.observations = self.table.add_pinned(
+            SkeletonNode(OBSERVATIONS_INO, name=b"observations", parent=self.root)
+        )
         self._skeleton = {
             b"ctl": self.ctl,
             b"snapshots": self.snapshots,
             b"branches": self.branches,
+            b"episodes": self.episodes,
+            b"observations": self.observations,
         }
         self._handles: dict[int, Any] = {}
         self._fh = itertools.count(1)
@@ -245,7 +266,11 @@ class CascowOperations(pyfuse3.Operations):
 
     @staticmethod
     def _in_snapshot(node: Node) -> bool:
-        return isinstance(node, (SnapDirNode, SnapLeafNode)) or node.ino == SNAPSHOTS_INO
+        return isinstance(node, (SnapDirNode, SnapLeafNode)) or node.ino in (
+            SNAPSHOTS_INO,
+            OBSERVATIONS_INO,
+            EPISODES_INO,
+        )
 
     def _refuse_change(self, node: Node) -> pyfuse3.FUSEError:
         """The errno of a namespace/metadata change we do not support under ``node``."""
@@ -275,11 +300,18 @@ class CascowOperations(pyfuse3.Operations):
         attr.st_blksize = 4096
         mtime = self.changed_ns.get(node.ino, self.started_ns)
         if node.ino == ROOT_INO:
-            attr.st_mode, attr.st_nlink = MODE_ROOT, 4
+            attr.st_mode, attr.st_nlink = MODE_ROOT, 5
         elif isinstance(node, CtlNode):
             attr.st_mode, attr.st_nlink = MODE_CTL, 1
             attr.attr_timeout = IMMUTABLE_TIMEOUT  # a stream: its attributes never change
             attr.entry_timeout = 0  # every open looks it up: the answer is an idle lane
+        elif isinstance(node, GeneratedFileNode):
+            # size 0 like a /proc file: its content is made at open, read with direct_io
+            attr.st_mode, attr.st_nlink, attr.attr_timeout = MODE_RO_FILE, 1, 0
+            mtime = self.changed_ns.get(SNAPSHOTS_INO, self.started_ns)
+        elif node.ino == OBSERVATIONS_INO:
+            attr.st_mode, attr.st_nlink = MODE_ROOT, 1
+            mtime = self.changed_ns.get(SNAPSHOTS_INO, self.started_ns)
         else:
             # nlink 1: "unknown" (counting would need a listing per stat)
             attr.st_mode, attr.st_nlink = MODE_OPEN_DIR, 1
@@ -350,6 +382,7 @@ class CascowOperations(pyfuse3.Operations):
         version = (info.created_ns, info.root)
         node = self.table.child(self.snapshots, name)
         if isinstance(node, SnapDirNode) and node.version == version:
+            node.info = info  # labels change after commit
             return node
         entry = self.sm.root_entry(info.id)
         new = SnapDirNode(
@@ -424,6 +457,14 @@ class CascowOperations(pyfuse3.Operations):
             if ident is None:
                 raise _err(errno.ENOENT)
             return self._snap_root(self.sm.snapshot(ident))
+        if parent.ino == OBSERVATIONS_INO:
+            ident = _valid_or_none(check_snapshot_id, name)
+            if ident is None:
+                raise _err(errno.ENOENT)
+            entry = self._observation_entry(ident, self.sm.snapshot(ident).created_ns)
+            if entry is None:
+                raise _err(errno.ENOENT)
+            return self.table.leaf(entry, 1)
         if parent.ino == BRANCHES_INO:
             bname = _valid_or_none(check_branch_name, name)
             if bname is None:
@@ -438,6 +479,34 @@ class CascowOperations(pyfuse3.Operations):
                 raise _err(errno.ENOENT)
             return self._branch_file(parent, name)
         raise _err(errno.ENOTDIR)
+
+    def _observation_entry(self, id: str, created_ns: int) -> Entry | None:
+        """Snapshot ``id``'s observation as a read-only file (None: it has none), owned and
+        moded as the file it was read from, so the kernel checks a reader as it did there."""
+        obs = self.sm.observation(id)
+        if obs is None:
+            return None
+        return Entry(
+            id.encode(),
+            stat.S_IFREG | (obs.mode & 0o555),
+            obs.uid,
+            obs.gid,
+            created_ns,
+            obs.size,
+            bytes.fromhex(obs.ref),
+        )
+
+    def _episodes_content(self) -> bytes:
+        """``episodes`` as of now (blocking: reads every snapshot record)."""
+        return b"".join(episode_lines(self.sm.episodes(), iso_time))
+
+    def _observation_entries(self) -> list[Entry]:
+        out = []
+        for info in self.sm.snapshots():
+            entry = self._observation_entry(info.id, info.created_ns) if info.obs else None
+            if entry is not None:
+                out.append(entry)
+        return out
 
     # -- lookups and attributes ----------------------------------------------------------------
     @edge
@@ -567,6 +636,9 @@ class CascowOperations(pyfuse3.Operations):
         elif node.ino == SNAPSHOTS_INO:
             snaps = await self._q(self.sm.snapshots)
             items += sorted((i.id.encode(), i) for i in snaps)
+        elif node.ino == OBSERVATIONS_INO:
+            entries = await self._q(self._observation_entries)
+            items += sorted((e.name, e) for e in entries)
         elif node.ino == BRANCHES_INO:
             branches = await self._q(self.sm.branches)
             items += sorted((i.name.encode(), i) for i in branches)
@@ -577,6 +649,8 @@ class CascowOperations(pyfuse3.Operations):
     async def _listed_node(self, parent: Node, payload: Any) -> Node:
         if isinstance(payload, Node):
             return payload
+        if isinstance(payload, Entry) and parent.ino == OBSERVATIONS_INO:
+            return self.table.leaf(payload, 1)
         if isinstance(payload, Entry):
             assert isinstance(parent, SnapDirNode)
             return await self._snap_child(parent, payload.name, payload)
@@ -649,6 +723,7 @@ class CascowOperations(pyfuse3.Operations):
             await self._q(self.sm.prune, ident)
             self.table.detach(parent, name)
             self.changed_ns[SNAPSHOTS_INO] = time.time_ns()
+            await self._invalidate(OBSERVATIONS_INO, name)
             return
         raise self._refuse_change(parent)
 
@@ -715,8 +790,15 @@ class CascowOperations(pyfuse3.Operations):
         if isinstance(node, BranchFileNode) and node.which in ("parent", "commit", *STATUS_FILES):
             if writing and node.which in STATUS_FILES:
                 raise _err(errno.EACCES)
-            branch_handle = BranchFileHandle(node, admin=self._is_admin(ctx))
+            branch_handle = BranchFileHandle(
+                node, admin=self._is_admin(ctx), caller=self._caller(ctx)
+            )
             return pyfuse3.FileInfo(fh=self._new_handle(branch_handle), direct_io=True)
+        if isinstance(node, GeneratedFileNode):
+            if writing:
+                raise _err(errno.EACCES)
+            content = await self._q(self._episodes_content)
+            return pyfuse3.FileInfo(fh=self._new_handle(GeneratedHandle(content)), direct_io=True)
         if isinstance(node, SnapDirNode) or isinstance(node, SkeletonNode):
             raise _err(errno.EISDIR)
         raise _err(errno.EINVAL)
@@ -731,6 +813,8 @@ class CascowOperations(pyfuse3.Operations):
             return self.sm.read_file(handle.entry.ref, off, min(size, remaining))
         if isinstance(handle, CtlHandle):
             return _drain(handle, size)
+        if isinstance(handle, GeneratedHandle):
+            return handle.content[off : off + size]
         if isinstance(handle, BranchFileHandle):
             if handle.content is None or off == 0:
                 # A read from the start shows the current state; continuations of one read
@@ -760,7 +844,7 @@ class CascowOperations(pyfuse3.Operations):
                 cmd = wire.parse_commit_write(node.branch, buf)
             else:
                 raise _err(errno.EBADF)
-            await self._q(control.execute, self.sm, cmd)
+            await self._q(control.execute, self.sm, cmd, handle.caller)
             if cmd.verb == "commit":
                 self.changed_ns[SNAPSHOTS_INO] = time.time_ns()
             handle.content = None
@@ -769,9 +853,7 @@ class CascowOperations(pyfuse3.Operations):
 
     async def _ctl_write(self, handle: CtlHandle, buf: bytes) -> int:
         try:
-            if not handle.admin:
-                raise PermissionDeniedError("only root or the admin group may change state")
-            cmd = wire.parse_command(buf)
+            cmd = self._permitted(handle, buf)
             result = await self._q(control.execute, self.sm, cmd, handle.caller)
         except Exception as exc:
             code, message = control.error_of(exc)
@@ -780,6 +862,21 @@ class CascowOperations(pyfuse3.Operations):
         await self._after_command(cmd)
         handle.replies.append(wire.ok_reply(result))
         return len(buf)
+
+    @staticmethod
+    def _permitted(handle: CtlHandle, buf: bytes) -> wire.Command:
+        """The command in ``buf`` if this open file may send it: queries anyone, changes
+        root and the admin group (EPERM before any parse error, as before queries existed)."""
+        if handle.admin:
+            return wire.parse_command(buf)
+        refused = PermissionDeniedError("only root or the admin group may change state")
+        try:
+            cmd = wire.parse_command(buf)
+        except InvalidArgumentError:
+            raise refused from None
+        if cmd.verb not in wire.QUERY_VERBS:
+            raise refused
+        return cmd
 
     async def _after_command(self, cmd: wire.Command) -> None:
         """Make a change done through ctl visible in the kernel's dentry cache."""
@@ -792,10 +889,16 @@ class CascowOperations(pyfuse3.Operations):
             self.changed_ns[SNAPSHOTS_INO] = now
             self.table.detach(self.snapshots, cmd.id.encode())
             await self._invalidate(SNAPSHOTS_INO, cmd.id.encode())
+            await self._invalidate(OBSERVATIONS_INO, cmd.id.encode())  # its observation goes too
         elif cmd.verb == "branch":
             self.changed_ns[BRANCHES_INO] = now
         elif cmd.verb in ("commit", "import"):
             self.changed_ns[SNAPSHOTS_INO] = now
+        elif cmd.verb == "label" and cmd.id:
+            # the root's xattrs show the labels: a cached node must show the new ones
+            node = self.table.child(self.snapshots, cmd.id.encode())
+            if isinstance(node, SnapDirNode):
+                node.info = self.sm.snapshot(cmd.id)
 
     @edge
     async def flush(self, fh: int) -> None:

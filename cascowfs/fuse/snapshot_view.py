@@ -82,6 +82,8 @@ def root_xattrs(info: SnapshotInfo) -> dict[bytes, bytes]:
     out[XATTR_PREFIX + b"created_ns"] = str(info.created_ns).encode()
     out[XATTR_PREFIX + b"size"] = str(info.size).encode()
     out[XATTR_PREFIX + b"files"] = str(info.files).encode()
+    if info.obs is not None:  # the bytes themselves: MNT/observations/<id>
+        out[XATTR_PREFIX + b"obs"] = str(info.obs).encode()
     problem = labels_over_limits(info.labels)
     if problem:
         out[XATTR_PREFIX + b"error"] = f"labels not shown: {problem}".encode()

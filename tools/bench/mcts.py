@@ -9,7 +9,10 @@ sections in this order, each optional:
    a snapshot from its frontier, *branches* 2-4 copies, applies an agent-size edit to each (1-5
    small source edits, sometimes a new file, a delete, a rename, rarely a 256 KiB-1 MiB
    generated file; always <= 20 files, <= 1 MiB), *commits* the best one (sometimes two,
-   sometimes none), *discards* every branch and *prunes* its oldest snapshots beyond six.
+   sometimes none), *labels* the path above each new snapshot (MCTS back-propagation),
+   *discards* every branch but, half the time, one that it *resets* onto its next pick, and
+   *prunes* its oldest snapshots beyond six (``workload.py``; peers skip the labels and roll
+   back by discard and branch).
    Decisions and edits come from a per-agent seeded RNG, so every system replays exactly the
    same script (git and cp, slow, replay a prefix: ``--slow-ops``). Agents are processes,
    started together. Reported: P50/P95/P99/max and throughput per op, drift over the run,
@@ -21,7 +24,8 @@ sections in this order, each optional:
 3. **Growth** (``--growth N`` chain: one lineage of N commits; ``--growth-wide N``: N snapshots
    each from base): store size against one copy, sampled along the way, cascowfs and btrfs.
 4. **Mount** (``--mount-snapshots S --mount-branches B``): mount time of a store holding S
-   snapshots and B live branches, after a clean unmount and after kill -9 (WAL replay).
+   snapshots and B live branches, after a clean unmount and after kill -9 (WAL replay); first,
+   the latency of ``find`` queries over those S labelled snapshots.
 
 cascowfs is driven only through the files of a mounted store: ``cascowfs mount STORE MNT
 --background``, ``echo "branch NAME ID" > MNT/ctl``, work in ``MNT/branches/NAME/tree``,

@@ -291,6 +291,34 @@ def _growth_one(
         return res
 
 
+# The queries of a tree search over the whole store, each asked FIND_REPEAT times: the best
+# nodes by a label, a label range, and the lineage below the first commit of the first chain.
+FIND_QUERIES = (
+    "has:reward --sort -reward --limit 10",
+    "reward>0.99",
+    "reward>=0.5 reward<0.51 --sort reward",
+    "--ancestor m1 --sort -reward --limit 5",
+)
+FIND_REPEAT = 20
+
+
+def _time_finds(system: CascowSystem, nsnap: int) -> dict:
+    """Latency of ``find`` through ctl over the store's ``nsnap`` labelled snapshots."""
+    out: dict[str, Any] = {"snapshots": nsnap, "queries": {}}
+    every: list[float] = []
+    for query in FIND_QUERIES:
+        lat = []
+        for _ in range(FIND_REPEAT):
+            t0 = time.perf_counter()
+            system.find(query)
+            lat.append(time.perf_counter() - t0)
+        out["queries"][query] = summarize(lat)
+        every += lat
+    out["all"] = summarize(every)
+    log(f"find over {nsnap} snapshots: P95 {out['all']['p95'] * 1e3:.1f} ms (all queries)")
+    return out
+
+
 def bench_mount(src_tree: Path, args: argparse.Namespace, files: list[str]) -> dict:
     why = CascowSystem.unavailable()
     if why:
@@ -308,6 +336,7 @@ def bench_mount(src_tree: Path, args: argparse.Namespace, files: list[str]) -> d
         # Short chains (8 commits per branch, each branch from base) keep every snapshot's
         # layer chain below the engine's flattening threshold: this measures mount time, not
         # flattening (see the growth run for deep chains).
+        rewards = random.Random(args.seed + 1)  # labels for the find line; edits stay as they were
         t0 = time.perf_counter()
         tree = ""
         for i in range(1, nsnap + 1):
@@ -316,12 +345,13 @@ def bench_mount(src_tree: Path, args: argparse.Namespace, files: list[str]) -> d
                     system.discard("grow")
                 tree = system.branch("grow", "base")
             EditScript.apply(tree, [a for a in script.next(rng) if a[0] == "modify"][:1])
-            system.commit("grow", f"m{i}", {})
+            system.commit("grow", f"m{i}", {"reward": f"{rewards.random():.4f}"})
             if i % 1000 == 0:
                 log(f"mount test: {i} snapshots ({time.perf_counter() - t0:.0f}s)")
         if tree is not None:
             system.discard("grow")
         res["build_s"] = time.perf_counter() - t0
+        res["find"] = _time_finds(system, nsnap)
         ids = [f"m{i}" for i in range(1, nsnap + 1)] or ["base"]
         for j in range(nbr):
             system.branch(f"live{j}", rng.choice(ids))

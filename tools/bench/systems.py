@@ -30,6 +30,9 @@ class System:
     label = "?"
     fstype = "ext4"
     slow = False  # replays only a prefix of the script (--slow-ops)
+    # labels after commit and reset: cascowfs only; the others replay the same script without
+    # the label ops, and roll a branch back by discarding it and branching afresh
+    episodes = False
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -50,6 +53,12 @@ class System:
     def commit(self, name: str, sid: str, labels: dict[str, str]) -> None: ...
     def discard(self, name: str) -> None: ...
     def prune(self, sid: str) -> None: ...
+    def set_labels(self, sid: str, labels: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def reset(self, name: str, parent: str) -> None:
+        raise NotImplementedError
+
     def snapshot_path(self, sid: str) -> str | None:
         return None
 
@@ -63,6 +72,7 @@ class System:
 class CascowSystem(System):
     name = "cascowfs"
     label = "cascowfs (file interface)"
+    episodes = True
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -148,6 +158,15 @@ class CascowSystem(System):
 
     def prune(self, sid: str) -> None:
         self.cmd(f"prune {sid}")
+
+    def set_labels(self, sid: str, labels: dict[str, str]) -> None:
+        self.cmd(" ".join(["label", sid] + [f"{k}={v}" for k, v in labels.items()]))
+
+    def reset(self, name: str, parent: str) -> None:
+        self.cmd(f"reset {name} {parent}")
+
+    def find(self, query: str) -> list[str]:
+        return self.cmd(f"find {query}").split()
 
     def snapshot_path(self, sid: str) -> str:
         return str(self.mnt / "snapshots" / sid)

@@ -3,8 +3,12 @@
 An agent picks a snapshot from its frontier, *branches* 2-4 copies, applies an agent-size edit
 to each (1-5 small source edits, sometimes a new file, a delete, a rename, rarely a 256 KiB-1 MiB
 generated file; always <= 20 files, <= 1 MiB), *commits* the best one (sometimes two, sometimes
-none), *discards* every branch and *prunes* its oldest snapshots beyond six. Decisions and edits
-come from a per-agent seeded RNG, so every system replays the same script. Agents are
+none), *labels* the path from each new snapshot up (visits and mean value: MCTS's
+back-propagation, ``BACKPROP_DEPTH`` nodes), *discards* every branch but, half the time, one
+uncommitted branch that it *resets* onto the next step's pick instead of branching afresh, and
+*prunes* its oldest snapshots beyond six. Decisions and edits come from a per-agent seeded RNG,
+so every system replays the same script; a system without labels and reset
+(``System.episodes``) skips the labels and rolls back by discard and branch. Agents are
 processes, started together (``run_mix``).
 """
 
@@ -22,7 +26,8 @@ from typing import Any
 from .stats import Record, drift, summarize
 from .systems import System
 
-OPS = ("branch", "commit", "discard", "prune")
+OPS = ("branch", "commit", "discard", "prune", "label", "reset")
+BACKPROP_DEPTH = 6  # the nodes of a new snapshot's path that one back-propagation labels
 
 
 def corpus_files(tree: Path) -> list[str]:
@@ -169,6 +174,9 @@ def agent_loop(
         script = EditScript(files, agent, seed)
         frontier = ["base"]
         owned: list[str] = []
+        path_of: dict[str, list[str]] = {"base": ["base"]}  # a snapshot's path from base
+        visits: dict[str, tuple[int, float]] = {}  # back-propagated: visits, value sum
+        spare: tuple[str, str, str] | None = None  # (branch, its tree, its parent) to reset
         k = 0
         ops = 0
         barrier.wait()
@@ -188,15 +196,24 @@ def agent_loop(
         while ops < nops:
             parent = rng.choice(frontier[-4:]) if rng.random() < 0.8 else rng.choice(frontier)
             width = rng.randint(2, 4)
-            live = []
+            live: list[tuple[str, str]] = []
             for _ in range(width):
                 name = f"{tag}a{agent}b{k}"
                 k += 1
-                ok, tree = timed("branch", system.branch, name, parent)
+                if spare is not None and system.episodes:  # roll the kept branch back
+                    name, tree = spare[0], spare[1]
+                    ok, _ = timed("reset", system.reset, name, parent)
+                    if not ok:
+                        timed("discard", system.discard, name)
+                else:
+                    if spare is not None:
+                        timed("discard", system.discard, spare[0])
+                    ok, tree = timed("branch", system.branch, name, parent)
+                spare = None
                 edit = script.next(rng)
                 if not ok:
                     continue
-                live.append(name)
+                live.append((name, tree))
                 t0 = time.perf_counter()
                 try:
                     EditScript.apply(tree, edit)
@@ -205,25 +222,49 @@ def agent_loop(
                 edit_s.append(time.perf_counter() - t0)
             r = rng.random()
             keep = 0 if r < 0.2 else (2 if r > 0.85 else 1)
-            for name in live[:keep]:
+            for name, _ in live[:keep]:
                 sid = f"{tag}a{agent}s{k}"
                 k += 1
+                reward = rng.random()
                 ok, _ = timed(
                     "commit",
                     system.commit,
                     name,
                     sid,
-                    {"reward": f"{rng.random():.3f}", "agent": str(agent)},
+                    {"reward": f"{reward:.3f}", "agent": str(agent)},
                 )
-                if ok:
-                    frontier.append(sid)
-                    owned.append(sid)
-            for name in live:
-                timed("discard", system.discard, name)
+                if not ok:
+                    continue
+                frontier.append(sid)
+                owned.append(sid)
+                path_of[sid] = path_of.get(parent, [parent]) + [sid]
+                for node in reversed(path_of[sid][-BACKPROP_DEPTH:]):
+                    if node != "base" and node not in owned:
+                        continue  # pruned meanwhile
+                    n, total = visits.get(node, (0, 0.0))
+                    visits[node] = (n + 1, total + reward)
+                    if system.episodes:
+                        mean = (total + reward) / (n + 1)
+                        labels = {"visits": str(n + 1), "value": f"{mean:.4f}"}
+                        timed("label", system.set_labels, node, labels)
+            uncommitted = live[keep:]
+            if uncommitted and rng.random() < 0.5:  # kept for the next step's rollback
+                spare = (*uncommitted[-1], parent)
+            for name, _ in live:
+                if spare is None or name != spare[0]:
+                    timed("discard", system.discard, name)
             while len(owned) > frontier_max:
-                victim = owned.pop(0)
+                # never the snapshot the kept branch sits on: cascowfs refuses that prune
+                victim = next((s for s in owned if spare is None or s != spare[2]), None)
+                if victim is None:
+                    break
+                owned.remove(victim)
                 frontier.remove(victim)
+                path_of.pop(victim, None)
+                visits.pop(victim, None)
                 timed("prune", system.prune, victim)
+        if spare is not None:
+            timed("discard", system.discard, spare[0])
         q.put(
             {
                 "agent": agent,

@@ -1,0 +1,313 @@
+"""The episode store's queries: ``find`` predicates over snapshot labels, the snapshot tree's
+edges, and the episode records ``MNT/episodes`` serves (docs/interface.md, Episodes).
+
+A tree search keeps tens of thousands of snapshots and asks for a handful of them at every
+step ("the ten best children of this node"), so nothing here decodes every snapshot record:
+a predicate on a label reads the catalog's ``labels`` index for that key only, ``--parent``
+and ``--ancestor`` read its ``children`` index, and whole records are decoded only for the
+candidates that survive (``has:obs``) and for the episode export, which wants them all.
+
+Predicate grammar (one word each; every predicate must hold)::
+
+    KEY=VALUE  KEY!=VALUE  KEY<VALUE  KEY<=VALUE  KEY>VALUE  KEY>=VALUE
+    has:KEY                       the label is set (has:obs: a large observation is stored)
+
+A comparison is numeric when both the label's value and VALUE are decimal numbers
+(``NUMBER_RE``), else it compares the strings by code point; a snapshot without the label
+matches no comparison. ``--sort [-]KEY`` orders by a label (numbers before other strings,
+snapshots without it last, ties by id); without it the ids come in id order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import operator
+import re
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidArgumentError
+from .names import LABEL_KEY_PATTERN, check_label_value, check_snapshot_id
+
+if TYPE_CHECKING:
+    import lmdb
+
+    from .catalog import Catalog, SnapshotRecord
+
+# A label named this is the observation's place (``commit ... obs=@/path``), never a label.
+OBS_KEY = "obs"
+NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_COMPARISON_RE = re.compile(rf"({LABEL_KEY_PATTERN})(<=|>=|!=|=|<|>)(.*)", re.DOTALL)
+_OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
+    "=": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+MAX_LIMIT = 1 << 31
+
+
+def _number(text: str) -> float | None:
+    return float(text) if NUMBER_RE.fullmatch(text) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Predicate:
+    """One ``find`` condition on a label (``op`` None: ``has:key``)."""
+
+    key: str
+    op: str | None = None
+    value: str = ""
+
+    def word(self) -> str:
+        return f"has:{self.key}" if self.op is None else f"{self.key}{self.op}{self.value}"
+
+    def holds(self, actual: str | None) -> bool:
+        return self.matcher()(actual)
+
+    def matcher(self) -> Callable[[str | None], bool]:
+        """``holds`` with the right-hand side parsed once (a query tests thousands of values)."""
+        if self.op is None:
+            return lambda actual: actual is not None
+        compare, text, number = _OPERATORS[self.op], self.value, _number(self.value)
+
+        def holds(actual: str | None) -> bool:
+            if actual is None:
+                return False
+            left = _number(actual) if number is not None else None
+            if left is not None:
+                return compare(left, number)
+            return compare(actual, text)
+
+        return holds
+
+
+def parse_predicate(word: str) -> Predicate:
+    """A predicate word, or EINVAL naming it."""
+    if word.startswith("has:"):
+        key = word[4:]
+        if not re.fullmatch(LABEL_KEY_PATTERN, key):
+            raise InvalidArgumentError(f"invalid predicate {word[:80]!r}: has: takes a label key")
+        return Predicate(key)
+    match = _COMPARISON_RE.fullmatch(word)
+    if match is None:
+        raise InvalidArgumentError(
+            f"invalid predicate {word[:80]!r}: expected KEY<op>VALUE (op one of "
+            f"{' '.join(_OPERATORS)}) or has:KEY"
+        )
+    key, op, value = match.groups()
+    if key == OBS_KEY:
+        raise InvalidArgumentError("the observation is no label: ask has:obs")
+    return Predicate(key, op, check_label_value(key, value))
+
+
+@dataclass(frozen=True, slots=True)
+class FindQuery:
+    """A parsed ``find``: predicates, the sort key (``descending``: ``-key``), a limit, and at
+    most one of ``parent`` (its children only) and ``ancestor`` (its descendants only)."""
+
+    predicates: tuple[Predicate, ...] = ()
+    sort: str | None = None
+    descending: bool = False
+    limit: int | None = None
+    parent: str | None = None
+    ancestor: str | None = None
+
+    def words(self) -> list[str]:
+        """The query as ctl words (``parse_find`` gives it back)."""
+        out = [p.word() for p in self.predicates]
+        if self.sort is not None:
+            out += ["--sort", ("-" if self.descending else "") + self.sort]
+        if self.limit is not None:
+            out += ["--limit", str(self.limit)]
+        if self.parent is not None:
+            out += ["--parent", self.parent]
+        if self.ancestor is not None:
+            out += ["--ancestor", self.ancestor]
+        return out
+
+
+def parse_find(words: list[str]) -> FindQuery:
+    """``find``'s words after the verb: predicates and options in any order."""
+    predicates: list[Predicate] = []
+    options: dict[str, str] = {}
+    rest = iter(words)
+    for word in rest:
+        if word in ("--sort", "--limit", "--parent", "--ancestor"):
+            if word in options:
+                raise InvalidArgumentError(f"find: {word} given twice")
+            value = next(rest, None)
+            if value is None:
+                raise InvalidArgumentError(f"find: {word} needs a value")
+            options[word] = value
+        elif word.startswith("--"):
+            raise InvalidArgumentError(f"find: unknown option {word[:40]!r}")
+        else:
+            predicates.append(parse_predicate(word))
+    if "--parent" in options and "--ancestor" in options:
+        raise InvalidArgumentError("find: give --parent or --ancestor, not both")
+    sort, descending = options.get("--sort"), False
+    if sort is not None:
+        descending = sort.startswith("-")
+        sort = sort[1:] if descending else sort
+        if not re.fullmatch(LABEL_KEY_PATTERN, sort) or sort == OBS_KEY:
+            raise InvalidArgumentError(f"find: --sort takes [-]KEY, a label key: {sort[:80]!r}")
+    limit = None
+    if "--limit" in options:
+        text = options["--limit"]
+        if not text.isdigit() or not text.isascii() or int(text) > MAX_LIMIT:
+            raise InvalidArgumentError(f"find: --limit takes a count, 0..{MAX_LIMIT}: {text!r}")
+        limit = int(text)
+    return FindQuery(
+        tuple(predicates),
+        sort,
+        descending,
+        limit,
+        check_snapshot_id(options["--parent"]) if "--parent" in options else None,
+        check_snapshot_id(options["--ancestor"]) if "--ancestor" in options else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# running a query inside one read transaction
+# ----------------------------------------------------------------------------------------
+def descendants(catalog: Catalog, txn: lmdb.Transaction, id: str) -> set[str]:
+    """Every snapshot below ``id`` in the snapshot tree (``id`` itself not included)."""
+    found: set[str] = set()
+    queue = deque([id])
+    while queue:
+        for child in catalog.children(txn, queue.popleft()):
+            if child not in found:  # a record cannot name its own descendant, yet stay finite
+                found.add(child)
+                queue.append(child)
+    return found
+
+
+# Above this many candidates a label's values are read by one scan of its index entries,
+# below it by one lookup per candidate.
+SCAN_ABOVE = 256
+
+
+def find(catalog: Catalog, txn: lmdb.Transaction, query: FindQuery) -> list[str]:
+    """The ids ``query`` selects, in its order (NotFoundError for a missing --parent or
+    --ancestor)."""
+    scope: set[str] | None = None
+    if query.parent is not None:
+        catalog.snapshot(txn, query.parent)
+        scope = set(catalog.children(txn, query.parent))
+    elif query.ancestor is not None:
+        catalog.snapshot(txn, query.ancestor)
+        scope = descendants(catalog, txn, query.ancestor)
+    scanned: dict[str, dict[str, str]] = {}  # label key -> {id: value}, read whole
+
+    def values(key: str, ids: list[str]) -> dict[str, str]:
+        if key in scanned:
+            return scanned[key]
+        if len(ids) > SCAN_ABOVE:
+            scanned[key] = dict(catalog.labelled(txn, key))
+            return scanned[key]
+        return {id: v for id in ids if (v := catalog.label(txn, key, id)) is not None}
+
+    labelled = [p for p in query.predicates if p.key != OBS_KEY or p.op is not None]
+    if labelled:  # the first label predicate reads its index whole, the others as they need
+        first = labelled[0]
+        first_values = scanned[first.key] = dict(catalog.labelled(txn, first.key))
+        holds = first.matcher()
+        candidates = [
+            id
+            for id, value in first_values.items()
+            if (scope is None or id in scope) and holds(value)
+        ]
+    else:
+        candidates = sorted(scope) if scope is not None else catalog.snapshot_ids(txn)
+    for p in labelled[1:]:
+        holds, known = p.matcher(), values(p.key, candidates)
+        candidates = [id for id in candidates if holds(known.get(id))]
+    if any(p.key == OBS_KEY and p.op is None for p in query.predicates):
+        candidates = [id for id in candidates if catalog.snapshot(txn, id).obs is not None]
+    if query.sort is not None:
+        known = values(query.sort, candidates)
+        candidates = _sorted_by_label(candidates, known, query.descending, query.limit)
+    return candidates if query.limit is None else candidates[: query.limit]
+
+
+def _sorted_by_label(
+    ids: list[str], known: dict[str, str], descending: bool, limit: int | None
+) -> list[str]:
+    """``ids`` ordered by their values in ``known``: numbers (by value), then other values
+    (by code point), then ids without one; ties by id. Only the first ``limit`` are sorted."""
+    numbers: list[tuple[float, str]] = []
+    texts: list[tuple[str, str]] = []
+    missing: list[str] = []
+    sign = -1.0 if descending else 1.0
+    for id in ids:
+        value = known.get(id)
+        number = _number(value) if value is not None else None
+        if value is None:
+            missing.append(id)
+        elif number is not None:
+            numbers.append((sign * number, id))
+        else:
+            texts.append((value, id))
+    want = len(ids) if limit is None else limit
+    out = [id for _, id in heapq.nsmallest(want, numbers)]
+    if len(out) < want:
+        # ties by id in both directions: the same query always answers in the same order
+        texts.sort(key=lambda item: item[1])
+        texts.sort(key=lambda item: item[0], reverse=descending)
+        out += [id for _, id in texts] + sorted(missing)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# the episode export
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Episode:
+    """One line of ``MNT/episodes``."""
+
+    id: str
+    parent: str | None
+    created_ns: int
+    labels: dict[str, str] = field(default_factory=dict)
+    files: int = 0
+    size: int = 0
+    root: str = ""
+    obs: int | None = None
+
+    def record(self, created: str) -> dict:
+        return {
+            "id": self.id,
+            "parent": self.parent,
+            "created": created,
+            "created_ns": self.created_ns,
+            "labels": self.labels,
+            "files": self.files,
+            "size": self.size,
+            "root": self.root,
+            "obs": self.obs,
+        }
+
+
+def episode_of(id: str, rec: SnapshotRecord) -> Episode:
+    return Episode(
+        id,
+        rec.parent,
+        rec.created_ns,
+        dict(rec.labels),
+        rec.files,
+        rec.size,
+        rec.root,
+        rec.obs.size if rec.obs is not None else None,
+    )
+
+
+def episode_lines(episodes: Iterable[Episode], iso_time: Callable[[int], str]) -> Iterator[bytes]:
+    """JSON Lines, oldest first (ties by id), as ``MNT/episodes`` serves them."""
+    for ep in sorted(episodes, key=lambda e: (e.created_ns, e.id)):
+        yield json.dumps(ep.record(iso_time(ep.created_ns)), ensure_ascii=False).encode() + b"\n"

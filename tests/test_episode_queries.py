@@ -1,0 +1,279 @@
+"""find, children and the catalog's indexes behind them, on snapshot records written straight
+into a catalog (no mounts): every answer equals a brute-force reading of the records, whatever
+the labels, the tree's shape and the query; hostile predicates and options are EINVAL."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import given, strategies as st
+
+from cascowfs.catalog import Catalog, Observation, SnapshotRecord
+from cascowfs.episodes import (NUMBER_RE, FindQuery, Predicate, descendants, find, parse_find,
+                               parse_predicate)
+from cascowfs.errors import InvalidArgumentError, NotFoundError
+from cascowfs.metadb import MetaDB
+from cascowfs.names import check_labels, parse_labels
+
+from conftest import hypothesis_settings
+
+pytestmark = pytest.mark.unit
+ROOT = "00" * 32
+
+
+@pytest.fixture
+def catalog(tmp_path: Path):
+    db = MetaDB(tmp_path / "meta")
+    try:
+        yield db, Catalog(db.dbs)
+    finally:
+        db.close()
+
+
+def _record(parent: str | None, labels: dict[str, str], obs: bool = False, n: int = 0):
+    return SnapshotRecord(root=ROOT, parent=parent, created_ns=n, layers=[], files=0, size=0,
+                          labels=labels, obs=Observation("", 0, 0o644, 0, 0) if obs else None)
+
+
+# ----------------------------------------------------------------------------------------
+# a reference reading of the records
+# ----------------------------------------------------------------------------------------
+def _num(text):
+    return float(text) if NUMBER_RE.fullmatch(text) else None
+
+
+def _reference(records: dict[str, SnapshotRecord], q: FindQuery) -> list[str]:
+    def below(top):
+        out, todo = set(), [top]
+        while todo:
+            cur = todo.pop()
+            for sid, rec in records.items():
+                if rec.parent == cur and sid not in out:
+                    out.add(sid)
+                    todo.append(sid)
+        return out
+
+    def holds(p: Predicate, sid: str) -> bool:
+        if p.key == "obs" and p.op is None:
+            return records[sid].obs is not None
+        val = records[sid].labels.get(p.key)
+        if val is None:
+            return False
+        if p.op is None:
+            return True
+        a, b = _num(val), _num(p.value)
+        left, right = (a, b) if a is not None and b is not None else (val, p.value)
+        return {"=": left == right, "!=": left != right, "<": left < right,
+                "<=": left <= right, ">": left > right, ">=": left >= right}[p.op]
+
+    ids = sorted(records)
+    if q.parent is not None:
+        ids = [i for i in ids if records[i].parent == q.parent]
+    if q.ancestor is not None:
+        ids = sorted(below(q.ancestor))
+    ids = [i for i in ids if all(holds(p, i) for p in q.predicates)]
+    if q.sort is not None:
+        def key(i):
+            val = records[i].labels.get(q.sort)
+            if val is None:
+                return (2, 0, "", i)
+            n = _num(val)
+            if n is not None:
+                return (0, -n if q.descending else n, "", i)
+            return (1, 0, val, i)
+        nums = sorted((i for i in ids if key(i)[0] == 0), key=key)
+        texts = sorted((i for i in ids if key(i)[0] == 1), key=lambda i: i)
+        texts = sorted(texts, key=lambda i: records[i].labels[q.sort], reverse=q.descending)
+        missing = sorted(i for i in ids if key(i)[0] == 2)
+        ids = nums + texts + missing
+    return ids if q.limit is None else ids[: q.limit]
+
+
+# ----------------------------------------------------------------------------------------
+# strategies: a snapshot tree with labels from a small alphabet, so that queries hit
+# ----------------------------------------------------------------------------------------
+KEYS = st.sampled_from(["reward", "visits", "action", "a.b", "_x"])
+VALUES = st.one_of(st.sampled_from(["0", "0.5", "1", "-2", "1e3", "fix-parser", "Z", "", "10",
+                                    "+.5", "nan", "inf", "0x10", " 1"]),
+                   st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")),
+                           max_size=6))
+TREES = st.lists(st.tuples(st.integers(0, 1000), st.dictionaries(KEYS, VALUES, max_size=4),
+                           st.booleans()), min_size=1, max_size=25)
+
+
+def _predicates():
+    comparison = st.builds(lambda k, op, v: f"{k}{op}{v}", KEYS,
+                           st.sampled_from(["=", "!=", "<", "<=", ">", ">="]), VALUES)
+    has = st.builds(lambda k: f"has:{k}", st.one_of(KEYS, st.just("obs")))
+    return st.lists(st.one_of(comparison, has), max_size=3)
+
+
+def _build(db, cat, tree) -> dict[str, SnapshotRecord]:
+    records: dict[str, SnapshotRecord] = {}
+    for n, (pick, labels, obs) in enumerate(tree):
+        ids = sorted(records)
+        parent = ids[pick % len(ids)] if ids and pick % 4 else None
+        labels = {k: v for k, v in labels.items() if v}  # empty values are removals, not labels
+        records[f"s{n:03d}"] = _record(parent, labels, obs, n)
+
+    def put(txn):
+        for sid, rec in records.items():
+            cat.put_snapshot(txn, sid, rec)
+
+    db.write(put)
+    return records
+
+
+@hypothesis_settings(60)
+@given(tree=TREES, words=_predicates(), sort=st.one_of(st.none(), KEYS),
+       descending=st.booleans(), limit=st.one_of(st.none(), st.integers(0, 30)),
+       lineage=st.sampled_from(["none", "parent", "ancestor"]), pick=st.integers(0, 100))
+def test_find_answers_as_the_records_say(tmp_path_factory, tree, words, sort, descending, limit,
+                                         lineage, pick):
+    db = MetaDB(tmp_path_factory.mktemp("meta"))
+    try:
+        cat = Catalog(db.dbs)
+        try:
+            preds = [parse_predicate(w) for w in words]
+        except InvalidArgumentError:
+            return  # a value the labels could never hold (checked by the parse tests)
+        records = _build(db, cat, tree)
+        target = sorted(records)[pick % len(records)]
+        q = FindQuery(tuple(preds), sort, descending and sort is not None, limit,
+                      target if lineage == "parent" else None,
+                      target if lineage == "ancestor" else None)
+        with db.read() as txn:
+            got = find(cat, txn, q)
+        assert got == _reference(records, q)
+        assert parse_find(q.words()) == q  # the ctl words give the query back
+    finally:
+        db.close()
+
+
+@hypothesis_settings(40)
+@given(tree=TREES, relabel=st.lists(st.tuples(st.integers(0, 100),
+                                              st.dictionaries(KEYS, VALUES, max_size=3)),
+                                    max_size=8),
+       prune=st.lists(st.integers(0, 100), max_size=5))
+def test_indexes_follow_every_change_of_the_records(tmp_path_factory, tree, relabel, prune):
+    """Labels rewritten and snapshots deleted: the indexes say what the records say, and a
+    rebuild from the records (the format upgrade) writes the same indexes."""
+    db = MetaDB(tmp_path_factory.mktemp("meta"))
+    try:
+        cat = Catalog(db.dbs)
+        records = _build(db, cat, tree)
+
+        def change(txn):
+            for pick, labels in relabel:
+                sid = sorted(records)[pick % len(records)]
+                records[sid] = _record(records[sid].parent, {k: v for k, v in labels.items() if v})
+                cat.put_snapshot(txn, sid, records[sid])
+            for pick in prune:
+                if records:
+                    sid = sorted(records)[pick % len(records)]
+                    cat.delete_snapshot(txn, sid)
+                    del records[sid]
+
+        db.write(change)
+
+        def indexes():
+            with db.read() as txn:
+                kids = {p: cat.children(txn, p) for p in [None, *records, *"xyz"]}
+                labels = {k: list(cat.labelled(txn, k)) for k in
+                          ["reward", "visits", "action", "a.b", "_x"]}
+                return kids, labels
+
+        kids, labels = indexes()
+        for p, got in kids.items():
+            assert got == sorted(s for s, r in records.items() if r.parent == p)
+        for k, got in labels.items():
+            assert got == sorted((s, r.labels[k]) for s, r in records.items() if k in r.labels)
+        db.write(cat.rebuild_indexes)
+        assert indexes() == (kids, labels)
+    finally:
+        db.close()
+
+
+def test_find_names_a_missing_parent_or_ancestor(catalog):
+    db, cat = catalog
+    _build(db, cat, [(0, {"reward": "1"}, False)])
+    with db.read() as txn:
+        for q in (FindQuery(parent="nope"), FindQuery(ancestor="nope")):
+            with pytest.raises(NotFoundError, match="nope"):
+                find(cat, txn, q)
+
+
+def test_descendants_of_a_deep_lineage_need_no_recursion(catalog):
+    db, cat = catalog
+
+    def put(txn):
+        parent = None
+        for n in range(5000):
+            cat.put_snapshot(txn, f"d{n:05d}", _record(parent, {}))
+            parent = f"d{n:05d}"
+
+    db.write(put)
+    with db.read() as txn:
+        assert len(descendants(cat, txn, "d00000")) == 4999
+        assert find(cat, txn, FindQuery(ancestor="d04990")) == [f"d{n:05d}" for n in
+                                                                 range(4991, 5000)]
+
+
+def test_numbers_compare_as_numbers_and_the_rest_as_text(catalog):
+    db, cat = catalog
+    values = {"a": "9", "b": "10", "c": "1e1", "d": "abc", "e": "-0.5", "f": "10.0"}
+
+    def put(txn):
+        for sid, v in values.items():
+            cat.put_snapshot(txn, sid, _record(None, {"r": v}))
+
+    db.write(put)
+    with db.read() as txn:
+        def ids(*words):
+            return find(cat, txn, parse_find(list(words)))
+
+        # 10 > 9 as numbers, though "10" < "9" as text; "abc" > "9" as text
+        assert ids("r>9") == ["b", "c", "d", "f"]
+        assert ids("r=10") == ["b", "c", "f"]
+        assert ids("r>a") == ["d"]  # "abc" > "a"; a number against a word compares text
+        assert ids("r<0") == ["e"]
+        assert ids("--sort", "-r") == ["b", "c", "f", "a", "e", "d"]
+        assert ids("--sort", "r", "--limit", "2") == ["e", "a"]
+        assert ids("has:r", "r!=10", "--sort", "r") == ["e", "a", "d"]
+
+
+@pytest.mark.parametrize("words", [
+    ["reward"], ["=1"], ["has:"], ["has:a b"], ["has:obs=1"], ["re ward>1"], ["reward>\x01"],
+    ["reward=" + "v" * 4097], ["--sort"], ["--sort", "-"], ["--sort", "a;b"], ["--sort", "obs"],
+    ["--limit", "-1"], ["--limit", "1.5"], ["--limit", "١"], ["--limit", str(1 << 40)],
+    ["--parent", "../x"], ["--parent", "a", "--ancestor", "b"], ["--ancestor", ""],
+    ["--limit", "1", "--limit", "2"], ["--bogus"], ["obs=1"], ["obs>1"], ["ключ=1"],
+])
+def test_hostile_find_words_are_invalid(words):
+    with pytest.raises(InvalidArgumentError):
+        parse_find(words)
+
+
+@hypothesis_settings(300)
+@given(st.lists(st.text(max_size=30), max_size=6))
+def test_any_find_words_parse_or_are_einval(words):
+    try:
+        q = parse_find(words)
+    except InvalidArgumentError:
+        return
+    assert parse_find(q.words()) == q
+
+
+def test_nan_and_inf_are_words_not_numbers():
+    assert not any(NUMBER_RE.fullmatch(t) for t in ("nan", "inf", "-inf", "1_0", "0x1", " 1"))
+    assert all(math.isfinite(float(t)) for t in ("1e3", "+.5", "-0", "7."))
+
+
+def test_obs_is_no_label_key():
+    for bad in ({"obs": "x"}, {"obs": ""}):
+        with pytest.raises(InvalidArgumentError, match="reserved"):
+            check_labels(bad)
+    with pytest.raises(InvalidArgumentError, match="reserved"):
+        parse_labels(["obs=@/etc/passwd"])
