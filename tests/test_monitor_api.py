@@ -94,18 +94,23 @@ def test_state_tree_branches_and_events_follow_the_files(tmp_path):
         assert get_json(server, f"/api/tree?since={later['seq'] + 5}")["full"]
 
 
-def test_branch_ops_do_not_reread_the_tree(tmp_path):
-    """Reading MNT/episodes costs the daemon a line per snapshot: a branch made or dropped
-    (an event that leaves the tree as it was) reads the branches only."""
+def test_only_ops_that_change_snapshots_reread_the_tree(tmp_path):
+    """Reading MNT/episodes costs the daemon a line per snapshot: a branch made, a query, a
+    refused commit (events that leave the tree as it was) read the branches only."""
     root = fake_mount(tmp_path / "mnt", [episode("s1", None, 10)], {}, events=[EVENT])
     with serving(root) as (server, tracker):
         write_lines(root / "episodes", [episode("s1", None, 10), episode("x", "s1", 11)])
         (root / "branches" / "b9").mkdir()
         (root / "branches" / "b9" / "parent").write_text("s1\n")
-        write_lines(root / "events", [EVENT, {**EVENT, "time_ns": 5, "op": "branch"}])
+        write_lines(root / "events", [EVENT, {**EVENT, "time_ns": 5, "op": "branch"},
+                                      {**EVENT, "time_ns": 6, "op": "find"},
+                                      {**EVENT, "time_ns": 7, "result": "EEXIST"}])
         tracker.poll_once()
         state = get_json(server, "/api/state")
         assert state["snapshots"] == 1 and state["branches"] == [{"name": "b9", "parent": "s1"}]
+        write_lines(root / "events", [EVENT, {**EVENT, "time_ns": 8, "op": "label"}])
+        tracker.poll_once()
+        assert get_json(server, "/api/state")["snapshots"] == 2
 
 
 def test_an_event_that_started_earlier_is_still_new(tmp_path):

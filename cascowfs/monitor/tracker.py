@@ -22,13 +22,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import CascowfsError
+from ..wire import QUERY_VERBS
 from .files import DAEMON_GONE, BranchView, Event, FileMissing, MountFiles, Node
 
 log = logging.getLogger("cascowfs.monitor")
 
 POLL_SECONDS = 0.25  # the page is at most ~1 s behind: a poll, a tree read, an SSE push
 FULL_REFRESH_SECONDS = 10.0  # a change no event names (a label set by an older client) shows up
-BRANCH_ONLY_OPS = frozenset({"branch", "discard", "rebase", "reset"})  # the tree stays as it is
+# Operations after which the snapshots and their labels are as they were: the tree is not read
+# again for them (agents run `find` at every step). Any other operation that succeeded, a verb
+# added later included, has the tree read again.
+TREE_UNCHANGED_BY = frozenset({"branch", "discard", "rebase", "reset", "gc", "unknown"}) | set(
+    QUERY_VERBS
+)
 KEPT_EVENTS = 200  # the table shows 10, the latency chart up to 120
 CHART_EVENTS = 120
 
@@ -119,7 +125,7 @@ class Tracker:
         events_served = "events" not in problems
         self._tree_pending |= (
             not events_served
-            or any(e.op not in BRANCH_ONLY_OPS for e in new_events)
+            or any(e.result == "ok" and e.op not in TREE_UNCHANGED_BY for e in new_events)
             or now - self._tree_read_at > FULL_REFRESH_SECONDS
         )
         changed = bool(new_events)
