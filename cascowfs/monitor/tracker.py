@@ -28,7 +28,7 @@ from .files import DAEMON_GONE, BranchView, Event, FileMissing, MountFiles, Node
 log = logging.getLogger("cascowfs.monitor")
 
 POLL_SECONDS = 0.25  # the page is at most ~1 s behind: a poll, a tree read, an SSE push
-FULL_REFRESH_SECONDS = 10.0  # a change no event names (a label set by an older client) shows up
+FULL_REFRESH_SECONDS = 10.0  # also shows a change whose event left the ring between two reads
 # Operations after which the snapshots and their labels are as they were: the tree is not read
 # again for them (agents run `find` at every step). Any other operation that succeeded, a verb
 # added later included, has the tree read again.
