@@ -29,7 +29,7 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 # Chromium as root needs --no-sandbox; the rest keeps it off the network it has no use for.
 CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-dev-shm-usage", "--window-size=1400,900")
+                 "--disable-dev-shm-usage", "--window-size=1400,1000")
 
 
 @dataclass
