@@ -212,6 +212,8 @@ def test_reset_is_refused_unless_it_comes_from_the_page(tmp_path):
     with serving(root) as (server, _):
         good = {"branch": "b1", "id": "s1"}
         assert _reset(server, good, Origin="http://evil.example")[0] == 403
+        assert _reset(server, good, Origin="null")[0] == 403
+        assert _reset(server, good, Origin=f"http://localhost:{server.port}")[0] == 403
         status, _, _ = request(server, "POST", "/api/reset", json.dumps(good).encode(),
                                {"Content-Type": "application/x-www-form-urlencoded"})
         assert status == 415
@@ -225,6 +227,25 @@ def test_reset_is_refused_unless_it_comes_from_the_page(tmp_path):
         # everything checked, the reset reaches ctl: this directory has none
         status, reply = _reset(server, good, Origin=f"http://127.0.0.1:{server.port}")
         assert status == 404 and reply["errno"] == "ENOENT" and "ctl" in reply["message"]
+
+
+def test_a_wildcard_address_still_wants_the_pages_own_origin(tmp_path):
+    """On 0.0.0.0 any Host may reach the monitor; a reset's Origin must still be that Host."""
+    root = fake_mount(tmp_path / "mnt", [], {}, events=[])
+    tracker = Tracker(MountFiles(root), clock=lambda: 0.0)
+    server = MonitorServer(("0.0.0.0", 0), tracker, False)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        good = {"branch": "b1", "id": "s1"}
+        host = f"monitor.example:{server.port}"
+        assert _reset(server, good, Host=host, Origin="http://evil.example")[0] == 403
+        status, reply = _reset(server, good, Host=host, Origin=f"http://{host}")
+        assert status == 404 and "ctl" in reply["message"]  # accepted: no ctl in this directory
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
 
 
 def test_read_only_monitor_refuses_resets(tmp_path):

@@ -151,12 +151,14 @@ class MonitorHandler(BaseHTTPRequestHandler):
         return self._error(HTTPStatus.NOT_FOUND, f"no such page: {url.path}")
 
     def do_POST(self) -> None:
-        if not self.server.host_allowed(self.headers.get("Host")):
+        self.close_connection = True  # a refusal leaves the body unread on the connection
+        host = self.headers.get("Host")
+        if not self.server.host_allowed(host):
             return self._error(HTTPStatus.MISDIRECTED_REQUEST, "unknown Host header")
         if urlsplit(self.path).path != "/api/reset":
             return self._error(HTTPStatus.NOT_FOUND, f"no such page: {self.path}")
         origin = self.headers.get("Origin")
-        if origin is not None and not self.server.host_allowed(urlsplit(origin).netloc):
+        if origin is not None and urlsplit(origin).netloc.lower() != (host or "").lower():
             return self._error(HTTPStatus.FORBIDDEN, "cross-origin request refused")
         if self.headers.get_content_type() != "application/json":
             return self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")

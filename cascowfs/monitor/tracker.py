@@ -102,6 +102,8 @@ class Tracker:
 
     def poll_once(self) -> None:
         problems: dict[str, str] = {}
+        if "daemon" in self._problems:  # a daemon (back) may hold anything: read it all
+            self._tree_pending, self._tree_due, self._branches_known = True, 0.0, False
         try:
             changed = self._poll(problems)
         except CascowfsError as exc:
@@ -110,7 +112,8 @@ class Tracker:
                 problems["daemon"] = f"{self.files.mnt}: the daemon is not running ({exc.message})"
             else:
                 problems["daemon"] = exc.message
-        except OSError as exc:  # pragma: no cover - everything above wraps its OSErrors
+        except Exception as exc:  # the page must keep following the mount whatever failed
+            log.exception("reading %s failed", self.files.mnt)
             changed = False
             problems["daemon"] = f"{self.files.mnt}: {exc}"
         with self._cond:
