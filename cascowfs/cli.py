@@ -391,6 +391,13 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     return EXIT_OTHER
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from .monitor.server import serve
+
+    logging.getLogger("cascowfs").setLevel(logging.INFO)
+    return serve(args.mountpoint, args.listen, read_only=args.read_only)
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     target = Path(args.target)
     mnt = target if is_cascowfs_mount(target) else _mount_of_store(target)
@@ -729,6 +736,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--deep",
         action="store_true",
         help="also mount every snapshot's layers read-only and compare them with its tree",
+    )
+
+    p = verb(
+        "monitor",
+        cmd_monitor,
+        "serve a live page of the search at MNT, its JSON API and /metrics",
+        "Serve, from this process, a page (an installable PWA) showing the search tree, the "
+        "live branches and the recent operations of the mount MNT, live; clicking a node "
+        "resets a branch there. Also a JSON API under /api/ and /metrics (MNT/metrics, for "
+        "Prometheus). It reads MNT through its files only. See docs/monitor.md.",
+    )
+    p.add_argument("mountpoint", metavar="MNT")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8470",
+        metavar="HOST:PORT",
+        help="IP address and port to listen on (default 127.0.0.1:8470; port 0: any free one)",
+    )
+    p.add_argument(
+        "--read-only",
+        action="store_true",
+        help="refuse resets: whoever reaches the address may otherwise reset any branch",
     )
 
     p = verb("gc", cmd_gc, "reclaim unreferenced objects and layers now")

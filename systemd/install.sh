@@ -2,8 +2,8 @@
 # Put cascowfs in place on a Debian machine (or image) from a checkout:
 #   - the CLI in a virtual environment at /opt/cascowfs, linked as /usr/local/bin/cascowfs
 #     (the path the unit names);
-#   - the unit, its tmpfiles.d, sysusers.d and modules-load.d companions, and the mount(8)
-#     helper /sbin/mount.fuse.cascowfs;
+#   - the unit, the monitor's unit (cascowfs-monitor@), their tmpfiles.d, sysusers.d and
+#     modules-load.d companions, and the mount(8) helper /sbin/mount.fuse.cascowfs;
 #   - /etc/cascowfs/mnt-cascowfs.env (store /var/lib/cascowfs/store) unless it exists.
 # Needs python3-venv, fuse3 (libfuse3) and, to build pyfuse3 without a wheel, libfuse3-dev.
 # PIP_INSTALL_ARGS adds pip options (e.g. --no-index --find-links DIR for an offline image);
@@ -19,6 +19,7 @@ venv=/opt/cascowfs
 ln -sf "$venv/bin/cascowfs" /usr/local/bin/cascowfs
 
 install -D -m 644 "$here/cascowfs@.service" /etc/systemd/system/cascowfs@.service
+install -D -m 644 "$here/cascowfs-monitor@.service" /etc/systemd/system/cascowfs-monitor@.service
 install -D -m 644 "$here/tmpfiles.d/cascowfs.conf" /etc/tmpfiles.d/cascowfs.conf
 install -D -m 644 "$here/sysusers.d/cascowfs.conf" /etc/sysusers.d/cascowfs.conf
 install -D -m 644 "$here/modules-load.d/cascowfs.conf" /etc/modules-load.d/cascowfs.conf

@@ -1,5 +1,5 @@
 """Packaging: pyproject.toml is the one source of the version, and building the package prints
-no warning and ships its type marker and licence."""
+no warning and ships its type marker, licence and the monitor's page."""
 
 from __future__ import annotations
 
@@ -45,5 +45,8 @@ def test_wheel_builds_without_warnings_and_ships_py_typed_and_license(tmp_path: 
         names = zf.namelist()
         meta = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "cascowfs/py.typed" in names
+    from cascowfs.monitor.server import STATIC  # every file the monitor serves ships with it
+
+    assert {f"cascowfs/monitor/static/{name}" for name, _ in STATIC.values()} <= set(names)
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "License-Expression: MIT" in meta.splitlines()

@@ -1,0 +1,284 @@
+"""The monitor's HTTP side: the page, its JSON API, a Server-Sent Events stream, ``/metrics``.
+
+One thread per connection (``ThreadingHTTPServer``, the standard library): the page keeps one
+``/api/stream`` open and fetches the rest, so a handful of threads serve a person.
+
+The one request that changes anything is ``POST /api/reset``, and the monitor sends it to the
+daemon with its own credentials. A web page elsewhere in the same browser can send requests to
+``127.0.0.1`` too, so that request must come from the monitor's own page: the ``Host`` header
+names the address the monitor listens on (a DNS name rebound to 127.0.0.1 does not), the
+``Origin``, when the browser sends one, is that same address, and the body is JSON (a
+cross-site form cannot send ``application/json`` without a CORS preflight, which the monitor
+never grants). ``--read-only`` turns the request off altogether.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import logging
+import signal
+import socket
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from urllib.parse import parse_qs, urlsplit
+
+from ..errors import CascowfsError, InvalidArgumentError
+from .files import FileMissing, MountFiles
+from .tracker import KEPT_EVENTS, Tracker
+
+log = logging.getLogger("cascowfs.monitor")
+
+DEFAULT_LISTEN = "127.0.0.1:8470"
+STREAM_KEEPALIVE_SECONDS = 15.0
+MAX_BODY_BYTES = 4096
+
+# The page's own files, with their types; nothing else under static/ is served.
+STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/tree.js": ("tree.js", "text/javascript; charset=utf-8"),
+    "/app.css": ("app.css", "text/css; charset=utf-8"),
+    "/sw.js": ("sw.js", "text/javascript; charset=utf-8"),
+    "/manifest.webmanifest": ("manifest.webmanifest", "application/manifest+json"),
+    "/icon.svg": ("icon.svg", "image/svg+xml"),
+    "/icon-192.png": ("icon-192.png", "image/png"),
+    "/icon-512.png": ("icon-512.png", "image/png"),
+}
+
+# Every response: data is shown as text by the page, and the policy keeps any script but the
+# page's own files from running even if that ever failed.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+# The errno of a refused reset, as the HTTP status the page shows it with.
+RESET_STATUS = {
+    errno.EINVAL: HTTPStatus.BAD_REQUEST,
+    errno.ENOENT: HTTPStatus.NOT_FOUND,
+    errno.EBUSY: HTTPStatus.CONFLICT,
+    errno.EPERM: HTTPStatus.FORBIDDEN,
+    errno.EACCES: HTTPStatus.FORBIDDEN,
+}
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT``; the host must be an IP address (no name to resolve)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidArgumentError(f"--listen {text!r}: expected HOST:PORT")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise InvalidArgumentError(f"--listen {text!r}: {host!r} is not an IP address") from None
+    return host, int(port)
+
+
+class MonitorServer(ThreadingHTTPServer):
+    daemon_threads = True  # an open event stream does not hold up shutdown
+
+    def __init__(self, listen: tuple[str, int], tracker: Tracker, read_only: bool) -> None:
+        self.address_family = (
+            socket.AF_INET6 if ipaddress.ip_address(listen[0]).version == 6 else socket.AF_INET
+        )
+        super().__init__(listen, MonitorHandler)
+        self.tracker = tracker
+        self.read_only = read_only
+        self.stopping = threading.Event()
+        self.port = int(self.server_address[1])  # the one chosen for port 0
+        host = listen[0]
+        shown = f"[{host}]" if self.address_family == socket.AF_INET6 else host
+        self.url = f"http://{shown}:{self.port}/"
+        wildcard = ipaddress.ip_address(listen[0]).is_unspecified
+        # Any name may reach a wildcard address; a loopback or single address has its forms.
+        self.allowed_hosts: frozenset[str] | None = (
+            None if wildcard else frozenset({f"{shown}:{self.port}", f"localhost:{self.port}"})
+        )
+
+    def host_allowed(self, host: str | None) -> bool:
+        if self.allowed_hosts is None:
+            return True
+        return host is not None and host.lower() in self.allowed_hosts
+
+
+class MonitorHandler(BaseHTTPRequestHandler):
+    server: MonitorServer
+    protocol_version = "HTTP/1.1"
+    server_version = "cascowfs-monitor"
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        if not self.server.host_allowed(self.headers.get("Host")):
+            return self._error(HTTPStatus.MISDIRECTED_REQUEST, "unknown Host header")
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        tracker = self.server.tracker
+        if url.path in STATIC:
+            return self._static(*STATIC[url.path])
+        if url.path == "/metrics":
+            return self._metrics()
+        if url.path == "/api/state":
+            return self._json(self._state())
+        if url.path == "/api/tree":
+            delta = tracker.tree_since(_int_arg(query, "since", 0))
+            return self._json(
+                {
+                    "seq": delta.seq,
+                    "full": delta.full,
+                    "nodes": [n.as_json() for n in delta.nodes],
+                    "removed": delta.removed,
+                }
+            )
+        if url.path == "/api/branches":
+            return self._json([{"name": b.name, "parent": b.parent} for b in tracker.branches()])
+        if url.path == "/api/events":
+            limit = min(_int_arg(query, "limit", 10), KEPT_EVENTS)
+            return self._json([e.as_json() for e in tracker.events(limit)])
+        if url.path == "/api/stream":
+            return self._stream()
+        return self._error(HTTPStatus.NOT_FOUND, f"no such page: {url.path}")
+
+    def do_POST(self) -> None:
+        self.close_connection = True  # a refusal leaves the body unread on the connection
+        host = self.headers.get("Host")
+        if not self.server.host_allowed(host):
+            return self._error(HTTPStatus.MISDIRECTED_REQUEST, "unknown Host header")
+        if urlsplit(self.path).path != "/api/reset":
+            return self._error(HTTPStatus.NOT_FOUND, f"no such page: {self.path}")
+        origin = self.headers.get("Origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != (host or "").lower():
+            return self._error(HTTPStatus.FORBIDDEN, "cross-origin request refused")
+        if self.headers.get_content_type() != "application/json":
+            return self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
+        if self.server.read_only:
+            return self._error(HTTPStatus.FORBIDDEN, "the monitor runs with --read-only")
+        length = _content_length(self.headers.get("Content-Length"))
+        if length is None or length > MAX_BODY_BYTES:
+            return self._error(HTTPStatus.BAD_REQUEST, "a JSON body of at most 4096 bytes")
+        try:
+            body = json.loads(self.rfile.read(length))
+            branch, ident = body["branch"], body["id"]
+            result = self.server.tracker.files.reset(branch, ident)
+        except (ValueError, KeyError, TypeError):
+            return self._error(HTTPStatus.BAD_REQUEST, 'expected {"branch": ..., "id": ...}')
+        except CascowfsError as exc:
+            status = RESET_STATUS.get(exc.errno, HTTPStatus.BAD_GATEWAY)
+            return self._json(
+                {"ok": False, "errno": exc.errno_name, "message": exc.message}, status
+            )
+        self.server.tracker.poke()
+        log.info("reset %s %s: %s", branch, ident, result)
+        return self._json({"ok": True, "branch": branch, "id": ident, "result": result})
+
+    # -- responses -----------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {**self.server.tracker.summary(), "read_only": self.server.read_only}
+
+    def _send(self, status: int, ctype: str, body: bytes, extra: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in {**SECURITY_HEADERS, **(extra or {})}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, obj: object, status: int = HTTPStatus.OK) -> None:
+        body = json.dumps(obj, separators=(",", ":")).encode()
+        self._send(status, "application/json", body)
+
+    def _error(self, status: HTTPStatus, message: str) -> None:
+        self._json({"ok": False, "errno": None, "message": message}, status)
+
+    def _static(self, name: str, ctype: str) -> None:
+        body = resources.files(__package__).joinpath("static", name).read_bytes()
+        extra = {"Service-Worker-Allowed": "/"} if name == "sw.js" else None
+        self._send(HTTPStatus.OK, ctype, body, extra)
+
+    def _metrics(self) -> None:
+        try:
+            body = self.server.tracker.files.metrics()
+        except FileMissing as exc:
+            return self._send(
+                HTTPStatus.SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", f"{exc}\n".encode()
+            )
+        except CascowfsError as exc:
+            return self._send(
+                HTTPStatus.BAD_GATEWAY, "text/plain; charset=utf-8", f"{exc.message}\n".encode()
+            )
+        self._send(HTTPStatus.OK, "text/plain; version=0.0.4; charset=utf-8", body)
+
+    def _stream(self) -> None:
+        """Server-Sent Events: the state at once, then again on every change."""
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        for key, value in SECURITY_HEADERS.items():
+            self.send_header(key, value)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        tracker = self.server.tracker
+        version = -1
+        try:
+            while not self.server.stopping.is_set():
+                seen = tracker.wait_for_change(version, STREAM_KEEPALIVE_SECONDS)
+                if seen == version:
+                    self.wfile.write(b": keepalive\n\n")
+                else:
+                    version = seen
+                    data = json.dumps(self._state(), separators=(",", ":"))
+                    self.wfile.write(f"event: state\ndata: {data}\n\n".encode())
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+def _int_arg(query: dict[str, list[str]], name: str, default: int) -> int:
+    values = query.get(name)
+    if not values or not values[0].lstrip("-").isdigit() or len(values[0]) > 18:
+        return default
+    return int(values[0])
+
+
+def _content_length(text: str | None) -> int | None:
+    if text is None or not text.isdigit() or len(text) > 9:
+        return None
+    return int(text)
+
+
+def serve(mnt: str, listen: str = DEFAULT_LISTEN, *, read_only: bool = False) -> int:
+    """Run the monitor of ``mnt`` until SIGTERM or SIGINT; prints the URL once listening."""
+    from ..daemon import sd_notify
+
+    files = MountFiles(mnt)
+    tracker = Tracker(files)
+    server = MonitorServer(parse_listen(listen), tracker, read_only)
+
+    def stop(signum: int, frame: object) -> None:
+        server.stopping.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    tracker.start()
+    print(f"cascowfs monitor of {files.mnt} at {server.url}", flush=True)
+    sd_notify(f"READY=1\nSTATUS=serving {files.mnt} at {server.url}")
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        tracker.stop()
+        server.server_close()
+    return 0

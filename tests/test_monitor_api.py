@@ -1,0 +1,345 @@
+"""The monitor's JSON API, its guard on resets, and its parsing of what agents wrote, over a plain
+directory laid out like a mount's files (no daemon: a reset reaches no ``ctl`` here, the real
+one is tested in test_monitor_browser.py)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cascowfs.monitor.files import MountFiles, parse_episodes, parse_events
+from cascowfs.monitor.server import MonitorServer, parse_listen
+from cascowfs.monitor.tracker import Tracker
+from cascowfs.names import check_branch_name, check_labels, check_snapshot_id
+from support.browser import episode, fake_mount, write_lines
+from support.properties import hypothesis_settings
+
+EVENT = {"time": "2026-12-05T12:00:00Z", "time_ns": 1, "op": "commit", "names": ["b1"],
+         "result": "ok", "latency_ms": 3.5, "id": "s1"}
+
+
+@contextmanager
+def serving(root: Path, *, read_only: bool = False) -> Iterator[tuple[MonitorServer, Tracker]]:
+    """A monitor of ``root`` on a free loopback port, polled by hand (``tracker.poll_once``) on
+    a clock that stands still: the tree is read exactly when an event asks for it."""
+    tracker = Tracker(MountFiles(root), clock=lambda: 0.0)
+    server = MonitorServer(("127.0.0.1", 0), tracker, read_only)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        tracker.poll_once()
+        yield server, tracker
+    finally:
+        server.stopping.set()
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+def request(server: MonitorServer, method: str, path: str, body: bytes | None = None,
+            headers: dict | None = None) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers={"Host": f"127.0.0.1:{server.port}",
+                                                       **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def get_json(server: MonitorServer, path: str) -> object:
+    status, _, body = request(server, "GET", path)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_state_tree_branches_and_events_follow_the_files(tmp_path):
+    root = fake_mount(tmp_path / "mnt",
+                      [episode("s1", None, 10, reward="0.5"), episode("s2", "s1", 20)],
+                      {"b1": "s2", "b2": None}, events=[EVENT])
+    with serving(root) as (server, tracker):
+        state = get_json(server, "/api/state")
+        assert state["snapshots"] == 2 and state["problems"] == {}
+        assert state["branches"] == [{"name": "b1", "parent": "s2"}, {"name": "b2", "parent": None}]
+        assert [e["op"] for e in state["events"]] == ["commit"]
+        assert state["label_keys"] == ["reward"] and state["read_only"] is False
+        tree = get_json(server, "/api/tree")
+        assert tree["full"] and {n["id"] for n in tree["nodes"]} == {"s1", "s2"}
+        assert get_json(server, "/api/branches") == state["branches"]
+        assert get_json(server, "/api/events?limit=5")[0]["latency_ms"] == 3.5
+
+        # a commit and a label change, then a prune: the page asks only for what changed
+        write_lines(root / "episodes", [episode("s1", None, 10, reward="0.7"),
+                                        episode("s2", "s1", 20), episode("s3", "s2", 30)])
+        write_lines(root / "events", [EVENT, {**EVENT, "time_ns": 2, "id": "s3"}])
+        tracker.poll_once()
+        delta = get_json(server, f"/api/tree?since={tree['seq']}")
+        assert not delta["full"] and delta["removed"] == []
+        assert {n["id"]: n["labels"] for n in delta["nodes"]} == {"s1": {"reward": "0.7"},
+                                                                  "s3": {}}
+        write_lines(root / "episodes", [episode("s1", None, 10, reward="0.7")])
+        write_lines(root / "events", [EVENT, {**EVENT, "time_ns": 3, "op": "prune"}])
+        tracker.poll_once()
+        later = get_json(server, f"/api/tree?since={delta['seq']}")
+        assert later["nodes"] == [] and sorted(later["removed"]) == ["s2", "s3"]
+        assert get_json(server, f"/api/tree?since={later['seq'] + 5}")["full"]
+
+
+def test_only_ops_that_change_snapshots_reread_the_tree(tmp_path):
+    """Reading MNT/episodes costs the daemon a line per snapshot: a branch made, a query, a
+    refused commit (events that leave the tree as it was) read the branches only."""
+    root = fake_mount(tmp_path / "mnt", [episode("s1", None, 10)], {}, events=[EVENT])
+    with serving(root) as (server, tracker):
+        write_lines(root / "episodes", [episode("s1", None, 10), episode("x", "s1", 11)])
+        (root / "branches" / "b9").mkdir()
+        (root / "branches" / "b9" / "parent").write_text("s1\n")
+        write_lines(root / "events", [EVENT, {**EVENT, "time_ns": 5, "op": "branch"},
+                                      {**EVENT, "time_ns": 6, "op": "find"},
+                                      {**EVENT, "time_ns": 7, "result": "EEXIST"}])
+        tracker.poll_once()
+        state = get_json(server, "/api/state")
+        assert state["snapshots"] == 1 and state["branches"] == [{"name": "b9", "parent": "s1"}]
+        write_lines(root / "events", [EVENT, {**EVENT, "time_ns": 8, "op": "label"}])
+        tracker.poll_once()
+        assert get_json(server, "/api/state")["snapshots"] == 2
+
+
+def test_an_event_that_started_earlier_is_still_new(tmp_path):
+    """Events are appended as operations end but stamped when they began: a long commit's
+    line follows a short branch's, with an earlier time, and must still be read as new."""
+    root = fake_mount(tmp_path / "mnt", [episode("s1", None, 10)], {},
+                      events=[{**EVENT, "time_ns": 50, "op": "branch"}])
+    with serving(root) as (server, tracker):
+        write_lines(root / "episodes", [episode("s1", None, 10), episode("s2", "s1", 20)])
+        write_lines(root / "events", [{**EVENT, "time_ns": 50, "op": "branch"},
+                                      {**EVENT, "time_ns": 40, "id": "s2"}])
+        tracker.poll_once()
+        state = get_json(server, "/api/state")
+        assert state["snapshots"] == 2
+        assert [(e["op"], e["time_ns"]) for e in state["events"]] == [("branch", 50),
+                                                                       ("commit", 40)]
+
+
+def test_a_refused_commands_words_are_kept_as_text(tmp_path):
+    refused = {**EVENT, "op": "commit", "names": ["b1", "<b>x</b>"], "result": "EINVAL",
+               "id": "../etc"}
+    root = fake_mount(tmp_path / "mnt", [], {}, events=[refused])
+    with serving(root) as (server, _):
+        [event] = get_json(server, "/api/events")
+        assert event["id"] is None and event["names"] == ["b1", "<b>x</b>"]
+        assert event["result"] == "EINVAL"
+
+
+def test_missing_files_are_reported_not_made_up(tmp_path):
+    """A daemon without MNT/episodes, MNT/events or MNT/metrics: the page says so for each
+    part, the tree comes from MNT/snapshots, and /metrics answers 503 with the reason."""
+    root = fake_mount(tmp_path / "mnt", None, {"b1": None})
+    with serving(root) as (server, _):
+        state = get_json(server, "/api/state")
+        assert set(state["problems"]) == {"episodes", "events"}
+        assert "not served by this daemon" in state["problems"]["events"]
+        assert state["events"] == [] and state["latency"] == [] and state["snapshots"] == 0
+        status, headers, body = request(server, "GET", "/metrics")
+        assert status == 503 and b"metrics is not served" in body
+
+
+def test_metrics_are_passed_through(tmp_path):
+    text = b"# TYPE cascowfs_branches gauge\ncascowfs_branches 3\n"
+    root = fake_mount(tmp_path / "mnt", [], {}, events=[], metrics=text)
+    with serving(root) as (server, _):
+        status, headers, body = request(server, "GET", "/metrics")
+        assert status == 200 and body == text
+        assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+
+
+def test_malformed_lines_are_skipped_and_counted(tmp_path):
+    root = fake_mount(tmp_path / "mnt", None, {}, events=[])
+    (root / "episodes").write_bytes(
+        json.dumps(episode("ok", None, 1)).encode() + b"\n{not json\n"
+        + json.dumps(episode("../etc", None, 2)).encode() + b"\n"
+        + json.dumps({**episode("s2", None, 3), "labels": {"k": "a\nb"}}).encode() + b"\n[]\n")
+    with serving(root) as (server, _):
+        state = get_json(server, "/api/state")
+        assert state["snapshots"] == 1
+        assert state["problems"] == {"episodes_rejected": "4 malformed line(s) in MNT/episodes"}
+
+
+def test_static_files_carry_a_content_security_policy(tmp_path):
+    root = fake_mount(tmp_path / "mnt", [], {}, events=[])
+    with serving(root) as (server, _):
+        for path, ctype in (("/", "text/html"), ("/app.js", "text/javascript"),
+                            ("/sw.js", "text/javascript"),
+                            ("/manifest.webmanifest", "application/manifest+json"),
+                            ("/icon-512.png", "image/png")):
+            status, headers, body = request(server, "GET", path)
+            assert status == 200 and headers["Content-Type"].startswith(ctype), path
+            assert "script-src 'self'" in headers["Content-Security-Policy"]
+            assert headers["X-Content-Type-Options"] == "nosniff"
+        manifest = json.loads(request(server, "GET", "/manifest.webmanifest")[2])
+        assert {i["sizes"] for i in manifest["icons"]} >= {"192x192", "512x512"}
+        for path in ("/static/app.js", "/../server.py", "/api/nothing", "/%2e%2e/files.py"):
+            assert request(server, "GET", path)[0] == 404, path
+
+
+def test_requests_for_another_host_are_refused(tmp_path):
+    """A DNS name rebound to 127.0.0.1 reaches the port with its own Host header."""
+    root = fake_mount(tmp_path / "mnt", [], {}, events=[])
+    with serving(root) as (server, _):
+        for host in ("evil.example:%d" % server.port, "127.0.0.1:1", ""):
+            assert request(server, "GET", "/api/state", headers={"Host": host})[0] == 421, host
+        assert request(server, "GET", "/api/state",
+                       headers={"Host": f"localhost:{server.port}"})[0] == 200
+
+
+def _reset(server: MonitorServer, body: object, **headers: str) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    status, _, reply = request(server, "POST", "/api/reset", data,
+                               {"Content-Type": "application/json", **headers})
+    return status, json.loads(reply)
+
+
+def test_reset_is_refused_unless_it_comes_from_the_page(tmp_path):
+    root = fake_mount(tmp_path / "mnt", [], {}, events=[])
+    with serving(root) as (server, _):
+        good = {"branch": "b1", "id": "s1"}
+        assert _reset(server, good, Origin="http://evil.example")[0] == 403
+        assert _reset(server, good, Origin="null")[0] == 403
+        assert _reset(server, good, Origin=f"http://localhost:{server.port}")[0] == 403
+        status, _, _ = request(server, "POST", "/api/reset", json.dumps(good).encode(),
+                               {"Content-Type": "application/x-www-form-urlencoded"})
+        assert status == 415
+        assert _reset(server, b"{")[0] == 400
+        assert _reset(server, {"branch": "b1"})[0] == 400
+        assert _reset(server, b"x" * 5000)[0] == 400
+        status, reply = _reset(server, {"branch": "../b", "id": "s1"})
+        assert status == 400 and reply["errno"] == "EINVAL"
+        status, reply = _reset(server, {"branch": "b1", "id": ["s1"]})
+        assert status == 400 and reply["errno"] == "EINVAL"
+        # everything checked, the reset reaches ctl: this directory has none
+        status, reply = _reset(server, good, Origin=f"http://127.0.0.1:{server.port}")
+        assert status == 404 and reply["errno"] == "ENOENT" and "ctl" in reply["message"]
+
+
+def test_a_wildcard_address_still_wants_the_pages_own_origin(tmp_path):
+    """On 0.0.0.0 any Host may reach the monitor; a reset's Origin must still be that Host."""
+    root = fake_mount(tmp_path / "mnt", [], {}, events=[])
+    tracker = Tracker(MountFiles(root), clock=lambda: 0.0)
+    server = MonitorServer(("0.0.0.0", 0), tracker, False)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        good = {"branch": "b1", "id": "s1"}
+        host = f"monitor.example:{server.port}"
+        assert _reset(server, good, Host=host, Origin="http://evil.example")[0] == 403
+        status, reply = _reset(server, good, Host=host, Origin=f"http://{host}")
+        assert status == 404 and "ctl" in reply["message"]  # accepted: no ctl in this directory
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+def test_read_only_monitor_refuses_resets(tmp_path):
+    root = fake_mount(tmp_path / "mnt", [], {}, events=[])
+    with serving(root, read_only=True) as (server, _):
+        assert get_json(server, "/api/state")["read_only"] is True
+        status, reply = _reset(server, {"branch": "b1", "id": "s1"})
+        assert status == 403 and "read-only" in reply["message"]
+
+
+def test_stream_sends_the_state_at_once(tmp_path):
+    root = fake_mount(tmp_path / "mnt", [episode("s1", None, 1)], {}, events=[])
+    with serving(root) as (server, _):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        try:
+            conn.request("GET", "/api/stream", headers={"Host": f"127.0.0.1:{server.port}"})
+            resp = conn.getresponse()
+            assert resp.getheader("Content-Type") == "text/event-stream"
+            assert resp.readline() == b"event: state\n"
+            data = resp.readline()
+            assert data.startswith(b"data: ") and json.loads(data[6:])["snapshots"] == 1
+        finally:
+            conn.close()
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1:8470", "[::1]:0", "0.0.0.0:80"])
+def test_listen_addresses(text):
+    host, port = parse_listen(text)
+    assert host in text and str(port) in text
+
+
+@pytest.mark.parametrize("text", ["localhost:8470", "127.0.0.1", "127.0.0.1:99999", ":80",
+                                  "127.0.0.1:x", "[::1]"])
+def test_bad_listen_addresses_are_refused(text):
+    from cascowfs.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError):
+        parse_listen(text)
+
+
+def _valid(check, value) -> bool:
+    try:
+        check(value)
+    except Exception:
+        return False
+    return True
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                max_size=4),
+    max_leaves=12)
+episode_like = st.fixed_dictionaries(
+    {}, optional={"id": json_values | st.text(max_size=20), "parent": json_values,
+                  "created_ns": json_values, "files": json_values, "size": json_values,
+                  "labels": st.dictionaries(st.text(max_size=10), json_values | st.text(),
+                                            max_size=4)})
+
+
+@hypothesis_settings(200)
+@given(st.lists(episode_like | json_values, max_size=8), st.binary(max_size=200))
+def test_episodes_parser_passes_on_only_valid_records(objects, noise):
+    """Whatever agents and a broken daemon put in MNT/episodes, the parser never raises, and
+    every record it passes on holds only a valid id, parent and labels."""
+    data = b"\n".join(json.dumps(o).encode() for o in objects) + b"\n" + noise
+    parsed = parse_episodes(data)
+    for node in parsed.records:
+        assert _valid(check_snapshot_id, node.id)
+        assert node.parent is None or _valid(check_snapshot_id, node.parent)
+        assert check_labels(node.labels) == node.labels
+        assert min(node.created_ns, node.files, node.size) >= 0
+    assert len(parsed.records) + parsed.rejected <= data.count(b"\n") + 1
+
+
+event_like = st.fixed_dictionaries(
+    {}, optional={"time_ns": json_values, "op": json_values | st.text(max_size=10),
+                  "names": json_values, "result": json_values | st.text(max_size=10),
+                  "latency_ms": json_values, "id": json_values})
+
+
+@hypothesis_settings(200)
+@given(st.lists(event_like | json_values, max_size=8))
+def test_events_parser_passes_on_only_valid_records(objects):
+    parsed = parse_events(b"\n".join(json.dumps(o).encode() for o in objects))
+    for event in parsed.records:
+        assert isinstance(event.op, str) and len(event.op) <= 32 and len(event.result) <= 32
+        assert event.latency_ms >= 0 and event.time_ns >= 0
+        assert event.id is None or _valid(check_snapshot_id, event.id)
+        assert all(isinstance(n, str) and len(n) <= 256 for n in event.names)
+    assert len(parsed.records) + parsed.rejected == len(objects)
+
+
+def test_branches_with_hostile_names_are_left_out(tmp_path):
+    root = fake_mount(tmp_path / "mnt", [], {"good": "s1", "-x": "s1", "bad": "../s1"})
+    names = [b.name for b in MountFiles(root).branches()]
+    assert names == ["good"] and all(_valid(check_branch_name, n) for n in names)
