@@ -224,9 +224,9 @@ def test_reset_is_refused_unless_it_comes_from_the_page(tmp_path):
         assert status == 400 and reply["errno"] == "EINVAL"
         status, reply = _reset(server, {"branch": "b1", "id": ["s1"]})
         assert status == 400 and reply["errno"] == "EINVAL"
-        # everything checked, the reset reaches ctl: this directory has none
+        # everything checked, the reset reaches the client: no daemon serves this directory
         status, reply = _reset(server, good, Origin=f"http://127.0.0.1:{server.port}")
-        assert status == 404 and reply["errno"] == "ENOENT" and "ctl" in reply["message"]
+        assert status == 503 and reply["errno"] == "ENOTCONN" and str(root) in reply["message"]
 
 
 def test_a_wildcard_address_still_wants_the_pages_own_origin(tmp_path):
@@ -241,7 +241,7 @@ def test_a_wildcard_address_still_wants_the_pages_own_origin(tmp_path):
         host = f"monitor.example:{server.port}"
         assert _reset(server, good, Host=host, Origin="http://evil.example")[0] == 403
         status, reply = _reset(server, good, Host=host, Origin=f"http://{host}")
-        assert status == 404 and "ctl" in reply["message"]  # accepted: no ctl in this directory
+        assert status == 503 and reply["errno"] == "ENOTCONN"  # accepted: no daemon serves it
     finally:
         server.shutdown()
         thread.join()

@@ -67,6 +67,7 @@ RESET_STATUS = {
     errno.EBUSY: HTTPStatus.CONFLICT,
     errno.EPERM: HTTPStatus.FORBIDDEN,
     errno.EACCES: HTTPStatus.FORBIDDEN,
+    errno.ENOTCONN: HTTPStatus.SERVICE_UNAVAILABLE,  # no daemon serves the mount
 }
 
 
