@@ -30,7 +30,7 @@ log = logging.getLogger("cascowfs.recovery")
 
 UPGRADES_IN_PLACE = {2, 3, 4, 5, 6}  # older formats a writable open upgrades
 # ops that may leave objects no live root reaches when rolled back
-_MAY_LEAVE_OBJECTS = ("import", "commit", "flatten")
+_MAY_LEAVE_OBJECTS = ("import", "commit", "flatten", "pull")
 
 
 def check_format(sm: StateManager, *, read_only: bool) -> None:

@@ -17,6 +17,8 @@ POSIX shell does, so a label value may be quoted: ``plan="fix the parser"``)::
     import  <id> <absolute-path> [key=value ...]   import a directory tree as snapshot <id>
                                            (all of it readable by the caller)
     gc                                     reclaim unreferenced objects now
+    push <remote> [--with-ancestors] <id>...   send snapshots to a remote (docs/remotes.md)
+    pull <remote> [--with-ancestors] <id>...   fetch snapshots from a remote
 
 Replies (one line each, readable from the same open file): ``ok <result>`` or
 ``error <ERRNO-NAME> <message>``.
@@ -34,7 +36,8 @@ from .errors import InvalidArgumentError
 from .names import check_branch_name, check_snapshot_id, parse_labels
 
 MAX_COMMAND = 64 * 1024
-VERBS = ("branch", "commit", "discard", "prune", "rebase", "import", "gc")
+VERBS = ("branch", "commit", "discard", "prune", "rebase", "import", "gc", "push", "pull")
+WITH_ANCESTORS = "--with-ancestors"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +47,16 @@ class Command:
     id: str | None = None  # snapshot id
     labels: dict[str, str] = field(default_factory=dict)
     src: str | None = None  # import source
+    remote: str | None = None  # push, pull: a remote's name or URL
+    ids: tuple[str, ...] = ()  # push, pull: the snapshots
+    with_ancestors: bool = False
 
     def line(self) -> str:
         """The command in ctl syntax (for logs and replies)."""
         words = [self.verb]
-        words += [w for w in (self.name, self.id, self.src) if w is not None]
+        words += [w for w in (self.name, self.id, self.src, self.remote) if w is not None]
+        words += [WITH_ANCESTORS] if self.with_ancestors else []
+        words += list(self.ids)
         words += [f"{k}={v}" for k, v in self.labels.items()]
         return command_line(words)
 
@@ -144,8 +152,24 @@ def parse_command(data: bytes) -> Command:
     if verb == "gc":
         _arity(words, 0, 0, "gc")
         return Command("gc")
+    if verb in ("push", "pull"):
+        return _transfer_command(verb, words[1:])
     shown = verb if len(verb) <= 40 else verb[:40] + "..."
     raise InvalidArgumentError(f"unknown command {shown!r}; known: {', '.join(VERBS)}")
+
+
+def _transfer_command(verb: str, words: list[str]) -> Command:
+    """``<remote> [--with-ancestors] <id>...``; the remote is checked when it is resolved."""
+    with_ancestors = WITH_ANCESTORS in words
+    words = [w for w in words if w != WITH_ANCESTORS]
+    if len(words) < 2 or not words[0] or words[0].startswith("-"):
+        raise InvalidArgumentError(f"usage: {verb} <remote> [{WITH_ANCESTORS}] <id>...")
+    return Command(
+        verb,
+        remote=words[0],
+        ids=tuple(check_snapshot_id(w) for w in words[1:]),
+        with_ancestors=with_ancestors,
+    )
 
 
 def parse_parent_write(branch: str, data: bytes) -> Command:

@@ -42,6 +42,12 @@ def execute(sm: StateManager, cmd: Command, caller: Caller | None = None) -> str
         if caller is not None:
             check_readable(caller, src)
         return str(sm.import_tree(src, cmd.id, cmd.labels or None))
+    if cmd.verb in ("push", "pull"):
+        from ..remote import config, objectstore, transfer
+
+        store = objectstore.open_store(config.resolve(sm.store, _given(cmd.remote, "remote")))
+        move = transfer.push if cmd.verb == "push" else transfer.pull
+        return move(sm, store, cmd.ids, with_ancestors=cmd.with_ancestors).text()
     if cmd.verb == "gc":
         stats = sm.gc()
         return " ".join(f"{k}={v}" for k, v in sorted((stats or {}).items()))
