@@ -677,23 +677,22 @@ def build_parser() -> argparse.ArgumentParser:
         "the standard AWS way (environment, ~/.aws/config, profiles).",
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    a = actions.add_parser(
-        "add", help="add remote NAME at URL (file:///path or s3://BUCKET[/PREFIX])"
-    )
-    a.add_argument("target", metavar="MNT|STORE")
-    a.add_argument("name", metavar="NAME")
-    a.add_argument("url", metavar="URL")
+
+    def action(name: str, help: str, *words: str) -> argparse.ArgumentParser:
+        """A ``remote`` action on MNT|STORE taking positional ``words`` (their metavars)."""
+        a = actions.add_parser(name, help=help)
+        a.add_argument("target", metavar="MNT|STORE")
+        for word in words:
+            a.add_argument(word.lower(), metavar=word)
+        return a
+
+    a = action("add", "add remote NAME: file:///path or s3://BUCKET[/PREFIX]", "NAME", "URL")
     a.add_argument("--endpoint-url", help="an S3-compatible server other than AWS")
-    a = actions.add_parser("rm", help="forget remote NAME (its content stays)")
-    a.add_argument("target", metavar="MNT|STORE")
-    a.add_argument("name", metavar="NAME")
-    a = actions.add_parser("ls", help="list the remotes")
-    a.add_argument("target", metavar="MNT|STORE")
-    a = actions.add_parser(
-        "ls-snapshots", help="list REMOTE's snapshots: ID, PARENT, LABELS (tab separated)"
+    action("rm", "forget remote NAME (its content stays)", "NAME")
+    action("ls", "list the remotes")
+    a = action(
+        "ls-snapshots", "list REMOTE's snapshots: ID, PARENT, LABELS (tab separated)", "REMOTE"
     )
-    a.add_argument("target", metavar="MNT|STORE")
-    a.add_argument("remote", metavar="REMOTE")
     a.add_argument(
         "--find",
         nargs="+",
@@ -701,13 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="only snapshots whose labels match all of: KEY=V, KEY!=V, KEY<N, KEY<=N, KEY>N, "
         "KEY>=N, KEY (has it)",
     )
-    a = actions.add_parser("forget", help="delete snapshot ID's ref from REMOTE (prune reclaims)")
-    a.add_argument("target", metavar="MNT|STORE")
-    a.add_argument("remote", metavar="REMOTE")
-    a.add_argument("id", metavar="ID")
-    a = actions.add_parser("prune", help="delete what no snapshot of REMOTE reaches")
-    a.add_argument("target", metavar="MNT|STORE")
-    a.add_argument("remote", metavar="REMOTE")
+    action("forget", "delete snapshot ID's ref from REMOTE (prune reclaims)", "REMOTE", "ID")
+    a = action("prune", "delete what no snapshot of REMOTE reaches", "REMOTE")
     a.add_argument(
         "--grace",
         type=float,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -16,9 +17,12 @@ import pytest
 from conftest import assert_fsck_clean, dir_view, needs_overlay, open_store, snapshot_view
 from support.processes import REPO, child_env
 from support.s3server import new_bucket, s3_server, set_credentials
-from cascowfs.errors import BusyError, ExistsError, NotFoundError, StoreIOError
+from cascowfs.errors import (BusyError, ExistsError, NotFoundError, PermissionDeniedError,
+                             StoreIOError)
+from cascowfs.model import Entry
 from cascowfs.remote import config, locks, objectstore, packs, predicates, transfer
 from cascowfs.remote.prune import prune
+from cascowfs.trees import stored_payload, tree_objects
 
 
 @pytest.fixture(scope="session")
@@ -416,3 +420,71 @@ def test_predicates():
     assert not match({"reward": "0.9", "task": "t1"})
     with pytest.raises(Exception, match="not a number"):
         predicates.parse(["a<b"])
+
+
+def _remote_with_tree(rs, entries: dict) -> None:
+    """A ref ``hostile`` on ``rs`` whose root directory holds ``entries`` (files empty)."""
+    dir_id, dir_objects = tree_objects(entries)
+    root = Entry(b"", stat.S_IFDIR | 0o755, 0, 0, 0, 0, dir_id)
+    superroot, root_objects = tree_objects({b"": root})
+    builder = packs.PackBuilder()
+    for oid, value in dir_objects + root_objects:
+        builder.add(b"T", oid, bytes(stored_payload(value)))
+    pack_name, pack, index_name, index = builder.seal()
+    rs.put(packs.pack_key(pack_name), pack)
+    rs.put(packs.index_key(index_name), index)
+    ref = transfer.RemoteSnapshot("hostile", superroot.hex(), None, 0, {}, 0, 0)
+    rs.put_new(transfer.ref_key("hostile"), ref.encode())
+
+
+def _file(name: bytes, mode: int = stat.S_IFREG | 0o644, uid: int = 0, **kw) -> Entry:
+    return Entry(name, mode, uid, 0, 0, 0, **kw)
+
+
+@pytest.mark.parametrize(
+    "entry, problem",
+    [
+        (_file(b".."), "not a file name"),
+        (_file(b"."), "not a file name"),
+        (_file(b"a/b"), "not a file name"),
+        (_file(b"x\0y"), "not a file name"),
+        (_file(b"dev", stat.S_IFCHR | 0o666, rdev=0x0101), "a device node"),
+        (_file(b"disk", stat.S_IFBLK | 0o660, rdev=0x0800), "a device node"),
+        (_file(b"su", stat.S_IFREG | 0o4755), "set-id and owned by root"),
+        (_file(b"sg", stat.S_IFREG | 0o2755), "set-id and owned by root"),
+        (_file(b"o", xattrs=((b"trusted.overlay.redirect", b"/etc"),)), "overlayfs or cascowfs"),
+        (_file(b"c", xattrs=((b"user.cascowfs.label.x", b"1"),)), "overlayfs or cascowfs"),
+    ],
+)
+def test_a_hostile_tree_is_refused_before_anything_is_stored(tmp_path, entry, problem):
+    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/r"))
+    _remote_with_tree(rs, {entry.name: entry, b"fine": _file(b"fine", uid=1000)})
+    with open_store(tmp_path / "b") as sm:
+        with pytest.raises(StoreIOError, match=f"remote .*: tree [0-9a-f]{{64}}, entry .*{problem}"):
+            transfer.pull(sm, rs, ["hostile"])
+        assert not sm.has_snapshot("hostile")
+
+
+def test_what_a_branch_could_make_itself_is_pulled(tmp_path):
+    """A user's own set-id file, a FIFO and user xattrs are no privilege: they come through."""
+    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/r"))
+    _remote_with_tree(rs, {
+        b"mine": _file(b"mine", stat.S_IFREG | 0o4755, uid=1000),
+        b"fifo": _file(b"fifo", stat.S_IFIFO | 0o644),
+        b"x": _file(b"x", xattrs=((b"user.note", b"1"),)),
+    })
+    with open_store(tmp_path / "b") as sm:
+        assert transfer.pull(sm, rs, ["hostile"]).snapshots == ["hostile"]
+        listing = sm.read_tree(sm.root_entry("hostile").ref)
+        assert sorted(listing) == [b"fifo", b"mine", b"x"]
+        assert listing[b"mine"].mode == stat.S_IFREG | 0o4755
+
+
+def test_through_ctl_only_root_names_a_remote_by_url():
+    from cascowfs.fuse import control
+    from cascowfs.privacy import Caller
+    from cascowfs.wire import parse_command
+
+    cmd = parse_command(b"push file:///root/elsewhere s1")
+    with pytest.raises(PermissionDeniedError, match="only root gives a URL"):
+        control.execute(None, cmd, Caller(uid=1000, gid=1000))  # type: ignore[arg-type]

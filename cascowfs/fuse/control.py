@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno as _errno
 
-from ..errors import CascowfsError, InvalidArgumentError
+from ..errors import CascowfsError, InvalidArgumentError, PermissionDeniedError
 from ..privacy import Caller, check_readable
 from ..state import StateManager
 from ..wire import Command
@@ -45,7 +45,13 @@ def execute(sm: StateManager, cmd: Command, caller: Caller | None = None) -> str
     if cmd.verb in ("push", "pull"):
         from ..remote import config, objectstore, transfer
 
-        store = objectstore.open_store(config.resolve(sm.store, _given(cmd.remote, "remote")))
+        remote = _given(cmd.remote, "remote")
+        if caller is not None and caller.uid != 0 and "://" in remote:
+            # the daemon writes and reads as root: only root names a place by URL
+            raise PermissionDeniedError(
+                f"remote {remote!r}: only root gives a URL; name a remote from remote ls"
+            )
+        store = objectstore.open_store(config.resolve(sm.store, remote))
         move = transfer.push if cmd.verb == "push" else transfer.pull
         return move(sm, store, cmd.ids, with_ancestors=cmd.with_ancestors).text()
     if cmd.verb == "gc":

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cas import payload_children, value_of_payload
-from ..codec import TYPE_CHUNK
+from ..codec import TYPE_CHUNK, TYPE_TREE
 from ..errors import ExistsError, InvalidArgumentError, NotFoundError, StoreIOError
 from ..names import check_labels, check_snapshot_id
 from ..progress import progress_bar
 from . import packs
+from .checks import check_pulled_tree
 from .locks import SHARED, RemoteLock, locked
 from .objectstore import ObjectStore
 from .packs import (
@@ -335,6 +336,7 @@ class _PackReader:
 
     def __init__(self, store: ObjectStore, index: RemoteIndex, stats: TransferStats) -> None:
         self.store = store
+        self.where = store.spec.describe()
         self.index = index
         self.stats = stats
         self._cache: OrderedDict[str, dict[bytes, tuple[bytes, bytes]]] = OrderedDict()
@@ -434,7 +436,8 @@ def _receive_tree(sm, snap: RemoteSnapshot, reader: _PackReader, add) -> int:
     before parents; returns how many."""
     count = 0
     seen: set[bytes] = set()
-    stack: list[tuple[bytes, tuple[bytes, bytes] | None]] = [(bytes.fromhex(snap.root), None)]
+    root = bytes.fromhex(snap.root)
+    stack: list[tuple[bytes, tuple[bytes, bytes] | None]] = [(root, None)]
     while stack:
         oid, loaded = stack.pop()
         if loaded is None:
@@ -442,6 +445,8 @@ def _receive_tree(sm, snap: RemoteSnapshot, reader: _PackReader, add) -> int:
                 continue
             seen.add(oid)
             kind, payload = reader.get(oid, snap.id)
+            if kind == TYPE_TREE:
+                check_pulled_tree(payload, oid, superroot=oid == root, where=reader.where)
             children = payload_children(kind, payload)
             if children:
                 stack.append((oid, (kind, payload)))
