@@ -145,6 +145,7 @@ def main() -> int:
             text=True,
         ).stdout.strip(),
         "host": f"{os.cpu_count()} cores, kernel {platform.release()}",
+        "loadavg_before": os.getloadavg(),
         "corpus": args.corpus,
         "edits": args.edits,
         "restic": subprocess.run(["restic", "version"], capture_output=True, text=True)
@@ -255,10 +256,15 @@ def main() -> int:
         server.kill()
         server.wait()
         shutil.rmtree(work, ignore_errors=True)
+    result["loadavg_after"] = os.getloadavg()
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     args.section.write_text(section(result))
     print(section(result))
     return 0
+
+
+def _load(figures: list[float]) -> str:
+    return " / ".join(f"{x:.1f}" for x in figures)
 
 
 def _median(steps: list[dict], key: str) -> float:
@@ -301,7 +307,9 @@ def section(r: dict) -> str:
 
 Run {r["started"]} at commit `{r["commit"]}` on {r["host"]}; the stores
 on the root disk, both tools against one moto S3 server on 127.0.0.1 (a bucket each);
-{r["restic"]} from Debian, with its local cache. Corpus: `{r["corpus"]}`
+{r["restic"]} from Debian, with its local cache. The machine's load average (1, 5, 15 min):
+{_load(r["loadavg_before"])} before, {_load(r["loadavg_after"])} after (other work shared
+the 2 cores: compare the two columns, made in the same minutes, not the figures across runs). Corpus: `{r["corpus"]}`
 ({r["tree"]["files"]} files, {size / MB:.1f} MB). Raw figures: `bench-results/remote.json`.
 Reproduce with:
 
