@@ -315,8 +315,8 @@ Reproduce with:
 
     sudo .venv/bin/python tools/bench_remote.py --corpus {r["corpus"]} --edits {r["edits"]}
 
-cascowfs pushes the imported base, then {r["edits"]} times overwrites {EDIT_BYTES} bytes at a
-random offset of a random file of 1 KiB or more in a branch, commits and pushes that
+cascowfs pushes the imported base, then {r["edits"]} times overwrites {EDIT_BYTES} bytes at
+a random offset of a random file of 1 KiB or more in a branch, commits and pushes that
 snapshot; restic backs up the branch's tree (the same files) first as it is, then after
 each edit. Objects and bytes are what the bucket gained, listed after each step (locks left
 out). MB/s are the tree's bytes over the wall time.

@@ -2,7 +2,8 @@
 # Install everything cascowfs needs on a fresh Debian-based micro-VM, from the project's own files:
 # system packages from Debian (libfuse3-dev, fuse3, pkg-config to build pyfuse3; attr for
 # getfattr in tests; btrfs-progs for the btrfs benchmark peer; systemd for `systemd-analyze
-# verify`; restic for the remote benchmark's peer), then a virtual environment at .venv with the package and its test extras.
+# verify`; restic for the remote benchmark's peer), then a virtual environment at .venv with
+# the package and its test extras.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$here"
