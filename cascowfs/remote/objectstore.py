@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -217,7 +216,3 @@ class S3Store:
     def delete(self, key: str) -> None:
         with self._errors(key):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
-
-
-def now() -> float:
-    return time.time()

@@ -20,7 +20,7 @@ from ..errors import NotFoundError
 from .locks import EXCLUSIVE, STALE_AFTER, locked
 from .objectstore import ObjectStore
 from .packs import index_key, pack_key
-from .transfer import TransferStats, _PackReader, list_refs, read_indexes, read_ref
+from .transfer import PackReader, TransferStats, list_refs, read_indexes, read_ref
 
 GRACE = 60 * 60.0
 
@@ -47,7 +47,7 @@ def prune(
         ids = list_refs(store)
         stats.snapshots = len(ids)
         index = read_indexes(store)
-        reader = _PackReader(store, index, TransferStats())
+        reader = PackReader(store, index, TransferStats())
         live: set[bytes] = set()
         stack = []
         for id in ids:

@@ -184,7 +184,7 @@ class TransferStats:
 
 
 # -- push ------------------------------------------------------------------------------------
-class _PackSender:
+class PackSender:
     """Packs filling up as a push walks; data (chunks) and metadata (lists, trees) apart, so
     that a prune or a pull reads trees without the file data. A metadata pack is sent only
     after the data pack before it, so that an index never names an object whose children
@@ -260,7 +260,7 @@ def push(
         cache = index_cache(sm, store.spec.url)
         known = read_indexes(store, cache)
         stats.index_read += known.bytes_read
-        sender = _PackSender(store, known, stats, lock, cache)
+        sender = PackSender(store, known, stats, lock, cache)
         with progress_bar(progress, 0, f"push to {store.spec.name}") as bar:
             sender.on_sent = bar
             for id in ids:
@@ -296,7 +296,7 @@ def push(
     return stats
 
 
-def _send_tree(sm, root: bytes, known: RemoteIndex, sender: _PackSender) -> None:
+def _send_tree(sm, root: bytes, known: RemoteIndex, sender: PackSender) -> None:
     """Every object under ``root`` the remote lacks, children before parents."""
     seen: set[bytes] = set()
     stack: list[tuple[bytes, tuple[bytes, bytes] | None]] = [(root, None)]
@@ -331,7 +331,7 @@ def _with_ancestors(ids: list[str], parent_of: Callable[[str], str | None]) -> l
 
 
 # -- pull ------------------------------------------------------------------------------------
-class _PackReader:
+class PackReader:
     """Objects of the remote by id, through a small cache of downloaded, verified packs."""
 
     def __init__(self, store: ObjectStore, index: RemoteIndex, stats: TransferStats) -> None:
@@ -409,7 +409,7 @@ def pull(
             )
         index = read_indexes(store, index_cache(sm, store.spec.url))
         stats.index_read += index.bytes_read
-        reader = _PackReader(store, index, stats)
+        reader = PackReader(store, index, stats)
         with progress_bar(progress, 0, f"pull from {store.spec.name}") as bar:
             reader.on_received = bar
             for id in ids:
@@ -431,7 +431,7 @@ def pull(
     return stats
 
 
-def _receive_tree(sm, snap: RemoteSnapshot, reader: _PackReader, add) -> int:
+def _receive_tree(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
     """Hand every object under the snapshot's root that ``sm`` lacks to ``add``, children
     before parents; returns how many."""
     count = 0
