@@ -39,7 +39,7 @@ from .codec import (
 )
 from .errors import StoreIOError
 from .metadb import MetaDB
-from .trees import stored_payload, tree_children
+from .trees import stored_payload, stored_tree_value, tree_children
 
 # Chunk sizes: bench-results/NOTES.md ("Chunks") has the measurement behind them.
 CHUNK_MIN = 16 * 1024
@@ -276,6 +276,27 @@ def children_of(value: bytes) -> list[bytes]:
     raise StoreIOError(f"object of unknown type {kind!r}")
 
 
+def payload_children(kind: bytes, payload: bytes) -> list[bytes]:
+    """Ids an object references, from its kind and payload (the form objects travel in)."""
+    if kind == TYPE_TREE:
+        return tree_children(payload)
+    if kind == TYPE_LIST:
+        return [oid for oid, _ in _LIST_ITEM.iter_unpack(payload) if oid != HOLE_ID]
+    return []
+
+
+def value_of_payload(kind: bytes, payload: bytes) -> bytes:
+    """The value to store for an object given by kind and payload (a chunk raw, to be packed
+    by ``pack_missing``)."""
+    if kind == TYPE_CHUNK:
+        return TYPE_CHUNK + _UNPACKED + payload
+    if kind == TYPE_TREE:
+        return stored_tree_value(payload)
+    if kind == TYPE_LIST:
+        return TYPE_LIST + payload
+    raise StoreIOError(f"object of unknown type {kind!r}")
+
+
 MAP_RELEASE_BYTES = 16 << 20
 # what one read of a value may map, however small the value: ext4 maps the whole large folio
 # around a page touched, other values' pages with it
@@ -415,6 +436,19 @@ class ContentStore:
             raise StoreIOError(f"object {oid.hex()} is missing from the store")
         self._count_mapped(len(value))
         return value
+
+    def kind_and_payload(self, oid: bytes) -> tuple[bytes, bytes]:
+        """An object's kind and payload (what its id is the hash of), whatever form it is
+        stored in: the form objects travel to a remote in."""
+        value = self.get(oid)
+        kind = value[:1]
+        if kind == TYPE_CHUNK:
+            return kind, self._chunk_data(oid, value)
+        if kind == TYPE_TREE:
+            return kind, bytes(stored_payload(value))
+        if kind == TYPE_LIST:
+            return kind, value[1:]
+        raise StoreIOError(f"object {oid.hex()} of type {kind!r} is no file or tree object")
 
     def find(self, oid: bytes, txn: lmdb.Transaction | None = None) -> bytes | None:
         """An object's stored value, or None if the store has no such object."""

@@ -411,6 +411,63 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transfer(args: argparse.Namespace) -> int:
+    """push / pull: through the daemon's ctl when one serves the store, else offline."""
+    from .remote import config, objectstore, transfer
+
+    target = Path(args.target)
+    mnt = target if is_cascowfs_mount(target) else _mount_of_store(target)
+    if mnt is not None:
+        with Client(mnt) as client:
+            move = client.push if args.verb == "push" else client.pull
+            print(" ".join(move(args.remote, args.ids, with_ancestors=args.with_ancestors)))
+        return 0
+    with _offline(target) as sm:
+        store = objectstore.open_store(config.resolve(sm.store, args.remote))
+        run = transfer.push if args.verb == "push" else transfer.pull
+        stats = run(
+            sm, store, args.ids, with_ancestors=args.with_ancestors, progress=_progress(args)
+        )
+    print(stats.text())
+    return 0
+
+
+def cmd_remote(args: argparse.Namespace) -> int:
+    from .remote import config, objectstore, predicates, prune, transfer
+
+    store = _store_dir(Path(args.target))
+    if args.action == "add":
+        config.add(store, args.name, args.url, args.endpoint_url)
+    elif args.action == "rm":
+        config.remove(store, args.name)
+    elif args.action == "ls":
+        for spec in config.load(store).values():
+            endpoint = f" endpoint={spec.endpoint_url}" if spec.endpoint_url else ""
+            print(f"{spec.name}\t{spec.url}{endpoint}")
+    elif args.action == "ls-snapshots":
+        remote = objectstore.open_store(config.resolve(store, args.remote))
+        match = predicates.parse(args.find or [])
+        for snap in transfer.list_snapshots(remote):
+            if match(snap.labels):
+                print(f"{snap.id}\t{snap.parent or '-'}\t{_labels_text(snap)}".rstrip())
+    elif args.action == "forget":
+        transfer.forget(objectstore.open_store(config.resolve(store, args.remote)), args.id)
+    elif args.action == "prune":
+        remote = objectstore.open_store(config.resolve(store, args.remote))
+        print(prune.prune(remote, grace=args.grace).text())
+    return 0
+
+
+def _store_dir(target: Path) -> Path:
+    """The store directory of a mount point, or ``target`` itself (a store)."""
+    from .state import check_store_dir
+
+    if is_cascowfs_mount(target):
+        return Path(os.getxattr(target, "user.cascowfs.store").decode())
+    check_store_dir(target, create=False)
+    return target.absolute()
+
+
 # -- helpers ----------------------------------------------------------------------------------
 class _offline:
     """A StateManager on a store no daemon serves (StoreLockedError otherwise)."""
@@ -530,7 +587,7 @@ def _snap_dict(s: Any) -> dict:
 def _labels_text(s: Any) -> str:
     """``key=value`` words, each value quoted like a path when it needs it (one line always)."""
     words = [f"{key}={quote(val)}" for key, val in sorted(s.labels.items())]
-    if s.error:
+    if getattr(s, "error", None):  # a local snapshot whose record did not decode
         words.append(f"error={quote(s.error)}")
     return " ".join(words)
 
@@ -758,6 +815,65 @@ def build_parser() -> argparse.ArgumentParser:
         "--read-only",
         action="store_true",
         help="refuse resets: whoever reaches the address may otherwise reset any branch",
+    )
+
+    for name, what in (
+        ("push", "send snapshots ID... to REMOTE"),
+        ("pull", "fetch snapshots ID... from REMOTE"),
+    ):
+        p = verb(
+            name,
+            cmd_transfer,
+            what,
+            f"{what[0].upper()}{what[1:]} (a name from `cascowfs remote ls`, or a file:// or "
+            "s3:// URL); only the objects the other side lacks travel (docs/remotes.md). "
+            "Through the daemon's ctl when one serves the store.",
+        )
+        p.add_argument("target", metavar="MNT|STORE")
+        p.add_argument("remote", metavar="REMOTE")
+        p.add_argument("ids", nargs="+", metavar="ID")
+        p.add_argument("--with-ancestors", action="store_true", help="their ancestors too")
+        p.add_argument("--progress", action="store_true", help="show a progress bar (offline)")
+
+    p = verb(
+        "remote",
+        cmd_remote,
+        "configure remotes, list their snapshots, prune them",
+        "Remotes are kept in the store (STORE/remotes.json). S3 credentials and region come "
+        "the standard AWS way (environment, ~/.aws/config, profiles).",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def action(name: str, help: str, *words: str) -> argparse.ArgumentParser:
+        """A ``remote`` action on MNT|STORE taking positional ``words`` (their metavars)."""
+        a = actions.add_parser(name, help=help)
+        a.add_argument("target", metavar="MNT|STORE")
+        for word in words:
+            a.add_argument(word.lower(), metavar=word)
+        return a
+
+    a = action("add", "add remote NAME: file:///path or s3://BUCKET[/PREFIX]", "NAME", "URL")
+    a.add_argument("--endpoint-url", help="an S3-compatible server other than AWS")
+    action("rm", "forget remote NAME (its content stays)", "NAME")
+    action("ls", "list the remotes")
+    a = action(
+        "ls-snapshots", "list REMOTE's snapshots: ID, PARENT, LABELS (tab separated)", "REMOTE"
+    )
+    a.add_argument(
+        "--find",
+        nargs="+",
+        metavar="PREDICATE",
+        help="only snapshots whose labels match all of: KEY=V, KEY!=V, KEY<N, KEY<=N, KEY>N, "
+        "KEY>=N, KEY (has it)",
+    )
+    action("forget", "delete snapshot ID's ref from REMOTE (prune reclaims)", "REMOTE", "ID")
+    a = action("prune", "delete what no snapshot of REMOTE reaches", "REMOTE")
+    a.add_argument(
+        "--grace",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="age after which a pack no index names is deleted (default 3600)",
     )
 
     p = verb("gc", cmd_gc, "reclaim unreferenced objects and layers now")

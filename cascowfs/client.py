@@ -169,6 +169,20 @@ class Client:
         words += [f"{k}={v}" for k, v in (labels or {}).items()]
         return self.command(*words)
 
+    def push(self, remote: str, ids: list[str], *, with_ancestors: bool = False) -> list[str]:
+        """Send snapshots ``ids`` to ``remote`` (a configured name or a URL); the ids sent
+        (those already there are left out)."""
+        return self._transfer("push", remote, ids, with_ancestors)
+
+    def pull(self, remote: str, ids: list[str], *, with_ancestors: bool = False) -> list[str]:
+        """Fetch snapshots ``ids`` from ``remote``; the ids fetched (those this store has
+        already are left out). They appear under ``MNT/snapshots/``."""
+        return self._transfer("pull", remote, ids, with_ancestors)
+
+    def _transfer(self, verb: str, remote: str, ids: list[str], with_ancestors: bool) -> list[str]:
+        words = [verb, remote] + (["--with-ancestors"] if with_ancestors else []) + list(ids)
+        return self.command(*words).split()
+
     def gc(self) -> dict[str, int]:
         text = self.command("gc")
         out: dict[str, int] = {}

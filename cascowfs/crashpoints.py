@@ -44,6 +44,9 @@ CRASH_POINTS: tuple[str, ...] = (
     "flatten.prepared",
     "flatten.staged",  # new layer (merged or full) built in staging
     "flatten.applied",  # layer placed, chain swapped
+    "pull.prepared",
+    "pull.fetched",  # the pulled objects stored (unreferenced), nothing recorded
+    "pull.applied",  # snapshot and its unbuilt layer recorded, FINALIZE not written
     "collect.marked",  # garbage listed, nothing deleted yet
     "collect.swept",  # the first slice of the garbage deleted, the rest not
     "upgrade.moved",  # format 8: one branch's upper moved into its private directory

@@ -32,7 +32,7 @@ log = logging.getLogger("cascowfs.recovery")
 UPGRADES_IN_PLACE = {2, 3, 4, 5, 6, 7, 8, 9}  # older formats a writable open upgrades
 PRIVATE_BRANCH_DIRS_SINCE = 8  # older formats keep a branch's upper and work beside its tree
 # ops that may leave objects no live root reaches when rolled back
-_MAY_LEAVE_OBJECTS = ("import", "commit", "flatten")
+_MAY_LEAVE_OBJECTS = ("import", "commit", "flatten", "pull")
 
 
 def check_format(sm: StateManager, *, read_only: bool) -> None:

@@ -488,6 +488,63 @@ class StateManager:
             self._finish(op)
             return id
 
+    def receive_snapshot(
+        self,
+        id: str,
+        superroot: str,
+        parent: str | None,
+        labels: dict[str, str],
+        created_ns: int,
+        fetch: Callable[[Callable[[list[tuple[bytes, bytes]]], None]], None],
+    ) -> str:
+        """Record snapshot ``id`` of tree ``superroot`` whose objects ``fetch`` hands over (a
+        pull, ``remote/transfer.py``): to the function it is given, in batches, children
+        before the objects naming them. Logged like an import: atomic across kill -9, the
+        objects of a pull that dies swept. Its layer is written afterwards, from the CAS: a
+        delta over ``parent``'s chain when this store has ``parent``, else a full layer."""
+        id = check_snapshot_id(id)
+        labels = check_labels(labels)
+        with self._ops.running():
+            id = self._claim_id(id)
+            layer = secrets.token_hex(5)
+
+            def undo(op: str) -> None:
+                self.layers.forget(layer)
+                self._abandon(op, layer)
+
+            with self._logged_op("pull", id=id, layer=layer, durable=False, undo=undo) as op:
+                sink = ObjectSink(self._write_objects_of_logged_op)
+                fetch(sink.add)
+                sink.flush()
+                crash_point("pull.fetched")
+                root = self.root_of(superroot)  # StoreIOError if the tree did not arrive
+                assert root is not None
+
+                def apply(txn: lmdb.Transaction) -> None:
+                    base = None
+                    if parent is not None and self.catalog.has_snapshot(txn, parent):
+                        base = self.catalog.snapshot(txn, parent)
+                    chain = base.layers if base is not None else []
+                    below = base.root if base is not None else None
+                    self.layers.record(
+                        txn, layer, superroot, 1 if base else 0, below=below, built=False
+                    )
+                    self.layers.add_refs(txn, [layer] + chain, +1)
+                    self._put_snapshot(
+                        txn, id, superroot, parent, [layer] + chain, labels, root, created_ns=created_ns
+                    )
+                    self.catalog.mark_applied(txn, op)
+
+                self.layers.expect(layer)
+                self.db.write(apply, f"pull of snapshot {id}")
+            crash_point("pull.applied")
+            self._finish(op)
+            self.layers.queue(layer)
+            return id
+
+    def has_object(self, oid: bytes) -> bool:
+        return self.content.find(oid) is not None
+
     # ------------------------------------------------------------------------------------
     # the skeleton every logged operation shares
     # ------------------------------------------------------------------------------------
@@ -584,6 +641,7 @@ class StateManager:
         labels: dict[str, str],
         root: Entry,
         obs: Observation | None = None,
+        created_ns: int | None = None,
     ) -> None:
         if self.catalog.has_snapshot(txn, id):
             raise ExistsError(f"snapshot {id!r} already exists")
@@ -593,7 +651,7 @@ class StateManager:
             SnapshotRecord(
                 root=superroot,
                 parent=parent,
-                created_ns=_now_ns(),
+                created_ns=_now_ns() if created_ns is None else created_ns,
                 layers=chain,
                 files=root.tree_files,
                 size=root.tree_bytes,

@@ -227,12 +227,17 @@ def same_entries(a: dict | None, b: dict) -> bool:
 
 
 def _object(payload: bytes) -> tuple[bytes, bytes]:
-    """A tree object's id and stored value: its payload, compressed where that is smaller."""
+    """A tree object's id and stored value."""
+    return object_id(TYPE_TREE, payload), stored_tree_value(payload)
+
+
+def stored_tree_value(payload: bytes) -> bytes:
+    """A tree object's stored value: its payload, compressed where that is smaller."""
     if len(payload) > COMPRESS_ABOVE:
         frame = compress(payload)
         if len(frame) + 1 < len(payload):
-            return object_id(TYPE_TREE, payload), TYPE_TREE + _COMPRESSED_MARK + frame
-    return object_id(TYPE_TREE, payload), TYPE_TREE + payload
+            return TYPE_TREE + _COMPRESSED_MARK + frame
+    return TYPE_TREE + payload
 
 
 def stored_payload(value: bytes) -> bytes | memoryview:

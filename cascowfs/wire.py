@@ -25,6 +25,8 @@ POSIX shell does, so a label value may be quoted: ``plan="fix the parser"``)::
                                            snapshot ids by labels and lineage (episodes.py)
     children [<id>]                        ids of the snapshots whose parent is <id>
                                            (none: of those without a parent)
+    push    <remote> [--with-ancestors] <id>...   send snapshots to a remote (docs/remotes.md)
+    pull    <remote> [--with-ancestors] <id>...   fetch snapshots from a remote
 
 ``find`` and ``children`` change nothing: any caller may send them; every other command needs
 root or the admin group.
@@ -64,8 +66,11 @@ VERBS = (
     "reset",
     "find",
     "children",
+    "push",
+    "pull",
 )
 QUERY_VERBS = ("find", "children")  # read-only: open to every caller
+WITH_ANCESTORS = "--with-ancestors"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +82,16 @@ class Command:
     src: str | None = None  # import source
     obs: str | None = None  # commit: the observation file's absolute path
     query: FindQuery | None = None  # find
+    remote: str | None = None  # push, pull: a remote's name or URL
+    ids: tuple[str, ...] = ()  # push, pull: the snapshots
+    with_ancestors: bool = False
 
     def line(self) -> str:
         """The command in ctl syntax (for logs and replies)."""
         words = [self.verb]
-        words += [w for w in (self.name, self.id, self.src) if w is not None]
+        words += [w for w in (self.name, self.id, self.src, self.remote) if w is not None]
+        words += [WITH_ANCESTORS] if self.with_ancestors else []
+        words += list(self.ids)
         words += [f"{k}={v}" for k, v in self.labels.items()]
         if self.obs is not None:
             words.append(f"{OBS_KEY}=@{self.obs}")
@@ -204,8 +214,24 @@ def parse_command(data: bytes) -> Command:
     if verb == "children":
         _arity(words, 0, 1, "children [<id>]")
         return Command("children", id=check_snapshot_id(words[1]) if len(words) == 2 else None)
+    if verb in ("push", "pull"):
+        return _transfer_command(verb, words[1:])
     shown = verb if len(verb) <= 40 else verb[:40] + "..."
     raise InvalidArgumentError(f"unknown command {shown!r}; known: {', '.join(VERBS)}")
+
+
+def _transfer_command(verb: str, words: list[str]) -> Command:
+    """``<remote> [--with-ancestors] <id>...``; the remote is checked when it is resolved."""
+    with_ancestors = WITH_ANCESTORS in words
+    words = [w for w in words if w != WITH_ANCESTORS]
+    if len(words) < 2 or not words[0] or words[0].startswith("-"):
+        raise InvalidArgumentError(f"usage: {verb} <remote> [{WITH_ANCESTORS}] <id>...")
+    return Command(
+        verb,
+        remote=words[0],
+        ids=tuple(check_snapshot_id(w) for w in words[1:]),
+        with_ancestors=with_ancestors,
+    )
 
 
 def parse_parent_write(branch: str, data: bytes) -> Command:

@@ -24,7 +24,7 @@ from cascowfs.state import StateManager
 # The step after which an operation is durable (its LMDB transaction committed).
 # a collection follows an applied prune; a commit's layer is written after the commit
 APPLIED_STEPS = {"applied", "switched", "marked", "swept", "written", "placed"}
-NOT_APPLIED_STEPS = {"prepared", "chunks", "staged", "moved"}
+NOT_APPLIED_STEPS = {"prepared", "chunks", "staged", "moved", "fetched"}
 
 CHILD = r"""
 import sys
@@ -55,6 +55,13 @@ elif op == "collect":  # a prune, then a collection cut in the middle of its swe
     sm.collect()
 elif op == "upgrade":
     pass  # opening a format 7 store (as_format_7) upgraded it
+elif op == "pull":  # "other" to a file:// remote, gone from the store, then pulled back
+    from cascowfs.remote import config, objectstore, transfer
+    remote = objectstore.open_store(config.RemoteSpec("r", f"file://{store}-remote"))
+    transfer.push(sm, remote, ["other"])
+    sm.prune("other")
+    sm.gc()
+    transfer.pull(sm, remote, ["other"])
 else:
     raise SystemExit(f"unknown op {op}")
 sm.close()
@@ -337,10 +344,25 @@ def verify_upgrade(sm, before: Before, applied: bool) -> None:
         assert overlay.overlay_dirs(mount).upper == str(bdir / "private" / "upper")
 
 
+def verify_pull(sm, before: Before, applied: bool) -> None:
+    """The child pushed "other", pruned it (and collected its objects) and pulled it back."""
+    from cascowfs.remote import config, objectstore, transfer
+
+    unchanged_except(sm, before, snaps={"other"})
+    remote = objectstore.open_store(config.RemoteSpec("r", f"file://{sm.store}-remote"))
+    if applied:
+        assert transfer.pull(sm, remote, ["other"]).skipped == ["other"]
+    else:
+        assert "other" not in {s.id for s in sm.snapshots()}
+        assert transfer.pull(sm, remote, ["other"]).snapshots == ["other"]
+    assert_same_view(snapshot_view(sm, "other"), before.snaps["other"], "pulled snapshot")
+    branch_shows(sm, "other", before.snaps["other"])
+
+
 VERIFY = {"import": verify_import, "branch": verify_branch, "commit": verify_commit,
           "rebase": verify_rebase, "reset": verify_reset, "label": verify_label,
-          "discard": verify_discard, "prune": verify_prune,
-          "flatten": verify_flatten, "collect": verify_collect, "upgrade": verify_upgrade}
+          "discard": verify_discard, "prune": verify_prune, "flatten": verify_flatten,
+          "collect": verify_collect, "upgrade": verify_upgrade, "pull": verify_pull}
 
 
 # A child that loops over random operations until killed; prints what each did

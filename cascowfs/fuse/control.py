@@ -12,7 +12,7 @@ import errno as _errno
 import os
 from typing import TypeVar
 
-from ..errors import CascowfsError, InvalidArgumentError
+from ..errors import CascowfsError, InvalidArgumentError, PermissionDeniedError
 from ..privacy import Caller, check_readable, open_as
 from ..state import StateManager
 from ..wire import Command
@@ -54,6 +54,18 @@ def execute(sm: StateManager, cmd: Command, caller: Caller | None = None) -> str
         if caller is not None:
             check_readable(caller, src)
         return str(sm.import_tree(src, cmd.id, cmd.labels or None, reader=caller))
+    if cmd.verb in ("push", "pull"):
+        from ..remote import config, objectstore, transfer
+
+        remote = _given(cmd.remote, "remote")
+        if caller is not None and caller.uid != 0 and "://" in remote:
+            # the daemon writes and reads as root: only root names a place by URL
+            raise PermissionDeniedError(
+                f"remote {remote!r}: only root gives a URL; name a remote from remote ls"
+            )
+        store = objectstore.open_store(config.resolve(sm.store, remote))
+        move = transfer.push if cmd.verb == "push" else transfer.pull
+        return move(sm, store, cmd.ids, with_ancestors=cmd.with_ancestors).text()
     if cmd.verb == "gc":
         stats = sm.gc()
         return " ".join(f"{k}={v}" for k, v in sorted((stats or {}).items()))

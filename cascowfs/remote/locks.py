@@ -1,0 +1,104 @@
+"""Who may run beside a remote prune: nobody.
+
+Pushes and pulls take a *shared* lock, a prune an *exclusive* one. A lock is an object
+``locks/<kind>-<random>`` holding its holder's host, pid and time; taking one is writing
+it and then listing the others: if one of a kind that conflicts is there (and fresh), the
+new lock is deleted again, and the caller tries again later or gets EBUSY naming the
+holder. Two takers that
+race both see each other (S3 lists are strongly consistent), so at worst both back off.
+A lock older than ``stale_after`` seconds is the leftover of a killed process and is
+ignored (a live holder rewrites its lock well before that, ``refresh``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ..errors import BusyError, NotFoundError
+from .objectstore import ObjectStore
+
+STALE_AFTER = 30 * 60.0
+SHARED_WAIT = 10 * 60.0
+SHARED, EXCLUSIVE = "shared", "exclusive"
+
+
+class RemoteLock:
+    def __init__(self, store: ObjectStore, kind: str, stale_after: float = STALE_AFTER) -> None:
+        self.store = store
+        self.kind = kind
+        self.stale_after = stale_after
+        self.key = f"locks/{kind}-{secrets.token_hex(8)}"
+        self._written = 0.0
+
+    def _write(self) -> None:
+        self._written = time.time()
+        body = {"host": socket.gethostname(), "pid": os.getpid(), "time": self._written}
+        self.store.put(self.key, json.dumps(body).encode())
+
+    def take(self, wait: float = 0.0) -> None:
+        """Take the lock; while a conflicting one is held, try again for up to ``wait``
+        seconds, then EBUSY."""
+        deadline = time.monotonic() + wait
+        pause = 0.05
+        while True:
+            try:
+                return self._try()
+            except BusyError:
+                if time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(1.0, pause * 2)
+
+    def _try(self) -> None:
+        self._write()
+        for listed in self.store.list("locks/"):
+            if listed.key == self.key:
+                continue
+            other = listed.key.removeprefix("locks/").split("-", 1)[0]
+            if self.kind == SHARED and other == SHARED:
+                continue
+            holder = self._holder(listed.key)
+            if holder is None:
+                continue  # stale, or released meanwhile
+            self.release()
+            raise BusyError(
+                f"remote {self.store.spec.describe()}: {listed.key} is held ({holder}); "
+                f"a {'prune' if EXCLUSIVE in (self.kind, other) else 'transfer'} must wait"
+            )
+
+    def _holder(self, key: str) -> str | None:
+        try:
+            body = json.loads(self.store.get(key))
+        except NotFoundError:  # released between the listing and the read
+            return None
+        except ValueError:  # not a lock this version wrote: it holds nothing back
+            return None
+        if time.time() - float(body.get("time", 0)) > self.stale_after:
+            return None
+        return f"pid {body.get('pid')} on {body.get('host')}"
+
+    def refresh(self) -> None:
+        """Rewrite the lock if a third of its life has gone (call between pack uploads)."""
+        if time.time() - self._written > self.stale_after / 3:
+            self._write()
+
+    def release(self) -> None:
+        self.store.delete(self.key)
+
+
+@contextmanager
+def locked(store: ObjectStore, kind: str, stale_after: float = STALE_AFTER) -> Iterator[RemoteLock]:
+    """The lock held for the block. A shared one waits out a prune (short, and rare); a
+    prune backs off at once (it can run later)."""
+    lock = RemoteLock(store, kind, stale_after)
+    lock.take(SHARED_WAIT if kind == SHARED else 0.0)
+    try:
+        yield lock
+    finally:
+        lock.release()

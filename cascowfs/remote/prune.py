@@ -1,0 +1,89 @@
+"""Reclaiming what no snapshot ref of a remote reaches.
+
+The rule (docs/remotes.md): a prune holds the remote's exclusive lock (``locks.py``), so no
+push or pull runs meanwhile; it marks every object reachable from a ref, reading only the
+metadata packs (trees and chunk lists) it needs, then deletes each pack none of whose
+objects is reachable, its index first (a reader ignores a pack no index names). Packs that
+no index names are what an interrupted push left; they go once older than ``grace``
+seconds, the time a live push may take between sending a pack and its index. A pack with
+any live object stays whole: packs are not rewritten.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..cas import payload_children
+from ..codec import TYPE_CHUNK
+from ..errors import NotFoundError
+from .locks import EXCLUSIVE, STALE_AFTER, locked
+from .objectstore import ObjectStore
+from .packs import index_key, pack_key
+from .transfer import PackReader, TransferStats, list_refs, read_indexes, read_ref
+
+GRACE = 60 * 60.0
+
+
+@dataclass
+class PruneStats:
+    snapshots: int = 0
+    packs_kept: int = 0
+    packs_deleted: int = 0
+    bytes_deleted: int = 0
+
+    def text(self) -> str:
+        return (
+            f"snapshots={self.snapshots} packs_kept={self.packs_kept} "
+            f"packs_deleted={self.packs_deleted} bytes_deleted={self.bytes_deleted}"
+        )
+
+
+def prune(
+    store: ObjectStore, *, grace: float = GRACE, stale_after: float = STALE_AFTER
+) -> PruneStats:
+    stats = PruneStats()
+    with locked(store, EXCLUSIVE, stale_after):
+        ids = list_refs(store)
+        stats.snapshots = len(ids)
+        index = read_indexes(store)
+        reader = PackReader(store, index, TransferStats())
+        live: set[bytes] = set()
+        stack = []
+        for id in ids:
+            try:
+                stack.append(bytes.fromhex(read_ref(store, id).root))
+            except NotFoundError:
+                continue  # forgotten since the listing (forget takes no lock)
+        while stack:
+            oid = stack.pop()
+            if oid in live:
+                continue
+            live.add(oid)
+            if index.kinds.get(oid, TYPE_CHUNK) == TYPE_CHUNK:
+                continue  # a leaf, or missing (a pull names it; prune has nothing to keep)
+            kind, payload = reader.get(oid, "(prune)")
+            stack.extend(payload_children(kind, payload))
+        sizes = {listed.key: listed for listed in store.list("packs/")}
+        indexed = set()
+        for pack_index in index.indexes:
+            indexed.add(pack_index.pack)
+            if any(entry.oid in live for entry in pack_index.entries):
+                stats.packs_kept += 1
+                continue
+            store.delete(index_key(pack_index.name))
+            _delete(store, pack_key(pack_index.pack), stats, sizes)
+        now = time.time()
+        for key, listed in sizes.items():
+            if key.removeprefix("packs/") not in indexed and now - listed.modified > grace:
+                _delete(store, key, stats, sizes)
+    return stats
+
+
+def _delete(store: ObjectStore, key: str, stats: PruneStats, sizes: dict) -> None:
+    try:
+        store.delete(key)
+    except NotFoundError:
+        return
+    stats.packs_deleted += 1
+    stats.bytes_deleted += sizes[key].size if key in sizes else 0

@@ -1,0 +1,469 @@
+"""Push and pull snapshots, and list a remote's snapshots.
+
+**Push.** Read every index of the remote (the ids it holds), walk the snapshot's tree
+children first, skipping every object the remote holds (and with it everything under it:
+an index names an object only once everything under it is named), and send what is left
+in packs, each followed by its index; then write the snapshot ref with a conditional put.
+An interrupted push leaves packs with indexes (seen by the next push, not sent again) and
+at most one pack without (ignored by readers, reclaimed by prune).
+
+**Pull.** Read the ref, then every index, and walk the tree from its root children first,
+skipping every object the store has; the packs holding the rest are downloaded, verified
+(their name, then every object's id) and handed to ``StateManager.receive_snapshot``,
+which records the snapshot atomically once all of it is in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..cas import payload_children, value_of_payload
+from ..codec import TYPE_CHUNK, TYPE_TREE
+from ..errors import ExistsError, InvalidArgumentError, NotFoundError, StoreIOError
+from ..names import check_labels, check_snapshot_id
+from ..progress import progress_bar
+from . import packs
+from .checks import check_pulled_tree
+from .locks import SHARED, RemoteLock, locked
+from .objectstore import ObjectStore
+from .packs import (
+    PackBuilder,
+    PackIndex,
+    index_key,
+    pack_key,
+    read_index,
+    read_pack,
+)
+
+REF_FORMAT = 1
+PACKS_CACHED = 4  # whole packs a pull keeps decoded (a pack is up to ~packs.PACK_TARGET)
+
+
+@dataclass(frozen=True)
+class RemoteSnapshot:
+    """A snapshot ref: what ``snapshots/<id>`` holds."""
+
+    id: str
+    root: str
+    parent: str | None
+    created_ns: int
+    labels: dict[str, str]
+    files: int
+    size: int
+
+    def encode(self) -> bytes:
+        d = {
+            "format": REF_FORMAT,
+            "id": self.id,
+            "root": self.root,
+            "parent": self.parent,
+            "created_ns": self.created_ns,
+            "labels": self.labels,
+            "files": self.files,
+            "size": self.size,
+        }
+        return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+
+def ref_key(id: str) -> str:
+    return f"snapshots/{id}"
+
+
+def read_ref(store: ObjectStore, id: str) -> RemoteSnapshot:
+    key = ref_key(check_snapshot_id(id))
+    where = store.spec.describe()
+    raw = store.get(key)
+    try:
+        d = json.loads(raw)
+        snap = RemoteSnapshot(
+            id=d["id"],
+            root=d["root"],
+            parent=d["parent"],
+            created_ns=int(d["created_ns"]),
+            labels=check_labels(d["labels"]),
+            files=int(d["files"]),
+            size=int(d["size"]),
+        )
+        bytes.fromhex(snap.root)
+        if snap.parent is not None:
+            check_snapshot_id(snap.parent)
+    except (ValueError, KeyError, TypeError, InvalidArgumentError) as exc:
+        raise StoreIOError(f"remote {where}: {key} does not decode: {exc}") from None
+    if snap.id != id or len(snap.root) != 64:
+        raise StoreIOError(f"remote {where}: {key} describes another snapshot ({snap.id!r})")
+    return snap
+
+
+def list_refs(store: ObjectStore) -> list[str]:
+    """The ids of the remote's snapshot refs (keys that are no valid id are left out)."""
+    out = []
+    for listed in store.list("snapshots/"):
+        name = listed.key.removeprefix("snapshots/")
+        try:
+            out.append(check_snapshot_id(name))
+        except InvalidArgumentError:
+            continue
+    return sorted(out)
+
+
+@dataclass
+class RemoteIndex:
+    """Where each object of the remote is: the union of every index it holds."""
+
+    packs: dict[bytes, str] = field(default_factory=dict)  # object id -> pack name
+    kinds: dict[bytes, bytes] = field(default_factory=dict)  # object id -> kind
+    indexes: list[PackIndex] = field(default_factory=list)
+    bytes_read: int = 0
+
+    def add(self, index: PackIndex) -> None:
+        self.indexes.append(index)
+        for entry in index.entries:
+            self.packs.setdefault(entry.oid, index.pack)
+            self.kinds[entry.oid] = entry.kind
+
+
+def read_indexes(store: ObjectStore, cache: Path | None = None) -> RemoteIndex:
+    """Every index the remote lists. With ``cache`` (a directory), indexes read before are
+    taken from there: they are immutable and named by content, so a copy is always right,
+    and a push or pull then reads only the indexes new since the last one (``bytes_read``).
+    Cached copies of indexes the remote no longer lists (pruned) are deleted."""
+    where = store.spec.describe()
+    out = RemoteIndex()
+    cached = set(os.listdir(cache)) if cache is not None and cache.is_dir() else set()
+    for listed in store.list("index/"):
+        name = listed.key.removeprefix("index/")
+        data = None
+        if name in cached and cache is not None:
+            cached.discard(name)
+            data = (cache / name).read_bytes()
+            if packs.name_of(data) != name:
+                data = None  # a damaged copy: read the remote's
+        if data is None:
+            data = store.get(listed.key)
+            out.bytes_read += len(data)
+            if cache is not None:
+                _keep_copy(cache, name, data)
+        out.add(read_index(data, name, where))
+    for name in cached:
+        with contextlib.suppress(OSError):
+            os.unlink(cache / name)  # type: ignore[operator]
+    return out
+
+
+def index_cache(sm, spec_url: str) -> Path:
+    """Where a store keeps copies of a remote's indexes (``STORE/remote-cache/<hash of the
+    URL>``)."""
+    return sm.store / "remote-cache" / packs.name_of(spec_url.encode())[:16]
+
+
+def _keep_copy(cache: Path, name: str, data: bytes) -> None:
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = cache / f".{name}.tmp"
+    tmp.write_bytes(data)
+    os.rename(tmp, cache / name)
+
+
+@dataclass
+class TransferStats:
+    snapshots: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already on the other side
+    objects: int = 0
+    packs: int = 0
+    bytes: int = 0  # pack bytes sent or received
+    index_read: int = 0  # bytes of the remote's indexes read (those not cached yet)
+    index_written: int = 0
+
+    def text(self) -> str:
+        return " ".join(self.snapshots)
+
+
+# -- push ------------------------------------------------------------------------------------
+class PackSender:
+    """Packs filling up as a push walks; data (chunks) and metadata (lists, trees) apart, so
+    that a prune or a pull reads trees without the file data. A metadata pack is sent only
+    after the data pack before it, so that an index never names an object whose children
+    no index names yet."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        known: RemoteIndex,
+        stats: TransferStats,
+        lock: RemoteLock,
+        cache: Path | None,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.known = known
+        self.stats = stats
+        self.lock = lock
+        self.data = PackBuilder()
+        self.meta = PackBuilder()
+        self.on_sent: Callable[[int], None] = lambda n: None
+
+    def add(self, kind: bytes, oid: bytes, payload: bytes) -> None:
+        if kind == TYPE_CHUNK:
+            self.data.add(kind, oid, payload)
+            if self.data.payload_bytes >= packs.PACK_TARGET:
+                self._send(self.data)
+                self.data = PackBuilder()
+        else:
+            self.meta.add(kind, oid, payload)
+            if self.meta.payload_bytes >= packs.PACK_TARGET:
+                self.flush()
+
+    def flush(self) -> None:
+        for attr in ("data", "meta"):
+            builder = getattr(self, attr)
+            if len(builder):
+                self._send(builder)
+                setattr(self, attr, PackBuilder())
+
+    def _send(self, builder: PackBuilder) -> None:
+        pack_name, pack, index_name, index = builder.seal()
+        self.lock.refresh()
+        self.store.put(pack_key(pack_name), pack)
+        self.store.put(index_key(index_name), index)
+        self.known.add(read_index(index, index_name, self.store.spec.describe()))
+        self.stats.packs += 1
+        self.stats.objects += len(builder)
+        self.stats.bytes += len(pack)
+        self.stats.index_written += len(index)
+        if self.cache is not None:
+            _keep_copy(self.cache, index_name, index)
+        self.on_sent(len(pack))
+
+
+def push(
+    sm,
+    store: ObjectStore,
+    ids: Iterable[str],
+    *,
+    with_ancestors: bool = False,
+    progress: bool = False,
+) -> TransferStats:
+    """Send snapshots ``ids`` of ``sm`` (a ``StateManager``) to ``store``. A snapshot whose
+    ref is there already with the same tree is skipped; with another tree, EEXIST."""
+    ids = [check_snapshot_id(i) for i in ids]
+    if with_ancestors:
+        ids = _with_ancestors(ids, lambda i: sm.snapshot(i).parent if sm.has_snapshot(i) else None)
+    stats = TransferStats()
+    where = store.spec.describe()
+    with locked(store, SHARED) as lock:
+        refs = set(list_refs(store))
+        cache = index_cache(sm, store.spec.url)
+        known = read_indexes(store, cache)
+        stats.index_read += known.bytes_read
+        sender = PackSender(store, known, stats, lock, cache)
+        with progress_bar(progress, 0, f"push to {store.spec.name}") as bar:
+            sender.on_sent = bar
+            for id in ids:
+                info = sm.snapshot(id)
+                if id in refs:
+                    if read_ref(store, id).root != info.root:
+                        raise ExistsError(
+                            f"remote {where}: snapshot {id} exists there with another tree"
+                        )
+                    stats.skipped.append(id)
+                    continue
+                _send_tree(sm, bytes.fromhex(info.root), known, sender)
+                sender.flush()
+                ref = RemoteSnapshot(
+                    id,
+                    info.root,
+                    info.parent,
+                    info.created_ns,
+                    dict(info.labels),
+                    info.files,
+                    info.size,
+                )
+                try:
+                    store.put_new(ref_key(id), ref.encode())
+                except ExistsError:
+                    if read_ref(store, id).root != info.root:
+                        raise ExistsError(
+                            f"remote {where}: snapshot {id} was pushed meanwhile with another tree"
+                        ) from None
+                    stats.skipped.append(id)
+                    continue
+                stats.snapshots.append(id)
+    return stats
+
+
+def _send_tree(sm, root: bytes, known: RemoteIndex, sender: PackSender) -> None:
+    """Every object under ``root`` the remote lacks, children before parents."""
+    seen: set[bytes] = set()
+    stack: list[tuple[bytes, tuple[bytes, bytes] | None]] = [(root, None)]
+    while stack:
+        oid, loaded = stack.pop()
+        if loaded is not None:
+            sender.add(loaded[0], oid, loaded[1])
+            continue
+        if oid in seen or oid in known.packs:
+            continue
+        seen.add(oid)
+        kind, payload = sm.content.kind_and_payload(oid)
+        children = payload_children(kind, payload)
+        if not children:
+            sender.add(kind, oid, payload)
+            continue
+        stack.append((oid, (kind, payload)))
+        stack.extend((child, None) for child in children)
+
+
+def _with_ancestors(ids: list[str], parent_of: Callable[[str], str | None]) -> list[str]:
+    """``ids`` and their ancestors, each once, oldest first."""
+    out: list[str] = []
+    for id in ids:
+        line = []
+        cur: str | None = id
+        while cur is not None and cur not in out and cur not in line:
+            line.append(cur)
+            cur = parent_of(cur)
+        out.extend(reversed(line))
+    return out
+
+
+# -- pull ------------------------------------------------------------------------------------
+class PackReader:
+    """Objects of the remote by id, through a small cache of downloaded, verified packs."""
+
+    def __init__(self, store: ObjectStore, index: RemoteIndex, stats: TransferStats) -> None:
+        self.store = store
+        self.where = store.spec.describe()
+        self.index = index
+        self.stats = stats
+        self._cache: OrderedDict[str, dict[bytes, tuple[bytes, bytes]]] = OrderedDict()
+        self.on_received: Callable[[int], None] = lambda n: None
+
+    def get(self, oid: bytes, snapshot: str) -> tuple[bytes, bytes]:
+        where = self.store.spec.describe()
+        pack = self.index.packs.get(oid)
+        if pack is None:
+            raise StoreIOError(
+                f"remote {where}: object {oid.hex()} of snapshot {snapshot} is in no pack "
+                "an index names"
+            )
+        objects = self._cache.get(pack)
+        if objects is None:
+            try:
+                data = self.store.get(pack_key(pack))
+            except NotFoundError:
+                raise StoreIOError(
+                    f"remote {where}: {pack_key(pack)}, named by an index, is missing"
+                ) from None
+            objects = {o: (kind, payload) for kind, o, payload in read_pack(data, pack, where)}
+            self.stats.bytes += len(data)
+            self.stats.packs += 1
+            self.on_received(len(data))
+            self._cache[pack] = objects
+            if len(self._cache) > PACKS_CACHED:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(pack)
+        found = objects.get(oid)
+        if found is None:
+            raise StoreIOError(
+                f"remote {where}: object {oid.hex()} is not in {pack_key(pack)} as its index says"
+            )
+        return found
+
+
+def pull(
+    sm,
+    store: ObjectStore,
+    ids: Iterable[str],
+    *,
+    with_ancestors: bool = False,
+    progress: bool = False,
+) -> TransferStats:
+    """Fetch snapshots ``ids`` from ``store`` into ``sm``, labels and parents as they were
+    pushed; ``with_ancestors``: their ancestors too (oldest first), those the store lacks."""
+    ids = [check_snapshot_id(i) for i in ids]
+    stats = TransferStats()
+    with locked(store, SHARED):
+        refs: dict[str, RemoteSnapshot] = {}
+
+        def ref(id: str) -> RemoteSnapshot:
+            if id not in refs:
+                refs[id] = read_ref(store, id)
+            return refs[id]
+
+        for id in ids:
+            ref(id)  # ENOENT naming the remote before anything is fetched
+        if with_ancestors:
+            remote_ids = set(list_refs(store))
+            ids = _with_ancestors(
+                ids,
+                lambda i: (
+                    ref(i).parent
+                    if ref(i).parent in remote_ids and not sm.has_snapshot(ref(i).parent)
+                    else None
+                ),
+            )
+        index = read_indexes(store, index_cache(sm, store.spec.url))
+        stats.index_read += index.bytes_read
+        reader = PackReader(store, index, stats)
+        with progress_bar(progress, 0, f"pull from {store.spec.name}") as bar:
+            reader.on_received = bar
+            for id in ids:
+                snap = ref(id)
+                if sm.has_snapshot(id):
+                    if sm.snapshot(id).root != snap.root:
+                        raise ExistsError(
+                            f"snapshot {id} exists here with another tree than on remote "
+                            f"{store.spec.describe()}"
+                        )
+                    stats.skipped.append(id)
+                    continue
+
+                def fetch(add, snap: RemoteSnapshot = snap) -> None:
+                    stats.objects += _receive_tree(sm, snap, reader, add)
+
+                sm.receive_snapshot(id, snap.root, snap.parent, snap.labels, snap.created_ns, fetch)
+                stats.snapshots.append(id)
+    return stats
+
+
+def _receive_tree(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
+    """Hand every object under the snapshot's root that ``sm`` lacks to ``add``, children
+    before parents; returns how many."""
+    count = 0
+    seen: set[bytes] = set()
+    root = bytes.fromhex(snap.root)
+    stack: list[tuple[bytes, tuple[bytes, bytes] | None]] = [(root, None)]
+    while stack:
+        oid, loaded = stack.pop()
+        if loaded is None:
+            if oid in seen or sm.has_object(oid):
+                continue
+            seen.add(oid)
+            kind, payload = reader.get(oid, snap.id)
+            if kind == TYPE_TREE:
+                check_pulled_tree(payload, oid, superroot=oid == root, where=reader.where)
+            children = payload_children(kind, payload)
+            if children:
+                stack.append((oid, (kind, payload)))
+                stack.extend((child, None) for child in children)
+                continue
+            loaded = (kind, payload)
+        add([(oid, value_of_payload(*loaded))])
+        count += 1
+    return count
+
+
+def list_snapshots(store: ObjectStore) -> list[RemoteSnapshot]:
+    return [read_ref(store, id) for id in list_refs(store)]
+
+
+def forget(store: ObjectStore, id: str) -> None:
+    """Delete snapshot ``id``'s ref: its objects stay until a prune finds them unreachable."""
+    key = ref_key(check_snapshot_id(id))
+    read_ref(store, id)  # ENOENT naming the remote if there is no such ref
+    store.delete(key)

@@ -1,0 +1,490 @@
+"""Remotes (docs/remotes.md): push and pull through a real S3 server on 127.0.0.1 (moto's,
+started once per session) and through a file:// directory, with the same tests."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_fsck_clean, dir_view, needs_overlay, open_store, snapshot_view
+from support.processes import REPO, child_env
+from support.s3server import new_bucket, s3_server, set_credentials
+from cascowfs.errors import (BusyError, ExistsError, NotFoundError, PermissionDeniedError,
+                             StoreIOError)
+from cascowfs.model import Entry
+from cascowfs.remote import config, locks, objectstore, packs, predicates, transfer
+from cascowfs.remote.prune import prune
+from cascowfs.trees import stored_payload, tree_objects
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    set_credentials()
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(params=["file", "s3"])
+def remote(request, tmp_path) -> config.RemoteSpec:
+    if request.param == "file":
+        return config.RemoteSpec("r", f"file://{tmp_path}/remote")
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return config.RemoteSpec("r", f"s3://{new_bucket(endpoint)}/some/prefix", endpoint)
+
+
+def make_tree(root: Path, seed: int, files: int = 30) -> Path:
+    rng = random.Random(seed)
+    (root / "d" / "e").mkdir(parents=True)
+    for i in range(files):
+        where = root / ("d/e" if i % 3 == 0 else "d" if i % 3 == 1 else "")
+        (where / f"f{i}").write_bytes(rng.randbytes(rng.choice([0, 10, 5000, 200_000])))
+    (root / "big").write_bytes(rng.randbytes(3 << 20))
+    os.symlink("d/f1", root / "link")
+    os.setxattr(root / "d" / "f1", "user.note", b"kept")
+    return root
+
+
+def stores(tmp_path: Path, *names: str):
+    return [tmp_path / n for n in names]
+
+
+def _pushed_objects(spec) -> set[bytes]:
+    return set(transfer.read_indexes(objectstore.open_store(spec)).packs)
+
+
+def test_import_push_pull_round_trip(remote, tmp_path):
+    src = make_tree(tmp_path / "src", 1)
+    rs = objectstore.open_store(remote)
+    a, b = stores(tmp_path, "a", "b")
+    with open_store(a) as sm:
+        sm.import_tree(src, "base", {"task": "t1", "reward": "0.5"})
+        stats = transfer.push(sm, rs, ["base"])
+        want = snapshot_view(sm, "base")
+        info = sm.snapshot("base")
+    assert stats.snapshots == ["base"] and stats.packs >= 2  # data and metadata apart
+    with open_store(b) as sm:
+        got = transfer.pull(sm, rs, ["base"])
+        assert got.snapshots == ["base"]
+        assert snapshot_view(sm, "base") == want
+        pulled = sm.snapshot("base")
+        assert (pulled.root, pulled.labels, pulled.parent, pulled.created_ns) == (
+            info.root, info.labels, info.parent, info.created_ns)
+        sm.settle()  # its layer written from the CAS
+    assert_fsck_clean(b)
+    listed = transfer.list_snapshots(rs)
+    assert [(s.id, s.labels) for s in listed] == [("base", {"task": "t1", "reward": "0.5"})]
+
+
+def test_a_second_push_sends_only_what_is_new(remote, tmp_path):
+    rs = objectstore.open_store(remote)
+    with open_store(tmp_path / "a") as sm:
+        sm.import_tree(make_tree(tmp_path / "src", 2), "base")
+        sm.import_tree(make_tree(tmp_path / "src2", 2), "same-content")
+        transfer.push(sm, rs, ["base"])
+        again = transfer.push(sm, rs, ["base", "same-content"])
+        assert again.skipped == ["base"] and again.snapshots == ["same-content"]
+        # the directories' mtimes differ, every file's content is there already: only the
+        # four trees (superroot, root, d, d/e) travel
+        assert again.objects == 4 and again.bytes < 8192, again
+        assert again.index_read == 0  # the indexes of the first push are cached in the store
+        assert transfer.pull(sm, rs, ["base"]).skipped == ["base"]
+
+
+@needs_overlay
+def test_lineage_labels_and_delta_push(remote, tmp_path):
+    """A child of a pushed snapshot sends about its changed bytes; pull --with-ancestors
+    brings the parent chain with labels and parents as they were."""
+    rs = objectstore.open_store(remote)
+    with open_store(tmp_path / "a") as sm:
+        sm.import_tree(make_tree(tmp_path / "src", 3), "base", {"gen": "0"})
+        transfer.push(sm, rs, ["base"])
+        tree = sm.create_branch("b", "base").tree
+        edit = random.Random(9).randbytes(50_000)
+        (tree / "d" / "new").write_bytes(edit)
+        sm.commit("b", "child", {"gen": "1"})
+        (tree / "d" / "f1").write_bytes(b"changed")
+        sm.commit("b", "grandchild", {"gen": "2"})
+        stats = transfer.push(sm, rs, ["grandchild"], with_ancestors=True)
+        assert stats.snapshots == ["child", "grandchild"]
+        # the edits, compressed random bytes, plus trees along two paths: < 2x + 64 KiB
+        assert stats.bytes < 2 * (len(edit) + 7) + (64 << 10), stats
+        views = {i: snapshot_view(sm, i) for i in ("base", "child", "grandchild")}
+        sm.discard("b")
+    with open_store(tmp_path / "b") as sm:
+        got = transfer.pull(sm, rs, ["grandchild"], with_ancestors=True)
+        assert got.snapshots == ["base", "child", "grandchild"]
+        for i, view in views.items():
+            assert snapshot_view(sm, i) == view
+        assert sm.snapshot("grandchild").parent == "child"
+        assert sm.snapshot("child").parent == "base"
+        assert sm.snapshot("child").labels == {"gen": "1"}
+        tree = sm.create_branch("w", "grandchild").tree  # mounts the pulled layers
+        assert (tree / "d" / "f1").read_bytes() == b"changed"
+        assert (tree / "d" / "new").read_bytes() == edit
+        sm.discard("w")
+
+
+def test_conditional_put_one_of_two_racers_wins(remote):
+    rs = objectstore.open_store(remote)
+    results: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def racer(n: int) -> None:
+        barrier.wait()
+        try:
+            objectstore.open_store(remote).put_new("snapshots/x", f"{n}".encode())
+            results.append("won")
+        except ExistsError as exc:
+            assert "snapshots/x" in str(exc) and remote.url in str(exc)
+            results.append("lost")
+
+    threads = [threading.Thread(target=racer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["lost"] * 7 + ["won"]
+    assert rs.get("snapshots/x") in [f"{n}".encode() for n in range(8)]
+
+
+def test_two_stores_push_the_same_id_with_different_trees(remote, tmp_path):
+    rs = objectstore.open_store(remote)
+    with open_store(tmp_path / "a") as a, open_store(tmp_path / "b") as b:
+        a.import_tree(make_tree(tmp_path / "s1", 4), "same")
+        b.import_tree(make_tree(tmp_path / "s2", 5), "same")
+        errors: list[Exception] = []
+
+        def push(sm) -> None:
+            try:
+                transfer.push(sm, objectstore.open_store(remote), ["same"])
+            except ExistsError as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=push, args=(sm,)) for sm in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(errors) == 1 and "snapshot same" in str(errors[0]), errors
+        winner = transfer.read_ref(rs, "same").root
+        assert winner in (a.snapshot("same").root, b.snapshot("same").root)
+
+
+def test_two_stores_push_concurrently_and_share_objects(remote, tmp_path):
+    src = make_tree(tmp_path / "src", 6)
+    sms = []
+    with open_store(tmp_path / "a") as a, open_store(tmp_path / "b") as b:
+        for n, sm in enumerate((a, b)):
+            sm.import_tree(src, f"from-{n}", {"n": str(n)})
+            sms.append(sm)
+        failures: list[BaseException] = []
+
+        def push(sm, id) -> None:
+            try:
+                transfer.push(sm, objectstore.open_store(remote), [id])
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=push, args=(sm, f"from-{n}")) for n, sm in enumerate(sms)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures
+        want = snapshot_view(a, "from-0")
+    with open_store(tmp_path / "c") as c:
+        transfer.pull(c, objectstore.open_store(remote), ["from-0", "from-1"])
+        assert snapshot_view(c, "from-0") == want == snapshot_view(c, "from-1")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_corrupted_pack_is_an_error_naming_it(remote, tmp_path, damage):
+    rs = objectstore.open_store(remote)
+    with open_store(tmp_path / "a") as sm:
+        sm.import_tree(make_tree(tmp_path / "src", 7), "base")
+        transfer.push(sm, rs, ["base"])
+    for listed in rs.list("packs/"):
+        data = bytearray(rs.get(listed.key))
+        if damage == "flip":
+            data[len(data) // 2] ^= 0x40
+        else:
+            del data[len(data) // 2 :]
+        rs.put(listed.key, bytes(data))
+    with open_store(tmp_path / "b") as sm:
+        with pytest.raises(StoreIOError) as caught:
+            transfer.pull(sm, rs, ["base"])
+        assert "packs/" in str(caught.value) and remote.url in str(caught.value)
+        assert "corrupt or truncated" in str(caught.value)
+        assert not sm.has_snapshot("base")
+    assert_fsck_clean(tmp_path / "b")
+
+
+def test_an_object_not_matching_its_id_is_refused():
+    builder = packs.PackBuilder()
+    builder.add(b"C", bytes(32), b"not what the id says")
+    name, data, _, _ = builder.seal()
+    with pytest.raises(StoreIOError, match=f"object {'00' * 32} in packs/{name}"):
+        list(packs.read_pack(data, name, "r"))
+
+
+PUSH_CHILD = r"""
+import os, signal, sys
+from cascowfs.state import StateManager
+from cascowfs.remote import config, objectstore, transfer
+store, url, endpoint, kill_after = sys.argv[1], sys.argv[2], sys.argv[3] or None, int(sys.argv[4])
+rs = objectstore.open_store(config.RemoteSpec("r", url, endpoint))
+put, sent = rs.put, []
+def dying_put(key, data):
+    if key.startswith("packs/") and len(sent) == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)  # mid-push, a pack about to go
+    put(key, data)
+    if key.startswith("index/"):
+        sent.append(key)
+rs.put = dying_put
+sm = StateManager.open(store)
+transfer.push(sm, rs, ["base"])
+print("COMPLETED")
+"""
+
+
+def test_an_interrupted_push_resumes_without_resending(remote, tmp_path, monkeypatch):
+    """kill -9 of the pushing process after two packs landed: the next push sends only the
+    rest, and the remote never showed a half snapshot meanwhile."""
+    monkeypatch.setattr(packs, "PACK_TARGET", 1 << 20)
+    a = tmp_path / "a"
+    with open_store(a) as sm:
+        src = make_tree(tmp_path / "src", 8, files=20)
+        for i in range(4):
+            (src / f"more{i}").write_bytes(random.Random(i).randbytes(1 << 20))
+        sm.import_tree(src, "base")
+    code = "from cascowfs.remote import packs; packs.PACK_TARGET = 1 << 20\n" + PUSH_CHILD
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(a), remote.url, remote.endpoint_url or "", "2"],
+        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    rs = objectstore.open_store(remote)
+    assert transfer.list_refs(rs) == []  # no ref before everything landed
+    landed = _pushed_objects(remote)
+    with open_store(a) as sm:
+        stats = transfer.push(sm, rs, ["base"])
+        assert stats.snapshots == ["base"]
+        total = len(_pushed_objects(remote))
+        assert landed and stats.objects == total - len(landed)  # only what had not landed
+        want = snapshot_view(sm, "base")
+    with open_store(tmp_path / "b") as sm:
+        transfer.pull(sm, rs, ["base"])
+        assert snapshot_view(sm, "base") == want
+    # the pack the kill cut off (a file remote may hold it whole, no index names it) goes
+    # with a prune past its grace period
+    stats = prune(rs, grace=0, stale_after=0)
+    assert stats.packs_kept == len(rs.list("packs/")) == len(rs.list("index/"))
+
+
+def test_prune_reclaims_what_no_ref_reaches(remote, tmp_path):
+    rs = objectstore.open_store(remote)
+    with open_store(tmp_path / "a") as sm:
+        sm.import_tree(make_tree(tmp_path / "s1", 10), "one")
+        sm.import_tree(make_tree(tmp_path / "s2", 11), "two")
+        transfer.push(sm, rs, ["one", "two"])
+        want = snapshot_view(sm, "two")
+    before = len(rs.list("packs/"))
+    transfer.forget(rs, "one")
+    with pytest.raises(NotFoundError, match="snapshots/one"):
+        transfer.forget(rs, "one")
+    stats = prune(rs)
+    assert stats.packs_deleted >= 1 and stats.bytes_deleted > 0
+    assert len(rs.list("packs/")) == before - stats.packs_deleted
+    with open_store(tmp_path / "b") as sm:
+        transfer.pull(sm, rs, ["two"])
+        assert snapshot_view(sm, "two") == want
+
+
+def test_prune_racing_pushes_never_loses_a_pushed_snapshot(remote, tmp_path):
+    """Pushes and prunes in loops at once: each prune either runs alone or backs off with
+    EBUSY naming the lock, each push waits a prune out; every snapshot a push reported
+    stays whole on the remote."""
+    ids = [f"s{i}" for i in range(6)]
+    with open_store(tmp_path / "a") as sm:
+        for i, id in enumerate(ids):
+            sm.import_tree(make_tree(tmp_path / f"src{i}", 20 + i, files=8), id)
+        pushed: list[str] = []
+        outcomes: list[str] = []
+        done = threading.Event()
+
+        def pusher() -> None:
+            try:  # a failure leaves ``pushed`` short, which the test reports
+                for id in ids:
+                    pushed.extend(transfer.push(sm, objectstore.open_store(remote), [id]).snapshots)
+                    if id == "s2":
+                        transfer.forget(objectstore.open_store(remote), "s1")
+                        pushed.remove("s1")
+            finally:
+                done.set()
+
+        def pruner() -> None:
+            while not done.is_set():
+                try:
+                    prune(objectstore.open_store(remote), grace=0)
+                    outcomes.append("ran")
+                except BusyError as exc:
+                    outcomes.append("busy" if "locks/shared-" in str(exc) else repr(exc))
+                except BaseException as exc:
+                    outcomes.append(repr(exc))
+
+        threads = [threading.Thread(target=pusher), threading.Thread(target=pruner)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        views = {id: snapshot_view(sm, id) for id in pushed}
+    assert pushed == ["s0", "s2", "s3", "s4", "s5"]
+    assert set(outcomes) <= {"ran", "busy"}, outcomes
+    prune(objectstore.open_store(remote), grace=0)
+    with open_store(tmp_path / "b") as sm:
+        transfer.pull(sm, objectstore.open_store(remote), pushed)
+        for id in pushed:
+            assert snapshot_view(sm, id) == views[id]
+
+
+def test_a_prune_lock_holds_pushes_back_and_a_stale_one_does_not(remote, tmp_path):
+    rs = objectstore.open_store(remote)
+    held = locks.RemoteLock(rs, locks.EXCLUSIVE)
+    held.take()
+    with open_store(tmp_path / "a") as sm:
+        sm.import_tree(make_tree(tmp_path / "src", 30, files=3), "x")
+        with pytest.raises(BusyError, match="locks/exclusive-"):
+            locks.RemoteLock(rs, locks.SHARED).take(wait=0.2)
+        assert len(rs.list("locks/")) == 1  # the push took its lock back
+        pusher = threading.Thread(target=transfer.push, args=(sm, rs, ["x"]))
+        pusher.start()  # waits for the prune's lock to go
+        pusher.join(0.5)
+        assert pusher.is_alive() and transfer.list_refs(rs) == []
+        held.release()
+        pusher.join()
+        assert transfer.list_refs(rs) == ["x"]
+        held = locks.RemoteLock(rs, locks.EXCLUSIVE)
+        held.take()
+        locks.RemoteLock(rs, locks.SHARED, stale_after=0).take()  # a killed holder's lock
+    held.release()
+
+
+def test_config_add_ls_rm_and_hostile_names(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    spec = config.add(store, "origin", "s3://bucket-1/p", "http://127.0.0.1:9")
+    assert config.load(store) == {"origin": spec}
+    assert oct(os.stat(store / config.CONFIG_FILE).st_mode & 0o777) == "0o600"
+    with pytest.raises(ExistsError):
+        config.add(store, "origin", "file:///x")
+    for bad in ("", "-x", "a/b", "..", "a" * 65, "a b", "é"):
+        with pytest.raises(Exception, match="invalid remote name"):
+            config.add(store, bad, "file:///x")
+    for url in ("http://x", "file://host/x", "file:relative", "s3://UPPER", "s3://b?x=1", "s3://"):
+        with pytest.raises(Exception, match="remote URL"):
+            config.check_url(url)
+    with pytest.raises(Exception, match="endpoint"):
+        config.check_url("file:///x", "http://e")
+    assert config.resolve(store, "file:///y").url == "file:///y"
+    config.remove(store, "origin")
+    with pytest.raises(NotFoundError, match="no remote 'origin'"):
+        config.resolve(store, "origin")
+
+
+def test_ref_names_that_are_no_ids_are_ignored_and_bad_refs_named(tmp_path):
+    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/r"))
+    rs.put("snapshots/..hidden", b"{}")
+    rs.put("snapshots/good", b"not json")
+    rs.put("snapshots/other", transfer.RemoteSnapshot("x", "0" * 64, None, 0, {}, 0, 0).encode())
+    assert transfer.list_refs(rs) == ["good", "other"]
+    with pytest.raises(StoreIOError, match="snapshots/good does not decode"):
+        transfer.read_ref(rs, "good")
+    with pytest.raises(StoreIOError, match="describes another snapshot"):
+        transfer.read_ref(rs, "other")
+    with pytest.raises(NotFoundError, match="no object snapshots/none"):
+        transfer.read_ref(rs, "none")
+
+
+def test_predicates():
+    match = predicates.parse(["reward>=0.5", "task=t1", "done", "x!=1"])
+    assert match({"reward": "0.7", "task": "t1", "done": ""})
+    assert not match({"reward": "0.2", "task": "t1", "done": ""})
+    assert not match({"reward": "high", "task": "t1", "done": ""})
+    assert not match({"reward": "0.9", "task": "t1"})
+    with pytest.raises(Exception, match="not a number"):
+        predicates.parse(["a<b"])
+
+
+def _remote_with_tree(rs, entries: dict) -> None:
+    """A ref ``hostile`` on ``rs`` whose root directory holds ``entries`` (files empty)."""
+    dir_id, dir_objects = tree_objects(entries)
+    root = Entry(b"", stat.S_IFDIR | 0o755, 0, 0, 0, 0, dir_id)
+    superroot, root_objects = tree_objects({b"": root})
+    builder = packs.PackBuilder()
+    for oid, value in dir_objects + root_objects:
+        builder.add(b"T", oid, bytes(stored_payload(value)))
+    pack_name, pack, index_name, index = builder.seal()
+    rs.put(packs.pack_key(pack_name), pack)
+    rs.put(packs.index_key(index_name), index)
+    ref = transfer.RemoteSnapshot("hostile", superroot.hex(), None, 0, {}, 0, 0)
+    rs.put_new(transfer.ref_key("hostile"), ref.encode())
+
+
+def _file(name: bytes, mode: int = stat.S_IFREG | 0o644, uid: int = 0, **kw) -> Entry:
+    return Entry(name, mode, uid, 0, 0, 0, **kw)
+
+
+@pytest.mark.parametrize(
+    "entry, problem",
+    [
+        (_file(b".."), "not a file name"),
+        (_file(b"."), "not a file name"),
+        (_file(b"a/b"), "not a file name"),
+        (_file(b"x\0y"), "not a file name"),
+        (_file(b"dev", stat.S_IFCHR | 0o666, rdev=0x0101), "a device node"),
+        (_file(b"disk", stat.S_IFBLK | 0o660, rdev=0x0800), "a device node"),
+        (_file(b"su", stat.S_IFREG | 0o4755), "set-id and owned by root"),
+        (_file(b"sg", stat.S_IFREG | 0o2755), "set-id and owned by root"),
+        (_file(b"o", xattrs=((b"trusted.overlay.redirect", b"/etc"),)), "overlayfs or cascowfs"),
+        (_file(b"c", xattrs=((b"user.cascowfs.label.x", b"1"),)), "overlayfs or cascowfs"),
+    ],
+)
+def test_a_hostile_tree_is_refused_before_anything_is_stored(tmp_path, entry, problem):
+    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/r"))
+    _remote_with_tree(rs, {entry.name: entry, b"fine": _file(b"fine", uid=1000)})
+    with open_store(tmp_path / "b") as sm:
+        with pytest.raises(StoreIOError, match=f"remote .*: tree [0-9a-f]{{64}}, entry .*{problem}"):
+            transfer.pull(sm, rs, ["hostile"])
+        assert not sm.has_snapshot("hostile")
+
+
+def test_what_a_branch_could_make_itself_is_pulled(tmp_path):
+    """A user's own set-id file, a FIFO and user xattrs are no privilege: they come through."""
+    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/r"))
+    _remote_with_tree(rs, {
+        b"mine": _file(b"mine", stat.S_IFREG | 0o4755, uid=1000),
+        b"fifo": _file(b"fifo", stat.S_IFIFO | 0o644),
+        b"x": _file(b"x", xattrs=((b"user.note", b"1"),)),
+    })
+    with open_store(tmp_path / "b") as sm:
+        assert transfer.pull(sm, rs, ["hostile"]).snapshots == ["hostile"]
+        listing = sm.read_tree(sm.root_entry("hostile").ref)
+        assert sorted(listing) == [b"fifo", b"mine", b"x"]
+        assert listing[b"mine"].mode == stat.S_IFREG | 0o4755
+
+
+def test_through_ctl_only_root_names_a_remote_by_url():
+    from cascowfs.fuse import control
+    from cascowfs.privacy import Caller
+    from cascowfs.wire import parse_command
+
+    cmd = parse_command(b"push file:///root/elsewhere s1")
+    with pytest.raises(PermissionDeniedError, match="only root gives a URL"):
+        control.execute(None, cmd, Caller(uid=1000, gid=1000))  # type: ignore[arg-type]
