@@ -529,9 +529,10 @@ class StateManager:
                     self.layers.record(
                         txn, layer, superroot, 1 if base else 0, below=below, built=False
                     )
-                    self.layers.add_refs(txn, [layer] + chain, +1)
+                    chain = [layer] + chain
+                    self.layers.add_refs(txn, chain, +1)
                     self._put_snapshot(
-                        txn, id, superroot, parent, [layer] + chain, labels, root, created_ns=created_ns
+                        txn, id, superroot, parent, chain, labels, root, created_ns=created_ns
                     )
                     self.catalog.mark_applied(txn, op)
 
