@@ -433,7 +433,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 
 def cmd_remote(args: argparse.Namespace) -> int:
-    from .remote import config, objectstore, predicates, prune, transfer
+    from .episodes import label_matcher
+    from .remote import config, objectstore, prune, transfer
 
     store = _store_dir(Path(args.target))
     if args.action == "add":
@@ -446,7 +447,7 @@ def cmd_remote(args: argparse.Namespace) -> int:
             print(f"{spec.name}\t{spec.url}{endpoint}")
     elif args.action == "ls-snapshots":
         remote = objectstore.open_store(config.resolve(store, args.remote))
-        match = predicates.parse(args.find or [])
+        match = label_matcher(args.find or [])
         for snap in transfer.list_snapshots(remote):
             if match(snap.labels):
                 print(f"{snap.id}\t{snap.parent or '-'}\t{_labels_text(snap)}".rstrip())
@@ -863,8 +864,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--find",
         nargs="+",
         metavar="PREDICATE",
-        help="only snapshots whose labels match all of: KEY=V, KEY!=V, KEY<N, KEY<=N, KEY>N, "
-        "KEY>=N, KEY (has it)",
+        help="only snapshots whose labels match all of: KEY=V, KEY!=V, KEY<V, KEY<=V, KEY>V, "
+        "KEY>=V (numeric when both sides are numbers), has:KEY (as find takes them)",
     )
     action("forget", "delete snapshot ID's ref from REMOTE (prune reclaims)", "REMOTE", "ID")
     a = action("prune", "delete what no snapshot of REMOTE reaches", "REMOTE")

@@ -105,6 +105,13 @@ def parse_predicate(word: str) -> Predicate:
     return Predicate(key, op, check_label_value(key, value))
 
 
+def label_matcher(words: list[str]) -> Callable[[dict[str, str]], bool]:
+    """Whether a set of labels satisfies every predicate word (``find``'s syntax), for lists
+    the catalog's indexes do not hold, such as a remote's snapshots."""
+    checks = [(p.key, p.matcher()) for p in map(parse_predicate, words)]
+    return lambda labels: all(holds(labels.get(key)) for key, holds in checks)
+
+
 @dataclass(frozen=True, slots=True)
 class FindQuery:
     """A parsed ``find``: predicates, the sort key (``descending``: ``-key``), a limit, and at

@@ -17,10 +17,11 @@ import pytest
 from conftest import assert_fsck_clean, dir_view, needs_overlay, open_store, snapshot_view
 from support.processes import REPO, child_env
 from support.s3server import new_bucket, s3_server, set_credentials
-from cascowfs.errors import (BusyError, ExistsError, NotFoundError, PermissionDeniedError,
-                             StoreIOError)
+from cascowfs.errors import (BusyError, ExistsError, InvalidArgumentError, NotFoundError,
+                             PermissionDeniedError, StoreIOError)
 from cascowfs.model import Entry
-from cascowfs.remote import config, locks, objectstore, packs, predicates, transfer
+from cascowfs.episodes import label_matcher
+from cascowfs.remote import config, locks, objectstore, packs, transfer
 from cascowfs.remote.prune import prune
 from cascowfs.trees import stored_payload, tree_objects
 
@@ -412,14 +413,17 @@ def test_ref_names_that_are_no_ids_are_ignored_and_bad_refs_named(tmp_path):
         transfer.read_ref(rs, "none")
 
 
-def test_predicates():
-    match = predicates.parse(["reward>=0.5", "task=t1", "done", "x!=1"])
-    assert match({"reward": "0.7", "task": "t1", "done": ""})
-    assert not match({"reward": "0.2", "task": "t1", "done": ""})
-    assert not match({"reward": "high", "task": "t1", "done": ""})
-    assert not match({"reward": "0.9", "task": "t1"})
-    with pytest.raises(Exception, match="not a number"):
-        predicates.parse(["a<b"])
+def test_ls_snapshots_predicates_are_finds():
+    """``remote ls-snapshots --find`` takes ``find``'s predicates and holds them the same way."""
+    match = label_matcher(["reward>=0.5", "task=t1", "has:done", "x!=1"])
+    assert match({"reward": "0.7", "task": "t1", "done": "", "x": "2"})
+    assert not match({"reward": "0.2", "task": "t1", "done": "", "x": "2"})
+    assert not match({"reward": "high", "task": "t1", "done": "", "x": "2"})  # text > digits
+    assert not match({"reward": "0.9", "task": "t1", "x": "2"})
+    assert not match({"reward": "0.9", "task": "t1", "done": ""})  # x!=1 needs an x
+    for bad in ["done", "=v", "has:", "obs=1"]:
+        with pytest.raises(InvalidArgumentError, match="predicate|observation"):
+            label_matcher([bad])
 
 
 def _remote_with_tree(rs, entries: dict) -> None:
