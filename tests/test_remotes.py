@@ -418,7 +418,7 @@ def test_ls_snapshots_predicates_are_finds():
     match = label_matcher(["reward>=0.5", "task=t1", "has:done", "x!=1"])
     assert match({"reward": "0.7", "task": "t1", "done": "", "x": "2"})
     assert not match({"reward": "0.2", "task": "t1", "done": "", "x": "2"})
-    assert not match({"reward": "high", "task": "t1", "done": "", "x": "2"})  # text > digits
+    assert match({"reward": "high", "task": "t1", "done": "", "x": "2"})  # as text: "h" > "0"
     assert not match({"reward": "0.9", "task": "t1", "x": "2"})
     assert not match({"reward": "0.9", "task": "t1", "done": ""})  # x!=1 needs an x
     for bad in ["done", "=v", "has:", "obs=1"]:
