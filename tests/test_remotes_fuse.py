@@ -3,12 +3,14 @@ ctl, against the S3 server on 127.0.0.1; a pulled snapshot served under MNT/snap
 
 from __future__ import annotations
 
+import errno
 import subprocess
 
 import pytest
 
 from fusehelpers import make_source_tree, mounted, needs_fuse, run_cli
 from support.s3server import new_bucket, s3_server, set_credentials
+from cascowfs.cli import exit_status
 from cascowfs.client import Client
 from cascowfs.errors import NotFoundError
 
@@ -70,10 +72,10 @@ def test_errors_name_the_remote_and_the_object(endpoint):
             with pytest.raises(NotFoundError, match="no remote 'nowhere'"):
                 client.push("nowhere", ["x"])
         proc = run_cli("pull", str(fs.mnt), "origin", "absent", check=False)
-        assert proc.returncode == 1
+        assert proc.returncode == exit_status(errno.ENOENT)
         assert proc.stderr.startswith("cascowfs pull: ENOENT: remote origin")
         assert "snapshots/absent" in proc.stderr
         proc = run_cli("remote", "add", str(fs.mnt), "bad/name", "file:///x", check=False)
-        assert proc.returncode == 1 and "EINVAL" in proc.stderr
+        assert proc.returncode == exit_status(errno.EINVAL) and "EINVAL" in proc.stderr
         code, reply = fs.ctl("push origin")
         assert reply.startswith("error EINVAL usage: push <remote>")
