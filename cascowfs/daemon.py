@@ -34,6 +34,7 @@ import trio
 
 from . import __version__, forks
 from .errors import BusyError, CascowfsError, InvalidArgumentError
+from .fuse.kernel_views import KernelViews, detach_views, idle_seconds, kernel_views_wanted
 from .fuse.operations import CascowOperations
 from .fuse.sysmount import FUSE_TYPE, clear_dead_mount, mount_at, store_source
 from .state import StateManager
@@ -176,6 +177,8 @@ async def _serve(
             nursery.start_soon(_ping_watchdog, interval)
         if status is not None and os.environ.get("NOTIFY_SOCKET"):
             nursery.start_soon(_report_status, status)
+        if ops.views is not None:
+            nursery.start_soon(ops.views.expire_forever)
         ready()
         await pyfuse3.main(min_tasks=FUSE_WORKER_TASKS)
         nursery.cancel_scope.cancel()
@@ -189,6 +192,8 @@ async def _watch_signals(ops: CascowOperations) -> None:
                 continue
             log.info("%s: unmounting", signal.Signals(signum).name)
             sd_notify("STOPPING=1")
+            if ops.views is not None:  # while the loop still answers their path walks
+                await trio.to_thread.run_sync(ops.views.detach_all)
             pyfuse3.terminate()
             return
 
@@ -227,10 +232,13 @@ def run(
     signal.signal(signal.SIGHUP, lambda signum, frame: reopen_log_files())
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     prepare_mountpoint(mnt)
+    if detach_views(store):
+        log.warning("%s: detached snapshot views left by a previous daemon", store)
     if nice is not None:
         set_priority(nice)  # before StateManager.open starts the background threads
     log.info("opening store %s (WAL replay, branch mounts)", store)
     sm = (open_state or _open_state)(store)
+    views = KernelViews(sm, mnt, idle_seconds()) if kernel_views_wanted() else None
     try:
         ops = CascowOperations(
             sm,
@@ -241,6 +249,7 @@ def run(
                 "store": str(store),
                 "version": __version__,
             },
+            views=views,
         )
         try:
             pyfuse3.init(ops, str(mnt), mount_options(store))

@@ -20,8 +20,14 @@ from .errors import StoreIOError
 _libc = ctypes.CDLL(None, use_errno=True)
 
 _SYSCALLS = {
-    "x86_64": {"fsopen": 430, "fsconfig": 431, "fsmount": 432, "move_mount": 429},
-    "aarch64": {"fsopen": 430, "fsconfig": 431, "fsmount": 432, "move_mount": 429},
+    "x86_64": {"fsopen": 430, "fsconfig": 431, "fsmount": 432, "move_mount": 429, "open_tree": 428},
+    "aarch64": {
+        "fsopen": 430,
+        "fsconfig": 431,
+        "fsmount": 432,
+        "move_mount": 429,
+        "open_tree": 428,
+    },
 }
 _FSOPEN_CLOEXEC = 0x1
 _FSCONFIG_SET_FLAG = 0
@@ -29,10 +35,15 @@ _FSCONFIG_SET_STRING = 1
 _FSCONFIG_CMD_CREATE = 6
 _FSMOUNT_CLOEXEC = 0x1
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_OPEN_TREE_CLONE = 0x1
+_OPEN_TREE_CLOEXEC = 0o2000000
+_AT_EMPTY_PATH = 0x1000
 _AT_FDCWD = -100
 _MNT_DETACH = 2
 _MS_RDONLY = 1
 _MOUNT_ATTR_RDONLY = 0x1
+_MOUNT_ATTR_NOSUID = 0x2
+_MOUNT_ATTR_NODEV = 0x4
 
 MAX_LOWER_LAYERS = 500  # the kernel's limit (OVL_MAX_STACK)
 
@@ -75,6 +86,32 @@ def mount_overlay(
     readonly: bool = False,
 ) -> None:
     """Mount an overlay at ``target``: ``lowers`` top first; no upper means read-only."""
+    mnt_fd = overlay_mount_fd(target, lowers, upper, work, readonly=readonly)
+    try:
+        _syscall(
+            "move_mount", mnt_fd, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH
+        )
+    except OSError as exc:
+        raise MountError(
+            f"attaching overlay at {target} failed: {exc.strerror}", errno=exc.errno
+        ) from None
+    finally:
+        os.close(mnt_fd)
+
+
+def overlay_mount_fd(
+    shown: Path,
+    lowers: list[Path],
+    upper: Path | None = None,
+    work: Path | None = None,
+    *,
+    readonly: bool = False,
+    source: str = "cascowfs",
+    nosuid_nodev: bool = False,
+) -> int:
+    """A new overlay mount, attached nowhere yet: its descriptor (``fsmount``), for
+    ``move_mount`` or ``clone_into``. ``shown`` names it in errors; ``source`` is the mount
+    table's first column (what tells our mounts apart)."""
     if not lowers:
         raise ValueError("an overlay needs at least one lower layer")
     if len(lowers) > MAX_LOWER_LAYERS:
@@ -90,7 +127,7 @@ def mount_overlay(
             _syscall("fsconfig", fs_fd, _FSCONFIG_SET_FLAG, key.encode(), None, 0)
 
         try:
-            set_string("source", "cascowfs")
+            set_string("source", source)
             for layer in lowers:
                 set_string("lowerdir+", os.fsencode(layer))
             if upper is not None:
@@ -104,28 +141,36 @@ def mount_overlay(
             set_string("index", "off")
             set_string("metacopy", "off")
             _syscall("fsconfig", fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
-            mnt_fd = _syscall(
-                "fsmount", fs_fd, _FSMOUNT_CLOEXEC, _MOUNT_ATTR_RDONLY if readonly else 0
+            attrs = (_MOUNT_ATTR_RDONLY if readonly else 0) | (
+                _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV if nosuid_nodev else 0
             )
+            return _syscall("fsmount", fs_fd, _FSMOUNT_CLOEXEC, attrs)
         except OSError as exc:
             detail = _fs_messages(fs_fd)
             raise MountError(
-                f"overlay mount at {target} failed: {exc.strerror}"
+                f"overlay mount at {shown} failed: {exc.strerror}"
                 + (f" ({detail})" if detail else ""),
                 errno=exc.errno,
             ) from None
     finally:
         os.close(fs_fd)
+
+
+def clone_into(mnt_fd: int, name: bytes, target_dir_fd: int, target_name: bytes) -> None:
+    """Bind what ``name`` is inside mount ``mnt_fd`` (a directory or a file) onto
+    ``target_name`` in directory ``target_dir_fd``: ``open_tree(OPEN_TREE_CLONE)`` of it and
+    ``move_mount``, so the source mount itself need never be attached anywhere."""
+    child = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=mnt_fd)
     try:
-        _syscall(
-            "move_mount", mnt_fd, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH
+        tree_fd = _syscall(
+            "open_tree", child, b"", _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC | _AT_EMPTY_PATH
         )
-    except OSError as exc:
-        raise MountError(
-            f"attaching overlay at {target} failed: {exc.strerror}", errno=exc.errno
-        ) from None
     finally:
-        os.close(mnt_fd)
+        os.close(child)
+    try:
+        _syscall("move_mount", tree_fd, b"", target_dir_fd, target_name, _MOVE_MOUNT_F_EMPTY_PATH)
+    finally:
+        os.close(tree_fd)
 
 
 def unmount(target: Path, *, lazy: bool = True) -> bool:
