@@ -225,10 +225,15 @@ def unescape_mountinfo(field: str) -> str:
 def all_mounts() -> list[MountRecord]:
     """Every mount of this mount namespace, in mount order (from /proc/self/mountinfo)."""
     found = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
+    # Fields are separated by single spaces; the kernel escapes space, tab, newline and
+    # backslash in paths but no other byte, so a path may hold a carriage return or a vertical
+    # tab, which str.split() and universal newlines would take for separators.
+    with open(
+        "/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape", newline="\n"
+    ) as fh:
         for line in fh:
-            left, _, right = line.partition(" - ")
-            lf, rf = left.split(), right.split()
+            left, _, right = line.rstrip("\n").partition(" - ")
+            lf, rf = left.split(" "), right.split(" ")
             if len(lf) < 5 or len(rf) < 2:
                 continue
             found.append(
