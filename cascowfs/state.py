@@ -1008,17 +1008,17 @@ class StateManager:
             with self.db.read() as txn:
                 chain = self.catalog.snapshot(txn, id).layers
             self.pins.hold(chain)
-            # read again: a chain dropped before the hold may have gone to the trash already
-            with self.db.read() as txn:
-                if self.catalog.snapshot(txn, id).layers == chain:
-                    break
+            try:
+                # read again: a chain dropped before the hold may be in the trash already
+                with self.db.read() as txn:
+                    held = self.catalog.snapshot(txn, id).layers == chain
+                if held:
+                    self.layers.build_chain(chain)
+                    return chain, self.lower_paths(chain)
+            except BaseException:
+                self.release_layers(chain)
+                raise
             self.release_layers(chain)
-        try:
-            self.layers.build_chain(chain)
-        except BaseException:
-            self.release_layers(chain)
-            raise
-        return chain, self.lower_paths(chain)
 
     def release_layers(self, chain: list[str]) -> None:
         """Let go of layers ``hold_snapshot_layers`` held; dropped ones go to the trash."""

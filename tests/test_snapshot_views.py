@@ -6,17 +6,21 @@ the layers a view stacks kept while it stands."""
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cascowfs import overlay
 from cascowfs.client import Client
 from cascowfs.fsmeta import RESERVED_XATTR_PREFIX
 from fusehelpers import Cascow, cascow_base, mounted, needs_fuse, run_cli
+from support.properties import hypothesis_settings
 from support.skips import needs_overlay
 from support.views import assert_same_view, dir_view, snapshot_view
 
@@ -342,3 +346,42 @@ def test_layers_a_view_holds_outlive_a_rewrite_and_gc_until_released(sm, tmp_pat
         assert lowers[1].is_dir()  # s1's own layer: s1 names it
     finally:
         overlay.unmount(view)
+
+
+ROOT_NAMES = st.binary(min_size=1, max_size=255).filter(
+    lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b".."))
+
+
+@needs_fuse
+def test_any_names_at_a_snapshots_root_are_bound_shown_and_detached():
+    """Every entry at the root is a mount point of the view: its name travels through
+    openat, move_mount, umount2 and the mount table's escapes."""
+    with mounted(views="kernel") as fs, Client(fs.mnt) as client:
+        serial = itertools.count()
+
+        @hypothesis_settings(15)
+        @given(st.lists(st.tuples(ROOT_NAMES, st.booleans()), min_size=1, max_size=6,
+                        unique_by=lambda t: t[0]))
+        def check(entries: list[tuple[bytes, bool]]) -> None:
+            ident = f"p{next(serial)}"
+            src = fs.base / ident
+            src.mkdir()
+            for name, is_dir in entries:
+                path = os.fsencode(src) + b"/" + name
+                if is_dir:
+                    os.mkdir(path)
+                    with open(path + b"/inner", "wb") as fh:
+                        fh.write(name)
+                else:
+                    with open(path, "wb") as fh:
+                        fh.write(name)
+            client.import_tree(src, ident)
+            _open_view(fs, ident)
+            _until(lambda: len(_view_mounts(fs, ident)) == len(entries), "every entry bound")
+            bound = {os.fsencode(Path(m.target).name) for m in _view_mounts(fs, ident)}
+            assert bound == {name for name, _ in entries}
+            assert_same_view(dir_view(_target(fs, ident)), dir_view(src), f"view of {ident}")
+            client.prune(ident)
+            assert _view_mounts(fs, ident) == []
+
+        check()
