@@ -117,17 +117,20 @@ def _unmount_branches(store: Path) -> None:
     from .fuse.kernel_views import detach_views
     from .state import StateManager
 
-    detach_views(store)  # a killed daemon's snapshot views, wherever they are mounted
     try:
-        StateManager.open(store, create=False).close(unmount_branches=True)
+        sm = StateManager.open(store, create=False)
     except StoreLockedError:
         raise
     except CascowfsError as exc:
+        detach_views(store)
         overlay.unmount_under(store / "branches")
         print(
             f"cascowfs umount: {exc.message}; its branch mounts were detached without it",
             file=sys.stderr,
         )
+        return
+    detach_views(store)  # a killed daemon's snapshot views, wherever they are mounted
+    sm.close(unmount_branches=True)
 
 
 def cmd_branch(args: argparse.Namespace) -> int:

@@ -36,7 +36,8 @@ from . import __version__, forks
 from .errors import BusyError, CascowfsError, InvalidArgumentError
 from .fuse.kernel_views import KernelViews, detach_views, idle_seconds, kernel_views_wanted
 from .fuse.operations import CascowOperations
-from .fuse.sysmount import FUSE_TYPE, clear_dead_mount, mount_at, store_source
+from .fuse.sysmount import FUSE_TYPE, clear_dead_mount, mount_at, store_of_source, store_source
+from .overlay import all_mounts
 from .state import StateManager
 
 log = logging.getLogger("cascowfs.daemon")
@@ -102,6 +103,19 @@ def prepare_mountpoint(mnt: Path) -> None:
         raise BusyError(f"{mnt} is already served by a running cascowfs daemon (pid {pid})")
     if not mnt.is_dir():
         raise InvalidArgumentError(f"mount point {mnt} is not a directory")
+
+
+def clear_stale_mounts(store: Path) -> None:
+    """Detach what a killed daemon of ``store`` left mounted elsewhere: its dead FUSE mount
+    (with the snapshot views on it, which no path walk can reach through a dead mount), and
+    any other view of the store's snapshots. Called with the store's lock held: no live daemon
+    owns them."""
+    for m in all_mounts():
+        if m.fstype == FUSE_TYPE and store_of_source(m.source) == store:
+            if clear_dead_mount(m.target):
+                log.warning("%s: lazily unmounted a dead FUSE mount of the store", m.target)
+    if detach_views(store):
+        log.warning("%s: detached snapshot views left by a previous daemon", store)
 
 
 def _fuse_fds() -> list[int]:
@@ -232,14 +246,13 @@ def run(
     signal.signal(signal.SIGHUP, lambda signum, frame: reopen_log_files())
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     prepare_mountpoint(mnt)
-    if detach_views(store):
-        log.warning("%s: detached snapshot views left by a previous daemon", store)
     if nice is not None:
         set_priority(nice)  # before StateManager.open starts the background threads
     log.info("opening store %s (WAL replay, branch mounts)", store)
     sm = (open_state or _open_state)(store)
     views = KernelViews(sm, mnt, idle_seconds()) if kernel_views_wanted() else None
     try:
+        clear_stale_mounts(store)
         ops = CascowOperations(
             sm,
             store,

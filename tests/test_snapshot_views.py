@@ -267,7 +267,7 @@ def test_fuse_switch_keeps_every_snapshot_on_the_daemon():
 
 
 @needs_fuse
-@pytest.mark.parametrize("cleanup", ["umount --branches", "next mount"])
+@pytest.mark.parametrize("cleanup", ["umount --branches", "next mount", "next mount elsewhere"])
 def test_kill9_leaves_views_the_next_mount_or_umount_detaches(cleanup):
     with mounted(populate=_populated, views="kernel") as fs:
         _snapshots(fs)
@@ -277,9 +277,14 @@ def test_kill9_leaves_views_the_next_mount_or_umount_detaches(cleanup):
         left = [m for m in overlay.mounts_under(fs.mnt) if m.fstype == "overlay"]
         assert {m.target for m in left} == {m.target for i in ("s1", "s2")
                                             for m in _view_mounts(fs, i)} != set()
-        if cleanup == "next mount":
+        if cleanup.startswith("next mount"):
+            old = fs.mnt
+            if cleanup.endswith("elsewhere"):  # the dead mount goes too, views and all
+                fs.mnt = fs.base / "elsewhere"
+                fs.mnt.mkdir()
             fs.start()
-            assert not [m for m in overlay.mounts_under(fs.mnt) if m.fstype == "overlay"]
+            assert not overlay.mounts_under(old) or old == fs.mnt
+            assert not [m for m in overlay.mounts_under(old) if m.fstype == "overlay"]
             _open_view(fs, "s1")
             assert (_target(fs, "s1") / "hl1").read_text() == "linked\n"
         else:
