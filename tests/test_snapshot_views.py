@@ -84,9 +84,12 @@ def _until(predicate, what: str) -> None:
 
 
 def _open_view(fs: Cascow, ident: str) -> None:
-    """Read the snapshot once through the daemon, then wait for its view to be mounted."""
-    os.listdir(_target(fs, ident))
-    _until(lambda: _view_mount(fs, ident) is not None, f"view of {ident} mounted")
+    """Read the snapshot once through the daemon, then wait until its view has bound every
+    directory and file at its root (one at a time: a walk before that would mix views)."""
+    root = os.fsencode(_target(fs, ident))
+    bindable = sum(e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False)
+                   for e in os.scandir(root))
+    _until(lambda: len(_view_mounts(fs, ident)) == bindable, f"view of {ident} mounted")
 
 
 def _linked_view(root: Path) -> dict:
