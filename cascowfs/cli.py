@@ -167,6 +167,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
     except OSError as exc:
         if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
             raise
+    from .fuse.kernel_views import detach_views
+
+    detach_views(under=mnt)  # snapshots' kernel views would keep MNT busy
     try:
         umount2(mnt, MNT_DETACH if args.lazy or pid is None else 0)
     except OSError as exc:
@@ -195,19 +198,24 @@ def _unmount_branches(store: Path) -> None:
     left half done; a store that cannot be opened (a failed disk, a store gone) still has its
     branch mounts detached. One that another daemon holds keeps them: they are its branches."""
     from . import overlay
+    from .fuse.kernel_views import detach_views
     from .state import StateManager
 
     try:
-        StateManager.open(store, create=False).close(unmount_branches=True)
+        sm = StateManager.open(store, create=False)
     except StoreLockedError:
         raise
     except CascowfsError as exc:
+        detach_views(store)
         overlay.unmount_under(store / "branches")
         overlay.unmount_under(store / "mounts")  # the layer images the branches stacked
         print(
             f"cascowfs umount: {exc.message}; its branch mounts were detached without it",
             file=sys.stderr,
         )
+        return
+    detach_views(store)  # a killed daemon's snapshot views, wherever they are mounted
+    sm.close(unmount_branches=True)
 
 
 def cmd_branch(args: argparse.Namespace) -> int:

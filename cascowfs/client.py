@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import filecmp
 import json
 import os
 import stat
@@ -463,6 +464,23 @@ def _dir_meta(path: Path, st: os.stat_result) -> tuple:
     return (st.st_mode, st.st_uid, st.st_gid, xattrs)
 
 
+def _same_file(pa: Path | None, sa: os.stat_result, pb: Path | None, sb: os.stat_result) -> bool:
+    """Equal content and metadata. Served by the daemon, files are equal exactly when their
+    inode numbers are; two kernel views (two overlay mounts) have numbers of their own, so
+    there the attributes, xattrs and bytes are compared."""
+    if sa.st_dev == sb.st_dev:
+        return sa.st_ino == sb.st_ino
+    assert pa is not None and pb is not None
+    shown = ("st_mode", "st_uid", "st_gid", "st_size", "st_mtime_ns", "st_rdev")
+    if any(getattr(sa, key) != getattr(sb, key) for key in shown):
+        return False
+    if _dir_meta(pa, sa) != _dir_meta(pb, sb):  # the xattrs
+        return False
+    if stat.S_ISLNK(sa.st_mode):
+        return os.readlink(pa) == os.readlink(pb)
+    return not stat.S_ISREG(sa.st_mode) or filecmp.cmp(pa, pb, shallow=False)
+
+
 def _diff_dirs(a: Path | None, b: Path | None, prefix: str, changes: list[Change]) -> None:
     if a is not None and b is not None:
         ta, tb = _tree_id(a), _tree_id(b)
@@ -489,5 +507,5 @@ def _diff_dirs(a: Path | None, b: Path | None, prefix: str, changes: list[Change
             assert pa is not None and pb is not None
             _report(pa, rel, stat.S_ISDIR(sa.st_mode), "D", changes)
             _report(pb, rel, stat.S_ISDIR(sb.st_mode), "A", changes)
-        elif sa.st_ino != sb.st_ino:
+        elif not _same_file(pa, sa, pb, sb):
             changes.append(Change(rel, "M"))

@@ -34,8 +34,10 @@ import trio
 
 from . import __version__, forks, logs
 from .errors import BusyError, CascowfsError, InvalidArgumentError
+from .fuse.kernel_views import KernelViews, detach_views, idle_seconds, kernel_views_wanted
 from .fuse.operations import CascowOperations
-from .fuse.sysmount import FUSE_TYPE, clear_dead_mount, mount_at, store_source
+from .fuse.sysmount import FUSE_TYPE, clear_dead_mount, mount_at, store_of_source, store_source
+from .overlay import all_mounts
 from .state import StateManager
 
 log = logging.getLogger("cascowfs.daemon")
@@ -111,6 +113,19 @@ def prepare_mountpoint(mnt: Path) -> None:
         raise InvalidArgumentError(f"mount point {mnt} is not a directory")
 
 
+def clear_stale_mounts(store: Path) -> None:
+    """Detach what a killed daemon of ``store`` left mounted elsewhere: its dead FUSE mount
+    (with the snapshot views on it, which no path walk can reach through a dead mount), and
+    any other view of the store's snapshots. Called with the store's lock held: no live daemon
+    owns them."""
+    for m in all_mounts():
+        if m.fstype == FUSE_TYPE and store_of_source(m.source) == store:
+            if clear_dead_mount(m.target):
+                log.warning("%s: lazily unmounted a dead FUSE mount of the store", m.target)
+    if detach_views(store):
+        log.warning("%s: detached snapshot views left by a previous daemon", store)
+
+
 def _fuse_fds() -> list[int]:
     """This process's descriptors on /dev/fuse (the FUSE session's channel)."""
     out = []
@@ -184,6 +199,8 @@ async def _serve(
             nursery.start_soon(_ping_watchdog, interval)
         if status is not None and os.environ.get("NOTIFY_SOCKET"):
             nursery.start_soon(_report_status, status)
+        if ops.views is not None:
+            nursery.start_soon(ops.views.expire_forever)
         ready()
         await pyfuse3.main(min_tasks=FUSE_WORKER_TASKS)
         nursery.cancel_scope.cancel()
@@ -197,6 +214,8 @@ async def _watch_signals(ops: CascowOperations) -> None:
                 continue
             log.info("%s: unmounting", signal.Signals(signum).name)
             sd_notify("STOPPING=1")
+            if ops.views is not None:  # while the loop still answers their path walks
+                await trio.to_thread.run_sync(ops.views.detach_all)
             pyfuse3.terminate()
             return
 
@@ -239,7 +258,9 @@ def run(
         set_priority(nice)  # before StateManager.open starts the background threads
     log.info("opening store %s (WAL replay, branch mounts)", store)
     sm = (open_state or _open_state)(store)
+    views = KernelViews(sm, mnt, idle_seconds()) if kernel_views_wanted() else None
     try:
+        clear_stale_mounts(store)
         ops = CascowOperations(
             sm,
             store,
@@ -249,6 +270,7 @@ def run(
                 "store": str(store),
                 "version": __version__,
             },
+            views=views,
         )
         try:
             pyfuse3.init(ops, str(mnt), mount_options(store))

@@ -20,8 +20,14 @@ from .errors import StoreIOError
 _libc = ctypes.CDLL(None, use_errno=True)
 
 _SYSCALLS = {
-    "x86_64": {"fsopen": 430, "fsconfig": 431, "fsmount": 432, "move_mount": 429},
-    "aarch64": {"fsopen": 430, "fsconfig": 431, "fsmount": 432, "move_mount": 429},
+    "x86_64": {"fsopen": 430, "fsconfig": 431, "fsmount": 432, "move_mount": 429, "open_tree": 428},
+    "aarch64": {
+        "fsopen": 430,
+        "fsconfig": 431,
+        "fsmount": 432,
+        "move_mount": 429,
+        "open_tree": 428,
+    },
 }
 _FSOPEN_CLOEXEC = 0x1
 _FSCONFIG_SET_FLAG = 0
@@ -29,10 +35,15 @@ _FSCONFIG_SET_STRING = 1
 _FSCONFIG_CMD_CREATE = 6
 _FSMOUNT_CLOEXEC = 0x1
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_OPEN_TREE_CLONE = 0x1
+_OPEN_TREE_CLOEXEC = 0o2000000
+_AT_EMPTY_PATH = 0x1000
 _AT_FDCWD = -100
 _MNT_DETACH = 2
 _MS_RDONLY = 1
 _MOUNT_ATTR_RDONLY = 0x1
+_MOUNT_ATTR_NOSUID = 0x2
+_MOUNT_ATTR_NODEV = 0x4
 
 MAX_LOWER_LAYERS = 500  # the kernel's limit (OVL_MAX_STACK)
 
@@ -75,13 +86,29 @@ def mount_overlay(
     readonly: bool = False,
 ) -> None:
     """Mount an overlay at ``target``: ``lowers`` top first; no upper means read-only."""
+    _attach("overlay", target, overlay_mount_fd(target, lowers, upper, work, readonly=readonly))
+
+
+def overlay_mount_fd(
+    shown: Path,
+    lowers: list[Path],
+    upper: Path | None = None,
+    work: Path | None = None,
+    *,
+    readonly: bool = False,
+    source: str = "cascowfs",
+    nosuid_nodev: bool = False,
+) -> int:
+    """A new overlay mount, attached nowhere yet: its descriptor (``fsmount``), for
+    ``move_mount`` or ``clone_into``. ``shown`` names it in errors; ``source`` is the mount
+    table's first column (what tells our mounts apart)."""
     if not lowers:
         raise ValueError("an overlay needs at least one lower layer")
     if len(lowers) > MAX_LOWER_LAYERS:
         raise MountError(f"{len(lowers)} lower layers exceed the kernel's {MAX_LOWER_LAYERS}")
     if upper is not None and work is None:
         raise ValueError("an overlay with an upper layer needs a work directory")
-    options: list[tuple[str, bytes | None]] = [("source", b"cascowfs")]
+    options: list[tuple[str, bytes | None]] = [("source", os.fsencode(source))]
     options += [("lowerdir+", os.fsencode(layer)) for layer in lowers]
     if upper is not None and work is not None:
         # overlayfs unescapes backslashes in these two paths (not in lowerdir+)
@@ -89,19 +116,23 @@ def mount_overlay(
         options.append(("workdir", os.fsencode(work).replace(b"\\", b"\\\\")))
         options.append(("volatile", None))
     options += [("redirect_dir", b"on"), ("index", b"off"), ("metacopy", b"off")]
-    _mount("overlay", target, options, readonly=readonly)
+    attrs = (_MOUNT_ATTR_RDONLY if readonly else 0) | (
+        _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV if nosuid_nodev else 0
+    )
+    return _new_mount_fd("overlay", shown, options, attrs)
 
 
 def mount_erofs(target: Path, source: Path) -> None:
     """Mount the EROFS image (or block device) ``source`` read-only at ``target``."""
-    _mount("erofs", target, [("source", os.fsencode(source)), ("ro", None)], readonly=True)
+    options: list[tuple[str, bytes | None]] = [("source", os.fsencode(source)), ("ro", None)]
+    _attach("erofs", target, _new_mount_fd("erofs", target, options, _MOUNT_ATTR_RDONLY))
 
 
-def _mount(
-    fstype: str, target: Path, options: list[tuple[str, bytes | None]], *, readonly: bool
-) -> None:
-    """A new mount of ``fstype`` at ``target``, configured by ``options`` (a value of None
-    sets a flag)."""
+def _new_mount_fd(
+    fstype: str, shown: Path, options: list[tuple[str, bytes | None]], attrs: int
+) -> int:
+    """A new mount of ``fstype`` configured by ``options`` (a value of None sets a flag),
+    attached nowhere yet: its descriptor. ``shown`` names it in errors."""
     fs_fd = _syscall("fsopen", fstype.encode(), _FSOPEN_CLOEXEC)
     try:
         try:
@@ -111,18 +142,20 @@ def _mount(
                 else:
                     _syscall("fsconfig", fs_fd, _FSCONFIG_SET_STRING, key.encode(), value, 0)
             _syscall("fsconfig", fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
-            mnt_fd = _syscall(
-                "fsmount", fs_fd, _FSMOUNT_CLOEXEC, _MOUNT_ATTR_RDONLY if readonly else 0
-            )
+            return _syscall("fsmount", fs_fd, _FSMOUNT_CLOEXEC, attrs)
         except OSError as exc:
             detail = _fs_messages(fs_fd)
             raise MountError(
-                f"{fstype} mount at {target} failed: {exc.strerror}"
+                f"{fstype} mount at {shown} failed: {exc.strerror}"
                 + (f" ({detail})" if detail else ""),
                 errno=exc.errno,
             ) from None
     finally:
         os.close(fs_fd)
+
+
+def _attach(fstype: str, target: Path, mnt_fd: int) -> None:
+    """Attach the new mount ``mnt_fd`` at ``target``; the descriptor is closed."""
     try:
         _syscall(
             "move_mount", mnt_fd, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH
@@ -133,6 +166,23 @@ def _mount(
         ) from None
     finally:
         os.close(mnt_fd)
+
+
+def clone_into(mnt_fd: int, name: bytes, target_dir_fd: int, target_name: bytes) -> None:
+    """Bind what ``name`` is inside mount ``mnt_fd`` (a directory or a file) onto
+    ``target_name`` in directory ``target_dir_fd``: ``open_tree(OPEN_TREE_CLONE)`` of it and
+    ``move_mount``, so the source mount itself need never be attached anywhere."""
+    child = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=mnt_fd)
+    try:
+        tree_fd = _syscall(
+            "open_tree", child, b"", _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC | _AT_EMPTY_PATH
+        )
+    finally:
+        os.close(child)
+    try:
+        _syscall("move_mount", tree_fd, b"", target_dir_fd, target_name, _MOVE_MOUNT_F_EMPTY_PATH)
+    finally:
+        os.close(tree_fd)
 
 
 def unmount(target: Path, *, lazy: bool = True) -> bool:
@@ -211,10 +261,15 @@ def overlay_dirs(m: MountRecord) -> OverlayDirs:
 def all_mounts() -> list[MountRecord]:
     """Every mount of this mount namespace, in mount order (from /proc/self/mountinfo)."""
     found = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
+    # Fields are separated by single spaces; the kernel escapes space, tab, newline and
+    # backslash in paths but no other byte, so a path may hold a carriage return or a vertical
+    # tab, which str.split() and universal newlines would take for separators.
+    with open(
+        "/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape", newline="\n"
+    ) as fh:
         for line in fh:
-            left, _, right = line.partition(" - ")
-            lf, rf = left.split(), right.split()
+            left, _, right = line.rstrip("\n").partition(" - ")
+            lf, rf = left.split(" "), right.split(" ")
             if len(lf) < 5 or len(rf) < 2:
                 continue
             found.append(

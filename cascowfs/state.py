@@ -64,6 +64,7 @@ from .extents import read_pieces
 from .fuse.sysmount import FUSE_TYPE, store_of_source
 from .gate import OpGate
 from .layer_builder import LayerBuilder, compressed
+from .layer_pins import LayerPins
 from .metadb import MetaDB
 from .model import BranchInfo, Change, Entry, SnapshotInfo
 from .names import (
@@ -165,6 +166,7 @@ class StateManager:
         self.empty_dir = store / "empty"
         self.mounts_dir = store / "mounts"  # layer images' mount points
         self.trash = Trash(self.trash_dir)
+        self.pins = LayerPins()  # layers that kernel views of snapshots stack
         self._ops = OpGate()
         self._branch_locks: dict[str, threading.Lock] = {}
         self._branch_locks_guard = threading.Lock()
@@ -607,6 +609,7 @@ class StateManager:
         """Move what an applied op dropped (``layers``, by id, and ``paths``) into the trash.
         The op is durable already, so a failure here must not fail it: the next open trashes
         whatever no record names."""
+        layers = self.pins.unheld(layers)  # a layer a snapshot's view stacks waits for it
         self.layers.unmount_images(layers)  # overlays still stacking one keep it
         self.trash.put_after_apply([*paths, *(self.layers.path(lid) for lid in layers)], self.store)
 
@@ -1107,7 +1110,11 @@ class StateManager:
             objects = self.collect(progress=progress)
             with self.db.read() as txn:
                 layer_ids = self.catalog.layer_ids(txn)
-            stray = [e for e in os.listdir(self.layers_dir) if e not in layer_ids]
+            stray = [
+                e
+                for e in os.listdir(self.layers_dir)
+                if e not in layer_ids and not self.pins.keeps(e)
+            ]
             self.layers.unmount_images(stray)
             for entry in stray:
                 self.trash.put(self.layers.path(entry))
@@ -1197,6 +1204,35 @@ class StateManager:
 
     def _branch_info(self, name: str, rec: BranchRecord) -> BranchInfo:
         return BranchInfo(name, rec.parent, self.tree_path(name), rec.created_ns, rec.last_commit)
+
+    def hold_snapshot_layers(self, id: str) -> tuple[list[str], list[Path]]:
+        """The layer chain of snapshot ``id`` (ids) and the lower directories an overlay of
+        it stacks (top first), written if need be and held (``LayerPins``) until
+        ``release_layers``: a merge that replaces the chain meanwhile leaves them in place."""
+        id = check_snapshot_id(id)
+        while True:
+            with self.db.read() as txn:
+                chain = self.catalog.snapshot(txn, id).layers
+            self.pins.hold(chain)
+            try:
+                # read again: a chain dropped before the hold may be in the trash already
+                with self.db.read() as txn:
+                    held = self.catalog.snapshot(txn, id).layers == chain
+                if held:
+                    self.layers.build_chain(chain)
+                    return chain, self.lower_paths(chain)
+            except BaseException:
+                self.release_layers(chain)
+                raise
+            self.release_layers(chain)
+
+    def release_layers(self, chain: list[str]) -> None:
+        """Let go of layers ``hold_snapshot_layers`` held; dropped ones go to the trash."""
+        free = self.pins.release(chain)
+        if free:
+            self.layers.unmount_images(free)  # overlays still stacking one keep it
+            self.trash.put_after_apply([self.layers.path(lid) for lid in free], self.store)
+            self._background.put(EmptyTrash())
 
     def layer_chain(self, id: str) -> list[Path]:
         """The lower directories a branch on snapshot ``id`` is mounted on (top first), its

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from cascowfs import overlay
+
 DEFAULT_SIZE = 24 << 30  # sparse; only written blocks take space on /
 IMAGE_PARENT = os.environ.get("CASCOWFS_BENCH_IMAGES", "/var/tmp")
 
@@ -61,11 +63,9 @@ def mounts_below(path: str | os.PathLike[str]) -> list[str]:
     """Mount points at or below path, deepest first (from /proc/self/mountinfo)."""
     root = os.path.realpath(path)
     out = []
-    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
-        for line in f:
-            mp = line.split()[4].encode(errors="surrogateescape").decode("unicode_escape")
-            if mp == root or mp.startswith(root + "/"):
-                out.append(mp)
+    for m in overlay.all_mounts():  # any byte a mount point may hold, parsed right
+        if m.target == root or m.target.startswith(root + "/"):
+            out.append(m.target)
     return sorted(set(out), key=lambda p: (-p.count("/"), p))
 
 
@@ -172,9 +172,9 @@ def fs_description(path: str | os.PathLike[str]) -> dict:
     real = os.path.realpath(path)
     best = None
     # any mount point's name may hold bytes that are not UTF-8 (a test's hostile names)
-    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
+    with open("/proc/self/mountinfo", errors="surrogateescape", newline="\n") as f:
         for line in f:
-            parts = line.split()
+            parts = line.split(" ")
             mp = parts[4]
             if real == mp or real.startswith(mp.rstrip("/") + "/"):
                 if best is None or len(mp) >= len(best[4]):

@@ -65,6 +65,7 @@ from .inodes import (
     SnapDirNode,
     SnapLeafNode,
 )
+from .kernel_views import KernelViews
 from .snapshot_view import (
     IMMUTABLE_TIMEOUT,
     TREE_XATTR,
@@ -175,9 +176,11 @@ class CascowOperations(pyfuse3.Operations):
         *,
         admin_gid: int | None = None,
         info: dict[str, str] | None = None,
+        views: KernelViews | None = None,
     ) -> None:
         super().__init__()
         self.sm = sm
+        self.views = views  # None: every snapshot is served here (kernel_views.py)
         self.store = str(store)
         self.admin_gid = admin_gid
         self.info = dict(info or {})
@@ -275,6 +278,27 @@ class CascowOperations(pyfuse3.Operations):
             OBSERVATIONS_INO,
             EPISODES_INO,
         )
+
+    def _want_view(self, node: Node) -> None:
+        """Have the kernel serve ``node``'s snapshot from now on, if it does not yet: mounted
+        by a worker thread once this request is answered (kernel_views.py says why)."""
+        if (
+            self.views is not None
+            and isinstance(node, SnapDirNode)
+            and self.views.wanted(node.snap)
+        ):
+            trio.lowlevel.spawn_system_task(self._attach_view, node.snap)
+
+    async def _attach_view(self, ident: str) -> None:
+        assert self.views is not None
+        try:
+            await trio.to_thread.run_sync(self.views.attach, ident)
+        except Exception:  # a system task must not raise: it would end the daemon
+            log.exception("mounting the kernel view of snapshot %s", ident)
+
+    async def _detach_view(self, ident: str) -> None:
+        if self.views is not None:
+            await trio.to_thread.run_sync(self.views.detach, ident)
 
     def _refuse_change(self, node: Node) -> pyfuse3.FUSEError:
         """The errno of a namespace/metadata change we do not support under ``node``."""
@@ -519,9 +543,11 @@ class CascowOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        node = await self._lookup_node(self._node(parent_inode), name)
+        parent = self._node(parent_inode)
+        node = await self._lookup_node(parent, name)
         attr = await self._attrs(node)
         self.table.looked_up(node)
+        self._want_view(parent if isinstance(parent, SnapDirNode) else node)
         return attr
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -629,6 +655,7 @@ class CascowOperations(pyfuse3.Operations):
         node = self._node(inode)
         if not isinstance(node, (SnapDirNode, SkeletonNode, BranchDirNode)):
             raise _err(errno.ENOTDIR)
+        self._want_view(node)
         return self._new_handle(DirHandle(node))
 
     async def _listing(self, node: Node) -> list[tuple[bytes, Any]]:
@@ -732,6 +759,7 @@ class CascowOperations(pyfuse3.Operations):
                 if ident is None:
                     raise NotFoundError(f"no snapshot {name!r}")
                 await self._q(self.sm.prune, ident)
+            await self._detach_view(ident)
             self.table.detach(parent, name)
             self.changed_ns[SNAPSHOTS_INO] = time.time_ns()
             await self._invalidate(OBSERVATIONS_INO, name)
@@ -911,6 +939,7 @@ class CascowOperations(pyfuse3.Operations):
             await self._invalidate(BRANCHES_INO, cmd.name.encode())
         elif cmd.verb == "prune" and cmd.id:
             self.changed_ns[SNAPSHOTS_INO] = now
+            await self._detach_view(cmd.id)
             self.table.detach(self.snapshots, cmd.id.encode())
             await self._invalidate(SNAPSHOTS_INO, cmd.id.encode())
             await self._invalidate(OBSERVATIONS_INO, cmd.id.encode())  # its observation goes too

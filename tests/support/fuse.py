@@ -72,10 +72,17 @@ class NotifySocket:
 
 
 class Cascow:
-    """One store and one mount point, and the daemon serving them."""
+    """One store and one mount point, and the daemon serving them.
 
-    def __init__(self, base: Path) -> None:
+    ``views``: how the daemon serves ``snapshots/<id>/`` (``CASCOWFS_SNAPSHOT_VIEWS``).
+    "fuse" by default, so that a test sees the daemon's own view whenever it looks (kernel
+    views attach asynchronously after a first access); "kernel" for tests of those views.
+    ``view_idle``: seconds between two rounds of the views' idle expiry."""
+
+    def __init__(self, base: Path, *, views: str = "fuse", view_idle: float | None = None) -> None:
         self.base = base
+        self.views = views
+        self.view_idle = view_idle
         self.store = base / "store"
         self.mnt = base / "mnt"
         self.log = base / "daemon.log"
@@ -89,7 +96,10 @@ class Cascow:
         assert self.proc is None or self.proc.poll() is not None, "daemon already running"
         if self.notify is None:
             self.notify = NotifySocket(self.base / "notify.sock")
-        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify.path))
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify.path),
+                   CASCOWFS_SNAPSHOT_VIEWS=self.views)
+        if self.view_idle is not None:
+            env["CASCOWFS_SNAPSHOT_VIEWS_IDLE"] = str(self.view_idle)
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [*CLI, "mount", str(self.store), str(self.mnt), "--log-file", str(self.log), *extra],
@@ -214,10 +224,11 @@ def cascow_base() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def mounted(*extra: str, populate=None) -> Iterator[Cascow]:
-    """A running daemon over a fresh store; ``populate(store)`` may fill it offline first."""
+def mounted(*extra: str, populate=None, **options) -> Iterator[Cascow]:
+    """A running daemon over a fresh store; ``populate(store)`` may fill it offline first;
+    ``options`` go to ``Cascow``."""
     with cascow_base() as base:
-        fs = Cascow(base)
+        fs = Cascow(base, **options)
         try:
             if populate is not None:
                 populate(fs)

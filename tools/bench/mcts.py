@@ -57,6 +57,7 @@ from tools import benchfs, fetch_corpus
 
 from .host import REPO, log
 from .sections import bench_growth, bench_mount, bench_read_path, bench_system
+from .snapshot_read import bench_snapshot_read
 from .systems import SYSTEMS, CascowSystem
 from .workload import corpus_files
 
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-read-path", action="store_true")
     ap.add_argument("--read-repeat", type=int, default=3)
     ap.add_argument("--compile-repeat", type=int, default=1)
+    ap.add_argument("--no-snapshot-read", action="store_true")
+    ap.add_argument("--snapshot-read-repeat", type=int, default=5)
     ap.add_argument(
         "--growth",
         type=int,
@@ -195,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if not args.no_read_path:
         result["read_path"] = bench_read_path(tree, args, cinfo)
+        save()
+    if not args.no_snapshot_read:
+        result["snapshot_read"] = bench_snapshot_read(tree, args)
         save()
     if args.growth:
         result["growth"] = bench_growth(tree, args, files, cinfo)

@@ -35,6 +35,7 @@ from .results import (
     merge,
     normalize_read_path,
 )
+from .snapshot_read import report_lines as snapshot_read_lines
 from .tables import (
     import_table,
     machine_table,
@@ -498,6 +499,8 @@ def _import_and_read(d: dict) -> list[str]:
         "",
     ]
     out += ["### Read path", ""] + read_table(d.get("read_path") or {}) + [""]
+    if "snapshot_read" in d:
+        out += ["### Reading snapshots", ""] + snapshot_read_lines(d["snapshot_read"]) + [""]
     return out
 
 

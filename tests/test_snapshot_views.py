@@ -1,0 +1,397 @@
+"""Kernel views of snapshots (cascowfs/fuse/kernel_views.py): MNT/snapshots/<id>/ served by
+a read-only overlayfs once read, showing exactly what the daemon's own view shows, refusing
+every write with EROFS, expiring when idle, detached on prune, cleaned up after kill -9; and
+the layers a view stacks kept while it stands."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cascowfs import overlay
+from cascowfs.client import Client
+from cascowfs.fsmeta import RESERVED_XATTR_PREFIX
+from fusehelpers import Cascow, cascow_base, mounted, needs_fuse, run_cli
+from support.properties import hypothesis_settings
+from support.skips import needs_overlay
+from support.views import assert_same_view, dir_view, snapshot_view
+from test_fuse_snapshots import _build as build_every_kind
+
+WAIT = 60.0  # seconds a view may take to come or go on a loaded machine (not a bound we test)
+
+HOSTILE_NAMES = [
+    "with space", "new\nline", "tab\there", "back\\slash", "-leading-dash", "colon:comma,",
+    "lowerdir+=x", "..dots..", "x" * 255, os.fsdecode(b"latin1-\xe9\xff"), "ünïcødé", "*?[]",
+]
+
+
+def _build(src: Path) -> None:
+    """Every kind of entry (test_fuse_snapshots's tree), forged names, hostile names."""
+    build_every_kind(src)
+    os.setxattr(src, "user.rootattr", b"on the root")
+    # a tree may try to forge cascowfs's own names: import strips them (issue 21)
+    os.setxattr(src / "dir" / "owned", "user.cascowfs.label.reward", b"99")
+    os.setxattr(src, "user.cascowfs.parent", b"forged")
+    hostile = src / "hostile"
+    hostile.mkdir()
+    for name in HOSTILE_NAMES:
+        (hostile / name).write_bytes(os.fsencode(name) + b"\n")
+        os.setxattr(hostile / name, "user.name", os.fsencode(name)[:200])
+    (hostile / "sub dir\\,:").mkdir()
+    (hostile / "sub dir\\,:" / "inner").write_text("inner\n")
+    t = 1_000_000_000_123_456_789
+    os.utime(src / "dir" / "owned", ns=(t, t))
+
+
+def _edit(tree: Path) -> None:
+    """A commit's worth of changes: edits, a deletion, a new file, a metadata change."""
+    (tree / "dir" / "owned").write_text("changed\n")
+    (tree / "rel-link").unlink()
+    (tree / "dir" / "sub" / "new").write_text("new\n")
+    os.chmod(tree / "dir", 0o750)
+    (tree / "hostile" / "with space").unlink()
+
+
+def _target(fs: Cascow, ident: str) -> Path:
+    return fs.mnt / "snapshots" / ident
+
+
+def _view_mounts(fs: Cascow, ident: str) -> list[overlay.MountRecord]:
+    """The mounts of a snapshot's view: one on each directory and file at its root."""
+    below = str(_target(fs, ident)) + "/"
+    return [m for m in overlay.all_mounts() if m.target.startswith(below)]
+
+
+def _view_mount(fs: Cascow, ident: str) -> overlay.MountRecord | None:
+    found = _view_mounts(fs, ident)
+    return found[0] if found else None
+
+
+def _until(predicate, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {WAIT} s")
+        time.sleep(0.02)
+
+
+def _open_view(fs: Cascow, ident: str) -> None:
+    """Read the snapshot once through the daemon, then wait until its view has bound every
+    directory and file at its root (one at a time: a walk before that would mix views)."""
+    root = os.fsencode(_target(fs, ident))
+    bindable = sum(e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False)
+                   for e in os.scandir(root))
+    _until(lambda: len(_view_mounts(fs, ident)) == bindable, f"view of {ident} mounted")
+
+
+def _linked_view(root: Path) -> dict:
+    """``dir_view`` with hard links only where ``st_nlink`` says so: the daemon's view gives
+    identical files one inode number (they share the page cache) without linking them, the
+    kernel view gives each file its layer's inode."""
+    view = dir_view(root)
+    base = os.fsencode(root)
+    for rel, node in view.items():
+        if node.links and os.lstat(base + b"/" + rel).st_nlink == 1:
+            view[rel] = node._replace(links=None)
+    return view
+
+
+def _root_xattrs(path: Path) -> dict[str, bytes]:
+    return {n: os.getxattr(path, n) for n in os.listxattr(path)}
+
+
+def _populated(fs: Cascow) -> None:
+    _build(fs.base / "src")
+
+
+def _snapshots(fs: Cascow) -> None:
+    """s1 imported; s2 committed from a branch on it (a delta layer over s1's)."""
+    with Client(fs.mnt) as client:
+        client.import_tree(fs.base / "src", "s1", {"origin": "test", "reward": "0.5"})
+        _edit(Path(client.branch("b", "s1")))
+        client.commit("b", "s2", {"step": "2"})
+
+
+@needs_fuse
+def test_kernel_view_shows_exactly_the_fuse_view():
+    with cascow_base() as base:
+        (base / "a dir, with: hostile\\chars").mkdir()
+        fs = Cascow(base / "a dir, with: hostile\\chars", views="fuse")
+        _populated(fs)
+        try:
+            fs.start()
+            _snapshots(fs)
+            want = {i: _linked_view(_target(fs, i)) for i in ("s1", "s2")}
+            want_xattrs = {i: _root_xattrs(_target(fs, i)) for i in ("s1", "s2")}
+            with Client(fs.mnt) as client:
+                want_diff = client.diff("s1", "s2")
+            fs.stop()
+            fs.views = "kernel"
+            fs.start()
+            for ident in ("s1", "s2"):
+                _open_view(fs, ident)
+                got = _linked_view(_target(fs, ident))
+                assert_same_view(got, want[ident], f"kernel view of {ident}")
+                # the recorded names on the root, exactly; none forged by the tree anywhere
+                assert _root_xattrs(_target(fs, ident)) == want_xattrs[ident]
+                assert "user.cascowfs.root" in want_xattrs[ident]
+                assert os.getxattr(_target(fs, ident), "user.rootattr") == b"on the root"
+                for dirpath, dirnames, filenames in os.walk(_target(fs, ident)):
+                    for name in dirnames + filenames:
+                        path = os.path.join(dirpath, name)
+                        if os.path.islink(path):
+                            continue
+                        assert not any(os.fsencode(n).startswith(RESERVED_XATTR_PREFIX)
+                                       for n in os.listxattr(path)), path
+            assert want_xattrs["s1"]["user.cascowfs.label.origin"] == b"test"
+            assert want_xattrs["s2"]["user.cascowfs.parent"] == b"s1"
+            # the files the views show: a kernel view, in the mount table, on each directory
+            # and file at the root; the root itself stays the daemon's
+            bound = {os.fsencode(Path(m.target).name) for m in _view_mounts(fs, "s1")}
+            src = os.fsencode(fs.base / "src")
+            assert bound == {e.name for e in os.scandir(src)
+                             if e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False)}
+            assert all(m.fstype == "overlay" and m.source.startswith("cascowfs-snapshot:")
+                       for m in _view_mounts(fs, "s1"))
+            assert os.statvfs(_target(fs, "s1") / "dir").f_flag & os.ST_RDONLY
+            assert os.getxattr(_target(fs, "s1"), "user.cascowfs.tree")
+            # Client.diff over two kernel views agrees with its walk of the daemon's views
+            with Client(fs.mnt) as client:
+                got_diff = client.diff("s1", "s2")
+            assert got_diff == want_diff
+            assert {c.path for c in got_diff} >= {"dir/owned", "dir/sub/new", "rel-link"}
+        finally:
+            fs.teardown()
+
+
+@needs_fuse
+def test_every_write_into_a_kernel_view_is_refused_with_erofs():
+    with mounted(populate=_populated, views="kernel") as fs:
+        _snapshots(fs)
+        _open_view(fs, "s1")
+        root = _target(fs, "s1")
+        f, d = root / "dir" / "owned", root / "dir"
+        attempts = {
+            "open for writing": lambda: os.open(f, os.O_WRONLY),
+            "open O_TRUNC": lambda: os.open(f, os.O_RDONLY | os.O_TRUNC),
+            "create": lambda: os.open(d / "new", os.O_WRONLY | os.O_CREAT, 0o644),
+            "mkdir": lambda: os.mkdir(d / "newdir"),
+            "rmdir": lambda: os.rmdir(d / "sub"),
+            "unlink": lambda: os.unlink(f),
+            "rename": lambda: os.rename(f, d / "moved"),
+            "symlink": lambda: os.symlink("x", d / "link"),
+            "link": lambda: os.link(f, d / "hard"),
+            "mknod": lambda: os.mkfifo(d / "fifo2"),
+            "truncate": lambda: os.truncate(f, 0),
+            "chmod": lambda: os.chmod(f, 0o600),
+            "chown": lambda: os.chown(f, 1, 1),
+            "utime": lambda: os.utime(f, ns=(1, 1)),
+            "setxattr": lambda: os.setxattr(f, "user.x", b"1"),
+            "removexattr": lambda: os.removexattr(root / "big.bin", "user.kind"),
+            "setxattr on the root": lambda: os.setxattr(root, "user.cascowfs.label.x", b"1"),
+            "rename of the root": lambda: os.rename(root, root.parent / "renamed"),
+            "mkdir in snapshots/": lambda: os.mkdir(root.parent / "handmade"),
+        }
+        for what, attempt in attempts.items():
+            with pytest.raises(OSError) as caught:
+                attempt()
+            assert caught.value.errno == errno.EROFS, what
+        assert (root / "dir" / "owned").read_text() == "owned\n"
+        assert _view_mount(fs, "s1") is not None  # all of that was the kernel view's answer
+
+
+@needs_fuse
+@pytest.mark.parametrize("prune", ["ctl", "rmdir"])
+def test_prune_detaches_the_view_and_an_open_file_reads_on(prune):
+    with mounted(populate=_populated, views="kernel") as fs:
+        _snapshots(fs)
+        fs.ctl("discard b")
+        _open_view(fs, "s2")
+        want = (fs.base / "src" / "big.bin").read_bytes()
+        with open(_target(fs, "s2") / "big.bin", "rb") as fh:
+            head = fh.read(4096)
+            if prune == "ctl":
+                code, reply = fs.ctl("prune s2")
+                assert code == 0, reply
+            else:  # the snapshot's own directory is no mount point: rmdir reaches the daemon
+                os.rmdir(_target(fs, "s2"))
+            assert _view_mount(fs, "s2") is None
+            assert "s2" not in os.listdir(fs.mnt / "snapshots")
+            code, reply = fs.ctl("gc")  # empties the trash: the layers it dropped go
+            assert code == 0, reply
+            assert head + fh.read() == want
+        assert not _target(fs, "s2").exists()
+        _open_view(fs, "s1")  # the other snapshot's view is unaffected
+        assert (_target(fs, "s1") / "big.bin").read_bytes() == want
+
+
+@needs_fuse
+def test_idle_entries_of_a_view_expire_and_busy_ones_stay():
+    with mounted(populate=_populated, views="kernel", view_idle=0.2) as fs:
+        _snapshots(fs)
+        _open_view(fs, "s1")
+        busy = str(_target(fs, "s1") / "dir")
+        fd = os.open(busy, os.O_RDONLY)
+        try:
+            _until(lambda: [m.target for m in _view_mounts(fs, "s1")] == [busy],
+                   "the idle entries of s1's view unmounted")
+            # one in use is never unmounted, however many expiry rounds pass
+            time.sleep(1.0)  # five expiry rounds
+            assert [m.target for m in _view_mounts(fs, "s1")] == [busy]
+            assert os.listdir(f"/proc/self/fd/{fd}") == os.listdir(busy)
+        finally:
+            os.close(fd)
+        _until(lambda: not _view_mounts(fs, "s1"), "the view of s1 gone once idle")
+        # the daemon's view serves again, and the next read that reaches it binds again
+        assert (_target(fs, "s1") / "dir" / "owned").read_text() == "owned\n"
+        assert sorted(os.listdir(_target(fs, "s1") / "dir"))
+        _until(lambda: _view_mount(fs, "s1") is not None, "view of s1 mounted again")
+        assert (_target(fs, "s1") / "dir" / "owned").read_text() == "owned\n"
+
+
+@needs_fuse
+def test_fuse_switch_keeps_every_snapshot_on_the_daemon():
+    with mounted(populate=_populated, views="fuse") as fs:
+        _snapshots(fs)
+        for _ in range(2):
+            os.listdir(_target(fs, "s1"))
+            (_target(fs, "s1") / "dir" / "owned").read_text()
+            fs.ctl("branch probe s1")  # a round trip: an attach would have started by now
+        assert os.getxattr(_target(fs, "s1") / "dir", "user.cascowfs.tree")
+        assert not [m for m in overlay.mounts_under(fs.mnt) if m.fstype == "overlay"]
+
+
+@needs_fuse
+@pytest.mark.parametrize("cleanup", ["umount --branches", "next mount", "next mount elsewhere"])
+def test_kill9_leaves_views_the_next_mount_or_umount_detaches(cleanup):
+    with mounted(populate=_populated, views="kernel") as fs:
+        _snapshots(fs)
+        _open_view(fs, "s1")
+        _open_view(fs, "s2")
+        fs.kill9()
+        left = [m for m in overlay.mounts_under(fs.mnt) if m.fstype == "overlay"]
+        assert {m.target for m in left} == {m.target for i in ("s1", "s2")
+                                            for m in _view_mounts(fs, i)} != set()
+        if cleanup.startswith("next mount"):
+            old = fs.mnt
+            if cleanup.endswith("elsewhere"):  # the dead mount goes too, views and all
+                fs.mnt = fs.base / "elsewhere"
+                fs.mnt.mkdir()
+            fs.start()
+            assert not overlay.mounts_under(old) or old == fs.mnt
+            assert not [m for m in overlay.mounts_under(old) if m.fstype == "overlay"]
+            _open_view(fs, "s1")
+            assert (_target(fs, "s1") / "hl1").read_text() == "linked\n"
+        else:
+            run_cli("umount", "--branches", str(fs.mnt))
+            assert not overlay.mounts_under(fs.base)
+
+
+@needs_fuse
+def test_umount_detaches_the_views_first():
+    with mounted(populate=_populated, views="kernel") as fs:
+        _snapshots(fs)
+        _open_view(fs, "s1")
+        fs.stop()  # cascowfs umount: not lazy, so a view left on MNT would make it EBUSY
+        assert not [m for m in overlay.mounts_under(fs.mnt)]
+
+
+@needs_fuse
+def test_labels_at_the_caps_show_whole_from_whichever_view_serves_them():
+    """Labels up to the caps may not fit the store filesystem's xattrs (plain ext4 keeps about
+    4 KiB per inode): then the snapshot stays on the daemon's view, which shows them."""
+    labels = {f"k{i:03d}": "v" * 200 for i in range(120)}
+    with mounted(populate=_populated, views="kernel") as fs:
+        with Client(fs.mnt) as client:
+            client.import_tree(fs.base / "src", "big", labels)
+            client.import_tree(fs.base / "src", "small", {"a": "b"})
+        os.listdir(_target(fs, "big"))
+        _open_view(fs, "small")  # attached after big's attempt: big's has been decided too
+        root = _target(fs, "big")
+        shown = {n[len("user.cascowfs.label."):]: os.getxattr(root, n).decode()
+                 for n in os.listxattr(root) if n.startswith("user.cascowfs.label.")}
+        assert shown == labels
+        assert (root / "dir" / "owned").read_text() == "owned\n"
+
+
+@needs_overlay
+def test_layers_a_view_holds_outlive_a_rewrite_and_gc_until_released(sm, tmp_path):
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "x").write_text("x")
+    sm.import_tree(src, "s1")
+    tree = sm.create_branch("b", "s1").tree
+    (tree / "d" / "y").write_text("y")
+    sm.commit("b", "s2")
+    sm.discard("b")
+    sm.settle()
+    chain, lowers = sm.hold_snapshot_layers("s2")
+    assert len(chain) == 2  # s2's delta over s1's full layer
+    held_again, _ = sm.hold_snapshot_layers("s2")  # a second view of it
+    view = tmp_path / "view"
+    view.mkdir()
+    overlay.mount_overlay(view, lowers, readonly=True)
+    try:
+        sm.flatten("s2")  # a new chain: the delta is named by no chain any more
+        sm.settle()
+        sm.gc()
+        assert all(p.is_dir() for p in lowers)
+        assert_same_view(dir_view(view), snapshot_view(sm, "s2"), "view after the rewrite")
+        sm.release_layers(chain)
+        sm.settle()
+        sm.gc()
+        assert lowers[0].is_dir()  # the second view still holds it
+        sm.release_layers(held_again)
+        sm.settle()
+        sm.gc()
+        assert not lowers[0].exists()
+        assert lowers[1].is_dir()  # s1's own layer: s1 names it
+    finally:
+        overlay.unmount(view)
+
+
+ROOT_NAMES = st.binary(min_size=1, max_size=255).filter(
+    lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b".."))
+
+
+@needs_fuse
+def test_any_names_at_a_snapshots_root_are_bound_shown_and_detached():
+    """Every entry at the root is a mount point of the view: its name travels through
+    openat, move_mount, umount2 and the mount table's escapes."""
+    with mounted(views="kernel") as fs, Client(fs.mnt) as client:
+        serial = itertools.count()
+
+        @hypothesis_settings(15)
+        @given(st.lists(st.tuples(ROOT_NAMES, st.booleans()), min_size=1, max_size=6,
+                        unique_by=lambda t: t[0]))
+        def check(entries: list[tuple[bytes, bool]]) -> None:
+            ident = f"p{next(serial)}"
+            src = fs.base / ident
+            src.mkdir()
+            for name, is_dir in entries:
+                path = os.fsencode(src) + b"/" + name
+                if is_dir:
+                    os.mkdir(path)
+                    with open(path + b"/inner", "wb") as fh:
+                        fh.write(name)
+                else:
+                    with open(path, "wb") as fh:
+                        fh.write(name)
+            client.import_tree(src, ident)
+            _open_view(fs, ident)
+            _until(lambda: len(_view_mounts(fs, ident)) == len(entries), "every entry bound")
+            bound = {os.fsencode(Path(m.target).name) for m in _view_mounts(fs, ident)}
+            assert bound == {name for name, _ in entries}
+            assert_same_view(dir_view(_target(fs, ident)), dir_view(src), f"view of {ident}")
+            client.prune(ident)
+            assert _view_mounts(fs, ident) == []
+
+        check()
