@@ -1220,7 +1220,9 @@ class StateManager:
                     held = self.catalog.snapshot(txn, id).layers == chain
                 if held:
                     self.layers.build_chain(chain)
-                    return chain, self.lower_paths(chain)
+                    # image layers mounted: an overlay made on them soon after keeps them
+                    with self.layers.mounted(chain) as lowers:
+                        return chain, lowers
             except BaseException:
                 self.release_layers(chain)
                 raise

@@ -186,15 +186,13 @@ class KernelViews:
             raise CascowfsError(f"its root holds {len(names)} entries, more than {MAX_BOUND}")
         if not names:
             return None  # nothing below the root: nothing to serve faster
-        chain, _ = self.sm.hold_snapshot_layers(id)
+        chain, lowers = self.sm.hold_snapshot_layers(id)
         try:
-            # image layers mounted while the overlay is made: it keeps them from then on
-            with self.sm.layers.mounted(chain) as lowers:
-                # an overlay needs two lower layers when it has no upper one
-                stack = lowers if len(lowers) > 1 else [*lowers, self.sm.empty_dir]
-                mnt_fd = overlay.overlay_mount_fd(
-                    self.target(id), stack, readonly=True, source=self.source, nosuid_nodev=True
-                )
+            # an overlay needs two lower layers when it has no upper one
+            stack = lowers if len(lowers) > 1 else [*lowers, self.sm.empty_dir]
+            mnt_fd = overlay.overlay_mount_fd(
+                self.target(id), stack, readonly=True, source=self.source, nosuid_nodev=True
+            )
         except BaseException:
             self.sm.release_layers(chain)
             raise
