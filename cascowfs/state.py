@@ -1247,12 +1247,13 @@ class StateManager:
     def mounted_chain(self, id: str) -> Iterator[list[Path]]:
         """``layer_chain`` of snapshot ``id``, kept mounted inside the block (an overlay
         mounted on them there keeps them mounted as long as it lives)."""
-        id = check_snapshot_id(id)
-        with self.db.read() as txn:
-            chain = self.catalog.snapshot(txn, id).layers
-        self.layers.build_chain(chain)
-        with self.layers.mounted(chain) as lowers:
-            yield lowers
+        # held: a background merge may replace the chain and drop its layers meanwhile
+        chain, _ = self.hold_snapshot_layers(id)
+        try:
+            with self.layers.mounted(chain) as lowers:
+                yield lowers
+        finally:
+            self.release_layers(chain)
 
     # -- reading snapshot trees (the FUSE layer serves snapshots from these) -----------------
     def root_entry(self, id: str) -> Entry:
