@@ -107,17 +107,30 @@ class LayerBuilder:
         Once an overlay stacks an image's mount it keeps it: ``unmount_unused`` leaves it.
         ``repair``: an image that does not mount is rebuilt from the CAS and mounted again
         (fsck passes False, to report it)."""
+        self.keep_mounted(chain)
+        try:
+            yield self.mount_chain(chain, repair=repair)
+        finally:
+            self.let_go(chain)
+
+    def keep_mounted(self, chain: list[str]) -> None:
+        """Keep ``chain``'s image mounts from ``unmount_unused`` until ``let_go`` (a snapshot
+        view holds its chain so for its whole life)."""
         with self._mount_lock:
             self._pinned.update(chain)
-        try:
-            for lid in chain:
-                if self.is_image(lid):
-                    self._mount_image(lid, repair)
-            yield self.lower_paths(chain)
-        finally:
-            with self._mount_lock:
-                self._pinned.subtract(chain)
-                self._pinned += collections.Counter()  # drops the zeros
+
+    def let_go(self, chain: list[str]) -> None:
+        with self._mount_lock:
+            self._pinned.subtract(chain)
+            self._pinned += collections.Counter()  # drops the zeros
+
+    def mount_chain(self, chain: list[str], *, repair: bool = True) -> list[Path]:
+        """Mount every image of ``chain`` not mounted yet; the lower directories (top first).
+        Only ``keep_mounted`` or an overlay stacking them keeps them mounted afterwards."""
+        for lid in chain:
+            if self.is_image(lid):
+                self._mount_image(lid, repair)
+        return self.lower_paths(chain)
 
     def _mount_image(self, lid: str, repair: bool) -> None:
         target = self.mounts_dir / lid

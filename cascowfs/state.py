@@ -1214,15 +1214,14 @@ class StateManager:
             with self.db.read() as txn:
                 chain = self.catalog.snapshot(txn, id).layers
             self.pins.hold(chain)
+            self.layers.keep_mounted(chain)  # its images stay mounted until release_layers
             try:
                 # read again: a chain dropped before the hold may be in the trash already
                 with self.db.read() as txn:
                     held = self.catalog.snapshot(txn, id).layers == chain
                 if held:
                     self.layers.build_chain(chain)
-                    # image layers mounted: an overlay made on them soon after keeps them
-                    with self.layers.mounted(chain) as lowers:
-                        return chain, lowers
+                    return chain, self.layers.mount_chain(chain)
             except BaseException:
                 self.release_layers(chain)
                 raise
@@ -1230,6 +1229,7 @@ class StateManager:
 
     def release_layers(self, chain: list[str]) -> None:
         """Let go of layers ``hold_snapshot_layers`` held; dropped ones go to the trash."""
+        self.layers.let_go(chain)
         free = self.pins.release(chain)
         if free:
             self.layers.unmount_images(free)  # overlays still stacking one keep it
