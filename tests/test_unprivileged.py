@@ -63,7 +63,11 @@ def store_modes(store: Path) -> dict[str, int]:
                 dirnames.remove(name)
         for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
-            modes[os.path.relpath(path, store)] = stat.S_IMODE(os.lstat(path).st_mode)
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:  # the trash empties in the background
+                continue
+            modes[os.path.relpath(path, store)] = stat.S_IMODE(mode)
     return modes
 
 
