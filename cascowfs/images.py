@@ -44,6 +44,10 @@ COMPRESSOR = "lz4"
 
 _MKFS = shutil.which("mkfs.erofs")
 _LOSETUP = shutil.which("losetup")
+# mkfs.erofs is started under ``setpriv --pdeathsig KILL`` (util-linux): a daemon killed while
+# it writes an image leaves no mkfs.erofs writing into the staging that the next open empties.
+_SETPRIV = shutil.which("setpriv")
+_DIES_WITH_CALLER = [_SETPRIV, "--pdeathsig", "KILL"] if _SETPRIV is not None else []
 
 
 class ImageError(StoreIOError):
@@ -66,7 +70,7 @@ def build(tree: Path, image: Path, *, compress: bool) -> None:
     if compress:
         args.append(f"-z{COMPRESSOR}")
     run = subprocess.run(
-        [*args, os.fsdecode(image), os.fsdecode(tree)],
+        [*_DIES_WITH_CALLER, *args, os.fsdecode(image), os.fsdecode(tree)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

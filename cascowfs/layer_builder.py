@@ -286,6 +286,29 @@ class LayerBuilder:
         self._trash.put(tree)
         self._empty_trash_soon()
 
+    @contextmanager
+    def sealing(self, staged: Path, *, compress: bool) -> Iterator[None]:
+        """Seal the finished layer directory ``staged`` (``seal``) on a thread of its own
+        while the block runs, and wait for it at the block's end: an import's mkfs.erofs
+        writes the image while the import encodes its trees and stores its objects. The
+        block's own error wins over the seal's; ``staged`` is settled either way."""
+        failed: list[BaseException] = []
+
+        def seal() -> None:
+            try:
+                self.seal(staged, compress=compress)
+            except BaseException as exc:  # re-raised on the block's thread
+                failed.append(exc)
+
+        thread = threading.Thread(target=seal, name="cascowfs-layer-seal", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            thread.join()
+        if failed:
+            raise failed[0]
+
     def place(self, staged: Path, lid: str, what: str) -> None:
         """Move a finished layer into layers/ *before* the transaction that records it (or,
         for a commit's delta, records it written): a layer recorded as written is then always

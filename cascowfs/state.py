@@ -471,10 +471,11 @@ class StateManager:
                             if reader is None or exc.filename is None:
                                 raise
                             raise privacy.unreadable_by(reader, src, exc.filename) from None
-                        root = finalize(node, sink)
-                        superroot = self._superroot(root, sink)
-                        sink.flush()
-                        self.layers.seal(staged, compress=compressed(0))
+                        with self.layers.sealing(staged, compress=compressed(0)):
+                            root = finalize(node, sink)
+                            superroot = self._superroot(root, sink)
+                            sink.flush()
+                            crash_point("import.sealing")
                 crash_point("import.chunks")
 
                 def apply(txn: lmdb.Transaction) -> None:
