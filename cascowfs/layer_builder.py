@@ -256,14 +256,16 @@ class LayerBuilder:
             )
         self.seal(staged, compress=compress)
 
-    def seal(self, staged: Path, *, compress: bool) -> None:
+    def seal(self, staged: Path, *, compress: bool, unfit: list[str] | None = None) -> None:
         """Turn the layer directory ``staged`` into its EROFS image, written beside it and
         renamed to ``staged``; the directory goes. Where images do not mount, where the tree
-        holds what mkfs.erofs cannot write (``images.why_not_an_image``), or where it fails,
-        the layer stays the directory."""
+        holds what mkfs.erofs cannot write, or where it fails, the layer stays the directory.
+        ``unfit``: what the writer of ``staged`` found that mkfs.erofs cannot write (an
+        import's scan: ``images.why_not_an_entry``); None: a walk of ``staged`` finds it
+        (``images.why_not_an_image``)."""
         if self.image_mode == images.DIRECTORIES:
             return
-        why = images.why_not_an_image(staged)
+        why = images.why_not_an_image(staged) if unfit is None else next(iter(unfit), None)
         if why is not None:
             log.info("%s: %s; its layer stays a directory", self.store, why)
             return
@@ -287,7 +289,9 @@ class LayerBuilder:
         self._empty_trash_soon()
 
     @contextmanager
-    def sealing(self, staged: Path, *, compress: bool) -> Iterator[None]:
+    def sealing(
+        self, staged: Path, *, compress: bool, unfit: list[str] | None = None
+    ) -> Iterator[None]:
         """Seal the finished layer directory ``staged`` (``seal``) on a thread of its own
         while the block runs, and wait for it at the block's end: an import's mkfs.erofs
         writes the image while the import encodes its trees and stores its objects. The
@@ -296,7 +300,7 @@ class LayerBuilder:
 
         def seal() -> None:
             try:
-                self.seal(staged, compress=compress)
+                self.seal(staged, compress=compress, unfit=unfit)
             except BaseException as exc:  # re-raised on the block's thread
                 failed.append(exc)
 
