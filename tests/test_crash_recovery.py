@@ -193,6 +193,15 @@ print("imported", flush=True)
 """
 
 
+def _kill_left(pids: list[int]) -> None:
+    """SIGKILL whatever of ``pids`` a failed check left running."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_a_killed_import_leaves_no_worker_and_no_lock(tmp_path, track_store):
     """kill -9 of a process in the middle of a big import: its forked workers die with it and
     never held the store lock, so the store opens at once, without the import."""
@@ -226,11 +235,7 @@ def test_a_killed_import_leaves_no_worker_and_no_lock(tmp_path, track_store):
             time.sleep(0.05)
         assert not any(map(alive, workers)), f"workers outlived the killed import: {workers}"
     finally:
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_left(workers)
         force_unmount_below(store)
 
 
@@ -283,11 +288,7 @@ def test_a_killed_import_leaves_no_mkfs_erofs_writing_its_image(tmp_path, track_
             check_live(sm, deep=True)
         assert_fsck_clean(store, deep=True)
     finally:
-        for pid in mkfs:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_left(mkfs)
         force_unmount_below(store)
 
 
