@@ -14,6 +14,8 @@ ENV_VAR = "CASCOWFS_CRASH_AT"
 # <operation>.<step>: every step of every multi-step operation, in protocol order.
 CRASH_POINTS: tuple[str, ...] = (
     "import.prepared",  # WAL PREPARE written, nothing else
+    "import.sealing",  # chunks and trees written (unreferenced), mkfs.erofs may still be
+    # writing the staged layer's image
     "import.chunks",  # chunks and trees written (unreferenced), staging layer filled
     "import.applied",  # layer placed, LMDB transaction committed
     "import.switched",  # FINALIZE not written

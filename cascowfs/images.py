@@ -44,6 +44,10 @@ COMPRESSOR = "lz4"
 
 _MKFS = shutil.which("mkfs.erofs")
 _LOSETUP = shutil.which("losetup")
+# mkfs.erofs is started under ``setpriv --pdeathsig KILL`` (util-linux): a daemon killed while
+# it writes an image leaves no mkfs.erofs writing into the staging that the next open empties.
+_SETPRIV = shutil.which("setpriv")
+_DIES_WITH_CALLER = [_SETPRIV, "--pdeathsig", "KILL"] if _SETPRIV is not None else []
 
 
 class ImageError(StoreIOError):
@@ -66,7 +70,7 @@ def build(tree: Path, image: Path, *, compress: bool) -> None:
     if compress:
         args.append(f"-z{COMPRESSOR}")
     run = subprocess.run(
-        [*args, os.fsdecode(image), os.fsdecode(tree)],
+        [*_DIES_WITH_CALLER, *args, os.fsdecode(image), os.fsdecode(tree)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -78,23 +82,45 @@ def build(tree: Path, image: Path, *, compress: bool) -> None:
 
 
 def why_not_an_image(tree: Path) -> str | None:
-    """Why the layer directory ``tree`` must stay a directory (None: it may be an image):
-    mkfs.erofs 1.5 writes a hole's zeros (reading 16 GiB of them for a 16 GiB disk image),
-    and writes an entry with more than ``MAX_XATTR_BYTES`` of xattrs into an image that
-    answers EUCLEAN."""
-    dirs = [os.fsencode(tree)]
-    while dirs:
+    """Why the layer directory ``tree`` must stay a directory (None: it may be an image), found
+    by a walk of it (``why_not_an_entry`` for every entry). A writer that knows its entries
+    already (an import's scan) asks ``why_not_an_entry`` as it writes them instead."""
+    root = os.fsencode(tree)
+    why = why_not_an_entry(root, _xattr_bytes(root))  # the root's own xattrs count too
+    dirs = [root]
+    while dirs and why is None:
         with os.scandir(dirs.pop()) as it:
             for entry in it:
+                size = allocated = 0
                 if entry.is_dir(follow_symlinks=False):
                     dirs.append(entry.path)
                 elif entry.is_file(follow_symlinks=False):
                     st = entry.stat(follow_symlinks=False)
-                    if st.st_size > HOLE_GRID and st.st_blocks * 512 < st.st_size:
-                        return f"{os.fsdecode(entry.path)} is sparse"
-                if _xattr_bytes(entry.path) > MAX_XATTR_BYTES:
-                    return f"{os.fsdecode(entry.path)} has large xattrs"
+                    size, allocated = st.st_size, st.st_blocks * 512
+                why = why_not_an_entry(entry.path, _xattr_bytes(entry.path), size, allocated)
+                if why is not None:
+                    break
+    return why
+
+
+def why_not_an_entry(
+    path: str | bytes, xattr_bytes: int, size: int = 0, allocated: int = 0
+) -> str | None:
+    """Why a layer holding the entry at ``path`` must stay a directory (None: mkfs.erofs
+    writes it right): mkfs.erofs 1.5 writes a hole's zeros (reading 16 GiB of them for a
+    16 GiB disk image), so a regular file of ``size`` bytes with fewer ``allocated`` may not
+    be in an image; and it writes an entry with more than ``MAX_XATTR_BYTES`` of xattrs
+    (names and values) into an image that answers EUCLEAN."""
+    if size > HOLE_GRID and allocated < size:
+        return f"{os.fsdecode(path)} is sparse"
+    if xattr_bytes > MAX_XATTR_BYTES:
+        return f"{os.fsdecode(path)} has large xattrs"
     return None
+
+
+def xattr_bytes(xattrs: tuple[tuple[bytes, bytes], ...]) -> int:
+    """The bytes ``why_not_an_entry`` counts of an entry's xattrs (name, value pairs)."""
+    return sum(len(name) + len(value) for name, value in xattrs)
 
 
 def _xattr_bytes(path: bytes) -> int:

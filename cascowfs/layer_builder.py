@@ -256,14 +256,16 @@ class LayerBuilder:
             )
         self.seal(staged, compress=compress)
 
-    def seal(self, staged: Path, *, compress: bool) -> None:
+    def seal(self, staged: Path, *, compress: bool, unfit: list[str] | None = None) -> None:
         """Turn the layer directory ``staged`` into its EROFS image, written beside it and
         renamed to ``staged``; the directory goes. Where images do not mount, where the tree
-        holds what mkfs.erofs cannot write (``images.why_not_an_image``), or where it fails,
-        the layer stays the directory."""
+        holds what mkfs.erofs cannot write, or where it fails, the layer stays the directory.
+        ``unfit``: what the writer of ``staged`` found that mkfs.erofs cannot write (an
+        import's scan: ``images.why_not_an_entry``); None: a walk of ``staged`` finds it
+        (``images.why_not_an_image``)."""
         if self.image_mode == images.DIRECTORIES:
             return
-        why = images.why_not_an_image(staged)
+        why = images.why_not_an_image(staged) if unfit is None else next(iter(unfit), None)
         if why is not None:
             log.info("%s: %s; its layer stays a directory", self.store, why)
             return
@@ -285,6 +287,31 @@ class LayerBuilder:
         # deleted in the background: a child rm at nice 19 starves behind a busy machine
         self._trash.put(tree)
         self._empty_trash_soon()
+
+    @contextmanager
+    def sealing(
+        self, staged: Path, *, compress: bool, unfit: list[str] | None = None
+    ) -> Iterator[None]:
+        """Seal the finished layer directory ``staged`` (``seal``) on a thread of its own
+        while the block runs, and wait for it at the block's end: an import's mkfs.erofs
+        writes the image while the import encodes its trees and stores its objects. The
+        block's own error wins over the seal's; ``staged`` is settled either way."""
+        failed: list[BaseException] = []
+
+        def seal() -> None:
+            try:
+                self.seal(staged, compress=compress, unfit=unfit)
+            except BaseException as exc:  # re-raised on the block's thread
+                failed.append(exc)
+
+        thread = threading.Thread(target=seal, name="cascowfs-layer-seal", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            thread.join()
+        if failed:
+            raise failed[0]
 
     def place(self, staged: Path, lid: str, what: str) -> None:
         """Move a finished layer into layers/ *before* the transaction that records it (or,

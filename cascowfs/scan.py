@@ -23,7 +23,7 @@ from typing import cast
 
 import blake3
 
-from . import fsmeta
+from . import fsmeta, images
 from .cas import prepare_content
 from .import_workers import FileJob, FileResult, ImportWorkers, Prepare, read_content
 from .model import Entry
@@ -211,6 +211,7 @@ def scan_directory(
     prepare: Prepare = prepare_content,
     progress: Progress | None = None,
     reader: Caller | None = None,
+    unfit_for_image: list[str] | None = None,
 ) -> DirNode:
     """Read a plain directory tree into a DirNode (and into ``mirror_to``, a layer, if given).
 
@@ -219,6 +220,8 @@ def scan_directory(
     big ones while the walk goes on; objects reach ``sink`` on the calling thread, in order.
     ``reader``: whose credentials every lookup, listing and open in ``src`` is checked against
     (``privacy.reading_as``); the mirror is written with the process's own.
+    ``unfit_for_image`` gets why the mirror may not become an EROFS image, entry by entry
+    (``images.why_not_an_entry``), so that no second walk of the mirror has to find out.
     """
     progress = progress or Progress()
     links = HardLinks()
@@ -234,11 +237,20 @@ def scan_directory(
     dirs: list[tuple[bytes, Entry]] = []
     first_of_inode: dict[tuple[int, int], tuple[DirNode, bytes, bytes | None]] = {}
 
+    def check_for_image(path: bytes, entry: Entry, st: os.stat_result | None = None) -> None:
+        if unfit_for_image is not None:
+            size, allocated = (st.st_size, st.st_blocks * 512) if st is not None else (0, 0)
+            xattr_bytes = images.xattr_bytes(entry.xattrs)
+            why = images.why_not_an_entry(path, xattr_bytes, size, allocated)
+            if why is not None:
+                unfit_for_image.append(why)
+
     def walk(
         path: bytes, rel: bytes, st: os.stat_result, name: bytes, mirror: bytes | None
     ) -> DirNode:
         with reading_as(reader):  # everything this directory holds, read as ``reader``
             node = DirNode(_meta_entry(name, st, fsmeta.read_xattrs(path)), {})
+            check_for_image(mirror or path, node.meta)
             with os.scandir(path) as it:
                 names = sorted(item.name for item in it)
             children = []
@@ -272,6 +284,7 @@ def scan_directory(
                 workers.add(FileJob(node, cname, cpath, cst, cmirror))
             else:
                 entry = cast(Entry, other)
+                check_for_image(cmirror or cpath, entry)
                 if cmirror is not None:
                     _mirror_other(entry, cmirror)
                     fsmeta.apply_metadata(
@@ -284,7 +297,9 @@ def scan_directory(
 
     def take(job: FileJob, result: FileResult) -> None:
         content_id, size, xattrs, objects = result
-        job.node.children[job.name] = _meta_entry(job.name, job.st, xattrs, size, content_id)
+        entry = _meta_entry(job.name, job.st, xattrs, size, content_id)
+        job.node.children[job.name] = entry
+        check_for_image(job.mirror or job.path, entry, job.st)
         sink.add(objects)
         progress.update(size)
 

@@ -462,19 +462,26 @@ class StateManager:
                 total = _tree_bytes(src) if progress else 0
                 with progress_bar(progress, total, f"import {id}") as bar:
                     sink = ObjectSink(self._write_objects)
+                    unfit: list[str] = []  # what keeps the layer a directory
                     with disk_errors(f"import of {src}"):
                         try:
                             node = scan_directory(
-                                src, sink, mirror_to=staged, progress=Progress(bar), reader=reader
+                                src,
+                                sink,
+                                mirror_to=staged,
+                                progress=Progress(bar),
+                                reader=reader,
+                                unfit_for_image=unfit,
                             )
                         except PermissionError as exc:
                             if reader is None or exc.filename is None:
                                 raise
                             raise privacy.unreadable_by(reader, src, exc.filename) from None
-                        root = finalize(node, sink)
-                        superroot = self._superroot(root, sink)
-                        sink.flush()
-                        self.layers.seal(staged, compress=compressed(0))
+                        with self.layers.sealing(staged, compress=compressed(0), unfit=unfit):
+                            root = finalize(node, sink)
+                            superroot = self._superroot(root, sink)
+                            sink.flush()
+                            crash_point("import.sealing")
                 crash_point("import.chunks")
 
                 def apply(txn: lmdb.Transaction) -> None:

@@ -24,7 +24,7 @@ from cascowfs.state import StateManager
 # The step after which an operation is durable (its LMDB transaction committed).
 # a collection follows an applied prune; a commit's layer is written after the commit
 APPLIED_STEPS = {"applied", "switched", "marked", "swept", "written", "placed"}
-NOT_APPLIED_STEPS = {"prepared", "chunks", "staged", "moved", "fetched"}
+NOT_APPLIED_STEPS = {"prepared", "sealing", "chunks", "staged", "moved", "fetched"}
 
 CHILD = r"""
 import sys

@@ -193,6 +193,15 @@ print("imported", flush=True)
 """
 
 
+def _kill_left(pids: list[int]) -> None:
+    """SIGKILL whatever of ``pids`` a failed check left running."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_a_killed_import_leaves_no_worker_and_no_lock(tmp_path, track_store):
     """kill -9 of a process in the middle of a big import: its forked workers die with it and
     never held the store lock, so the store opens at once, without the import."""
@@ -226,11 +235,60 @@ def test_a_killed_import_leaves_no_worker_and_no_lock(tmp_path, track_store):
             time.sleep(0.05)
         assert not any(map(alive, workers)), f"workers outlived the killed import: {workers}"
     finally:
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_left(workers)
+        force_unmount_below(store)
+
+
+IMPORT_PRINTING_IMAGE_MODE = r"""
+import sys
+from cascowfs.state import StateManager
+sm = StateManager.open(sys.argv[1])
+print(sm.layers.image_mode, flush=True)
+sm.import_tree(sys.argv[2], "big")
+print("imported", flush=True)
+"""
+
+
+def test_a_killed_import_leaves_no_mkfs_erofs_writing_its_image(tmp_path, track_store):
+    """kill -9 of an import while mkfs.erofs writes its layer's image (stopped there, so it
+    cannot finish on its own): the kernel kills mkfs.erofs with it, and the store opens
+    without the import and with its staging empty."""
+    store = track_store(tmp_path / "store")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4000):
+        (src / f"f{i}").write_bytes(os.urandom(16 << 10))
+    proc = subprocess.Popen([sys.executable, "-c", IMPORT_PRINTING_IMAGE_MODE, str(store),
+                             str(src)], cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    mkfs: list[int] = []
+    try:
+        try:
+            mode = read_first_line(proc).strip()
+            if mode == "dir":
+                pytest.skip("layers are directories here: no mkfs.erofs runs")
+            deadline = time.monotonic() + 60
+            while not mkfs and proc.poll() is None and time.monotonic() < deadline:
+                mkfs = [pid for pid, _, cmd in descendant_processes(proc.pid)
+                        if "mkfs.erofs" in cmd]
+                time.sleep(0.005)
+            for pid in mkfs:
+                os.kill(pid, signal.SIGSTOP)
+        finally:
+            proc.kill()
+            out, err = proc.communicate(timeout=20)
+        assert mkfs, f"no mkfs.erofs seen before the import ended:\n{out}\n{err}"
+        deadline = time.monotonic() + 10
+        while any(map(alive, mkfs)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(alive, mkfs)), f"mkfs.erofs outlived the killed import: {mkfs}"
+        with open_store(store) as sm:
+            assert [s.id for s in sm.snapshots()] == []
+            assert os.listdir(store / "staging") == []
+            check_live(sm, deep=True)
+        assert_fsck_clean(store, deep=True)
+    finally:
+        _kill_left(mkfs)
         force_unmount_below(store)
 
 

@@ -200,16 +200,35 @@ def test_a_sparse_tree_stays_a_directory_layer(tmp_path):
         assert os.stat(sm.layers.path(lid) / "disk.img").st_blocks * 512 < 1 << 20
 
 
-def test_an_entry_with_large_xattrs_keeps_its_layer_a_directory(tmp_path):
+@pytest.mark.parametrize("holder", ["d/f", "d", "."])
+def test_an_entry_with_large_xattrs_keeps_its_layer_a_directory(tmp_path, holder):
+    """Whichever entry holds them (a file, a directory, the root): an import's scan finds
+    them as it reads, and so does the walk of a layer written from the CAS (a flatten)."""
     _needs(images.FILE_BACKED)
     src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_bytes(b"data")
-    os.setxattr(src / "f", b"user.big", b"v" * (images.MAX_XATTR_BYTES + 1))
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"data")
+    os.setxattr(src / holder, b"user.big", b"v" * (images.MAX_XATTR_BYTES + 1))
     with conftest.open_store(tmp_path / "store", tuning=Tuning(layer_images="erofs")) as sm:
         sm.import_tree(src, "base")
         (lid,) = _chain(sm, "base")
         assert sm.layers.path(lid).is_dir()
+        sm.flatten("base")
+        (flat,) = _chain(sm, "base")
+        assert flat != lid and sm.layers.path(flat).is_dir()
+        check_live(sm, deep=True)
+
+
+def test_xattrs_just_within_what_mkfs_erofs_writes_make_an_image(tmp_path):
+    _needs(images.FILE_BACKED)
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    name = b"user.big"
+    os.setxattr(src / "d", name, b"v" * (images.MAX_XATTR_BYTES - len(name)))
+    with conftest.open_store(tmp_path / "store", tuning=Tuning(layer_images="erofs")) as sm:
+        sm.import_tree(src, "base")
+        (lid,) = _chain(sm, "base")
+        assert sm.layers.is_image(lid)
         check_live(sm, deep=True)
 
 
