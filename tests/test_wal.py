@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from cascowfs.wal import WriteAheadLog
 
 
@@ -33,3 +35,32 @@ def test_checkpoint_forgets_everything(tmp_path):
     assert wal.pending() == []
     assert (tmp_path / "log").stat().st_size == 0
     wal.close()
+
+
+def test_records_of_concurrent_operations_stay_whole_and_in_the_log(tmp_path):
+    """Flushes run outside the append lock (group commit): records that threads append while
+    others flush, durable or not, each stay one whole line, and replay sees exactly the
+    operations left unfinished."""
+    path = tmp_path / "log"
+    wal = WriteAheadLog(path)
+    unfinished: list[list[str]] = [[] for _ in range(8)]
+
+    def operations(worker: int) -> None:
+        for i in range(60):
+            op = wal.prepare("label" if i % 2 else "commit", durable=i % 2 == 0, n=f"{worker}.{i}")
+            if i % 3:
+                wal.finalize(op)
+            else:
+                unfinished[worker].append(op)
+            if i % 10 == 0:
+                wal.sync()
+
+    workers = [threading.Thread(target=operations, args=(w,)) for w in range(8)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    wal.close()
+    expected = {op for ops in unfinished for op in ops}
+    assert {p.op for p in WriteAheadLog(path).pending()} == expected
+    assert len(path.read_bytes().splitlines()) == 8 * 60 + 8 * 40  # every record, none torn

@@ -287,16 +287,25 @@ def agent_loop(
 
 
 def run_mix(
-    system: System, agents: int, nops: int, seed: int, files: list[str], tag: str = ""
+    system: System,
+    agents: int,
+    nops: int,
+    seed: int,
+    files: list[str],
+    tag: str = "",
+    frontier_max: int = 6,
 ) -> dict:
     """N agent processes replaying the script on one system; names and ids carry `tag` so that
-    several runs on one store never collide."""
+    several runs on one store never collide. Each agent prunes its oldest snapshots beyond
+    ``frontier_max``."""
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     barrier = ctx.Barrier(agents + 1)
     per = max(1, nops // agents)
     procs = [
-        ctx.Process(target=agent_loop, args=(system, a, per, seed, files, barrier, q, tag))
+        ctx.Process(
+            target=agent_loop, args=(system, a, per, seed, files, barrier, q, tag, frontier_max)
+        )
         for a in range(agents)
     ]
     for p in procs:
