@@ -258,6 +258,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     result["loadavg_after"] = os.getloadavg()
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+    result["raw"] = str(args.out.resolve().relative_to(REPO))
     args.section.write_text(section(result))
     print(section(result))
     return 0
@@ -310,7 +311,7 @@ on the root disk, both tools against one moto S3 server on 127.0.0.1 (a bucket e
 {r["restic"]} from Debian, with its local cache. The machine's load average (1, 5, 15 min):
 {_load(r["loadavg_before"])} before, {_load(r["loadavg_after"])} after (other work shared
 the 2 cores: compare the two columns, made in the same minutes, not the figures across runs). Corpus: `{r["corpus"]}`
-({r["tree"]["files"]} files, {size / MB:.1f} MB). Raw figures: `bench-results/remote.json`.
+({r["tree"]["files"]} files, {size / MB:.1f} MB). Raw figures: `{r.get("raw", "bench-results/remote.json")}`.
 Reproduce with:
 
     sudo .venv/bin/python tools/bench_remote.py --corpus {r["corpus"]} --edits {r["edits"]}
