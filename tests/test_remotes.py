@@ -231,6 +231,32 @@ def test_a_corrupted_pack_is_an_error_naming_it(remote, tmp_path, damage):
     assert_fsck_clean(tmp_path / "b")
 
 
+def test_a_corrupted_data_pack_fetched_ahead_is_an_error_naming_it(remote, tmp_path,
+                                                                   monkeypatch):
+    """Data packs are fetched ahead on the pull's threads: a damaged one still fails the
+    pull naming it, and nothing of the snapshot is recorded."""
+    monkeypatch.setattr(packs, "PACK_TARGET", 1 << 20)
+    rs = objectstore.open_store(remote)
+    with open_store(tmp_path / "a") as sm:
+        sm.import_tree(make_tree(tmp_path / "src", 12), "base")
+        transfer.push(sm, rs, ["base"])
+    data_packs = [
+        listed.key for listed in rs.list("packs/")
+        if any(kind == b"C" for kind, _, _ in packs.read_pack(
+            rs.get(listed.key), listed.key.removeprefix("packs/"), "t"))
+    ]
+    damaged = data_packs[len(data_packs) // 2]
+    data = bytearray(rs.get(damaged))
+    data[-1] ^= 0x01
+    rs.put(damaged, bytes(data))
+    with open_store(tmp_path / "b") as sm:
+        with pytest.raises(StoreIOError) as caught:
+            transfer.pull(sm, rs, ["base"])
+        assert damaged in str(caught.value) and remote.url in str(caught.value)
+        assert not sm.has_snapshot("base")
+    assert_fsck_clean(tmp_path / "b")
+
+
 def test_an_object_not_matching_its_id_is_refused():
     builder = packs.PackBuilder()
     builder.add(b"C", bytes(32), b"not what the id says")
