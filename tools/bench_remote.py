@@ -136,7 +136,9 @@ def main() -> int:
     ap.add_argument("--render", action="store_true", help="only write the section from --out")
     args = ap.parse_args()
     if args.render:
-        args.section.write_text(section(json.loads(args.out.read_text())))
+        result = json.loads(args.out.read_text())
+        result.setdefault("raw", str(args.out.resolve().relative_to(REPO)))
+        args.section.write_text(section(result))
         return 0
     os.environ.update(CREDENTIALS)
     data = Path(os.environ.get("CASCOWFS_BENCH_DATA", REPO / "bench-data"))
@@ -265,8 +267,8 @@ def main() -> int:
         server.wait()
         shutil.rmtree(work, ignore_errors=True)
     result["loadavg_after"] = os.getloadavg()
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
     result["raw"] = str(args.out.resolve().relative_to(REPO))
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     args.section.write_text(section(result))
     print(section(result))
     return 0
