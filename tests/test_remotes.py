@@ -3,6 +3,7 @@ started once per session) and through a file:// directory, with the same tests."
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
@@ -13,6 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import EndpointConnectionError
 
 from conftest import assert_fsck_clean, dir_view, needs_overlay, open_store, snapshot_view
 from support.processes import REPO, child_env
@@ -23,6 +25,7 @@ from cascowfs.model import Entry
 from cascowfs.episodes import label_matcher
 from cascowfs.remote import config, locks, objectstore, packs, transfer
 from cascowfs.remote.prune import prune
+from cascowfs.cas import payload_children
 from cascowfs.trees import stored_payload, tree_objects
 
 
@@ -228,6 +231,32 @@ def test_a_corrupted_pack_is_an_error_naming_it(remote, tmp_path, damage):
     assert_fsck_clean(tmp_path / "b")
 
 
+def test_a_corrupted_data_pack_fetched_ahead_is_an_error_naming_it(remote, tmp_path,
+                                                                   monkeypatch):
+    """Data packs are fetched ahead on the pull's threads: a damaged one still fails the
+    pull naming it, and nothing of the snapshot is recorded."""
+    monkeypatch.setattr(packs, "PACK_TARGET", 1 << 20)
+    rs = objectstore.open_store(remote)
+    with open_store(tmp_path / "a") as sm:
+        sm.import_tree(make_tree(tmp_path / "src", 12), "base")
+        transfer.push(sm, rs, ["base"])
+    data_packs = [
+        listed.key for listed in rs.list("packs/")
+        if any(kind == b"C" for kind, _, _ in packs.read_pack(
+            rs.get(listed.key), listed.key.removeprefix("packs/"), "t"))
+    ]
+    damaged = data_packs[len(data_packs) // 2]
+    data = bytearray(rs.get(damaged))
+    data[-1] ^= 0x01
+    rs.put(damaged, bytes(data))
+    with open_store(tmp_path / "b") as sm:
+        with pytest.raises(StoreIOError) as caught:
+            transfer.pull(sm, rs, ["base"])
+        assert damaged in str(caught.value) and remote.url in str(caught.value)
+        assert not sm.has_snapshot("base")
+    assert_fsck_clean(tmp_path / "b")
+
+
 def test_an_object_not_matching_its_id_is_refused():
     builder = packs.PackBuilder()
     builder.add(b"C", bytes(32), b"not what the id says")
@@ -244,7 +273,7 @@ store, url, endpoint, kill_after = sys.argv[1], sys.argv[2], sys.argv[3] or None
 rs = objectstore.open_store(config.RemoteSpec("r", url, endpoint))
 put, sent = rs.put, []
 def dying_put(key, data):
-    if key.startswith("packs/") and len(sent) == kill_after:
+    if key.startswith("packs/") and len(sent) >= kill_after:
         os.kill(os.getpid(), signal.SIGKILL)  # mid-push, a pack about to go
     put(key, data)
     if key.startswith("index/"):
@@ -287,6 +316,77 @@ def test_an_interrupted_push_resumes_without_resending(remote, tmp_path, monkeyp
     # with a prune past its grace period
     stats = prune(rs, grace=0, stale_after=0)
     assert stats.packs_kept == len(rs.list("packs/")) == len(rs.list("index/"))
+
+
+def _indexes_are_closed(rs) -> set[str]:
+    """Every pack an index names is there, and every object an index names has its
+    children named too; returns the names of those packs."""
+    known = transfer.read_indexes(rs)
+    reader = transfer.PackReader(rs, known, transfer.TransferStats())
+    try:
+        for oid, kind in known.kinds.items():
+            if kind != b"C":
+                assert all(c in known.packs for c in payload_children(*reader.get(oid, "t")))
+    finally:
+        reader.close()
+    named = {index.pack for index in known.indexes}
+    assert named <= {listed.key.removeprefix("packs/") for listed in rs.list("packs/")}
+    return named
+
+
+def test_a_failed_upload_stops_the_push_naming_the_pack(remote, tmp_path, monkeypatch):
+    """A data pack's upload fails on its thread while the metadata pack naming its chunks is
+    in flight: the push raises an error naming the remote and that pack, writes no ref and
+    no index that names an object whose children are missing; the next push sends only
+    the packs that had not landed."""
+    monkeypatch.setattr(packs, "PACK_TARGET", 1 << 20)
+    monkeypatch.setattr(transfer, "UPLOADS", 16)  # every pack in flight at once
+    rs = objectstore.open_store(remote)
+    with open_store(tmp_path / "a") as sm:
+        src = make_tree(tmp_path / "src", 9, files=20)
+        for i in range(4):
+            (src / f"more{i}").write_bytes(random.Random(i).randbytes(1 << 20))
+        sm.import_tree(src, "base")
+        put, packs_put, failed = rs.put, [], []
+        count, metadata_going = threading.Lock(), threading.Event()
+        fail_at = {"pack": 2}
+
+        def failing_put(key: str, data: bytes) -> None:
+            if not key.startswith("packs/"):
+                return put(key, data)
+            name = key.removeprefix("packs/")
+            if all(kind != b"C" for kind, _, _ in packs.read_pack(data, name, "t")):
+                metadata_going.set()
+            with count:
+                packs_put.append(key)
+                fail = len(packs_put) == fail_at["pack"]
+            if fail:
+                failed.append(key)
+                metadata_going.wait(60)  # fail once the metadata pack is on its way
+                with rs._errors(key):
+                    if remote.scheme == "file":
+                        raise OSError(errno.EIO, "injected")
+                    raise EndpointConnectionError(endpoint_url=remote.endpoint_url)
+            return put(key, data)
+
+        rs.put = failing_put
+        with pytest.raises(StoreIOError) as caught:
+            transfer.push(sm, rs, ["base"])
+        assert remote.url in str(caught.value) and failed[0] in str(caught.value)
+        assert metadata_going.is_set()
+        assert transfer.list_refs(rs) == []
+        landed = _indexes_are_closed(rs)
+        assert failed[0].removeprefix("packs/") not in landed
+        packs_put.clear()
+        fail_at["pack"] = 0  # none fails now: the push's pack puts are only counted
+        stats = transfer.push(sm, rs, ["base"])
+        assert stats.snapshots == ["base"]
+        assert not landed & {key.removeprefix("packs/") for key in packs_put}
+        _indexes_are_closed(rs)
+        want = snapshot_view(sm, "base")
+    with open_store(tmp_path / "b") as sm:
+        transfer.pull(sm, rs, ["base"])
+        assert snapshot_view(sm, "base") == want
 
 
 def test_prune_reclaims_what_no_ref_reaches(remote, tmp_path):

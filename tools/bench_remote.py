@@ -11,7 +11,8 @@
 
 Writes ``bench-results/remote.json`` and the section ``docs/benchmarks.extra/remotes.md``.
 
-    sudo .venv/bin/python tools/bench_remote.py [--corpus django] [--edits 100]
+    sudo .venv/bin/python tools/bench_remote.py [--corpus django] [--edits 100] [--out JSON]
+    .venv/bin/python tools/bench_remote.py --out JSON --render   # the section again
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from cascowfs.state import StateManager  # noqa: E402
 
 MB = 1e6
 EDIT_BYTES = 64
+# What a small-edit push may send beside twice its edited file: the trees on the path to the
+# file and the two indexes, a few kB each.
+CONSTANT_BYTES = 32_000
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "bench",
     "AWS_SECRET_ACCESS_KEY": "bench",
@@ -129,7 +133,13 @@ def main() -> int:
     ap.add_argument("--edits", type=int, default=100)
     ap.add_argument("--out", type=Path, default=REPO / "bench-results" / "remote.json")
     ap.add_argument("--section", type=Path, default=REPO / "docs/benchmarks.extra/remotes.md")
+    ap.add_argument("--render", action="store_true", help="only write the section from --out")
     args = ap.parse_args()
+    if args.render:
+        result = json.loads(args.out.read_text())
+        result.setdefault("raw", str(args.out.resolve().relative_to(REPO)))
+        args.section.write_text(section(result))
+        return 0
     os.environ.update(CREDENTIALS)
     data = Path(os.environ.get("CASCOWFS_BENCH_DATA", REPO / "bench-data"))
     src = data / "corpora" / args.corpus / "tree"
@@ -257,6 +267,7 @@ def main() -> int:
         server.wait()
         shutil.rmtree(work, ignore_errors=True)
     result["loadavg_after"] = os.getloadavg()
+    result["raw"] = str(args.out.resolve().relative_to(REPO))
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     args.section.write_text(section(result))
     print(section(result))
@@ -310,10 +321,11 @@ on the root disk, both tools against one moto S3 server on 127.0.0.1 (a bucket e
 {r["restic"]} from Debian, with its local cache. The machine's load average (1, 5, 15 min):
 {_load(r["loadavg_before"])} before, {_load(r["loadavg_after"])} after (other work shared
 the 2 cores: compare the two columns, made in the same minutes, not the figures across runs). Corpus: `{r["corpus"]}`
-({r["tree"]["files"]} files, {size / MB:.1f} MB). Raw figures: `bench-results/remote.json`.
+({r["tree"]["files"]} files, {size / MB:.1f} MB). Raw figures: `{r.get("raw", "bench-results/remote.json")}`.
 Reproduce with:
 
-    sudo .venv/bin/python tools/bench_remote.py --corpus {r["corpus"]} --edits {r["edits"]}
+    sudo .venv/bin/python tools/bench_remote.py --corpus {r["corpus"]} --edits {r["edits"]} \\
+        --out {r.get("raw", "bench-results/remote.json")}
 
 cascowfs pushes the imported base, then {r["edits"]} times overwrites {EDIT_BYTES} bytes at
 a random offset of a random file of 1 KiB or more in a branch, commits and pushes that
@@ -328,6 +340,16 @@ on the path to it (a directory's listing is one object) and the index; its bytes
 twice the edited file's size: at most {over / 1e3:.1f} kB. Every push read only the indexes
 new to the store ({max(s["index_read"] for s in steps)} bytes at most: the store caches the
 indexes it read or wrote).
+
+**The aims.** A small-edit snapshot push sends less than twice its changed bytes (the
+edited file) plus a constant: {"met" if over <= CONSTANT_BYTES else "not met"}, every one
+of the {len(steps)} pushes sent at most {over / 1e3:.1f} kB more than twice its edited file
+(the constant, at most {CONSTANT_BYTES / 1e3:.0f} kB: the trees on the path and two
+indexes); against the {EDIT_BYTES} bytes an edit overwrites, a push sent
+{_median(steps, "bytes") / 1e3:.1f} kB (median), restic's backup added
+{_median(steps, "restic_bytes") / 1e3:.1f} kB. The first push is at least as fast as
+restic's backup: {"met" if bp["seconds"] <= rb["seconds"] else "not met"}
+({bp["seconds"]:.1f} s against {rb["seconds"]:.1f} s).
 """
 
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,11 @@ from .packs import (
 
 REF_FORMAT = 1
 PACKS_CACHED = 4  # whole packs a pull keeps decoded (a pack is up to ~packs.PACK_TARGET)
+# Packs in flight at once, each on a thread of its own: enough to overlap the walk of the
+# store with compression, hashing and the requests (zstd, BLAKE3 and sockets let go of the
+# GIL), few enough to bound memory to a few packs.
+UPLOADS = 4
+DOWNLOADS = 4
 
 
 @dataclass(frozen=True)
@@ -186,9 +192,14 @@ class TransferStats:
 # -- push ------------------------------------------------------------------------------------
 class PackSender:
     """Packs filling up as a push walks; data (chunks) and metadata (lists, trees) apart, so
-    that a prune or a pull reads trees without the file data. A metadata pack is sent only
-    after the data pack before it, so that an index never names an object whose children
-    no index names yet."""
+    that a prune or a pull reads trees without the file data.
+
+    Up to ``UPLOADS`` packs are sealed (compressed, hashed) and sent at once on a small
+    thread pool while the walk goes on. A pack's index is written only once the pack is in,
+    and a metadata pack's index only once every pack handed over before it has its index
+    too, so that an index never names an object whose children no index names yet. An
+    upload that fails is raised by the next ``add`` or ``flush``; the packs queued after it
+    are not sent and the metadata indexes waiting for it are never written."""
 
     def __init__(
         self,
@@ -206,38 +217,70 @@ class PackSender:
         self.data = PackBuilder()
         self.meta = PackBuilder()
         self.on_sent: Callable[[int], None] = lambda n: None
+        self._pool = ThreadPoolExecutor(UPLOADS, thread_name_prefix="cascowfs-push")
+        self._pending: deque[Future[_Sent]] = deque()
 
     def add(self, kind: bytes, oid: bytes, payload: bytes) -> None:
         if kind == TYPE_CHUNK:
             self.data.add(kind, oid, payload)
             if self.data.payload_bytes >= packs.PACK_TARGET:
-                self._send(self.data)
+                self._send(self.data, after=[])
                 self.data = PackBuilder()
         else:
             self.meta.add(kind, oid, payload)
             if self.meta.payload_bytes >= packs.PACK_TARGET:
-                self.flush()
+                self._send_both()
 
     def flush(self) -> None:
-        for attr in ("data", "meta"):
-            builder = getattr(self, attr)
-            if len(builder):
-                self._send(builder)
-                setattr(self, attr, PackBuilder())
+        """Send what the builders hold and wait until every pack and index is in."""
+        self._send_both()
+        while self._pending:
+            self._record(self._pending.popleft())
 
-    def _send(self, builder: PackBuilder) -> None:
-        pack_name, pack, index_name, index = builder.seal()
+    def close(self) -> None:
+        """Stop: packs not started are dropped, those in flight finish or fail first."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _send_both(self) -> None:
+        if len(self.data):
+            self._send(self.data, after=[])
+            self.data = PackBuilder()
+        if len(self.meta):
+            self._send(self.meta, after=list(self._pending))
+            self.meta = PackBuilder()
+
+    def _send(self, builder: PackBuilder, after: list[Future[_Sent]]) -> None:
+        while self._pending and (self._pending[0].done() or len(self._pending) >= UPLOADS):
+            self._record(self._pending.popleft())
         self.lock.refresh()
+        self._pending.append(self._pool.submit(self._upload, builder, after))
+
+    def _upload(self, builder: PackBuilder, after: list[Future[_Sent]]) -> _Sent:
+        pack_name, pack, index_name, index = builder.seal()
         self.store.put(pack_key(pack_name), pack)
+        for earlier in after:
+            earlier.result()  # raises its failure: then this index is not written either
         self.store.put(index_key(index_name), index)
-        self.known.add(read_index(index, index_name, self.store.spec.describe()))
+        return _Sent(len(builder), len(pack), index_name, index)
+
+    def _record(self, upload: Future[_Sent]) -> None:
+        sent = upload.result()
+        self.known.add(read_index(sent.index, sent.index_name, self.store.spec.describe()))
         self.stats.packs += 1
-        self.stats.objects += len(builder)
-        self.stats.bytes += len(pack)
-        self.stats.index_written += len(index)
+        self.stats.objects += sent.objects
+        self.stats.bytes += sent.pack_bytes
+        self.stats.index_written += len(sent.index)
         if self.cache is not None:
-            _keep_copy(self.cache, index_name, index)
-        self.on_sent(len(pack))
+            _keep_copy(self.cache, sent.index_name, sent.index)
+        self.on_sent(sent.pack_bytes)
+
+
+@dataclass(frozen=True)
+class _Sent:
+    objects: int
+    pack_bytes: int
+    index_name: str
+    index: bytes
 
 
 def push(
@@ -261,7 +304,8 @@ def push(
         known = read_indexes(store, cache)
         stats.index_read += known.bytes_read
         sender = PackSender(store, known, stats, lock, cache)
-        with progress_bar(progress, 0, f"push to {store.spec.name}") as bar:
+        bar_title = f"push to {store.spec.name}"
+        with contextlib.closing(sender), progress_bar(progress, 0, bar_title) as bar:
             sender.on_sent = bar
             for id in ids:
                 info = sm.snapshot(id)
@@ -332,7 +376,9 @@ def _with_ancestors(ids: list[str], parent_of: Callable[[str], str | None]) -> l
 
 # -- pull ------------------------------------------------------------------------------------
 class PackReader:
-    """Objects of the remote by id, through a small cache of downloaded, verified packs."""
+    """Objects of the remote by id, through a small cache of downloaded, verified packs.
+    ``prefetch`` starts downloads of the packs of objects needed soon, up to ``DOWNLOADS``
+    at once on a thread pool, verified there too; ``close`` waits for those in flight."""
 
     def __init__(self, store: ObjectStore, index: RemoteIndex, stats: TransferStats) -> None:
         self.store = store
@@ -340,28 +386,45 @@ class PackReader:
         self.index = index
         self.stats = stats
         self._cache: OrderedDict[str, dict[bytes, tuple[bytes, bytes]]] = OrderedDict()
+        self._loading: dict[str, Future[tuple[int, dict[bytes, tuple[bytes, bytes]]]]] = {}
+        self._pool = ThreadPoolExecutor(DOWNLOADS, thread_name_prefix="cascowfs-pull")
         self.on_received: Callable[[int], None] = lambda n: None
 
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def prefetch(self, oids: Iterable[bytes]) -> None:
+        for oid in oids:
+            if len(self._loading) >= DOWNLOADS:
+                return
+            pack = self.index.packs.get(oid)
+            if pack is not None and pack not in self._cache and pack not in self._loading:
+                self._loading[pack] = self._pool.submit(self._load, pack)
+
+    def _load(self, pack: str) -> tuple[int, dict[bytes, tuple[bytes, bytes]]]:
+        try:
+            data = self.store.get(pack_key(pack))
+        except NotFoundError:
+            raise StoreIOError(
+                f"remote {self.where}: {pack_key(pack)}, named by an index, is missing"
+            ) from None
+        objects = {o: (kind, payload) for kind, o, payload in read_pack(data, pack, self.where)}
+        return len(data), objects
+
     def get(self, oid: bytes, snapshot: str) -> tuple[bytes, bytes]:
-        where = self.store.spec.describe()
         pack = self.index.packs.get(oid)
         if pack is None:
             raise StoreIOError(
-                f"remote {where}: object {oid.hex()} of snapshot {snapshot} is in no pack "
+                f"remote {self.where}: object {oid.hex()} of snapshot {snapshot} is in no pack "
                 "an index names"
             )
         objects = self._cache.get(pack)
         if objects is None:
-            try:
-                data = self.store.get(pack_key(pack))
-            except NotFoundError:
-                raise StoreIOError(
-                    f"remote {where}: {pack_key(pack)}, named by an index, is missing"
-                ) from None
-            objects = {o: (kind, payload) for kind, o, payload in read_pack(data, pack, where)}
-            self.stats.bytes += len(data)
+            loading = self._loading.pop(pack, None)
+            size, objects = loading.result() if loading is not None else self._load(pack)
+            self.stats.bytes += size
             self.stats.packs += 1
-            self.on_received(len(data))
+            self.on_received(size)
             self._cache[pack] = objects
             if len(self._cache) > PACKS_CACHED:
                 self._cache.popitem(last=False)
@@ -370,7 +433,8 @@ class PackReader:
         found = objects.get(oid)
         if found is None:
             raise StoreIOError(
-                f"remote {where}: object {oid.hex()} is not in {pack_key(pack)} as its index says"
+                f"remote {self.where}: object {oid.hex()} is not in {pack_key(pack)} as its "
+                "index says"
             )
         return found
 
@@ -410,7 +474,8 @@ def pull(
         index = read_indexes(store, index_cache(sm, store.spec.url))
         stats.index_read += index.bytes_read
         reader = PackReader(store, index, stats)
-        with progress_bar(progress, 0, f"pull from {store.spec.name}") as bar:
+        bar_title = f"pull from {store.spec.name}"
+        with contextlib.closing(reader), progress_bar(progress, 0, bar_title) as bar:
             reader.on_received = bar
             for id in ids:
                 snap = ref(id)
@@ -451,6 +516,8 @@ def _receive_tree(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
             if children:
                 stack.append((oid, (kind, payload)))
                 stack.extend((child, None) for child in children)
+                # the stack takes the last child first
+                reader.prefetch(c for c in reversed(children) if not sm.has_object(c))
                 continue
             loaded = (kind, payload)
         add([(oid, value_of_payload(*loaded))])
