@@ -28,9 +28,13 @@ COMMIT_SHOWN_SECONDS = 2  # a commit appears as a node within this (docs/monitor
 
 
 def wait(driver, seconds: float, condition, message: str):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, seconds, poll_frequency=0.05).until(condition, message)
+    # The page redraws on every update: an element found a moment ago may be gone.
+    redrawn = (NoSuchElementException, StaleElementReferenceException)
+    return WebDriverWait(driver, seconds, poll_frequency=0.05,
+                         ignored_exceptions=redrawn).until(condition, message)
 
 
 def node_shown(ident: str):
@@ -71,8 +75,9 @@ def test_commit_appears_and_a_click_resets_the_branch():
             fs.sh('echo "s2 reward=0.75 visits=2" > $MNT/branches/b1/commit')
             wait(driver, COMMIT_SHOWN_SECONDS, node_shown("s2"),
                  f"a commit was not shown as a node within {COMMIT_SHOWN_SECONDS} s")
-            assert "reward=0.75" in driver.find_element(
-                "css selector", 'g.node[data-id="s2"] .node-labels').text
+            wait(driver, 5, lambda d: "reward=0.75" in d.find_element(
+                "css selector", 'g.node[data-id="s2"] .node-labels').text,
+                 "the new node does not show its labels")
 
             (tree / "scratch.txt").write_text("not committed\n")
             assert fs.sh("cat $MNT/branches/b1/status").stdout == "A scratch.txt\n"
