@@ -78,6 +78,11 @@ def test_commit_appears_and_a_click_resets_the_branch():
             wait(driver, 5, lambda d: "reward=0.75" in d.find_element(
                 "css selector", 'g.node[data-id="s2"] .node-labels').text,
                  "the new node does not show its labels")
+            fs.sh('echo "label s2 visits=3" > $MNT/ctl')
+            wait(driver, LOAD_SECONDS, lambda d: any(
+                row.text.split()[1:3] == ["label", "s2"]
+                for row in d.find_elements("css selector", "#events tbody tr")),
+                 "a label's row does not name the snapshot it labelled")
 
             (tree / "scratch.txt").write_text("not committed\n")
             assert fs.sh("cat $MNT/branches/b1/status").stdout == "A scratch.txt\n"

@@ -32,6 +32,12 @@ function shorten(text, max) {
   return text.length > max ? text.slice(0, max - 1) + "…" : text;
 }
 
+// What an operation acted on: the branches it was given, or, for a verb given none (label,
+// prune), the snapshot.
+function eventSubject(e) {
+  return e.names.length ? e.names.join(" ") : e.id || "";
+}
+
 function when(ns) {
   return new Date(ns / 1e6).toLocaleTimeString([], { hour12: false });
 }
@@ -264,7 +270,7 @@ function drawBranches() {
 function drawEvents() {
   const rows = [...state.summary.events].reverse().map((e) => {
     const tr = el("tr", { class: e.result === "ok" ? "" : "failed" });
-    tr.append(el("td", {}, when(e.time_ns)), el("td", {}, e.op), el("td", {}, shorten(e.names.join(" "), 40)),
+    tr.append(el("td", {}, when(e.time_ns)), el("td", {}, e.op), el("td", {}, shorten(eventSubject(e), 40)),
       el("td", {}, e.result), el("td", { class: "num" }, e.latency_ms.toFixed(1)));
     return tr;
   });
@@ -301,7 +307,7 @@ function drawLatency() {
       x: (i * step).toFixed(1), y: (height - h).toFixed(1), width: Math.max(1, step - 1).toFixed(1), height: h.toFixed(1),
       fill: opColour(e.op), class: e.result === "ok" ? "" : "failed",
     });
-    bar.append(el("svg:title", {}, `${e.op} ${e.names.join(" ")}: ${e.latency_ms.toFixed(2)} ms (${e.result})`));
+    bar.append(el("svg:title", {}, `${e.op} ${eventSubject(e)}: ${e.latency_ms.toFixed(2)} ms (${e.result})`));
     return bar;
   });
   svg.replaceChildren(el("svg:text", { x: width - 4, y: 10, "text-anchor": "end", class: "muted-text" }, `max ${max.toFixed(1)} ms (log scale)`), ...bars);
