@@ -273,9 +273,8 @@ class StateManager:
         return self
 
     def close(self, *, unmount_branches: bool = False) -> None:
-        """Release the store. Branch mounts stay (they outlive the daemon) unless asked, and
-        so do the mounts of discarded branches in the trash (the next open's round of the
-        trash takes them)."""
+        """Release the store. Branch mounts stay (they outlive the daemon) unless asked; the
+        trash's mounts go, its files stay for the next open's round."""
         if self._closing.is_set():
             return
         self._closing.set()
@@ -283,6 +282,7 @@ class StateManager:
         self.layers.stop_building()
         # The trash is not emptied on the way out: it may hold thousands of trees a busy
         # machine has not deleted yet; the next open empties it in the background.
+        self.trash.stop()
         self._background.stop(skipping=EmptyTrash)
         self.layers.stop_syncing()
         if not self._read_only:
@@ -294,6 +294,7 @@ class StateManager:
             if unmount_branches:
                 unmount_store_mounts(self.store)
             elif not self._read_only:
+                overlay.unmount_under(self.trash_dir)  # discarded branches not detached yet
                 self.layers.unmount_unused()
             self.wal.close()
             self.db.close()
