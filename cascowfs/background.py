@@ -1,5 +1,10 @@
 """The background worker: one thread that runs jobs an operation queues instead of waiting
-for them (emptying the trash, merging a new snapshot's layers), in the order queued."""
+for them (emptying the trash, merging a new snapshot's layers), in the order queued.
+
+A job equal to one queued and not started yet is not queued again: the waiting one runs
+after the request and does all it asks. Every commit and discard asks for a round of the
+trash, and a round costs a walk over the store's image mounts: queued one per request, the
+rounds of a burst of operations would pile up for minutes, and the shutdown runs them all."""
 
 from __future__ import annotations
 
@@ -31,6 +36,9 @@ class BackgroundWorker:
         self._run = run
         self._name = name
         self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()  # ``_waiting`` and the queue's contents together
+        self._waiting: set[Job] = set()  # queued, not started
+        self._skipping: type | None = None  # a kind of job ``stop`` drops
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -38,7 +46,12 @@ class BackgroundWorker:
         self._thread.start()
 
     def put(self, job: Job) -> None:
-        self._jobs.put(job)
+        """Queue ``job``, unless an equal one is waiting already."""
+        with self._lock:
+            if job in self._waiting:
+                return
+            self._waiting.add(job)
+            self._jobs.put(job)
 
     def waiting(self, kind: type) -> int:
         """How many jobs of ``kind`` are queued and not started yet."""
@@ -49,8 +62,10 @@ class BackgroundWorker:
         """Wait until every job queued so far is done."""
         self._jobs.join()
 
-    def stop(self) -> None:
-        """Run the jobs queued so far, then end the thread."""
+    def stop(self, *, skipping: type | None = None) -> None:
+        """Run the jobs queued so far, but those of kind ``skipping`` not started yet, then
+        end the thread."""
+        self._skipping = skipping
         self._jobs.put(None)
         if self._thread is not None:
             self._thread.join()
@@ -61,8 +76,11 @@ class BackgroundWorker:
             if job is None:
                 self._jobs.task_done()
                 return
+            with self._lock:
+                self._waiting.discard(job)
             try:
-                self._run(job)
+                if self._skipping is None or not isinstance(job, self._skipping):
+                    self._run(job)
             except (CascowfsError, OSError):
                 pass  # a snapshot pruned meanwhile, a failing disk: retried at the next need
             finally:

@@ -197,9 +197,8 @@ def _unmount_branches(store: Path) -> None:
     """Unmount every branch overlay of ``store``. Opening the store first replays what a crash
     left half done; a store that cannot be opened (a failed disk, a store gone) still has its
     branch mounts detached. One that another daemon holds keeps them: they are its branches."""
-    from . import overlay
     from .fuse.kernel_views import detach_views
-    from .state import StateManager
+    from .state import StateManager, unmount_store_mounts
 
     try:
         sm = StateManager.open(store, create=False)
@@ -207,8 +206,7 @@ def _unmount_branches(store: Path) -> None:
         raise
     except CascowfsError as exc:
         detach_views(store)
-        overlay.unmount_under(store / "branches")
-        overlay.unmount_under(store / "mounts")  # the layer images the branches stacked
+        unmount_store_mounts(store)
         print(
             f"cascowfs umount: {exc.message}; its branch mounts were detached without it",
             file=sys.stderr,

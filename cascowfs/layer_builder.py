@@ -183,8 +183,10 @@ class LayerBuilder:
                 lid = m.target[len(base) :] if m.target.startswith(base) else None
                 if lid is not None and lid not in keep:
                     overlay.unmount(Path(m.target))
+            with os.scandir(self.layers_dir) as it:  # the file types without a stat each
+                images_here = {e.name for e in it if e.is_file(follow_symlinks=False)}
             for entry in os.listdir(self.mounts_dir):
-                if entry not in keep and not self.is_image(entry):
+                if entry not in keep and entry not in images_here:
                     try:
                         os.rmdir(self.mounts_dir / entry)
                     except OSError:

@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -132,9 +133,10 @@ def set_root_metadata(path: Path, root: Entry | None) -> None:
 
 _RM = shutil.which("rm")
 REMOVER_NICE = 19
+CANCEL_POLL_S = 0.1  # how often ``remove_trees`` looks at its ``cancel`` event
 
 
-def remove_trees(paths: list[Path]) -> None:
+def remove_trees(paths: list[Path], cancel: threading.Event | None = None) -> bool:
     """Delete whole trees in a child process at idle priority, never descending into a mount:
     deleting a big layer is seconds of syscalls that would otherwise hold the daemon's GIL.
     (Deleting a discarded branch's few dozen entries in this process instead was slower in
@@ -146,7 +148,12 @@ def remove_trees(paths: list[Path]) -> None:
     3 nice -n 19 rm`` cost three execs, 3.4 ms of CPU a round against 1.1 ms, and in the
     4-agent mix the rounds' children used a third of a core, mostly on those execs. Not
     ``SCHED_IDLE``: an rm starved while it holds a journal handle stalls every writer of the
-    filesystem (a 5.6 s stall of all operations was seen with it, under a profiler's load)."""
+    filesystem (a 5.6 s stall of all operations was seen with it, under a profiler's load).
+
+    ``cancel`` set: the child is ended and the rest stays for a later call (a shutdown does
+    not wait for thousands of trees). Returns False if so."""
+    if cancel is not None and cancel.is_set():
+        return False
     if _RM is not None:
         child = subprocess.Popen(
             [_RM, "-rf", "--one-file-system", "--", *map(str, paths)],
@@ -158,9 +165,20 @@ def remove_trees(paths: list[Path]) -> None:
             os.setpriority(os.PRIO_PROCESS, child.pid, REMOVER_NICE)
         except OSError:
             pass  # done already: nothing to lower
-        child.wait()
+        while True:
+            try:
+                child.wait(timeout=CANCEL_POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                if cancel is not None and cancel.is_set():
+                    child.kill()  # a stopped rm too; what it leaves is deleted later
+                    child.wait()
+                    return False
     for path in paths:  # whatever rm could not remove, or all of it without rm
+        if cancel is not None and cancel.is_set():
+            return False
         remove_within_filesystem(path)
+    return True
 
 
 def remove_within_filesystem(path: Path) -> None:

@@ -169,12 +169,10 @@ def reconcile(sm: StateManager, cache_lost: bool = False, progress: bool = False
     with sm.db.read() as txn:
         records = sm.catalog.layer_ids(txn)
         branches = dict(sm.catalog.branches(txn))
-    for entry in os.listdir(sm.layers.layers_dir):
-        if entry not in records:
-            sm.trash.put(sm.layers.path(entry))
-    missing = [
-        lid for lid in records if not sm.layers.is_unbuilt(lid) and not sm.layers.exists(lid)
-    ]
+    on_disk = set(os.listdir(sm.layers.layers_dir))  # one read, not a stat per layer
+    for entry in on_disk - records:
+        sm.trash.put(sm.layers.path(entry))
+    missing = [lid for lid in records if not sm.layers.is_unbuilt(lid) and lid not in on_disk]
     if missing:
         sm.layers.rebuild(set(missing), "missing from layers/", progress, sm.unmount_branch)
     # mounts: keep exactly one correct mount per live branch

@@ -133,6 +133,13 @@ def check_store_dir(store: Path, *, create: bool) -> None:
         )
 
 
+def unmount_store_mounts(store: Path) -> None:
+    """Unmount the branch overlays of ``store``, those of discarded branches in its trash,
+    and the layer images they stacked."""
+    for where in ("branches", "trash", "mounts"):
+        overlay.unmount_under(store / where)
+
+
 def _now_ns() -> int:
     return time.time_ns()
 
@@ -266,15 +273,17 @@ class StateManager:
         return self
 
     def close(self, *, unmount_branches: bool = False) -> None:
-        """Release the store. Branch mounts stay (they outlive the daemon) unless asked."""
+        """Release the store. Branch mounts stay (they outlive the daemon) unless asked; the
+        trash's mounts go, its files stay for the next open's round."""
         if self._closing.is_set():
             return
         self._closing.set()
         self.collector.stop()
         self.layers.stop_building()
-        if not self._read_only:
-            self._background.put(EmptyTrash())
-        self._background.stop()
+        # The trash is not emptied on the way out: it may hold thousands of trees a busy
+        # machine has not deleted yet; the next open empties it in the background.
+        self.trash.stop()
+        self._background.stop(skipping=EmptyTrash)
         self.layers.stop_syncing()
         if not self._read_only:
             try:
@@ -283,9 +292,9 @@ class StateManager:
                 pass  # the layers stay marked unsynced: if the page cache goes, they are rebuilt
         with self._ops.exclusive():
             if unmount_branches:
-                overlay.unmount_under(self.branches_dir)
-                overlay.unmount_under(self.mounts_dir)
+                unmount_store_mounts(self.store)
             elif not self._read_only:
+                overlay.unmount_under(self.trash_dir)  # discarded branches not detached yet
                 self.layers.unmount_unused()
             self.wal.close()
             self.db.close()

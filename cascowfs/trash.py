@@ -27,6 +27,7 @@ class Trash:
         self._lock = threading.Lock()
         self._filled = threading.Event()  # set by put, cleared by empty
         self._filled.set()  # whatever an earlier run left there
+        self._stopping = threading.Event()  # set by stop: a round in progress ends early
 
     def put(self, path: Path) -> None:
         """Move ``path`` into the trash (a path that is not there is ignored)."""
@@ -43,6 +44,11 @@ class Trash:
             except OSError as exc:
                 log.warning("%s: %s stays until the next open: %s", store, path, exc)
 
+    def stop(self) -> None:
+        """End a round in progress (the daemon is closing): what it has not deleted stays
+        for the next open's round."""
+        self._stopping.set()
+
     def empty(self, *, force: bool = False) -> None:
         """Detach the mounts in the trash and delete it. Every discard queues a round, but a
         round takes all there is: rounds queued meanwhile find nothing new and skip reading
@@ -54,8 +60,8 @@ class Trash:
             try:
                 overlay.unmount_under(self.path)  # never delete through a live mount
                 entries = [self.path / e for e in os.listdir(self.path)]
-                if entries:
-                    layerfs.remove_trees(entries)
+                if entries and not layerfs.remove_trees(entries, self._stopping):
+                    self._filled.set()  # stopped: the rest waits for the next open
             except BaseException:
                 self._filled.set()  # the next round tries again
                 raise

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +26,7 @@ from conftest import (
     snapshot_view,
 )
 from cascowfs import images, overlay
-from cascowfs.state import StateManager
+from cascowfs.state import StateManager, unmount_store_mounts
 from cascowfs.tuning import Tuning
 
 pytestmark = needs_overlay
@@ -119,6 +120,61 @@ def test_an_image_is_mounted_once_and_goes_with_its_last_branch(tmp_path):
         sm.prune("base")
         sm.settle()
         assert not sm.layers.exists(lid) and os.listdir(sm.mounts_dir) == []
+
+
+def test_a_burst_of_operations_leaves_one_sweep_of_the_image_mounts_to_the_shutdown(
+    tmp_path, monkeypatch
+):
+    """Every commit and discard asks for a round of the trash and a sweep of the image mounts
+    (``unmount_unused``: a walk over every mount and every layer). With the background thread
+    held up by a first round, the burst's requests fold into one waiting round instead of one
+    each for the shutdown to run; the shutdown leaves exactly the image mounts the live
+    branches (and the discarded ones in the trash) stack, and ``umount --branches`` none."""
+    _needs(images.FILE_BACKED)
+    store = conftest.register_store(tmp_path / "store")
+    sm = StateManager.open(store, tuning=Tuning(layer_images=images.FILE_BACKED))
+    try:
+        sm.import_tree(_source(tmp_path / "src"), "base")
+        sm.settle()
+        burst_done = threading.Event()
+        sweeps = 0
+        sweep = sm.layers.unmount_unused
+
+        def held_sweep() -> None:
+            nonlocal sweeps
+            sweeps += 1
+            burst_done.wait()
+            sweep()
+
+        monkeypatch.setattr(sm.layers, "unmount_unused", held_sweep)
+        requests = 0
+        for lineage in range(8):
+            tree = sm.create_branch("grow", "base").tree
+            for step in range(8):
+                (tree / "f").write_bytes(f"{lineage}.{step}".encode())
+                sm.commit("grow", f"s{lineage}.{step}")
+                requests += 1
+            sm.discard("grow")
+            requests += 1
+        for j in range(20):
+            sm.create_branch(f"live{j}", f"s{j % 8}.{j % 7}")
+        burst_done.set()
+        sm.close()  # as the daemon does: the branches stay mounted
+        # the round that held the thread, the one waiting behind it if it started before
+        # close, and close's own sweep (close leaves the trash to the next open)
+        assert sweeps <= 3 < requests
+        stacked = {
+            lower
+            for m in overlay.mounts_under(sm.branches_dir) + overlay.mounts_under(sm.trash_dir)
+            for lower in overlay.overlay_dirs(m).lowers
+        }
+        assert stacked and {m.target for m in _image_mounts(sm)} == stacked
+        sm = StateManager.open(store, tuning=Tuning(layer_images=images.FILE_BACKED))
+        sm.close(unmount_branches=True)  # cascowfs umount --branches
+        assert overlay.mounts_under(store) == []
+    finally:
+        sm.close(unmount_branches=True)
+        unmount_store_mounts(store)
 
 
 def test_a_killed_daemon_leaves_no_image_mount_behind(tmp_path):

@@ -312,8 +312,10 @@ class StoreLifecycle(RuleBasedStateMachine):
             self.sm = None
             assert os.listdir(self.store / "layers") == [], "layer directories left"
             assert os.listdir(self.store / "branches") == [], "branch directories left"
-            assert os.listdir(self.store / "trash") == [], "trash not emptied at close"
             assert_fsck_clean(self.store, deep=True)
+            with conftest.open_store(self.store) as sm:  # the trash goes at the next open
+                sm.settle()
+                assert os.listdir(self.store / "trash") == [], "trash not emptied after open"
         finally:
             if self.sm is not None:
                 self.sm.close(unmount_branches=True)

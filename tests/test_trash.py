@@ -4,6 +4,8 @@ into the trash is detached before anything under it is deleted."""
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 import pytest
 
@@ -80,3 +82,56 @@ def test_a_mount_in_the_trash_is_detached_before_its_tree_is_deleted(trash, tmp_
         assert not [m for m in overlay.all_mounts() if m.target.startswith(str(tmp_path))]
     finally:
         conftest.force_unmount_below(tmp_path)
+
+
+def test_a_stopped_trash_leaves_its_content_to_the_next_open(trash, tmp_path):
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    trash.put(tmp_path / "tree")
+    trash.stop()  # the daemon is closing
+    trash.empty()
+    assert len(os.listdir(trash.path)) == 1
+    Trash(trash.path).empty()  # the next open's round
+    assert os.listdir(trash.path) == []
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                found += [int(p) for p in fh.read().split()]
+        except FileNotFoundError:
+            pass  # a thread that ended meanwhile
+    return found
+
+
+def _is_rm(pid: int) -> bool:
+    """Has child ``pid`` exec'd rm (a child stopped between fork and exec would hang Popen)?"""
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip() == "rm"
+    except FileNotFoundError:
+        return False
+
+
+def test_stop_ends_a_round_whose_rm_is_still_running(trash, tmp_path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(20000):  # long enough a deletion to catch its rm
+        (tree / str(i)).touch()
+    trash.put(tree)
+    before = set(_children(os.getpid()))
+    emptying = threading.Thread(target=trash.empty)
+    emptying.start()
+    rm = None
+    while rm is None and emptying.is_alive():
+        rm = next((p for p in set(_children(os.getpid())) - before if _is_rm(p)), None)
+    if rm is None:
+        emptying.join()
+        pytest.skip("the rm child finished before it was seen")
+    os.kill(rm, signal.SIGSTOP)  # it deletes nothing more, and would never end by itself
+    trash.stop()
+    emptying.join()
+    assert os.listdir(trash.path) != []
+    Trash(trash.path).empty()
+    assert os.listdir(trash.path) == []

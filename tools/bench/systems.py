@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from cascowfs.forks import process_gone
 from tools import benchfs
 
 from .host import MNT_DETACH, VENV_BIN, du_bytes, fs_used, log, run, sys_mount, sys_umount
@@ -109,9 +111,19 @@ class CascowSystem(System):
         return time.perf_counter() - t0
 
     def umount(self, branches: bool = True) -> None:
+        """``cascowfs umount``; if it fails, the daemon still gets to exit before this
+        returns (``_stop_daemon``): the scratch filesystem can go then."""
         if self.mounted:
+            pid = None
+            with contextlib.suppress(OSError, ValueError):
+                pid = self.daemon_pid()
             args = [CASCOWFS, "umount", str(self.mnt)] + (["--branches"] if branches else [])
-            run(*args)
+            try:
+                run(*args)
+            except RuntimeError:
+                if pid is not None:
+                    _stop_daemon(pid)
+                raise
             self.mounted = False
 
     def daemon_pid(self) -> int:
@@ -182,6 +194,32 @@ class CascowSystem(System):
             benchfs.detach_all_below(self.root)
             with contextlib.suppress(Exception):
                 sys_umount(str(self.mnt), MNT_DETACH)
+
+
+# How long a daemon that failed to unmount in time gets to finish its shutdown on its own,
+# then after SIGTERM: the scratch filesystem and its loop device go only once it has exited.
+DAEMON_GRACE_S = 300.0
+DAEMON_TERM_S = 30.0
+
+
+def _stop_daemon(pid: int) -> None:
+    """Wait for daemon ``pid`` to exit; SIGTERM it after ``DAEMON_GRACE_S``, SIGKILL it
+    (crash-safe: the next mount replays its log) only if that does not end it either."""
+    for sig, wait_s in (
+        (None, DAEMON_GRACE_S),
+        (signal.SIGTERM, DAEMON_TERM_S),
+        (signal.SIGKILL, DAEMON_TERM_S),
+    ):
+        if sig is not None:
+            log(f"cascowfs daemon {pid} still running: sending {sig.name}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if process_gone(pid):
+                return
+            time.sleep(0.1)
+    log(f"cascowfs daemon {pid} did not exit")
 
 
 class OverlayFloor(System):
