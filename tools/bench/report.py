@@ -417,7 +417,11 @@ def _method() -> list[str]:
         "one the agent needs before it can use the result.",
         "",
         "Read path: a cascowfs branch of `base` against the plain ext4 copy it was imported "
-        "from, a bare overlay over that copy, and the FUSE view `MNT/snapshots/base`; cold "
+        "from, a bare overlay over that copy, a bare overlay over the copy's lz4 EROFS image "
+        "(the floor of a branch on image layers), and `MNT/snapshots/base` (the column "
+        '"cascowfs snapshot", named "cascowfs snapshot (FUSE)" in earlier result files: '
+        "the daemon serves its first access, its kernel view the rest, *Reading "
+        "snapshots*); cold "
         "= after `sync; echo 3 > /proc/sys/vm/drop_caches`, warm = immediately after. "
         "Growth, *chain*: one branch, N commits in a row of 1–3 small edits each, space "
         "sampled on the way; *wide*: N branches of base with one small edit each, committed "
@@ -656,8 +660,9 @@ def _not_done(data: dict[str, dict]) -> list[str]:
             missing.append(f"* {corpus}: mount-time run not requested")
     if any("tests" in (d.get("read_path") or {}) for d in data.values()):
         missing.append(
-            "* Peers in the read-path comparison are native ext4 and a bare "
-            "overlay; btrfs snapshots and git worktrees were not read-path tested."
+            "* Peers in the read-path comparison are native ext4 and bare overlays on "
+            "the ext4 copy and on its EROFS image; btrfs snapshots and git worktrees "
+            "were not read-path tested."
         )
     out += (missing or ["*none*"]) + [""]
     return out

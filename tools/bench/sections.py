@@ -188,7 +188,7 @@ def bench_read_path(src_tree: Path, args: argparse.Namespace, corpus_info: dict)
                 "bare overlay on EROFS": str(erofs / "m"),
             }
             if snapshot := system.snapshot_path("base"):
-                places["cascowfs snapshot (FUSE)"] = snapshot
+                places["cascowfs snapshot"] = snapshot  # a kernel view after its first access
             git_dirs = {place: fsroot / f"git-{n}" for n, place in enumerate(places)}
             for test, cmd in tests.items():
                 row: dict[str, Any] = {}
