@@ -115,7 +115,7 @@ def recover(sm: StateManager, progress: bool) -> None:
     orphans_possible = False
     for op in pending:
         if op.op in applied:
-            _roll_forward(sm, op)
+            _roll_forward(sm, op, cache_lost)
         else:
             orphans_possible = orphans_possible or op.kind in _MAY_LEAVE_OBJECTS
     reconcile(sm, cache_lost, progress)
@@ -130,7 +130,7 @@ def recover(sm: StateManager, progress: bool) -> None:
         )
 
 
-def _roll_forward(sm: StateManager, op: PendingOp) -> None:
+def _roll_forward(sm: StateManager, op: PendingOp, cache_lost: bool) -> None:
     """Finish the SWITCH step of an op whose APPLY committed (idempotent)."""
     layer = op.args.get("layer")
     if layer:
@@ -139,9 +139,11 @@ def _roll_forward(sm: StateManager, op: PendingOp) -> None:
         if staged.exists() and not target.exists():
             os.rename(staged, target)
             durability.fsync_dir(sm.layers.layers_dir)
-    if op.kind in ("rebase", "reset"):
+    if op.kind in ("rebase", "reset") and not cache_lost:
         # The branch's upper still carries the old base's root attributes (and, after a
         # reset, the changes it drops): start it afresh on the new layers, as the op would.
+        # After a lost page cache, reconcile restarts every branch afresh anyway, and only
+        # once it has rebuilt the layers the cut tore: the new base's may be among them.
         with sm.db.read() as txn:
             branch = sm.catalog.find_branch(txn, op.args["name"])
         if branch is not None:
@@ -217,6 +219,6 @@ def _reset_branches_to_their_parents(sm: StateManager) -> None:
             return sm.repoint_branch(txn, name, old, old.parent)[1]
 
         dropped = sm.db.write(apply, f"resetting branch {name}")
-        sm.unmount_branch(name)  # a re-base rolled forward mounts it
+        sm.unmount_branch(name)  # none is mounted after a lost page cache: harmless
         sm.trash.put(sm.upper_path(name))  # mounting makes a fresh one
         sm.trash_after_apply(dropped)
