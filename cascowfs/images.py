@@ -124,13 +124,15 @@ def xattr_bytes(xattrs: tuple[tuple[bytes, bytes], ...]) -> int:
 
 
 def _xattr_bytes(path: bytes) -> int:
-    total = 0
+    """``xattr_bytes`` of every xattr ``path`` has, overlayfs's own included (a layer's
+    whiteouts and opaque directories are written into its image too)."""
+    pairs = []
     for name in os.listxattr(path, follow_symlinks=False):
         try:
-            total += len(name) + len(os.getxattr(path, name, follow_symlinks=False))
+            pairs.append((os.fsencode(name), os.getxattr(path, name, follow_symlinks=False)))
         except OSError:
             pass  # removed meanwhile: nothing to hold
-    return total
+    return xattr_bytes(tuple(pairs))
 
 
 def mount(image: Path, target: Path, mode: str) -> None:
