@@ -242,12 +242,10 @@ class LayerBuilder:
         return seq
 
     # -- writing and placing -----------------------------------------------------------
-    def write(
-        self, staged: Path, top: str, below: str | None, *, full: bool, compress: bool
-    ) -> None:
+    def write(self, staged: Path, top: str, below: str | None, *, full: bool, image: bool) -> None:
         """Write a layer from the CAS into ``staged``: the whole tree of superroot ``top``
-        (a full layer), or its difference from the tree of ``below`` (a delta); an image
-        (``compress``: compressed) unless layers are directories here."""
+        (a full layer), or its difference from the tree of ``below`` (a delta); a compressed
+        image if ``image`` (``as_image``) and layers are images here, else a directory."""
         root = self._trees.root_of(top)
         assert root is not None  # every superroot shows a tree
         if full:
@@ -256,7 +254,8 @@ class LayerBuilder:
             layerfs.materialize_delta(
                 self._trees, self._content, self._trees.root_of(below), root, staged
             )
-        self.seal(staged, compress=compress)
+        if image:
+            self.seal(staged, compress=True)
 
     def seal(self, staged: Path, *, compress: bool, unfit: list[str] | None = None) -> None:
         """Turn the layer directory ``staged`` into its EROFS image, written beside it and
@@ -384,7 +383,7 @@ class LayerBuilder:
                     self._trash.put(leftover)  # of an attempt that failed
                 self._unmount_image(lid)
                 try:
-                    self.write(staged, rec.top, rec.below, full=False, compress=False)
+                    self.write(staged, rec.top, rec.below, full=False, image=as_image(1))
                 except OSError:
                     self._trash.put(staged)  # a full disk: the next attempt starts afresh
                     raise
@@ -527,7 +526,7 @@ class LayerBuilder:
                         rec.top,
                         below.get(lid),
                         full=rec.span == 0,
-                        compress=compressed(rec.span),
+                        image=as_image(rec.span),
                     )
                     self._unmount_image(lid)
                     self._trash.put(self.layers_dir / lid)  # a missing one is ignored
@@ -543,10 +542,12 @@ class LayerBuilder:
             )
 
 
-def compressed(span: int) -> bool:
-    """Whether a layer of ``span`` is a compressed image: a full layer (span 0) or a merged
-    one holds most of what a chain shows and is read cold; a commit's own delta (span 1) is
-    small, short-lived and written on the commit's path."""
+def as_image(span: int) -> bool:
+    """Whether a layer of ``span`` is written as a (compressed) image: a full layer (span 0)
+    or a merged one holds most of what a chain shows, lives long and is read cold. A commit's
+    own delta (span 1) stays a directory: it is small, short-lived (merged or dropped within
+    minutes in a tree search) and written right behind the commit, where an exec of
+    mkfs.erofs and a mount per commit compete with the next operations for the CPU."""
     return span != 1
 
 

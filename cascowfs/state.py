@@ -63,7 +63,7 @@ from .errors import (
 from .extents import read_pieces
 from .fuse.sysmount import FUSE_TYPE, store_of_source
 from .gate import OpGate
-from .layer_builder import LayerBuilder, compressed
+from .layer_builder import LayerBuilder, as_image
 from .layer_pins import LayerPins
 from .metadb import MetaDB
 from .model import BranchInfo, Change, Entry, SnapshotInfo
@@ -486,7 +486,7 @@ class StateManager:
                             if reader is None or exc.filename is None:
                                 raise
                             raise privacy.unreadable_by(reader, src, exc.filename) from None
-                        with self.layers.sealing(staged, compress=compressed(0), unfit=unfit):
+                        with self.layers.sealing(staged, compress=True, unfit=unfit):
                             root = finalize(node, sink)
                             superroot = self._superroot(root, sink)
                             sink.flush()
@@ -1061,9 +1061,7 @@ class StateManager:
             ) as op:
                 staged = self.staging_dir / op
                 with disk_errors(f"rewriting the layers of snapshot {id}"):
-                    self.layers.write(
-                        staged, rec.root, below, full=not merge, compress=compressed(span)
-                    )
+                    self.layers.write(staged, rec.root, below, full=not merge, image=as_image(span))
                 crash_point("flatten.staged")
 
                 def apply(txn: lmdb.Transaction) -> list[str]:

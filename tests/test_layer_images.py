@@ -83,8 +83,12 @@ def test_every_mode_shows_each_snapshot_exactly(tmp_path, mode):
             _edit(tree) if i == 0 else (tree / f"n{i}").write_bytes(b"%d" % i)
             sm.commit("b", f"c{i}")
         sm.settle()
-        for lid in _chain(sm, "c2"):
-            assert sm.layers.is_image(lid) == (mode != images.DIRECTORIES), lid
+        with sm.db.read() as txn:
+            spans = {lid: sm.catalog.layer(txn, lid).span for lid in _chain(sm, "c2")}
+        assert sorted(spans.values()) == [0, 1, 2], spans  # c2's delta, c0+c1 merged, base
+        for lid, span in spans.items():
+            # a commit's own delta stays a directory: mkfs.erofs is off the commit's path
+            assert sm.layers.is_image(lid) == (mode != images.DIRECTORIES and span != 1), lid
         for sid in ("base", "c0", "c2"):
             other = sm.create_branch(f"on-{sid}", sid).tree
             assert_same_view(dir_view(other), snapshot_view(sm, sid), f"branch on {sid}")
@@ -167,6 +171,7 @@ def test_a_burst_of_operations_leaves_one_sweep_of_the_image_mounts_to_the_shutd
             lower
             for m in overlay.mounts_under(sm.branches_dir) + overlay.mounts_under(sm.trash_dir)
             for lower in overlay.overlay_dirs(m).lowers
+            if lower.startswith(f"{sm.mounts_dir}/")  # not the commits' directory layers
         }
         assert stacked and {m.target for m in _image_mounts(sm)} == stacked
         sm = StateManager.open(store, tuning=Tuning(layer_images=images.FILE_BACKED))
@@ -228,15 +233,18 @@ def test_a_store_of_directory_layers_keeps_them_and_gains_images(tmp_path):
     with conftest.open_store(store, tuning=Tuning(layer_images=images.DIRECTORIES)) as sm:
         sm.import_tree(_source(tmp_path / "src"), "base")
         sm.create_branch("b", "base")
-    with conftest.open_store(store, tuning=Tuning(layer_images=images.FILE_BACKED)) as sm:
+    tuning = Tuning(layer_images=images.FILE_BACKED, merge_fan_in=2)
+    with conftest.open_store(store, tuning=tuning) as sm:
         (old,) = _chain(sm, "base")
         assert sm.layers.path(old).is_dir()
         tree = sm.branch("b").tree
         _edit(tree)
+        sm.commit("b", "c0")
+        (tree / "n").write_bytes(b"n")
         sm.commit("b", "c1")
         sm.settle()
-        new = _chain(sm, "c1")[0]
-        assert sm.layers.is_image(new) and sm.layers.path(old).is_dir()
+        new, below = _chain(sm, "c1")  # the two deltas merged into an image
+        assert sm.layers.is_image(new) and below == old and sm.layers.path(old).is_dir()
         other = sm.create_branch("c", "c1").tree
         assert_same_view(dir_view(other), snapshot_view(sm, "c1"), "images over directories")
         check_live(sm, deep=True)
@@ -326,13 +334,17 @@ def test_any_names_and_xattrs_round_trip_through_images(tmp_path_factory, entrie
         for key, value in xattrs.items():
             os.setxattr(path, key, value)
         made.append(name)
-    with conftest.open_store(base / "store", tuning=Tuning(layer_images="erofs")) as sm:
+    tuning = Tuning(layer_images="erofs", merge_fan_in=2)
+    with conftest.open_store(base / "store", tuning=tuning) as sm:
         sm.import_tree(src, "base")
         tree = sm.create_branch("b", "base").tree
-        for name in made[:deleted]:  # whiteouts of hostile names in the commit's image
+        for name in made[:deleted]:  # whiteouts of hostile names in the merged image
             os.unlink(os.path.join(os.fsencode(tree / "dir"), name))
+        sm.commit("b", "mid")
+        (tree / "more").write_bytes(b"more")
         sm.commit("b", "next")
         sm.settle()
+        assert len(_chain(sm, "next")) == 2  # the two deltas merged
         assert all(sm.layers.is_image(lid) for lid in _chain(sm, "next"))
         for sid in ("base", "next"):
             other = sm.create_branch(f"on-{sid}", sid).tree
