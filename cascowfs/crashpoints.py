@@ -35,8 +35,8 @@ CRASH_POINTS: tuple[str, ...] = (
     "reset.prepared",
     "reset.applied",  # new parent recorded; overlay still on the old layers and old upper
     "reset.switched",
-    "label.prepared",
-    "label.applied",  # the labels changed; FINALIZE not written
+    "label.logged",  # WAL PREPARE flushed (the label is durable), LMDB transaction not queued
+    "label.applied",  # the labels changed in LMDB; FINALIZE not written
     "discard.prepared",
     "discard.applied",  # branch record gone; overlay still mounted
     "discard.switched",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from .errors import NoSpaceError, StoreIOError
 from .privacy import PRIVATE_FILE
 
 T = TypeVar("T")
+log = logging.getLogger("cascowfs.metadb")
 
 DB_NAMES = (
     b"objects",  # object id -> type byte + payload (chunks, chunk lists, trees)
@@ -106,7 +108,7 @@ class MetaDB:
         self._gate = threading.Condition()
         self._readers = 0
         self._growing = False
-        self._queue: list[_WriteRequest] = []
+        self._queue: list[WriteRequest] = []
         self._queue_cond = threading.Condition()
         self._closing = False
         self._release_due = False  # set inside a write transaction, acted on after its commit
@@ -192,16 +194,27 @@ class MetaDB:
         Group commit: one committer thread runs every ``fn`` queued meanwhile, each in a
         nested transaction of one outer transaction, and pays one sync for all of them.
         Concurrent operations on a loaded disk otherwise queue behind each other's syncs."""
-        request = _WriteRequest(fn, what, dry_run)
+        return self.submit(fn, what, dry_run=dry_run).wait()
+
+    def submit(
+        self,
+        fn: Callable[[lmdb.Transaction], Any],
+        what: str = "write",
+        *,
+        dry_run: bool = False,
+        on_done: Callable[[WriteRequest], None] | None = None,
+    ) -> WriteRequest:
+        """Queue ``fn`` as ``write`` does, without waiting: the request's ``wait`` returns
+        its result once its batch committed. Requests commit in the order they are queued.
+        ``on_done(request)`` runs on the committer thread after that commit (or failure), before
+        ``wait`` returns; it must not wait for another write."""
+        request = WriteRequest(fn, what, dry_run, on_done)
         with self._queue_cond:
             if self._closing:
                 raise StoreIOError(f"{what}: the store is closed")
             self._queue.append(request)
             self._queue_cond.notify()
-        request.done.wait()
-        if request.error is not None:
-            raise request.error
-        return request.result
+        return request
 
     def _commit_loop(self) -> None:
         while True:
@@ -213,7 +226,7 @@ class MetaDB:
                 batch, self._queue = self._queue, []
             self._commit_batch(batch)
 
-    def _commit_batch(self, batch: list[_WriteRequest]) -> None:
+    def _commit_batch(self, batch: list[WriteRequest]) -> None:
         while True:
             for request in batch:
                 request.result, request.error = None, None
@@ -259,6 +272,11 @@ class MetaDB:
             self._release_due = False
             self.release_mapped_pages()
         for request in batch:
+            if request.on_done is not None:
+                try:
+                    request.on_done(request)
+                except Exception:  # the batch is committed: its waiters must hear of it
+                    log.exception("%s: after %s", self.path, request.what)
             request.done.set()
 
     def _grow(self) -> None:
@@ -299,13 +317,26 @@ def open_reader(path: str | Path) -> tuple[lmdb.Environment, dict]:
     return env, {name.decode(): env.open_db(name, create=False) for name in DB_NAMES}
 
 
-class _WriteRequest:
-    __slots__ = ("fn", "what", "dry_run", "result", "error", "done")
+class WriteRequest:
+    """One ``fn`` queued for the committer (``MetaDB.submit``)."""
 
-    def __init__(self, fn: Callable, what: str, dry_run: bool) -> None:
+    __slots__ = ("fn", "what", "dry_run", "on_done", "result", "error", "done")
+
+    def __init__(
+        self, fn: Callable, what: str, dry_run: bool, on_done: Callable | None = None
+    ) -> None:
         self.fn = fn
         self.what = what
         self.dry_run = dry_run
+        self.on_done = on_done
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = threading.Event()
+
+    def wait(self) -> Any:
+        """``fn``'s result once its batch committed; raises what it raised or the store's
+        error."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result

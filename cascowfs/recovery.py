@@ -2,9 +2,10 @@
 replay, reconciliation of the disk and the mount table with the recorded state, and the
 reset after a lost page cache.
 
-Every op whose APPLY transaction committed is rolled forward (its SWITCH step redone); every
-other one leaves only staging, unrecorded layers and unreachable objects, which
-reconciliation and a collection sweep. If the page cache was lost since the last open (a
+Every op whose APPLY transaction committed is rolled forward (its SWITCH step redone), and so
+is every label logged (its transaction redone from its record); every other one leaves only
+staging, unrecorded layers and unreachable objects, which reconciliation and a collection
+sweep. If the page cache was lost since the last open (a
 reboot, a remount: ``durability.py``), the branches restart from their parent snapshots and
 the layers recorded since the last syncfs are rebuilt before anything is mounted.
 """
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import lmdb
 
-from . import durability, overlay
+from . import durability, label_applies, overlay
 from .catalog import STORE_FORMAT
 from .crashpoints import crash_point
 from .errors import StoreIOError
@@ -116,6 +117,8 @@ def recover(sm: StateManager, progress: bool) -> None:
     for op in pending:
         if op.op in applied:
             _roll_forward(sm, op, cache_lost)
+        elif op.kind == "label":  # acknowledged once logged: label_applies.py
+            label_applies.redo(sm.db, sm.catalog, op)
         else:
             orphans_possible = orphans_possible or op.kind in _MAY_LEAVE_OBJECTS
     reconcile(sm, cache_lost, progress)

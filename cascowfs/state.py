@@ -63,6 +63,7 @@ from .errors import (
 from .extents import read_pieces
 from .fuse.sysmount import FUSE_TYPE, store_of_source
 from .gate import OpGate
+from .label_applies import LabelApplies
 from .layer_builder import LayerBuilder, as_image
 from .layer_pins import LayerPins
 from .metadb import MetaDB
@@ -72,7 +73,6 @@ from .names import (
     check_label_changes,
     check_labels,
     check_snapshot_id,
-    labels_over_limits,
 )
 from .progress import progress_bar
 from .scan import ObjectSink, Progress, apply_upper, finalize, scan_directory
@@ -160,6 +160,7 @@ class StateManager:
     content: ContentStore
     trees: TreeStore
     wal: WriteAheadLog
+    label_applies: LabelApplies
     collector: Collector
     layers: LayerBuilder
 
@@ -238,6 +239,7 @@ class StateManager:
             self.content = ContentStore(self.db)
             self.trees = TreeStore(self.content)
             self.wal = WriteAheadLog(self.store / "wal" / "log")
+            self.label_applies = LabelApplies(self.db, self.catalog, self.wal)
             self.collector = Collector(
                 self.db, self.catalog, self.content, self._ops, self._closing, tuning
             )
@@ -291,6 +293,7 @@ class StateManager:
             except (CascowfsError, OSError):
                 pass  # the layers stay marked unsynced: if the page cache goes, they are rebuilt
         with self._ops.exclusive():
+            self.label_applies.wait_applied()  # their FINALIZE records go to the WAL
             if unmount_branches:
                 unmount_store_mounts(self.store)
             elif not self._read_only:
@@ -306,13 +309,16 @@ class StateManager:
         reaches."""
         self.layers.join()
         self._background.join()
+        self.label_applies.wait_applied()
         if not self._read_only:
             self.collect()
 
     @contextmanager
     def quiesced(self) -> Iterator[None]:
-        """No state change runs inside this block (fsck of a live store, tests)."""
+        """No state change runs inside this block (fsck of a live store, tests), and every
+        label that returned is applied."""
         with self._ops.exclusive():
+            self.label_applies.wait_applied()
             yield
 
     def __enter__(self) -> StateManager:
@@ -356,7 +362,11 @@ class StateManager:
 
     def checkpoint(self) -> None:
         """Forget finished operations: WAL first, then the applied markers (never the reverse,
-        or a pending op would lose its 'applied' mark and be rolled back)."""
+        or a pending op would lose its 'applied' mark and be rolled back). A label's record
+        is all that holds it until its transaction commits: kept while one may be in flight."""
+        self.label_applies.wait_applied()
+        if self.label_applies.failed:
+            return  # the next open redoes them from the log
         self.wal.checkpoint()
         self.db.write(self.catalog.forget_applied, "checkpoint")
 
@@ -928,7 +938,7 @@ class StateManager:
     def prune(self, id: str) -> None:
         """Drop a snapshot (BusyError while a branch is based on it)."""
         id = check_snapshot_id(id)
-        with self._ops.running():
+        with self._ops.running(), self.label_applies.pruning(id):
             with self.db.read() as txn:
                 self.catalog.snapshot(txn, id)  # NotFoundError before anything is logged
                 self._check_unused(txn, id)
@@ -963,35 +973,19 @@ class StateManager:
     def label(self, id: str, changes: dict[str, str]) -> dict[str, str]:
         """Set snapshot ``id``'s labels in ``changes`` (an empty value removes one); returns
         the labels it has afterwards. The tree stays as it is: labels are metadata, which a
-        tree search rewrites on every back-propagation, so the op is one transaction and its
-        PREPARE is not flushed (nothing but the recorded state tells whether it happened)."""
+        tree search rewrites on every back-propagation, so a label is durable once its WAL
+        record is, and LMDB applies it behind (``label_applies.py``)."""
         id = check_snapshot_id(id)
         changes = check_label_changes(changes)
         with self._ops.running():
-            with self.db.read() as txn:
-                _relabelled(id, self.catalog.snapshot(txn, id).labels, changes)  # before logging
-            with self._logged_op(
-                "label", id=id, keys=",".join(sorted(changes)), durable=False, undo=self._drop_op
-            ) as op:
-
-                def apply(txn: lmdb.Transaction) -> dict[str, str]:
-                    rec = self.catalog.snapshot(txn, id)
-                    labels = _relabelled(id, rec.labels, changes)
-                    self.catalog.put_snapshot(txn, id, replace(rec, labels=labels))
-                    self.catalog.mark_applied(txn, op)
-                    return labels
-
-                labels = self.db.write(apply, f"labelling snapshot {id}")
-            crash_point("label.applied")
-            self._finish(op)
+            labels = self.label_applies.label(id, changes)
+            try:
+                self._when_alone()
+            except (CascowfsError, OSError) as exc:
+                log.warning(
+                    "%s: housekeeping after a label failed (retried later): %s", self.store, exc
+                )
         return labels
-
-    def _drop_op(self, op: str) -> None:
-        """Roll back an op that failed before APPLY and left nothing but its PREPARE."""
-        try:
-            self.wal.finalize(op)
-        except CascowfsError:
-            pass  # the next open finds it never applied
 
     # ------------------------------------------------------------------------------------
     # flattening and rebuilding layers
@@ -1168,19 +1162,22 @@ class StateManager:
         return self.trees.diff(roots[0], roots[1])
 
     def snapshots(self) -> list[SnapshotInfo]:
+        labelled = self.label_applies.overlay()  # before the records: label_applies.py
         with self.db.read() as txn:
             return [
-                _snapshot_info(id, rec)
+                _snapshot_info(id, rec, labelled.get(id))
                 for id, rec in self.catalog.snapshots(txn, skip_damaged=True)
             ]
 
     def snapshot(self, id: str) -> SnapshotInfo:
         id = check_snapshot_id(id)
+        labels = self.label_applies.labels_of(id)  # before the record: label_applies.py
         with self.db.read() as txn:
-            return _snapshot_info(id, self.catalog.snapshot(txn, id))
+            return _snapshot_info(id, self.catalog.snapshot(txn, id), labels)
 
     def find(self, query: FindQuery) -> list[str]:
         """The snapshot ids ``query`` selects (episodes.py), in its order."""
+        self.label_applies.wait_applied()  # the label indexes are LMDB's
         with self.db.read() as txn:
             return find(self.catalog, txn, query)
 
@@ -1193,9 +1190,11 @@ class StateManager:
 
     def episodes(self) -> list[Episode]:
         """Every snapshot as an episode record (``MNT/episodes``)."""
+        labelled = self.label_applies.overlay()  # before the records: label_applies.py
         with self.db.read() as txn:
             return [
-                episode_of(id, rec) for id, rec in self.catalog.snapshots(txn, skip_damaged=True)
+                episode_of(id, _with_labels(rec, labelled.get(id)))
+                for id, rec in self.catalog.snapshots(txn, skip_damaged=True)
             ]
 
     def observation(self, id: str) -> Observation | None:
@@ -1285,7 +1284,13 @@ class StateManager:
         return self.content.read(content_id, offset, size)
 
 
-def _snapshot_info(id: str, rec: SnapshotRecord) -> SnapshotInfo:
+def _with_labels(rec: SnapshotRecord, labels: dict[str, str] | None) -> SnapshotRecord:
+    """``rec`` with ``labels`` (a label not applied yet: ``LabelApplies.labels_of``)."""
+    return rec if labels is None else replace(rec, labels=labels)
+
+
+def _snapshot_info(id: str, rec: SnapshotRecord, labels: dict[str, str] | None) -> SnapshotInfo:
+    rec = _with_labels(rec, labels)
     return SnapshotInfo(
         id,
         rec.root,
@@ -1296,18 +1301,6 @@ def _snapshot_info(id: str, rec: SnapshotRecord) -> SnapshotInfo:
         dict(rec.labels),
         obs=rec.obs.size if rec.obs is not None else None,
     )
-
-
-def _relabelled(id: str, labels: dict[str, str], changes: dict[str, str]) -> dict[str, str]:
-    """``labels`` with ``changes`` made; EINVAL if the result breaks a cap."""
-    out = {**labels, **{k: v for k, v in changes.items() if v}}
-    for key, val in changes.items():
-        if not val:
-            out.pop(key, None)
-    problem = labels_over_limits(out)
-    if problem:
-        raise InvalidArgumentError(f"labels of snapshot {id}: {problem}")
-    return out
 
 
 def check_observation(fd: int) -> None:

@@ -4,15 +4,20 @@ One record per line: ``<crc32 hex> <json>``. A PREPARE record is fsync'd before 
 touches anything; FINALIZE is appended without fsync (losing it only makes replay re-check an
 operation that already finished, and every recovery step is idempotent). Whether an operation
 got past APPLY is not kept here but in LMDB itself, in the same transaction as the change
-(the ``ops`` database), so "applied" can never disagree with the state it describes.
+(the ``ops`` database), so "applied" can never disagree with the state it describes. A
+label is the exception: its record carries its whole result, and replay redoes it from there
+(``label_applies.py``).
 
 Appends and flushes take different locks (group commit). A flush of the growing log costs
 the ext4 journal commit it forces, about 10 ms on a busy disk; held under the append lock,
-it would make every record behind it wait, the unflushed ones too (a label's, every
-FINALIZE): a label's two appends beside two threads flushing took 9.9 ms at P95 that way,
+it would make every record behind it wait, the unflushed ones too (every FINALIZE): a
+label's two appends beside two threads flushing took 9.9 ms at P95 that way,
 0.1 ms this way. A record is written under the append lock, and a durable one then waits for
 a flush that started after its write: one ``fdatasync`` makes every record written before it
 durable, so operations preparing at the same time share it.
+
+Replay reads every whole line (its CRC holds) and skips one that is not a record of the shape
+it reads (a hand edit, another program's line); a torn line ends the log.
 """
 
 from __future__ import annotations
@@ -58,13 +63,15 @@ class WriteAheadLog:
         self.last_kind: str | None = None  # the latest operation logged (systemd's STATUS=)
         self.replayed = 0  # unfinished operations recovery found at open (the metrics')
 
-    def _append(self, record: dict, durable: bool) -> None:
+    def _append(self, record: dict, durable: bool) -> int:
+        """Write ``record``; returns the flush target that covers it (``flush_through``)."""
         body = json.dumps(record, separators=(",", ":"), sort_keys=True)
         line = f"{zlib.crc32(body.encode()):08x} {body}\n".encode()
         with self._lock:
             written = self._write_locked(line)
         if durable:
-            self._flush_through(written)
+            self.flush_through(written)
+        return written
 
     def _write_locked(self, line: bytes) -> int:
         """Append ``line``; returns ``_written`` after it, the flush target that covers it."""
@@ -83,7 +90,7 @@ class WriteAheadLog:
         self._written += len(line)
         return self._written
 
-    def _flush_through(self, written: int) -> None:
+    def flush_through(self, written: int) -> None:
         """Make the log durable at least up to ``written`` (a ``_written`` value). A record
         whose flush fails stays in the log, whole: replay finds its operation never applied."""
         with self._flush_lock:
@@ -101,17 +108,25 @@ class WriteAheadLog:
         """Log an operation's intent. ``durable=False`` is for operations whose recovery the
         recorded state alone decides (see docs/architecture.md): their record is written but
         not flushed, saving one fdatasync on the hot path."""
+        return self.log_prepare(kind, durable=durable, **args)[0]
+
+    def log_prepare(self, kind: str, *, durable: bool, **args) -> tuple[str, int]:
+        """``prepare``, returning also the flush target that covers the record: an operation
+        that orders its records under a lock of its own writes them there with
+        ``durable=False`` and flushes outside it (a label)."""
         op = new_op_id()
-        self._append({"op": op, "step": "prepare", "kind": kind, "args": args}, durable=durable)
+        written = self._append(
+            {"op": op, "step": "prepare", "kind": kind, "args": args}, durable=durable
+        )
         self.last_kind = kind
-        return op
+        return op, written
 
     def sync(self) -> None:
         """Make every record written so far durable (a ``durable=False`` PREPARE whose
         operation is about to leave something recovery must find)."""
         with self._lock:
             written = self._written
-        self._flush_through(written)
+        self.flush_through(written)
 
     def finalize(self, op: str) -> None:
         self._append({"op": op, "step": "finalize"}, durable=False)
@@ -124,6 +139,8 @@ class WriteAheadLog:
                 rec = _parse(raw)
                 if rec is None:
                     break  # torn or corrupt tail: nothing after it was acknowledged
+                if not _replayable(rec):
+                    continue  # whole, but of a shape replay cannot use: not an op of ours
                 if rec.get("step") == "prepare":
                     ops[rec["op"]] = PendingOp(rec["op"], rec["kind"], rec.get("args", {}))
                 elif rec.get("step") == "finalize":
@@ -142,11 +159,25 @@ class WriteAheadLog:
 
 
 def _parse(raw: bytes) -> dict | None:
+    """The record on a line; None if the line is torn (no newline, or its CRC fails)."""
     try:
         crc, _, body = raw.rstrip(b"\n").partition(b" ")
         if not raw.endswith(b"\n") or int(crc, 16) != zlib.crc32(body):
             return None
-        rec = json.loads(body)
-        return rec if isinstance(rec, dict) and "op" in rec else None
     except ValueError:
         return None
+    try:
+        rec = json.loads(body)
+    except (ValueError, RecursionError):  # whole, but not JSON (or nested thousands deep)
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def _replayable(rec: dict) -> bool:
+    """Whether a whole record has the shape replay reads (a hand edit, another program's
+    line: its CRC only says it was written whole)."""
+    if not isinstance(rec.get("op"), str):
+        return False
+    if rec.get("step") == "prepare":
+        return isinstance(rec.get("kind"), str) and isinstance(rec.get("args", {}), dict)
+    return True

@@ -23,11 +23,13 @@ from cascowfs.state import StateManager
 
 # The step after which an operation is durable (its LMDB transaction committed).
 # a collection follows an applied prune; a commit's layer is written after the commit
-APPLIED_STEPS = {"applied", "switched", "marked", "swept", "written", "placed"}
+# a label is durable once its WAL record is flushed ("logged"), before LMDB applies it
+APPLIED_STEPS = {"logged", "applied", "switched", "marked", "swept", "written", "placed"}
 NOT_APPLIED_STEPS = {"prepared", "sealing", "chunks", "staged", "moved", "fetched"}
 
 CHILD = r"""
 import sys
+from cascowfs.episodes import FindQuery
 from cascowfs.state import StateManager
 from cascowfs.tuning import Tuning
 store, op = sys.argv[1], sys.argv[2]
@@ -44,6 +46,7 @@ elif op == "reset":
     sm.reset("work", "other")
 elif op == "label":
     sm.label("deep1", {"visits": "7", "value": "0.25"})
+    sm.find(FindQuery())  # waits for LMDB to apply it (label_applies.py): label.applied
 elif op == "discard":
     sm.discard("work")
 elif op == "prune":

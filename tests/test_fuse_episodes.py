@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import stat
+import threading
 
 import pytest
 
@@ -190,3 +191,38 @@ def test_episodes_reflect_labels_changed_after_commit(fs):
         c.label("s2", {"visits": "40"})
         eps = {e["id"]: e for e in c.episodes()}
     assert eps["s2"]["labels"]["visits"] == "40"
+
+
+def test_agents_labelling_one_node_read_their_own_labels_back_at_once(fs):
+    """Four agents back-propagate through the same node through the mount (a label returns
+    before LMDB applies it): right after each label, the agent's own value shows in the
+    node's xattrs, in find, in the client's snapshot and in MNT/episodes; at the end every
+    agent's last value is kept."""
+    node = fs.mnt / "snapshots" / "s0"
+    problems: list[str] = []
+
+    def agent(n: int) -> None:
+        with Client(fs.mnt) as c:
+            for step in range(15):
+                c.label("s0", {f"visits{n}": str(step)})
+                shown = {
+                    "xattr": os.getxattr(node, f"user.cascowfs.label.visits{n}").decode(),
+                    "find": "s0" if "s0" in c.find(f"visits{n}={step}") else "-",
+                    "snapshot": c.snapshot("s0").labels[f"visits{n}"],
+                }
+                if step % 5 == 0:
+                    eps = {e["id"]: e for e in c.episodes()}
+                    shown["episodes"] = eps["s0"]["labels"][f"visits{n}"]
+                expected = {k: "s0" if k == "find" else str(step) for k in shown}
+                if shown != expected:
+                    problems.append(f"agent {n} step {step}: {shown}")
+
+    threads = [threading.Thread(target=agent, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert problems == []
+    with Client(fs.mnt) as c:
+        labels = c.snapshot("s0").labels
+    assert [labels[f"visits{n}"] for n in range(4)] == ["14"] * 4

@@ -135,3 +135,43 @@ def test_another_process_reads_what_the_writer_committed_and_cannot_write(db):
     assert proc.stdout.splitlines() == [" ".join(sorted(n.decode() for n in DB_NAMES)), "{}",
                                         "read-only"]
     assert _get(db, "snapshots", b"s2") is None
+
+
+def test_submitted_writes_commit_in_queue_order_and_report_after_their_commit(db):
+    """``submit`` returns before the commit: each request's ``on_done`` runs once its batch
+    committed (a reader sees its change there), before ``wait`` returns, in queue order."""
+    release = threading.Event()
+    seen: list[tuple[int, bytes | None]] = []
+
+    def stall(txn):
+        release.wait()
+
+    def put(i: int):
+        def fn(txn):
+            txn.put(b"k", b"%d" % i, db=db.db("meta"))
+            if i == 2:
+                raise ValueError(i)
+            return i
+        return fn
+
+    stalled = db.submit(stall, "stalling")
+    requests = [
+        db.submit(put(i), f"put {i}", on_done=lambda r, i=i: seen.append((i, _get(db, "meta", b"k"))))
+        for i in range(5)
+    ]
+    assert not any(r.done.is_set() for r in requests)  # the committer is still in ``stall``
+    assert _get(db, "meta", b"k") is None
+    release.set()
+    assert [r.wait() for r in requests if r is not requests[2]] == [0, 1, 3, 4]
+    with pytest.raises(ValueError):
+        requests[2].wait()
+    stalled.wait()
+    assert [i for i, _ in seen] == [0, 1, 2, 3, 4]
+    assert all(value == b"4" for _, value in seen)  # one batch: seen after it committed
+
+
+def test_a_raising_on_done_does_not_keep_waiters_waiting(db):
+    def explode(request):
+        raise RuntimeError("on_done")
+
+    assert db.submit(lambda txn: 7, "seven", on_done=explode).wait() == 7

@@ -1,0 +1,213 @@
+"""Labels after commit: acknowledged once their WAL record is flushed, applied to LMDB behind.
+
+A tree search relabels the nodes of its path on every simulation. LMDB's group commit would
+make each label wait for the batch in flight (often a commit's) and then for its own, two disk
+flushes each. So a label is durable, and returns, once its PREPARE record, which carries the
+snapshot's whole label set afterwards, is flushed (the WAL's group commit: one shared
+``fdatasync``); its LMDB transaction is queued on the committer without waiting and FINALIZEd
+once it commits. Recovery rolls a logged label forward from its record (``redo``).
+
+Order: labels take tickets, under one lock, in WAL order, and their transactions are queued in
+ticket order, so LMDB applies them in the order replay would. Each label's set is computed
+from the one the label before it on the same snapshot left (``_projected``), so concurrent
+labels of one snapshot compose, the last one winning per key.
+
+Reads see every label that returned, and none that is not durable yet: a reader of whole
+snapshot records overlays the sets of the labels queued and not applied (``labels_of``,
+``overlay``); a reader of the label indexes (``find``) waits until every transaction queued
+so far has committed (``wait_applied``).
+
+Prune: a label either lands before a prune of its snapshot or fails with ENOENT. A prune
+waits for the labels that already took a ticket to be queued before queueing its own
+transaction, and labels of that snapshot wait for the prune to end (``pruning``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+
+import lmdb
+
+from .catalog import Catalog
+from .crashpoints import crash_point
+from .errors import CascowfsError, InvalidArgumentError
+from .metadb import MetaDB, WriteRequest
+from .names import check_labels, check_snapshot_id, labels_over_limits
+from .wal import PendingOp, WriteAheadLog
+
+log = logging.getLogger("cascowfs.labels")
+
+
+class LabelApplies:
+    """The labels acknowledged and not yet committed to LMDB, and their order."""
+
+    def __init__(self, db: MetaDB, catalog: Catalog, wal: WriteAheadLog) -> None:
+        self._db = db
+        self._catalog = catalog
+        self._wal = wal
+        self._cond = threading.Condition()
+        # snapshot id -> (its labels once every label of it with a ticket applied, how many)
+        self._projected: dict[str, tuple[dict[str, str], int]] = {}
+        # snapshot id -> its labels once every label of it queued applied: what readers see
+        # (a label is queued once durable, so no reader sees one a crash could lose)
+        self._visible: dict[str, dict[str, str]] = {}
+        self._pruning: Counter[str] = Counter()
+        self._issued = 0  # tickets handed out, in WAL order
+        self._queued = 0  # of those, how many have their transaction queued
+        self._last: WriteRequest | None = None  # the transaction queued last
+        self.failed: set[str] = set()  # ops whose transaction failed: replay must redo them
+
+    def label(self, id: str, changes: dict[str, str]) -> dict[str, str]:
+        """Make ``changes`` (checked; "" removes a key) to snapshot ``id``'s labels, durably;
+        returns its labels afterwards. ENOENT if it does not exist, EINVAL if the result
+        breaks a cap: both before anything is logged."""
+        with self._cond:
+            while self._pruning[id]:
+                self._cond.wait()
+            with self._db.read() as txn:
+                recorded = self._catalog.snapshot(txn, id).labels
+            before, count = self._projected.get(id, (recorded, 0))
+            labels = relabelled(id, before, changes)
+            op, mark = self._wal.log_prepare("label", durable=False, id=id, labels=labels)
+            ticket = self._issued
+            self._issued += 1
+            self._projected[id] = (labels, count + 1)
+        flush_error: CascowfsError | None = None
+        try:
+            self._wal.flush_through(mark)
+        except CascowfsError as exc:
+            flush_error = exc
+        else:
+            crash_point("label.logged")
+        with self._cond:
+            while self._queued != ticket:
+                self._cond.wait()
+            try:
+                request = self._db.submit(
+                    lambda txn: apply_label(self._catalog, txn, op, id, labels),
+                    f"labelling snapshot {id}",
+                    on_done=lambda request: self._applied(op, id, request),
+                )
+            except CascowfsError:
+                self._unproject(id)
+                raise
+            finally:
+                self._queued += 1
+                self._cond.notify_all()
+            self._last = request
+            self._visible[id] = labels
+        if flush_error is not None:
+            # not durable in the log: it is only once its transaction commits
+            try:
+                request.wait()
+            except CascowfsError:
+                raise flush_error from None
+        return labels
+
+    def _applied(self, op: str, id: str, request: WriteRequest) -> None:
+        """On the committer thread, once a label's transaction committed or failed."""
+        with self._cond:
+            self._unproject(id)
+            if request.error is not None:
+                self.failed.add(op)
+        if request.error is not None:
+            log.error(
+                "label op %s of snapshot %s: left for the next open: %s", op, id, request.error
+            )
+            return
+        crash_point("label.applied")
+        try:
+            self._wal.finalize(op)
+        except CascowfsError as exc:
+            log.warning("label op %s is applied, but its FINALIZE record is not: %s", op, exc)
+
+    def _unproject(self, id: str) -> None:
+        labels, count = self._projected[id]
+        if count == 1:
+            del self._projected[id]
+            self._visible.pop(id, None)
+        else:
+            self._projected[id] = (labels, count - 1)
+
+    def labels_of(self, id: str) -> dict[str, str] | None:
+        """Snapshot ``id``'s labels if a label of it is not applied yet (else None: read the
+        record). Call before reading the record: a label applied in between is in it."""
+        with self._cond:
+            found = self._visible.get(id)
+            return dict(found) if found is not None else None
+
+    def overlay(self) -> dict[str, dict[str, str]]:
+        """``labels_of`` of every snapshot that has one: read before the records."""
+        with self._cond:
+            return {id: dict(labels) for id, labels in self._visible.items()}
+
+    def wait_applied(self) -> None:
+        """Wait until every label transaction queued so far has committed (or failed)."""
+        with self._cond:
+            last = self._last
+        if last is not None:
+            last.done.wait()
+
+    @contextmanager
+    def pruning(self, id: str) -> Iterator[None]:
+        """Around a prune of snapshot ``id`` (see the module docstring)."""
+        with self._cond:
+            self._pruning[id] += 1
+            horizon = self._issued
+            while self._queued < horizon:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._pruning[id] -= 1
+                if not self._pruning[id]:
+                    del self._pruning[id]
+                self._cond.notify_all()
+
+
+def relabelled(id: str, labels: dict[str, str], changes: dict[str, str]) -> dict[str, str]:
+    """``labels`` with ``changes`` made; EINVAL if the result breaks a cap."""
+    out = {**labels, **{k: v for k, v in changes.items() if v}}
+    for key, val in changes.items():
+        if not val:
+            out.pop(key, None)
+    problem = labels_over_limits(out)
+    if problem:
+        raise InvalidArgumentError(f"labels of snapshot {id}: {problem}")
+    return out
+
+
+def apply_label(
+    catalog: Catalog, txn: lmdb.Transaction, op: str, id: str, labels: dict[str, str]
+) -> None:
+    """A label op's transaction: the snapshot's labels become ``labels``, the op applied. A
+    snapshot gone meanwhile (replay of a label logged before a prune) makes it a no-op."""
+    if catalog.has_snapshot(txn, id):
+        catalog.put_snapshot(txn, id, replace(catalog.snapshot(txn, id), labels=labels))
+    else:
+        log.warning("label op %s: snapshot %s is gone, its labels are dropped", op, id)
+    catalog.mark_applied(txn, op)
+
+
+def redo(db: MetaDB, catalog: Catalog, op: PendingOp) -> None:
+    """Roll a logged label forward at open. Its record was written by a daemon but is read
+    back as hostile input: one of another shape is skipped with a warning, never raised."""
+    id, labels = op.args.get("id"), op.args.get("labels")
+    try:
+        if not isinstance(labels, dict):
+            raise InvalidArgumentError(f"labels {type(labels).__name__}, not an object")
+        id = check_snapshot_id(id)
+        labels = check_labels(labels)
+    except InvalidArgumentError as exc:  # a record of an older version has no labels
+        log.warning("label op %s: not redone, its record is not one: %s", op.op, exc.message)
+        return
+    db.write(
+        lambda txn: apply_label(catalog, txn, op.op, id, labels),
+        f"redoing label op {op.op} of snapshot {id}",
+    )
