@@ -33,6 +33,7 @@ from .codec import (
     TYPE_LIST,
     TYPE_PACK,
     TYPE_TREE,
+    ZSTD_LEVEL,
     compress,
     decompress,
     object_id,
@@ -227,11 +228,14 @@ def _cut_content(content: bytes | Iterable[Piece], cutter: ContentCutter) -> Pre
     return cutter.finish()
 
 
-def build_pack(chunks: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """One pack holding ``chunks`` (id, raw data): the pack object, then a pointer per chunk."""
+def build_pack(
+    chunks: list[tuple[bytes, bytes]], level: int = ZSTD_LEVEL
+) -> list[tuple[bytes, bytes]]:
+    """One pack holding ``chunks`` (id, raw data), compressed at zstd ``level``: the pack
+    object, then a pointer per chunk."""
     raw = b"".join(data for _, data in chunks)
     pack_id = object_id(TYPE_PACK, raw)
-    packed = compress(raw)
+    packed = compress(raw, level)
     objects = [(pack_id, TYPE_PACK + (_ZSTD + packed if len(packed) < len(raw) else _RAW + raw))]
     offset = 0
     for oid, data in chunks:
@@ -240,10 +244,13 @@ def build_pack(chunks: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return objects
 
 
-def pack_unpacked(objects: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Turn the raw chunks among ``objects`` into packs and pointers (import workers do this,
-    so the compression happens in parallel and far fewer bytes cross the pipe; operations do
-    it before their write transaction, so compression never holds up LMDB's one writer)."""
+def pack_unpacked(
+    objects: list[tuple[bytes, bytes]], level: int = ZSTD_LEVEL
+) -> list[tuple[bytes, bytes]]:
+    """Turn the raw chunks among ``objects`` into packs and pointers, compressed at zstd
+    ``level`` (import workers do this, so the compression happens in parallel and far fewer
+    bytes cross the pipe; operations do it before their write transaction, so compression
+    never holds up LMDB's one writer)."""
     out, raw, seen, size = [], [], set(), 0
     for oid, value in objects:
         if value[:2] != TYPE_CHUNK + _UNPACKED:
@@ -253,10 +260,10 @@ def pack_unpacked(objects: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes
             raw.append((oid, value[2:]))
             size += len(value) - 2
             if size >= PACK_TARGET:
-                out.extend(build_pack(raw))
+                out.extend(build_pack(raw, level))
                 raw, size = [], 0
     if raw:
-        out.extend(build_pack(raw))
+        out.extend(build_pack(raw, level))
     return out
 
 

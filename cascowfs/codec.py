@@ -17,6 +17,8 @@ from .errors import StoreIOError
 
 ID_SIZE = 32
 ZSTD_LEVEL = 3  # see docs/architecture.md ("Decisions and why")
+# An import's packs: most of a store's bytes, written while the import waits for them
+IMPORT_ZSTD_LEVEL = 1
 
 TYPE_CHUNK = b"C"
 TYPE_PACK = b"K"
@@ -33,10 +35,13 @@ def object_id(kind: bytes, payload: bytes | memoryview) -> bytes:
 _local = threading.local()
 
 
-def _compressor() -> zstandard.ZstdCompressor:
-    comp = getattr(_local, "comp", None)
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    comps = getattr(_local, "comps", None)
+    if comps is None:
+        comps = _local.comps = {}
+    comp = comps.get(level)
     if comp is None:
-        comp = _local.comp = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        comp = comps[level] = zstandard.ZstdCompressor(level=level)
     return comp
 
 
@@ -47,9 +52,10 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-def compress(data: bytes | memoryview) -> bytes:
-    """A zstd frame of ``data`` at the store's level (this thread's compressor)."""
-    return _compressor().compress(data)
+def compress(data: bytes | memoryview, level: int = ZSTD_LEVEL) -> bytes:
+    """A zstd frame of ``data`` at the store's level, or ``level`` (this thread's
+    compressor)."""
+    return _compressor(level).compress(data)
 
 
 def decompress(frame: bytes | memoryview) -> bytes:

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 from . import extents, forks, fsmeta
 from .cas import Emit, Piece, PreparedContent, pack_unpacked
+from .codec import IMPORT_ZSTD_LEVEL
 from .privacy import Caller, reading_as
 from .readahead import Readahead
 
@@ -174,7 +175,7 @@ def _process_batch(
     finally:
         for fd, _ in sources[len(results) + 1 :]:  # read_content closed the one that failed
             os.close(fd)
-    objects = pack_unpacked([o for *_, objs in results for o in objs])
+    objects = pack_unpacked([o for *_, objs in results for o in objs], IMPORT_ZSTD_LEVEL)
     if not results:
         return results
     first = results[0]

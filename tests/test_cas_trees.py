@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import zstandard
 
-from cascowfs import cas
+from cascowfs import cas, codec
 from cascowfs.errors import StoreIOError
 from cascowfs.model import Entry
 from cascowfs import trees as trees_mod
@@ -100,6 +100,22 @@ def test_large_chunks_are_packed_too(content):
         assert content.read(prepared.content_id, offset, size) == data[offset:offset + size]
     assert all(content.verify(oid, v) for oid, v in values.items()
                if v[:1] in (cas.TYPE_CHUNK, cas.TYPE_PACK))
+
+
+@pytest.mark.parametrize("level", [codec.IMPORT_ZSTD_LEVEL, codec.ZSTD_LEVEL])
+def test_packs_read_back_at_every_level_with_ids_of_the_data_alone(content, level):
+    """An import's workers pack at a faster level than the rest of the store; ids name the
+    uncompressed bytes, so the same chunks packed at either level are the same objects."""
+    data = _source_like(5 * cas.CHUNK_AVG, 4)
+    prepared = cas.prepare_content(data)
+    objects = cas.pack_unpacked(prepared.objects, level)
+    other = cas.pack_unpacked(prepared.objects, codec.ZSTD_LEVEL)
+    assert [oid for oid, _ in objects] == [oid for oid, _ in other]
+    content.db.write(lambda txn: content.put_objects(txn, objects))
+    packs = [v for v in _values(content).values() if v[:1] == cas.TYPE_PACK]
+    assert sum(map(len, packs)) < len(data) // 2
+    assert content.read(prepared.content_id) == data
+    assert all(content.verify(oid, v) for oid, v in _values(content).items())
 
 
 def test_pack_missing_leaves_out_chunks_the_store_has(content):

@@ -27,10 +27,13 @@ def test_the_same_payload_under_two_kinds_never_shares_an_id(payload):
 
 
 @hypothesis_settings(200)
-@given(payload=st.binary(max_size=1 << 16))
-def test_frames_decompress_to_what_was_compressed(payload):
-    assert codec.decompress(codec.compress(payload)) == payload
-    assert codec.decompress(codec.compress(memoryview(payload))) == payload
+@given(
+    payload=st.binary(max_size=1 << 16),
+    level=st.sampled_from([codec.ZSTD_LEVEL, codec.IMPORT_ZSTD_LEVEL]),
+)
+def test_frames_decompress_to_what_was_compressed(payload, level):
+    assert codec.decompress(codec.compress(payload, level)) == payload
+    assert codec.decompress(codec.compress(memoryview(payload), level)) == payload
 
 
 @hypothesis_settings(100)

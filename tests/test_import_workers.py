@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from cascowfs import import_workers
+from cascowfs import codec, import_workers
 from cascowfs.cas import prepare_content
 from cascowfs.import_workers import FileJob, ImportWorkers
 from cascowfs.scan import ObjectSink, finalize, scan_directory
@@ -118,3 +118,24 @@ def test_threads_and_processes_build_the_same_tree(tmp_path, monkeypatch):
                 mirrored = tmp_path / layer / f"d{d}" / name
                 if not mirrored.is_symlink():
                     assert mirrored.read_bytes() == (src / f"d{d}" / name).read_bytes()
+
+
+def test_worker_processes_pack_at_the_import_level(tmp_path, process_path):
+    """The workers' packs are zstd frames at ``IMPORT_ZSTD_LEVEL`` (faster than the store's
+    level; docs/architecture.md, *Decisions*), and hold exactly the files' bytes."""
+    assert codec.IMPORT_ZSTD_LEVEL != codec.ZSTD_LEVEL
+    src = tmp_path / "src"
+    _files(src, 12, size=40_000)
+    sink = ObjectSink()
+    finalize(scan_directory(src, sink), sink)
+    packs = [value for value in sink.pending.values() if value[:1] == codec.TYPE_PACK]
+    assert packs
+    raw = b""
+    for value in packs:
+        assert value[1:2] == b"\x01"  # a zstd frame: these files shrink
+        data = codec.decompress(value[2:])
+        assert value[2:] == codec.compress(data, codec.IMPORT_ZSTD_LEVEL)
+        assert value[2:] != codec.compress(data, codec.ZSTD_LEVEL)
+        raw += data
+    for path in src.iterdir():
+        assert path.read_bytes() in raw
