@@ -352,12 +352,19 @@ def _reproduce(data: dict[str, dict], sources: list[str]) -> list[str]:
         per_corpus.setdefault(c, []).append(
             f"{_run_label(r)} {_hhmm(r.get('started'))}–{_hhmm(r.get('finished'))}"
         )
-    dates = sorted({(r.get("started") or "?")[:10] for _, r in runs})
+    # a run that starts before midnight and ends after it spans two dates
+    stamps = [r.get(key) for _, r in runs for key in ("started", "finished")]
+    dates = sorted({(stamp or "?")[:10] for stamp in stamps})
+    when = (
+        f"{'all on' if len(runs) > 1 else 'on'} {dates[0]}"
+        if len(dates) == 1
+        else f"between {dates[0]} and {dates[-1]}"
+    )
     engine, note = _engine(data)
     out += [
         "Runs of the latest figures: "
         + ", ".join(f"{short(c)} " + " and ".join(labels) for c, labels in per_corpus.items())
-        + f", {'all on ' if len(runs) > 1 else 'on '}{' to '.join(dates)} (engine {engine}"
+        + f", {when} (engine {engine}"
         + (f"; {note}" if note else "")
         + ")."
     ]
