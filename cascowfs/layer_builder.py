@@ -255,11 +255,11 @@ class LayerBuilder:
                 self._trees, self._content, self._trees.root_of(below), root, staged
             )
         if image:
-            self.seal(staged, compress=True)
+            self.seal(staged)
 
-    def seal(self, staged: Path, *, compress: bool, unfit: list[str] | None = None) -> None:
-        """Turn the layer directory ``staged`` into its EROFS image, written beside it and
-        renamed to ``staged``; the directory goes. Where images do not mount, where the tree
+    def seal(self, staged: Path, *, unfit: list[str] | None = None) -> None:
+        """Turn the layer directory ``staged`` into its compressed EROFS image, written beside
+        it and renamed to ``staged``; the directory goes. Where images do not mount, where the tree
         holds what mkfs.erofs cannot write, or where it fails, the layer stays the directory.
         ``unfit``: what the writer of ``staged`` found that mkfs.erofs cannot write (an
         import's scan: ``images.why_not_an_entry``); None: a walk of ``staged`` finds it
@@ -274,7 +274,7 @@ class LayerBuilder:
         image = staged.with_name(staged.name + ".image")
         os.rename(staged, tree)
         try:
-            images.build(tree, image, compress=compress)
+            images.build(tree, image, compress=True)
         except images.ImageError as exc:
             log.warning("%s: %s; the layer stays a directory", self.store, exc)
             self._trash.put(image)
@@ -290,9 +290,7 @@ class LayerBuilder:
         self._empty_trash_soon()
 
     @contextmanager
-    def sealing(
-        self, staged: Path, *, compress: bool, unfit: list[str] | None = None
-    ) -> Iterator[None]:
+    def sealing(self, staged: Path, *, unfit: list[str] | None = None) -> Iterator[None]:
         """Seal the finished layer directory ``staged`` (``seal``) on a thread of its own
         while the block runs, and wait for it at the block's end: an import's mkfs.erofs
         writes the image while the import encodes its trees and stores its objects. The
@@ -301,7 +299,7 @@ class LayerBuilder:
 
         def seal() -> None:
             try:
-                self.seal(staged, compress=compress, unfit=unfit)
+                self.seal(staged, unfit=unfit)
             except BaseException as exc:  # re-raised on the block's thread
                 failed.append(exc)
 

@@ -496,7 +496,7 @@ class StateManager:
                             if reader is None or exc.filename is None:
                                 raise
                             raise privacy.unreadable_by(reader, src, exc.filename) from None
-                        with self.layers.sealing(staged, compress=True, unfit=unfit):
+                        with self.layers.sealing(staged, unfit=unfit):
                             root = finalize(node, sink)
                             superroot = self._superroot(root, sink)
                             sink.flush()
