@@ -624,11 +624,16 @@ class StateManager:
             log.warning(
                 "%s: op %s is done, but its FINALIZE record is not: %s", self.store, op, exc
             )
+        self._housekeep(f"op {op}")
+
+    def _housekeep(self, after: str) -> None:
+        """``_when_alone`` after an operation that is done already: what fails there (a
+        failing disk) is logged and retried after a later one."""
         try:
             self._when_alone()
         except (CascowfsError, OSError) as exc:
             log.warning(
-                "%s: housekeeping after op %s failed (retried later): %s", self.store, op, exc
+                "%s: housekeeping after %s failed (retried later): %s", self.store, after, exc
             )
 
     def trash_after_apply(self, layers: list[str], *paths: Path) -> None:
@@ -979,12 +984,7 @@ class StateManager:
         changes = check_label_changes(changes)
         with self._ops.running():
             labels = self.label_applies.label(id, changes)
-            try:
-                self._when_alone()
-            except (CascowfsError, OSError) as exc:
-                log.warning(
-                    "%s: housekeeping after a label failed (retried later): %s", self.store, exc
-                )
+            self._housekeep("a label")
         return labels
 
     # ------------------------------------------------------------------------------------
