@@ -438,22 +438,49 @@ class StateManager:
         sink.add(objects)
         return sid
 
-    def mount_branch(self, name: str, rec: BranchRecord, *, fresh_upper: bool) -> None:
+    def mount_branch(
+        self, name: str, rec: BranchRecord, *, fresh_upper: bool, staged: Path | None = None
+    ) -> None:
         """Mount branch ``name`` on the layers its record names (writing any not written yet),
-        over its upper directory (``fresh_upper``: an empty one)."""
+        over its upper directory (``fresh_upper``: an empty one; ``staged``: the empty upper
+        and work directories ``stage_branch_dirs`` made)."""
         self.layers.build_chain(rec.layers)
         with disk_errors(f"mounting branch {name}"):
             upper, work = self.make_branch_dirs(name)
-            if fresh_upper or not upper.is_dir():
+            if staged is not None:
+                self.trash.put(upper)
+                os.rename(staged / "upper", upper)
+            elif fresh_upper or not upper.is_dir():
                 self.trash.put(upper)
                 upper.mkdir()
                 layerfs.set_root_metadata(upper, self.root_of(rec.base_root))
             # a volatile mount refuses a work dir it used before a crash: always start it empty
             self.trash.put(work)
-            work.mkdir()
+            if staged is not None:
+                os.rename(staged / "work", work)
+                self.trash.put(staged)
+            else:
+                work.mkdir()
             with self.layers.mounted(rec.layers) as lowers:
                 overlay.mount_overlay(self.tree_path(name), lowers, upper, work)
         self._forget_file_caches(name)
+
+    def stage_branch_dirs(self, layers: list[str], base_root: str | None) -> Path:
+        """Write ``layers`` and make an empty upper (showing ``base_root``'s root) and work
+        directory in staging, for an op that re-mounts a branch after its APPLY: on a full
+        disk it fails here, with nothing logged, rather than leave the branch unmounted."""
+        self.layers.build_chain(layers)
+        staged = self.staging_dir / f"dirs-{secrets.token_hex(5)}"
+        try:
+            with disk_errors("making a branch's directories"):
+                staged.mkdir()
+                (staged / "upper").mkdir()
+                layerfs.set_root_metadata(staged / "upper", self.root_of(base_root))
+                (staged / "work").mkdir()
+        except BaseException:
+            self.trash.put(staged)
+            raise
+        return staged
 
     # ------------------------------------------------------------------------------------
     # import
@@ -776,23 +803,30 @@ class StateManager:
         with self._branch_op(name):
             with self.db.read() as txn:
                 old = self.catalog.branch(txn, name)
-                if parent is not None:
-                    self.catalog.snapshot(txn, parent)  # NotFoundError before anything is logged
+                # NotFoundError before anything is logged
+                target = self.catalog.snapshot(txn, parent) if parent is not None else None
             if kind == "rebase" and self.status(name):
                 raise BusyError(
                     f"branch {name!r} has uncommitted changes; commit or discard them first"
                 )
-            with self._logged_op(kind, name=name, parent=parent) as op:
+            staged = self.stage_branch_dirs(
+                target.layers if target else [], target.root if target else None
+            )
+            try:
+                with self._logged_op(kind, name=name, parent=parent) as op:
 
-                def apply(txn: lmdb.Transaction) -> tuple[BranchRecord, list[str]]:
-                    result = self.repoint_branch(txn, name, old, parent)
-                    self.catalog.mark_applied(txn, op)
-                    return result
+                    def apply(txn: lmdb.Transaction) -> tuple[BranchRecord, list[str]]:
+                        result = self.repoint_branch(txn, name, old, parent)
+                        self.catalog.mark_applied(txn, op)
+                        return result
 
-                rec, dropped = self.db.write(apply, f"re-basing branch {name}")
+                    rec, dropped = self.db.write(apply, f"re-basing branch {name}")
+            except BaseException:
+                self.trash.put(staged)
+                raise
             crash_point(f"{kind}.applied")
             overlay.unmount(self.tree_path(name))
-            self.mount_branch(name, rec, fresh_upper=True)
+            self.mount_branch(name, rec, fresh_upper=True, staged=staged)
             self.trash_after_apply(dropped)
             crash_point(f"{kind}.switched")
             self._finish(op)

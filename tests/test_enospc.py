@@ -223,6 +223,8 @@ def test_every_state_change_on_a_completely_full_disk(tmp_path, track_store):
                 (tree / "edit").write_bytes(b"edit")
                 sm.create_branch("gone", "base")
                 sm.create_branch("moving", "base")
+                rolled = sm.create_branch("rolled", "base").tree
+                (rolled / "tried").write_bytes(b"an agent's attempt")
                 views = {s: snapshot_view(sm, s) for s in ("base", "spare")}
                 sm = reopen(sm)
                 ballast = fill(disk, 0)
@@ -230,6 +232,7 @@ def test_every_state_change_on_a_completely_full_disk(tmp_path, track_store):
                     "create_branch": lambda: sm.create_branch("new", "base"),
                     "commit": lambda: sm.commit("work", "c1"),
                     "rebase": lambda: sm.rebase("moving", "spare"),
+                    "reset": lambda: sm.reset("rolled", "spare"),
                     "discard": lambda: sm.discard("gone"),
                     "prune": lambda: sm.prune("old"),
                 }
@@ -246,6 +249,11 @@ def test_every_state_change_on_a_completely_full_disk(tmp_path, track_store):
                                              "not NoSpaceError") from exc
                 earlier_state_intact(sm, {s: v for s, v in views.items()
                                           if s in {x.id for x in sm.snapshots()}})
+                # a reset refused for want of space leaves the branch as it was, changes
+                # and mount included; one that succeeded shows its new parent's tree
+                tried = (rolled / "tried").exists()
+                assert tried == (outcome["reset"] == "ENOSPC"), outcome
+                assert sm.branch("rolled").parent == ("base" if tried else "spare")
             finally:
                 sm.close()
             assert_fsck_clean(store, deep=True)
@@ -258,6 +266,9 @@ def test_every_state_change_on_a_completely_full_disk(tmp_path, track_store):
                     sm.commit("work", "c1")
                 if sm.branch("moving").parent != "spare":
                     sm.rebase("moving", "spare")
+                if sm.branch("rolled").parent != "spare":
+                    sm.reset("rolled", "spare")
+                assert not (sm.branch("rolled").tree / "tried").exists()
                 if "gone" in names:
                     sm.discard("gone")
                 if "old" in {s.id for s in sm.snapshots()}:
