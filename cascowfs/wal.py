@@ -16,8 +16,18 @@ label's two appends beside two threads flushing took 9.9 ms at P95 that way,
 a flush that started after its write: one ``fdatasync`` makes every record written before it
 durable, so operations preparing at the same time share it.
 
+The log is overwritten in place, not appended to. Growing a file makes ``fdatasync`` commit
+the ext4 journal for the new size, and under a busy disk that commit queues behind every other
+writer's metadata: the daemon's profiles of the 4-agent mix put most of a label's time there.
+Overwriting blocks the file already has flushes their data alone. So a checkpoint leaves the
+file at its size, zero-filled (at least ``PREALLOCATED`` bytes), and records are written from
+offset 0 again; a record that runs past the end appends, and the file keeps the size it grew
+to. Bytes past the log's end are always zero: a checkpoint zeroes the records it forgets, and a
+write that failed halfway is zeroed again, so a stale record can never follow a new one.
+
 Replay reads every whole line (its CRC holds) and skips one that is not a record of the shape
-it reads (a hand edit, another program's line); a torn line ends the log.
+it reads (a hand edit, another program's line); a torn line ends the log, and so does the first
+zero byte.
 """
 
 from __future__ import annotations
@@ -28,12 +38,16 @@ import os
 import secrets
 import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .durability import fsync_dir
 from .errors import from_os_error
+
+PREALLOCATED = 1 << 20  # bytes a checkpoint leaves zero-filled for records to overwrite
+_SECTOR = 512  # the unit a disk writes whole
 
 
 @dataclass
@@ -52,16 +66,30 @@ class WriteAheadLog:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         created = not path.exists()
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self._lock = threading.Lock()  # operations on different branches append concurrently
         self._flush_lock = threading.Lock()  # one fdatasync at a time, outside ``_lock``
         self._written = 0  # bytes appended since open (checkpoints included): flush targets
         self._flushed = 0  # of those, how many an fdatasync has made durable
         if created:
             fsync_dir(path.parent)
+        self._end, self._size = self._find_end()  # where the next record goes; the file's size
         self.records_since_checkpoint = 0
         self.last_kind: str | None = None  # the latest operation logged (systemd's STATUS=)
         self.replayed = 0  # unfinished operations recovery found at open (the metrics')
+
+    def _find_end(self) -> tuple[int, int]:
+        """The end of the log's whole records, and the file's size. Whatever lies between
+        them (a torn record, records behind it) was never acknowledged: zeroed now, so that
+        a record written there can never be followed by one of them."""
+        with open(self.path, "rb") as fh:
+            data = fh.read()
+        end = max((stop for _, stop in _whole_records(data)), default=0)
+        dirty = len(data.rstrip(b"\0"))
+        if dirty > end:
+            self._zero(end, dirty)
+            self._sync_data()
+        return end, len(data)
 
     def _append(self, record: dict, durable: bool) -> int:
         """Write ``record``; returns the flush target that covers it (``flush_through``)."""
@@ -74,21 +102,36 @@ class WriteAheadLog:
         return written
 
     def _write_locked(self, line: bytes) -> int:
-        """Append ``line``; returns ``_written`` after it, the flush target that covers it."""
-        start = os.lseek(self._fd, 0, os.SEEK_END)
+        """Write ``line`` at the log's end; returns ``_written`` after it, the flush target
+        that covers it."""
+        start = self._end
         try:
-            if os.write(self._fd, line) != len(line):
+            if os.pwrite(self._fd, line, start) != len(line):
                 raise OSError(errno.ENOSPC, "short write to the write-ahead log")
         except OSError as exc:
-            # A torn record would hide every later one from replay: cut it off again.
+            # A torn record would hide every later one from replay: zero it again.
             try:
-                os.ftruncate(self._fd, start)
+                self._zero(start, start + len(line))
             except OSError:
                 pass
             raise from_os_error(exc, "writing the write-ahead log") from exc
+        self._end += len(line)
+        self._size = max(self._size, self._end)
         self.records_since_checkpoint += 1
         self._written += len(line)
         return self._written
+
+    def _zero(self, start: int, stop: int) -> None:
+        """Overwrite bytes ``start``..``stop`` of the file with zeros, in pieces."""
+        piece = bytes(max(0, min(stop - start, 1 << 20)))
+        while start < stop:
+            start += os.pwrite(self._fd, piece[: stop - start], start)
+
+    def _sync_data(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise from_os_error(exc, "syncing the write-ahead log") from exc
 
     def flush_through(self, written: int) -> None:
         """Make the log durable at least up to ``written`` (a ``_written`` value). A record
@@ -98,10 +141,7 @@ class WriteAheadLog:
                 return  # a flush that started after this record's write covered it
             with self._lock:
                 target = self._written
-            try:
-                os.fdatasync(self._fd)
-            except OSError as exc:
-                raise from_os_error(exc, "syncing the write-ahead log") from exc
+            self._sync_data()
             self._flushed = target
 
     def prepare(self, kind: str, *, durable: bool = True, **args) -> str:
@@ -135,27 +175,61 @@ class WriteAheadLog:
         """Operations prepared but not finalized, in log order. A torn tail is ignored."""
         ops: dict[Any, PendingOp] = {}  # by op id, as the log spells it
         with open(self.path, "rb") as fh:
-            for raw in fh:
-                rec = _parse(raw)
-                if rec is None:
-                    break  # torn or corrupt tail: nothing after it was acknowledged
-                if not _replayable(rec):
-                    continue  # whole, but of a shape replay cannot use: not an op of ours
-                if rec.get("step") == "prepare":
-                    ops[rec["op"]] = PendingOp(rec["op"], rec["kind"], rec.get("args", {}))
-                elif rec.get("step") == "finalize":
-                    ops.pop(rec.get("op"), None)
+            data = fh.read()
+        for rec, _ in _whole_records(data):
+            if not _replayable(rec):
+                continue  # whole, but of a shape replay cannot use: not an op of ours
+            if rec.get("step") == "prepare":
+                ops[rec["op"]] = PendingOp(rec["op"], rec["kind"], rec.get("args", {}))
+            elif rec.get("step") == "finalize":
+                ops.pop(rec.get("op"), None)
         return list(ops.values())
 
     def checkpoint(self) -> None:
-        """Forget everything: call only when no operation is pending."""
+        """Forget everything: call only when no operation is pending.
+
+        The first sector is zeroed and flushed before the rest (a sector is written whole):
+        until every block of the zeroing is on disk, replay must see no record, not some
+        prefix of them, which could end before a later label of a snapshot and redo an
+        older one."""
         with self._lock:
-            os.ftruncate(self._fd, 0)
-            os.fsync(self._fd)
+            if self._end:
+                self._zero(0, min(self._end, _SECTOR))
+                self._sync_data()
+                self._zero(_SECTOR, self._end)
+            if self._size < PREALLOCATED:  # a new log, or one trimmed by close()
+                self._zero(self._size, PREALLOCATED)
+                self._size = PREALLOCATED
+                os.fsync(self._fd)  # the new size too
+            else:
+                self._sync_data()
+            self._end = 0
             self.records_since_checkpoint = 0
 
     def close(self) -> None:
-        os.close(self._fd)
+        """Close the log, trimmed to its records: a stopped store's log holds exactly them.
+        A trim that fails (a failed disk) leaves the zeros, which replay stops at anyway."""
+        with self._lock:
+            try:
+                if self._size > self._end:
+                    os.ftruncate(self._fd, self._end)
+                    os.fsync(self._fd)
+            except OSError:
+                pass
+            finally:
+                os.close(self._fd)
+
+
+def _whole_records(data: bytes) -> Iterator[tuple[dict, int]]:
+    """Each whole record of a log's bytes, with the offset just past it, up to the first
+    torn line (or zero byte)."""
+    start = 0
+    while (stop := data.find(b"\n", start) + 1) > 0:
+        rec = _parse(data[start:stop])
+        if rec is None:
+            return
+        yield rec, stop
+        start = stop
 
 
 def _parse(raw: bytes) -> dict | None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import zlib
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cascowfs.wal import WriteAheadLog
+from cascowfs.wal import PREALLOCATED, WriteAheadLog
 from conftest import hypothesis_settings
 
 
@@ -34,12 +35,77 @@ def test_torn_tail_is_ignored_and_nothing_after_it_counts(tmp_path):
     assert [p.op for p in WriteAheadLog(path).pending()] == [a]
 
 
-def test_checkpoint_forgets_everything(tmp_path):
-    wal = WriteAheadLog(tmp_path / "log")
+def test_checkpoint_forgets_everything_and_keeps_the_file_to_overwrite(tmp_path):
+    path = tmp_path / "log"
+    wal = WriteAheadLog(path)
     wal.prepare("branch", name="b")
     wal.checkpoint()
     assert wal.pending() == []
-    assert (tmp_path / "log").stat().st_size == 0
+    assert path.read_bytes() == bytes(PREALLOCATED)
+    blocks = os.stat(path).st_blocks
+    after = wal.prepare("commit", name="b", id="s1")
+    assert [p.op for p in wal.pending()] == [after]
+    assert (path.stat().st_size, path.stat().st_blocks) == (PREALLOCATED, blocks), \
+        "a record after a checkpoint overwrites the file, never grows it"
+    wal.close()
+    assert [p.op for p in WriteAheadLog(path).pending()] == [after]
+    assert path.stat().st_size == len(path.read_bytes().rstrip(b"\0")), "close trims the zeros"
+
+
+def test_a_log_outgrowing_its_file_grows_it_and_keeps_the_size(tmp_path):
+    path = tmp_path / "log"
+    wal = WriteAheadLog(path)
+    wal.checkpoint()
+    ops = [wal.prepare("label", durable=False, id="s", labels={"k": "v" * 4000})
+           for _ in range(PREALLOCATED // 4000 + 10)]
+    grown = path.stat().st_size
+    assert grown > PREALLOCATED and [p.op for p in wal.pending()] == ops
+    wal.checkpoint()
+    last = wal.prepare("prune", id="x")
+    assert path.stat().st_size == grown and [p.op for p in wal.pending()] == [last]
+    wal.close()
+
+
+def test_stale_records_never_follow_new_ones(tmp_path):
+    """Records written after a checkpoint are shorter than those it forgot; a crash
+    (the log reopened without close) must not bring the old ones back behind them."""
+    path = tmp_path / "log"
+    wal = WriteAheadLog(path)
+    wal.checkpoint()
+    for i in range(50):
+        wal.finalize(wal.prepare("commit", name=f"b{i}", id=f"s{i}" * 20))
+    wal.checkpoint()
+    short = wal.prepare("prune", id="x")
+    assert [p.op for p in WriteAheadLog(path).pending()] == [short]
+
+
+def test_a_checkpoint_cut_after_its_first_sector_leaves_no_record(tmp_path):
+    """A checkpoint zeroes and flushes the first sector before the rest: a power cut between
+    the two shows an empty log, never a prefix that could redo an older label."""
+    path = tmp_path / "log"
+    wal = WriteAheadLog(path)
+    for i in range(30):
+        wal.prepare("label", durable=False, id="s", labels={"n": str(i)})
+    wal.close()
+    with open(path, "r+b") as fh:
+        fh.write(bytes(512))
+    assert WriteAheadLog(path).pending() == []
+
+
+def test_a_torn_record_and_what_follows_it_are_zeroed_at_open(tmp_path):
+    path = tmp_path / "log"
+    wal = WriteAheadLog(path)
+    first = wal.prepare("prune", id="x")
+    wal.close()
+    body = b'{"op":"ghost","step":"prepare","kind":"prune","args":{}}'
+    with open(path, "ab") as fh:
+        fh.write(b"1a2b")  # torn: a record cut short
+        fh.write(f"{zlib.crc32(body):08x} ".encode() + body + b"\n")  # whole, never acked
+    kept = path.read_bytes().index(b"\n") + 1
+    wal = WriteAheadLog(path)
+    assert path.read_bytes()[kept:].strip(b"\0") == b"", "what follows the torn record is zeroed"
+    second = wal.prepare("discard", name="c")
+    assert [p.op for p in wal.pending()] == [first, second]
     wal.close()
 
 
