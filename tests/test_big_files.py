@@ -261,7 +261,7 @@ def test_a_16_gib_sparse_file_grows_the_store_by_less_than_1_mib(tmp_path):
 
     with open_store(tmp_path / "plain") as sm:
         sm.import_tree(source("plain-src", sparse=False), "base")
-    metadata_only = allocated_bytes(tmp_path / "plain")
+        metadata_only = allocated_bytes(tmp_path / "plain")  # open, as the store below
     with open_store(tmp_path / "store") as sm:
         src = source("sparse-src", sparse=True)
         sm.import_tree(src, "base")
