@@ -238,7 +238,7 @@ class StateManager:
             self.catalog = Catalog(self.db.dbs)
             self.content = ContentStore(self.db)
             self.trees = TreeStore(self.content)
-            self.wal = WriteAheadLog(self.store / "wal" / "log")
+            self.wal = WriteAheadLog(self.store / "wal" / "log", read_only=not recover)
             self.label_applies = LabelApplies(self.db, self.catalog, self.wal)
             self.collector = Collector(
                 self.db, self.catalog, self.content, self._ops, self._closing, tuning

@@ -62,8 +62,11 @@ def new_op_id() -> str:
 
 
 class WriteAheadLog:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """``read_only``: a look at the log as it was left (fsck of a stopped store), which
+        neither zeroes a torn tail nor trims the file at close."""
         self.path = path
+        self._read_only = read_only
         path.parent.mkdir(parents=True, exist_ok=True)
         created = not path.exists()
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -86,7 +89,7 @@ class WriteAheadLog:
             data = fh.read()
         end = max((stop for _, stop in _whole_records(data)), default=0)
         dirty = len(data.rstrip(b"\0"))
-        if dirty > end:
+        if dirty > end and not self._read_only:
             self._zero(end, dirty)
             self._sync_data()
         return end, len(data)
@@ -211,7 +214,7 @@ class WriteAheadLog:
         A trim that fails (a failed disk) leaves the zeros, which replay stops at anyway."""
         with self._lock:
             try:
-                if self._size > self._end:
+                if self._size > self._end and not self._read_only:
                     os.ftruncate(self._fd, self._end)
                     os.fsync(self._fd)
             except OSError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -148,3 +149,14 @@ def test_a_deep_check_finds_an_image_that_does_not_mount(closed_store):
     assert fsck_store(closed_store["store"]).ok
     problems = fsck_store(closed_store["store"], deep=True).problems
     assert any("its layers do not mount" in p for p in problems), problems
+
+
+def test_fsck_leaves_a_killed_daemons_write_ahead_log_as_it_found_it(closed_store):
+    """fsck looks at a store as it was left: a log with a record torn by a kill and the zeros
+    it was overwriting keeps every byte (recovery, not fsck, zeroes and trims it)."""
+    log = closed_store["store"] / "wal" / "log"
+    body = b'{"args":{"name":"b"},"kind":"discard","op":"0123456789","step":"prepare"}'
+    left = log.read_bytes() + f"{zlib.crc32(body):08x} ".encode() + body[:30] + bytes(4096)
+    log.write_bytes(left)
+    fsck_store(closed_store["store"])
+    assert log.read_bytes() == left

@@ -172,3 +172,16 @@ def test_whole_records_of_any_shape_never_break_replay(tmp_path_factory, odd):
     assert [pending[0].op, pending[-1].op] == [first, last]
     for op in pending:
         assert isinstance(op.op, str) and isinstance(op.kind, str) and isinstance(op.args, dict)
+
+
+def test_a_read_only_log_neither_zeroes_its_torn_tail_nor_trims_its_zeros(tmp_path):
+    path = tmp_path / "log"
+    wal = WriteAheadLog(path)
+    first = wal.prepare("prune", id="x")
+    wal.close()
+    left = path.read_bytes() + b"1a2b torn" + bytes(PREALLOCATED)
+    path.write_bytes(left)
+    wal = WriteAheadLog(path, read_only=True)
+    assert [p.op for p in wal.pending()] == [first]
+    wal.close()
+    assert path.read_bytes() == left
