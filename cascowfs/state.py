@@ -443,39 +443,42 @@ class StateManager:
     ) -> None:
         """Mount branch ``name`` on the layers its record names (writing any not written yet),
         over its upper directory (``fresh_upper``: an empty one; ``staged``: the empty upper
-        and work directories ``stage_branch_dirs`` made)."""
+        and work directories ``stage_branch_dirs`` made, taken as they are)."""
         self.layers.build_chain(rec.layers)
         with disk_errors(f"mounting branch {name}"):
             upper, work = self.make_branch_dirs(name)
-            if staged is not None:
-                self.trash.put(upper)
-                os.rename(staged / "upper", upper)
-            elif fresh_upper or not upper.is_dir():
-                self.trash.put(upper)
-                upper.mkdir()
-                layerfs.set_root_metadata(upper, self.root_of(rec.base_root))
             # a volatile mount refuses a work dir it used before a crash: always start it empty
             self.trash.put(work)
             if staged is not None:
+                self.trash.put(upper)
+                os.rename(staged / "upper", upper)
                 os.rename(staged / "work", work)
                 self.trash.put(staged)
             else:
+                if fresh_upper or not upper.is_dir():
+                    self.trash.put(upper)
+                    self._make_upper(upper, rec.base_root)
                 work.mkdir()
             with self.layers.mounted(rec.layers) as lowers:
                 overlay.mount_overlay(self.tree_path(name), lowers, upper, work)
         self._forget_file_caches(name)
 
-    def stage_branch_dirs(self, layers: list[str], base_root: str | None) -> Path:
-        """Write ``layers`` and make an empty upper (showing ``base_root``'s root) and work
-        directory in staging, for an op that re-mounts a branch after its APPLY: on a full
-        disk it fails here, with nothing logged, rather than leave the branch unmounted."""
-        self.layers.build_chain(layers)
+    def _make_upper(self, upper: Path, base_root: str | None) -> None:
+        """An empty upper directory whose root shows ``base_root``'s root."""
+        upper.mkdir()
+        layerfs.set_root_metadata(upper, self.root_of(base_root))
+
+    def stage_branch_dirs(self, snap: SnapshotRecord | None) -> Path:
+        """Write ``snap``'s layers (None: the empty snapshot) and make an empty upper over it
+        and a work directory in staging, for an op that re-mounts a branch after its APPLY:
+        on a full disk it fails here, with nothing logged, rather than leave the branch
+        unmounted."""
+        self.layers.build_chain(snap.layers if snap else [])
         staged = self.staging_dir / f"dirs-{secrets.token_hex(5)}"
         try:
             with disk_errors("making a branch's directories"):
                 staged.mkdir()
-                (staged / "upper").mkdir()
-                layerfs.set_root_metadata(staged / "upper", self.root_of(base_root))
+                self._make_upper(staged / "upper", snap.root if snap else None)
                 (staged / "work").mkdir()
         except BaseException:
             self.trash.put(staged)
@@ -759,9 +762,8 @@ class StateManager:
                 with disk_errors(f"creating branch {name}"):
                     self.trash.put(bdir)  # leftovers of an earlier branch of that name
                     upper, work = self.make_branch_dirs(name)
-                    upper.mkdir()
+                    self._make_upper(upper, rec.base_root)
                     work.mkdir()
-                    layerfs.set_root_metadata(upper, self.root_of(rec.base_root))
 
                 def apply(txn: lmdb.Transaction) -> BranchRecord:
                     if self.catalog.find_branch(txn, name) is not None:
@@ -809,9 +811,7 @@ class StateManager:
                 raise BusyError(
                     f"branch {name!r} has uncommitted changes; commit or discard them first"
                 )
-            staged = self.stage_branch_dirs(
-                target.layers if target else [], target.root if target else None
-            )
+            staged = self.stage_branch_dirs(target)
             try:
                 with self._logged_op(kind, name=name, parent=parent) as op:
 
