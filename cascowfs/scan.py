@@ -17,7 +17,6 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -171,7 +170,7 @@ class HardLinks:
                 continue
             key = link_key([path for _, _, path in members])
             for node, name, _ in members:
-                node.children[name] = replace(cast(Entry, node.children[name]), link=key)
+                node.children[name] = cast(Entry, node.children[name])._replace(link=key)
 
 
 def _file_entry(
@@ -309,7 +308,7 @@ def scan_directory(
             take(job, result)
     for node, name, mirror, inode in followers:
         first_node, first_name, first_mirror = first_of_inode[inode]
-        node.children[name] = replace(cast(Entry, first_node.children[first_name]), name=name)
+        node.children[name] = cast(Entry, first_node.children[first_name])._replace(name=name)
         if mirror is not None:
             assert first_mirror is not None  # every file of a mirrored walk has a mirror
             os.link(first_mirror, mirror)
@@ -465,7 +464,7 @@ def canonicalize_links(trees: TreeStore, root: DirNode) -> None:
         canonical = link_key([path for _, _, path in group]) if len(group) > 1 else b""
         if canonical != key:
             for node, name, _ in group:
-                node.children[name] = replace(cast(Entry, node.children[name]), link=canonical)
+                node.children[name] = cast(Entry, node.children[name])._replace(link=canonical)
 
 
 def _counted(entry: Entry) -> tuple[int, int, int]:
@@ -556,8 +555,7 @@ def finalize(
             for child in entries.values():
                 f, b, n = _counted(child)
                 files, total, links = files + f, total + b, links + n
-        entry = replace(
-            m,
+        entry = m._replace(
             size=0,
             ref=tree_id,
             rdev=0,

@@ -434,7 +434,7 @@ class StateManager:
     def _superroot(self, root: Entry, sink: ObjectSink) -> bytes:
         """The snapshot digest covers the root directory's own metadata too: it is the id of a
         one-entry tree holding the root entry under the empty name."""
-        sid, objects = tree_objects({b"": replace(root, name=b"")})
+        sid, objects = tree_objects({b"": root._replace(name=b"")})
         sink.add(objects)
         return sid
 

@@ -44,6 +44,9 @@ PAGED_ABOVE = 64  # directories with more entries than this are split into pages
 PAGE_AVERAGE = 32  # an entry closes its page when the hash of its name is 0 modulo this
 PAGE_MAX = 128  # ... or when the page is this full
 _FIXED = struct.Struct("<IIIqQQQQQ")  # mode uid gid mtime_ns size rdev tree_files/bytes/links
+_HEAD = struct.Struct("<IIIqQQQQQH")  # _FIXED, then the length of the ref after it
+_NO_LINK_NO_XATTRS = bytes(4)  # the lengths of an empty link and of no xattrs: most entries
+_new_entry = tuple.__new__  # Entry(...) without its argument handling: decoding makes many
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 
@@ -57,90 +60,77 @@ STORED = b""
 
 def encode_tree(entries: dict[bytes, Entry]) -> bytes:
     out = [bytes([FORMAT_VERSION])]
+    append = out.append
     for name in sorted(entries):
-        e = entries[name]
-        out.append(_U16.pack(len(name)))
-        out.append(name)
-        out.append(
-            _FIXED.pack(
-                e.mode,
-                e.uid,
-                e.gid,
-                e.mtime_ns,
-                e.size,
-                e.rdev,
-                e.tree_files,
-                e.tree_bytes,
-                e.tree_links,
-            )
-        )
-        out.append(_U16.pack(len(e.ref)))
-        out.append(e.ref)
-        out.append(_U16.pack(len(e.link)))
-        out.append(e.link)
-        out.append(_U16.pack(len(e.xattrs)))
-        for key, val in e.xattrs:
-            out.append(_U16.pack(len(key)))
-            out.append(key)
-            out.append(_U32.pack(len(val)))
-            out.append(val)
+        _, mode, uid, gid, mtime_ns, size, ref, rdev, xattrs, link, files, total, links = entries[
+            name
+        ]
+        append(_U16.pack(len(name)))
+        append(name)
+        append(_HEAD.pack(mode, uid, gid, mtime_ns, size, rdev, files, total, links, len(ref)))
+        append(ref)
+        if not link and not xattrs:
+            append(_NO_LINK_NO_XATTRS)
+            continue
+        append(_U16.pack(len(link)))
+        append(link)
+        append(_U16.pack(len(xattrs)))
+        for key, val in xattrs:
+            append(_U16.pack(len(key)))
+            append(key)
+            append(_U32.pack(len(val)))
+            append(val)
     return b"".join(out)
 
 
 def decode_tree(payload: bytes | memoryview) -> dict[bytes, Entry]:
-    buf = memoryview(payload)
+    buf = bytes(payload)  # slicing bytes makes bytes at once, a memoryview a view to copy
     if not buf or buf[0] != FORMAT_VERSION:
         raise StoreIOError("tree object has an unknown format version")
     pos = 1
     entries: dict[bytes, Entry] = {}
     end = len(buf)
+    u16, head, head_size = _U16.unpack_from, _HEAD.unpack_from, _HEAD.size
+    xattrs: tuple[tuple[bytes, bytes], ...]
     try:
         while pos < end:
-            (n,) = _U16.unpack_from(buf, pos)
+            (n,) = u16(buf, pos)
             pos += 2
-            name = bytes(buf[pos : pos + n])
+            name = buf[pos : pos + n]
             pos += n
-            (mode, uid, gid, mtime_ns, size, rdev, tfiles, tbytes, tlinks) = _FIXED.unpack_from(
-                buf, pos
-            )
-            pos += _FIXED.size
-            (n,) = _U16.unpack_from(buf, pos)
-            pos += 2
-            ref = bytes(buf[pos : pos + n])
+            mode, uid, gid, mtime_ns, size, rdev, files, total, links, n = head(buf, pos)
+            pos += head_size
+            ref = buf[pos : pos + n]
+            if len(ref) != n:
+                raise StoreIOError("tree object is truncated")
             pos += n
-            (n,) = _U16.unpack_from(buf, pos)
-            pos += 2
-            link = bytes(buf[pos : pos + n])
-            pos += n
-            (count,) = _U16.unpack_from(buf, pos)
-            pos += 2
-            xattrs = []
-            for _ in range(count):
-                (n,) = _U16.unpack_from(buf, pos)
-                pos += 2
-                key = bytes(buf[pos : pos + n])
-                pos += n
-                (n,) = _U32.unpack_from(buf, pos)
+            if buf[pos : pos + 4] == _NO_LINK_NO_XATTRS:
+                link, xattrs = b"", ()
                 pos += 4
-                xattrs.append((key, bytes(buf[pos : pos + n])))
+            else:
+                (n,) = u16(buf, pos)
+                pos += 2
+                link = buf[pos : pos + n]
                 pos += n
-            entries[name] = Entry(
-                name,
-                mode,
-                uid,
-                gid,
-                mtime_ns,
-                size,
-                ref,
-                rdev,
-                tuple(xattrs),
-                link,
-                tfiles,
-                tbytes,
-                tlinks,
-            )
+                (count,) = u16(buf, pos)
+                pos += 2
+                pairs = []
+                for _ in range(count):
+                    (n,) = u16(buf, pos)
+                    pos += 2
+                    key = buf[pos : pos + n]
+                    pos += n
+                    (n,) = _U32.unpack_from(buf, pos)
+                    pos += 4
+                    pairs.append((key, buf[pos : pos + n]))
+                    pos += n
+                xattrs = tuple(pairs)
+            fields = (name, mode, uid, gid, mtime_ns, size, ref, rdev, xattrs, link)
+            entries[name] = _new_entry(Entry, (*fields, files, total, links))
     except struct.error as exc:
         raise StoreIOError(f"tree object is truncated: {exc}") from None
+    if pos != end:
+        raise StoreIOError("tree object is truncated")
     return entries
 
 

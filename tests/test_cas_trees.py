@@ -193,6 +193,34 @@ def test_truncated_tree_is_reported_not_crashed():
         decode_tree(payload[:-3])
 
 
+def test_a_tree_cut_anywhere_is_reported_truncated():
+    """Every cut inside an entry, its ref, link and xattr values included, is an error: none
+    decodes to a listing with a shortened field. (A cut between entries is a shorter listing;
+    the object's id, not its format, tells that apart.)"""
+    entries = {
+        b"a": Entry(b"a", stat.S_IFREG | 0o644, 0, 0, 1, 7, b"\x02" * 32, 0,
+                    ((b"user.a", b"v" * 40),), b"k" * 16),
+        b"b": Entry(b"b", stat.S_IFREG | 0o644, 0, 0, 1, 7, b"\x03" * 32),
+    }
+    payload = encode_tree(entries)
+    assert decode_tree(payload) == entries
+    names = sorted(entries)
+    between = {len(encode_tree({n: entries[n] for n in names[:k]})) for k in range(len(names))}
+    for cut in sorted(set(range(1, len(payload))) - between):
+        with pytest.raises(StoreIOError):
+            decode_tree(payload[:cut])
+
+
+def test_decoded_entries_are_entries_with_bytes_fields():
+    entries = {b"f": Entry(b"f", stat.S_IFREG | 0o644, 0, 0, 1, 7, b"\x02" * 32, 0,
+                           ((b"user.a", b"v"),), b"k" * 16)}
+    (decoded,) = decode_tree(memoryview(encode_tree(entries))).values()
+    assert type(decoded) is Entry and decoded.is_file and not decoded.is_dir
+    assert all(type(v) is bytes for v in (decoded.name, decoded.ref, decoded.link,
+                                           *decoded.xattrs[0]))
+    assert decoded._replace(size=8).size == 8 and decoded.size == 7
+
+
 def test_diff_reports_adds_deletes_modifications_and_type_changes(content):
     trees = TreeStore(content)
 
