@@ -17,12 +17,15 @@ stored, and layers written from either keep the holes.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
+import os
 import struct
 import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import lmdb
 from fastcdc import fastcdc
@@ -245,13 +248,14 @@ def build_pack(
 
 
 def pack_unpacked(
-    objects: list[tuple[bytes, bytes]], level: int = ZSTD_LEVEL
+    objects: list[tuple[bytes, bytes]], level: int = ZSTD_LEVEL, *, parallel: bool = False
 ) -> list[tuple[bytes, bytes]]:
     """Turn the raw chunks among ``objects`` into packs and pointers, compressed at zstd
     ``level`` (import workers do this, so the compression happens in parallel and far fewer
     bytes cross the pipe; operations do it before their write transaction, so compression
-    never holds up LMDB's one writer)."""
-    out, raw, seen, size = [], [], set(), 0
+    never holds up LMDB's one writer). ``parallel``: compress the packs on a thread per core
+    (zstd releases the GIL), for an operation whose caller waits for them."""
+    out, groups, raw, seen, size = [], [], [], set(), 0
     for oid, value in objects:
         if value[:2] != TYPE_CHUNK + _UNPACKED:
             out.append((oid, value))
@@ -260,10 +264,21 @@ def pack_unpacked(
             raw.append((oid, value[2:]))
             size += len(value) - 2
             if size >= PACK_TARGET:
-                out.extend(build_pack(raw, level))
+                groups.append(raw)
                 raw, size = [], 0
     if raw:
-        out.extend(build_pack(raw, level))
+        groups.append(raw)
+    build = functools.partial(build_pack, level=level)
+    if parallel and len(groups) > 1:
+        # threads made per call (~0.1 ms): two packs take milliseconds to compress, and no
+        # pool outlives the operation
+        workers = min(len(groups), os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers, thread_name_prefix="cascowfs-pack") as pool:
+            packs = list(pool.map(build, groups))
+    else:
+        packs = list(map(build, groups))
+    for pack in packs:
+        out.extend(pack)
     return out
 
 
@@ -361,7 +376,7 @@ class ContentStore:
                     if found is not None:
                         present.add(oid)
                     self._count_mapped(len(found) if found is not None else 0)
-        return pack_unpacked([o for o in objects if o[0] not in present]) + [
+        return pack_unpacked([o for o in objects if o[0] not in present], parallel=True) + [
             o for o in objects if o[0] in present
         ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import stat
+import threading
 from collections import Counter
 
 import pytest
@@ -116,6 +117,18 @@ def test_packs_read_back_at_every_level_with_ids_of_the_data_alone(content, leve
     assert sum(map(len, packs)) < len(data) // 2
     assert content.read(prepared.content_id) == data
     assert all(content.verify(oid, v) for oid, v in _values(content).items())
+
+
+def test_packs_compressed_side_by_side_are_the_packs_made_one_by_one():
+    """An operation compresses its packs on threads; the objects, and their order, are
+    those of compressing them one after another, and no thread outlives the call."""
+    data = _source_like(6 * cas.PACK_TARGET, 5)
+    prepared = cas.prepare_content(data)
+    before = {t.name for t in threading.enumerate()}
+    parallel = cas.pack_unpacked(prepared.objects, parallel=True)
+    assert {t.name for t in threading.enumerate()} == before
+    assert parallel == cas.pack_unpacked(prepared.objects)
+    assert sum(v[:1] == cas.TYPE_PACK for _, v in parallel) >= 4
 
 
 def test_pack_missing_leaves_out_chunks_the_store_has(content):
