@@ -30,10 +30,16 @@ class Trash:
         self._stopping = threading.Event()  # set by stop: a round in progress ends early
 
     def put(self, path: Path) -> None:
-        """Move ``path`` into the trash (a path that is not there is ignored)."""
-        if os.path.lexists(path):
+        """Move ``path`` into the trash. A path that is not there is ignored, and so is one
+        that another thread moves there first: a prune and the layer builder may both drop
+        a layer that was being written."""
+        try:
             os.rename(path, self.path / f"{secrets.token_hex(6)}-{path.name}")
-            self._filled.set()
+        except FileNotFoundError:
+            if os.path.lexists(path):
+                raise  # not the path that went missing: the trash itself
+            return
+        self._filled.set()
 
     def put_after_apply(self, paths: list[Path], store: Path) -> None:
         """Move what an applied op dropped into the trash. The op is durable already, so a

@@ -135,3 +135,33 @@ def test_stop_ends_a_round_whose_rm_is_still_running(trash, tmp_path):
     assert os.listdir(trash.path) != []
     Trash(trash.path).empty()
     assert os.listdir(trash.path) == []
+
+
+def test_two_threads_dropping_one_path_move_it_once_and_warn_of_nothing(trash, tmp_path, caplog):
+    """A prune and the layer builder may both drop a layer that was being written: whichever
+    moves it second finds it gone, which is what it wanted, not a failure to log."""
+    tree = tmp_path / "layer"
+    barrier = threading.Barrier(2)
+
+    def drop() -> None:
+        barrier.wait()
+        trash.put_after_apply([tree], tmp_path)
+
+    for _ in range(300):
+        tree.mkdir()
+        threads = [threading.Thread(target=drop) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not tree.exists()
+    assert len(os.listdir(trash.path)) == 300
+    assert "stays until the next open" not in caplog.text
+
+
+def test_a_path_that_cannot_reach_a_missing_trash_is_an_error(trash, tmp_path):
+    (tmp_path / "tree").mkdir()
+    os.rmdir(trash.path)
+    with pytest.raises(FileNotFoundError):
+        trash.put(tmp_path / "tree")
+    assert (tmp_path / "tree").is_dir()
