@@ -481,9 +481,15 @@ class StateManager:
                 self._make_upper(staged / "upper", snap.root if snap else None)
                 (staged / "work").mkdir()
         except BaseException:
-            self.trash.put(staged)
+            self._drop_staged(staged)
             raise
         return staged
+
+    def _drop_staged(self, staged: Path) -> None:
+        """Trash what ``stage_branch_dirs`` made, for an op that fails: on a failing disk the
+        move fails too, and must not hide the op's own error (the next open empties
+        staging)."""
+        self.trash.put_after_apply([staged], self.store)
 
     # ------------------------------------------------------------------------------------
     # import
@@ -822,7 +828,7 @@ class StateManager:
 
                     rec, dropped = self.db.write(apply, f"re-basing branch {name}")
             except BaseException:
-                self.trash.put(staged)
+                self._drop_staged(staged)
                 raise
             crash_point(f"{kind}.applied")
             overlay.unmount(self.tree_path(name))

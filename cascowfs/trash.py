@@ -43,7 +43,8 @@ class Trash:
 
     def put_after_apply(self, paths: list[Path], store: Path) -> None:
         """Move what an applied op dropped into the trash. The op is durable already, so a
-        failure here must not fail it: the next open trashes whatever no record names."""
+        failure here must not fail it: the next open trashes whatever no record names (and
+        empties staging, whose leftovers of a failed op come here too)."""
         for path in paths:
             try:
                 self.put(path)

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 
 from conftest import (check_live, force_unmount_below, make_ext4_image, mounted_image,
-                      mounts_below, needs_loop, open_store, snapshot_view)
+                      mounts_below, needs_loop, open_store, register_store, snapshot_view)
+from cascowfs.errors import CascowfsError, StoreIOError
+from cascowfs.state import StateManager
 from crash_scenarios import Returned, run_loop_until_killed
 from fusehelpers import Cascow, cascow_base, needs_fuse
 
@@ -118,5 +120,46 @@ def test_a_disk_failing_at_random_moments_loses_nothing_returned(tmp_path, track
                         snapshot_view(sm, snap.id)  # reads every byte back, checks the totals
                     check_live(sm, deep=True)
         assert len(returned.snaps) >= 3, f"the loop did too little to test: {returned.snaps}"
+    finally:
+        img.unlink()
+
+
+def test_a_reset_on_a_failed_disk_raises_the_store_error_not_its_cleanup(tmp_path):
+    """The disk fails once a reset has staged its directories: the reset fails, and moving
+    its staging into the trash fails too. The caller gets the operation's StoreIOError
+    (EIO), not the cleanup's raw OSError, and the store opens again with the branch as it
+    was."""
+    img = make_ext4_image(tmp_path / "disk.img", 128)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("base\n")
+    try:
+        with mounted_image(img, tmp_path / "disk") as disk:
+            sm = StateManager.open(register_store(disk / "store"))
+            try:
+                sm.import_tree(src, "base")
+                sm.create_branch("b", "base")
+                sm.layers.join()
+                stage = sm.stage_branch_dirs
+
+                def stage_then_fail(snap):
+                    staged = stage(snap)
+                    fail_disk(disk)
+                    return staged
+
+                sm.stage_branch_dirs = stage_then_fail
+                with pytest.raises(StoreIOError) as raised:
+                    sm.reset("b", "base")
+                assert raised.value.errno == errno.EIO
+            finally:
+                try:
+                    sm.close(unmount_branches=True)
+                except CascowfsError:
+                    pass  # the disk is gone; the reopen below is what counts
+                force_unmount_below(disk)
+        with mounted_image(img, tmp_path / "disk") as disk:
+            with open_store(disk / "store") as sm:
+                assert sm.branch("b").parent == "base" and sm.status("b") == []
+                check_live(sm, deep=True)
     finally:
         img.unlink()
