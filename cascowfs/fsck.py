@@ -29,7 +29,7 @@ from .catalog import INDEXED_FORMAT, LayerRecord, SnapshotRecord
 from .errors import StoreIOError
 from .model import Entry
 from .progress import progress_bar
-from .scan import ObjectSink, finalize, scan_directory
+from .scan import ObjectSink, finalize, listings_into, scan_directory
 from .state import StateManager
 from .trees import TreeStore
 
@@ -255,7 +255,9 @@ def _scan_tree(path: Path) -> tuple[TreeStore, Entry | None]:
     sink = ObjectSink()
     trees: dict[bytes, dict[bytes, Entry]] = {}
     root = finalize(
-        scan_directory(path, sink, prepare=identify_content), sink, remember=trees.__setitem__
+        scan_directory(path, sink, prepare=identify_content),
+        sink,
+        remember=listings_into(trees),
     )
     return _MemoryTrees(trees), root
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import cast
+from typing import NamedTuple, cast
 
 import blake3
 
@@ -27,7 +27,7 @@ from .cas import prepare_content
 from .import_workers import FileJob, FileResult, ImportWorkers, Prepare, read_content
 from .model import Entry
 from .privacy import Caller, reading_as
-from .trees import STORED, TreeStore, same_entries, tree_objects
+from .trees import STORED, Encoding, TreeStore, encode_listing, same_entries
 
 
 class ObjectSink:
@@ -477,15 +477,24 @@ def _counted(entry: Entry) -> tuple[int, int, int]:
     return 0, 0, linked
 
 
-# path -> (entries, tree id, objects, own metadata, entry, lower tree id, changes) of a built
-# directory; the last two are None unless it came from an upper walk
-BuiltDirs = dict
+class BuiltDir(NamedTuple):
+    """A directory a commit encoded, for the next commit of its branch to compare with."""
+
+    entries: dict[bytes, Entry]
+    encoding: Encoding
+    meta: Entry  # its own metadata
+    entry: Entry  # its entry in its parent
+    lower_id: bytes | None  # these two are None unless it came from an upper walk
+    changes: dict[bytes, Entry | None] | None
+
+
+BuiltDirs = dict[bytes, BuiltDir]  # by path
 
 
 def finalize(
     node: DirNode,
     sink: ObjectSink,
-    remember: Callable[[bytes, dict[bytes, Entry]], None] | None = None,
+    remember: Callable[[bytes, dict[bytes, Entry], Encoding], None] | None = None,
     reuse: BuiltDirs | None = None,
     built: BuiltDirs | None = None,
     path: bytes = b"",
@@ -493,7 +502,7 @@ def finalize(
 ) -> Entry:
     """Encode a DirNode bottom-up into tree objects (added to ``sink``); returns its entry,
     with ``tree_files``/``tree_bytes`` totals carried in the directory entry. ``remember``
-    gets every directory built (id, entries), for a caller that reads them back next.
+    gets every directory built (id, entries, encoding), for a caller that reads them back next.
 
     ``built`` collects every directory by path; ``reuse`` is what an earlier call collected.
     A directory whose children are the very same entry objects as then (a commit's unchanged
@@ -506,7 +515,8 @@ def finalize(
     ``stored``: the tree store that holds the lower listings of an upper walk. A changed
     directory with no earlier encoding here then takes the unchanged pages of its lower
     listing as they are stored (a branch's first commit of one file in a directory of 1,100
-    entries encodes one page, not all of them)."""
+    entries encodes one page, not all of them), and cuts pages again only around its
+    changes."""
 
     def finalized(items: dict) -> dict:
         return {
@@ -522,22 +532,28 @@ def finalize(
         lower_id = node.lower_id
         changes = finalized(node.changes or {})
         # over the same listing, the same changes are enough to know
-        same = before is not None and before[5] == lower_id and same_entries(before[6], changes)
-        entries = before[0] if before is not None and same else _overlaid(node.lower or {}, changes)
+        same = (
+            before is not None
+            and before.lower_id == lower_id
+            and same_entries(before.changes, changes)
+        )
+        if before is not None and same:
+            entries = before.entries
+        else:
+            entries = _overlaid(node.lower or {}, changes)
     else:
         entries = finalized(node.children)
-        same = before is not None and same_entries(before[0], entries)
+        same = before is not None and same_entries(before.entries, entries)
     m = node.meta
     entry = None
     if before is not None and same:
-        entries, tree_id, objects = before[:3]
-        if before[3] == m:
-            entry = before[4]  # the very same object, so the parent can be reused in turn
+        entries, encoding = before.entries, before.encoding
+        if before.meta == m:
+            entry = before.entry  # the very same object, so the parent can be reused in turn
     else:
-        like = (before[0], before[2]) if before else None
-        if like is None and changes is not None and stored is not None and lower_id:
-            like = stored.stored_encoding(lower_id, node.lower or {})
-        tree_id, objects = tree_objects(entries, like)
+        like, changed = _earlier_encoding(before, lower_id, changes, stored)
+        encoding = encode_listing(entries, like, changed)
+    tree_id = encoding.tree_id
     if entry is None:
         if changes is not None:  # the lower listing's totals, corrected by the changes
             files, total, links = node.lower_totals
@@ -564,9 +580,38 @@ def finalize(
             tree_bytes=total,
             tree_links=links,
         )
-    sink.add(objects)
+    sink.add(encoding.objects)
     if remember is not None:
-        remember(tree_id, entries)
+        remember(tree_id, entries, encoding)
     if built is not None:
-        built[path] = (entries, tree_id, objects, m, entry, lower_id, changes)
+        built[path] = BuiltDir(entries, encoding, m, entry, lower_id, changes)
     return entry
+
+
+def listings_into(
+    trees: dict[bytes, dict[bytes, Entry]],
+) -> Callable[[bytes, dict[bytes, Entry], Encoding], None]:
+    """A ``remember`` for ``finalize`` that keeps each directory built in ``trees`` by id."""
+
+    def remember(tree_id: bytes, entries: dict[bytes, Entry], _encoding: Encoding) -> None:
+        trees[tree_id] = entries
+
+    return remember
+
+
+def _earlier_encoding(
+    before: BuiltDir | None,
+    lower_id: bytes | None,
+    changes: dict[bytes, Entry | None] | None,
+    stored: TreeStore | None,
+) -> tuple[Encoding | None, Collection[bytes] | None]:
+    """An earlier encoding of a directory for ``encode_listing`` to take pages from, and the
+    names at which the directory may differ from it (None: any)."""
+    if before is not None:
+        if changes is not None and before.changes is not None and before.lower_id == lower_id:
+            # both over the same lower listing: they differ where either changed it
+            return before.encoding, before.changes.keys() | changes.keys()
+        return before.encoding, None
+    if changes is not None and stored is not None and lower_id:
+        return stored.stored_encoding(lower_id), changes.keys()
+    return None, None

@@ -75,7 +75,14 @@ from .names import (
     check_snapshot_id,
 )
 from .progress import progress_bar
-from .scan import ObjectSink, Progress, apply_upper, finalize, scan_directory
+from .scan import (
+    ObjectSink,
+    Progress,
+    apply_upper,
+    finalize,
+    listings_into,
+    scan_directory,
+)
 from .trash import Trash
 from .trees import TreeStore, tree_objects
 from .tuning import DEFAULT_TUNING, Tuning
@@ -1191,7 +1198,7 @@ class StateManager:
                 keep=cache,
             )
         extra: dict[bytes, dict[bytes, Entry]] = {}  # the directories built, for the diff
-        view = finalize(node, sink, remember=extra.__setitem__)
+        view = finalize(node, sink, remember=listings_into(extra))
         return self.trees.diff(self.root_of(parent.root) if parent else None, view, extra)
 
     def diff(self, a: str | None, b: str | None) -> list[Change]:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import stat
 import struct
 import threading
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Collection, Iterator
+from typing import TYPE_CHECKING, NamedTuple
 
 import lmdb
 import xxhash
@@ -173,37 +174,58 @@ def tree_children(payload: bytes | memoryview) -> list[bytes]:
     return out
 
 
-def tree_objects(
-    entries: dict[bytes, Entry],
-    like: tuple[dict[bytes, Entry], list[tuple[bytes, bytes]]] | None = None,
-) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """The id of a directory listing and its stored objects: one listing, or for a large
-    directory its pages and then their index.
+Pages = list[dict[bytes, Entry]]  # a paged listing's pages, in name order
 
-    ``like``: the entries and objects of an earlier encoding of this directory; its pages
-    whose entries are the very same objects are taken as they are, not encoded again (a
-    one-file change to a 1,000-entry directory encodes one page of ~32, not all ~32 pages).
-    Objects given as ``STORED`` there are returned as ``STORED``."""
+
+class Encoding(NamedTuple):
+    """A directory listing as stored."""
+
+    tree_id: bytes
+    objects: list[tuple[bytes, bytes]]  # (id, stored value): the pages in order, then the index
+    pages: Pages | None  # None: the listing is one object, not paged
+
+
+def tree_objects(entries: dict[bytes, Entry]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The id of a directory listing and its stored objects: one listing, or for a large
+    directory its pages and then their index."""
+    encoding = encode_listing(entries)
+    return encoding.tree_id, encoding.objects
+
+
+def encode_listing(
+    entries: dict[bytes, Entry],
+    like: Encoding | None = None,
+    changed: Collection[bytes] | None = None,
+) -> Encoding:
+    """``entries`` encoded as tree objects.
+
+    ``like``: an earlier encoding of this directory; its pages whose entries are the very
+    same objects are taken as they are, not encoded again (a one-file change to a 1,000-entry
+    directory encodes one page of ~32, not all ~32 pages). Objects given as ``STORED`` there
+    are returned as ``STORED``. ``changed``: the only names at which ``entries`` may differ
+    from ``like``'s listing; then only the pages around them are cut again, where without it
+    every name of the directory is sorted and hashed, which made cutting pages the largest
+    part of encoding a commit's directories."""
     if len(entries) <= PAGED_ABOVE:
         oid, value = _object(encode_tree(entries))
-        return oid, [(oid, value)]
-    earlier: dict[bytes, tuple[dict[bytes, Entry], tuple[bytes, bytes]]] = {}
-    if like is not None and len(like[0]) > PAGED_ABOVE:
-        # a paged encoding's objects are its pages in order, then the index
-        pages = _pages(like[0])
-        if len(pages) == len(like[1]) - 1:
-            earlier = {
-                next(iter(page)): (page, obj) for page, obj in zip(pages, like[1], strict=False)
-            }
+        return Encoding(oid, [(oid, value)], None)
+    old = like.pages if like is not None and like.pages else []
+    lent = like.objects if like is not None else []
+    firsts = [next(iter(page)) for page in old]
+    if old and changed is not None:
+        cut = _recut(old, firsts, entries, changed)
+    else:
+        cut = [(page, None) for page in _pages(entries)]
     objects = []
-    for page in _pages(entries):
-        old = earlier.get(next(iter(page)))
-        objects.append(
-            old[1] if old is not None and same_entries(old[0], page) else _object(encode_tree(page))
-        )
+    for page, kept in cut:
+        if kept is None and old:  # a page cut again may still be an old one
+            i = bisect_left(firsts, next(iter(page)))
+            if i < len(old) and same_entries(old[i], page):
+                kept = i
+        objects.append(lent[kept] if kept is not None else _object(encode_tree(page)))
     index = _object(bytes([INDEX_VERSION]) + b"".join(oid for oid, _ in objects))
     objects.append(index)
-    return index[0], objects
+    return Encoding(index[0], objects, [page for page, _ in cut])
 
 
 def same_entries(a: dict | None, b: dict) -> bool:
@@ -237,16 +259,83 @@ def stored_payload(value: bytes) -> bytes | memoryview:
     return memoryview(value)[1:]
 
 
-def _pages(entries: dict[bytes, Entry]) -> list[dict[bytes, Entry]]:
-    pages: list[dict[bytes, Entry]] = [{}]
+def _pages(entries: dict[bytes, Entry]) -> Pages:
+    pages: Pages = [{}]
     for name in sorted(entries):
         page = pages[-1]
         page[name] = entries[name]
-        if len(page) >= PAGE_MAX or xxhash.xxh3_64_intdigest(name) % PAGE_AVERAGE == 0:
+        if _closes(page, name):
             pages.append({})
     if not pages[-1]:
         pages.pop()
     return pages
+
+
+def _closes(page: dict[bytes, Entry], last: bytes) -> bool:
+    """Whether ``last``, just added to ``page``, ends it."""
+    return len(page) >= PAGE_MAX or _named_to_close(last)
+
+
+def _named_to_close(name: bytes) -> bool:
+    return xxhash.xxh3_64_intdigest(name) % PAGE_AVERAGE == 0
+
+
+def _recut(
+    old: Pages, firsts: list[bytes], entries: dict[bytes, Entry], changed: Collection[bytes]
+) -> list[tuple[dict[bytes, Entry], int | None]]:
+    """``_pages(entries)``, from the pages ``old`` (whose first names are ``firsts``) of a
+    listing that differs from ``entries`` only at the names ``changed``: each page with its
+    index in ``old`` if it is that page.
+
+    A boundary depends on the names since the one before, so the pages without a changed
+    name are still pages of the new listing as long as the cut is back in step before them:
+    the pages from a changed one on are cut again until a new page ends where an old one
+    ended."""
+    near: dict[int, list[bytes]] = {}
+    for name in changed:  # a name before the first page's first is cut with that page
+        near.setdefault(max(bisect_right(firsts, name) - 1, 0), []).append(name)
+    cut: list[tuple[dict[bytes, Entry], int | None]] = []
+    i = 0
+    while i < len(old):
+        if i not in near:
+            cut.append((old[i], i))
+            i += 1
+            continue
+        page: dict[bytes, Entry] = {}
+        while i < len(old):
+            for name in sorted(old[i].keys() | near.get(i, ())):
+                entry = entries.get(name)
+                if entry is None:
+                    continue  # removed
+                page[name] = entry
+                if _closes(page, name):
+                    cut.append((page, None))
+                    page = {}
+            i += 1
+            if not page:
+                break  # in step: old page i - 1 ended here too
+        if page:
+            cut.append((page, None))
+    return cut
+
+
+def _cut_as_pages_would(pages: Pages) -> bool:
+    """Whether stored pages are those ``_pages`` cuts their listing into: names in order, and
+    each page ending at its first name that closes one. This store writes no other, but a
+    pulled listing is another's encoding, and ``_recut`` keeps the pages it is given."""
+    previous = b""
+    for n, page in enumerate(pages):
+        names = list(page)
+        if not names or len(names) > PAGE_MAX or names[0] <= previous:
+            return False
+        previous = names[-1]
+        if any(a >= b for a, b in zip(names, names[1:], strict=False)):
+            return False
+        if any(_named_to_close(name) for name in names[:-1]):
+            return False
+        if n < len(pages) - 1 and not _closes(page, names[-1]):
+            return False
+    return True
 
 
 def index_pages(payload: bytes | memoryview) -> list[bytes] | None:
@@ -260,22 +349,14 @@ def index_pages(payload: bytes | memoryview) -> list[bytes] | None:
     return [bytes(body[i : i + ID_SIZE]) for i in range(0, len(body), ID_SIZE)]
 
 
-def decode_listing(
-    payload: bytes | memoryview, page: Callable[[bytes], bytes | memoryview]
-) -> dict[bytes, Entry]:
-    """A directory's entries from its object's payload; ``page(id)`` gives a page's payload."""
-    ids = index_pages(payload)
-    if ids is None:
-        return decode_tree(payload)
-    entries: dict[bytes, Entry] = {}
-    for pid in ids:
-        entries.update(decode_tree(page(pid)))
-    return entries
-
-
 def file_key(e: Entry) -> tuple:
     """Everything that makes two non-directory entries the same file to a reader."""
     return (e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.ref, e.rdev, e.xattrs, e.link)
+
+
+class _Listing(NamedTuple):
+    entries: dict[bytes, Entry]
+    paged: Encoding | None  # a paged listing's pages, its objects all STORED
 
 
 class TreeStore:
@@ -283,7 +364,7 @@ class TreeStore:
 
     def __init__(self, content: ContentStore, cache_trees: int = 4096) -> None:
         self.content = content
-        self._cache: OrderedDict[bytes, dict[bytes, Entry]] = OrderedDict()
+        self._cache: OrderedDict[bytes, _Listing] = OrderedDict()
         self._cache_size = cache_trees
         self._lock = threading.Lock()
 
@@ -303,36 +384,51 @@ class TreeStore:
         """A tree by id; ``extra`` holds decoded trees built in memory but not stored (status)."""
         if extra is not None and tree_id in extra:
             return extra[tree_id]
+        return self._listing(tree_id, txn).entries
+
+    def remember(
+        self, tree_id: bytes, entries: dict[bytes, Entry], encoding: Encoding | None = None
+    ) -> None:
+        """Cache a directory just built (its id is its content's, so this is always right),
+        with its pages if ``encoding`` has them."""
+        paged = None
+        if encoding is not None and encoding.pages is not None:
+            paged = encoding._replace(objects=[(oid, STORED) for oid, _ in encoding.objects])
+        self._keep(tree_id, _Listing(entries, paged))
+
+    def stored_encoding(self, tree_id: bytes) -> Encoding | None:
+        """Stored tree ``tree_id`` as ``encode_listing`` takes it for ``like``: its pages, its
+        objects all ``STORED``; None unless it is paged as ``_pages`` cuts (a cut this store
+        did not make is not lent: ``_recut`` would carry it on)."""
+        return self._listing(tree_id, None).paged
+
+    def _listing(self, tree_id: bytes, txn: lmdb.Transaction | None) -> _Listing:
         with self._lock:
             hit = self._cache.get(tree_id)
             if hit is not None:
                 self._cache.move_to_end(tree_id)
                 return hit
-        entries = decode_listing(self._payload(tree_id, txn), lambda pid: self._payload(pid, txn))
-        self.remember(tree_id, entries)
-        return entries
+        payload = self._payload(tree_id, txn)
+        ids = index_pages(payload)
+        if ids is None:
+            listing = _Listing(decode_tree(payload), None)
+        else:
+            pages = [decode_tree(self._payload(pid, txn)) for pid in ids]
+            entries: dict[bytes, Entry] = {}
+            for page in pages:
+                entries.update(page)
+            objects = [(pid, STORED) for pid in ids] + [(tree_id, STORED)]
+            paged = Encoding(tree_id, objects, pages) if _cut_as_pages_would(pages) else None
+            listing = _Listing(entries, paged)
+        self._keep(tree_id, listing)
+        return listing
 
-    def remember(self, tree_id: bytes, entries: dict[bytes, Entry]) -> None:
-        """Cache a directory just built (its id is its content's, so this is always right)."""
+    def _keep(self, tree_id: bytes, listing: _Listing) -> None:
         with self._lock:
-            self._cache[tree_id] = entries
+            self._cache[tree_id] = listing
             self._cache.move_to_end(tree_id)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-
-    def stored_encoding(
-        self, tree_id: bytes, entries: dict[bytes, Entry]
-    ) -> tuple[dict[bytes, Entry], list[tuple[bytes, bytes]]] | None:
-        """``entries``, the listing of stored tree ``tree_id``, with its objects as
-        ``tree_objects`` takes them for ``like`` (all ``STORED``); None unless it is paged.
-        Page boundaries depend on the names alone, so ``_pages(entries)`` cuts the listing
-        where it was cut when stored, page for page."""
-        if len(entries) <= PAGED_ABOVE:
-            return None
-        pages = index_pages(self._payload(tree_id, None))
-        if pages is None:
-            return None
-        return entries, [(pid, STORED) for pid in pages] + [(tree_id, STORED)]
 
     def _payload(self, oid: bytes, txn: lmdb.Transaction | None) -> bytes | memoryview:
         value = self.content.get(oid, txn)

@@ -15,8 +15,8 @@ from cascowfs import cas, codec
 from cascowfs.errors import StoreIOError
 from cascowfs.model import Entry
 from cascowfs import trees as trees_mod
-from cascowfs.trees import (TreeStore, decode_tree, encode_tree, index_pages, stored_payload,
-                            tree_children, tree_objects)
+from cascowfs.trees import (STORED, TreeStore, decode_tree, encode_listing, encode_tree,
+                            index_pages, stored_payload, tree_children, tree_objects)
 
 
 def tree_object(entries: dict[bytes, Entry]) -> tuple[bytes, bytes]:
@@ -308,11 +308,11 @@ def test_one_changed_entry_makes_one_new_page(content):
 
 
 def test_an_earlier_encoding_lends_its_unchanged_pages(monkeypatch):
-    """Given the entries and objects of an earlier encoding, only pages whose entries are not
-    the very same objects are encoded again, and the result is exactly a fresh encoding's."""
+    """Given an earlier encoding, only pages whose entries are not the very same objects are
+    encoded again, and the result is exactly a fresh encoding's."""
     names = [f"header{i:05d}.h".encode() for i in range(1100)]
     old = _files(names)
-    old_objects = tree_objects(old)[1]
+    earlier = encode_listing(old)
     encoded: list[int] = []
     real = trees_mod.encode_tree
     monkeypatch.setattr(trees_mod, "encode_tree", lambda e: (encoded.append(len(e)), real(e))[1])
@@ -321,10 +321,109 @@ def test_an_earlier_encoding_lends_its_unchanged_pages(monkeypatch):
     added = dict(changed)
     added[b"header00500a.h"] = changed[names[500]]
     equal_but_new = _files(names)  # equal entries, other objects: encoded again, same result
-    for new in (changed, added, equal_but_new):
-        encoded.clear()
-        lent = tree_objects(new, like=(old, old_objects))
-        pages = len(encoded)
-        assert lent == tree_objects(new)
-        assert pages == (len(old_objects) - 1 if new is equal_but_new else 1), pages
-    assert tree_objects(_files(names[:10]), like=(old, old_objects)) == tree_objects(_files(names[:10]))
+    for new, at in ((changed, [names[500]]), (added, [names[500], b"header00500a.h"]),
+                    (equal_but_new, None)):
+        for hint in (None, at):
+            encoded.clear()
+            lent = encode_listing(new, like=earlier, changed=hint)
+            pages = len(encoded)
+            assert lent == encode_listing(new)
+            assert pages == (len(earlier.objects) - 1 if new is equal_but_new else 1), pages
+    assert encode_listing(_files(names[:10]), like=earlier) == encode_listing(_files(names[:10]))
+
+
+def _never_closing(count: int, prefix: bytes) -> list[bytes]:
+    """Names none of which ends a page by its hash: a run of them ends pages by their size."""
+    names, i = [], 0
+    while len(names) < count:
+        name = prefix + b"%06d" % i
+        if not trees_mod._named_to_close(name):
+            names.append(name)
+        i += 1
+    return names
+
+
+def test_pages_cut_again_around_changes_are_a_fresh_cut():
+    """Cutting only around the changed names gives the pages, ids and objects of cutting the
+    whole listing, whatever the changes: names added before the first and after the last,
+    whole pages removed, runs long enough to end pages by size, a listing growing out of one
+    object or shrinking into one."""
+    rng = random.Random(7)
+    pool = [f"n{i:05d}".encode() for i in range(3000)] + _never_closing(400, b"m")
+    for _ in range(150):
+        old = _files(rng.sample(pool, rng.choice([40, 70, 300, 1500])))
+        earlier = encode_listing(old)
+        new = dict(old)
+        touched: set[bytes] = set()
+        for _ in range(rng.choice([1, 2, 5, 40, 400])):
+            name = rng.choice(pool)
+            touched.add(name)
+            if name in new and rng.random() < 0.5:
+                del new[name]
+            else:
+                new[name] = Entry(name, stat.S_IFREG | 0o644, 0, 0, 3, 1, b"\x07" * 32)
+        if rng.random() < 0.2:  # a whole stretch removed
+            gone = sorted(new)[rng.randrange(len(new)):][: rng.randrange(1, 300)]
+            for name in gone:
+                del new[name]
+            touched.update(gone)
+        fresh = encode_listing(new)
+        assert encode_listing(new, like=earlier, changed=touched) == fresh
+        if fresh.pages is not None:
+            assert fresh.pages == trees_mod._pages(new)
+
+
+def test_one_change_cuts_the_pages_around_it_not_the_listing(monkeypatch):
+    names = [f"header{i:05d}.h".encode() for i in range(1500)]
+    earlier = encode_listing(_files(names))
+    hashed: list[bytes] = []
+    real = trees_mod._named_to_close
+    monkeypatch.setattr(trees_mod, "_named_to_close", lambda n: (hashed.append(n), real(n))[1])
+    new = _files(names)
+    new[b"header00700a.h"] = new[names[700]]
+    assert encode_listing(new, like=earlier, changed=[b"header00700a.h"]) == encode_listing(
+        new, like=earlier
+    )
+    whole = len(hashed) // 2
+    hashed.clear()
+    encode_listing(new, like=earlier, changed=[b"header00700a.h"])
+    assert 0 < len(hashed) <= 3 * trees_mod.PAGE_MAX < whole
+
+
+def test_a_stored_listing_lends_its_own_pages(content):
+    entries = _files([f"file{i:05d}.c".encode() for i in range(900)])
+    encoding = encode_listing(entries)
+    content.db.write(lambda txn: content.put_objects(txn, encoding.objects))
+    trees = TreeStore(content)
+    lent = trees.stored_encoding(encoding.tree_id)
+    assert lent is not None and lent.pages == encoding.pages
+    assert lent.objects == [(oid, STORED) for oid, _ in encoding.objects]
+    remembered = TreeStore(content)
+    remembered.remember(encoding.tree_id, entries, encoding)
+    assert remembered.stored_encoding(encoding.tree_id) == lent
+    small = encode_listing(_files([b"a"]))
+    content.db.write(lambda txn: content.put_objects(txn, small.objects))
+    assert trees.stored_encoding(small.tree_id) is None
+
+
+@pytest.mark.parametrize("cut", ["early", "late", "disordered"])
+def test_a_listing_paged_unlike_this_store_pages_is_read_but_not_lent(content, cut):
+    """A pulled listing may be paged by another's rules: it reads back whole, but its pages
+    are not lent to a commit, which would carry them on."""
+    names = sorted(f"file{i:05d}.c".encode() for i in range(300))
+    canonical = trees_mod._pages(_files(names))
+    if cut == "early":  # a page ends before a name that would end it
+        split = [dict(list(canonical[0].items())[:-1])] + [_files([list(canonical[0])[-1]])]
+        pages = split + canonical[1:]
+    elif cut == "late":  # two pages joined
+        pages = [{**canonical[0], **canonical[1]}] + canonical[2:]
+    else:  # the last two pages swapped
+        pages = canonical[:-2] + [canonical[-1], canonical[-2]]
+    objects = [trees_mod._object(encode_tree(page)) for page in pages]
+    index = trees_mod._object(bytes([trees_mod.INDEX_VERSION]) + b"".join(o for o, _ in objects))
+    content.db.write(lambda txn: content.put_objects(txn, objects + [index]))
+    trees = TreeStore(content)
+    assert trees.get(index[0]) == _files(names)
+    assert trees.stored_encoding(index[0]) is None
+
+

@@ -672,9 +672,9 @@ def test_commits_reencode_only_directories_that_changed(sm, monkeypatch):
     from cascowfs.scan import RACY_NS
 
     encoded: list[int] = []
-    real = scan.tree_objects
-    monkeypatch.setattr(scan, "tree_objects", lambda entries, like=None: (
-        encoded.append(len(entries)), real(entries, like))[1])
+    real = scan.encode_listing
+    monkeypatch.setattr(scan, "encode_listing", lambda entries, like=None, changed=None: (
+        encoded.append(len(entries)), real(entries, like, changed))[1])
     tree = sm.create_branch("b").tree
     for d in ("a", "b", "c"):
         (tree / d / "deep").mkdir(parents=True)
