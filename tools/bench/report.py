@@ -424,8 +424,9 @@ def _method() -> list[str]:
         "one the agent needs before it can use the result.",
         "",
         "Read path: a cascowfs branch of `base` against the plain ext4 copy it was imported "
-        "from, a bare overlay over that copy, a bare overlay over the copy's lz4 EROFS image "
-        "(the floor of a branch on image layers), and `MNT/snapshots/base` (the column "
+        "from, a bare overlay over that copy, a bare overlay over the copy's EROFS image "
+        "written as cascowfs writes an import's layer (lz4, no file data beside inodes; the "
+        "floor of a branch on image layers), and `MNT/snapshots/base` (the column "
         '"cascowfs snapshot", named "cascowfs snapshot (FUSE)" in earlier result files: '
         "the daemon serves its first access, its kernel view the rest, *Reading "
         "snapshots*); cold "

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cascowfs import images
 from tools import benchfs
 
 from .host import MNT_DETACH, du_bytes, fs_used, log, run, sys_mount, sys_umount
@@ -168,11 +169,11 @@ def bench_read_path(src_tree: Path, args: argparse.Namespace, corpus_info: dict)
             f"lowerdir={native},upperdir={floor}/u,workdir={floor}/w,volatile",
         )
         # the floor of a branch on an image layer: a bare overlay on the tree's EROFS image,
-        # compressed as cascowfs compresses an import's layer
+        # written as cascowfs writes an import's layer
         erofs = fsroot / "erofs"
         for d in ("img", "u", "w", "m"):
             (erofs / d).mkdir(parents=True)
-        run("mkfs.erofs", "--quiet", "--preserve-mtime", "-zlz4", erofs / "image", native)
+        images.build(native, erofs / "image", compress=True)
         sys_mount(str(erofs / "image"), str(erofs / "img"), "erofs", "")
         sys_mount(
             "overlay",
