@@ -446,11 +446,16 @@ class StateManager:
         return sid
 
     def mount_branch(
-        self, name: str, rec: BranchRecord, *, fresh_upper: bool, staged: Path | None = None
+        self,
+        name: str,
+        rec: BranchRecord,
+        *,
+        fresh_upper: bool = False,
+        staged: Path | None = None,
     ) -> None:
         """Mount branch ``name`` on the layers its record names (writing any not written yet),
-        over its upper directory (``fresh_upper``: an empty one; ``staged``: the empty upper
-        and work directories ``stage_branch_dirs`` made, taken as they are)."""
+        over its upper directory, or an empty one (``fresh_upper``), or the empty upper and
+        work directories ``stage_branch_dirs`` made (``staged``, taken as they are)."""
         self.layers.build_chain(rec.layers)
         with disk_errors(f"mounting branch {name}"):
             upper, work = self.make_branch_dirs(name)
@@ -839,7 +844,7 @@ class StateManager:
                 raise
             crash_point(f"{kind}.applied")
             overlay.unmount(self.tree_path(name))
-            self.mount_branch(name, rec, fresh_upper=True, staged=staged)
+            self.mount_branch(name, rec, staged=staged)
             self.trash_after_apply(dropped)
             crash_point(f"{kind}.switched")
             self._finish(op)
