@@ -357,6 +357,9 @@ def file_key(e: Entry) -> tuple:
 class _Listing(NamedTuple):
     entries: dict[bytes, Entry]
     paged: Encoding | None  # a paged listing's pages, its objects all STORED
+    # whether ``paged`` is cut as ``_pages`` cuts: known for what this store encoded, checked
+    # for what it decoded when a commit first asks (the check costs a fifth of the decode)
+    cut_here: bool
 
 
 class TreeStore:
@@ -394,13 +397,18 @@ class TreeStore:
         paged = None
         if encoding is not None and encoding.pages is not None:
             paged = encoding._replace(objects=[(oid, STORED) for oid, _ in encoding.objects])
-        self._keep(tree_id, _Listing(entries, paged))
+        self._keep(tree_id, _Listing(entries, paged, True))
 
     def stored_encoding(self, tree_id: bytes) -> Encoding | None:
         """Stored tree ``tree_id`` as ``encode_listing`` takes it for ``like``: its pages, its
         objects all ``STORED``; None unless it is paged as ``_pages`` cuts (a cut this store
         did not make is not lent: ``_recut`` would carry it on)."""
-        return self._listing(tree_id, None).paged
+        listing = self._listing(tree_id, None)
+        if listing.paged is not None and not listing.cut_here:
+            if not _cut_as_pages_would(listing.paged.pages or []):
+                listing = listing._replace(paged=None)
+            self._keep(tree_id, listing._replace(cut_here=True))
+        return listing.paged
 
     def _listing(self, tree_id: bytes, txn: lmdb.Transaction | None) -> _Listing:
         with self._lock:
@@ -411,15 +419,14 @@ class TreeStore:
         payload = self._payload(tree_id, txn)
         ids = index_pages(payload)
         if ids is None:
-            listing = _Listing(decode_tree(payload), None)
+            listing = _Listing(decode_tree(payload), None, True)
         else:
             pages = [decode_tree(self._payload(pid, txn)) for pid in ids]
             entries: dict[bytes, Entry] = {}
             for page in pages:
                 entries.update(page)
             objects = [(pid, STORED) for pid in ids] + [(tree_id, STORED)]
-            paged = Encoding(tree_id, objects, pages) if _cut_as_pages_would(pages) else None
-            listing = _Listing(entries, paged)
+            listing = _Listing(entries, Encoding(tree_id, objects, pages), False)
         self._keep(tree_id, listing)
         return listing
 

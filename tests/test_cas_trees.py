@@ -425,5 +425,7 @@ def test_a_listing_paged_unlike_this_store_pages_is_read_but_not_lent(content, c
     trees = TreeStore(content)
     assert trees.get(index[0]) == _files(names)
     assert trees.stored_encoding(index[0]) is None
+    assert trees.stored_encoding(index[0]) is None  # the verdict, kept
+    assert trees.get(index[0]) == _files(names)
 
 
