@@ -102,8 +102,6 @@ def decode_tree(payload: bytes | memoryview) -> dict[bytes, Entry]:
             mode, uid, gid, mtime_ns, size, rdev, files, total, links, n = head(buf, pos)
             pos += head_size
             ref = buf[pos : pos + n]
-            if len(ref) != n:
-                raise StoreIOError("tree object is truncated")
             pos += n
             if buf[pos : pos + 4] == _NO_LINK_NO_XATTRS:
                 link, xattrs = b"", ()
@@ -130,7 +128,7 @@ def decode_tree(payload: bytes | memoryview) -> dict[bytes, Entry]:
             entries[name] = _new_entry(Entry, (*fields, files, total, links))
     except struct.error as exc:
         raise StoreIOError(f"tree object is truncated: {exc}") from None
-    if pos != end:
+    if pos != end:  # a field cut short by the end moved ``pos`` past it, whichever field
         raise StoreIOError("tree object is truncated")
     return entries
 
