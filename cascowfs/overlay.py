@@ -168,10 +168,12 @@ def _attach(fstype: str, target: Path, mnt_fd: int) -> None:
         os.close(mnt_fd)
 
 
-def clone_into(mnt_fd: int, name: bytes, target_dir_fd: int, target_name: bytes) -> None:
+def clone_into(mnt_fd: int, name: bytes, target_dir_fd: int, target_name: bytes) -> int:
     """Bind what ``name`` is inside mount ``mnt_fd`` (a directory or a file) onto
     ``target_name`` in directory ``target_dir_fd``: ``open_tree(OPEN_TREE_CLONE)`` of it and
-    ``move_mount``, so the source mount itself need never be attached anywhere."""
+    ``move_mount``, so the source mount itself need never be attached anywhere. Returns a
+    descriptor of the new mount, which the caller closes; ``unmount_by_fd`` detaches it
+    where ``target_name`` no longer leads to it (its directory removed meanwhile)."""
     child = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=mnt_fd)
     try:
         tree_fd = _syscall(
@@ -181,8 +183,16 @@ def clone_into(mnt_fd: int, name: bytes, target_dir_fd: int, target_name: bytes)
         os.close(child)
     try:
         _syscall("move_mount", tree_fd, b"", target_dir_fd, target_name, _MOVE_MOUNT_F_EMPTY_PATH)
-    finally:
+    except BaseException:
         os.close(tree_fd)
+        raise
+    return tree_fd
+
+
+def unmount_by_fd(mount_fd: int) -> bool:
+    """``unmount`` of the mount whose root descriptor ``mount_fd`` holds, reached through
+    ``/proc/self/fd``, which leads to the mount itself and not to a name."""
+    return unmount(Path(f"/proc/self/fd/{mount_fd}"))
 
 
 def unmount(target: Path, *, lazy: bool = True) -> bool:

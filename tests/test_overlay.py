@@ -123,6 +123,33 @@ def test_stacked_mounts_and_mounts_under_a_prefix_all_go(tmp_path):
 
 
 @needs_overlay
+def test_a_binding_is_unmounted_by_its_descriptor_where_its_path_no_longer_leads(tmp_path):
+    """What a snapshot view binds: one entry of an overlay attached nowhere. Its descriptor
+    still reaches the mount once the name it was bound at has moved away."""
+    lowers = _layers(tmp_path, {"a": b"1"}, {"b": b"2"})
+    mnt_fd = overlay.overlay_mount_fd(tmp_path / "view", lowers, readonly=True)
+    place = tmp_path / "place"
+    place.mkdir()
+    (place / "b").write_bytes(b"")
+    dir_fd = os.open(place, os.O_PATH | os.O_DIRECTORY)
+    try:
+        mount_fd = overlay.clone_into(mnt_fd, b"b", dir_fd, b"b")
+        try:
+            assert (place / "b").read_bytes() == b"2"
+            place.rename(tmp_path / "moved")
+            assert not overlay.unmount(place / "b")  # the old path: nothing mounted there
+            assert overlay.unmount_by_fd(mount_fd)
+            assert overlay.mounts_under(tmp_path) == []
+            assert (tmp_path / "moved" / "b").read_bytes() == b""
+        finally:
+            os.close(mount_fd)
+    finally:
+        os.close(dir_fd)
+        os.close(mnt_fd)
+        overlay.unmount_under(tmp_path)
+
+
+@needs_overlay
 def test_a_failed_mount_names_its_target_and_carries_the_errno(tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()

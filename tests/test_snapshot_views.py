@@ -9,6 +9,7 @@ import errno
 import itertools
 import os
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from cascowfs import overlay
 from cascowfs.client import Client
 from cascowfs.fsmeta import RESERVED_XATTR_PREFIX
 from fusehelpers import Cascow, cascow_base, mounted, needs_fuse, run_cli
+from support.mounts import abort_fuse
 from support.properties import hypothesis_settings
 from support.skips import needs_overlay
 from support.views import assert_same_view, dir_view, snapshot_view
@@ -231,6 +233,65 @@ def test_prune_detaches_the_view_and_an_open_file_reads_on(prune):
         assert not _target(fs, "s2").exists()
         _open_view(fs, "s1")  # the other snapshot's view is unaffected
         assert (_target(fs, "s1") / "big.bin").read_bytes() == want
+
+
+def _rmdir_or_fail(fs: Cascow, path: Path) -> subprocess.CompletedProcess:
+    """``rmdir path`` in a child. A daemon that never answers fails the test instead of
+    hanging it: its connection is aborted (its threads may be waiting in the kernel for the
+    very request, and kill -9 alone would leave it a zombie) and it is killed."""
+    child = subprocess.Popen(["rmdir", str(path)], stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = child.communicate(timeout=WAIT / 2)
+    except subprocess.TimeoutExpired:
+        abort_fuse(fs.mnt)  # the child waits uninterruptibly for an answer sent to the daemon
+        child.communicate()
+        fs.kill9()
+        pytest.fail(f"rmdir {path} got no answer: the daemon is stuck")
+    return subprocess.CompletedProcess(child.args, child.returncode, "", err)
+
+
+@needs_fuse
+def test_rmdir_of_a_snapshot_never_read_neither_mounts_its_view_nor_hangs():
+    """The kernel looks the snapshot up before it asks for the rmdir, holding MNT/snapshots
+    and the snapshot's directory locked until the answer: a view mounted on that lookup would
+    wait for the locks in its path lookups while the prune waited for the view."""
+    with mounted(populate=_populated, views="kernel") as fs:
+        _snapshots(fs)
+        fs.ctl("discard b")
+        done = _rmdir_or_fail(fs, _target(fs, "s2"))
+        assert done.returncode == 0, done.stderr
+        assert "s2" not in os.listdir(fs.mnt / "snapshots")
+        assert _view_mounts(fs, "s2") == []
+        # nor does `stat` or `ls -l MNT/snapshots`: only what reads inside a snapshot
+        assert os.getxattr(_target(fs, "s1"), "user.cascowfs.label.reward") == b"0.5"
+        assert os.stat(_target(fs, "s1")).st_mode & stat.S_IFDIR
+        time.sleep(0.5)
+        assert _view_mounts(fs, "s1") == []
+        _open_view(fs, "s1")
+
+
+@needs_fuse
+def test_rmdir_racing_the_view_a_read_asked_for_prunes_and_leaks_no_mount():
+    """A read inside a snapshot, then its rmdir at once: the view binds the root's entries
+    while the rmdir holds the snapshot's directory, so its lookups wait for the rmdir's
+    answer. The rmdir does not wait for the view: it prunes, detaches what is bound, and the
+    view detaches what it binds afterwards."""
+    with mounted(views="kernel") as fs, Client(fs.mnt) as client:
+        src = fs.base / "src"
+        for i in range(250):  # enough entries that the rmdir comes while they are bound
+            (src / f"d{i}").mkdir(parents=True)
+            (src / f"d{i}" / "f").write_text(f"{i}\n")
+        for n in range(6):
+            ident = f"r{n}"
+            client.import_tree(src, ident)
+            assert (_target(fs, ident) / "d0" / "f").read_text() == "0\n"  # asks for the view
+            done = _rmdir_or_fail(fs, _target(fs, ident))
+            assert done.returncode == 0, done.stderr
+            assert ident not in os.listdir(fs.mnt / "snapshots")
+            _until(lambda: _view_mounts(fs, ident) == [], f"the view of {ident} detached")
+        assert [m for m in overlay.mounts_under(fs.mnt) if m.fstype == "overlay"] == []
+        client.import_tree(src, "r0")  # a snapshot made again under a pruned id gets a view
+        _open_view(fs, "r0")
 
 
 @needs_fuse

@@ -15,18 +15,27 @@ first access, expired when idle, detached on prune.
   itself): everything below the root is read by the kernel. Symlinks and special files at
   the root stay the daemon's. A root of more than ``MAX_BOUND`` entries gets no view.
 * **Attach.** The first lookup or opendir in a snapshot that reaches the daemon is answered
-  as before, and asks for a view. A worker thread then holds the chain's layers
-  (``StateManager.hold_snapshot_layers``: a merge cannot delete them under the view) and
-  binds the root's entries. Not inside the request: binding resolves paths in MNT, which the
-  kernel makes wait for the very dentry the request is answering. A path walk that starts
-  after the binding crosses into the view; what was opened before stays on the daemon's.
+  as before, and asks for a view; a lookup of the snapshot itself does not (``stat``,
+  ``getfattr``, ``ls -l MNT/snapshots``, and the lookup ``rmdir`` makes first). A worker
+  thread then holds the chain's layers (``StateManager.hold_snapshot_layers``: a merge cannot
+  delete them under the view) and binds the root's entries. Not inside the request: binding
+  resolves paths in MNT, which the kernel makes wait for the very dentry the request is
+  answering. A path walk that starts after the binding crosses into the view; what was
+  opened before stays on the daemon's.
 * **Expire.** Every ``idle_seconds`` each bound entry gets ``umount2(MNT_EXPIRE)``: the first
   call marks it, any use clears the mark, a second call on a still-marked one unmounts it,
   one in use (an open file, a working directory) answers EBUSY. The next read of an expired
   entry that reaches the daemon binds it again; a view with nothing bound lets go of its
   layers.
 * **Detach.** Prune and shutdown detach lazily (``MNT_DETACH``): a process reading a file it
-  opened keeps reading it.
+  opened keeps reading it. ``rmdir MNT/snapshots/<id>`` prunes and detaches while the kernel
+  holds ``MNT/snapshots`` and the snapshot's directory locked for it, and an attach or expiry
+  in progress may be waiting for those very locks in a path lookup: so the rmdir waits for
+  neither. It detaches the entries bound so far (their mount points are cached dentries, so
+  their paths resolve under the locks) and marks the snapshot pruned. An attach in progress
+  then fails at its next lookup, or detaches what it bound meanwhile through the descriptor
+  ``clone_into`` returned (the path is gone with the directory). The view's layers are let
+  go once no attach or expiry runs.
 * **Fallback.** A view the kernel refuses is logged and the snapshot stays on the daemon's
   view; ``CASCOWFS_SNAPSHOT_VIEWS=fuse`` in the daemon's environment keeps every snapshot
   there.
@@ -42,6 +51,7 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,6 +123,7 @@ class View:
     names: list[bytes]  # the root's entries it binds
     mnt_fd: int  # the overlay, attached nowhere: the source of every binding
     bound: set[bytes] = field(default_factory=set)  # the entries bound now
+    let_go: bool = False  # its layers released and its descriptor closed (``_forget``)
 
 
 class KernelViews:
@@ -130,6 +141,7 @@ class KernelViews:
         self._views: dict[str, View] = {}
         self._pending: set[str] = set()
         self._refused: set[str] = set()  # no view for these: served by the daemon
+        self._pruned: set[str] = set()  # pruned by an rmdir that did not wait (see Detach)
 
     def target(self, id: str) -> Path:
         return self.mnt / "snapshots" / id
@@ -168,9 +180,15 @@ class KernelViews:
                 if view is not None:
                     self._bind(view)
             except (CascowfsError, OSError) as exc:
-                log.warning("snapshot %s stays on the FUSE view: %s", id, exc)
                 with self._lock:
                     self._refused.add(id)
+                    pruned = id in self._pruned  # its directory went while binding
+                log.log(
+                    logging.DEBUG if pruned else logging.WARNING,
+                    "snapshot %s stays on the FUSE view: %s",
+                    id,
+                    exc,
+                )
                 if view is not None:
                     self._forget(view)
             finally:
@@ -202,34 +220,68 @@ class KernelViews:
         dir_fd = os.open(self.target(view.id), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for name in view.names:
-                if name not in view.bound:
-                    overlay.clone_into(view.mnt_fd, name, dir_fd, name)
-                    view.bound.add(name)
+                if name in view.bound:
+                    continue
+                mount_fd = overlay.clone_into(view.mnt_fd, name, dir_fd, name)
+                try:
+                    with self._lock:
+                        pruned = view.id in self._pruned
+                        if not pruned:
+                            view.bound.add(name)
+                    if pruned:  # by an rmdir meanwhile, which detached what it found bound
+                        overlay.unmount_by_fd(mount_fd)
+                        return
+                finally:
+                    os.close(mount_fd)
         finally:
             os.close(dir_fd)
 
     def _forget(self, view: View) -> None:
-        """Detach what ``view`` has bound, and let go of its layers."""
+        """Detach what ``view`` has bound, and let go of its layers (once)."""
         with self._lock:
             if self._views.get(view.id) is view:
                 del self._views[view.id]
-        for name in sorted(view.bound):
-            try:
-                overlay.unmount(Path(self._point(view.id, name)))
-            except (CascowfsError, OSError) as exc:  # gone with its dentry already
-                log.debug("detaching the view of %s at %r: %s", view.id, name, exc)
-        view.bound.clear()
+            names, view.bound = sorted(view.bound), set()
+            if view.let_go:
+                return
+            view.let_go = True
+        self._unmount(view.id, names)
         os.close(view.mnt_fd)
         self.sm.release_layers(view.chain)
+
+    def _unmount(self, id: str, names: list[bytes]) -> None:
+        for name in names:
+            try:
+                overlay.unmount(Path(self._point(id, name)))
+            except (CascowfsError, OSError) as exc:  # gone with its dentry already
+                log.debug("detaching the view of %s at %r: %s", id, name, exc)
 
     def detach(self, id: str) -> None:
         """Detach the view of snapshot ``id`` (lazily: open files keep reading)."""
         with self._mounting:
-            with self._lock:
-                view = self._views.get(id)
-                self._refused.discard(id)  # a snapshot made again under this id: a new chance
+            self._detach_held(id)
+
+    def prune(self, id: str, prune: Callable[[str], object]) -> None:
+        """``prune(id)``, then detach the entries of snapshot ``id``'s view, for an ``rmdir``
+        of its directory, which the kernel holds locked until this returns: without waiting
+        for an attach or expiry in progress (module docstring, Detach). ``detach(id)``
+        afterwards lets go of the view's layers."""
+        prune(id)
+        names: list[bytes] = []
+        with self._lock:
+            self._pruned.add(id)
+            view = self._views.get(id)
             if view is not None:
-                self._forget(view)
+                names, view.bound = sorted(view.bound), set()
+        self._unmount(id, names)
+
+    def _detach_held(self, id: str) -> None:
+        with self._lock:
+            view = self._views.get(id)
+            self._refused.discard(id)  # a snapshot made again under this id: a new chance
+            self._pruned.discard(id)
+        if view is not None:
+            self._forget(view)
 
     def detach_all(self) -> None:
         for id in self.mounted():

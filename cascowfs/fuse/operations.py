@@ -300,6 +300,12 @@ class CascowOperations(pyfuse3.Operations):
         if self.views is not None:
             await trio.to_thread.run_sync(self.views.detach, ident)
 
+    async def _let_go_of_view(self, ident: str) -> None:
+        try:
+            await self._detach_view(ident)
+        except Exception:  # a system task must not raise: it would end the daemon
+            log.exception("letting go of the kernel view of snapshot %s", ident)
+
     def _refuse_change(self, node: Node) -> pyfuse3.FUSEError:
         """The errno of a namespace/metadata change we do not support under ``node``."""
         return _err(errno.EROFS if self._in_snapshot(node) else errno.EPERM)
@@ -547,7 +553,8 @@ class CascowOperations(pyfuse3.Operations):
         node = await self._lookup_node(parent, name)
         attr = await self._attrs(node)
         self.table.looked_up(node)
-        self._want_view(parent if isinstance(parent, SnapDirNode) else node)
+        if isinstance(parent, SnapDirNode):  # inside a snapshot, not the snapshot itself
+            self._want_view(parent)
         return attr
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -758,8 +765,11 @@ class CascowOperations(pyfuse3.Operations):
                 ident = _valid_or_none(check_snapshot_id, name)
                 if ident is None:
                     raise NotFoundError(f"no snapshot {name!r}")
-                await self._q(self.sm.prune, ident)
-            await self._detach_view(ident)
+                if self.views is None:
+                    await self._q(self.sm.prune, ident)
+                else:  # the view's layers go once no attach runs: not inside this request
+                    await self._q(self.views.prune, ident, self.sm.prune)
+                    trio.lowlevel.spawn_system_task(self._let_go_of_view, ident)
             self.table.detach(parent, name)
             self.changed_ns[SNAPSHOTS_INO] = time.time_ns()
             await self._invalidate(OBSERVATIONS_INO, name)

@@ -4,6 +4,7 @@
 ``force_unmount_below(path)``              lazy umount of everything there (clean-up only)
 ``mounts_under(path)`` / ``lazy_umount(path)``  the same as (point, fstype) pairs (for the
                                                FUSE tests)
+``abort_fuse(mnt)``                        end a FUSE mount's connection (a stuck daemon)
 
 All of it reads the table through the package's one parser (``overlay.all_mounts``).
 """
@@ -39,3 +40,27 @@ def mounts_under(base: Path) -> list[tuple[str, str]]:
 
 def lazy_umount(path: str) -> None:
     subprocess.run(["umount", "-l", path], check=False, capture_output=True)
+
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def abort_fuse(mnt: Path | str) -> None:
+    """Abort the FUSE connection of the mount at ``mnt`` (fusectl, mounted for the call if it
+    is not): every request waiting for the daemon fails with ENOTCONN, which frees a daemon
+    whose own threads wait in the kernel for those requests, so that kill -9 can end it. The
+    connection is named by the mount's device minor, read from mountinfo (a stuck daemon
+    answers no stat)."""
+    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+        minors = [line.split()[2].split(":")[1] for line in fh
+                  if line.split()[4] == str(mnt) and " - fuse" in line]
+    if not minors:
+        return
+    mounted_here = not any(m.fstype == "fusectl" for m in all_mounts())
+    if mounted_here:
+        subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], check=True)
+    try:
+        (FUSECTL / minors[-1] / "abort").write_text("1")
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", str(FUSECTL)], check=False)
