@@ -3,10 +3,10 @@ snapshot's layers, docs/architecture.md) and native ext4, in one run on one scra
 
 Two copies of the corpus sit on the scratch filesystem: ``native`` and ``edited`` (the same
 tree with a commit's worth of edits). The store imports ``native`` as snapshot ``base`` and
-commits the same edits from a branch as ``edited``. Each test runs warm (one run to warm the
-caches, then ``--snapshot-read-repeat`` timed runs, median) in the native trees, then with a
-daemon that serves snapshots itself (``CASCOWFS_SNAPSHOT_VIEWS=fuse``), then with a daemon
-that mounts their kernel views; ``diff -r`` compares the two trees of each place.
+commits the same edits from a branch as ``edited``. Each test runs warm (caches dropped, one
+run to warm them, then ``--snapshot-read-repeat`` timed runs, median) in the native trees, then
+with a daemon that serves snapshots itself (``CASCOWFS_SNAPSHOT_VIEWS=fuse``), then with a
+daemon that mounts their kernel views; ``diff -r`` compares the two trees of each place.
 
 ``python -m tools.bench.snapshot_read --corpus django`` runs this section alone and writes
 ``bench-results/snapshot-read-<corpus>.json``; ``report_lines`` renders its table.
@@ -123,6 +123,10 @@ def bench_snapshot_read(src_tree: Path, args: argparse.Namespace) -> dict:
             a, b = pairs[place]
             for test, template in TESTS.items():
                 cmd = template.format(a=a, b=b)
+                # From dropped caches, so that the dentry cache holds this place's trees
+                # alone: a lookup walks a hash chain, and a tree walked after the others
+                # sits first in the chains (docs/benchmarks.md, *Method*)
+                benchfs.drop_caches()
                 _timed(cmd)  # warms the caches
                 timings[test][place] = [_timed(cmd) for _ in range(args.snapshot_read_repeat)]
         for test, row in timings.items():
