@@ -8,6 +8,7 @@ plain directories.
 
 from __future__ import annotations
 
+import pytest
 
 from fusehelpers import make_source_tree, mounted, needs_fuse
 
@@ -34,8 +35,9 @@ edit_c() {
 """
 
 
-def test_agent_loop_with_plain_shell():
-    with mounted() as fs:
+@pytest.mark.parametrize("views", ["kernel", "fuse"])  # kernel: the daemon's default
+def test_agent_loop_with_plain_shell(views):
+    with mounted(views=views) as fs:
         make_source_tree(fs.base / "src")
         fs.sh(r"""
             src=$BASE/src

@@ -262,7 +262,7 @@ def test_rmdir_of_a_snapshot_never_read_neither_mounts_its_view_nor_hangs():
         assert done.returncode == 0, done.stderr
         assert "s2" not in os.listdir(fs.mnt / "snapshots")
         assert _view_mounts(fs, "s2") == []
-        # nor does `stat` or `ls -l MNT/snapshots`: only what reads inside a snapshot
+        # nor does a `stat` or `getfattr` of a snapshot: only a read inside it
         assert os.getxattr(_target(fs, "s1"), "user.cascowfs.label.reward") == b"0.5"
         assert os.stat(_target(fs, "s1")).st_mode & stat.S_IFDIR
         time.sleep(0.5)
