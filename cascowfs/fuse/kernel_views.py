@@ -183,8 +183,9 @@ class KernelViews:
                 with self._lock:
                     self._refused.add(id)
                     pruned = id in self._pruned  # its directory went while binding
+                gone = pruned or not self.sm.has_snapshot(id)  # or before this began
                 log.log(
-                    logging.DEBUG if pruned else logging.WARNING,
+                    logging.DEBUG if gone else logging.WARNING,
                     "snapshot %s stays on the FUSE view: %s",
                     id,
                     exc,
