@@ -51,7 +51,6 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -262,12 +261,12 @@ class KernelViews:
         with self._mounting:
             self._detach_held(id)
 
-    def prune(self, id: str, prune: Callable[[str], object]) -> None:
-        """``prune(id)``, then detach the entries of snapshot ``id``'s view, for an ``rmdir``
-        of its directory, which the kernel holds locked until this returns: without waiting
-        for an attach or expiry in progress (module docstring, Detach). ``detach(id)``
-        afterwards lets go of the view's layers."""
-        prune(id)
+    def prune(self, id: str) -> None:
+        """Prune snapshot ``id``, then detach the entries of its view, for an ``rmdir`` of its
+        directory, which the kernel holds locked until this returns: without waiting for an
+        attach or expiry in progress (module docstring, Detach). ``detach(id)`` afterwards
+        lets go of the view's layers."""
+        self.sm.prune(id)
         names: list[bytes] = []
         with self._lock:
             self._pruned.add(id)

@@ -768,7 +768,7 @@ class CascowOperations(pyfuse3.Operations):
                 if self.views is None:
                     await self._q(self.sm.prune, ident)
                 else:  # the view's layers go once no attach runs: not inside this request
-                    await self._q(self.views.prune, ident, self.sm.prune)
+                    await self._q(self.views.prune, ident)
                     trio.lowlevel.spawn_system_task(self._let_go_of_view, ident)
             self.table.detach(parent, name)
             self.changed_ns[SNAPSHOTS_INO] = time.time_ns()
