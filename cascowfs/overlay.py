@@ -227,6 +227,7 @@ class MountRecord:
     fstype: str
     source: str
     options: str
+    device: str = ""  # major:minor (a FUSE mount's minor names its fusectl connection)
 
 
 def unescape_mountinfo(field: str) -> str:
@@ -289,6 +290,7 @@ def all_mounts() -> list[MountRecord]:
                     rf[0],
                     unescape_mountinfo(rf[1]),
                     rf[2] if len(rf) > 2 else "",
+                    lf[2],
                 )
             )
     return found

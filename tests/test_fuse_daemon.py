@@ -17,6 +17,7 @@ from cascowfs import Client
 from cascowfs.cli import exit_status
 from fusehelpers import (PYTHON, REPO, Cascow, cascow_base, mounted, mounts_under, needs_fuse,
                          processes_mentioning, run_cli)
+from support.mounts import abort_fuse
 
 pytestmark = needs_fuse
 
@@ -260,3 +261,15 @@ def test_forked_workers_do_not_hold_the_fuse_channel():
         if not last:
             pytest.skip("the engine imported without forking workers")
         assert not any(last.values()), last
+
+
+def test_an_aborted_connection_fails_requests_with_enotconn_and_ends_the_daemon():
+    """``abort_fuse``, what the tests use on a daemon stuck on its own mount: found through the
+    mount table's device, it fails every request and the daemon ends."""
+    with mounted() as fs:
+        abort_fuse(fs.mnt)
+        with pytest.raises(OSError) as info:
+            os.stat(fs.mnt / "ctl")
+        assert info.value.errno == errno.ENOTCONN
+        assert fs.proc is not None
+        fs.proc.wait(timeout=60)

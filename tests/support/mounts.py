@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cascowfs import overlay
 
-Mount = overlay.MountRecord  # (mount_id, target, fstype, source, options)
+Mount = overlay.MountRecord  # (mount_id, target, fstype, source, options, device)
 all_mounts = overlay.all_mounts
 
 
@@ -49,18 +49,17 @@ def abort_fuse(mnt: Path | str) -> None:
     """Abort the FUSE connection of the mount at ``mnt`` (fusectl, mounted for the call if it
     is not): every request waiting for the daemon fails with ENOTCONN, which frees a daemon
     whose own threads wait in the kernel for those requests, so that kill -9 can end it. The
-    connection is named by the mount's device minor, read from mountinfo (a stuck daemon
-    answers no stat)."""
-    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
-        minors = [line.split()[2].split(":")[1] for line in fh
-                  if line.split()[4] == str(mnt) and " - fuse" in line]
-    if not minors:
+    connection is named by the mount's device minor, read from the mount table (a stuck
+    daemon answers no stat)."""
+    mounts = all_mounts()
+    fuse = [m for m in mounts if m.target == str(mnt) and m.fstype.startswith("fuse")]
+    if not fuse:
         return
-    mounted_here = not any(m.fstype == "fusectl" for m in all_mounts())
+    mounted_here = not any(m.fstype == "fusectl" for m in mounts)
     if mounted_here:
         subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], check=True)
     try:
-        (FUSECTL / minors[-1] / "abort").write_text("1")
+        (FUSECTL / fuse[-1].device.split(":")[1] / "abort").write_text("1")
     finally:
         if mounted_here:
             subprocess.run(["umount", str(FUSECTL)], check=False)
