@@ -262,6 +262,33 @@ def test_each_open_ctl_file_gets_a_lane_of_its_own(fs):
         assert fs.ctl(f"discard lane{i}")[0] == 0
 
 
+def test_agents_opening_ctl_at_once_each_get_a_lane(fs):
+    """Agents started together look ``ctl`` up before any of them opens it; each must still
+    get a lane of its own, or its commands would wait for the others' for as long as it
+    keeps the file open."""
+    agents, rounds = 6, 15
+    barrier = threading.Barrier(agents)
+    held: list[list[int]] = [[] for _ in range(rounds)]
+
+    def agent() -> None:
+        for r in range(rounds):
+            barrier.wait()
+            fd = os.open(fs.mnt / "ctl", os.O_RDWR)
+            try:
+                held[r].append(os.fstat(fd).st_ino)
+                barrier.wait()  # every agent has it open now
+            finally:
+                os.close(fd)
+
+    threads = [threading.Thread(target=agent) for _ in range(agents)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    shared = [inos for inos in held if len(set(inos)) != agents]
+    assert not shared, f"{len(shared)} of {rounds} rounds shared a lane: {shared[:3]}"
+
+
 def test_a_long_ctl_command_does_not_hold_up_another(fs):
     tree = fresh_branch(fs, "long")
     for i in range(24):

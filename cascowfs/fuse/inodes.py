@@ -68,9 +68,13 @@ class SkeletonNode(Node):
 
 @dataclass(eq=False, slots=True)
 class CtlNode(Node):
-    """``ctl``, or one of its lanes (see ``ctl_lanes``): ``opens`` counts its open files."""
+    """``ctl``, or one of its lanes (see ``ctl_lanes``): ``opens`` counts its open files;
+    a lookup by thread ``promised_to`` handed it out, and it waits for that thread's open
+    until ``promised_until``."""
 
     opens: int = 0
+    promised_to: int = 0
+    promised_until: float = 0.0
 
 
 @dataclass(eq=False, slots=True)

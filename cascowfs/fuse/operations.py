@@ -467,8 +467,9 @@ class CascowOperations(pyfuse3.Operations):
             return self.table.adopt(parent, name, new)
         return self.table.leaf(entry, await self._nlink(parent, entry))
 
-    async def _lookup_node(self, parent: Node, name: bytes) -> Node:
-        """The child ``name`` of ``parent`` (no lookup count change); FUSEError(ENOENT) if none."""
+    async def _lookup_node(self, parent: Node, name: bytes, pid: int) -> Node:
+        """The child ``name`` of ``parent`` (no lookup count change); FUSEError(ENOENT) if none.
+        ``pid``: the thread looking it up (``ctl``'s lanes are promised to one)."""
         if name == b".":
             return parent
         if name == b"..":
@@ -483,7 +484,7 @@ class CascowOperations(pyfuse3.Operations):
             return await self._snap_child(parent, name, entry)
         if parent.ino == ROOT_INO:
             if name == b"ctl":
-                return self.ctl_lanes.for_lookup()
+                return self.ctl_lanes.for_lookup(pid)
             node = self._skeleton.get(name)
             if node is None:
                 raise _err(errno.ENOENT)
@@ -550,7 +551,7 @@ class CascowOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
-        node = await self._lookup_node(parent, name)
+        node = await self._lookup_node(parent, name, ctx.pid)
         attr = await self._attrs(node)
         self.table.looked_up(node)
         if isinstance(parent, SnapDirNode):  # inside a snapshot, not the snapshot itself
