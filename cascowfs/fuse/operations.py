@@ -287,24 +287,24 @@ class CascowOperations(pyfuse3.Operations):
             and isinstance(node, SnapDirNode)
             and self.views.wanted(node.snap)
         ):
-            trio.lowlevel.spawn_system_task(self._attach_view, node.snap)
-
-    async def _attach_view(self, ident: str) -> None:
-        assert self.views is not None
-        try:
-            await trio.to_thread.run_sync(self.views.attach, ident)
-        except Exception:  # a system task must not raise: it would end the daemon
-            log.exception("mounting the kernel view of snapshot %s", ident)
+            self._after_reply(self.views.attach, node.snap, "mounting")
 
     async def _detach_view(self, ident: str) -> None:
         if self.views is not None:
             await trio.to_thread.run_sync(self.views.detach, ident)
 
-    async def _let_go_of_view(self, ident: str) -> None:
-        try:
-            await self._detach_view(ident)
-        except Exception:  # a system task must not raise: it would end the daemon
-            log.exception("letting go of the kernel view of snapshot %s", ident)
+    @staticmethod
+    def _after_reply(work: Callable[[str], None], ident: str, doing: str) -> None:
+        """Run ``work(ident)`` on snapshot ``ident``'s kernel view in a worker thread, outside
+        the request that asks for it; a failure is logged as ``doing`` the view."""
+
+        async def task() -> None:
+            try:
+                await trio.to_thread.run_sync(work, ident)
+            except Exception:  # a system task must not raise: it would end the daemon
+                log.exception("%s the kernel view of snapshot %s", doing, ident)
+
+        trio.lowlevel.spawn_system_task(task)
 
     def _refuse_change(self, node: Node) -> pyfuse3.FUSEError:
         """The errno of a namespace/metadata change we do not support under ``node``."""
@@ -770,7 +770,7 @@ class CascowOperations(pyfuse3.Operations):
                     await self._q(self.sm.prune, ident)
                 else:  # the view's layers go once no attach runs: not inside this request
                     await self._q(self.views.prune, ident)
-                    trio.lowlevel.spawn_system_task(self._let_go_of_view, ident)
+                    self._after_reply(self.views.detach, ident, "letting go of")
             self.table.detach(parent, name)
             self.changed_ns[SNAPSHOTS_INO] = time.time_ns()
             await self._invalidate(OBSERVATIONS_INO, name)
