@@ -124,9 +124,9 @@ def bench_snapshot_read(src_tree: Path, args: argparse.Namespace) -> dict:
             for test, template in TESTS.items():
                 cmd = template.format(a=a, b=b)
                 # From dropped caches, so that the dentry cache holds this place's trees
-                # alone: a lookup walks a hash chain, this kernel's hash table is small
-                # (dhash_entries=131072), and a tree walked after the others sits first in
-                # the chains
+                # alone: a lookup walks a hash chain, a kernel may have a small hash table
+                # (booted with dhash_entries=131072), and a tree walked after the others sits
+                # first in the chains
                 benchfs.drop_caches()
                 _timed(cmd)  # warms the caches
                 timings[test][place] = [_timed(cmd) for _ in range(args.snapshot_read_repeat)]
