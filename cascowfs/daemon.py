@@ -294,7 +294,13 @@ def run(
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", mnt)
     finally:
-        sm.close()
+        try:
+            if views is not None:
+                # `cascowfs umount` detaches the views' mounts from outside; their layers are
+                # still held, and an image no branch stacks must not outlive the mount
+                views.detach_all()
+        finally:
+            sm.close()
         log.info("store %s closed", store)
     return 0
 

@@ -10,6 +10,7 @@ import itertools
 import os
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cascowfs import overlay
+from cascowfs import images, overlay
 from cascowfs.client import Client
 from cascowfs.fsmeta import RESERVED_XATTR_PREFIX
 from fusehelpers import Cascow, cascow_base, mounted, needs_fuse, run_cli
@@ -363,6 +364,28 @@ def test_umount_detaches_the_views_first():
         _open_view(fs, "s1")
         fs.stop()  # cascowfs umount: not lazy, so a view left on MNT would make it EBUSY
         assert not [m for m in overlay.mounts_under(fs.mnt)]
+
+
+@needs_fuse
+def test_umount_without_branches_lets_go_of_the_image_a_view_stacked():
+    """No branch stacks the snapshot's layer image, only its view: once MNT is gone nothing
+    may keep the image mounted in the store (the store's disk could not be unmounted)."""
+
+    def plain_tree(fs: Cascow) -> None:
+        for i in range(3):
+            path = fs.base / "src" / f"d{i}" / "file.txt"
+            path.parent.mkdir(parents=True)
+            path.write_text(f"{i}\n" * 100)
+
+    if images.detect(images.AUTO, Path(tempfile.gettempdir())) == images.DIRECTORIES:
+        pytest.skip("this machine mounts no EROFS image: views stack layer directories")
+    with mounted(populate=plain_tree, views="kernel") as fs:
+        with Client(fs.mnt) as client:
+            client.import_tree(fs.base / "src", "s1")
+        _open_view(fs, "s1")
+        assert [m.fstype for m in overlay.mounts_under(fs.store)] == ["erofs"]
+        fs.stop()
+        assert [(m.target, m.fstype) for m in overlay.mounts_under(fs.base)] == []
 
 
 @needs_fuse
