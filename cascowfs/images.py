@@ -37,6 +37,8 @@ AUTO = "auto"
 HOLE_GRID = 65536
 # The most xattr bytes (names and values) of one entry that mkfs.erofs 1.5 writes right.
 MAX_XATTR_BYTES = 3072
+# The longest name mkfs.erofs 1.5 writes: it fails on one of 255 bytes, the most Linux allows.
+MAX_NAME_BYTES = 254
 # Compression for a layer that shows a whole tree or many commits (full and merged layers):
 # lz4 halves a source tree's image for ~3x the CPU of an uncompressed one; lz4hc saves
 # another tenth for ~70x (docs/architecture.md, *Decisions*).
@@ -89,7 +91,7 @@ def why_not_an_image(tree: Path) -> str | None:
     by a walk of it (``why_not_an_entry`` for every entry). A writer that knows its entries
     already (an import's scan) asks ``why_not_an_entry`` as it writes them instead."""
     root = os.fsencode(tree)
-    why = why_not_an_entry(root, _xattr_bytes(root))  # the root's own xattrs count too
+    why = why_not_an_entry(root, b"", _xattr_bytes(root))  # the root's own xattrs count too
     dirs = [root]
     while dirs and why is None:
         with os.scandir(dirs.pop()) as it:
@@ -100,20 +102,26 @@ def why_not_an_image(tree: Path) -> str | None:
                 elif entry.is_file(follow_symlinks=False):
                     st = entry.stat(follow_symlinks=False)
                     size, allocated = st.st_size, st.st_blocks * 512
-                why = why_not_an_entry(entry.path, _xattr_bytes(entry.path), size, allocated)
+                why = why_not_an_entry(
+                    entry.path, entry.name, _xattr_bytes(entry.path), size, allocated
+                )
                 if why is not None:
                     break
     return why
 
 
 def why_not_an_entry(
-    path: str | bytes, xattr_bytes: int, size: int = 0, allocated: int = 0
+    path: str | bytes, name: bytes, xattr_bytes: int, size: int = 0, allocated: int = 0
 ) -> str | None:
-    """Why a layer holding the entry at ``path`` must stay a directory (None: mkfs.erofs
-    writes it right): mkfs.erofs 1.5 writes a hole's zeros (reading 16 GiB of them for a
-    16 GiB disk image), so a regular file of ``size`` bytes with fewer ``allocated`` may not
-    be in an image; and it writes an entry with more than ``MAX_XATTR_BYTES`` of xattrs
-    (names and values) into an image that answers EUCLEAN."""
+    """Why a layer holding the entry at ``path``, named ``name`` in its directory (b"": the
+    layer's root), must stay a directory (None: mkfs.erofs writes it right): mkfs.erofs 1.5
+    writes a hole's zeros (reading 16 GiB of them for a 16 GiB disk image), so a regular file
+    of ``size`` bytes with fewer ``allocated`` may not be in an image; it writes an entry with
+    more than ``MAX_XATTR_BYTES`` of xattrs (names and values) into an image that answers
+    EUCLEAN; and it fails on a name longer than ``MAX_NAME_BYTES``, after reading the whole
+    tree."""
+    if len(name) > MAX_NAME_BYTES:
+        return f"{os.fsdecode(path)} has a name of {len(name)} bytes"
     if size > HOLE_GRID and allocated < size:
         return f"{os.fsdecode(path)} is sparse"
     if xattr_bytes > MAX_XATTR_BYTES:

@@ -240,7 +240,7 @@ def scan_directory(
         if unfit_for_image is not None:
             size, allocated = (st.st_size, st.st_blocks * 512) if st is not None else (0, 0)
             xattr_bytes = images.xattr_bytes(entry.xattrs)
-            why = images.why_not_an_entry(path, xattr_bytes, size, allocated)
+            why = images.why_not_an_entry(path, entry.name, xattr_bytes, size, allocated)
             if why is not None:
                 unfit_for_image.append(why)
 

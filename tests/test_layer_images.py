@@ -284,6 +284,38 @@ def test_an_entry_with_large_xattrs_keeps_its_layer_a_directory(tmp_path, holder
         check_live(sm, deep=True)
 
 
+@pytest.mark.parametrize("kind", ["file", "dir", "symlink"])
+def test_a_name_of_255_bytes_keeps_its_layer_a_directory(tmp_path, monkeypatch, kind):
+    """mkfs.erofs 1.5 fails on such a name once it has read the whole tree: the import's scan
+    and the walk of a layer written from the CAS both see it first, and run no mkfs.erofs."""
+    _needs(images.FILE_BACKED)
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    longest = src / "d" / ("n" * 255)
+    {"file": lambda: longest.write_bytes(b"data"), "dir": longest.mkdir,
+     "symlink": lambda: longest.symlink_to("f")}[kind]()
+    (src / "d" / ("s" * 254)).write_bytes(b"one byte shorter")
+    runs: list[Path] = []
+    build = images.build
+    monkeypatch.setattr(images, "build", lambda tree, image, **kw: (runs.append(image),
+                                                                      build(tree, image, **kw)))
+    with conftest.open_store(tmp_path / "store", tuning=Tuning(layer_images="erofs")) as sm:
+        sm.import_tree(src, "base")
+        (lid,) = _chain(sm, "base")
+        assert sm.layers.path(lid).is_dir()
+        sm.flatten("base")
+        (flat,) = _chain(sm, "base")
+        assert flat != lid and sm.layers.path(flat).is_dir()
+        assert runs == []
+        assert_same_view(dir_view(src), snapshot_view(sm, "base"), "a 255-byte name")
+        check_live(sm, deep=True)
+    os.unlink(longest) if kind != "dir" else os.rmdir(longest)
+    with conftest.open_store(tmp_path / "other", tuning=Tuning(layer_images="erofs")) as sm:
+        sm.import_tree(src, "base")
+        (lid,) = _chain(sm, "base")
+        assert sm.layers.is_image(lid), "a name of 254 bytes fits an image"
+
+
 def test_xattrs_just_within_what_mkfs_erofs_writes_make_an_image(tmp_path):
     _needs(images.FILE_BACKED)
     src = tmp_path / "src"
