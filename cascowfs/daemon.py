@@ -34,6 +34,8 @@ import trio
 
 from . import __version__, forks, logs
 from .errors import BusyError, CascowfsError, InvalidArgumentError
+from .fuse.inline_labels import InlineLabels
+from .fuse.kernel_fdatasync import KernelFdatasync
 from .fuse.kernel_views import KernelViews, detach_views, idle_seconds, kernel_views_wanted
 from .fuse.operations import CascowOperations
 from .fuse.sysmount import FUSE_TYPE, clear_dead_mount, mount_at, store_of_source, store_source
@@ -259,6 +261,7 @@ def run(
     log.info("opening store %s (WAL replay, branch mounts)", store)
     sm = (open_state or _open_state)(store)
     views = KernelViews(sm, mnt, idle_seconds()) if kernel_views_wanted() else None
+    wal_fdatasync = KernelFdatasync.open(sm.wal.fileno())
     try:
         clear_stale_mounts(store)
         ops = CascowOperations(
@@ -271,6 +274,7 @@ def run(
                 "version": __version__,
             },
             views=views,
+            labels=InlineLabels(sm, wal_fdatasync),
         )
         try:
             pyfuse3.init(ops, str(mnt), mount_options(store))
@@ -299,6 +303,8 @@ def run(
                 # `cascowfs umount` detaches the views' mounts from outside; their layers are
                 # still held, and an image no branch stacks must not outlive the mount
                 views.detach_all()
+            if wal_fdatasync is not None:
+                wal_fdatasync.close()
         finally:
             sm.close()
         log.info("store %s closed", store)

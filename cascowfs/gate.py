@@ -28,15 +28,28 @@ class OpGate:
         with self._cond:
             while self._exclusive:
                 self._cond.wait()
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            self._tickets.add(ticket)
+            ticket = self._enter()
         try:
             yield
         finally:
-            with self._cond:
-                self._tickets.discard(ticket)
-                self._cond.notify_all()
+            self.leave(ticket)
+
+    def try_enter(self) -> int | None:
+        """``running`` for a caller that must not wait (the trio thread): a ticket to
+        ``leave`` with, or None while an exclusive operation holds the gate."""
+        with self._cond:
+            return None if self._exclusive else self._enter()
+
+    def _enter(self) -> int:
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        self._tickets.add(ticket)
+        return ticket
+
+    def leave(self, ticket: int) -> None:
+        with self._cond:
+            self._tickets.discard(ticket)
+            self._cond.notify_all()
 
     def wait_for_running(self) -> None:
         """Wait until every operation running now has finished (new ones may start)."""

@@ -29,7 +29,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import lmdb
 
@@ -41,6 +41,27 @@ from .names import check_labels, check_snapshot_id, labels_over_limits
 from .wal import PendingOp, WriteAheadLog
 
 log = logging.getLogger("cascowfs.labels")
+
+
+@dataclass(frozen=True)
+class LoggedLabel:
+    """A label whose record is written: ``mark`` is the flush target that covers it, and
+    ``ticket`` its place in WAL order."""
+
+    op: str
+    id: str
+    labels: dict[str, str]
+    mark: int
+    ticket: int
+
+
+def settle_unflushed(request: WriteRequest, flush_error: CascowfsError) -> None:
+    """A label whose record's flush failed is durable only once its transaction commits:
+    wait for it, and fail with the flush's error if it does not (blocking)."""
+    try:
+        request.wait()
+    except CascowfsError:
+        raise flush_error from None
 
 
 class LabelApplies:
@@ -66,8 +87,31 @@ class LabelApplies:
         """Make ``changes`` (checked; "" removes a key) to snapshot ``id``'s labels, durably;
         returns its labels afterwards. ENOENT if it does not exist, EINVAL if the result
         breaks a cap: both before anything is logged."""
+        logged = self.log(id, changes)
+        assert logged is not None
+        flush_error: CascowfsError | None = None
+        try:
+            self._wal.flush_through(logged.mark)
+        except CascowfsError as exc:
+            flush_error = exc
+        else:
+            crash_point("label.logged")
+        request = self.queue(logged)
+        assert request is not None
+        if flush_error is not None:
+            settle_unflushed(request, flush_error)
+        return logged.labels
+
+    # ``label`` in steps, for a caller that must not block (the trio thread): ``log``,
+    # flush the log through ``mark`` its own way, ``queue``; if the flush failed,
+    # ``settle_unflushed``.
+    def log(self, id: str, changes: dict[str, str], *, wait: bool = True) -> LoggedLabel | None:
+        """Write the label's record (not flushed) and take its ticket. Without ``wait``,
+        None instead of waiting for a prune of the snapshot."""
         with self._cond:
             while self._pruning[id]:
+                if not wait:
+                    return None
                 self._cond.wait()
             with self._db.read() as txn:
                 recorded = self._catalog.snapshot(txn, id).labels
@@ -77,16 +121,17 @@ class LabelApplies:
             ticket = self._issued
             self._issued += 1
             self._projected[id] = (labels, count + 1)
-        flush_error: CascowfsError | None = None
-        try:
-            self._wal.flush_through(mark)
-        except CascowfsError as exc:
-            flush_error = exc
-        else:
-            crash_point("label.logged")
+        return LoggedLabel(op, id, labels, mark, ticket)
+
+    def queue(self, logged: LoggedLabel, *, wait: bool = True) -> WriteRequest | None:
+        """Queue the logged label's transaction once every label logged before it has its
+        own queued. Without ``wait``, None while one has not."""
         with self._cond:
-            while self._queued != ticket:
+            while self._queued != logged.ticket:
+                if not wait:
+                    return None
                 self._cond.wait()
+            op, id, labels = logged.op, logged.id, logged.labels
             try:
                 request = self._db.submit(
                     lambda txn: apply_label(self._catalog, txn, op, id, labels),
@@ -101,13 +146,7 @@ class LabelApplies:
                 self._cond.notify_all()
             self._last = request
             self._visible[id] = labels
-        if flush_error is not None:
-            # not durable in the log: it is only once its transaction commits
-            try:
-                request.wait()
-            except CascowfsError:
-                raise flush_error from None
-        return labels
+        return request
 
     def _applied(self, op: str, id: str, request: WriteRequest) -> None:
         """On the committer thread, once a label's transaction committed or failed."""

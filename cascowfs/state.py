@@ -63,7 +63,7 @@ from .errors import (
 from .extents import read_pieces
 from .fuse.sysmount import FUSE_TYPE, store_of_source
 from .gate import OpGate
-from .label_applies import LabelApplies
+from .label_applies import LabelApplies, LoggedLabel
 from .layer_builder import LayerBuilder, as_image
 from .layer_pins import LayerPins
 from .metadb import MetaDB
@@ -183,6 +183,7 @@ class StateManager:
         self.trash = Trash(self.trash_dir)
         self.pins = LayerPins()  # layers that kernel views of snapshots stack
         self._ops = OpGate()
+        self._label_gate_tickets: dict[str, int] = {}  # begun labels' gate tickets, by op
         self._branch_locks: dict[str, threading.Lock] = {}
         self._branch_locks_guard = threading.Lock()
         self._file_caches: dict[str, dict] = {}  # status: entries with content ids only
@@ -1038,6 +1039,39 @@ class StateManager:
             labels = self.label_applies.label(id, changes)
             self._housekeep("a label")
         return labels
+
+    # ``label`` in steps, for the FUSE layer's trio thread, which must not block: see
+    # ``LabelApplies`` (``log``, ``queue``, ``settle_unflushed``) for the middle ones.
+    def begin_label(self, id: str, changes: dict[str, str]) -> LoggedLabel | None:
+        """Check a label and write its record, not flushed; None where that would wait (a
+        gc or WAL checkpoint holds the store, a prune of the snapshot runs): call ``label``.
+        ``end_label`` it once its transaction is queued, or if anything after this fails."""
+        id = check_snapshot_id(id)
+        changes = check_label_changes(changes)
+        ticket = self._ops.try_enter()
+        if ticket is None:
+            return None
+        try:
+            logged = self.label_applies.log(id, changes, wait=False)
+        except BaseException:
+            self._ops.leave(ticket)
+            raise
+        if logged is None:
+            self._ops.leave(ticket)
+            return None
+        self._label_gate_tickets[logged.op] = ticket
+        return logged
+
+    def end_label(self, logged: LoggedLabel) -> bool:
+        """The label's operation is over; True if housekeeping is due (``housekeep``, off
+        the trio thread)."""
+        self._ops.leave(self._label_gate_tickets.pop(logged.op))
+        return self.wal.records_since_checkpoint >= self.tuning.checkpoint_every
+
+    def housekeep(self) -> None:
+        """``_when_alone`` for a caller outside any operation (blocking)."""
+        with self._ops.running():
+            self._housekeep("labels")
 
     # ------------------------------------------------------------------------------------
     # flattening and rebuilding layers

@@ -140,12 +140,30 @@ class WriteAheadLog:
         """Make the log durable at least up to ``written`` (a ``_written`` value). A record
         whose flush fails stays in the log, whole: replay finds its operation never applied."""
         with self._flush_lock:
-            if self._flushed >= written:
+            if self.flushed(written):
                 return  # a flush that started after this record's write covered it
-            with self._lock:
-                target = self._written
+            target = self.flush_target()
             self._sync_data()
-            self._flushed = target
+            self.note_flushed(target)
+
+    # A caller that flushes the log its own way (the trio thread's labels, with a kernel
+    # fdatasync of ``fileno()``) takes its target before, and notes it after.
+    def flush_target(self) -> int:
+        """How far a flush that starts now makes the log durable."""
+        with self._lock:
+            return self._written
+
+    def flushed(self, written: int) -> bool:
+        """Has a flush made the log durable up to ``written``?"""
+        return self._flushed >= written
+
+    def note_flushed(self, target: int) -> None:
+        """A flush that started at ``flush_target() == target`` has returned."""
+        with self._lock:
+            self._flushed = max(self._flushed, target)
+
+    def fileno(self) -> int:
+        return self._fd
 
     def prepare(self, kind: str, *, durable: bool = True, **args) -> str:
         """Log an operation's intent. ``durable=False`` is for operations whose recovery the

@@ -4,6 +4,7 @@ for all of them and holds new ones back, and an operation alone may become exclu
 from __future__ import annotations
 
 import threading
+import time
 
 from cascowfs.gate import OpGate
 
@@ -61,3 +62,24 @@ def test_an_operation_alone_may_become_exclusive_but_not_beside_another():
         assert not gate.try_sole()
         release.set()
         t.join()
+
+
+def test_try_enter_never_waits_and_counts_as_running_until_left():
+    gate = OpGate()
+    ticket = gate.try_enter()
+    assert ticket is not None
+    ex, ex_inside, ex_release = _hold(gate, "exclusive")
+    deadline = time.monotonic() + 5
+    while (other := gate.try_enter()) is not None:  # until the section claims the gate
+        gate.leave(other)
+        assert time.monotonic() < deadline, "the exclusive section never claimed the gate"
+        time.sleep(0.01)
+    assert not ex_inside.is_set()  # it waits for the operation that entered
+    gate.leave(ticket)
+    assert ex_inside.wait(5)
+    assert gate.try_enter() is None  # nor while it runs
+    ex_release.set()
+    ex.join()
+    again = gate.try_enter()
+    assert again is not None and again != ticket
+    gate.leave(again)

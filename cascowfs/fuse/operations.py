@@ -14,7 +14,8 @@ Layout and the rules it follows:
   stale content.
 * Every state change (and every query that may walk a directory or wait for the store's operation
   lock) runs in a worker thread via ``trio.to_thread.run_sync``, so a long commit never stalls
-  the reads of other requests.
+  the reads of other requests. A ``label`` through ``ctl`` is the exception: it stays on the
+  trio thread where it would not block (``inline_labels.py``).
 * Engine errors are ``CascowfsError`` subclasses carrying their errno; they are turned into
   ``pyfuse3.FUSEError`` exactly once, by the ``edge`` decorator on every handler. An unexpected
   exception becomes EIO and is logged: pyfuse3 would otherwise stop its main loop.
@@ -48,6 +49,7 @@ from ..state import StateManager
 from . import control
 from .ctl_lanes import CtlLanes
 from .feeds import FEED_HANDLES, FeedNode, Feeds, OperationRecord, read_feed, unparsed
+from .inline_labels import InlineLabels
 from .inodes import (
     BRANCHES_INO,
     CTL_INO,
@@ -177,10 +179,12 @@ class CascowOperations(pyfuse3.Operations):
         admin_gid: int | None = None,
         info: dict[str, str] | None = None,
         views: KernelViews | None = None,
+        labels: InlineLabels | None = None,
     ) -> None:
         super().__init__()
         self.sm = sm
         self.views = views  # None: every snapshot is served here (kernel_views.py)
+        self.labels = labels  # None: labels run in worker threads as other commands do
         self.store = str(store)
         self.admin_gid = admin_gid
         self.info = dict(info or {})
@@ -287,22 +291,25 @@ class CascowOperations(pyfuse3.Operations):
             and isinstance(node, SnapDirNode)
             and self.views.wanted(node.snap)
         ):
-            self._after_reply(self.views.attach, node.snap, "mounting")
+            self._after_reply(
+                functools.partial(self.views.attach, node.snap),
+                f"mounting the kernel view of snapshot {node.snap}",
+            )
 
     async def _detach_view(self, ident: str) -> None:
         if self.views is not None:
             await trio.to_thread.run_sync(self.views.detach, ident)
 
     @staticmethod
-    def _after_reply(work: Callable[[str], None], ident: str, doing: str) -> None:
-        """Run ``work(ident)`` on snapshot ``ident``'s kernel view in a worker thread, outside
-        the request that asks for it; a failure is logged as ``doing`` the view."""
+    def _after_reply(work: Callable[[], None], what: str) -> None:
+        """Run ``work`` in a worker thread, outside the request that asks for it; a failure
+        is logged as failing at ``what``."""
 
         async def task() -> None:
             try:
-                await trio.to_thread.run_sync(work, ident)
+                await trio.to_thread.run_sync(work)
             except Exception:  # a system task must not raise: it would end the daemon
-                log.exception("%s the kernel view of snapshot %s", doing, ident)
+                log.exception("%s", what)
 
         trio.lowlevel.spawn_system_task(task)
 
@@ -770,7 +777,10 @@ class CascowOperations(pyfuse3.Operations):
                     await self._q(self.sm.prune, ident)
                 else:  # the view's layers go once no attach runs: not inside this request
                     await self._q(self.views.prune, ident)
-                    self._after_reply(self.views.detach, ident, "letting go of")
+                    self._after_reply(
+                        functools.partial(self.views.detach, ident),
+                        f"letting go of the kernel view of snapshot {ident}",
+                    )
             self.table.detach(parent, name)
             self.changed_ns[SNAPSHOTS_INO] = time.time_ns()
             await self._invalidate(OBSERVATIONS_INO, name)
@@ -915,7 +925,12 @@ class CascowOperations(pyfuse3.Operations):
             with self.feeds.operation(unparsed(buf)) as record:
                 cmd = self._permitted(handle, buf)
                 record.parsed(cmd)
-                result = await self._q(control.execute, self.sm, cmd, handle.caller)
+                if cmd.verb == "label" and cmd.id is not None and self.labels is not None:
+                    if await self.labels.label(cmd.id, cmd.labels):
+                        self._after_reply(self.sm.housekeep, "housekeeping after labels")
+                    result = cmd.id
+                else:
+                    result = await self._q(control.execute, self.sm, cmd, handle.caller)
                 record.finished(result)
         except Exception as exc:
             code, message = control.error_of(exc)
