@@ -86,7 +86,7 @@ async def test_a_kernel_fdatasync_flushes_a_file_and_refuses_a_pipe(tmp_path):
         os.close(fd)
     read_end, write_end = os.pipe()
     try:
-        assert KernelFdatasync.open(write_end) is None  # EINVAL: a worker thread's, then
+        assert KernelFdatasync.open(write_end) is None  # EINVAL: flush in a worker thread
     finally:
         os.close(read_end)
         os.close(write_end)
@@ -105,6 +105,7 @@ async def test_concurrent_labels_compose_and_share_flushes(store):
     assert {k: v for k, v in got.items() if k.startswith("k")} == {
         f"k{i}": str(i) for i in range(40)
     }
+    assert got["last"] in {str(i) for i in range(40)}  # one label's, whole
     assert _applied_labels(store, "s1") == got
     assert 1 <= flush.calls < 40, "labels that wait together share one flush"
 

@@ -275,13 +275,18 @@ def test_an_entry_with_large_xattrs_keeps_its_layer_a_directory(tmp_path, holder
     (src / "d" / "f").write_bytes(b"data")
     os.setxattr(src / holder, b"user.big", b"v" * (images.MAX_XATTR_BYTES + 1))
     with conftest.open_store(tmp_path / "store", tuning=Tuning(layer_images="erofs")) as sm:
-        sm.import_tree(src, "base")
-        (lid,) = _chain(sm, "base")
-        assert sm.layers.path(lid).is_dir()
-        sm.flatten("base")
-        (flat,) = _chain(sm, "base")
-        assert flat != lid and sm.layers.path(flat).is_dir()
+        _import_and_flatten_keep_directories(sm, src)
         check_live(sm, deep=True)
+
+
+def _import_and_flatten_keep_directories(sm: StateManager, src: Path) -> None:
+    """Import ``src`` as "base", then flatten it: both layers are directories."""
+    sm.import_tree(src, "base")
+    (lid,) = _chain(sm, "base")
+    assert sm.layers.path(lid).is_dir()
+    sm.flatten("base")
+    (flat,) = _chain(sm, "base")
+    assert flat != lid and sm.layers.path(flat).is_dir()
 
 
 @pytest.mark.parametrize("kind", ["file", "dir", "symlink"])
@@ -300,12 +305,7 @@ def test_a_name_of_255_bytes_keeps_its_layer_a_directory(tmp_path, monkeypatch, 
     monkeypatch.setattr(images, "build", lambda tree, image, **kw: (runs.append(image),
                                                                       build(tree, image, **kw)))
     with conftest.open_store(tmp_path / "store", tuning=Tuning(layer_images="erofs")) as sm:
-        sm.import_tree(src, "base")
-        (lid,) = _chain(sm, "base")
-        assert sm.layers.path(lid).is_dir()
-        sm.flatten("base")
-        (flat,) = _chain(sm, "base")
-        assert flat != lid and sm.layers.path(flat).is_dir()
+        _import_and_flatten_keep_directories(sm, src)
         assert runs == []
         assert_same_view(dir_view(src), snapshot_view(sm, "base"), "a 255-byte name")
         check_live(sm, deep=True)
