@@ -11,24 +11,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import syscalls
 from .errors import StoreIOError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
-_SYSCALLS = {
-    "x86_64": {"fsopen": 430, "fsconfig": 431, "fsmount": 432, "move_mount": 429, "open_tree": 428},
-    "aarch64": {
-        "fsopen": 430,
-        "fsconfig": 431,
-        "fsmount": 432,
-        "move_mount": 429,
-        "open_tree": 428,
-    },
-}
 _FSOPEN_CLOEXEC = 0x1
 _FSCONFIG_SET_FLAG = 0
 _FSCONFIG_SET_STRING = 1
@@ -46,17 +36,6 @@ _MOUNT_ATTR_NOSUID = 0x2
 _MOUNT_ATTR_NODEV = 0x4
 
 MAX_LOWER_LAYERS = 500  # the kernel's limit (OVL_MAX_STACK)
-
-_libc.syscall.restype = ctypes.c_long
-
-
-def _syscall(name: str, *args) -> int:
-    nr = _SYSCALLS.get(platform.machine(), _SYSCALLS["x86_64"])[name]
-    res = _libc.syscall(nr, *args)
-    if res < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return res
 
 
 def _fs_messages(fs_fd: int) -> str:
@@ -133,16 +112,16 @@ def _new_mount_fd(
 ) -> int:
     """A new mount of ``fstype`` configured by ``options`` (a value of None sets a flag),
     attached nowhere yet: its descriptor. ``shown`` names it in errors."""
-    fs_fd = _syscall("fsopen", fstype.encode(), _FSOPEN_CLOEXEC)
+    fs_fd = syscalls.call("fsopen", fstype.encode(), _FSOPEN_CLOEXEC)
     try:
         try:
             for key, value in options:
                 if value is None:
-                    _syscall("fsconfig", fs_fd, _FSCONFIG_SET_FLAG, key.encode(), None, 0)
+                    syscalls.call("fsconfig", fs_fd, _FSCONFIG_SET_FLAG, key.encode(), None, 0)
                 else:
-                    _syscall("fsconfig", fs_fd, _FSCONFIG_SET_STRING, key.encode(), value, 0)
-            _syscall("fsconfig", fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
-            return _syscall("fsmount", fs_fd, _FSMOUNT_CLOEXEC, attrs)
+                    syscalls.call("fsconfig", fs_fd, _FSCONFIG_SET_STRING, key.encode(), value, 0)
+            syscalls.call("fsconfig", fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
+            return syscalls.call("fsmount", fs_fd, _FSMOUNT_CLOEXEC, attrs)
         except OSError as exc:
             detail = _fs_messages(fs_fd)
             raise MountError(
@@ -157,7 +136,7 @@ def _new_mount_fd(
 def _attach(fstype: str, target: Path, mnt_fd: int) -> None:
     """Attach the new mount ``mnt_fd`` at ``target``; the descriptor is closed."""
     try:
-        _syscall(
+        syscalls.call(
             "move_mount", mnt_fd, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH
         )
     except OSError as exc:
@@ -176,13 +155,15 @@ def clone_into(mnt_fd: int, name: bytes, target_dir_fd: int, target_name: bytes)
     where ``target_name`` no longer leads to it (its directory removed meanwhile)."""
     child = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=mnt_fd)
     try:
-        tree_fd = _syscall(
+        tree_fd = syscalls.call(
             "open_tree", child, b"", _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC | _AT_EMPTY_PATH
         )
     finally:
         os.close(child)
     try:
-        _syscall("move_mount", tree_fd, b"", target_dir_fd, target_name, _MOVE_MOUNT_F_EMPTY_PATH)
+        syscalls.call(
+            "move_mount", tree_fd, b"", target_dir_fd, target_name, _MOVE_MOUNT_F_EMPTY_PATH
+        )
     except BaseException:
         os.close(tree_fd)
         raise

@@ -26,7 +26,6 @@ import ctypes
 import errno
 import logging
 import os
-import platform
 import socket
 import stat
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import forks
+from . import forks, syscalls
 from .errors import CascowfsError, PermissionDeniedError, from_os_error
 
 log = logging.getLogger("cascowfs.privacy")
@@ -118,25 +117,14 @@ class Caller:
     groups: tuple[int, ...] = ()
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 # Raw system calls: glibc's setgroups (like its setresuid) changes every thread of the
 # process; the kernel's changes the calling thread's credentials alone. setfsuid/setfsgid
-# change only the credentials that file access is checked against.
-_CREDENTIAL_SYSCALLS = {
-    "x86_64": {"setfsuid": 122, "setfsgid": 123, "setgroups": 116},
-    "aarch64": {"setfsuid": 151, "setfsgid": 152, "setgroups": 159},
-}
-
-
-def _thread_syscall(name: str, *args: object) -> int:
-    nr = _CREDENTIAL_SYSCALLS.get(platform.machine(), _CREDENTIAL_SYSCALLS["x86_64"])[name]
-    return int(_libc.syscall(nr, *args))
+# change only the credentials that file access is checked against (``syscalls.raw``).
 
 
 def _set_thread_groups(groups: tuple[int, ...]) -> None:
     array = (ctypes.c_uint32 * len(groups))(*groups)
-    if _thread_syscall("setgroups", ctypes.c_size_t(len(groups)), array) != 0:
+    if syscalls.raw("setgroups", ctypes.c_size_t(len(groups)), array) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setgroups: {os.strerror(err)}")
 
@@ -144,11 +132,11 @@ def _set_thread_groups(groups: tuple[int, ...]) -> None:
 def _set_fs_ids(uid: int, gid: int) -> None:
     """Make ``uid``/``gid`` this thread's filesystem ids; setfsuid reports no error, so the
     ids are read back (an id of -1 changes nothing and returns the current one)."""
-    _thread_syscall("setfsgid", ctypes.c_uint32(gid))
-    _thread_syscall("setfsuid", ctypes.c_uint32(uid))
+    syscalls.raw("setfsgid", ctypes.c_uint32(gid))
+    syscalls.raw("setfsuid", ctypes.c_uint32(uid))
     if (
-        _thread_syscall("setfsuid", ctypes.c_uint32(0xFFFFFFFF)) != uid
-        or _thread_syscall("setfsgid", ctypes.c_uint32(0xFFFFFFFF)) != gid
+        syscalls.raw("setfsuid", ctypes.c_uint32(0xFFFFFFFF)) != uid
+        or syscalls.raw("setfsgid", ctypes.c_uint32(0xFFFFFFFF)) != gid
     ):
         raise PermissionDeniedError(
             f"could not take uid {uid} gid {gid} to read as", errno=errno.EPERM

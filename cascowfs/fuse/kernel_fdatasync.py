@@ -5,7 +5,7 @@ which trio's event loop waits on like any socket.
 Why not ``trio.to_thread``: a worker thread has to take the GIL to start, again when its
 ``fdatasync`` returns, and the trio thread once more to go on. On a daemon whose threads keep
 the GIL busy, those hand-offs cost more than the flush itself (docs/architecture.md,
-*Labels on the trio thread*). Here only the trio thread runs Python code.
+*Decisions*). Here only the trio thread runs Python code.
 
 One flush at a time per ``KernelFdatasync`` (its caller serializes them): the eventfd and the
 completion ring then hold at most one event, which needs no matching of events to waiters.
@@ -14,20 +14,15 @@ completion ring then hold at most one event, which needs no matching of events t
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import os
-import platform
 
 import trio
 
+from .. import syscalls
+
 log = logging.getLogger("cascowfs.fuse")
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_SYSCALLS = {
-    "x86_64": {"io_setup": 206, "io_destroy": 207, "io_getevents": 208, "io_submit": 209},
-    "aarch64": {"io_setup": 0, "io_destroy": 1, "io_submit": 2, "io_getevents": 4},
-}
 _IOCB_CMD_FDSYNC = 3
 _IOCB_FLAG_RESFD = 1
 
@@ -64,17 +59,6 @@ class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-def _syscall(name: str, *args: object) -> int:
-    numbers = _SYSCALLS.get(platform.machine())
-    if numbers is None:
-        raise OSError(errno.ENOSYS, f"no AIO syscall numbers for {platform.machine()}")
-    res = _libc.syscall(numbers[name], *args)
-    if res < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{name}: {os.strerror(err)}")
-    return res
-
-
 class KernelFdatasync:
     """``fdatasync(fd)`` for the trio thread (module docstring). ``open`` says whether this
     kernel and filesystem can; ``close`` once no flush is in flight."""
@@ -82,11 +66,11 @@ class KernelFdatasync:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._ctx = ctypes.c_ulong(0)
-        _syscall("io_setup", 1, ctypes.byref(self._ctx))
+        syscalls.call("io_setup", 1, ctypes.byref(self._ctx))
         try:
             self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         except OSError:
-            _syscall("io_destroy", self._ctx)
+            syscalls.call("io_destroy", self._ctx)
             raise
 
     @classmethod
@@ -129,7 +113,7 @@ class KernelFdatasync:
         )
         # the kernel copies the iocb in io_submit: it need not outlive the call
         iocbs = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(iocb))
-        _syscall("io_submit", self._ctx, 1, iocbs)
+        syscalls.call("io_submit", self._ctx, 1, iocbs)
 
     def _reap(self, *, block: bool) -> bool:
         """Take the flush's completion: True once taken (OSError if it failed), False if it
@@ -138,7 +122,7 @@ class KernelFdatasync:
         timeout = None if block else ctypes.byref(_Timespec(0, 0))
         while True:
             try:
-                got = _syscall("io_getevents", self._ctx, 1, 1, event, timeout)
+                got = syscalls.call("io_getevents", self._ctx, 1, 1, event, timeout)
             except InterruptedError:
                 continue
             break
@@ -152,6 +136,6 @@ class KernelFdatasync:
     def close(self) -> None:
         """Free the AIO context (the kernel waits for a flush still in flight) and eventfd."""
         try:
-            _syscall("io_destroy", self._ctx)
+            syscalls.call("io_destroy", self._ctx)
         finally:
             os.close(self._eventfd)
