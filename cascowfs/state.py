@@ -381,7 +381,7 @@ class StateManager:
     def _when_alone(self) -> None:
         """Housekeeping that needs no other operation in flight: checkpoint the WAL. Skipped
         (for a later op) when others run."""
-        if self.wal.records_since_checkpoint < self.tuning.checkpoint_every:
+        if not self._checkpoint_due():
             return
         if not self._ops.try_sole():
             return
@@ -389,6 +389,9 @@ class StateManager:
             self.checkpoint()
         finally:
             self._ops.release_sole()
+
+    def _checkpoint_due(self) -> bool:
+        return self.wal.records_since_checkpoint >= self.tuning.checkpoint_every
 
     def _forget_file_caches(self, name: str) -> None:
         self._file_caches.pop(name, None)
@@ -1066,7 +1069,7 @@ class StateManager:
         """The label's operation is over; True if housekeeping is due (``housekeep``, off
         the trio thread)."""
         self._ops.leave(self._label_gate_tickets.pop(logged.op))
-        return self.wal.records_since_checkpoint >= self.tuning.checkpoint_every
+        return self._checkpoint_due()
 
     def housekeep(self) -> None:
         """``_when_alone`` for a caller outside any operation (blocking)."""
