@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from . import overlay
@@ -59,7 +60,13 @@ class ImageError(StoreIOError):
     pass
 
 
-def build(tree: Path, image: Path, *, compress: bool) -> None:
+def build(
+    tree: Path,
+    image: Path,
+    *,
+    compress: bool,
+    started: Callable[[subprocess.Popen], None] | None = None,
+) -> None:
     """Write the EROFS image of directory ``tree`` to ``image``. It reaches the disk as a
     layer directory does: by the store's background syncfs, and a layer recorded after the
     last one is rebuilt if the page cache is lost (``durability.py``).
@@ -68,21 +75,24 @@ def build(tree: Path, image: Path, *, compress: bool) -> None:
     nanoseconds (``--preserve-mtime``: extended inodes where a file's mtime is not the
     image's), xattrs, hard links, device nodes (whiteouts among them). mkfs.erofs reads a
     file's bytes as a stream; it writes a hole's zeros, so sparse trees stay directories
-    (``find_sparse_file``)."""
+    (``find_sparse_file``). ``started`` gets the running mkfs.erofs (to kill it when its
+    image is no longer wanted: the build then fails)."""
     if _MKFS is None:
         raise ImageError("mkfs.erofs is not installed (Debian package erofs-utils)")
     args = [_MKFS, "--quiet", "--preserve-mtime", LAYOUT]
     if compress:
         args.append(f"-z{COMPRESSOR}")
-    run = subprocess.run(
+    with subprocess.Popen(
         [*_DIES_WITH_CALLER, *args, os.fsdecode(image), os.fsdecode(tree)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        check=False,
-    )
+    ) as run:
+        if started is not None:
+            started(run)
+        _, stderr = run.communicate()
     if run.returncode != 0:
-        detail = run.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        detail = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
         raise ImageError(f"mkfs.erofs {image} from {tree} failed: {detail[0]}")
 
 

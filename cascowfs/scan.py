@@ -211,6 +211,7 @@ def scan_directory(
     progress: Progress | None = None,
     reader: Caller | None = None,
     unfit_for_image: list[str] | None = None,
+    seen: Callable[[bytes, os.stat_result], None] | None = None,
 ) -> DirNode:
     """Read a plain directory tree into a DirNode (and into ``mirror_to``, a layer, if given).
 
@@ -221,6 +222,7 @@ def scan_directory(
     (``privacy.reading_as``); the mirror is written with the process's own.
     ``unfit_for_image`` gets why the mirror may not become an EROFS image, entry by entry
     (``images.why_not_an_entry``), so that no second walk of the mirror has to find out.
+    ``seen`` is told every entry's path and ``lstat`` as the walk meets it, the root's first.
     """
     progress = progress or Progress()
     links = HardLinks()
@@ -229,6 +231,8 @@ def scan_directory(
         st = os.lstat(root_path)
     if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(20, "not a directory", str(src))
+    seen = seen or (lambda path, st: None)
+    seen(root_path, st)
     mirror_root = os.fsencode(mirror_to) if mirror_to is not None else None
     if mirror_root is not None:
         os.makedirs(mirror_root, exist_ok=True)
@@ -256,6 +260,7 @@ def scan_directory(
             for cname in names:
                 cpath = path + b"/" + cname
                 cst = os.lstat(cpath)
+                seen(cpath, cst)
                 kind = stat.S_IFMT(cst.st_mode)
                 other = (
                     None

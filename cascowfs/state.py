@@ -36,7 +36,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,6 +49,7 @@ from .cas import ContentStore, identify_content, prepare_content
 from .catalog import STORE_FORMAT, BranchRecord, Catalog, Observation, SnapshotRecord
 from .collector import Collector
 from .crashpoints import crash_point
+from .direct_image import DirectImage
 from .episodes import Episode, FindQuery, episode_of, find
 from .errors import (
     BusyError,
@@ -76,6 +77,7 @@ from .names import (
 )
 from .progress import progress_bar
 from .scan import (
+    DirNode,
     ObjectSink,
     Progress,
     apply_upper,
@@ -530,29 +532,31 @@ class StateManager:
                 "import", id=id, layer=layer, undo=lambda op: self._abandon(op, layer)
             ) as op:
                 staged = self.staging_dir / op
+                direct = DirectImage.plan(
+                    src, staged, reader=reader, image_mode=self.layers.image_mode
+                )
                 total = _tree_bytes(src) if progress else 0
                 with progress_bar(progress, total, f"import {id}") as bar:
                     sink = ObjectSink(self._write_objects)
                     unfit: list[str] = []  # what keeps the layer a directory
                     with disk_errors(f"import of {src}"):
-                        try:
-                            node = scan_directory(
-                                src,
-                                sink,
-                                mirror_to=staged,
-                                progress=Progress(bar),
-                                reader=reader,
-                                unfit_for_image=unfit,
+                        # mkfs.erofs reads the source beside the scan, or the scan's mirror
+                        # once the scan is done (direct_image.py)
+                        with direct.building() if direct else nullcontext():
+                            node = self._scan_import(
+                                src, sink, Progress(bar), reader, unfit, direct, staged
                             )
-                        except PermissionError as exc:
-                            if reader is None or exc.filename is None:
-                                raise
-                            raise privacy.unreadable_by(reader, src, exc.filename) from None
-                        with self.layers.sealing(staged, unfit=unfit):
-                            root = finalize(node, sink)
-                            superroot = self._superroot(root, sink)
-                            sink.flush()
-                            crash_point("import.sealing")
+                            with (
+                                nullcontext()
+                                if direct
+                                else self.layers.sealing(staged, unfit=unfit)
+                            ):
+                                root = finalize(node, sink)
+                                superroot = self._superroot(root, sink)
+                                sink.flush()
+                                crash_point("import.sealing")
+                        if direct and not direct.usable(unfit):
+                            self.layers.write(staged, superroot.hex(), None, full=True, image=True)
                 crash_point("import.chunks")
 
                 def apply(txn: lmdb.Transaction) -> None:
@@ -567,6 +571,33 @@ class StateManager:
             crash_point("import.switched")
             self._finish(op)
             return id
+
+    @staticmethod
+    def _scan_import(
+        src: Path,
+        sink: ObjectSink,
+        progress: Progress,
+        reader: privacy.Caller | None,
+        unfit: list[str],
+        direct: DirectImage | None,
+        staged: Path,
+    ) -> DirNode:
+        """An import's scan of ``src``: mirrored into ``staged`` unless ``direct`` writes the
+        image from the source itself; EACCES names what ``reader`` may not read."""
+        try:
+            return scan_directory(
+                src,
+                sink,
+                mirror_to=None if direct else staged,
+                progress=progress,
+                reader=reader,
+                unfit_for_image=unfit,
+                seen=direct.observe if direct else None,
+            )
+        except PermissionError as exc:
+            if reader is None or exc.filename is None:
+                raise
+            raise privacy.unreadable_by(reader, src, exc.filename) from None
 
     def receive_snapshot(
         self,

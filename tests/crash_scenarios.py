@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,7 @@ import pytest
 from conftest import assert_same_view, dir_view, mounts_below, snapshot_view
 from support.processes import run_until_killed
 from cascowfs import collector, overlay
+from cascowfs.direct_image import SETTLED_NS
 from cascowfs.episodes import FindQuery, Predicate, parse_predicate
 from cascowfs.errors import ExistsError, NotFoundError
 from cascowfs.metadb import MetaDB
@@ -109,6 +111,10 @@ def prepare_store(store: Path, work: Path) -> Before:
     with uncommitted edits of every kind, branch ``clean`` on base without edits. Closed
     afterwards with the branches left mounted (as a daemon leaves them)."""
     before = Before()
+    # Made first and left alone for SETTLED_NS: the import under test then writes its image
+    # straight from the source (``direct_image.py``) as a root import of a settled tree does.
+    before.import_src = make_source(work / "src2", 2, files=40)
+    settled_at = time.monotonic() + SETTLED_NS / 1e9 + 0.1
     sm = StateManager.open(store)
     try:
         sm.import_tree(make_source(work / "src0", 0), "base")
@@ -142,10 +148,10 @@ def prepare_store(store: Path, work: Path) -> Before:
             before.status[b.name] = [c.line() for c in sm.status(b.name)]
         assert before.status["work"] and not before.status["clean"]
         assert before.chains["deep2"] >= 2, "deep2 must have a chain for flatten to replace"
-        before.import_src = make_source(work / "src2", 2, files=40)
         before.import_view = dir_view(before.import_src)
     finally:
         sm.close()
+    time.sleep(max(0.0, settled_at - time.monotonic()))
     return before
 
 
