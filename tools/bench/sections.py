@@ -63,6 +63,8 @@ def bench_system(
         res["import_s"] = time.perf_counter() - t0
         res["import_after_start"] = True
         res["import_mb_s"] = corpus_info["bytes"] / 1e6 / res["import_s"]
+        if isinstance(system, CascowSystem):
+            res["import_imaged_from_source"] = system.imaged_from_source()
         res["storage_after_import"] = system.storage()
         res["fs_used_after_import"] = fs_used(fsroot) - used0
         log(f"{cls.name}: imported in {res['import_s']:.2f}s ({res['import_mb_s']:.0f} MB/s)")

@@ -110,6 +110,14 @@ class CascowSystem(System):
         self.mounted = True
         return time.perf_counter() - t0
 
+    def imaged_from_source(self) -> bool:
+        """Whether the daemon logged an import whose layer image mkfs.erofs wrote straight
+        from the source (no mirror directory first)."""
+        log_file = self.root / "daemon.log"
+        return log_file.exists() and "image was written from the source" in log_file.read_text(
+            errors="replace"
+        )
+
     def umount(self, branches: bool = True) -> None:
         """``cascowfs umount``; if it fails, the daemon still gets to exit before this
         returns (``_stop_daemon``): the scratch filesystem can go then."""

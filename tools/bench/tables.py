@@ -154,6 +154,12 @@ def import_table(d: dict) -> list[str]:
             )
             continue
         with_start = " (with the daemon's start)" if import_includes_start(s) else ""
+        if "import_imaged_from_source" in s:
+            with_start += (
+                ", image from the source"
+                if s["import_imaged_from_source"]
+                else ", image from a mirror"
+            )
         rows.append(
             f"| {name} | {s['import_s']:.2f} s{with_start} | {s['import_mb_s']:.0f} | "
             f"{mb(s.get('storage_after_import'))} | {mb(after)} |"
