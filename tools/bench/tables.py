@@ -158,7 +158,7 @@ def import_table(d: dict) -> list[str]:
             with_start += (
                 ", image from the source"
                 if s["import_imaged_from_source"]
-                else ", image from a mirror"
+                else ", image not from the source"
             )
         rows.append(
             f"| {name} | {s['import_s']:.2f} s{with_start} | {s['import_mb_s']:.0f} | "
