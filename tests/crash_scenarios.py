@@ -106,15 +106,16 @@ class Before:
     import_view: dict | None = None
 
 
-def prepare_store(store: Path, work: Path) -> Before:
+def prepare_store(store: Path, work: Path, *, settled_import: bool = False) -> Before:
     """base and other (imports), deep0..deep2 (a chain of 4 layers), branch ``work`` on base
     with uncommitted edits of every kind, branch ``clean`` on base without edits. Closed
-    afterwards with the branches left mounted (as a daemon leaves them)."""
+    afterwards with the branches left mounted (as a daemon leaves them). ``settled_import``:
+    the source of the import under test is left alone for SETTLED_NS before this returns, so
+    that the import writes its image straight from it (``direct_image.py``), as a root import
+    of a settled tree does."""
     before = Before()
-    # Made first and left alone for SETTLED_NS: the import under test then writes its image
-    # straight from the source (``direct_image.py``) as a root import of a settled tree does.
     before.import_src = make_source(work / "src2", 2, files=40)
-    settled_at = time.monotonic() + SETTLED_NS / 1e9 + 0.1
+    settled_at = time.monotonic() + (SETTLED_NS / 1e9 + 0.1 if settled_import else 0)
     sm = StateManager.open(store)
     try:
         sm.import_tree(make_source(work / "src0", 0), "base")

@@ -59,7 +59,7 @@ def test_kill_at_crash_point(point, tmp_path, track_store):
         pytest.fail(f"no scenario for crash point {point}")
     store = track_store(tmp_path / "store")
     try:
-        before = prepare_store(store, tmp_path)
+        before = prepare_store(store, tmp_path, settled_import=op == "import")
         if op == "upgrade":
             as_format_7(store)
         args = [str(before.import_src)] if op == "import" else []

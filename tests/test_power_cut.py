@@ -65,7 +65,7 @@ def test_power_cut_at_crash_point(point, tmp_path, track_store):
     fs = tmp_path / "fs"
     with loop_ext4(fs, DISK_MIB, NO_PERIODIC_COMMIT) as disk:
         store = track_store(disk / "store")
-        before = prepare_store(store, tmp_path)
+        before = prepare_store(store, tmp_path, settled_import=op == "import")
         if op == "upgrade":
             as_format_7(store)
         os.sync()  # what the scenario prepared is on the disk; the operation's writes are not
