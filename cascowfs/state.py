@@ -1466,9 +1466,10 @@ def _take_store_lock(fd: int) -> str | None:
 def resolve_import_source(src: Path, store: Path) -> Path:
     """The directory an import of ``src`` reads: ``src`` with its symlinks resolved. ENOENT if
     it is missing, ENOTDIR if it is not a directory (a file, FIFO, device or socket), EINVAL if
-    it lies inside ``store`` or inside a mount serving it: such an import would read the
-    staging directory it writes, or ask its own daemon for every file. A branch's tree is the
-    exception: it is a mount of its own, showing what the branch holds and no store file."""
+    it lies inside ``store`` or inside a mount serving it, or holds either: such an import
+    would read the staging directory it writes, or ask its own daemon for every file. A
+    branch's tree is the exception: it is a mount of its own, showing what the branch holds
+    and no store file."""
     try:
         st = os.stat(src)
     except OSError as exc:
@@ -1484,14 +1485,21 @@ def resolve_import_source(src: Path, store: Path) -> Path:
         raise InvalidArgumentError(
             f"import source {src} lies inside the store it would be imported into ({store})"
         )
+    if _within(store_real, real):
+        raise InvalidArgumentError(
+            f"import source {src} holds the store it would be imported into ({store})"
+        )
     for m in overlay.all_mounts():
-        if (
-            m.fstype == FUSE_TYPE
-            and store_of_source(m.source) == store
-            and _within(real, Path(m.target))
-        ):
+        if m.fstype != FUSE_TYPE or store_of_source(m.source) != store:
+            continue
+        if _within(real, Path(m.target)):
             raise InvalidArgumentError(
                 f"import source {src} lies inside {m.target}, a mount "
+                f"of the store it would be imported into"
+            )
+        if _within(Path(m.target), real):
+            raise InvalidArgumentError(
+                f"import source {src} holds {m.target}, a mount "
                 f"of the store it would be imported into"
             )
     return real

@@ -3,9 +3,10 @@
 The class of bad sources: whatever is not a directory (a file, a FIFO, a device, a socket, a
 path through a file) is ENOTDIR; whatever does not exist (a missing path, a dangling symlink)
 is ENOENT; a symlink loop is ELOOP; the store itself, anything inside it (its layers, staging,
-a branch's upper directory) and the filesystem the store is served as (the mount, a snapshot,
-a bind mount of one, a symlink into it) are EINVAL: such an import would read the staging
-directory it writes, or ask its own daemon for every file. A branch's tree (a mount of its
+a branch's upper directory), the filesystem the store is served as (the mount, a snapshot,
+a bind mount of one, a symlink into it) and any directory holding one of them are EINVAL:
+such an import would read the staging directory it writes, or ask its own daemon for every
+file. A branch's tree (a mount of its
 own) and a symlink to a directory import what they show. Each case
 goes through ``ctl`` (errno of the write and the reply line), the CLI (exit status 1 and the
 errno name) and, for the store at rest, the offline CLI; none changes the store.
@@ -73,6 +74,7 @@ def _bad_sources(fs: Cascow) -> dict[str, tuple[Path, int]]:
         "the store's layers": (fs.store / "layers", errno.EINVAL),
         "a branch's upper directory": (tree.parent / "private" / "upper", errno.EINVAL),
         "the store's staging": (fs.store / "staging", errno.EINVAL),
+        "a directory holding the store": (fs.base, errno.EINVAL),
     }
 
 
@@ -108,6 +110,20 @@ def test_import_of_a_bind_mount_of_its_own_snapshot_is_refused(fs):
         assert code == errno.EINVAL, reply
     finally:
         lazy_umount(str(bind))
+
+
+def test_import_of_a_directory_holding_a_mount_of_its_own_store_is_refused(fs):
+    """The scan would walk into the mount and ask its own daemon for every snapshot."""
+    holder = fs.base / "holder"
+    (holder / "m").mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "--bind", str(fs.mnt), str(holder / "m")], check=True)
+    try:
+        code, reply = fs.ctl(f"import bad {holder}")
+        assert code == errno.EINVAL and "a mount of the store" in reply, reply
+    finally:
+        lazy_umount(str(holder / "m"))
+    assert fs.ctl(f"import holder {holder}") == (0, "ok holder")
+    assert fs.ctl("prune holder")[0] == 0
 
 
 @pytest.mark.parametrize("via", ["store", "mount"])
