@@ -75,7 +75,10 @@ class DirectImage:
             st = os.lstat(src)
         except OSError:
             return None  # the scan meets it too, and says so
-        if st.st_ctime_ns >= cutoff_ns or _filesystem_of(src) not in TRUSTED_FILESYSTEMS:
+        holding = overlay.mount_holding(src)
+        if st.st_ctime_ns >= cutoff_ns or holding is None:
+            return None
+        if holding.fstype not in TRUSTED_FILESYSTEMS:
             return None
         return cls(src, image, st.st_dev, cutoff_ns)
 
@@ -155,19 +158,6 @@ class DirectImage:
         except FileNotFoundError:
             pass
         return False
-
-
-def _filesystem_of(path: Path) -> str | None:
-    """The type of the filesystem ``path`` (a resolved path) is on, from the mount table."""
-    best: overlay.MountRecord | None = None
-    for m in overlay.all_mounts():
-        if _within(path, m.target) and (best is None or len(m.target) >= len(best.target)):
-            best = m
-    return best.fstype if best is not None else None
-
-
-def _within(path: Path, target: str) -> bool:
-    return target == "/" or path == Path(target) or Path(target) in path.parents
 
 
 def _has_xattrs_left_out(path: bytes) -> bool:

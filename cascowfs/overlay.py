@@ -281,3 +281,15 @@ def mounts_under(prefix: Path) -> list[MountRecord]:
     """Mounts whose mount point lies under ``prefix``."""
     base = str(prefix).rstrip("/") + "/"
     return [m for m in all_mounts() if (m.target + "/").startswith(base)]
+
+
+def mount_holding(path: Path) -> MountRecord | None:
+    """The mount that ``path`` (resolved) lies on: of the mount points above it, the deepest,
+    and of those mounted there, the last."""
+    here = str(path).rstrip("/") + "/"
+    holding, depth = None, -1
+    for m in all_mounts():
+        top = m.target.rstrip("/") + "/"
+        if here.startswith(top) and len(top) >= depth:
+            holding, depth = m, len(top)
+    return holding

@@ -23,7 +23,7 @@ from conftest import (
     run_child,
     snapshot_view,
 )
-from cascowfs import direct_image, images
+from cascowfs import direct_image, images, overlay
 from cascowfs.direct_image import DirectImage
 from cascowfs.privacy import Caller
 from cascowfs.tuning import Tuning
@@ -232,7 +232,8 @@ def test_who_gets_a_direct_image(tmp_path, settled, monkeypatch):
     assert plan(src, image, reader=Caller(0, 0), image_mode=images.LOOP) is not None
     assert plan(src, image, reader=Caller(1000, 1000), image_mode=images.FILE_BACKED) is None
     assert plan(src, image, reader=None, image_mode=images.DIRECTORIES) is None
-    assert direct_image._filesystem_of(Path("/proc/sys")) == "proc"
+    assert overlay.mount_holding(Path("/proc/sys")).fstype == "proc"
+    assert overlay.mount_holding(Path("/")).target == "/"
     monkeypatch.setattr(direct_image, "TRUSTED_FILESYSTEMS", frozenset({"xfs"}))
     assert plan(src, image, reader=None, image_mode=images.FILE_BACKED) is None
 
