@@ -194,9 +194,13 @@ class LayerBuilder:
 
     def _make_mount_point(self, lid: str) -> None:
         """An image layer's mount point, made when the image is placed: mounting it later
-        (a branch on a full disk) then allocates nothing."""
+        (a branch on a full disk) then allocates nothing. Under the mount lock: a sweep
+        (``unmount_unused``) that ran while the image was not in layers/ yet removes mount
+        points without images, and could remove this one between mkdir's EEXIST and its
+        check that a directory is there."""
         if self.is_image(lid):
-            (self.mounts_dir / lid).mkdir(mode=0o700, exist_ok=True)
+            with self._mount_lock:
+                (self.mounts_dir / lid).mkdir(mode=0o700, exist_ok=True)
 
     def add_refs(self, txn: lmdb.Transaction, chain: list[str], delta: int) -> list[str]:
         """Adjust layer refcounts; layers that drop to zero lose their record and their
