@@ -15,6 +15,7 @@ format 7, or where the kernel mounts no EROFS image).
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import queue
@@ -127,31 +128,48 @@ class LayerBuilder:
     def mount_chain(self, chain: list[str], *, repair: bool = True) -> list[Path]:
         """Mount every image of ``chain`` not mounted yet; the lower directories (top first).
         Only ``keep_mounted`` or an overlay stacking them keeps them mounted afterwards."""
-        for lid in chain:
-            if self.is_image(lid):
-                self._mount_image(lid, repair)
-        return self.lower_paths(chain)
+        lowers = [
+            self._mount_image(lid, repair) if self.is_image(lid) else self.layers_dir / lid
+            for lid in chain
+        ]
+        return lowers or [self.empty_dir]
 
-    def _mount_image(self, lid: str, repair: bool) -> None:
+    def _mount_image(self, lid: str, repair: bool) -> Path:
+        """Image layer ``lid`` mounted; its lower directory (the layer's own, if rebuilding
+        it made it a directory)."""
         target = self.mounts_dir / lid
         with self._mount_lock:
-            if os.path.ismount(target):
-                return
+            if self._is_mount_point(target):
+                return target
             with disk_errors(f"mounting layer {lid}"):
                 target.mkdir(mode=0o700, exist_ok=True)
             try:
                 if self.image_mode == images.DIRECTORIES:
                     raise images.ImageError(f"layer {lid} is an image; images do not mount here")
                 images.mount(self.path(lid), target, self.image_mode)
-                return
+                return target
             except StoreIOError as exc:
                 if not repair:
                     raise
                 log.warning("%s: %s", self.store, exc)
         self.rebuild({lid}, "whose image does not mount", False, lambda name: None)
-        if self.is_image(lid):
-            with self._mount_lock:
-                images.mount(self.path(lid), target, self.image_mode)
+        if not self.is_image(lid):
+            return self.layers_dir / lid
+        with self._mount_lock:
+            images.mount(self.path(lid), target, self.image_mode)
+        return target
+
+    @functools.cached_property
+    def _mounts_device(self) -> int:
+        return os.stat(self.mounts_dir).st_dev
+
+    def _is_mount_point(self, target: Path) -> bool:
+        """Whether something is mounted at ``target``, a directory in mounts/: one ``lstat``
+        (``os.path.ismount`` makes two, and a branch asks for every layer of its chain)."""
+        try:
+            return os.lstat(target).st_dev != self._mounts_device
+        except FileNotFoundError:
+            return False
 
     def _unmount_image(self, lid: str) -> None:
         """Detach image ``lid``'s mount (overlays stacking it keep it alive until they go)."""

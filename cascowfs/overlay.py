@@ -112,14 +112,15 @@ def _new_mount_fd(
 ) -> int:
     """A new mount of ``fstype`` configured by ``options`` (a value of None sets a flag),
     attached nowhere yet: its descriptor. ``shown`` names it in errors."""
-    fs_fd = syscalls.call("fsopen", fstype.encode(), _FSOPEN_CLOEXEC)
+    # Opening a context and setting its options only copies them (a layer's path is looked
+    # up, its dentries cached by the mounts before): those calls keep the GIL; making the
+    # superblock and the mount may wait, and release it.
+    fs_fd = syscalls.call("fsopen", fstype.encode(), _FSOPEN_CLOEXEC, keep_gil=True)
     try:
         try:
             for key, value in options:
-                if value is None:
-                    syscalls.call("fsconfig", fs_fd, _FSCONFIG_SET_FLAG, key.encode(), None, 0)
-                else:
-                    syscalls.call("fsconfig", fs_fd, _FSCONFIG_SET_STRING, key.encode(), value, 0)
+                kind = _FSCONFIG_SET_FLAG if value is None else _FSCONFIG_SET_STRING
+                syscalls.call("fsconfig", fs_fd, kind, key.encode(), value, 0, keep_gil=True)
             syscalls.call("fsconfig", fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
             return syscalls.call("fsmount", fs_fd, _FSMOUNT_CLOEXEC, attrs)
         except OSError as exc:

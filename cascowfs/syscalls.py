@@ -14,6 +14,12 @@ import platform
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+# The same function, called without releasing the GIL. A thread that releases it for a call
+# waits on return until the thread holding it lets go, up to the switch interval, whenever
+# others are busy: in a busy daemon that wait is most of what a call of a few microseconds
+# costs, and one branch's mount makes a dozen such calls (``overlay.py``).
+_libc_keeping_gil = ctypes.PyDLL(None, use_errno=True)
+_libc_keeping_gil.syscall.restype = ctypes.c_long
 
 _NUMBERS = {
     "x86_64": {
@@ -32,18 +38,22 @@ _NUMBERS = {
 }  # fmt: skip
 
 
-def raw(name: str, *args: object) -> int:
+_NUMBERS_HERE = _NUMBERS.get(platform.machine())
+
+
+def raw(name: str, *args: object, keep_gil: bool = False) -> int:
     """What system call ``name`` returns, as the kernel returns it (-1 and ``ctypes``'s errno
-    on failure; ``setfsuid`` reports no failure at all)."""
-    numbers = _NUMBERS.get(platform.machine())
-    if numbers is None:
+    on failure; ``setfsuid`` reports no failure at all). ``keep_gil``: for a call that never
+    waits (no I/O, no lock another task holds for long), hold the GIL through it."""
+    if _NUMBERS_HERE is None:
         raise OSError(errno.ENOSYS, f"{name}: no system call numbers for {platform.machine()}")
-    return int(_libc.syscall(numbers[name], *args))
+    libc = _libc_keeping_gil if keep_gil else _libc
+    return int(libc.syscall(_NUMBERS_HERE[name], *args))
 
 
-def call(name: str, *args: object) -> int:
+def call(name: str, *args: object, keep_gil: bool = False) -> int:
     """``raw``, with a failure raised as OSError."""
-    res = raw(name, *args)
+    res = raw(name, *args, keep_gil=keep_gil)
     if res < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
