@@ -17,10 +17,12 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import math
 import os
 import queue
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -81,6 +83,7 @@ class LayerBuilder:
         # overlay about to be mounted on it) is never swept.
         self._mount_lock = threading.Lock()
         self._pinned: collections.Counter[str] = collections.Counter()
+        self._last_sweep = -math.inf  # ``unmount_unused``'s last start (time.monotonic)
 
     # -- paths and records -------------------------------------------------------------
     def path(self, lid: str) -> Path:
@@ -184,13 +187,18 @@ class LayerBuilder:
             except StoreIOError as exc:
                 log.warning("%s: %s", self.store, exc)
 
-    def unmount_unused(self) -> None:
+    def unmount_unused(self, *, unless_swept_within: float = 0.0) -> None:
         """Detach every image mount no overlay stacks (on this machine: branches, snapshot
         views, fsck) and no ``mounted`` block holds, and remove the mount points of layers
-        that are gone."""
+        that are gone. ``unless_swept_within``: skip it if a sweep started less than that
+        many seconds ago (a later sweep does what this one would have done)."""
         prefix = re.escape(f"lowerdir+={self.mounts_dir}/")
         named = re.compile(prefix + r"([^,/]+)")
         with self._mount_lock:
+            now = time.monotonic()
+            if now - self._last_sweep < unless_swept_within:
+                return
+            self._last_sweep = now
             everything = overlay.all_mounts()
             stacked = {
                 lid for m in everything if m.fstype == "overlay" for lid in named.findall(m.options)

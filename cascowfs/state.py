@@ -108,6 +108,10 @@ STORE_ENTRIES = frozenset(
 )
 NOT_A_STORE = "not a cascowfs store; run cascowfs init"
 BRANCH_PRIVATE = "private"  # a branch's directory for its upper and work directories
+# Every discard and commit asks for a trash round, back to back in a busy mix, and a sweep of
+# the image mounts reads the whole mount table: at most one a second (an unused image mount
+# costs a mount table entry until then; ``settle`` and the shutdown sweep anyway).
+IMAGE_SWEEP_INTERVAL_S = 1.0
 
 
 def is_store(path: Path) -> bool:
@@ -321,6 +325,7 @@ class StateManager:
         self._background.join()
         self.label_applies.wait_applied()
         if not self._read_only:
+            self.layers.unmount_unused()  # what the trash rounds' rate left for later
             self.collect()
 
     @contextmanager
@@ -349,7 +354,8 @@ class StateManager:
     def _run_job(self, job: Job) -> None:
         if isinstance(job, EmptyTrash):
             self.trash.empty()
-            self.layers.unmount_unused()  # images only the trashed overlays stacked
+            # images only the trashed overlays stacked; one sweep a second at most
+            self.layers.unmount_unused(unless_swept_within=IMAGE_SWEEP_INTERVAL_S)
         elif isinstance(job, MergeLayers):
             self.merge_layers(job.id)
 

@@ -127,6 +127,24 @@ def test_an_image_is_mounted_once_and_goes_with_its_last_branch(tmp_path):
         assert not sm.layers.exists(lid) and os.listdir(sm.mounts_dir) == []
 
 
+def test_a_sweep_soon_after_another_leaves_the_image_mounts_to_a_later_one(tmp_path):
+    """The trash rounds of a busy mix come back to back; each sweeps the image mounts at most
+    once in ``unless_swept_within`` seconds, and ``settle`` sweeps whatever they left."""
+    with _imported(tmp_path) as (sm, lid):
+        image_mount = [str(sm.mounts_dir / lid)]
+        sm.create_branch("b", "base")
+        assert [m.target for m in _image_mounts(sm)] == image_mount
+        overlay.unmount_stacked(sm.tree_path("b"))  # nothing stacks the image any more
+        sm.layers.unmount_unused()
+        assert _image_mounts(sm) == []
+        sm.create_branch("c", "base")  # mounts it again
+        overlay.unmount_stacked(sm.tree_path("c"))
+        sm.layers.unmount_unused(unless_swept_within=3600)  # the last sweep was just now
+        assert [m.target for m in _image_mounts(sm)] == image_mount
+        sm.settle()
+        assert _image_mounts(sm) == []
+
+
 def test_a_burst_of_operations_leaves_one_sweep_of_the_image_mounts_to_the_shutdown(
     tmp_path, monkeypatch
 ):
@@ -145,11 +163,11 @@ def test_a_burst_of_operations_leaves_one_sweep_of_the_image_mounts_to_the_shutd
         sweeps = 0
         sweep = sm.layers.unmount_unused
 
-        def held_sweep() -> None:
+        def held_sweep(**rate: float) -> None:
             nonlocal sweeps
             sweeps += 1
             burst_done.wait()
-            sweep()
+            sweep(**rate)
 
         monkeypatch.setattr(sm.layers, "unmount_unused", held_sweep)
         requests = 0
