@@ -168,7 +168,8 @@ class LayerBuilder:
 
     def _is_mount_point(self, target: Path) -> bool:
         """Whether something is mounted at ``target``, a directory in mounts/: one ``lstat``
-        (``os.path.ismount`` makes two, and a branch asks for every layer of its chain)."""
+        (``os.path.ismount`` also resolves the parent's path, an ``lstat`` per component, and
+        a branch asks this for every image layer of its chain)."""
         try:
             return os.lstat(target).st_dev != self._mounts_device
         except FileNotFoundError:
