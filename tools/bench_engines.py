@@ -30,22 +30,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from tools import benchfs
+from tools.bench.mcts import product_version
+from tools.bench.stats import summarize
+
 REPO = Path(__file__).resolve().parent.parent
 OPS = ("branch", "commit", "discard", "prune")
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def summary(result: dict) -> dict:
-    """One run's figures: import rate, and P50/P95/P99 (ms) of every op, alone and in the mix."""
+    """One run's figures: import rate, and P50/P95/P99 (ms) of every op, alone and in the mix,
+    as the benchmark's own summaries rank them."""
     run = result["systems"]["cascowfs"]
     out: dict = {"import_mb_s": run.get("import_mb_s"), "mix_wall_s": run["mix"]["wall_s"]}
     for section in ("seq", "mix"):
         out[section] = {
-            op: {f"p{int(q * 100)}": round(percentile(lat, q), 2) for q in (0.5, 0.95, 0.99)}
+            op: {q: round(1000 * summarize(lat)[q], 2) for q in ("p50", "p95", "p99")}
             for op, lat in run[section]["latencies"].items()
             if lat
         }
@@ -72,18 +72,8 @@ def revision(rev: str) -> str:
     ).stdout.strip()
 
 
-def engine_dirty() -> bool:
-    status = subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain", "--", "cascowfs"],
-        capture_output=True,
-        text=True,
-    ).stdout
-    return bool(status.strip())
-
-
 def run_once(harness: Path, engine: Path, args: argparse.Namespace, out: Path) -> dict:
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    benchfs.drop_caches()
     time.sleep(3)
     cmd = [sys.executable, str(harness / "tools" / "bench_mcts.py"), "--corpus", args.corpus,
            "--systems", "cascowfs", "--ops", str(args.ops), "--seq-ops", str(args.seq_ops),
@@ -100,7 +90,9 @@ def medians(runs: list[dict]) -> dict:
     }
     for section in ("seq", "mix"):
         med[section] = {
-            op: {q: statistics.median(r[section][op][q] for r in runs) for q in runs[0][section][op]}
+            op: {
+                q: statistics.median(r[section][op][q] for r in runs) for q in runs[0][section][op]
+            }
             for op in set.intersection(*(set(r[section]) for r in runs))
         }
     return med
@@ -155,6 +147,7 @@ def main() -> int:
                 runs[which].append(figures)
                 print(f"[engines] {which} run {pair + 1}: mix {figures['mix_wall_s']:.1f} s",
                       flush=True)  # fmt: skip
+        current = product_version()
         result = {
             "corpus": args.corpus,
             "pairs": args.pairs,
@@ -166,7 +159,8 @@ def main() -> int:
                 "median": medians(runs["baseline"]),
             },
             "current": {
-                "revision": revision("HEAD") + ("+dirty" if engine_dirty() else ""),
+                "revision": current["head"] + ("+dirty" if current["cascowfs_dirty"] else ""),
+                "sources_sha256": current["sources_sha256"],
                 "runs": runs["current"],
                 "median": medians(runs["current"]),
             },
