@@ -84,6 +84,8 @@ class LayerBuilder:
         self._mount_lock = threading.Lock()
         self._pinned: collections.Counter[str] = collections.Counter()
         self._last_sweep = -math.inf  # ``unmount_unused``'s last start (time.monotonic)
+        # an image layer an overlay stacks, as its options name it
+        self._stacked_image = re.compile(re.escape(f"lowerdir+={self.mounts_dir}/") + r"([^,/]+)")
 
     # -- paths and records -------------------------------------------------------------
     def path(self, lid: str) -> Path:
@@ -193,8 +195,6 @@ class LayerBuilder:
         views, fsck) and no ``mounted`` block holds, and remove the mount points of layers
         that are gone. ``unless_swept_within``: skip it if a sweep started less than that
         many seconds ago (a later sweep does what this one would have done)."""
-        prefix = re.escape(f"lowerdir+={self.mounts_dir}/")
-        named = re.compile(prefix + r"([^,/]+)")
         with self._mount_lock:
             now = time.monotonic()
             if now - self._last_sweep < unless_swept_within:
@@ -202,7 +202,10 @@ class LayerBuilder:
             self._last_sweep = now
             everything = overlay.all_mounts()
             stacked = {
-                lid for m in everything if m.fstype == "overlay" for lid in named.findall(m.options)
+                lid
+                for m in everything
+                if m.fstype == "overlay"
+                for lid in self._stacked_image.findall(m.options)
             }
             keep = stacked | set(self._pinned)
             base = f"{self.mounts_dir}/"
