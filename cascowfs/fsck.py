@@ -137,7 +137,7 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
         report.add(2, problem)
 
     # 4: mounts
-    expected = {str(sm.branches_dir / name / "tree"): (name, rec) for name, rec in branches.items()}
+    expected = {str(sm.tree_path(name)): (name, rec) for name, rec in branches.items()}
     seen: Counter = Counter()
     for m in overlay.mounts_under(sm.mounts_dir):
         lid = Path(m.target).name

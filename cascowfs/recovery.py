@@ -191,7 +191,7 @@ def reconcile(sm: StateManager, cache_lost: bool = False, progress: bool = False
         overlay.unmount(Path(m.target))
     for name in os.listdir(sm.branches_dir):
         if name not in branches:
-            sm.trash.put(sm.branches_dir / name)
+            sm.trash_branch_dir(name)
     for name, rec in branches.items():
         if str(sm.tree_path(name)) not in seen:
             sm.mount_branch(name, rec, fresh_upper=False)

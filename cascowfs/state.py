@@ -108,6 +108,7 @@ STORE_ENTRIES = frozenset(
 )
 NOT_A_STORE = "not a cascowfs store; run cascowfs init"
 BRANCH_PRIVATE = "private"  # a branch's directory for its upper and work directories
+BRANCH_TREE = "tree"  # a branch's overlay mount point, in its directory
 # Every discard and commit asks for a trash round, back to back in a busy mix, and a sweep of
 # the image mounts reads the whole mount table: at most one a second (an unused image mount
 # costs a mount table entry until then; ``settle`` and the shutdown sweep anyway).
@@ -408,7 +409,7 @@ class StateManager:
 
     def tree_path(self, name: str) -> Path:
         """Branch ``name``'s overlay mount point."""
-        return self.branches_dir / name / "tree"
+        return self.branches_dir / name / BRANCH_TREE
 
     def upper_path(self, name: str) -> Path:
         """Branch ``name``'s upper directory (inside its private directory: privacy.py)."""
@@ -422,7 +423,7 @@ class StateManager:
         bdir = self.branches_dir / name
         bdir.mkdir(exist_ok=True)
         privacy.make_passage(bdir)
-        (bdir / "tree").mkdir(exist_ok=True)
+        (bdir / BRANCH_TREE).mkdir(exist_ok=True)
         private = bdir / BRANCH_PRIVATE
         private.mkdir(mode=privacy.PRIVATE_DIR, exist_ok=True)
         os.chmod(private, privacy.PRIVATE_DIR)
@@ -725,13 +726,21 @@ class StateManager:
                 "%s: housekeeping after %s failed (retried later): %s", self.store, after, exc
             )
 
-    def trash_after_apply(self, layers: list[str], *paths: Path) -> None:
-        """Move what an applied op dropped (``layers``, by id, and ``paths``) into the trash.
-        The op is durable already, so a failure here must not fail it: the next open trashes
-        whatever no record names."""
+    def trash_after_apply(self, layers: list[str], *, branch: str | None = None) -> None:
+        """Move what an applied op dropped (``layers``, by id, and the directory of
+        ``branch``, its mount with it) into the trash. The op is durable already, so a
+        failure here must not fail it: the next open trashes whatever no record names."""
         layers = self.pins.unheld(layers)  # a layer a snapshot's view stacks waits for it
         self.layers.unmount_images(layers)  # overlays still stacking one keep it
-        self.trash.put_after_apply([*paths, *(self.layers.path(lid) for lid in layers)], self.store)
+        if branch is not None:
+            self.trash.put_after_apply(
+                [self.branches_dir / branch], self.store, mount_points=(BRANCH_TREE,)
+            )
+        self.trash.put_after_apply([self.layers.path(lid) for lid in layers], self.store)
+
+    def trash_branch_dir(self, name: str) -> None:
+        """Move branch ``name``'s directory, and the mount it may hold, into the trash."""
+        self.trash.put(self.branches_dir / name, mount_points=(BRANCH_TREE,))
 
     @contextmanager
     def _branch_op(self, name: str, *, wait: bool = True) -> Iterator[None]:
@@ -805,11 +814,10 @@ class StateManager:
                 layers=snap.layers if snap else [],
                 created_ns=_now_ns(),
             )
-            bdir = self.branches_dir / name
 
             def undo(op: str) -> None:
                 try:
-                    self.trash.put(bdir)
+                    self.trash_branch_dir(name)
                     self.wal.finalize(op)
                 except (OSError, CascowfsError):
                     pass  # the disk is failing; the next open reconciles from state
@@ -819,7 +827,7 @@ class StateManager:
                 "branch", name=name, parent=parent, durable=False, undo=undo
             ) as op:
                 with disk_errors(f"creating branch {name}"):
-                    self.trash.put(bdir)  # leftovers of an earlier branch of that name
+                    self.trash_branch_dir(name)  # leftovers of an earlier branch of that name
                     upper, work = self.make_branch_dirs(name)
                     self._make_upper(upper, rec.base_root)
                     work.mkdir()
@@ -1027,7 +1035,7 @@ class StateManager:
                 dropped = self.db.write(apply, f"discarding branch {name}")
             crash_point("discard.applied")
             # the mount travels with its directory into the trash (trash.py says why)
-            self.trash_after_apply(dropped, self.branches_dir / name)
+            self.trash_after_apply(dropped, branch=name)
             self._forget_file_caches(name)
             crash_point("discard.switched")
             self._finish(op)

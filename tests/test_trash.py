@@ -84,6 +84,66 @@ def test_a_mount_in_the_trash_is_detached_before_its_tree_is_deleted(trash, tmp_
         conftest.force_unmount_below(tmp_path)
 
 
+def _mounted_branch_dir(tmp_path):
+    """A directory ``b`` holding an overlay mounted at ``b/tree``, as a branch's is."""
+    lower = tmp_path / "lower"
+    upper, work, target = (tmp_path / "b" / d for d in ("upper", "work", "tree"))
+    for d in (lower, upper, work, target):
+        d.mkdir(parents=True)
+    (lower / "kept").write_text("the lower layer is not the trash's to delete")
+    conftest._STORES.append(tmp_path)
+    overlay.mount_overlay(target, [lower], upper, work)
+    return tmp_path / "b"
+
+
+def _mounts_below(path):
+    return [m for m in overlay.all_mounts() if m.target.startswith(str(path) + "/")]
+
+
+@needs_overlay
+def test_a_round_detaches_the_mount_points_named_without_reading_the_mount_table(
+    trash, tmp_path, monkeypatch
+):
+    trash.empty()  # the open's round, which reads the mount table
+    branch_dir = _mounted_branch_dir(tmp_path)
+    try:
+        trash.put(branch_dir, mount_points=("tree",))
+        with monkeypatch.context() as patched:
+            patched.setattr(overlay, "all_mounts", _no_mount_table)
+            trash.empty()
+        assert os.listdir(trash.path) == []
+        assert not _mounts_below(tmp_path)
+        assert (tmp_path / "lower" / "kept").is_file()
+    finally:
+        conftest.force_unmount_below(tmp_path)
+
+
+def _no_mount_table():
+    raise AssertionError("the round read the mount table")
+
+
+@needs_overlay
+def test_a_mount_nobody_named_keeps_its_tree_until_a_round_reads_the_mount_table(
+    trash, tmp_path
+):
+    trash.empty()  # the open's round
+    branch_dir = _mounted_branch_dir(tmp_path)
+    try:
+        trash.put(branch_dir)  # its mount point not named
+        trash.empty()
+        [left] = os.listdir(trash.path)  # rm never crosses into the mount
+        assert len(_mounts_below(trash.path)) == 1
+        assert (trash.path / left / "tree" / "kept").is_file()  # and left its view alone
+        (tmp_path / "later").mkdir()
+        trash.put(tmp_path / "later")  # the next round's, which reads the table
+        trash.empty()
+        assert os.listdir(trash.path) == []
+        assert not _mounts_below(tmp_path)
+        assert (tmp_path / "lower" / "kept").is_file()
+    finally:
+        conftest.force_unmount_below(tmp_path)
+
+
 def test_a_stopped_trash_leaves_its_content_to_the_next_open(trash, tmp_path):
     (tmp_path / "tree" / "sub").mkdir(parents=True)
     trash.put(tmp_path / "tree")
