@@ -161,6 +161,23 @@ def test_lookup_counts_and_children():
     assert table.child(root, b"s") is None and table.get(parent.ino) is parent
 
 
+def test_detach_says_whether_the_kernel_may_cache_the_name():
+    """A ctl discard or prune invalidates the kernel's dentry only where it may have one: a
+    name with a node here (looked up or listed, not forgotten)."""
+    table = InodeTable()
+    root = table.add_pinned(SkeletonNode(1))
+    cached = table.adopt(root, b"cached", SnapDirNode(table.allocate(), snap="a"))
+    table.looked_up(cached)
+    forgotten = table.adopt(root, b"forgotten", SnapDirNode(table.allocate(), snap="b"))
+    table.looked_up(forgotten)
+    table.forget(forgotten.ino, 1)
+    assert table.detach(root, b"cached") is True
+    assert table.detach(root, b"cached") is False  # detached already
+    assert table.detach(root, b"forgotten") is False
+    assert table.detach(root, b"never-looked-up") is False
+    assert table.get(cached.ino) is cached  # its open files and cwds live on
+
+
 def test_count_links():
     trees = {
         b"root": {b"a": _file(b"a", link=b"L1"), b"d": Entry(b"d", stat.S_IFDIR | 0o755, 0, 0,

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from cascowfs import images, overlay
 from cascowfs.client import Client
 from cascowfs.fsmeta import RESERVED_XATTR_PREFIX
+from cascowfs.fuse.kernel_views import IDLE_SECONDS
 from fusehelpers import Cascow, cascow_base, mounted, needs_fuse, run_cli
 from support.mounts import abort_fuse
 from support.properties import hypothesis_settings
@@ -78,11 +79,11 @@ def _view_mount(fs: Cascow, ident: str) -> overlay.MountRecord | None:
     return found[0] if found else None
 
 
-def _until(predicate, what: str) -> None:
-    deadline = time.monotonic() + WAIT
+def _until(predicate, what: str, within: float = WAIT) -> None:
+    deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {WAIT} s")
+            raise AssertionError(f"{what}: not within {within} s")
         time.sleep(0.02)
 
 
@@ -218,6 +219,8 @@ def test_prune_detaches_the_view_and_an_open_file_reads_on(prune):
         _snapshots(fs)
         fs.ctl("discard b")
         _open_view(fs, "s2")
+        layers = fs.store / "layers"
+        before = set(os.listdir(layers))
         want = (fs.base / "src" / "big.bin").read_bytes()
         with open(_target(fs, "s2") / "big.bin", "rb") as fh:
             head = fh.read(4096)
@@ -232,6 +235,9 @@ def test_prune_detaches_the_view_and_an_open_file_reads_on(prune):
             assert code == 0, reply
             assert head + fh.read() == want
         assert not _target(fs, "s2").exists()
+        # the prune let go of the layers s2's view held (sooner than its idle expiry would)
+        _until(lambda: set(os.listdir(layers)) < before, "s2's own layer dropped",
+               within=IDLE_SECONDS / 2)
         _open_view(fs, "s1")  # the other snapshot's view is unaffected
         assert (_target(fs, "s1") / "big.bin").read_bytes() == want
 

@@ -217,12 +217,16 @@ class InodeTable:
         self._nodes[node.ino] = node
         return node
 
-    def detach(self, parent: Node, name: bytes) -> None:
+    def detach(self, parent: Node, name: bytes) -> bool:
         """Forget the name -> node association (the object is gone); the node lives on until
-        the kernel forgets it, so open files and cwds keep working on what they had."""
+        the kernel forgets it, so open files and cwds keep working on what they had. Returns
+        whether the kernel may still cache the name: only a name it looked up (or listed
+        with readdirplus) and has not forgotten has a node here."""
+        known = self.child(parent, name) is not None
         children = getattr(parent, "children", None)
         if children is not None:
             children.pop(name, None)
+        return known
 
     def looked_up(self, node: Node, count: int = 1) -> None:
         node.lookups += count

@@ -152,6 +152,12 @@ class KernelViews:
         with self._lock:
             return sorted(self._views)
 
+    def may_hold(self, id: str) -> bool:
+        """Whether snapshot ``id`` may have a view: one attached, or an attach asked for.
+        A snapshot pruned while this says False gets none: its attach would find it gone."""
+        with self._lock:
+            return id in self._views or id in self._pending
+
     def wanted(self, id: str) -> bool:
         """Should snapshot ``id``'s view be attached, or its expired entries bound again,
         now? (True: the caller runs ``attach``, which clears the pending mark)."""

@@ -297,7 +297,9 @@ class CascowOperations(pyfuse3.Operations):
             )
 
     async def _detach_view(self, ident: str) -> None:
-        if self.views is not None:
+        """Detach snapshot ``ident``'s view, if it may have one (the thread hop is skipped
+        for the many prunes of snapshots nobody read)."""
+        if self.views is not None and self.views.may_hold(ident):
             await trio.to_thread.run_sync(self.views.detach, ident)
 
     @staticmethod
@@ -961,14 +963,15 @@ class CascowOperations(pyfuse3.Operations):
         now = time.time_ns()
         if cmd.verb == "discard" and cmd.name:
             self.changed_ns[BRANCHES_INO] = now
-            self.table.detach(self.branches, cmd.name.encode())
-            await self._invalidate(BRANCHES_INO, cmd.name.encode())
+            if self.table.detach(self.branches, cmd.name.encode()):
+                await self._invalidate(BRANCHES_INO, cmd.name.encode())
         elif cmd.verb == "prune" and cmd.id:
             self.changed_ns[SNAPSHOTS_INO] = now
             await self._detach_view(cmd.id)
-            self.table.detach(self.snapshots, cmd.id.encode())
-            await self._invalidate(SNAPSHOTS_INO, cmd.id.encode())
-            await self._invalidate(OBSERVATIONS_INO, cmd.id.encode())  # its observation goes too
+            if self.table.detach(self.snapshots, cmd.id.encode()):
+                await self._invalidate(SNAPSHOTS_INO, cmd.id.encode())
+            # an observation is a leaf, of no table's children: the kernel may cache it
+            await self._invalidate(OBSERVATIONS_INO, cmd.id.encode())
         elif cmd.verb == "branch":
             self.changed_ns[BRANCHES_INO] = now
         elif cmd.verb in ("commit", "import"):
