@@ -66,20 +66,13 @@ def test_what_cannot_be_moved_after_an_apply_stays_without_failing(trash, tmp_pa
 
 @needs_overlay
 def test_a_mount_in_the_trash_is_detached_before_its_tree_is_deleted(trash, tmp_path):
-    """As a discarded branch goes: its directory, holding the mount point, is moved."""
-    lower = tmp_path / "lower"
-    upper, work, target = (tmp_path / "b" / d for d in ("upper", "work", "tree"))
-    for d in (lower, upper, work, target):
-        d.mkdir(parents=True)
-    (lower / "kept").write_text("the lower layer is not the trash's to delete")
-    conftest._STORES.append(tmp_path)
-    overlay.mount_overlay(target, [lower], upper, work)
+    """As a discarded branch goes: its directory, holding the mount point, is moved (and the
+    open's first round finds the mount in the mount table, named or not)."""
+    branch_dir = _mounted_branch_dir(tmp_path)
     try:
-        trash.put(tmp_path / "b")
+        trash.put(branch_dir)
         trash.empty()
-        assert os.listdir(trash.path) == []
-        assert (lower / "kept").read_text().startswith("the lower layer")
-        assert not [m for m in overlay.all_mounts() if m.target.startswith(str(tmp_path))]
+        _assert_emptied(trash, tmp_path)
     finally:
         conftest.force_unmount_below(tmp_path)
 
@@ -100,6 +93,13 @@ def _mounts_below(path):
     return [m for m in overlay.all_mounts() if m.target.startswith(str(path) + "/")]
 
 
+def _assert_emptied(trash, tmp_path):
+    """The trash is empty, nothing stays mounted, and the lower layer was left alone."""
+    assert os.listdir(trash.path) == []
+    assert not _mounts_below(tmp_path)
+    assert (tmp_path / "lower" / "kept").read_text().startswith("the lower layer")
+
+
 @needs_overlay
 def test_a_round_detaches_the_mount_points_named_without_reading_the_mount_table(
     trash, tmp_path, monkeypatch
@@ -111,9 +111,7 @@ def test_a_round_detaches_the_mount_points_named_without_reading_the_mount_table
         with monkeypatch.context() as patched:
             patched.setattr(overlay, "all_mounts", _no_mount_table)
             trash.empty()
-        assert os.listdir(trash.path) == []
-        assert not _mounts_below(tmp_path)
-        assert (tmp_path / "lower" / "kept").is_file()
+        _assert_emptied(trash, tmp_path)
     finally:
         conftest.force_unmount_below(tmp_path)
 
@@ -137,9 +135,7 @@ def test_a_mount_nobody_named_keeps_its_tree_until_a_round_reads_the_mount_table
         (tmp_path / "later").mkdir()
         trash.put(tmp_path / "later")  # the next round's, which reads the table
         trash.empty()
-        assert os.listdir(trash.path) == []
-        assert not _mounts_below(tmp_path)
-        assert (tmp_path / "lower" / "kept").is_file()
+        _assert_emptied(trash, tmp_path)
     finally:
         conftest.force_unmount_below(tmp_path)
 
