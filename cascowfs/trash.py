@@ -11,8 +11,8 @@ round detaches those alone. The mount table is read only where the trash cannot 
 mounts: in the first round after an open (an earlier run's), in gc's, and in the round after
 one that left something behind (``rm --one-file-system`` never crosses into a mount, so a
 mount nobody named keeps its tree until then). A busy mix asks for a round after every
-discard and commit, and the mount table, every image layer and overlay of the machine, is
-the round's largest cost when read each time.
+discard and commit, and reading the mount table each time (every image layer and overlay of
+the machine: 0.15–0.6 ms in the 4-agent mix) would be spent on mounts the round was told of.
 """
 
 from __future__ import annotations

@@ -89,14 +89,10 @@ def _mounted_branch_dir(tmp_path):
     return tmp_path / "b"
 
 
-def _mounts_below(path):
-    return [m for m in overlay.all_mounts() if m.target.startswith(str(path) + "/")]
-
-
 def _assert_emptied(trash, tmp_path):
     """The trash is empty, nothing stays mounted, and the lower layer was left alone."""
     assert os.listdir(trash.path) == []
-    assert not _mounts_below(tmp_path)
+    assert not overlay.mounts_under(tmp_path)
     assert (tmp_path / "lower" / "kept").read_text().startswith("the lower layer")
 
 
@@ -130,7 +126,7 @@ def test_a_mount_nobody_named_keeps_its_tree_until_a_round_reads_the_mount_table
         trash.put(branch_dir)  # its mount point not named
         trash.empty()
         [left] = os.listdir(trash.path)  # rm never crosses into the mount
-        assert len(_mounts_below(trash.path)) == 1
+        assert len(overlay.mounts_under(trash.path)) == 1
         assert (trash.path / left / "tree" / "kept").is_file()  # and left its view alone
         (tmp_path / "later").mkdir()
         trash.put(tmp_path / "later")  # the next round's, which reads the table
