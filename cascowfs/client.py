@@ -7,9 +7,10 @@ subclass for it (``os_error_from_errno``): ``NotFoundError`` is a ``FileNotFound
 ``ExistsError`` a ``FileExistsError``, ``PermissionDeniedError`` a ``PermissionError``, ...
 
 Each command opens ``ctl``, writes its line, reads its reply line from the same open file and
-closes it. An idle client therefore holds nothing open on the mount, and ``cascowfs umount``
-never finds it busy; each open gets a ``ctl`` lane of its own, so threads sharing a client
-run their commands side by side. The price is a LOOKUP, an OPEN and a RELEASE per command
+closes it (``label`` reads it only when the write fails: a write that returns is its answer).
+An idle client therefore holds nothing open on the mount, and ``cascowfs umount`` never finds
+it busy; each open gets a ``ctl`` lane of its own, so threads sharing a client run their
+commands side by side. The price is a LOOKUP, an OPEN and a RELEASE per command
 (docs/interface.md, "Many agents at once", has the figure).
 
 A mount point with no live daemon (nothing mounted there, or a FUSE mount whose daemon is
@@ -59,6 +60,12 @@ class Client:
 
     def command(self, *words: str) -> str:
         """Send one ctl command (words are shell-quoted) and return the result of its reply."""
+        return self._command(words, read_reply=True)
+
+    def _command(self, words: tuple[str, ...], read_reply: bool) -> str:
+        """``command``; without ``read_reply`` a write that succeeds is the whole answer (the
+        command is done and durable) and its ``ok`` reply goes unread, saving a round trip
+        through the daemon; the result is then ""."""
         line = command_line(words)
         try:
             fd = os.open(self.ctl, os.O_RDWR | os.O_CLOEXEC)
@@ -76,6 +83,8 @@ class Client:
                 raise os_error_from_errno(
                     exc.errno or code or errno.EIO, text or exc.strerror or str(exc)
                 ) from None
+            if not read_reply:
+                return ""
             try:
                 reply = _read_reply(fd)
             except OSError as exc:
@@ -145,8 +154,10 @@ class Client:
         return self.command(*words)
 
     def label(self, id: str, labels: dict[str, str]) -> None:
-        """Set labels of snapshot ``id``; a key with the value "" is removed."""
-        self.command("label", id, *(f"{k}={v}" for k, v in labels.items()))
+        """Set labels of snapshot ``id``; a key with the value "" is removed. Durable when it
+        returns. The most frequent call of a tree search (back-propagation), so its ``ok``
+        reply, which would only repeat ``id``, is not read."""
+        self._command(("label", id, *(f"{k}={v}" for k, v in labels.items())), read_reply=False)
 
     def reset(self, name: str, id: str) -> None:
         """Drop branch ``name``'s changes and re-base it on snapshot ``id``."""

@@ -460,6 +460,31 @@ def test_ctl_replies_on_the_same_open_file(fs):
     assert second == "ok r2"
 
 
+def test_a_write_only_open_of_ctl_is_answered_by_its_writes(fs):
+    root = fs.mnt / "snapshots" / "base"
+    fd = os.open(fs.mnt / "ctl", os.O_WRONLY)
+    try:
+        with open(fs.mnt / "ctl", "r+b", buffering=0) as beside:
+            for n in range(3):
+                assert os.write(fd, f"label base wo={n}\n".encode()) > 0
+            assert os.getxattr(root, "user.cascowfs.label.wo") == b"2"  # applied on return
+            assert err(os.write, fd, b"label no-such-snapshot wo=1\n") == errno.ENOENT
+            assert "no-such-snapshot" in fs.log_text()  # the message no reply carries
+            assert err(os.write, fd, b"label base bad/key=1\n") == errno.EINVAL
+            assert os.getxattr(root, "user.cascowfs.label.wo") == b"2"
+            # replies belong to their open file: none of the write-only one's shows here
+            beside.write(b"label base wo=\n")
+            assert beside.read() == b"ok base\n"
+    finally:
+        os.close(fd)
+    assert err(os.getxattr, root, "user.cascowfs.label.wo") == errno.ENODATA
+    # what a shell's redirection does: open(O_WRONLY|O_CREAT|O_TRUNC), one write
+    fs.sh('echo "label base sh=1" > "$MNT/ctl"')
+    assert os.getxattr(root, "user.cascowfs.label.sh") == b"1"
+    assert fs.sh('echo "label no-such-snapshot sh=1" > "$MNT/ctl"', check=False).returncode != 0
+    fs.ctl("label base sh=")
+
+
 def test_ctl_and_control_files_are_not_cached(fs):
     parent = fs.mnt / "branches" / "nc" / "parent"
     fresh_branch(fs, "nc")

@@ -30,7 +30,7 @@ def test_the_loops_in_the_docs_parse():
     python, shell = _block("mcts-python"), _block("mcts-shell")
     compile(python, "mcts-python", "exec")
     subprocess.run(["bash", "-n"], input=shell, text=True, check=True)
-    assert 'fs.command("label"' in python and "ctl label" in shell
+    assert "fs.label(" in python and "ctl label" in shell
 
 
 def _populate(fs: Cascow) -> None:

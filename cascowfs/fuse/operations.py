@@ -135,6 +135,8 @@ class CtlHandle:
     lane: CtlNode
     admin: bool = False
     caller: Caller | None = None  # whose access an import's source is checked against
+    # A write-only open can never read a reply: its write's result is the whole answer.
+    keeps_replies: bool = True
     replies: deque[bytes] = field(default_factory=lambda: deque(maxlen=1024))
     partial: bytes = b""  # unread tail of a reply that a short read split
 
@@ -846,7 +848,12 @@ class CascowOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self._new_handle(LeafHandle(node.entry)), keep_cache=True)
         if isinstance(node, CtlNode):
             # Replies are a stream, not a file: no seeking, no page cache.
-            handle = CtlHandle(node, admin=self._is_admin(ctx), caller=self._caller(ctx))
+            handle = CtlHandle(
+                node,
+                admin=self._is_admin(ctx),
+                caller=self._caller(ctx),
+                keeps_replies=(flags & _ACCMODE) != os.O_WRONLY,
+            )
             self.ctl_lanes.opened(node)
             return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, nonseekable=True)
         if isinstance(node, BranchFileNode) and node.which in ("parent", "commit", *STATUS_FILES):
@@ -935,11 +942,13 @@ class CascowOperations(pyfuse3.Operations):
                     result = await self._q(control.execute, self.sm, cmd, handle.caller)
                 record.finished(result)
         except Exception as exc:
-            code, message = control.error_of(exc)
-            handle.replies.append(wire.error_reply(code, message))
+            if handle.keeps_replies:
+                code, message = control.error_of(exc)
+                handle.replies.append(wire.error_reply(code, message))
             raise
         await self._after_command(cmd)
-        handle.replies.append(wire.ok_reply(result))
+        if handle.keeps_replies:
+            handle.replies.append(wire.ok_reply(result))
         return len(buf)
 
     @staticmethod

@@ -94,6 +94,7 @@ class CascowSystem(System):
         self.ctl = str(self.mnt / "ctl")
         self.mounted = False
         self.ctl_fd: int | None = None  # an agent's own open of ctl (ctl_per_agent)
+        self.label_fd: int | None = None  # and its write-only one, for labels
 
     def mount(self) -> float:
         t0 = time.perf_counter()
@@ -140,6 +141,7 @@ class CascowSystem(System):
     def agent_init(self, agent: int) -> None:
         if self.ctl_per_agent:  # one open of ctl per agent, kept for the whole run
             self.ctl_fd = os.open(self.ctl, os.O_RDWR)
+            self.label_fd = os.open(self.ctl, os.O_WRONLY)
 
     def cmd(self, line: str) -> str:
         """One command through ``ctl``, its reply read back from the same open file (``ok`` and
@@ -180,7 +182,16 @@ class CascowSystem(System):
         self.cmd(f"prune {sid}")
 
     def set_labels(self, sid: str, labels: dict[str, str]) -> None:
-        self.cmd(" ".join(["label", sid] + [f"{k}={v}" for k, v in labels.items()]))
+        """Back-propagation as docs/interface.md advises it: a label whose write returns is
+        done and durable, so it goes through a write-only open of ``ctl``, which keeps no
+        replies, and costs no read of one (``cascowfs.Client.label`` does the same)."""
+        line = " ".join(["label", sid] + [f"{k}={v}" for k, v in labels.items()])
+        fd = self.label_fd if self.label_fd is not None else os.open(self.ctl, os.O_WRONLY)
+        try:
+            os.write(fd, line.encode() + b"\n")
+        finally:
+            if fd != self.label_fd:
+                os.close(fd)
 
     def reset(self, name: str, parent: str) -> None:
         self.cmd(f"reset {name} {parent}")
