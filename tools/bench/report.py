@@ -76,10 +76,10 @@ def ctl_open_text(data: dict[str, dict]) -> str:
         }
     )
     text = {
-        "per-agent": "each agent opens `MNT/ctl` once and keeps it, as `cascowfs.client` "
-        "does (`--ctl-open per-agent`)",
-        "per-command": "every op opens `MNT/ctl` afresh, as `echo CMD > MNT/ctl` in a shell "
-        "does (`--ctl-open per-command`)",
+        "per-agent": "each agent opens `MNT/ctl` once and keeps it (`--ctl-open per-agent`), "
+        "its labels going through a second, write-only open whose replies it does not read",
+        "per-command": "every op opens `MNT/ctl` afresh, as `cascowfs.Client` and `echo CMD > "
+        "MNT/ctl` in a shell do (`--ctl-open per-command`)",
     }
     return "; ".join(text[m] for m in modes) or text["per-agent"]
 

@@ -146,7 +146,7 @@ class CascowSystem(System):
     def cmd(self, line: str) -> str:
         """One command through ``ctl``, its reply read back from the same open file (``ok`` and
         the result): the agent's own open (``--ctl-open per-agent``) or a fresh one. Every
-        operation goes this way: each open of ``ctl`` gets a lane of its own
+        operation but ``label`` goes this way: each open of ``ctl`` gets a lane of its own
         (docs/interface.md), so the agents' commands run side by side, while the namespace calls
         (``rmdir`` in ``branches/``, a first lookup of ``branches/N/commit``) queue behind each
         other on those directories' locks."""
