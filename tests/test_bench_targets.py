@@ -76,6 +76,25 @@ def test_read_path_and_store_size_are_judged_at_1_15(key: str, ratio: float, ver
     assert judged == verdict
 
 
+def _mounted(corpus: str, seconds: list[float], snapshots: int = 10000) -> dict:
+    res = _result({}, corpus)
+    res["mount"] = {"snapshots": snapshots, "branches": 100, "mount_clean_s": seconds,
+                    "mount_after_kill9_s": seconds}
+    return res
+
+
+def test_mount_line_is_judged_on_the_slowest_corpus():
+    rows = current_figures(merge([_mounted("linux", [0.4, 0.5]), _mounted("django", [1.2])]))
+    _, _, measured, judged, _ = _cells(_row(rows, TARGETS["mount"].line))
+    assert measured.startswith("worst 1.20 s (M,") and judged == "**missed**"
+    rows = current_figures(merge([_mounted("linux", [0.4, 0.5]), _mounted("django", [0.3])]))
+    _, _, measured, judged, _ = _cells(_row(rows, TARGETS["mount"].line))
+    assert measured.startswith("worst 0.50 s (L,") and judged == "**met**"
+    rows = current_figures(merge([_mounted("linux", [2.0], snapshots=100)]))
+    _, _, measured, judged, _ = _cells(_row(rows, TARGETS["mount"].line))
+    assert "100 snapshots, 100 branches: not judged" in measured and judged == "—"
+
+
 def test_lines_without_figures_are_not_measured():
     rows = current_figures(merge([_result({})]))
     for key in ("mix", "read", "import", "store", "mount", "label", "reset", "find"):

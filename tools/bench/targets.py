@@ -477,18 +477,18 @@ def _mount_line(data: dict[str, dict], corpora: list[str], row: Callable[..., No
     if not mounts:
         row("mount", None, None)
         return
-    corpus, m = mounts[0]
-    worst = max(m["mount_clean_s"] + m["mount_after_kill9_s"])
-    full_size = m["snapshots"] >= 10000 and m["branches"] >= 100
-    size = (
-        ""
-        if full_size
-        else (f"; {m['snapshots']:,} snapshots, {m['branches']} branches: not judged")
+    # the line is judged on the slowest mount of every corpus measured at full size
+    full = [(c, m) for c, m in mounts if m["snapshots"] >= 10000 and m["branches"] >= 100]
+    corpus, worst = max(
+        ((c, max(m["mount_clean_s"] + m["mount_after_kill9_s"])) for c, m in full or mounts),
+        key=lambda corpus_worst: corpus_worst[1],
     )
-    ok = target.met(worst) if full_size else None
+    m = dict(mounts)[corpus]
+    size = "" if full else (f"; {m['snapshots']:,} snapshots, {m['branches']} branches: not judged")
+    ok = target.met(worst) if full else None
     row(
         "mount",
-        f"worst {worst:.2f} s (clean and after kill -9{size})",
+        f"worst {worst:.2f} s ({short(corpus)}, clean and after kill -9{size})",
         ok,
         aim_verdict(target, ok, [(short(corpus), worst)]),
     )
