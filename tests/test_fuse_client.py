@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import cascowfs
 from cascowfs import (BusyError, Client, DaemonNotRunningError, ExistsError,
@@ -19,6 +18,7 @@ from cascowfs import (BusyError, Client, DaemonNotRunningError, ExistsError,
 from cascowfs.model import Change
 
 from fusehelpers import Cascow, cascow_base, make_source_tree, mounted, needs_fuse
+from support.metrics import fuse_requests
 
 pytestmark = needs_fuse
 
@@ -97,24 +97,14 @@ def test_errors_are_the_engine_exceptions(fs):
         c.prune("other")
 
 
-def _fuse_requests(mnt: Path) -> dict[str, float]:
-    """FUSE requests answered so far, by operation, from one scrape of ``MNT/metrics``."""
-    return {
-        sample.labels["op"]: sample.value
-        for family in text_string_to_metric_families((mnt / "metrics").read_text())
-        for sample in family.samples
-        if sample.name == "cascowfs_fuse_requests_total"
-    }
-
-
 def test_label_reads_no_reply_unless_it_fails(fs):
     with Client(fs.mnt) as c:
-        first = _fuse_requests(fs.mnt)
-        before = _fuse_requests(fs.mnt)
+        first = fuse_requests(fs.mnt)
+        before = fuse_requests(fs.mnt)
         scrape = before["read"] - first["read"]  # the reads of one scrape, counted by the next
         for n in range(20):
             c.label("root", {"visits": str(n)})
-        after = _fuse_requests(fs.mnt)
+        after = fuse_requests(fs.mnt)
         assert after["write"] - before["write"] == 20
         assert after["read"] - before["read"] <= scrape + 1  # the scrape's own reads alone
         assert c.snapshot("root").labels["visits"] == "19"

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fusehelpers import Cascow, mounted, needs_fuse
+from support.metrics import sample, scrape
 
 pytestmark = needs_fuse
 
@@ -45,20 +46,6 @@ def fs():
         code, reply = fs.ctl("commit main base")
         assert code == 0, reply
         yield fs
-
-
-def scrape(fs: Cascow) -> dict[tuple[str, tuple], float]:
-    """Every sample of MNT/metrics: (name, sorted labels) -> value."""
-    text = (fs.mnt / "metrics").read_text()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def sample(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def events(fs: Cascow) -> list[dict]:
@@ -90,9 +77,9 @@ def test_metrics_families_and_labels_are_the_agreed_ones(fs):
 
 
 def test_commit_moves_its_histogram_and_the_snapshot_count_only(fs):
-    before = scrape(fs)
+    before = scrape(fs.mnt)
     commit(fs, "main", "moved-1")
-    after = scrape(fs)
+    after = scrape(fs.mnt)
     count = "cascowfs_operation_seconds_count"
     assert sample(after, count, op="commit", result="ok") == (
         sample(before, count, op="commit", result="ok") + 1
@@ -110,12 +97,12 @@ def test_commit_moves_its_histogram_and_the_snapshot_count_only(fs):
 
 
 def test_failed_operation_counts_its_errno(fs):
-    before = scrape(fs)
+    before = scrape(fs.mnt)
     code, reply = fs.ctl("commit main base")  # the id is taken
     assert code == errno.EEXIST, reply
     code, reply = fs.ctl("branch main base")  # so is the name
     assert code == errno.EEXIST, reply
-    after = scrape(fs)
+    after = scrape(fs.mnt)
     count = "cascowfs_operation_seconds_count"
     assert sample(after, count, op="commit", result="EEXIST") == (
         sample(before, count, op="commit", result="EEXIST") + 1
@@ -143,17 +130,17 @@ def test_every_ctl_verb_is_measured_under_its_own_name(fs):
     ):
         code, reply = fs.ctl(line)
         assert code == 0, (line, reply)
-    after = scrape(fs)
+    after = scrape(fs.mnt)
     for op in ("import", "branch", "commit", "rebase", "discard", "prune", "gc"):
         assert sample(after, "cascowfs_operation_seconds_count", op=op, result="ok") >= 1, op
 
 
 def test_fuse_requests_are_counted_by_operation(fs):
-    before = scrape(fs)
+    before = scrape(fs.mnt)
     for _ in range(5):
         os.stat(fs.mnt / "snapshots" / "base" / "f")
         os.listdir(fs.mnt / "snapshots")
-    after = scrape(fs)
+    after = scrape(fs.mnt)
     name = "cascowfs_fuse_requests_total"
     assert sample(after, name, op="opendir") >= sample(before, name, op="opendir") + 5
     assert sample(after, name, op="readdir") >= sample(before, name, op="readdir") + 5
@@ -174,7 +161,7 @@ def test_one_open_file_reads_one_scrape(fs):
         for f in text_string_to_metric_families(b"".join(parts).decode())
         for s in f.samples
     }
-    assert sample(held, "cascowfs_snapshots") == sample(scrape(fs), "cascowfs_snapshots") - 1
+    assert sample(held, "cascowfs_snapshots") == sample(scrape(fs.mnt), "cascowfs_snapshots") - 1
 
 
 def test_metrics_reads_to_eof_with_cat_and_is_read_only(fs):
@@ -332,7 +319,7 @@ def test_wal_replays_counts_the_operation_a_kill_left(monkeypatch):
     with mounted() as fs:
         os.mkdir(fs.mnt / "branches" / "b")
         (fs.mnt / "branches" / "b" / "tree" / "f").write_text("x")
-        assert sample(scrape(fs), "cascowfs_wal_replays_total") == 0
+        assert sample(scrape(fs.mnt), "cascowfs_wal_replays_total") == 0
         fs.stop()
         monkeypatch.setenv("CASCOWFS_CRASH_AT", "commit.applied")
         fs.start()
@@ -342,7 +329,7 @@ def test_wal_replays_counts_the_operation_a_kill_left(monkeypatch):
         fs.proc.wait(timeout=60)
         monkeypatch.delenv("CASCOWFS_CRASH_AT")
         fs.start()
-        samples = scrape(fs)
+        samples = scrape(fs.mnt)
         assert sample(samples, "cascowfs_wal_replays_total") == 1
         assert sample(samples, "cascowfs_snapshots") == 1  # applied: rolled forward
 
@@ -358,7 +345,7 @@ def dashboard_metrics() -> set[str]:
 def test_dashboard_queries_only_exported_metrics(fs):
     commit(fs, "main", "dash-1")
     fs.ctl("commit main dash-1")  # an error, so that the errors counter has a sample
-    exported = {name for name, _ in scrape(fs)}
+    exported = {name for name, _ in scrape(fs.mnt)}
     queried = dashboard_metrics()
     assert queried <= exported, queried - exported
     wanted = {"cascowfs_operation_seconds_bucket", "cascowfs_operation_seconds_count",

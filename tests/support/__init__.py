@@ -12,4 +12,5 @@ Module map (import from the module, e.g. ``from support.views import dir_view``)
                 ``run_until_killed`` (a child's output up to its SIGKILL), ``read_first_line``
     properties  ``hypothesis_settings`` (example counts scaled by ``CASCOWFS_TEST_EXAMPLES``)
     fuse        ``mounted`` / ``Cascow``: a real daemon over a fresh store, torn down for sure
+    metrics     ``scrape`` / ``sample`` / ``fuse_requests``: ``MNT/metrics`` as Prometheus parses it
 """
