@@ -29,7 +29,7 @@ import json
 import logging
 import struct
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -236,10 +236,14 @@ class Catalog:
 
     # -- snapshots --------------------------------------------------------------------
     def snapshot(self, txn: lmdb.Transaction, id: str) -> SnapshotRecord:
-        raw = txn.get(id.encode(), db=self._snapshots)
-        if raw is None:
+        rec = self.find_snapshot(txn, id)
+        if rec is None:
             raise NotFoundError(f"no snapshot {id!r}")
-        return decode_snapshot(raw)
+        return rec
+
+    def find_snapshot(self, txn: lmdb.Transaction, id: str) -> SnapshotRecord | None:
+        raw = txn.get(id.encode(), db=self._snapshots)
+        return decode_snapshot(raw) if raw is not None else None
 
     def has_snapshot(self, txn: lmdb.Transaction, id: str) -> bool:
         return txn.get(id.encode(), db=self._snapshots) is not None
@@ -272,30 +276,55 @@ class Catalog:
         return txn.stat(self._branches)["entries"]
 
     def put_snapshot(self, txn: lmdb.Transaction, id: str, rec: SnapshotRecord) -> None:
-        old = txn.get(id.encode(), db=self._snapshots)
-        if old is not None:
-            self._unindex(txn, id, decode_snapshot(old))
-        txn.put(id.encode(), encode_snapshot(rec), db=self._snapshots)
-        self._index(txn, id, rec)
+        self._replace_snapshot(txn, id, self.find_snapshot(txn, id), rec)
+
+    def relabel_snapshot(self, txn: lmdb.Transaction, id: str, labels: dict[str, str]) -> bool:
+        """Give snapshot ``id`` these labels; False if there is no such snapshot."""
+        old = self.find_snapshot(txn, id)
+        if old is None:
+            return False
+        self._replace_snapshot(txn, id, old, replace(old, labels=labels))
+        return True
 
     def delete_snapshot(self, txn: lmdb.Transaction, id: str) -> None:
-        old = txn.get(id.encode(), db=self._snapshots)
-        if old is not None:
-            self._unindex(txn, id, decode_snapshot(old))
+        self._reindex(txn, id, self.find_snapshot(txn, id), None)
         txn.delete(id.encode(), db=self._snapshots)
 
-    # -- the indexes of snapshot records ------------------------------------------------
-    def _index(self, txn: lmdb.Transaction, id: str, rec: SnapshotRecord) -> None:
-        txn.put(_pair(rec.parent or "", id), b"", db=self._children)
-        for key, val in rec.labels.items():
-            txn.put(_pair(key, id), val.encode("utf-8", "surrogateescape"), db=self._labels)
-            txn.put(_order_key(key, val, id), b"", db=self._label_order)
+    def _replace_snapshot(
+        self, txn: lmdb.Transaction, id: str, old: SnapshotRecord | None, new: SnapshotRecord
+    ) -> None:
+        txn.put(id.encode(), encode_snapshot(new), db=self._snapshots)
+        self._reindex(txn, id, old, new)
 
-    def _unindex(self, txn: lmdb.Transaction, id: str, rec: SnapshotRecord) -> None:
-        txn.delete(_pair(rec.parent or "", id), db=self._children)
-        for key, val in rec.labels.items():
-            txn.delete(_pair(key, id), db=self._labels)
-            txn.delete(_order_key(key, val, id), db=self._label_order)
+    # -- the indexes of snapshot records ------------------------------------------------
+    def _reindex(
+        self,
+        txn: lmdb.Transaction,
+        id: str,
+        old: SnapshotRecord | None,
+        new: SnapshotRecord | None,
+    ) -> None:
+        """Move snapshot ``id``'s index entries from record ``old``'s to ``new``'s (None: no
+        record), touching only the entries that differ: every LMDB call gives up the GIL and
+        waits to get it back, and a relabel in a tree search changes two keys of a few."""
+        old_parent = (old.parent or "") if old is not None else None
+        new_parent = (new.parent or "") if new is not None else None
+        if old_parent != new_parent:
+            if old_parent is not None:
+                txn.delete(_pair(old_parent, id), db=self._children)
+            if new_parent is not None:
+                txn.put(_pair(new_parent, id), b"", db=self._children)
+        old_labels = old.labels if old is not None else {}
+        new_labels = new.labels if new is not None else {}
+        for key, val in old_labels.items():
+            if new_labels.get(key) != val:
+                txn.delete(_order_key(key, val, id), db=self._label_order)
+                if key not in new_labels:
+                    txn.delete(_pair(key, id), db=self._labels)
+        for key, val in new_labels.items():
+            if old_labels.get(key) != val:
+                txn.put(_pair(key, id), val.encode("utf-8", "surrogateescape"), db=self._labels)
+                txn.put(_order_key(key, val, id), b"", db=self._label_order)
 
     def rebuild_indexes(self, txn: lmdb.Transaction) -> None:
         """Index every snapshot record afresh (the upgrade to format 10)."""
@@ -303,7 +332,7 @@ class Catalog:
         txn.drop(self._labels, delete=False)
         txn.drop(self._label_order, delete=False)
         for id, rec in self.snapshots(txn, skip_damaged=True):
-            self._index(txn, id, rec)
+            self._reindex(txn, id, None, rec)
 
     def index_mismatches(self, txn: lmdb.Transaction) -> list[str]:
         """Index entries that disagree with the snapshot records: missing, stale or with

@@ -29,7 +29,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import lmdb
 
@@ -227,9 +227,7 @@ def apply_label(
 ) -> None:
     """A label op's transaction: the snapshot's labels become ``labels``, the op applied. A
     snapshot gone meanwhile (replay of a label logged before a prune) makes it a no-op."""
-    if catalog.has_snapshot(txn, id):
-        catalog.put_snapshot(txn, id, replace(catalog.snapshot(txn, id), labels=labels))
-    else:
+    if not catalog.relabel_snapshot(txn, id, labels):
         log.warning("label op %s: snapshot %s is gone, its labels are dropped", op, id)
     catalog.mark_applied(txn, op)
 

@@ -3,6 +3,7 @@ versions wrote (same JSON keys, sorted, no spaces), so no store format change is
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,52 @@ def test_applied_marks_are_kept_until_forgotten(db):
     db.write(cat.forget_applied)
     with db.read() as txn:
         assert not cat.is_applied(txn, "op1")
+
+
+index_ids = st.sampled_from(["a", "b", "c"])
+index_labels = st.dictionaries(st.sampled_from(["visits", "value", "reward"]),
+                               st.sampled_from(["1", "2", "0.5", "x"]), max_size=3)
+index_steps = st.lists(st.one_of(
+    st.tuples(st.just("put"), index_ids, st.none() | st.sampled_from(["a", "b", "z"]),
+              index_labels),
+    st.tuples(st.just("relabel"), index_ids, index_labels),
+    st.tuples(st.just("delete"), index_ids)), max_size=12)
+
+
+@hypothesis_settings(60)
+@given(steps=index_steps)
+def test_indexes_follow_every_put_relabel_and_delete(db, steps):
+    """Each change rewrites only the index entries that differ, and the indexes then say
+    exactly what the records say (fsck's own comparison) and answer as the model does."""
+    cat = Catalog(db.dbs)
+
+    def empty(txn):
+        for name in ("snapshots", "children", "labels", "label_order"):
+            txn.drop(db.dbs[name], delete=False)
+
+    db.write(empty)
+    model: dict[str, SnapshotRecord] = {}
+    for step in steps:
+        kind, id = step[0], step[1]
+        if kind == "put":
+            rec = SnapshotRecord(root=ROOT_A, parent=step[2], created_ns=1, layers=[], files=0,
+                                 size=0, labels=step[3])
+            db.write(lambda txn: cat.put_snapshot(txn, id, rec))
+            model[id] = rec
+        elif kind == "relabel":
+            labels = step[2]
+            found = db.write(lambda txn: cat.relabel_snapshot(txn, id, labels))
+            assert found == (id in model)
+            if found:
+                model[id] = replace(model[id], labels=labels)
+        else:
+            db.write(lambda txn: cat.delete_snapshot(txn, id))
+            model.pop(id, None)
+        with db.read() as txn:
+            assert cat.index_mismatches(txn) == []
+            for parent in (None, "a", "b", "z"):
+                assert cat.children(txn, parent) == sorted(
+                    i for i, r in model.items() if r.parent == parent)
+            for key in ("visits", "value", "reward"):
+                assert list(cat.labelled(txn, key)) == sorted(
+                    (i, r.labels[key]) for i, r in model.items() if key in r.labels)
