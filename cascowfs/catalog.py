@@ -12,11 +12,11 @@ records are laid out:
 - ``meta``: the store format, the page cache id and the ``Counter``s;
 - ``ops``: the operations whose APPLY transaction committed (``wal.py``'s protocol);
 - ``children``, ``labels`` and ``label_order``: indexes of the snapshot records, kept by
-  ``put_snapshot`` and ``delete_snapshot`` in the transaction that changes the record: the
-  snapshot tree's edges (``<parent>\0<child>``; a snapshot without parent under the empty id),
-  every label (``<key>\0<id>`` -> value), and every label again in the order ``find`` sorts
-  by (``<key>\0<sort bytes>\0<id>``, ``sort_bytes``), so that ``find`` and ``children``
-  read only what they ask for.
+  ``put_snapshot``, ``relabel_snapshot`` and ``delete_snapshot`` in the transaction that
+  changes the record: the snapshot tree's edges (``<parent>\0<child>``; a snapshot without
+  parent under the empty id), every label (``<key>\0<id>`` -> value), and every label again
+  in the order ``find`` sorts by (``<key>\0<sort bytes>\0<id>``, ``sort_bytes``), so that
+  ``find`` and ``children`` read only what they ask for.
 
 Records are JSON objects with sorted keys and no spaces, so that a store written by any
 version since format 5 reads and rewrites byte for byte the same; the dataclasses are frozen,

@@ -193,8 +193,8 @@ index_steps = st.lists(st.one_of(
 @hypothesis_settings(60)
 @given(steps=index_steps)
 def test_indexes_follow_every_put_relabel_and_delete(db, steps):
-    """Each change rewrites only the index entries that differ, and the indexes then say
-    exactly what the records say (fsck's own comparison) and answer as the model does."""
+    """Indexes rewritten by difference stay right: after every put, relabel and delete they
+    say exactly what the records say (fsck's own comparison) and answer as a model does."""
     cat = Catalog(db.dbs)
 
     def empty(txn):
