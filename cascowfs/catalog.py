@@ -12,7 +12,7 @@ records are laid out:
 - ``meta``: the store format, the page cache id and the ``Counter``s;
 - ``ops``: the operations whose APPLY transaction committed (``wal.py``'s protocol);
 - ``children``, ``labels`` and ``label_order``: indexes of the snapshot records, kept by
-  ``put_snapshot``, ``relabel_snapshot`` and ``delete_snapshot`` in the transaction that
+  ``put_snapshot``, ``replace_snapshot`` and ``delete_snapshot`` in the transaction that
   changes the record: the snapshot tree's edges (``<parent>\0<child>``; a snapshot without
   parent under the empty id), every label (``<key>\0<id>`` -> value), and every label again
   in the order ``find`` sorts by (``<key>\0<sort bytes>\0<id>``, ``sort_bytes``), so that
@@ -29,7 +29,7 @@ import json
 import logging
 import struct
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -276,25 +276,20 @@ class Catalog:
         return txn.stat(self._branches)["entries"]
 
     def put_snapshot(self, txn: lmdb.Transaction, id: str, rec: SnapshotRecord) -> None:
-        self._replace_snapshot(txn, id, self.find_snapshot(txn, id), rec)
+        self.replace_snapshot(txn, id, self.find_snapshot(txn, id), rec)
 
-    def relabel_snapshot(self, txn: lmdb.Transaction, id: str, labels: dict[str, str]) -> bool:
-        """Give snapshot ``id`` these labels; False if there is no such snapshot."""
-        old = self.find_snapshot(txn, id)
-        if old is None:
-            return False
-        self._replace_snapshot(txn, id, old, replace(old, labels=labels))
-        return True
+    def replace_snapshot(
+        self, txn: lmdb.Transaction, id: str, old: SnapshotRecord | None, new: SnapshotRecord
+    ) -> None:
+        """``put_snapshot`` for a caller that has read the record already: ``old`` is snapshot
+        ``id``'s record as this transaction reads it (None: it has none), which the indexes
+        are moved from, so it is not read again."""
+        txn.put(id.encode(), encode_snapshot(new), db=self._snapshots)
+        self._reindex(txn, id, old, new)
 
     def delete_snapshot(self, txn: lmdb.Transaction, id: str) -> None:
         self._reindex(txn, id, self.find_snapshot(txn, id), None)
         txn.delete(id.encode(), db=self._snapshots)
-
-    def _replace_snapshot(
-        self, txn: lmdb.Transaction, id: str, old: SnapshotRecord | None, new: SnapshotRecord
-    ) -> None:
-        txn.put(id.encode(), encode_snapshot(new), db=self._snapshots)
-        self._reindex(txn, id, old, new)
 
     # -- the indexes of snapshot records ------------------------------------------------
     def _reindex(

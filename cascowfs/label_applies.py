@@ -29,7 +29,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import lmdb
 
@@ -227,8 +227,11 @@ def apply_label(
 ) -> None:
     """A label op's transaction: the snapshot's labels become ``labels``, the op applied. A
     snapshot gone meanwhile (replay of a label logged before a prune) makes it a no-op."""
-    if not catalog.relabel_snapshot(txn, id, labels):
+    old = catalog.find_snapshot(txn, id)
+    if old is None:
         log.warning("label op %s: snapshot %s is gone, its labels are dropped", op, id)
+    else:
+        catalog.replace_snapshot(txn, id, old, replace(old, labels=labels))
     catalog.mark_applied(txn, op)
 
 

@@ -778,9 +778,10 @@ class StateManager:
     ) -> None:
         if self.catalog.has_snapshot(txn, id):
             raise ExistsError(f"snapshot {id!r} already exists")
-        self.catalog.put_snapshot(
+        self.catalog.replace_snapshot(
             txn,
             id,
+            None,
             SnapshotRecord(
                 root=superroot,
                 parent=parent,
@@ -1226,7 +1227,7 @@ class StateManager:
             raise BusyError(f"the layers of snapshot {id} changed meanwhile")
         self.layers.add_refs(txn, new, +1)
         dropped = self.layers.add_refs(txn, old, -1)
-        self.catalog.put_snapshot(txn, id, replace(cur, layers=new))
+        self.catalog.replace_snapshot(txn, id, cur, replace(cur, layers=new))
         return dropped
 
     # ------------------------------------------------------------------------------------

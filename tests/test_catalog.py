@@ -212,9 +212,14 @@ def test_indexes_follow_every_put_relabel_and_delete(db, steps):
             model[id] = rec
         elif kind == "relabel":
             labels = step[2]
-            found = db.write(lambda txn: cat.relabel_snapshot(txn, id, labels))
-            assert found == (id in model)
-            if found:
+            def relabel(txn) -> bool:  # as a label's transaction does it
+                old = cat.find_snapshot(txn, id)
+                if old is not None:
+                    cat.replace_snapshot(txn, id, old, replace(old, labels=labels))
+                return old is not None
+
+            assert db.write(relabel) == (id in model)
+            if id in model:
                 model[id] = replace(model[id], labels=labels)
         else:
             db.write(lambda txn: cat.delete_snapshot(txn, id))
