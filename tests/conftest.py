@@ -85,16 +85,23 @@ def store(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def content(tmp_path: Path):
-    """A content store over a fresh LMDB environment (no mounts needed)."""
-    from cascowfs.cas import ContentStore
+def db(tmp_path: Path):
+    """A fresh LMDB environment, the store's databases in it (no mounts needed)."""
     from cascowfs.metadb import MetaDB
 
-    db = MetaDB(tmp_path / "meta")
+    meta = MetaDB(tmp_path / "meta")
     try:
-        yield ContentStore(db)
+        yield meta
     finally:
-        db.close()
+        meta.close()
+
+
+@pytest.fixture
+def content(db):
+    """A content store over a fresh LMDB environment (no mounts needed)."""
+    from cascowfs.cas import ContentStore
+
+    return ContentStore(db)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ versions wrote (same JSON keys, sorted, no spaces), so no store format change is
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from hypothesis import given, strategies as st
@@ -12,7 +11,6 @@ from hypothesis import given, strategies as st
 from cascowfs import catalog
 from cascowfs.catalog import BranchRecord, Catalog, Counter, LayerRecord, SnapshotRecord
 from cascowfs.errors import NotFoundError, StoreIOError
-from cascowfs.metadb import MetaDB
 
 from conftest import hypothesis_settings
 
@@ -100,15 +98,6 @@ def test_layer_records_round_trip_and_only_unbuilt_ones_carry_built_and_below(
     assert catalog.decode_layer(raw) == rec
     assert (b'"built"' in raw) == (not built)
     assert (b'"below"' in raw) == (not built)
-
-
-@pytest.fixture
-def db(tmp_path: Path):
-    db = MetaDB(tmp_path / "meta")
-    try:
-        yield db
-    finally:
-        db.close()
 
 
 def test_records_put_in_a_transaction_read_back_and_go(db):

@@ -13,15 +13,6 @@ from cascowfs.errors import StoreIOError
 from cascowfs.metadb import DB_NAMES, LEGACY_DB_NAMES, MetaDB
 
 
-@pytest.fixture
-def db(tmp_path):
-    meta = MetaDB(tmp_path / "meta")
-    try:
-        yield meta
-    finally:
-        meta.close()
-
-
 def _get(meta: MetaDB, name: str, key: bytes) -> bytes | None:
     with meta.read() as txn:
         return txn.get(key, db=meta.db(name))
