@@ -48,9 +48,11 @@ log = logging.getLogger("cascowfs.catalog")
 # may hold holes (format 6's zero chunks still read, and layers skip them); 8: a branch's upper
 # and work directories sit in its private directory (recovery.py moves them there); 9: layers
 # may be EROFS images (format 7's layer directories still mount, and are never rewritten);
-# 10: the children and labels indexes, and snapshots may carry a large observation.
-STORE_FORMAT = 10
+# 10: the children and labels indexes, and snapshots may carry a large observation; 11: layer
+# refcounts count chain nodes (``layer_refs.py``), not the chains naming the layer.
+STORE_FORMAT = 11
 INDEXED_FORMAT = 10  # the first format whose stores keep the children and labels indexes
+CHAIN_NODES_FORMAT = 11  # the first format whose stores keep chain nodes
 
 
 class Counter(Enum):
@@ -228,6 +230,7 @@ class Catalog:
         self._snapshots = dbs["snapshots"]
         self._branches = dbs["branches"]
         self._layers = dbs["layers"]
+        self._chains = dbs["chains"]
         self._meta = dbs["meta"]
         self._ops = dbs["ops"]
         self._children = dbs["children"]
@@ -473,6 +476,25 @@ class Catalog:
 
     def delete_layer(self, txn: lmdb.Transaction, lid: str) -> None:
         txn.delete(lid.encode(), db=self._layers)
+
+    # -- chain nodes (``layer_refs.py``) ----------------------------------------------
+    def chain_refs(self, txn: lmdb.Transaction, key: bytes) -> int:
+        """The refcount of the chain node ``key`` (0: there is none)."""
+        raw = txn.get(key, db=self._chains)
+        return int(raw) if raw is not None else 0
+
+    def set_chain_refs(self, txn: lmdb.Transaction, key: bytes, refs: int) -> None:
+        """Store node ``key``'s refcount; at 0 the node goes."""
+        if refs > 0:
+            txn.put(key, str(refs).encode(), db=self._chains)
+        else:
+            txn.delete(key, db=self._chains)
+
+    def chain_nodes(self, txn: lmdb.Transaction) -> dict[bytes, int]:
+        return {bytes(key): int(raw) for key, raw in txn.cursor(db=self._chains)}
+
+    def clear_chains(self, txn: lmdb.Transaction) -> None:
+        txn.drop(self._chains, delete=False)
 
     # -- meta -------------------------------------------------------------------------
     def format(self, txn: lmdb.Transaction) -> bytes | None:

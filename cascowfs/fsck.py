@@ -1,8 +1,9 @@
 """``cascowfs fsck``: check docs/architecture.md's five invariants, report each failure.
 
 1. every snapshot's tree verifies against its root digest and every object it names exists;
-2. every refcount equals the count recomputed from live state: layer refcounts, from the
-   snapshot and branch chains naming them (since store format 5 objects carry no refcounts:
+2. every refcount equals the count recomputed from live state: chain nodes' and layers'
+   refcounts, from the snapshot and branch chains (``layer_refs.py``; below store format 11
+   a layer counts the chains naming it; since store format 5 objects carry no refcounts:
    they live while a live root reaches them, see ``collector.py``); likewise every entry of
    the children and labels indexes (store format 10) is what the snapshot records say;
 3. no object is unreachable from a live root (snapshots, branches and layers each hold a
@@ -25,8 +26,9 @@ from pathlib import Path
 
 from . import overlay
 from .cas import STREAM_PIECE, children_of, identify_content
-from .catalog import INDEXED_FORMAT, LayerRecord, SnapshotRecord
+from .catalog import CHAIN_NODES_FORMAT, INDEXED_FORMAT, LayerRecord, SnapshotRecord
 from .errors import StoreIOError
+from .layer_refs import recount
 from .model import Entry
 from .progress import progress_bar
 from .scan import ObjectSink, finalize, listings_into, scan_directory
@@ -72,6 +74,8 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
         stored_format = sm.catalog.format(txn)
         indexed = stored_format is not None and int(stored_format) >= INDEXED_FORMAT
         index_problems = sm.catalog.index_mismatches(txn) if indexed else []
+        by_nodes = stored_format is not None and int(stored_format) >= CHAIN_NODES_FORMAT
+        nodes = sm.catalog.chain_nodes(txn) if by_nodes else {}
     report.snapshots, report.branches, report.objects = len(snaps), len(branches), len(object_ids)
 
     # 1: walk every live root, verifying each distinct object once
@@ -114,13 +118,21 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
             report.add(3, f"object {oid.hex()} is not reachable from any snapshot, branch or layer")
 
     # 2 (layers): layer refcounts and directories
-    layer_refs: Counter = Counter()
-    for chain in [rec.layers for rec in snaps.values()] + [rec.layers for rec in branches.values()]:
-        layer_refs.update(chain)
+    chains = [rec.layers for rec in snaps.values()] + [rec.layers for rec in branches.values()]
+    if by_nodes:
+        held, layer_refs = recount(chains)
+        for key in set(held) | set(nodes):
+            stored = nodes.get(key, 0)
+            if stored != held[key]:
+                report.add(2, f"chain node {key.hex()} has refcount {stored}, held {held[key]}x")
+        counted = "chain nodes it tops"
+    else:  # below format 11 a layer counts the chains naming it
+        layer_refs = Counter(lid for chain in chains for lid in chain)
+        counted = "chains naming it"
     for lid in set(layer_refs) | set(layers):
         stored = layers[lid].refs if lid in layers else 0
         if stored != layer_refs[lid]:
-            report.add(2, f"layer {lid} has refcount {stored}, named by {layer_refs[lid]} chains")
+            report.add(2, f"layer {lid} has refcount {stored}, {counted}: {layer_refs[lid]}")
         if lid in layers and layers[lid].built and not sm.layers.exists(lid):
             report.add(1, f"layer {lid} is recorded but missing from layers/")
     for entry in os.listdir(sm.layers_dir):

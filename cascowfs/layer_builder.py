@@ -2,8 +2,8 @@
 
 A layer shows a tree (with the layers under it in a chain): a full layer the whole tree, a
 delta layer its difference from the tree the layers under it show. This module writes them
-from the CAS, places them in STORE/layers/, keeps their records (refcounts: how many chains
-name a layer), writes a commit's delta layer after the commit (in a thread of its own, or
+from the CAS, places them in STORE/layers/, keeps their records (their refcounts are
+``layer_refs.py``'s), writes a commit's delta layer after the commit (in a thread of its own, or
 when a mount needs it first), rebuilds layers a power cut may have torn, and syncs them to
 the disk in the background (``durability.py``).
 
@@ -55,7 +55,6 @@ class LayerBuilder:
         content: ContentStore,
         trash: Trash,
         gate: OpGate,
-        note_garbage: Callable[[lmdb.Transaction], None],
         image_mode: str = images.DIRECTORIES,
         empty_trash_soon: Callable[[], None] = lambda: None,
     ) -> None:
@@ -71,7 +70,6 @@ class LayerBuilder:
         self._content = content
         self._trash = trash
         self._gate = gate
-        self._note_garbage = note_garbage
         self._empty_trash_soon = empty_trash_soon
         # Delta layers of commits not written yet (``build``), each with the lock its one
         # writer holds; and the queue of the thread that writes them.
@@ -231,23 +229,6 @@ class LayerBuilder:
         if self.is_image(lid):
             with self._mount_lock:
                 (self.mounts_dir / lid).mkdir(mode=0o700, exist_ok=True)
-
-    def add_refs(self, txn: lmdb.Transaction, chain: list[str], delta: int) -> list[str]:
-        """Adjust layer refcounts; layers that drop to zero lose their record and their
-        reference on the tree they show. Returns those layers (their directories can go)."""
-        dropped = []
-        for lid in chain:
-            rec = self._catalog.find_layer(txn, lid)
-            if rec is None:
-                raise StoreIOError(f"layer {lid} is named by a chain but has no record")
-            rec = replace(rec, refs=rec.refs + delta)
-            if rec.refs <= 0:
-                self._catalog.delete_layer(txn, lid)
-                self._note_garbage(txn)
-                dropped.append(lid)
-            else:
-                self._catalog.put_layer(txn, lid, rec)
-        return dropped
 
     def record(
         self,

@@ -29,7 +29,8 @@ DB_NAMES = (
     b"objects",  # object id -> type byte + payload (chunks, chunk lists, trees)
     b"snapshots",  # snapshot id -> JSON record
     b"branches",  # branch name -> JSON record
-    b"layers",  # layer id -> JSON record: refcount (chains naming it), tree shown, span, seq
+    b"layers",  # layer id -> JSON record: refcount (chain nodes it tops), tree shown, span, seq
+    b"chains",  # chain key -> refcount (decimal): records and taller chain nodes holding it
     b"ops",  # WAL op id -> b"applied": the APPLY step of that op committed
     b"meta",  # misc: format version, counters
     b"children",  # parent snapshot id + NUL + child id -> b"": the snapshot tree's edges

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import lmdb
 
 from . import durability, label_applies, overlay
-from .catalog import STORE_FORMAT
+from .catalog import CHAIN_NODES_FORMAT, STORE_FORMAT
 from .crashpoints import crash_point
 from .errors import StoreIOError
 from .wal import PendingOp
@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # the StateManager opens a store through this module
 
 log = logging.getLogger("cascowfs.recovery")
 
-UPGRADES_IN_PLACE = {2, 3, 4, 5, 6, 7, 8, 9}  # older formats a writable open upgrades
+UPGRADES_IN_PLACE = {2, 3, 4, 5, 6, 7, 8, 9, 10}  # older formats a writable open upgrades
 PRIVATE_BRANCH_DIRS_SINCE = 8  # older formats keep a branch's upper and work beside its tree
 # ops that may leave objects no live root reaches when rolled back
 _MAY_LEAVE_OBJECTS = ("import", "commit", "flatten", "pull")
@@ -55,7 +55,7 @@ def check_format(sm: StateManager, *, read_only: bool) -> None:
         # formats 2-4 differ only in refcounts, which this version ignores; 5-7 read as is,
         # with the branches' uppers where they are (format 7's layer directories mount as
         # they are; the indexes, which only the queries of a served store read, are missing
-        # below format 10)
+        # below format 10; fsck checks layer refcounts below format 11 as they were counted)
         sm.legacy_branch_layout = older_layout
         return
     if older_layout:
@@ -69,6 +69,8 @@ def check_format(sm: StateManager, *, read_only: bool) -> None:
             sm.collector.note_garbage(txn)
         if found is not None and found < 10:
             sm.catalog.rebuild_indexes(txn)  # 10: the children and labels indexes
+        if found is not None and found < CHAIN_NODES_FORMAT:
+            sm.layer_refs.rebuild(txn)  # 11: layer refcounts count chain nodes
         sm.catalog.set_format(txn, STORE_FORMAT)
 
     sm.db.write(upgrade, "upgrading the store format")

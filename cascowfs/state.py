@@ -67,6 +67,7 @@ from .gate import OpGate
 from .label_applies import LabelApplies, LoggedLabel
 from .layer_builder import LayerBuilder, as_image
 from .layer_pins import LayerPins
+from .layer_refs import LayerRefs
 from .metadb import MetaDB
 from .model import BranchInfo, Change, Entry, SnapshotInfo
 from .names import (
@@ -177,6 +178,7 @@ class StateManager:
     label_applies: LabelApplies
     collector: Collector
     layers: LayerBuilder
+    layer_refs: LayerRefs
 
     def __init__(self, store: Path, tuning: Tuning) -> None:
         self.store = store
@@ -266,10 +268,10 @@ class StateManager:
                 self.content,
                 self.trash,
                 self._ops,
-                self.collector.note_garbage,
                 images.detect(tuning.layer_images, self.staging_dir),
                 lambda: self._background.put(EmptyTrash()),
             )
+            self.layer_refs = LayerRefs(self.catalog, self.collector.note_garbage)
             log.info("%s: layers mount as %s", self.store, self.layers.image_mode)
             recovery.check_format(self, read_only=not recover)
             if recover:
@@ -568,7 +570,7 @@ class StateManager:
 
                 def apply(txn: lmdb.Transaction) -> None:
                     self.layers.record(txn, layer, superroot.hex(), 0)
-                    self.layers.add_refs(txn, [layer], +1)
+                    self.layer_refs.hold(txn, [layer])
                     self._put_snapshot(txn, id, superroot.hex(), None, [layer], labels, root)
                     self.catalog.mark_applied(txn, op)
 
@@ -648,7 +650,7 @@ class StateManager:
                         txn, layer, superroot, 1 if base else 0, below=below, built=False
                     )
                     chain = [layer] + chain
-                    self.layers.add_refs(txn, chain, +1)
+                    self.layer_refs.hold(txn, chain)
                     self._put_snapshot(
                         txn, id, superroot, parent, chain, labels, root, created_ns=created_ns
                     )
@@ -839,7 +841,7 @@ class StateManager:
                     now = rec
                     if parent is not None:  # not pruned meanwhile; its chain as it is now
                         now = replace(rec, layers=self.catalog.snapshot(txn, parent).layers)
-                    self.layers.add_refs(txn, now.layers, +1)
+                    self.layer_refs.hold(txn, now.layers)
                     self.catalog.put_branch(txn, name, now)
                     self.catalog.mark_applied(txn, op)
                     return now
@@ -914,10 +916,10 @@ class StateManager:
             base_root=snap.root if snap else None,
             layers=snap.layers if snap else [],
         )
-        self.layers.add_refs(txn, rec.layers, +1)
+        self.layer_refs.hold(txn, rec.layers)
         if old.base_root:
             self.collector.note_garbage(txn)
-        dropped = self.layers.add_refs(txn, old.layers, -1)
+        dropped = self.layer_refs.release(txn, old.layers)
         self.catalog.put_branch(txn, name, rec)
         return rec, dropped
 
@@ -998,7 +1000,7 @@ class StateManager:
                     below=parent.root if parent else None,
                     built=False,
                 )
-                self.layers.add_refs(txn, [layer] + chain, +1)
+                self.layer_refs.hold(txn, [layer] + chain)
                 self._put_snapshot(
                     txn, id, superroot.hex(), rec.parent, [layer] + chain, labels, root, observation
                 )
@@ -1029,7 +1031,7 @@ class StateManager:
                     self.catalog.delete_branch(txn, name)
                     if rec.base_root:
                         self.collector.note_garbage(txn)
-                    dropped = self.layers.add_refs(txn, rec.layers, -1)
+                    dropped = self.layer_refs.release(txn, rec.layers)
                     self.catalog.mark_applied(txn, op)
                     return dropped
 
@@ -1058,7 +1060,7 @@ class StateManager:
                     cur = self.catalog.snapshot(txn, id)
                     self.catalog.delete_snapshot(txn, id)
                     self.collector.note_garbage(txn)
-                    dropped = self.layers.add_refs(txn, cur.layers, -1)
+                    dropped = self.layer_refs.release(txn, cur.layers)
                     self.catalog.mark_applied(txn, op)
                     return dropped
 
@@ -1225,8 +1227,8 @@ class StateManager:
         # a chain taken from the parent may have lost layers to the parent's own rewrite
         if cur.layers != old or any(self.catalog.find_layer(txn, lid) is None for lid in new):
             raise BusyError(f"the layers of snapshot {id} changed meanwhile")
-        self.layers.add_refs(txn, new, +1)
-        dropped = self.layers.add_refs(txn, old, -1)
+        self.layer_refs.hold(txn, new)
+        dropped = self.layer_refs.release(txn, old)
         self.catalog.replace_snapshot(txn, id, cur, replace(cur, layers=new))
         return dropped
 

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import assert_same_view, dir_view, mounts_below, snapshot_view
 from support.processes import run_until_killed
+from support.store_formats import count_layers_by_chain
 from cascowfs import collector, overlay
 from cascowfs.direct_image import SETTLED_NS
 from cascowfs.episodes import FindQuery, Predicate, parse_predicate
@@ -340,7 +341,8 @@ def as_format_7(store: Path) -> None:
             overlay.mount_overlay(bdir / "tree", lowers, bdir / "upper", bdir / "work")
     db = MetaDB(store / "meta")
     try:
-        db.write(lambda txn: txn.put(b"format", b"7", db=db.db("meta")))
+        db.write(lambda txn: (count_layers_by_chain(db, txn),
+                              txn.put(b"format", b"7", db=db.db("meta"))))
     finally:
         db.close()
 

@@ -1,13 +1,10 @@
-"""Layer directories (``layer_builder.py``): their records and refcounts, rebuilding them from
-the CAS, and which of them may not have reached the disk yet."""
+"""Layer directories (``layer_builder.py``): rebuilding them from the CAS, and which of them
+may not have reached the disk yet."""
 
 from __future__ import annotations
 
-import pytest
-
 import conftest
 from conftest import check_live, dir_view, needs_overlay
-from cascowfs.errors import StoreIOError
 from cascowfs.layers import remove_within_filesystem
 
 pytestmark = needs_overlay
@@ -37,23 +34,6 @@ def _shown(sm, lid: str) -> dict:
 def _chain(sm, sid: str) -> list[str]:
     with sm.db.read() as txn:
         return sm.catalog.snapshot(txn, sid).layers
-
-
-def test_a_layer_losing_its_last_reference_loses_its_record_and_leaves_garbage(tmp_path):
-    with conftest.open_store(tmp_path / "store") as sm:
-        sm.import_tree(_source(tmp_path), "base")
-        sm.settle()
-        (lid,) = _chain(sm, "base")
-        assert not sm.collection_pending()
-
-        def drop(txn):
-            return sm.layers.add_refs(txn, [lid], -1)
-
-        with pytest.raises(StoreIOError, match=f"layer {lid} is named by a chain but has no"):
-            sm.db.write(lambda txn: (drop(txn), drop(txn)), "dropping twice", dry_run=True)
-        assert sm.db.write(drop, "dropping", dry_run=True) == [lid]
-        with sm.db.read() as txn:  # a dry run changes nothing
-            assert sm.catalog.layer(txn, lid).refs == 1
 
 
 def test_an_empty_chain_stacks_the_empty_layer(tmp_path):

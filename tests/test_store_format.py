@@ -19,6 +19,7 @@ from cascowfs.state import STORE_FORMAT, StateManager
 
 from conftest import check_live, needs_overlay, open_store, register_store, run_child
 from crash_scenarios import as_format_7
+from support.store_formats import count_layers_by_chain
 
 
 def _set_format(sm, value: bytes) -> None:
@@ -104,6 +105,7 @@ def _as_format_4_with_refcounts_and_garbage(store) -> bytes:
             txn.put(b"-" + base_root, struct.pack("<Q", 1), db=deferred)
             prepared = cas.prepare_content(b"garbage left by a queued decrement " * 20)
             cas.ContentStore(db).put_objects(txn, prepared.objects)
+            count_layers_by_chain(db, txn)
             txn.put(b"format", b"4", db=db.db("meta"))
             return prepared.content_id
 
