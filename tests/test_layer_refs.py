@@ -3,7 +3,6 @@ that stack chains, on a real LMDB; and the upgrade of a store whose layers count
 
 from __future__ import annotations
 
-
 import pytest
 from hypothesis import given, strategies as st
 
