@@ -290,8 +290,10 @@ class Catalog:
         txn.put(id.encode(), encode_snapshot(new), db=self._snapshots)
         self._reindex(txn, id, old, new)
 
-    def delete_snapshot(self, txn: lmdb.Transaction, id: str) -> None:
-        self._reindex(txn, id, self.find_snapshot(txn, id), None)
+    def delete_snapshot(self, txn: lmdb.Transaction, id: str, old: SnapshotRecord | None) -> None:
+        """Delete snapshot ``id``, whose record as this transaction reads it is ``old`` (None:
+        it has none): its index entries go with it, and the caller's read is not repeated."""
+        self._reindex(txn, id, old, None)
         txn.delete(id.encode(), db=self._snapshots)
 
     # -- the indexes of snapshot records ------------------------------------------------

@@ -1058,7 +1058,7 @@ class StateManager:
                     self._check_unused(txn, id)  # no branch was based on it meanwhile
                     # a background merge may have swapped its chain
                     cur = self.catalog.snapshot(txn, id)
-                    self.catalog.delete_snapshot(txn, id)
+                    self.catalog.delete_snapshot(txn, id, cur)
                     self.collector.note_garbage(txn)
                     dropped = self.layer_refs.release(txn, cur.layers)
                     self.catalog.mark_applied(txn, op)

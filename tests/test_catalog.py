@@ -124,7 +124,7 @@ def test_records_put_in_a_transaction_read_back_and_go(db):
         assert bytes(raw) == STORED_SNAPSHOTS["base"]
 
     def delete(txn):
-        cat.delete_snapshot(txn, "base")
+        cat.delete_snapshot(txn, "base", cat.find_snapshot(txn, "base"))
         cat.delete_branch(txn, "b")
         cat.delete_layer(txn, "24c8a6ee04")
 
@@ -211,7 +211,7 @@ def test_indexes_follow_every_put_relabel_and_delete(db, steps):
             if id in model:
                 model[id] = replace(model[id], labels=labels)
         else:
-            db.write(lambda txn: cat.delete_snapshot(txn, id))
+            db.write(lambda txn: cat.delete_snapshot(txn, id, cat.find_snapshot(txn, id)))
             model.pop(id, None)
         with db.read() as txn:
             assert cat.index_mismatches(txn) == []

@@ -174,7 +174,7 @@ def test_indexes_follow_every_change_of_the_records(tmp_path_factory, tree, rela
             for pick in prune:
                 if records:
                     sid = sorted(records)[pick % len(records)]
-                    cat.delete_snapshot(txn, sid)
+                    cat.delete_snapshot(txn, sid, records[sid])
                     del records[sid]
 
         db.write(change)
