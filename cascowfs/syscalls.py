@@ -1,4 +1,5 @@
-"""Linux system calls Python's ``os`` module has no function for, called by name.
+"""Linux system calls Python's ``os`` module has no function for, or none that keeps the GIL
+through the call, called by name.
 
 ``syscall(2)`` takes a number, and the numbers differ between architectures: they live here
 once, for the architectures cascowfs runs on. On another one every call fails with ENOSYS
@@ -27,13 +28,13 @@ _NUMBERS = {
         "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
         # one thread's credentials (privacy.py)
         "setgroups": 116, "setfsuid": 122, "setfsgid": 123,
-        # Linux AIO (fuse/kernel_fdatasync.py)
-        "io_setup": 206, "io_destroy": 207, "io_getevents": 208, "io_submit": 209,
+        # Linux AIO, and the read of its eventfd (fuse/kernel_fdatasync.py)
+        "io_setup": 206, "io_destroy": 207, "io_getevents": 208, "io_submit": 209, "read": 0,
     },
     "aarch64": {
         "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
         "setgroups": 159, "setfsuid": 151, "setfsgid": 152,
-        "io_setup": 0, "io_destroy": 1, "io_submit": 2, "io_getevents": 4,
+        "io_setup": 0, "io_destroy": 1, "io_submit": 2, "io_getevents": 4, "read": 63,
     },
 }  # fmt: skip
 

@@ -81,6 +81,9 @@ async def test_a_kernel_fdatasync_flushes_a_file_and_refuses_a_pipe(tmp_path):
         for i in range(20):
             os.pwrite(fd, b"record %d\n" % i, 16 * i)
             await flusher()
+            # the flush took its completion's signal whole: the next flush waits for its own
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(flusher._eventfd)
     finally:
         flusher.close()
         os.close(fd)

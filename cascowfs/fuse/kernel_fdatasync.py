@@ -9,6 +9,11 @@ the GIL busy, those hand-offs cost more than the flush itself (docs/architecture
 
 One flush at a time per ``KernelFdatasync`` (its caller serializes them): the eventfd and the
 completion ring then hold at most one event, which needs no matching of events to waiters.
+
+The trio thread keeps the GIL through the calls that start a flush and take its completion
+(``io_submit``, which only queues the flush; ``io_getevents`` without waiting; the read of the
+non-blocking eventfd): each would otherwise give it up and wait to get it back behind the
+daemon's busy threads, longer than the call itself takes.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class KernelFdatasync:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._ctx = ctypes.c_ulong(0)
+        self._count = ctypes.c_uint64(0)  # where the eventfd's count is read to
         syscalls.call("io_setup", 1, ctypes.byref(self._ctx))
         try:
             self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -85,7 +91,7 @@ class KernelFdatasync:
         try:
             flusher._submit()
             flusher._reap(block=True)
-            os.eventfd_read(flusher._eventfd)  # its signal, taken with it
+            flusher._take_signal()  # its signal, taken with it
         except OSError as exc:
             log.info("no AIO fdatasync here (%s): labels flush the WAL in worker threads", exc)
             flusher.close()
@@ -97,12 +103,18 @@ class KernelFdatasync:
         self._submit()
         while True:
             await trio.lowlevel.wait_readable(self._eventfd)
-            try:
-                os.eventfd_read(self._eventfd)
-            except BlockingIOError:
+            if not self._take_signal():
                 continue
             if self._reap(block=False):
                 return
+
+    def _take_signal(self) -> bool:
+        """Read the eventfd's count, holding the GIL: False if nothing signalled it."""
+        try:
+            syscalls.call("read", self._eventfd, ctypes.byref(self._count), 8, keep_gil=True)
+        except BlockingIOError:
+            return False
+        return True
 
     def _submit(self) -> None:
         iocb = _Iocb(
@@ -113,7 +125,7 @@ class KernelFdatasync:
         )
         # the kernel copies the iocb in io_submit: it need not outlive the call
         iocbs = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(iocb))
-        syscalls.call("io_submit", self._ctx, 1, iocbs)
+        syscalls.call("io_submit", self._ctx, 1, iocbs, keep_gil=True)
 
     def _reap(self, *, block: bool) -> bool:
         """Take the flush's completion: True once taken (OSError if it failed), False if it
@@ -122,7 +134,9 @@ class KernelFdatasync:
         timeout = None if block else ctypes.byref(_Timespec(0, 0))
         while True:
             try:
-                got = syscalls.call("io_getevents", self._ctx, 1, 1, event, timeout)
+                got = syscalls.call(
+                    "io_getevents", self._ctx, 1, 1, event, timeout, keep_gil=not block
+                )
             except InterruptedError:
                 continue
             break
