@@ -307,6 +307,16 @@ def payload_children(kind: bytes, payload: bytes) -> list[bytes]:
     return []
 
 
+def content_size(kind: bytes, payload: bytes) -> int:
+    """How many bytes of file content an object holds, from its kind and payload: a chunk's
+    own, a chunk list's items' together (holes included). EIO for any other object."""
+    if kind == TYPE_CHUNK:
+        return len(payload)
+    if kind == TYPE_LIST and len(payload) % _LIST_ITEM.size == 0:
+        return sum(length for _, length in _LIST_ITEM.iter_unpack(payload))
+    raise StoreIOError(f"an object of type {kind!r} is no file content")
+
+
 def value_of_payload(kind: bytes, payload: bytes) -> bytes:
     """The value to store for an object given by kind and payload (a chunk raw, to be packed
     by ``pack_missing``)."""

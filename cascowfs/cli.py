@@ -455,7 +455,7 @@ def cmd_remote(args: argparse.Namespace) -> int:
         remote = objectstore.open_store(config.resolve(store, args.remote))
         match = label_matcher(args.find or [])
         for snap in transfer.list_snapshots(remote):
-            if match(snap.labels):
+            if match(snap.labels, snap.obs is not None):
                 print(f"{snap.id}\t{snap.parent or '-'}\t{_labels_text(snap)}".rstrip())
     elif args.action == "forget":
         transfer.forget(objectstore.open_store(config.resolve(store, args.remote)), args.id)

@@ -105,11 +105,17 @@ def parse_predicate(word: str) -> Predicate:
     return Predicate(key, op, check_label_value(key, value))
 
 
-def label_matcher(words: list[str]) -> Callable[[dict[str, str]], bool]:
-    """Whether a set of labels satisfies every predicate word (``find``'s syntax), for lists
-    the catalog's indexes do not hold, such as a remote's snapshots."""
+def label_matcher(words: list[str]) -> Callable[[dict[str, str], bool], bool]:
+    """Whether a snapshot's labels, and whether it has a large observation (``has:obs``),
+    satisfy every predicate word (``find``'s syntax), for lists the catalog's indexes do not
+    hold, such as a remote's snapshots."""
     checks = [(p.key, p.matcher()) for p in map(parse_predicate, words)]
-    return lambda labels: all(holds(labels.get(key)) for key, holds in checks)
+
+    def match(labels: dict[str, str], has_obs: bool) -> bool:
+        # obs is no label key (``parse_predicate``): a predicate on it is has:obs
+        return all(has_obs if key == OBS_KEY else holds(labels.get(key)) for key, holds in checks)
+
+    return match
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,7 @@ import lmdb
 from . import forks, images, merge_plan, overlay, privacy, recovery
 from . import layers as layerfs
 from .background import BackgroundWorker, EmptyTrash, Job, MergeLayers
-from .cas import ContentStore, identify_content, prepare_content
+from .cas import ContentStore, content_size, identify_content, prepare_content
 from .catalog import STORE_FORMAT, BranchRecord, Catalog, Observation, SnapshotRecord
 from .collector import Collector
 from .crashpoints import crash_point
@@ -57,6 +57,7 @@ from .errors import (
     ExistsError,
     InvalidArgumentError,
     NotFoundError,
+    StoreIOError,
     StoreLockedError,
     disk_errors,
     from_os_error,
@@ -616,12 +617,14 @@ class StateManager:
         labels: dict[str, str],
         created_ns: int,
         fetch: Callable[[Callable[[list[tuple[bytes, bytes]]], None]], None],
+        obs: Observation | None = None,
     ) -> str:
         """Record snapshot ``id`` of tree ``superroot`` whose objects ``fetch`` hands over (a
         pull, ``remote/transfer.py``): to the function it is given, in batches, children
-        before the objects naming them. Logged like an import: atomic across kill -9, the
-        objects of a pull that dies swept. Its layer is written afterwards, from the CAS: a
-        delta over ``parent``'s chain when this store has ``parent``, else a full layer."""
+        before the objects naming them; those of its large observation ``obs`` too, whose
+        content must hold ``obs.size`` bytes. Logged like an import: atomic across kill -9,
+        the objects of a pull that dies swept. Its layer is written afterwards, from the CAS:
+        a delta over ``parent``'s chain when this store has ``parent``, else a full layer."""
         id = check_snapshot_id(id)
         labels = check_labels(labels)
         with self._ops.running():
@@ -639,6 +642,8 @@ class StateManager:
                 crash_point("pull.fetched")
                 root = self.root_of(superroot)  # StoreIOError if the tree did not arrive
                 assert root is not None
+                if obs is not None:
+                    self._check_observation_content(id, obs)
 
                 def apply(txn: lmdb.Transaction) -> None:
                     base = None
@@ -652,7 +657,7 @@ class StateManager:
                     chain = [layer] + chain
                     self.layer_refs.hold(txn, chain)
                     self._put_snapshot(
-                        txn, id, superroot, parent, chain, labels, root, created_ns=created_ns
+                        txn, id, superroot, parent, chain, labels, root, obs, created_ns
                     )
                     self.catalog.mark_applied(txn, op)
 
@@ -662,6 +667,21 @@ class StateManager:
             self._finish(op)
             self.layers.queue(layer)
             return id
+
+    def _check_observation_content(self, id: str, obs: Observation) -> None:
+        """EIO unless the observation's content is in the store and holds ``obs.size`` bytes
+        (a pulled ref is another machine's word)."""
+        try:
+            size = 0
+            if obs.ref:
+                size = content_size(*self.content.kind_and_payload(bytes.fromhex(obs.ref)))
+        except StoreIOError as exc:
+            raise StoreIOError(f"the observation of snapshot {id}: {exc.message}") from None
+        if size != obs.size:
+            raise StoreIOError(
+                f"the observation of snapshot {id} holds {size} bytes, not the {obs.size} "
+                "its record says"
+            )
 
     def has_object(self, oid: bytes) -> bool:
         return self.content.find(oid) is not None

@@ -4,6 +4,7 @@ started once per session) and through a file:// directory, with the same tests."
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import signal
@@ -21,6 +22,7 @@ from support.processes import REPO, child_env
 from support.s3server import new_bucket, s3_server, set_credentials
 from cascowfs.errors import (BusyError, ExistsError, InvalidArgumentError, NotFoundError,
                              PermissionDeniedError, StoreIOError)
+from cascowfs.catalog import Observation
 from cascowfs.model import Entry
 from cascowfs.episodes import label_matcher
 from cascowfs.remote import config, locks, objectstore, packs, transfer
@@ -134,6 +136,89 @@ def test_lineage_labels_and_delta_push(remote, tmp_path):
         assert (tree / "d" / "f1").read_bytes() == b"changed"
         assert (tree / "d" / "new").read_bytes() == edit
         sm.discard("w")
+
+
+@needs_overlay
+def test_an_observation_travels_with_its_snapshot_and_prune_keeps_it(remote, tmp_path):
+    rs = objectstore.open_store(remote)
+    data = os.urandom(3 << 20) + bytes(1 << 20) + b"tail"  # chunks and a hole
+    trace = tmp_path / "trace.log"
+    trace.write_bytes(data)
+    os.chmod(trace, 0o640)
+    with open_store(tmp_path / "a") as sm:
+        sm.import_tree(make_tree(tmp_path / "src", 3), "base")
+        transfer.push(sm, rs, ["base"])
+        sm.create_branch("work", "base")
+        fd = os.open(trace, os.O_RDONLY)
+        try:
+            sm.commit("work", "o", {"reward": "1"}, obs=fd)  # the tree of base, unchanged
+        finally:
+            os.close(fd)
+        sm.discard("work")
+        want = sm.observation("o")
+        sent = transfer.push(sm, rs, ["o"])
+    assert want is not None and sent.snapshots == ["o"]
+    assert sent.objects >= 3  # the tree was there: what travelled is the observation
+    assert transfer.read_ref(rs, "o").obs == want
+    # its packs hold nothing else, so only the ref's observation keeps them
+    assert prune(rs, grace=0).packs_deleted == 0
+    with open_store(tmp_path / "b") as sm:
+        assert transfer.pull(sm, rs, ["o"]).snapshots == ["o"]
+        assert sm.observation("o") == want
+        assert sm.read_file(bytes.fromhex(want.ref), 0, len(data)) == data
+        sm.settle()
+    assert_fsck_clean(tmp_path / "b")
+
+
+def test_a_pulled_observation_must_hold_what_its_ref_says(remote, tmp_path):
+    """A ref is another machine's word: an observation whose content is no file content, or
+    holds another size than the ref says, is refused (EIO) and no snapshot is recorded."""
+    rs = objectstore.open_store(remote)
+    with open_store(tmp_path / "a") as sm:
+        sm.import_tree(make_tree(tmp_path / "src", 4), "base")
+        transfer.push(sm, rs, ["base"])
+        big = sm.read_tree(sm.root_entry("base").ref)[b"big"].ref  # a file's 3 MiB content
+    base = transfer.read_ref(rs, "base")
+    lies = {
+        "tree": (Observation(base.root, 10, 0o644, 0, 0), "is no file content"),
+        "size": (Observation(big.hex(), 1, 0o644, 0, 0), f"holds {3 << 20} bytes, not the 1"),
+    }
+    for id, (obs, _) in lies.items():
+        ref = transfer.RemoteSnapshot(id, base.root, None, 0, {}, base.files, base.size, obs)
+        rs.put(transfer.ref_key(id), ref.encode())
+    with open_store(tmp_path / "b") as sm:
+        for id, (_, problem) in lies.items():
+            with pytest.raises(StoreIOError, match=f"observation of snapshot {id}.*{problem}"):
+                transfer.pull(sm, rs, [id])
+            assert not sm.has_snapshot(id)
+    assert_fsck_clean(tmp_path / "b")
+
+
+@pytest.mark.parametrize("obs", [
+    [], "x", {"ref": "", "size": 0, "mode": 0o644, "uid": 0},  # not an object of its five keys
+    {"ref": "", "size": 0, "mode": 0o644, "uid": 0, "gid": 0, "more": 1},
+    {"ref": "ab", "size": 1, "mode": 0o644, "uid": 0, "gid": 0},  # no content id
+    {"ref": "AB" * 32, "size": 1, "mode": 0o644, "uid": 0, "gid": 0},  # not as we spell it
+    {"ref": "zz" * 32, "size": 1, "mode": 0o644, "uid": 0, "gid": 0},
+    {"ref": "", "size": 5, "mode": 0o644, "uid": 0, "gid": 0},  # bytes, but no content
+    {"ref": "ab" * 32, "size": 0, "mode": 0o644, "uid": 0, "gid": 0},
+    {"ref": "ab" * 32, "size": -1, "mode": 0o644, "uid": 0, "gid": 0},
+    {"ref": "ab" * 32, "size": True, "mode": 0o644, "uid": 0, "gid": 0},
+    {"ref": "ab" * 32, "size": 1.5, "mode": 0o644, "uid": 0, "gid": 0},
+    {"ref": "ab" * 32, "size": 1, "mode": 0o10000, "uid": 0, "gid": 0},
+    {"ref": "ab" * 32, "size": 1, "mode": 0o644, "uid": -1, "gid": 0},
+    {"ref": "ab" * 32, "size": 1, "mode": 0o644, "uid": 0, "gid": (1 << 32) - 1},
+    {"ref": "ab" * 32, "size": 1, "mode": 0o644, "uid": "0", "gid": 0},
+])
+def test_a_hostile_observation_in_a_ref_is_named(tmp_path, obs):
+    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/r"))
+    ref = json.loads(transfer.RemoteSnapshot("s", "0" * 64, None, 0, {}, 0, 0).encode())
+    rs.put("snapshots/s", json.dumps(dict(ref, obs=obs)).encode())
+    with pytest.raises(StoreIOError, match="snapshots/s does not decode"):
+        transfer.read_ref(rs, "s")
+    good = {"ref": "ab" * 32, "size": 7, "mode": 0o4750, "uid": 1000, "gid": (1 << 32) - 2}
+    rs.put("snapshots/s", json.dumps(dict(ref, obs=good)).encode())
+    assert transfer.read_ref(rs, "s").obs == Observation(**good)
 
 
 def test_conditional_put_one_of_two_racers_wins(remote):
@@ -516,11 +601,15 @@ def test_ref_names_that_are_no_ids_are_ignored_and_bad_refs_named(tmp_path):
 def test_ls_snapshots_predicates_are_finds():
     """``remote ls-snapshots --find`` takes ``find``'s predicates and holds them the same way."""
     match = label_matcher(["reward>=0.5", "task=t1", "has:done", "x!=1"])
-    assert match({"reward": "0.7", "task": "t1", "done": "", "x": "2"})
-    assert not match({"reward": "0.2", "task": "t1", "done": "", "x": "2"})
-    assert match({"reward": "high", "task": "t1", "done": "", "x": "2"})  # as text: "h" > "0"
-    assert not match({"reward": "0.9", "task": "t1", "x": "2"})
-    assert not match({"reward": "0.9", "task": "t1", "done": ""})  # x!=1 needs an x
+    assert match({"reward": "0.7", "task": "t1", "done": "", "x": "2"}, False)
+    assert not match({"reward": "0.2", "task": "t1", "done": "", "x": "2"}, False)
+    assert match({"reward": "high", "task": "t1", "done": "", "x": "2"}, False)  # "h" > "0"
+    assert not match({"reward": "0.9", "task": "t1", "x": "2"}, False)
+    assert not match({"reward": "0.9", "task": "t1", "done": ""}, False)  # x!=1 needs an x
+    # has:obs asks for a large observation, as find does: no label can stand in for it
+    with_obs = label_matcher(["has:obs", "task=t1"])
+    assert with_obs({"task": "t1"}, True)
+    assert not with_obs({"task": "t1", "obs": ""}, False)
     for bad in ["done", "=v", "has:", "obs=1"]:
         with pytest.raises(InvalidArgumentError, match="predicate|observation"):
             label_matcher([bad])

@@ -37,11 +37,15 @@ def test_round_trip_between_two_mounts(endpoint):
             client.import_tree(src, "base", {"task": "t1"})
             tree = client.branch("w", "base")
             (tree / "added.txt").write_text("an agent's edit\n")
-            client.commit("w", "step1", {"reward": "0.9"})
+            trace = a.base / "trace.log"
+            trace.write_bytes(b"test output\n" * 50_000)
+            client.commit("w", "step1", {"reward": "0.9"}, obs=trace)
             client.discard("w")
             assert client.push("origin", ["base"]) == ["base"]
         run_cli("push", str(a.mnt), "origin", "step1")  # the CLI, through ctl
         listed = run_cli("remote", "ls-snapshots", str(b.mnt), "origin", "--find", "reward>0.5")
+        assert listed.stdout == "step1\tbase\treward=0.9\n"
+        listed = run_cli("remote", "ls-snapshots", str(b.mnt), "origin", "--find", "has:obs")
         assert listed.stdout == "step1\tbase\treward=0.9\n"
         # ctl itself, as a shell script would
         code, reply = b.ctl("pull origin --with-ancestors step1")
@@ -53,6 +57,8 @@ def test_round_trip_between_two_mounts(endpoint):
         for id in ("base", "step1"):
             subprocess.run(["diff", "-r", "--no-dereference", a.mnt / "snapshots" / id,
                             b.mnt / "snapshots" / id], check=True)
+        # the observation came with its snapshot
+        assert (b.mnt / "observations" / "step1").read_bytes() == trace.read_bytes()
         # and a branch on the pulled snapshot mounts its layers
         with Client(b.mnt) as client:
             tree = client.branch("again", "step1")

@@ -52,7 +52,7 @@ def prune(
         stack = []
         for id in ids:
             try:
-                stack.append(bytes.fromhex(read_ref(store, id).root))
+                stack.extend(read_ref(store, id).roots())
             except NotFoundError:
                 continue  # forgotten since the listing (forget takes no lock)
         while stack:

@@ -21,10 +21,11 @@ import os
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..cas import payload_children, value_of_payload
+from ..catalog import Observation
 from ..codec import TYPE_CHUNK, TYPE_TREE
 from ..errors import ExistsError, InvalidArgumentError, NotFoundError, StoreIOError
 from ..names import check_labels, check_snapshot_id
@@ -62,6 +63,7 @@ class RemoteSnapshot:
     labels: dict[str, str]
     files: int
     size: int
+    obs: Observation | None = None  # its large observation, if it has one
 
     def encode(self) -> bytes:
         d = {
@@ -74,7 +76,16 @@ class RemoteSnapshot:
             "files": self.files,
             "size": self.size,
         }
+        if self.obs is not None:  # the only refs with the key
+            d["obs"] = asdict(self.obs)
         return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+    def roots(self) -> list[bytes]:
+        """The objects everything the snapshot needs lies under: its tree, its observation."""
+        out = [bytes.fromhex(self.root)]
+        if self.obs is not None and self.obs.ref:
+            out.append(bytes.fromhex(self.obs.ref))
+        return out
 
 
 def ref_key(id: str) -> str:
@@ -95,6 +106,7 @@ def read_ref(store: ObjectStore, id: str) -> RemoteSnapshot:
             labels=check_labels(d["labels"]),
             files=int(d["files"]),
             size=int(d["size"]),
+            obs=_decode_observation(d["obs"]) if "obs" in d else None,
         )
         bytes.fromhex(snap.root)
         if snap.parent is not None:
@@ -104,6 +116,27 @@ def read_ref(store: ObjectStore, id: str) -> RemoteSnapshot:
     if snap.id != id or len(snap.root) != 64:
         raise StoreIOError(f"remote {where}: {key} describes another snapshot ({snap.id!r})")
     return snap
+
+
+_OBSERVATION_KEYS = {"ref", "size", "mode", "uid", "gid"}
+_ID_MAX = (1 << 32) - 2  # the largest uid or gid: (uid_t) -1 means "none"
+
+
+def _decode_observation(d: object) -> Observation:
+    """A ref's observation, held to what a commit records (ValueError otherwise)."""
+    if not isinstance(d, dict) or set(d) != _OBSERVATION_KEYS:
+        raise ValueError(f"an observation has the keys {sorted(_OBSERVATION_KEYS)}")
+    ref, numbers = d["ref"], [d[k] for k in ("size", "mode", "uid", "gid")]
+    if not isinstance(ref, str) or ref and (len(ref) != 64 or bytes.fromhex(ref).hex() != ref):
+        raise ValueError(f"an observation's ref is a content id: {ref!r}")
+    if any(type(n) is not int for n in numbers):
+        raise ValueError("an observation's size, mode, uid and gid are integers")
+    obs = Observation(ref, *numbers)
+    if obs.size < 0 or (obs.size == 0) != (not ref):
+        raise ValueError(f"an observation of {obs.size} bytes with ref {ref!r}")
+    if not 0 <= obs.mode <= 0o7777 or not (0 <= obs.uid <= _ID_MAX and 0 <= obs.gid <= _ID_MAX):
+        raise ValueError("an observation's mode, uid or gid is out of range")
+    return obs
 
 
 def list_refs(store: ObjectStore) -> list[str]:
@@ -316,8 +349,6 @@ def push(
                         )
                     stats.skipped.append(id)
                     continue
-                _send_tree(sm, bytes.fromhex(info.root), known, sender)
-                sender.flush()
                 ref = RemoteSnapshot(
                     id,
                     info.root,
@@ -326,7 +357,11 @@ def push(
                     dict(info.labels),
                     info.files,
                     info.size,
+                    sm.observation(id) if info.obs is not None else None,
                 )
+                for root in ref.roots():
+                    _send_tree(sm, root, known, sender)
+                sender.flush()
                 try:
                     store.put_new(ref_key(id), ref.encode())
                 except ExistsError:
@@ -489,20 +524,22 @@ def pull(
                     continue
 
                 def fetch(add, snap: RemoteSnapshot = snap) -> None:
-                    stats.objects += _receive_tree(sm, snap, reader, add)
+                    stats.objects += _receive_objects(sm, snap, reader, add)
 
-                sm.receive_snapshot(id, snap.root, snap.parent, snap.labels, snap.created_ns, fetch)
+                sm.receive_snapshot(
+                    id, snap.root, snap.parent, snap.labels, snap.created_ns, fetch, snap.obs
+                )
                 stats.snapshots.append(id)
     return stats
 
 
-def _receive_tree(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
-    """Hand every object under the snapshot's root that ``sm`` lacks to ``add``, children
-    before parents; returns how many."""
+def _receive_objects(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
+    """Hand every object under the snapshot's roots (``RemoteSnapshot.roots``) that ``sm``
+    lacks to ``add``, children before parents; returns how many."""
     count = 0
     seen: set[bytes] = set()
     root = bytes.fromhex(snap.root)
-    stack: list[tuple[bytes, tuple[bytes, bytes] | None]] = [(root, None)]
+    stack: list[tuple[bytes, tuple[bytes, bytes] | None]] = [(r, None) for r in snap.roots()]
     while stack:
         oid, loaded = stack.pop()
         if loaded is None:
