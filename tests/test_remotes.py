@@ -194,31 +194,36 @@ def test_a_pulled_observation_must_hold_what_its_ref_says(remote, tmp_path):
     assert_fsck_clean(tmp_path / "b")
 
 
-@pytest.mark.parametrize("obs", [
-    [], "x", {"ref": "", "size": 0, "mode": 0o644, "uid": 0},  # not an object of its five keys
-    {"ref": "", "size": 0, "mode": 0o644, "uid": 0, "gid": 0, "more": 1},
-    {"ref": "ab", "size": 1, "mode": 0o644, "uid": 0, "gid": 0},  # no content id
-    {"ref": "AB" * 32, "size": 1, "mode": 0o644, "uid": 0, "gid": 0},  # not as we spell it
-    {"ref": "zz" * 32, "size": 1, "mode": 0o644, "uid": 0, "gid": 0},
-    {"ref": "", "size": 5, "mode": 0o644, "uid": 0, "gid": 0},  # bytes, but no content
-    {"ref": "ab" * 32, "size": 0, "mode": 0o644, "uid": 0, "gid": 0},
-    {"ref": "ab" * 32, "size": -1, "mode": 0o644, "uid": 0, "gid": 0},
-    {"ref": "ab" * 32, "size": True, "mode": 0o644, "uid": 0, "gid": 0},
-    {"ref": "ab" * 32, "size": 1.5, "mode": 0o644, "uid": 0, "gid": 0},
-    {"ref": "ab" * 32, "size": 1, "mode": 0o10000, "uid": 0, "gid": 0},
-    {"ref": "ab" * 32, "size": 1, "mode": 0o644, "uid": -1, "gid": 0},
-    {"ref": "ab" * 32, "size": 1, "mode": 0o644, "uid": 0, "gid": (1 << 32) - 1},
-    {"ref": "ab" * 32, "size": 1, "mode": 0o644, "uid": "0", "gid": 0},
-])
-def test_a_hostile_observation_in_a_ref_is_named(tmp_path, obs):
+_GOOD_OBS = {"ref": "ab" * 32, "size": 7, "mode": 0o4750, "uid": 1000, "gid": (1 << 32) - 2}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("created_ns", 10**30), ("created_ns", 1 << 63), ("created_ns", -1),  # no stat time
+    ("created_ns", "5"), ("created_ns", 1.5), ("created_ns", True), ("files", -1),
+    ("size", None), ("root", "AB" * 32), ("root", "ab" * 31), ("root", 5), ("parent", "../x"),
+    ("parent", 5), ("labels", {"obs": "1"}),
+    ("obs", []), ("obs", "x"), ("obs", {k: v for k, v in _GOOD_OBS.items() if k != "gid"}),
+    ("obs", dict(_GOOD_OBS, more=1)),
+    ("obs", dict(_GOOD_OBS, ref="ab")),  # no content id
+    ("obs", dict(_GOOD_OBS, ref="AB" * 32)),  # not as the store spells it
+    ("obs", dict(_GOOD_OBS, ref="zz" * 32)),
+    ("obs", dict(_GOOD_OBS, ref="")),  # bytes, but no content
+    ("obs", dict(_GOOD_OBS, size=0)),  # content, but no bytes
+    ("obs", dict(_GOOD_OBS, size=-1)), ("obs", dict(_GOOD_OBS, size=True)),
+    ("obs", dict(_GOOD_OBS, size=1.5)), ("obs", dict(_GOOD_OBS, mode=0o10000)),
+    ("obs", dict(_GOOD_OBS, uid=-1)), ("obs", dict(_GOOD_OBS, gid=(1 << 32) - 1)),
+    ("obs", dict(_GOOD_OBS, uid="0")),
+])  # fmt: skip
+def test_a_hostile_ref_is_named(tmp_path, field, value):
+    """A ref is held to what a store records: a time a stat can show, counts, a content id
+    spelled as the store spells it, an observation as a commit records one."""
     rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/r"))
-    ref = json.loads(transfer.RemoteSnapshot("s", "0" * 64, None, 0, {}, 0, 0).encode())
-    rs.put("snapshots/s", json.dumps(dict(ref, obs=obs)).encode())
+    good = transfer.RemoteSnapshot("s", "0" * 64, None, 0, {}, 0, 0, Observation(**_GOOD_OBS))
+    rs.put("snapshots/s", good.encode())
+    assert transfer.read_ref(rs, "s") == good
+    rs.put("snapshots/s", json.dumps(dict(json.loads(good.encode()), **{field: value})).encode())
     with pytest.raises(StoreIOError, match="snapshots/s does not decode"):
         transfer.read_ref(rs, "s")
-    good = {"ref": "ab" * 32, "size": 7, "mode": 0o4750, "uid": 1000, "gid": (1 << 32) - 2}
-    rs.put("snapshots/s", json.dumps(dict(ref, obs=good)).encode())
-    assert transfer.read_ref(rs, "s").obs == Observation(**good)
 
 
 def test_conditional_put_one_of_two_racers_wins(remote):

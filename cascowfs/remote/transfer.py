@@ -100,42 +100,53 @@ def read_ref(store: ObjectStore, id: str) -> RemoteSnapshot:
         d = json.loads(raw)
         snap = RemoteSnapshot(
             id=d["id"],
-            root=d["root"],
+            root=_content_id(d["root"], "root"),
             parent=d["parent"],
-            created_ns=int(d["created_ns"]),
+            created_ns=_count(d, "created_ns"),
             labels=check_labels(d["labels"]),
-            files=int(d["files"]),
-            size=int(d["size"]),
+            files=_count(d, "files"),
+            size=_count(d, "size"),
             obs=_decode_observation(d["obs"]) if "obs" in d else None,
         )
-        bytes.fromhex(snap.root)
         if snap.parent is not None:
             check_snapshot_id(snap.parent)
     except (ValueError, KeyError, TypeError, InvalidArgumentError) as exc:
         raise StoreIOError(f"remote {where}: {key} does not decode: {exc}") from None
-    if snap.id != id or len(snap.root) != 64:
+    if snap.id != id:
         raise StoreIOError(f"remote {where}: {key} describes another snapshot ({snap.id!r})")
     return snap
 
 
-_OBSERVATION_KEYS = {"ref", "size", "mode", "uid", "gid"}
+# A ref is another machine's word, held to what a store records (ValueError otherwise): a
+# time in nanoseconds since 1970 fits a signed 64-bit integer, as in a stat.
+_COUNT_MAX = (1 << 63) - 1
 _ID_MAX = (1 << 32) - 2  # the largest uid or gid: (uid_t) -1 means "none"
+_OBSERVATION_KEYS = {"ref", "size", "mode", "uid", "gid"}
+
+
+def _count(d: dict, key: str, most: int = _COUNT_MAX) -> int:
+    value = d[key]
+    if type(value) is not int or not 0 <= value <= most:  # no bool, float or text
+        raise ValueError(f"{key} {value!r} is no integer from 0 to {most}")
+    return value
+
+
+def _content_id(value: object, what: str) -> str:
+    """A content id as the store spells it: 64 lowercase hex digits."""
+    if not isinstance(value, str) or len(value) != 64 or bytes.fromhex(value).hex() != value:
+        raise ValueError(f"{what} {value!r} is no content id")
+    return value
 
 
 def _decode_observation(d: object) -> Observation:
-    """A ref's observation, held to what a commit records (ValueError otherwise)."""
+    """A ref's observation, as a commit records one."""
     if not isinstance(d, dict) or set(d) != _OBSERVATION_KEYS:
         raise ValueError(f"an observation has the keys {sorted(_OBSERVATION_KEYS)}")
-    ref, numbers = d["ref"], [d[k] for k in ("size", "mode", "uid", "gid")]
-    if not isinstance(ref, str) or ref and (len(ref) != 64 or bytes.fromhex(ref).hex() != ref):
-        raise ValueError(f"an observation's ref is a content id: {ref!r}")
-    if any(type(n) is not int for n in numbers):
-        raise ValueError("an observation's size, mode, uid and gid are integers")
-    obs = Observation(ref, *numbers)
-    if obs.size < 0 or (obs.size == 0) != (not ref):
+    ref = "" if d["ref"] == "" else _content_id(d["ref"], "the observation's ref")
+    size, mode = _count(d, "size"), _count(d, "mode", 0o7777)
+    obs = Observation(ref, size, mode, _count(d, "uid", _ID_MAX), _count(d, "gid", _ID_MAX))
+    if (obs.size == 0) != (not ref):
         raise ValueError(f"an observation of {obs.size} bytes with ref {ref!r}")
-    if not 0 <= obs.mode <= 0o7777 or not (0 <= obs.uid <= _ID_MAX and 0 <= obs.gid <= _ID_MAX):
-        raise ValueError("an observation's mode, uid or gid is out of range")
     return obs
 
 
