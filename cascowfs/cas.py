@@ -314,7 +314,7 @@ def content_size(kind: bytes, payload: bytes) -> int:
         return len(payload)
     if kind == TYPE_LIST and len(payload) % _LIST_ITEM.size == 0:
         return sum(length for _, length in _LIST_ITEM.iter_unpack(payload))
-    raise StoreIOError(f"an object of type {kind!r} is no file content")
+    raise StoreIOError(f"an object of type {kind!r} is not file content")
 
 
 def value_of_payload(kind: bytes, payload: bytes) -> bytes:
@@ -555,6 +555,21 @@ class ContentStore:
             self._listings[content_id] = listing
             if len(self._listings) > LISTINGS_CACHED:
                 self._listings.popitem(last=False)
+
+    def content_size(self, content_id: bytes) -> int:
+        """How many bytes a file's content holds (``b""``: none), from its stored object: a
+        packed chunk's pointer, a chunk list's items; EIO for an object of no file content."""
+        if not content_id:
+            return 0
+        value = self.get(content_id)
+        if value[:2] == TYPE_CHUNK + _PACKED:
+            return int(_POINTER.unpack_from(value, 2)[2])
+        if value[:1] == TYPE_CHUNK:
+            return len(self._chunk_data(content_id, value))
+        try:
+            return content_size(value[:1], value[1:])
+        except StoreIOError:
+            raise StoreIOError(f"object {content_id.hex()} is not file content") from None
 
     def read(self, content_id: bytes, offset: int = 0, size: int = -1) -> bytes:
         """Bytes ``[offset, offset+size)`` of a file's content (``size=-1``: to the end; for

@@ -45,7 +45,7 @@ import lmdb
 from . import forks, images, merge_plan, overlay, privacy, recovery
 from . import layers as layerfs
 from .background import BackgroundWorker, EmptyTrash, Job, MergeLayers
-from .cas import ContentStore, content_size, identify_content, prepare_content
+from .cas import ContentStore, identify_content, prepare_content
 from .catalog import STORE_FORMAT, BranchRecord, Catalog, Observation, SnapshotRecord
 from .collector import Collector
 from .crashpoints import crash_point
@@ -672,9 +672,7 @@ class StateManager:
         """EIO unless the observation's content is in the store and holds ``obs.size`` bytes
         (a pulled ref is another machine's word)."""
         try:
-            size = 0
-            if obs.ref:
-                size = content_size(*self.content.kind_and_payload(bytes.fromhex(obs.ref)))
+            size = self.content.content_size(bytes.fromhex(obs.ref))
         except StoreIOError as exc:
             raise StoreIOError(f"the observation of snapshot {id}: {exc.message}") from None
         if size != obs.size:

@@ -27,7 +27,7 @@ from cascowfs.model import Entry
 from cascowfs.episodes import label_matcher
 from cascowfs.remote import config, locks, objectstore, packs, transfer
 from cascowfs.remote.prune import prune
-from cascowfs.cas import payload_children
+from cascowfs.cas import payload_children, prepare_content
 from cascowfs.trees import stored_payload, tree_objects
 
 
@@ -180,7 +180,7 @@ def test_a_pulled_observation_must_hold_what_its_ref_says(remote, tmp_path):
         big = sm.read_tree(sm.root_entry("base").ref)[b"big"].ref  # a file's 3 MiB content
     base = transfer.read_ref(rs, "base")
     lies = {
-        "tree": (Observation(base.root, 10, 0o644, 0, 0), "is no file content"),
+        "tree": (Observation(base.root, 10, 0o644, 0, 0), "is not file content"),
         "size": (Observation(big.hex(), 1, 0o644, 0, 0), f"holds {3 << 20} bytes, not the 1"),
     }
     for id, (obs, _) in lies.items():
@@ -620,12 +620,17 @@ def test_ls_snapshots_predicates_are_finds():
             label_matcher([bad])
 
 
-def _remote_with_tree(rs, entries: dict) -> None:
-    """A ref ``hostile`` on ``rs`` whose root directory holds ``entries`` (files empty)."""
+def _remote_with_tree(rs, entries: dict, objects: tuple = ()) -> None:
+    """A ref ``hostile`` on ``rs`` whose root directory holds ``entries`` (files empty, but
+    those of ``objects``: (kind, id, payload) sent beside the trees)."""
     dir_id, dir_objects = tree_objects(entries)
-    root = Entry(b"", stat.S_IFDIR | 0o755, 0, 0, 0, 0, dir_id)
+    files = [e for e in entries.values() if stat.S_ISREG(e.mode)]
+    root = Entry(b"", stat.S_IFDIR | 0o755, 0, 0, 0, 0, dir_id, tree_files=len(files),
+                 tree_bytes=sum(e.size for e in files))
     superroot, root_objects = tree_objects({b"": root})
     builder = packs.PackBuilder()
+    for kind, oid, payload in objects:
+        builder.add(kind, oid, payload)
     for oid, value in dir_objects + root_objects:
         builder.add(b"T", oid, bytes(stored_payload(value)))
     pack_name, pack, index_name, index = builder.seal()
@@ -661,6 +666,41 @@ def test_a_hostile_tree_is_refused_before_anything_is_stored(tmp_path, entry, pr
         with pytest.raises(StoreIOError, match=f"remote .*: tree [0-9a-f]{{64}}, entry .*{problem}"):
             transfer.pull(sm, rs, ["hostile"])
         assert not sm.has_snapshot("hostile")
+
+
+def test_a_pulled_file_must_be_as_big_as_its_content(tmp_path):
+    """A tree's file size and its content are two words of the remote's: a snapshot read by
+    the daemon and its layer written from the CAS would show two different files."""
+    hello = prepare_content(b"hello")
+    empty_tree, _ = tree_objects({})
+    local = prepare_content(b"already here")
+    cases = {
+        "no content": (Entry(b"f", stat.S_IFREG | 0o644, 0, 0, 0, 5), "of 5 bytes whose .* 0"),
+        "short": (Entry(b"f", stat.S_IFREG | 0o644, 0, 0, 0, 3, hello.content_id), "holds 5"),
+        "a tree": (Entry(b"f", stat.S_IFREG | 0o644, 0, 0, 0, 0, empty_tree), "is a tree"),
+        # content the pulling store has already: read from there
+        "local": (Entry(b"f", stat.S_IFREG | 0o644, 0, 0, 0, 99, local.content_id), "holds 12"),
+    }
+    chunk = (b"C", hello.content_id, b"hello")
+    for case, (entry, problem) in cases.items():
+        rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/{case}"))
+        tree = (b"T", empty_tree, bytes(stored_payload(tree_objects({})[1][0][1])))
+        _remote_with_tree(rs, {b"f": entry}, (chunk, tree))
+        with open_store(tmp_path / f"store-{case}") as sm:
+            src = tmp_path / f"src-{case}"
+            src.mkdir()
+            (src / "x").write_bytes(b"already here")
+            sm.import_tree(src, "mine")
+            with pytest.raises(StoreIOError, match=f"entry 'f': .*{problem}"):
+                transfer.pull(sm, rs, ["hostile"])
+            assert not sm.has_snapshot("hostile")
+    # the same file told right comes through
+    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/right"))
+    right = Entry(b"f", stat.S_IFREG | 0o644, 0, 0, 0, 5, hello.content_id)
+    _remote_with_tree(rs, {b"f": right}, (chunk,))
+    with open_store(tmp_path / "store-right") as sm:
+        transfer.pull(sm, rs, ["hostile"])
+        assert snapshot_view(sm, "hostile")[b"f"].data == b"hello"
 
 
 def test_what_a_branch_could_make_itself_is_pulled(tmp_path):

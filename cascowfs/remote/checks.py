@@ -10,12 +10,15 @@ before any of it is stored:
 - no xattr of overlayfs's (``trusted.overlay.*``) or of cascowfs's (``user.cascowfs.*``):
   scans never record them, and a layer holding them would steer the overlay mounts;
 - no device node, and no set-user-id or set-group-id file or directory owned by root: a
-  branch runs with what its snapshot's files grant.
+  branch runs with what its snapshot's files grant;
+- a regular file's size is what its content holds (``file_sizes_hold``, once the pull has
+  the content): a snapshot read by the daemon and a layer written from the CAS must agree.
 """
 
 from __future__ import annotations
 
 import stat
+from collections.abc import Callable
 
 from ..errors import StoreIOError
 from ..fsmeta import OVERLAY_XATTR_PREFIX, RESERVED_XATTR_PREFIX
@@ -25,22 +28,49 @@ from ..trees import decode_tree, index_pages
 _FORBIDDEN_XATTRS = (OVERLAY_XATTR_PREFIX, RESERVED_XATTR_PREFIX)
 
 
-def check_pulled_tree(payload: bytes, oid: bytes, *, superroot: bool, where: str) -> None:
-    """Raise StoreIOError if tree object ``oid`` (its ``payload``) breaks a rule above."""
+def check_pulled_tree(payload: bytes, oid: bytes, *, superroot: bool, where: str) -> list[Entry]:
+    """Raise StoreIOError if tree object ``oid`` (its ``payload``) breaks a rule above; its
+    regular files, whose sizes the content must hold."""
     if index_pages(payload) is not None:
-        return  # an index of pages: the pages are checked as trees of their own
-    what = f"remote {where}: tree {oid.hex()}"
+        return []  # an index of pages: the pages are checked as trees of their own
     try:
         entries = decode_tree(payload)
     except StoreIOError as exc:
-        raise StoreIOError(f"{what} does not decode: {exc.message}") from None
+        raise StoreIOError(f"{_tree(where, oid)} does not decode: {exc.message}") from None
     if superroot and list(entries) != [b""]:
-        raise StoreIOError(f"{what} is no snapshot root (one entry, named '')")
+        raise StoreIOError(f"{_tree(where, oid)} is no snapshot root (one entry, named '')")
     for name, entry in entries.items():
         problem = _problem(name, entry, superroot)
         if problem:
-            shown = name.decode("utf-8", "backslashreplace")
-            raise StoreIOError(f"{what}, entry {shown!r}: {problem}")
+            raise StoreIOError(f"{_entry(where, oid, name)}: {problem}")
+    return [entry for entry in entries.values() if stat.S_ISREG(entry.mode)]
+
+
+def file_sizes_hold(
+    files: dict[tuple[bytes, int], tuple[bytes, bytes]],
+    size_of: Callable[[bytes], int],
+    where: str,
+) -> None:
+    """Raise StoreIOError unless every file of ``files`` ((content id, size) -> the pulled tree
+    and the entry's name that give them) has content of that size, as ``size_of`` reads it
+    (StoreIOError for an object of no file content)."""
+    for (content_id, size), (tree, name) in files.items():
+        try:
+            holds = size_of(content_id)
+        except StoreIOError as exc:
+            raise StoreIOError(f"{_entry(where, tree, name)}: {exc.message}") from None
+        if holds != size:
+            raise StoreIOError(
+                f"{_entry(where, tree, name)}: a file of {size} bytes whose content holds {holds}"
+            )
+
+
+def _tree(where: str, oid: bytes) -> str:
+    return f"remote {where}: tree {oid.hex()}"
+
+
+def _entry(where: str, oid: bytes, name: bytes) -> str:
+    return f"{_tree(where, oid)}, entry {name.decode('utf-8', 'backslashreplace')!r}"
 
 
 def _problem(name: bytes, entry: Entry, superroot: bool) -> str | None:

@@ -24,14 +24,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..cas import payload_children, value_of_payload
+from ..cas import content_size, payload_children, value_of_payload
 from ..catalog import Observation
 from ..codec import TYPE_CHUNK, TYPE_TREE
 from ..errors import ExistsError, InvalidArgumentError, NotFoundError, StoreIOError
 from ..names import check_labels, check_snapshot_id
 from ..progress import progress_bar
 from . import packs
-from .checks import check_pulled_tree
+from .checks import check_pulled_tree, file_sizes_hold
 from .locks import SHARED, RemoteLock, locked
 from .objectstore import ObjectStore
 from .packs import (
@@ -546,10 +546,13 @@ def pull(
 
 def _receive_objects(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
     """Hand every object under the snapshot's roots (``RemoteSnapshot.roots``) that ``sm``
-    lacks to ``add``, children before parents; returns how many."""
+    lacks to ``add``, children before parents, checking every pulled tree (``checks.py``);
+    returns how many."""
     count = 0
     seen: set[bytes] = set()
     root = bytes.fromhex(snap.root)
+    files: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}  # what pulled trees' files hold
+    sizes: dict[bytes, int | None] = {}  # content of the objects pulled (None: a tree)
     stack: list[tuple[bytes, tuple[bytes, bytes] | None]] = [(r, None) for r in snap.roots()]
     while stack:
         oid, loaded = stack.pop()
@@ -559,7 +562,13 @@ def _receive_objects(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
             seen.add(oid)
             kind, payload = reader.get(oid, snap.id)
             if kind == TYPE_TREE:
-                check_pulled_tree(payload, oid, superroot=oid == root, where=reader.where)
+                sizes[oid] = None
+                for entry in check_pulled_tree(
+                    payload, oid, superroot=oid == root, where=reader.where
+                ):
+                    files.setdefault((entry.ref, entry.size), (oid, entry.name))
+            else:
+                sizes[oid] = content_size(kind, payload)
             children = payload_children(kind, payload)
             if children:
                 stack.append((oid, (kind, payload)))
@@ -570,6 +579,16 @@ def _receive_objects(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
             loaded = (kind, payload)
         add([(oid, value_of_payload(*loaded))])
         count += 1
+
+    def size_of(content_id: bytes) -> int:
+        if content_id not in sizes:
+            return sm.content.content_size(content_id)  # in the store before the pull
+        size = sizes[content_id]
+        if size is None:
+            raise StoreIOError(f"object {content_id.hex()} is a tree, not file content")
+        return size
+
+    file_sizes_hold(files, size_of, reader.where)
     return count
 
 
