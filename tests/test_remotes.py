@@ -24,6 +24,7 @@ from cascowfs.errors import (BusyError, ExistsError, InvalidArgumentError, NotFo
                              PermissionDeniedError, StoreIOError)
 from cascowfs.catalog import Observation
 from cascowfs.model import Entry
+from cascowfs.scan import link_key
 from cascowfs.episodes import label_matcher
 from cascowfs.remote import config, locks, objectstore, packs, transfer
 from cascowfs.remote.prune import prune
@@ -701,6 +702,36 @@ def test_a_pulled_file_must_be_as_big_as_its_content(tmp_path):
     with open_store(tmp_path / "store-right") as sm:
         transfer.pull(sm, rs, ["hostile"])
         assert snapshot_view(sm, "hostile")[b"f"].data == b"hello"
+
+
+def test_a_pulled_hard_link_group_is_one_file(tmp_path):
+    """A layer makes a group's members one inode, the first one written: members that differ
+    would show one file in a branch and others through the daemon."""
+    hello = prepare_content(b"hello")
+    chunk = (b"C", hello.content_id, b"hello")
+    key = link_key([b"a", b"b"])
+
+    def member(name: bytes, **kw) -> Entry:
+        fields = dict(mode=stat.S_IFREG | 0o644, uid=1000, gid=0, mtime_ns=7, size=5,
+                      ref=hello.content_id, link=key)
+        return Entry(name, **{**fields, **kw})
+
+    for case, other in {"mode": member(b"b", mode=stat.S_IFREG | 0o755),
+                        "owner": member(b"b", uid=0), "time": member(b"b", mtime_ns=8),
+                        "content": member(b"b", size=0, ref=b""),
+                        "xattrs": member(b"b", xattrs=((b"user.x", b"1"),))}.items():
+        rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/{case}"))
+        _remote_with_tree(rs, {b"a": member(b"a"), b"b": other}, (chunk,))
+        with open_store(tmp_path / f"store-{case}") as sm:
+            with pytest.raises(StoreIOError, match="entry 'b': a hard link of 'a' .* another file"):
+                transfer.pull(sm, rs, ["hostile"])
+            assert not sm.has_snapshot("hostile")
+    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/right"))
+    _remote_with_tree(rs, {b"a": member(b"a"), b"b": member(b"b")}, (chunk,))
+    with open_store(tmp_path / "store-right") as sm:
+        transfer.pull(sm, rs, ["hostile"])
+        view = snapshot_view(sm, "hostile")
+        assert view[b"a"].data == view[b"b"].data == b"hello"
 
 
 def test_what_a_branch_could_make_itself_is_pulled(tmp_path):

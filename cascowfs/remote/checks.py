@@ -11,8 +11,10 @@ before any of it is stored:
   scans never record them, and a layer holding them would steer the overlay mounts;
 - no device node, and no set-user-id or set-group-id file or directory owned by root: a
   branch runs with what its snapshot's files grant;
-- a regular file's size is what its content holds (``file_sizes_hold``, once the pull has
-  the content): a snapshot read by the daemon and a layer written from the CAS must agree.
+- across the trees of one pull (``PulledTrees``): a regular file's size is what its content
+  holds, once the pull has the content, and the members of a hard-link group are one inode
+  (the same metadata and content), as the layer written from them makes them. A snapshot read
+  by the daemon and its layer written from the CAS must show the same files.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ _FORBIDDEN_XATTRS = (OVERLAY_XATTR_PREFIX, RESERVED_XATTR_PREFIX)
 
 def check_pulled_tree(payload: bytes, oid: bytes, *, superroot: bool, where: str) -> list[Entry]:
     """Raise StoreIOError if tree object ``oid`` (its ``payload``) breaks a rule above; its
-    regular files, whose sizes the content must hold."""
+    entries that are no directories, for the rules across trees (``PulledTrees``)."""
     if index_pages(payload) is not None:
         return []  # an index of pages: the pages are checked as trees of their own
     try:
@@ -43,26 +45,49 @@ def check_pulled_tree(payload: bytes, oid: bytes, *, superroot: bool, where: str
         problem = _problem(name, entry, superroot)
         if problem:
             raise StoreIOError(f"{_entry(where, oid, name)}: {problem}")
-    return [entry for entry in entries.values() if stat.S_ISREG(entry.mode)]
+    return [entry for entry in entries.values() if not entry.is_dir]
 
 
-def file_sizes_hold(
-    files: dict[tuple[bytes, int], tuple[bytes, bytes]],
-    size_of: Callable[[bytes], int],
-    where: str,
-) -> None:
-    """Raise StoreIOError unless every file of ``files`` ((content id, size) -> the pulled tree
-    and the entry's name that give them) has content of that size, as ``size_of`` reads it
-    (StoreIOError for an object of no file content)."""
-    for (content_id, size), (tree, name) in files.items():
-        try:
-            holds = size_of(content_id)
-        except StoreIOError as exc:
-            raise StoreIOError(f"{_entry(where, tree, name)}: {exc.message}") from None
-        if holds != size:
-            raise StoreIOError(
-                f"{_entry(where, tree, name)}: a file of {size} bytes whose content holds {holds}"
-            )
+class PulledTrees:
+    """The rules that span the trees of one pull (module docstring): ``check`` each tree as it
+    arrives, then ``check_sizes`` once every object is in."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        # (content id, size) of every regular file -> the tree and the entry that give them
+        self._files: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}
+        # hard-link group -> the inode its first member showed, that member's tree and name
+        self._groups: dict[bytes, tuple[tuple, bytes, bytes]] = {}
+
+    def check(self, payload: bytes, oid: bytes, *, superroot: bool) -> None:
+        """``check_pulled_tree``, and the rules across trees that need no content."""
+        for entry in check_pulled_tree(payload, oid, superroot=superroot, where=self.where):
+            if stat.S_ISREG(entry.mode):
+                self._files.setdefault((entry.ref, entry.size), (oid, entry.name))
+            if entry.link:
+                inode = (entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.size,
+                         entry.ref, entry.rdev, entry.xattrs)  # fmt: skip
+                first, tree, name = self._groups.setdefault(entry.link, (inode, oid, entry.name))
+                if first != inode:
+                    shown = name.decode("utf-8", "backslashreplace")
+                    raise StoreIOError(
+                        f"{_entry(self.where, oid, entry.name)}: a hard link of {shown!r} (tree "
+                        f"{tree.hex()}) that is another file"
+                    )
+
+    def check_sizes(self, size_of: Callable[[bytes], int]) -> None:
+        """Raise StoreIOError unless every regular file's content holds its size, as
+        ``size_of`` reads it (StoreIOError for an object of no file content)."""
+        for (content_id, size), (tree, name) in self._files.items():
+            try:
+                holds = size_of(content_id)
+            except StoreIOError as exc:
+                raise StoreIOError(f"{_entry(self.where, tree, name)}: {exc.message}") from None
+            if holds != size:
+                raise StoreIOError(
+                    f"{_entry(self.where, tree, name)}: a file of {size} bytes whose content "
+                    f"holds {holds}"
+                )
 
 
 def _tree(where: str, oid: bytes) -> str:

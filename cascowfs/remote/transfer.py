@@ -31,7 +31,7 @@ from ..errors import ExistsError, InvalidArgumentError, NotFoundError, StoreIOEr
 from ..names import check_labels, check_snapshot_id
 from ..progress import progress_bar
 from . import packs
-from .checks import check_pulled_tree, file_sizes_hold
+from .checks import PulledTrees
 from .locks import SHARED, RemoteLock, locked
 from .objectstore import ObjectStore
 from .packs import (
@@ -551,7 +551,7 @@ def _receive_objects(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
     count = 0
     seen: set[bytes] = set()
     root = bytes.fromhex(snap.root)
-    files: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}  # what pulled trees' files hold
+    trees = PulledTrees(reader.where)
     sizes: dict[bytes, int | None] = {}  # content of the objects pulled (None: a tree)
     stack: list[tuple[bytes, tuple[bytes, bytes] | None]] = [(r, None) for r in snap.roots()]
     while stack:
@@ -563,10 +563,7 @@ def _receive_objects(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
             kind, payload = reader.get(oid, snap.id)
             if kind == TYPE_TREE:
                 sizes[oid] = None
-                for entry in check_pulled_tree(
-                    payload, oid, superroot=oid == root, where=reader.where
-                ):
-                    files.setdefault((entry.ref, entry.size), (oid, entry.name))
+                trees.check(payload, oid, superroot=oid == root)
             else:
                 sizes[oid] = content_size(kind, payload)
             children = payload_children(kind, payload)
@@ -588,7 +585,7 @@ def _receive_objects(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
             raise StoreIOError(f"object {content_id.hex()} is a tree, not file content")
         return size
 
-    file_sizes_hold(files, size_of, reader.where)
+    trees.check_sizes(size_of)
     return count
 
 
