@@ -658,6 +658,14 @@ def _file(name: bytes, mode: int = stat.S_IFREG | 0o644, uid: int = 0, **kw) -> 
         (_file(b"sg", stat.S_IFREG | 0o2755), "set-id and owned by root"),
         (_file(b"o", xattrs=((b"trusted.overlay.redirect", b"/etc"),)), "overlayfs or cascowfs"),
         (_file(b"c", xattrs=((b"user.cascowfs.label.x", b"1"),)), "overlayfs or cascowfs"),
+        (_file(b"l", stat.S_IFLNK | 0o777), "target is no path"),
+        (_file(b"l", stat.S_IFLNK | 0o777, ref=b"a\0b"), "target is no path"),
+        (Entry(b"l", stat.S_IFLNK | 0o777, 0, 0, 0, 4096, b"x" * 4096), "target is no path"),
+        (_file(b"l", stat.S_IFLNK | 0o777, ref=b"target"), "size is not its target's length"),
+        (_file(b"p", stat.S_IFIFO | 0o644, ref=b"x"), "FIFO or socket with content"),
+        (Entry(b"s", stat.S_IFSOCK | 0o644, 0, 0, 0, 3), "FIFO or socket with content"),
+        (_file(b"z", 0o644), "no file type"),
+        (_file(b"z", 0o170644), "no file type"),
     ],
 )
 def test_a_hostile_tree_is_refused_before_anything_is_stored(tmp_path, entry, problem):
@@ -734,19 +742,28 @@ def test_a_pulled_hard_link_group_is_one_file(tmp_path):
         assert view[b"a"].data == view[b"b"].data == b"hello"
 
 
+@needs_overlay
 def test_what_a_branch_could_make_itself_is_pulled(tmp_path):
-    """A user's own set-id file, a FIFO and user xattrs are no privilege: they come through."""
+    """A user's own set-id file, a FIFO, a socket, symbolic links (to anywhere, as long as
+    Linux allows) and user xattrs are no privilege: they come through."""
     rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/r"))
+    far = b"/" + b"x" * 4094
     _remote_with_tree(rs, {
         b"mine": _file(b"mine", stat.S_IFREG | 0o4755, uid=1000),
         b"fifo": _file(b"fifo", stat.S_IFIFO | 0o644),
+        b"sock": _file(b"sock", stat.S_IFSOCK | 0o755),
+        b"etc": Entry(b"etc", stat.S_IFLNK | 0o777, 0, 0, 0, 11, b"/etc/shadow"),
+        b"far": Entry(b"far", stat.S_IFLNK | 0o777, 0, 0, 0, len(far), far),
         b"x": _file(b"x", xattrs=((b"user.note", b"1"),)),
     })
     with open_store(tmp_path / "b") as sm:
         assert transfer.pull(sm, rs, ["hostile"]).snapshots == ["hostile"]
         listing = sm.read_tree(sm.root_entry("hostile").ref)
-        assert sorted(listing) == [b"fifo", b"mine", b"x"]
+        assert sorted(listing) == [b"etc", b"far", b"fifo", b"mine", b"sock", b"x"]
         assert listing[b"mine"].mode == stat.S_IFREG | 0o4755
+        info = sm.create_branch("w", "hostile")  # its layer is written: a branch shows it
+        assert os.readlink(info.tree / "far") == far.decode()
+        sm.discard("w")
 
 
 def test_through_ctl_only_root_names_a_remote_by_url():

@@ -11,6 +11,9 @@ before any of it is stored:
   scans never record them, and a layer holding them would steer the overlay mounts;
 - no device node, and no set-user-id or set-group-id file or directory owned by root: a
   branch runs with what its snapshot's files grant;
+- only the file types a scan records, each as a scan records it: a symbolic link's target a
+  path (1 to 4095 bytes, no NUL) and its size that path's length, a FIFO or socket without
+  content (a layer could not be written otherwise);
 - across the trees of one pull (``PulledTrees``): a regular file's size is what its content
   holds, once the pull has the content, and the members of a hard-link group are one inode
   (the same metadata and content), as the layer written from them makes them. A snapshot read
@@ -28,6 +31,8 @@ from ..model import Entry
 from ..trees import decode_tree, index_pages
 
 _FORBIDDEN_XATTRS = (OVERLAY_XATTR_PREFIX, RESERVED_XATTR_PREFIX)
+_FILE_TYPES = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK)
+_TARGET_MAX = 4095  # the longest symbolic link target Linux stores (PATH_MAX less its NUL)
 
 
 def check_pulled_tree(payload: bytes, oid: bytes, *, superroot: bool, where: str) -> list[Entry]:
@@ -105,8 +110,17 @@ def _problem(name: bytes, entry: Entry, superroot: bool) -> str | None:
         return "the root is not a directory"
     if any(key.startswith(_FORBIDDEN_XATTRS) for key, _ in entry.xattrs):
         return "an overlayfs or cascowfs xattr"
-    if stat.S_ISCHR(entry.mode) or stat.S_ISBLK(entry.mode):
+    kind = stat.S_IFMT(entry.mode)
+    if kind in (stat.S_IFCHR, stat.S_IFBLK):
         return "a device node"
+    if kind not in _FILE_TYPES:
+        return f"no file type a scan records (mode {entry.mode:o})"
+    if kind == stat.S_IFLNK and not (0 < len(entry.ref) <= _TARGET_MAX and b"\0" not in entry.ref):
+        return "a symbolic link whose target is no path"
+    if kind == stat.S_IFLNK and entry.size != len(entry.ref):
+        return "a symbolic link whose size is not its target's length"
+    if kind in (stat.S_IFIFO, stat.S_IFSOCK) and (entry.ref or entry.size):
+        return "a FIFO or socket with content"
     if (entry.mode & stat.S_ISUID and entry.uid == 0) or (
         entry.mode & stat.S_ISGID and entry.gid == 0 and not entry.is_dir
     ):
