@@ -556,6 +556,10 @@ class ContentStore:
             if len(self._listings) > LISTINGS_CACHED:
                 self._listings.popitem(last=False)
 
+    def kind_of(self, oid: bytes) -> bytes:
+        """An object's kind (``TYPE_TREE``, ``TYPE_LIST``, ...)."""
+        return self.get(oid)[:1]
+
     def content_size(self, content_id: bytes) -> int:
         """How many bytes a file's content holds (``b""``: none), from its stored object: a
         packed chunk's pointer, a chunk list's items; EIO for an object of no file content."""

@@ -29,7 +29,8 @@ from cascowfs.episodes import label_matcher
 from cascowfs.remote import config, locks, objectstore, packs, transfer
 from cascowfs.remote.prune import prune
 from cascowfs.cas import payload_children, prepare_content
-from cascowfs.trees import stored_payload, tree_objects
+from cascowfs.codec import object_id
+from cascowfs.trees import INDEX_VERSION, stored_payload, tree_objects
 
 
 @pytest.fixture(scope="session")
@@ -710,6 +711,32 @@ def test_a_pulled_file_must_be_as_big_as_its_content(tmp_path):
     with open_store(tmp_path / "store-right") as sm:
         transfer.pull(sm, rs, ["hostile"])
         assert snapshot_view(sm, "hostile")[b"f"].data == b"hello"
+
+
+def test_a_pulled_directory_must_name_a_tree(tmp_path):
+    """A directory, or a page of a big one, that names file content: the snapshot could be
+    neither listed nor written as a layer."""
+    hello = prepare_content(b"hello")
+    local = prepare_content(b"already here")
+    chunk = (b"C", hello.content_id, b"hello")
+    index = bytes([INDEX_VERSION]) + hello.content_id  # a big directory's one page: a chunk
+    index_id = object_id(b"T", index)
+    cases = {
+        "content": (hello.content_id, (chunk,), f"entry 'd': {hello.content_id.hex()}"),
+        "local": (local.content_id, (), f"entry 'd': {local.content_id.hex()}"),
+        "page": (index_id, (chunk, (b"T", index_id, index)), f"tree {index_id.hex()}: {hello.content_id.hex()}"),
+    }
+    for case, (ref, objects, problem) in cases.items():
+        rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/{case}"))
+        _remote_with_tree(rs, {b"d": Entry(b"d", stat.S_IFDIR | 0o755, 0, 0, 0, 0, ref)}, objects)
+        with open_store(tmp_path / f"store-{case}") as sm:
+            src = tmp_path / f"src-{case}"
+            src.mkdir()
+            (src / "x").write_bytes(b"already here")
+            sm.import_tree(src, "mine")
+            with pytest.raises(StoreIOError, match=f"{problem}.*is not a tree"):
+                transfer.pull(sm, rs, ["hostile"])
+            assert not sm.has_snapshot("hostile")
 
 
 def test_a_pulled_hard_link_group_is_one_file(tmp_path):

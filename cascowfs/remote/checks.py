@@ -14,10 +14,11 @@ before any of it is stored:
 - only the file types a scan records, each as a scan records it: a symbolic link's target a
   path (1 to 4095 bytes, no NUL) and its size that path's length, a FIFO or socket without
   content (a layer could not be written otherwise);
-- across the trees of one pull (``PulledTrees``): a regular file's size is what its content
-  holds, once the pull has the content, and the members of a hard-link group are one inode
-  (the same metadata and content), as the layer written from them makes them. A snapshot read
-  by the daemon and its layer written from the CAS must show the same files.
+- across the trees of one pull (``PulledTrees``): the members of a hard-link group are one
+  inode (the same metadata and content), as the layer written from them makes them; and once
+  the pull has every object, a directory (or a page of a big one) names a tree and a regular
+  file's content holds its size. A snapshot read by the daemon and its layer written from
+  the CAS must show the same files.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ _TARGET_MAX = 4095  # the longest symbolic link target Linux stores (PATH_MAX le
 
 def check_pulled_tree(payload: bytes, oid: bytes, *, superroot: bool, where: str) -> list[Entry]:
     """Raise StoreIOError if tree object ``oid`` (its ``payload``) breaks a rule above; its
-    entries that are no directories, for the rules across trees (``PulledTrees``)."""
+    entries, for the rules across trees (``PulledTrees``)."""
     if index_pages(payload) is not None:
         return []  # an index of pages: the pages are checked as trees of their own
     try:
@@ -50,24 +51,31 @@ def check_pulled_tree(payload: bytes, oid: bytes, *, superroot: bool, where: str
         problem = _problem(name, entry, superroot)
         if problem:
             raise StoreIOError(f"{_entry(where, oid, name)}: {problem}")
-    return [entry for entry in entries.values() if not entry.is_dir]
+    return list(entries.values())
 
 
 class PulledTrees:
     """The rules that span the trees of one pull (module docstring): ``check`` each tree as it
-    arrives, then ``check_sizes`` once every object is in."""
+    arrives, then ``check_objects`` once every object is in."""
 
     def __init__(self, where: str) -> None:
         self.where = where
         # (content id, size) of every regular file -> the tree and the entry that give them
         self._files: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}
+        # what must be a tree (a directory's, an index's page) -> the tree naming it, and the
+        # directory's name (None: a page)
+        self._trees: dict[bytes, tuple[bytes, bytes | None]] = {}
         # hard-link group -> the inode its first member showed, that member's tree and name
         self._groups: dict[bytes, tuple[tuple, bytes, bytes]] = {}
 
     def check(self, payload: bytes, oid: bytes, *, superroot: bool) -> None:
-        """``check_pulled_tree``, and the rules across trees that need no content."""
+        """``check_pulled_tree``, and the rules across trees that need no other object."""
+        for page in index_pages(payload) or ():
+            self._trees.setdefault(page, (oid, None))
         for entry in check_pulled_tree(payload, oid, superroot=superroot, where=self.where):
-            if stat.S_ISREG(entry.mode):
+            if entry.is_dir:
+                self._trees.setdefault(entry.ref, (oid, entry.name))
+            elif stat.S_ISREG(entry.mode):
                 self._files.setdefault((entry.ref, entry.size), (oid, entry.name))
             if entry.link:
                 inode = (entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.size,
@@ -80,9 +88,16 @@ class PulledTrees:
                         f"{tree.hex()}) that is another file"
                     )
 
-    def check_sizes(self, size_of: Callable[[bytes], int]) -> None:
-        """Raise StoreIOError unless every regular file's content holds its size, as
-        ``size_of`` reads it (StoreIOError for an object of no file content)."""
+    def check_objects(
+        self, size_of: Callable[[bytes], int], is_tree: Callable[[bytes], bool]
+    ) -> None:
+        """Raise StoreIOError unless every directory and page names a tree and every regular
+        file's content holds its size, as ``size_of`` reads it (StoreIOError for an object of
+        no file content)."""
+        for tree_id, (tree, name) in self._trees.items():
+            if not is_tree(tree_id):
+                where = _tree(self.where, tree) if name is None else _entry(self.where, tree, name)
+                raise StoreIOError(f"{where}: {tree_id.hex()} is not a tree")
         for (content_id, size), (tree, name) in self._files.items():
             try:
                 holds = size_of(content_id)

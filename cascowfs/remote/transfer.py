@@ -585,7 +585,12 @@ def _receive_objects(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
             raise StoreIOError(f"object {content_id.hex()} is a tree, not file content")
         return size
 
-    trees.check_sizes(size_of)
+    def is_tree(oid: bytes) -> bool:
+        if oid not in sizes:
+            return sm.content.kind_of(oid) == TYPE_TREE  # in the store before the pull
+        return sizes[oid] is None
+
+    trees.check_objects(size_of, is_tree)
     return count
 
 
