@@ -678,6 +678,20 @@ def test_a_hostile_tree_is_refused_before_anything_is_stored(tmp_path, entry, pr
         assert not sm.has_snapshot("hostile")
 
 
+def _refused_beside_local_content(where: Path, entries: dict, objects: tuple, problem: str):
+    """A pull of a ref whose root holds ``entries`` (``_remote_with_tree``) into a store that
+    has the content b"already here": EIO matching ``problem``, nothing recorded."""
+    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{where}/remote"))
+    _remote_with_tree(rs, entries, objects)
+    (where / "src").mkdir(parents=True)
+    (where / "src" / "x").write_bytes(b"already here")
+    with open_store(where / "store") as sm:
+        sm.import_tree(where / "src", "mine")
+        with pytest.raises(StoreIOError, match=problem):
+            transfer.pull(sm, rs, ["hostile"])
+        assert not sm.has_snapshot("hostile")
+
+
 def test_a_pulled_file_must_be_as_big_as_its_content(tmp_path):
     """A tree's file size and its content are two words of the remote's: a snapshot read by
     the daemon and its layer written from the CAS would show two different files."""
@@ -692,18 +706,10 @@ def test_a_pulled_file_must_be_as_big_as_its_content(tmp_path):
         "local": (Entry(b"f", stat.S_IFREG | 0o644, 0, 0, 0, 99, local.content_id), "holds 12"),
     }
     chunk = (b"C", hello.content_id, b"hello")
+    tree = (b"T", empty_tree, bytes(stored_payload(tree_objects({})[1][0][1])))
     for case, (entry, problem) in cases.items():
-        rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/{case}"))
-        tree = (b"T", empty_tree, bytes(stored_payload(tree_objects({})[1][0][1])))
-        _remote_with_tree(rs, {b"f": entry}, (chunk, tree))
-        with open_store(tmp_path / f"store-{case}") as sm:
-            src = tmp_path / f"src-{case}"
-            src.mkdir()
-            (src / "x").write_bytes(b"already here")
-            sm.import_tree(src, "mine")
-            with pytest.raises(StoreIOError, match=f"entry 'f': .*{problem}"):
-                transfer.pull(sm, rs, ["hostile"])
-            assert not sm.has_snapshot("hostile")
+        _refused_beside_local_content(tmp_path / case, {b"f": entry}, (chunk, tree),
+                                      f"entry 'f': .*{problem}")
     # the same file told right comes through
     rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/right"))
     right = Entry(b"f", stat.S_IFREG | 0o644, 0, 0, 0, 5, hello.content_id)
@@ -727,16 +733,9 @@ def test_a_pulled_directory_must_name_a_tree(tmp_path):
         "page": (index_id, (chunk, (b"T", index_id, index)), f"tree {index_id.hex()}: {hello.content_id.hex()}"),
     }
     for case, (ref, objects, problem) in cases.items():
-        rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/{case}"))
-        _remote_with_tree(rs, {b"d": Entry(b"d", stat.S_IFDIR | 0o755, 0, 0, 0, 0, ref)}, objects)
-        with open_store(tmp_path / f"store-{case}") as sm:
-            src = tmp_path / f"src-{case}"
-            src.mkdir()
-            (src / "x").write_bytes(b"already here")
-            sm.import_tree(src, "mine")
-            with pytest.raises(StoreIOError, match=f"{problem}.*is not a tree"):
-                transfer.pull(sm, rs, ["hostile"])
-            assert not sm.has_snapshot("hostile")
+        directory = Entry(b"d", stat.S_IFDIR | 0o755, 0, 0, 0, 0, ref)
+        _refused_beside_local_content(tmp_path / case, {b"d": directory}, objects,
+                                      f"{problem}.*is not a tree")
 
 
 def test_a_pulled_hard_link_group_is_one_file(tmp_path):
