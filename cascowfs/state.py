@@ -57,7 +57,6 @@ from .errors import (
     ExistsError,
     InvalidArgumentError,
     NotFoundError,
-    StoreIOError,
     StoreLockedError,
     disk_errors,
     from_os_error,
@@ -621,10 +620,11 @@ class StateManager:
     ) -> str:
         """Record snapshot ``id`` of tree ``superroot`` whose objects ``fetch`` hands over (a
         pull, ``remote/transfer.py``): to the function it is given, in batches, children
-        before the objects naming them; those of its large observation ``obs`` too, whose
-        content must hold ``obs.size`` bytes. Logged like an import: atomic across kill -9,
-        the objects of a pull that dies swept. Its layer is written afterwards, from the CAS:
-        a delta over ``parent``'s chain when this store has ``parent``, else a full layer."""
+        before the objects naming them; those of its large observation ``obs`` too (the
+        caller checks what it pulled: ``remote/checks.py``). Logged like an import: atomic
+        across kill -9, the objects of a pull that dies swept. Its layer is written afterwards,
+        from the CAS: a delta over ``parent``'s chain when this store has ``parent``, else a
+        full layer."""
         id = check_snapshot_id(id)
         labels = check_labels(labels)
         with self._ops.running():
@@ -642,8 +642,6 @@ class StateManager:
                 crash_point("pull.fetched")
                 root = self.root_of(superroot)  # StoreIOError if the tree did not arrive
                 assert root is not None
-                if obs is not None:
-                    self._check_observation_content(id, obs)
 
                 def apply(txn: lmdb.Transaction) -> None:
                     base = None
@@ -667,19 +665,6 @@ class StateManager:
             self._finish(op)
             self.layers.queue(layer)
             return id
-
-    def _check_observation_content(self, id: str, obs: Observation) -> None:
-        """EIO unless the observation's content is in the store and holds ``obs.size`` bytes
-        (a pulled ref is another machine's word)."""
-        try:
-            size = self.content.content_size(bytes.fromhex(obs.ref))
-        except StoreIOError as exc:
-            raise StoreIOError(f"the observation of snapshot {id}: {exc.message}") from None
-        if size != obs.size:
-            raise StoreIOError(
-                f"the observation of snapshot {id} holds {size} bytes, not the {obs.size} "
-                "its record says"
-            )
 
     def has_object(self, oid: bytes) -> bool:
         return self.content.find(oid) is not None

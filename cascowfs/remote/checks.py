@@ -1,4 +1,4 @@
-"""What a tree pulled from a remote may hold.
+"""What a tree pulled from a remote may hold, and what a pulled observation must be.
 
 A remote is written by other machines: a tree from it is hostile input, held to what this
 store's own scans can produce, and to no more privilege than a branch can give itself. A
@@ -17,15 +17,17 @@ before any of it is stored:
 - across the trees of one pull (``PulledTrees``): the members of a hard-link group are one
   inode (the same metadata and content), as the layer written from them makes them; and once
   the pull has every object, a directory (or a page of a big one) names a tree and a regular
-  file's content holds its size. A snapshot read by the daemon and its layer written from
-  the CAS must show the same files.
+  file's content holds its size, and so does the observation's. A snapshot read by the
+  daemon and its layer written from the CAS must show the same files.
 """
 
 from __future__ import annotations
 
 import stat
-from collections.abc import Callable
 
+from ..cas import ContentStore, content_size
+from ..catalog import Observation
+from ..codec import TYPE_TREE
 from ..errors import StoreIOError
 from ..fsmeta import OVERLAY_XATTR_PREFIX, RESERVED_XATTR_PREFIX
 from ..model import Entry
@@ -37,10 +39,8 @@ _TARGET_MAX = 4095  # the longest symbolic link target Linux stores (PATH_MAX le
 
 
 def check_pulled_tree(payload: bytes, oid: bytes, *, superroot: bool, where: str) -> list[Entry]:
-    """Raise StoreIOError if tree object ``oid`` (its ``payload``) breaks a rule above; its
-    entries, for the rules across trees (``PulledTrees``)."""
-    if index_pages(payload) is not None:
-        return []  # an index of pages: the pages are checked as trees of their own
+    """Raise StoreIOError if the listing ``payload`` of tree object ``oid`` breaks a rule
+    above; its entries, for the rules across trees (``PulledTrees``)."""
     try:
         entries = decode_tree(payload)
     except StoreIOError as exc:
@@ -55,11 +55,15 @@ def check_pulled_tree(payload: bytes, oid: bytes, *, superroot: bool, where: str
 
 
 class PulledTrees:
-    """The rules that span the trees of one pull (module docstring): ``check`` each tree as it
-    arrives, then ``check_objects`` once every object is in."""
+    """The rules that span the objects of one pull (module docstring): ``take`` each object
+    as it arrives, then ``check_objects`` once every one is in."""
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, snapshot: str, obs: Observation | None) -> None:
         self.where = where
+        self._snapshot = snapshot
+        self._obs = obs
+        # every object pulled -> the bytes of file content it holds (None: a tree)
+        self._pulled: dict[bytes, int | None] = {}
         # (content id, size) of every regular file -> the tree and the entry that give them
         self._files: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}
         # what must be a tree (a directory's, an index's page) -> the tree naming it, and the
@@ -68,10 +72,23 @@ class PulledTrees:
         # hard-link group -> the inode its first member showed, that member's tree and name
         self._groups: dict[bytes, tuple[tuple, bytes, bytes]] = {}
 
-    def check(self, payload: bytes, oid: bytes, *, superroot: bool) -> None:
-        """``check_pulled_tree``, and the rules across trees that need no other object."""
-        for page in index_pages(payload) or ():
-            self._trees.setdefault(page, (oid, None))
+    def take(self, oid: bytes, kind: bytes, payload: bytes, *, superroot: bool) -> None:
+        """A pulled object: a tree is checked now (``check_pulled_tree`` and the rules across
+        trees that need no other object), file content noted with its size."""
+        if kind != TYPE_TREE:
+            try:
+                self._pulled[oid] = content_size(kind, payload)
+            except StoreIOError as exc:
+                raise StoreIOError(
+                    f"remote {self.where}: object {oid.hex()}: {exc.message}"
+                ) from None
+            return
+        self._pulled[oid] = None
+        pages = index_pages(payload)
+        if pages is not None:  # the pages are checked as trees of their own
+            for page in pages:
+                self._trees.setdefault(page, (oid, None))
+            return
         for entry in check_pulled_tree(payload, oid, superroot=superroot, where=self.where):
             if entry.is_dir:
                 self._trees.setdefault(entry.ref, (oid, entry.name))
@@ -88,19 +105,17 @@ class PulledTrees:
                         f"{tree.hex()}) that is another file"
                     )
 
-    def check_objects(
-        self, size_of: Callable[[bytes], int], is_tree: Callable[[bytes], bool]
-    ) -> None:
-        """Raise StoreIOError unless every directory and page names a tree and every regular
-        file's content holds its size, as ``size_of`` reads it (StoreIOError for an object of
-        no file content)."""
+    def check_objects(self, content: ContentStore) -> None:
+        """Raise StoreIOError unless every directory and page names a tree, and every regular
+        file's content, and the observation's, holds its size: as pulled, or as ``content``
+        (the pulling store) holds an object it had before the pull."""
         for tree_id, (tree, name) in self._trees.items():
-            if not is_tree(tree_id):
+            if not self._is_tree(tree_id, content):
                 where = _tree(self.where, tree) if name is None else _entry(self.where, tree, name)
                 raise StoreIOError(f"{where}: {tree_id.hex()} is not a tree")
         for (content_id, size), (tree, name) in self._files.items():
             try:
-                holds = size_of(content_id)
+                holds = self._size_of(content_id, content)
             except StoreIOError as exc:
                 raise StoreIOError(f"{_entry(self.where, tree, name)}: {exc.message}") from None
             if holds != size:
@@ -108,6 +123,29 @@ class PulledTrees:
                     f"{_entry(self.where, tree, name)}: a file of {size} bytes whose content "
                     f"holds {holds}"
                 )
+        if self._obs is not None:
+            what = f"remote {self.where}: the observation of snapshot {self._snapshot}"
+            try:
+                holds = self._size_of(bytes.fromhex(self._obs.ref), content)
+            except StoreIOError as exc:
+                raise StoreIOError(f"{what}: {exc.message}") from None
+            if holds != self._obs.size:
+                raise StoreIOError(
+                    f"{what} holds {holds} bytes, not the {self._obs.size} its ref says"
+                )
+
+    def _is_tree(self, oid: bytes, content: ContentStore) -> bool:
+        if oid in self._pulled:
+            return self._pulled[oid] is None
+        return content.kind_of(oid) == TYPE_TREE
+
+    def _size_of(self, content_id: bytes, content: ContentStore) -> int:
+        if content_id not in self._pulled:
+            return content.content_size(content_id)
+        size = self._pulled[content_id]
+        if size is None:
+            raise StoreIOError(f"object {content_id.hex()} is a tree, which is not file content")
+        return size
 
 
 def _tree(where: str, oid: bytes) -> str:

@@ -24,9 +24,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..cas import content_size, payload_children, value_of_payload
+from ..cas import payload_children, value_of_payload
 from ..catalog import Observation
-from ..codec import TYPE_CHUNK, TYPE_TREE
+from ..codec import TYPE_CHUNK
 from ..errors import ExistsError, InvalidArgumentError, NotFoundError, StoreIOError
 from ..names import check_labels, check_snapshot_id
 from ..progress import progress_bar
@@ -546,13 +546,12 @@ def pull(
 
 def _receive_objects(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
     """Hand every object under the snapshot's roots (``RemoteSnapshot.roots``) that ``sm``
-    lacks to ``add``, children before parents, checking every pulled tree (``checks.py``);
+    lacks to ``add``, children before parents, checking what was pulled (``checks.py``);
     returns how many."""
     count = 0
     seen: set[bytes] = set()
     root = bytes.fromhex(snap.root)
-    trees = PulledTrees(reader.where)
-    sizes: dict[bytes, int | None] = {}  # content of the objects pulled (None: a tree)
+    pulled = PulledTrees(reader.where, snap.id, snap.obs)
     stack: list[tuple[bytes, tuple[bytes, bytes] | None]] = [(r, None) for r in snap.roots()]
     while stack:
         oid, loaded = stack.pop()
@@ -561,11 +560,7 @@ def _receive_objects(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
                 continue
             seen.add(oid)
             kind, payload = reader.get(oid, snap.id)
-            if kind == TYPE_TREE:
-                sizes[oid] = None
-                trees.check(payload, oid, superroot=oid == root)
-            else:
-                sizes[oid] = content_size(kind, payload)
+            pulled.take(oid, kind, payload, superroot=oid == root)
             children = payload_children(kind, payload)
             if children:
                 stack.append((oid, (kind, payload)))
@@ -576,21 +571,7 @@ def _receive_objects(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
             loaded = (kind, payload)
         add([(oid, value_of_payload(*loaded))])
         count += 1
-
-    def size_of(content_id: bytes) -> int:
-        if content_id not in sizes:
-            return sm.content.content_size(content_id)  # in the store before the pull
-        size = sizes[content_id]
-        if size is None:
-            raise StoreIOError(f"object {content_id.hex()} is a tree, not file content")
-        return size
-
-    def is_tree(oid: bytes) -> bool:
-        if oid not in sizes:
-            return sm.content.kind_of(oid) == TYPE_TREE  # in the store before the pull
-        return sizes[oid] is None
-
-    trees.check_objects(size_of, is_tree)
+    pulled.check_objects(sm.content)
     return count
 
 
