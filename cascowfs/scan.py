@@ -27,7 +27,15 @@ from .cas import prepare_content
 from .import_workers import FileJob, FileResult, ImportWorkers, Prepare, read_content
 from .model import Entry
 from .privacy import Caller, reading_as
-from .trees import STORED, Encoding, TreeStore, encode_listing, same_entries
+from .trees import (
+    STORED,
+    Encoding,
+    TreeStore,
+    counted,
+    encode_listing,
+    listing_totals,
+    same_entries,
+)
 
 
 class ObjectSink:
@@ -472,16 +480,6 @@ def canonicalize_links(trees: TreeStore, root: DirNode) -> None:
                 node.children[name] = cast(Entry, node.children[name])._replace(link=canonical)
 
 
-def _counted(entry: Entry) -> tuple[int, int, int]:
-    """What an entry adds to its directory's (tree_files, tree_bytes, tree_links)."""
-    linked = 1 if entry.link else 0
-    if entry.is_dir:
-        return entry.tree_files, entry.tree_bytes, entry.tree_links + linked
-    if entry.is_file:
-        return 1, entry.size, linked
-    return 0, 0, linked
-
-
 class BuiltDir(NamedTuple):
     """A directory a commit encoded, for the next commit of its branch to compare with."""
 
@@ -566,16 +564,13 @@ def finalize(
             for name, child in changes.items():
                 old = lower.get(name)
                 if old is not None:
-                    f, b, n = _counted(old)
+                    f, b, n = counted(old)
                     files, total, links = files - f, total - b, links - n
                 if child is not None:
-                    f, b, n = _counted(child)
+                    f, b, n = counted(child)
                     files, total, links = files + f, total + b, links + n
         else:
-            files = total = links = 0
-            for child in entries.values():
-                f, b, n = _counted(child)
-                files, total, links = files + f, total + b, links + n
+            files, total, links = listing_totals(entries.values())
         entry = m._replace(
             size=0,
             ref=tree_id,

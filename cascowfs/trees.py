@@ -18,7 +18,7 @@ import struct
 import threading
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 import lmdb
@@ -57,6 +57,26 @@ ROOT_NAME = b""
 # such pages from its branch's base tree, which keeps them alive as it keeps every unchanged
 # subtree the commit names.
 STORED = b""
+
+
+def counted(entry: Entry) -> tuple[int, int, int]:
+    """What an entry adds to its directory's totals (``tree_files``, ``tree_bytes``,
+    ``tree_links``): a directory entry carries those of the tree it names."""
+    linked = 1 if entry.link else 0
+    if entry.is_dir:
+        return entry.tree_files, entry.tree_bytes, entry.tree_links + linked
+    if entry.is_file:
+        return 1, entry.size, linked
+    return 0, 0, linked
+
+
+def listing_totals(entries: Iterable[Entry]) -> tuple[int, int, int]:
+    """The totals a directory entry naming a tree of ``entries`` carries (``counted``)."""
+    files = total = links = 0
+    for entry in entries:
+        f, b, n = counted(entry)
+        files, total, links = files + f, total + b, links + n
+    return files, total, links
 
 
 def encode_tree(entries: dict[bytes, Entry]) -> bytes:
