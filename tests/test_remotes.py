@@ -30,7 +30,7 @@ from cascowfs.remote import config, locks, objectstore, packs, transfer
 from cascowfs.remote.prune import prune
 from cascowfs.cas import payload_children, prepare_content
 from cascowfs.codec import object_id
-from cascowfs.trees import INDEX_VERSION, stored_payload, tree_objects
+from cascowfs.trees import INDEX_VERSION, listing_totals, stored_payload, tree_objects
 
 
 @pytest.fixture(scope="session")
@@ -622,18 +622,18 @@ def test_ls_snapshots_predicates_are_finds():
             label_matcher([bad])
 
 
-def _remote_with_tree(rs, entries: dict, objects: tuple = ()) -> None:
+def _remote_with_tree(rs, entries: dict, objects: tuple = (), *, subtrees: tuple = (),
+                      root_totals: tuple | None = None) -> None:
     """A ref ``hostile`` on ``rs`` whose root directory holds ``entries`` (files empty, but
-    those of ``objects``: (kind, id, payload) sent beside the trees)."""
-    dir_id, dir_objects = tree_objects(entries)
-    files = [e for e in entries.values() if stat.S_ISREG(e.mode)]
-    root = Entry(b"", stat.S_IFDIR | 0o755, 0, 0, 0, 0, dir_id, tree_files=len(files),
-                 tree_bytes=sum(e.size for e in files))
+    those of ``objects``: (kind, id, payload) sent beside the trees, and the trees of the
+    listings ``subtrees``), with the totals of ``entries`` or ``root_totals``."""
+    root = _dir(b"", entries, *(root_totals or ()))
     superroot, root_objects = tree_objects({b"": root})
     builder = packs.PackBuilder()
     for kind, oid, payload in objects:
         builder.add(kind, oid, payload)
-    for oid, value in dir_objects + root_objects:
+    trees = [tree_objects(listing)[1] for listing in (entries, *subtrees)]
+    for oid, value in sum(trees, []) + root_objects:
         builder.add(b"T", oid, bytes(stored_payload(value)))
     pack_name, pack, index_name, index = builder.seal()
     rs.put(packs.pack_key(pack_name), pack)
@@ -644,6 +644,14 @@ def _remote_with_tree(rs, entries: dict, objects: tuple = ()) -> None:
 
 def _file(name: bytes, mode: int = stat.S_IFREG | 0o644, uid: int = 0, **kw) -> Entry:
     return Entry(name, mode, uid, 0, 0, 0, **kw)
+
+
+def _dir(name: bytes, listing: dict, *totals: int, ref: bytes | None = None) -> Entry:
+    """A directory entry naming the tree of ``listing`` (or ``ref``), with ``totals`` (files,
+    bytes, hard-link members below) or, for those not given, the listing's own."""
+    files, size, links = (*totals, *listing_totals(listing.values())[len(totals):])
+    return Entry(name, stat.S_IFDIR | 0o755, 0, 0, 0, 0, ref or tree_objects(listing)[0],
+                 tree_files=files, tree_bytes=size, tree_links=links)
 
 
 @pytest.mark.parametrize(
@@ -766,6 +774,64 @@ def test_a_pulled_hard_link_group_is_one_file(tmp_path):
         transfer.pull(sm, rs, ["hostile"])
         view = snapshot_view(sm, "hostile")
         assert view[b"a"].data == view[b"b"].data == b"hello"
+
+
+def test_a_pulled_directory_carries_the_totals_of_its_tree(tmp_path):
+    """A directory entry's totals are what `show`, `episodes` and the snapshot's xattrs report
+    of the files below it: a remote's word for them must be what the tree holds."""
+    hello = prepare_content(b"hello")
+    chunk = (b"C", hello.content_id, b"hello")
+    inner = {b"f": Entry(b"f", stat.S_IFREG | 0o644, 1000, 0, 0, 5, hello.content_id)}
+    key = link_key([b"a", b"b"])
+    linked = {n: _file(n, uid=1000, ref=b"", link=key) for n in (b"a", b"b")}
+    big = {b"%03d" % i: _file(b"%03d" % i, uid=1000) for i in range(100)}  # paged
+    assert len(tree_objects(big)[1]) > 1
+    cases = {
+        "files": ({b"d": _dir(b"d", inner, 2)}, {}, "entry 'd': .* 2 files of 5 bytes and 0 "
+                  "hard-link members whose tree holds 1 files of 5 bytes and 0"),
+        "bytes": ({b"d": _dir(b"d", inner, 1, 4)}, {}, "entry 'd': .* 4 bytes .* 5 bytes"),
+        "links": ({b"d": _dir(b"d", linked, 2, 0, 0)}, {}, "entry 'd': .* 0 hard-link .* 2 hard"),
+        "pages": ({b"d": _dir(b"d", big, 99)}, {}, "entry 'd': .* 99 files .* 100 files"),
+        "named twice": ({b"d": _dir(b"d", inner), b"e": _dir(b"e", inner, 0, 0)}, {},
+                        "entry 'e': .* 0 files of 0 bytes .* 1 files of 5"),
+        "root": ({b"d": _dir(b"d", inner)}, {"root_totals": (1, 6, 0)}, "entry '': .* 6 bytes"),
+    }
+    for case, (entries, kw, problem) in cases.items():
+        rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/{case}"))
+        _remote_with_tree(rs, entries, (chunk,), subtrees=(inner, linked, big), **kw)
+        with open_store(tmp_path / f"store-{case}") as sm:
+            with pytest.raises(StoreIOError, match=f"remote .*: tree [0-9a-f]{{64}}, {problem}"):
+                transfer.pull(sm, rs, ["hostile"])
+            assert not sm.has_snapshot("hostile")
+    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/right"))
+    entries = {b"d": _dir(b"d", inner), b"e": _dir(b"e", inner), b"l": _dir(b"l", linked),
+               b"p": _dir(b"p", big)}
+    _remote_with_tree(rs, entries, (chunk,), subtrees=(inner, linked, big))
+    with open_store(tmp_path / "store-right") as sm:
+        transfer.pull(sm, rs, ["hostile"])
+        info = sm.snapshot("hostile")
+        assert (info.files, info.size) == (104, 10)
+        assert sm.root_entry("hostile").tree_links == 2
+
+
+def test_a_pulled_directory_naming_a_tree_here_carries_its_totals(tmp_path):
+    """A tree the pulling store had is read as it recorded it, one level down and no deeper."""
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "sub" / "x").write_bytes(b"already here")
+    (tmp_path / "src" / "y").write_bytes(b"and here")
+    with open_store(tmp_path / "store") as sm:
+        sm.import_tree(tmp_path / "src", "mine")
+        here = sm.root_entry("mine")
+        for case, totals in {"wrong": (2, 19), "right": (2, 20)}.items():
+            rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/{case}"))
+            _remote_with_tree(rs, {b"d": _dir(b"d", {}, *totals, 0, ref=here.ref)})
+            if case == "wrong":
+                with pytest.raises(StoreIOError, match="entry 'd': .* 19 bytes .* 20 bytes"):
+                    transfer.pull(sm, rs, ["hostile"])
+                assert not sm.has_snapshot("hostile")
+            else:
+                transfer.pull(sm, rs, ["hostile"])
+                assert sm.snapshot("hostile").size == 20
 
 
 @needs_overlay

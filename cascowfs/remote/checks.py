@@ -16,9 +16,16 @@ before any of it is stored:
   content (a layer could not be written otherwise);
 - across the trees of one pull (``PulledTrees``): the members of a hard-link group are one
   inode (the same metadata and content), as the layer written from them makes them; and once
-  the pull has every object, a directory (or a page of a big one) names a tree and a regular
-  file's content holds its size, and so does the observation's. A snapshot read by the
-  daemon and its layer written from the CAS must show the same files.
+  the pull has every object, a directory (or a page of a big one) names a tree, a directory
+  entry's totals (files, bytes, hard-link members below it) are those of the tree it names,
+  and a regular file's content holds its size, and so does the observation's. A snapshot
+  read by the daemon and its layer written from the CAS must show the same files, and
+  ``show``, ``episodes`` and the snapshot's xattrs the totals of those files.
+
+A directory's totals are checked one level down: against the entries of the tree it names,
+whose own directory entries are checked in turn if pulled, and are as this store recorded
+them if it had the tree before. So a pull reads no more of what the store had than the
+trees its pulled directories name directly.
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ from ..codec import TYPE_TREE
 from ..errors import StoreIOError
 from ..fsmeta import OVERLAY_XATTR_PREFIX, RESERVED_XATTR_PREFIX
 from ..model import Entry
-from ..trees import decode_tree, index_pages
+from ..trees import TreeStore, decode_tree, index_pages, listing_totals
 
 _FORBIDDEN_XATTRS = (OVERLAY_XATTR_PREFIX, RESERVED_XATTR_PREFIX)
 _FILE_TYPES = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK)
+Totals = tuple[int, int, int]  # files, bytes, hard-link members below a directory
 _TARGET_MAX = 4095  # the longest symbolic link target Linux stores (PATH_MAX less its NUL)
 
 
@@ -71,6 +79,10 @@ class PulledTrees:
         self._trees: dict[bytes, tuple[bytes, bytes | None]] = {}
         # hard-link group -> the inode its first member showed, that member's tree and name
         self._groups: dict[bytes, tuple[tuple, bytes, bytes]] = {}
+        # every tree pulled -> its listing's totals, or an index's pages
+        self._listed: dict[bytes, Totals | list[bytes]] = {}
+        # (tree id, the totals a directory entry gives it) -> the tree and the entry
+        self._claims: dict[tuple[bytes, Totals], tuple[bytes, bytes]] = {}
 
     def take(self, oid: bytes, kind: bytes, payload: bytes, *, superroot: bool) -> None:
         """A pulled object: a tree is checked now (``check_pulled_tree`` and the rules across
@@ -86,12 +98,17 @@ class PulledTrees:
         self._pulled[oid] = None
         pages = index_pages(payload)
         if pages is not None:  # the pages are checked as trees of their own
+            self._listed[oid] = pages
             for page in pages:
                 self._trees.setdefault(page, (oid, None))
             return
-        for entry in check_pulled_tree(payload, oid, superroot=superroot, where=self.where):
+        entries = check_pulled_tree(payload, oid, superroot=superroot, where=self.where)
+        self._listed[oid] = listing_totals(entries)
+        for entry in entries:
             if entry.is_dir:
                 self._trees.setdefault(entry.ref, (oid, entry.name))
+                claimed = (entry.tree_files, entry.tree_bytes, entry.tree_links)
+                self._claims.setdefault((entry.ref, claimed), (oid, entry.name))
             elif stat.S_ISREG(entry.mode):
                 self._files.setdefault((entry.ref, entry.size), (oid, entry.name))
             if entry.link:
@@ -105,14 +122,23 @@ class PulledTrees:
                         f"{tree.hex()}) that is another file"
                     )
 
-    def check_objects(self, content: ContentStore) -> None:
-        """Raise StoreIOError unless every directory and page names a tree, and every regular
-        file's content, and the observation's, holds its size: as pulled, or as ``content``
-        (the pulling store) holds an object it had before the pull."""
+    def check_objects(self, trees: TreeStore) -> None:
+        """Raise StoreIOError unless every directory and page names a tree, every directory
+        entry carries its tree's totals, and every regular file's content, and the
+        observation's, holds its size: as pulled, or as ``trees`` (the pulling store's) holds
+        an object it had before the pull."""
+        content = trees.content
         for tree_id, (tree, name) in self._trees.items():
             if not self._is_tree(tree_id, content):
                 where = _tree(self.where, tree) if name is None else _entry(self.where, tree, name)
                 raise StoreIOError(f"{where}: {tree_id.hex()} is not a tree")
+        for (tree_id, claimed), (tree, name) in self._claims.items():
+            found = self._totals_of(tree_id, trees)
+            if found != claimed:
+                raise StoreIOError(
+                    f"{_entry(self.where, tree, name)}: a directory said to hold {_said(claimed)}"
+                    f" whose tree holds {_said(found)}"
+                )
         for (content_id, size), (tree, name) in self._files.items():
             try:
                 holds = self._size_of(content_id, content)
@@ -134,6 +160,15 @@ class PulledTrees:
                     f"{what} holds {holds} bytes, not the {self._obs.size} its ref says"
                 )
 
+    def _totals_of(self, tree_id: bytes, trees: TreeStore) -> Totals:
+        listed = self._listed.get(tree_id)
+        if listed is None:  # a tree the store had: its listing as the store recorded it
+            return listing_totals(trees.get(tree_id).values())
+        if isinstance(listed, list):  # an index: the sum of its pages'
+            sums = [self._totals_of(page, trees) for page in listed]
+            return (sum(t[0] for t in sums), sum(t[1] for t in sums), sum(t[2] for t in sums))
+        return listed
+
     def _is_tree(self, oid: bytes, content: ContentStore) -> bool:
         if oid in self._pulled:
             return self._pulled[oid] is None
@@ -146,6 +181,11 @@ class PulledTrees:
         if size is None:
             raise StoreIOError(f"object {content_id.hex()} is a tree, which is not file content")
         return size
+
+
+def _said(totals: Totals) -> str:
+    files, size, links = totals
+    return f"{files} files of {size} bytes and {links} hard-link members"
 
 
 def _tree(where: str, oid: bytes) -> str:

@@ -571,7 +571,7 @@ def _receive_objects(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
             loaded = (kind, payload)
         add([(oid, value_of_payload(*loaded))])
         count += 1
-    pulled.check_objects(sm.content)
+    pulled.check_objects(sm.trees)
     return count
 
 
