@@ -16,7 +16,11 @@ records are laid out:
   changes the record: the snapshot tree's edges (``<parent>\0<child>``; a snapshot without
   parent under the empty id), every label (``<key>\0<id>`` -> value), and every label again
   in the order ``find`` sorts by (``<key>\0<sort bytes>\0<id>``, ``sort_bytes``), so that
-  ``find`` and ``children`` read only what they ask for.
+  ``find`` and ``children`` read only what they ask for. LMDB refuses keys over 511 bytes,
+  so a text value whose sort bytes run past ``ORDER_KEPT`` keeps only those first bytes in
+  the key, then ``\1`` in place of the ``\0``: such keys sort after the value that is
+  exactly their prefix and before every greater one, and ``ordered`` reads their whole
+  values from ``labels`` to place them among each other.
 
 Records are JSON objects with sorted keys and no spaces, so that a store written by any
 version since format 5 reads and rewrites byte for byte the same; the dataclasses are frozen,
@@ -134,9 +138,26 @@ def number_bytes(number: float) -> bytes:
     return bytes([raw[0] | 0x80]) + raw[1:]
 
 
+# Sort bytes an order key keeps: with a key of 64 bytes, an id of 128 and two separators the
+# key stays under LMDB's 511 bytes.
+ORDER_KEPT = 300
+_WHOLE, _CUT = b"\0", b"\1"  # after the sort bytes: all of them, or their first ORDER_KEPT
+
+
 def _order_key(key: str, value: str, id: str) -> bytes:
-    # label values hold no control character, so no NUL: the last NUL ends the sort bytes
-    return key.encode() + b"\0" + sort_bytes(value) + b"\0" + id.encode()
+    # A text value holds no control character and an id neither, so the last NUL or \1 ends
+    # the sort bytes (a number's eight bytes may hold either, but a NUL always follows them).
+    sort = sort_bytes(value)
+    if len(sort) > ORDER_KEPT:
+        return key.encode() + b"\0" + sort[:ORDER_KEPT] + _CUT + id.encode()
+    return key.encode() + b"\0" + sort + _WHOLE + id.encode()
+
+
+def _split_order_key(raw: bytes, skip: int) -> tuple[bytes, bool, str]:
+    """The sort bytes kept in order key ``raw`` (its first ``skip`` bytes are ``<key>\0``),
+    whether they were cut, and the id."""
+    end = max(raw.rfind(_WHOLE), raw.rfind(_CUT))
+    return raw[skip:end], raw[end : end + 1] == _CUT, raw[end + 1 :].decode()
 
 
 def _pair(first: str, second: str) -> bytes:
@@ -384,19 +405,47 @@ class Catalog:
         """(sort bytes, snapshot id) of label ``key``'s values whose sort bytes lie in
         [``low``, ``high``), ascending (ties by id) or descending (ties by id descending)."""
         prefix = key.encode() + b"\0"
-        start, stop = prefix + low, prefix + high
         cursor = txn.cursor(db=self._label_order)
-        if descending:
-            placed = cursor.prev() if cursor.set_range(stop) else cursor.last()
+        if descending:  # past every key whose value may lie under ``high``
+            past = high if len(high) <= ORDER_KEPT else high[:ORDER_KEPT] + b"\2"
+            placed = cursor.prev() if cursor.set_range(prefix + past) else cursor.last()
             entries = cursor.iterprev(keys=True, values=False) if placed else iter(())
         else:
-            placed = cursor.set_range(start)
+            placed = cursor.set_range(prefix + low[:ORDER_KEPT])
             entries = cursor.iternext(keys=True, values=False) if placed else iter(())
+        cut_run: list[tuple[bytes, str]] = []  # keys cut at the same bytes: whole values
+        kept_run = b""
         for raw in entries:
-            if not start <= raw < stop:
-                return
-            cut = raw.rindex(b"\0")
-            yield raw[len(prefix) : cut], raw[cut + 1 :].decode()
+            if not raw.startswith(prefix):
+                break
+            kept, was_cut, id = _split_order_key(raw, len(prefix))
+            if cut_run and (not was_cut or kept != kept_run):
+                yield from self._placed(cut_run, low, high, descending)
+                cut_run = []
+            # ``kept`` is the value, or a prefix of it, and moves one way along the keys: past
+            # the range, no later key's value can come back into it
+            if descending:
+                if kept < (low[:ORDER_KEPT] if was_cut else low):
+                    break
+            elif kept >= high:
+                break
+            if was_cut:
+                kept_run = kept
+                whole = self.label(txn, key, id)
+                cut_run.append((sort_bytes(whole) if whole is not None else kept, id))
+            elif low <= kept < high:
+                yield kept, id
+        if cut_run:
+            yield from self._placed(cut_run, low, high, descending)
+
+    @staticmethod
+    def _placed(
+        run: list[tuple[bytes, str]], low: bytes, high: bytes, descending: bool
+    ) -> Iterator[tuple[bytes, str]]:
+        """Keys cut at the same bytes, in the order of their whole sort bytes, then ids."""
+        for sort, id in sorted(run, reverse=descending):
+            if low <= sort < high:
+                yield sort, id
 
     def label(self, txn: lmdb.Transaction, key: str, id: str) -> str | None:
         raw = txn.get(_pair(key, id), db=self._labels)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from cascowfs.catalog import Catalog, Observation, SnapshotRecord
+from cascowfs.catalog import AFTER_TEXT, TEXT_TAG, Catalog, Observation, SnapshotRecord, sort_bytes
 from cascowfs.episodes import (FindQuery, Predicate, descendants, find, parse_find,
                                parse_predicate)
 from cascowfs.errors import InvalidArgumentError, NotFoundError
@@ -99,7 +99,11 @@ KEYS = st.sampled_from(["reward", "visits", "action", "a.b", "_x"])
 VALUES = st.one_of(st.sampled_from(["0", "0.5", "1", "-2", "1e3", "fix-parser", "Z", "", "10",
                                     "+.5", "nan", "inf", "0x10", " 1"]),
                    st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")),
-                           max_size=6))
+                           max_size=6),
+                   # values whose sort bytes an order key cannot keep whole (ORDER_KEPT)
+                   st.builds(lambda n, tail: "q" * n + tail, st.sampled_from([298, 299, 300, 420]),
+                             st.sampled_from(["", "a", "b", "ab", "\u00e9", "!", "q"])),
+                   st.sampled_from(["1" + "0" * 400, "9" * 350, "é" * 160]))
 TREES = st.lists(st.tuples(st.integers(0, 1000), st.dictionaries(KEYS, VALUES, max_size=4),
                            st.booleans()), min_size=1, max_size=25)
 
@@ -248,6 +252,54 @@ def test_numbers_compare_as_numbers_and_the_rest_as_text(catalog):
         assert ids("--sort", "-r", "--limit", "4") == ["b", "c", "f", "a"]  # ties by id
         assert ids("--sort", "r", "--limit", "6") == ["e", "a", "b", "c", "f", "d"]
         assert ids("r>=a", "--sort", "r", "--limit", "9") == ["d"]
+
+
+def test_values_longer_than_an_order_key_sort_and_compare_whole(catalog):
+    """LMDB keys hold at most 511 bytes, so the ordered index keeps only the first
+    ORDER_KEPT sort bytes of a long value: values cut at the same bytes, and bounds as long,
+    must still sort and compare as the whole values do (the reference reading)."""
+    db, cat = catalog
+    q, one = "q" * 299, "1" + "0" * 400  # ORDER_KEPT sort bytes are the tag and 299 chars
+    values = [q + "ab", q + "b", q + "a", "q" * 420, q, "q" * 298 + "r", "p" * 500, "5",
+              one, one + "x", "1" + "0" * 399 + "x", "1" + "0" * 350 + "-", one[:300] + "é",
+              "é" * 4096, "é" * 4095 + "f"]
+    records = {f"s{n:02d}": _record(None, {"note": v, "k": "x" * 4096}) for n, v in
+               enumerate(values)}
+    long_id = "i" * 128
+    records[long_id] = _record(None, {"n" * 64: "y" * 4096, "note": q + "a"})
+
+    def put(txn):
+        for sid, rec in records.items():
+            cat.put_snapshot(txn, sid, rec)
+
+    db.write(put)
+    with db.read() as txn:
+        for bound in (one, "9" * 350, "5", q):
+            for op in ("=", "!=", "<", "<=", ">", ">="):
+                for sort in (None, "note"):
+                    for descending in (False, True):
+                        for limit in (None, 1, 3, 9, 20):
+                            query = FindQuery((parse_predicate(f"note{op}{bound}"),), sort,
+                                              descending and sort is not None, limit)
+                            assert find(cat, txn, query) == _reference(records, query), query
+        for descending in (False, True):
+            for limit in range(len(records) + 1):
+                query = FindQuery((), "note", descending, limit)
+                assert find(cat, txn, query) == _reference(records, query), query
+        # the index read directly, between any two bounds, long ones too, either way
+        whole = {(sort_bytes(rec.labels["note"]), sid) for sid, rec in records.items()}
+        bounds = sorted({sort for sort, _ in whole} | {sort[:300] for sort, _ in whole}
+                        | {sort + b"\1" for sort, _ in whole} | {b"", TEXT_TAG, AFTER_TEXT})
+        for low in bounds:
+            for high in bounds:
+                for descending in (False, True):
+                    want = sorted((w for w in whole if low <= w[0] < high), reverse=descending)
+                    assert list(cat.ordered(txn, "note", low, high, descending=descending)) == want
+    db.write(lambda txn: cat.delete_snapshot(txn, long_id, records.pop(long_id)))
+    with db.read() as txn:
+        assert cat.index_mismatches(txn) == []
+        assert find(cat, txn, FindQuery((parse_predicate("note>" + q),), "note", True, 3)) == [
+            "s13", "s14", "s05"]
 
 
 @pytest.mark.parametrize("words", [

@@ -148,3 +148,35 @@ def test_commit_beyond_the_caps_is_einval_and_at_the_caps_is_listable():
         dump = subprocess.run(["getfattr", "-d", "-m", "-", str(fs.mnt / "snapshots" / "full")],
                               check=True, capture_output=True, text=True).stdout
         assert dump.count("user.cascowfs.label.") == MAX_LABELS
+
+
+@needs_fuse
+def test_the_longest_labels_are_kept_found_and_survive_a_restart(tmp_path):
+    """A label's key, value and snapshot id at their longest run past LMDB's 511-byte keys
+    in the index ``find --sort`` reads: every path that records labels (commit, import,
+    label) keeps them, and the store mounts again, after a clean stop and after kill -9."""
+    key, value = "k" * 64, "\u00e9" * MAX_LABEL_VALUE_CHARS
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_text("x")
+    with mounted() as fs:
+        with Client(fs.mnt) as client:
+            client.branch("agent")
+            client.commit("agent", LONGEST_ID, {key: value, "note": "b" * 600})
+            client.import_tree(tmp_path / "src", "imported", {"note": "b" * 599 + "c"})
+            client.label(LONGEST_ID, {"more": "m" * 4096})
+            client.label("imported", {"note": "b" * 600 + "a"})
+            root = fs.mnt / "snapshots" / LONGEST_ID
+            assert os.getxattr(root, "user.cascowfs.label.more") == b"m" * 4096
+            assert client.find("note>" + "b" * 600, sort="-note") == ["imported"]
+            assert client.find(sort="note", limit=2) == [LONGEST_ID, "imported"]
+        fs.stop()
+        fs.start()
+        with Client(fs.mnt) as client:
+            client.label(LONGEST_ID, {"late": "l" * 4096})
+            fs.kill9()
+            fs.start()
+            info = client.snapshot(LONGEST_ID)
+            assert info.labels == {key: value, "note": "b" * 600, "more": "m" * 4096,
+                                   "late": "l" * 4096}
+            assert client.find("has:late", sort="-" + key) == [LONGEST_ID]
+    assert "Error" not in fs.log_text(), fs.log_text()
