@@ -232,7 +232,10 @@ class Client:
 
     def episodes(self) -> list[dict]:
         """Every snapshot as a record of ``MNT/episodes`` (id, parent, created, labels, ...)."""
-        return [json.loads(line) for line in self._read(self.mnt / "episodes").splitlines()]
+        # split at newlines only: str.splitlines() also splits at U+2028 and others, which a
+        # label value may hold and JSON leaves unescaped
+        lines = self._read(self.mnt / "episodes").split("\n")
+        return [json.loads(line) for line in lines if line]
 
     def observation_path(self, id: str) -> Path:
         """Where snapshot ``id``'s large observation reads (ENOENT there: it has none)."""

@@ -226,3 +226,21 @@ def test_agents_labelling_one_node_read_their_own_labels_back_at_once(fs):
     with Client(fs.mnt) as c:
         labels = c.snapshot("s0").labels
     assert [labels[f"visits{n}"] for n in range(4)] == ["14"] * 4
+
+
+def test_line_separators_in_labels_and_names_keep_one_record_a_line(fs, tmp_path):
+    """JSON leaves U+2028, U+2029 and U+0085 unescaped, and a label value or a file name may
+    hold them: the records are split at newlines only, by the client and the CLI."""
+    odd = "a\u2028b\u2029c\u0085d"
+    with Client(fs.mnt) as c:
+        tree = c.branch("seps", "s2")
+        (tree / odd).write_text("x")
+        c.commit("seps", "sep", {"note": odd})
+        assert c.episodes()[-1]["labels"]["note"] == odd
+    out = tmp_path / "eps.jsonl"
+    run_cli("episodes", str(fs.mnt), "-o", str(out), "--with-diff")
+    records = [json.loads(line) for line in out.read_bytes().split(b"\n") if line]
+    assert records[-1]["id"] == "sep" and records[-1]["labels"]["note"] == odd
+    assert records[-1]["changes"] == [{"change": "A", "path": odd}]
+    printed = run_cli("episodes", str(fs.mnt)).stdout
+    assert json.loads(printed.split("\n")[-2])["labels"]["note"] == odd
