@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -530,6 +531,8 @@ out = {
     "list": e(os.listdir, f"{mnt}/snapshots"),
     "read snapshot": e(lambda: open(f"{mnt}/snapshots/base/json/__init__.py").read()),
     "tree": e(os.readlink, f"{mnt}/branches/victim/tree"),
+    "read watched status": e(lambda: open(f"{mnt}/branches/watched/status").read()),
+    "read watched status.z": e(lambda: open(f"{mnt}/branches/watched/status.z").read()),
 }
 print(json.dumps(out))
 """
@@ -547,15 +550,23 @@ def _as_nobody(fs: Cascow, groups: list[int] | None = None) -> dict:
 
 def test_only_root_may_change_state(fs):
     fresh_branch(fs, "victim")
+    watched = fresh_branch(fs, "watched")
+    (watched / "private").mkdir(mode=0o700)
+    (watched / "private" / "secret-name").write_text("x")
     before = state(fs)
     out = _as_nobody(fs)
     for op in ("mkdir", "rmdir branch", "rmdir snapshot", "ctl branch", "ctl discard",
                "ctl garbage", "commit", "parent"):
         assert out[op] == "EPERM", (op, out)
-    for op in ("read status", "read parent", "list", "read snapshot", "tree"):
+    for op in ("read parent", "list", "read snapshot", "tree"):
         assert out[op] == "ok", (op, out)
+    # status names every changed path, those under directories nobody may list too
+    for op in ("read status", "read watched status", "read watched status.z"):
+        assert out[op] == "EACCES", (op, out)
+    assert stat.S_IMODE(os.stat(fs.mnt / "branches" / "watched" / "status").st_mode) == 0o440
     assert state(fs) == before
     fs.ctl("discard victim")
+    fs.ctl("discard watched")
 
 
 def test_admin_group_may_change_state():
@@ -568,7 +579,9 @@ def test_admin_group_may_change_state():
     with mounted("--admin-group", str(admin_gid), populate=populate) as fs:
         assert fs.ctl(f"import base {fs.base / 'src'}")[0] == 0
         fresh_branch(fs, "victim")
+        (fs.mnt / "branches" / "watched").mkdir()  # on the empty snapshot: base stays unused
         out = _as_nobody(fs, groups=[admin_gid])
+        assert out["read watched status"] == out["read watched status.z"] == "ok"
         # in script order: mkdir evil, rmdir victim, rmdir (now unused) base, ...
         assert out["mkdir"] == "ok"
         assert out["rmdir branch"] == "ok"

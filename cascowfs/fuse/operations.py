@@ -96,6 +96,9 @@ MODE_BRANCH_DIR = stat.S_IFDIR | 0o755
 MODE_CTL = stat.S_IFREG | 0o666
 MODE_RW_FILE = stat.S_IFREG | 0o666
 MODE_RO_FILE = stat.S_IFREG | 0o444
+# A branch's status lists every changed path below its root, whatever the modes of the
+# directories above them: only root and the admin group may read it, as they may change it.
+MODE_STATUS_FILE = stat.S_IFREG | 0o440
 MODE_SYMLINK = stat.S_IFLNK | 0o777
 
 _ACCMODE = os.O_ACCMODE
@@ -399,7 +402,7 @@ class CascowOperations(pyfuse3.Operations):
         if node.which in STATUS_FILES:
             # Computing status walks the branch's upper layer: too costly for every stat, so
             # its size is 0 like a /proc file; reads (direct_io) return the real content.
-            attr.st_mode, attr.st_size, attr.attr_timeout = MODE_RO_FILE, 0, 0
+            attr.st_mode, attr.st_size, attr.attr_timeout = MODE_STATUS_FILE, 0, 0
         elif node.which == "tree":
             attr.st_mode, attr.attr_timeout = MODE_SYMLINK, IMMUTABLE_TIMEOUT
             attr.st_size = len(await self._branch_file_content(node))
@@ -857,8 +860,8 @@ class CascowOperations(pyfuse3.Operations):
             self.ctl_lanes.opened(node)
             return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, nonseekable=True)
         if isinstance(node, BranchFileNode) and node.which in ("parent", "commit", *STATUS_FILES):
-            if writing and node.which in STATUS_FILES:
-                raise _err(errno.EACCES)
+            if node.which in STATUS_FILES and (writing or not self._is_admin(ctx)):
+                raise _err(errno.EACCES)  # MODE_STATUS_FILE: the kernel's answer
             branch_handle = BranchFileHandle(
                 node, admin=self._is_admin(ctx), caller=self._caller(ctx)
             )
