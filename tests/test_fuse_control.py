@@ -192,6 +192,28 @@ def test_commit_errors(fs):
     assert fs.ctl(f"prune {generated}")[0] == 0
 
 
+def test_a_refused_write_sent_again_at_close_keeps_its_errno(fs):
+    """Python's buffered files send a refused write again when they are closed: the second
+    send of the same bytes gets the first one's errno, not "one line per open file"."""
+    tree = fresh_branch(fs, "buffered")
+    (tree / "f").write_text("1")
+    branch = fs.mnt / "branches" / "buffered"
+    cases = [("parent", "nosuch\n", FileNotFoundError), ("parent", "base\n", BlockingIOError),
+             ("commit", "base\n", FileExistsError)]
+    for which, line, refused in cases:
+        with pytest.raises(OSError) as exc:
+            (branch / which).write_text(line)
+        errors = {errno.EBUSY: BlockingIOError}
+        assert errors.get(exc.value.errno, type(exc.value)) is refused, exc.value
+    fd = os.open(branch / "parent", os.O_WRONLY)
+    try:
+        assert err(os.write, fd, b"nosuch\n") == errno.ENOENT
+        assert err(os.write, fd, b"base\n") == errno.EINVAL  # other bytes: a second line
+    finally:
+        os.close(fd)
+    fs.ctl("discard buffered")
+
+
 def test_concurrent_commits_of_one_branch(fs):
     """Two commits of one branch at once: one wins, the other gets EBUSY, nothing breaks.
 

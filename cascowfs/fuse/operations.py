@@ -149,7 +149,8 @@ class BranchFileHandle:
     node: BranchFileNode
     admin: bool = False
     content: bytes | None = None
-    written: bool = False  # parent and commit take one write per open file
+    written: bytes | None = None  # parent and commit take one write per open file: its bytes
+    refusal: Exception | None = None  # what that write was refused with
     caller: Caller | None = None  # whose access a commit's observation file is checked against
 
 
@@ -914,18 +915,26 @@ class CascowOperations(pyfuse3.Operations):
             with self.feeds.operation(OperationRecord(verb, [node.branch], shown)) as record:
                 if not handle.admin:
                     raise PermissionDeniedError("only root or the admin group may change state")
-                if handle.written:
+                if handle.written is not None:
+                    if handle.refusal is not None and buf == handle.written:
+                        # a buffered writer sends a refused write again when its file is
+                        # closed: the same answer, not "one line" hiding the first
+                        raise handle.refusal
                     # A shell writes each line of `printf 'a\nb\n' > parent` separately; the
                     # second would act on the result of the first. ctl is a stream of commands;
                     # these files hold one value.
                     raise InvalidArgumentError(f"{node.which} takes one line per open file")
-                handle.written = True
-                if node.which == "parent":
-                    cmd = wire.parse_parent_write(node.branch, buf)
-                else:
-                    cmd = wire.parse_commit_write(node.branch, buf)
-                record.parsed(cmd)
-                record.finished(await self._q(control.execute, self.sm, cmd, handle.caller))
+                handle.written = buf
+                try:
+                    if node.which == "parent":
+                        cmd = wire.parse_parent_write(node.branch, buf)
+                    else:
+                        cmd = wire.parse_commit_write(node.branch, buf)
+                    record.parsed(cmd)
+                    record.finished(await self._q(control.execute, self.sm, cmd, handle.caller))
+                except (CascowfsError, OSError) as exc:
+                    handle.refusal = exc
+                    raise
             if cmd.verb == "commit":
                 self.changed_ns[SNAPSHOTS_INO] = time.time_ns()
             handle.content = None
