@@ -858,16 +858,21 @@ class StateManager:
             self._finish(op)
             return self._branch_info(name, rec)
 
-    def rebase(self, name: str, parent: str | None) -> BranchInfo:
-        """Point an unmodified branch at another snapshot (BusyError if it has changes)."""
-        return self._repoint(name, parent, "rebase")
+    def rebase(
+        self, name: str, parent: str | None, *, branch_created_ns: int | None = None
+    ) -> BranchInfo:
+        """Point an unmodified branch at another snapshot (BusyError if it has changes).
+        ``branch_created_ns``: the branch meant, as ``_branch_record`` checks it."""
+        return self._repoint(name, parent, "rebase", branch_created_ns)
 
     def reset(self, name: str, parent: str) -> BranchInfo:
         """Drop the branch's changes and point it at snapshot ``parent``, in one step: a
         rollback of a tree search's agent to any node."""
         return self._repoint(name, check_snapshot_id(parent), "reset")
 
-    def _repoint(self, name: str, parent: str | None, kind: str) -> BranchInfo:
+    def _repoint(
+        self, name: str, parent: str | None, kind: str, branch_created_ns: int | None = None
+    ) -> BranchInfo:
         """Re-base branch ``name`` on ``parent`` (None: the empty snapshot) on a fresh upper
         directory; a ``rebase`` refuses a branch with changes, a ``reset`` drops them. The
         PREPARE is flushed: a crash after APPLY leaves the old upper directory over the new
@@ -877,7 +882,7 @@ class StateManager:
             parent = check_snapshot_id(parent)
         with self._branch_op(name):
             with self.db.read() as txn:
-                old = self.catalog.branch(txn, name)
+                old = self._branch_record(txn, name, branch_created_ns)
                 # NotFoundError before anything is logged
                 target = self.catalog.snapshot(txn, parent) if parent is not None else None
             if kind == "rebase" and self.status(name):
@@ -926,26 +931,52 @@ class StateManager:
         self.catalog.put_branch(txn, name, rec)
         return rec, dropped
 
+    def _branch_record(
+        self, txn: lmdb.Transaction, name: str, created_ns: int | None
+    ) -> BranchRecord:
+        """Branch ``name``'s record. A caller holding a file of the branch (its ``commit`` or
+        ``parent``) gives the branch's ``created_ns`` as it was when the file was opened: if
+        the branch was discarded since and another made with its name, that other one is not
+        the caller's to change (NotFoundError). Read under the branch's lock, so no discard
+        comes between the check and the operation."""
+        rec = self.catalog.branch(txn, name)
+        if created_ns is not None and rec.created_ns != created_ns:
+            raise NotFoundError(
+                f"branch {name!r} was discarded after this file of it was opened (another "
+                "branch has its name now)"
+            )
+        return rec
+
     def commit(
         self,
         name: str,
         id: str | None = None,
         labels: dict[str, str] | None = None,
         obs: int | None = None,
+        *,
+        branch_created_ns: int | None = None,
     ) -> str:
         """Freeze the branch into a new snapshot; the branch then continues on top of it.
         ``obs``: an open regular file (the caller's, read from its start, left open) whose
-        bytes are stored beside the snapshot as its large observation."""
+        bytes are stored beside the snapshot as its large observation. ``branch_created_ns``:
+        the branch meant, as ``_branch_record`` checks it."""
         name = check_branch_name(name)
         labels = check_labels(labels)
         if obs is not None:
             check_observation(obs)
         with self._branch_op(name, wait=False):
-            return self._commit(name, id, labels, obs)
+            return self._commit(name, id, labels, obs, branch_created_ns)
 
-    def _commit(self, name: str, id: str | None, labels: dict[str, str], obs: int | None) -> str:
+    def _commit(
+        self,
+        name: str,
+        id: str | None,
+        labels: dict[str, str],
+        obs: int | None,
+        branch_created_ns: int | None,
+    ) -> str:
         with self.db.read() as txn:
-            rec = self.catalog.branch(txn, name)
+            rec = self._branch_record(txn, name, branch_created_ns)
             parent = self.catalog.snapshot(txn, rec.parent) if rec.parent else None
         id = self._claim_id(id)
         layer = secrets.token_hex(5)

@@ -85,6 +85,9 @@ class Command:
     remote: str | None = None  # push, pull: a remote's name or URL
     ids: tuple[str, ...] = ()  # push, pull: the snapshots
     with_ancestors: bool = False
+    # a write to a branch's own commit or parent file: the branch's created_ns when the
+    # file was opened (StateManager refuses another branch made since with its name)
+    branch_created_ns: int | None = None
 
     def line(self) -> str:
         """The command in ctl syntax (for logs and replies)."""

@@ -192,6 +192,34 @@ def test_commit_errors(fs):
     assert fs.ctl(f"prune {generated}")[0] == 0
 
 
+def test_an_open_file_of_a_discarded_branch_leaves_its_namesake_alone(fs):
+    """A branch discarded and made again under its name is another branch: files opened on
+    the first (commit, parent, status) answer ENOENT instead of acting on the second."""
+    fresh_branch(fs, "reused")
+    files = {which: fs.mnt / "branches" / "reused" / which for which in
+             ("commit", "parent", "status", "status.z")}
+    fds = {which: os.open(path, os.O_RDWR if which in ("commit", "parent") else os.O_RDONLY)
+           for which, path in files.items()}
+    try:
+        assert fs.ctl("discard reused")[0] == 0
+        theirs = fresh_branch(fs, "reused")
+        (theirs / "theirs").write_text("B")
+        assert err(os.write, fds["commit"], b"stolen who=A\n") == errno.ENOENT
+        assert err(os.write, fds["parent"], b"\n") == errno.ENOENT
+        for which in ("status", "status.z"):
+            assert err(os.pread, fds[which], 4096, 0) == errno.ENOENT
+        assert "stolen" not in os.listdir(fs.mnt / "snapshots")
+        assert (theirs / "theirs").read_text() == "B"
+        assert files["status"].read_text() == "A theirs\n"  # the branch itself: its own files
+        write(files["commit"], "theirs-1\n")
+        assert (fs.mnt / "snapshots" / "theirs-1" / "theirs").read_text() == "B"
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    fs.ctl("discard reused")
+    fs.ctl("prune theirs-1")
+
+
 def test_a_refused_write_sent_again_at_close_keeps_its_errno(fs):
     """Python's buffered files send a refused write again when they are closed: the second
     send of the same bytes gets the first one's errno, not "one line per open file"."""

@@ -31,11 +31,14 @@ def execute(sm: StateManager, cmd: Command, caller: Caller | None = None) -> str
         return str(info.tree)
     if cmd.verb == "commit":
         name = _given(cmd.name, "branch name")
+        opened = cmd.branch_created_ns
         if cmd.obs is None:
-            return str(sm.commit(name, cmd.id, cmd.labels or None))
+            return str(sm.commit(name, cmd.id, cmd.labels or None, branch_created_ns=opened))
         fd = open_as(caller, cmd.obs)  # the caller's rights, not the daemon's
         try:
-            return str(sm.commit(name, cmd.id, cmd.labels or None, obs=fd))
+            return str(
+                sm.commit(name, cmd.id, cmd.labels or None, obs=fd, branch_created_ns=opened)
+            )
         finally:
             os.close(fd)
     if cmd.verb == "discard":
@@ -47,7 +50,8 @@ def execute(sm: StateManager, cmd: Command, caller: Caller | None = None) -> str
         sm.prune(id)
         return id
     if cmd.verb == "rebase":
-        info = sm.rebase(_given(cmd.name, "branch name"), cmd.id)
+        name = _given(cmd.name, "branch name")
+        info = sm.rebase(name, cmd.id, branch_created_ns=cmd.branch_created_ns)
         return info.parent or ""
     if cmd.verb == "import":
         src = _given(cmd.src, "import source")

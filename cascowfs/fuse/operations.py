@@ -32,7 +32,7 @@ import stat
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -379,12 +379,16 @@ class CascowOperations(pyfuse3.Operations):
         return attr
 
     async def _branch_file_content(self, node: BranchFileNode) -> bytes:
+        info: BranchInfo = self.sm.branch(node.branch)
+        created = _branch_created_ns(node)
+        if created is not None and info.created_ns != created:
+            # an open file of a discarded branch does not read the one made with its name since
+            raise NotFoundError(f"branch {node.branch!r} was discarded after this file was opened")
         if node.which in STATUS_FILES:
             changes = await self._q(self.sm.status, node.branch)
             if node.which == "status.z":
                 return b"".join(c.record_z() for c in changes)
             return "".join(c.line() + "\n" for c in changes).encode("ascii")
-        info: BranchInfo = self.sm.branch(node.branch)
         if node.which == "parent":
             return f"{info.parent}\n".encode() if info.parent else b""
         if node.which == "commit":
@@ -398,7 +402,7 @@ class CascowOperations(pyfuse3.Operations):
         attr.st_uid, attr.st_gid = 0, self.admin_gid or 0
         attr.st_nlink = 1
         attr.st_blksize = 4096
-        created = node.parent.created_ns if isinstance(node.parent, BranchDirNode) else 0
+        created = _branch_created_ns(node) or 0
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = created
         if node.which in STATUS_FILES:
             # Computing status walks the branch's upper layer: too costly for every stat, so
@@ -930,6 +934,7 @@ class CascowOperations(pyfuse3.Operations):
                         cmd = wire.parse_parent_write(node.branch, buf)
                     else:
                         cmd = wire.parse_commit_write(node.branch, buf)
+                    cmd = replace(cmd, branch_created_ns=_branch_created_ns(node))
                     record.parsed(cmd)
                     record.finished(await self._q(control.execute, self.sm, cmd, handle.caller))
                 except (CascowfsError, OSError) as exc:
@@ -1036,6 +1041,11 @@ def _file_call(verb: str, where: str, name: bytes) -> OperationRecord:
     passed yet."""
     text = os.fsdecode(name)
     return OperationRecord(verb, [text], f"{where}/{text}")
+
+
+def _branch_created_ns(node: BranchFileNode) -> int | None:
+    """The ``created_ns`` of the branch a file node was looked up in (None: not known)."""
+    return node.parent.created_ns if isinstance(node.parent, BranchDirNode) else None
 
 
 def _valid_or_none(check: Callable[[object], str], name: bytes) -> str | None:
