@@ -208,6 +208,14 @@ def test_every_write_into_a_kernel_view_is_refused_with_erofs():
             with pytest.raises(OSError) as caught:
                 attempt()
             assert caught.value.errno == errno.EROFS, what
+        # an entry of the root is a mount point: the kernel refuses to remove it first
+        for what, attempt in {"rmdir": lambda: os.rmdir(d),
+                              "unlink": lambda: os.unlink(root / "big.bin"),
+                              "rename": lambda: os.rename(d, root / "moved")}.items():
+            with pytest.raises(OSError) as caught:
+                attempt()
+            assert caught.value.errno == errno.EBUSY, f"{what} of a root entry"
+        assert (root / "big.bin").is_file() and d.is_dir() and not (root / "moved").exists()
         assert (root / "dir" / "owned").read_text() == "owned\n"
         assert _view_mount(fs, "s1") is not None  # all of that was the kernel view's answer
 
