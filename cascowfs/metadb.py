@@ -11,6 +11,7 @@ import ctypes
 import errno
 import logging
 import os
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -88,6 +89,58 @@ def _translate(exc: lmdb.Error, what: str, path: Path) -> Exception:
     return StoreIOError(f"{what}: LMDB error: {text}")
 
 
+# An LMDB meta page (pages 0 and 1 of data.mdb), from its 17th byte: magic, format version,
+# the page size (the free-page database's md_pad), then the last page in use and the id of
+# the transaction that wrote the meta.
+_META_MAGIC = 0xBEEFC0DE
+_META = struct.Struct("<II16xI92xQQ")
+_PAGE_SIZES = (4096, 8192, 16384, 32768, 65536)
+
+
+def check_data_file(data_file: Path) -> None:
+    """Raise StoreIOError if ``data_file`` holds no valid LMDB meta page or ends before the
+    last page its newest meta names.
+
+    LMDB maps the file without checking its length: reading a page past a cut end raises
+    SIGBUS, which kills the process without a message."""
+    try:
+        with open(data_file, "rb") as f:
+            head = f.read(2 * _PAGE_SIZES[-1])
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreIOError(f"{data_file}: {exc.strerror}") from None
+    if size == 0:
+        return  # made but never written: LMDB writes its first pages
+    metas = [m for offset in (0, *_PAGE_SIZES) if (m := _meta_at(head, offset)) is not None]
+    if not metas:
+        raise StoreIOError(
+            f"{data_file}: the metadata database is damaged (no LMDB meta page); restore the "
+            "store from a backup"
+        )
+    _, last, psize = max(metas)
+    need = (last + 1) * psize
+    if size < need:
+        raise StoreIOError(
+            f"{data_file}: the metadata database is cut short ({size} bytes; its last page "
+            f"ends at {need}); restore the store from a backup"
+        )
+
+
+def _meta_at(head: bytes, offset: int) -> tuple[int, int, int] | None:
+    """(transaction id, last page, page size) of a valid meta page at ``offset``: page 0, or
+    page 1 at an offset of its own page size."""
+    if offset + 16 + _META.size > len(head):
+        return None
+    magic, version, psize, last, txnid = _META.unpack_from(head, offset + 16)
+    if magic != _META_MAGIC or version != 1 or psize not in _PAGE_SIZES:
+        return None
+    if offset not in (0, psize):
+        return None
+    return txnid, last, psize
+
+
 class MetaDB:
     """LMDB environment plus named databases, with automatic map growth."""
 
@@ -95,14 +148,23 @@ class MetaDB:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         data_file = path / "data.mdb"
+        check_data_file(data_file)
         size = INITIAL_MAP_SIZE
         if data_file.exists():
             while size < data_file.stat().st_size * 2 and size < MAX_MAP_SIZE:
                 size *= 2
-        self.env = lmdb.open(
-            str(path), map_size=size, sync=True, metasync=True, mode=PRIVATE_FILE, **_ENV_OPTIONS
-        )
-        self.dbs = {name.decode(): self.env.open_db(name) for name in DB_NAMES}
+        try:
+            self.env = lmdb.open(
+                str(path),
+                map_size=size,
+                sync=True,
+                metasync=True,
+                mode=PRIVATE_FILE,
+                **_ENV_OPTIONS,
+            )
+            self.dbs = {name.decode(): self.env.open_db(name) for name in DB_NAMES}
+        except lmdb.Error as exc:
+            raise _translate(exc, f"opening the metadata database {data_file}", path) from None
         self.release_dead_readers()
         # Map growth needs every transaction of this process closed: readers hold this shared,
         # growth takes it exclusively (a simple writer-preferring gate).

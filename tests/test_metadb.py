@@ -166,3 +166,33 @@ def test_a_raising_on_done_does_not_keep_waiters_waiting(db):
         raise RuntimeError("on_done")
 
     assert db.submit(lambda txn: 7, "seven", on_done=explode).wait() == 7
+
+
+@pytest.mark.parametrize("damage", ["cut", "zeroed metas", "one meta zeroed"])
+def test_a_damaged_data_file_is_named_not_a_crash(tmp_path, damage):
+    """LMDB maps data.mdb without checking its length: a page read past a cut end would
+    kill the process with SIGBUS. The file is checked against its meta pages first."""
+    db = MetaDB(tmp_path / "meta")
+    for n in range(200):
+        db.write(lambda txn, n=n: txn.put(b"k%d" % n, b"v" * 3000, db=db.db("meta")))
+    db.close()
+    data = tmp_path / "meta" / "data.mdb"
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        if damage == "cut":
+            f.truncate(size // 2)
+        else:
+            f.write(bytes(4096 * (2 if damage == "zeroed metas" else 1)))
+    code = ("from pathlib import Path; from cascowfs.metadb import MetaDB\n"
+            "from cascowfs.errors import StoreIOError\n"
+            f"try:\n    db = MetaDB(Path({str(tmp_path / 'meta')!r}))\n"
+            "except StoreIOError as exc:\n    print('refused:', exc.message)\n"
+            "else:\n    with db.read() as txn:\n"
+            "        print('read', sum(1 for _ in txn.cursor(db=db.db('meta'))))\n")
+    proc = run_child(code)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    if damage == "one meta zeroed":  # LMDB refuses the file, or reads it by the other meta
+        assert proc.stdout.startswith(("refused: opening the metadata", "read")), proc.stdout
+    else:
+        want = "cut short" if damage == "cut" else "no LMDB meta page"
+        assert proc.stdout.startswith("refused:") and want in proc.stdout, proc.stdout
