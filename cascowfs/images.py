@@ -198,7 +198,16 @@ def detect(wanted: str, where: Path) -> str:
         raise ValueError(f"layer images {wanted!r}: expected one of {', '.join(MODES)}, {AUTO}")
     device = os.stat(where).st_dev
     if device not in _PROBED:
-        _PROBED[device] = _probe(where)
+        try:
+            _PROBED[device] = _probe(where)
+        except OSError as exc:
+            # A full disk must not keep the store from opening (freeing space needs it open):
+            # assume what a kernel with EROFS does, and probe again at the next open. An image
+            # that then does not mount is rebuilt, as a torn one is.
+            log.warning(
+                "could not try layer images in %s (%s): assuming %s", where, exc, FILE_BACKED
+            )
+            return FILE_BACKED
     return _PROBED[device]
 
 

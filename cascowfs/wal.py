@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import secrets
 import threading
@@ -45,6 +46,8 @@ from typing import Any
 
 from .durability import fsync_dir
 from .errors import from_os_error
+
+log = logging.getLogger("cascowfs.wal")
 
 PREALLOCATED = 1 << 20  # bytes a checkpoint leaves zero-filled for records to overwrite
 _SECTOR = 512  # the unit a disk writes whole
@@ -219,8 +222,17 @@ class WriteAheadLog:
                 self._sync_data()
                 self._zero(_SECTOR, self._end)
             if self._size < PREALLOCATED:  # a new log, or one trimmed by close()
-                self._zero(self._size, PREALLOCATED)
-                self._size = PREALLOCATED
+                try:
+                    self._zero(self._size, PREALLOCATED)
+                    self._size = PREALLOCATED
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    # A full disk must not keep the store from opening (freeing space needs
+                    # it open): records extend the log as they are written, and the next
+                    # checkpoint tries again.
+                    self._size = os.fstat(self._fd).st_size
+                    log.warning("%s: no room to preallocate the log (%s)", self.path, exc)
                 os.fsync(self._fd)  # the new size too
             else:
                 self._sync_data()

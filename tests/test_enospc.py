@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (assert_fsck_clean, assert_same_view, check_live, dir_view, force_unmount_below,
-                      loop_ext4, needs_loop, open_store, snapshot_view)
+                      loop_ext4, needs_loop, open_store, run_child, snapshot_view)
 from cascowfs.errors import NoSpaceError
 from cascowfs.state import StateManager
 
@@ -274,5 +274,38 @@ def test_every_state_change_on_a_completely_full_disk(tmp_path, track_store):
                 if "old" in {s.id for s in sm.snapshots()}:
                     sm.prune("old")
                 check_live(sm, deep=True)
+        finally:
+            force_unmount_below(store)
+
+
+def test_a_store_on_a_full_disk_opens_to_free_space(tmp_path, track_store):
+    """The documented way out of a full disk (prune, discard, gc) needs the store open, and
+    every open used to write a probe image first: after a restart on a full disk the daemon,
+    fsck and gc all failed with ENOSPC. A fresh process (no probe cached) opens it, prunes,
+    collects and checks it."""
+    small = random_tree(tmp_path / "small", 300_000, seed=6)
+    with loop_ext4(tmp_path / "fs", DISK_MIB) as disk:
+        store = track_store(disk / "store")
+        try:
+            sm = StateManager.open(store)
+            try:
+                sm.import_tree(small, "base")
+                sm.import_tree(random_tree(tmp_path / "more", 2 << 20, seed=7), "old")
+                sm.create_branch("work", "base")
+            finally:
+                sm.close()  # as a daemon's unmount: the branch stays mounted
+            fill(disk, 0)
+            for step in ("sm.prune('old')", "print(sm.gc())"):  # the open between empties the trash
+                opened = run_child(
+                    "import sys\nfrom cascowfs.state import StateManager\n"
+                    f"sm = StateManager.open(sys.argv[1])\n{step}\nsm.close()\n", str(store))
+                assert opened.returncode == 0, opened.stderr
+            checked = run_child("import sys\nfrom cascowfs.cli import main\n"
+                                "sys.exit(main(['fsck', sys.argv[1]]))\n", str(store))
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+            assert free_bytes(disk) > 1 << 20  # the prune and collection gave space back
+            with open_store(store) as sm:
+                assert [s.id for s in sm.snapshots()] == ["base"]
+                assert_same_view(snapshot_view(sm, "base"), dir_view(small), "base")
         finally:
             force_unmount_below(store)
