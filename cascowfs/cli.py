@@ -137,7 +137,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             pid = int(os.getxattr(mnt, "user.cascowfs.pid"))
             emit(
                 args,
-                {"mountpoint": str(mnt), "store": str(Path(args.store).absolute()), "pid": pid},
+                {"mountpoint": str(mnt), "store": os.path.realpath(args.store), "pid": pid},
                 None,
             )
         return status
@@ -472,7 +472,7 @@ def _store_dir(target: Path) -> Path:
     if is_cascowfs_mount(target):
         return Path(os.getxattr(target, "user.cascowfs.store").decode())
     check_store_dir(target, create=False)
-    return target.absolute()
+    return Path(os.path.realpath(target))
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -498,7 +498,7 @@ class _offline:
 
 def _mount_of_store(store: Path) -> Path | None:
     """The mount point of the daemon serving ``store``, if one is running."""
-    want = str(store.absolute())
+    want = os.path.realpath(store)  # a daemon names its store by its real path
     for entry in all_mounts():
         if entry.fstype != FUSE_TYPE:
             continue

@@ -247,7 +247,7 @@ def run(
 ) -> int:
     """Serve ``store`` at ``mnt`` until unmounted or signalled (blocking). Returns an exit code.
     ``nice``: the scheduling priority to serve at (None: as started)."""
-    store = Path(store).absolute()
+    store = Path(os.path.realpath(store))  # as StateManager.open spells it
     mnt = Path(mnt).absolute()
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # its default action would kill
