@@ -477,15 +477,22 @@ def _store_dir(target: Path) -> Path:
 
 # -- helpers ----------------------------------------------------------------------------------
 class _offline:
-    """A StateManager on a store no daemon serves (StoreLockedError otherwise)."""
+    """A StateManager on a store no daemon serves (StoreLockedError otherwise).
+
+    Opening a store mounts its branches. A store left with them mounted (a daemon's
+    ``umount``) keeps them; one left without (``umount --branches``) is left so again: an
+    offline verb must not leave mounts behind that only the next daemon would remove."""
 
     def __init__(self, store: Path) -> None:
         self.store = store
         self.sm: Any = None
+        self._had_mounts = False
 
     def __enter__(self) -> Any:
         from .state import StateManager
 
+        below = os.path.realpath(self.store) + "/"
+        self._had_mounts = any(m.target.startswith(below) for m in all_mounts())
         try:
             self.sm = StateManager.open(self.store, create=False)
         except StoreLockedError as exc:
@@ -493,7 +500,7 @@ class _offline:
         return self.sm
 
     def __exit__(self, *exc: object) -> None:
-        self.sm.close()
+        self.sm.close(unmount_branches=not self._had_mounts)
 
 
 def _mount_of_store(store: Path) -> Path | None:

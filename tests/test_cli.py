@@ -14,6 +14,7 @@ import pytest
 
 from cascowfs import cli
 from cascowfs.cli import exit_status
+from conftest import mounts_below
 from fusehelpers import REPO, Cascow, cascow_base, mounted, needs_fuse, run_cli
 
 VERBS = ["init", "mount", "umount", "branch", "commit", "discard", "prune", "rebase", "ls", "log",
@@ -111,6 +112,32 @@ def test_every_verb_on_a_live_mount_and_offline():
         assert run_cli("import", store, str(src), "offline").stdout.strip() == "offline"
         fs.start()
         assert (fs.mnt / "snapshots" / "offline" / "README").read_text() == "readme\n"
+
+
+@needs_fuse
+def test_offline_verbs_leave_a_store_as_mounted_as_they_found_it():
+    """After `umount --branches` no mount of the store remains; an offline verb opens the
+    store, which mounts its branches, and must unmount them again (the next daemon alone
+    would otherwise remove them). After a plain `umount` the branches stay mounted."""
+    with mounted() as fs:
+        mnt, store = str(fs.mnt), str(fs.store)
+        src = _src(fs)
+        run_cli("import", mnt, str(src), "base")
+        run_cli("branch", mnt, "work", "base")
+        fs.stop(branches=True)
+        assert mounts_below(fs.store) == []
+        for verb in (("diff", store, "base", "-"), ("gc", store),
+                     ("import", store, str(src), "again"), ("fsck", "--deep", store)):
+            # fsck reports the unmounted branch (operations.md): a problem, not a failure here
+            run_cli(*verb, check=verb[0] != "fsck")
+            assert mounts_below(fs.store) == [], verb
+        fs.start()
+        fs.stop()
+        kept = mounts_below(fs.store)
+        assert kept
+        run_cli("gc", store)
+        assert mounts_below(fs.store) == kept
+        fs.start()
 
 
 def _json_lines(text: str) -> list[dict]:
