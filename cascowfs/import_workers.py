@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 from . import extents, forks, fsmeta
 from .cas import Emit, Piece, PreparedContent, pack_unpacked
 from .codec import IMPORT_ZSTD_LEVEL
+from .errors import BusyError
 from .privacy import Caller, reading_as
 from .readahead import Readahead
 
@@ -114,20 +115,41 @@ def read_content(
             opened = open_source(path)
     fd, xattrs = opened
     try:
-        pieces = extents.read_pieces(fd, os.fstat(fd).st_size)
+        before = os.fstat(fd)
+        pieces = extents.read_pieces(fd, before.st_size)
         if mirror is None:
-            return prepare(pieces, emit), xattrs
-        out = fsmeta.create_file(mirror.path)
-        try:
-            prepared = prepare(extents.copied(pieces, out), emit)
-            fsmeta.finish_file(
-                out, mirror.mode, mirror.uid, mirror.gid, mirror.mtime_ns, xattrs, shown=mirror.path
-            )
-        finally:
-            os.close(out)
+            prepared = prepare(pieces, emit)
+        else:
+            out = fsmeta.create_file(mirror.path)
+            try:
+                prepared = prepare(extents.copied(pieces, out), emit)
+                fsmeta.finish_file(
+                    out,
+                    mirror.mode,
+                    mirror.uid,
+                    mirror.gid,
+                    mirror.mtime_ns,
+                    xattrs,
+                    shown=mirror.path,
+                )
+            finally:
+                os.close(out)
+        _unchanged_since(fd, before, path)
         return prepared, xattrs
     finally:
         os.close(fd)
+
+
+def _unchanged_since(fd: int, before: os.stat_result, path: bytes) -> None:
+    """Raise BusyError if the file open as ``fd`` changed since ``before``: what was read
+    may mix two versions of it (a prefix of the old one, say), which the file never held."""
+    after = os.fstat(fd)
+    if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ctime_ns,
+    ):
+        raise BusyError(f"{os.fsdecode(path)}: changed while it was read; try again once it rests")
 
 
 def _process_one(

@@ -8,6 +8,7 @@ import pytest
 
 from cascowfs import codec, import_workers
 from cascowfs.cas import prepare_content
+from cascowfs.errors import BusyError
 from cascowfs.import_workers import FileJob, ImportWorkers
 from cascowfs.scan import ObjectSink, finalize, scan_directory
 
@@ -139,3 +140,33 @@ def test_worker_processes_pack_at_the_import_level(tmp_path, process_path):
         raw += data
     for path in src.iterdir():
         assert path.read_bytes() in raw
+
+
+@pytest.mark.parametrize("change", ["truncated", "rewritten", "appended"])
+def test_a_file_changed_while_it_is_read_is_refused_not_recorded_torn(tmp_path, change):
+    """A commit or import reads each file once; a file an agent truncates or rewrites while
+    it is read would be recorded as a mix of two versions (a prefix of the old one, say)
+    that the file never held. The writer here acts, for real, halfway through the read."""
+    path = tmp_path / "big"
+    path.write_bytes(os.urandom(8 << 20))
+
+    def prepare_while_written(pieces, emit):
+        def meddled():
+            for n, piece in enumerate(pieces):
+                if n == 1:
+                    if change == "truncated":
+                        os.truncate(path, 100)
+                    elif change == "rewritten":
+                        with open(path, "r+b") as f:
+                            f.write(b"other")
+                    else:
+                        with open(path, "ab") as f:
+                            f.write(b"more")
+                yield piece
+        return prepare_content(meddled(), emit)
+
+    with pytest.raises(BusyError, match="big: changed while it was read"):
+        import_workers.read_content(os.fsencode(path), prepare_while_written)
+    # at rest, the same read is recorded
+    prepared, _ = import_workers.read_content(os.fsencode(path), prepare_content)
+    assert prepared.size == path.stat().st_size
