@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -159,6 +160,7 @@ def _xattr_bytes(path: bytes) -> int:
 def mount(image: Path, target: Path, mode: str) -> None:
     """Mount ``image`` read-only at ``target``, the file itself or (``LOOP``) a loop device
     made for it, which the kernel detaches at the mount's end."""
+    check_whole(image)
     if mode == FILE_BACKED:
         overlay.mount_erofs(target, image)
         return
@@ -185,6 +187,34 @@ def mount(image: Path, target: Path, mode: str) -> None:
             capture_output=True,
             check=False,
         )
+
+
+# The EROFS superblock, 1 KiB into an image: its magic, the block size's log2 and the count
+# of blocks the image holds.
+_SUPERBLOCK_AT = 1024
+_SUPERBLOCK = struct.Struct("<I8xB23xI")
+_EROFS_MAGIC = 0xE0F5E1E2
+
+
+def check_whole(image: Path) -> None:
+    """Raise ImageError unless ``image`` starts with an EROFS superblock and holds every
+    block it names. The kernel mounts an image cut short (a disk that lost its end, a torn
+    copy) and then answers EUCLEAN for the files past the cut: refused here, the layer is
+    rebuilt from the CAS as one that does not mount."""
+    try:
+        with open(image, "rb") as f:
+            head = os.pread(f.fileno(), _SUPERBLOCK.size, _SUPERBLOCK_AT)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as exc:
+        raise ImageError(f"layer image {image}: {exc.strerror}") from None
+    if len(head) < _SUPERBLOCK.size:
+        raise ImageError(f"layer image {image} is cut short ({size} bytes, no superblock)")
+    magic, block_bits, blocks = _SUPERBLOCK.unpack(head)
+    if magic != _EROFS_MAGIC:
+        raise ImageError(f"layer image {image} is no EROFS image (damaged superblock)")
+    need = blocks << block_bits
+    if size < need:
+        raise ImageError(f"layer image {image} is cut short ({size} of its {need} bytes)")
 
 
 def detect(wanted: str, where: Path) -> str:

@@ -246,6 +246,22 @@ def test_an_image_that_does_not_mount_is_rebuilt(tmp_path):
         check_live(sm, deep=True)
 
 
+def test_an_image_cut_short_is_rebuilt_not_served(tmp_path):
+    """The kernel mounts an image that lost its end and answers EUCLEAN for the files past
+    the cut: such an image is refused before it is mounted, and rebuilt from the CAS."""
+    with _imported(tmp_path) as (sm, lid):
+        path = sm.layers.path(lid)
+        whole = path.stat().st_size
+        os.truncate(path, whole // 2)
+        with pytest.raises(images.ImageError, match=f"cut short .{whole // 2} of its {whole}"):
+            images.check_whole(path)
+        tree = sm.create_branch("b", "base").tree
+        assert_same_view(dir_view(tree), snapshot_view(sm, "base"), "branch on a rebuilt image")
+        assert sm.layers.is_image(lid) and path.stat().st_size >= whole // 2
+        images.check_whole(path)
+        check_live(sm, deep=True)
+
+
 def test_a_store_of_directory_layers_keeps_them_and_gains_images(tmp_path):
     _needs(images.FILE_BACKED)
     store = tmp_path / "store"
