@@ -493,3 +493,40 @@ def test_any_names_at_a_snapshots_root_are_bound_shown_and_detached():
             assert _view_mounts(fs, ident) == []
 
         check()
+
+
+@needs_fuse
+@needs_overlay
+def test_a_walk_under_way_stays_on_one_view_and_keeps_hard_links():
+    """`cp -a` of a snapshot nobody read: the first directory it opens asked for the view,
+    which used to be bound halfway through the copy, so the two names of a hard-linked file
+    came from two filesystems (another device and inode) and the copy split them. The view
+    is bound once the walk's last directory of the snapshot is closed."""
+    def populate(fs: Cascow) -> None:
+        src = fs.base / "src"
+        (src / "a").mkdir(parents=True)
+        (src / "b").mkdir()
+        for i in range(300):
+            (src / "a" / f"f{i:03d}").write_text(f"{i}\n")
+        (src / "a" / "zz").write_text("linked\n")
+        os.link(src / "a" / "zz", src / "b" / "zz")
+
+    with mounted(populate=populate, views="kernel") as fs:
+        assert fs.ctl(f"import linked {fs.base / 'src'}")[0] == 0
+        root = _target(fs, "linked")
+        walking = os.open(root, os.O_RDONLY | os.O_DIRECTORY)  # a walk holds its root open
+        try:
+            first = os.lstat(root / "a" / "zz")
+            time.sleep(1)  # time enough to bind a view, were it asked for now
+            assert _view_mounts(fs, "linked") == []
+            second = os.lstat(root / "b" / "zz")
+            assert (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+        finally:
+            os.close(walking)
+        _until(lambda: len(_view_mounts(fs, "linked")) == 2, "view bound after the walk")
+        for n in range(2):  # a walk that binds the view, and one that finds it bound
+            copy = fs.base / f"copy{n}"
+            subprocess.run(["cp", "-a", str(_target(fs, "linked")), str(copy)], check=True)
+            assert os.stat(copy / "a" / "zz").st_ino == os.stat(copy / "b" / "zz").st_ino, n
+            assert os.stat(copy / "b" / "zz").st_nlink == 2
+            _until(lambda: len(_view_mounts(fs, "linked")) == 2, "view of linked mounted")

@@ -190,6 +190,10 @@ class CascowOperations(pyfuse3.Operations):
         super().__init__()
         self.sm = sm
         self.views = views  # None: every snapshot is served here (kernel_views.py)
+        # snapshot -> directories of it open on this view; a view asked for meanwhile is
+        # mounted once the last is closed (``_want_view``)
+        self._walks: Counter[str] = Counter()
+        self._view_after_walk: set[str] = set()
         self.labels = labels  # None: labels run in worker threads as other commands do
         self.store = str(store)
         self.admin_gid = admin_gid
@@ -291,12 +295,19 @@ class CascowOperations(pyfuse3.Operations):
 
     def _want_view(self, node: Node) -> None:
         """Have the kernel serve ``node``'s snapshot from now on, if it does not yet: mounted
-        by a worker thread once this request is answered (kernel_views.py says why)."""
-        if (
-            self.views is not None
-            and isinstance(node, SnapDirNode)
-            and self.views.wanted(node.snap)
-        ):
+        by a worker thread once this request is answered (kernel_views.py says why).
+
+        Not while a directory of the snapshot is open here: a walk under way (``cp -a``,
+        ``tar``, ``find`` hold the directories above them open) would look the rest of its
+        names up in the view, and see one hard-linked file as two (another device, another
+        inode) on either side of the switch. Its view is mounted when the walk ends."""
+        if self.views is None or not isinstance(node, SnapDirNode):
+            return
+        if self._walks[node.snap]:
+            self._view_after_walk.add(node.snap)
+            return
+        self._view_after_walk.discard(node.snap)
+        if self.views.wanted(node.snap):
             self._after_reply(
                 functools.partial(self.views.attach, node.snap),
                 f"mounting the kernel view of snapshot {node.snap}",
@@ -682,6 +693,8 @@ class CascowOperations(pyfuse3.Operations):
         node = self._node(inode)
         if not isinstance(node, (SnapDirNode, SkeletonNode, BranchDirNode)):
             raise _err(errno.ENOTDIR)
+        if isinstance(node, SnapDirNode):
+            self._walks[node.snap] += 1
         self._want_view(node)
         return self._new_handle(DirHandle(node))
 
@@ -740,7 +753,14 @@ class CascowOperations(pyfuse3.Operations):
 
     @edge
     async def releasedir(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, DirHandle) and isinstance(handle.node, SnapDirNode):
+            snap = handle.node.snap
+            self._walks[snap] -= 1
+            if self._walks[snap] <= 0:
+                del self._walks[snap]
+                if snap in self._view_after_walk:
+                    self._want_view(handle.node)
 
     @edge
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
