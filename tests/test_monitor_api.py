@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -227,6 +229,72 @@ def test_reset_is_refused_unless_it_comes_from_the_page(tmp_path):
         # everything checked, the reset reaches the client: no daemon serves this directory
         status, reply = _reset(server, good, Origin=f"http://127.0.0.1:{server.port}")
         assert status == 503 and reply["errno"] == "ENOTCONN" and str(root) in reply["message"]
+
+
+
+def test_malformed_requests_are_answered_not_dropped(tmp_path, capfd):
+    """What a client sends may be anything; each request gets a status, none a traceback."""
+    root = fake_mount(tmp_path / "mnt", [], {}, events=[])
+    with serving(root) as (server, _):
+        good = {"branch": "b1", "id": "s1"}
+        # an Origin that does not parse is not the page's own
+        status, reply = _reset(server, good, Origin="http://[::1")
+        assert status == 403 and reply["message"] == "cross-origin request refused"
+        assert _reset(server, good, Origin="")[0] == 403
+        # JSON nested deeper than the parser's recursion: bad JSON like any other
+        assert _reset(server, b"[" * 4000)[0] == 400
+        assert _reset(server, b'{"branch": ' + b"[" * 4000)[0] == 400
+        # digits that str.isdigit takes and int refuses
+        assert _reset(server, good, **{"Content-Length": "\u00b2"})[0] == 400
+        assert get_json(server, "/api/events?limit=%C2%B2") == []
+        assert get_json(server, "/api/tree?since=--5")["full"]
+        # a request target that does not parse
+        assert request(server, "GET", "http://[::1/api/state")[0] == 400
+        assert request(server, "POST", "http://[::1/api/reset", b"{}",
+                       {"Content-Type": "application/json"})[0] == 404
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_an_unforeseen_failure_is_a_500_and_one_line_of_log(tmp_path, caplog, capfd):
+    caplog.set_level(logging.DEBUG, logger="cascowfs.monitor")
+    root = fake_mount(tmp_path / "mnt", [], {}, events=[])
+    with serving(root) as (server, tracker):
+        def broken() -> dict:
+            raise RuntimeError("a bug\nwith a newline")
+        tracker.summary = broken
+        status, _, body = request(server, "GET", "/api/state")
+        assert status == 500 and json.loads(body)["ok"] is False
+        assert request(server, "GET", "/api/branches")[0] == 200  # the server serves on
+        # what escapes a handler before a route runs (a client gone mid-request-line)
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except ConnectionResetError:
+            server.handle_error(None, ("127.0.0.1", 1))
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "/api/state" in errors[0] and "\n" not in errors[0]
+    assert any("connection from 127.0.0.1" in r.getMessage() for r in caplog.records)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_head_answers_the_get_routes_without_a_body(tmp_path):
+    root = fake_mount(tmp_path / "mnt", [episode("s1", None, 1)], {}, events=[])
+    with serving(root) as (server, _):
+        for path in ("/", "/app.js", "/api/state", "/api/tree", "/nothing"):
+            get_status, get_headers, get_body = request(server, "GET", path)
+            status, headers, body = request(server, "HEAD", path)
+            assert (status, body) == (get_status, b""), path
+            assert headers["Content-Length"] == str(len(get_body)), path
+            for key in ("Content-Type", "Content-Security-Policy", "Cache-Control"):
+                assert headers[key] == get_headers[key], (path, key)
+        # the stream: its headers, then the end of the connection rather than events
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"HEAD /api/stream HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % server.port)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in reply
+        assert reply.endswith(b"\r\n\r\n") and b"event:" not in reply
+        assert request(server, "HEAD", "/", headers={"Host": "evil.example"})[0] == 421
 
 
 def test_a_wildcard_address_still_wants_the_pages_own_origin(tmp_path):

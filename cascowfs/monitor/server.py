@@ -20,13 +20,16 @@ import json
 import logging
 import signal
 import socket
+import sys
 import threading
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from ..errors import CascowfsError, InvalidArgumentError
+from ..events import printable
 from .files import FileMissing, MountFiles
 from .tracker import KEPT_EVENTS, Tracker
 
@@ -105,6 +108,13 @@ class MonitorServer(ThreadingHTTPServer):
             None if wildcard else frozenset({f"{shown}:{self.port}", f"localhost:{self.port}"})
         )
 
+    def handle_error(self, request: object, client_address: tuple) -> None:
+        """What escaped a handler (a client gone in the middle of its request line): one line
+        of log instead of socketserver's traceback on stderr."""
+        exc = sys.exc_info()[1]
+        level = logging.DEBUG if isinstance(exc, OSError) else logging.ERROR
+        log.log(level, "connection from %s: %r", client_address[0], exc)
+
     def host_allowed(self, host: str | None) -> bool:
         if self.allowed_hosts is None:
             return True
@@ -115,15 +125,47 @@ class MonitorHandler(BaseHTTPRequestHandler):
     server: MonitorServer
     protocol_version = "HTTP/1.1"
     server_version = "cascowfs-monitor"
+    _started = False  # whether this request's status line is out
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
     # -- dispatch ------------------------------------------------------------------------------
+    # Every request ends in an answer: the routes answer what they can tell apart, and
+    # ``_answer`` turns anything else into a 500 and one line of log (a traceback on stderr
+    # and a dropped connection tell the page nothing).
     def do_GET(self) -> None:
+        self._answer(self._get)
+
+    def do_HEAD(self) -> None:
+        self._answer(self._get)  # ``_send`` leaves the body out
+
+    def do_POST(self) -> None:
+        self._answer(self._post)
+
+    def _answer(self, route: Callable[[], None]) -> None:
+        self._started = False
+        try:
+            route()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away: no one to answer
+        except Exception as exc:
+            self.close_connection = True
+            log.error("%s %r failed: %r", self.command, self.path, exc)
+            log.debug("%s %r failed", self.command, self.path, exc_info=True)
+            if self._started:  # a part of the reply is out: only closing is left
+                return
+            try:
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (see its log)")
+            except OSError:
+                pass
+
+    def _get(self) -> None:
         if not self.server.host_allowed(self.headers.get("Host")):
             return self._error(HTTPStatus.MISDIRECTED_REQUEST, "unknown Host header")
-        url = urlsplit(self.path)
+        url = _split(self.path)
+        if url is None:
+            return self._error(HTTPStatus.BAD_REQUEST, "a request target that does not parse")
         query = parse_qs(url.query)
         tracker = self.server.tracker
         if url.path in STATIC:
@@ -151,15 +193,16 @@ class MonitorHandler(BaseHTTPRequestHandler):
             return self._stream()
         return self._error(HTTPStatus.NOT_FOUND, f"no such page: {url.path}")
 
-    def do_POST(self) -> None:
+    def _post(self) -> None:
         self.close_connection = True  # a refusal leaves the body unread on the connection
         host = self.headers.get("Host")
         if not self.server.host_allowed(host):
             return self._error(HTTPStatus.MISDIRECTED_REQUEST, "unknown Host header")
-        if urlsplit(self.path).path != "/api/reset":
+        url = _split(self.path)
+        if url is None or url.path != "/api/reset":
             return self._error(HTTPStatus.NOT_FOUND, f"no such page: {self.path}")
         origin = self.headers.get("Origin")
-        if origin is not None and urlsplit(origin).netloc.lower() != (host or "").lower():
+        if origin is not None and not _same_origin(origin, host):
             return self._error(HTTPStatus.FORBIDDEN, "cross-origin request refused")
         if self.headers.get_content_type() != "application/json":
             return self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
@@ -172,7 +215,7 @@ class MonitorHandler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(length))
             branch, ident = body["branch"], body["id"]
             result = self.server.tracker.files.reset(branch, ident)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: deep nesting
             return self._error(HTTPStatus.BAD_REQUEST, 'expected {"branch": ..., "id": ...}')
         except CascowfsError as exc:
             status = RESET_STATUS.get(exc.errno, HTTPStatus.BAD_GATEWAY)
@@ -188,6 +231,7 @@ class MonitorHandler(BaseHTTPRequestHandler):
         return {**self.server.tracker.summary(), "read_only": self.server.read_only}
 
     def _send(self, status: int, ctype: str, body: bytes, extra: dict | None = None) -> None:
+        self._started = True
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -214,16 +258,17 @@ class MonitorHandler(BaseHTTPRequestHandler):
             body = self.server.tracker.files.metrics()
         except FileMissing as exc:
             return self._send(
-                HTTPStatus.SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", f"{exc}\n".encode()
+                HTTPStatus.SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", _text(str(exc))
             )
         except CascowfsError as exc:
             return self._send(
-                HTTPStatus.BAD_GATEWAY, "text/plain; charset=utf-8", f"{exc.message}\n".encode()
+                HTTPStatus.BAD_GATEWAY, "text/plain; charset=utf-8", _text(exc.message)
             )
         self._send(HTTPStatus.OK, "text/plain; version=0.0.4; charset=utf-8", body)
 
     def _stream(self) -> None:
         """Server-Sent Events: the state at once, then again on every change."""
+        self._started = True
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "text/event-stream")
         for key, value in SECURITY_HEADERS.items():
@@ -231,6 +276,8 @@ class MonitorHandler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
+        if self.command == "HEAD":
+            return
         tracker = self.server.tracker
         version = -1
         try:
@@ -247,17 +294,42 @@ class MonitorHandler(BaseHTTPRequestHandler):
             pass
 
 
+def _split(url: str) -> SplitResult | None:
+    """``url`` split, or None if it does not parse (``http://[::1`` raises ValueError)."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
+
+
+def _same_origin(origin: str, host: str | None) -> bool:
+    """Whether the ``Origin`` header names the address the request came to (``Host``); one
+    that does not parse, or names no address (``null``), is another page's."""
+    url = _split(origin)
+    return url is not None and bool(url.netloc) and url.netloc.lower() == (host or "").lower()
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes ``²``, which ``int`` refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _int_arg(query: dict[str, list[str]], name: str, default: int) -> int:
     values = query.get(name)
-    if not values or not values[0].lstrip("-").isdigit() or len(values[0]) > 18:
+    if not values or not _digits(values[0].removeprefix("-")) or len(values[0]) > 18:
         return default
     return int(values[0])
 
 
 def _content_length(text: str | None) -> int | None:
-    if text is None or not text.isdigit() or len(text) > 9:
+    if text is None or not _digits(text) or len(text) > 9:
         return None
     return int(text)
+
+
+def _text(message: str) -> bytes:
+    """A line of a text/plain reply; a path's bytes that were not UTF-8 shown as ``\\xNN``."""
+    return f"{printable(message)}\n".encode()
 
 
 def serve(mnt: str, listen: str = DEFAULT_LISTEN, *, read_only: bool = False) -> int:
