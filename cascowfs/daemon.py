@@ -312,10 +312,12 @@ def run(
 
 
 def setup_logging(level: int, log_file: str | None = None, log_format: str = "json") -> None:
-    """Log at ``level`` to ``log_file`` (None: stderr) in ``log_format`` (``logs.py``)."""
+    """Log at ``level`` to ``log_file`` (None: stderr) in ``log_format`` (``logs.py``). The
+    file is UTF-8, and what is not (a lone surrogate a formatter let through) is written as a
+    backslash escape, as stderr writes it, rather than lost with a logging error."""
     handler: logging.Handler
     if log_file:
-        handler = logging.FileHandler(log_file)
+        handler = logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace")
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logs.formatter(log_format))
@@ -332,7 +334,9 @@ def reopen_log_files() -> None:
         if not isinstance(handler, logging.FileHandler) or handler.stream is None:
             continue
         try:
-            fresh = open(handler.baseFilename, "a", encoding=handler.encoding)
+            fresh = open(
+                handler.baseFilename, "a", encoding=handler.encoding, errors=handler.errors
+            )
         except OSError as exc:
             log.warning(
                 "SIGHUP: cannot reopen %s (%s); logging on to the old file",

@@ -6,6 +6,13 @@ line without a parser of ours, so ``json`` is the default format: ``time``, ``le
 ``names``, ``result``, ``latency_ms``, ``id``, as ``MNT/events`` shows them). ``text`` keeps
 the one-line ``time logger LEVEL message`` form for a person reading a terminal.
 
+A message holds names callers chose (a branch, a snapshot id, a path in a committed tree), and
+a name may hold a newline, an escape sequence or bytes that are not UTF-8. Neither format lets
+one forge a line or lose it: JSON escapes them, and the text format shows every character that
+is not printable as ``repr`` would (``\\n``, ``\\x1b``, ``\\u202e``) and a byte that was not
+UTF-8 as ``\\xNN`` (``one_line``); a traceback's lines follow its record indented, so a line
+that starts at its first column always starts a record.
+
 An operation runs in a worker thread that logs deep inside the engine, far from the command
 that started it; ``current_command`` (a context variable, which trio hands on to the worker
 thread) carries the command there, and every line logged at WARNING or above while it is set
@@ -60,17 +67,51 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, separators=(",", ":"))
 
 
+_SHOWN_CONTROLS = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def one_line(text: str) -> str:
+    """``text`` with nothing a terminal or a line-based reader acts on: each character that is
+    not printable (``str.isprintable``: controls, line and paragraph separators, format
+    characters) escaped as ``repr`` shows it, and a byte that was not UTF-8 as ``\\xNN``
+    (``printable``)."""
+    text = printable(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _shown(c) for c in text)
+
+
+def _shown(char: str) -> str:
+    if char in _SHOWN_CONTROLS:
+        return _SHOWN_CONTROLS[char]
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
 class TextFormatter(logging.Formatter):
-    """The text format; a warning or error inside an operation ends with its command."""
+    """The text format, one line a record (``one_line``) but for a traceback's, which follow
+    it indented; a warning or error inside an operation ends with its command."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        record.message = one_line(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
         command = _command_of(record)
         if command is not None and getattr(record, "command", None) is None:
             line += f" [command: {printable(command)!r}]"
+        blocks = []
+        if record.exc_info:
+            blocks.append(self.formatException(record.exc_info))
+        if record.stack_info:
+            blocks.append(self.formatStack(record.stack_info))
+        for block in blocks:
+            line += "".join(f"\n    {one_line(part)}" for part in block.split("\n"))
         return line
 
 

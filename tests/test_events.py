@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cascowfs.events import EVENTS_KEPT, EventRing, EventsReader, OperationEvent, printable
-from cascowfs.logs import JsonFormatter, TextFormatter, current_command, formatter
+from cascowfs.daemon import reopen_log_files, setup_logging
+from cascowfs.logs import JsonFormatter, TextFormatter, current_command, formatter, one_line
 from conftest import hypothesis_settings
 
 pytestmark = pytest.mark.unit
@@ -139,6 +141,69 @@ def test_operation_line_carries_its_event_but_its_own_time():
     assert parsed["op"] == "commit" and parsed["latency_ms"] == 1.5
     assert parsed["command"] == "commit b s1"
     assert parsed["time"] != fields["time"]  # when it was logged, not when the op began
+
+
+
+FORGED = "x\n2026-12-07 13:30:00,000 cascowfs.ops INFO prune ok in 1.0 ms: prune s1"
+
+
+@hypothesis_settings(200)
+@given(names, names)
+def test_text_log_lines_stay_one_printable_line(message, name):
+    """Whatever a caller named, a record is one line a terminal shows as it is, and each
+    character of the name is kept (shown escaped at worst)."""
+    line = TextFormatter().format(record(logging.WARNING, "commit %s: %s", name, message))
+    assert line.isprintable() and line.encode("utf-8")  # no newline, control or surrogate
+    assert line.endswith(f"commit {one_line(name)}: {one_line(message)}")
+
+
+def test_text_log_shows_controls_and_bytes_that_are_not_utf8_escaped():
+    fmt = TextFormatter()
+    line = fmt.format(record(logging.INFO, "commit %s", FORGED))
+    assert "\n" not in line and line.endswith("commit x\\n2026-12-07 13:30:00,000 cascowfs.ops "
+                                               "INFO prune ok in 1.0 ms: prune s1")
+    name = os.fsdecode(b"e\xff")
+    line = fmt.format(record(logging.INFO, f"path {name}\x1b[2J\r\t\u202e\u2028 ok"))
+    assert line.endswith("path e\\xff\\x1b[2J\\r\\t\\u202e\\u2028 ok")
+    assert one_line("plain é ✓ text") == "plain é ✓ text"
+
+
+def test_text_log_tracebacks_follow_their_record_indented():
+    try:
+        raise ValueError(FORGED + "\x1b[2J" + os.fsdecode(b"\xff"))
+    except ValueError:
+        rec = logging.LogRecord("cascowfs.test", logging.ERROR, __file__, 1, "failed", (),
+                                sys.exc_info())
+    first, *rest = TextFormatter().format(rec).split("\n")
+    assert first.endswith("cascowfs.test ERROR failed") and len(rest) > 2
+    assert all(line.startswith("    ") and line.isprintable() for line in rest), rest
+    assert rest[-2:] == ["    ValueError: x", "    " + FORGED.split("\n")[1] + "\\x1b[2J\\xff"]
+
+
+def test_log_file_keeps_what_is_not_utf8(tmp_path, capfd):
+    """The file handler writes a lone surrogate a formatter let through as a backslash escape
+    (as stderr would), before and after SIGHUP reopens the file, instead of losing the line."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    path = tmp_path / "daemon.log"
+    try:
+        setup_logging(logging.INFO, str(path), "text")
+        (handler,) = root.handlers
+        test_log = logging.getLogger("cascowfs.test")
+        test_log.info("committed %s", os.fsdecode(b"e\xff"))
+        handler.setFormatter(logging.Formatter("%(message)s"))  # lets surrogates through
+        test_log.info("raw %s", os.fsdecode(b"f\xfe"))
+        reopen_log_files()
+        test_log.info("reopened %s", os.fsdecode(b"g\xfd"))
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        handler.close()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0].endswith("INFO committed e\\xff")
+    assert lines[1:] == ["raw f\\udcfe", "SIGHUP: reopened log file " + str(path),
+                         "reopened g\\udcfd"]
+    assert "Logging error" not in capfd.readouterr().err
 
 
 def test_unknown_log_format_is_refused():

@@ -315,6 +315,27 @@ def test_text_log_format_names_the_command():
     assert not any(line.startswith("{") for line in text.splitlines())
 
 
+
+def test_text_log_lines_cannot_be_forged_or_lost():
+    """A command holds what a caller wrote: a quoted newline that would start a forged line,
+    an escape sequence, bytes that are not UTF-8. Each failed command is one line, escaped."""
+    forged = "2026-12-07 13:30:00,000 cascowfs.ops INFO prune ok in 1.0 ms: prune s1"
+    with mounted("--log-format", "text") as fs:
+        for line in (f"prune 'x\n{forged}'".encode(), b"prune x\x1b[2J", b"prune e\xff"):
+            assert fs.ctl(line)[0] == errno.EINVAL
+        fs.stop()
+        text = fs.log.read_text(encoding="utf-8")
+    assert "Logging error" not in text and "\x1b" not in text
+    assert not any(line.startswith(forged) for line in text.splitlines())
+    ops = [line for line in text.splitlines() if "cascowfs.ops WARNING prune" in line]
+    assert [line.split(" ms: ", 1)[1] for line in ops] == [
+        f"prune 'x\\n{forged}': one command per write: got several lines",
+        "prune x\\x1b[2J: invalid snapshot id 'x\\x1b[2J': must match "
+        "[A-Za-z0-9][A-Za-z0-9._-]{0,127}",
+        "prune e\\xff: command is not UTF-8",
+    ]
+
+
 def test_wal_replays_counts_the_operation_a_kill_left(monkeypatch):
     with mounted() as fs:
         os.mkdir(fs.mnt / "branches" / "b")
