@@ -915,9 +915,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb != "mount":
         logging.basicConfig(level=logging.WARNING, format="cascowfs: %(message)s")
     try:
-        return args.fn(args)
+        status = args.fn(args)
+        if sys.stdout is not None:  # None: started with stdout closed
+            sys.stdout.flush()  # a reader gone shows here, in these handlers, not at exit
+        return status
     except CascowfsError as exc:
         return report_error(args, exc.errno, exc.message)
+    except BrokenPipeError as exc:
+        import select
+
+        # stdout's reader went away (``cascowfs ls MNT | head -1``): stop quietly, as Unix
+        # tools do, with the shell's status for SIGPIPE (128 + 13). As Python's documentation
+        # of SIGPIPE says, stdout then points at /dev/null, so the flush at exit does not fail
+        # again. A pipe with no reader polls as POLLERR; any other broken pipe is an error.
+        try:
+            out = sys.stdout.fileno()
+            poll = select.poll()
+            poll.register(out, select.POLLOUT)
+            gone = any(events & select.POLLERR for _, events in poll.poll(0))
+        except (OSError, ValueError):  # no stdout, or not a file (a test's capture)
+            gone = False
+        if not gone:
+            return report_error(args, exc.errno or errno.EPIPE, str(exc))
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out)
+        os.close(devnull)
+        return 141
     except OSError as exc:
         return report_error(args, exc.errno or errno.EIO, str(exc))
     except KeyboardInterrupt:

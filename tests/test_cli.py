@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from cascowfs import cli
 from cascowfs.cli import exit_status
 from conftest import mounts_below
-from fusehelpers import REPO, Cascow, cascow_base, mounted, needs_fuse, run_cli
+from fusehelpers import CLI, PYTHON, REPO, Cascow, cascow_base, mounted, needs_fuse, run_cli
 
 VERBS = ["init", "mount", "umount", "branch", "commit", "discard", "prune", "rebase", "ls", "log",
          "status", "diff", "import", "fsck", "gc"]
@@ -161,6 +162,51 @@ def test_exit_status_classes_are_distinct_and_documented():
     for code in (cli.EXIT_OK, cli.EXIT_OTHER, cli.EXIT_USAGE):
         assert code not in cli.EXIT_CODES.values()
     assert exit_status(errno.EXDEV) == cli.EXIT_OTHER  # an errno of no class
+
+
+
+# -- a closed pipe ----------------------------------------------------------------------------
+def _to_a_closed_pipe(*args: str) -> subprocess.CompletedProcess:
+    """``cascowfs ARGS`` with stdout a pipe no one reads any more (``… | head -1`` once
+    ``head`` has exited), block-buffered as a user's is (the output is written at exit)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([*CLI, *args], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=120, cwd=REPO, env=env)
+    finally:
+        os.close(write_end)
+
+
+def test_output_to_a_closed_pipe_ends_quietly(tmp_path):
+    """As Unix tools do: no message, the shell's status for SIGPIPE."""
+    proc = _to_a_closed_pipe("init", str(tmp_path / "store"))
+    assert (proc.returncode, proc.stderr) == (141, "")
+    assert (tmp_path / "store" / "meta").is_dir()  # the verb itself ran
+
+
+def test_a_broken_pipe_other_than_stdout_is_an_error():
+    """A verb's own pipe (to a helper process, say) that breaks is a failure like any other."""
+    script = ("import errno, sys\nfrom cascowfs import cli\n"
+              "def fails(args):\n    raise BrokenPipeError(errno.EPIPE, 'Broken pipe')\n"
+              "cli.cmd_init = fails\nsys.exit(cli.main(['init', '/nonexistent/store']))\n")
+    proc = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert proc.returncode == cli.EXIT_OTHER and "cascowfs init: EPIPE: " in proc.stderr, proc
+
+
+@needs_fuse
+def test_ls_into_head_ends_quietly():
+    with mounted() as fs:
+        for name in ("a", "b", "c"):
+            run_cli("branch", str(fs.mnt), name)
+        proc = _to_a_closed_pipe("ls", str(fs.mnt))
+        assert (proc.returncode, proc.stderr) == (141, "")
+        shell = subprocess.run(["bash", "-c", 'set -o pipefail; "$@" | head -1', "-", *CLI, "ls",
+                                str(fs.mnt)], capture_output=True, text=True, timeout=120,
+                               cwd=REPO)
+        assert shell.stdout == "snapshots:\n" and "EPIPE" not in shell.stderr, shell
 
 
 # -- --json -----------------------------------------------------------------------------------
