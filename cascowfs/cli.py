@@ -368,6 +368,12 @@ def _progress(args: argparse.Namespace) -> bool:
 def cmd_fsck(args: argparse.Namespace) -> int:
     from .fsck import fsck_store
 
+    if is_cascowfs_mount(args.store):  # "not a store; run cascowfs init" would mislead
+        store = os.getxattr(args.store, "user.cascowfs.store").decode(errors="replace")
+        raise InvalidArgumentError(
+            f"{args.store} is a mount point: fsck checks the store ({store}) once it is at "
+            "rest (cascowfs umount)"
+        )
     report = fsck_store(Path(args.store), progress=_progress(args), deep=args.deep)
     if args.json:
         emit(
@@ -944,6 +950,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         return report_error(args, exc.errno or errno.EIO, str(exc))
     except KeyboardInterrupt:
+        # Offline, the interrupted operation is rolled back; a command the daemon had been
+        # sent goes on there, and its result is what `ls` shows, not this exit status.
+        print(
+            f"cascowfs {args.verb}: interrupted; a command a daemon had received completes "
+            "there all the same: look (cascowfs ls) before sending it again",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
 
 

@@ -100,6 +100,7 @@ def test_every_verb_on_a_live_mount_and_offline():
                            (("discard", mnt, "nosuch"), "ENOENT"),
                            (("status", mnt, "nosuch"), "ENOENT"),
                            (("fsck", store), "EBUSY"),  # the daemon holds the store
+                           (("fsck", mnt), "EINVAL"),  # a mount point, not a store
                            (("umount", str(fs.base)), "EINVAL")):
             proc = run_cli(*args, check=False)
             assert proc.returncode == exit_status(getattr(errno, name)), (args, proc.stderr)
@@ -302,3 +303,16 @@ def test_verbs_on_a_mount_point_without_a_daemon_exit_10():
             proc = run_cli(*args, check=False)
             assert proc.returncode == cli.EXIT_DAEMON_NOT_RUNNING, (args, proc.stderr)
             assert "ENOTCONN: " in proc.stderr and str(fs.mnt) in proc.stderr, proc.stderr
+
+
+def test_an_interrupt_says_that_a_sent_command_may_complete(monkeypatch, capsys):
+    """Ctrl-C during a verb that wrote its command to ctl: the daemon carries it out all the
+    same (the write returns first, then Python raises), so exit 130 alone would tell a
+    script it did not happen."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_gc", interrupted)
+    assert cli.main(["gc", "/nonexistent"]) == 130
+    assert "cascowfs gc: interrupted; a command a daemon had received completes" in \
+        capsys.readouterr().err
