@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -432,7 +433,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     if mnt is not None:
         with Client(mnt) as client:
             move = client.push if args.verb == "push" else client.pull
-            print(" ".join(move(args.remote, args.ids, with_ancestors=args.with_ancestors)))
+            moved = move(args.remote, args.ids, with_ancestors=args.with_ancestors)
+        emit(args, {"snapshots": moved}, " ".join(moved))
         return 0
     with _offline(target) as sm:
         store = objectstore.open_store(config.resolve(sm.store, args.remote))
@@ -440,7 +442,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         stats = run(
             sm, store, args.ids, with_ancestors=args.with_ancestors, progress=_progress(args)
         )
-    print(stats.text())
+    emit(args, asdict(stats), stats.text())
     return 0
 
 
@@ -451,23 +453,31 @@ def cmd_remote(args: argparse.Namespace) -> int:
     store = _store_dir(Path(args.target))
     if args.action == "add":
         config.add(store, args.name, args.url, args.endpoint_url)
+        emit(args, {"name": args.name, "url": args.url, "endpoint_url": args.endpoint_url}, None)
     elif args.action == "rm":
         config.remove(store, args.name)
+        emit(args, {"name": args.name, "removed": True}, None)
     elif args.action == "ls":
         for spec in config.load(store).values():
             endpoint = f" endpoint={spec.endpoint_url}" if spec.endpoint_url else ""
-            print(f"{spec.name}\t{spec.url}{endpoint}")
+            record = {"name": spec.name, "url": spec.url, "endpoint_url": spec.endpoint_url}
+            emit(args, record, f"{spec.name}\t{spec.url}{endpoint}")
     elif args.action == "ls-snapshots":
         remote = objectstore.open_store(config.resolve(store, args.remote))
         match = label_matcher(args.find or [])
         for snap in transfer.list_snapshots(remote):
             if match(snap.labels, snap.obs is not None):
-                print(f"{snap.id}\t{snap.parent or '-'}\t{_labels_text(snap)}".rstrip())
+                record = {"id": snap.id, "parent": snap.parent, "labels": snap.labels,
+                          "obs": snap.obs is not None}  # fmt: skip
+                text = f"{snap.id}\t{snap.parent or '-'}\t{_labels_text(snap)}".rstrip()
+                emit(args, record, text)
     elif args.action == "forget":
         transfer.forget(objectstore.open_store(config.resolve(store, args.remote)), args.id)
+        emit(args, {"id": args.id, "forgotten": True}, None)
     elif args.action == "prune":
         remote = objectstore.open_store(config.resolve(store, args.remote))
-        print(prune.prune(remote, grace=args.grace).text())
+        stats = prune.prune(remote, grace=args.grace)
+        emit(args, asdict(stats), stats.text())
     return 0
 
 
@@ -870,6 +880,9 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("target", metavar="MNT|STORE")
         for word in words:
             a.add_argument(word.lower(), metavar=word)
+        # also after the action; SUPPRESS: absent here, it leaves `remote --json ACTION` be
+        a.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print the result as JSON (lists: one object per line)")  # fmt: skip
         return a
 
     a = action("add", "add remote NAME: file:///path or s3://BUCKET[/PREFIX]", "NAME", "URL")

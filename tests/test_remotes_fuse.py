@@ -4,6 +4,7 @@ ctl, against the S3 server on 127.0.0.1; a pulled snapshot served under MNT/snap
 from __future__ import annotations
 
 import errno
+import json
 import subprocess
 
 import pytest
@@ -33,6 +34,10 @@ def test_round_trip_between_two_mounts(endpoint):
                     "--endpoint-url", endpoint)
         assert run_cli("remote", "ls", str(b.store)).stdout == (
             f"origin\ts3://{bucket}/team endpoint={endpoint}\n")
+        record = {"name": "origin", "url": f"s3://{bucket}/team", "endpoint_url": endpoint}
+        for argv in (("remote", "ls", str(b.store), "--json"),
+                     ("remote", "--json", "ls", str(b.store))):
+            assert json.loads(run_cli(*argv).stdout) == record, argv
         with Client(a.mnt) as client:
             client.import_tree(src, "base", {"task": "t1"})
             tree = client.branch("w", "base")
@@ -42,11 +47,16 @@ def test_round_trip_between_two_mounts(endpoint):
             client.commit("w", "step1", {"reward": "0.9"}, obs=trace)
             client.discard("w")
             assert client.push("origin", ["base"]) == ["base"]
-        run_cli("push", str(a.mnt), "origin", "step1")  # the CLI, through ctl
+        pushed = run_cli("push", str(a.mnt), "origin", "step1", "--json")  # through ctl
+        assert json.loads(pushed.stdout) == {"snapshots": ["step1"]}
         listed = run_cli("remote", "ls-snapshots", str(b.mnt), "origin", "--find", "reward>0.5")
         assert listed.stdout == "step1\tbase\treward=0.9\n"
         listed = run_cli("remote", "ls-snapshots", str(b.mnt), "origin", "--find", "has:obs")
         assert listed.stdout == "step1\tbase\treward=0.9\n"
+        listed = run_cli("remote", "ls-snapshots", str(b.mnt), "origin", "--json")
+        assert [json.loads(line) for line in listed.stdout.splitlines()] == [
+            {"id": "base", "parent": None, "labels": {"task": "t1"}, "obs": False},
+            {"id": "step1", "parent": "base", "labels": {"reward": "0.9"}, "obs": True}]
         # ctl itself, as a shell script would
         code, reply = b.ctl("pull origin --with-ancestors step1")
         assert (code, reply) == (0, "ok base step1")
@@ -64,6 +74,8 @@ def test_round_trip_between_two_mounts(endpoint):
             tree = client.branch("again", "step1")
             assert (tree / "added.txt").read_text() == "an agent's edit\n"
             client.discard("again")
+        pruned = json.loads(run_cli("remote", "prune", str(b.mnt), "origin", "--json").stdout)
+        assert pruned["snapshots"] == 2 and pruned["packs_deleted"] == 0, pruned
 
 
 def test_errors_name_the_remote_and_the_object(endpoint):
