@@ -467,10 +467,10 @@ def cmd_remote(args: argparse.Namespace) -> int:
         match = label_matcher(args.find or [])
         for snap in transfer.list_snapshots(remote):
             if match(snap.labels, snap.obs is not None):
-                record = {"id": snap.id, "parent": snap.parent, "labels": snap.labels,
-                          "obs": snap.obs is not None}  # fmt: skip
+                listed: dict[str, Any] = {"id": snap.id, "parent": snap.parent}
+                listed.update(labels=snap.labels, obs=snap.obs is not None)
                 text = f"{snap.id}\t{snap.parent or '-'}\t{_labels_text(snap)}".rstrip()
-                emit(args, record, text)
+                emit(args, listed, text)
     elif args.action == "forget":
         transfer.forget(objectstore.open_store(config.resolve(store, args.remote)), args.id)
         emit(args, {"id": args.id, "forgotten": True}, None)
