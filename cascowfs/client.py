@@ -457,11 +457,25 @@ def _entries(path: Path | None) -> dict[str, os.stat_result]:
 
 
 def _walk(path: Path, prefix: str) -> Iterator[str]:
-    for entry in sorted(os.scandir(path), key=lambda e: e.name):
-        sub = f"{prefix}/{entry.name}" if prefix else entry.name
-        yield sub
-        if entry.is_dir(follow_symlinks=False):
-            yield from _walk(Path(entry.path), sub)
+    """Every path below directory ``path``, each directory's entries in name order, each
+    subdirectory's right after its name (from a stack, not a recursion: a tree may be deeper
+    than Python's recursion limit)."""
+    stack = [(iter(_sorted_entries(path)), prefix)]
+    while stack:
+        entries, top_prefix = stack[-1]
+        for entry in entries:
+            sub = f"{top_prefix}/{entry.name}" if top_prefix else entry.name
+            yield sub
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((iter(_sorted_entries(Path(entry.path))), sub))
+                break
+        else:
+            stack.pop()
+
+
+def _sorted_entries(path: Path) -> list[os.DirEntry]:
+    with os.scandir(path) as it:
+        return sorted(it, key=lambda e: e.name)
 
 
 def _report(path: Path, rel: str, is_dir: bool, kind: str, changes: list[Change]) -> None:
@@ -496,6 +510,22 @@ def _same_file(pa: Path | None, sa: os.stat_result, pb: Path | None, sb: os.stat
 
 
 def _diff_dirs(a: Path | None, b: Path | None, prefix: str, changes: list[Change]) -> None:
+    # directory pairs to compare, on a stack, not a recursion: a tree may be deeper than
+    # Python's recursion limit (the order changes are found in does not matter: sorted)
+    pairs = [(a, b, prefix)]
+    while pairs:
+        _diff_dir_pair(*pairs.pop(), changes, pairs)
+
+
+def _diff_dir_pair(
+    a: Path | None,
+    b: Path | None,
+    prefix: str,
+    changes: list[Change],
+    pairs: list[tuple[Path | None, Path | None, str]],
+) -> None:
+    """The changes within directories ``a`` and ``b``; pairs of subdirectories to compare go
+    on ``pairs``."""
     if a is not None and b is not None:
         ta, tb = _tree_id(a), _tree_id(b)
         if ta is not None and ta == tb:
@@ -516,7 +546,7 @@ def _diff_dirs(a: Path | None, b: Path | None, prefix: str, changes: list[Change
             assert pa is not None and pb is not None
             if _dir_meta(pa, sa) != _dir_meta(pb, sb):
                 changes.append(Change(rel, "M"))
-            _diff_dirs(pa, pb, rel, changes)
+            pairs.append((pa, pb, rel))
         elif stat.S_ISDIR(sa.st_mode) != stat.S_ISDIR(sb.st_mode):
             assert pa is not None and pb is not None
             _report(pa, rel, stat.S_ISDIR(sa.st_mode), "D", changes)

@@ -13,8 +13,9 @@ import shutil
 import stat
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from . import fsmeta
 from .cas import ContentStore
@@ -64,38 +65,71 @@ class _Writer:
 
     def write_dir(self, entry: Entry, path: bytes) -> None:
         """The whole subtree of a directory entry."""
-        os.mkdir(path, 0o700)
-        for name, child in self._tree(entry.ref).items():
-            if child.is_dir:
-                self.write_dir(child, path + b"/" + name)
-            else:
-                self.write_leaf(child, path + b"/" + name)
-        _set_dir_metadata(path, entry)
+        self._write(self._make_dir(path, None, entry))
 
     def write_delta(self, base: Entry | None, target: Entry, path: bytes) -> None:
         """Only what turns directory ``base`` into ``target``, in overlayfs's upper format."""
+        self._write(self._make_dir(path, self._tree(base.ref) if base is not None else {}, target))
+
+    def _write(self, top: _Dir) -> None:
+        # depth first with a stack of the directories being written, not a recursion: a tree
+        # may be deeper than Python's recursion limit
+        stack = [top]
+        while stack:
+            sub = self._write_children(stack[-1])
+            if sub is not None:
+                stack.append(sub)
+                continue
+            done = stack.pop()
+            _set_dir_metadata(done.path, done.target)
+            if done.opaque:  # a directory replacing a file hides nothing below
+                os.setxattr(done.path, b"trusted.overlay.opaque", b"y")
+
+    def _make_dir(
+        self, path: bytes, before: dict[bytes, Entry] | None, target: Entry, opaque: bool = False
+    ) -> _Dir:
+        """Directory ``path`` made, to hold ``target``'s listing, or (``before`` given) what
+        turns listing ``before`` into it: there, whiteouts for the names it drops."""
         os.mkdir(path, 0o700)
-        before = self._tree(base.ref) if base is not None else {}
         after = self._tree(target.ref)
-        for name in before.keys() - after.keys():
-            os.mknod(path + b"/" + name, stat.S_IFCHR, 0)  # whiteout
-        for name, t in after.items():
+        if before is not None:
+            for name in before.keys() - after.keys():
+                os.mknod(path + b"/" + name, stat.S_IFCHR, 0)  # whiteout
+        return _Dir(path, target, before, iter(after.items()), opaque)
+
+    def _write_children(self, d: _Dir) -> _Dir | None:
+        """Write ``d``'s next entries in order up to its next subdirectory to write, which is
+        made and returned, to be written before the rest; None once ``d`` has no more."""
+        before = d.before
+        for name, t in d.children:
+            child = d.path + b"/" + name
+            if before is None:  # the whole subtree
+                if t.is_dir:
+                    return self._make_dir(child, None, t)
+                self.write_leaf(t, child)
+                continue
             b = before.get(name)
             if b is t:
                 continue  # the same entry object: unchanged (most of a large directory)
-            child = path + b"/" + name
             if t.is_dir:
                 if b is not None and b.is_dir:
                     if b == t:
                         continue  # same subtree, same attributes: the lower layer shows it
-                    self.write_delta(b, t, child)
-                else:
-                    self.write_dir(t, child)
-                    if b is not None:  # a directory replacing a file hides nothing below
-                        os.setxattr(child, b"trusted.overlay.opaque", b"y")
+                    return self._make_dir(child, self._tree(b.ref), t)
+                return self._make_dir(child, None, t, opaque=b is not None)
             elif b is None or b.is_dir or file_key(b) != file_key(t):
                 self.write_leaf(t, child)
-        _set_dir_metadata(path, target)
+        return None
+
+
+class _Dir(NamedTuple):
+    """A directory a ``_Writer`` is writing: its entries still to write, in order."""
+
+    path: bytes
+    target: Entry  # the directory's entry, its metadata set once its entries are written
+    before: dict[bytes, Entry] | None  # a delta's listing below (None: the whole subtree)
+    children: Iterator[tuple[bytes, Entry]]
+    opaque: bool  # marked opaque once written: it replaces a file
 
 
 def _set_dir_metadata(path: bytes, entry: Entry) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import NamedTuple, cast
 
@@ -256,9 +256,10 @@ def scan_directory(
             if why is not None:
                 unfit_for_image.append(why)
 
-    def walk(
+    def open_dir(
         path: bytes, rel: bytes, st: os.stat_result, name: bytes, mirror: bytes | None
-    ) -> DirNode:
+    ) -> tuple[DirNode, Iterator[tuple[bytes, bytes, os.stat_result, Entry | None]]]:
+        """A directory's node and its children read (in name order), to be walked."""
         with reading_as(reader):  # everything this directory holds, read as ``reader``
             node = DirNode(_meta_entry(name, st, fsmeta.read_xattrs(path)), {})
             check_for_image(mirror or path, node.meta)
@@ -278,34 +279,48 @@ def scan_directory(
                 children.append((cname, cpath, cst, other))
         if mirror is not None:
             dirs.append((mirror, node.meta))
-        for cname, cpath, cst, other in children:
-            crel = rel + b"/" + cname if rel else cname
-            cmirror = mirror + b"/" + cname if mirror is not None else None
-            if stat.S_ISDIR(cst.st_mode):
-                if cmirror is not None:
-                    os.mkdir(cmirror, 0o700)
-                node.children[cname] = walk(cpath, crel, cst, cname, cmirror)
-            elif stat.S_ISREG(cst.st_mode):
-                inode = (cst.st_dev, cst.st_ino)
-                if cst.st_nlink > 1:
-                    links.add(cst, node, cname, crel)
-                    if inode in first_of_inode:
-                        followers.append((node, cname, cmirror, inode))
-                        continue
-                    first_of_inode[inode] = (node, cname, cmirror)
-                workers.add(FileJob(node, cname, cpath, cst, cmirror))
+        return node, iter(children)
+
+    def walk(root_path: bytes, st: os.stat_result, mirror_root: bytes | None) -> DirNode:
+        # depth first with a stack of the directories being walked, not a recursion: a
+        # tree may be deeper than Python's recursion limit
+        root, children = open_dir(root_path, b"", st, b"", mirror_root)
+        stack = [(root, children, b"", mirror_root)]
+        while stack:
+            node, children, rel, mirror = stack[-1]
+            for cname, cpath, cst, other in children:
+                crel = rel + b"/" + cname if rel else cname
+                cmirror = mirror + b"/" + cname if mirror is not None else None
+                if stat.S_ISDIR(cst.st_mode):
+                    if cmirror is not None:
+                        os.mkdir(cmirror, 0o700)
+                    sub, subchildren = open_dir(cpath, crel, cst, cname, cmirror)
+                    node.children[cname] = sub
+                    stack.append((sub, subchildren, crel, cmirror))
+                    break  # the rest of this directory after that subdirectory's
+                elif stat.S_ISREG(cst.st_mode):
+                    inode = (cst.st_dev, cst.st_ino)
+                    if cst.st_nlink > 1:
+                        links.add(cst, node, cname, crel)
+                        if inode in first_of_inode:
+                            followers.append((node, cname, cmirror, inode))
+                            continue
+                        first_of_inode[inode] = (node, cname, cmirror)
+                    workers.add(FileJob(node, cname, cpath, cst, cmirror))
+                else:
+                    entry = cast(Entry, other)
+                    check_for_image(cmirror or cpath, entry)
+                    if cmirror is not None:
+                        _mirror_other(entry, cmirror)
+                        fsmeta.apply_metadata(
+                            cmirror, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs
+                        )
+                    node.children[cname] = entry
             else:
-                entry = cast(Entry, other)
-                check_for_image(cmirror or cpath, entry)
-                if cmirror is not None:
-                    _mirror_other(entry, cmirror)
-                    fsmeta.apply_metadata(
-                        cmirror, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs
-                    )
-                node.children[cname] = entry
-        for job, result in workers.ready():
-            take(job, result)
-        return node
+                stack.pop()
+                for job, result in workers.ready():
+                    take(job, result)
+        return root
 
     def take(job: FileJob, result: FileResult) -> None:
         content_id, size, xattrs, objects = result
@@ -316,7 +331,7 @@ def scan_directory(
         progress.update(size)
 
     with ImportWorkers(prepare, sink.add, reader) as workers:
-        root = walk(root_path, b"", st, b"", mirror_root)
+        root = walk(root_path, st, mirror_root)
         for job, result in workers.rest():
             take(job, result)
     for node, name, mirror, inode in followers:
@@ -344,6 +359,14 @@ def _listing_key(rel: bytes, st: os.stat_result) -> tuple:
     """The key of a directory's listing in an ``apply_upper`` cache (file keys start with their
     path, never with this string)."""
     return ("listing", rel, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+
+# A directory of an ``apply_upper`` walk: its node, the names it has left to walk, its path,
+# its path relative to the upper, its node's changes and the listing below it (a plain
+# tuple: one is made for every directory of every commit)
+_UpperDir = tuple[
+    DirNode, Iterator[bytes], bytes, bytes, dict[bytes, Entry | DirNode | None], dict[bytes, Entry]
+]
 
 
 def apply_upper(
@@ -374,15 +397,16 @@ def apply_upper(
             return None
         return trees.lookup(base_root, path)
 
-    def walk(
+    def open_dir(
         path: bytes,
         rel: bytes,
         st: os.stat_result,
         name: bytes,
         lower: Entry | None,
         siblings: dict[bytes, Entry],
-    ) -> DirNode:
-        """``lower``: what the directory below (``siblings``) holds under this name."""
+    ) -> _UpperDir:
+        """A directory's node, its names still to walk; ``lower``: what the directory below
+        (``siblings``) holds under this name."""
         lkey = _listing_key(rel, st)
         listing = file_cache.get(lkey) if file_cache is not None else None
         if listing is None:
@@ -405,29 +429,42 @@ def apply_upper(
             lower_children=lower_children,
             changes=changes,
         )
-        for cname in names:
-            cpath = path + b"/" + cname
-            crel = rel + b"/" + cname if rel else cname
-            cst = os.lstat(cpath)
-            if stat.S_ISCHR(cst.st_mode) and cst.st_rdev == 0:
-                changes[cname] = None  # whiteout
-            elif stat.S_ISDIR(cst.st_mode):
-                changes[cname] = walk(
-                    cpath, crel, cst, cname, lower_children.get(cname), lower_children
-                )
-            elif stat.S_ISREG(cst.st_mode):
-                key = (crel, cst.st_ino, cst.st_size, cst.st_mtime_ns, cst.st_ctime_ns)
-                entry = file_cache.get(key) if file_cache is not None else None
-                if entry is None:
-                    entry = _file_entry(cname, cpath, cst, prepare, sink)
-                if keep is not None and cst.st_ctime_ns < stable_before_ns:
-                    keep[key] = entry
-                changes[cname] = entry
-                if cst.st_nlink > 1:
-                    links.add(cst, node, cname, crel)
+        return node, iter(names), path, rel, changes, lower_children
+
+    def walk(root: _UpperDir) -> DirNode:
+        # depth first with a stack of the directories being walked, not a recursion: a
+        # tree may be deeper than Python's recursion limit
+        stack = [root]
+        while stack:
+            node, names, path, rel, changes, lower_children = stack[-1]
+            for cname in names:
+                cpath = path + b"/" + cname
+                crel = rel + b"/" + cname if rel else cname
+                cst = os.lstat(cpath)
+                if stat.S_ISCHR(cst.st_mode) and cst.st_rdev == 0:
+                    changes[cname] = None  # whiteout
+                elif stat.S_ISDIR(cst.st_mode):
+                    sub = open_dir(
+                        cpath, crel, cst, cname, lower_children.get(cname), lower_children
+                    )
+                    changes[cname] = sub[0]
+                    stack.append(sub)
+                    break  # the rest of this directory after that subdirectory's
+                elif stat.S_ISREG(cst.st_mode):
+                    key = (crel, cst.st_ino, cst.st_size, cst.st_mtime_ns, cst.st_ctime_ns)
+                    entry = file_cache.get(key) if file_cache is not None else None
+                    if entry is None:
+                        entry = _file_entry(cname, cpath, cst, prepare, sink)
+                    if keep is not None and cst.st_ctime_ns < stable_before_ns:
+                        keep[key] = entry
+                    changes[cname] = entry
+                    if cst.st_nlink > 1:
+                        links.add(cst, node, cname, crel)
+                else:
+                    changes[cname] = _other_entry(cname, cpath, cst)
             else:
-                changes[cname] = _other_entry(cname, cpath, cst)
-        return node
+                stack.pop()
+        return root[0]
 
     def lower_of_marked(
         path: bytes, lower: Entry | None, siblings: dict[bytes, Entry]
@@ -443,7 +480,7 @@ def apply_upper(
         return siblings.get(redirect)
 
     st = os.lstat(upper_root)
-    root = walk(upper_root, b"", st, b"", base_root, _NOTHING_BELOW)
+    root = walk(open_dir(upper_root, b"", st, b"", base_root, _NOTHING_BELOW))
     links.assign()
     if links.groups or (base_root is not None and base_root.tree_links):
         canonicalize_links(trees, root)
@@ -458,21 +495,26 @@ def canonicalize_links(trees: TreeStore, root: DirNode) -> None:
     directory): its key becomes that of its surviving paths, and a lone survivor has no key.
     Only subtrees that hold link members are visited."""
     members: dict[bytes, list[tuple[DirNode, bytes, bytes]]] = {}
-
-    def visit(node: DirNode, path: bytes) -> None:
-        for name, child in list(node.children.items()):
+    # depth first with a stack of the directories being visited, not a recursion: a tree
+    # may be deeper than Python's recursion limit
+    stack = [(root, iter(list(root.children.items())), b"")]
+    while stack:
+        node, children, path = stack[-1]
+        for name, child in children:
             cpath = path + b"/" + name if path else name
             if isinstance(child, DirNode):
-                visit(child, cpath)
+                stack.append((child, iter(list(child.children.items())), cpath))
+                break
             elif child.is_dir:
                 if child.tree_links:
                     sub = expand(trees, child, child)
                     node.children[name] = sub
-                    visit(sub, cpath)
+                    stack.append((sub, iter(list(sub.children.items())), cpath))
+                    break
             elif child.link:
                 members.setdefault(child.link, []).append((node, name, cpath))
-
-    visit(root, b"")
+        else:
+            stack.pop()
     for key, group in members.items():
         canonical = link_key([path for _, _, path in group]) if len(group) > 1 else b""
         if canonical != key:
@@ -521,19 +563,51 @@ def finalize(
     entries encodes one page, not all of them), and cuts pages again only around its
     changes."""
 
-    def finalized(items: dict) -> dict:
-        return {
-            name: finalize(child, sink, remember, reuse, built, path + b"/" + name, stored)
-            if isinstance(child, DirNode)
-            else child
-            for name, child in items.items()
-        }
+    # Children before parents, each directory's in the order of its listing, as a recursion
+    # would take them; but from an explicit stack, since a tree may be deeper than Python's
+    # recursion limit. A pre-order walk that pushes subdirectories in listing order pops
+    # them last first: reversed, it is exactly that post-order, which leaves the entries of
+    # a directory's subdirectories on top of ``entries``, in listing order, when its turn
+    # comes.
+    walked: list[tuple[DirNode, bytes, dict, list[bytes]]] = []
+    stack = [(node, path)]
+    while stack:
+        dir_node, dir_path = stack.pop()
+        items: dict = (dir_node.changes or {}) if dir_node.changes_only else dir_node.children
+        subdirs = [name for name, child in items.items() if isinstance(child, DirNode)]
+        walked.append((dir_node, dir_path, items, subdirs))
+        for name in subdirs:
+            stack.append((items[name], dir_path + b"/" + name))
+    entries: list[Entry] = []
+    for dir_node, dir_path, items, subdirs in reversed(walked):
+        finalized = dict(items)
+        if subdirs:
+            below = len(entries) - len(subdirs)
+            finalized.update(zip(subdirs, entries[below:], strict=True))
+            del entries[below:]
+        entries.append(
+            _finalize_dir(dir_node, finalized, sink, remember, reuse, built, dir_path, stored)
+        )
+    return entries[0]
 
+
+def _finalize_dir(
+    node: DirNode,
+    finalized: dict,
+    sink: ObjectSink,
+    remember: Callable[[bytes, dict[bytes, Entry], Encoding], None] | None,
+    reuse: BuiltDirs | None,
+    built: BuiltDirs | None,
+    path: bytes,
+    stored: TreeStore | None,
+) -> Entry:
+    """``finalize`` of one directory, its subdirectories' entries in ``finalized`` already:
+    its changes (if ``node.changes_only``) or children, every DirNode replaced by its entry."""
     before = reuse.get(path) if reuse is not None else None
     lower_id = changes = None
     if node.changes_only:
         lower_id = node.lower_id
-        changes = finalized(node.changes or {})
+        changes = finalized
         # over the same listing, the same changes are enough to know
         same = (
             before is not None
@@ -545,7 +619,7 @@ def finalize(
         else:
             entries = _overlaid(node.lower or {}, changes)
     else:
-        entries = finalized(node.children)
+        entries = finalized
         same = before is not None and same_entries(before.entries, entries)
     m = node.meta
     entry = None

@@ -1563,11 +1563,22 @@ def _within(path: Path, top: Path) -> bool:
 
 
 def _tree_bytes(src: Path) -> int:
+    """The bytes of the files below ``src``, roughly: what cannot be read counts nothing.
+    From a stack of directories, not ``os.walk``, which recurses (in Python 3.11) and so
+    fails on a tree deeper than the recursion limit."""
     total = 0
-    for dirpath, _, files in os.walk(src):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-            except OSError:
-                pass
+    dirs = [os.fspath(src)]
+    while dirs:
+        try:
+            with os.scandir(dirs.pop()) as it:
+                for entry in it:
+                    try:
+                        if not entry.is_dir():  # as os.walk: a link to a directory is one
+                            total += entry.stat(follow_symlinks=False).st_size
+                        elif not entry.is_symlink():
+                            dirs.append(entry.path)
+                    except OSError:
+                        pass
+        except OSError:
+            pass
     return total

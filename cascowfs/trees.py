@@ -497,13 +497,25 @@ class TreeStore:
     ) -> list[Change]:
         """Changes that turn tree ``a`` into tree ``b`` (roots as directory entries)."""
         changes: list[Change] = []
-        self._diff_dirs(a, b, b"", changes, extra)
+        # directory pairs to compare, on a stack, not a recursion: a tree may be deeper than
+        # Python's recursion limit (the order changes are found in does not matter: sorted)
+        pairs: list[tuple[Entry | None, Entry | None, bytes]] = [(a, b, b"")]
+        while pairs:
+            self._diff_dirs(*pairs.pop(), changes, pairs, extra)
         changes.sort()
         return changes
 
     def _diff_dirs(
-        self, a: Entry | None, b: Entry | None, path: bytes, changes: list[Change], extra
+        self,
+        a: Entry | None,
+        b: Entry | None,
+        path: bytes,
+        changes: list[Change],
+        pairs: list[tuple[Entry | None, Entry | None, bytes]],
+        extra,
     ) -> None:
+        """The changes within directories ``a`` and ``b``; pairs of subdirectories to compare
+        go on ``pairs``."""
         if a is not None and b is not None and a.ref == b.ref:
             return
         left = self.get(a.ref, None, extra) if a is not None else {}
@@ -519,7 +531,7 @@ class TreeStore:
             elif ea.is_dir and eb.is_dir:
                 if _dir_meta(ea) != _dir_meta(eb):
                     changes.append(Change(_text(child), "M"))
-                self._diff_dirs(ea, eb, child, changes, extra)
+                pairs.append((ea, eb, child))
             elif ea.is_dir != eb.is_dir:
                 self._report_all(ea, child, "D", changes, extra)
                 self._report_all(eb, child, "A", changes, extra)
