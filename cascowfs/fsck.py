@@ -191,7 +191,13 @@ def _written(layers: dict[str, LayerRecord], lid: str) -> bool:
 
 def _check_layers(sm: StateManager, sid: str, rec: SnapshotRecord, report: FsckReport) -> None:
     """The snapshot's layer chain, its images mounted, the whole mounted read-only, must
-    show exactly its tree."""
+    show exactly its tree. A layer missing or unreadable is reported, and the check goes on
+    to the next snapshot."""
+    missing = [lid for lid in rec.layers if not sm.layers.exists(lid)]
+    for lid in missing:
+        report.add(1, f"snapshot {sid}: layer {lid} of its chain is missing")
+    if missing:
+        return
     try:
         with sm.layers.mounted(rec.layers, repair=False) as lowers:
             if len(lowers) == 1:
@@ -207,6 +213,8 @@ def _check_layers(sm: StateManager, sid: str, rec: SnapshotRecord, report: FsckR
                     overlay.unmount(Path(mnt))
     except StoreIOError as exc:
         report.add(1, f"snapshot {sid}: its layers do not mount: {exc}")
+    except OSError as exc:  # a layer gone meanwhile, or an image the kernel finds corrupt
+        report.add(1, f"snapshot {sid}: its layers cannot be read: {exc}")
     finally:
         sm.layers.unmount_unused()
 

@@ -3,6 +3,7 @@ each broken for real on disk, found, and named by invariant and object."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import zlib
@@ -16,6 +17,8 @@ from cascowfs.fsck import fsck_store
 from cascowfs.layers import remove_within_filesystem
 from cascowfs.metadb import MetaDB
 from cascowfs.state import StateManager
+from conftest import needs_overlay
+from support.fuse import run_cli
 
 
 @pytest.fixture
@@ -160,3 +163,35 @@ def test_fsck_leaves_a_killed_daemons_write_ahead_log_as_it_found_it(closed_stor
     log.write_bytes(left)
     fsck_store(closed_store["store"])
     assert log.read_bytes() == left
+
+
+@needs_overlay
+def test_a_deep_check_reports_a_missing_layer_and_goes_on(tmp_path: Path, track_store) -> None:
+    store = track_store(tmp_path / "store")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"content of f")
+    sm = StateManager.open(store)
+    try:
+        sm.import_tree(src, "base")
+        tree = sm.create_branch("b", "base").tree
+        (tree / "g").write_bytes(b"g")
+        sm.commit("b", "c1")
+        (tree / "h").write_bytes(b"h")
+        sm.commit("b", "c2")
+        sm.settle()
+        chains = {id: [p.name for p in sm.layer_chain(id)] for id in ("base", "c1", "c2")}
+    finally:
+        sm.close()
+    lost = chains["base"][-1]  # under every chain
+    overlay.unmount_under(store / "mounts")  # the branch keeps its own
+    remove_within_filesystem(store / "layers" / lost)
+    want = [f"invariant 1: snapshot {id}: layer {lost} of its chain is missing"
+            for id in ("base", "c1", "c2")]
+    want.append(f"invariant 1: layer {lost} is recorded but missing from layers/")
+    problems = fsck_store(store, deep=True).problems
+    assert set(want) <= set(problems), problems
+    proc = run_cli("fsck", "--deep", "--json", str(store), check=False)
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads(proc.stdout)
+    assert not report["ok"] and set(want) <= set(report["problems"]), report
