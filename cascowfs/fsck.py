@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import overlay
+from . import images, overlay
 from .cas import STREAM_PIECE, children_of, identify_content
 from .catalog import CHAIN_NODES_FORMAT, INDEXED_FORMAT, LayerRecord, SnapshotRecord
 from .errors import StoreIOError
@@ -135,6 +135,11 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
             report.add(2, f"layer {lid} has refcount {stored}, {counted}: {layer_refs[lid]}")
         if lid in layers and layers[lid].built and not sm.layers.exists(lid):
             report.add(1, f"layer {lid} is recorded but missing from layers/")
+        elif lid in layers and layers[lid].built and sm.layers.is_image(lid):
+            try:  # a torn image mounts, and answers EUCLEAN past the cut: seen without a mount
+                images.check_whole(sm.layers.path(lid))
+            except images.ImageError as exc:
+                report.add(1, f"layer {lid}: {exc.message}")
     for entry in os.listdir(sm.layers_dir):
         if entry not in layers:
             report.add(3, f"layer directory {entry} is not recorded")

@@ -26,7 +26,7 @@ from conftest import (
     needs_overlay,
     snapshot_view,
 )
-from cascowfs import images, overlay
+from cascowfs import fsck, images, overlay
 from cascowfs.state import StateManager, unmount_store_mounts
 from cascowfs.tuning import Tuning
 
@@ -255,6 +255,9 @@ def test_an_image_cut_short_is_rebuilt_not_served(tmp_path):
         os.truncate(path, whole // 2)
         with pytest.raises(images.ImageError, match=f"cut short .{whole // 2} of its {whole}"):
             images.check_whole(path)
+        problems = fsck.check(sm).problems
+        assert any(p.startswith(f"invariant 1: layer {lid}: layer image") and "cut short" in p
+                   for p in problems), problems
         tree = sm.create_branch("b", "base").tree
         assert_same_view(dir_view(tree), snapshot_view(sm, "base"), "branch on a rebuilt image")
         assert sm.layers.is_image(lid) and path.stat().st_size >= whole // 2
