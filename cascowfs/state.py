@@ -226,10 +226,11 @@ class StateManager:
         an existing store is refused and nothing is written (``check_store_dir``).
         ``recover=False`` opens without touching anything (fsck uses it to look at a store as
         it was left)."""
+        # checked as given, so that a refusal names the path the caller gave
+        check_store_dir(Path(store).absolute(), create=create)
         # The real path: mounts are found by their paths in the mount table, and a store
         # opened through a symlink or ``..`` would not find its own branches' mounts
         self = cls(Path(os.path.realpath(store)), tuning)
-        check_store_dir(self.store, create=create)
         self._read_only = not recover
         with disk_errors(f"opening store {self.store}"):
             for d in (
