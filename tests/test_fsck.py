@@ -141,15 +141,17 @@ def test_only_a_deep_check_compares_layers_with_trees(closed_store, tmp_path):
                for p in problems), problems
 
 
-def test_a_deep_check_finds_an_image_that_does_not_mount(closed_store):
-    layer = closed_store["store"] / "layers" / closed_store["layers"][-1]
+def test_an_image_with_a_torn_superblock_is_found_with_or_without_a_deep_check(closed_store):
+    lid = closed_store["layers"][-1]
+    layer = closed_store["store"] / "layers" / lid
     if not layer.is_file():
         pytest.skip("layers are directories here (no EROFS)")
     overlay.unmount_under(closed_store["store"] / "mounts")  # the branch keeps its own
     with open(layer, "r+b") as f:  # the superblock, torn
         f.seek(1024)
         f.write(bytes(128))
-    assert fsck_store(closed_store["store"]).ok
+    assert f"invariant 1: layer {lid}: layer image {layer} is no EROFS image (damaged " \
+        "superblock)" in fsck_store(closed_store["store"]).problems
     problems = fsck_store(closed_store["store"], deep=True).problems
     assert any("its layers do not mount" in p for p in problems), problems
 
@@ -166,28 +168,15 @@ def test_fsck_leaves_a_killed_daemons_write_ahead_log_as_it_found_it(closed_stor
 
 
 @needs_overlay
-def test_a_deep_check_reports_a_missing_layer_and_goes_on(tmp_path: Path, track_store) -> None:
-    store = track_store(tmp_path / "store")
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_bytes(b"content of f")
-    sm = StateManager.open(store)
-    try:
-        sm.import_tree(src, "base")
-        tree = sm.create_branch("b", "base").tree
-        (tree / "g").write_bytes(b"g")
-        sm.commit("b", "c1")
-        (tree / "h").write_bytes(b"h")
-        sm.commit("b", "c2")
-        sm.settle()
-        chains = {id: [p.name for p in sm.layer_chain(id)] for id in ("base", "c1", "c2")}
-    finally:
-        sm.close()
-    lost = chains["base"][-1]  # under every chain
+def test_a_deep_check_reports_a_missing_layer_and_goes_on(closed_store: dict) -> None:
+    """A layer gone from layers/ used to end the deep check with a raw ENOENT (exit 3);
+    each snapshot whose chain lacks it is reported, and the check goes on."""
+    store = closed_store["store"]
+    lost = closed_store["layers"][-1]  # the base's: under both chains
     overlay.unmount_under(store / "mounts")  # the branch keeps its own
     remove_within_filesystem(store / "layers" / lost)
     want = [f"invariant 1: snapshot {id}: layer {lost} of its chain is missing"
-            for id in ("base", "c1", "c2")]
+            for id in ("base", "c1")]
     want.append(f"invariant 1: layer {lost} is recorded but missing from layers/")
     problems = fsck_store(store, deep=True).problems
     assert set(want) <= set(problems), problems
