@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
@@ -633,11 +633,13 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    verbs: Mapping[str, argparse.ArgumentParser] = {}  # the top parser's: its verbs' parsers
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(self, message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     parser = _Parser(
         prog="cascowfs",
         description="Millisecond branching of a working directory: CAS snapshots, overlayfs "
@@ -645,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    parser.verbs = sub.choices
 
     def verb(
         name: str,
@@ -924,7 +927,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(words)
     except UsageError as exc:
         if "--json" in words:
-            verb = exc.parser.prog.removeprefix("cascowfs").strip() or None
+            # the top parser refuses extra words after a verb's own: name the verb given
+            verb = exc.parser.prog.removeprefix("cascowfs").strip() or next(
+                (w for w in words if w in parser.verbs), None
+            )
             record = {"verb": verb, "error": "usage", "errno": None, "message": exc.message}
             print(json.dumps({**record, "exit": EXIT_USAGE}), file=sys.stderr)
         else:

@@ -216,13 +216,17 @@ def test_every_verb_takes_json():
         assert "--json" in run_cli(verb, "--help").stdout, verb
 
 
-@pytest.mark.parametrize("argv", [["commit", "--json"], ["frobnicate", "--json"],
-                                  ["ls", "--json", "x", "y", "z"], ["--json"]])
-def test_usage_errors_with_json_are_a_json_object_and_exit_2(argv):
+@pytest.mark.parametrize("argv, verb", [(["commit", "--json"], "commit"),
+                                        (["frobnicate", "--json"], None),
+                                        (["ls", "--json", "x", "y", "z"], "ls"),
+                                        (["show", "m", "s1", "extra", "--json"], "show"),
+                                        (["--json"], None)])
+def test_usage_errors_with_json_are_a_json_object_and_exit_2(argv, verb):
     proc = run_cli(*argv, check=False)
     assert proc.returncode == cli.EXIT_USAGE and proc.stdout == ""
     err = json.loads(proc.stderr)
     assert err["error"] == "usage" and err["exit"] == cli.EXIT_USAGE and err["message"]
+    assert err["verb"] == verb, err
 
 
 @needs_fuse
