@@ -26,12 +26,19 @@ import filecmp
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import CascowfsError, DaemonNotRunningError, NotFoundError, os_error_from_errno
+from .errors import (
+    CascowfsError,
+    DaemonNotRunningError,
+    InvalidArgumentError,
+    NotFoundError,
+    os_error_from_errno,
+)
 from .fuse.sysmount import is_cascowfs_mount
 from .model import BranchInfo, Change, SnapshotInfo
+from .names import check_branch_name, check_label_key, check_snapshot_id
 from .wire import command_line, parse_reply
 
 _XATTR = "user.cascowfs."
@@ -125,7 +132,7 @@ class Client:
     def branch(self, name: str, parent: str | None = None) -> Path:
         """Create branch ``name`` on snapshot ``parent`` (None: the empty snapshot); its tree."""
         if parent is None:
-            path = self.mnt / "branches" / name
+            path = self.branch_path(name)
             try:
                 os.mkdir(path)
             except OSError as exc:
@@ -147,8 +154,8 @@ class Client:
     ) -> str:
         """Freeze branch ``name`` into snapshot ``id`` (None: generated); the new id. ``obs``:
         a file (readable by this process) stored beside the snapshot as its observation."""
-        words = ["commit", name] + ([id] if id is not None else [])
-        words += [f"{k}={v}" for k, v in (labels or {}).items()]
+        words = ["commit", name] + ([_checked(check_snapshot_id, id)] if id is not None else [])
+        words += _label_words(labels)
         if obs is not None:
             words.append(f"obs=@{os.path.abspath(obs)}")
         return self.command(*words)
@@ -157,7 +164,8 @@ class Client:
         """Set labels of snapshot ``id``; a key with the value "" is removed. Durable when it
         returns. The most frequent call of a tree search (back-propagation), so its ``ok``
         reply, which would only repeat ``id``, is not read."""
-        self._command(("label", id, *(f"{k}={v}" for k, v in labels.items())), read_reply=False)
+        words = ("label", _checked(check_snapshot_id, id), *_label_words(labels))
+        self._command(words, read_reply=False)
 
     def reset(self, name: str, id: str) -> None:
         """Drop branch ``name``'s changes and re-base it on snapshot ``id``."""
@@ -177,8 +185,8 @@ class Client:
         self, src: str | os.PathLike[str], id: str, labels: dict[str, str] | None = None
     ) -> str:
         """Import directory ``src`` (read by the daemon) as snapshot ``id``."""
-        words = ["import", id, os.path.abspath(src)]
-        words += [f"{k}={v}" for k, v in (labels or {}).items()]
+        words = ["import", _checked(check_snapshot_id, id), os.path.abspath(src)]
+        words += _label_words(labels)
         return self.command(*words)
 
     def push(self, remote: str, ids: list[str], *, with_ancestors: bool = False) -> list[str]:
@@ -239,7 +247,7 @@ class Client:
 
     def observation_path(self, id: str) -> Path:
         """Where snapshot ``id``'s large observation reads (ENOENT there: it has none)."""
-        return self.mnt / "observations" / id
+        return self.mnt / "observations" / _checked(check_snapshot_id, id)
 
     def show(self, id: str) -> dict:
         """Snapshot ``id``'s record, labels, root digest, observation size and children."""
@@ -266,7 +274,13 @@ class Client:
         return sorted(self._listdir(self.mnt / "branches"))
 
     def snapshot_path(self, id: str) -> Path:
-        return self.mnt / "snapshots" / id
+        """Where snapshot ``id`` reads; InvalidArgumentError (EINVAL) for what is no id, so
+        that no name reaches past ``MNT/snapshots/`` (``..``, ``a/b``)."""
+        return self.mnt / "snapshots" / _checked(check_snapshot_id, id)
+
+    def branch_path(self, name: str) -> Path:
+        """Branch ``name``'s directory, ``MNT/branches/<name>``; EINVAL for what is no name."""
+        return self.mnt / "branches" / _checked(check_branch_name, name)
 
     def snapshot(self, id: str) -> SnapshotInfo:
         """Metadata of a snapshot, from the ``user.cascowfs.*`` xattrs of its root."""
@@ -287,30 +301,35 @@ class Client:
 
     def tree(self, name: str) -> Path:
         """The branch's writable tree (the resolved overlay mount: work there, not via MNT)."""
-        link = self.mnt / "branches" / name / "tree"
+        link = self.branch_path(name) / "tree"
         try:
             return Path(os.readlink(link))
         except OSError as exc:
             raise self._error(exc, f"readlink {link}") from None
 
     def parent(self, name: str) -> str | None:
-        return self._read(self.mnt / "branches" / name / "parent").strip() or None
+        return self._read(self.branch_path(name) / "parent").strip() or None
 
     def last_commit(self, name: str) -> str | None:
-        return self._read(self.mnt / "branches" / name / "commit").strip() or None
+        return self._read(self.branch_path(name) / "commit").strip() or None
 
     def branch_info(self, name: str) -> BranchInfo:
-        directory = self.mnt / "branches" / name
+        created = self._created_ns(name)
+        return BranchInfo(name, self.parent(name), self.tree(name), created, self.last_commit(name))
+
+    def _created_ns(self, name: str) -> int:
+        """When branch ``name`` was made (its directory's mtime): a branch discarded and made
+        again under its name is another one."""
+        directory = self.branch_path(name)
         try:
-            created = os.stat(directory).st_mtime_ns
+            return os.stat(directory).st_mtime_ns
         except OSError as exc:
             raise self._error(exc, f"stat {directory}") from None
-        return BranchInfo(name, self.parent(name), self.tree(name), created, self.last_commit(name))
 
     def status(self, name: str) -> list[Change]:
         """The branch's changes, read from ``status.z`` (NUL-terminated, so every name that a
         file can have comes back exactly: ``Change.path`` is str with ``surrogateescape``)."""
-        path = self.mnt / "branches" / name / "status.z"
+        path = self.branch_path(name) / "status.z"
         try:
             with open(path, "rb", buffering=0) as fh:
                 data = fh.read()
@@ -364,6 +383,21 @@ class Client:
             }
         except OSError as exc:
             raise self._error(exc, f"xattrs of {path}") from None
+
+
+def _checked(check: Callable[[object], str], value: object) -> str:
+    """``value`` as ``check`` takes it; its refusal as the client's EINVAL, an OSError."""
+    try:
+        return check(value)
+    except InvalidArgumentError as exc:
+        raise os_error_from_errno(exc.errno, exc.message) from None
+
+
+def _label_words(labels: dict[str, str] | None) -> list[str]:
+    """``key=value`` words of ``labels``, every key checked here: the daemon splits a word at
+    its first ``=``, so a key holding one would set another label, and ``obs`` (reserved)
+    would name a file for the daemon to store as the observation."""
+    return [f"{_checked(check_label_key, k)}={v}" for k, v in (labels or {}).items()]
 
 
 class Branch:

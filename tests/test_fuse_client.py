@@ -284,3 +284,40 @@ def test_branch_context_manager_discards_unless_committed(fs):
             c.new_branch("kept", "root")
         c.discard("kept")
         c.prune(new)
+
+
+def test_names_and_label_keys_are_checked_before_they_reach_the_mount(fs):
+    """The client builds paths and ctl words from names: one that is no id or name must not
+    reach past MNT (``..`` made a directory beside the mount, and read a tree outside it),
+    and a label key must not become another word of the command (``obs`` made the daemon
+    store a file the caller named as the observation)."""
+    outside = fs.base / "escape"
+    with Client(fs.mnt) as c:
+        before = set(c.snapshots())
+        tree = c.branch("keys", "root")
+        (tree / "f").write_text("x")
+        refused = {
+            "branch ../../escape": lambda: c.branch("../../escape"),
+            "snapshot ..": lambda: c.snapshot(".."),
+            "snapshot ''": lambda: c.snapshot(""),
+            "diff outside": lambda: c.diff("../../src", "root"),
+            "status a/b": lambda: c.status("a/b"),
+            "tree ..": lambda: c.tree(".."),
+            "parent .": lambda: c.parent("."),
+            "observation ..": lambda: c.observation_path(".."),
+            "label a=b": lambda: c.label("root", {"a=b": "c"}),
+            "label obs": lambda: c.label("root", {"obs": "@/etc/hostname"}),
+            "commit id x=y": lambda: c.commit("keys", "x=y"),
+            "commit obs label": lambda: c.commit("keys", labels={"obs": "@/etc/hostname"}),
+            "commit id obs=@": lambda: c.commit("keys", "obs=@/etc/hostname"),
+            "import obs label": lambda: c.import_tree(fs.base / "src", "i2",
+                                                      {"obs": "@/etc/hostname"}),
+        }
+        for what, call in refused.items():
+            with pytest.raises(InvalidArgumentError) as caught:
+                call()
+            assert isinstance(caught.value, OSError) and caught.value.errno == errno.EINVAL, what
+        assert not outside.exists()
+        assert set(c.snapshots()) == before and c.snapshot("root").labels == {"kind": "import"}
+        assert c.last_commit("keys") is None
+        c.discard("keys")
