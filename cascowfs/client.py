@@ -143,7 +143,8 @@ class Client:
     def new_branch(self, name: str, parent: str | None = None) -> Branch:
         """``branch()`` as an object: ``with client.new_branch(name, parent) as b:`` discards the
         branch on leaving the block unless it was committed."""
-        return Branch(self, name, self.branch(name, parent))
+        tree = self.branch(name, parent)
+        return Branch(self, name, tree, self._created_ns(name))
 
     def commit(
         self,
@@ -407,13 +408,16 @@ class Branch:
     As a context manager it is scoped work: leaving the block discards the branch unless it
     was committed (through this object or any other way), exception or not. A committed branch
     is kept, continuing on its last commit as every branch does; one already discarded is left
-    alone.
+    alone, and so is another branch made under its name since.
     """
 
-    def __init__(self, client: Client, name: str, tree: Path) -> None:
+    def __init__(
+        self, client: Client, name: str, tree: Path, created_ns: int | None = None
+    ) -> None:
         self.client = client
         self.name = name
         self.tree = tree
+        self.created_ns = created_ns  # when made: ``__exit__`` leaves a namesake alone
 
     def __repr__(self) -> str:
         return f"Branch({self.name!r}, tree={str(self.tree)!r})"
@@ -423,6 +427,9 @@ class Branch:
 
     def __exit__(self, *exc: object) -> None:
         try:
+            made = self.client._created_ns(self.name)
+            if self.created_ns is not None and made != self.created_ns:
+                return  # discarded inside the block, and another branch took its name
             committed = self.last_commit is not None
         except NotFoundError:  # discarded inside the block
             return

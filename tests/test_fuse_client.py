@@ -278,6 +278,12 @@ def test_branch_context_manager_discards_unless_committed(fs):
             b.discard()  # discarded inside: leaving the block has nothing left to do
         assert "gone" not in c.branches()
 
+        with c.new_branch("reused", "root") as b:
+            b.discard()
+            c.branch("reused", "root")  # another agent's, under the same name
+        assert "reused" in c.branches()  # not the block's to discard
+        c.discard("reused")
+
         with c.new_branch("empty") as b:
             assert b.parent is None and os.listdir(b.tree) == []
         with pytest.raises(ExistsError):
