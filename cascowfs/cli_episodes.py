@@ -129,9 +129,14 @@ def cmd_episodes(args: argparse.Namespace) -> int:
     from .cli import _change_dict  # here: cli imports this module
 
     with Client(args.mountpoint) as client, _output(args.output) as out:
-        for ep in client.episodes():
+        episodes = client.episodes()
+        present = {ep["id"] for ep in episodes}
+        for ep in episodes:
             if args.with_diff:
-                ep["changes"] = [_change_dict(c) for c in client.diff(ep["parent"], ep["id"])]
+                parent = ep["parent"]
+                # a pruned parent's tree is gone: no change list can be made against it
+                changes = client.diff(parent, ep["id"]) if parent in present or not parent else None
+                ep["changes"] = None if changes is None else [_change_dict(c) for c in changes]
             out.write(json.dumps(ep, ensure_ascii=False) + "\n")
     return 0
 

@@ -244,3 +244,24 @@ def test_line_separators_in_labels_and_names_keep_one_record_a_line(fs, tmp_path
     assert records[-1]["changes"] == [{"change": "A", "path": odd}]
     printed = run_cli("episodes", str(fs.mnt)).stdout
     assert json.loads(printed.split("\n")[-2])["labels"]["note"] == odd
+
+
+def test_episodes_with_diff_of_a_snapshot_whose_parent_was_pruned(fs, tmp_path):
+    """Its parent's tree is gone, so no change list can be made: `changes` is null, and the
+    export goes on (it ended with ENOENT, the file half written)."""
+    with Client(fs.mnt) as c:
+        tree = c.branch("orphaning", "s2")
+        (tree / "one").write_text("1\n")
+        c.commit("orphaning", "gone-parent")
+        (tree / "two").write_text("2\n")
+        c.commit("orphaning", "orphan")
+        c.discard("orphaning")
+        c.prune("gone-parent")
+    out = tmp_path / "eps.jsonl"
+    run_cli("episodes", str(fs.mnt), "-o", str(out), "--with-diff")
+    lines = out.read_text().split("\n")[:-1]  # a label may hold U+2028: no splitlines()
+    records = {r["id"]: r for r in map(json.loads, lines)}
+    assert records["orphan"]["parent"] == "gone-parent" and records["orphan"]["changes"] is None
+    assert records["s1"]["changes"] == [{"change": "A", "path": "step1"}]
+    with Client(fs.mnt) as c:
+        c.prune("orphan")
