@@ -920,9 +920,21 @@ def build_parser() -> _Parser:
     return parser
 
 
+def _values_joined(words: list[str]) -> list[str]:
+    """``--sort -KEY`` as ``--sort=-KEY``: argparse takes a value that starts with ``-`` for
+    an option of its own, and the documented descending sort is just that."""
+    out: list[str] = []
+    for word in words:
+        if out and out[-1] == "--sort" and word.startswith("-") and word != "--":
+            out[-1] = f"--sort={word}"
+        else:
+            out.append(word)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    words = list(sys.argv[1:] if argv is None else argv)
+    words = _values_joined(list(sys.argv[1:] if argv is None else argv))
     try:
         args = parser.parse_args(words)
     except UsageError as exc:

@@ -86,6 +86,9 @@ def test_find_and_children_answer_in_the_order_asked(fs):
             c.find("reward")
     out = run_cli("find", str(fs.mnt), "reward>=0.2", "--sort", "reward").stdout.split()
     assert out == ["s1", "s0", "s2"]
+    for sort in (["--sort", "-reward"], ["--sort=-reward"]):  # as documented, and joined
+        out = run_cli("find", str(fs.mnt), "reward>=0.2", *sort).stdout.split()
+        assert out == ["s2", "s0", "s1"], sort
     assert run_cli("children", str(fs.mnt), "s1").stdout.split() == ["s2"]
 
 
