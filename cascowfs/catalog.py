@@ -394,6 +394,32 @@ class Catalog:
         sorted."""
         return [id for id, _ in self._with_prefix(txn, self._children, parent or "")]
 
+    def orphans(self, txn: lmdb.Transaction) -> list[str]:
+        """The snapshots whose recorded parent is no snapshot any more (pruned), sorted: with
+        those recorded without one, the roots of the snapshot tree. One pass over the
+        ``children`` index."""
+        out = []
+        known: dict[bytes, bool] = {}
+        for key in txn.cursor(db=self._children).iternext(keys=True, values=False):
+            parent, _, child = bytes(key).partition(b"\0")
+            if not parent:
+                continue
+            gone = known.get(parent)
+            if gone is None:
+                gone = known[parent] = txn.get(parent, db=self._snapshots) is None
+            if gone:
+                out.append(child.decode())
+        return sorted(out)
+
+    def children_or_orphans(self, txn: lmdb.Transaction, parent: str) -> list[str]:
+        """The snapshots recorded with parent ``parent``, sorted: a pruned one's too (orphans
+        keep the parent they were committed on). NotFoundError if ``parent`` is no snapshot
+        and no snapshot names it."""
+        found = self.children(txn, parent)
+        if not found and not self.has_snapshot(txn, parent):
+            raise NotFoundError(f"no snapshot {parent!r}")
+        return found
+
     def labelled(self, txn: lmdb.Transaction, key: str) -> Iterator[tuple[str, str]]:
         """(snapshot id, value) of every snapshot carrying label ``key``, by id."""
         for id, raw in self._with_prefix(txn, self._labels, key):

@@ -215,10 +215,9 @@ def find(catalog: Catalog, txn: lmdb.Transaction, query: FindQuery) -> list[str]
     with a number, else its key's index entries), the others filter them."""
     scope: set[str] | None = None
     if query.parent is not None:
-        catalog.snapshot(txn, query.parent)
-        scope = set(catalog.children(txn, query.parent))
+        scope = set(catalog.children_or_orphans(txn, query.parent))
     elif query.ancestor is not None:
-        catalog.snapshot(txn, query.ancestor)
+        catalog.children_or_orphans(txn, query.ancestor)  # NotFoundError if nothing at all
         scope = descendants(catalog, txn, query.ancestor)
     labelled = [p for p in query.predicates if p.key != OBS_KEY or p.op is not None]
     wants_obs = len(labelled) < len(query.predicates)

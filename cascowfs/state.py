@@ -1356,11 +1356,12 @@ class StateManager:
             return find(self.catalog, txn, query)
 
     def children(self, id: str | None) -> list[str]:
-        """The snapshots whose parent is ``id`` (None: those without a parent), sorted."""
+        """The snapshots whose parent is ``id``, sorted; None: the roots, those without a
+        parent or whose parent was pruned (as ``cascowfs tree`` shows them)."""
         with self.db.read() as txn:
-            if id is not None:
-                self.catalog.snapshot(txn, check_snapshot_id(id))
-            return self.catalog.children(txn, id)
+            if id is None:
+                return sorted(self.catalog.children(txn, None) + self.catalog.orphans(txn))
+            return self.catalog.children_or_orphans(txn, check_snapshot_id(id))
 
     def episodes(self) -> list[Episode]:
         """Every snapshot as an episode record (``MNT/episodes``)."""

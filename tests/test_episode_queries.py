@@ -210,6 +210,27 @@ def test_find_names_a_missing_parent_or_ancestor(catalog):
                 find(cat, txn, q)
 
 
+def test_a_pruned_parents_children_are_roots_and_still_its_children(catalog):
+    """A snapshot keeps the parent it was committed on after that parent is pruned: it is a
+    root of the tree (as `cascowfs tree` shows it) and still that id's child, which
+    `children` and `find --parent` / `--ancestor` answer instead of ENOENT."""
+    db, cat = catalog
+    records = {"a": _record(None, {}), "b": _record("a", {}), "c": _record("b", {"r": "1"}),
+               "d": _record("c", {})}
+    db.write(lambda txn: [cat.put_snapshot(txn, sid, rec) for sid, rec in records.items()])
+    db.write(lambda txn: cat.delete_snapshot(txn, "b", records["b"]))
+    with db.read() as txn:
+        assert cat.orphans(txn) == ["c"]
+        assert cat.children(txn, None) == ["a"]
+        assert cat.children_or_orphans(txn, "b") == ["c"]
+        assert find(cat, txn, FindQuery(parent="b")) == ["c"]
+        assert find(cat, txn, FindQuery(ancestor="b")) == ["c", "d"]
+        assert find(cat, txn, FindQuery(ancestor="a")) == []
+        for q in (FindQuery(parent="zzz"), FindQuery(ancestor="zzz")):
+            with pytest.raises(NotFoundError, match="zzz"):
+                find(cat, txn, q)
+
+
 def test_descendants_of_a_deep_lineage_need_no_recursion(catalog):
     db, cat = catalog
 

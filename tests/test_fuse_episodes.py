@@ -266,5 +266,10 @@ def test_episodes_with_diff_of_a_snapshot_whose_parent_was_pruned(fs, tmp_path):
     records = {r["id"]: r for r in map(json.loads, lines)}
     assert records["orphan"]["parent"] == "gone-parent" and records["orphan"]["changes"] is None
     assert records["s1"]["changes"] == [{"change": "A", "path": "step1"}]
-    with Client(fs.mnt) as c:
+    with Client(fs.mnt) as c:  # a root of the tree, and still its pruned parent's child
+        assert "orphan" in c.children(None) and c.children("gone-parent") == ["orphan"]
+        assert c.find(parent="gone-parent") == ["orphan"]
+        roots = [r["id"] for r in map(json.loads, run_cli("tree", str(fs.mnt), "--json")
+                                      .stdout.split("\n")[:-1]) if r["depth"] == 0]
+        assert sorted(roots) == sorted(c.children(None))
         c.prune("orphan")
