@@ -408,7 +408,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from .monitor.server import serve
 
     logging.getLogger("cascowfs").setLevel(logging.INFO)
-    return serve(args.mountpoint, args.listen, read_only=args.read_only)
+    return serve(args.mountpoint, args.listen, read_only=args.read_only, as_json=args.json)
 
 
 def cmd_gc(args: argparse.Namespace) -> int:

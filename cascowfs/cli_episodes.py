@@ -31,7 +31,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 def cmd_reset(args: argparse.Namespace) -> int:
     with Client(args.mountpoint) as client:
         client.reset(args.name, args.id)
-    _emit(args, {"branch": args.name, "id": args.id}, None)
+    _emit(args, {"name": args.name, "parent": args.id}, None)  # as rebase's
     return 0
 
 

@@ -140,7 +140,8 @@ def test_reset_through_client_and_cli_drops_changes(fs):
         assert c.parent("resetme") == "s0" and c.status("resetme") == []
         assert sorted(os.listdir(tree)) == ["f", "step0"]
         (tree / "junk").write_text("y\n")
-        run_cli("reset", str(fs.mnt), "resetme", "root")
+        done = json.loads(run_cli("reset", str(fs.mnt), "resetme", "root", "--json").stdout)
+        assert done == {"name": "resetme", "parent": "root"}  # as rebase says it
         assert c.parent("resetme") == "root" and sorted(os.listdir(tree)) == ["f"]
         with pytest.raises(NotFoundError):
             c.reset("resetme", "nope")

@@ -332,8 +332,11 @@ def _text(message: str) -> bytes:
     return f"{printable(message)}\n".encode()
 
 
-def serve(mnt: str, listen: str = DEFAULT_LISTEN, *, read_only: bool = False) -> int:
-    """Run the monitor of ``mnt`` until SIGTERM or SIGINT; prints the URL once listening."""
+def serve(
+    mnt: str, listen: str = DEFAULT_LISTEN, *, read_only: bool = False, as_json: bool = False
+) -> int:
+    """Run the monitor of ``mnt`` until SIGTERM or SIGINT; prints the URL once listening (a
+    JSON object with ``as_json``)."""
     from ..daemon import sd_notify
 
     files = MountFiles(mnt)
@@ -347,7 +350,11 @@ def serve(mnt: str, listen: str = DEFAULT_LISTEN, *, read_only: bool = False) ->
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     tracker.start()
-    print(f"cascowfs monitor of {files.mnt} at {server.url}", flush=True)
+    if as_json:
+        record = {"mountpoint": str(files.mnt), "url": server.url, "read_only": read_only}
+        print(json.dumps(record), flush=True)
+    else:
+        print(f"cascowfs monitor of {files.mnt} at {server.url}", flush=True)
     sd_notify(f"READY=1\nSTATUS=serving {files.mnt} at {server.url}")
     try:
         server.serve_forever(poll_interval=0.2)

@@ -43,14 +43,17 @@ def monitor(mnt: Path, *args: str) -> Iterator[MonitorProcess]:
     """The monitor's log goes to a file (a pipe nobody reads could fill and stall it)."""
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen([sys.executable, "-m", "cascowfs", "monitor", str(mnt),
-                                 "--listen", "127.0.0.1:0", *args], cwd=REPO,
+                                 "--listen", "127.0.0.1:0", "--json", *args], cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=log, text=True)
         try:
             line = proc.stdout.readline()
-            if " at http://" not in line:
+            try:
+                started = json.loads(line)
+            except ValueError:
                 log.seek(0)
                 raise AssertionError(f"monitor did not start: {line!r}\n{log.read().decode()}")
-            yield MonitorProcess(proc, line.rsplit(" at ", 1)[1].strip())
+            assert started["mountpoint"] == str(mnt) and started["url"].startswith("http://")
+            yield MonitorProcess(proc, started["url"])
         finally:
             proc.terminate()
             try:
