@@ -25,7 +25,9 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +40,14 @@ from .fuse.inline_labels import InlineLabels
 from .fuse.kernel_fdatasync import KernelFdatasync
 from .fuse.kernel_views import KernelViews, detach_views, idle_seconds, kernel_views_wanted
 from .fuse.operations import CascowOperations
-from .fuse.sysmount import FUSE_TYPE, clear_dead_mount, mount_at, store_of_source, store_source
+from .fuse.sysmount import (
+    FUSE_TYPE,
+    abort_connection,
+    clear_dead_mount,
+    mount_at,
+    store_of_source,
+    store_source,
+)
 from .overlay import all_mounts
 from .state import StateManager
 
@@ -146,6 +155,10 @@ def _open_state(store: Path) -> StateManager:
 
 # How often STATUS= is refreshed for `systemctl status` (only sent when it changed).
 STATUS_SECONDS = 2.0
+# A stop waits this long for the invalidations under way, and then for serving to end before
+# it aborts the FUSE connection (``_abort_if_still_serving``): long enough for an operation
+# under way to finish and answer, short beside systemd's stop timeout (90 s).
+STOP_GRACE_SECONDS = 30.0
 
 
 def watchdog_interval() -> float | None:
@@ -192,10 +205,14 @@ async def _report_status(status: Callable[[], str]) -> None:
 
 
 async def _serve(
-    ops: CascowOperations, ready: Callable[[], None], status: Callable[[], str] | None = None
+    ops: CascowOperations,
+    mnt: Path,
+    ready: Callable[[], None],
+    status: Callable[[], str] | None = None,
 ) -> None:
+    served = threading.Event()  # set once serving ended: ``_abort_if_still_serving``
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals, ops)
+        nursery.start_soon(_watch_signals, ops, mnt, served)
         interval = watchdog_interval()
         if interval is not None:
             nursery.start_soon(_ping_watchdog, interval)
@@ -204,11 +221,14 @@ async def _serve(
         if ops.views is not None:
             nursery.start_soon(ops.views.expire_forever)
         ready()
-        await pyfuse3.main(min_tasks=FUSE_WORKER_TASKS)
+        try:
+            await pyfuse3.main(min_tasks=FUSE_WORKER_TASKS)
+        finally:
+            served.set()
         nursery.cancel_scope.cancel()
 
 
-async def _watch_signals(ops: CascowOperations) -> None:
+async def _watch_signals(ops: CascowOperations, mnt: Path, served: threading.Event) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
@@ -216,10 +236,28 @@ async def _watch_signals(ops: CascowOperations) -> None:
                 continue
             log.info("%s: unmounting", signal.Signals(signum).name)
             sd_notify("STOPPING=1")
-            if ops.views is not None:  # while the loop still answers their path walks
-                await trio.to_thread.run_sync(ops.views.detach_all)
+            await ops.stop(STOP_GRACE_SECONDS)
             pyfuse3.terminate()
+            _abort_if_still_serving(mnt, served, STOP_GRACE_SECONDS)
             return
+
+
+def _abort_if_still_serving(mnt: Path, served: threading.Event, grace: float) -> None:
+    """The last resort of a stop: a request handler that waits in the kernel on the mount
+    (a path walk, an invalidation) after ``pyfuse3.terminate`` would keep the daemon, and
+    every caller of the mount, waiting for good. If serving has not ended ``grace`` seconds
+    on, abort the FUSE connection: those requests fail with ENOTCONN and the daemon exits."""
+
+    def watch() -> None:
+        if served.wait(grace):
+            return
+        log.warning("%s: still serving %.0f s after the stop; aborting its connection", mnt, grace)
+        try:
+            abort_connection(mnt)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.error("%s: aborting the FUSE connection failed: %s", mnt, exc)
+
+    threading.Thread(target=watch, name="cascowfs-stop-watch", daemon=True).start()
 
 
 def set_priority(nice: int) -> None:
@@ -291,7 +329,7 @@ def run(
                 if ready is not None:
                     ready()
 
-            trio.run(_serve, ops, announce, lambda: status_line(sm, mnt))
+            trio.run(_serve, ops, mnt, announce, lambda: status_line(sm, mnt))
         finally:
             # As root libfuse unmounts lazily if the mount is busy; after an external umount
             # (our `cascowfs umount`) the connection is gone and this is a no-op.

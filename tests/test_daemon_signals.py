@@ -5,15 +5,18 @@ daemon still serves the mount."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from cascowfs import daemon
 from fusehelpers import REPO, Cascow, cascow_base, mounted, mounts_under, needs_fuse, run_cli
 
 pytestmark = needs_fuse
@@ -98,6 +101,28 @@ def test_sigterm_and_sigint_unmount_cleanly(signum):
         # the FUSE mount is gone, not dead; the branch overlay stays, as documented
         assert [t for _, t in mounts_under(fs.base) if t != "erofs"] == ["overlay"]
         assert f"{signal.Signals(signum).name}: unmounting" in fs.log.read_text()
+
+
+def test_a_stop_that_hangs_aborts_the_connection_once_its_grace_is_over(caplog):
+    """A request handler waiting in the kernel on the mount after the stop stopped reading
+    requests would keep the daemon, and every caller of the mount, waiting for good: the
+    stop's watchdog aborts the connection. Run here against a live daemon: its serving ends
+    and it exits; a watchdog whose serving ended first aborts nothing."""
+    with mounted() as fs:
+        _import_one(fs, "base")
+        served = threading.Event()
+        served.set()
+        daemon._abort_if_still_serving(fs.mnt, served, 0.1)
+        time.sleep(0.5)
+        _still_serving(fs, fs.pid, "base")
+        assert "aborting its connection" not in caplog.text
+        daemon._abort_if_still_serving(fs.mnt, threading.Event(), 0.1)
+        assert fs.proc is not None
+        fs.proc.wait(timeout=60)
+        with pytest.raises(OSError) as caught:
+            os.stat(fs.mnt / "snapshots")
+        assert caught.value.errno == errno.ENOTCONN
+        assert "still serving 0 s after the stop; aborting its connection" in caplog.text
 
 
 def test_sigusr1_dumps_stacks_and_keeps_serving():

@@ -141,6 +141,8 @@ class KernelViews:
         self._pending: set[str] = set()
         self._refused: set[str] = set()  # no view for these: served by the daemon
         self._pruned: set[str] = set()  # pruned by an rmdir that did not wait (see Detach)
+        # set by ``stop``: the daemon is going away, and soon answers no path walk in MNT
+        self._stopping = threading.Event()
 
     def target(self, id: str) -> Path:
         return self.mnt / "snapshots" / id
@@ -174,6 +176,10 @@ class KernelViews:
         """Mount the view of snapshot ``id`` (or bind its expired entries again); a failure
         leaves the snapshot on the daemon's view."""
         with self._mounting:
+            if self._stopping.is_set():
+                with self._lock:
+                    self._pending.discard(id)
+                return
             with self._lock:
                 view = self._views.get(id)
             try:
@@ -289,6 +295,14 @@ class KernelViews:
         if view is not None:
             self._forget(view)
 
+    def stop(self) -> None:
+        """Mount, bind and expire nothing more: each resolves paths in MNT, and a daemon that
+        stopped answering them would leave the thread, and every caller, waiting for good.
+        Returns once none of them runs any more (``detach_all`` then detaches the views)."""
+        self._stopping.set()
+        with self._mounting:
+            pass
+
     def detach_all(self) -> None:
         for id in self.mounted():
             self.detach(id)
@@ -298,6 +312,8 @@ class KernelViews:
         """One round of idle expiry: an entry unused since the last round is unmounted; a
         view with nothing bound any more lets go of its layers."""
         with self._mounting:
+            if self._stopping.is_set():
+                return
             with self._lock:
                 views = list(self._views.values())
             for view in views:

@@ -194,6 +194,8 @@ class CascowOperations(pyfuse3.Operations):
         # mounted once the last is closed (``_want_view``)
         self._walks: Counter[str] = Counter()
         self._view_after_walk: set[str] = set()
+        self.stopping = False  # ``stop``: the daemon is shutting down
+        self._invalidating = 0  # dentry invalidations in worker threads
         self.labels = labels  # None: labels run in worker threads as other commands do
         self.store = str(store)
         self.admin_gid = admin_gid
@@ -342,12 +344,33 @@ class CascowOperations(pyfuse3.Operations):
         Done in a worker thread and awaited: the kernel takes the parent directory's lock, which a
         concurrent lookup may hold while it waits for *us* to answer, so the trio loop must keep
         running meanwhile; and the ctl write must not return before the change is visible.
+        Not once the daemon is stopping (``stop``): the mount goes, with its cache.
         """
+        if self.stopping:
+            return
+        self._invalidating += 1
         try:
             await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent, name)
         except OSError as exc:
             if exc.errno != errno.ENOENT:  # ENOENT: the kernel had no such dentry cached
                 log.warning("invalidating %r in %d: %s", name, parent, exc)
+        finally:
+            self._invalidating -= 1
+
+    async def stop(self, grace: float) -> None:
+        """Get ready for ``pyfuse3.terminate``, which stops reading requests: a thread still
+        waiting in the kernel on one (a dentry invalidation waits for a directory lock that a
+        lookup holds until we answer it) would wait for good, and every caller of the mount
+        with it. So, while the loop still answers: invalidate, attach and expire nothing
+        more, detach the snapshot views, and wait up to ``grace`` seconds for the
+        invalidations under way."""
+        self.stopping = True
+        if self.views is not None:
+            await trio.to_thread.run_sync(self.views.stop)
+            await trio.to_thread.run_sync(self.views.detach_all)
+        with trio.move_on_after(grace):
+            while self._invalidating:
+                await trio.sleep(0.01)
 
     # -- attributes ----------------------------------------------------------------------------
     def _skeleton_attrs(self, node: Node) -> pyfuse3.EntryAttributes:

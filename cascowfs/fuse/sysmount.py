@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import subprocess
 import urllib.parse
 from pathlib import Path
 
@@ -89,3 +90,28 @@ def clear_dead_mount(path: str | Path) -> bool:
 def is_cascowfs_mount(path: str | Path) -> bool:
     entry = mount_at(path)
     return entry is not None and entry.fstype == FUSE_TYPE
+
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def abort_connection(mnt: str | Path) -> bool:
+    """Abort the FUSE connection of the mount at ``mnt`` (fusectl, mounted for the call if it
+    is not): every request waiting for its daemon fails with ENOTCONN, which frees threads
+    that wait in the kernel for those requests. The connection is named by the mount's device
+    minor, read from the mount table (a stuck daemon answers no stat). False if nothing FUSE
+    is mounted there."""
+    mounts = all_mounts()
+    target = os.path.realpath(str(mnt))
+    fuse = [m for m in mounts if m.target == target and m.fstype.startswith("fuse")]
+    if not fuse:
+        return False
+    mounted_here = not any(m.fstype == "fusectl" for m in mounts)
+    if mounted_here:
+        subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], check=True)
+    try:
+        (FUSECTL / fuse[-1].device.split(":")[1] / "abort").write_text("1")
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", str(FUSECTL)], check=False)
+    return True

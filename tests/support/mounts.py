@@ -42,24 +42,10 @@ def lazy_umount(path: str) -> None:
     subprocess.run(["umount", "-l", path], check=False, capture_output=True)
 
 
-FUSECTL = Path("/sys/fs/fuse/connections")
-
-
 def abort_fuse(mnt: Path | str) -> None:
-    """Abort the FUSE connection of the mount at ``mnt`` (fusectl, mounted for the call if it
-    is not): every request waiting for the daemon fails with ENOTCONN, which frees a daemon
-    whose own threads wait in the kernel for those requests, so that kill -9 can end it. The
-    connection is named by the mount's device minor, read from the mount table (a stuck
-    daemon answers no stat)."""
-    mounts = all_mounts()
-    fuse = [m for m in mounts if m.target == str(mnt) and m.fstype.startswith("fuse")]
-    if not fuse:
-        return
-    mounted_here = not any(m.fstype == "fusectl" for m in mounts)
-    if mounted_here:
-        subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], check=True)
-    try:
-        (FUSECTL / fuse[-1].device.split(":")[1] / "abort").write_text("1")
-    finally:
-        if mounted_here:
-            subprocess.run(["umount", str(FUSECTL)], check=False)
+    """Abort the FUSE connection of the mount at ``mnt``, which frees a daemon whose own
+    threads wait in the kernel for requests it will not answer, so that kill -9 can end it
+    (``sysmount.abort_connection``)."""
+    from cascowfs.fuse.sysmount import abort_connection
+
+    abort_connection(mnt)
