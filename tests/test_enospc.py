@@ -20,6 +20,8 @@ from __future__ import annotations
 import errno
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,18 @@ def fill(disk: Path, leave: int) -> Path:
     return ballast
 
 
+@contextmanager
+def _small_disk(tmp_path: Path, track_store) -> Iterator[tuple[Path, Path]]:
+    """A fresh small ext4 (``DISK_MIB``) and the path of a store on it, whose mounts go when
+    the test ends, however it ends."""
+    with loop_ext4(tmp_path / "fs", DISK_MIB) as disk:
+        store = track_store(disk / "store")
+        try:
+            yield disk, store
+        finally:
+            force_unmount_below(store)
+
+
 def unfill(ballast: Path) -> None:
     for entry in os.listdir(ballast):
         (ballast / entry).unlink(missing_ok=True)
@@ -119,91 +133,83 @@ def test_import_on_a_full_disk(tmp_path, level, track_store):
     src = random_tree(tmp_path / "src", DATA_MIB << 20, seed=1)
     src_view = dir_view(src)
     small = random_tree(tmp_path / "small", 200_000, seed=2)
-    with loop_ext4(tmp_path / "fs", DISK_MIB) as disk:
-        store = track_store(disk / "store")
+    with _small_disk(tmp_path, track_store) as (disk, store):
+        sm = StateManager.open(store)
         try:
-            sm = StateManager.open(store)
-            try:
-                sm.import_tree(small, "early")
-                views = {"early": snapshot_view(sm, "early")}
-                sm = reopen(sm)
-                ballast = fill(disk, int(LEVELS[level] * (DATA_MIB << 20)))
-                with pytest.raises(NoSpaceError) as info:
-                    sm.import_tree(src, "big")
-                assert info.value.errno == errno.ENOSPC
-                assert [s.id for s in sm.snapshots()] == ["early"]
-                earlier_state_intact(sm, views)
-            finally:
-                sm.close()
-            assert_fsck_clean(store, deep=True)  # with the disk still full
-
-            unfill(ballast)
-            with open_store(store) as sm:
-                earlier_state_intact(sm, views)
-                assert sm.import_tree(src, "big") == "big"
-                assert_same_view(snapshot_view(sm, "big"), src_view, "import after space was freed")
-                tree = sm.create_branch("check", "big").tree
-                assert_same_view(dir_view(tree), src_view, "a branch on the import")
-                sm.discard("check")
-                check_live(sm, deep=True)
+            sm.import_tree(small, "early")
+            views = {"early": snapshot_view(sm, "early")}
+            sm = reopen(sm)
+            ballast = fill(disk, int(LEVELS[level] * (DATA_MIB << 20)))
+            with pytest.raises(NoSpaceError) as info:
+                sm.import_tree(src, "big")
+            assert info.value.errno == errno.ENOSPC
+            assert [s.id for s in sm.snapshots()] == ["early"]
+            earlier_state_intact(sm, views)
         finally:
-            force_unmount_below(store)
+            sm.close()
+        assert_fsck_clean(store, deep=True)  # with the disk still full
+
+        unfill(ballast)
+        with open_store(store) as sm:
+            earlier_state_intact(sm, views)
+            assert sm.import_tree(src, "big") == "big"
+            assert_same_view(snapshot_view(sm, "big"), src_view, "import after space was freed")
+            tree = sm.create_branch("check", "big").tree
+            assert_same_view(dir_view(tree), src_view, "a branch on the import")
+            sm.discard("check")
+            check_live(sm, deep=True)
 
 
 @pytest.mark.parametrize("level", list(LEVELS))
 def test_commit_on_a_full_disk(tmp_path, level, track_store):
     small = random_tree(tmp_path / "small", 200_000, seed=3)
-    with loop_ext4(tmp_path / "fs", DISK_MIB) as disk:
-        store = track_store(disk / "store")
+    with _small_disk(tmp_path, track_store) as (disk, store):
+        sm = StateManager.open(store)
         try:
-            sm = StateManager.open(store)
-            try:
-                sm.import_tree(small, "base")
-                tree = sm.create_branch("work", "base").tree
-                (tree / "note").write_bytes(b"small")
-                sm.commit("work", "early")
-                views = {s: snapshot_view(sm, s) for s in ("base", "early")}
-                random_tree(tree / "new", DATA_MIB << 20, seed=4)  # the edit to commit
-                os.unlink(tree / "note")
-                branch_view = dir_view(tree)
-                status = [c.line() for c in sm.status("work")]
-                sm = reopen(sm)
-                ballast = fill(disk, int(LEVELS[level] * (DATA_MIB << 20)))
-                chunks_fit = LEVELS[level] > 1
-                if chunks_fit:  # done; its layer, written next, does not fit
-                    assert sm.commit("work", "c1") == "c1"
-                    sm.settle()
-                    assert_same_view(snapshot_view(sm, "c1"), branch_view, "commit on a full disk")
-                    with pytest.raises(NoSpaceError) as info:
-                        sm.create_branch("check", "c1")
-                    assert [b.name for b in sm.branches()] == ["work"]
-                    views["c1"] = snapshot_view(sm, "c1")
-                else:
-                    with pytest.raises(NoSpaceError) as info:
-                        sm.commit("work", "c1")
-                    assert sorted(s.id for s in sm.snapshots()) == ["base", "early"]
-                    assert sm.branch("work").parent == "early"
-                    assert [c.line() for c in sm.status("work")] == status
-                assert info.value.errno == errno.ENOSPC
-                assert_same_view(dir_view(tree), branch_view, "branch after the failed operation")
-                earlier_state_intact(sm, views)
-            finally:
-                sm.close()
-            assert_fsck_clean(store, deep=True)  # with the disk still full
-
-            unfill(ballast)
-            with open_store(store) as sm:
-                earlier_state_intact(sm, views)
-                assert_same_view(dir_view(tree), branch_view, "branch after reopen")
-                if not chunks_fit:
-                    assert sm.commit("work", "c1") == "c1"
-                assert_same_view(snapshot_view(sm, "c1"), branch_view, "commit after space was freed")
-                check = sm.create_branch("check", "c1").tree
-                assert_same_view(dir_view(check), branch_view, "a branch on the commit")
-                sm.discard("check")
-                check_live(sm, deep=True)
+            sm.import_tree(small, "base")
+            tree = sm.create_branch("work", "base").tree
+            (tree / "note").write_bytes(b"small")
+            sm.commit("work", "early")
+            views = {s: snapshot_view(sm, s) for s in ("base", "early")}
+            random_tree(tree / "new", DATA_MIB << 20, seed=4)  # the edit to commit
+            os.unlink(tree / "note")
+            branch_view = dir_view(tree)
+            status = [c.line() for c in sm.status("work")]
+            sm = reopen(sm)
+            ballast = fill(disk, int(LEVELS[level] * (DATA_MIB << 20)))
+            chunks_fit = LEVELS[level] > 1
+            if chunks_fit:  # done; its layer, written next, does not fit
+                assert sm.commit("work", "c1") == "c1"
+                sm.settle()
+                assert_same_view(snapshot_view(sm, "c1"), branch_view, "commit on a full disk")
+                with pytest.raises(NoSpaceError) as info:
+                    sm.create_branch("check", "c1")
+                assert [b.name for b in sm.branches()] == ["work"]
+                views["c1"] = snapshot_view(sm, "c1")
+            else:
+                with pytest.raises(NoSpaceError) as info:
+                    sm.commit("work", "c1")
+                assert sorted(s.id for s in sm.snapshots()) == ["base", "early"]
+                assert sm.branch("work").parent == "early"
+                assert [c.line() for c in sm.status("work")] == status
+            assert info.value.errno == errno.ENOSPC
+            assert_same_view(dir_view(tree), branch_view, "branch after the failed operation")
+            earlier_state_intact(sm, views)
         finally:
-            force_unmount_below(store)
+            sm.close()
+        assert_fsck_clean(store, deep=True)  # with the disk still full
+
+        unfill(ballast)
+        with open_store(store) as sm:
+            earlier_state_intact(sm, views)
+            assert_same_view(dir_view(tree), branch_view, "branch after reopen")
+            if not chunks_fit:
+                assert sm.commit("work", "c1") == "c1"
+            assert_same_view(snapshot_view(sm, "c1"), branch_view, "commit after space was freed")
+            check = sm.create_branch("check", "c1").tree
+            assert_same_view(dir_view(check), branch_view, "a branch on the commit")
+            sm.discard("check")
+            check_live(sm, deep=True)
 
 
 def test_every_state_change_on_a_completely_full_disk(tmp_path, track_store):
@@ -211,71 +217,67 @@ def test_every_state_change_on_a_completely_full_disk(tmp_path, track_store):
     (discard and prune free space, so succeeding is the better answer for them), and leaves a
     consistent store; once space is back every one of them succeeds."""
     small = random_tree(tmp_path / "small", 300_000, seed=5)
-    with loop_ext4(tmp_path / "fs", DISK_MIB) as disk:
-        store = track_store(disk / "store")
+    with _small_disk(tmp_path, track_store) as (disk, store):
+        sm = StateManager.open(store)
         try:
-            sm = StateManager.open(store)
-            try:
-                sm.import_tree(small, "base")
-                sm.import_tree(small, "spare")
-                sm.import_tree(small, "old")
-                tree = sm.create_branch("work", "base").tree
-                (tree / "edit").write_bytes(b"edit")
-                sm.create_branch("gone", "base")
-                sm.create_branch("moving", "base")
-                rolled = sm.create_branch("rolled", "base").tree
-                (rolled / "tried").write_bytes(b"an agent's attempt")
-                views = {s: snapshot_view(sm, s) for s in ("base", "spare")}
-                sm = reopen(sm)
-                ballast = fill(disk, 0)
-                attempts = {
-                    "create_branch": lambda: sm.create_branch("new", "base"),
-                    "commit": lambda: sm.commit("work", "c1"),
-                    "rebase": lambda: sm.rebase("moving", "spare"),
-                    "reset": lambda: sm.reset("rolled", "spare"),
-                    "discard": lambda: sm.discard("gone"),
-                    "prune": lambda: sm.prune("old"),
-                }
-                outcome = {}
-                for what, call in attempts.items():
-                    try:
-                        call()
-                        outcome[what] = "ok"
-                    except NoSpaceError as exc:
-                        assert exc.errno == errno.ENOSPC
-                        outcome[what] = "ENOSPC"
-                    except OSError as exc:
-                        raise AssertionError(f"{what} on a full disk raised a bare {exc!r}, "
-                                             "not NoSpaceError") from exc
-                earlier_state_intact(sm, {s: v for s, v in views.items()
-                                          if s in {x.id for x in sm.snapshots()}})
-                # a reset refused for want of space leaves the branch as it was, changes
-                # and mount included; one that succeeded shows its new parent's tree
-                tried = (rolled / "tried").exists()
-                assert tried == (outcome["reset"] == "ENOSPC"), outcome
-                assert sm.branch("rolled").parent == ("base" if tried else "spare")
-            finally:
-                sm.close()
-            assert_fsck_clean(store, deep=True)
-            unfill(ballast)
-            with open_store(store) as sm:
-                names = {b.name for b in sm.branches()}
-                if "new" not in names:
-                    sm.create_branch("new", "base")
-                if "c1" not in {s.id for s in sm.snapshots()}:
-                    sm.commit("work", "c1")
-                if sm.branch("moving").parent != "spare":
-                    sm.rebase("moving", "spare")
-                if sm.branch("rolled").parent != "spare":
-                    sm.reset("rolled", "spare")
-                assert not (sm.branch("rolled").tree / "tried").exists()
-                if "gone" in names:
-                    sm.discard("gone")
-                if "old" in {s.id for s in sm.snapshots()}:
-                    sm.prune("old")
-                check_live(sm, deep=True)
+            sm.import_tree(small, "base")
+            sm.import_tree(small, "spare")
+            sm.import_tree(small, "old")
+            tree = sm.create_branch("work", "base").tree
+            (tree / "edit").write_bytes(b"edit")
+            sm.create_branch("gone", "base")
+            sm.create_branch("moving", "base")
+            rolled = sm.create_branch("rolled", "base").tree
+            (rolled / "tried").write_bytes(b"an agent's attempt")
+            views = {s: snapshot_view(sm, s) for s in ("base", "spare")}
+            sm = reopen(sm)
+            ballast = fill(disk, 0)
+            attempts = {
+                "create_branch": lambda: sm.create_branch("new", "base"),
+                "commit": lambda: sm.commit("work", "c1"),
+                "rebase": lambda: sm.rebase("moving", "spare"),
+                "reset": lambda: sm.reset("rolled", "spare"),
+                "discard": lambda: sm.discard("gone"),
+                "prune": lambda: sm.prune("old"),
+            }
+            outcome = {}
+            for what, call in attempts.items():
+                try:
+                    call()
+                    outcome[what] = "ok"
+                except NoSpaceError as exc:
+                    assert exc.errno == errno.ENOSPC
+                    outcome[what] = "ENOSPC"
+                except OSError as exc:
+                    raise AssertionError(f"{what} on a full disk raised a bare {exc!r}, "
+                                         "not NoSpaceError") from exc
+            earlier_state_intact(sm, {s: v for s, v in views.items()
+                                      if s in {x.id for x in sm.snapshots()}})
+            # a reset refused for want of space leaves the branch as it was, changes
+            # and mount included; one that succeeded shows its new parent's tree
+            tried = (rolled / "tried").exists()
+            assert tried == (outcome["reset"] == "ENOSPC"), outcome
+            assert sm.branch("rolled").parent == ("base" if tried else "spare")
         finally:
-            force_unmount_below(store)
+            sm.close()
+        assert_fsck_clean(store, deep=True)
+        unfill(ballast)
+        with open_store(store) as sm:
+            names = {b.name for b in sm.branches()}
+            if "new" not in names:
+                sm.create_branch("new", "base")
+            if "c1" not in {s.id for s in sm.snapshots()}:
+                sm.commit("work", "c1")
+            if sm.branch("moving").parent != "spare":
+                sm.rebase("moving", "spare")
+            if sm.branch("rolled").parent != "spare":
+                sm.reset("rolled", "spare")
+            assert not (sm.branch("rolled").tree / "tried").exists()
+            if "gone" in names:
+                sm.discard("gone")
+            if "old" in {s.id for s in sm.snapshots()}:
+                sm.prune("old")
+            check_live(sm, deep=True)
 
 
 def test_a_store_on_a_full_disk_opens_to_free_space(tmp_path, track_store):
@@ -284,28 +286,24 @@ def test_a_store_on_a_full_disk_opens_to_free_space(tmp_path, track_store):
     fsck and gc all failed with ENOSPC. A fresh process (no probe cached) opens it, prunes,
     collects and checks it."""
     small = random_tree(tmp_path / "small", 300_000, seed=6)
-    with loop_ext4(tmp_path / "fs", DISK_MIB) as disk:
-        store = track_store(disk / "store")
+    with _small_disk(tmp_path, track_store) as (disk, store):
+        sm = StateManager.open(store)
         try:
-            sm = StateManager.open(store)
-            try:
-                sm.import_tree(small, "base")
-                sm.import_tree(random_tree(tmp_path / "more", 2 << 20, seed=7), "old")
-                sm.create_branch("work", "base")
-            finally:
-                sm.close()  # as a daemon's unmount: the branch stays mounted
-            fill(disk, 0)
-            for step in ("sm.prune('old')", "print(sm.gc())"):  # the open between empties the trash
-                opened = run_child(
-                    "import sys\nfrom cascowfs.state import StateManager\n"
-                    f"sm = StateManager.open(sys.argv[1])\n{step}\nsm.close()\n", str(store))
-                assert opened.returncode == 0, opened.stderr
-            checked = run_child("import sys\nfrom cascowfs.cli import main\n"
-                                "sys.exit(main(['fsck', sys.argv[1]]))\n", str(store))
-            assert checked.returncode == 0, checked.stdout + checked.stderr
-            assert free_bytes(disk) > 1 << 20  # the prune and collection gave space back
-            with open_store(store) as sm:
-                assert [s.id for s in sm.snapshots()] == ["base"]
-                assert_same_view(snapshot_view(sm, "base"), dir_view(small), "base")
+            sm.import_tree(small, "base")
+            sm.import_tree(random_tree(tmp_path / "more", 2 << 20, seed=7), "old")
+            sm.create_branch("work", "base")
         finally:
-            force_unmount_below(store)
+            sm.close()  # as a daemon's unmount: the branch stays mounted
+        fill(disk, 0)
+        for step in ("sm.prune('old')", "print(sm.gc())"):  # the open between empties the trash
+            opened = run_child(
+                "import sys\nfrom cascowfs.state import StateManager\n"
+                f"sm = StateManager.open(sys.argv[1])\n{step}\nsm.close()\n", str(store))
+            assert opened.returncode == 0, opened.stderr
+        checked = run_child("import sys\nfrom cascowfs.cli import main\n"
+                            "sys.exit(main(['fsck', sys.argv[1]]))\n", str(store))
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert free_bytes(disk) > 1 << 20  # the prune and collection gave space back
+        with open_store(store) as sm:
+            assert [s.id for s in sm.snapshots()] == ["base"]
+            assert_same_view(snapshot_view(sm, "base"), dir_view(small), "base")
