@@ -190,6 +190,32 @@ def test_hostile_labels_are_shown_as_text(tmp_path):
         assert injected == 0
 
 
+def test_the_page_reads_numbers_as_find_does_and_keeps_each_value_to_itself(tmp_path):
+    """The page's search and colours take a number where `find` does (no hex, no blanks);
+    a value's RTL override ends with the value instead of reversing the labels drawn after
+    it; a shortened value keeps whole characters (half an emoji left a lone surrogate)."""
+    nodes = [episode("s1", None, 1, reward="0.5"),
+             episode("rtl", "s1", 2, reward="\u202e0.9", visits="100"),
+             episode("emoji", "s1", 3, reward="\U0001f600" * 20)]
+    root = fake_mount(tmp_path / "mnt", nodes, {"b1": "s1"})
+    with monitor(root) as mon, chromium() as driver:
+        driver.get(mon.url)
+        wait(driver, LOAD_SECONDS, node_shown("emoji"), "node emoji never shown")
+        read = driver.execute_script(
+            "return ['0x10', '9', ' ', '1e3', '-2.5', '.5', 'Infinity', 'NaN', '1_0']"
+            ".map((t) => { const v = CascowTree.labelNumber(t); return Number.isNaN(v) ? 'nan' : v; })")
+        assert read == ["nan", 9, "nan", 1000, -2.5, 0.5, "nan", "nan", "nan"]
+
+        def drawn(ident: str) -> str:
+            return driver.execute_script(
+                f"return document.querySelector('g.node[data-id=\"{ident}\"] text.node-labels')"
+                ".textContent")
+
+        assert "reward=\u2068\u202e0.9\u2069 visits=\u2068100\u2069" in drawn("rtl")
+        emoji = drawn("emoji")  # a lone surrogate would not even come back from the browser
+        assert emoji.startswith("reward=\u2068" + "\U0001f600" * 15 + "\u2026"), emoji
+
+
 def _random_tree(count: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     nodes = [episode("n0", None, 0, reward="0.5", visits="100")]

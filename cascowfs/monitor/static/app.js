@@ -28,8 +28,16 @@ function el(tag, attrs = {}, text = null) {
   return node;
 }
 
+// At most `max` characters: whole code points, so an emoji is never cut into half a pair.
 function shorten(text, max) {
-  return text.length > max ? text.slice(0, max - 1) + "…" : text;
+  const chars = [...text];
+  return chars.length > max ? chars.slice(0, max - 1).join("") + "…" : text;
+}
+
+// A caller's text set among others on one line: its direction marks (an RTL override) end
+// with it (first-strong isolate ... pop directional isolate), not past it.
+function isolated(text) {
+  return "\u2068" + text + "\u2069";
 }
 
 // What an operation acted on: the branches it was given, or, for a verb given none (label,
@@ -196,7 +204,7 @@ function drawTree() {
     g.append(el("svg:circle", { r: at.has(id) ? 8 : 6, fill: scale.colour(node) }));
     g.append(el("svg:text", { x: 11, y: -14, class: "node-id" }, shorten(id, 24)));
     const labelText = keys.filter((k) => Object.prototype.hasOwnProperty.call(node.labels, k))
-      .map((k) => `${k}=${shorten(node.labels[k], 16)}`).join(" ");
+      .map((k) => `${k}=${isolated(shorten(node.labels[k], 16))}`).join(" ");
     if (labelText) g.append(el("svg:text", { x: 11, y: -3, class: "node-labels" }, shorten(labelText, 30)));
     g.addEventListener("click", () => select(id));
     dots.append(g);

@@ -26,6 +26,13 @@ const CascowTree = (() => {
     return { children, roots };
   }
 
+  // A label value as a number, as the daemon reads one (names.LABEL_NUMBER_RE: no hex, no
+  // blanks, no "Infinity"), else NaN: the page's search and colours agree with `find`.
+  const NUMBER = /^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$/;
+  function labelNumber(text) {
+    return NUMBER.test(text) ? Number(text) : NaN;
+  }
+
   // A search: words that must all match. `key=value` (exact), `key>n`, `key<n`, `has:key`,
   // anything else a substring of the id or of a label value.
   function matcher(query) {
@@ -41,8 +48,8 @@ const CascowTree = (() => {
           if (!Object.prototype.hasOwnProperty.call(n.labels, key)) return false;
           const have = n.labels[key];
           if (op === "=") return have === want;
-          const a = Number(have), b = Number(want);
-          if (!Number.isFinite(a) || !Number.isFinite(b) || want === "") return false;
+          const a = labelNumber(have), b = labelNumber(want);
+          if (Number.isNaN(a) || Number.isNaN(b)) return false;
           return op === "<" ? a < b : a > b;
         };
       }
@@ -173,13 +180,13 @@ const CascowTree = (() => {
     for (const n of nodes.values()) {
       if (Object.prototype.hasOwnProperty.call(n.labels, key)) values.push(n.labels[key]);
     }
-    const numbers = values.map(Number);
-    if (values.length && numbers.every((v, i) => Number.isFinite(v) && values[i].trim() !== "")) {
+    const numbers = values.map(labelNumber);
+    if (values.length && numbers.every(Number.isFinite)) {
       const lo = Math.min(...numbers), hi = Math.max(...numbers);
       const hue = (v) => 220 - 200 * (hi > lo ? (v - lo) / (hi - lo) : 0.5);
       return {
         colour: (n) => Object.prototype.hasOwnProperty.call(n.labels, key)
-          ? `hsl(${hue(Number(n.labels[key])).toFixed(0)} 70% 55%)` : none,
+          ? `hsl(${hue(labelNumber(n.labels[key])).toFixed(0)} 70% 55%)` : none,
         legend: { kind: "number", lo, hi, from: `hsl(220 70% 55%)`, to: `hsl(20 70% 55%)` },
       };
     }
@@ -190,5 +197,5 @@ const CascowTree = (() => {
     };
   }
 
-  return { MAX_VISIBLE, index, matcher, visibleSet, layout, colourScale, hueOf };
+  return { MAX_VISIBLE, index, matcher, visibleSet, layout, colourScale, hueOf, labelNumber };
 })();
