@@ -105,17 +105,27 @@ def read_content(
     mirror: Mirror | None = None,
     reader: Caller | None = None,
     opened: Opened | None = None,
+    inode: tuple[int, int] | None = None,
 ) -> tuple[PreparedContent, tuple]:
     """The content of the regular file ``path`` prepared as a stream (objects through
     ``emit``, if given) and its xattrs, both read through one open (as ``reader``,
     ``privacy.reading_as``, unless ``opened`` is that open already, which this closes);
-    with ``mirror`` a copy, holes kept, is written from the very bytes read."""
+    with ``mirror`` a copy, holes kept, is written from the very bytes read. ``inode``:
+    the (device, inode) a walk's ``lstat`` found at ``path``, whose mode and owner the
+    caller records with these bytes; another file opened there is BusyError."""
     if opened is None:
         with reading_as(reader):
             opened = open_source(path)
     fd, xattrs = opened
     try:
         before = os.fstat(fd)
+        if inode is not None and (before.st_dev, before.st_ino) != inode:
+            # Another file at the path since the walk saw it there (an ancestor swapped for a
+            # symbolic link and back): its bytes under the walk's mode and owner would give
+            # the caller a file of someone else's, set-id root among them.
+            raise BusyError(
+                f"{os.fsdecode(path)}: replaced since the walk saw it; try again once it rests"
+            )
         pieces = extents.read_pieces(fd, before.st_size)
         if mirror is None:
             prepared = prepare(pieces, emit)
@@ -159,6 +169,7 @@ def _process_one(
     uid: int,
     gid: int,
     mtime_ns: int,
+    inode: tuple[int, int],
     prepare: Prepare,
     emit: Emit | None = None,
     reader: Caller | None = None,
@@ -171,17 +182,20 @@ def _process_one(
         Mirror(mirror, mode, uid, gid, mtime_ns) if mirror else None,
         reader,
         opened,
+        inode,
     )
     return prepared.content_id, prepared.size, xattrs, prepared.objects
 
 
-# path, mirror, mode, uid, gid, mtime_ns: what a worker process needs of a FileJob
-WorkItem = tuple[bytes, bytes | None, int, int, int, int]
+# path, mirror, mode, uid, gid, mtime_ns, (device, inode): what a worker process needs of
+# a FileJob
+WorkItem = tuple[bytes, bytes | None, int, int, int, int, tuple[int, int]]
 
 
 def _work_item(job: FileJob) -> WorkItem:
     st = job.st
-    return job.path, job.mirror, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns
+    inode = (st.st_dev, st.st_ino)
+    return job.path, job.mirror, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, inode
 
 
 def _process_batch(

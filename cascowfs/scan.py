@@ -184,7 +184,7 @@ class HardLinks:
 def _file_entry(
     name: bytes, path: bytes, st: os.stat_result, prepare: Prepare, sink: ObjectSink
 ) -> Entry:
-    prepared, xattrs = read_content(path, prepare, sink.add)
+    prepared, xattrs = read_content(path, prepare, sink.add, inode=(st.st_dev, st.st_ino))
     sink.add(prepared.objects)
     return _meta_entry(name, st, xattrs, prepared.size, prepared.content_id)
 

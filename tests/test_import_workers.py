@@ -2,6 +2,7 @@
 order, stay on threads for small imports, and leave nothing behind when a file fails."""
 
 import os
+import signal
 import time
 
 import pytest
@@ -170,3 +171,58 @@ def test_a_file_changed_while_it_is_read_is_refused_not_recorded_torn(tmp_path, 
     # at rest, the same read is recorded
     prepared, _ = import_workers.read_content(os.fsencode(path), prepare_content)
     assert prepared.size == path.stat().st_size
+
+
+@pytest.mark.parametrize("where", ["threads", "processes", "streamed"])
+def test_a_file_swapped_through_its_parent_after_the_walk_is_refused(tmp_path, monkeypatch,
+                                                                     where):
+    """The walk records a file's mode and owner from its lstat; the workers read its bytes
+    by path later. A caller who swaps a directory of its tree for a symbolic link to another
+    (and back) between the two got another file's bytes under the first one's metadata: its
+    own program as a set-user-id file of root's. The read now insists on the inode the walk
+    saw; here the swap is done, for real, between the walk's lstat and the read."""
+    if where == "processes":
+        monkeypatch.setattr(import_workers, "PROCESS_POOL_MIN_BYTES", 0)
+        monkeypatch.setattr(import_workers, "PROCESS_BATCH_FILES", 4)
+    if where == "streamed":
+        monkeypatch.setattr(import_workers, "STREAMED_FILE_MIN", 0)
+    system, mine = tmp_path / "system", tmp_path / "mine"
+    system.mkdir()
+    (system / "tool").write_bytes(b"the system's own tool")
+    src = tmp_path / "src"
+    jobs = _files(src / "d", 12)
+    os.rename(src / "d", mine)
+    (src / "d").symlink_to(system)
+    seen = os.lstat(src / "d" / "tool")  # the walk, through the swapped-in link
+    os.unlink(src / "d")
+    os.rename(mine, src / "d")
+    (src / "d" / "tool").write_bytes(b"the caller's program")  # what the path reaches now
+    jobs.append(FileJob(None, b"tool", os.fsencode(src / "d" / "tool"), seen, None))
+    with pytest.raises(BusyError, match="tool: replaced since the walk saw it"):
+        with ImportWorkers(prepare_content) as workers:
+            for job in jobs:
+                workers.add(job)
+            list(workers.rest())
+
+
+def test_a_fifo_swapped_in_for_a_file_is_refused_at_once(tmp_path):
+    """Opening a FIFO for reading waits for a writer: an import that met one where the walk
+    saw a file hung for good, and every gc after it."""
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    seen = os.lstat(path)
+    path.unlink()
+    os.mkfifo(path)
+    def hung(signum, frame):
+        raise AssertionError("the open of the FIFO waited for a writer")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)  # a regression would otherwise hang the run
+    try:
+        with pytest.raises(BusyError, match="f: no longer a regular file"):
+            with ImportWorkers(prepare_content) as workers:
+                workers.add(FileJob(None, b"f", os.fsencode(path), seen, None))
+                list(workers.rest())
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
