@@ -50,6 +50,12 @@ def click_node(driver, ident: str) -> None:
     wait(driver, 5, lambda d: d.find_element("id", "node-id").text == ident, "node panel")
 
 
+def shown_text(text: str) -> str:
+    """Text as a person reads it: without the invisible marks that isolate each label value's
+    direction (FSI, PDI)."""
+    return text.replace("\u2068", "").replace("\u2069", "")
+
+
 def text_of(driver, element_id: str) -> str:
     return driver.find_element("id", element_id).text
 
@@ -75,8 +81,8 @@ def test_commit_appears_and_a_click_resets_the_branch():
             fs.sh('echo "s2 reward=0.75 visits=2" > $MNT/branches/b1/commit')
             wait(driver, COMMIT_SHOWN_SECONDS, node_shown("s2"),
                  f"a commit was not shown as a node within {COMMIT_SHOWN_SECONDS} s")
-            wait(driver, 5, lambda d: "reward=0.75" in d.find_element(
-                "css selector", 'g.node[data-id="s2"] .node-labels').text,
+            wait(driver, 5, lambda d: "reward=0.75" in shown_text(d.find_element(
+                "css selector", 'g.node[data-id="s2"] .node-labels').text),
                  "the new node does not show its labels")
             fs.sh('echo "label s2 visits=3" > $MNT/ctl')
             wait(driver, LOAD_SECONDS, lambda d: any(
