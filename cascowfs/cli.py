@@ -44,7 +44,7 @@ from .fuse.sysmount import (
 )
 from .logs import LOG_FORMATS
 from .model import Change
-from .names import parse_labels
+from .names import check_name, parse_labels
 from .overlay import all_mounts
 from .pathquote import quote
 
@@ -305,8 +305,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
+    # a branch's name or a snapshot's id: both are names ("" would end the log at once)
+    start: str | None = check_name(args.start, "snapshot id or branch name")
     with Client(args.mountpoint) as client:
-        start = args.start
         if start in client.branches():
             start = client.parent(start)
         seen = set()
@@ -639,6 +640,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(self, message)
 
 
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse's ``type``: a ValueError is its usage
+    error)."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
 def build_parser() -> _Parser:
     parser = _Parser(
         prog="cascowfs",
@@ -723,7 +733,7 @@ def build_parser() -> _Parser:
         "the next `mount`)",
     )
     p.add_argument("--lazy", "-l", action="store_true", help="detach even if busy")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the daemon")
+    p.add_argument("--timeout", type=seconds, default=60.0, help="seconds to wait for the daemon")
 
     p = verb(
         "branch",

@@ -101,6 +101,7 @@ def test_every_verb_on_a_live_mount_and_offline():
                            (("status", mnt, "nosuch"), "ENOENT"),
                            (("fsck", store), "EBUSY"),  # the daemon holds the store
                            (("fsck", mnt), "EINVAL"),  # a mount point, not a store
+                           (("log", mnt, ""), "EINVAL"),  # no name: it listed nothing, exit 0
                            (("umount", str(fs.base)), "EINVAL")):
             proc = run_cli(*args, check=False)
             assert proc.returncode == exit_status(getattr(errno, name)), (args, proc.stderr)
@@ -220,6 +221,8 @@ def test_every_verb_takes_json():
                                         (["frobnicate", "--json"], None),
                                         (["ls", "--json", "x", "y", "z"], "ls"),
                                         (["show", "m", "s1", "extra", "--json"], "show"),
+                                        (["umount", "m", "--timeout", "-5", "--json"], "umount"),
+                                        (["umount", "m", "--timeout=nan", "--json"], "umount"),
                                         (["--json"], None)])
 def test_usage_errors_with_json_are_a_json_object_and_exit_2(argv, verb):
     proc = run_cli(*argv, check=False)
