@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 from . import extents
 from .cas import Piece
-from .errors import BusyError, InvalidArgumentError, XattrTooLargeError
+from .errors import InvalidArgumentError, XattrTooLargeError
 
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
 # How overlayfs stores a ``trusted.overlay.*`` xattr set through a branch in its upper layer
@@ -186,21 +186,13 @@ def finish_file(
 
 
 def open_file(path: str | bytes) -> int:
-    """A read descriptor of the regular file ``path`` (a symlink is refused with ELOOP, not
+    """A read descriptor of the file ``path`` (a symlink is refused with ELOOP, not
     followed); its content is read as a stream (``extents.read_pieces``), never whole.
 
     Opened without blocking: a FIFO swapped in for the file since it was seen would wait for a
-    writer for good, and the operation with it; anything but a regular file is BusyError."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            shown = os.fsdecode(path)
-            raise BusyError(f"{shown}: no longer a regular file; try again once it rests")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    writer for good, and the operation with it. The reader (``import_workers.read_content``)
+    refuses anything but the regular file it expects, and reads it blocking."""
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
 
 
 def make_node(path: str | bytes, mode: int, rdev: int) -> None:

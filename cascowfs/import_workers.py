@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -119,6 +120,10 @@ def read_content(
     fd, xattrs = opened
     try:
         before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):  # a FIFO, say, swapped in since the walk
+            raise BusyError(
+                f"{os.fsdecode(path)}: no longer a regular file; try again once it rests"
+            )
         if inode is not None and (before.st_dev, before.st_ino) != inode:
             # Another file at the path since the walk saw it there (an ancestor swapped for a
             # symbolic link and back): its bytes under the walk's mode and owner would give
@@ -126,6 +131,7 @@ def read_content(
             raise BusyError(
                 f"{os.fsdecode(path)}: replaced since the walk saw it; try again once it rests"
             )
+        os.set_blocking(fd, True)  # opened without (fsmeta.open_file)
         pieces = extents.read_pieces(fd, before.st_size)
         if mirror is None:
             prepared = prepare(pieces, emit)
