@@ -9,35 +9,27 @@ from collections.abc import Iterable
 
 from . import extents
 from .cas import Piece
-from .errors import InvalidArgumentError, XattrTooLargeError
+from .errors import XattrTooLargeError
 
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
-# How overlayfs stores a ``trusted.overlay.*`` xattr set through a branch in its upper layer
-# (escaped, so that it marks nothing): the branch shows it, but a layer holding it unescaped
-# would steer the overlay mounts, so no snapshot can keep it (``read_xattrs_and_overlay_keys``).
-ESCAPED_OVERLAY_XATTR_PREFIX = OVERLAY_XATTR_PREFIX + b"overlay."
 # cascowfs's own namespace: a snapshot root serves its recorded metadata under it, so a tree's
 # own xattrs there (set inside a branch, or copied by `cp -a` from a snapshot) are never kept.
 RESERVED_XATTR_PREFIX = b"user.cascowfs."
 
 
-def read_xattrs(
-    target: str | bytes | int, shown: bytes | None = None
-) -> tuple[tuple[bytes, bytes], ...]:
-    """Every xattr of ``target`` (a path, not following symlinks, or an open descriptor of
-    the file at path ``shown``), sorted, overlayfs's own and the reserved
-    ``user.cascowfs.*`` left out."""
-    return read_xattrs_and_overlay_keys(target, shown)[0]
+def read_xattrs(target: str | bytes | int) -> tuple[tuple[bytes, bytes], ...]:
+    """Every xattr of ``target`` (a path, not following symlinks, or an open descriptor),
+    sorted, overlayfs's own and the reserved ``user.cascowfs.*`` left out."""
+    return read_xattrs_and_overlay_keys(target)[0]
 
 
 def read_xattrs_and_overlay_keys(
-    target: str | bytes | int, shown: bytes | None = None
+    target: str | bytes | int,
 ) -> tuple[tuple[tuple[bytes, bytes], ...], frozenset[bytes]]:
     """``read_xattrs``, and the names of overlayfs's own xattrs that ``target`` has (so that a
     walk of an upper directory reads those values only where they exist). Every snapshot's
     xattrs are read here, on import and on commit: the one place that strips the reserved
-    namespace, and refuses (InvalidArgumentError) an xattr of overlayfs's namespace that a
-    branch was given: left out, it would be lost without a word."""
+    namespace."""
     follow = isinstance(target, int)  # a descriptor is the file itself: nothing to follow
     try:
         names = os.listxattr(target, follow_symlinks=follow)
@@ -50,14 +42,6 @@ def read_xattrs_and_overlay_keys(
     for name in names:
         key = name.encode("utf-8", "surrogateescape")
         if key.startswith(OVERLAY_XATTR_PREFIX):
-            if key.startswith(ESCAPED_OVERLAY_XATTR_PREFIX):
-                path = shown if isinstance(target, int) else target
-                given = OVERLAY_XATTR_PREFIX + key[len(ESCAPED_OVERLAY_XATTR_PREFIX) :]
-                raise InvalidArgumentError(
-                    f"{os.fsdecode(path or b'')}: xattr {given.decode(errors='backslashreplace')}"
-                    " is in overlayfs's namespace, which a snapshot cannot hold; remove it to "
-                    "commit"
-                )
             overlay.append(key)
             continue
         if key.startswith(RESERVED_XATTR_PREFIX):

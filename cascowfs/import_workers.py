@@ -78,7 +78,7 @@ def open_source(path: bytes) -> Opened:
     """``path`` opened (never through a symbolic link at its end) and its xattrs."""
     fd = fsmeta.open_file(path)
     try:
-        return fd, fsmeta.read_xattrs(fd, path)
+        return fd, fsmeta.read_xattrs(fd)
     except BaseException:
         os.close(fd)
         raise

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from cascowfs import Client
 from cascowfs.fuse.snapshot_view import TREE_XATTR, XATTR_PREFIX, root_xattrs
-from cascowfs.errors import InvalidArgumentError
 from cascowfs.model import SnapshotInfo
 from cascowfs.names import MAX_LABELS
 from conftest import hypothesis_settings
@@ -160,23 +159,3 @@ def test_snapshots_show_only_recorded_metadata_through_the_mount():
         assert os.getxattr(out, "user.cascowfs.parent") == b"base"
         client.import_tree(out, "again")
         _assert_only_recorded(fs, client, "again", None, {})
-
-
-def test_an_overlayfs_xattr_set_in_a_branch_is_refused_not_lost(sm, tmp_path: Path):
-    """overlayfs keeps a trusted.overlay.* xattr set through a branch escaped in the upper
-    layer, and the branch shows it; a snapshot cannot hold it (a layer would steer the
-    overlay mounts), so the commit is refused naming it, where it used to drop it unsaid."""
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_text("x\n")
-    sm.import_tree(src, "base")
-    tree = sm.create_branch("agent", "base").tree
-    for name in ("trusted.overlay.opaque", "trusted.overlay.anything"):
-        os.setxattr(tree / "f", name, b"y")
-        assert os.getxattr(tree / "f", name) == b"y"  # the branch shows it
-        with pytest.raises(InvalidArgumentError, match=f"f: xattr {name} is in overlayfs"):
-            sm.commit("agent", "step")
-        assert not sm.has_snapshot("step")
-        os.removexattr(tree / "f", name)
-    sm.commit("agent", "step")
-    assert sm.has_snapshot("step")
