@@ -409,7 +409,13 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from .monitor.server import serve
 
     logging.getLogger("cascowfs").setLevel(logging.INFO)
-    return serve(args.mountpoint, args.listen, read_only=args.read_only, as_json=args.json)
+    return serve(
+        args.mountpoint,
+        args.listen,
+        read_only=args.read_only,
+        remote_resets_as=args.remote_resets_as,
+        as_json=args.json,
+    )
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -857,7 +863,14 @@ def build_parser() -> _Parser:
     p.add_argument(
         "--read-only",
         action="store_true",
-        help="refuse resets: whoever reaches the address may otherwise reset any branch",
+        help="refuse every reset (otherwise a reset is made for root and the admin group: "
+        "the local user whose connection asks)",
+    )
+    p.add_argument(
+        "--remote-resets-as",
+        metavar="USER",
+        help="make resets from other machines (whose users are unknown here) as if USER (a "
+        "name or uid) asked; refused otherwise",
     )
 
     for name, what in (

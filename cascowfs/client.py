@@ -77,13 +77,13 @@ class Client:
         try:
             fd = os.open(self.ctl, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
-            raise self._error(exc, f"open {self.ctl}") from None
+            raise self.error_of(exc, f"open {self.ctl}") from None
         try:
             try:
                 os.write(fd, (line + "\n").encode())
             except OSError as exc:
                 if exc.errno in _DEAD:
-                    raise self._error(exc, line) from None
+                    raise self.error_of(exc, line) from None
                 # The daemon's reply names what it refused; the bare errno does not.
                 reply = _read_reply(fd)
                 ok, code, text = parse_reply(reply) if reply else (False, exc.errno, "")
@@ -95,7 +95,7 @@ class Client:
             try:
                 reply = _read_reply(fd)
             except OSError as exc:
-                raise self._error(exc, line) from None
+                raise self.error_of(exc, line) from None
         finally:
             # The reply is read: a FLUSH error on close (a daemon gone meanwhile) changes
             # nothing about it, and must not hide the error being raised.
@@ -106,7 +106,7 @@ class Client:
             raise os_error_from_errno(code, text)
         return text
 
-    def _error(self, exc: OSError, what: str) -> CascowfsError:
+    def error_of(self, exc: OSError, what: str) -> CascowfsError:
         """The client's exception for a failed file call on the mount, naming ``what``.
 
         ENOTCONN/ECONNABORTED come from a FUSE mount whose daemon is gone; ENOENT from a mount
@@ -136,7 +136,7 @@ class Client:
             try:
                 os.mkdir(path)
             except OSError as exc:
-                raise self._error(exc, f"mkdir {path}") from None
+                raise self.error_of(exc, f"mkdir {path}") from None
             return self.tree(name)
         return Path(self.command("branch", name, parent))
 
@@ -306,7 +306,7 @@ class Client:
         try:
             return Path(os.readlink(link))
         except OSError as exc:
-            raise self._error(exc, f"readlink {link}") from None
+            raise self.error_of(exc, f"readlink {link}") from None
 
     def parent(self, name: str) -> str | None:
         return self._read(self.branch_path(name) / "parent").strip() or None
@@ -325,7 +325,7 @@ class Client:
         try:
             return os.stat(directory).st_mtime_ns
         except OSError as exc:
-            raise self._error(exc, f"stat {directory}") from None
+            raise self.error_of(exc, f"stat {directory}") from None
 
     def status(self, name: str) -> list[Change]:
         """The branch's changes, read from ``status.z`` (NUL-terminated, so every name that a
@@ -335,7 +335,7 @@ class Client:
             with open(path, "rb", buffering=0) as fh:
                 data = fh.read()
         except OSError as exc:
-            raise self._error(exc, f"read {path}") from None
+            raise self.error_of(exc, f"read {path}") from None
         return [Change.from_record_z(record) for record in data.split(b"\0")[:-1]]
 
     def diff(self, a: str | None, b: str | None) -> list[Change]:
@@ -350,7 +350,7 @@ class Client:
         try:
             _diff_dirs(left, right, "", changes)
         except OSError as exc:
-            raise self._error(exc, "diff") from None
+            raise self.error_of(exc, "diff") from None
         changes.sort()
         return changes
 
@@ -359,14 +359,14 @@ class Client:
         try:
             return os.listdir(path)
         except OSError as exc:
-            raise self._error(exc, f"list {path}") from None
+            raise self.error_of(exc, f"list {path}") from None
 
     def _read(self, path: Path) -> str:
         try:
             with open(path, "rb", buffering=0) as fh:
                 return fh.read().decode("utf-8", "surrogateescape")
         except OSError as exc:
-            raise self._error(exc, f"read {path}") from None
+            raise self.error_of(exc, f"read {path}") from None
 
     def _xattrs(self, path: Path) -> dict[str, str]:
         """The ``user.cascowfs.*`` xattrs of a snapshot root, without the prefix."""
@@ -383,7 +383,7 @@ class Client:
                 n[len(_XATTR) :]: os.getxattr(path, n).decode("utf-8", "replace") for n in names
             }
         except OSError as exc:
-            raise self._error(exc, f"xattrs of {path}") from None
+            raise self.error_of(exc, f"xattrs of {path}") from None
 
 
 def _checked(check: Callable[[object], str], value: object) -> str:

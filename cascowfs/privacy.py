@@ -26,6 +26,7 @@ import ctypes
 import errno
 import logging
 import os
+import pwd
 import socket
 import stat
 from collections.abc import Iterator
@@ -115,6 +116,25 @@ class Caller:
     uid: int
     gid: int
     groups: tuple[int, ...] = ()
+
+    @classmethod
+    def of_user(cls, user: str | int) -> Caller:
+        """The credentials ``user`` (a name or a uid) logs in with: its primary group and
+        every group the account database gives it. PermissionDeniedError for a user with no
+        account, whose groups nobody can know."""
+        try:
+            entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+        except KeyError:
+            raise PermissionDeniedError(
+                f"user {user} has no account here, so its groups are unknown", errno=errno.EPERM
+            ) from None
+        groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
+        return cls(entry.pw_uid, entry.pw_gid, tuple(sorted(set(groups))))
+
+    def may_change_state(self, admin_gid: int | None) -> bool:
+        """Whether these credentials may change a mount's state: root's, or a member's of its
+        admin group (None: the mount has none)."""
+        return self.uid == 0 or (admin_gid is not None and admin_gid in self.groups)
 
 
 # Raw system calls: glibc's setgroups (like its setresuid) changes every thread of the

@@ -7,7 +7,10 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,11 +20,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cascowfs.monitor import server as server_module
 from cascowfs.monitor.files import MountFiles, parse_episodes, parse_events
+from cascowfs.monitor.peers import socket_owner
 from cascowfs.monitor.server import MonitorServer, parse_listen
+from cascowfs.privacy import Caller
 from cascowfs.monitor.tracker import Tracker
 from cascowfs.names import check_branch_name, check_labels, check_snapshot_id
 from support.browser import episode, fake_mount, write_lines
+from support.processes import REPO
 from support.properties import hypothesis_settings
 
 EVENT = {"time": "2026-12-05T12:00:00Z", "time_ns": 1, "op": "commit", "names": ["b1"],
@@ -411,3 +418,55 @@ def test_branches_with_hostile_names_are_left_out(tmp_path):
     root = fake_mount(tmp_path / "mnt", [], {"good": "s1", "-x": "s1", "bad": "../s1"})
     names = [b.name for b in MountFiles(root).branches()]
     assert names == ["good"] and all(_valid(check_branch_name, n) for n in names)
+
+
+def test_socket_owner_finds_the_local_end_of_a_connection(tmp_path):
+    """The kernel's socket tables name the uid of a connection's local client, over IPv4 and
+    IPv6, and nobody for an address no socket of this machine has."""
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family) as listener:
+            listener.bind((host, 0))
+            listener.listen()
+            with socket.create_connection(listener.getsockname()[:2]) as client:
+                accepted, _ = listener.accept()
+                with accepted:
+                    assert socket_owner(accepted.getpeername(), accepted.getsockname()) \
+                        == os.geteuid()
+                    assert socket_owner(("192.0.2.7", client.getsockname()[1]),
+                                        accepted.getsockname()) is None
+    # an IPv4 client seen through an IPv6 socket (::ffff:a.b.c.d) is found in the IPv4 table
+    table = tmp_path / "tcp"
+    table.write_text("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when "
+                     "retrnsmt   uid  timeout inode\n"
+                     "   0: 0100007F:D431 0100007F:2116 01 00000000:00000000 00:00000000 "
+                     "00000000  1234        0 1 1 0 20 4 30 10 -1\n"
+                     "   1: 0100007F:D432 0100007F:2116 0A 00000000:00000000 00:00000000 "
+                     "00000000  4321        0 1 1 0 20 4 30 10 -1\n"
+                     "   2: garbage\n")
+    assert socket_owner(("::ffff:127.0.0.1", 0xD431, 0, 0), ("127.0.0.1", 0x2116),
+                        (table,)) == 1234
+    assert socket_owner(("127.0.0.1", 0xD432), ("127.0.0.1", 0x2116), (table,)) is None
+    assert socket_owner(("127.0.0.1", 0xD431), ("127.0.0.1", 0x2117), (table,)) is None
+
+
+def test_a_reset_from_another_machine_is_refused_unless_given_a_user(tmp_path, monkeypatch):
+    """A peer with no socket on this machine has no user here: its reset is EPERM, or is sent
+    as the user --remote-resets-as names."""
+    monkeypatch.setattr(server_module, "socket_owner", lambda peer, ours: None)
+    root = fake_mount(tmp_path / "mnt", [], {}, events=[])
+    good = {"branch": "b1", "id": "s1"}
+    with serving(root) as (server, _):
+        status, reply = _reset(server, good)
+        assert status == 403 and reply["errno"] == "EPERM", reply
+        assert "--remote-resets-as" in reply["message"]
+        server.remote_resets_as = Caller.of_user(os.geteuid())
+        status, reply = _reset(server, good)
+        assert status == 503 and reply["errno"] == "ENOTCONN", reply  # sent: no daemon here
+
+
+def test_remote_resets_as_must_name_an_account(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cascowfs", "monitor", str(tmp_path),
+                           "--listen", "127.0.0.1:0", "--remote-resets-as", "no-such-user-x"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode != 0 and "no-such-user-x has no account" in proc.stderr, proc.stderr
+    assert "EINVAL" in proc.stderr

@@ -13,6 +13,7 @@ import grp
 import json
 import logging
 import os
+import pwd
 import secrets
 import shutil
 import stat
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,7 @@ from cascowfs import import_workers, privacy
 from cascowfs.errors import PermissionDeniedError
 from conftest import hypothesis_settings, open_store
 from fusehelpers import Cascow, mounted, needs_fuse
+from support.browser import monitor
 
 NOBODY = 65534
 PASSAGES = {"", "branches", "branches/*"}  # 0711: on the way to a branch's tree
@@ -612,3 +615,64 @@ def test_admin_import_never_reads_what_a_swapped_in_link_reaches(fs, admin_group
         for ident in imported:
             fs.ctl(f"prune {ident}")
         shutil.rmtree(race)
+
+
+RESET_SCRIPT = r"""
+import http.client, json, sys
+url_host, port = sys.argv[1], int(sys.argv[2])
+conn = http.client.HTTPConnection(url_host, port, timeout=60)
+conn.request("POST", "/api/reset", body=sys.argv[3].encode(),
+             headers={"Content-Type": "application/json"})
+resp = conn.getresponse()
+print(json.dumps([resp.status, json.loads(resp.read())]))
+"""
+
+
+@pytest.fixture
+def admin_user(admin_group):
+    """An account in the admin group (the monitor looks its groups up by uid), removed after."""
+    name = f"cascowfs-a{os.getpid()}"
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--groups",
+                    admin_group.gr_name, name], check=True, capture_output=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+
+
+def reset_through_monitor_as(uid: int, gid: int, url: str, branch: str, ident: str
+                             ) -> tuple[int, dict]:
+    """POST a reset to the monitor at ``url`` from a process of ``uid``/``gid``."""
+    where = urllib.parse.urlsplit(url)
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    proc = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+                           python, "-c", RESET_SCRIPT, where.hostname, str(where.port),
+                           json.dumps({"branch": branch, "id": ident})],
+                          capture_output=True, text=True, timeout=120, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    status, reply = json.loads(proc.stdout)
+    return status, reply
+
+
+@needs_fuse
+def test_a_monitor_reset_is_the_local_users_own(fs, admin_user):
+    """The monitor runs as root, yet a reset through it is sent with the credentials of the
+    local user whose connection asked: EPERM for anyone outside the admin group (the branch
+    keeps its changes), done for a member. The process asking has no groups of its own: the
+    monitor takes the account's."""
+    assert fs.ctl("branch steer base")[0] == 0
+    tree = Path(os.readlink(fs.mnt / "branches" / "steer" / "tree"))
+    (tree / "scratch").write_text("work in progress")
+    status_file = fs.mnt / "branches" / "steer" / "status"
+    try:
+        with monitor(fs.mnt) as mon:
+            status, reply = reset_through_monitor_as(NOBODY, NOBODY, mon.url, "steer", "base")
+            assert status == 403 and reply["errno"] == "EPERM", reply
+            assert "neither root nor in the mount's admin group" in reply["message"], reply
+            assert status_file.read_text() == "A scratch\n"
+            status, reply = reset_through_monitor_as(admin_user.pw_uid, admin_user.pw_gid,
+                                                     mon.url, "steer", "base")
+            assert status == 200 and reply["ok"], reply
+            assert status_file.read_text() == ""
+    finally:
+        fs.ctl("discard steer")

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from ..client import Client
-from ..errors import CascowfsError, InvalidArgumentError
+from ..errors import CascowfsError, InvalidArgumentError, PermissionDeniedError
 from ..names import check_branch_name, check_labels, check_snapshot_id
+from ..privacy import Caller
 
 T = TypeVar("T")
 
@@ -153,13 +154,35 @@ class MountFiles:
             out.append(BranchView(name, parent))
         return out
 
-    def reset(self, branch: str, ident: str) -> str:
-        """``reset <branch> <id>`` through ``ctl``, on a client opened for this one command (so
-        no ``ctl`` file stays open while the monitor idles); the daemon's ``ok`` result."""
+    def reset(self, branch: str, ident: str, caller: Caller) -> str:
+        """``reset <branch> <id>`` through ``ctl`` on behalf of ``caller``, on a client opened
+        for this one command (no ``ctl`` file stays open while the monitor idles); the
+        daemon's ``ok`` result.
+
+        The monitor writes ``ctl`` as itself (root), so it first applies the daemon's own rule
+        to ``caller``: root, or a member of the admin group, which the daemon shows as the
+        group of ``ctl`` (0 when it has none). Switching to ``caller`` to open ``ctl`` would
+        leave the decision to the daemon, but would need the capabilities to change user that
+        the monitor's unit drops."""
         check_branch_name(branch)
         check_snapshot_id(ident)
+        if not caller.may_change_state(self.admin_gid()):
+            raise PermissionDeniedError(
+                f"reset {branch} {ident}: uid {caller.uid} is neither root nor in the mount's "
+                "admin group, which alone may change state",
+                errno=errno.EPERM,
+            )
         with Client(self.mnt) as client:
             return client.command("reset", branch, ident)
+
+    def admin_gid(self) -> int | None:
+        """The mount's admin group, as the group of its ``ctl`` (None for group 0: only root)."""
+        ctl = self.mnt / "ctl"
+        try:
+            gid = os.stat(ctl).st_gid
+        except OSError as exc:  # a daemon gone, or no mount at all: as a command would find
+            raise self.client.error_of(exc, f"stat {ctl}") from None
+        return gid or None
 
 
 def _valid_name(value: object, check) -> bool:

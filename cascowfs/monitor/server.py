@@ -3,13 +3,15 @@
 One thread per connection (``ThreadingHTTPServer``, the standard library): the page keeps one
 ``/api/stream`` open and fetches the rest, so a handful of threads serve a person.
 
-The one request that changes anything is ``POST /api/reset``, and the monitor sends it to the
-daemon with its own credentials. A web page elsewhere in the same browser can send requests to
-``127.0.0.1`` too, so that request must come from the monitor's own page: the ``Host`` header
-names the address the monitor listens on (a DNS name rebound to 127.0.0.1 does not), the
-``Origin``, when the browser sends one, is that same address, and the body is JSON (a
-cross-site form cannot send ``application/json`` without a CORS preflight, which the monitor
-never grants). ``--read-only`` turns the request off altogether.
+The one request that changes anything is ``POST /api/reset``. The monitor runs as root, so a
+reset is made only for a local user the daemon would let change state: the owner of the socket
+that asked (``peers.py``), root or in the mount's admin group. Another machine's reset has no
+user here and is refused unless ``--remote-resets-as`` names one. A web page elsewhere in the
+same browser can send requests to ``127.0.0.1`` too, so a reset must come from the monitor's
+own page: the ``Host`` header names the address the monitor listens on (a DNS name rebound to
+127.0.0.1 does not), the ``Origin``, when the browser sends one, is that same address, and the
+body is JSON (a cross-site form cannot send ``application/json`` without a CORS preflight,
+which the monitor never grants). ``--read-only`` turns the request off altogether.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
-from ..errors import CascowfsError, InvalidArgumentError
+from ..errors import CascowfsError, InvalidArgumentError, PermissionDeniedError
 from ..events import printable
+from ..privacy import Caller
 from .files import FileMissing, MountFiles
+from .peers import socket_owner
 from .tracker import KEPT_EVENTS, Tracker
 
 log = logging.getLogger("cascowfs.monitor")
@@ -90,13 +94,20 @@ def parse_listen(text: str) -> tuple[str, int]:
 class MonitorServer(ThreadingHTTPServer):
     daemon_threads = True  # an open event stream does not hold up shutdown
 
-    def __init__(self, listen: tuple[str, int], tracker: Tracker, read_only: bool) -> None:
+    def __init__(
+        self,
+        listen: tuple[str, int],
+        tracker: Tracker,
+        read_only: bool,
+        remote_resets_as: Caller | None = None,
+    ) -> None:
         self.address_family = (
             socket.AF_INET6 if ipaddress.ip_address(listen[0]).version == 6 else socket.AF_INET
         )
         super().__init__(listen, MonitorHandler)
         self.tracker = tracker
         self.read_only = read_only
+        self.remote_resets_as = remote_resets_as
         self.stopping = threading.Event()
         self.port = int(self.server_address[1])  # the one chosen for port 0
         host = listen[0]
@@ -114,6 +125,20 @@ class MonitorServer(ThreadingHTTPServer):
         exc = sys.exc_info()[1]
         level = logging.DEBUG if isinstance(exc, OSError) else logging.ERROR
         log.log(level, "connection from %s: %r", client_address[0], exc)
+
+    def reset_caller(self, connection: socket.socket) -> Caller:
+        """Whose credentials a reset on ``connection`` is sent with: the local user whose
+        socket it comes from, or ``remote_resets_as`` for another machine's."""
+        uid = socket_owner(connection.getpeername(), connection.getsockname())
+        if uid is not None:
+            return Caller.of_user(uid)
+        if self.remote_resets_as is not None:
+            return self.remote_resets_as
+        raise PermissionDeniedError(
+            "a reset from another machine, whose user is unknown here: refused (the monitor "
+            "takes --remote-resets-as USER to send such resets as USER)",
+            errno=errno.EPERM,
+        )
 
     def host_allowed(self, host: str | None) -> bool:
         if self.allowed_hosts is None:
@@ -214,7 +239,8 @@ class MonitorHandler(BaseHTTPRequestHandler):
         try:
             body = json.loads(self.rfile.read(length))
             branch, ident = body["branch"], body["id"]
-            result = self.server.tracker.files.reset(branch, ident)
+            caller = self.server.reset_caller(self.connection)
+            result = self.server.tracker.files.reset(branch, ident, caller)
         except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: deep nesting
             return self._error(HTTPStatus.BAD_REQUEST, 'expected {"branch": ..., "id": ...}')
         except CascowfsError as exc:
@@ -223,7 +249,7 @@ class MonitorHandler(BaseHTTPRequestHandler):
                 {"ok": False, "errno": exc.errno_name, "message": exc.message}, status
             )
         self.server.tracker.poke()
-        log.info("reset %s %s: %s", branch, ident, result)
+        log.info("reset %s %s as uid %d: %s", branch, ident, caller.uid, result)
         return self._json({"ok": True, "branch": branch, "id": ident, "result": result})
 
     # -- responses -----------------------------------------------------------------------------
@@ -333,15 +359,28 @@ def _text(message: str) -> bytes:
 
 
 def serve(
-    mnt: str, listen: str = DEFAULT_LISTEN, *, read_only: bool = False, as_json: bool = False
+    mnt: str,
+    listen: str = DEFAULT_LISTEN,
+    *,
+    read_only: bool = False,
+    remote_resets_as: str | None = None,
+    as_json: bool = False,
 ) -> int:
     """Run the monitor of ``mnt`` until SIGTERM or SIGINT; prints the URL once listening (a
-    JSON object with ``as_json``)."""
+    JSON object with ``as_json``). Resets from other machines act as ``remote_resets_as`` (a
+    user name or uid), or are refused."""
     from ..daemon import sd_notify
 
+    remote_caller = None
+    if remote_resets_as is not None:
+        user = int(remote_resets_as) if remote_resets_as.isdigit() else remote_resets_as
+        try:
+            remote_caller = Caller.of_user(user)
+        except PermissionDeniedError as exc:
+            raise InvalidArgumentError(f"--remote-resets-as: {exc.message}") from None
     files = MountFiles(mnt)
     tracker = Tracker(files)
-    server = MonitorServer(parse_listen(listen), tracker, read_only)
+    server = MonitorServer(parse_listen(listen), tracker, read_only, remote_caller)
 
     def stop(signum: int, frame: object) -> None:
         server.stopping.set()
