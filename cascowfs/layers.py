@@ -14,6 +14,7 @@ import stat
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -218,42 +219,131 @@ def remove_trees(paths: list[Path], cancel: threading.Event | None = None) -> bo
 def remove_within_filesystem(path: Path) -> None:
     """Delete the tree at ``path`` (missing is fine) like ``rm -rf --one-file-system``: a
     directory on another device (a mount point) is not entered, and it and the directories
-    above it stay."""
+    above it stay.
+
+    The tree may be a discarded branch's upper, which a process still inside the branch's
+    detached overlay changes as it is deleted: it may swap a directory for a symbolic link
+    to, say, /etc, between the listing and the unlink. So no name is resolved through
+    another: each directory is opened by its name relative to its parent's descriptor with
+    ``O_NOFOLLOW`` and is deleted only if it is the directory listed (device and inode), and
+    each unlink and rmdir is relative to the descriptor of the directory holding the name.
+    An entry that is not what its listing said stays, and so the directory holding it fails
+    to go (ENOTEMPTY), as when something is written into the tree meanwhile. ``rm`` is as
+    safe: coreutils walks with gnulib's fts (``FTS_CWDFD | FTS_PHYSICAL``), which opens each
+    directory with ``openat(..., O_NOFOLLOW)`` from its parent's descriptor, and removes with
+    ``unlinkat`` relative to the directory's.
+
+    The walk holds one descriptor per level, not a recursion: a tree deeper than the open
+    files left under RLIMIT_NOFILE (20,000 on the development machine) fails with
+    EMFILE, what was deleted gone and the rest there."""
     try:
-        top = os.lstat(path)
+        parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        _remove_at(parent, path.name)
+    finally:
+        os.close(parent)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass
+class _Deleting:
+    """A directory being deleted by ``_remove_at``: open, listed, its files unlinked."""
+
+    fd: int
+    name: str  # its name in the directory above
+    subdirs: list[os.DirEntry[str]]  # on the tree's device, still to delete
+    kept: bool = False  # it holds a mount point, or a directory above one: it stays
+
+
+def _remove_at(parent: int, name: str) -> None:
+    """``remove_within_filesystem`` of the entry ``name`` in directory ``parent``."""
+    try:
+        top = os.stat(name, dir_fd=parent, follow_symlinks=False)
     except FileNotFoundError:
         return
     if not stat.S_ISDIR(top.st_mode):
-        _delete(os.unlink, os.fspath(path))
+        _delete(os.unlink, name, parent)
         return
-    files: list[str] = []
-    dirs = [os.fspath(path)]  # parents before children: removed in reverse
-    crossing = False
-    for d in dirs:
-        with os.scandir(d) as it:
-            for entry in it:
-                if not entry.is_dir(follow_symlinks=False):
-                    files.append(entry.path)
-                elif entry.stat(follow_symlinks=False).st_dev == top.st_dev:
-                    dirs.append(entry.path)
-                else:
-                    crossing = True  # a mount point: neither it nor its parents can go
-    for f in files:
-        _delete(os.unlink, f)
-    for d in reversed(dirs):
-        try:
-            _delete(os.rmdir, d)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EBUSY) or not crossing:
-                raise
-
-
-def _delete(remove: Callable[[str], None], path: str) -> None:
-    """``remove(path)``; missing is fine, and a read-only parent is made writable first."""
+    fd = _open_listed(parent, name, top)
+    if fd is None:
+        return
+    stack = [_Deleting(fd, name, [])]
     try:
-        remove(path)
+        _empty_files(stack[-1], top.st_dev)
+        while stack:
+            level = stack[-1]
+            if level.subdirs:
+                sub = level.subdirs.pop()
+                fd = _open_listed(level.fd, sub.name, sub.stat(follow_symlinks=False))
+                if fd is not None:
+                    stack.append(_Deleting(fd, sub.name, []))
+                    _empty_files(stack[-1], top.st_dev)
+                continue
+            stack.pop()
+            os.close(level.fd)
+            holder = stack[-1] if stack else None
+            try:
+                _delete(os.rmdir, level.name, parent if holder is None else holder.fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EBUSY) or not level.kept:
+                    raise
+                if holder is not None:
+                    holder.kept = True
+    finally:
+        for level in stack:
+            os.close(level.fd)
+
+
+def _open_listed(parent: int, name: str, listed: os.stat_result) -> int | None:
+    """A descriptor of the directory ``name`` in ``parent`` if it is still the one
+    ``listed``; None if it is gone or is something else now (a link swapped in)."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symbolic link now
+            return None
+        raise
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (listed.st_dev, listed.st_ino):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _empty_files(level: _Deleting, device: int) -> None:
+    """List ``level``'s directory, unlink all but its directories, and note those on
+    ``device`` as still to delete (a directory on another is a mount point: it stays)."""
+    files: list[str] = []
+    with os.scandir(level.fd) as it:  # listed whole, then changed: as fts does
+        for entry in it:
+            if not entry.is_dir(follow_symlinks=False):
+                files.append(entry.name)
+                continue
+            try:
+                on_device = entry.stat(follow_symlinks=False).st_dev == device
+            except FileNotFoundError:
+                continue
+            if on_device:
+                level.subdirs.append(entry)
+            else:
+                level.kept = True
+    for name in files:
+        _delete(os.unlink, name, level.fd)
+
+
+def _delete(remove: Callable[..., None], name: str, dir_fd: int) -> None:
+    """``remove(name)`` in the directory open as ``dir_fd``; missing is fine, and a
+    read-only directory is made writable first."""
+    try:
+        remove(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
     except PermissionError:
-        os.chmod(os.path.dirname(path), 0o700)
-        remove(path)
+        os.chmod(dir_fd, 0o700)
+        remove(name, dir_fd=dir_fd)

@@ -4,9 +4,12 @@ deleted without ever following a link or entering a mount."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import shutil
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -185,3 +188,53 @@ def test_deleting_a_tree_never_goes_through_a_mount(tmp_path, monkeypatch, rm):
         overlay.unmount(mnt, lazy=True)
     layers.remove_trees([tree])  # the mount gone, the rest goes too
     assert not tree.exists()
+
+
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+
+def test_deleting_a_tree_never_follows_a_directory_swapped_for_a_link(tmp_path):
+    """A process still writing into a discarded branch's upper swaps a directory of it for a
+    symbolic link to a directory outside, atomically and again and again, while the tree is
+    deleted: the files the link reaches, named as the tree's own are, all stay. (A deletion
+    may fail as the tree changes under it; the next round deletes the rest.)"""
+    libc = ctypes.CDLL(None, use_errno=True)
+    names = [f"f{i}" for i in range(8)]
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for name in names:
+        (victim / name).write_bytes(b"keep")
+    swapping: list[tuple[bytes, bytes]] = []  # the directory and the link of this round
+    swaps = 0
+    stop = threading.Event()
+
+    def flip() -> None:
+        nonlocal swaps
+        while not stop.is_set():
+            for a, b in swapping[-1:]:  # fails once the remover took either: no matter
+                swaps += libc.renameat2(AT_FDCWD, a, AT_FDCWD, b, RENAME_EXCHANGE) == 0
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    removed = 0
+    try:
+        for i in range(ROUNDS := 300):
+            tree, link = tmp_path / f"tree{i}", tmp_path / f"link{i}"
+            (tree / "a" / "d").mkdir(parents=True)
+            for name in names:
+                (tree / "a" / "d" / name).write_bytes(b"own")
+                (tree / "a" / name).write_bytes(b"own")
+            os.symlink(victim, link)
+            swapping.append((os.fsencode(tree / "a" / "d"), os.fsencode(link)))
+            try:
+                layers.remove_within_filesystem(tree)
+                removed += 1
+            except OSError:
+                pass  # the tree changed as it was deleted
+            assert sorted(os.listdir(victim)) == names, f"round {i}"
+    finally:
+        stop.set()
+        flipper.join()
+    assert all((victim / name).read_bytes() == b"keep" for name in names)
+    assert swaps > ROUNDS and removed > 0, (swaps, removed)
