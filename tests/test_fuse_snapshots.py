@@ -195,3 +195,19 @@ def test_statfs(fs):
     assert st.f_namemax == 255 and st.f_blocks > 0 and st.f_bsize > 0
     store = os.statvfs(fs.store)
     assert st.f_blocks == store.f_blocks  # the store disk's space is what commits can use
+
+
+def test_inode_numbers_are_keyed_per_mount(fs):
+    """Files' numbers are keyed with a secret of the mount's, so that a lister cannot work
+    out a number from a guess of the content: mounted again, each file has another number,
+    and identical files and hard links still share theirs. (Last: it restarts the daemon.)"""
+    s1, s2 = fs.mnt / "snapshots" / "s1", fs.mnt / "snapshots" / "s2"
+    files = ("big.bin", "empty", "dir/owned", "dir/setuid", "hl1", "twin-a", "rel-link", "fifo")
+    before = {rel: os.lstat(s1 / rel).st_ino for rel in files}
+    fs.stop()
+    fs.start()
+    after = {rel: os.lstat(s1 / rel).st_ino for rel in files}
+    assert all(before[rel] != after[rel] for rel in files), (before, after)
+    assert all(os.lstat(s2 / rel).st_ino == after[rel] for rel in files)
+    assert os.lstat(s1 / "twin-b").st_ino == after["twin-a"]
+    assert {os.stat(s1 / p).st_ino for p in ("dir/hl2", "dir/sub/hl3")} == {after["hl1"]}

@@ -11,9 +11,10 @@ import stat
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from cascowfs.cas import identify_content
 from cascowfs.errors import InvalidArgumentError
 from cascowfs import wire
-from cascowfs.fuse import control, inodes
+from cascowfs.fuse import control
 from cascowfs.fuse.inodes import (FIRST_ALLOCATED, HASHED_BASE, InodeTable, SkeletonNode,
                                   SnapDirNode)
 from cascowfs.fuse.snapshot_view import count_links, iso_time, root_xattrs
@@ -122,12 +123,34 @@ def test_leaf_numbers_are_shared_and_in_range():
     d = table.leaf(_file(b"a"), 2)  # nlink is part of what a reader sees
     assert len({a.ino, c.ino, d.ino}) == 3
     assert table.allocate() >= FIRST_ALLOCATED and table.allocate() < HASHED_BASE
-    # stable across tables (and so across daemon restarts)
-    assert InodeTable().leaf(_file(b"z"), 1).ino == a.ino
+    # one secret, one numbering
+    assert InodeTable(b"k" * 32).leaf(_file(b"z"), 1).ino == \
+        InodeTable(b"k" * 32).leaf(_file(b"a"), 1).ino
+
+
+def _pin(digits: bytes, name: bytes = b"pin", link: bytes = b"") -> Entry:
+    """A 0600 file of root's holding a 4-digit PIN."""
+    ref = identify_content(digits).content_id
+    return Entry(name, stat.S_IFREG | 0o600, 0, 0, 1_700_000_000_000_000_000, 4, ref, 0, (), link)
+
+
+def test_leaf_numbers_tell_nothing_of_the_content_without_the_mounts_secret():
+    """Whoever may list a directory sees its files' inode numbers, even of a file it may not
+    read: guesses of a PIN file's content numbered by a table of one's own (all 10,000)
+    match none, and another mount numbers the same file otherwise. Within one mount, equal
+    files and the members of a hard-link group still share one number."""
+    served = InodeTable()
+    number = served.leaf(_pin(b"4711"), 1).ino
+    guesser = InodeTable()
+    assert number not in {guesser.leaf(_pin(b"%04d" % n), 1).ino for n in range(10_000)}
+    assert InodeTable().leaf(_pin(b"4711"), 1).ino != number
+    assert served.leaf(_pin(b"4711", b"copy"), 1).ino == number
+    group = {served.leaf(_pin(b"4711", name, b"group"), 3).ino for name in (b"a", b"b", b"c")}
+    assert len(group) == 1 and number not in group
 
 
 def test_leaf_collision_falls_back_to_allocation(monkeypatch):
-    monkeypatch.setattr(inodes.xxhash, "xxh3_64_intdigest", lambda data: 12345)
+    monkeypatch.setattr(InodeTable, "_derived", lambda self, key: HASHED_BASE | 12345)
     table = InodeTable()
     a = table.leaf(_file(b"a", ref=b"1" * 32), 1)
     b = table.leaf(_file(b"b", ref=b"2" * 32), 1)

@@ -9,13 +9,22 @@ Three ranges of inode numbers, chosen so that they can never collide with each o
   snapshot (unique per (snapshot, path), because the kernel must never see one directory nodeid
   under two parents) and for the control-plane nodes of branches. Never reused within one daemon
   run, so a stale nodeid the kernel still holds can never name a different object.
-* ``2**52 .. 2**53 - 1``: derived from a hash of everything that makes a non-directory entry what
-  it is to a reader (content id, mode, owner, mtime, size, xattrs, hard-link key, link count).
-  Identical files in different snapshots therefore have the *same* nodeid, and the kernel keeps
-  one page cache for them. Derived numbers stay below 2**53 so that runtimes which keep
-  ``st_ino`` in a double (JavaScript) see exact values. A 52-bit hash collision between two
-  different keys that are both known to the kernel at the same time is detected (we keep the key
-  of every live hashed node) and the newcomer falls back to an allocated number.
+* ``2**52 .. 2**53 - 1``: derived from a keyed hash of everything that makes a non-directory
+  entry what it is to a reader (content id, mode, owner, mtime, size, xattrs, hard-link key,
+  link count). Identical files in different snapshots therefore have the *same* nodeid, and the
+  kernel keeps one page cache for them; the members of a hard-link group are one inode. Derived
+  numbers stay below 2**53 so that runtimes which keep ``st_ino`` in a double (JavaScript) see
+  exact values. A 52-bit hash collision between two different keys that are both known to the
+  kernel at the same time is detected (we keep the key of every live hashed node) and the
+  newcomer falls back to an allocated number.
+
+The hash is keyed (BLAKE2b) with a secret each table draws at random, so with each mount: any
+user who may list a directory sees its files' numbers (``st_ino``, ``d_ino``), even of a 0600
+file of root's, and an unkeyed hash of the content id would let them confirm guesses of the
+content offline (a 4-digit PIN in 10,000 tries). Nothing needs the numbers beyond one mount:
+the kernel forgets every nodeid with its mount, ``Client.diff`` compares numbers of one mount,
+and no store record holds one. Within a mount, equal numbers still tell a lister that two
+files are identical in content and every attribute: that is the page-cache sharing above.
 
 Lookup counts follow the FUSE protocol: ``lookup``/``readdirplus``/``mkdir`` increment, ``forget``
 decrements; a node whose count reaches zero is dropped unless it is pinned (the skeleton).
@@ -23,12 +32,12 @@ decrements; a node whose count reaches zero is dropped unless it is pinned (the 
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-
-import xxhash
 
 from ..model import Entry
 
@@ -41,6 +50,7 @@ OBSERVATIONS_INO = 11
 FIRST_ALLOCATED = 16
 HASHED_BASE = 1 << 52
 HASHED_MASK = HASHED_BASE - 1
+SECRET_BYTES = 32  # BLAKE2b's largest key
 
 _LEAF_FIXED = struct.Struct("<IIIqQQI")
 PinnedNode = TypeVar("PinnedNode", bound="Node")
@@ -141,10 +151,14 @@ def leaf_key(entry: Entry, nlink: int) -> bytes:
 class InodeTable:
     """nodeid -> Node, with the lookup-count bookkeeping of the FUSE protocol.
 
-    Only ever touched from the trio thread, so it needs no lock.
+    Only ever touched from the trio thread, so it needs no lock. ``secret`` keys the leaves'
+    derived numbers (see the module docstring); a fresh random one when None.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, secret: bytes | None = None) -> None:
+        self._mac = hashlib.blake2b(
+            key=secrets.token_bytes(SECRET_BYTES) if secret is None else secret, digest_size=8
+        )
         self._nodes: dict[int, Node] = {}
         self._next = FIRST_ALLOCATED
         # key -> allocated nodeid for leaves whose hashed number was taken by another key.
@@ -178,7 +192,7 @@ class InodeTable:
     def leaf(self, entry: Entry, nlink: int) -> SnapLeafNode:
         """The node for a non-directory snapshot entry (shared between equal entries)."""
         key = leaf_key(entry, nlink)
-        ino = HASHED_BASE | (xxhash.xxh3_64_intdigest(key) & HASHED_MASK)
+        ino = self._derived(key)
         node = self._nodes.get(ino)
         if node is None:
             node = SnapLeafNode(ino, entry=entry, nlink=nlink, key=key)
@@ -196,6 +210,13 @@ class InodeTable:
         node = SnapLeafNode(alt, entry=entry, nlink=nlink, key=key)
         self._nodes[alt] = node
         return node
+
+    def _derived(self, key: bytes) -> int:
+        """The hashed number of a leaf key: 0.8 µs with the keyed MAC copied (keying anew
+        costs 1.7 µs, an unkeyed xxh3 0.15 µs)."""
+        mac = self._mac.copy()
+        mac.update(key)
+        return HASHED_BASE | (int.from_bytes(mac.digest(), "little") & HASHED_MASK)
 
     def child(self, parent: Node, name: bytes) -> Node | None:
         """A directory-like child remembered under ``parent`` (None if unknown or dropped)."""
