@@ -100,9 +100,12 @@ def _disk_full(target: str | bytes | int) -> bool:
     return st.f_bavail * st.f_frsize < _FULL_DISK_BYTES
 
 
-def get_overlay_xattr(path: str | bytes, key: bytes) -> bytes | None:
+def get_overlay_xattr(target: str | bytes | int, key: bytes) -> bytes | None:
+    """The value of xattr ``key`` of ``target`` (a path, not following symlinks, or an open
+    descriptor); None where it has none."""
+    follow = isinstance(target, int)  # a descriptor is the file itself: nothing to follow
     try:
-        return os.getxattr(path, key, follow_symlinks=False)
+        return os.getxattr(target, key, follow_symlinks=follow)
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.ENOTSUP):
             return None

@@ -13,6 +13,7 @@ the directories that actually changed.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -22,7 +23,7 @@ from typing import NamedTuple, cast
 
 import blake3
 
-from . import fsmeta, images
+from . import beneath, fsmeta, images
 from .cas import prepare_content
 from .import_workers import FileJob, FileResult, ImportWorkers, Prepare, read_content
 from .model import Entry
@@ -189,9 +190,17 @@ def _file_entry(
     return _meta_entry(name, st, xattrs, prepared.size, prepared.content_id)
 
 
-def _other_entry(name: bytes, path: bytes, st: os.stat_result) -> Entry:
+def _other_entry(name: bytes, directory: int, st: os.stat_result, shown: bytes) -> Entry:
+    """The entry of ``name`` (at ``shown``), neither a directory nor a regular file, in the
+    open ``directory``."""
+    path = beneath.at(directory, name)
     if stat.S_ISLNK(st.st_mode):
-        target = os.readlink(path)
+        try:
+            target = os.readlink(name, dir_fd=directory)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            raise beneath.replaced(shown) from None  # no longer a symbolic link
         return _meta_entry(name, st, fsmeta.read_xattrs(path), len(target), target)
     return _meta_entry(name, st, fsmeta.read_xattrs(path))
 
@@ -257,34 +266,38 @@ def scan_directory(
                 unfit_for_image.append(why)
 
     def open_dir(
-        path: bytes, rel: bytes, st: os.stat_result, name: bytes, mirror: bytes | None
+        top: int, path: bytes, rel: bytes, st: os.stat_result, name: bytes, mirror: bytes | None
     ) -> tuple[DirNode, Iterator[tuple[bytes, bytes, os.stat_result, Entry | None]]]:
-        """A directory's node and its children read (in name order), to be walked."""
+        """A directory's node and its children read (in name order), to be walked: listed
+        and looked up in the directory below ``top`` that the walk saw at ``rel``."""
         with reading_as(reader):  # everything this directory holds, read as ``reader``
-            node = DirNode(_meta_entry(name, st, fsmeta.read_xattrs(path)), {})
-            check_for_image(mirror or path, node.meta)
-            with os.scandir(path) as it:
-                names = sorted(item.name for item in it)
-            children = []
-            for cname in names:
-                cpath = path + b"/" + cname
-                cst = os.lstat(cpath)
-                seen(cpath, cst)
-                kind = stat.S_IFMT(cst.st_mode)
-                other = (
-                    None
-                    if kind in (stat.S_IFDIR, stat.S_IFREG)
-                    else _other_entry(cname, cpath, cst)
-                )
-                children.append((cname, cpath, cst, other))
+            fd = beneath.open_below(top, rel, st, path)
+            try:
+                node = DirNode(_meta_entry(name, st, fsmeta.read_xattrs(fd)), {})
+                check_for_image(mirror or path, node.meta)
+                names = sorted(os.fsencode(n) for n in os.listdir(fd))
+                children = []
+                for cname in names:
+                    cpath = path + b"/" + cname
+                    cst = os.stat(cname, dir_fd=fd, follow_symlinks=False)
+                    seen(cpath, cst)
+                    kind = stat.S_IFMT(cst.st_mode)
+                    other = (
+                        None
+                        if kind in (stat.S_IFDIR, stat.S_IFREG)
+                        else _other_entry(cname, fd, cst, cpath)
+                    )
+                    children.append((cname, cpath, cst, other))
+            finally:
+                os.close(fd)
         if mirror is not None:
             dirs.append((mirror, node.meta))
         return node, iter(children)
 
-    def walk(root_path: bytes, st: os.stat_result, mirror_root: bytes | None) -> DirNode:
+    def walk(top: int, st: os.stat_result, mirror_root: bytes | None) -> DirNode:
         # depth first with a stack of the directories being walked, not a recursion: a
         # tree may be deeper than Python's recursion limit
-        root, children = open_dir(root_path, b"", st, b"", mirror_root)
+        root, children = open_dir(top, root_path, b"", st, b"", mirror_root)
         stack = [(root, children, b"", mirror_root)]
         while stack:
             node, children, rel, mirror = stack[-1]
@@ -294,7 +307,7 @@ def scan_directory(
                 if stat.S_ISDIR(cst.st_mode):
                     if cmirror is not None:
                         os.mkdir(cmirror, 0o700)
-                    sub, subchildren = open_dir(cpath, crel, cst, cname, cmirror)
+                    sub, subchildren = open_dir(top, cpath, crel, cst, cname, cmirror)
                     node.children[cname] = sub
                     stack.append((sub, subchildren, crel, cmirror))
                     break  # the rest of this directory after that subdirectory's
@@ -331,7 +344,12 @@ def scan_directory(
         progress.update(size)
 
     with ImportWorkers(prepare, sink.add, reader) as workers:
-        root = walk(root_path, st, mirror_root)
+        with reading_as(reader):
+            top = beneath.open_top(root_path, st)
+        try:
+            root = walk(top, st, mirror_root)
+        finally:
+            os.close(top)
         for job, result in workers.rest():
             take(job, result)
     for node, name, mirror, inode in followers:
@@ -361,11 +379,17 @@ def _listing_key(rel: bytes, st: os.stat_result) -> tuple:
     return ("listing", rel, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
 
-# A directory of an ``apply_upper`` walk: its node, the names it has left to walk, its path,
-# its path relative to the upper, its node's changes and the listing below it (a plain
-# tuple: one is made for every directory of every commit)
+# A directory of an ``apply_upper`` walk: its node, its children left to walk (name, lstat,
+# and the entry of one neither a directory nor a regular file), its path, its path relative
+# to the upper, its node's changes and the listing below it (a plain tuple: one is made for
+# every directory of every commit)
 _UpperDir = tuple[
-    DirNode, Iterator[bytes], bytes, bytes, dict[bytes, Entry | DirNode | None], dict[bytes, Entry]
+    DirNode,
+    Iterator[tuple[bytes, os.stat_result, Entry | None]],
+    bytes,
+    bytes,
+    dict[bytes, Entry | DirNode | None],
+    dict[bytes, Entry],
 ]
 
 
@@ -398,6 +422,7 @@ def apply_upper(
         return trees.lookup(base_root, path)
 
     def open_dir(
+        top: int,
         path: bytes,
         rel: bytes,
         st: os.stat_result,
@@ -405,20 +430,36 @@ def apply_upper(
         lower: Entry | None,
         siblings: dict[bytes, Entry],
     ) -> _UpperDir:
-        """A directory's node, its names still to walk; ``lower``: what the directory below
-        (``siblings``) holds under this name."""
-        lkey = _listing_key(rel, st)
-        listing = file_cache.get(lkey) if file_cache is not None else None
-        if listing is None:
-            xattrs, marks = fsmeta.read_xattrs_and_overlay_keys(path)
-            # scandir's order, not sorted: trees are encoded sorted by name whatever the order
-            with os.scandir(path) as it:
-                listing = ([item.name for item in it], xattrs, marks)
-        names, xattrs, marks = listing
-        if keep is not None and st.st_ctime_ns < stable_before_ns:
-            keep[lkey] = listing
-        if _OPAQUE in marks or _REDIRECT in marks:
-            lower = lower_of_marked(path, lower, siblings)
+        """A directory's node, its children still to walk, listed and looked up in the
+        directory below ``top`` that the walk saw at ``rel``; ``lower``: what the directory
+        below (``siblings``) holds under this name."""
+        fd = beneath.open_below(top, rel, st, path)
+        try:
+            lkey = _listing_key(rel, st)
+            listing = file_cache.get(lkey) if file_cache is not None else None
+            if listing is None:
+                xattrs, marks = fsmeta.read_xattrs_and_overlay_keys(fd)
+                # listdir's order, not sorted: trees are encoded sorted by name whatever the
+                # order
+                listing = ([os.fsencode(n) for n in os.listdir(fd)], xattrs, marks)
+            names, xattrs, marks = listing
+            if keep is not None and st.st_ctime_ns < stable_before_ns:
+                keep[lkey] = listing
+            if _OPAQUE in marks or _REDIRECT in marks:
+                lower = lower_of_marked(fd, lower, siblings)
+            children = []
+            for cname in names:
+                cst = os.stat(cname, dir_fd=fd, follow_symlinks=False)
+                kind = stat.S_IFMT(cst.st_mode)
+                whiteout = kind == stat.S_IFCHR and cst.st_rdev == 0
+                other = (
+                    None
+                    if whiteout or kind in (stat.S_IFDIR, stat.S_IFREG)
+                    else _other_entry(cname, fd, cst, path + b"/" + cname)
+                )
+                children.append((cname, cst, other))
+        finally:
+            os.close(fd)
         if lower is not None and not lower.is_dir:
             lower = None
         lower_children = trees.get(lower.ref) if lower is not None else _NOTHING_BELOW
@@ -429,23 +470,22 @@ def apply_upper(
             lower_children=lower_children,
             changes=changes,
         )
-        return node, iter(names), path, rel, changes, lower_children
+        return node, iter(children), path, rel, changes, lower_children
 
-    def walk(root: _UpperDir) -> DirNode:
+    def walk(top: int, root: _UpperDir) -> DirNode:
         # depth first with a stack of the directories being walked, not a recursion: a
         # tree may be deeper than Python's recursion limit
         stack = [root]
         while stack:
-            node, names, path, rel, changes, lower_children = stack[-1]
-            for cname in names:
+            node, children, path, rel, changes, lower_children = stack[-1]
+            for cname, cst, other in children:
                 cpath = path + b"/" + cname
                 crel = rel + b"/" + cname if rel else cname
-                cst = os.lstat(cpath)
                 if stat.S_ISCHR(cst.st_mode) and cst.st_rdev == 0:
                     changes[cname] = None  # whiteout
                 elif stat.S_ISDIR(cst.st_mode):
                     sub = open_dir(
-                        cpath, crel, cst, cname, lower_children.get(cname), lower_children
+                        top, cpath, crel, cst, cname, lower_children.get(cname), lower_children
                     )
                     changes[cname] = sub[0]
                     stack.append(sub)
@@ -461,18 +501,19 @@ def apply_upper(
                     if cst.st_nlink > 1:
                         links.add(cst, node, cname, crel)
                 else:
-                    changes[cname] = _other_entry(cname, cpath, cst)
+                    changes[cname] = cast(Entry, other)
             else:
                 stack.pop()
         return root[0]
 
     def lower_of_marked(
-        path: bytes, lower: Entry | None, siblings: dict[bytes, Entry]
+        directory: int, lower: Entry | None, siblings: dict[bytes, Entry]
     ) -> Entry | None:
-        """The lower directory that an opaque or redirected upper directory stands over."""
-        if fsmeta.get_overlay_xattr(path, _OPAQUE) == b"y":
+        """The lower directory that an opaque or redirected upper directory (open as
+        ``directory``) stands over."""
+        if fsmeta.get_overlay_xattr(directory, _OPAQUE) == b"y":
             return None
-        redirect = fsmeta.get_overlay_xattr(path, _REDIRECT)
+        redirect = fsmeta.get_overlay_xattr(directory, _REDIRECT)
         if redirect is None:
             return lower
         if redirect.startswith(b"/"):
@@ -480,7 +521,11 @@ def apply_upper(
         return siblings.get(redirect)
 
     st = os.lstat(upper_root)
-    root = walk(open_dir(upper_root, b"", st, b"", base_root, _NOTHING_BELOW))
+    top = beneath.open_top(upper_root, st)
+    try:
+        root = walk(top, open_dir(top, upper_root, b"", st, b"", base_root, _NOTHING_BELOW))
+    finally:
+        os.close(top)
     links.assign()
     if links.groups or (base_root is not None and base_root.tree_links):
         canonicalize_links(trees, root)

@@ -26,6 +26,8 @@ _NUMBERS = {
     "x86_64": {
         # the new mount API (overlay.py)
         "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
+        # a walk's lookups that follow no symbolic link (beneath.py)
+        "openat2": 437,
         # one thread's credentials (privacy.py)
         "setgroups": 116, "setfsuid": 122, "setfsgid": 123,
         # Linux AIO, and the read of its eventfd (fuse/kernel_fdatasync.py)
@@ -33,7 +35,7 @@ _NUMBERS = {
     },
     "aarch64": {
         "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
-        "setgroups": 159, "setfsuid": 151, "setfsgid": 152,
+        "openat2": 437, "setgroups": 159, "setfsuid": 151, "setfsgid": 152,
         "io_setup": 0, "io_destroy": 1, "io_submit": 2, "io_getevents": 4, "read": 63,
     },
 }  # fmt: skip

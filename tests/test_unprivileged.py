@@ -8,6 +8,7 @@ what it may read itself. The user's side runs in a real process with that user's
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import json
@@ -23,6 +24,7 @@ import tempfile
 import threading
 import urllib.parse
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from hypothesis import given
@@ -598,9 +600,9 @@ def test_admin_import_never_reads_what_a_swapped_in_link_reaches(fs, admin_group
     assert len(replies) == 60
     imported = [r.split()[-1] for r in replies if r.startswith("ok ok ")]
     refused = [r for r in replies if not r.startswith("ok ok ")]
-    for reply in refused:  # EINVAL: a link read as it turned into the directory (readlink)
+    for reply in refused:  # EBUSY: a link that turned into the directory as it was read
         assert reply.startswith(("Permission denied error EACCES ",
-                                 "Invalid argument error EINVAL ")), reply
+                                 "Device or resource busy error EBUSY ")), reply
         assert "EACCES" not in reply or f"is not readable by uid {NOBODY}" in reply, reply
     try:
         for ident in imported:
@@ -676,3 +678,111 @@ def test_a_monitor_reset_is_the_local_users_own(fs, admin_user):
             assert status_file.read_text() == ""
     finally:
         fs.ctl("discard steer")
+
+
+FLIP_SCRIPT = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+d, s = os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2])
+print("flipping", flush=True)
+while True:  # swap the directory d and the symbolic link s, atomically, until killed
+    if libc.renameat2(-100, d, -100, s, 2) != 0:  # RENAME_EXCHANGE
+        raise OSError(ctypes.get_errno(), "renameat2")
+"""
+
+
+@contextlib.contextmanager
+def flipping_as_nobody(top: Path, secret: Path, marker: str) -> Iterator[None]:
+    """``top/d`` (files f0..f7 of nobody's) and ``top/s``, a symbolic link to ``secret``, a
+    directory only root may search holding files of the same names that carry ``marker``,
+    swapped by a process of nobody's as fast as it can while the block runs."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    secret.mkdir(mode=0o700)
+    (top / "d").mkdir()
+    for i in range(8):  # the same names on both sides: a path through the link finds a file
+        (secret / f"f{i}").write_text(f"{marker} {i}\n")
+        os.chmod(secret / f"f{i}", 0o644)  # only the directory above keeps others out
+        (top / "d" / f"f{i}").write_text(f"nobody's own {i}\n")
+    os.symlink(secret, top / "s")
+    for path in [top, top / "d", top / "s", *(top / "d").iterdir()]:
+        os.lchown(path, NOBODY, NOBODY)
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    flipper = subprocess.Popen(
+        [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", python, "-c",
+         FLIP_SCRIPT, str(top / "d"), str(top / "s")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert flipper.stdout.readline() == "flipping\n", flipper.stderr.read()
+        yield
+        assert flipper.poll() is None, flipper.stderr.read()  # it flipped all along
+    finally:
+        flipper.kill()
+        flipper.wait()
+        flipper.stdout.close()
+        flipper.stderr.close()
+
+
+def assert_nowhere_in_store(fs: Cascow, idents: list[str], marker: str) -> None:
+    for ident in idents:
+        for path in _files_below(fs.mnt / "snapshots" / ident):
+            assert marker not in path.read_text(errors="replace"), path
+    for path in _files_below(fs.store / "layers") + [fs.store / "meta" / "data.mdb"]:
+        with open(path, "rb") as fh:
+            assert marker.encode() not in fh.read(), path
+
+
+@needs_fuse
+def test_commit_never_reads_through_a_link_swapped_in_by_the_branch(fs):
+    """Code in a branch, as nobody, swaps a directory of its tree for a symbolic link to a
+    directory only root may search, as fast as it can, while root commits the branch again
+    and again: each commit holds the branch's own files or is EBUSY, and the root-only bytes
+    never reach a snapshot, a layer or the metadata database."""
+    marker = f"root-only-{secrets.token_hex(16)}"
+    secret = fs.base / f"secret-{secrets.token_hex(4)}"
+    assert fs.ctl("branch swapper base")[0] == 0
+    tree = Path(os.readlink(fs.mnt / "branches" / "swapper" / "tree"))
+    (tree / "work").mkdir()
+    committed = []
+    try:
+        with flipping_as_nobody(tree / "work", secret, marker):
+            for i in range(60):
+                code, reply = fs.ctl(f"commit swapper swap{i}")
+                if code == 0:
+                    committed.append(f"swap{i}")
+                else:
+                    assert reply.startswith("error EBUSY ") and "replaced since" in reply, reply
+        assert committed, "no commit got through the race at all"
+        assert_nowhere_in_store(fs, committed, marker)
+    finally:
+        fs.ctl("discard swapper")
+        for ident in committed:
+            fs.ctl(f"prune {ident}")
+        shutil.rmtree(secret)
+
+
+@needs_fuse
+def test_root_import_never_reads_through_a_link_swapped_in_by_the_owner(fs):
+    """Root imports a directory that nobody owns and keeps swapping, as above: each import
+    holds nobody's own files or is EBUSY, and the root-only bytes reach nothing."""
+    marker = f"root-only-{secrets.token_hex(16)}"
+    race = fs.base / f"race-{secrets.token_hex(4)}"
+    race.mkdir()
+    os.chmod(race, 0o755)
+    (race / "src").mkdir()
+    imported = []
+    try:
+        with flipping_as_nobody(race / "src", race / "secret", marker):
+            for i in range(40):
+                code, reply = fs.ctl(f"import rootswap{i} {race / 'src'}")
+                if code == 0:
+                    imported.append(f"rootswap{i}")
+                else:
+                    assert reply.startswith("error EBUSY ") and "replaced since" in reply, reply
+        assert imported, "no import got through the race at all"
+        assert_nowhere_in_store(fs, imported, marker)
+    finally:
+        for ident in imported:
+            fs.ctl(f"prune {ident}")
+        shutil.rmtree(race)
