@@ -58,8 +58,21 @@ def compress(data: bytes | memoryview, level: int = ZSTD_LEVEL) -> bytes:
     return _compressor(level).compress(data)
 
 
-def decompress(frame: bytes | memoryview) -> bytes:
+def decompress(frame: bytes | memoryview, limit: int | None = None) -> bytes:
+    """The bytes of a zstd frame. With ``limit``, a frame that declares more than ``limit``
+    bytes, or holds more without declaring its size, is StoreIOError before anything is
+    allocated for it: a frame of a few KiB can declare gigabytes, and zstd allocates what the
+    frame declares."""
     try:
-        return _decompressor().decompress(frame)
+        if limit is None:
+            return _decompressor().decompress(frame)
+        declared = zstandard.frame_content_size(frame)
+        if declared > limit:
+            raise StoreIOError(
+                f"a zstd frame that declares {declared} bytes, more than the {limit} it may hold"
+            )
+        if declared >= 0:
+            return _decompressor().decompress(frame)
+        return _decompressor().decompress(frame, max_output_size=limit)
     except zstandard.ZstdError as exc:
         raise StoreIOError(f"a stored object does not decompress: {exc}") from None

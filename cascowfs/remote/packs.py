@@ -25,9 +25,24 @@ INDEX_MAGIC = b"CASCOWIX\x01"
 _ENTRY = struct.Struct("<c32sI")  # kind, id, payload length
 _INDEX_HEAD = struct.Struct("<32sQ")  # pack name, pack size
 KINDS = (TYPE_CHUNK, TYPE_LIST, TYPE_TREE)
-# A pack is sent once its payloads reach this size: big enough that requests cost little
-# beside the bytes, small enough that an interrupted push re-sends little.
+# A pack is sent once its objects (payloads and entry heads) reach this size: big enough that
+# requests cost little beside the bytes, small enough that an interrupted push re-sends little.
 PACK_TARGET = 16 << 20
+# The largest object a remote takes. The format allows 4 GiB - 1 (a u32 length), no object of
+# a store comes near: a chunk is at most 256 KiB, a directory page 128 entries, and a chunk
+# list 36 bytes a chunk (64 MiB: a file of about 120 GB at the average chunk size).
+OBJECT_MAX = 64 << 20
+# What a pack or an index may hold once decompressed (the bound of every read): a pack is
+# sealed when its objects reach PACK_TARGET, so it holds less than that before its last one.
+PACK_BODY_MAX = PACK_TARGET + _ENTRY.size + OBJECT_MAX
+INDEX_BODY_MAX = _INDEX_HEAD.size + PACK_TARGET + _ENTRY.size
+_NAME_DIGITS = frozenset("0123456789abcdef")
+
+
+def is_name(name: str) -> bool:
+    """Whether ``name`` is a pack's or an index's name: the 64 lowercase hex digits of a
+    BLAKE3 hash (a listing's other keys are no pack or index, and name no file to write)."""
+    return len(name) == 64 and _NAME_DIGITS.issuperset(name)
 
 
 def name_of(data: bytes) -> str:
@@ -56,6 +71,11 @@ class PackIndex:
     pack_size: int
     entries: list[IndexEntry]
 
+    @property
+    def body_size(self) -> int:
+        """The bytes the pack's frame holds, as this index describes it."""
+        return sum(_ENTRY.size + entry.length for entry in self.entries)
+
 
 class PackBuilder:
     """Objects gathered for one pack, in the order they came."""
@@ -63,13 +83,13 @@ class PackBuilder:
     def __init__(self) -> None:
         self.entries: list[IndexEntry] = []
         self._body: list[bytes] = []
-        self.payload_bytes = 0
+        self.body_bytes = 0  # the pack's frame so far: entry heads and payloads
 
     def add(self, kind: bytes, oid: bytes, payload: bytes) -> None:
         self.entries.append(IndexEntry(kind, oid, len(payload)))
         self._body.append(_ENTRY.pack(kind, oid, len(payload)))
         self._body.append(payload)
-        self.payload_bytes += len(payload)
+        self.body_bytes += _ENTRY.size + len(payload)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -93,29 +113,53 @@ def _check_name(data: bytes, name: str, what: str, where: str) -> None:
         )
 
 
+def _body(data: bytes, magic: bytes, limit: int, key: str, where: str) -> bytes:
+    if not data.startswith(magic):
+        kind = "index" if magic == INDEX_MAGIC else "pack"
+        raise StoreIOError(f"remote {where}: {key} is not a cascowfs {kind}")
+    try:
+        return decompress(memoryview(data)[len(magic) :], limit)
+    except StoreIOError as exc:
+        raise StoreIOError(f"remote {where}: {key}: {exc.message}") from None
+
+
 def read_index(data: bytes, name: str, where: str) -> PackIndex:
+    """The index ``data`` of name ``name``, checked against its name and held to what a push
+    writes: objects of a known kind, none over ``OBJECT_MAX``, a pack of at most
+    ``PACK_BODY_MAX`` bytes decompressed."""
     key = index_key(name)
     _check_name(data, name, key, where)
-    if not data.startswith(INDEX_MAGIC):
-        raise StoreIOError(f"remote {where}: {key} is not a cascowfs index")
-    body = decompress(data[len(INDEX_MAGIC) :])
-    if (len(body) - _INDEX_HEAD.size) % _ENTRY.size:
+    body = _body(data, INDEX_MAGIC, INDEX_BODY_MAX, key, where)
+    if len(body) < _INDEX_HEAD.size or (len(body) - _INDEX_HEAD.size) % _ENTRY.size:
         raise StoreIOError(f"remote {where}: {key} is truncated")
     pack, size = _INDEX_HEAD.unpack_from(body)
     entries = [
         IndexEntry(kind, oid, length)
         for kind, oid, length in _ENTRY.iter_unpack(memoryview(body)[_INDEX_HEAD.size :])
     ]
-    return PackIndex(name, pack.hex(), size, entries)
+    index = PackIndex(name, pack.hex(), size, entries)
+    for entry in entries:
+        if entry.kind not in KINDS or entry.length > OBJECT_MAX:
+            raise StoreIOError(
+                f"remote {where}: {key} names object {entry.oid.hex()} of kind {entry.kind!r} "
+                f"and {entry.length} bytes, which no push sends"
+            )
+    if index.body_size > PACK_BODY_MAX:
+        raise StoreIOError(
+            f"remote {where}: {key} describes a pack of {index.body_size} bytes, more than the "
+            f"{PACK_BODY_MAX} a push sends"
+        )
+    return index
 
 
-def read_pack(data: bytes, name: str, where: str) -> Iterator[tuple[bytes, bytes, bytes]]:
-    """(kind, id, payload) of every object of a pack, each verified against its id."""
+def read_pack(
+    data: bytes, name: str, where: str, body_size: int = PACK_BODY_MAX
+) -> Iterator[tuple[bytes, bytes, bytes]]:
+    """(kind, id, payload) of every object of a pack, each verified against its id; the pack
+    may hold no more than ``body_size`` bytes decompressed (what its index describes)."""
     key = pack_key(name)
     _check_name(data, name, key, where)
-    if not data.startswith(PACK_MAGIC):
-        raise StoreIOError(f"remote {where}: {key} is not a cascowfs pack")
-    body = memoryview(decompress(data[len(PACK_MAGIC) :]))
+    body = memoryview(_body(data, PACK_MAGIC, min(body_size, PACK_BODY_MAX), key, where))
     pos = 0
     while pos < len(body):
         if pos + _ENTRY.size > len(body):

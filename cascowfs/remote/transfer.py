@@ -16,6 +16,7 @@ which records the snapshot atomically once all of it is in.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections import OrderedDict, deque
@@ -27,7 +28,7 @@ from pathlib import Path
 from ..cas import payload_children, value_of_payload
 from ..catalog import Observation
 from ..codec import TYPE_CHUNK
-from ..errors import ExistsError, InvalidArgumentError, NotFoundError, StoreIOError
+from ..errors import CascowfsError, ExistsError, InvalidArgumentError, NotFoundError, StoreIOError
 from ..names import check_labels, check_snapshot_id
 from ..progress import progress_bar
 from . import packs
@@ -168,38 +169,43 @@ class RemoteIndex:
 
     packs: dict[bytes, str] = field(default_factory=dict)  # object id -> pack name
     kinds: dict[bytes, bytes] = field(default_factory=dict)  # object id -> kind
+    bodies: dict[str, int] = field(default_factory=dict)  # pack name -> its bytes decompressed
     indexes: list[PackIndex] = field(default_factory=list)
     bytes_read: int = 0
 
     def add(self, index: PackIndex) -> None:
         self.indexes.append(index)
+        self.bodies.setdefault(index.pack, index.body_size)
         for entry in index.entries:
             self.packs.setdefault(entry.oid, index.pack)
             self.kinds[entry.oid] = entry.kind
 
 
 def read_indexes(store: ObjectStore, cache: Path | None = None) -> RemoteIndex:
-    """Every index the remote lists. With ``cache`` (a directory), indexes read before are
-    taken from there: they are immutable and named by content, so a copy is always right,
-    and a push or pull then reads only the indexes new since the last one (``bytes_read``).
-    Cached copies of indexes the remote no longer lists (pruned) are deleted."""
+    """Every index the remote lists: keys ``index/<name>`` whose name is an index's (64 hex
+    digits), the others are no index and left alone. With ``cache`` (a directory), indexes
+    read before are taken from there: they are immutable and named by content, so a copy is
+    always right, and a push or pull then reads only the indexes new since the last one
+    (``bytes_read``); an index read from the remote is kept there once it is checked. Cached
+    copies of indexes the remote no longer lists (pruned) are deleted."""
     where = store.spec.describe()
     out = RemoteIndex()
     cached = set(os.listdir(cache)) if cache is not None and cache.is_dir() else set()
     for listed in store.list("index/"):
         name = listed.key.removeprefix("index/")
-        data = None
+        if not packs.is_name(name):
+            continue
         if name in cached and cache is not None:
             cached.discard(name)
             data = (cache / name).read_bytes()
-            if packs.name_of(data) != name:
-                data = None  # a damaged copy: read the remote's
-        if data is None:
-            data = store.get(listed.key)
-            out.bytes_read += len(data)
-            if cache is not None:
-                _keep_copy(cache, name, data)
+            if packs.name_of(data) == name:
+                out.add(read_index(data, name, where))
+                continue  # else a damaged copy: read the remote's
+        data = store.get(listed.key)
+        out.bytes_read += len(data)
         out.add(read_index(data, name, where))
+        if cache is not None:
+            _keep_copy(cache, name, data)
     for name in cached:
         with contextlib.suppress(OSError):
             os.unlink(cache / name)  # type: ignore[operator]
@@ -213,6 +219,8 @@ def index_cache(sm, spec_url: str) -> Path:
 
 
 def _keep_copy(cache: Path, name: str, data: bytes) -> None:
+    """Keep index ``name`` (checked: a name that is no index's names no file here either)."""
+    assert packs.is_name(name), name
     cache.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = cache / f".{name}.tmp"
     tmp.write_bytes(data)
@@ -265,14 +273,20 @@ class PackSender:
         self._pending: deque[Future[_Sent]] = deque()
 
     def add(self, kind: bytes, oid: bytes, payload: bytes) -> None:
+        if len(payload) > packs.OBJECT_MAX:  # no pull would take it
+            raise CascowfsError(
+                f"remote {self.store.spec.describe()}: object {oid.hex()} holds {len(payload)} "
+                f"bytes, more than the {packs.OBJECT_MAX} a remote takes",
+                errno=errno.EFBIG,
+            )
         if kind == TYPE_CHUNK:
             self.data.add(kind, oid, payload)
-            if self.data.payload_bytes >= packs.PACK_TARGET:
+            if self.data.body_bytes >= packs.PACK_TARGET:
                 self._send(self.data, after=[])
                 self.data = PackBuilder()
         else:
             self.meta.add(kind, oid, payload)
-            if self.meta.payload_bytes >= packs.PACK_TARGET:
+            if self.meta.body_bytes >= packs.PACK_TARGET:
                 self._send_both()
 
     def flush(self) -> None:
@@ -454,7 +468,9 @@ class PackReader:
             raise StoreIOError(
                 f"remote {self.where}: {pack_key(pack)}, named by an index, is missing"
             ) from None
-        objects = {o: (kind, payload) for kind, o, payload in read_pack(data, pack, self.where)}
+        body = self.index.bodies.get(pack, packs.PACK_BODY_MAX)
+        pack_objects = read_pack(data, pack, self.where, body)
+        objects = {o: (kind, payload) for kind, o, payload in pack_objects}
         return len(data), objects
 
     def get(self, oid: bytes, snapshot: str) -> tuple[bytes, bytes]:
