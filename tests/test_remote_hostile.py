@@ -18,7 +18,7 @@ import zstandard
 from conftest import open_store
 from fusehelpers import mounted, needs_fuse, run_cli
 from support.s3server import new_bucket, s3_server, set_credentials
-from test_remotes import make_tree
+from test_remotes import made_remote, make_tree
 from cascowfs import codec
 from cascowfs.errors import (BusyError, InvalidArgumentError, NoSpaceError, NotFoundError,
                              StoreIOError)
@@ -75,6 +75,81 @@ def test_an_index_key_that_is_no_index_name_writes_nothing_and_is_ignored(remote
     for store in (a, tmp_path / "b"):
         cached = {p.name for p in (store / "remote-cache").rglob("*") if p.is_file()}
         assert cached and all(packs.is_name(name) for name in cached), cached
+
+
+# -- symbolic links inside a directory remote ---------------------------------------------------
+def _old_victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    for path in (victim / "passwd", victim / "sub" / "shadow"):
+        path.write_text("precious\n")
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    return victim
+
+
+def test_prune_follows_no_symlink_out_of_a_directory_remote(tmp_path):
+    """``packs`` a symbolic link to another directory: prune listed it by following the link
+    and deleted every file there older than its grace. Now EIO naming packs/, nothing
+    deleted; a link or a stray file inside packs/ is no pack and stays."""
+    victim = _old_victim(tmp_path)
+    rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/remote"))
+    (tmp_path / "remote" / "packs").symlink_to(victim)
+    with pytest.raises(StoreIOError, match="packs/ is a symbolic link, which a directory "
+                                           "remote never follows"):
+        prune(rs, grace=0)
+    assert sorted(p.name for p in victim.rglob("*")) == ["passwd", "shadow", "sub"]
+    assert os.listdir(tmp_path / "remote" / "locks") == []  # its lock released
+    (tmp_path / "remote" / "packs").unlink()
+    (tmp_path / "remote" / "packs").mkdir()
+    (tmp_path / "remote" / "packs" / ("ab" * 32)).symlink_to(victim / "passwd")
+    (tmp_path / "remote" / "packs" / "notes").write_text("mine\n")
+    os.utime(tmp_path / "remote" / "packs" / "notes", (0, 0))
+    assert prune(rs, grace=0).packs_deleted == 0
+    assert sorted(os.listdir(tmp_path / "remote" / "packs")) == ["ab" * 32, "notes"]
+    assert (victim / "passwd").read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("linked", ["packs", "index", "tmp", "locks", "snapshots"])
+def test_a_push_writes_nothing_through_a_symlink_in_a_directory_remote(tmp_path, linked):
+    """A writer of the remote's directory links one of its directories elsewhere: a push (as
+    root) wrote its files there. Now EIO naming the link, and nothing lands elsewhere."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "remote" / linked).symlink_to(victim)
+    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/remote"))
+    with open_store(tmp_path / "a") as sm:
+        sm.import_tree(make_tree(tmp_path / "src", 3, files=4), "s1")
+        with pytest.raises(StoreIOError, match=f"{linked}/ is a symbolic link"):
+            transfer.push(sm, rs, ["s1"])
+    assert os.listdir(victim) == []
+
+
+def test_a_ref_that_is_a_symlink_is_not_read_through(tmp_path):
+    rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/remote"))
+    (tmp_path / "remote" / "snapshots").mkdir()
+    (tmp_path / "secret").write_text('{"id": "s1"}')
+    (tmp_path / "remote" / "snapshots" / "s1").symlink_to(tmp_path / "secret")
+    with pytest.raises(StoreIOError, match="snapshots/s1 is a symbolic link"):
+        transfer.read_ref(rs, "s1")
+    assert transfer.list_refs(rs) == []  # a listing shows regular files only
+
+
+def test_a_directory_remote_is_private_whatever_the_umask(tmp_path):
+    """A remote holds every pushed file's bytes without their modes, as the store does (whose
+    077 umask a push runs under; a prune or another program may not)."""
+    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/remote"))
+    old = os.umask(0o022)
+    try:
+        rs.create()
+        rs.put(packs.pack_key("ab" * 32), b"bytes")
+        rs.put_new(transfer.ref_key("s1"), b"{}")
+    finally:
+        os.umask(old)
+    root = tmp_path / "remote"
+    assert (root.stat().st_mode & 0o777) == 0o700
+    for path in root.rglob("*"):
+        assert (path.stat().st_mode & 0o777) == (0o700 if path.is_dir() else 0o600), path
 
 
 # -- compressed bombs -------------------------------------------------------------------------
@@ -139,3 +214,58 @@ def test_a_frame_of_no_declared_size_is_held_to_the_limit():
     assert codec.decompress(frame, 1000) == bytes(1000)
     with pytest.raises(StoreIOError, match="does not decompress"):
         codec.decompress(frame, 999)
+
+
+# -- what a failed write leaves -----------------------------------------------------------------
+def test_a_failed_write_leaves_no_partial_file_and_prune_clears_old_ones(tmp_path):
+    """A push to a full disk left its partial pack under tmp/ for good, and so did a kill -9.
+    Now a failed write removes its file, and prune removes what is older than its grace."""
+    root = tmp_path / "remote"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)], check=True)
+    try:
+        rs = objectstore.open_store(config.RemoteSpec("r", f"file://{root}"))
+        with open_store(tmp_path / "a") as sm:
+            (tmp_path / "src").mkdir()
+            (tmp_path / "src" / "big").write_bytes(os.urandom(3 << 20))
+            sm.import_tree(tmp_path / "src", "s1")
+            with pytest.raises(NoSpaceError, match="remote .*, object packs/"):
+                transfer.push(sm, rs, ["s1"])
+        assert os.listdir(root / "tmp") == []
+        assert os.listdir(root / "locks") == []
+        (root / "tmp" / "killed").write_bytes(b"x" * 1000)  # as a kill -9 leaves it
+        (root / "tmp" / "fresh").write_bytes(b"x")  # a lock being taken beside the prune
+        os.utime(root / "tmp" / "killed", (time.time() - 7200, time.time() - 7200))
+        stats = prune(rs)
+        assert stats.tmp_deleted == 1 and os.listdir(root / "tmp") == ["fresh"]
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
+
+
+# -- URLs -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("url", ["file:///x%00y", "file:///x/a\tb", "file:///x/a\nb",
+                                 "file:///x/a%09b", "file:///x/a%0Ab", "s3://bucket/a\tb"])
+def test_a_url_with_a_control_character_is_einval(tmp_path, url):
+    """A percent-encoded NUL crashed with a traceback; a TAB or newline, which URL parsing
+    drops, pointed elsewhere (``a<TAB>b`` wrote to ``ab``)."""
+    with pytest.raises(InvalidArgumentError, match="control character"):
+        config.check_url(url)
+    with pytest.raises(InvalidArgumentError, match="control character"):
+        config.resolve(tmp_path, url)
+
+
+def test_reading_a_directory_remote_that_is_not_there_creates_nothing(tmp_path):
+    """A pull from a mistyped path made the directory, with locks/ and tmp/, and then failed;
+    ls-snapshots printed nothing. Now ENOENT naming it, and only a push makes it."""
+    typo = tmp_path / "typo"
+    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{typo}"))
+    missing = f"remote r \\(file://{typo}\\): no directory {typo}"
+    with open_store(tmp_path / "a") as sm:
+        sm.import_tree(make_tree(tmp_path / "src", 3, files=4), "s1")
+        for read in (lambda: transfer.pull(sm, rs, ["s1"]), lambda: transfer.list_snapshots(rs),
+                     lambda: prune(rs), lambda: transfer.forget(rs, "s1")):
+            with pytest.raises(NotFoundError, match=missing):
+                read()
+            assert not typo.exists()
+        assert transfer.push(sm, rs, ["s1"]).snapshots == ["s1"]
+    assert [s.id for s in transfer.list_snapshots(rs)] == ["s1"]

@@ -43,9 +43,17 @@ def s3_endpoint():
 @pytest.fixture(params=["file", "s3"])
 def remote(request, tmp_path) -> config.RemoteSpec:
     if request.param == "file":
+        (tmp_path / "remote").mkdir()  # a push makes it; reading one that is not there: ENOENT
         return config.RemoteSpec("r", f"file://{tmp_path}/remote")
     endpoint = request.getfixturevalue("s3_endpoint")
     return config.RemoteSpec("r", f"s3://{new_bucket(endpoint)}/some/prefix", endpoint)
+
+
+def made_remote(spec: config.RemoteSpec) -> objectstore.ObjectStore:
+    """The remote of ``spec``, its directory made (as a push makes it)."""
+    rs = objectstore.open_store(spec)
+    rs.create()
+    return rs
 
 
 def make_tree(root: Path, seed: int, files: int = 30) -> Path:
@@ -219,7 +227,7 @@ _GOOD_OBS = {"ref": "ab" * 32, "size": 7, "mode": 0o4750, "uid": 1000, "gid": (1
 def test_a_hostile_ref_is_named(tmp_path, field, value):
     """A ref is held to what a store records: a time a stat can show, counts, a content id
     spelled as the store spells it, an observation as a commit records one."""
-    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/r"))
+    rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/r"))
     good = transfer.RemoteSnapshot("s", "0" * 64, None, 0, {}, 0, 0, Observation(**_GOOD_OBS))
     rs.put("snapshots/s", good.encode())
     assert transfer.read_ref(rs, "s") == good
@@ -592,7 +600,7 @@ def test_config_add_ls_rm_and_hostile_names(tmp_path):
 
 
 def test_ref_names_that_are_no_ids_are_ignored_and_bad_refs_named(tmp_path):
-    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/r"))
+    rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/r"))
     rs.put("snapshots/..hidden", b"{}")
     rs.put("snapshots/good", b"not json")
     rs.put("snapshots/other", transfer.RemoteSnapshot("x", "0" * 64, None, 0, {}, 0, 0).encode())
@@ -678,7 +686,7 @@ def _dir(name: bytes, listing: dict, *totals: int, ref: bytes | None = None) -> 
     ],
 )
 def test_a_hostile_tree_is_refused_before_anything_is_stored(tmp_path, entry, problem):
-    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/r"))
+    rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/r"))
     _remote_with_tree(rs, {entry.name: entry, b"fine": _file(b"fine", uid=1000)})
     with open_store(tmp_path / "b") as sm:
         with pytest.raises(StoreIOError, match=f"remote .*: tree [0-9a-f]{{64}}, entry .*{problem}"):
@@ -689,7 +697,7 @@ def test_a_hostile_tree_is_refused_before_anything_is_stored(tmp_path, entry, pr
 def _refused_beside_local_content(where: Path, entries: dict, objects: tuple, problem: str):
     """A pull of a ref whose root holds ``entries`` (``_remote_with_tree``) into a store that
     has the content b"already here": EIO matching ``problem``, nothing recorded."""
-    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{where}/remote"))
+    rs = made_remote(config.RemoteSpec("r", f"file://{where}/remote"))
     _remote_with_tree(rs, entries, objects)
     (where / "src").mkdir(parents=True)
     (where / "src" / "x").write_bytes(b"already here")
@@ -719,7 +727,7 @@ def test_a_pulled_file_must_be_as_big_as_its_content(tmp_path):
         _refused_beside_local_content(tmp_path / case, {b"f": entry}, (chunk, tree),
                                       f"entry 'f': .*{problem}")
     # the same file told right comes through
-    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/right"))
+    rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/right"))
     right = Entry(b"f", stat.S_IFREG | 0o644, 0, 0, 0, 5, hello.content_id)
     _remote_with_tree(rs, {b"f": right}, (chunk,))
     with open_store(tmp_path / "store-right") as sm:
@@ -762,13 +770,13 @@ def test_a_pulled_hard_link_group_is_one_file(tmp_path):
                         "owner": member(b"b", uid=0), "time": member(b"b", mtime_ns=8),
                         "content": member(b"b", size=0, ref=b""),
                         "xattrs": member(b"b", xattrs=((b"user.x", b"1"),))}.items():
-        rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/{case}"))
+        rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/{case}"))
         _remote_with_tree(rs, {b"a": member(b"a"), b"b": other}, (chunk,))
         with open_store(tmp_path / f"store-{case}") as sm:
             with pytest.raises(StoreIOError, match="entry 'b': a hard link of 'a' .* another file"):
                 transfer.pull(sm, rs, ["hostile"])
             assert not sm.has_snapshot("hostile")
-    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/right"))
+    rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/right"))
     _remote_with_tree(rs, {b"a": member(b"a"), b"b": member(b"b")}, (chunk,))
     with open_store(tmp_path / "store-right") as sm:
         transfer.pull(sm, rs, ["hostile"])
@@ -797,13 +805,13 @@ def test_a_pulled_directory_carries_the_totals_of_its_tree(tmp_path):
         "root": ({b"d": _dir(b"d", inner)}, {"root_totals": (1, 6, 0)}, "entry '': .* 6 bytes"),
     }
     for case, (entries, kw, problem) in cases.items():
-        rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/{case}"))
+        rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/{case}"))
         _remote_with_tree(rs, entries, (chunk,), subtrees=(inner, linked, big), **kw)
         with open_store(tmp_path / f"store-{case}") as sm:
             with pytest.raises(StoreIOError, match=f"remote .*: tree [0-9a-f]{{64}}, {problem}"):
                 transfer.pull(sm, rs, ["hostile"])
             assert not sm.has_snapshot("hostile")
-    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/right"))
+    rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/right"))
     entries = {b"d": _dir(b"d", inner), b"e": _dir(b"e", inner), b"l": _dir(b"l", linked),
                b"p": _dir(b"p", big)}
     _remote_with_tree(rs, entries, (chunk,), subtrees=(inner, linked, big))
@@ -823,7 +831,7 @@ def test_a_pulled_directory_naming_a_tree_here_carries_its_totals(tmp_path):
         sm.import_tree(tmp_path / "src", "mine")
         here = sm.root_entry("mine")
         for case, totals in {"wrong": (2, 19), "right": (2, 20)}.items():
-            rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/{case}"))
+            rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/{case}"))
             _remote_with_tree(rs, {b"d": _dir(b"d", {}, *totals, 0, ref=here.ref)})
             if case == "wrong":
                 with pytest.raises(StoreIOError, match="entry 'd': .* 19 bytes .* 20 bytes"):
@@ -838,7 +846,7 @@ def test_a_pulled_directory_naming_a_tree_here_carries_its_totals(tmp_path):
 def test_what_a_branch_could_make_itself_is_pulled(tmp_path):
     """A user's own set-id file, a FIFO, a socket, symbolic links (to anywhere, as long as
     Linux allows) and user xattrs are no privilege: they come through."""
-    rs = objectstore.open_store(config.RemoteSpec("r", f"file://{tmp_path}/r"))
+    rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/r"))
     far = b"/" + b"x" * 4094
     _remote_with_tree(rs, {
         b"mine": _file(b"mine", stat.S_IFREG | 0o4755, uid=1000),

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ..errors import ExistsError, InvalidArgumentError, NotFoundError
 
@@ -47,13 +47,20 @@ def check_remote_name(name: str) -> str:
 
 
 def check_url(url: str, endpoint_url: str | None = None) -> str:
-    """``url`` if it names a remote this version can reach, else EINVAL saying why."""
+    """``url`` if it names a remote this version can reach, else EINVAL saying why. No
+    control character, NUL included, raw or percent-encoded in a directory's path: URL
+    parsing drops a TAB or a newline without a word (``a<TAB>b`` would be ``ab``), and a
+    path holds no NUL."""
+    if _has_control(url):
+        raise InvalidArgumentError(f"remote URL {url!r} contains a control character")
     parts = urlsplit(url)
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise InvalidArgumentError(f"remote URL {url!r}: give file:///absolute/path")
-        if "\0" in parts.path:
-            raise InvalidArgumentError(f"remote URL {url!r} contains a NUL byte")
+        if _has_control(unquote(parts.path)):
+            raise InvalidArgumentError(
+                f"remote URL {url!r}: its path contains a control character (NUL, TAB, ...)"
+            )
     elif parts.scheme == "s3":
         if not _BUCKET.fullmatch(parts.netloc):
             raise InvalidArgumentError(f"remote URL {url!r}: {parts.netloc!r} is no bucket name")
@@ -67,6 +74,10 @@ def check_url(url: str, endpoint_url: str | None = None) -> str:
         if urlsplit(endpoint_url).scheme not in ("http", "https"):
             raise InvalidArgumentError(f"endpoint URL {endpoint_url!r} must be http(s)://")
     return url
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
 
 
 def _path(store: Path) -> Path:
@@ -125,4 +136,5 @@ def resolve(store: Path, name_or_url: str) -> RemoteSpec:
     spec = load(store).get(check_remote_name(name_or_url))
     if spec is None:
         raise NotFoundError(f"no remote {name_or_url!r} (see cascowfs remote ls)")
+    check_url(spec.url, spec.endpoint_url)  # as an older version may have taken it
     return spec

@@ -10,9 +10,11 @@ conditional put (``If-None-Match: *``) on S3. Errors name the remote and the key
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +22,14 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from ..errors import CascowfsError, ExistsError, NotFoundError, StoreIOError, from_os_error
+from ..errors import (
+    CascowfsError,
+    ExistsError,
+    InvalidArgumentError,
+    NotFoundError,
+    StoreIOError,
+    from_os_error,
+)
 from .config import RemoteSpec
 
 
@@ -40,6 +49,8 @@ class ObjectStore(Protocol):
 
     def put_new(self, key: str, data: bytes) -> None: ...
 
+    def create(self) -> None: ...
+
     def list(self, prefix: str) -> list[Listed]: ...
 
     def delete(self, key: str) -> None: ...
@@ -53,91 +64,191 @@ def open_store(spec: RemoteSpec) -> ObjectStore:
 
 class FileStore:
     """A remote in a directory. Files are written under ``tmp/`` and renamed (or, for
-    ``put_new``, linked) into place, so a reader never sees a partial file."""
+    ``put_new``, linked) into place, so a reader never sees a partial file; a write that
+    fails removes its partial file.
+
+    Others may write the directory (a team's share on NFS), and so put a symbolic link where
+    a directory or a file of the remote belongs, to make a root process write or delete
+    elsewhere. So nothing below the remote's root is followed, with no window between a
+    check and a use: each operation opens the root (the configured path, as given), then the
+    one directory of its key relative to that descriptor with ``O_NOFOLLOW | O_DIRECTORY``,
+    and names the file relative to the directory's descriptor (``openat`` with
+    ``O_NOFOLLOW``, ``renameat``, ``linkat``, ``unlinkat``, which act on the name itself). A
+    link where a directory or file belongs is EIO naming it; a listing shows the regular
+    files directly in the directory, nothing else.
+
+    Files are 0600 and directories 0700 whatever the umask: a remote holds every pushed
+    file's bytes without the modes that guard them, as the store does. The root is made only
+    by ``create`` (a push): reading a directory that is not there is ENOENT naming it.
+    """
 
     def __init__(self, spec: RemoteSpec) -> None:
         self.spec = spec
         self.root = Path(unquote(urlsplit(spec.url).path))
 
-    def _where(self, key: str) -> Path:
-        return self.root / key
-
     @contextmanager
     def _errors(self, key: str) -> Iterator[None]:
+        where = f"remote {self.spec.describe()}"
         try:
             yield
         except FileNotFoundError:
-            raise NotFoundError(f"remote {self.spec.describe()}: no object {key}") from None
+            raise NotFoundError(f"{where}: no object {key}") from None
         except OSError as exc:
-            raise from_os_error(exc, f"remote {self.spec.describe()}, object {key}") from exc
+            if exc.errno == errno.ELOOP:
+                raise StoreIOError(
+                    f"{where}: {key} is a symbolic link, which a directory remote never follows"
+                ) from None
+            raise from_os_error(exc, f"{where}, object {key}") from exc
 
-    def get(self, key: str) -> bytes:
-        with self._errors(key):
-            return self._where(key).read_bytes()
+    def create(self) -> None:
+        with self._errors(""):
+            os.makedirs(self.root, mode=_DIR_MODE, exist_ok=True)
 
-    def _staged(self, data: bytes) -> Path:
-        tmp = self.root / "tmp" / secrets.token_hex(8)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    @contextmanager
+    def _dir(self, top: str, *, create: bool) -> Iterator[int]:
+        """A descriptor of the remote's directory ``top`` (made if ``create``): opened below
+        the root's descriptor, never through a symbolic link. FileNotFoundError if it is not
+        there; NotFoundError naming the root if that is not."""
+        where = f"remote {self.spec.describe()}"
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFoundError(f"{where}: no directory {self.root}") from None
+        except OSError as exc:
+            raise from_os_error(exc, f"{where}: directory {self.root}") from exc
+        try:
+            try:
+                fd = os.open(top, _DIR_FLAGS, dir_fd=root)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(top, _DIR_MODE, dir_fd=root)
+                fd = os.open(top, _DIR_FLAGS, dir_fd=root)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            try:  # to say what is there (O_NOFOLLOW | O_DIRECTORY answers ENOTDIR for both)
+                link = stat.S_ISLNK(os.lstat(top, dir_fd=root).st_mode)
+            except OSError:
+                link = False
+            what = (
+                "a symbolic link, which a directory remote never follows"
+                if link
+                else ("no directory")
+            )
+            raise StoreIOError(f"{where}: {top}/ is {what}") from None
+        finally:
+            os.close(root)
+        try:
+            yield fd
         finally:
             os.close(fd)
-        return tmp
+
+    def get(self, key: str) -> bytes:
+        top, name = _split(key)
+        with self._errors(key), self._dir(top, create=False) as where:
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(name, flags, dir_fd=where)
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise StoreIOError(f"remote {self.spec.describe()}: {key} is no regular file")
+                return f.read()
 
     def put(self, key: str, data: bytes) -> None:
-        with self._errors(key):
-            target = self._where(key)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(self._staged(data), target)
-            _fsync_dir(target.parent)
+        top, name = _split(key)
+        with self._errors(key), self._dir("tmp", create=True) as tmp:
+            with self._dir(top, create=True) as where:
+                staged = _stage(tmp, data)
+                try:
+                    os.rename(staged, name, src_dir_fd=tmp, dst_dir_fd=where)
+                except BaseException:
+                    _unlink_quietly(staged, tmp)
+                    raise
+                os.fsync(where)
 
     def put_new(self, key: str, data: bytes) -> None:
-        with self._errors(key):
-            target = self._where(key)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._staged(data)
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                raise ExistsError(f"remote {self.spec.describe()}: {key} exists already") from None
-            finally:
-                os.unlink(tmp)
-            _fsync_dir(target.parent)
+        top, name = _split(key)
+        with self._errors(key), self._dir("tmp", create=True) as tmp:
+            with self._dir(top, create=True) as where:
+                staged = _stage(tmp, data)
+                try:
+                    os.link(staged, name, src_dir_fd=tmp, dst_dir_fd=where, follow_symlinks=False)
+                except FileExistsError:
+                    raise ExistsError(
+                        f"remote {self.spec.describe()}: {key} exists already"
+                    ) from None
+                finally:
+                    _unlink_quietly(staged, tmp)
+                os.fsync(where)
 
-    def list(self, prefix: str) -> list[Listed]:
-        top = self._where(prefix)
+    def _list(self, top: str) -> list[Listed]:
         out = []
-        with self._errors(prefix):
-            if not top.is_dir():
-                return []
-            for dirpath, _, files in os.walk(top):
-                for name in files:
-                    path = Path(dirpath) / name
-                    try:
-                        st = path.stat()
-                    except FileNotFoundError:
-                        continue  # deleted meanwhile
-                    out.append(Listed(str(path.relative_to(self.root)), st.st_size, st.st_mtime))
+        with self._dir(top, create=False) as where:
+            for entry in os.scandir(where):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # deleted meanwhile
+                if stat.S_ISREG(st.st_mode):
+                    out.append(Listed(f"{top}/{entry.name}", st.st_size, st.st_mtime))
         return sorted(out, key=lambda entry: entry.key)
 
-    def delete(self, key: str) -> None:
-        with self._errors(key):
+    def list(self, prefix: str) -> list[Listed]:
+        top = prefix.removesuffix("/")
+        if top not in TOPS:
+            raise InvalidArgumentError(f"{prefix!r} is no directory of a remote")
+        with self._errors(prefix):
             try:
-                os.unlink(self._where(key))
-            except FileNotFoundError:
-                pass
+                return self._list(top)
+            except FileNotFoundError:  # not made yet
+                return []
+
+    def delete(self, key: str) -> None:
+        top, name = _split(key)
+        with self._errors(key), contextlib.suppress(FileNotFoundError):
+            with self._dir(top, create=False) as where:
+                os.unlink(name, dir_fd=where)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+# the directories of a remote (docs/remotes.md, "The format"); a key is one of them and a name
+TOPS = ("snapshots", "packs", "index", "locks", "tmp")
+
+
+def _split(key: str) -> tuple[str, str]:
+    """``key``'s directory and name; EINVAL for a key in no directory of a remote's, or
+    whose name is no file name."""
+    top, _, name = key.partition("/")
+    if top not in TOPS or not name or "/" in name or name in (".", "..") or "\0" in name:
+        raise InvalidArgumentError(f"{key!r} is no key of a remote")
+    return top, name
+
+
+def _stage(tmp: int, data: bytes) -> str:
+    """A new file in the directory ``tmp`` holding ``data``, synced; its name. Nothing is
+    left behind if it cannot be written whole (a full disk)."""
+    name = secrets.token_hex(8)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(name, flags, _FILE_MODE, dir_fd=tmp)
     try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        _unlink_quietly(name, tmp)
+        raise
+    os.close(fd)
+    return name
+
+
+def _unlink_quietly(name: str, where: int) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(name, dir_fd=where)
 
 
 # S3 error codes that mean "a conditional put lost": the key exists (412), or another
@@ -184,6 +295,9 @@ class S3Store:
             raise StoreIOError(f"{where}, object {key}: {exc}") from None
         except BotoCoreError as exc:  # no credentials, no connection, ...
             raise StoreIOError(f"remote {self.spec.describe()}, object {key}: {exc}") from None
+
+    def create(self) -> None:
+        """Nothing: a bucket is made by its owner, and a prefix needs no making."""
 
     def get(self, key: str) -> bytes:
         with self._errors(key):

@@ -6,7 +6,11 @@ metadata packs (trees and chunk lists) it needs, then deletes each pack none of 
 objects is reachable, its index first (a reader ignores a pack no index names). Packs that
 no index names are what an interrupted push left; they go once older than ``grace``
 seconds, the time a live push may take between sending a pack and its index. A pack with
-any live object stays whole: packs are not rewritten.
+any live object stays whole: packs are not rewritten. Files under ``tmp/`` (a directory
+remote's: what a full disk or a killed push left half-written) go once older than ``grace``
+and ``TMP_MIN_AGE``: a push or pull taking its lock beside the prune writes it there first.
+A key under ``packs/`` whose name is no pack's (64 hex digits) is not the remote's and never
+deleted.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from ..codec import TYPE_CHUNK
 from ..errors import NotFoundError
 from .locks import EXCLUSIVE, STALE_AFTER, locked
 from .objectstore import ObjectStore
-from .packs import index_key, pack_key
+from .packs import index_key, is_name, pack_key
 from .transfer import PackReader, TransferStats, list_refs, read_indexes, read_ref
 
 GRACE = 60 * 60.0
+TMP_MIN_AGE = 60.0  # vs the milliseconds a lock is under tmp/ before its rename
 
 
 @dataclass
@@ -31,11 +36,13 @@ class PruneStats:
     packs_kept: int = 0
     packs_deleted: int = 0
     bytes_deleted: int = 0
+    tmp_deleted: int = 0
 
     def text(self) -> str:
         return (
             f"snapshots={self.snapshots} packs_kept={self.packs_kept} "
-            f"packs_deleted={self.packs_deleted} bytes_deleted={self.bytes_deleted}"
+            f"packs_deleted={self.packs_deleted} bytes_deleted={self.bytes_deleted} "
+            f"tmp_deleted={self.tmp_deleted}"
         )
 
 
@@ -64,7 +71,11 @@ def prune(
                 continue  # a leaf, or missing (a pull names it; prune has nothing to keep)
             kind, payload = reader.get(oid, "(prune)")
             stack.extend(payload_children(kind, payload))
-        sizes = {listed.key: listed for listed in store.list("packs/")}
+        sizes = {
+            listed.key: listed
+            for listed in store.list("packs/")
+            if is_name(listed.key.removeprefix("packs/"))
+        }
         indexed = set()
         for pack_index in index.indexes:
             indexed.add(pack_index.pack)
@@ -77,6 +88,11 @@ def prune(
         for key, listed in sizes.items():
             if key.removeprefix("packs/") not in indexed and now - listed.modified > grace:
                 _delete(store, key, stats, sizes)
+        for listed in store.list("tmp/"):
+            if now - listed.modified > max(grace, TMP_MIN_AGE):
+                store.delete(listed.key)
+                stats.tmp_deleted += 1
+                stats.bytes_deleted += listed.size
     return stats
 
 

@@ -356,6 +356,7 @@ def push(
         ids = _with_ancestors(ids, lambda i: sm.snapshot(i).parent if sm.has_snapshot(i) else None)
     stats = TransferStats()
     where = store.spec.describe()
+    store.create()  # a push makes a directory remote; reading one that is not there is ENOENT
     with locked(store, SHARED) as lock:
         refs = set(list_refs(store))
         cache = index_cache(sm, store.spec.url)
