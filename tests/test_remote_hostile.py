@@ -242,6 +242,41 @@ def test_a_failed_write_leaves_no_partial_file_and_prune_clears_old_ones(tmp_pat
         subprocess.run(["umount", str(root)], check=True)
 
 
+# -- locks that do not decode -------------------------------------------------------------------
+@pytest.mark.parametrize("body", [b"[]", b'{"time": "abc"}', b'{"time": null}', b"not json",
+                                  b'{"time": NaN}', b"5"])
+def test_a_lock_that_does_not_decode_holds_until_it_is_stale(remote, tmp_path, body):
+    """Such a lock crashed push and pull with a traceback, and left the taker's own lock
+    behind. Now it counts as held, as old as the listing says, named in the EBUSY."""
+    rs = objectstore.open_store(remote)
+    rs.create()
+    rs.put("locks/exclusive-odd", body)
+    with pytest.raises(BusyError, match="locks/exclusive-odd is held \\(a lock that does not "
+                                        "decode"):
+        locks.RemoteLock(rs, locks.SHARED).take()
+    assert [listed.key for listed in rs.list("locks/")] == ["locks/exclusive-odd"]
+    with pytest.raises(BusyError, match="locks/exclusive-odd"):
+        prune(rs)
+    assert [listed.key for listed in rs.list("locks/")] == ["locks/exclusive-odd"]
+    lock = locks.RemoteLock(rs, locks.SHARED, stale_after=-1.0)  # every lock stale
+    lock.take()
+    lock.release()
+
+
+def test_a_taker_that_fails_deletes_its_own_lock(remote, monkeypatch):
+    rs = objectstore.open_store(remote)
+    rs.create()
+    rs.put("locks/exclusive-other", b"{}")
+
+    def broken(key):
+        raise StoreIOError(f"cannot read {key}")
+
+    monkeypatch.setattr(rs, "get", broken)
+    with pytest.raises(StoreIOError, match="cannot read locks/exclusive-other"):
+        locks.RemoteLock(rs, locks.SHARED).take()
+    assert [listed.key for listed in rs.list("locks/")] == ["locks/exclusive-other"]
+
+
 # -- URLs -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("url", ["file:///x%00y", "file:///x/a\tb", "file:///x/a\nb",
                                  "file:///x/a%09b", "file:///x/a%0Ab", "s3://bucket/a\tb"])

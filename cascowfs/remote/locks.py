@@ -7,12 +7,18 @@ new lock is deleted again, and the caller tries again later or gets EBUSY naming
 holder. Two takers that
 race both see each other (S3 lists are strongly consistent), so at worst both back off.
 A lock older than ``stale_after`` seconds is the leftover of a killed process and is
-ignored (a live holder rewrites its lock well before that, ``refresh``).
+ignored (a live holder rewrites its lock well before that, ``refresh``). A lock whose body
+does not say its time (not JSON, not an object, no number) is no lock this version wrote:
+its age is the listing's, when it was written last, so it holds the others back as any
+lock does, named in the EBUSY, and is stale as early. A taker that fails in any way
+deletes its own lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import secrets
 import socket
@@ -20,8 +26,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..errors import BusyError, NotFoundError
-from .objectstore import ObjectStore
+from ..errors import BusyError, CascowfsError, NotFoundError
+from .objectstore import Listed, ObjectStore
 
 STALE_AFTER = 30 * 60.0
 SHARED_WAIT = 10 * 60.0
@@ -57,29 +63,45 @@ class RemoteLock:
 
     def _try(self) -> None:
         self._write()
+        try:
+            self._check_others()
+        except BaseException:
+            with contextlib.suppress(CascowfsError):  # the first error is the one to tell
+                self.release()
+            raise
+
+    def _check_others(self) -> None:
         for listed in self.store.list("locks/"):
             if listed.key == self.key:
                 continue
             other = listed.key.removeprefix("locks/").split("-", 1)[0]
             if self.kind == SHARED and other == SHARED:
                 continue
-            holder = self._holder(listed.key)
+            holder = self._holder(listed)
             if holder is None:
                 continue  # stale, or released meanwhile
-            self.release()
             raise BusyError(
                 f"remote {self.store.spec.describe()}: {listed.key} is held ({holder}); "
                 f"a {'prune' if EXCLUSIVE in (self.kind, other) else 'transfer'} must wait"
             )
 
-    def _holder(self, key: str) -> str | None:
+    def _holder(self, listed: Listed) -> str | None:
+        """Who holds the lock ``listed``, or None if it is stale or gone."""
         try:
-            body = json.loads(self.store.get(key))
+            raw = self.store.get(listed.key)
         except NotFoundError:  # released between the listing and the read
             return None
-        except ValueError:  # not a lock this version wrote: it holds nothing back
-            return None
-        if time.time() - float(body.get("time", 0)) > self.stale_after:
+        try:
+            body = json.loads(raw)
+            written = body["time"]
+            if type(written) not in (int, float) or not math.isfinite(written):
+                raise TypeError(f"time {written!r}")
+        except (ValueError, TypeError, KeyError, IndexError):
+            # no lock this version wrote: as old as the listing says
+            if time.time() - listed.modified > self.stale_after:
+                return None
+            return "a lock that does not decode: held until it is stale or deleted"
+        if time.time() - written > self.stale_after:
             return None
         return f"pid {body.get('pid')} on {body.get('host')}"
 
