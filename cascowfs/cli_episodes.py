@@ -88,6 +88,10 @@ def cmd_tree(args: argparse.Namespace) -> int:
         roots = [args.id]
     else:
         roots = children.get(None, [])
+        # a snapshot on a parent loop has no root above it (fsck reports the loop): shown too
+        below = {kid for kids in children.values() for kid in kids}
+        reached = _reached(roots, children)
+        roots += [ep["id"] for ep in episodes if ep["id"] not in reached and ep["id"] in below]
     for ident, depth, lead in _tree_walk(roots, children):
         ep = by_id[ident]
         labels = ep["labels"]
@@ -107,16 +111,24 @@ def _tree_walk(
     roots: list[str], children: dict[str | None, list[str]]
 ) -> Iterator[tuple[str, int, str]]:
     """(id, depth, ``tree(1)``-style lead) depth first, without recursion (a search tree is
-    deep)."""
+    deep); each id once, so that a parent loop (which a store should never hold) ends."""
     stack: list[tuple[str, int, str, str]] = [(r, 0, "", "") for r in reversed(roots)]
+    shown: set[str] = set()
     while stack:
         ident, depth, lead, below = stack.pop()
+        if ident in shown:
+            continue
+        shown.add(ident)
         yield ident, depth, lead
-        kids = children.get(ident, [])
+        kids = [kid for kid in children.get(ident, []) if kid not in shown]
         for i, kid in reversed(list(enumerate(kids))):
             last = i == len(kids) - 1
             branch, rule = ("└── ", "    ") if last else ("├── ", "│   ")
             stack.append((kid, depth + 1, below + branch, below + rule))
+
+
+def _reached(roots: list[str], children: dict[str | None, list[str]]) -> set[str]:
+    return {ident for ident, _, _ in _tree_walk(roots, children)}
 
 
 def _emit(args: argparse.Namespace, record: dict, text: str | None) -> None:

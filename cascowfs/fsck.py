@@ -5,7 +5,8 @@
    refcounts, from the snapshot and branch chains (``layer_refs.py``; below store format 11
    a layer counts the chains naming it; since store format 5 objects carry no refcounts:
    they live while a live root reaches them, see ``collector.py``); likewise every entry of
-   the children and labels indexes (store format 10) is what the snapshot records say;
+   the children and labels indexes (store format 10) is what the snapshot records say, and
+   no snapshot is its own ancestor (a pull refuses a parent that would close a loop);
 3. no object is unreachable from a live root (snapshots, branches and layers each hold a
    tree; a snapshot's observation is a root too), unless a collection is pending: then
    unreachable objects are garbage not yet collected, and only counted
@@ -152,6 +153,8 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
 
     for problem in index_problems:
         report.add(2, problem)
+    for loop in parent_loops({sid: rec.parent for sid, rec in snaps.items()}):
+        report.add(2, f"snapshots {' -> '.join(loop)} are their own ancestors (a parent loop)")
 
     # 4: mounts
     expected = {str(sm.tree_path(name)): (name, rec) for name, rec in branches.items()}
@@ -186,6 +189,23 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
             if all(_written(layers, lid) for lid in rec.layers):
                 _check_layers(sm, sid, rec, report)
     return report
+
+
+def parent_loops(parents: dict[str, str | None]) -> list[list[str]]:
+    """Each loop of ``parents`` (snapshot -> its parent) once, as the ids along it and the
+    first again."""
+    loops = []
+    done: set[str] = set()
+    for start in sorted(parents):
+        path: list[str] = []
+        cur: str | None = start
+        while cur is not None and cur in parents and cur not in done and cur not in path:
+            path.append(cur)
+            cur = parents[cur]
+        if cur is not None and cur in path:
+            loops.append([*path[path.index(cur) :], cur])
+        done.update(path)
+    return loops
 
 
 def _written(layers: dict[str, LayerRecord], lid: str) -> bool:

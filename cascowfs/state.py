@@ -632,6 +632,12 @@ class StateManager:
         labels = check_labels(labels)
         with self._ops.running():
             id = self._claim_id(id)
+            loop = self.parent_loop(id, parent)
+            if loop is not None:
+                raise InvalidArgumentError(
+                    f"snapshot {id} cannot have parent {parent}: it would be its own ancestor "
+                    f"({' -> '.join([id, *loop])})"
+                )
             layer = secrets.token_hex(5)
 
             def undo(op: str) -> None:
@@ -668,6 +674,22 @@ class StateManager:
             self._finish(op)
             self.layers.queue(layer)
             return id
+
+    def parent_loop(self, id: str, parent: str | None) -> list[str] | None:
+        """The parents from ``parent`` up to ``id`` if ``parent`` is ``id`` or one of its
+        descendants here (a pulled snapshot can name a parent this store does not have, so a
+        new ``id`` can have some): giving ``id`` that parent would close a loop. Else None."""
+        chain: list[str] = []
+        cur = parent
+        with self.db.read() as txn:
+            while cur is not None and cur not in chain:
+                chain.append(cur)
+                if cur == id:
+                    return chain
+                if not self.catalog.has_snapshot(txn, cur):
+                    return None
+                cur = self.catalog.snapshot(txn, cur).parent
+        return None
 
     def has_object(self, oid: bytes) -> bool:
         return self.content.find(oid) is not None

@@ -216,6 +216,73 @@ def test_a_frame_of_no_declared_size_is_held_to_the_limit():
         codec.decompress(frame, 999)
 
 
+# -- parent loops -------------------------------------------------------------------------------
+def _forge_ref(rs, id: str, like: str, parent: str | None) -> None:
+    d = json.loads(rs.get(transfer.ref_key(like)))
+    rs.put(transfer.ref_key(id), json.dumps(dict(d, id=id, parent=parent)).encode())
+
+
+def test_a_pulled_ref_may_not_close_a_parent_loop(tmp_path):
+    """A ref whose parent is itself, two that name each other, or one whose parent descends
+    from it here: pulled as they were, the store held a loop (``tree MNT self`` printed
+    without end). Now EIO naming the ref, before anything is fetched."""
+    rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/remote"))
+    _pushed(tmp_path, rs)
+    _forge_ref(rs, "self", "s1", "self")
+    _forge_ref(rs, "c1", "s1", "c2")
+    _forge_ref(rs, "c2", "s1", "c1")
+    _forge_ref(rs, "child", "s1", "orphan")  # pulled first: its parent is not here
+    _forge_ref(rs, "orphan", "s1", "child")
+    with open_store(tmp_path / "b") as sm:
+        with pytest.raises(StoreIOError, match="snapshots/self would make snapshot self its "
+                                               r"own ancestor \(parents self -> self\)"):
+            transfer.pull(sm, rs, ["self"])
+        with pytest.raises(StoreIOError, match="c2 -> c1 -> c2"):
+            transfer.pull(sm, rs, ["c1"], with_ancestors=True)
+        assert transfer.pull(sm, rs, ["child"]).snapshots == ["child"]
+        with pytest.raises(StoreIOError, match="orphan -> child -> orphan"):
+            transfer.pull(sm, rs, ["orphan"])
+        assert [s.id for s in sm.snapshots()] == ["child"]
+        with pytest.raises(InvalidArgumentError, match="its own ancestor"):  # the store's guard
+            sm.receive_snapshot("orphan", sm.snapshot("child").root, "child", {}, 0,
+                                lambda add: None)
+    assert fsck_store(tmp_path / "b").ok
+
+
+def _make_loop(sm, parents: dict[str, str]) -> None:
+    """Give snapshots the ``parents`` no store operation gives (as an older pull did)."""
+    def apply(txn):
+        for id, parent in parents.items():
+            sm.catalog.put_snapshot(txn, id, replace(sm.catalog.snapshot(txn, id), parent=parent))
+    sm.db.write(apply, "a parent loop")
+
+
+def test_fsck_reports_a_parent_loop(tmp_path):
+    with open_store(tmp_path / "s") as sm:
+        for id in ("a", "b", "c", "d"):
+            sm.import_tree(make_tree(tmp_path / f"src-{id}", 1, files=2), id)
+        _make_loop(sm, {"a": "a", "b": "c", "c": "b", "d": "b"})
+    problems = fsck_store(tmp_path / "s").problems
+    assert problems == ["invariant 2: snapshots a -> a are their own ancestors (a parent loop)",
+                        "invariant 2: snapshots b -> c -> b are their own ancestors (a parent "
+                        "loop)"], problems
+
+
+@needs_fuse
+def test_tree_shows_a_parent_loop_once_and_ends():
+    def populate(fs):
+        with open_store(fs.store) as sm:
+            for id in ("root", "self", "c1", "c2"):
+                sm.import_tree(make_tree(fs.base / f"src-{id}", 1, files=2), id)
+            _make_loop(sm, {"self": "self", "c1": "c2", "c2": "c1"})
+
+    with mounted(populate=populate) as fs:
+        shown = run_cli("tree", str(fs.mnt), "self", timeout=60).stdout
+        assert shown.split() == ["self"], shown
+        every = run_cli("tree", str(fs.mnt), timeout=60).stdout
+        assert sorted(every.split()) == ["c1", "c2", "root", "self", "└──"], every
+
+
 # -- what a failed write leaves -----------------------------------------------------------------
 def test_a_failed_write_leaves_no_partial_file_and_prune_clears_old_ones(tmp_path):
     """A push to a full disk left its partial pack under tmp/ for good, and so did a kill -9.

@@ -534,6 +534,7 @@ def pull(
                     else None
                 ),
             )
+        _refuse_parent_loops(sm, ids, ref, store.spec.describe())
         index = read_indexes(store, index_cache(sm, store.spec.url))
         stats.index_read += index.bytes_read
         reader = PackReader(store, index, stats)
@@ -559,6 +560,32 @@ def pull(
                 )
                 stats.snapshots.append(id)
     return stats
+
+
+def _refuse_parent_loops(
+    sm, ids: list[str], ref: Callable[[str], RemoteSnapshot], where: str
+) -> None:
+    """EIO naming the ref, before anything is fetched, if a snapshot of the pull would be its
+    own ancestor: its ref names itself as parent, or a snapshot that descends from it, here
+    or among the refs pulled with it (two refs naming each other)."""
+    coming = {id: ref(id).parent for id in ids if not sm.has_snapshot(id)}
+
+    def parent_of(id: str) -> str | None:
+        if id in coming:
+            return coming[id]
+        return sm.snapshot(id).parent if sm.has_snapshot(id) else None
+
+    for id, parent in coming.items():
+        chain = [id]
+        cur = parent
+        while cur is not None and cur not in chain:
+            chain.append(cur)
+            cur = parent_of(cur)
+        if cur == id:
+            raise StoreIOError(
+                f"remote {where}: {ref_key(id)} would make snapshot {id} its own ancestor "
+                f"(parents {' -> '.join([*chain, id])})"
+            )
 
 
 def _receive_objects(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
