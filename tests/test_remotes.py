@@ -650,6 +650,10 @@ def _remote_with_tree(rs, entries: dict, objects: tuple = (), *, subtrees: tuple
     rs.put_new(transfer.ref_key("hostile"), ref.encode())
 
 
+# VFS_CAP_REVISION_2 | VFS_CAP_FLAGS_EFFECTIVE, permitted CAP_DAC_READ_SEARCH (bit 2)
+_CAP_DAC_READ_SEARCH = bytes.fromhex("01000002" "04000000" "00000000" "00000000" "00000000")
+
+
 def _file(name: bytes, mode: int = stat.S_IFREG | 0o644, uid: int = 0, **kw) -> Entry:
     return Entry(name, mode, uid, 0, 0, 0, **kw)
 
@@ -675,6 +679,11 @@ def _dir(name: bytes, listing: dict, *totals: int, ref: bytes | None = None) -> 
         (_file(b"sg", stat.S_IFREG | 0o2755), "set-id and owned by root"),
         (_file(b"o", xattrs=((b"trusted.overlay.redirect", b"/etc"),)), "overlayfs or cascowfs"),
         (_file(b"c", xattrs=((b"user.cascowfs.label.x", b"1"),)), "overlayfs or cascowfs"),
+        # cap_dac_read_search+ep, as setcap writes it, on a file of a user's: a root set-id bit
+        (_file(b"cap", uid=1000, xattrs=((b"security.capability", _CAP_DAC_READ_SEARCH),)),
+         "security.capability, which grants privilege at exec"),
+        (_file(b"smack", uid=1000, xattrs=((b"security.SMACK64EXEC", b"_"),)),
+         "security.SMACK64EXEC, which grants privilege at exec"),
         (_file(b"l", stat.S_IFLNK | 0o777), "target is no path"),
         (_file(b"l", stat.S_IFLNK | 0o777, ref=b"a\0b"), "target is no path"),
         (Entry(b"l", stat.S_IFLNK | 0o777, 0, 0, 0, 4096, b"x" * 4096), "target is no path"),
@@ -845,7 +854,7 @@ def test_a_pulled_directory_naming_a_tree_here_carries_its_totals(tmp_path):
 @needs_overlay
 def test_what_a_branch_could_make_itself_is_pulled(tmp_path):
     """A user's own set-id file, a FIFO, a socket, symbolic links (to anywhere, as long as
-    Linux allows) and user xattrs are no privilege: they come through."""
+    Linux allows), user xattrs and an SELinux label are no privilege: they come through."""
     rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/r"))
     far = b"/" + b"x" * 4094
     _remote_with_tree(rs, {
@@ -855,11 +864,12 @@ def test_what_a_branch_could_make_itself_is_pulled(tmp_path):
         b"etc": Entry(b"etc", stat.S_IFLNK | 0o777, 0, 0, 0, 11, b"/etc/shadow"),
         b"far": Entry(b"far", stat.S_IFLNK | 0o777, 0, 0, 0, len(far), far),
         b"x": _file(b"x", xattrs=((b"user.note", b"1"),)),
+        b"label": _file(b"label", xattrs=((b"security.selinux", b"user_u:object_r:user_t:s0"),)),
     })
     with open_store(tmp_path / "b") as sm:
         assert transfer.pull(sm, rs, ["hostile"]).snapshots == ["hostile"]
         listing = sm.read_tree(sm.root_entry("hostile").ref)
-        assert sorted(listing) == [b"etc", b"far", b"fifo", b"mine", b"sock", b"x"]
+        assert sorted(listing) == [b"etc", b"far", b"fifo", b"label", b"mine", b"sock", b"x"]
         assert listing[b"mine"].mode == stat.S_IFREG | 0o4755
         info = sm.create_branch("w", "hostile")  # its layer is written: a branch shows it
         assert os.readlink(info.tree / "far") == far.decode()

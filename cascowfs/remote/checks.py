@@ -9,8 +9,12 @@ before any of it is stored:
   ``.`` or ``..``;
 - no xattr of overlayfs's (``trusted.overlay.*``) or of cascowfs's (``user.cascowfs.*``):
   scans never record them, and a layer holding them would steer the overlay mounts;
-- no device node, and no set-user-id or set-group-id file or directory owned by root: a
-  branch runs with what its snapshot's files grant;
+- no device node, no set-user-id or set-group-id file or directory owned by root, and no
+  xattr that grants privilege at exec: file capabilities (``security.capability``, which a
+  branch's mount honours as it honours a set-id bit) and Smack's exec label
+  (``security.SMACK64EXEC``). A branch runs with what its snapshot's files grant. Other
+  ``security.*`` xattrs (an SELinux label, IMA and EVM signatures) grant nothing by
+  themselves: the pulling host's policy and keys decide what they mean;
 - only the file types a scan records, each as a scan records it: a symbolic link's target a
   path (1 to 4095 bytes, no NUL) and its size that path's length, a FIFO or socket without
   content (a layer could not be written otherwise);
@@ -41,6 +45,7 @@ from ..model import Entry
 from ..trees import TreeStore, decode_tree, index_pages, listing_totals
 
 _FORBIDDEN_XATTRS = (OVERLAY_XATTR_PREFIX, RESERVED_XATTR_PREFIX)
+_PRIVILEGE_XATTRS = (b"security.capability", b"security.SMACK64EXEC")
 _FILE_TYPES = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK)
 Totals = tuple[int, int, int]  # files, bytes, hard-link members below a directory
 _TARGET_MAX = 4095  # the longest symbolic link target Linux stores (PATH_MAX less its NUL)
@@ -203,6 +208,9 @@ def _problem(name: bytes, entry: Entry, superroot: bool) -> str | None:
         return "the root is not a directory"
     if any(key.startswith(_FORBIDDEN_XATTRS) for key, _ in entry.xattrs):
         return "an overlayfs or cascowfs xattr"
+    granting = [key for key, _ in entry.xattrs if key in _PRIVILEGE_XATTRS]
+    if granting:
+        return f"{granting[0].decode()}, which grants privilege at exec"
     kind = stat.S_IFMT(entry.mode)
     if kind in (stat.S_IFCHR, stat.S_IFBLK):
         return "a device node"
