@@ -708,18 +708,33 @@ class StateManager:
     ) -> Iterator[str]:
         """PREPARE an op of ``kind`` and yield its id to the block, which does the op's side
         effects and its APPLY transaction. If the block fails, ``undo(op)`` rolls the op back
-        (an op with nothing to undo before APPLY passes none: recovery settles it from the
-        recorded state). After the block: SWITCH, then ``_finish``."""
+        (an op with nothing to undo before APPLY passes none: recovery settles what it left
+        from the recorded state, and the op is FINALIZEd as refused). After the block:
+        SWITCH, then ``_finish``."""
         op = self.wal.prepare(kind, durable=durable, **args)
         crash_point(f"{kind}.prepared")
-        if undo is None:
-            yield op
-            return
         try:
             yield op
         except BaseException:
-            undo(op)
+            if undo is not None:
+                undo(op)
+            else:
+                self._refused(op)
             raise
+
+    def _refused(self, op: str) -> None:
+        """FINALIZE an op whose block failed before its APPLY committed (a prune that lost
+        the race to another prune of its snapshot, a reset on a full disk): it changed
+        nothing the recorded state does not settle, and left unfinished in the log it would
+        be replayed at the next open and reported by fsck of a cleanly stopped store. On a
+        failing disk the record may not be written: the next open settles the op then."""
+        try:
+            with self.db.read() as txn:
+                if self.catalog.is_applied(txn, op):
+                    return  # failed after its APPLY: replay rolls it forward
+            self.wal.finalize(op)
+        except (OSError, CascowfsError):
+            pass
 
     def _abandon(self, op: str, layer: str | None = None) -> None:
         """Roll back an op that failed before APPLY: its staging (and its layer, if already

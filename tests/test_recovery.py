@@ -4,10 +4,12 @@ with the recorded state, and an op logged but never applied leaves nothing behin
 from __future__ import annotations
 
 import os
+import threading
 
 import conftest
 from conftest import check_live, dir_view, needs_overlay
 from cascowfs import overlay, recovery
+from cascowfs.errors import NotFoundError
 from cascowfs.layers import remove_within_filesystem
 
 pytestmark = needs_overlay
@@ -56,3 +58,40 @@ def test_an_op_logged_but_never_applied_is_rolled_back_at_the_next_open(tmp_path
         assert not sm.has_snapshot("half")
         assert os.listdir(sm.staging_dir) == [] and not (sm.layers_dir / "1111111111").exists()
         check_live(sm, deep=True)
+
+
+def test_an_op_refused_inside_its_apply_is_finished_in_the_log(tmp_path):
+    """Two prunes of one snapshot both pass the check made before their PREPARE; the second
+    one's APPLY finds the snapshot gone (ENOENT). It changed nothing, so its record must be
+    FINALIZEd: left open, fsck of the cleanly stopped store reported it unfinished."""
+    store = tmp_path / "store"
+    with conftest.open_store(store) as sm:
+        sm.import_tree(_source(tmp_path), "s")
+        both_prepared = threading.Barrier(2, timeout=10)
+        prepare = sm.wal.prepare
+
+        def prepare_together(kind, **args):
+            op = prepare(kind, **args)
+            if kind == "prune":
+                both_prepared.wait()
+            return op
+
+        sm.wal.prepare = prepare_together
+        outcomes: list[str] = []
+
+        def prune() -> None:
+            try:
+                sm.prune("s")
+                outcomes.append("ok")
+            except NotFoundError:
+                outcomes.append("ENOENT")
+
+        threads = [threading.Thread(target=prune) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(outcomes) == ["ENOENT", "ok"]
+        assert sm.wal.pending() == []
+        sm.wal.prepare = prepare
+    conftest.assert_fsck_clean(store)
