@@ -17,6 +17,13 @@ snapshot records overlays the sets of the labels queued and not applied (``label
 ``overlay``); a reader of the label indexes (``find``) waits until every transaction queued
 so far has committed (``wait_applied``).
 
+A label whose transaction fails (a full or failing disk) stays acknowledged: its set stays
+what readers see and what the next label of its snapshot starts from (``_stuck``), so every
+later label's record carries its changes too. The first later label of that snapshot whose
+transaction commits therefore applies them as well, and FINALIZEs the failed ones; until then
+they are ``failed``, the checkpoint keeps the log, and the next open applies the last label
+record of the snapshot (``redo``), never an older one over a newer.
+
 Prune: a label either lands before a prune of its snapshot or fails with ENOENT. A prune
 waits for the labels that already took a ticket to be queued before queueing its own
 transaction, and labels of that snapshot wait for the prune to end (``pruning``).
@@ -81,6 +88,9 @@ class LabelApplies:
         self._issued = 0  # tickets handed out, in WAL order
         self._queued = 0  # of those, how many have their transaction queued
         self._last: WriteRequest | None = None  # the transaction queued last
+        # snapshot id -> the set of its label applied last, whose transaction failed, and the
+        # failed ops of that snapshot since its last label that committed
+        self._stuck: dict[str, tuple[dict[str, str], list[str]]] = {}
         self.failed: set[str] = set()  # ops whose transaction failed: replay must redo them
 
     def label(self, id: str, changes: dict[str, str]) -> dict[str, str]:
@@ -115,6 +125,8 @@ class LabelApplies:
                 self._cond.wait()
             with self._db.read() as txn:
                 recorded = self._catalog.snapshot(txn, id).labels
+            if id in self._stuck:  # acknowledged, not in the record
+                recorded = self._stuck[id][0]
             before, count = self._projected.get(id, (recorded, 0))
             labels = relabelled(id, before, changes)
             op, mark = self._wal.log_prepare("label", durable=False, id=id, labels=labels)
@@ -136,7 +148,7 @@ class LabelApplies:
                 request = self._db.submit(
                     lambda txn: apply_label(self._catalog, txn, op, id, labels),
                     f"labelling snapshot {id}",
-                    on_done=lambda request: self._applied(op, id, request),
+                    on_done=lambda request: self._applied(logged, request),
                 )
             except CascowfsError:
                 self._unproject(id)
@@ -148,30 +160,64 @@ class LabelApplies:
             self._visible[id] = labels
         return request
 
-    def _applied(self, op: str, id: str, request: WriteRequest) -> None:
-        """On the committer thread, once a label's transaction committed or failed."""
+    def _applied(self, logged: LoggedLabel, request: WriteRequest) -> None:
+        """On the committer thread, once a label's transaction committed or failed (in
+        ticket order: the latest label of its snapshot to be settled). A failed one whose
+        record is durable is acknowledged (``_stuck``); one whose flush failed is not
+        (``settle_unflushed`` fails it), and the labels after it do not build on it."""
+        op, id, labels = logged.op, logged.id, logged.labels
         with self._cond:
-            self._unproject(id)
-            if request.error is not None:
+            superseded: list[str] = []
+            if request.error is not None and not self._wal.flushed(logged.mark):
                 self.failed.add(op)
+            elif request.error is not None:
+                failed_before = self._stuck[id][1] if id in self._stuck else []
+                self._stuck[id] = (labels, [*failed_before, op])
+                self.failed.add(op)
+            elif id in self._stuck:
+                superseded = self._stuck.pop(id)[1]
+                self.failed.difference_update(superseded)
+            self._unproject(id)
         if request.error is not None:
             log.error(
-                "label op %s of snapshot %s: left for the next open: %s", op, id, request.error
+                "label op %s of snapshot %s: left for the next open, or the next label of "
+                "the snapshot: %s",
+                op,
+                id,
+                request.error,
             )
             return
         crash_point("label.applied")
-        try:
-            self._wal.finalize(op)
-        except CascowfsError as exc:
-            log.warning("label op %s is applied, but its FINALIZE record is not: %s", op, exc)
+        for done in [*superseded, op]:  # the failed ones' changes are in this op's set
+            try:
+                self._wal.finalize(done)
+            except CascowfsError as exc:
+                log.warning("label op %s is applied, but its FINALIZE record is not: %s", done, exc)
 
     def _unproject(self, id: str) -> None:
         labels, count = self._projected[id]
         if count == 1:
             del self._projected[id]
-            self._visible.pop(id, None)
+            if id in self._stuck:
+                self._visible[id] = self._stuck[id][0]
+            else:
+                self._visible.pop(id, None)
         else:
             self._projected[id] = (labels, count - 1)
+
+    def forget(self, id: str) -> None:
+        """Snapshot ``id`` is pruned: the labels of it whose transaction failed are moot
+        (replay would find it gone), so they are FINALIZEd."""
+        with self._cond:
+            failed = self._stuck.pop(id)[1] if id in self._stuck else []
+            self.failed.difference_update(failed)
+            if id not in self._projected:
+                self._visible.pop(id, None)
+        for op in failed:
+            try:
+                self._wal.finalize(op)
+            except CascowfsError:
+                pass  # replay finds the snapshot gone: a no-op
 
     def labels_of(self, id: str) -> dict[str, str] | None:
         """Snapshot ``id``'s labels if a label of it is not applied yet (else None: read the
@@ -235,19 +281,44 @@ def apply_label(
     catalog.mark_applied(txn, op)
 
 
-def redo(db: MetaDB, catalog: Catalog, op: PendingOp) -> None:
-    """Roll a logged label forward at open. Its record was written by a daemon but is read
-    back as hostile input: one of another shape is skipped with a warning, never raised."""
-    id, labels = op.args.get("id"), op.args.get("labels")
+def last_of_each_snapshot(logged: list[PendingOp]) -> dict[str, PendingOp]:
+    """The last label record of each snapshot among ``logged`` (``WriteAheadLog.prepared``:
+    every record of the log, finalized or not), by the id the record names."""
+    return {
+        op.args["id"]: op
+        for op in logged
+        if op.kind == "label" and isinstance(op.args.get("id"), str)
+    }
+
+
+def redo(
+    db: MetaDB, catalog: Catalog, op: PendingOp, last: dict[str, PendingOp] | None = None
+) -> None:
+    """Roll a logged label forward at open. The snapshot's labels become those of its last
+    label record in the log (``last``: ``last_of_each_snapshot``), which holds the changes of
+    every label logged before it (``_stuck``): applying ``op``'s own older set would undo the
+    later labels LMDB committed. Records are written by a daemon but read back as hostile
+    input: one of another shape is skipped with a warning, never raised."""
     try:
-        if not isinstance(labels, dict):
-            raise InvalidArgumentError(f"labels {type(labels).__name__}, not an object")
-        id = check_snapshot_id(id)
-        labels = check_labels(labels)
+        id, labels = _checked(op)
     except InvalidArgumentError as exc:  # a record of an older version has no labels
         log.warning("label op %s: not redone, its record is not one: %s", op.op, exc.message)
         return
+    latest = (last or {}).get(id, op)
+    if latest is not op:
+        try:
+            id, labels = _checked(latest)
+        except InvalidArgumentError:
+            pass  # warned about at its own redo, if it needs one
     db.write(
         lambda txn: apply_label(catalog, txn, op.op, id, labels),
         f"redoing label op {op.op} of snapshot {id}",
     )
+
+
+def _checked(op: PendingOp) -> tuple[str, dict[str, str]]:
+    """The snapshot and label set a label record carries (EINVAL: it carries none)."""
+    id, labels = op.args.get("id"), op.args.get("labels")
+    if not isinstance(labels, dict):
+        raise InvalidArgumentError(f"labels {type(labels).__name__}, not an object")
+    return check_snapshot_id(id), check_labels(labels)

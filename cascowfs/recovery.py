@@ -111,7 +111,9 @@ def recover(sm: StateManager, progress: bool) -> None:
         cache and last_cache and last_cache != cache and not overlay.mounts_under(sm.store)
     )
     sm.layers.find_unbuilt()
-    pending = sm.wal.pending()
+    logged = sm.wal.prepared()
+    pending = [op for op in logged if not op.finished]
+    last_labels = label_applies.last_of_each_snapshot(logged)
     sm.wal.replayed = len(pending)
     with sm.db.read() as txn:
         applied = {op.op for op in pending if sm.catalog.is_applied(txn, op.op)}
@@ -120,7 +122,7 @@ def recover(sm: StateManager, progress: bool) -> None:
         if op.op in applied:
             _roll_forward(sm, op, cache_lost)
         elif op.kind == "label":  # acknowledged once logged: label_applies.py
-            label_applies.redo(sm.db, sm.catalog, op)
+            label_applies.redo(sm.db, sm.catalog, op, last_labels)
         else:
             orphans_possible = orphans_possible or op.kind in _MAY_LEAVE_OBJECTS
     reconcile(sm, cache_lost, progress)

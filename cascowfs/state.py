@@ -1140,6 +1140,7 @@ class StateManager:
 
                 dropped = self.db.write(apply, f"pruning snapshot {id}")
             crash_point("prune.applied")
+            self.label_applies.forget(id)
             self.trash_after_apply(dropped)
             crash_point("prune.switched")
             self._finish(op)

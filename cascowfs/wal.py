@@ -58,6 +58,7 @@ class PendingOp:
     op: str
     kind: str
     args: dict = field(default_factory=dict)
+    finished: bool = False  # its FINALIZE is in the log too
 
 
 def new_op_id() -> str:
@@ -197,6 +198,11 @@ class WriteAheadLog:
 
     def pending(self) -> list[PendingOp]:
         """Operations prepared but not finalized, in log order. A torn tail is ignored."""
+        return [op for op in self.prepared() if not op.finished]
+
+    def prepared(self) -> list[PendingOp]:
+        """Every operation the log holds, finalized (``finished``) or not, in log order (a
+        label's replay looks at the later labels of its snapshot)."""
         ops: dict[Any, PendingOp] = {}  # by op id, as the log spells it
         with open(self.path, "rb") as fh:
             data = fh.read()
@@ -205,8 +211,8 @@ class WriteAheadLog:
                 continue  # whole, but of a shape replay cannot use: not an op of ours
             if rec.get("step") == "prepare":
                 ops[rec["op"]] = PendingOp(rec["op"], rec["kind"], rec.get("args", {}))
-            elif rec.get("step") == "finalize":
-                ops.pop(rec.get("op"), None)
+            elif rec.get("step") == "finalize" and rec.get("op") in ops:
+                ops[rec.get("op")].finished = True
         return list(ops.values())
 
     def checkpoint(self) -> None:

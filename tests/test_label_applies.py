@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from conftest import assert_fsck_clean, hypothesis_settings, open_store
 from support.processes import REPO, child_env, read_first_line
 from cascowfs.episodes import FindQuery, Predicate, parse_predicate
-from cascowfs.errors import BusyError, NotFoundError
+from cascowfs.errors import BusyError, NoSpaceError, NotFoundError
 from cascowfs.label_applies import redo
 from cascowfs.state import StateManager
 from cascowfs.wal import PendingOp
@@ -298,3 +298,74 @@ def test_redo_of_a_label_record_of_any_shape_never_raises(tmp_path_factory, args
         redo(db, Catalog(db.dbs), PendingOp("op1", "label", args))
     finally:
         db.close()
+
+
+def test_a_label_whose_transaction_failed_is_kept_by_the_later_labels(tmp_path, monkeypatch):
+    """A label's LMDB transaction fails (a full disk); later labels of the snapshot are
+    acknowledged and commit. Every one of them holds: live, and after a reopen, which used
+    to redo the failed label's older set over the newer ones."""
+    import cascowfs.label_applies as label_applies
+
+    store = tmp_path / "store"
+    real = label_applies.apply_label
+    fails = iter([True])
+
+    def failing_once(catalog, txn, op, id, labels):
+        if next(fails, False):
+            raise NoSpaceError("store disk is full (injected)")
+        return real(catalog, txn, op, id, labels)
+
+    with open_store(store) as sm:
+        sm.import_tree(_source(tmp_path), "s")
+        monkeypatch.setattr(label_applies, "apply_label", failing_once)
+        sm.label("s", {"a": "1", "visits": "1"})
+        sm.label("s", {"visits": "2"})
+        sm.label("s", {"b": "3"})
+        sm.label_applies.wait_applied()
+        monkeypatch.setattr(label_applies, "apply_label", real)
+        want = {"a": "1", "visits": "2", "b": "3"}
+        assert sm.snapshot("s").labels == want
+        assert recorded_labels(sm, "s") == want
+        assert sm.wal.pending() == []  # the failed one is applied by the later ones
+    assert_fsck_clean(store)
+    with open_store(store) as sm:
+        assert sm.snapshot("s").labels == want
+
+
+def test_replay_applies_a_snapshots_last_label_record_not_an_older_one(tmp_path):
+    """A failed label's record left open in the log (its FINALIZE lost) while a later label
+    of its snapshot committed: the next open must not roll the snapshot back to it."""
+    store = tmp_path / "store"
+    with open_store(store) as sm:
+        sm.import_tree(_source(tmp_path), "s", {"visits": "1"})
+        sm.wal.prepare("label", id="s", labels={"visits": "2"})  # never applied
+        sm.label("s", {"visits": "3"})
+        sm.label_applies.wait_applied()
+        assert [op.kind for op in sm.wal.pending()] == ["label"]
+    with open_store(store) as sm:
+        assert sm.snapshot("s").labels == {"visits": "3"}
+        assert sm.wal.pending() == []
+
+
+def test_a_failed_label_keeps_what_readers_see_until_a_later_one_lands(tmp_path, monkeypatch):
+    """The label acknowledged stays visible, and the next label composes on it."""
+    import cascowfs.label_applies as label_applies
+
+    real = label_applies.apply_label
+
+    def failing(catalog, txn, op, id, labels):
+        raise NoSpaceError("store disk is full (injected)")
+
+    with open_store(tmp_path / "store") as sm:
+        sm.import_tree(_source(tmp_path), "s")
+        monkeypatch.setattr(label_applies, "apply_label", failing)
+        sm.label("s", {"a": "1"})
+        sm.label_applies.wait_applied()
+        assert sm.snapshot("s").labels == {"a": "1"}
+        assert sm.label_applies.failed
+        monkeypatch.setattr(label_applies, "apply_label", real)
+        assert sm.label("s", {"b": "2"}) == {"a": "1", "b": "2"}
+        sm.label_applies.wait_applied()
+        assert recorded_labels(sm, "s") == {"a": "1", "b": "2"}
+        assert not sm.label_applies.failed
+        sm.prune("s")
