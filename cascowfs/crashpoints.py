@@ -21,6 +21,7 @@ CRASH_POINTS: tuple[str, ...] = (
     "import.applied",  # layer placed, LMDB transaction committed
     "import.switched",  # FINALIZE not written
     "branch.prepared",
+    "branch.mounted",  # the branch's directories made, its overlay made but attached nowhere
     "branch.applied",  # branch recorded, overlay not yet mounted
     "branch.switched",  # overlay mounted, FINALIZE not written
     "commit.prepared",
@@ -31,9 +32,12 @@ CRASH_POINTS: tuple[str, ...] = (
     # background)
     "commit.placed",  # the delta layer moved into layers/, not yet recorded as built
     "rebase.prepared",
+    "rebase.mounted",  # the branch's upper and work swapped for fresh ones, its new overlay
+    # made but attached nowhere; its old overlay still mounted over the old ones
     "rebase.applied",  # new parent recorded; overlay still on the old layers
     "rebase.switched",
     "reset.prepared",
+    "reset.mounted",  # as rebase.mounted
     "reset.applied",  # new parent recorded; overlay still on the old layers and old upper
     "reset.switched",
     "label.logged",  # WAL PREPARE flushed (the label is durable), LMDB transaction not queued

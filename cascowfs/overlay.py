@@ -36,6 +36,8 @@ _MOUNT_ATTR_NOSUID = 0x2
 _MOUNT_ATTR_NODEV = 0x4
 
 MAX_LOWER_LAYERS = 500  # the kernel's limit (OVL_MAX_STACK)
+# the mount table's source of what stands in for a branch's overlay that could not be mounted
+PLACEHOLDER_SOURCE = "cascowfs-unmounted"
 
 
 def _fs_messages(fs_fd: int) -> str:
@@ -98,7 +100,17 @@ def overlay_mount_fd(
     attrs = (_MOUNT_ATTR_RDONLY if readonly else 0) | (
         _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV if nosuid_nodev else 0
     )
-    return _new_mount_fd("overlay", shown, options, attrs)
+    mnt_fd = _new_mount_fd("overlay", shown, options, attrs)
+    # Overlayfs that cannot create its work directory (no block or inode left) mounts
+    # read-only rather than fail: a branch must be writable, so that is a full disk.
+    if upper is not None and not readonly and os.fstatvfs(mnt_fd).f_flag & os.ST_RDONLY:
+        os.close(mnt_fd)
+        raise MountError(
+            f"overlay mount at {shown} failed: No space left on device (overlayfs could not "
+            "create its work directory, and would have mounted it read-only)",
+            errno=errno.ENOSPC,
+        )
+    return mnt_fd
 
 
 def mount_erofs(target: Path, source: Path) -> None:
@@ -134,8 +146,22 @@ def _new_mount_fd(
         os.close(fs_fd)
 
 
-def _attach(fstype: str, target: Path, mnt_fd: int) -> None:
-    """Attach the new mount ``mnt_fd`` at ``target``; the descriptor is closed."""
+def mount_placeholder(target: Path) -> None:
+    """Mount an empty read-only tmpfs at ``target``, a branch's mount point whose overlay
+    could not be mounted: no write, root's included, lands in the bare directory, which the
+    overlay would hide once mounted over it. It takes no space on the store's disk."""
+    options: list[tuple[str, bytes | None]] = [
+        ("source", PLACEHOLDER_SOURCE.encode()),
+        ("size", b"4k"),
+        ("mode", b"0555"),
+    ]
+    _attach("tmpfs", target, _new_mount_fd("tmpfs", target, options, _MOUNT_ATTR_RDONLY))
+
+
+def attach(fstype: str, target: Path, mnt_fd: int) -> None:
+    """Attach the new mount ``mnt_fd`` (``overlay_mount_fd``) at ``target``; the descriptor
+    stays the caller's to close. It needs no space: a mount made ahead is attached after the
+    change it shows is recorded (``StateManager._repoint``)."""
     try:
         syscalls.call(
             "move_mount", mnt_fd, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH
@@ -144,6 +170,12 @@ def _attach(fstype: str, target: Path, mnt_fd: int) -> None:
         raise MountError(
             f"attaching {fstype} at {target} failed: {exc.strerror}", errno=exc.errno
         ) from None
+
+
+def _attach(fstype: str, target: Path, mnt_fd: int) -> None:
+    """``attach``, the descriptor closed."""
+    try:
+        attach(fstype, target, mnt_fd)
     finally:
         os.close(mnt_fd)
 

@@ -121,6 +121,8 @@ def recover(sm: StateManager, progress: bool) -> None:
     for op in pending:
         if op.op in applied:
             _roll_forward(sm, op, cache_lost)
+        elif op.kind in ("rebase", "reset"):
+            _roll_back_repoint(sm, op)
         elif op.kind == "label":  # acknowledged once logged: label_applies.py
             label_applies.redo(sm.db, sm.catalog, op, last_labels)
         else:
@@ -157,6 +159,16 @@ def _roll_forward(sm: StateManager, op: PendingOp, cache_lost: bool) -> None:
             overlay.unmount_stacked(sm.tree_path(op.args["name"]))
             sm.mount_branch(op.args["name"], branch, fresh_upper=True)
     # The other mount-side effects (discard, branch) are settled by reconcile from state.
+
+
+def _roll_back_repoint(sm: StateManager, op: PendingOp) -> None:
+    """A re-base or reset killed before its APPLY may have swapped the branch's upper and
+    work directories for the fresh ones it staged (``StateManager._swap_in_staged``): put
+    its own back under the mount that still uses them, before staging is emptied."""
+    name, staged = op.args.get("name"), op.args.get("staged")
+    if isinstance(name, str) and isinstance(staged, str) and Path(staged).name == staged:
+        if (sm.staging_dir / staged).is_dir() and (sm.branches_dir / name).is_dir():
+            sm.swap_back(name, sm.staging_dir / staged)
 
 
 def reconcile(sm: StateManager, cache_lost: bool = False, progress: bool = False) -> None:

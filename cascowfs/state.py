@@ -36,7 +36,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -203,6 +203,9 @@ class StateManager:
         self._background = BackgroundWorker(self._run_job)
         self._closing = threading.Event()  # set by close; cuts the background threads' waits short
         self._read_only = False
+        # branches whose overlay could not be mounted (a full disk), with why: a read-only
+        # placeholder stands at their mount point until an operation on them mounts them
+        self._unmounted: dict[str, CascowfsError] = {}
         # a store of format 7 or older opened read-only: its branches' uppers are where that
         # format kept them (recovery.check_format)
         self.legacy_branch_layout = False
@@ -463,34 +466,91 @@ class StateManager:
         sink.add(objects)
         return sid
 
-    def mount_branch(
-        self,
-        name: str,
-        rec: BranchRecord,
-        *,
-        fresh_upper: bool = False,
-        staged: Path | None = None,
-    ) -> None:
+    def mount_branch(self, name: str, rec: BranchRecord, *, fresh_upper: bool = False) -> None:
         """Mount branch ``name`` on the layers its record names (writing any not written yet),
-        over its upper directory, or an empty one (``fresh_upper``), or the empty upper and
-        work directories ``stage_branch_dirs`` made (``staged``, taken as they are)."""
+        over its upper directory, or an empty one (``fresh_upper``)."""
         self.layers.build_chain(rec.layers)
         with disk_errors(f"mounting branch {name}"):
             upper, work = self.make_branch_dirs(name)
             # a volatile mount refuses a work dir it used before a crash: always start it empty
             self.trash.put(work)
-            if staged is not None:
+            if fresh_upper or not upper.is_dir():
                 self.trash.put(upper)
-                os.rename(staged / "upper", upper)
-                os.rename(staged / "work", work)
-                self.trash.put(staged)
-            else:
-                if fresh_upper or not upper.is_dir():
-                    self.trash.put(upper)
-                    self._make_upper(upper, rec.base_root)
-                work.mkdir()
+                self._make_upper(upper, rec.base_root)
+            work.mkdir()
             with self.layers.mounted(rec.layers) as lowers:
                 overlay.mount_overlay(self.tree_path(name), lowers, upper, work)
+        self._unmounted.pop(name, None)
+        self._forget_file_caches(name)
+
+    def leave_unmounted(self, name: str, why: CascowfsError) -> None:
+        """Branch ``name``'s overlay could not be mounted (``why``: a full disk): a read-only
+        placeholder takes its mount point, so that nothing written there is hidden by the
+        overlay later, and the next commit, reset or rebase of it mounts it again
+        (``_mounted_again``); ``status`` and fsck report it meanwhile."""
+        log.warning(
+            "%s: branch %s is not mounted (%s); the next commit, reset or rebase of it mounts "
+            "it once there is room",
+            self.store,
+            name,
+            why,
+        )
+        self._unmounted[name] = why
+        try:
+            overlay.unmount_stacked(self.tree_path(name))
+            overlay.mount_placeholder(self.tree_path(name))
+        except (OSError, CascowfsError) as exc:
+            log.warning("%s: no placeholder at branch %s's mount point: %s", self.store, name, exc)
+
+    def _mounted_again(self, name: str, rec: BranchRecord) -> None:
+        """Mount branch ``name`` if it was left unmounted (``leave_unmounted``); if it still
+        cannot be, fail with why (under the branch's lock)."""
+        if name not in self._unmounted:
+            return
+        try:
+            overlay.unmount_stacked(self.tree_path(name))
+            self.mount_branch(name, rec)
+        except CascowfsError as exc:
+            self.leave_unmounted(name, exc)
+            raise self._not_mounted(name) from None
+
+    def _not_mounted(self, name: str) -> CascowfsError:
+        why = self._unmounted[name]
+        return type(why)(f"branch {name} is not mounted: {why.message}", errno=why.errno)
+
+    @contextmanager
+    def _new_branch_mount(
+        self, name: str, chain: list[str], upper: Path, work: Path
+    ) -> Iterator[int]:
+        """Branch ``name``'s overlay on ``chain`` over ``upper``, made but attached nowhere:
+        its descriptor, for ``_attach_branch`` after the APPLY. Making it is what may fail
+        (overlayfs creates directories in ``work``): before the APPLY, a full disk refuses
+        the op with nothing changed. The chain's images stay mounted inside the block."""
+        self.layers.keep_mounted(chain)
+        try:
+            lowers = self.layers.mount_chain(chain)
+            with disk_errors(f"mounting branch {name}"):
+                mnt_fd = overlay.overlay_mount_fd(self.tree_path(name), lowers, upper, work)
+            try:
+                yield mnt_fd
+            finally:
+                os.close(mnt_fd)
+        finally:
+            self.layers.let_go(chain)
+
+    def _attach_branch(self, name: str, mnt_fd: int, *, replacing: bool = True) -> None:
+        """After an APPLY: the overlay ``_new_branch_mount`` made takes branch ``name``'s
+        mount point, ``replacing`` what is mounted there (its old overlay, or the placeholder
+        of ``leave_unmounted``). Neither step takes space; if one fails anyway, the branch is
+        left unmounted, never shown on the old layers."""
+        try:
+            if replacing:
+                overlay.unmount(self.tree_path(name))
+            overlay.attach("overlay", self.tree_path(name), mnt_fd)
+        except CascowfsError as exc:
+            self.leave_unmounted(name, exc)
+            return
+        self._unmounted.pop(name, None)
         self._forget_file_caches(name)
 
     def _make_upper(self, upper: Path, base_root: str | None) -> None:
@@ -500,9 +560,8 @@ class StateManager:
 
     def stage_branch_dirs(self, snap: SnapshotRecord | None) -> Path:
         """Write ``snap``'s layers (None: the empty snapshot) and make an empty upper over it
-        and a work directory in staging, for an op that re-mounts a branch after its APPLY:
-        on a full disk it fails here, with nothing logged, rather than leave the branch
-        unmounted."""
+        and a work directory in staging, for an op that mounts a branch anew: on a full disk
+        it fails here, with nothing logged, rather than leave the branch unmounted."""
         self.layers.build_chain(snap.layers if snap else [])
         staged = self.staging_dir / f"dirs-{secrets.token_hex(5)}"
         try:
@@ -514,6 +573,35 @@ class StateManager:
             self._drop_staged(staged)
             raise
         return staged
+
+    def _swap_in_staged(self, name: str, staged: Path) -> None:
+        """Put the upper and work directories ``stage_branch_dirs`` made in ``staged`` in
+        place of branch ``name``'s, whose own go into ``staged`` (``old-upper``,
+        ``old-work``): its mount still works on them, wherever they are. Renames within
+        small directories: no space needed. A failure puts back what moved."""
+        try:
+            with disk_errors(f"re-basing branch {name}"):
+                upper = self.upper_path(name)
+                for kind, final in (("upper", upper), ("work", upper.parent / "work")):
+                    if os.path.lexists(final):
+                        os.rename(final, staged / f"old-{kind}")
+                    os.rename(staged / kind, final)
+        except BaseException:
+            self.swap_back(name, staged)
+            raise
+
+    def swap_back(self, name: str, staged: Path) -> None:
+        """Undo ``_swap_in_staged`` (idempotent: recovery redoes it after a kill -9 before
+        the op's APPLY), so the branch's mount works on its own directories again."""
+        upper = self.upper_path(name)
+        with disk_errors(f"restoring branch {name}'s directories"):
+            for kind, final in (("upper", upper), ("work", upper.parent / "work")):
+                old = staged / f"old-{kind}"
+                if not os.path.lexists(old):
+                    continue
+                if os.path.lexists(final):
+                    os.rename(final, staged / kind)
+                os.rename(old, final)
 
     def _drop_staged(self, staged: Path) -> None:
         """Trash what ``stage_branch_dirs`` made, for an op that fails: on a failing disk the
@@ -869,31 +957,32 @@ class StateManager:
                     pass  # the disk is failing; the next open reconciles from state
 
             # not flushed: state-reconciled
-            with self._logged_op(
-                "branch", name=name, parent=parent, durable=False, undo=undo
-            ) as op:
-                with disk_errors(f"creating branch {name}"):
-                    self.trash_branch_dir(name)  # leftovers of an earlier branch of that name
-                    upper, work = self.make_branch_dirs(name)
-                    self._make_upper(upper, rec.base_root)
-                    work.mkdir()
+            with ExitStack() as mount:
+                with self._logged_op(
+                    "branch", name=name, parent=parent, durable=False, undo=undo
+                ) as op:
+                    with disk_errors(f"creating branch {name}"):
+                        self.trash_branch_dir(name)  # leftovers of an earlier branch
+                        upper, work = self.make_branch_dirs(name)
+                        self._make_upper(upper, rec.base_root)
+                        work.mkdir()
+                    mnt_fd = mount.enter_context(
+                        self._new_branch_mount(name, rec.layers, upper, work)
+                    )
+                    crash_point("branch.mounted")
 
-                def apply(txn: lmdb.Transaction) -> BranchRecord:
-                    if self.catalog.find_branch(txn, name) is not None:
-                        raise ExistsError(f"branch {name!r} already exists")
-                    now = rec
-                    if parent is not None:  # not pruned meanwhile; its chain as it is now
-                        now = replace(rec, layers=self.catalog.snapshot(txn, parent).layers)
-                    self.layer_refs.hold(txn, now.layers)
-                    self.catalog.put_branch(txn, name, now)
-                    self.catalog.mark_applied(txn, op)
-                    return now
+                    def apply(txn: lmdb.Transaction) -> None:
+                        if self.catalog.find_branch(txn, name) is not None:
+                            raise ExistsError(f"branch {name!r} already exists")
+                        if parent is not None:  # not pruned meanwhile
+                            self._check_chain(txn, parent, rec.layers)
+                        self.layer_refs.hold(txn, rec.layers)
+                        self.catalog.put_branch(txn, name, rec)
+                        self.catalog.mark_applied(txn, op)
 
-                rec = self.db.write(apply, f"creating branch {name}")
-            crash_point("branch.applied")
-            self.layers.build_chain(rec.layers)  # a chain re-read in the transaction
-            with disk_errors(f"mounting branch {name}"), self.layers.mounted(rec.layers) as lowers:
-                overlay.mount_overlay(self.tree_path(name), lowers, upper, work)
+                    self.db.write(apply, f"creating branch {name}")
+                crash_point("branch.applied")
+                self._attach_branch(name, mnt_fd, replacing=False)
             crash_point("branch.switched")
             self._finish(op)
             return self._branch_info(name, rec)
@@ -925,51 +1014,81 @@ class StateManager:
                 old = self._branch_record(txn, name, branch_created_ns)
                 # NotFoundError before anything is logged
                 target = self.catalog.snapshot(txn, parent) if parent is not None else None
+            if kind == "rebase":
+                self._mounted_again(name, old)  # its changes show once it is
             if kind == "rebase" and self.status(name):
                 raise BusyError(
                     f"branch {name!r} has uncommitted changes; commit or discard them first"
                 )
             staged = self.stage_branch_dirs(target)
+            chain = target.layers if target else []
+            upper = self.upper_path(name)
             try:
-                with self._logged_op(kind, name=name, parent=parent) as op:
+                with ExitStack() as mount:
+                    # ``staged`` names where the branch's own directories wait for the APPLY:
+                    # recovery puts them back if it never comes (``swap_back``)
+                    with self._logged_op(kind, name=name, parent=parent, staged=staged.name) as op:
+                        self._swap_in_staged(name, staged)
+                        try:
+                            mnt_fd = mount.enter_context(
+                                self._new_branch_mount(name, chain, upper, upper.parent / "work")
+                            )
+                            crash_point(f"{kind}.mounted")
 
-                    def apply(txn: lmdb.Transaction) -> tuple[BranchRecord, list[str]]:
-                        result = self.repoint_branch(txn, name, old, parent)
-                        self.catalog.mark_applied(txn, op)
-                        return result
+                            def apply(txn: lmdb.Transaction) -> tuple[BranchRecord, list[str]]:
+                                if parent is not None:
+                                    self._check_chain(txn, parent, chain)
+                                result = self.repoint_branch(txn, name, old, parent, chain)
+                                self.catalog.mark_applied(txn, op)
+                                return result
 
-                    rec, dropped = self.db.write(apply, f"re-basing branch {name}")
+                            rec, dropped = self.db.write(apply, f"re-basing branch {name}")
+                        except BaseException:
+                            self.swap_back(name, staged)
+                            raise
+                    crash_point(f"{kind}.applied")
+                    self._attach_branch(name, mnt_fd)
             except BaseException:
                 self._drop_staged(staged)
                 raise
-            crash_point(f"{kind}.applied")
-            overlay.unmount(self.tree_path(name))
-            self.mount_branch(name, rec, staged=staged)
             self.trash_after_apply(dropped)
+            self._drop_staged(staged)  # the old upper and work directories
             crash_point(f"{kind}.switched")
             self._finish(op)
             self._background.put(EmptyTrash())
             return self._branch_info(name, rec)
 
     def repoint_branch(
-        self, txn: lmdb.Transaction, name: str, old: BranchRecord, parent: str | None
+        self,
+        txn: lmdb.Transaction,
+        name: str,
+        old: BranchRecord,
+        parent: str | None,
+        chain: list[str] | None = None,
     ) -> tuple[BranchRecord, list[str]]:
         """Record branch ``name`` (record ``old``) as showing snapshot ``parent`` (None: an
-        empty tree) on that snapshot's layers as they are now. Returns the new record and the
-        layers that lost their last reference (their directories can go)."""
+        empty tree) on ``chain`` (``_check_chain``), or that snapshot's layers as they are
+        now. Returns the new record and the layers that lost their last reference (their
+        directories can go)."""
         snap = self.catalog.snapshot(txn, parent) if parent is not None else None
-        rec = replace(
-            old,
-            parent=parent,
-            base_root=snap.root if snap else None,
-            layers=snap.layers if snap else [],
-        )
+        if chain is None:
+            chain = snap.layers if snap else []
+        rec = replace(old, parent=parent, base_root=snap.root if snap else None, layers=chain)
         self.layer_refs.hold(txn, rec.layers)
         if old.base_root:
             self.collector.note_garbage(txn)
         dropped = self.layer_refs.release(txn, old.layers)
         self.catalog.put_branch(txn, name, rec)
         return rec, dropped
+
+    def _check_chain(self, txn: lmdb.Transaction, parent: str, chain: list[str]) -> None:
+        """Inside the APPLY of an op that mounted a branch on ``chain``, snapshot ``parent``'s
+        chain when the op read it: the snapshot must still exist (NotFoundError), and so must
+        every layer of the chain, which a merge of it since may have dropped (BusyError). A
+        chain the merge replaced but whose layers live on still shows the snapshot's tree."""
+        cur = self.catalog.snapshot(txn, parent)
+        if cur.layers != chain and any(self.catalog.find_layer(txn, lid) is None for lid in chain):
+            raise BusyError(f"the layers of snapshot {parent} changed meanwhile; try again")
 
     def _branch_record(
         self, txn: lmdb.Transaction, name: str, created_ns: int | None
@@ -1018,6 +1137,7 @@ class StateManager:
         with self.db.read() as txn:
             rec = self._branch_record(txn, name, branch_created_ns)
             parent = self.catalog.snapshot(txn, rec.parent) if rec.parent else None
+        self._mounted_again(name, rec)  # a commit takes what the branch shows
         id = self._claim_id(id)
         layer = secrets.token_hex(5)
 
@@ -1111,6 +1231,7 @@ class StateManager:
 
                 dropped = self.db.write(apply, f"discarding branch {name}")
             crash_point("discard.applied")
+            self._unmounted.pop(name, None)
             # the mount travels with its directory into the trash (trash.py says why)
             self.trash_after_apply(dropped, branch=name)
             self._forget_file_caches(name)
@@ -1345,8 +1466,11 @@ class StateManager:
     # queries
     # ------------------------------------------------------------------------------------
     def status(self, name: str) -> list[Change]:
-        """The branch's changes against its parent, as a reader of the branch sees them."""
+        """The branch's changes against its parent, as a reader of the branch sees them (a
+        branch left unmounted shows none: the error says why it is not mounted)."""
         name = check_branch_name(name)
+        if name in self._unmounted:
+            raise self._not_mounted(name)
         with self.db.read() as txn:
             rec = self.catalog.branch(txn, name)
             parent = self.catalog.snapshot(txn, rec.parent) if rec.parent else None

@@ -28,7 +28,7 @@ from cascowfs.state import StateManager
 # a collection follows an applied prune; a commit's layer is written after the commit
 # a label is durable once its WAL record is flushed ("logged"), before LMDB applies it
 APPLIED_STEPS = {"logged", "applied", "switched", "marked", "swept", "written", "placed"}
-NOT_APPLIED_STEPS = {"prepared", "sealing", "chunks", "staged", "moved", "fetched"}
+NOT_APPLIED_STEPS = {"prepared", "mounted", "sealing", "chunks", "staged", "moved", "fetched"}
 
 CHILD = r"""
 import sys

@@ -18,8 +18,10 @@ needs the layer) gets the ENOSPC instead, with nothing recorded. Otherwise, in e
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import random
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +30,8 @@ import pytest
 
 from conftest import (assert_fsck_clean, assert_same_view, check_live, dir_view, force_unmount_below,
                       loop_ext4, needs_loop, open_store, run_child, snapshot_view)
-from cascowfs.errors import NoSpaceError
+from support.loopdev import mounted_image
+from cascowfs.errors import CascowfsError, NoSpaceError
 from cascowfs.state import StateManager
 
 pytestmark = needs_loop
@@ -307,3 +310,96 @@ def test_a_store_on_a_full_disk_opens_to_free_space(tmp_path, track_store):
         with open_store(store) as sm:
             assert [s.id for s in sm.snapshots()] == ["base"]
             assert_same_view(snapshot_view(sm, "base"), dir_view(small), "base")
+
+
+# ---------------------------------------------------------------------------------------------
+# no inode left for a branch's overlay (overlayfs makes directories in its work directory)
+# ---------------------------------------------------------------------------------------------
+@contextmanager
+def _disk_of_few_inodes(tmp_path: Path, track_store) -> Iterator[tuple[Path, Path]]:
+    """A fresh 64 MiB ext4 of 2,000 inodes, quick to run out of, and a store on it."""
+    img = tmp_path / "fs" / "disk.img"
+    img.parent.mkdir(parents=True)
+    with open(img, "wb") as fh:
+        fh.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-N", "2000", str(img)],
+                   check=True, capture_output=True)
+    try:
+        with mounted_image(img, tmp_path / "fs" / "disk") as disk:
+            store = track_store(disk / "store")
+            try:
+                yield disk, store
+            finally:
+                force_unmount_below(store)
+    finally:
+        img.unlink(missing_ok=True)
+
+
+def use_up_inodes(disk: Path) -> Path:
+    """Create empty files until no inode is left; returns their directory."""
+    ballast = disk / "inodes"
+    ballast.mkdir(exist_ok=True)
+    for i in itertools.count():
+        try:
+            (ballast / f"i{i}").touch()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            return ballast
+
+
+def _out_of_inodes_once_mounting(sm: StateManager, disk: Path) -> list[Path]:
+    """Run out of inodes when the next branch overlay is about to be made: every directory
+    the operation needs before it is made, the overlay's own are not."""
+    keep_mounted = sm.layers.keep_mounted
+    used: list[Path] = []
+
+    def then_full(chain):
+        if not used:
+            used.append(use_up_inodes(disk))
+        return keep_mounted(chain)
+
+    sm.layers.keep_mounted = then_full  # type: ignore[method-assign]
+    return used
+
+
+@pytest.mark.parametrize("op", ["reset", "rebase", "branch"])
+def test_an_overlay_that_cannot_be_made_refuses_the_op_and_changes_nothing(
+        tmp_path, track_store, op):
+    """The overlay of a reset, re-base or new branch needs inodes of its own. It is made
+    before the APPLY: on a full disk the op fails with ENOSPC and the branch is as it was,
+    mounted, changes included (it used to be repointed and left unmounted, so a write went
+    into the bare directory and the next commit took the new parent's tree instead)."""
+    src = random_tree(tmp_path / "src", 100_000, seed=8)
+    with _disk_of_few_inodes(tmp_path, track_store) as (disk, store):
+        sm = StateManager.open(store)
+        try:
+            sm.import_tree(src, "root")
+            tree = sm.create_branch("b", "root").tree
+            (tree / "mine").write_text("v1")
+            sm.commit("b", "s1")
+            if op == "reset":
+                (tree / "uncommitted").write_text("agent work")
+            view = dir_view(tree)
+            used = _out_of_inodes_once_mounting(sm, disk)
+            call = {"reset": lambda: sm.reset("b", "root"),
+                    "rebase": lambda: sm.rebase("b", "root"),
+                    "branch": lambda: sm.create_branch("c", "s1")}[op]
+            with pytest.raises(CascowfsError) as info:
+                call()
+            assert used and info.value.errno == errno.ENOSPC, info.value
+            assert [b.name for b in sm.branches()] == ["b"]
+            assert sm.branch("b").parent == "s1"
+            assert os.path.ismount(tree)
+            assert_same_view(dir_view(tree), view, "branch after the refused operation")
+            assert sm.wal.pending() == []
+            unfill(used[0])
+            (tree / "after").write_text("written after the refused operation")
+            sm.commit("b", "s2")
+            assert_same_view(snapshot_view(sm, "s2"), dir_view(tree), "the next commit")
+            assert "uncommitted" in os.listdir(tree) or op != "reset"
+            call()
+            check_live(sm, deep=True)
+        finally:
+            sm.close()
+        assert_fsck_clean(store)
