@@ -12,6 +12,7 @@ the layers recorded since the last syncfs are rebuilt before anything is mounted
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -20,9 +21,9 @@ from typing import TYPE_CHECKING
 import lmdb
 
 from . import durability, label_applies, overlay
-from .catalog import CHAIN_NODES_FORMAT, STORE_FORMAT
+from .catalog import CHAIN_NODES_FORMAT, STORE_FORMAT, BranchRecord
 from .crashpoints import crash_point
-from .errors import StoreIOError
+from .errors import CascowfsError, StoreIOError
 from .wal import PendingOp
 
 if TYPE_CHECKING:  # the StateManager opens a store through this module
@@ -157,7 +158,7 @@ def _roll_forward(sm: StateManager, op: PendingOp, cache_lost: bool) -> None:
             branch = sm.catalog.find_branch(txn, op.args["name"])
         if branch is not None:
             overlay.unmount_stacked(sm.tree_path(op.args["name"]))
-            sm.mount_branch(op.args["name"], branch, fresh_upper=True)
+            _mount(sm, op.args["name"], branch, fresh_upper=True)
     # The other mount-side effects (discard, branch) are settled by reconcile from state.
 
 
@@ -169,6 +170,17 @@ def _roll_back_repoint(sm: StateManager, op: PendingOp) -> None:
     if isinstance(name, str) and isinstance(staged, str) and Path(staged).name == staged:
         if (sm.staging_dir / staged).is_dir() and (sm.branches_dir / name).is_dir():
             sm.swap_back(name, sm.staging_dir / staged)
+
+
+def _mount(sm: StateManager, name: str, rec: BranchRecord, *, fresh_upper: bool) -> None:
+    """Mount branch ``name``; on a full disk, leave it unmounted and open the store anyway:
+    freeing space (prune, discard, gc) needs it open."""
+    try:
+        sm.mount_branch(name, rec, fresh_upper=fresh_upper)
+    except CascowfsError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        sm.leave_unmounted(name, exc)
 
 
 def reconcile(sm: StateManager, cache_lost: bool = False, progress: bool = False) -> None:
@@ -210,7 +222,7 @@ def reconcile(sm: StateManager, cache_lost: bool = False, progress: bool = False
             sm.trash_branch_dir(name)
     for name, rec in branches.items():
         if str(sm.tree_path(name)) not in seen:
-            sm.mount_branch(name, rec, fresh_upper=False)
+            _mount(sm, name, rec, fresh_upper=False)
     # image mounts no overlay stacks any more (a killed run's, a pruned layer's)
     sm.layers.unmount_unused()
 

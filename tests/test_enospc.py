@@ -32,6 +32,7 @@ from conftest import (assert_fsck_clean, assert_same_view, check_live, dir_view,
                       loop_ext4, needs_loop, open_store, run_child, snapshot_view)
 from support.loopdev import mounted_image
 from cascowfs.errors import CascowfsError, NoSpaceError
+from cascowfs.fsck import fsck_store
 from cascowfs.state import StateManager
 
 pytestmark = needs_loop
@@ -400,6 +401,52 @@ def test_an_overlay_that_cannot_be_made_refuses_the_op_and_changes_nothing(
             assert "uncommitted" in os.listdir(tree) or op != "reset"
             call()
             check_live(sm, deep=True)
+        finally:
+            sm.close()
+        assert_fsck_clean(store)
+
+
+def test_a_full_disk_leaves_a_branch_unmounted_and_the_store_serving(tmp_path, track_store):
+    """A branch whose overlay cannot be mounted at open (no inode left) does not keep the
+    store from opening: it is reported, nothing can be written at its mount point, space can
+    be freed, and the next commit of it mounts it once there is room, its work intact."""
+    src = random_tree(tmp_path / "src", 100_000, seed=9)
+    with _disk_of_few_inodes(tmp_path, track_store) as (disk, store):
+        sm = StateManager.open(store)
+        try:
+            sm.import_tree(src, "root")
+            sm.import_tree(src, "old")
+            tree = sm.create_branch("b", "root").tree
+            (tree / "work").write_text("uncommitted")
+            view = dir_view(tree)
+        finally:
+            sm.close(unmount_branches=True)
+        ballast = use_up_inodes(disk)
+        sm = StateManager.open(store)
+        try:
+            with pytest.raises(OSError) as info:
+                (tree / "lost").write_text("into the bare mount point")
+            assert info.value.errno == errno.EROFS
+            with pytest.raises(CascowfsError, match="branch b is not mounted") as why:
+                sm.status("b")
+            assert why.value.errno == errno.ENOSPC
+            sm.prune("old")  # freeing space works
+        finally:
+            sm.close()
+        report = fsck_store(store, deep=False)
+        assert report.problems == ["invariant 4: branch b is not mounted"], report.problems
+        unfill(ballast)
+        with open_store(store) as sm:
+            assert_same_view(dir_view(tree), view, "branch mounted at the next open")
+        sm = StateManager.open(store)  # unmounted again, then mounted by the next commit
+        try:
+            sm.unmount_branch("b")
+            sm.leave_unmounted("b", NoSpaceError("store disk is full"))
+            assert sm.commit("b", "c1") == "c1"
+            assert os.path.ismount(tree)
+            assert_same_view(dir_view(tree), view, "branch mounted by its commit")
+            assert_same_view(snapshot_view(sm, "c1"), view, "its commit")
+            check_live(sm)
         finally:
             sm.close()
         assert_fsck_clean(store)
