@@ -102,6 +102,16 @@ __all__ = [
     "resolve_import_source",
 ]
 
+# How often an op that mounts a branch before its APPLY is made again when a merge dropped a
+# layer of the chain it mounted meanwhile (``_retrying_on_chain``).
+CHAIN_ATTEMPTS = 3
+
+
+class ChainChangedError(BusyError):
+    """The layers an op mounted a branch on are gone since (a merge of the snapshot's chain
+    dropped one before the op's APPLY): the op changed nothing and may be made again."""
+
+
 # What a store directory holds; a directory holding nothing else (and no metadata database)
 # is what an interrupted creation leaves, which a creating open finishes.
 STORE_ENTRIES = frozenset(
@@ -935,6 +945,21 @@ class StateManager:
         name = check_branch_name(name)
         if parent is not None:
             parent = check_snapshot_id(parent)
+        return self._retrying_on_chain(lambda: self._create_branch(name, parent))
+
+    def _retrying_on_chain(self, attempt: Callable[[], BranchInfo]) -> BranchInfo:
+        """``attempt``, an op that mounts a branch on a snapshot's chain before its APPLY, made
+        again while a merge of that chain dropped one of its layers in between (a window of
+        milliseconds; a refused attempt changed nothing)."""
+        for left in range(CHAIN_ATTEMPTS - 1, -1, -1):
+            try:
+                return attempt()
+            except ChainChangedError:
+                if not left:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _create_branch(self, name: str, parent: str | None) -> BranchInfo:
         with self._branch_op(name):
             with self.db.read() as txn:
                 if self.catalog.find_branch(txn, name) is not None:
@@ -992,12 +1017,15 @@ class StateManager:
     ) -> BranchInfo:
         """Point an unmodified branch at another snapshot (BusyError if it has changes).
         ``branch_created_ns``: the branch meant, as ``_branch_record`` checks it."""
-        return self._repoint(name, parent, "rebase", branch_created_ns)
+        return self._retrying_on_chain(
+            lambda: self._repoint(name, parent, "rebase", branch_created_ns)
+        )
 
     def reset(self, name: str, parent: str) -> BranchInfo:
         """Drop the branch's changes and point it at snapshot ``parent``, in one step: a
         rollback of a tree search's agent to any node."""
-        return self._repoint(name, check_snapshot_id(parent), "reset")
+        parent = check_snapshot_id(parent)
+        return self._retrying_on_chain(lambda: self._repoint(name, parent, "reset"))
 
     def _repoint(
         self, name: str, parent: str | None, kind: str, branch_created_ns: int | None = None
@@ -1088,7 +1116,7 @@ class StateManager:
         chain the merge replaced but whose layers live on still shows the snapshot's tree."""
         cur = self.catalog.snapshot(txn, parent)
         if cur.layers != chain and any(self.catalog.find_layer(txn, lid) is None for lid in chain):
-            raise BusyError(f"the layers of snapshot {parent} changed meanwhile; try again")
+            raise ChainChangedError(f"the layers of snapshot {parent} changed meanwhile; try again")
 
     def _branch_record(
         self, txn: lmdb.Transaction, name: str, created_ns: int | None

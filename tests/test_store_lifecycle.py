@@ -491,3 +491,37 @@ def test_concurrent_agents_keep_the_store_exact(tmp_path, monkeypatch, tiny):
         assert not failures, "\n".join(failures)
         assert sm.branches() == []
         check_live(sm, deep=True)
+
+
+def test_an_op_whose_chain_a_merge_dropped_is_made_again(sm, monkeypatch):
+    """A branch, re-base or reset mounts the snapshot's chain before its APPLY; a merge that
+    dropped a layer of it in between refuses the attempt with nothing changed, and the op is
+    made again on the chain as it is then. Only an op refused every time fails, EBUSY."""
+    from cascowfs.state import CHAIN_ATTEMPTS, ChainChangedError
+
+    tree = sm.create_branch("a").tree
+    (tree / "f").write_text("one\n")
+    sm.commit("a", "s1")
+    real = StateManager._check_chain
+    refusals = {"left": 1}
+
+    def merged_meanwhile(self, txn, parent, chain):
+        if refusals["left"]:
+            refusals["left"] -= 1
+            raise ChainChangedError(f"the layers of snapshot {parent} changed meanwhile")
+        return real(self, txn, parent, chain)
+
+    monkeypatch.setattr(StateManager, "_check_chain", merged_meanwhile)
+    for op in (lambda: sm.create_branch("b", "s1"), lambda: sm.reset("a", "s1"),
+               lambda: sm.rebase("b", "s1")):
+        refusals["left"] = 1
+        info = op()
+        assert refusals["left"] == 0 and info.parent == "s1"
+    assert (sm.tree_path("b") / "f").read_text() == "one\n"
+    refusals["left"] = CHAIN_ATTEMPTS
+    with pytest.raises(BusyError, match="changed meanwhile"):
+        sm.create_branch("c", "s1")
+    assert refusals["left"] == 0
+    assert "c" not in [b.name for b in sm.branches()]
+    monkeypatch.undo()
+    check_live(sm)
