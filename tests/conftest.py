@@ -36,6 +36,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from cascowfs import overlay
 from support.loopdev import loop_ext4, make_ext4_image, mounted_image
 from support.mounts import Mount, all_mounts, force_unmount_below, mounts_below
 from support.processes import (REPO, alive, child_env, descendant_processes,
@@ -143,7 +144,8 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 
     # 1. mounts made by this run
     new = [m for m in all_mounts() if m.mount_id not in _START_MOUNTS
-           and (m.fstype in ("overlay", "erofs") or m.fstype.startswith("fuse"))]
+           and (m.fstype in ("overlay", "erofs") or m.fstype.startswith("fuse")
+                or m.source == overlay.PLACEHOLDER_SOURCE)]  # an unmounted branch's tmpfs
     stores = [str(s) for s in STORES]
     ours = [m for m in new if (basetemp and m.target.startswith(basetemp + "/"))
             or any(m.target.startswith(s + "/") for s in stores)]

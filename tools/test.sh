@@ -13,7 +13,9 @@ bash tools/lint.sh || { echo "lint FAILED (tools/lint.sh)" >&2; exit 1; }
 status=0
 .venv/bin/python -m pytest -ra "$@" || status=$?
 
-leaks=$(grep -E ' (fuse\.cascowfs|overlay) ' /proc/mounts | grep -E 'cascowfs|pytest' || true)
+# (cascowfs-unmounted: the read-only placeholder of a branch a full disk left unmounted)
+leaks=$(grep -E '^cascowfs-unmounted | (fuse\.cascowfs|overlay) ' /proc/mounts \
+    | grep -E 'cascowfs|pytest' || true)
 if [ -n "$leaks" ]; then
     echo "LEAK: mounts left behind by the test run:" >&2
     echo "$leaks" >&2
