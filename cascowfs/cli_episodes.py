@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import TextIO
 
 from .client import Client
-from .episodes import OBS_KEY
+from .episodes import MAX_PREDICATES, OBS_KEY
 from .errors import NotFoundError
 from .names import label_words
 from .pathquote import quote
@@ -191,7 +191,8 @@ def add_verbs(verb: Verb) -> None:
         cmd_find,
         "snapshot ids whose labels match every PREDICATE, one a line",
         "PREDICATE: KEY=V, KEY!=V, KEY<V, KEY<=V, KEY>V, KEY>=V (numeric when both sides "
-        "are numbers) or has:KEY (has:obs: a stored observation).",
+        "are numbers) or has:KEY (has:obs: a stored observation); at most "
+        f"{MAX_PREDICATES} of them.",
     )
     p.add_argument("mountpoint", metavar="MNT")
     p.add_argument("predicates", nargs="*", metavar="PREDICATE")

@@ -11,12 +11,14 @@ import pytest
 from hypothesis import given, strategies as st
 
 from cascowfs.catalog import AFTER_TEXT, TEXT_TAG, Catalog, Observation, SnapshotRecord, sort_bytes
-from cascowfs.episodes import (FindQuery, Predicate, descendants, find, parse_find,
-                               parse_predicate)
+from cascowfs import episodes
+from cascowfs.episodes import (MAX_PREDICATES, FindQuery, Predicate, descendants, find,
+                               label_matcher, parse_find, parse_predicate)
 from cascowfs.errors import InvalidArgumentError, NotFoundError
 from cascowfs.metadb import MetaDB
 from cascowfs.names import LABEL_NUMBER_RE as NUMBER_RE
 from cascowfs.names import check_labels, parse_labels
+from cascowfs.wire import parse_command
 
 from conftest import hypothesis_settings
 
@@ -356,3 +358,38 @@ def test_obs_is_no_label_key():
             check_labels(bad)
     with pytest.raises(InvalidArgumentError, match="reserved"):
         parse_labels(["obs=@/etc/passwd"])
+
+
+def test_more_predicates_than_the_cap_are_invalid_wherever_they_come_from():
+    """Any caller may send find: a 64 KiB command held 6,500 predicates, each a pass over the
+    candidates. Beyond MAX_PREDICATES the query is EINVAL naming the cap, through ctl and
+    through the matcher of a remote's listing alike."""
+    at_cap = ["has:reward"] + [f"visits!={n}" for n in range(MAX_PREDICATES - 1)]
+    assert len(parse_find([*at_cap, "--sort", "reward", "--limit", "1"]).predicates) == 64
+    for words in ([*at_cap, "visits!=x"], ["visits!=2"] * 6500):
+        with pytest.raises(InvalidArgumentError, match=f"at most {MAX_PREDICATES}"):
+            parse_find(words)
+        with pytest.raises(InvalidArgumentError, match=f"at most {MAX_PREDICATES}"):
+            parse_command(("find " + " ".join(words)).encode())
+        with pytest.raises(InvalidArgumentError, match=f"at most {MAX_PREDICATES}"):
+            label_matcher(words)
+    assert label_matcher(at_cap)({"reward": "1", "visits": "-1"}, False)
+
+
+@pytest.mark.parametrize("sort", [[], ["--sort", "-reward", "--limit", "5"]])
+def test_a_query_tests_each_candidates_value_once_a_key(catalog, monkeypatch, sort):
+    """The cost of find is candidates x distinct keys, not x predicates: a predicate given
+    again, or another one on the same key, reads and parses no value again."""
+    db, cat = catalog
+    n = 300
+    db.write(lambda txn: [cat.put_snapshot(txn, f"s{i:03d}", _record(
+        None, {"reward": str(i), "visits": str(i)})) for i in range(n)])
+    parsed = []
+    real = episodes.label_number
+    monkeypatch.setattr(episodes, "label_number", lambda text: parsed.append(text) or real(text))
+    words = ["has:reward"] + ["visits!=2"] * 40 + [f"visits<{k}" for k in range(100, 123)]
+    with db.read() as txn:
+        got = find(cat, txn, parse_find(words + sort))
+    assert got == ([f"s{i:03d}" for i in range(100) if i != 2] if not sort else
+                   [f"s{i:03d}" for i in range(99, 94, -1)])
+    assert len(parsed) <= 2 * n + len(words)  # values once (+ the sort key's), bounds once
