@@ -1533,6 +1533,11 @@ class StateManager:
                 for id, rec in self.catalog.snapshots(txn, skip_damaged=True)
             ]
 
+    def snapshot_ids(self) -> list[str]:
+        """Every snapshot's id, in byte order, without decoding a record."""
+        with self.db.read() as txn:
+            return self.catalog.snapshot_ids(txn)
+
     def snapshot(self, id: str) -> SnapshotInfo:
         id = check_snapshot_id(id)
         labels = self.label_applies.labels_of(id)  # before the record: label_applies.py

@@ -26,12 +26,11 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyfuse3
-import trio
 
 from .. import wire
 from ..errors import CascowfsError
@@ -101,6 +100,9 @@ class Feeds:
     def __init__(self, sm: StateManager, table: InodeTable, root: Node) -> None:
         self.metrics = DaemonMetrics(sm)
         self.events = EventRing()
+        # Operations other than queries ended so far: a generated file made after the n-th
+        # shows at least what it changed (``SharedContent``).
+        self.changes = 0
         self.nodes = {
             name: table.add_pinned(FeedNode(ino, name=name, parent=root, which=name.decode()))
             for name, ino in ((b"metrics", METRICS_INO), (b"events", EVENTS_INO))
@@ -135,6 +137,8 @@ class Feeds:
         unexpected: bool,
     ) -> None:
         seconds = time.perf_counter() - started
+        if record.op not in wire.QUERY_VERBS:
+            self.changes += 1
         result = errno.errorcode.get(code, str(code)) if code else "ok"
         event = OperationEvent(
             started_ns, record.op, record.names, result, seconds * 1e3, record.id
@@ -176,14 +180,17 @@ class Feeds:
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime
         return attr
 
-    async def open(self, node: FeedNode, flags: int) -> tuple[MetricsHandle | EventsReader, bool]:
-        """The handle of an open of ``node``, and whether it is a stream (not seekable)."""
+    async def open(
+        self, node: FeedNode, flags: int, run: Callable[[Callable[[], bytes]], Awaitable[bytes]]
+    ) -> tuple[MetricsHandle | EventsReader, bool]:
+        """The handle of an open of ``node``, and whether it is a stream (not seekable);
+        ``run`` runs a blocking call in a worker thread."""
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EACCES)
         if node.which == "events":
             return EventsReader.opened(self.events), True
         # a scrape reads the store: off the FUSE thread
-        content = await trio.to_thread.run_sync(self.metrics.exposition)
+        content = await run(self.metrics.exposition)
         return MetricsHandle(content), False
 
 

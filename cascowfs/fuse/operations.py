@@ -3,8 +3,9 @@
 Layout and the rules it follows:
 
 * ``ctl``, ``snapshots/``, ``branches/``, ``episodes`` and ``observations/`` form a fixed
-  skeleton (pinned inodes). ``episodes`` is generated at each open (JSON Lines, one snapshot a
-  line); ``observations/<id>`` serves a snapshot's large observation from the CAS, read-only.
+  skeleton (pinned inodes). ``episodes`` is generated at open (JSON Lines, one snapshot a
+  line), once per state and shared by the opens that see it; ``observations/<id>`` serves a
+  snapshot's large observation from the CAS, read-only.
 * ``snapshots/<id>/...`` is served straight from the CAS through ``StateManager.root_entry``,
   ``read_tree`` and ``read_file``; those are short LMDB read transactions and run inline on the
   trio thread. Everything is immutable, so attributes and entries are cached by the kernel for a
@@ -15,7 +16,9 @@ Layout and the rules it follows:
 * Every state change (and every query that may walk a directory or wait for the store's operation
   lock) runs in a worker thread via ``trio.to_thread.run_sync``, so a long commit never stalls
   the reads of other requests. A ``label`` through ``ctl`` is the exception: it stays on the
-  trio thread where it would not block (``inline_labels.py``).
+  trio thread where it would not block (``inline_labels.py``). The reads of callers outside
+  the admin group run in threads of their own instead, and what open files keep is charged to
+  their uid's budget (``budgets.py``).
 * Engine errors are ``CascowfsError`` subclasses carrying their errno; they are turned into
   ``pyfuse3.FUSEError`` exactly once, by the ``edge`` decorator on every handler. An unexpected
   exception becomes EIO and is logged: pyfuse3 would otherwise stop its main loop.
@@ -47,8 +50,17 @@ from ..names import check_branch_name, check_snapshot_id
 from ..privacy import Caller
 from ..state import StateManager
 from . import control
+from .budgets import ENTRY_BYTES, Budgets, Charge, Generated, ReaderThreads, SharedContent
 from .ctl_lanes import CtlLanes
-from .feeds import FEED_HANDLES, FeedNode, Feeds, OperationRecord, read_feed, unparsed
+from .feeds import (
+    FEED_HANDLES,
+    FeedNode,
+    Feeds,
+    MetricsHandle,
+    OperationRecord,
+    read_feed,
+    unparsed,
+)
 from .inline_labels import InlineLabels
 from .inodes import (
     BRANCHES_INO,
@@ -131,17 +143,23 @@ def _err(code: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(code)
 
 
+REPLIES_KEPT = 1024  # unread replies an open ctl file keeps, the oldest dropped first
+REPLY_BYTES_KEPT = 1 << 20  # and their bytes: the newest reply is kept whatever its size
+
+
 @dataclass(eq=False)
 class CtlHandle:
     # write(2) requests carry no credentials in FUSE: like Unix permission checks, the caller's
     # right to change state is decided when the file is opened.
     lane: CtlNode
+    charge: Charge
     admin: bool = False
     caller: Caller | None = None  # whose access an import's source is checked against
     # A write-only open can never read a reply: its write's result is the whole answer.
     keeps_replies: bool = True
-    replies: deque[bytes] = field(default_factory=lambda: deque(maxlen=1024))
+    replies: deque[bytes] = field(default_factory=deque)
     partial: bytes = b""  # unread tail of a reply that a short read split
+    unread: int = 0  # bytes of replies and partial
 
 
 @dataclass(eq=False)
@@ -156,7 +174,7 @@ class BranchFileHandle:
 
 @dataclass(eq=False)
 class GeneratedHandle:
-    content: bytes  # generated at open: every read of one open file sees one version
+    piece: Generated  # generated at open: every read of one open file sees one version
 
 
 @dataclass(eq=False)
@@ -167,6 +185,7 @@ class LeafHandle:
 @dataclass(eq=False)
 class DirHandle:
     node: Node
+    admin: bool = False  # whose listings run in the shared worker threads
     items: list[tuple[bytes, Any]] | None = None  # (name, what _child needs), "."/".." first
 
 
@@ -229,6 +248,10 @@ class CascowOperations(pyfuse3.Operations):
             **self.feeds.nodes,
         }
         self._handles: dict[int, Any] = {}
+        self._charges: dict[int, Charge] = {}  # fh -> what it costs its uid (budgets.py)
+        self.budgets = Budgets()
+        self.readers = ReaderThreads()
+        self.episodes_shared = SharedContent()
         self._fh = itertools.count(1)
         # Hard-link group sizes per snapshot root tree id (immutable, so cached for good).
         self._links: dict[bytes, Counter[bytes]] = {}
@@ -243,6 +266,13 @@ class CascowOperations(pyfuse3.Operations):
         inline, since a thread hop costs more (~140 us) than the query itself.
         """
         return await trio.to_thread.run_sync(functools.partial(fn, *args))
+
+    async def _read_q(self, admin: bool, uid: int, fn: Callable[..., T], *args: Any) -> T:
+        """``_q`` for a read: an admin's in the shared threads, anyone else's in the few
+        ``ReaderThreads`` (budgets.py), which state changes never wait for."""
+        if admin:
+            return await self._q(fn, *args)
+        return await self.readers.run(uid, fn, *args)
 
     def _node(self, ino: int) -> Node:
         node = self.table.get(ino)
@@ -276,10 +306,17 @@ class CascowOperations(pyfuse3.Operations):
         if not self._is_admin(ctx):
             raise PermissionDeniedError(f"{what}: only root or the admin group may change state")
 
-    def _new_handle(self, obj: Any) -> int:
+    def _new_handle(self, obj: Any, charge: Charge) -> int:
         fh = next(self._fh)
         self._handles[fh] = obj
+        self._charges[fh] = charge
         return fh
+
+    def _drop_handle(self, fh: int) -> Any:
+        charge = self._charges.pop(fh, None)
+        if charge is not None:
+            self.budgets.closed(charge)
+        return self._handles.pop(fh, None)
 
     def _handle(self, fh: int) -> Any:
         obj = self._handles.get(fh)
@@ -590,6 +627,16 @@ class CascowOperations(pyfuse3.Operations):
         """``episodes`` as of now (blocking: reads every snapshot record)."""
         return b"".join(episode_lines(self.sm.episodes(), iso_time))
 
+    async def _episodes_piece(self, ctx: pyfuse3.RequestContext) -> Generated:
+        """``episodes`` as of at least the last change that ended: one content per state,
+        shared by the open files that see it (budgets.py)."""
+        admin = self._is_admin(ctx)
+
+        async def make() -> bytes:
+            return await self._read_q(admin, ctx.uid, self._episodes_content)
+
+        return await self.episodes_shared.get(self.feeds.changes, admin, make)
+
     def _observation_entries(self) -> list[Entry]:
         out = []
         for info in self.sm.snapshots():
@@ -716,13 +763,17 @@ class CascowOperations(pyfuse3.Operations):
         node = self._node(inode)
         if not isinstance(node, (SnapDirNode, SkeletonNode, BranchDirNode)):
             raise _err(errno.ENOTDIR)
+        charge = self.budgets.opened(ctx.uid, "opendir")
         if isinstance(node, SnapDirNode):
             self._walks[node.snap] += 1
         self._want_view(node)
-        return self._new_handle(DirHandle(node))
+        return self._new_handle(DirHandle(node, admin=self._is_admin(ctx)), charge)
 
-    async def _listing(self, node: Node) -> list[tuple[bytes, Any]]:
-        """A frozen listing, so that readdir continuations see a consistent set of names."""
+    async def _listing(self, handle: DirHandle, uid: int) -> list[tuple[bytes, Any]]:
+        """A frozen listing, so that readdir continuations see a consistent set of names.
+        Of ``snapshots/``, the ids only: each record is read as readdir reaches its name, so
+        that an open directory keeps little whatever the snapshots' labels."""
+        node = handle.node
         items: list[tuple[bytes, Any]] = [(b".", node), (b"..", node.parent or self.root)]
         if isinstance(node, SnapDirNode):
             assert node.entry is not None
@@ -730,13 +781,13 @@ class CascowOperations(pyfuse3.Operations):
         elif node.ino == ROOT_INO:
             items += list(self._skeleton.items())
         elif node.ino == SNAPSHOTS_INO:
-            snaps = await self._q(self.sm.snapshots)
-            items += sorted((i.id.encode(), i) for i in snaps)
+            ids = await self._read_q(handle.admin, uid, self.sm.snapshot_ids)
+            items += sorted((id.encode(), id) for id in ids)
         elif node.ino == OBSERVATIONS_INO:
-            entries = await self._q(self._observation_entries)
+            entries = await self._read_q(handle.admin, uid, self._observation_entries)
             items += sorted((e.name, e) for e in entries)
         elif node.ino == BRANCHES_INO:
-            branches = await self._q(self.sm.branches)
+            branches = await self._read_q(handle.admin, uid, self.sm.branches)
             items += sorted((i.name.encode(), i) for i in branches)
         elif isinstance(node, BranchDirNode):
             items += [(name, name) for name in BRANCH_FILES]
@@ -750,8 +801,12 @@ class CascowOperations(pyfuse3.Operations):
         if isinstance(payload, Entry):
             assert isinstance(parent, SnapDirNode)
             return await self._snap_child(parent, payload.name, payload)
-        if isinstance(payload, SnapshotInfo):
-            return self._snap_root(payload)
+        if isinstance(payload, str):  # a snapshot id (``_listing``)
+            try:
+                info = self.sm.snapshot(payload)
+            except (ValueError, KeyError, TypeError):  # a damaged record: not listed
+                raise NotFoundError(f"snapshot record {payload!r} does not decode") from None
+            return self._snap_root(info)
         if isinstance(payload, BranchInfo):
             return self._branch_dir(payload)
         assert isinstance(parent, BranchDirNode)
@@ -761,7 +816,11 @@ class CascowOperations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle: DirHandle = self._handle(fh)
         if handle.items is None or start_id == 0:
-            handle.items = await self._listing(handle.node)
+            charge = self._charges[fh]
+            items = await self._listing(handle, charge.uid)
+            listed = len(handle.items or ()) * ENTRY_BYTES
+            self.budgets.grow(charge, len(items) * ENTRY_BYTES - listed, "readdir")
+            handle.items = items
         for index in range(start_id, len(handle.items)):
             name, payload = handle.items[index]
             try:
@@ -776,7 +835,7 @@ class CascowOperations(pyfuse3.Operations):
 
     @edge
     async def releasedir(self, fh: int) -> None:
-        handle = self._handles.pop(fh, None)
+        handle = self._drop_handle(fh)
         if isinstance(handle, DirHandle) and isinstance(handle.node, SnapDirNode):
             snap = handle.node.snap
             self._walks[snap] -= 1
@@ -896,32 +955,58 @@ class CascowOperations(pyfuse3.Operations):
             if not stat.S_ISREG(node.entry.mode):
                 raise _err(errno.EINVAL)
             # keep_cache: the content behind this nodeid can never change.
-            return pyfuse3.FileInfo(fh=self._new_handle(LeafHandle(node.entry)), keep_cache=True)
+            charge = self.budgets.opened(ctx.uid, "open")
+            return pyfuse3.FileInfo(
+                fh=self._new_handle(LeafHandle(node.entry), charge), keep_cache=True
+            )
         if isinstance(node, CtlNode):
             # Replies are a stream, not a file: no seeking, no page cache.
             handle = CtlHandle(
                 node,
+                self.budgets.opened(ctx.uid, "open ctl"),
                 admin=self._is_admin(ctx),
                 caller=self._caller(ctx),
                 keeps_replies=(flags & _ACCMODE) != os.O_WRONLY,
             )
             self.ctl_lanes.opened(node)
-            return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, nonseekable=True)
+            fh = self._new_handle(handle, handle.charge)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, nonseekable=True)
         if isinstance(node, BranchFileNode) and node.which in ("parent", "commit", *STATUS_FILES):
             if node.which in STATUS_FILES and (writing or not self._is_admin(ctx)):
                 raise _err(errno.EACCES)  # MODE_STATUS_FILE: the kernel's answer
+            charge = self.budgets.opened(ctx.uid, f"open {node.which}")
             branch_handle = BranchFileHandle(
                 node, admin=self._is_admin(ctx), caller=self._caller(ctx)
             )
-            return pyfuse3.FileInfo(fh=self._new_handle(branch_handle), direct_io=True)
+            return pyfuse3.FileInfo(fh=self._new_handle(branch_handle, charge), direct_io=True)
         if isinstance(node, FeedNode):
-            feed, stream = await self.feeds.open(node, flags)
-            return pyfuse3.FileInfo(fh=self._new_handle(feed), direct_io=True, nonseekable=stream)
+            charge = self.budgets.opened(ctx.uid, f"open {node.which}")
+            admin = self._is_admin(ctx)
+
+            async def run(fn: Callable[[], bytes]) -> bytes:
+                return await self._read_q(admin, ctx.uid, fn)
+
+            try:
+                feed, stream = await self.feeds.open(node, flags, run)
+                if isinstance(feed, MetricsHandle):
+                    self.budgets.grow(charge, len(feed.content), "open metrics")
+            except BaseException:
+                self.budgets.closed(charge)
+                raise
+            fh = self._new_handle(feed, charge)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, nonseekable=stream)
         if isinstance(node, GeneratedFileNode):
             if writing:
                 raise _err(errno.EACCES)
-            content = await self._q(self._episodes_content)
-            return pyfuse3.FileInfo(fh=self._new_handle(GeneratedHandle(content)), direct_io=True)
+            charge = self.budgets.opened(ctx.uid, "open episodes")
+            try:
+                piece = await self._episodes_piece(ctx)
+                self.budgets.share(charge, piece, "open episodes")
+            except BaseException:
+                self.budgets.closed(charge)
+                raise
+            fh = self._new_handle(GeneratedHandle(piece), charge)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if isinstance(node, SnapDirNode) or isinstance(node, SkeletonNode):
             raise _err(errno.EISDIR)
         raise _err(errno.EINVAL)
@@ -935,16 +1020,21 @@ class CascowOperations(pyfuse3.Operations):
                 return b""
             return self.sm.read_file(handle.entry.ref, off, min(size, remaining))
         if isinstance(handle, CtlHandle):
-            return _drain(handle, size)
+            out = _drain(handle, size)
+            self.budgets.force(handle.charge, -len(out))
+            return out
         if isinstance(handle, FEED_HANDLES):
             return read_feed(handle, off, size)
         if isinstance(handle, GeneratedHandle):
-            return handle.content[off : off + size]
+            return handle.piece.content[off : off + size]
         if isinstance(handle, BranchFileHandle):
             if handle.content is None or off == 0:
                 # A read from the start shows the current state; continuations of one read
                 # sequence stay consistent with its beginning.
-                handle.content = await self._branch_file_content(handle.node)
+                content = await self._branch_file_content(handle.node)
+                held = len(handle.content or b"")
+                self.budgets.grow(self._charges[fh], len(content) - held, "read")
+                handle.content = content
             return handle.content[off : off + size]
         raise _err(errno.EBADF)
 
@@ -999,17 +1089,36 @@ class CascowOperations(pyfuse3.Operations):
                         self._after_reply(self.sm.housekeep, "housekeeping after labels")
                     result = cmd.id
                 else:
-                    result = await self._q(control.execute, self.sm, cmd, handle.caller)
+                    uid = handle.charge.uid  # not an admin: a query, in the readers' threads
+                    run = functools.partial(control.execute, self.sm, cmd, handle.caller)
+                    result = await self._read_q(handle.admin, uid, run)
                 record.finished(result)
         except Exception as exc:
             if handle.keeps_replies:
-                code, message = control.error_of(exc)
-                handle.replies.append(wire.error_reply(code, message))
+                self._keep_reply(handle, wire.error_reply(*control.error_of(exc)))
             raise
         await self._after_command(cmd)
         if handle.keeps_replies:
-            handle.replies.append(wire.ok_reply(result))
+            self._keep_reply(handle, wire.ok_reply(result))
         return len(buf)
+
+    def _keep_reply(self, handle: CtlHandle, reply: bytes) -> None:
+        """Keep ``reply`` until it is read: past ``REPLIES_KEPT`` replies or
+        ``REPLY_BYTES_KEPT`` bytes, the oldest unread go; past its uid's budget, an ENOMEM
+        error reply takes its place."""
+        while handle.replies and (
+            len(handle.replies) >= REPLIES_KEPT or handle.unread + len(reply) > REPLY_BYTES_KEPT
+        ):
+            dropped = len(handle.replies.popleft())
+            handle.unread -= dropped
+            self.budgets.force(handle.charge, -dropped)
+        try:
+            self.budgets.grow(handle.charge, len(reply), "ctl reply")
+        except CascowfsError as exc:
+            reply = wire.error_reply(exc.errno, exc.message)
+            self.budgets.force(handle.charge, len(reply))
+        handle.replies.append(reply)
+        handle.unread += len(reply)
 
     @staticmethod
     def _permitted(handle: CtlHandle, buf: bytes) -> wire.Command:
@@ -1063,7 +1172,7 @@ class CascowOperations(pyfuse3.Operations):
 
     @edge
     async def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh, None)
+        handle = self._drop_handle(fh)
         if isinstance(handle, CtlHandle):
             self.ctl_lanes.closed(handle.lane)
 
@@ -1076,6 +1185,7 @@ def _drain(handle: CtlHandle, size: int) -> bytes:
     if len(out) > size:
         handle.partial = bytes(out[size:])
         del out[size:]
+    handle.unread -= len(out)
     return bytes(out)
 
 

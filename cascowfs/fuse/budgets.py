@@ -1,0 +1,198 @@
+"""What one user can make the daemon hold, and the threads its reads may take.
+
+Every open file here is memory in the daemon, and any local user may open the mount's files
+as often as its fd limits allow (tens of thousands per process, as many processes as it
+likes): an open of ``episodes`` keeps the content it opened, an open directory keeps its
+listing, an open ``ctl`` keeps the replies nobody read yet. Unbounded, one user outside the
+admin group gets the daemon OOM-killed and the mount dies for every agent.
+
+So the bytes kept for open files are charged to the uid that opened them, and each uid has a
+budget (``UID_BUDGET_BYTES``). An open that would take its uid past the budget is refused with
+ENOMEM, unless the uid holds nothing else: one file is always readable, however large. A
+content several open files share (``SharedContent``: one generated ``episodes`` per state) is
+charged once to each uid that holds it, whatever the number of its opens. Root is charged as
+anyone, so a user's exhausted budget never stops root's monitor; what root holds, root could
+end anyway.
+
+Reads by callers outside the admin group (``find``, ``children``, generating ``episodes``,
+listing large directories) run in threads of their own (``ReaderThreads``): at most
+``READER_THREADS`` at once and one per uid, not in trio's shared pool of 40 that commits and
+branch operations wait for.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import trio
+
+from ..errors import CascowfsError
+
+log = logging.getLogger("cascowfs.fuse")
+
+T = TypeVar("T")
+
+UID_BUDGET_BYTES = 256 << 20  # vs 5.5 GB held by one user's 60 opens of a 97 MB episodes
+ENV_BUDGET = "CASCOWFS_UID_BUDGET_BYTES"  # the daemon's environment may lower or raise it
+HANDLE_BYTES = 1024  # what any open file costs the daemon, charged with what it keeps
+ENTRY_BYTES = 96  # a name kept in an open directory's listing, with its list slot
+READER_THREADS = 2  # of non-admin reads at once; one uid gets one
+WARN_EVERY = 60.0  # seconds between two log lines about one uid's refusals
+
+
+class OverBudgetError(CascowfsError):
+    errno = errno.ENOMEM
+
+
+def budget_from_environment() -> int:
+    value = os.environ.get(ENV_BUDGET, "")
+    return int(value) if value.isdigit() else UID_BUDGET_BYTES
+
+
+@dataclass(eq=False)
+class Generated:
+    """A content generated once and kept while open files hold it."""
+
+    version: int
+    content: bytes
+    holders: Counter[int] = field(default_factory=Counter)  # uid -> open files holding it
+
+
+@dataclass(eq=False)
+class Charge:
+    """What one open file costs its uid: ``bytes`` of its own, and a shared content."""
+
+    uid: int
+    bytes: int = 0
+    shared: Generated | None = None
+
+
+class Budgets:
+    """Bytes held for each uid's open files, against the budget of each."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = budget_from_environment() if limit is None else limit
+        self.held: Counter[int] = Counter()
+        self._warned: dict[int, float] = {}
+
+    def _admit(self, uid: int, size: int, what: str, own: int = 0) -> None:
+        """Refuse ``size`` more bytes for ``uid`` past its budget, unless all it holds is
+        ``own``, the file's own: one file is always readable, however large."""
+        held = self.held[uid]
+        if held > own and held + size > self.limit:
+            message = (
+                f"{what}: uid {uid} holds {held} bytes in open files of this mount, "
+                f"over its budget of {self.limit}; it may close some"
+            )
+            now = time.monotonic()
+            if now - self._warned.get(uid, -WARN_EVERY) >= WARN_EVERY:
+                self._warned[uid] = now
+                log.warning("refused with ENOMEM: %s", message)
+            raise OverBudgetError(message)
+
+    def opened(self, uid: int, what: str, size: int = 0) -> Charge:
+        """The charge of a new open file of ``uid`` that keeps ``size`` bytes."""
+        size += HANDLE_BYTES
+        self._admit(uid, size, what)
+        self.held[uid] += size
+        return Charge(uid, size)
+
+    def grow(self, charge: Charge, size: int, what: str) -> None:
+        """``charge``'s file keeps ``size`` more bytes (OverBudgetError: it may not)."""
+        if size > 0:
+            self._admit(charge.uid, size, what, charge.bytes)
+        self._add(charge.uid, size)
+        charge.bytes += size
+
+    def force(self, charge: Charge, size: int) -> None:
+        """As ``grow``, past the budget: a few bytes that say why more were refused."""
+        self._add(charge.uid, size)
+        charge.bytes += size
+
+    def share(self, charge: Charge, piece: Generated, what: str) -> None:
+        """``charge``'s file holds ``piece``: charged once per uid that holds it."""
+        assert charge.shared is None
+        if not piece.holders[charge.uid]:
+            self._admit(charge.uid, len(piece.content), what, charge.bytes)
+            self._add(charge.uid, len(piece.content))
+        piece.holders[charge.uid] += 1
+        charge.shared = piece
+
+    def closed(self, charge: Charge) -> None:
+        self._add(charge.uid, -charge.bytes)
+        charge.bytes = 0
+        piece, charge.shared = charge.shared, None
+        if piece is not None:
+            piece.holders[charge.uid] -= 1
+            if piece.holders[charge.uid] <= 0:
+                del piece.holders[charge.uid]
+                self._add(charge.uid, -len(piece.content))
+
+    def _add(self, uid: int, size: int) -> None:
+        self.held[uid] += size
+        if self.held[uid] <= 0:
+            del self.held[uid]
+
+
+class SharedContent:
+    """One generated file's content, made once per state version and shared by every open
+    file that sees that version; concurrent opens of one version wait for one generation
+    (single flight). Admins and other callers fly apart, so that an admin's open never
+    waits for a generation queued behind other users' reads."""
+
+    def __init__(self) -> None:
+        self.latest: Generated | None = None
+        self._flights: dict[tuple[int, bool], trio.Event] = {}
+
+    async def get(
+        self, version: int, admin: bool, make: Callable[[], Awaitable[bytes]]
+    ) -> Generated:
+        key = (version, admin)
+        while True:
+            latest = self.latest
+            if latest is not None and latest.version >= version:
+                return latest
+            flight = self._flights.get(key)
+            if flight is None:
+                break
+            await flight.wait()
+        done = self._flights[key] = trio.Event()
+        try:
+            piece = Generated(version, await make())
+        finally:
+            del self._flights[key]
+            done.set()
+        if self.latest is None or self.latest.version < version:
+            self.latest = piece
+        return piece
+
+
+class ReaderThreads:
+    """Worker threads for the reads of callers outside the admin group: ``READER_THREADS`` at
+    most at once, one per uid, apart from the default pool that state changes use."""
+
+    def __init__(self, total: int = READER_THREADS) -> None:
+        self._all = trio.CapacityLimiter(total)
+        self._uids: dict[int, trio.CapacityLimiter] = {}
+
+    async def run(self, uid: int, fn: Callable[..., T], *args: Any) -> T:
+        own = self._uids.get(uid)
+        if own is None:
+            own = self._uids[uid] = trio.CapacityLimiter(1)
+        try:
+            async with own:
+                return await trio.to_thread.run_sync(
+                    functools.partial(fn, *args), limiter=self._all
+                )
+        finally:
+            stats = own.statistics()
+            if not stats.borrowed_tokens and not stats.tasks_waiting:
+                self._uids.pop(uid, None)

@@ -1,0 +1,245 @@
+"""What one user outside the admin group can make the daemon hold (fuse/budgets.py): shared
+generated files, listings of ids, capped unread ctl replies, a byte budget per uid, and the
+threads its reads run in, against a real daemon and a user switched to with setpriv."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import trio
+
+from cascowfs.fuse import budgets
+from cascowfs.fuse.budgets import Budgets, Generated, OverBudgetError, ReaderThreads
+from fusehelpers import mounted, needs_fuse
+
+NOBODY = 65534
+BUDGET = 64 << 20  # the test daemon's, so that a few versions of episodes exhaust it
+SNAPSHOTS = 400
+LABELS = " ".join(f"k{i}=" + "x" * 4000 for i in range(7))  # ~28 KB a snapshot: near the caps
+
+# Run as nobody: a list of (op, args) steps, each one's outcome printed as JSON.
+USER_SCRIPT = r"""
+import ctypes, errno, json, os, sys
+mnt, steps = sys.argv[1], json.loads(sys.argv[2])
+held, out = [], []
+def outcome(op, *args):
+    try:
+        if op == "hold":  # open episodes n times and keep them open
+            for i in range(args[0]):
+                held.append(os.open(mnt + "/episodes", os.O_RDONLY))
+            return "ok"
+        if op == "holddir":  # open snapshots/, read 64 bytes of entries, keep it open
+            libc = ctypes.CDLL(None, use_errno=True)
+            buf = ctypes.create_string_buffer(64)
+            for i in range(args[0]):
+                fd = os.open(mnt + "/snapshots", os.O_RDONLY | os.O_DIRECTORY)
+                held.append(fd)
+                if libc.syscall(217, fd, buf, 64) < 0:
+                    return errno.errorcode[ctypes.get_errno()]
+            return "ok"
+        if op == "wait":  # for the test to look at the daemon: a line, then one back
+            print(json.dumps(out), flush=True)
+            sys.stdin.readline()
+            return "ok"
+        if op == "unread":  # send n finds on one open ctl and read what is left at the end
+            fd = os.open(mnt + "/ctl", os.O_RDWR)
+            for i in range(args[0]):
+                os.write(fd, b"find has:k0\n")
+            data = b""
+            while True:
+                more = os.read(fd, 1 << 20)
+                if not more:
+                    break
+                data += more
+            os.close(fd)
+            return data.decode()
+        if op == "finds":  # n finds, each on a fresh write-only open
+            for i in range(args[0]):
+                fd = os.open(mnt + "/ctl", os.O_WRONLY)
+                os.write(fd, b"find has:k0 --sort -k1\n")
+                os.close(fd)
+            return "ok"
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+for step in steps:
+    out.append(outcome(*step))
+print(json.dumps(out), flush=True)
+"""
+
+
+def _user(mnt, steps) -> subprocess.Popen:
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv (util-linux) to switch users")
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    return subprocess.Popen(
+        [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", python, "-c",
+         USER_SCRIPT, str(mnt), json.dumps(steps)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+
+
+def _as_user(mnt, steps) -> list:
+    proc = _user(mnt, steps)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    return json.loads(out)
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def fs():
+    saved = os.environ.get(budgets.ENV_BUDGET)
+    os.environ[budgets.ENV_BUDGET] = str(BUDGET)
+    try:
+        with mounted() as fs:
+            os.mkdir(fs.mnt / "branches" / "pop")
+            fd = os.open(fs.mnt / "ctl", os.O_WRONLY)
+            try:
+                for i in range(SNAPSHOTS):
+                    os.write(fd, f"commit pop s{i} {LABELS}\n".encode())
+            finally:
+                os.close(fd)
+            yield fs
+    finally:
+        if saved is None:
+            os.environ.pop(budgets.ENV_BUDGET, None)
+        else:
+            os.environ[budgets.ENV_BUDGET] = saved
+
+
+@needs_fuse
+def test_many_opens_of_episodes_share_one_content(fs):
+    size = len((fs.mnt / "episodes").read_bytes())
+    assert size > 10 << 20
+    before = _rss_mb(fs.pid)
+    user = _user(fs.mnt, [("hold", 40), ("wait",)])
+    assert json.loads(user.stdout.readline()) == ["ok"]
+    held = _rss_mb(fs.pid) - before
+    user.communicate("\n", timeout=60)
+    # one copy per open would be 40 x 11 MB; one shared copy, and what generating it took
+    assert held < 8 * size / (1 << 20), (held, size)
+
+
+@needs_fuse
+def test_a_user_past_its_budget_gets_enomem_and_root_still_reads(fs):
+    size = len((fs.mnt / "episodes").read_bytes())
+    versions = BUDGET // size + 2
+    steps = []
+    for n in range(versions):  # root labels between the opens: each open sees a new version
+        steps += [("hold", 1), ("wait",)]
+    user = _user(fs.mnt, steps)
+    outcomes = []
+    for n in range(versions):
+        outcomes = json.loads(user.stdout.readline())
+        assert fs.ctl(f"label s0 step={n}")[0] == 0
+        user.stdin.write("\n")
+        user.stdin.flush()
+    user.communicate(timeout=60)
+    opened = outcomes[0::2]
+    assert "ENOMEM" in opened, opened
+    assert opened.index("ENOMEM") >= BUDGET // size - 1  # the budget, not less
+    first = (fs.mnt / "episodes").read_bytes().split(b"\n", 1)[0]  # root: its own budget
+    assert json.loads(first)["labels"]["step"] == str(versions - 1)
+    assert "over its budget" in fs.log_text()
+
+
+@needs_fuse
+def test_held_directory_handles_of_snapshots_cost_little(fs):
+    os.listdir(fs.mnt / "snapshots")  # the kernel's and the daemon's nodes, made once
+    before = _rss_mb(fs.pid)
+    user = _user(fs.mnt, [("holddir", 20), ("wait",)])
+    assert json.loads(user.stdout.readline()) == ["ok"]
+    held = _rss_mb(fs.pid) - before
+    user.communicate("\n", timeout=60)
+    # a listing of records would be 20 x 11 MB of labels; of ids, a few KB each
+    assert held < 40, held
+    assert len(os.listdir(fs.mnt / "snapshots")) == SNAPSHOTS
+
+
+@needs_fuse
+def test_unread_ctl_replies_keep_the_newest_within_the_byte_cap(fs):
+    [data] = _as_user(fs.mnt, [("unread", 600)])
+    replies = data.splitlines()
+    one = len(replies[-1]) + 1
+    assert replies[-1].startswith("ok s")
+    assert len(data) <= max(1 << 20, one)
+    assert len(replies) < 600  # the oldest went
+
+
+@needs_fuse
+def test_queries_of_other_users_run_in_few_threads(fs):
+    tasks = f"/proc/{fs.pid}/task"
+    fs.ctl("find has:k0")
+    before = len(os.listdir(tasks))
+    users = [_user(fs.mnt, [("finds", 20), ("wait",)]) for _ in range(24)]
+    for user in users:
+        assert json.loads(user.stdout.readline()) == ["ok"]
+    during = len(os.listdir(tasks))  # trio keeps an idle worker thread for 10 s
+    for user in users:
+        user.communicate("\n", timeout=60)
+    assert during - before <= budgets.READER_THREADS, (before, during)
+
+
+# -- the budget's arithmetic (no mount) ------------------------------------------------------
+def test_one_file_past_the_budget_opens_when_it_is_all_the_uid_holds():
+    b = Budgets(limit=1000)
+    big = b.opened(7, "open")
+    b.grow(big, 5000, "read")
+    with pytest.raises(OverBudgetError) as exc:
+        b.opened(7, "open")
+    assert exc.value.errno == errno.ENOMEM
+    b.closed(big)
+    assert b.held[7] == 0
+    b.opened(7, "open")
+
+
+def test_a_shared_content_is_charged_once_per_uid():
+    b = Budgets(limit=10_000)
+    piece = Generated(1, b"x" * 4000)
+    charges = [b.opened(u, "open") for u in (5, 5, 5, 6)]
+    for charge in charges:
+        b.share(charge, piece, "open")
+    assert b.held[5] == 3 * budgets.HANDLE_BYTES + 4000
+    assert b.held[6] == budgets.HANDLE_BYTES + 4000
+    for charge in charges:
+        b.closed(charge)
+    assert not b.held and not piece.holders
+
+
+def test_reader_threads_run_one_read_per_uid_and_few_in_all():
+    running: list[int] = []
+    peak = {"all": 0, 5: 0}
+
+    def read(uid: int) -> None:
+        running.append(uid)
+        peak["all"] = max(peak["all"], len(running))
+        peak[5] = max(peak[5], running.count(5))
+        time.sleep(0.02)
+        running.remove(uid)
+
+    async def main() -> None:
+        readers = ReaderThreads(total=2)
+        shared = trio.to_thread.current_default_thread_limiter()
+        async with trio.open_nursery() as nursery:
+            for uid in (5, 5, 5, 6, 7, 8):
+                nursery.start_soon(readers.run, uid, read, uid)
+            await trio.sleep(0.01)
+            assert shared.borrowed_tokens == 0
+
+    trio.run(main)
+    assert peak == {"all": 2, 5: 1}
+
