@@ -60,6 +60,12 @@ def outcome(op, *args):
                 data += more
             os.close(fd)
             return data.decode()
+        if op == "events":  # open events n times, read a byte of each, keep them open
+            for i in range(args[0]):
+                fd = os.open(mnt + "/events", os.O_RDONLY)
+                held.append(fd)
+                os.read(fd, 1)
+            return "ok"
         if op == "finds":  # n finds, each on a fresh write-only open
             for i in range(args[0]):
                 fd = os.open(mnt + "/ctl", os.O_WRONLY)
@@ -178,6 +184,15 @@ def test_unread_ctl_replies_keep_the_newest_within_the_byte_cap(fs):
     assert replies[-1].startswith("ok s")
     assert len(data) <= max(1 << 20, one)
     assert len(replies) < 600  # the oldest went
+
+
+@needs_fuse
+def test_events_a_reader_took_and_did_not_read_count_against_its_budget(fs):
+    size = len((fs.mnt / "events").read_bytes())
+    assert size > 50_000  # the ring: a line for each of the fixture's commits
+    opens = BUDGET // size + 50
+    assert _as_user(fs.mnt, [("events", opens), ("hold", 1)]) == ["ok", "ENOMEM"]
+    assert _as_user(fs.mnt, [("hold", 1)]) == ["ok"]  # given back at close
 
 
 @needs_fuse

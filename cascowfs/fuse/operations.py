@@ -45,12 +45,22 @@ import trio
 from .. import wire
 from ..episodes import episode_lines
 from ..errors import CascowfsError, InvalidArgumentError, NotFoundError, PermissionDeniedError
+from ..events import EventsReader
 from ..model import BranchInfo, Entry, SnapshotInfo
 from ..names import check_branch_name, check_snapshot_id
 from ..privacy import Caller
 from ..state import StateManager
 from . import control
-from .budgets import ENTRY_BYTES, Budgets, Charge, Generated, ReaderThreads, SharedContent
+from .budgets import (
+    ENTRY_BYTES,
+    HANDLE_BYTES,
+    Budgets,
+    Charge,
+    Generated,
+    OverBudgetError,
+    ReaderThreads,
+    SharedContent,
+)
 from .ctl_lanes import CtlLanes
 from .feeds import (
     FEED_HANDLES,
@@ -1023,6 +1033,8 @@ class CascowOperations(pyfuse3.Operations):
             out = _drain(handle, size)
             self.budgets.force(handle.charge, -len(out))
             return out
+        if isinstance(handle, EventsReader):
+            return self._read_events(fh, handle, size)
         if isinstance(handle, FEED_HANDLES):
             return read_feed(handle, off, size)
         if isinstance(handle, GeneratedHandle):
@@ -1037,6 +1049,20 @@ class CascowOperations(pyfuse3.Operations):
                 handle.content = content
             return handle.content[off : off + size]
         raise _err(errno.EBADF)
+
+    def _read_events(self, fh: int, handle: EventsReader, size: int) -> bytes:
+        """A read of ``events``: the lines it took from the ring and did not return yet are
+        charged to the reader's uid; past its budget they are skipped, as the ring skips
+        what a reader too slow for it did not read."""
+        out = handle.read(size)
+        charge = self._charges[fh]
+        kept = charge.bytes - HANDLE_BYTES
+        try:
+            self.budgets.grow(charge, len(handle.pending) - kept, "read events")
+        except OverBudgetError:
+            handle.pending = b""
+            self.budgets.force(charge, -kept)
+        return out
 
     @edge
     async def write(self, fh: int, off: int, buf: bytes) -> int:
