@@ -13,9 +13,12 @@ Order matters, and is the point of this module:
    From then on the trio loop itself sends systemd's ``WATCHDOG=1`` (a hung loop gets the
    daemon restarted) and keeps ``STATUS=`` current.
 5. SIGTERM/SIGINT end the main loop; the FUSE mount is unmounted (lazily if busy, so no
-   dead mount is left behind) and the store is closed. Branch overlay mounts stay: a branch is
-   not killed because the daemon was, and processes working inside keep working. SIGHUP only
-   reopens the log file (logrotate sends it); SIGUSR1 writes every thread's stack to stderr.
+   dead mount is left behind) and the store is closed. A stop is bounded: 30 s after the
+   signal the FUSE connection is aborted, and if a worker thread still runs a query a few
+   seconds later the process exits without it (``_exit_leaving_requests``). Branch overlay
+   mounts stay: a branch is not killed because the daemon was, and processes working inside
+   keep working. SIGHUP only reopens the log file (logrotate sends it); SIGUSR1 writes every
+   thread's stack to stderr.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -42,11 +44,14 @@ from .fuse.kernel_views import KernelViews, detach_views, idle_seconds, kernel_v
 from .fuse.operations import CascowOperations
 from .fuse.sysmount import (
     FUSE_TYPE,
+    MNT_DETACH,
     abort_connection,
     clear_dead_mount,
+    fuse_mount_at,
     mount_at,
     store_of_source,
     store_source,
+    umount2,
 )
 from .overlay import all_mounts
 from .state import StateManager
@@ -155,10 +160,13 @@ def _open_state(store: Path) -> StateManager:
 
 # How often STATUS= is refreshed for `systemctl status` (only sent when it changed).
 STATUS_SECONDS = 2.0
-# A stop waits this long for the invalidations under way, and then for serving to end before
-# it aborts the FUSE connection (``_abort_if_still_serving``): long enough for an operation
-# under way to finish and answer, short beside systemd's stop timeout (90 s).
+# A stop waits this long, from the signal, for serving to end before it aborts the FUSE
+# connection (``_abort_if_still_serving``): long enough for an operation under way to finish
+# and answer, short beside systemd's stop timeout (90 s).
 STOP_GRACE_SECONDS = 30.0
+# After the abort, how long serving may take to end, and then how long a state change still
+# running may take to finish, before the process ends without them (``_exit_leaving_requests``).
+ABORT_SETTLE_SECONDS = 5.0
 
 
 def watchdog_interval() -> float | None:
@@ -236,17 +244,28 @@ async def _watch_signals(ops: CascowOperations, mnt: Path, served: threading.Eve
                 continue
             log.info("%s: unmounting", signal.Signals(signum).name)
             sd_notify("STOPPING=1")
+            # the bound counts from the signal: the wait for invalidations is inside it
+            _abort_if_still_serving(
+                mnt, served, STOP_GRACE_SECONDS, lambda: _exit_leaving_requests(ops.sm, mnt)
+            )
             await ops.stop(STOP_GRACE_SECONDS)
             pyfuse3.terminate()
-            _abort_if_still_serving(mnt, served, STOP_GRACE_SECONDS)
             return
 
 
-def _abort_if_still_serving(mnt: Path, served: threading.Event, grace: float) -> None:
+def _abort_if_still_serving(
+    mnt: Path,
+    served: threading.Event,
+    grace: float,
+    leave: Callable[[], None] | None = None,
+) -> None:
     """The last resort of a stop: a request handler that waits in the kernel on the mount
     (a path walk, an invalidation) after ``pyfuse3.terminate`` would keep the daemon, and
     every caller of the mount, waiting for good. If serving has not ended ``grace`` seconds
-    on, abort the FUSE connection: those requests fail with ENOTCONN and the daemon exits."""
+    on, abort the FUSE connection: those requests fail with ENOTCONN and serving ends. A
+    handler running in a worker thread (a query; trio cannot cancel a thread) still keeps the
+    loop waiting: if serving has not ended ``ABORT_SETTLE_SECONDS`` after the abort, ``leave``
+    ends the process without it."""
 
     def watch() -> None:
         if served.wait(grace):
@@ -254,10 +273,46 @@ def _abort_if_still_serving(mnt: Path, served: threading.Event, grace: float) ->
         log.warning("%s: still serving %.0f s after the stop; aborting its connection", mnt, grace)
         try:
             abort_connection(mnt)
-        except (OSError, subprocess.SubprocessError) as exc:
+        except OSError as exc:
             log.error("%s: aborting the FUSE connection failed: %s", mnt, exc)
+        if not served.wait(ABORT_SETTLE_SECONDS) and leave is not None:
+            leave()
 
     threading.Thread(target=watch, name="cascowfs-stop-watch", daemon=True).start()
+
+
+def _exit_leaving_requests(sm: StateManager, mnt: Path) -> None:
+    """End the process while request handlers still run in worker threads, once no state
+    change runs. Those handlers are queries (state changes are waited for), which write
+    nothing: the WAL holds every operation that returned, and every label applied. The FUSE
+    mount is detached (no dead mount stays) and the process exits as a crash would at a quiet
+    moment, which the store is made for. The LMDB environment is not closed: a reader thread
+    inside it would fault; the next open frees its reader slot. A state change that outlives
+    ``ABORT_SETTLE_SECONDS`` too is left in its middle, and the next mount replays it."""
+    log.warning("%s: serving still waits for worker threads; exiting without them", mnt)
+    quiet = threading.Event()
+
+    def hold_quiet() -> None:
+        with sm.quiesced():
+            quiet.set()
+            threading.Event().wait()  # until the process exits
+
+    threading.Thread(target=hold_quiet, name="cascowfs-stop-quiet", daemon=True).start()
+    if not quiet.wait(ABORT_SETTLE_SECONDS):
+        log.error(
+            "%s: a state change still runs; exiting in its middle (the next mount replays the WAL)",
+            mnt,
+        )
+    try:
+        mount = fuse_mount_at(mnt)
+        if mount is not None and mount.fstype == FUSE_TYPE:
+            umount2(mount.target, MNT_DETACH)
+        log.info("unmounted %s", mnt)
+    except OSError as exc:
+        log.error("%s: unmounting after the abort failed: %s", mnt, exc)
+    log.info("store %s left with %d threads running", sm.store, threading.active_count() - 1)
+    logging.shutdown()
+    os._exit(0)
 
 
 def set_priority(nice: int) -> None:

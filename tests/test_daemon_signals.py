@@ -184,3 +184,68 @@ def _wait_for_path(path: Path, proc: subprocess.Popen, timeout: float = 60.0) ->
         assert proc.poll() is None, f"daemon exited with {proc.returncode}"
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.02)
+
+
+_HANGING_QUERY_DAEMON = """
+import logging, sys, time
+from pathlib import Path
+from cascowfs import daemon
+from cascowfs.state import StateManager
+
+store, mnt, log, gate = (Path(a) for a in sys.argv[1:5])
+daemon.setup_logging(logging.INFO, str(log))
+daemon.STOP_GRACE_SECONDS, daemon.ABORT_SETTLE_SECONDS = 2.0, 1.0
+real_find = StateManager.find
+
+def find(self, query):
+    if any(p.key == "hang" for p in query.predicates):
+        gate.with_suffix(".querying").touch()
+        while True:  # a query that outlives every stop: a worker thread no one can cancel
+            time.sleep(1)
+    return real_find(self, query)
+
+StateManager.find = find
+sys.exit(daemon.run(store, mnt, ready=lambda: gate.with_suffix(".ready").touch()))
+"""
+
+_ASK = "import os, sys; fd = os.open(sys.argv[1], os.O_RDWR); os.write(fd, b'find has:hang'); " \
+       "os.read(fd, 4096)"
+
+
+def test_a_stop_ends_the_daemon_while_a_query_thread_still_runs():
+    """Trio cannot cancel a worker thread, so a query still running kept a stopped daemon
+    (and its stop) waiting for as long as the query ran, the aborted connection or not. Now
+    the process exits once the connection is aborted and no state change runs: no FUSE mount
+    stays and fsck finds the store clean. The grace is shortened here; the 60 s is the wait
+    for something bounded to happen, no speed target."""
+    with cascow_base() as base:
+        fs = Cascow(base)
+        gate = base / "gate"
+        askers: list[subprocess.Popen] = []
+        try:
+            fs.proc = subprocess.Popen(
+                [sys.executable, "-c", _HANGING_QUERY_DAEMON, str(fs.store), str(fs.mnt),
+                 str(fs.log), str(gate)], cwd=REPO, start_new_session=True)
+            _wait_for_path(gate.with_suffix(".ready"), fs.proc)
+            _import_one(fs, "base")
+            assert fs.ctl("label base reward=1")[0] == 0
+            askers = [subprocess.Popen([sys.executable, "-c", _ASK, str(fs.mnt / "ctl")],
+                                       stderr=subprocess.DEVNULL) for _ in range(3)]
+            _wait_for_path(gate.with_suffix(".querying"), fs.proc)
+            os.kill(fs.proc.pid, signal.SIGTERM)
+            assert fs.proc.wait(timeout=60) == 0
+            log = fs.log.read_text()
+            assert "aborting its connection" in log and "exiting without them" in log
+            assert "aborting the FUSE connection failed" not in log
+            assert [m for m in mounts_under(base) if m[1].startswith("fuse")] == []
+            for asker in askers:
+                assert asker.wait(timeout=60) != 0  # its answer never came: ENOTCONN
+            checked = run_cli("fsck", str(fs.store), check=False)
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+            fs.start()  # the same store serves again, with what the stop left
+            assert fs.ctl("find reward=1") == (0, "ok base")
+            fs.stop()
+        finally:
+            for asker in askers:
+                asker.kill()
+            fs.teardown()

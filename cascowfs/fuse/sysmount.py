@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import subprocess
 import urllib.parse
 from pathlib import Path
 
@@ -93,25 +92,53 @@ def is_cascowfs_mount(path: str | Path) -> bool:
 
 
 FUSECTL = Path("/sys/fs/fuse/connections")
+_libc.mount.argtypes = (
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+)
+
+
+def connection_name(device: str) -> str:
+    """The fusectl directory of the FUSE mount on ``device`` (``major:minor`` from the mount
+    table): the kernel names it by the superblock's dev_t in its own encoding, minor in the
+    low 20 bits (a FUSE mount's major is 0, so in practice the minor)."""
+    major, minor = (int(part) for part in device.split(":"))
+    return str(major << 20 | minor)
+
+
+def fuse_mount_at(mnt: str | Path) -> MountRecord | None:
+    """The topmost FUSE mount at ``mnt``, found without a system call on ``mnt`` itself: a
+    stat of a mount point whose daemon reads no more requests waits for good (only its
+    parent directory is resolved)."""
+    path = os.path.abspath(str(mnt))
+    target = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    fuse = [m for m in all_mounts() if m.target == target and m.fstype.startswith("fuse")]
+    return fuse[-1] if fuse else None
 
 
 def abort_connection(mnt: str | Path) -> bool:
     """Abort the FUSE connection of the mount at ``mnt`` (fusectl, mounted for the call if it
     is not): every request waiting for its daemon fails with ENOTCONN, which frees threads
     that wait in the kernel for those requests. The connection is named by the mount's device
-    minor, read from the mount table (a stuck daemon answers no stat). False if nothing FUSE
-    is mounted there."""
-    mounts = all_mounts()
-    target = os.path.realpath(str(mnt))
-    fuse = [m for m in mounts if m.target == target and m.fstype.startswith("fuse")]
-    if not fuse:
+    number, read from the mount table (``fuse_mount_at``). fusectl is mounted
+    with mount(2) itself: a mount(8) child would have to be forked from a process whose
+    threads are busy, which is when this is called. False if nothing FUSE is mounted there."""
+    fuse = fuse_mount_at(mnt)
+    if fuse is None:
         return False
-    mounted_here = not any(m.fstype == "fusectl" for m in mounts)
-    if mounted_here:
-        subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], check=True)
+    mounted_here = not any(m.fstype == "fusectl" for m in all_mounts())
+    if mounted_here and _libc.mount(b"fusectl", bytes(FUSECTL), b"fusectl", 0, None) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"mounting fusectl: {os.strerror(code)}", str(FUSECTL))
     try:
-        (FUSECTL / fuse[-1].device.split(":")[1] / "abort").write_text("1")
+        (FUSECTL / connection_name(fuse.device) / "abort").write_text("1")
     finally:
         if mounted_here:
-            subprocess.run(["umount", str(FUSECTL)], check=False)
+            try:
+                umount2(FUSECTL, MNT_DETACH)
+            except OSError:
+                pass
     return True
