@@ -16,8 +16,11 @@ import pytest
 import trio
 
 from cascowfs.fuse import budgets
+from cascowfs.fuse.operations import CascowOperations, CtlHandle, DirHandle
+from cascowfs.privacy import Caller
 from cascowfs.fuse.budgets import Budgets, Generated, OverBudgetError, ReaderThreads
 from fusehelpers import mounted, needs_fuse
+from types import SimpleNamespace
 
 NOBODY = 65534
 BUDGET = 64 << 20  # the test daemon's, so that a few versions of episodes exhaust it
@@ -66,11 +69,9 @@ def outcome(op, *args):
                 held.append(fd)
                 os.read(fd, 1)
             return "ok"
-        if op == "finds":  # n finds, each on a fresh write-only open
-            for i in range(args[0]):
-                fd = os.open(mnt + "/ctl", os.O_WRONLY)
-                os.write(fd, b"find has:k0 --sort -k1\n")
-                os.close(fd)
+        if op == "stat":  # stat each path given
+            for path in args[0]:
+                os.stat(path)
             return "ok"
     except OSError as exc:
         return errno.errorcode[exc.errno]
@@ -195,20 +196,6 @@ def test_events_a_reader_took_and_did_not_read_count_against_its_budget(fs):
     assert _as_user(fs.mnt, [("hold", 1)]) == ["ok"]  # given back at close
 
 
-@needs_fuse
-def test_queries_of_other_users_run_in_few_threads(fs):
-    tasks = f"/proc/{fs.pid}/task"
-    fs.ctl("find has:k0")
-    before = len(os.listdir(tasks))
-    users = [_user(fs.mnt, [("finds", 20), ("wait",)]) for _ in range(24)]
-    for user in users:
-        assert json.loads(user.stdout.readline()) == ["ok"]
-    during = len(os.listdir(tasks))  # trio keeps an idle worker thread for 10 s
-    for user in users:
-        user.communicate("\n", timeout=60)
-    assert during - before <= budgets.READER_THREADS, (before, during)
-
-
 # -- the budget's arithmetic (no mount) ------------------------------------------------------
 def test_one_file_past_the_budget_opens_when_it_is_all_the_uid_holds():
     b = Budgets(limit=1000)
@@ -258,3 +245,69 @@ def test_reader_threads_run_one_read_per_uid_and_few_in_all():
     trio.run(main)
     assert peak == {"all": 2, 5: 1}
 
+
+
+@needs_fuse
+def test_link_counts_of_other_users_walk_in_few_threads(fs):
+    """A hard-linked file's st_nlink walks its whole snapshot once: for another user, in the
+    readers' threads."""
+    code, reply = fs.ctl("branch links s0")
+    assert code == 0, reply
+    tree = reply.split(" ", 1)[1]
+    os.chmod(tree, 0o755)
+    for d in range(3000):  # each directory is a read of the walk
+        os.mkdir(f"{tree}/d{d}")
+        with open(f"{tree}/d{d}/f", "w") as fh:
+            fh.write("x")
+    os.link(f"{tree}/d0/f", f"{tree}/linked")
+    ids = []
+    for n in range(24):  # a root each: each one's link counts are walked once
+        with open(f"{tree}/d1/f", "w") as fh:
+            fh.write(str(n))
+        code, reply = fs.ctl(f"commit links l{n}")
+        assert code == 0, reply
+        ids.append(reply.split()[1])
+    tasks = f"/proc/{fs.pid}/task"
+    fs.ctl("find has:k0")
+    before = len(os.listdir(tasks))
+    users = [_user(fs.mnt, [("wait",), ("stat", [f"{fs.mnt}/snapshots/{i}/linked"]),
+                            ("wait",)]) for i in ids]
+    for user in users:  # all started: stat at once
+        json.loads(user.stdout.readline())
+    for user in users:
+        user.stdin.write("\n")
+        user.stdin.flush()
+    for user in users:
+        assert json.loads(user.stdout.readline()) == ["ok", "ok"]
+    during = len(os.listdir(tasks))
+    for user in users:
+        user.communicate("\n", timeout=60)
+    assert os.stat(f"{fs.mnt}/snapshots/{ids[0]}/linked").st_nlink == 2
+    assert during - before <= budgets.READER_THREADS, (before, during)
+
+
+def test_reads_of_other_users_go_to_the_readers_threads(sm, store):
+    """Queries through ctl, listings and generating episodes: a non-admin's in
+    ``ReaderThreads``, root's in the shared pool."""
+    ops = CascowOperations(sm, store)
+    routed: list[int] = []
+
+    async def run(uid, fn, *args):
+        routed.append(uid)
+        return fn(*args)
+
+    ops.readers.run = run
+
+    async def main() -> None:
+        for uid in (1000, 0):
+            ctx = SimpleNamespace(uid=uid, gid=uid, pid=os.getpid())
+            admin = uid == 0
+            handle = CtlHandle(ops.ctl, ops.budgets.opened(uid, "open"), admin=admin,
+                               caller=Caller(uid, uid))
+            await ops._ctl_write(handle, b"children\n")
+            await ops._listing(DirHandle(ops.snapshots, admin=admin), uid)
+            ops.feeds.changes += 1  # a new state: generated again
+            await ops._episodes_piece(ctx)
+
+    trio.run(main)
+    assert routed == [1000, 1000, 1000]

@@ -15,9 +15,9 @@ anyone, so a user's exhausted budget never stops root's monitor; what root holds
 end anyway.
 
 Reads by callers outside the admin group (``find``, ``children``, generating ``episodes``,
-listing large directories) run in threads of their own (``ReaderThreads``): at most
-``READER_THREADS`` at once and one per uid, not in trio's shared pool of 40 that commits and
-branch operations wait for.
+listing large directories, walking a snapshot to count its hard links) run in threads of
+their own (``ReaderThreads``): at most ``READER_THREADS`` at once and one per uid, not in
+trio's shared pool of 40 that commits and branch operations wait for.
 """
 
 from __future__ import annotations

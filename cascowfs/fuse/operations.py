@@ -104,6 +104,7 @@ log = logging.getLogger("cascowfs.fuse")
 
 T = TypeVar("T")
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+Reads = Callable[..., Awaitable[Any]]  # runs a blocking read for one caller (``_read_q``)
 
 # Skeleton directories change when branches/snapshots come and go; a second of staleness in
 # their mtime is harmless and saves a getattr round trip per path walk through MNT/branches/.
@@ -283,6 +284,10 @@ class CascowOperations(pyfuse3.Operations):
         if admin:
             return await self._q(fn, *args)
         return await self.readers.run(uid, fn, *args)
+
+    async def _caller_q(self, ctx: pyfuse3.RequestContext, fn: Callable[..., T], *args: Any) -> T:
+        """``_read_q`` for the caller of ``ctx`` (whose groups are read only now)."""
+        return await self._read_q(self._is_admin(ctx), ctx.uid, fn, *args)
 
     def _node(self, ino: int) -> Node:
         node = self.table.get(ino)
@@ -546,17 +551,20 @@ class CascowOperations(pyfuse3.Operations):
         new = BranchFileNode(self.table.allocate(), branch=parent.branch, which=name.decode())
         return self.table.adopt(parent, name, new)  # type: ignore[return-value]
 
-    async def _nlink(self, parent: SnapDirNode, entry: Entry) -> int:
+    async def _nlink(self, parent: SnapDirNode, entry: Entry, read: Reads) -> int:
+        """``entry``'s link count; ``read`` runs the walk of its snapshot that counts them."""
         if not entry.link:
             return 1
         counts = self._links.get(parent.root_ref)
         if counts is None:
             root = Entry(b"", stat.S_IFDIR, 0, 0, 0, 0, parent.root_ref)
-            counts = await self._q(count_links, root, self.sm.read_tree)
+            counts = await read(count_links, root, self.sm.read_tree)
             self._links[parent.root_ref] = counts
         return max(counts.get(entry.link, 1), 1)
 
-    async def _snap_child(self, parent: SnapDirNode, name: bytes, entry: Entry) -> Node:
+    async def _snap_child(
+        self, parent: SnapDirNode, name: bytes, entry: Entry, read: Reads
+    ) -> Node:
         if entry.is_dir:
             node = self.table.child(parent, name)
             if isinstance(node, SnapDirNode) and node.entry == entry:
@@ -565,11 +573,11 @@ class CascowOperations(pyfuse3.Operations):
                 self.table.allocate(), snap=parent.snap, entry=entry, root_ref=parent.root_ref
             )
             return self.table.adopt(parent, name, new)
-        return self.table.leaf(entry, await self._nlink(parent, entry))
+        return self.table.leaf(entry, await self._nlink(parent, entry, read))
 
-    async def _lookup_node(self, parent: Node, name: bytes, pid: int) -> Node:
+    async def _lookup_node(self, parent: Node, name: bytes, ctx: pyfuse3.RequestContext) -> Node:
         """The child ``name`` of ``parent`` (no lookup count change); FUSEError(ENOENT) if none.
-        ``pid``: the thread looking it up (``ctl``'s lanes are promised to one)."""
+        ``ctx``: who looks it up (``ctl``'s lanes are promised to its thread)."""
         if name == b".":
             return parent
         if name == b"..":
@@ -581,10 +589,11 @@ class CascowOperations(pyfuse3.Operations):
             entry = self.sm.read_tree(parent.entry.ref).get(name)
             if entry is None:
                 raise _err(errno.ENOENT)
-            return await self._snap_child(parent, name, entry)
+            read = functools.partial(self._caller_q, ctx)
+            return await self._snap_child(parent, name, entry, read)
         if parent.ino == ROOT_INO:
             if name == b"ctl":
-                return self.ctl_lanes.for_lookup(pid)
+                return self.ctl_lanes.for_lookup(ctx.pid)
             node = self._skeleton.get(name)
             if node is None:
                 raise _err(errno.ENOENT)
@@ -661,7 +670,7 @@ class CascowOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
-        node = await self._lookup_node(parent, name, ctx.pid)
+        node = await self._lookup_node(parent, name, ctx)
         attr = await self._attrs(node)
         self.table.looked_up(node)
         if isinstance(parent, SnapDirNode):  # inside a snapshot, not the snapshot itself
@@ -803,14 +812,14 @@ class CascowOperations(pyfuse3.Operations):
             items += [(name, name) for name in BRANCH_FILES]
         return items
 
-    async def _listed_node(self, parent: Node, payload: Any) -> Node:
+    async def _listed_node(self, parent: Node, payload: Any, read: Reads) -> Node:
         if isinstance(payload, Node):
             return payload
         if isinstance(payload, Entry) and parent.ino == OBSERVATIONS_INO:
             return self.table.leaf(payload, 1)
         if isinstance(payload, Entry):
             assert isinstance(parent, SnapDirNode)
-            return await self._snap_child(parent, payload.name, payload)
+            return await self._snap_child(parent, payload.name, payload, read)
         if isinstance(payload, str):  # a snapshot id (``_listing``)
             try:
                 info = self.sm.snapshot(payload)
@@ -831,10 +840,11 @@ class CascowOperations(pyfuse3.Operations):
             listed = len(handle.items or ()) * ENTRY_BYTES
             self.budgets.grow(charge, len(items) * ENTRY_BYTES - listed, "readdir")
             handle.items = items
+        read = functools.partial(self._read_q, handle.admin, self._charges[fh].uid)
         for index in range(start_id, len(handle.items)):
             name, payload = handle.items[index]
             try:
-                node = await self._listed_node(handle.node, payload)
+                node = await self._listed_node(handle.node, payload, read)
                 attr = await self._attrs(node)
             except (CascowfsError, pyfuse3.FUSEError):
                 continue  # vanished between listing and now (e.g. a branch discarded)
