@@ -538,9 +538,18 @@ class StateManager:
         the op with nothing changed. The chain's images stay mounted inside the block."""
         self.layers.keep_mounted(chain)
         try:
-            lowers = self.layers.mount_chain(chain)
-            with disk_errors(f"mounting branch {name}"):
-                mnt_fd = overlay.overlay_mount_fd(self.tree_path(name), lowers, upper, work)
+            try:
+                lowers = self.layers.mount_chain(chain)
+                with disk_errors(f"mounting branch {name}"):
+                    mnt_fd = overlay.overlay_mount_fd(self.tree_path(name), lowers, upper, work)
+            except CascowfsError as exc:
+                # a merge dropped a layer of the chain and its directory went (ENOENT): the
+                # op is made again on the chain as it is now (``_retrying_on_chain``)
+                if self._chain_dropped(chain):
+                    raise ChainChangedError(
+                        f"mounting branch {name}: the layers of its snapshot changed meanwhile"
+                    ) from exc
+                raise
             try:
                 yield mnt_fd
             finally:
@@ -1108,6 +1117,11 @@ class StateManager:
         dropped = self.layer_refs.release(txn, old.layers)
         self.catalog.put_branch(txn, name, rec)
         return rec, dropped
+
+    def _chain_dropped(self, chain: list[str]) -> bool:
+        """Whether a layer of ``chain`` has no record any more (a merge dropped it)."""
+        with self.db.read() as txn:
+            return any(self.catalog.find_layer(txn, lid) is None for lid in chain)
 
     def _check_chain(self, txn: lmdb.Transaction, parent: str, chain: list[str]) -> None:
         """Inside the APPLY of an op that mounted a branch on ``chain``, snapshot ``parent``'s

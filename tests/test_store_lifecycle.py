@@ -524,4 +524,23 @@ def test_an_op_whose_chain_a_merge_dropped_is_made_again(sm, monkeypatch):
     assert refusals["left"] == 0
     assert "c" not in [b.name for b in sm.branches()]
     monkeypatch.undo()
+
+    # the merge's deletion can come first: mounting the dropped layer's directory fails
+    from cascowfs.overlay import MountError
+    real_mount = sm.layers.mount_chain
+    gone = {"left": 1, "dropped": True}
+
+    def deleted_once(chain, **kw):
+        if gone["left"]:
+            gone["left"] -= 1
+            raise MountError("overlay mount failed: No such file or directory", errno=2)
+        return real_mount(chain, **kw)
+
+    monkeypatch.setattr(sm.layers, "mount_chain", deleted_once)
+    monkeypatch.setattr(StateManager, "_chain_dropped", lambda self, chain: gone["dropped"])
+    assert sm.create_branch("d", "s1").parent == "s1" and gone["left"] == 0
+    gone.update(left=1, dropped=False)  # a layer still recorded: the error is the mount's
+    with pytest.raises(MountError):
+        sm.create_branch("e", "s1")
+    monkeypatch.undo()
     check_live(sm)
