@@ -823,7 +823,8 @@ class CascowOperations(pyfuse3.Operations):
         if isinstance(payload, str):  # a snapshot id (``_listing``)
             try:
                 info = self.sm.snapshot(payload)
-            except (ValueError, KeyError, TypeError):  # a damaged record: not listed
+            except (ValueError, KeyError, TypeError) as exc:  # a damaged record: not listed
+                log.warning("snapshot record %r does not decode, not listed: %r", payload, exc)
                 raise NotFoundError(f"snapshot record {payload!r} does not decode") from None
             return self._snap_root(info)
         if isinstance(payload, BranchInfo):
