@@ -17,30 +17,13 @@ import zstandard
 
 from conftest import open_store
 from fusehelpers import mounted, needs_fuse, run_cli
-from support.s3server import new_bucket, s3_server, set_credentials
-from test_remotes import made_remote, make_tree
+from test_remotes import made_remote, make_tree, remote, s3_endpoint  # noqa: F401 (fixtures)
 from cascowfs import codec
 from cascowfs.errors import (BusyError, InvalidArgumentError, NoSpaceError, NotFoundError,
                              StoreIOError)
 from cascowfs.fsck import fsck_store
 from cascowfs.remote import config, locks, objectstore, packs, transfer
 from cascowfs.remote.prune import prune
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    set_credentials()
-    with s3_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture(params=["file", "s3"])
-def remote(request, tmp_path) -> config.RemoteSpec:
-    if request.param == "file":
-        (tmp_path / "remote").mkdir()
-        return config.RemoteSpec("r", f"file://{tmp_path}/remote")
-    endpoint = request.getfixturevalue("s3_endpoint")
-    return config.RemoteSpec("r", f"s3://{new_bucket(endpoint)}/some/prefix", endpoint)
 
 
 def _pushed(tmp_path: Path, rs, id: str = "s1") -> Path:

@@ -724,6 +724,18 @@ def flipping_as_nobody(top: Path, secret: Path, marker: str) -> Iterator[None]:
         flipper.stderr.close()
 
 
+def through_the_race(fs: Cascow, commands: list[tuple[str, str]], made: list[str]) -> None:
+    """Each (id, ctl command) in turn while a swap races it: the ids made go into ``made``,
+    every refusal must be the walk's EBUSY, and at least one must get through."""
+    for ident, command in commands:
+        code, reply = fs.ctl(command)
+        if code == 0:
+            made.append(ident)
+        else:
+            assert reply.startswith("error EBUSY ") and "replaced since" in reply, reply
+    assert made, "nothing got through the race at all"
+
+
 def assert_nowhere_in_store(fs: Cascow, idents: list[str], marker: str) -> None:
     for ident in idents:
         for path in _files_below(fs.mnt / "snapshots" / ident):
@@ -747,13 +759,8 @@ def test_commit_never_reads_through_a_link_swapped_in_by_the_branch(fs):
     committed = []
     try:
         with flipping_as_nobody(tree / "work", secret, marker):
-            for i in range(60):
-                code, reply = fs.ctl(f"commit swapper swap{i}")
-                if code == 0:
-                    committed.append(f"swap{i}")
-                else:
-                    assert reply.startswith("error EBUSY ") and "replaced since" in reply, reply
-        assert committed, "no commit got through the race at all"
+            through_the_race(fs, [(f"swap{i}", f"commit swapper swap{i}") for i in range(60)],
+                             committed)
         assert_nowhere_in_store(fs, committed, marker)
     finally:
         fs.ctl("discard swapper")
@@ -774,13 +781,9 @@ def test_root_import_never_reads_through_a_link_swapped_in_by_the_owner(fs):
     imported = []
     try:
         with flipping_as_nobody(race / "src", race / "secret", marker):
-            for i in range(40):
-                code, reply = fs.ctl(f"import rootswap{i} {race / 'src'}")
-                if code == 0:
-                    imported.append(f"rootswap{i}")
-                else:
-                    assert reply.startswith("error EBUSY ") and "replaced since" in reply, reply
-        assert imported, "no import got through the race at all"
+            through_the_race(
+                fs, [(f"rootswap{i}", f"import rootswap{i} {race / 'src'}") for i in range(40)],
+                imported)
         assert_nowhere_in_store(fs, imported, marker)
     finally:
         for ident in imported:
