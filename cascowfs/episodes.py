@@ -229,6 +229,26 @@ def descendants(catalog: Catalog, txn: lmdb.Transaction, id: str) -> set[str]:
     return found
 
 
+def parent_loops(starts: Iterable[str], parent_of: Callable[[str], str | None]) -> list[list[str]]:
+    """Each loop of parent links reached from ``starts`` (``parent_of``: a snapshot's parent,
+    None for none or unknown) once, as the ids along it and the first again. Every snapshot
+    is followed once, whatever the number of starts: linear in the snapshots walked."""
+    loops = []
+    done: set[str] = set()
+    for start in starts:
+        path: list[str] = []
+        on_path: set[str] = set()
+        cur: str | None = start
+        while cur is not None and cur not in done and cur not in on_path:
+            path.append(cur)
+            on_path.add(cur)
+            cur = parent_of(cur)
+        if cur is not None and cur in on_path:
+            loops.append([*path[path.index(cur) :], cur])
+        done.update(path)
+    return loops
+
+
 # Above this many candidates a label's values are read by one scan of its index entries,
 # below it by one lookup per candidate.
 SCAN_ABOVE = 256

@@ -28,6 +28,7 @@ from pathlib import Path
 from . import images, overlay
 from .cas import STREAM_PIECE, children_of, identify_content
 from .catalog import CHAIN_NODES_FORMAT, INDEXED_FORMAT, LayerRecord, SnapshotRecord
+from .episodes import parent_loops
 from .errors import StoreIOError
 from .layer_refs import recount
 from .model import Entry
@@ -153,7 +154,8 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
 
     for problem in index_problems:
         report.add(2, problem)
-    for loop in parent_loops({sid: rec.parent for sid, rec in snaps.items()}):
+    parents = {sid: rec.parent for sid, rec in snaps.items()}
+    for loop in parent_loops(sorted(parents), parents.get):
         report.add(2, f"snapshots {' -> '.join(loop)} are their own ancestors (a parent loop)")
 
     # 4: mounts
@@ -191,23 +193,6 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
             if all(_written(layers, lid) for lid in rec.layers):
                 _check_layers(sm, sid, rec, report)
     return report
-
-
-def parent_loops(parents: dict[str, str | None]) -> list[list[str]]:
-    """Each loop of ``parents`` (snapshot -> its parent) once, as the ids along it and the
-    first again."""
-    loops = []
-    done: set[str] = set()
-    for start in sorted(parents):
-        path: list[str] = []
-        cur: str | None = start
-        while cur is not None and cur in parents and cur not in done and cur not in path:
-            path.append(cur)
-            cur = parents[cur]
-        if cur is not None and cur in path:
-            loops.append([*path[path.index(cur) :], cur])
-        done.update(path)
-    return loops
 
 
 def _written(layers: dict[str, LayerRecord], lid: str) -> bool:

@@ -50,7 +50,7 @@ from .catalog import STORE_FORMAT, BranchRecord, Catalog, Observation, SnapshotR
 from .collector import Collector
 from .crashpoints import crash_point
 from .direct_image import DirectImage
-from .episodes import Episode, FindQuery, episode_of, find
+from .episodes import Episode, FindQuery, episode_of, find, parent_loops
 from .errors import (
     BusyError,
     CascowfsError,
@@ -743,7 +743,7 @@ class StateManager:
             if loop is not None:
                 raise InvalidArgumentError(
                     f"snapshot {id} cannot have parent {parent}: it would be its own ancestor "
-                    f"({' -> '.join([id, *loop])})"
+                    f"({' -> '.join(loop)})"
                 )
             layer = secrets.token_hex(5)
 
@@ -783,20 +783,23 @@ class StateManager:
             return id
 
     def parent_loop(self, id: str, parent: str | None) -> list[str] | None:
-        """The parents from ``parent`` up to ``id`` if ``parent`` is ``id`` or one of its
-        descendants here (a pulled snapshot can name a parent this store does not have, so a
-        new ``id`` can have some): giving ``id`` that parent would close a loop. Else None."""
-        chain: list[str] = []
-        cur = parent
+        """The snapshots from ``id`` through its parents back to ``id`` if giving ``id``
+        parent ``parent`` would close a loop: ``parent`` is ``id`` or one of its descendants
+        here (a pulled snapshot can name a parent this store does not have, so a new ``id``
+        can have some). Else None."""
         with self.db.read() as txn:
-            while cur is not None and cur not in chain:
-                chain.append(cur)
-                if cur == id:
-                    return chain
-                if not self.catalog.has_snapshot(txn, cur):
+            if parent != id and not self.catalog.children(txn, id):
+                return None  # nothing here descends from ``id``: no parent closes a loop
+
+            def parent_of(sid: str) -> str | None:
+                if sid == id:
+                    return parent
+                if not self.catalog.has_snapshot(txn, sid):
                     return None
-                cur = self.catalog.snapshot(txn, cur).parent
-        return None
+                return self.catalog.snapshot(txn, sid).parent
+
+            loops = parent_loops([id], parent_of)
+        return loops[0] if loops and loops[0][0] == id else None
 
     def has_object(self, oid: bytes) -> bool:
         return self.content.find(oid) is not None

@@ -28,6 +28,7 @@ from pathlib import Path
 from ..cas import payload_children, value_of_payload
 from ..catalog import Observation
 from ..codec import TYPE_CHUNK
+from ..episodes import parent_loops
 from ..errors import CascowfsError, ExistsError, InvalidArgumentError, NotFoundError, StoreIOError
 from ..names import check_labels, check_snapshot_id
 from ..progress import progress_bar
@@ -575,17 +576,15 @@ def _refuse_parent_loops(
             return coming[id]
         return sm.snapshot(id).parent if sm.has_snapshot(id) else None
 
-    for id, parent in coming.items():
-        chain = [id]
-        cur = parent
-        while cur is not None and cur not in chain:
-            chain.append(cur)
-            cur = parent_of(cur)
-        if cur == id:
-            raise StoreIOError(
-                f"remote {where}: {ref_key(id)} would make snapshot {id} its own ancestor "
-                f"(parents {' -> '.join([*chain, id])})"
-            )
+    for loop in parent_loops(coming, parent_of):
+        first = next((i for i, sid in enumerate(loop) if sid in coming), None)
+        if first is None:
+            continue  # a loop of the store's own (fsck reports it), which no ref closes
+        loop = [*loop[first:-1], *loop[:first], loop[first]]
+        raise StoreIOError(
+            f"remote {where}: {ref_key(loop[0])} would make snapshot {loop[0]} its own "
+            f"ancestor (parents {' -> '.join(loop)})"
+        )
 
 
 def _receive_objects(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
