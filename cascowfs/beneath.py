@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 
 from . import syscalls
@@ -121,18 +122,15 @@ def _open_name_by_name(top: int, rel: bytes) -> int:
     return fd
 
 
-_openat2_state: list[bool] = []  # [works], found out at the first call
-
-
+@functools.cache
 def _openat2_works() -> bool:
-    if not _openat2_state:
-        root = os.open("/", _DIRECTORY_FLAGS)
-        try:
-            os.close(_openat2(root, b"."))
-        except OSError:  # ENOSYS, or EPERM from a system call filter
-            _openat2_state.append(False)
-        else:
-            _openat2_state.append(True)
-        finally:
-            os.close(root)
-    return _openat2_state[0]
+    """Whether this kernel, and any system call filter, lets ``openat2`` through: found out
+    at the first call."""
+    root = os.open("/", _DIRECTORY_FLAGS)
+    try:
+        os.close(_openat2(root, b"."))
+    except OSError:  # ENOSYS, or EPERM from a system call filter
+        return False
+    finally:
+        os.close(root)
+    return True

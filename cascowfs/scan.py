@@ -17,7 +17,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple, cast
 
@@ -205,6 +205,29 @@ def _other_entry(name: bytes, directory: int, st: os.stat_result, shown: bytes) 
     return _meta_entry(name, st, fsmeta.read_xattrs(path))
 
 
+# One entry of a directory a walk opened: its name, its path, its ``lstat``, and its entry if
+# it is neither a directory nor a regular file (nor an overlay whiteout, in an upper)
+_LookedUp = tuple[bytes, bytes, os.stat_result, Entry | None]
+
+
+def _looked_up(
+    directory: int, path: bytes, names: Iterable[bytes], *, whiteouts: bool
+) -> list[_LookedUp]:
+    """Each of ``names`` looked up in the open ``directory`` (at ``path``), never through a
+    symbolic link; what is neither a directory nor a regular file (nor, with ``whiteouts``, a
+    whiteout) is read now, through the directory."""
+    out = []
+    for name in names:
+        cpath = path + b"/" + name
+        st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+        kind = stat.S_IFMT(st.st_mode)
+        plain = kind in (stat.S_IFDIR, stat.S_IFREG) or (
+            whiteouts and kind == stat.S_IFCHR and st.st_rdev == 0
+        )
+        out.append((name, cpath, st, None if plain else _other_entry(name, directory, st, cpath)))
+    return out
+
+
 def _mirror_other(entry: Entry, dst: bytes) -> None:
     if stat.S_ISLNK(entry.mode):
         os.symlink(entry.ref, dst)
@@ -267,7 +290,7 @@ def scan_directory(
 
     def open_dir(
         top: int, path: bytes, rel: bytes, st: os.stat_result, name: bytes, mirror: bytes | None
-    ) -> tuple[DirNode, Iterator[tuple[bytes, bytes, os.stat_result, Entry | None]]]:
+    ) -> tuple[DirNode, Iterator[_LookedUp]]:
         """A directory's node and its children read (in name order), to be walked: listed
         and looked up in the directory below ``top`` that the walk saw at ``rel``."""
         with reading_as(reader):  # everything this directory holds, read as ``reader``
@@ -276,20 +299,11 @@ def scan_directory(
                 node = DirNode(_meta_entry(name, st, fsmeta.read_xattrs(fd)), {})
                 check_for_image(mirror or path, node.meta)
                 names = sorted(os.fsencode(n) for n in os.listdir(fd))
-                children = []
-                for cname in names:
-                    cpath = path + b"/" + cname
-                    cst = os.stat(cname, dir_fd=fd, follow_symlinks=False)
-                    seen(cpath, cst)
-                    kind = stat.S_IFMT(cst.st_mode)
-                    other = (
-                        None
-                        if kind in (stat.S_IFDIR, stat.S_IFREG)
-                        else _other_entry(cname, fd, cst, cpath)
-                    )
-                    children.append((cname, cpath, cst, other))
+                children = _looked_up(fd, path, names, whiteouts=False)
             finally:
                 os.close(fd)
+        for _, cpath, cst, _ in children:
+            seen(cpath, cst)
         if mirror is not None:
             dirs.append((mirror, node.meta))
         return node, iter(children)
@@ -379,14 +393,12 @@ def _listing_key(rel: bytes, st: os.stat_result) -> tuple:
     return ("listing", rel, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
 
-# A directory of an ``apply_upper`` walk: its node, its children left to walk (name, lstat,
-# and the entry of one neither a directory nor a regular file), its path, its path relative
-# to the upper, its node's changes and the listing below it (a plain tuple: one is made for
-# every directory of every commit)
+# A directory of an ``apply_upper`` walk: its node, its children left to walk, its path
+# relative to the upper, its node's changes and the listing below it (a plain tuple: one is
+# made for every directory of every commit)
 _UpperDir = tuple[
     DirNode,
-    Iterator[tuple[bytes, os.stat_result, Entry | None]],
-    bytes,
+    Iterator[_LookedUp],
     bytes,
     dict[bytes, Entry | DirNode | None],
     dict[bytes, Entry],
@@ -447,17 +459,7 @@ def apply_upper(
                 keep[lkey] = listing
             if _OPAQUE in marks or _REDIRECT in marks:
                 lower = lower_of_marked(fd, lower, siblings)
-            children = []
-            for cname in names:
-                cst = os.stat(cname, dir_fd=fd, follow_symlinks=False)
-                kind = stat.S_IFMT(cst.st_mode)
-                whiteout = kind == stat.S_IFCHR and cst.st_rdev == 0
-                other = (
-                    None
-                    if whiteout or kind in (stat.S_IFDIR, stat.S_IFREG)
-                    else _other_entry(cname, fd, cst, path + b"/" + cname)
-                )
-                children.append((cname, cst, other))
+            children = _looked_up(fd, path, names, whiteouts=True)
         finally:
             os.close(fd)
         if lower is not None and not lower.is_dir:
@@ -470,16 +472,15 @@ def apply_upper(
             lower_children=lower_children,
             changes=changes,
         )
-        return node, iter(children), path, rel, changes, lower_children
+        return node, iter(children), rel, changes, lower_children
 
     def walk(top: int, root: _UpperDir) -> DirNode:
         # depth first with a stack of the directories being walked, not a recursion: a
         # tree may be deeper than Python's recursion limit
         stack = [root]
         while stack:
-            node, children, path, rel, changes, lower_children = stack[-1]
-            for cname, cst, other in children:
-                cpath = path + b"/" + cname
+            node, children, rel, changes, lower_children = stack[-1]
+            for cname, cpath, cst, other in children:
                 crel = rel + b"/" + cname if rel else cname
                 if stat.S_ISCHR(cst.st_mode) and cst.st_rdev == 0:
                     changes[cname] = None  # whiteout

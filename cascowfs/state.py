@@ -600,8 +600,7 @@ class StateManager:
         small directories: no space needed. A failure puts back what moved."""
         try:
             with disk_errors(f"re-basing branch {name}"):
-                upper = self.upper_path(name)
-                for kind, final in (("upper", upper), ("work", upper.parent / "work")):
+                for kind, final in self._overlay_dirs(name):
                     if os.path.lexists(final):
                         os.rename(final, staged / f"old-{kind}")
                     os.rename(staged / kind, final)
@@ -609,12 +608,17 @@ class StateManager:
             self.swap_back(name, staged)
             raise
 
+    def _overlay_dirs(self, name: str) -> tuple[tuple[str, Path], tuple[str, Path]]:
+        """Branch ``name``'s upper and work directories, each with the name
+        ``stage_branch_dirs`` gives its fresh one in staging."""
+        upper = self.upper_path(name)
+        return ("upper", upper), ("work", upper.parent / "work")
+
     def swap_back(self, name: str, staged: Path) -> None:
         """Undo ``_swap_in_staged`` (idempotent: recovery redoes it after a kill -9 before
         the op's APPLY), so the branch's mount works on its own directories again."""
-        upper = self.upper_path(name)
         with disk_errors(f"restoring branch {name}'s directories"):
-            for kind, final in (("upper", upper), ("work", upper.parent / "work")):
+            for kind, final in self._overlay_dirs(name):
                 old = staged / f"old-{kind}"
                 if not os.path.lexists(old):
                     continue
@@ -963,13 +967,12 @@ class StateManager:
         """``attempt``, an op that mounts a branch on a snapshot's chain before its APPLY, made
         again while a merge of that chain dropped one of its layers in between (a window of
         milliseconds; a refused attempt changed nothing)."""
-        for left in range(CHAIN_ATTEMPTS - 1, -1, -1):
+        for _ in range(CHAIN_ATTEMPTS - 1):
             try:
                 return attempt()
             except ChainChangedError:
-                if not left:
-                    raise
-        raise AssertionError("unreachable")
+                pass
+        return attempt()
 
     def _create_branch(self, name: str, parent: str | None) -> BranchInfo:
         with self._branch_op(name):
@@ -1062,7 +1065,7 @@ class StateManager:
                 )
             staged = self.stage_branch_dirs(target)
             chain = target.layers if target else []
-            upper = self.upper_path(name)
+            (_, upper), (_, work) = self._overlay_dirs(name)
             try:
                 with ExitStack() as mount:
                     # ``staged`` names where the branch's own directories wait for the APPLY:
@@ -1071,7 +1074,7 @@ class StateManager:
                         self._swap_in_staged(name, staged)
                         try:
                             mnt_fd = mount.enter_context(
-                                self._new_branch_mount(name, chain, upper, upper.parent / "work")
+                                self._new_branch_mount(name, chain, upper, work)
                             )
                             crash_point(f"{kind}.mounted")
 
@@ -1121,10 +1124,13 @@ class StateManager:
         self.catalog.put_branch(txn, name, rec)
         return rec, dropped
 
-    def _chain_dropped(self, chain: list[str]) -> bool:
-        """Whether a layer of ``chain`` has no record any more (a merge dropped it)."""
-        with self.db.read() as txn:
-            return any(self.catalog.find_layer(txn, lid) is None for lid in chain)
+    def _chain_dropped(self, chain: list[str], txn: lmdb.Transaction | None = None) -> bool:
+        """Whether a layer of ``chain`` has no record any more (a merge dropped it); read in
+        ``txn``, or a read transaction of its own."""
+        if txn is None:
+            with self.db.read() as txn:
+                return self._chain_dropped(chain, txn)
+        return any(self.catalog.find_layer(txn, lid) is None for lid in chain)
 
     def _check_chain(self, txn: lmdb.Transaction, parent: str, chain: list[str]) -> None:
         """Inside the APPLY of an op that mounted a branch on ``chain``, snapshot ``parent``'s
@@ -1132,7 +1138,7 @@ class StateManager:
         every layer of the chain, which a merge of it since may have dropped (BusyError). A
         chain the merge replaced but whose layers live on still shows the snapshot's tree."""
         cur = self.catalog.snapshot(txn, parent)
-        if cur.layers != chain and any(self.catalog.find_layer(txn, lid) is None for lid in chain):
+        if cur.layers != chain and self._chain_dropped(chain, txn):
             raise ChainChangedError(f"the layers of snapshot {parent} changed meanwhile; try again")
 
     def _branch_record(
