@@ -222,6 +222,18 @@ def test_a_shared_content_is_charged_once_per_uid():
     assert not b.held and not piece.holders
 
 
+def test_an_open_that_fails_gives_back_what_it_was_charged():
+    b = Budgets(limit=10_000)
+    held = b.opened(5, "open")
+    with pytest.raises(OverBudgetError):
+        with b.opening(5, "open episodes") as charge:
+            b.share(charge, Generated(1, b"x" * 20_000), "open episodes")
+    assert b.held[5] == held.bytes  # the failed open's handle and share given back
+    with b.opening(5, "open metrics") as kept:
+        b.grow(kept, 100, "open metrics")
+    assert b.held[5] == held.bytes + kept.bytes  # an open that succeeds keeps its charge
+
+
 def test_reader_threads_run_one_read_per_uid_and_few_in_all():
     running: list[int] = []
     peak = {"all": 0, 5: 0}

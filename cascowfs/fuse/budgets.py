@@ -22,13 +22,14 @@ trio's shared pool of 40 that commits and branch operations wait for.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -104,6 +105,16 @@ class Budgets:
         self._admit(uid, size, what)
         self.held[uid] += size
         return Charge(uid, size)
+
+    @contextlib.contextmanager
+    def opening(self, uid: int, what: str) -> Iterator[Charge]:
+        """``opened``, given back if the open fails before its file has a handle."""
+        charge = self.opened(uid, what)
+        try:
+            yield charge
+        except BaseException:
+            self.closed(charge)
+            raise
 
     def grow(self, charge: Charge, size: int, what: str) -> None:
         """``charge``'s file keeps ``size`` more bytes (OverBudgetError: it may not)."""

@@ -1001,31 +1001,23 @@ class CascowOperations(pyfuse3.Operations):
             )
             return pyfuse3.FileInfo(fh=self._new_handle(branch_handle, charge), direct_io=True)
         if isinstance(node, FeedNode):
-            charge = self.budgets.opened(ctx.uid, f"open {node.which}")
             admin = self._is_admin(ctx)
 
             async def run(fn: Callable[[], bytes]) -> bytes:
                 return await self._read_q(admin, ctx.uid, fn)
 
-            try:
+            with self.budgets.opening(ctx.uid, f"open {node.which}") as charge:
                 feed, stream = await self.feeds.open(node, flags, run)
                 if isinstance(feed, MetricsHandle):
                     self.budgets.grow(charge, len(feed.content), "open metrics")
-            except BaseException:
-                self.budgets.closed(charge)
-                raise
             fh = self._new_handle(feed, charge)
             return pyfuse3.FileInfo(fh=fh, direct_io=True, nonseekable=stream)
         if isinstance(node, GeneratedFileNode):
             if writing:
                 raise _err(errno.EACCES)
-            charge = self.budgets.opened(ctx.uid, "open episodes")
-            try:
+            with self.budgets.opening(ctx.uid, "open episodes") as charge:
                 piece = await self._episodes_piece(ctx)
                 self.budgets.share(charge, piece, "open episodes")
-            except BaseException:
-                self.budgets.closed(charge)
-                raise
             fh = self._new_handle(GeneratedHandle(piece), charge)
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if isinstance(node, SnapDirNode) or isinstance(node, SkeletonNode):
