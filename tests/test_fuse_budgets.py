@@ -259,6 +259,28 @@ def test_reader_threads_run_one_read_per_uid_and_few_in_all():
 
 
 
+
+def test_a_uids_next_read_waits_until_its_reads_took_their_share_of_a_core():
+    def burn(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    async def main() -> None:
+        readers = ReaderThreads(total=2, cpu_share=0.1)  # 0.1 s of CPU: 0.9 s idle
+        start = trio.current_time()
+        await readers.run(5, burn, 0.1)
+        first = trio.current_time() - start
+        await readers.run(6, burn, 0.0)  # another uid: not paced by uid 5's read
+        other = trio.current_time() - start
+        await readers.run(5, burn, 0.0)
+        second = trio.current_time() - start
+        assert first < 0.9  # a read's own reply does not wait out its pause
+        assert other < 0.9
+        assert second >= 1.0  # 0.1 s of CPU and 0.9 s paced
+
+    trio.run(main)
+
 @needs_fuse
 def test_link_counts_of_other_users_walk_in_few_threads(fs):
     """A hard-linked file's st_nlink walks its whole snapshot once: for another user, in the

@@ -17,14 +17,17 @@ end anyway.
 Reads by callers outside the admin group (``find``, ``children``, generating ``episodes``,
 listing large directories, walking a snapshot to count its hard links) run in threads of
 their own (``ReaderThreads``): at most ``READER_THREADS`` at once and one per uid, not in
-trio's shared pool of 40 that commits and branch operations wait for.
+trio's shared pool of 40 that commits and branch operations wait for. Threads alone do not
+bound the CPU: every thread of the daemon shares one GIL, and a user looping ``find`` in its
+thread takes the GIL from the trio thread that serves every agent. So a uid's next read
+waits until its last one's CPU time is at most ``READER_CPU_SHARE`` of the time since that
+read started.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import os
 import time
@@ -46,6 +49,7 @@ ENV_BUDGET = "CASCOWFS_UID_BUDGET_BYTES"  # the daemon's environment may lower o
 HANDLE_BYTES = 1024  # what any open file costs the daemon, charged with what it keeps
 ENTRY_BYTES = 96  # a name kept in an open directory's listing, with its list slot
 READER_THREADS = 2  # of non-admin reads at once; one uid gets one
+READER_CPU_SHARE = 0.1  # of a core, one uid's reads at most: 10k-snapshot finds 100 a second
 WARN_EVERY = 60.0  # seconds between two log lines about one uid's refusals
 
 
@@ -188,21 +192,39 @@ class SharedContent:
 
 class ReaderThreads:
     """Worker threads for the reads of callers outside the admin group: ``READER_THREADS`` at
-    most at once, one per uid, apart from the default pool that state changes use."""
+    most at once, one per uid, apart from the default pool that state changes use, and each
+    uid paced to ``cpu_share`` of a core."""
 
-    def __init__(self, total: int = READER_THREADS) -> None:
+    def __init__(self, total: int = READER_THREADS, cpu_share: float = READER_CPU_SHARE) -> None:
         self._all = trio.CapacityLimiter(total)
         self._uids: dict[int, trio.CapacityLimiter] = {}
+        self._idle_per_cpu_second = 1 / cpu_share - 1
+        self._paced_until: dict[int, float] = {}  # uid -> trio time its next read may start
 
     async def run(self, uid: int, fn: Callable[..., T], *args: Any) -> T:
         own = self._uids.get(uid)
         if own is None:
             own = self._uids[uid] = trio.CapacityLimiter(1)
+        spent = [0.0]
+
+        def timed() -> T:
+            start = time.thread_time()
+            try:
+                return fn(*args)
+            finally:
+                spent[0] = time.thread_time() - start
+
         try:
             async with own:
-                return await trio.to_thread.run_sync(
-                    functools.partial(fn, *args), limiter=self._all
-                )
+                # The pause is the next read's, so that a read's own reply is never late.
+                await trio.sleep_until(self._paced_until.get(uid, 0.0))
+                self._paced_until.pop(uid, None)  # after the sleep: a cancelled one keeps it
+                try:
+                    return await trio.to_thread.run_sync(timed, limiter=self._all)
+                finally:
+                    pause = spent[0] * self._idle_per_cpu_second
+                    if pause > 0:
+                        self._paced_until[uid] = trio.current_time() + pause
         finally:
             stats = own.statistics()
             if not stats.borrowed_tokens and not stats.tasks_waiting:
