@@ -16,7 +16,9 @@ import pytest
 import trio
 
 from cascowfs.fuse import budgets
+from cascowfs.fuse.inodes import SNAPSHOTS_INO
 from cascowfs.fuse.operations import CascowOperations, CtlHandle, DirHandle
+from cascowfs.fuse.snapshot_view import LinkCounts
 from cascowfs.privacy import Caller
 from cascowfs.fuse.budgets import Budgets, Generated, OverBudgetError, ReaderThreads
 from fusehelpers import mounted, needs_fuse
@@ -345,3 +347,27 @@ def test_reads_of_other_users_go_to_the_readers_threads(sm, store):
 
     trio.run(main)
     assert routed == [1000, 1000, 1000]
+
+
+def test_link_counts_kept_for_lookups_stay_within_their_limit(sm, store, tmp_path, monkeypatch):
+    """Every snapshot root whose hard links a lookup counted used to be kept for good."""
+    monkeypatch.setenv("CASCOWFS_SNAPSHOT_VIEWS", "fuse")  # the daemon's own view
+    for n in range(3):
+        src = tmp_path / f"src{n}"
+        src.mkdir()
+        (src / "a").write_text(str(n))
+        os.link(src / "a", src / "b")
+        sm.import_tree(src, f"s{n}")
+    ops = CascowOperations(sm, store)
+    ops._links = LinkCounts(limit=2)  # a group per snapshot: two snapshots' counts
+    ctx = SimpleNamespace(uid=0, gid=0, pid=os.getpid())
+
+    async def main() -> list[int]:
+        links = []
+        for n in (0, 1, 2, 0):
+            root = await ops.lookup(SNAPSHOTS_INO, f"s{n}".encode(), ctx)
+            links.append((await ops.lookup(root.st_ino, b"b", ctx)).st_nlink)
+        return links
+
+    assert trio.run(main) == [2, 2, 2, 2]
+    assert ops._links.groups == 2  # s0 counted again after s2 took its place

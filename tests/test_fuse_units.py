@@ -7,6 +7,7 @@ import errno
 import os
 import socket
 import stat
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -17,7 +18,7 @@ from cascowfs import wire
 from cascowfs.fuse import control
 from cascowfs.fuse.inodes import (FIRST_ALLOCATED, HASHED_BASE, InodeTable, SkeletonNode,
                                   SnapDirNode)
-from cascowfs.fuse.snapshot_view import count_links, iso_time, root_xattrs
+from cascowfs.fuse.snapshot_view import LinkCounts, count_links, iso_time, root_xattrs
 from cascowfs.model import Entry, SnapshotInfo
 
 
@@ -211,6 +212,18 @@ def test_count_links():
     root = Entry(b"", stat.S_IFDIR, 0, 0, 0, 0, b"root")
     assert count_links(root, trees.__getitem__) == {b"L1": 2, b"L2": 1}
 
+
+
+def test_link_counts_keep_the_roots_read_last_within_their_limit():
+    kept = LinkCounts(limit=5)
+    kept.keep(b"r1", Counter({b"a": 2, b"b": 2}))
+    kept.keep(b"r2", Counter({b"c": 2, b"d": 2}))
+    assert kept.get(b"r1") == {b"a": 2, b"b": 2}  # r1 now the newest read
+    kept.keep(b"r3", Counter({b"e": 2, b"f": 2}))  # six groups: the oldest read goes
+    assert kept.get(b"r2") is None and kept.get(b"r1") and kept.get(b"r3")
+    assert kept.groups == 4
+    kept.keep(b"big", Counter({bytes([i]): 2 for i in range(6)}))  # over the limit alone
+    assert kept.groups == 0 and kept.get(b"big") is None
 
 # -- snapshot metadata ----------------------------------------------------------------------
 def test_root_xattrs():

@@ -94,6 +94,7 @@ from .snapshot_view import (
     IMMUTABLE_TIMEOUT,
     TREE_XATTR,
     XATTR_PREFIX,
+    LinkCounts,
     count_links,
     entry_attrs,
     entry_xattrs,
@@ -265,7 +266,7 @@ class CascowOperations(pyfuse3.Operations):
         self.episodes_shared = SharedContent()
         self._fh = itertools.count(1)
         # Hard-link group sizes per snapshot root tree id (immutable, so cached for good).
-        self._links: dict[bytes, Counter[bytes]] = {}
+        self._links = LinkCounts()
 
     # -- helpers -------------------------------------------------------------------------------
     async def _q(self, fn: Callable[..., T], *args: Any) -> T:
@@ -559,7 +560,7 @@ class CascowOperations(pyfuse3.Operations):
         if counts is None:
             root = Entry(b"", stat.S_IFDIR, 0, 0, 0, 0, parent.root_ref)
             counts = await read(count_links, root, self.sm.read_tree)
-            self._links[parent.root_ref] = counts
+            self._links.keep(parent.root_ref, counts)
         return max(counts.get(entry.link, 1), 1)
 
     async def _snap_child(

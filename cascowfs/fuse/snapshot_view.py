@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import stat
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 
 import pyfuse3
@@ -26,6 +26,9 @@ XATTR_PREFIX = RESERVED_XATTR_PREFIX
 # Served on every snapshot directory but not listed (so `getfattr -d` and `diff` of trees stay
 # clean): the tree id, which lets tools skip equal subtrees (cascowfs diff over a mount).
 TREE_XATTR = XATTR_PREFIX + b"tree"
+# Hard-link groups whose counts are kept, over all snapshots: about 30 MB (a group's key and
+# its count in a Counter); a tree with more is walked again on each lookup that needs one.
+LINK_GROUPS_KEPT = 1 << 18
 
 
 def entry_attrs(ino: int, entry: Entry, nlink: int = 1) -> pyfuse3.EntryAttributes:
@@ -108,3 +111,31 @@ def count_links(root: Entry, read_tree: Callable[[bytes], dict[bytes, Entry]]) -
             elif entry.link:
                 counts[entry.link] += 1
     return counts
+
+
+class LinkCounts:
+    """``count_links`` of the snapshot roots read last, at most ``limit`` groups in all.
+
+    Any user may look up a hard-linked file in every snapshot, and commits make new roots all
+    the time: a cache that kept every root's counts grew with each, for as long as the daemon
+    ran, and held them after their snapshots were pruned."""
+
+    def __init__(self, limit: int = LINK_GROUPS_KEPT) -> None:
+        self.limit = limit
+        self.groups = 0
+        self._by_root: OrderedDict[bytes, Counter[bytes]] = OrderedDict()
+
+    def get(self, root_ref: bytes) -> Counter[bytes] | None:
+        counts = self._by_root.get(root_ref)
+        if counts is not None:
+            self._by_root.move_to_end(root_ref)
+        return counts
+
+    def keep(self, root_ref: bytes, counts: Counter[bytes]) -> None:
+        if root_ref in self._by_root:
+            return  # two lookups walked it at once
+        self._by_root[root_ref] = counts
+        self.groups += len(counts)
+        while self.groups > self.limit:
+            _, old = self._by_root.popitem(last=False)
+            self.groups -= len(old)
