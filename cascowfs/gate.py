@@ -3,6 +3,7 @@
 Mutations of a store run side by side; garbage collection, WAL checkpoints and fsck of a live
 store need every other one finished, and a collection cycle needs the ones running when it
 starts to have finished (they may have stored objects before it began protecting them).
+Operations on one branch run one at a time (``NamedLocks``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 
 class OpGate:
@@ -87,3 +89,45 @@ class OpGate:
         with self._cond:
             self._exclusive = False
             self._cond.notify_all()
+
+
+@dataclass(eq=False, slots=True)
+class _NamedLock:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0  # holding it or waiting for it
+
+
+class NamedLocks:
+    """A lock per name, kept only while someone holds it or waits for it: a search names
+    thousands of branches an hour, and a lock kept for every name ever used grew the daemon
+    for as long as it ran."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, _NamedLock] = {}
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @contextmanager
+    def holding(self, name: str, *, wait: bool = True) -> Iterator[bool]:
+        """Hold ``name``'s lock; yields False, holding nothing, if ``wait`` is False and
+        another holds it."""
+        with self._guard:
+            named = self._locks.get(name)
+            if named is None:
+                named = self._locks[name] = _NamedLock()
+            named.users += 1
+        try:
+            if not named.lock.acquire(blocking=wait):
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                named.lock.release()
+        finally:
+            with self._guard:
+                named.users -= 1
+                if not named.users:
+                    del self._locks[name]

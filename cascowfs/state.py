@@ -63,7 +63,7 @@ from .errors import (
 )
 from .extents import read_pieces
 from .fuse.sysmount import FUSE_TYPE, store_of_source
-from .gate import OpGate
+from .gate import NamedLocks, OpGate
 from .label_applies import LabelApplies, LoggedLabel
 from .layer_builder import LayerBuilder, as_image
 from .layer_pins import LayerPins
@@ -203,8 +203,7 @@ class StateManager:
         self.pins = LayerPins()  # layers that kernel views of snapshots stack
         self._ops = OpGate()
         self._label_gate_tickets: dict[str, int] = {}  # begun labels' gate tickets, by op
-        self._branch_locks: dict[str, threading.Lock] = {}
-        self._branch_locks_guard = threading.Lock()
+        self._branch_locks = NamedLocks()
         self._file_caches: dict[str, dict] = {}  # status: entries with content ids only
         self._commit_caches: dict[str, dict] = {}  # commit: entries whose content is stored
         self._built_dirs: dict[str, dict] = {}  # commit: directories the last commit encoded
@@ -904,15 +903,11 @@ class StateManager:
     @contextmanager
     def _branch_op(self, name: str, *, wait: bool = True) -> Iterator[None]:
         """One operation at a time on a branch; operations on other branches run beside it."""
-        with self._branch_locks_guard:
-            lock = self._branch_locks.setdefault(name, threading.Lock())
-        if not lock.acquire(blocking=wait):
-            raise BusyError(f"another operation on branch {name!r} (a commit) is in progress")
-        try:
+        with self._branch_locks.holding(name, wait=wait) as held:
+            if not held:
+                raise BusyError(f"another operation on branch {name!r} (a commit) is in progress")
             with self._ops.running():
                 yield
-        finally:
-            lock.release()
 
     def _claim_id(self, id: str | None) -> str:
         if id is None or id == "":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from cascowfs.gate import OpGate
+from cascowfs.gate import NamedLocks, OpGate
 
 
 def _hold(gate: OpGate, section: str = "running") -> tuple[threading.Thread, threading.Event,
@@ -83,3 +83,50 @@ def test_try_enter_never_waits_and_counts_as_running_until_left():
     again = gate.try_enter()
     assert again is not None and again != ticket
     gate.leave(again)
+
+
+# -- a lock per branch name ------------------------------------------------------------------
+def test_a_named_lock_excludes_its_name_only_and_is_dropped_when_nobody_uses_it():
+    locks = NamedLocks()
+    inside, release, waited = threading.Event(), threading.Event(), []
+
+    def hold_b1() -> None:
+        with locks.holding("b1") as held:
+            assert held
+            inside.set()
+            release.wait()
+
+    def wait_b1() -> None:
+        with locks.holding("b1"):
+            waited.append(time.monotonic())
+
+    holder = threading.Thread(target=hold_b1, daemon=True)
+    waiter = threading.Thread(target=wait_b1, daemon=True)
+    holder.start()
+    try:
+        assert inside.wait(5)
+        with locks.holding("b1", wait=False) as held:
+            assert not held  # a commit's way: refused, not queued
+        with locks.holding("b2", wait=False) as held:
+            assert held  # another branch runs beside it
+        waiter.start()
+        time.sleep(0.05)
+        assert not waited and len(locks) == 1  # held and waited for: kept
+        released = time.monotonic()
+    finally:
+        release.set()
+    holder.join(5)
+    waiter.join(5)
+    assert waited and waited[0] >= released
+    assert len(locks) == 0  # nobody holds or waits: nothing kept
+
+
+def test_a_store_keeps_no_lock_for_the_branches_it_discarded(sm, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    sm.import_tree(src, "base")
+    for n in range(20):
+        sm.create_branch(f"b{n}", "base")
+        sm.discard(f"b{n}")
+    assert len(sm._branch_locks) == 0
