@@ -955,11 +955,24 @@ def _values_joined(words: list[str]) -> list[str]:
     return out
 
 
+def _parsed(parser: _Parser, words: list[str]) -> argparse.Namespace:
+    """``parse_args``, except that ``find``'s predicates may come after its options too
+    (argparse takes a positional list only in one piece)."""
+    args, extra = parser.parse_known_args(words)
+    verb = parser.verbs.get(getattr(args, "verb", None) or "", parser)
+    if extra and args.verb == "find":
+        args.predicates += [word for word in extra if not word.startswith("-")]
+        extra = [word for word in extra if word.startswith("-")]
+    if extra:
+        verb.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     words = _values_joined(list(sys.argv[1:] if argv is None else argv))
     try:
-        args = parser.parse_args(words)
+        args = _parsed(parser, words)
     except UsageError as exc:
         if "--json" in words:
             # the top parser refuses extra words after a verb's own: name the verb given

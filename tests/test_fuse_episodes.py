@@ -89,6 +89,12 @@ def test_find_and_children_answer_in_the_order_asked(fs):
     for sort in (["--sort", "-reward"], ["--sort=-reward"]):  # as documented, and joined
         out = run_cli("find", str(fs.mnt), "reward>=0.2", *sort).stdout.split()
         assert out == ["s2", "s0", "s1"], sort
+    # predicates after options, as through ctl
+    out = run_cli("find", str(fs.mnt), "--sort", "-reward", "reward>=0.2", "--limit", "2",
+                  "has:reward").stdout.split()
+    assert out == ["s2", "s0"]
+    assert run_cli("find", str(fs.mnt), "--ancestor", "s0", "reward>0").stdout.split() == [
+        "s1", "s2"]
     assert run_cli("children", str(fs.mnt), "s1").stdout.split() == ["s2"]
 
 
