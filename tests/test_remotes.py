@@ -115,6 +115,27 @@ def test_a_second_push_sends_only_what_is_new(remote, tmp_path):
 
 
 @needs_overlay
+def test_push_with_ancestors_stops_at_a_pruned_one(remote, tmp_path):
+    """A search prunes as it goes: the lineage pushed is what is left of it."""
+    rs = objectstore.open_store(remote)
+    with open_store(tmp_path / "a") as sm:
+        sm.import_tree(make_tree(tmp_path / "src", 2), "root")
+        tree = sm.create_branch("b", "root").tree
+        for n in range(3):
+            (tree / f"step{n}").write_text(str(n))
+            sm.commit("b", f"s{n}")
+        sm.discard("b")
+        sm.prune("root")
+        sm.prune("s1")  # a hole in the middle too
+        stats = transfer.push(sm, rs, ["s2"], with_ancestors=True)
+        assert stats.snapshots == ["s2"]
+        stats = transfer.push(sm, rs, ["s0", "s2"], with_ancestors=True)
+        assert stats.snapshots == ["s0"] and stats.skipped == ["s2"]
+    with open_store(tmp_path / "b") as sm:
+        got = transfer.pull(sm, rs, ["s2"], with_ancestors=True)
+        assert got.snapshots == ["s2"] and sm.snapshot("s2").parent == "s1"
+
+@needs_overlay
 def test_lineage_labels_and_delta_push(remote, tmp_path):
     """A child of a pushed snapshot sends about its changed bytes; pull --with-ancestors
     brings the parent chain with labels and parents as they were."""

@@ -354,7 +354,8 @@ def push(
     ref is there already with the same tree is skipped; with another tree, EEXIST."""
     ids = [check_snapshot_id(i) for i in ids]
     if with_ancestors:
-        ids = _with_ancestors(ids, lambda i: sm.snapshot(i).parent if sm.has_snapshot(i) else None)
+        # a parent pruned here ends the line: a search prunes as it goes
+        ids = _with_ancestors(ids, lambda i: _kept(sm, sm.snapshot(i).parent))
     stats = TransferStats()
     where = store.spec.describe()
     store.create()  # a push makes a directory remote; reading one that is not there is ENOENT
@@ -421,6 +422,10 @@ def _send_tree(sm, root: bytes, known: RemoteIndex, sender: PackSender) -> None:
             continue
         stack.append((oid, (kind, payload)))
         stack.extend((child, None) for child in children)
+
+
+def _kept(sm, id: str | None) -> str | None:
+    return id if id is not None and sm.has_snapshot(id) else None
 
 
 def _with_ancestors(ids: list[str], parent_of: Callable[[str], str | None]) -> list[str]:
