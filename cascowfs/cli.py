@@ -160,7 +160,19 @@ def cmd_umount(args: argparse.Namespace) -> int:
     mnt = Path(args.mountpoint).absolute()
     entry = mount_at(mnt)
     if entry is None or entry.fstype != FUSE_TYPE:
-        raise InvalidArgumentError(f"{mnt} is not a cascowfs mount")
+        if args.branches:
+            # After a clean stop nothing is mounted at MNT any more, and nothing says
+            # which store it served: its branch overlays are reached by the store's path.
+            from .state import check_store_dir
+
+            check_store_dir(mnt, create=False)  # ENOENT or EINVAL: not a store
+            _unmount_branches(mnt)
+            emit(args, {"mountpoint": None, "pid": None, "branches": True}, None)
+            return 0
+        raise DaemonNotRunningError(
+            f"nothing is mounted at {mnt} (its daemon stopped, or never ran); "
+            "`umount --branches STORE` unmounts the branches of a stopped daemon's store"
+        )
     store = store_of_source(entry.source)  # in the mount table even when the daemon is dead
     pid = None
     try:

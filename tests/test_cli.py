@@ -102,7 +102,9 @@ def test_every_verb_on_a_live_mount_and_offline():
                            (("fsck", store), "EBUSY"),  # the daemon holds the store
                            (("fsck", mnt), "EINVAL"),  # a mount point, not a store
                            (("log", mnt, ""), "EINVAL"),  # no name: it listed nothing, exit 0
-                           (("umount", str(fs.base)), "EINVAL")):
+                           (("umount", str(fs.base)), "ENOTCONN"),  # nothing mounted there
+                           (("umount", "--branches", str(fs.base)), "EINVAL"),  # not a store
+                           (("umount", "--branches", str(fs.base / "nosuch")), "ENOENT")):
             proc = run_cli(*args, check=False)
             assert proc.returncode == exit_status(getattr(errno, name)), (args, proc.stderr)
             assert f"{name}: " in proc.stderr, (args, proc.stderr)
@@ -140,6 +142,11 @@ def test_offline_verbs_leave_a_store_as_mounted_as_they_found_it():
         assert kept
         run_cli("gc", store)
         assert mounts_below(fs.store) == kept
+        # a stopped daemon left its branches mounted and nothing at MNT: by the store's path
+        assert run_cli("umount", mnt, "--branches", check=False).returncode == exit_status(
+            errno.EINVAL)  # MNT is no store
+        run_cli("umount", "--branches", store)
+        assert mounts_below(fs.store) == []
         fs.start()
 
 
