@@ -82,10 +82,12 @@ def cmd_tree(args: argparse.Namespace) -> int:
     for ep in episodes:  # oldest first: children print in creation order
         parent = ep["parent"] if ep["parent"] in by_id else None  # a pruned parent: a root
         children.setdefault(parent, []).append(ep["id"])
-    if args.id is not None:
-        if args.id not in by_id:
-            raise NotFoundError(f"no snapshot {args.id!r}")
+    if args.id in by_id:
         roots = [args.id]
+    elif args.id is not None:  # a pruned snapshot: its children are still its (children ID)
+        roots = [ep["id"] for ep in episodes if ep["parent"] == args.id]
+        if not roots:
+            raise NotFoundError(f"no snapshot {args.id!r}, nor children of one")
     else:
         roots = children.get(None, [])
         # a snapshot on a parent loop has no root above it (fsck reports the loop): shown too

@@ -286,7 +286,7 @@ class Client:
     def snapshot(self, id: str) -> SnapshotInfo:
         """Metadata of a snapshot, from the ``user.cascowfs.*`` xattrs of its root."""
         path = self.snapshot_path(id)
-        attrs = self._xattrs(path)
+        attrs = self._xattrs(path, f"snapshot {id!r}")
         labels = {k[len("label.") :]: v for k, v in attrs.items() if k.startswith("label.")}
         return SnapshotInfo(
             id=id,
@@ -346,6 +346,12 @@ class Client:
         """
         left = self.snapshot_path(a) if a is not None else None
         right = self.snapshot_path(b) if b is not None else None
+        for id, root in ((a, left), (b, right)):
+            if root is not None:
+                try:
+                    os.lstat(root)
+                except OSError as exc:
+                    raise self.error_of(exc, f"diff: snapshot {id!r}") from None
         changes: list[Change] = []
         try:
             _diff_dirs(left, right, "", changes)
@@ -368,7 +374,7 @@ class Client:
         except OSError as exc:
             raise self.error_of(exc, f"read {path}") from None
 
-    def _xattrs(self, path: Path) -> dict[str, str]:
+    def _xattrs(self, path: Path, what: str) -> dict[str, str]:
         """The ``user.cascowfs.*`` xattrs of a snapshot root, without the prefix."""
         try:
             try:
@@ -383,7 +389,7 @@ class Client:
                 n[len(_XATTR) :]: os.getxattr(path, n).decode("utf-8", "replace") for n in names
             }
         except OSError as exc:
-            raise self.error_of(exc, f"xattrs of {path}") from None
+            raise self.error_of(exc, what) from None
 
 
 def _checked(check: Callable[[object], str], value: object) -> str:

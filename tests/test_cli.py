@@ -108,6 +108,11 @@ def test_every_verb_on_a_live_mount_and_offline():
             proc = run_cli(*args, check=False)
             assert proc.returncode == exit_status(getattr(errno, name)), (args, proc.stderr)
             assert f"{name}: " in proc.stderr, (args, proc.stderr)
+        for args in (("show", mnt, "nosuch"), ("log", mnt, "nosuch"),
+                     ("diff", mnt, "nosuch", "step1"), ("diff", mnt, "step1", "nosuch")):
+            proc = run_cli(*args, check=False)  # the message names what is missing
+            assert proc.returncode == exit_status(errno.ENOENT), (args, proc.stderr)
+            assert "snapshot 'nosuch'" in proc.stderr, (args, proc.stderr)
         # offline: the same diff from the engine itself, fsck, gc, import
         fs.stop()
         assert run_cli("diff", store, "base", "step1").stdout == mount_diff

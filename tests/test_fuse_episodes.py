@@ -279,4 +279,6 @@ def test_episodes_with_diff_of_a_snapshot_whose_parent_was_pruned(fs, tmp_path):
         roots = [r["id"] for r in map(json.loads, run_cli("tree", str(fs.mnt), "--json")
                                       .stdout.split("\n")[:-1]) if r["depth"] == 0]
         assert sorted(roots) == sorted(c.children(None))
+        below = run_cli("tree", str(fs.mnt), "gone-parent", "--labels", "none").stdout
+        assert below.splitlines() == ["orphan"]  # the pruned one's subtree: its children
         c.prune("orphan")
