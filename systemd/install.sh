@@ -4,6 +4,7 @@
 #     (the path the unit names);
 #   - the unit, the monitor's unit (cascowfs-monitor@), their tmpfiles.d, sysusers.d and
 #     modules-load.d companions, and the mount(8) helper /sbin/mount.fuse.cascowfs;
+#   - the docs in /usr/share/doc/cascowfs, where the units' Documentation= points;
 #   - /etc/cascowfs/mnt-cascowfs.env (store /var/lib/cascowfs/store) unless it exists.
 # Needs python3-venv, fuse3 (libfuse3) and, to build pyfuse3 without a wheel, libfuse3-dev.
 # PIP_INSTALL_ARGS adds pip options (e.g. --no-index --find-links DIR for an offline image);
@@ -24,6 +25,8 @@ install -D -m 644 "$here/tmpfiles.d/cascowfs.conf" /etc/tmpfiles.d/cascowfs.conf
 install -D -m 644 "$here/sysusers.d/cascowfs.conf" /etc/sysusers.d/cascowfs.conf
 install -D -m 644 "$here/modules-load.d/cascowfs.conf" /etc/modules-load.d/cascowfs.conf
 install -D -m 755 "$here/mount.fuse.cascowfs" /sbin/mount.fuse.cascowfs
+install -d -m 755 /usr/share/doc/cascowfs  # the units' Documentation=
+install -m 644 "$(dirname "$here")"/docs/*.md /usr/share/doc/cascowfs/
 if [ ! -e /etc/cascowfs/mnt-cascowfs.env ]; then
     install -d -m 755 /etc/cascowfs
     printf 'CASCOWFS_STORE=/var/lib/cascowfs/store\nCASCOWFS_OPTIONS=--admin-group cascowfs\n' \

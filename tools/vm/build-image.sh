@@ -38,7 +38,7 @@ if [ ! -s "$base" ]; then
 fi
 
 image_key=$( (echo "$base_key"; cd "$repo" &&
-              find cascowfs systemd tools/vm pyproject.toml -type f ! -name '*.pyc' -print0 |
+              find cascowfs systemd docs tools/vm pyproject.toml -type f ! -name '*.pyc' -print0 |
               sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-16)
 image="$cache/image-$image_key"
 if [ -s "$image/disk.img" ]; then
@@ -56,7 +56,7 @@ tar -C "$root" --numeric-owner --xattrs -xf "$base"
 # index; the guest's Python is the same Debian 3.11, so they install offline there.
 "$repo/.venv/bin/python" -m pip wheel -q -w "$root/tmp/wheels" "$repo" </dev/null >&2
 mkdir -p "$root/tmp/cascowfs-src"
-cp -r "$repo/systemd" "$root/tmp/cascowfs-src/"
+cp -r "$repo/systemd" "$repo/docs" "$root/tmp/cascowfs-src/"
 chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin CASCOWFS_SOURCE=cascowfs \
     PIP_INSTALL_ARGS="--no-index --find-links /tmp/wheels" \
     bash /tmp/cascowfs-src/systemd/install.sh >&2

@@ -119,6 +119,9 @@ cycle | final)
     fi
     check_store_offline
     if [ "$phase" = final ]; then
+        for doc in $(prop Documentation); do
+            [ -f "${doc#file:}" ] || fail "$UNIT's Documentation= names $doc, which is missing"
+        done
         systemctl stop "$UNIT"
         served "$MNT" && fail "served after the last stop"
         say DONE
