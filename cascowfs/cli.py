@@ -382,8 +382,10 @@ def _progress(args: argparse.Namespace) -> bool:
 def cmd_fsck(args: argparse.Namespace) -> int:
     from .fsck import fsck_store
 
-    if is_cascowfs_mount(args.store):  # "not a store; run cascowfs init" would mislead
-        store = os.getxattr(args.store, "user.cascowfs.store").decode(errors="replace")
+    entry = mount_at(Path(args.store).absolute())
+    if entry is not None and entry.fstype == FUSE_TYPE:  # "not a store" would mislead
+        # the mount table names the store even when the daemon is dead
+        store = store_of_source(entry.source) or entry.source
         raise InvalidArgumentError(
             f"{args.store} is a mount point: fsck checks the store ({store}) once it is at "
             "rest (cascowfs umount)"

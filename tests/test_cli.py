@@ -322,6 +322,9 @@ def test_verbs_on_a_mount_point_without_a_daemon_exit_10():
             proc = run_cli(*args, check=False)
             assert proc.returncode == cli.EXIT_DAEMON_NOT_RUNNING, (args, proc.stderr)
             assert "ENOTCONN: " in proc.stderr and str(fs.mnt) in proc.stderr, proc.stderr
+        proc = run_cli("fsck", str(fs.mnt), check=False)  # names the store, not ENOTCONN
+        assert proc.returncode == exit_status(errno.EINVAL), proc.stderr
+        assert f"the store ({fs.store})" in proc.stderr, proc.stderr
 
 
 def test_an_interrupt_says_that_a_sent_command_may_complete(monkeypatch, capsys):
