@@ -474,6 +474,9 @@ def run_background(start: Callable[[Callable[[], None]], int], log_file: str | N
         if message.startswith("READY"):
             return 0
         _, status = os.waitpid(pid, 0)
+        number, _, refusal = message.partition(" ")
+        if number.isdigit():  # the child's CascowfsError: the caller reports it by its errno
+            raise CascowfsError(refusal.strip(), errno=int(number))
         print(message.strip() or f"cascowfs: daemon exited with status {status}", file=sys.stderr)
         return 1
     # child
@@ -498,7 +501,7 @@ def run_background(start: Callable[[Callable[[], None]], int], log_file: str | N
     except CascowfsError as exc:
         log.error("%s", exc.message)
         if not reported:
-            os.write(wfd, f"cascowfs: {exc.message}\n".encode())
+            os.write(wfd, f"{exc.errno} {exc.message}\n".encode())
     except BaseException as exc:  # noqa: BLE001 - report anything to the waiting parent
         log.exception("daemon failed")
         if not reported:

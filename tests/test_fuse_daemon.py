@@ -4,6 +4,7 @@ branch, remount, --background, refusals; the store is fsck-clean afterwards."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -155,6 +156,10 @@ def test_second_daemon_is_refused():
         proc = run_cli("mount", str(fs.store), str(other), check=False, timeout=30)
         assert proc.returncode == exit_status(errno.EBUSY), proc.stderr  # store locked
         assert "EBUSY" in proc.stderr, proc.stderr
+        proc = run_cli("mount", "--background", "--json", str(fs.store), str(other),
+                       check=False, timeout=30)  # refused in the child: reported the same
+        assert proc.returncode == exit_status(errno.EBUSY), proc.stderr
+        assert json.loads(proc.stderr)["error"] == "EBUSY", proc.stderr
         proc = run_cli("mount", str(fs.base / "store2"), str(fs.mnt), check=False, timeout=30)
         assert proc.returncode == exit_status(errno.EBUSY), proc.stderr
         assert "already served" in proc.stderr, proc.stderr
