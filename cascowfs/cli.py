@@ -170,7 +170,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
             emit(args, {"mountpoint": None, "pid": None, "branches": True}, None)
             return 0
         raise DaemonNotRunningError(
-            f"nothing is mounted at {mnt} (its daemon stopped, or never ran); "
+            f"{mnt} is not a cascowfs mount (its daemon stopped, or never ran); "
             "`umount --branches STORE` unmounts the branches of a stopped daemon's store"
         )
     store = store_of_source(entry.source)  # in the mount table even when the daemon is dead

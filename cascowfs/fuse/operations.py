@@ -265,7 +265,7 @@ class CascowOperations(pyfuse3.Operations):
         self.readers = ReaderThreads()
         self.episodes_shared = SharedContent()
         self._fh = itertools.count(1)
-        # Hard-link group sizes per snapshot root tree id (immutable, so cached for good).
+        # Hard-link group sizes per snapshot root tree id, for the roots read last.
         self._links = LinkCounts()
 
     # -- helpers -------------------------------------------------------------------------------
