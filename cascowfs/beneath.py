@@ -12,9 +12,10 @@ branch's own. Checking each file's (device, inode) at its read does not help whe
 So a walk holds its top open and reaches every directory below it from there with
 ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)``: the kernel refuses a path that has a
 symbolic link anywhere in it, or leaves the top. The directory opened must then be the one
-the walk's listing saw (its device and inode); names in it are looked up relative to that
-descriptor. What the walk records is therefore what lies below its top, and a read by path
-that insists on the inode the walk found reads that very file. Where ``openat2`` is missing
+the walk's listing saw (``identity``: its device and inode, and the mode and owner the walk
+records); names in it are looked up relative to that descriptor. What the walk records is
+therefore what lies below its top, and a read by path that insists on the identity the walk
+found reads that very file. Where ``openat2`` is missing
 (Linux before 5.6, or a system call filter that refuses it), the path is opened one name at
 a time with ``O_NOFOLLOW``, each relative to the last: the same guarantee, at one open per
 level.
@@ -35,6 +36,20 @@ _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
 # What a path with a symbolic link (or a file where a directory was) on the way gives.
 _SWAPPED = (errno.ELOOP, errno.ENOTDIR, errno.EXDEV)
+
+
+# (device, inode, mode, uid, gid) of a file a walk's ``lstat`` found
+Identity = tuple[int, int, int, int, int]
+
+
+def identity(st: os.stat_result) -> Identity:
+    """What makes a file the one a walk recorded: its inode, and the mode and owner the walk
+    records with its content. The inode number alone is not enough: a file deleted and
+    another created at its name may get the number back at once (ext4 hands it out again),
+    and an agent that frees a root-owned set-user-id file's number after the walk's
+    ``lstat`` and takes it back for a file of its own would have its bytes recorded under
+    root's mode and owner. A file the agent creates is the agent's: it cannot match them."""
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid)
 
 
 class _OpenHow(ctypes.Structure):
@@ -83,8 +98,7 @@ def at(directory: int, name: bytes) -> bytes:
 
 
 def _checked(fd: int, seen: os.stat_result, shown: bytes) -> int:
-    st = os.fstat(fd)
-    if (st.st_dev, st.st_ino) != (seen.st_dev, seen.st_ino):
+    if identity(os.fstat(fd)) != identity(seen):
         os.close(fd)
         raise replaced(shown)
     return fd

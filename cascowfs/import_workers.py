@@ -24,6 +24,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from . import extents, forks, fsmeta
+from .beneath import Identity, identity
 from .cas import Emit, Piece, PreparedContent, pack_unpacked
 from .codec import IMPORT_ZSTD_LEVEL
 from .errors import BusyError
@@ -106,14 +107,14 @@ def read_content(
     mirror: Mirror | None = None,
     reader: Caller | None = None,
     opened: Opened | None = None,
-    inode: tuple[int, int] | None = None,
+    walked: Identity | None = None,
 ) -> tuple[PreparedContent, tuple]:
     """The content of the regular file ``path`` prepared as a stream (objects through
     ``emit``, if given) and its xattrs, both read through one open (as ``reader``,
     ``privacy.reading_as``, unless ``opened`` is that open already, which this closes);
-    with ``mirror`` a copy, holes kept, is written from the very bytes read. ``inode``:
-    the (device, inode) a walk's ``lstat`` found at ``path``, whose mode and owner the
-    caller records with these bytes; another file opened there is BusyError."""
+    with ``mirror`` a copy, holes kept, is written from the very bytes read. ``walked``:
+    the ``identity`` of the file a walk's ``lstat`` found at ``path``, whose mode and owner
+    the caller records with these bytes; another file opened there is BusyError."""
     if opened is None:
         with reading_as(reader):
             opened = open_source(path)
@@ -124,10 +125,11 @@ def read_content(
             raise BusyError(
                 f"{os.fsdecode(path)}: no longer a regular file; try again once it rests"
             )
-        if inode is not None and (before.st_dev, before.st_ino) != inode:
+        if walked is not None and identity(before) != walked:
             # Another file at the path since the walk saw it there (an ancestor swapped for a
-            # symbolic link and back): its bytes under the walk's mode and owner would give
-            # the caller a file of someone else's, set-id root among them.
+            # symbolic link and back, a file deleted and its inode number taken again): its
+            # bytes under the walk's mode and owner would give the caller a file of someone
+            # else's, set-id root among them.
             raise BusyError(
                 f"{os.fsdecode(path)}: replaced since the walk saw it; try again once it rests"
             )
@@ -175,7 +177,7 @@ def _process_one(
     uid: int,
     gid: int,
     mtime_ns: int,
-    inode: tuple[int, int],
+    walked: Identity,
     prepare: Prepare,
     emit: Emit | None = None,
     reader: Caller | None = None,
@@ -188,20 +190,19 @@ def _process_one(
         Mirror(mirror, mode, uid, gid, mtime_ns) if mirror else None,
         reader,
         opened,
-        inode,
+        walked,
     )
     return prepared.content_id, prepared.size, xattrs, prepared.objects
 
 
-# path, mirror, mode, uid, gid, mtime_ns, (device, inode): what a worker process needs of
-# a FileJob
-WorkItem = tuple[bytes, bytes | None, int, int, int, int, tuple[int, int]]
+# path, mirror, mode, uid, gid, mtime_ns, the walk's identity of the file: what a worker
+# process needs of a FileJob
+WorkItem = tuple[bytes, bytes | None, int, int, int, int, Identity]
 
 
 def _work_item(job: FileJob) -> WorkItem:
     st = job.st
-    inode = (st.st_dev, st.st_ino)
-    return job.path, job.mirror, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, inode
+    return job.path, job.mirror, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, identity(st)
 
 
 def _process_batch(

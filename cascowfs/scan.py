@@ -185,7 +185,7 @@ class HardLinks:
 def _file_entry(
     name: bytes, path: bytes, st: os.stat_result, prepare: Prepare, sink: ObjectSink
 ) -> Entry:
-    prepared, xattrs = read_content(path, prepare, sink.add, inode=(st.st_dev, st.st_ino))
+    prepared, xattrs = read_content(path, prepare, sink.add, walked=beneath.identity(st))
     sink.add(prepared.objects)
     return _meta_entry(name, st, xattrs, prepared.size, prepared.content_id)
 

@@ -3,6 +3,7 @@ order, stay on threads for small imports, and leave nothing behind when a file f
 
 import os
 import signal
+import stat
 import time
 
 import pytest
@@ -179,7 +180,7 @@ def test_a_file_swapped_through_its_parent_after_the_walk_is_refused(tmp_path, m
     """The walk records a file's mode and owner from its lstat; the workers read its bytes
     by path later. A caller who swaps a directory of its tree for a symbolic link to another
     (and back) between the two got another file's bytes under the first one's metadata: its
-    own program as a set-user-id file of root's. The read now insists on the inode the walk
+    own program as a set-user-id file of root's. The read now insists on the file the walk
     saw; here the swap is done, for real, between the walk's lstat and the read."""
     if where == "processes":
         monkeypatch.setattr(import_workers, "PROCESS_POOL_MIN_BYTES", 0)
@@ -204,6 +205,36 @@ def test_a_file_swapped_through_its_parent_after_the_walk_is_refused(tmp_path, m
                 workers.add(job)
             list(workers.rest())
 
+
+@pytest.mark.parametrize("where", ["threads", "processes", "streamed"])
+def test_a_file_whose_inode_number_came_back_for_another_is_refused(tmp_path, monkeypatch,
+                                                                    where):
+    """The walk lstats root's set-user-id file; the agent deletes it and creates its own at
+    the name, which ext4 gives the freed inode number at once (a red team made a real commit
+    record its program as root's 4755 so). Here the walk's lstat is that of root's file with
+    the number the agent's file holds: the read must see the owner and mode differ."""
+    if where == "processes":
+        monkeypatch.setattr(import_workers, "PROCESS_POOL_MIN_BYTES", 0)
+        monkeypatch.setattr(import_workers, "PROCESS_BATCH_FILES", 4)
+    if where == "streamed":
+        monkeypatch.setattr(import_workers, "STREAMED_FILE_MIN", 0)
+    src = tmp_path / "src"
+    jobs = _files(src / "d", 12)
+    tool = src / "d" / "tool"
+    tool.write_bytes(b"the agent's program")
+    os.chown(tool, 65534, 65534)
+    now = os.lstat(tool)
+    fields = list(now)
+    fields[0], fields[4], fields[5] = stat.S_IFREG | 0o4755, 0, 0  # mode, uid, gid: root's
+    rest = ("st_atime", "st_mtime", "st_ctime", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
+            "st_blksize", "st_blocks", "st_rdev")
+    seen = os.stat_result(fields, {name: getattr(now, name) for name in rest})
+    jobs.append(FileJob(None, b"tool", os.fsencode(tool), seen, None))
+    with pytest.raises(BusyError, match="tool: replaced since the walk saw it"):
+        with ImportWorkers(prepare_content) as workers:
+            for job in jobs:
+                workers.add(job)
+            list(workers.rest())
 
 def test_a_fifo_swapped_in_for_a_file_is_refused_at_once(tmp_path):
     """Opening a FIFO for reading waits for a writer: an import that met one where the walk

@@ -151,3 +151,24 @@ def test_an_upper_over_its_base_gives_what_the_branch_shows(content, tmp_path):
         node = apply_upper(base.trees, base.root, upper, sink, file_cache=cache)
         assert_same_view(snapshot_view(_stored(content, node, sink), "branch"), want,
                          "upper over base")
+
+
+def test_a_directory_opened_below_a_walk_must_have_the_owner_and_mode_it_listed(tmp_path):
+    """A directory deleted and another made at its name may take its inode number back:
+    the walk's lstat of root's directory must not pass for the agent's new one."""
+    from cascowfs import beneath
+    from cascowfs.errors import BusyError
+
+    (tmp_path / "d").mkdir()
+    os.chown(tmp_path / "d", 65534, 65534)
+    now = os.lstat(tmp_path / "d")
+    top = beneath.open_top(os.fsencode(tmp_path), os.lstat(tmp_path))
+    try:
+        os.close(beneath.open_below(top, b"d", now, b"d"))  # the very directory: opened
+        fields = list(now)
+        fields[4] = fields[5] = 0  # listed as root's, with the number the agent's holds
+        seen = os.stat_result(fields)
+        with pytest.raises(BusyError, match="d: replaced since the walk saw it"):
+            beneath.open_below(top, b"d", seen, b"d")
+    finally:
+        os.close(top)
