@@ -78,11 +78,16 @@ def overlay_mount_fd(
     *,
     readonly: bool = False,
     source: str = "cascowfs",
-    nosuid_nodev: bool = False,
 ) -> int:
     """A new overlay mount, attached nowhere yet: its descriptor (``fsmount``), for
     ``move_mount`` or ``clone_into``. ``shown`` names it in errors; ``source`` is the mount
-    table's first column (what tells our mounts apart)."""
+    table's first column (what tells our mounts apart).
+
+    Every overlay is ``nosuid`` and ``nodev``: a branch's tree holds what code in another
+    branch, maybe root in it, committed (a set-user-id copy of a shell, a file capability,
+    a device node of mode 0666), and any local user may reach a branch's tree. Without
+    them, ``nobody`` ran such a shell as root, read ``/root`` through a capability and
+    used a device, all from a branch of that snapshot."""
     if not lowers:
         raise ValueError("an overlay needs at least one lower layer")
     if len(lowers) > MAX_LOWER_LAYERS:
@@ -97,9 +102,7 @@ def overlay_mount_fd(
         options.append(("workdir", os.fsencode(work).replace(b"\\", b"\\\\")))
         options.append(("volatile", None))
     options += [("redirect_dir", b"on"), ("index", b"off"), ("metacopy", b"off")]
-    attrs = (_MOUNT_ATTR_RDONLY if readonly else 0) | (
-        _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV if nosuid_nodev else 0
-    )
+    attrs = (_MOUNT_ATTR_RDONLY if readonly else 0) | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV
     mnt_fd = _new_mount_fd("overlay", shown, options, attrs)
     # Overlayfs that cannot create its work directory (no block or inode left) mounts
     # read-only rather than fail: a branch must be writable, so that is a full disk.

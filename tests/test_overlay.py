@@ -157,3 +157,33 @@ def test_a_failed_mount_names_its_target_and_carries_the_errno(tmp_path):
         overlay.mount_overlay(mnt, [tmp_path / "missing", tmp_path / "gone"])
     assert str(mnt) in str(info.value) and info.value.errno == errno.ENOENT
     assert overlay.mounts_under(tmp_path) == []
+
+
+@needs_overlay
+def test_a_branch_grants_no_set_user_id_and_no_device(tmp_path, sm):
+    """What another branch committed, root in it maybe, is in this branch's lower layers,
+    and any local user may reach a branch's tree: a set-user-id root copy of a program, a
+    device node of mode 0666."""
+    import shutil
+    import subprocess
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv (util-linux)")
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy("/usr/bin/id", src / "id")
+    os.chmod(src / "id", 0o4755)  # root's
+    os.mknod(src / "null", 0o20666, os.makedev(1, 3))
+    sm.import_tree(src, "base")
+    tree = sm.create_branch("b", "base").tree
+    try:
+        flags = os.statvfs(tree).f_flag
+        assert flags & os.ST_NOSUID and flags & os.ST_NODEV
+        euid = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+                               str(tree / "id"), "-u"], capture_output=True, text=True)
+        assert euid.stdout.strip() == "65534", euid
+        with pytest.raises(PermissionError):
+            open(tree / "null", "rb")
+    finally:
+        sm.discard("b")

@@ -221,7 +221,7 @@ class KernelViews:
             # an overlay needs two lower layers when it has no upper one
             stack = lowers if len(lowers) > 1 else [*lowers, self.sm.empty_dir]
             mnt_fd = overlay.overlay_mount_fd(
-                self.target(id), stack, readonly=True, source=self.source, nosuid_nodev=True
+                self.target(id), stack, readonly=True, source=self.source
             )
         except BaseException:
             self.sm.release_layers(chain)
