@@ -83,6 +83,12 @@ class XattrTooLargeError(CascowfsError):
     errno = _errno.E2BIG
 
 
+class FileTooLargeError(CascowfsError):
+    """A file larger than a snapshot may hold (``import_workers.MAX_FILE_BYTES``)."""
+
+    errno = _errno.EFBIG
+
+
 class StoreLockedError(CascowfsError):
     """Another process (a daemon, usually) has the store open."""
 

@@ -27,7 +27,7 @@ from . import extents, forks, fsmeta
 from .beneath import Identity, identity
 from .cas import Emit, Piece, PreparedContent, pack_unpacked
 from .codec import IMPORT_ZSTD_LEVEL
-from .errors import BusyError
+from .errors import BusyError, FileTooLargeError
 from .privacy import Caller, reading_as
 from .readahead import Readahead
 
@@ -47,6 +47,10 @@ PROCESS_BATCH_FILES = 256
 # A file this big is not read by a worker but streamed on the calling thread, its objects
 # handed to ``emit`` as they are made: a worker returns a file's objects all at once.
 STREAMED_FILE_MIN = 32 << 20
+# A file's content is a list of 36-byte items, a hole one per GiB: a sparse file of 2**63 - 1
+# bytes (tmpfs, xfs and btrfs allow it) listed 8.6e9 of them, and the daemon ran out of memory
+# committing it. 16 TiB is ext4's largest file: at most 16,384 hole items.
+MAX_FILE_BYTES = 16 << 40
 
 
 class FileJob(NamedTuple):
@@ -132,6 +136,11 @@ def read_content(
             # else's, set-id root among them.
             raise BusyError(
                 f"{os.fsdecode(path)}: replaced since the walk saw it; try again once it rests"
+            )
+        if before.st_size > MAX_FILE_BYTES:
+            raise FileTooLargeError(
+                f"{os.fsdecode(path)}: {before.st_size} bytes, over the "
+                f"{MAX_FILE_BYTES >> 40} TiB a snapshot's file may hold"
             )
         os.set_blocking(fd, True)  # opened without (fsmeta.open_file)
         pieces = extents.read_pieces(fd, before.st_size)
