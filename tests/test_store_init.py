@@ -171,3 +171,30 @@ def test_mount_makes_a_store_of_an_empty_directory():
             assert sorted(os.listdir(fs.mnt)) == ["branches", "ctl", "episodes", "events", "metrics", "observations", "snapshots"]
         finally:
             fs.teardown()
+
+
+@needs_overlay
+def test_a_store_on_a_volume_of_its_own_keeps_its_volume(tmp_path):
+    """A store on its own xfs or tmpfs is mounted at the store's path: opening the store
+    (which unmounts what its branches no longer need) took that mount down with them."""
+    import subprocess
+
+    from cascowfs import overlay
+
+    store = tmp_path / "store"
+    store.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "cascowfs-test", str(store)],
+                   check=True)
+    try:
+        src = make_source_tree(tmp_path / "src")
+        with StateManager.open(store, create=True) as sm:
+            sm.import_tree(src, "base")
+            sm.create_branch("b", "base")
+        with StateManager.open(store, create=False) as sm:  # recovery reconciles the mounts
+            assert (sm.tree_path("b") / "json").is_dir()
+            assert any(m.target == str(store) for m in overlay.all_mounts())
+            sm.discard("b")
+    finally:
+        overlay.unmount_under(store)
+        subprocess.run(["umount", str(store)], check=False)
+    assert not any(m.target.startswith(str(store)) for m in overlay.all_mounts())
