@@ -1668,6 +1668,10 @@ class StateManager:
     def read_tree(self, tree_id: bytes) -> dict[bytes, Entry]:
         return self.trees.get(tree_id)
 
+    def read_tree_quick(self, tree_id: bytes) -> dict[bytes, Entry] | None:
+        """``read_tree`` if it is quick (``TreeStore.get_quick``), else None."""
+        return self.trees.get_quick(tree_id)
+
     def read_file(self, content_id: bytes, offset: int, size: int) -> bytes:
         return self.content.read(content_id, offset, size)
 

@@ -44,6 +44,12 @@ COMPRESS_ABOVE = 128  # bytes of payload; smaller listings gain nothing
 PAGED_ABOVE = 64  # directories with more entries than this are split into pages
 PAGE_AVERAGE = 32  # an entry closes its page when the hash of its name is 0 modulo this
 PAGE_MAX = 128  # ... or when the page is this full
+# A paged directory of at most this many pages (some 256 entries, about a millisecond to
+# decode) is quick enough for a caller that must not wait (``TreeStore.get_quick``).
+QUICK_PAGES = 8
+# Entries the tree cache keeps, over all its trees (a few hundred bytes each): a count of
+# trees alone let a few directories of a million entries hold gigabytes.
+CACHED_ENTRIES = 1 << 19
 _FIXED = struct.Struct("<IIIqQQQQQ")  # mode uid gid mtime_ns size rdev tree_files/bytes/links
 _HEAD = struct.Struct(_FIXED.format + "H")  # _FIXED, then the length of the ref after it
 _NO_LINK_NO_XATTRS = bytes(4)  # the lengths of an empty link and of no xattrs: most entries
@@ -372,6 +378,11 @@ def file_key(e: Entry) -> tuple:
     return (e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.ref, e.rdev, e.xattrs, e.link)
 
 
+def _weight(listing: _Listing) -> int:
+    """The entries a cached listing holds: twice its names when it keeps its pages too."""
+    return len(listing.entries) * (1 if listing.paged is None else 2)
+
+
 class _Listing(NamedTuple):
     entries: dict[bytes, Entry]
     paged: Encoding | None  # a paged listing's pages, its objects all STORED
@@ -383,10 +394,14 @@ class _Listing(NamedTuple):
 class TreeStore:
     """Decoded trees by id, with an LRU cache (trees are immutable, so caching is always safe)."""
 
-    def __init__(self, content: ContentStore, cache_trees: int = 4096) -> None:
+    def __init__(
+        self, content: ContentStore, cache_trees: int = 4096, cache_entries: int = CACHED_ENTRIES
+    ) -> None:
         self.content = content
         self._cache: OrderedDict[bytes, _Listing] = OrderedDict()
         self._cache_size = cache_trees
+        self._cache_entries = cache_entries
+        self._cached_entries = 0
         self._lock = threading.Lock()
 
     def root_of(self, superroot_hex: str | None) -> Entry | None:
@@ -428,6 +443,18 @@ class TreeStore:
             self._keep(tree_id, listing._replace(cut_here=True))
         return listing.paged
 
+    def get_quick(self, tree_id: bytes) -> dict[bytes, Entry] | None:
+        """A tree if it is cached or quick to decode (at most ``QUICK_PAGES`` pages); None
+        if decoding it is a job for a thread: a paged directory may hold millions of
+        entries, seconds of decoding."""
+        with self._lock:
+            hit = self._cache.get(tree_id)
+        if hit is None:
+            pages = index_pages(self._payload(tree_id, None))
+            if pages is not None and len(pages) > QUICK_PAGES:
+                return None
+        return self.get(tree_id)
+
     def _listing(self, tree_id: bytes, txn: lmdb.Transaction | None) -> _Listing:
         with self._lock:
             hit = self._cache.get(tree_id)
@@ -449,11 +476,19 @@ class TreeStore:
         return listing
 
     def _keep(self, tree_id: bytes, listing: _Listing) -> None:
+        """Cache ``listing``; the newest one stays, however large, so that a directory of a
+        million entries is decoded once, not at each lookup in it."""
         with self._lock:
+            old = self._cache.pop(tree_id, None)
+            if old is not None:
+                self._cached_entries -= _weight(old)
             self._cache[tree_id] = listing
-            self._cache.move_to_end(tree_id)
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            self._cached_entries += _weight(listing)
+            while len(self._cache) > 1 and (
+                len(self._cache) > self._cache_size or self._cached_entries > self._cache_entries
+            ):
+                _, dropped = self._cache.popitem(last=False)
+                self._cached_entries -= _weight(dropped)
 
     def _payload(self, oid: bytes, txn: lmdb.Transaction | None) -> bytes | memoryview:
         value = self.content.get(oid, txn)

@@ -427,3 +427,35 @@ def test_a_listing_paged_unlike_this_store_pages_is_read_but_not_lent(content, c
     assert trees.get(index[0]) == _files(names)
 
 
+
+
+def _stored_tree(content: cas.ContentStore, n: int, tag: bytes = b"") -> bytes:
+    """A directory of ``n`` files, stored: its id."""
+    entries = {b"%s%06d" % (tag, i): Entry(b"%s%06d" % (tag, i), stat.S_IFREG | 0o644, 0, 0, 0,
+                                           0, b"") for i in range(n)}
+    tree_id, objects = tree_objects(entries)
+    content.db.write(lambda txn: content.put_objects(txn, objects))
+    return tree_id
+
+
+def test_a_large_directory_is_not_quick_until_it_is_cached(content):
+    trees = TreeStore(content)
+    small, large = _stored_tree(content, 40), _stored_tree(content, 5000)
+    assert len(index_pages(stored_payload(content.get(large)))) > trees_mod.QUICK_PAGES
+    assert len(trees.get_quick(small)) == 40
+    assert trees.get_quick(large) is None  # seconds of decoding at a million entries
+    assert len(trees.get(large)) == 5000
+    assert len(trees.get_quick(large)) == 5000  # cached now
+
+
+def test_the_tree_cache_is_bounded_by_entries_and_keeps_the_newest(content):
+    trees = TreeStore(content, cache_entries=3000)
+    a, b, c = (_stored_tree(content, 1000, tag) for tag in (b"a", b"b", b"c"))
+    for tree_id in (a, b, c):
+        trees.get(tree_id)  # paged: 2,000 entries cached each, pages and names
+    assert trees._cached_entries <= 3000 and list(trees._cache) == [c]
+    huge = _stored_tree(content, 4000, b"h")
+    trees.get(huge)  # alone over the bound: kept, as the newest
+    assert list(trees._cache) == [huge] and trees._cached_entries == 8000
+    trees.get(a)
+    assert list(trees._cache) == [a]

@@ -371,3 +371,40 @@ def test_link_counts_kept_for_lookups_stay_within_their_limit(sm, store, tmp_pat
 
     assert trio.run(main) == [2, 2, 2, 2]
     assert ops._links.groups == 2  # s0 counted again after s2 took its place
+
+
+def test_a_large_directory_not_cached_is_decoded_in_a_thread(sm, store, tmp_path, monkeypatch):
+    """A snapshot directory of a million entries decoded for 4-5 s on the trio thread, every
+    request of every agent waiting, at one `ls` by any user."""
+    monkeypatch.setenv("CASCOWFS_SNAPSHOT_VIEWS", "fuse")
+    src = tmp_path / "src"
+    for name, count in (("big", 3000), ("small", 10)):
+        (src / name).mkdir(parents=True)
+        for i in range(count):
+            (src / name / f"f{i}").write_bytes(b"")
+    sm.import_tree(src, "base")
+    ops = CascowOperations(sm, store)
+    routed: list[str] = []
+
+    async def run(uid, fn, *args):
+        routed.append(fn.__name__)
+        return fn(*args)
+
+    ops.readers.run = run
+    ctx = SimpleNamespace(uid=1000, gid=1000, pid=os.getpid())
+
+    async def main() -> None:
+        root = await ops.lookup(SNAPSHOTS_INO, b"base", ctx)
+        big = await ops.lookup(root.st_ino, b"big", ctx)
+        small = await ops.lookup(root.st_ino, b"small", ctx)
+        sm.trees._cache.clear()  # as after a restart, or when other trees pushed it out
+        sm.trees._cached_entries = 0
+        routed.clear()
+        await ops.lookup(small.st_ino, b"f1", ctx)
+        assert routed == []  # small: decoded on the spot
+        await ops.lookup(big.st_ino, b"f1", ctx)
+        assert routed == ["read_tree"]
+        await ops.lookup(big.st_ino, b"f2", ctx)
+        assert routed == ["read_tree"]  # cached by the first
+
+    trio.run(main)
