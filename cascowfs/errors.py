@@ -197,7 +197,9 @@ def os_error_from_errno(code: int, message: str) -> CascowfsError:
 def from_os_error(exc: OSError, what: str) -> CascowfsError:
     """Wrap an OSError from the store disk, keeping ENOSPC/EIO distinct for the caller."""
     code = exc.errno or _errno.EIO
-    return error_from_errno(code, f"{what}: {exc.strerror or exc}")
+    name = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes)) else ""
+    where = f"{name}: " if name and name not in what else ""  # the file it failed on
+    return error_from_errno(code, f"{what}: {where}{exc.strerror or exc}")
 
 
 @contextmanager

@@ -80,8 +80,14 @@ Opened = tuple[int, tuple]
 
 
 def open_source(path: bytes) -> Opened:
-    """``path`` opened (never through a symbolic link at its end) and its xattrs."""
-    fd = fsmeta.open_file(path)
+    """``path`` opened (never through a symbolic link at its end) and its xattrs. A walk
+    listed it: gone now, it is BusyError naming it, as any file changed under a walk."""
+    try:
+        fd = fsmeta.open_file(path)
+    except FileNotFoundError:
+        raise BusyError(
+            f"{os.fsdecode(path)}: removed since the walk saw it; try again once it rests"
+        ) from None
     try:
         return fd, fsmeta.read_xattrs(fd)
     except BaseException:

@@ -91,7 +91,7 @@ def test_a_failing_file_raises_and_leaves_no_worker(tmp_path, process_path):
     jobs = _files(tmp_path / "src", 20)
     os.unlink(jobs[13].path)  # gone between the walk and the read
     before = {p for p, _, _ in descendant_processes(os.getpid())}
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(BusyError, match="f0013: removed since the walk saw it"):
         with ImportWorkers(prepare_content) as workers:
             for job in jobs:
                 workers.add(job)
@@ -284,3 +284,23 @@ def test_a_file_over_the_largest_a_snapshot_holds_is_refused_before_it_is_read(
         sm.commit("b", "s1")
     assert not sm.has_snapshot("s1") and (tree / "big").stat().st_size == 2 << 20
     sm.discard("b")
+
+
+def test_a_file_gone_since_the_walk_is_busy_naming_it(tmp_path):
+    """A file deleted between the walk and its read said `commit of branch b: No such file
+    or directory`; a change under the walk is EBUSY, naming the path, like the others."""
+    seen = tmp_path / "seen"
+    with pytest.raises(BusyError, match="seen: removed since the walk saw it"):
+        import_workers.read_content(os.fsencode(seen), prepare_content)
+
+
+def test_a_disk_error_names_the_file_it_failed_on(tmp_path):
+    from cascowfs.errors import from_os_error
+
+    long = tmp_path / ("x" * 300)
+    try:
+        os.lstat(long)
+    except OSError as exc:
+        error = from_os_error(exc, "commit of branch deep")
+    assert error.errno == errno.ENAMETOOLONG
+    assert error.message.startswith(f"commit of branch deep: {long}: File name too long")
