@@ -97,3 +97,36 @@ def copied(pieces: Iterable[Piece], fd: int) -> Iterator[Piece]:
             pos += len(piece)
         yield piece
     os.ftruncate(fd, pos)
+
+
+def same_content(a: int, b: int, size: int) -> bool:
+    """Whether the open regular files ``a`` and ``b`` hold the same first ``size`` bytes.
+    Holes are compared as the zeros they read as, without reading them: two copies of a
+    sparse file of terabytes compare in the time their data takes, not hours."""
+    left, right = read_pieces(a, size), read_pieces(b, size)
+    here: Piece = 0
+    there: Piece = 0
+    while True:
+        if not _length(here):
+            here = next(left, b"")
+        if not _length(there):
+            there = next(right, b"")
+        n = min(_length(here), _length(there))
+        if n == 0:
+            return _length(here) == _length(there)  # both ended (or one file shrank)
+        if isinstance(here, bytes) or isinstance(there, bytes):
+            if _head(here, n) != _head(there, n):
+                return False
+        here, there = _rest(here, n), _rest(there, n)
+
+
+def _length(piece: Piece) -> int:
+    return piece if isinstance(piece, int) else len(piece)
+
+
+def _head(piece: Piece, n: int) -> bytes:
+    return bytes(n) if isinstance(piece, int) else piece[:n]
+
+
+def _rest(piece: Piece, n: int) -> Piece:
+    return piece - n if isinstance(piece, int) else piece[n:]
