@@ -232,7 +232,7 @@ def unmount_stacked(target: Path) -> None:
 
 
 def unmount_under(prefix: Path) -> None:
-    """Unmount every mount whose mount point lies below ``prefix``."""
+    """Unmount every mount whose mount point lies under ``prefix``."""
     for m in mounts_under(prefix):
         unmount(Path(m.target))
 
@@ -314,11 +314,9 @@ def all_mounts() -> list[MountRecord]:
 
 
 def mounts_under(prefix: Path) -> list[MountRecord]:
-    """Mounts whose mount point lies below ``prefix``; not one at ``prefix`` itself, which
-    holds it (a store on a volume of its own is such a mount: it is not the store's to
-    unmount)."""
+    """Mounts whose mount point lies under ``prefix``."""
     base = str(prefix).rstrip("/") + "/"
-    return [m for m in all_mounts() if m.target.startswith(base)]
+    return [m for m in all_mounts() if (m.target + "/").startswith(base)]
 
 
 def mount_holding(path: Path) -> MountRecord | None:

@@ -108,9 +108,7 @@ def recover(sm: StateManager, progress: bool) -> None:
         last_cache = sm.catalog.page_cache(txn)
     # A branch mount outlives any daemon, but never its page cache: while one is there,
     # nothing was lost, whatever the ids say.
-    cache_lost = bool(
-        cache and last_cache and last_cache != cache and not overlay.mounts_under(sm.store)
-    )
+    cache_lost = bool(cache and last_cache and last_cache != cache and not sm.own_mounts())
     sm.layers.find_unbuilt()
     logged = sm.wal.prepared()
     pending = [op for op in logged if not op.finished]

@@ -389,10 +389,15 @@ class StateManager:
         lowers = tuple(str(p) for p in self.lower_paths(rec.layers))
         return dirs.lowers == lowers and dirs.upper == str(self.upper_path(name))
 
+    def own_mounts(self) -> list[overlay.MountRecord]:
+        """Mounts below the store: not one at the store's own path, which holds it (a store
+        on a volume of its own; opening the store unmounted the volume with the strays)."""
+        return [m for m in overlay.mounts_under(self.store) if m.target != str(self.store)]
+
     def branch_side_mounts(self) -> list[overlay.MountRecord]:
         """The store's mounts but its layer images' (branches, and strays anywhere else)."""
         images_at = f"{self.mounts_dir}/"
-        return [m for m in overlay.mounts_under(self.store) if not m.target.startswith(images_at)]
+        return [m for m in self.own_mounts() if not m.target.startswith(images_at)]
 
     def checkpoint(self) -> None:
         """Forget finished operations: WAL first, then the applied markers (never the reverse,
