@@ -41,7 +41,7 @@ def _build(src: Path) -> None:
     """Every kind of entry (test_fuse_snapshots's tree), forged names, hostile names."""
     build_every_kind(src)
     os.setxattr(src, "user.rootattr", b"on the root")
-    # a tree may try to forge cascowfs's own names: import strips them (issue 21)
+    # a tree may try to forge cascowfs's own names: import strips them
     os.setxattr(src / "dir" / "owned", "user.cascowfs.label.reward", b"99")
     os.setxattr(src, "user.cascowfs.parent", b"forged")
     hostile = src / "hostile"
