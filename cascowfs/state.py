@@ -48,6 +48,7 @@ from .background import BackgroundWorker, EmptyTrash, Job, MergeLayers
 from .cas import ContentStore, identify_content, prepare_content
 from .catalog import STORE_FORMAT, BranchRecord, Catalog, Observation, SnapshotRecord
 from .collector import Collector
+from .commit_caches import CommitCaches
 from .crashpoints import crash_point
 from .direct_image import DirectImage
 from .episodes import Episode, FindQuery, episode_of, find, parent_loops
@@ -205,8 +206,7 @@ class StateManager:
         self._label_gate_tickets: dict[str, int] = {}  # begun labels' gate tickets, by op
         self._branch_locks = NamedLocks()
         self._file_caches: dict[str, dict] = {}  # status: entries with content ids only
-        self._commit_caches: dict[str, dict] = {}  # commit: entries whose content is stored
-        self._built_dirs: dict[str, dict] = {}  # commit: directories the last commit encoded
+        self._commit_caches = CommitCaches()  # commit: what the branch's last one learned
         self._lock_fd = -1
         self._umask_before: int | None = None  # this process's umask before the store's own
         self._background = BackgroundWorker(self._run_job)
@@ -426,8 +426,7 @@ class StateManager:
 
     def _forget_file_caches(self, name: str) -> None:
         self._file_caches.pop(name, None)
-        self._commit_caches.pop(name, None)
-        self._built_dirs.pop(name, None)
+        self._commit_caches.forget(name)
 
     def tree_path(self, name: str) -> Path:
         """Branch ``name``'s overlay mount point."""
@@ -1206,7 +1205,8 @@ class StateManager:
             # Files unchanged since this branch's last commit are in its parent snapshot
             # (which cannot be pruned under the branch): their entries are reused, not re-read.
             # The cache is replaced only once this commit has applied.
-            stored = self._commit_caches.get(name, {})
+            last = self._commit_caches.of(name)
+            stored = last.stored if last is not None else {}
             used: dict = {}
             with disk_errors(f"commit of branch {name}"):
                 node = apply_upper(
@@ -1223,7 +1223,7 @@ class StateManager:
                     node,
                     sink,
                     remember=self.trees.remember,
-                    reuse=self._built_dirs.get(name),
+                    reuse=last.built if last is not None else None,
                     built=built,
                     stored=self.trees,
                 )
@@ -1255,8 +1255,7 @@ class StateManager:
             self.layers.expect(layer)  # before the transaction that records it unbuilt
             self.db.write(apply, f"commit of branch {name}")
         crash_point("commit.applied")
-        self._commit_caches[name] = used
-        self._built_dirs[name] = built
+        self._commit_caches.keep(name, used, built)
         crash_point("commit.switched")
         self._finish(op)
         self.layers.queue(layer)

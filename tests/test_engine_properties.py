@@ -629,7 +629,7 @@ def test_commits_see_a_same_size_rewrite_of_a_file_they_cached(sm):
     (tree / "other").write_bytes(b"other")
     time.sleep(2 * RACY_NS / 1e9)  # old enough to be cached
     sm.commit("b", "s0")
-    assert sm._commit_caches["b"], "the commit cached nothing: this test would prove nothing"
+    assert sm._commit_caches.of("b").stored, "the commit cached nothing: this would prove nothing"
     read = lambda sid, name: sm.read_file(sm.read_tree(sm.root_entry(sid).ref)[name].ref, 0, 100)
     mtime = p.stat().st_mtime_ns
     for i in range(1, 6):
