@@ -1,4 +1,5 @@
 """What a branch's last commit learned, kept for its next commit: bounded over all branches.
+(``status`` keeps what its last call learned the same way, in a ``CommitCaches`` of its own.)
 
 A commit keeps, per branch, the upper's listings and file entries it found unchanged for a
 while (``scan.apply_upper``'s ``keep``) and the directories it encoded (``BuiltDirs``), so

@@ -205,7 +205,7 @@ class StateManager:
         self._ops = OpGate()
         self._label_gate_tickets: dict[str, int] = {}  # begun labels' gate tickets, by op
         self._branch_locks = NamedLocks()
-        self._file_caches: dict[str, dict] = {}  # status: entries with content ids only
+        self._status_caches = CommitCaches()  # status: what the branch's last one learned
         self._commit_caches = CommitCaches()  # commit: what the branch's last one learned
         self._lock_fd = -1
         self._umask_before: int | None = None  # this process's umask before the store's own
@@ -425,7 +425,7 @@ class StateManager:
         return self.wal.records_since_checkpoint >= self.tuning.checkpoint_every
 
     def _forget_file_caches(self, name: str) -> None:
-        self._file_caches.pop(name, None)
+        self._status_caches.forget(name)
         self._commit_caches.forget(name)
 
     def tree_path(self, name: str) -> Path:
@@ -1525,7 +1525,10 @@ class StateManager:
             rec = self.catalog.branch(txn, name)
             parent = self.catalog.snapshot(txn, rec.parent) if rec.parent else None
         sink = ObjectSink()
-        cache = self._file_caches.setdefault(name, {})
+        # the entries (content ids only) of files the last status found unchanged; what this
+        # one finds replaces them, so that files changed or gone since do not pile up
+        last = self._status_caches.of(name)
+        used: dict = {}
         with disk_errors(f"status of branch {name}"):
             node = apply_upper(
                 self.trees,
@@ -1533,9 +1536,10 @@ class StateManager:
                 self.upper_path(name),
                 sink,
                 prepare=identify_content,
-                file_cache=cache,
-                keep=cache,
+                file_cache=last.stored if last is not None else {},
+                keep=used,
             )
+        self._status_caches.keep(name, used, {})
         extra: dict[bytes, dict[bytes, Entry]] = {}  # the directories built, for the diff
         view = finalize(node, sink, remember=listings_into(extra))
         return self.trees.diff(self.root_of(parent.root) if parent else None, view, extra)

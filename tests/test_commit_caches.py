@@ -48,3 +48,26 @@ def test_a_branch_whose_cache_went_commits_what_it_shows(sm, tmp_path):
         f0 = sm.read_file(entries[b"f0"].ref, 0, 100)
         assert f0 == f"{name} round 2".encode()
         sm.discard(name)
+
+
+def test_what_status_keeps_is_what_its_last_call_found(sm, tmp_path):
+    """status reused one dict as cache and keep: every file an agent made and removed between
+    two calls stayed in it for the branch's life."""
+    import time
+
+    from cascowfs.scan import RACY_NS
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "kept").write_text("k")
+    sm.import_tree(src, "base")
+    tree = sm.create_branch("b", "base").tree
+    for i in range(12):
+        (tree / f"scratch{i}").write_text(str(i))
+        time.sleep(2 * RACY_NS / 1e9)  # old enough to be kept
+        assert [c.path for c in sm.status("b")] == [f"scratch{i}"]
+        (tree / f"scratch{i}").unlink()
+    kept = sm._status_caches.of("b").stored
+    assert 0 < len(kept) <= 3, kept  # the root's listing and the last scratch file
+    sm.discard("b")
+    assert sm._status_caches.of("b") is None
