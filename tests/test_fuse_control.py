@@ -573,6 +573,7 @@ out = {
     "rmdir snapshot": e(os.rmdir, f"{mnt}/snapshots/base"),
     "ctl branch": e(w, f"{mnt}/ctl", b"branch evil base\n"),
     "ctl discard": e(w, f"{mnt}/ctl", b"discard victim\n"),
+    "ctl reset": e(w, f"{mnt}/ctl", b"reset victim base\n"),
     "ctl garbage": e(w, f"{mnt}/ctl", b"garbage\n"),
     "commit": e(w, f"{mnt}/branches/victim/commit", b"evil\n"),
     "parent": e(w, f"{mnt}/branches/victim/parent", b"base\n"),
@@ -606,8 +607,12 @@ def test_only_root_may_change_state(fs):
     before = state(fs)
     out = _as_nobody(fs)
     for op in ("mkdir", "rmdir branch", "rmdir snapshot", "ctl branch", "ctl discard",
-               "ctl garbage", "commit", "parent"):
+               "ctl reset", "ctl garbage", "commit", "parent"):
         assert out[op] == "EPERM", (op, out)
+    # MNT/events says what was tried on what, a change refused through ctl too
+    events = [json.loads(line) for line in (fs.mnt / "events").read_text().splitlines()]
+    refused = [(e["op"], e["names"]) for e in events if e["result"] == "EPERM"]
+    assert ("reset", ["victim"]) in refused, refused
     for op in ("read parent", "list", "read snapshot", "tree"):
         assert out[op] == "ok", (op, out)
     # status names every changed path, those under directories nobody may list too

@@ -1124,8 +1124,7 @@ class CascowOperations(pyfuse3.Operations):
     async def _ctl_write(self, handle: CtlHandle, buf: bytes) -> int:
         try:
             with self.feeds.operation(unparsed(buf)) as record:
-                cmd = self._permitted(handle, buf)
-                record.parsed(cmd)
+                cmd = self._permitted(handle, buf, record)
                 if cmd.verb == "label" and cmd.id is not None and self.labels is not None:
                     if await self.labels.label(cmd.id, cmd.labels):
                         self._after_reply(self.sm.housekeep, "housekeeping after labels")
@@ -1163,17 +1162,21 @@ class CascowOperations(pyfuse3.Operations):
         handle.unread += len(reply)
 
     @staticmethod
-    def _permitted(handle: CtlHandle, buf: bytes) -> wire.Command:
+    def _permitted(handle: CtlHandle, buf: bytes, record: OperationRecord) -> wire.Command:
         """The command in ``buf`` if this open file may send it: queries anyone, changes
         root and the admin group. A malformed command from anyone else is EPERM too, the
-        answer every change of theirs gets."""
+        answer every change of theirs gets. ``record`` (its ``MNT/events`` line) gets the
+        command's names, a refused change's too: what was tried on what."""
         if handle.admin:
-            return wire.parse_command(buf)
+            cmd = wire.parse_command(buf)
+            record.parsed(cmd)
+            return cmd
         refused = PermissionDeniedError("only root or the admin group may change state")
         try:
             cmd = wire.parse_command(buf)
         except InvalidArgumentError:
             raise refused from None
+        record.parsed(cmd)
         if cmd.verb not in wire.QUERY_VERBS:
             raise refused
         return cmd
