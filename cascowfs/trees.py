@@ -447,22 +447,38 @@ class TreeStore:
         """A tree if it is cached or quick to decode (at most ``QUICK_PAGES`` pages); None
         if decoding it is a job for a thread: a paged directory may hold millions of
         entries, seconds of decoding."""
-        with self._lock:
-            hit = self._cache.get(tree_id)
-        if hit is None:
-            pages = index_pages(self._payload(tree_id, None))
-            if pages is not None and len(pages) > QUICK_PAGES:
-                return None
-        return self.get(tree_id)
+        hit = self._cached(tree_id)
+        if hit is not None:
+            return hit.entries
+        payload = self._payload(tree_id, None)
+        ids = index_pages(payload)
+        if ids is not None and len(ids) > QUICK_PAGES:
+            return None
+        return self._decoded(tree_id, payload, ids, None).entries
 
     def _listing(self, tree_id: bytes, txn: lmdb.Transaction | None) -> _Listing:
+        hit = self._cached(tree_id)
+        if hit is not None:
+            return hit
+        payload = self._payload(tree_id, txn)
+        return self._decoded(tree_id, payload, index_pages(payload), txn)
+
+    def _cached(self, tree_id: bytes) -> _Listing | None:
         with self._lock:
             hit = self._cache.get(tree_id)
             if hit is not None:
                 self._cache.move_to_end(tree_id)
-                return hit
-        payload = self._payload(tree_id, txn)
-        ids = index_pages(payload)
+            return hit
+
+    def _decoded(
+        self,
+        tree_id: bytes,
+        payload: bytes | memoryview,
+        ids: list[bytes] | None,
+        txn: lmdb.Transaction | None,
+    ) -> _Listing:
+        """Tree ``tree_id`` from its stored ``payload`` (``ids``: its page ids, if an index),
+        cached."""
         if ids is None:
             listing = _Listing(decode_tree(payload), None, True)
         else:
