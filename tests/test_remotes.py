@@ -135,6 +135,36 @@ def test_push_with_ancestors_stops_at_a_pruned_one(remote, tmp_path):
         got = transfer.pull(sm, rs, ["s2"], with_ancestors=True)
         assert got.snapshots == ["s2"] and sm.snapshot("s2").parent == "s1"
 
+class _CountedId(str):
+    """An id that counts how often it is compared, to see a walk's cost without a clock."""
+
+    compared = 0
+
+    def __eq__(self, other):
+        _CountedId.compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_with_ancestors_follows_each_snapshot_once():
+    """A lineage of a long search (thousands of commits) is gathered in time linear in its
+    length, shared ancestors once, oldest first."""
+    depth = 3000
+
+    def parent_of(id):
+        n = int(id[1:])
+        return _CountedId(f"s{n - 1}") if n > 0 else None
+
+    _CountedId.compared = 0
+    ids = transfer._with_ancestors([_CountedId(f"s{depth - 1}"), _CountedId("s5")], parent_of)
+    assert _CountedId.compared < depth  # a walk with list membership compares ~depth²/2 times
+    assert ids == [f"s{n}" for n in range(depth)]
+    branched = {"t1": "t0", "t0": "s2"}
+    ids = transfer._with_ancestors(["t1", "s4"], lambda i: branched.get(i) or parent_of(i))
+    assert ids == ["s0", "s1", "s2", "t0", "t1", "s3", "s4"]
+
+
 @needs_overlay
 def test_lineage_labels_and_delta_push(remote, tmp_path):
     """A child of a pushed snapshot sends about its changed bytes; pull --with-ancestors

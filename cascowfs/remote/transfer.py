@@ -429,13 +429,16 @@ def _kept(sm, id: str | None) -> str | None:
 
 
 def _with_ancestors(ids: list[str], parent_of: Callable[[str], str | None]) -> list[str]:
-    """``ids`` and their ancestors, each once, oldest first."""
+    """``ids`` and their ancestors, each once, oldest first. Each snapshot is followed once,
+    so a long lineage costs its length, not its square."""
     out: list[str] = []
+    seen: set[str] = set()
     for id in ids:
         line = []
         cur: str | None = id
-        while cur is not None and cur not in out and cur not in line:
+        while cur is not None and cur not in seen:
             line.append(cur)
+            seen.add(cur)
             cur = parent_of(cur)
         out.extend(reversed(line))
     return out
