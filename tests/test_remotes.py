@@ -833,7 +833,7 @@ def test_a_pulled_hard_link_group_is_one_file(tmp_path):
         rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/{case}"))
         _remote_with_tree(rs, {b"a": member(b"a"), b"b": other}, (chunk,))
         with open_store(tmp_path / f"store-{case}") as sm:
-            with pytest.raises(StoreIOError, match="entry 'b': a hard link of 'a' .* another file"):
+            with pytest.raises(StoreIOError, match="file 'b': a hard link of 'a' that is another file"):
                 transfer.pull(sm, rs, ["hostile"])
             assert not sm.has_snapshot("hostile")
     rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/right"))
@@ -844,13 +844,56 @@ def test_a_pulled_hard_link_group_is_one_file(tmp_path):
         assert view[b"a"].data == view[b"b"].data == b"hello"
 
 
+def test_a_pulled_hard_link_group_is_keyed_by_its_paths(tmp_path):
+    """A commit re-keys only the groups its branch touched: a key its paths do not give
+    could be the key a branch's own new group gets, and join two files into one."""
+    cases = {
+        "another's key": ({n: _file(n, uid=1000, link=link_key([b"x", b"y"]))
+                           for n in (b"a", b"b")}, "file 'a': a hard-link group keyed"),
+        "lone": ({b"a": _file(b"a", uid=1000, link=link_key([b"a"]))},
+                 "file 'a': a hard-link group keyed .* its 1 member paths do not give"),
+    }
+    for case, (entries, problem) in cases.items():
+        rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/{case}"))
+        _remote_with_tree(rs, entries)
+        with open_store(tmp_path / f"store-{case}") as sm:
+            with pytest.raises(StoreIOError, match=f"remote .*: snapshot hostile, {problem}"):
+                transfer.pull(sm, rs, ["hostile"])
+            assert not sm.has_snapshot("hostile")
+
+
+def test_a_pulled_hard_link_group_is_one_file_with_the_trees_here(tmp_path):
+    """A group may span a tree the store had and one pulled: its members are one file."""
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "z").write_bytes(b"already here")
+    for name in ("sub/x", "sub/y"):
+        os.link(tmp_path / "src" / "z", tmp_path / "src" / name)
+    with open_store(tmp_path / "store") as sm:
+        sm.import_tree(tmp_path / "src", "mine")
+        root = sm.read_tree(sm.root_entry("mine").ref)
+        z = root[b"z"]
+        assert z.link == link_key([b"sub/x", b"sub/y", b"z"])
+        new = _file(b"new", uid=1000)  # so that the root is a tree the store lacks
+        for case, member in {"another file": z._replace(ref=b"", size=0), "right": z}.items():
+            rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/{case}"))
+            _remote_with_tree(rs, {b"sub": root[b"sub"], b"z": member, b"new": new})
+            if case == "right":
+                transfer.pull(sm, rs, ["hostile"])
+                assert snapshot_view(sm, "hostile")[b"z"].links == (b"sub/x", b"sub/y", b"z")
+                continue
+            with pytest.raises(StoreIOError, match="snapshot hostile, file 'sub/x': a hard link "
+                               "of 'z' that is another file"):
+                transfer.pull(sm, rs, ["hostile"])
+            assert not sm.has_snapshot("hostile")
+
+
 def test_a_pulled_directory_carries_the_totals_of_its_tree(tmp_path):
     """A directory entry's totals are what `show`, `episodes` and the snapshot's xattrs report
     of the files below it: a remote's word for them must be what the tree holds."""
     hello = prepare_content(b"hello")
     chunk = (b"C", hello.content_id, b"hello")
     inner = {b"f": Entry(b"f", stat.S_IFREG | 0o644, 1000, 0, 0, 5, hello.content_id)}
-    key = link_key([b"a", b"b"])
+    key = link_key([b"l/a", b"l/b"])  # where the right pull puts them
     linked = {n: _file(n, uid=1000, ref=b"", link=key) for n in (b"a", b"b")}
     big = {b"%03d" % i: _file(b"%03d" % i, uid=1000) for i in range(100)}  # paged
     assert len(tree_objects(big)[1]) > 1

@@ -18,13 +18,17 @@ before any of it is stored:
 - only the file types a scan records, each as a scan records it: a symbolic link's target a
   path (1 to 4095 bytes, no NUL) and its size that path's length, a FIFO or socket without
   content (a layer could not be written otherwise);
-- across the trees of one pull (``PulledTrees``): the members of a hard-link group are one
-  inode (the same metadata and content), as the layer written from them makes them; and once
-  the pull has every object, a directory (or a page of a big one) names a tree, a directory
-  entry's totals (files, bytes, hard-link members below it) are those of the tree it names,
-  and a regular file's content holds its size, and so does the observation's. A snapshot
-  read by the daemon and its layer written from the CAS must show the same files, and
-  ``show``, ``episodes`` and the snapshot's xattrs the totals of those files.
+- across the trees of one pull (``PulledTrees``), once the pull has every object: a
+  directory (or a page of a big one) names a tree, a directory entry's totals (files, bytes,
+  hard-link members below it) are those of the tree it names, and a regular file's content
+  holds its size, and so does the observation's. A snapshot read by the daemon and its layer
+  written from the CAS must show the same files, and ``show``, ``episodes`` and the
+  snapshot's xattrs the totals of those files;
+- across the whole snapshot, trees the store had included: the members of a hard-link group
+  are one inode (the same metadata and content), as the layer written from them makes them,
+  and the group is keyed by its members' paths as an import keys it (``scan.link_key``; a
+  lone member has no key). A commit re-keys only the groups its branch touched, so a key
+  that a later branch's own group could be given would join two files into one.
 
 A directory's totals are checked one level down: against the entries of the tree it names,
 whose own directory entries are checked in turn if pulled, and are as this store recorded
@@ -35,6 +39,7 @@ trees its pulled directories name directly.
 from __future__ import annotations
 
 import stat
+from collections.abc import Iterable
 
 from ..cas import ContentStore, content_size
 from ..catalog import Observation
@@ -42,6 +47,7 @@ from ..codec import TYPE_TREE
 from ..errors import StoreIOError
 from ..fsmeta import OVERLAY_XATTR_PREFIX, RESERVED_XATTR_PREFIX
 from ..model import Entry
+from ..scan import link_key
 from ..trees import TreeStore, decode_tree, index_pages, listing_totals
 
 _FORBIDDEN_XATTRS = (OVERLAY_XATTR_PREFIX, RESERVED_XATTR_PREFIX)
@@ -69,7 +75,7 @@ def check_pulled_tree(payload: bytes, oid: bytes, *, superroot: bool, where: str
 
 class PulledTrees:
     """The rules that span the objects of one pull (module docstring): ``take`` each object
-    as it arrives, then ``check_objects`` once every one is in."""
+    as it arrives, then ``check_objects`` and ``check_link_groups`` once every one is in."""
 
     def __init__(self, where: str, snapshot: str, obs: Observation | None) -> None:
         self.where = where
@@ -82,10 +88,10 @@ class PulledTrees:
         # what must be a tree (a directory's, an index's page) -> the tree naming it, and the
         # directory's name (None: a page)
         self._trees: dict[bytes, tuple[bytes, bytes | None]] = {}
-        # hard-link group -> the inode its first member showed, that member's tree and name
-        self._groups: dict[bytes, tuple[tuple, bytes, bytes]] = {}
         # every tree pulled -> its listing's totals, or an index's pages
         self._listed: dict[bytes, Totals | list[bytes]] = {}
+        # the entries of every tree pulled that holds hard-link members
+        self._linked: dict[bytes, list[Entry]] = {}
         # (tree id, the totals a directory entry gives it) -> the tree and the entry
         self._claims: dict[tuple[bytes, Totals], tuple[bytes, bytes]] = {}
 
@@ -108,7 +114,9 @@ class PulledTrees:
                 self._trees.setdefault(page, (oid, None))
             return
         entries = check_pulled_tree(payload, oid, superroot=superroot, where=self.where)
-        self._listed[oid] = listing_totals(entries)
+        self._listed[oid] = totals = listing_totals(entries)
+        if totals[2]:
+            self._linked[oid] = entries
         for entry in entries:
             if entry.is_dir:
                 self._trees.setdefault(entry.ref, (oid, entry.name))
@@ -116,16 +124,6 @@ class PulledTrees:
                 self._claims.setdefault((entry.ref, claimed), (oid, entry.name))
             elif stat.S_ISREG(entry.mode):
                 self._files.setdefault((entry.ref, entry.size), (oid, entry.name))
-            if entry.link:
-                inode = (entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.size,
-                         entry.ref, entry.rdev, entry.xattrs)  # fmt: skip
-                first, tree, name = self._groups.setdefault(entry.link, (inode, oid, entry.name))
-                if first != inode:
-                    shown = name.decode("utf-8", "backslashreplace")
-                    raise StoreIOError(
-                        f"{_entry(self.where, oid, entry.name)}: a hard link of {shown!r} (tree "
-                        f"{tree.hex()}) that is another file"
-                    )
 
     def check_objects(self, trees: TreeStore) -> None:
         """Raise StoreIOError unless every directory and page names a tree, every directory
@@ -165,6 +163,47 @@ class PulledTrees:
                     f"{what} holds {holds} bytes, not the {self._obs.size} its ref says"
                 )
 
+    def check_link_groups(self, superroot: bytes, trees: TreeStore) -> None:
+        """Raise StoreIOError unless every hard-link group of the snapshot (superroot tree
+        ``superroot``) is one inode keyed by its members' paths. Only directories that hold
+        members are read (their totals are checked: call after ``check_objects``)."""
+        groups: dict[bytes, tuple[tuple, list[bytes]]] = {}
+        stack: list[tuple[bytes, bytes | None]] = [(superroot, None)]  # None: the superroot
+        while stack:
+            tree_id, path = stack.pop()
+            for entry in self._entries_of(tree_id, trees):
+                cpath = b"" if path is None else path + b"/" + entry.name if path else entry.name
+                if entry.is_dir:
+                    if entry.tree_links:
+                        stack.append((entry.ref, cpath))
+                elif entry.link:
+                    inode = (entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.size,
+                             entry.ref, entry.rdev, entry.xattrs)  # fmt: skip
+                    first, paths = groups.setdefault(entry.link, (inode, []))
+                    paths.append(cpath)
+                    if first != inode:
+                        raise StoreIOError(
+                            f"{self._in_snapshot(cpath)}: a hard link of {_shown(paths[0])} "
+                            "that is another file"
+                        )
+        for key, (_, paths) in groups.items():
+            if key != (link_key(paths) if len(paths) > 1 else b""):
+                raise StoreIOError(
+                    f"{self._in_snapshot(paths[0])}: a hard-link group keyed {key.hex()}, "
+                    f"which its {len(paths)} member paths do not give"
+                )
+
+    def _entries_of(self, tree_id: bytes, trees: TreeStore) -> Iterable[Entry]:
+        listed = self._listed.get(tree_id)
+        if listed is None:  # a tree the store had
+            return trees.get(tree_id).values()
+        if isinstance(listed, list):  # an index: its pages' entries
+            return [entry for page in listed for entry in self._entries_of(page, trees)]
+        return self._linked.get(tree_id, ())
+
+    def _in_snapshot(self, path: bytes) -> str:
+        return f"remote {self.where}: snapshot {self._snapshot}, file {_shown(path)}"
+
     def _totals_of(self, tree_id: bytes, trees: TreeStore) -> Totals:
         listed = self._listed.get(tree_id)
         if listed is None:  # a tree the store had: its listing as the store recorded it
@@ -198,7 +237,11 @@ def _tree(where: str, oid: bytes) -> str:
 
 
 def _entry(where: str, oid: bytes, name: bytes) -> str:
-    return f"{_tree(where, oid)}, entry {name.decode('utf-8', 'backslashreplace')!r}"
+    return f"{_tree(where, oid)}, entry {_shown(name)}"
+
+
+def _shown(name: bytes) -> str:
+    return repr(name.decode("utf-8", "backslashreplace"))
 
 
 def _problem(name: bytes, entry: Entry, superroot: bool) -> str | None:

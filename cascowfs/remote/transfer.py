@@ -623,6 +623,7 @@ def _receive_objects(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
         add([(oid, value_of_payload(*loaded))])
         count += 1
     pulled.check_objects(sm.trees)
+    pulled.check_link_groups(root, sm.trees)
     return count
 
 
