@@ -427,6 +427,9 @@ def apply_upper(
     links = HardLinks()
     stable_before_ns = time.time_ns() - RACY_NS
     upper_root = os.fsencode(upper)
+    # whether the upper shadows, removes or moves a member of one of the base's hard-link
+    # groups: only then may a base group's key have changed (``canonicalize_links``)
+    base_links_touched = False
 
     def lookup_abs(path: bytes) -> Entry | None:
         if base_root is None:
@@ -475,6 +478,7 @@ def apply_upper(
         return node, iter(children), rel, changes, lower_children
 
     def walk(top: int, root: _UpperDir) -> DirNode:
+        nonlocal base_links_touched
         # depth first with a stack of the directories being walked, not a recursion: a
         # tree may be deeper than Python's recursion limit
         stack = [root]
@@ -482,14 +486,17 @@ def apply_upper(
             node, children, rel, changes, lower_children = stack[-1]
             for cname, cpath, cst, other in children:
                 crel = rel + b"/" + cname if rel else cname
+                shadowed = lower_children.get(cname)
                 if stat.S_ISCHR(cst.st_mode) and cst.st_rdev == 0:
                     changes[cname] = None  # whiteout
                 elif stat.S_ISDIR(cst.st_mode):
-                    sub = open_dir(
-                        top, cpath, crel, cst, cname, lower_children.get(cname), lower_children
-                    )
+                    sub = open_dir(top, cpath, crel, cst, cname, shadowed, lower_children)
                     changes[cname] = sub[0]
                     stack.append(sub)
+                    below = sub[0].lower_totals[2]
+                    if sub[0].lower_id != (shadowed.ref if shadowed is not None else b""):
+                        # opaque or redirected: what stood here goes, what it names moves
+                        base_links_touched |= bool(below) or _holds_links(shadowed)
                     break  # the rest of this directory after that subdirectory's
                 elif stat.S_ISREG(cst.st_mode):
                     key = (crel, cst.st_ino, cst.st_size, cst.st_mtime_ns, cst.st_ctime_ns)
@@ -503,6 +510,7 @@ def apply_upper(
                         links.add(cst, node, cname, crel)
                 else:
                     changes[cname] = cast(Entry, other)
+                base_links_touched |= _holds_links(shadowed)
             else:
                 stack.pop()
         return root[0]
@@ -527,10 +535,17 @@ def apply_upper(
         root = walk(top, open_dir(top, upper_root, b"", st, b"", base_root, _NOTHING_BELOW))
     finally:
         os.close(top)
+    # An upper's own groups get their keys from their paths (``assign``), as an import gives
+    # them; the base's untouched groups keep theirs, which were canonical when stored.
     links.assign()
-    if links.groups or (base_root is not None and base_root.tree_links):
+    if base_links_touched:
         canonicalize_links(trees, root)
     return root
+
+
+def _holds_links(entry: Entry | None) -> bool:
+    """Whether ``entry`` is, or a directory holding, a member of a hard-link group."""
+    return entry is not None and bool(entry.link or (entry.is_dir and entry.tree_links))
 
 
 def canonicalize_links(trees: TreeStore, root: DirNode) -> None:

@@ -153,6 +153,82 @@ def test_an_upper_over_its_base_gives_what_the_branch_shows(content, tmp_path):
                          "upper over base")
 
 
+def _link_keys(trees: TreeStore, root: Entry) -> dict[bytes, bytes]:
+    """Every hard-link member's key by its path."""
+    keys, stack = {}, [(root, b"")]
+    while stack:
+        entry, path = stack.pop()
+        for name, child in trees.get(entry.ref).items():
+            cpath = path + b"/" + name if path else name
+            if child.is_dir:
+                stack.append((child, cpath))
+            elif child.link:
+                keys[cpath] = child.link
+    return keys
+
+
+def _linked_source(root: Path) -> Path:
+    """Two hard-link groups, a big one spread over two directories and a pair, and files
+    that belong to none."""
+    for d in ("g/x", "g/y", "pair", "plain"):
+        (root / d).mkdir(parents=True)
+    (root / "g" / "x" / "m0").write_bytes(b"group")
+    for n in range(1, 40):
+        os.link(root / "g" / "x" / "m0", root / "g" / ("x", "y")[n % 2] / f"m{n}")
+    (root / "pair" / "p").write_bytes(b"pair")
+    os.link(root / "pair" / "p", root / "pair" / "q")
+    (root / "plain" / "f").write_bytes(b"plain")
+    return root
+
+
+_LINK_EDITS = {  # name -> (an edit through the branch, whether it touches a base group)
+    "unrelated": (lambda m: (m / "plain" / "new").write_bytes(b"new"), False),
+    "own group": (lambda m: [(m / "plain" / "n").write_bytes(b"n"),
+                             os.link(m / "plain" / "n", m / "plain" / "n2")], False),
+    "copy-up": (lambda m: (m / "pair" / "q").open("ab").write(b"+"), True),
+    "unlink": (lambda m: (m / "g" / "y" / "m1").unlink(), True),
+    "link": (lambda m: os.link(m / "g" / "x" / "m0", m / "plain" / "m-again"), True),
+    "rename": (lambda m: os.rename(m / "g" / "y", m / "plain" / "y"), True),
+    "opaque": (lambda m: [(m / "pair" / n).unlink() for n in ("p", "q")]
+               + [os.rmdir(m / "pair"), (m / "pair").mkdir()], True),
+    "type": (lambda m: [(m / "pair" / "p").unlink(), (m / "pair" / "p").mkdir()], True),
+}
+
+
+@needs_overlay
+@pytest.mark.parametrize("edit", sorted(_LINK_EDITS))
+def test_a_commit_keys_link_groups_as_an_import_and_skips_untouched_ones(
+    content, tmp_path, monkeypatch, edit
+):
+    """The hard-link keys of a commit are those a fresh import of the branch gives; and a
+    commit that touches no member of its base's groups does not walk them again, which
+    cost every commit over a base with 60,000 members 1.4-3.7 s."""
+    from cascowfs import scan
+
+    sink = ObjectSink()
+    base = _stored(content, scan_directory(_linked_source(tmp_path / "src"), sink), sink)
+    lower, upper, work, mnt = (tmp_path / d for d in ("lower", "upper", "work", "mnt"))
+    layers.materialize(base.trees, content, base.root, lower)
+    for d in (upper, work, mnt):
+        d.mkdir()
+    layers.set_root_metadata(upper, base.root)
+    overlay.mount_overlay(mnt, [lower], upper, work)
+    change, touches = _LINK_EDITS[edit]
+    try:
+        change(mnt)
+        imported = _scanned_root(content, mnt)
+    finally:
+        overlay.unmount(mnt, lazy=False)
+    walked = []
+    canonicalize = scan.canonicalize_links
+    monkeypatch.setattr(scan, "canonicalize_links", lambda *a: walked.append(canonicalize(*a)))
+    sink = ObjectSink()
+    committed = _stored(content, apply_upper(base.trees, base.root, upper, sink), sink).root
+    keys = _link_keys(base.trees, committed)
+    assert keys and keys == _link_keys(base.trees, imported)
+    assert bool(walked) == touches
+
+
 def test_a_directory_opened_below_a_walk_must_have_the_owner_and_mode_it_listed(tmp_path):
     """A directory deleted and another made at its name may take its inode number back:
     the walk's lstat of root's directory must not pass for the agent's new one."""
