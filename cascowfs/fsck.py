@@ -1,6 +1,7 @@
 """``cascowfs fsck``: check docs/architecture.md's five invariants, report each failure.
 
-1. every snapshot's tree verifies against its root digest and every object it names exists;
+1. every snapshot's tree verifies against its root digest and every object it names exists,
+   and its hard-link groups are each one file keyed by its members' paths;
 2. every refcount equals the count recomputed from live state: chain nodes' and layers'
    refcounts, from the snapshot and branch chains (``layer_refs.py``; below store format 11
    a layer counts the chains naming it; since store format 5 objects carry no refcounts:
@@ -33,7 +34,7 @@ from .errors import StoreIOError
 from .layer_refs import recount
 from .model import Entry
 from .progress import progress_bar
-from .scan import ObjectSink, finalize, listings_into, scan_directory
+from .scan import ObjectSink, finalize, link_group_problem, listings_into, scan_directory
 from .state import StateManager
 from .trees import TreeStore
 
@@ -110,6 +111,14 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
                     report.add(1, f"{owner}: object {oid.hex()} does not match its id (corrupt)")
                     continue
                 stack.extend(children_of(value))
+    for sid, rec in snaps.items():
+        try:
+            problem = link_group_problem(lambda tree_id: sm.trees.get(tree_id).values(),
+                                         bytes.fromhex(rec.root))  # fmt: skip
+        except StoreIOError:
+            continue  # a tree missing or corrupt: reported above
+        if problem:
+            report.add(1, f"snapshot {sid}: {problem}")
 
     # 3: nothing unreachable, but garbage a pending collection will take
     unreachable = object_ids - visited

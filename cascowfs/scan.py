@@ -158,6 +158,45 @@ def link_key(paths: list[bytes]) -> bytes:
     return blake3.blake3(b"H\0" + b"\0".join(sorted(paths))).digest()[:16]
 
 
+def link_group_problem(
+    entries_of: Callable[[bytes], Iterable[Entry]], superroot: bytes
+) -> str | None:
+    """What is wrong with the hard-link groups of the snapshot of superroot tree
+    ``superroot`` (``entries_of``: a tree's entries by id), or None. A group's members must
+    be one inode, the same metadata and content (a layer links them into one file), and the
+    group keyed by its members' paths as an import keys it (``link_key``; a lone member has
+    no key): a commit re-keys only the groups its branch touched (``apply_upper``). Only
+    directories that hold members (``tree_links``) are read."""
+    groups: dict[bytes, tuple[tuple, list[bytes]]] = {}
+    stack: list[tuple[bytes, bytes | None]] = [(superroot, None)]  # None: the superroot
+    while stack:
+        tree_id, path = stack.pop()
+        for entry in entries_of(tree_id):
+            cpath = b"" if path is None else path + b"/" + entry.name if path else entry.name
+            if entry.is_dir:
+                if entry.tree_links:
+                    stack.append((entry.ref, cpath))
+            elif entry.link:
+                inode = (entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.size,
+                         entry.ref, entry.rdev, entry.xattrs)  # fmt: skip
+                first, paths = groups.setdefault(entry.link, (inode, []))
+                paths.append(cpath)
+                if first != inode:
+                    shown, first_shown = _shown(cpath), _shown(paths[0])
+                    return f"file {shown}: a hard link of {first_shown} that is another file"
+    for key, (_, paths) in groups.items():
+        if key != (link_key(paths) if len(paths) > 1 else b""):
+            return (
+                f"file {_shown(paths[0])}: a hard-link group keyed {key.hex()}, which its "
+                f"{len(paths)} member paths do not give"
+            )
+    return None
+
+
+def _shown(path: bytes) -> str:
+    return repr(path.decode("utf-8", "backslashreplace"))
+
+
 class HardLinks:
     """Hard-link groups met during a scan, keyed by the inode they share."""
 

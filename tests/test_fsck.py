@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import zlib
 from pathlib import Path
@@ -184,3 +185,37 @@ def test_a_deep_check_reports_a_missing_layer_and_goes_on(closed_store: dict) ->
     assert proc.returncode == 1, proc.stderr
     report = json.loads(proc.stdout)
     assert not report["ok"] and set(want) <= set(report["problems"]), report
+
+
+@pytest.mark.parametrize("keys, want", [
+    ("shared", "file '[cd]': a hard link of '[ab]' that is another file"),
+    ("not by paths", "file 'a': a hard-link group keyed [0-9a-f]{32}, which its 2 member paths "
+     "do not give"),
+])
+def test_hard_link_groups_keyed_otherwise_than_by_their_paths_are_found(
+    tmp_path, track_store, monkeypatch, keys, want
+):
+    """Commits re-key only the hard-link groups their branch touched, so a stored key must be
+    the one its members' paths give (imports made with other keys here)."""
+    from cascowfs import scan
+
+    store = track_store(tmp_path / "store")
+    src = tmp_path / "src"
+    src.mkdir()
+    for first, second, content in (("a", "b", b"one"), ("c", "d", b"two")):
+        (src / first).write_bytes(content)
+        os.link(src / first, src / second)
+    canonical = scan.link_key
+    other_keys = {
+        "shared": lambda paths: b"k" * 16,  # both groups under one key
+        "not by paths": lambda paths: canonical(paths)[::-1],
+    }
+    monkeypatch.setattr(scan, "link_key", other_keys[keys])
+    sm = StateManager.open(store)
+    try:
+        sm.import_tree(src, "base")
+    finally:
+        sm.close()
+    monkeypatch.undo()
+    problems = fsck_store(store).problems
+    assert any(re.search(f"invariant 1: snapshot base: {want}", p) for p in problems), problems

@@ -47,7 +47,7 @@ from ..codec import TYPE_TREE
 from ..errors import StoreIOError
 from ..fsmeta import OVERLAY_XATTR_PREFIX, RESERVED_XATTR_PREFIX
 from ..model import Entry
-from ..scan import link_key
+from ..scan import link_group_problem
 from ..trees import TreeStore, decode_tree, index_pages, listing_totals
 
 _FORBIDDEN_XATTRS = (OVERLAY_XATTR_PREFIX, RESERVED_XATTR_PREFIX)
@@ -165,33 +165,11 @@ class PulledTrees:
 
     def check_link_groups(self, superroot: bytes, trees: TreeStore) -> None:
         """Raise StoreIOError unless every hard-link group of the snapshot (superroot tree
-        ``superroot``) is one inode keyed by its members' paths. Only directories that hold
-        members are read (their totals are checked: call after ``check_objects``)."""
-        groups: dict[bytes, tuple[tuple, list[bytes]]] = {}
-        stack: list[tuple[bytes, bytes | None]] = [(superroot, None)]  # None: the superroot
-        while stack:
-            tree_id, path = stack.pop()
-            for entry in self._entries_of(tree_id, trees):
-                cpath = b"" if path is None else path + b"/" + entry.name if path else entry.name
-                if entry.is_dir:
-                    if entry.tree_links:
-                        stack.append((entry.ref, cpath))
-                elif entry.link:
-                    inode = (entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.size,
-                             entry.ref, entry.rdev, entry.xattrs)  # fmt: skip
-                    first, paths = groups.setdefault(entry.link, (inode, []))
-                    paths.append(cpath)
-                    if first != inode:
-                        raise StoreIOError(
-                            f"{self._in_snapshot(cpath)}: a hard link of {_shown(paths[0])} "
-                            "that is another file"
-                        )
-        for key, (_, paths) in groups.items():
-            if key != (link_key(paths) if len(paths) > 1 else b""):
-                raise StoreIOError(
-                    f"{self._in_snapshot(paths[0])}: a hard-link group keyed {key.hex()}, "
-                    f"which its {len(paths)} member paths do not give"
-                )
+        ``superroot``) is one inode keyed by its members' paths (``link_group_problem``).
+        Call after ``check_objects``, which checks the totals that say where members are."""
+        problem = link_group_problem(lambda tree_id: self._entries_of(tree_id, trees), superroot)
+        if problem:
+            raise StoreIOError(f"remote {self.where}: snapshot {self._snapshot}, {problem}")
 
     def _entries_of(self, tree_id: bytes, trees: TreeStore) -> Iterable[Entry]:
         listed = self._listed.get(tree_id)
@@ -200,9 +178,6 @@ class PulledTrees:
         if isinstance(listed, list):  # an index: its pages' entries
             return [entry for page in listed for entry in self._entries_of(page, trees)]
         return self._linked.get(tree_id, ())
-
-    def _in_snapshot(self, path: bytes) -> str:
-        return f"remote {self.where}: snapshot {self._snapshot}, file {_shown(path)}"
 
     def _totals_of(self, tree_id: bytes, trees: TreeStore) -> Totals:
         listed = self._listed.get(tree_id)
@@ -237,11 +212,7 @@ def _tree(where: str, oid: bytes) -> str:
 
 
 def _entry(where: str, oid: bytes, name: bytes) -> str:
-    return f"{_tree(where, oid)}, entry {_shown(name)}"
-
-
-def _shown(name: bytes) -> str:
-    return repr(name.decode("utf-8", "backslashreplace"))
+    return f"{_tree(where, oid)}, entry {name.decode('utf-8', 'backslashreplace')!r}"
 
 
 def _problem(name: bytes, entry: Entry, superroot: bool) -> str | None:
