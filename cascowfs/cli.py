@@ -701,7 +701,7 @@ def build_parser() -> _Parser:
         "non-empty one is refused (ENOTEMPTY), an existing store too (EEXIST). Every verb "
         "but init and mount refuses a path that is not a store.",
     )
-    p.add_argument("store", help="store directory")
+    p.add_argument("store", metavar="STORE", help="store directory")
 
     p = verb(
         "mount",
@@ -712,7 +712,7 @@ def build_parser() -> _Parser:
         "mounts, then mount the filesystem at MNT and serve it. A dead mount left by a "
         "killed daemon is cleared first. Signals readiness to systemd (sd_notify).",
     )
-    p.add_argument("store", help="store directory")
+    p.add_argument("store", metavar="STORE", help="store directory")
     p.add_argument("mountpoint", metavar="MNT", help="mount point (an existing directory)")
     p.add_argument(
         "--background", "-b", action="store_true", help="detach; return once the mount is ready"
@@ -763,8 +763,8 @@ def build_parser() -> _Parser:
         "snapshot if PARENT is omitted. Prints the branch's writable tree path.",
     )
     p.add_argument("mountpoint", metavar="MNT")
-    p.add_argument("name")
-    p.add_argument("parent", nargs="?")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("parent", metavar="PARENT", nargs="?")
 
     p = verb(
         "commit",
@@ -775,8 +775,8 @@ def build_parser() -> _Parser:
         "continues on the new snapshot.",
     )
     p.add_argument("mountpoint", metavar="MNT")
-    p.add_argument("name")
-    p.add_argument("id", nargs="?")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("id", metavar="ID", nargs="?")
     p.add_argument("labels", nargs="*", metavar="KEY=VALUE")
 
     p = verb("discard", cmd_discard, "drop branches")
@@ -789,8 +789,8 @@ def build_parser() -> _Parser:
 
     p = verb("rebase", cmd_rebase, "re-base an unmodified branch on another snapshot")
     p.add_argument("mountpoint", metavar="MNT")
-    p.add_argument("name")
-    p.add_argument("parent", nargs="?", help="omitted: the empty snapshot")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("parent", metavar="PARENT", nargs="?", help="omitted: the empty snapshot")
 
     p = verb(
         "ls",
@@ -819,7 +819,7 @@ def build_parser() -> _Parser:
         json_help=None,
     )
     p.add_argument("mountpoint", metavar="MNT")
-    p.add_argument("name")
+    p.add_argument("name", metavar="NAME")
     _change_format_options(p)
 
     p = verb(
@@ -850,7 +850,7 @@ def build_parser() -> _Parser:
     p.add_argument("--progress", action="store_true", help="show a progress bar (offline)")
 
     p = verb("fsck", cmd_fsck, "check a store's invariants (exit 1 on any problem)")
-    p.add_argument("store")
+    p.add_argument("store", metavar="STORE")
     p.add_argument("--progress", action="store_true")
     p.add_argument(
         "--deep",

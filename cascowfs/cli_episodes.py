@@ -185,7 +185,7 @@ def add_verbs(verb: Verb) -> None:
         "with uncommitted changes is not refused; they are dropped.",
     )
     p.add_argument("mountpoint", metavar="MNT")
-    p.add_argument("name")
+    p.add_argument("name", metavar="NAME")
     p.add_argument("id", metavar="ID")
 
     p = verb(

@@ -30,6 +30,25 @@ def test_help_for_every_verb():
         assert proc.stdout.startswith(f"usage: cascowfs {verb}"), proc.stdout
 
 
+def test_every_verbs_operands_are_named_in_capitals():
+    """Usage lines name operands as docs/interface.md and each verb's description do
+    (`branch MNT NAME [PARENT]`), not by the parser's attribute names."""
+    import argparse
+
+    parser = cli.build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    lower = [
+        f"{verb}: {action.metavar or action.dest}"
+        for verb, sub in verbs.choices.items()
+        for action in sub._actions
+        if not action.option_strings and action.choices is None  # choices show themselves
+        and (action.metavar or action.dest) != (action.metavar or action.dest).upper()
+    ]
+    assert not lower, lower
+    assert run_cli("branch", "--help").stdout.startswith(
+        "usage: cascowfs branch [-h] [--json] MNT NAME [PARENT]")
+
+
 def test_usage_errors_exit_2():
     assert run_cli(check=False).returncode == 2
     assert run_cli("frobnicate", check=False).returncode == 2
