@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import forks, syscalls
-from .errors import CascowfsError, PermissionDeniedError, from_os_error
+from .errors import CascowfsError, InvalidArgumentError, PermissionDeniedError, from_os_error
 
 log = logging.getLogger("cascowfs.privacy")
 
@@ -272,17 +272,84 @@ def _first_refusal(top: bytes) -> tuple[int, bytes]:
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 
 
+# The most symbolic links one resolution follows, as the kernel's own path walk allows.
+_MAX_LINKS = 40
+
+
+def resolve_trusting(path: str | bytes, trusted: int | None) -> int:
+    """An ``O_PATH`` descriptor of what ``path`` names, resolved a name at a time; with
+    ``trusted`` set, a symbolic link on the way is followed only if root or uid ``trusted``
+    owns it, and any other is EACCES naming it.
+
+    Root reads everything, so a path that root follows through another user's link reads
+    what that user chose: an agent that may write a directory on the path (its branch's tree,
+    a shared ``/tmp``) links ``secret`` there to ``/root/secret``, and root's commit stores
+    the target as the agent's observation. The kernel's ``fs.protected_symlinks`` stops this
+    only in sticky world-writable directories. ELOOP past 40 links; ENOENT, ENOTDIR as
+    ``open(2)``."""
+    raw = os.fsencode(path)
+    pending = [name for name in reversed(raw.split(b"/")) if name not in (b"", b".")]
+    fd = os.open(b"/" if raw.startswith(b"/") else b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    followed = 0
+    try:
+        while pending:
+            name = pending.pop()
+            below = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            st = os.fstat(below)
+            if not stat.S_ISLNK(st.st_mode):
+                os.close(fd)
+                fd = below
+                continue
+            os.close(below)
+            followed += 1
+            if followed > _MAX_LINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), os.fsdecode(raw))
+            if trusted is not None and st.st_uid not in (0, trusted):
+                raise PermissionDeniedError(
+                    f"{os.fsdecode(raw)}: reached through {os.fsdecode(name)!r}, a symbolic "
+                    f"link of uid {st.st_uid}, which is not followed for uid {trusted}: "
+                    "give the path it points to",
+                    errno=errno.EACCES,
+                )
+            target = os.readlink(name, dir_fd=fd)
+            if target.startswith(b"/"):
+                os.close(fd)
+                fd = os.open(b"/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            pending.extend(n for n in reversed(target.split(b"/")) if n not in (b"", b"."))
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_regular(path: str, trusted: int | None) -> int:
+    """``path`` open for reading (``resolve_trusting``), refused with EINVAL before it is
+    opened unless it is a regular file: opening a device can act (a tape rewinds), opening a
+    FIFO wakes its writer."""
+    named = resolve_trusting(path, trusted)
+    try:
+        if not stat.S_ISREG(os.fstat(named).st_mode):
+            raise InvalidArgumentError(f"{path} is not a regular file")
+        return os.open(f"/proc/self/fd/{named}", _OPEN_FLAGS)  # that very file, reopened
+    finally:
+        os.close(named)
+
+
 def open_as(caller: Caller | None, path: str) -> int:
-    """Open ``path`` for reading as ``caller`` (None: the daemon itself) and return the
-    descriptor: EACCES, ENOENT ... as that caller's own open(2) would fail. A non-root
-    caller's open runs in a child forked with its credentials, which passes the descriptor
-    back over a socket pair."""
+    """Open the regular file ``path`` for reading as ``caller`` (None: the daemon itself) and
+    return the descriptor: EACCES, ENOENT ... as that caller's own open(2) would fail,
+    EINVAL for a file of another type, EACCES for a path through another user's symbolic
+    link when the caller is root (``resolve_trusting``). A non-root caller's open runs in a
+    child forked with its credentials, which passes the descriptor back over a socket
+    pair."""
     what = f"observation {path}"
     if caller is None or caller.uid == 0:
         try:
-            return os.open(path, _OPEN_FLAGS)
+            return _open_regular(path, 0)
         except OSError as exc:
             raise from_os_error(exc, what) from None
+        except CascowfsError as exc:
+            raise type(exc)(f"{what}: {exc.message}", errno=exc.errno) from None
     parent_pid = os.getpid()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
@@ -295,9 +362,11 @@ def open_as(caller: Caller | None, path: str) -> int:
             os.setresgid(caller.gid, caller.gid, caller.gid)
             os.setresuid(caller.uid, caller.uid, caller.uid)
             try:
-                fd = os.open(path, _OPEN_FLAGS)
+                fd = _open_regular(path, None)  # its own rights: any link it can follow
             except OSError as exc:
                 theirs.sendall(b"%d" % (exc.errno or errno.EIO))
+            except CascowfsError as exc:
+                theirs.sendall(b"%d" % exc.errno)
             else:
                 socket.send_fds(theirs, [b"0"], [fd])
             status = 0

@@ -514,6 +514,47 @@ def test_an_observation_is_read_with_the_callers_rights(fs, admin_group):
 
 
 @needs_fuse
+def test_root_follows_no_other_users_link_to_an_observation(fs):
+    """Root's ``commit ... obs=@PATH`` reads what root may read: through a symbolic link an
+    agent planted on the path (here as ``nobody``'s, in its own directory) it would store
+    the target, a file only root may read, where the agent can read it. Such a link is
+    EACCES naming it; root's own links are followed; a FIFO is refused before it is opened,
+    so an agent's writer waiting on it stays waiting."""
+    assert fs.ctl("branch obsr base")[0] == 0
+    secret = make_tree(fs.base / "obsr-secret", {"key": ("root's only", 0o600)}) / "key"
+    agents = fs.base / "obsr-agent"
+    agents.mkdir()
+    os.chown(agents, NOBODY, NOBODY)
+    planted = agents / "output.txt"
+    os.symlink(secret, planted)
+    os.lchown(planted, NOBODY, NOBODY)
+    hop = agents / "hop"  # a link of the agent's to a directory, midway
+    os.symlink(secret.parent, hop)
+    os.lchown(hop, NOBODY, NOBODY)
+    own = fs.base / "obsr-root-link"
+    os.symlink(secret, own)
+    for path, name in ((planted, "output.txt"), (hop / "key", "hop")):
+        code, reply = fs.ctl(f"commit obsr r1 obs=@{path}")
+        assert code == errno.EACCES and f"'{name}', a symbolic link of uid {NOBODY}" in reply
+    assert "r1" not in os.listdir(fs.mnt / "snapshots")
+    assert fs.ctl(f"commit obsr r2 obs=@{own}")[0] == 0
+    assert (fs.mnt / "observations" / "r2").read_text() == "root's only"
+    fifo = agents / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: os.close(os.open(fifo, os.O_WRONLY)), daemon=True)
+    writer.start()
+    try:
+        code, reply = fs.ctl(f"commit obsr r3 obs=@{fifo}")
+        writer.join(0.5)
+        assert writer.is_alive(), "the daemon opened the FIFO"
+        assert code == errno.EINVAL and "not a regular file" in reply, reply
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer go
+        writer.join(5)
+    assert fs.ctl("discard obsr")[0] == 0
+
+
+@needs_fuse
 def test_anyone_may_query_and_only_admins_label_or_reset(fs):
     ctl = str(fs.mnt / "ctl")
     got = as_user([("ctl", ctl, "find --sort x"), ("ctl", ctl, "children"),
