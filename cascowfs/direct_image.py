@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import subprocess
 import threading
 import time
@@ -44,6 +45,27 @@ log = logging.getLogger("cascowfs.import")
 SETTLED_NS = 2_000_000_000
 # Local filesystems whose ctimes the kernel keeps at a fine granularity from its own clock.
 TRUSTED_FILESYSTEMS = frozenset({"ext4", "xfs", "btrfs", "tmpfs", "f2fs"})
+
+
+def only_root_moves(src: Path) -> bool:
+    """Whether nobody but root may rename or replace ``src`` or a directory on the way to it.
+
+    mkfs.erofs reads the source by its path, and the ctimes checked are the tree's own: a
+    user who may write a directory above the source could swap the source for a symbolic
+    link to a tree of root's while mkfs.erofs reads, and back, unseen, and the image would
+    show root's files where the scan read the user's. A directory on the way is safe if root
+    owns it and no one else may write it, or if it is sticky and root owns the next name."""
+    path = Path("/")
+    for name in src.parts[1:]:
+        st = os.lstat(path)
+        if st.st_uid != 0:
+            return False
+        if st.st_mode & 0o022 and not (
+            st.st_mode & stat.S_ISVTX and os.lstat(path / name).st_uid == 0
+        ):
+            return False
+        path = path / name
+    return True
 
 
 class DirectImage:
@@ -78,7 +100,7 @@ class DirectImage:
         holding = overlay.mount_holding(src)
         if st.st_ctime_ns >= cutoff_ns or holding is None:
             return None
-        if holding.fstype not in TRUSTED_FILESYSTEMS:
+        if holding.fstype not in TRUSTED_FILESYSTEMS or not only_root_moves(src):
             return None
         return cls(src, image, st.st_dev, cutoff_ns)
 

@@ -249,6 +249,30 @@ def test_who_gets_a_direct_image(tmp_path, settled, monkeypatch):
     assert plan(src, image, reader=None, image_mode=images.FILE_BACKED) is None
 
 
+def test_a_source_another_user_may_move_gets_a_mirror(tmp_path, settled):
+    """mkfs.erofs reads the source by path: a user who may rename a directory on the way could
+    swap the source for a link to root's files while it reads, and back, which no ctime of
+    the tree shows. Only a path no one but root may change gets a direct image."""
+    image = tmp_path / "image"
+    cases = {  # the directory above the source: (owner, mode), and the source's owner
+        "root's": ((0, 0o755), 0, True),
+        "group-writable": ((0, 0o775), 0, False),
+        "a user's": ((65534, 0o755), 0, False),
+        "sticky, root's source": ((0, 0o1777), 0, True),
+        "sticky, a user's source": ((0, 0o1777), 65534, False),
+    }
+    for case, ((owner, mode), src_owner, direct) in cases.items():
+        above = tmp_path / case
+        src = above / "src"
+        src.mkdir(parents=True)
+        os.chown(src, src_owner, src_owner)
+        os.chown(above, owner, owner)
+        os.chmod(above, mode)
+        planned = DirectImage.plan(src, image, reader=None, image_mode=images.FILE_BACKED)
+        assert (planned is not None) == direct, case
+        assert direct_image.only_root_moves(src) == direct, case
+
+
 CHILD = """
 import sys
 from cascowfs.state import StateManager
