@@ -30,6 +30,7 @@ import os
 
 from . import syscalls
 from .errors import BusyError
+from .pathquote import quote
 
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _RESOLVE_NO_SYMLINKS = 0x04
@@ -106,9 +107,7 @@ def _checked(fd: int, seen: os.stat_result, shown: bytes) -> int:
 
 def replaced(shown: bytes) -> BusyError:
     """The error of a walk that found something else at ``shown`` than it saw there."""
-    return BusyError(
-        f"{os.fsdecode(shown)}: replaced since the walk saw it; try again once it rests"
-    )
+    return BusyError(f"{quote(shown)}: replaced since the walk saw it; try again once it rests")
 
 
 def _openat2(top: int, rel: bytes) -> int:

@@ -5,6 +5,9 @@ like a shell script would (``Client``); verbs that act on a store at rest (``fsc
 ``import``/``gc``/``diff``) open it with the StateManager and refuse while a daemon holds it.
 Every verb takes ``--json``: its result as JSON (one object per line for lists) and an error as
 one JSON object on stderr; ``emit`` and ``report_error`` are the one place each is rendered.
+A message may name what an agent chose (a file name in a tree it writes, a mount point), so
+text on stderr and the log lines go through ``logs.one_line``: nothing in it reaches a
+terminal as a control (an escape sequence, a newline that would forge a line).
 The exit status tells the errno class of a failure apart (``EXIT_CODES``, documented in
 docs/interface.md, "Exit status").
 """
@@ -42,7 +45,7 @@ from .fuse.sysmount import (
     store_of_source,
     umount2,
 )
-from .logs import LOG_FORMATS
+from .logs import LOG_FORMATS, TextFormatter, one_line
 from .model import Change
 from .names import check_name, parse_labels
 from .overlay import all_mounts
@@ -111,7 +114,7 @@ def report_error(args: argparse.Namespace, code: int, message: str, what: str = 
         print(json.dumps({**record, "exit": status}), file=sys.stderr)
     else:
         prefix = f"{what}: " if what else ""
-        print(f"cascowfs {args.verb}: {prefix}{name}: {message}", file=sys.stderr)
+        print(one_line(f"cascowfs {args.verb}: {prefix}{name}: {message}"), file=sys.stderr)
     return status
 
 
@@ -221,7 +224,7 @@ def _unmount_branches(store: Path) -> None:
         detach_views(store)
         unmount_store_mounts(store)
         print(
-            f"cascowfs umount: {exc.message}; its branch mounts were detached without it",
+            one_line(f"cascowfs umount: {exc.message}; its branch mounts were detached without it"),
             file=sys.stderr,
         )
         return
@@ -406,7 +409,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         )
         return 0 if report.ok else EXIT_OTHER
     for problem in report.problems:
-        print(problem)
+        print(one_line(problem))
     if report.ok:
         waiting = (
             f" ({report.awaiting_collection} unreachable object(s) await the next collection)"
@@ -997,10 +1000,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({**record, "exit": EXIT_USAGE}), file=sys.stderr)
         else:
             exc.parser.print_usage(sys.stderr)
-            print(f"{exc.parser.prog}: error: {exc.message}", file=sys.stderr)
+            print(one_line(f"{exc.parser.prog}: error: {exc.message}"), file=sys.stderr)
         return EXIT_USAGE
     if args.verb != "mount":
-        logging.basicConfig(level=logging.WARNING, format="cascowfs: %(message)s")
+        shown = logging.StreamHandler()
+        shown.setFormatter(TextFormatter("cascowfs: %(message)s"))  # one line, no controls
+        logging.basicConfig(level=logging.WARNING, handlers=[shown])
     try:
         status = args.fn(args)
         if sys.stdout is not None:  # None: started with stdout closed

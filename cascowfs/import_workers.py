@@ -28,6 +28,7 @@ from .beneath import Identity, identity
 from .cas import Emit, Piece, PreparedContent, pack_unpacked
 from .codec import IMPORT_ZSTD_LEVEL
 from .errors import BusyError, FileTooLargeError
+from .pathquote import quote
 from .privacy import Caller, reading_as
 from .readahead import Readahead
 
@@ -86,7 +87,7 @@ def open_source(path: bytes) -> Opened:
         fd = fsmeta.open_file(path)
     except FileNotFoundError:
         raise BusyError(
-            f"{os.fsdecode(path)}: removed since the walk saw it; try again once it rests"
+            f"{quote(path)}: removed since the walk saw it; try again once it rests"
         ) from None
     try:
         return fd, fsmeta.read_xattrs(fd)
@@ -132,20 +133,18 @@ def read_content(
     try:
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):  # a FIFO, say, swapped in since the walk
-            raise BusyError(
-                f"{os.fsdecode(path)}: no longer a regular file; try again once it rests"
-            )
+            raise BusyError(f"{quote(path)}: no longer a regular file; try again once it rests")
         if walked is not None and identity(before) != walked:
             # Another file at the path since the walk saw it there (an ancestor swapped for a
             # symbolic link and back, a file deleted and its inode number taken again): its
             # bytes under the walk's mode and owner would give the caller a file of someone
             # else's, set-id root among them.
             raise BusyError(
-                f"{os.fsdecode(path)}: replaced since the walk saw it; try again once it rests"
+                f"{quote(path)}: replaced since the walk saw it; try again once it rests"
             )
         if before.st_size > MAX_FILE_BYTES:
             raise FileTooLargeError(
-                f"{os.fsdecode(path)}: {before.st_size} bytes, over the "
+                f"{quote(path)}: {before.st_size} bytes, over the "
                 f"{MAX_FILE_BYTES >> 40} TiB a snapshot's file may hold"
             )
         os.set_blocking(fd, True)  # opened without (fsmeta.open_file)
@@ -182,7 +181,7 @@ def _unchanged_since(fd: int, before: os.stat_result, path: bytes) -> None:
         before.st_mtime_ns,
         before.st_ctime_ns,
     ):
-        raise BusyError(f"{os.fsdecode(path)}: changed while it was read; try again once it rests")
+        raise BusyError(f"{quote(path)}: changed while it was read; try again once it rests")
 
 
 def _process_one(

@@ -92,10 +92,11 @@ def _shown(char: str) -> str:
 
 class TextFormatter(logging.Formatter):
     """The text format, one line a record (``one_line``) but for a traceback's, which follow
-    it indented; a warning or error inside an operation ends with its command."""
+    it indented; a warning or error inside an operation ends with its command. ``fmt``: the
+    daemon's ``TEXT_FORMAT``, or the CLI's ``cascowfs: %(message)s``."""
 
-    def __init__(self) -> None:
-        super().__init__(TEXT_FORMAT)
+    def __init__(self, fmt: str = TEXT_FORMAT) -> None:
+        super().__init__(fmt)
 
     def format(self, record: logging.LogRecord) -> str:
         record.message = one_line(record.getMessage())

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 from .episodes import OBS_KEY, FindQuery, parse_find
 from .errors import InvalidArgumentError
+from .logs import one_line
 from .names import (
     check_branch_name,
     check_label_changes,
@@ -262,7 +263,9 @@ def error_reply(code: int, message: str) -> bytes:
 
 
 def _one_line(text: str) -> bytes:
-    return text.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace")
+    """A reply as one line a terminal shows as text: a name a caller chose may hold a
+    newline or an escape sequence, escaped here (``logs.one_line``)."""
+    return one_line(text).encode("utf-8")
 
 
 def parse_reply(line: str) -> tuple[bool, int, str]:

@@ -4,18 +4,21 @@ per errno class, the table in docs/interface.md) + errno name."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from cascowfs import cli
 from cascowfs.cli import exit_status
-from conftest import mounts_below
+from cascowfs.pathquote import quote
+from conftest import mounts_below, needs_overlay
 from fusehelpers import CLI, PYTHON, REPO, Cascow, cascow_base, mounted, needs_fuse, run_cli
 
 VERBS = ["init", "mount", "umount", "branch", "commit", "discard", "prune", "rebase", "ls", "log",
@@ -357,3 +360,116 @@ def test_an_interrupt_says_that_a_sent_command_may_complete(monkeypatch, capsys)
     assert cli.main(["gc", "/nonexistent"]) == 130
     assert "cascowfs gc: interrupted; a command a daemon had received completes" in \
         capsys.readouterr().err
+
+
+# -- names an agent chose, on root's terminal -------------------------------------------------
+# ESC ] (a window title), BEL, ESC [ 2J (clear the screen), CSI as one byte that is not
+# UTF-8, a newline (a forged line), U+2028 and U+0085 (lines to str.splitlines), U+202E
+# (right-to-left override) and DEL: none may reach a terminal as it is.
+HOSTILE = (b"x\x1b]0;PWNED\x07\x1b[2J\x9b31m\ncascowfs import: ok: imported cleanly"
+           + "\u2028\u0085\u202e".encode() + b"FAKE\x7f")
+
+
+def _raw_cli(*args: str) -> subprocess.CompletedProcess:
+    """``cascowfs ARGS`` with stdout and stderr as the bytes a terminal would get."""
+    return subprocess.run([*CLI, *args], capture_output=True, timeout=120, cwd=REPO)
+
+
+def _shown_safely(out: bytes) -> str:
+    """``out`` as text, asserted to be whole lines of printable characters (no C0 or C1
+    control, no DEL, no line or paragraph separator, no format character)."""
+    text = out.decode("utf-8")  # strict: a byte that is not UTF-8 would be refused
+    assert text.endswith("\n"), text
+    lines = text[:-1].split("\n")
+    assert all(line.isprintable() for line in lines), text
+    return text
+
+
+@contextlib.contextmanager
+def _tmpfs(where: Path) -> Iterator[Path]:
+    """A tmpfs at ``where`` (it takes a sparse file larger than ext4's largest)."""
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _too_large_source(src: Path) -> bytes:
+    """A file named ``HOSTILE`` in ``src`` over the size a snapshot's file may hold (a
+    sparse one): importing it is refused with a message that names it."""
+    from cascowfs.import_workers import MAX_FILE_BYTES
+
+    os.mkdir(os.path.join(os.fsencode(src), b"d"))
+    path = os.path.join(os.fsencode(src), b"d", HOSTILE)
+    with open(path, "wb") as f:
+        f.truncate(MAX_FILE_BYTES + 1)
+    return b"d/" + HOSTILE
+
+
+@needs_overlay
+def test_an_offline_import_error_shows_a_hostile_name_escaped():
+    with cascow_base() as base, _tmpfs(base / "src") as src:
+        run_cli("init", str(base / "store"))
+        name = _too_large_source(src)
+        proc = _raw_cli("import", str(base / "store"), str(src), "s")
+        assert proc.returncode == cli.EXIT_OTHER and proc.stdout == b"", proc
+        err = _shown_safely(proc.stderr)
+        assert err.count("\n") == 1 and err.startswith("cascowfs import: "), err
+        assert quote(os.path.join(os.fsencode(src), name)) in err, err
+
+
+@needs_fuse
+def test_an_error_through_ctl_shows_a_hostile_name_escaped():
+    with mounted() as fs, _tmpfs(fs.base / "src") as src:
+        name = _too_large_source(src)
+        proc = _raw_cli("import", str(fs.mnt), str(src), "s")
+        assert proc.returncode == cli.EXIT_OTHER and proc.stdout == b"", proc
+        err = _shown_safely(proc.stderr)
+        assert err.count("\n") == 1 and err.startswith("cascowfs import: "), err
+        assert quote(os.path.join(os.fsencode(src), name)) in err, err
+
+
+@needs_fuse
+def test_a_file_an_agent_changes_during_a_commit_is_named_escaped():
+    """The reviewer's case: an agent appends to a file with a hostile name while root
+    commits its branch; the commit fails (EBUSY) naming the file, escaped."""
+    with mounted() as fs:
+        tree = Path(run_cli("branch", str(fs.mnt), "agent").stdout.strip())
+        target = os.path.join(os.fsencode(tree), HOSTILE)
+        with open(target, "wb") as f:
+            f.write(os.urandom(1 << 20) * 8)
+        writer = subprocess.Popen([PYTHON, "-c", (
+            "import os, sys\nfd = os.open(sys.argv[1].encode('latin-1'), os.O_WRONLY | "
+            "os.O_APPEND)\nwhile True:\n    os.write(fd, b'x' * 4096)\n"),
+            target.decode("latin-1")])
+        try:
+            for _ in range(50):
+                proc = _raw_cli("commit", str(fs.mnt), "agent")
+                if proc.returncode != 0:
+                    break
+            else:
+                pytest.fail("50 commits raced no append")
+        finally:
+            writer.kill()
+            writer.wait()
+        assert proc.returncode == cli.EXIT_BUSY, proc
+        err = _shown_safely(proc.stderr)
+        assert err.count("\n") == 1 and err.startswith("cascowfs commit: EBUSY: "), err
+        assert quote(HOSTILE).strip('"') + '": changed while it was read' in err, err
+
+
+def test_a_warning_the_cli_logs_shows_a_hostile_name_escaped():
+    """The CLI's log lines (``cascowfs: message``) are escaped as its errors are."""
+    script = ("import logging, sys\nfrom cascowfs import cli\n"
+              "def warns(args):\n"
+              "    logging.getLogger('cascowfs.x').warning('left %s', sys.argv[1])\n"
+              "    return 0\n"
+              "cli.cmd_gc = warns\nsys.exit(cli.main(['gc', '/nonexistent']))\n")
+    proc = subprocess.run([PYTHON, "-c", script, os.fsdecode(HOSTILE)], capture_output=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc
+    err = _shown_safely(proc.stderr)
+    assert err.count("\n") == 1 and err.startswith("cascowfs: left x\\x1b]0;PWNED\\x07"), err
+    assert "\\x9b31m\\ncascowfs import: ok" in err, err

@@ -9,6 +9,7 @@ from hypothesis import given, strategies as st
 
 from cascowfs import wire
 from cascowfs.errors import InvalidArgumentError
+from cascowfs.logs import one_line
 
 from conftest import hypothesis_settings
 
@@ -46,8 +47,8 @@ def test_an_ok_reply_reads_back_as_success_with_its_result_on_one_line(result):
     line = wire.ok_reply(result)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     ok, code, text = wire.parse_reply(line.decode())
-    assert ok and code == 0
-    assert text == result.replace("\r", " ").replace("\n", " ").rstrip()
+    assert ok and code == 0 and text.isprintable()
+    assert text == one_line(f"ok {result}".rstrip())[3:]
 
 
 @hypothesis_settings(100)
@@ -60,3 +61,12 @@ def test_an_error_reply_reads_back_as_its_errno(code, message):
 
 def test_a_line_that_is_no_reply_reads_as_an_io_error():
     assert wire.parse_reply("surprise\n") == (False, errno.EIO, "unexpected reply 'surprise'")
+
+
+def test_an_error_reply_shows_a_hostile_name_escaped_on_one_printable_line():
+    """A message naming a file an agent chose: the reply reaches root's terminal (the CLI
+    prints it) with no control in it, the name still there in its escaped form."""
+    name = "x\x1b]0;PWNED\x07\x1b[2J\x9b31m\nFAKE\u2028\u0085\u202e\x7f\udc9b"
+    line = wire.error_reply(errno.EBUSY, f"{name}: changed while it was read").decode("utf-8")
+    assert line.endswith("\n") and line[:-1].isprintable(), line
+    assert "x\\x1b]0;PWNED\\x07\\x1b[2J\\x9b31m\\nFAKE\\u2028\\x85\\u202e\\x7f\\x9b" in line
