@@ -276,7 +276,7 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 _MAX_LINKS = 40
 
 
-def resolve_trusting(path: str | bytes, trusted: int | None) -> int:
+def resolve_trusting(path: str | bytes | os.PathLike[str], trusted: int | None) -> int:
     """An ``O_PATH`` descriptor of what ``path`` names, resolved a name at a time; with
     ``trusted`` set, a symbolic link on the way is followed only if root or uid ``trusted``
     owns it, and any other is EACCES naming it.

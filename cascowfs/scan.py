@@ -291,6 +291,7 @@ def scan_directory(
     reader: Caller | None = None,
     unfit_for_image: list[str] | None = None,
     seen: Callable[[bytes, os.stat_result], None] | None = None,
+    resolved: beneath.Identity | None = None,
 ) -> DirNode:
     """Read a plain directory tree into a DirNode (and into ``mirror_to``, a layer, if given).
 
@@ -302,6 +303,9 @@ def scan_directory(
     ``unfit_for_image`` gets why the mirror may not become an EROFS image, entry by entry
     (``images.why_not_an_entry``), so that no second walk of the mirror has to find out.
     ``seen`` is told every entry's path and ``lstat`` as the walk meets it, the root's first.
+    ``resolved``: the ``identity`` of the directory ``src`` named when it was resolved; if a
+    directory on the way has been swapped since (for a symbolic link to another tree), the
+    walk's top is another directory, and that is BusyError.
     """
     progress = progress or Progress()
     links = HardLinks()
@@ -310,6 +314,8 @@ def scan_directory(
         st = os.lstat(root_path)
     if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(20, "not a directory", str(src))
+    if resolved is not None and beneath.identity(st) != resolved:
+        raise beneath.replaced(root_path)
     seen = seen or (lambda path, st: None)
     seen(root_path, st)
     mirror_root = os.fsencode(mirror_to) if mirror_to is not None else None

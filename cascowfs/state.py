@@ -62,6 +62,7 @@ from .errors import (
     disk_errors,
     from_os_error,
 )
+from .beneath import Identity, identity
 from .extents import read_pieces
 from .fuse.sysmount import FUSE_TYPE, store_of_source
 from .gate import NamedLocks, OpGate
@@ -650,7 +651,9 @@ class StateManager:
         """Import a plain directory as a new snapshot (its own full layer), reading it with
         ``reader``'s credentials if given (``privacy.reading_as``)."""
         labels = check_labels(labels)
-        src = resolve_import_source(Path(src), self.store)
+        # root reads anything: its path follows only root's links (``resolve_trusting``)
+        trusting = 0 if reader is None or reader.uid == 0 else None
+        src, resolved = resolve_import_source(Path(src), self.store, trusting)
         with self._ops.running():
             id = self._claim_id(id)
             layer = secrets.token_hex(5)
@@ -670,7 +673,7 @@ class StateManager:
                         # once the scan is done (direct_image.py)
                         with direct.building() if direct else nullcontext():
                             node = self._scan_import(
-                                src, sink, Progress(bar), reader, unfit, direct, staged
+                                src, resolved, sink, Progress(bar), reader, unfit, direct, staged
                             )
                             with (
                                 nullcontext()
@@ -701,6 +704,7 @@ class StateManager:
     @staticmethod
     def _scan_import(
         src: Path,
+        resolved: Identity,
         sink: ObjectSink,
         progress: Progress,
         reader: privacy.Caller | None,
@@ -708,8 +712,9 @@ class StateManager:
         direct: DirectImage | None,
         staged: Path,
     ) -> DirNode:
-        """An import's scan of ``src``: mirrored into ``staged`` unless ``direct`` writes the
-        image from the source itself; EACCES names what ``reader`` may not read."""
+        """An import's scan of ``src`` (the directory of identity ``resolved``): mirrored into
+        ``staged`` unless ``direct`` writes the image from the source itself; EACCES names
+        what ``reader`` may not read."""
         try:
             return scan_directory(
                 src,
@@ -719,6 +724,7 @@ class StateManager:
                 reader=reader,
                 unfit_for_image=unfit,
                 seen=direct.observe if direct else None,
+                resolved=resolved,
             )
         except PermissionError as exc:
             if reader is None or exc.filename is None:
@@ -1743,25 +1749,35 @@ def _take_store_lock(fd: int) -> str | None:
         time.sleep(0.02)
 
 
-def resolve_import_source(src: Path, store: Path) -> Path:
-    """The directory an import of ``src`` reads: ``src`` with its symlinks resolved. ENOENT if
-    it is missing, ENOTDIR if it is not a directory (a file, FIFO, device or socket), EINVAL if
-    it lies inside ``store`` or inside a mount serving it, or holds either: such an import
-    would read the staging directory it writes, or ask its own daemon for every file. A
-    branch's tree is the exception: it is a mount of its own, showing what the branch holds
-    and no store file."""
+def resolve_import_source(
+    src: Path, store: Path, trusting: int | None = None
+) -> tuple[Path, Identity]:
+    """The directory an import of ``src`` reads: ``src`` with its symlinks resolved (with
+    ``trusting``, only root's and that uid's: ``privacy.resolve_trusting``), and its
+    ``identity``. ENOENT if it is missing, ENOTDIR if it is not a directory (a file, FIFO,
+    device or socket), EACCES through a link not trusted, EINVAL if it lies inside ``store``
+    or inside a mount serving it, or holds either: such an import would read the staging
+    directory it writes, or ask its own daemon for every file. A branch's tree is the
+    exception: it is a mount of its own, showing what the branch holds and no store file."""
+    what = f"import source {src}"
     try:
-        st = os.stat(src)
+        named = privacy.resolve_trusting(src, trusting)
     except OSError as exc:
-        raise from_os_error(exc, f"import source {src}") from None
+        raise from_os_error(exc, what) from None
+    except CascowfsError as exc:
+        raise type(exc)(f"import source {exc.message}", errno=exc.errno) from None
+    try:
+        st = os.fstat(named)
+        real = Path(os.readlink(f"/proc/self/fd/{named}"))  # the path it was found at
+    finally:
+        os.close(named)
     if not stat.S_ISDIR(st.st_mode):
-        raise CascowfsError(f"import source {src} is not a directory", errno=errno.ENOTDIR)
-    real = Path(os.path.realpath(src))
+        raise CascowfsError(f"{what} is not a directory", errno=errno.ENOTDIR)
     store_real = Path(os.path.realpath(store))
     if _within(real, store_real):
         parts = real.relative_to(store_real).parts
         if parts[:1] == ("branches",) and parts[2:3] == ("tree",):
-            return real
+            return real, identity(st)
         raise InvalidArgumentError(
             f"import source {src} lies inside the store it would be imported into ({store})"
         )
@@ -1782,7 +1798,7 @@ def resolve_import_source(src: Path, store: Path) -> Path:
                 f"import source {src} holds {m.target}, a mount "
                 f"of the store it would be imported into"
             )
-    return real
+    return real, identity(st)
 
 
 def _within(path: Path, top: Path) -> bool:

@@ -554,6 +554,43 @@ def test_root_follows_no_other_users_link_to_an_observation(fs):
     assert fs.ctl("discard obsr")[0] == 0
 
 
+def test_a_root_import_follows_no_other_users_link(tmp_path, monkeypatch):
+    """Root imports what a path names; through a symbolic link an agent planted on it (in a
+    directory the agent may write) it would import root's files as the agent's snapshot.
+    Such a link is EACCES naming it, root's own are followed; and a directory on the way
+    swapped for a link after the path was resolved is EBUSY, nothing imported."""
+    from cascowfs import state
+    from cascowfs.errors import BusyError
+
+    secret = make_tree(tmp_path / "secret", {"src/key": ("root's only", 0o600)})
+    os.chmod(secret, 0o700)
+    agents = tmp_path / "agent"
+    (agents / "run" / "src").mkdir(parents=True)
+    (agents / "run" / "src" / "out").write_text("the agent's")
+    os.chown(agents, NOBODY, NOBODY)
+    planted = agents / "run2"
+    os.symlink(secret, planted)
+    os.lchown(planted, NOBODY, NOBODY)
+    own = tmp_path / "root-link"
+    os.symlink(agents / "run", own)
+    with open_store(tmp_path / "store") as sm:
+        with pytest.raises(PermissionDeniedError, match=r"'run2', a symbolic link of uid 65534"):
+            sm.import_tree(planted, "stolen")
+        assert sm.import_tree(own, "mine") == "mine"
+        resolve = state.resolve_import_source
+
+        def swapped_after(src, store, trusting=None):
+            got = resolve(src, store, trusting)
+            os.rename(agents / "run", agents / "was-run")  # as the agent may, in its directory
+            os.symlink(secret, agents / "run")
+            return got
+
+        monkeypatch.setattr(state, "resolve_import_source", swapped_after)
+        with pytest.raises(BusyError, match="replaced since the walk saw it"):
+            sm.import_tree(agents / "run" / "src", "swapped")
+        assert {s.id for s in sm.snapshots()} == {"mine"}
+
+
 @needs_fuse
 def test_anyone_may_query_and_only_admins_label_or_reset(fs):
     ctl = str(fs.mnt / "ctl")
