@@ -12,7 +12,8 @@
    tree; a snapshot's observation is a root too), unless a collection is pending: then
    unreachable objects are garbage not yet collected, and only counted
    (``awaiting_collection``);
-4. no mount of ours is left that the state does not name, and every live branch is mounted;
+4. no mount of ours is left that the state does not name, and every live branch is mounted
+   (a mount inside a branch's tree is the branch's own business: its code may mount there);
 5. no operation is left half-done: the WAL has nothing pending, no staging directory remains,
    and (``deep``) every snapshot's layer chain shows exactly the snapshot's tree (a chain that
    holds a commit's delta layer not written yet, which has no directory to show, is skipped).
@@ -33,6 +34,7 @@ from .episodes import parent_loops
 from .errors import StoreIOError
 from .layer_refs import recount
 from .model import Entry
+from .pathquote import quote
 from .progress import progress_bar
 from .scan import ObjectSink, finalize, link_group_problem, listings_into, scan_directory
 from .state import StateManager
@@ -169,16 +171,22 @@ def check(sm: StateManager, *, progress: bool = False, deep: bool = False) -> Fs
 
     # 4: mounts
     expected = {str(sm.tree_path(name)): (name, rec) for name, rec in branches.items()}
+    # Below a live branch's tree, a mount is one its code made (a tmpfs, a bind mount): not
+    # the store's, and an agent must not be able to make fsck fail at will. Detaching the
+    # branch's tree (discard, umount --branches) detaches it along.
+    inside_trees = tuple(f"{tree}/" for tree in expected)
     seen: Counter = Counter()
     for m in overlay.mounts_under(sm.mounts_dir):
         lid = Path(m.target).name
         if m.fstype != "erofs" or lid not in layers or not sm.layers.is_image(lid):
-            report.add(4, f"mount at {m.target} is not an image layer's")
+            report.add(4, f"mount at {quote(m.target)} is not an image layer's")
     for m in sm.branch_side_mounts():
         if m.source == overlay.PLACEHOLDER_SOURCE and m.target in expected:
             continue  # stands in for an overlay that could not be mounted: reported below
+        if m.target.startswith(inside_trees):
+            continue
         if m.target not in expected:
-            report.add(4, f"mount at {m.target} is not named by any branch")
+            report.add(4, f"mount at {quote(m.target)} is not named by any branch")
             continue
         seen[m.target] += 1
         if not sm.mount_matches(m, *expected[m.target]):

@@ -7,7 +7,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -17,9 +19,12 @@ from cascowfs import images, overlay
 from cascowfs.fsck import fsck_store
 from cascowfs.layers import remove_within_filesystem
 from cascowfs.metadb import MetaDB
+from cascowfs.pathquote import quote
 from cascowfs.state import StateManager
 from conftest import needs_overlay
-from support.fuse import run_cli
+from support.fuse import CLI, cascow_base, mounted, run_cli
+from support.processes import REPO
+from support.skips import needs_fuse
 
 
 @pytest.fixture
@@ -219,3 +224,62 @@ def test_hard_link_groups_keyed_otherwise_than_by_their_paths_are_found(
     monkeypatch.undo()
     problems = fsck_store(store).problems
     assert any(re.search(f"invariant 1: snapshot base: {want}", p) for p in problems), problems
+
+
+# -- mounts an agent makes --------------------------------------------------------------------
+@contextmanager
+def _mounts(*points: tuple[list[str], Path]) -> Iterator[None]:
+    """``mount ARGS POINT`` for each, each point made first; all lazily detached at the end
+    (one a discard or an unmount took along is gone already)."""
+    made: list[Path] = []
+    try:
+        for args, point in points:
+            point.mkdir(exist_ok=True)
+            subprocess.run(["mount", *args, str(point)], check=True)
+            made.append(point)
+        yield
+    finally:
+        for point in reversed(made):
+            subprocess.run(["umount", "-l", str(point)], check=False, capture_output=True)
+
+
+def _below(path: Path) -> list[str]:
+    return [m.target for m in overlay.mounts_under(path)]
+
+
+@needs_fuse
+def test_a_mount_an_agent_makes_in_its_branch_tree_is_its_own_and_goes_with_the_branch():
+    """A tmpfs and a bind mount inside a live branch's tree are the agent's business: fsck
+    names no problem for them (an agent could otherwise fail fsck at will), a discard of the
+    branch takes them along, and so does `umount --branches`. A stray mount whose name holds
+    an escape sequence and a newline is a problem, printed escaped on one line."""
+    hostile = "ghost\x1b[2J\ninvariant 0: all clear; store verified\x9b"
+    with mounted() as fs, cascow_base() as elsewhere:
+        mnt, store = str(fs.mnt), fs.store
+        (elsewhere / "shared").mkdir()
+        trees = {name: Path(run_cli("branch", mnt, name).stdout.strip()) for name in "ab"}
+        agents = [m for tree in trees.values() for m in (
+            (["-t", "tmpfs", "-o", "size=1m", "tmpfs"], tree / "scratch"),
+            (["--bind", str(elsewhere / "shared")], tree / "scratch" / "bound"))]
+        with _mounts(*agents):
+            run_cli("discard", mnt, "a")
+            assert not [t for t in _below(fs.base) if "/scratch" in t and "/a/" in t]
+            fs.stop()  # the branches stay mounted, b's tree with the agent's mounts in it
+            assert str(trees["b"] / "scratch" / "bound") in _below(store)
+            proc = run_cli("fsck", str(store))
+            assert proc.stdout == "" and proc.stderr.startswith("clean"), proc
+            with _mounts((["-t", "tmpfs", "-o", "size=1m", "tmpfs"],
+                          store / "branches" / hostile)):
+                proc = _raw_cli("fsck", str(store))
+                assert proc.returncode == 1, proc
+                out = proc.stdout.decode("utf-8")
+                assert out.endswith("\n") and out[:-1].isprintable(), out
+                stray = quote(str(store / "branches" / hostile))
+                assert out == f"invariant 4: mount at {stray} is not named by any branch\n"
+            run_cli("umount", "--branches", str(store))
+            assert _below(store) == []
+        fs.start()
+
+
+def _raw_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, timeout=120, cwd=REPO)
