@@ -151,7 +151,8 @@ def cmd_episodes(args: argparse.Namespace) -> int:
                 # a pruned parent's tree is gone: no change list can be made against it
                 changes = client.diff(parent, ep["id"]) if parent in present or not parent else None
                 ep["changes"] = None if changes is None else [_change_dict(c) for c in changes]
-            out.write(json.dumps(ep, ensure_ascii=False) + "\n")
+            # ASCII: a name or label may hold C1 controls, U+2028, U+202E (escaped by JSON)
+            out.write(json.dumps(ep) + "\n")
     return 0
 
 

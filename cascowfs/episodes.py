@@ -476,6 +476,7 @@ def episode_of(id: str, rec: SnapshotRecord) -> Episode:
 
 
 def episode_lines(episodes: Iterable[Episode], iso_time: Callable[[int], str]) -> Iterator[bytes]:
-    """JSON Lines, oldest first (ties by id), as ``MNT/episodes`` serves them."""
+    """JSON Lines, oldest first (ties by id), as ``MNT/episodes`` serves them: ASCII, so a
+    label's C1 controls, U+2028 or U+202E reach no reader raw (JSON escapes them)."""
     for ep in sorted(episodes, key=lambda e: (e.created_ns, e.id)):
-        yield json.dumps(ep.record(iso_time(ep.created_ns)), ensure_ascii=False).encode() + b"\n"
+        yield json.dumps(ep.record(iso_time(ep.created_ns))).encode("ascii") + b"\n"

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import stat
+import subprocess
 import threading
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from cascowfs import Client
 from cascowfs.cli import exit_status
 from cascowfs.errors import BusyError, InvalidArgumentError, NotFoundError
-from fusehelpers import mounted, needs_fuse, run_cli
+from fusehelpers import CLI, mounted, needs_fuse, run_cli
 
 pytestmark = needs_fuse
 
@@ -239,8 +240,8 @@ def test_agents_labelling_one_node_read_their_own_labels_back_at_once(fs):
 
 
 def test_line_separators_in_labels_and_names_keep_one_record_a_line(fs, tmp_path):
-    """JSON leaves U+2028, U+2029 and U+0085 unescaped, and a label value or a file name may
-    hold them: the records are split at newlines only, by the client and the CLI."""
+    """A label value or a file name may hold U+2028, U+2029 and U+0085: the records keep one
+    a line, whether a reader splits at newlines only or as str.splitlines() does."""
     odd = "a\u2028b\u2029c\u0085d"
     with Client(fs.mnt) as c:
         tree = c.branch("seps", "s2")
@@ -282,3 +283,31 @@ def test_episodes_with_diff_of_a_snapshot_whose_parent_was_pruned(fs, tmp_path):
         below = run_cli("tree", str(fs.mnt), "gone-parent", "--labels", "none").stdout
         assert below.splitlines() == ["orphan"]  # the pruned one's subtree: its children
         c.prune("orphan")
+
+
+def test_episodes_are_ascii_whatever_names_and_labels_hold(fs, tmp_path):
+    """A file name an agent chose and a label value may hold C1 controls, U+2028, U+0085 and
+    U+202E: `MNT/episodes` and `cascowfs episodes --with-diff` (stdout and -o) escape them
+    as JSON does, so a reader splitting with str.splitlines() sees one record a line and a
+    terminal gets no control."""
+    name = "x\x1b]0;PWNED\x07\x9b31m\nFAKE\u2028\u0085\u202e\u009b"
+    note = "n\u2028\u2029\u0085\u202e\u009b"
+    with Client(fs.mnt) as c:
+        tree = c.branch("hostile", "s2")
+        (tree / name).write_text("x")
+        c.commit("hostile", "hostile-step", {"note": note})
+        c.discard("hostile")
+    out = tmp_path / "eps.jsonl"
+    run_cli("episodes", str(fs.mnt), "-o", str(out), "--with-diff")
+    printed = subprocess.run([*CLI, "episodes", str(fs.mnt), "--with-diff"],
+                             capture_output=True, check=True, timeout=120).stdout
+    for data in (out.read_bytes(), printed, (fs.mnt / "episodes").read_bytes()):
+        assert data.isascii() and data.endswith(b"\n"), data
+        text = data.decode("ascii")
+        assert all(line.isprintable() for line in text[:-1].split("\n")), text
+        records = [json.loads(line) for line in text.splitlines()]
+        assert len(records) == text.count("\n")
+        made = next(r for r in records if r["id"] == "hostile-step")
+        assert made["labels"]["note"] == note
+        if "changes" in made:
+            assert made["changes"] == [{"change": "A", "path": name}]
