@@ -6,6 +6,14 @@ caller named. So every operation becomes one encoded line at once, with a sequen
 in a ring of the last ``EVENTS_KEPT``; an open file remembers the sequence number it has read
 up to and, reading again at its end, gets the lines appended since (what ``tail -f`` does).
 
+Any user may write to ``ctl`` and ``mkdir`` in ``branches/``, and a caller outside root and
+the admin group gets EPERM for every change (or runs a query): thousands a second, which
+would push every real operation out of the ring. So an outsider's event names its ``uid``
+and is kept in a ring of its own, of the last ``OUTSIDER_EVENTS_KEPT``: past it, the oldest
+outsider's event goes, and each outsider's line says in ``dropped`` how many went so far;
+the operations of root and the admin group keep their ``EVENTS_KEPT``. A reader gets both
+in the order they happened.
+
 Names come from callers (``mkdir MNT/branches/<anything>`` arrives as raw bytes, decoded with
 ``surrogateescape``), so they may hold newlines, quotes or bytes that are not UTF-8. Every line
 is pure ASCII JSON on one line: ``json.dumps`` escapes quotes and controls, and a byte that is
@@ -15,14 +23,16 @@ not UTF-8 is shown as the text ``\\xNN`` (``printable``), since a lone surrogate
 
 from __future__ import annotations
 
+import heapq
 import json
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 EVENTS_KEPT = 1000
+OUTSIDER_EVENTS_KEPT = 100  # of callers outside root and the admin group
 
 
 def printable(text: str) -> str:
@@ -62,9 +72,11 @@ class OperationEvent:
     result: str  # "ok" or the errno's name
     latency_ms: float
     id: str | None  # the snapshot it made or acted on
+    uid: int | None = None  # the caller's, if outside root and the admin group
+    dropped: int = 0  # an outsider's: outsiders' events the ring had dropped when it came
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "time": rfc3339(self.time_ns),
             "time_ns": self.time_ns,
             "op": printable(self.op),
@@ -73,45 +85,71 @@ class OperationEvent:
             "latency_ms": round(self.latency_ms, 3),
             "id": printable(self.id) if self.id is not None else None,
         }
+        if self.uid is not None:
+            out.update(uid=self.uid, dropped=self.dropped)
+        return out
 
     def json_line(self) -> bytes:
         return json.dumps(self.as_dict(), separators=(",", ":")).encode("ascii") + b"\n"
 
 
 class EventRing:
-    """The last ``EVENTS_KEPT`` events, encoded, numbered from 0 in the order appended.
+    """The last ``kept`` events of root and the admin group and the last ``outsiders_kept``
+    of other callers (those with a ``uid``), encoded, numbered from 0 in the order appended.
 
     Appended to by the FUSE thread and read from it; the lock keeps ``lines_since`` exact if a
     worker thread ever appends."""
 
-    def __init__(self, kept: int = EVENTS_KEPT) -> None:
-        self._lines: deque[bytes] = deque(maxlen=kept)
+    def __init__(self, kept: int = EVENTS_KEPT, outsiders_kept: int = OUTSIDER_EVENTS_KEPT):
+        # (sequence number, line), oldest first
+        self._lines: deque[tuple[int, bytes]] = deque(maxlen=kept)
+        self._outsiders: deque[tuple[int, bytes]] = deque(maxlen=outsiders_kept)
+        self.outsiders_dropped = 0
         self._next = 0  # sequence number of the next event
         self._lock = threading.Lock()
         self.bytes_appended = 0  # bytes of every line ever appended: grows like a log file
         self.changed_ns = time.time_ns()
 
-    def append(self, event: OperationEvent) -> None:
-        line = event.json_line()
+    def append(self, event: OperationEvent) -> OperationEvent:
+        """Keep ``event``; returns it as kept (an outsider's with its ``dropped``)."""
         with self._lock:
-            self._lines.append(line)
+            ring = self._lines
+            if event.uid is not None:
+                ring = self._outsiders
+                if len(ring) == ring.maxlen:
+                    self.outsiders_dropped += 1
+                event = replace(event, dropped=self.outsiders_dropped)
+            line = event.json_line()
+            ring.append((self._next, line))
             self._next += 1
             self.bytes_appended += len(line)
             self.changed_ns = time.time_ns()
+            return event
 
     def oldest(self) -> int:
         """The sequence number of the oldest event kept."""
         with self._lock:
-            return self._next - len(self._lines)
+            return min((ring[0][0] for ring in (self._lines, self._outsiders) if ring),
+                       default=self._next)  # fmt: skip
 
     def lines_since(self, seq: int) -> tuple[bytes, int]:
-        """The lines from sequence number ``seq`` on (those still kept), and the number to
-        ask from next time."""
+        """The lines from sequence number ``seq`` on (those still kept), in order, and the
+        number to ask from next time."""
         with self._lock:
-            first = self._next - len(self._lines)
-            skip = max(seq - first, 0)
-            lines = [self._lines[i] for i in range(skip, len(self._lines))]
-            return b"".join(lines), self._next
+            new = heapq.merge(_since(self._lines, seq), _since(self._outsiders, seq))
+            return b"".join(line for _, line in new), self._next
+
+
+def _since(ring: deque[tuple[int, bytes]], seq: int) -> list[tuple[int, bytes]]:
+    """The entries of ``ring`` from sequence number ``seq`` on, walked from the newest: a
+    reader keeping up asks for a few, not for the whole ring."""
+    out = []
+    for entry in reversed(ring):
+        if entry[0] < seq:
+            break
+        out.append(entry)
+    out.reverse()
+    return out
 
 
 @dataclass(eq=False)

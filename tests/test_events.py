@@ -99,6 +99,47 @@ def test_reader_left_behind_resumes_at_the_oldest_kept():
     assert [json.loads(x)["id"] for x in reader.read(1 << 20).splitlines()] == ["s3", "s4"]
 
 
+def refused(uid: int = 65534, id: str = "x") -> OperationEvent:
+    return OperationEvent(1_700_000_000_123_456_789, "branch", ("x",), "EPERM", 0.1, id, uid)
+
+
+def test_a_flood_of_outsiders_events_pushes_no_real_one_out():
+    """Callers outside root and the admin group (events with a uid) are kept under a cap of
+    their own, the oldest dropped first and counted; the others keep the whole ring."""
+    ring = EventRing(kept=5, outsiders_kept=3)
+    ring.append(event(id="real0"))
+    for i in range(1000):
+        ring.append(refused(id=f"r{i}"))
+    ring.append(event(id="real1"))
+    ring.append(refused(id="r1000"))
+    lines = [json.loads(line) for line in ring.lines_since(ring.oldest())[0].splitlines()]
+    assert [e["id"] for e in lines] == ["real0", "r998", "r999", "real1", "r1000"]
+    assert "uid" not in lines[0] and "dropped" not in lines[0]
+    assert (lines[-1]["uid"], lines[-1]["dropped"]) == (65534, 998)
+    assert ring.outsiders_dropped == 998 and ring.oldest() == 0
+    for i in range(5):
+        ring.append(event(id=f"later{i}"))
+    assert ring.oldest() == 999  # real0 went: the oldest kept is r998, event 999
+
+
+def test_a_reader_gets_both_kinds_of_event_once_in_order():
+    ring = EventRing(kept=3, outsiders_kept=2)
+    reader = EventsReader.opened(ring)
+    seen = []
+    for i in range(12):
+        ring.append(refused(id=f"e{i}") if i % 3 else event(id=f"e{i}"))
+        seen += [json.loads(x)["id"] for x in reader.read(1 << 20).splitlines()]
+    assert seen == [f"e{i}" for i in range(12)]
+    assert reader.read(1 << 20) == b""
+
+
+def test_an_outsiders_event_shows_its_uid_and_the_drops_before_it():
+    shown = refused().as_dict()
+    assert (shown["uid"], shown["dropped"]) == (65534, 0)
+    assert set(event().as_dict()) == {"time", "time_ns", "op", "names", "result",
+                                      "latency_ms", "id"}
+
+
 def record(level: int, message: str, *args, **extra) -> logging.LogRecord:
     rec = logging.LogRecord("cascowfs.test", level, __file__, 1, message, args, None)
     rec.__dict__.update(extra)

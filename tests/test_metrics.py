@@ -10,6 +10,7 @@ import os
 import re
 import select
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -381,3 +382,55 @@ def err_of(fn, *args) -> int:
     except OSError as exc:
         return exc.errno or 0
     return 0
+
+
+# -- a flood of refusals -----------------------------------------------------------------------
+NOBODY = 65534
+FLOOD_SCRIPT = r"""
+import errno, json, os, sys
+mnt, count = sys.argv[1], int(sys.argv[2])
+results = {}
+def tally(fn, *args):
+    try:
+        fn(*args)
+        results["ok"] = results.get("ok", 0) + 1
+    except OSError as exc:
+        name = errno.errorcode[exc.errno]
+        results[name] = results.get(name, 0) + 1
+fd = os.open(f"{mnt}/ctl", os.O_WRONLY)
+for i in range(count):
+    tally(os.write, fd, b"branch flood%d base\n" % i)
+os.close(fd)
+for i in range(20):
+    tally(os.mkdir, f"{mnt}/branches/flood-dir{i}")
+print(json.dumps(results))
+"""
+
+
+def test_a_flood_of_refused_changes_pushes_no_real_operation_out(fs):
+    """Any user may write to ctl: a user outside root and the admin group sending thousands
+    of refused commands leaves the operations of root in MNT/events; its own events are
+    kept under a cap of their own, name its uid and count those dropped."""
+    from cascowfs.events import EVENTS_KEPT, OUTSIDER_EVENTS_KEPT
+
+    commit(fs, "main", "before-flood")
+    sent = 3 * EVENTS_KEPT
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    proc = subprocess.run([python, "-c", FLOOD_SCRIPT, str(fs.mnt), str(sent)],
+                          capture_output=True, text=True, user=NOBODY, group=NOBODY,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"EPERM": sent + 20}
+    commit(fs, "main", "after-flood")
+    lines = events(fs)
+    assert [e["time_ns"] for e in lines] == sorted(e["time_ns"] for e in lines)
+    real = [e for e in lines if "uid" not in e]
+    assert [e["id"] for e in real][-2:] == ["before-flood", "after-flood"]
+    # the module's first operation (mkdir branches/main) is still there
+    assert (real[0]["op"], real[0]["names"]) == ("branch", ["main"]), real[0]
+    assert all(set(e) == EVENT_KEYS for e in real)
+    refused = [e for e in lines if "uid" in e]
+    assert len(refused) == OUTSIDER_EVENTS_KEPT
+    assert {(e["uid"], e["result"]) for e in refused} == {(NOBODY, "EPERM")}
+    assert refused[-1]["op"] == "branch" and refused[-1]["names"] == ["flood-dir19"]
+    assert refused[-1]["dropped"] == sent + 20 - OUTSIDER_EVENTS_KEPT

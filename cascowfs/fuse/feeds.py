@@ -70,6 +70,7 @@ class OperationRecord:
     names: list[str] = field(default_factory=list)
     command: str = ""
     id: str | None = None
+    uid: int | None = None  # the caller's, if outside root and the admin group (events.py)
 
     def __str__(self) -> str:
         return self.command
@@ -86,12 +87,13 @@ class OperationRecord:
             self.id = result or None
 
 
-def unparsed(buf: bytes) -> OperationRecord:
-    """The record of a ctl write before it is parsed: its verb if it starts with one."""
+def unparsed(buf: bytes, uid: int | None = None) -> OperationRecord:
+    """The record of a ctl write before it is parsed: its verb if it starts with one
+    (``uid``: the caller's, if outside root and the admin group)."""
     text = buf.decode("utf-8", "surrogateescape").strip()
     first = text.split(maxsplit=1)[0] if text else ""
     shown = text if len(text) <= SHOWN_COMMAND_CHARS else text[:SHOWN_COMMAND_CHARS] + "..."
-    return OperationRecord(first if first in wire.VERBS else "unknown", command=shown)
+    return OperationRecord(first if first in wire.VERBS else "unknown", command=shown, uid=uid)
 
 
 class Feeds:
@@ -141,12 +143,12 @@ class Feeds:
             self.changes += 1
         result = errno.errorcode.get(code, str(code)) if code else "ok"
         event = OperationEvent(
-            started_ns, record.op, record.names, result, seconds * 1e3, record.id
+            started_ns, record.op, record.names, result, seconds * 1e3, record.id, record.uid
         )
         self.metrics.observe(record.op, result, seconds)
         if record.op == "prune" and code == 0 and record.id is not None:
             self.metrics.store.forget_snapshot(record.id)
-        self.events.append(event)
+        event = self.events.append(event)
         extra = {"event": event.as_dict(), "command": record.command}
         ms = seconds * 1e3
         if code == 0:

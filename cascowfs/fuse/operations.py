@@ -319,6 +319,11 @@ class CascowOperations(pyfuse3.Operations):
             groups = ()
         return Caller(ctx.uid, ctx.gid, groups)
 
+    def _outsider(self, ctx: pyfuse3.RequestContext) -> int | None:
+        """The caller's uid if it is outside root and the admin group (its events are kept
+        apart: events.py), else None."""
+        return None if self._is_admin(ctx) else ctx.uid
+
     def _require_admin(self, ctx: pyfuse3.RequestContext, what: str) -> None:
         if not self._is_admin(ctx):
             raise PermissionDeniedError(f"{what}: only root or the admin group may change state")
@@ -890,7 +895,9 @@ class CascowOperations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         if parent.ino != BRANCHES_INO:
             raise self._refuse_change(parent)
-        with self.feeds.operation(_file_call("branch", "mkdir branches", name)):
+        with self.feeds.operation(
+            _file_call("branch", "mkdir branches", name, self._outsider(ctx))
+        ):
             self._require_admin(ctx, "mkdir")
             bname = check_branch_name(name)
             info = await self._q(self.sm.create_branch, bname, None)
@@ -904,7 +911,9 @@ class CascowOperations(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
         if parent.ino == BRANCHES_INO:
-            with self.feeds.operation(_file_call("discard", "rmdir branches", name)):
+            with self.feeds.operation(
+                _file_call("discard", "rmdir branches", name, self._outsider(ctx))
+            ):
                 self._require_admin(ctx, "rmdir")
                 bname = _valid_or_none(check_branch_name, name)
                 if bname is None:
@@ -915,7 +924,9 @@ class CascowOperations(pyfuse3.Operations):
             return
         if parent.ino == SNAPSHOTS_INO:
             shown = os.fsdecode(name)
-            record = OperationRecord("prune", command=f"rmdir snapshots/{shown}", id=shown)
+            record = OperationRecord(
+                "prune", command=f"rmdir snapshots/{shown}", id=shown, uid=self._outsider(ctx)
+            )
             with self.feeds.operation(record):
                 self._require_admin(ctx, "rmdir")
                 ident = _valid_or_none(check_snapshot_id, name)
@@ -1091,7 +1102,10 @@ class CascowOperations(pyfuse3.Operations):
                 raise _err(errno.EBADF)
             verb = "rebase" if node.which == "parent" else "commit"
             shown = f"write branches/{node.branch}/{node.which}"
-            with self.feeds.operation(OperationRecord(verb, [node.branch], shown)) as record:
+            outsider = None if handle.admin else self._charges[fh].uid
+            with self.feeds.operation(
+                OperationRecord(verb, [node.branch], shown, uid=outsider)
+            ) as record:
                 if not handle.admin:
                     raise PermissionDeniedError("only root or the admin group may change state")
                 if handle.written is not None:
@@ -1123,7 +1137,8 @@ class CascowOperations(pyfuse3.Operations):
 
     async def _ctl_write(self, handle: CtlHandle, buf: bytes) -> int:
         try:
-            with self.feeds.operation(unparsed(buf)) as record:
+            outsider = None if handle.admin else handle.charge.uid
+            with self.feeds.operation(unparsed(buf, outsider)) as record:
                 cmd = self._permitted(handle, buf, record)
                 if cmd.verb == "label" and cmd.id is not None and self.labels is not None:
                     if await self.labels.label(cmd.id, cmd.labels):
@@ -1234,11 +1249,11 @@ def _drain(handle: CtlHandle, size: int) -> bytes:
     return bytes(out)
 
 
-def _file_call(verb: str, where: str, name: bytes) -> OperationRecord:
+def _file_call(verb: str, where: str, name: bytes, uid: int | None) -> OperationRecord:
     """The record of a ``mkdir``/``rmdir`` of ``name``: the raw name, which no check has
-    passed yet."""
+    passed yet (``uid``: the caller's, if outside root and the admin group)."""
     text = os.fsdecode(name)
-    return OperationRecord(verb, [text], f"{where}/{text}")
+    return OperationRecord(verb, [text], f"{where}/{text}", uid=uid)
 
 
 def _branch_created_ns(node: BranchFileNode) -> int | None:
