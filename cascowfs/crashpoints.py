@@ -21,8 +21,9 @@ CRASH_POINTS: tuple[str, ...] = (
     "import.applied",  # layer placed, LMDB transaction committed
     "import.switched",  # FINALIZE not written
     "branch.prepared",
-    "branch.mounted",  # the branch's directories made, its overlay made but attached nowhere
-    "branch.applied",  # branch recorded, overlay not yet mounted
+    "branch.mounted",  # the branch's directories made, its overlay mounted at its tree, the
+    # branch not recorded
+    "branch.applied",  # branch recorded, FINALIZE not written
     "branch.switched",  # overlay mounted, FINALIZE not written
     "commit.prepared",
     "commit.staged",  # tree built from the upper, its objects not stored yet

@@ -45,6 +45,7 @@ import lmdb
 from . import forks, images, merge_plan, overlay, privacy, recovery
 from . import layers as layerfs
 from .background import BackgroundWorker, EmptyTrash, Job, MergeLayers
+from .beneath import Identity, identity
 from .cas import ContentStore, identify_content, prepare_content
 from .catalog import STORE_FORMAT, BranchRecord, Catalog, Observation, SnapshotRecord
 from .collector import Collector
@@ -62,7 +63,6 @@ from .errors import (
     disk_errors,
     from_os_error,
 )
-from .beneath import Identity, identity
 from .extents import read_pieces
 from .fuse.sysmount import FUSE_TYPE, store_of_source
 from .gate import NamedLocks, OpGate
@@ -537,9 +537,10 @@ class StateManager:
         self, name: str, chain: list[str], upper: Path, work: Path
     ) -> Iterator[int]:
         """Branch ``name``'s overlay on ``chain`` over ``upper``, made but attached nowhere:
-        its descriptor, for ``_attach_branch`` after the APPLY. Making it is what may fail
-        (overlayfs creates directories in ``work``): before the APPLY, a full disk refuses
-        the op with nothing changed. The chain's images stay mounted inside the block."""
+        its descriptor, for ``_attach_branch`` after the APPLY (a new branch's:
+        ``_attach_new_branch``, before it). Making it is what may fail (overlayfs creates
+        directories in ``work``): before the APPLY, a full disk refuses the op with nothing
+        changed. The chain's images stay mounted inside the block."""
         self.layers.keep_mounted(chain)
         try:
             try:
@@ -575,6 +576,25 @@ class StateManager:
             return
         self._unmounted.pop(name, None)
         self._forget_file_caches(name)
+
+    def _attach_new_branch(self, name: str, mnt_fd: int) -> None:
+        """Attach a new branch's overlay (``_new_branch_mount``) at its mount point, before
+        the APPLY that records the branch: a mount the kernel refuses (ENOSPC from a mount
+        table at ``fs.mount-max``, any other error) fails the creation with nothing recorded
+        (the op's undo trashes its directory). Attached after the APPLY, a refused mount left
+        the branch recorded and its tree a bare directory of the store, into which writes
+        went that its overlay would hide once mounted; a kill before the APPLY leaves a mount
+        no record names, which reconciliation unmounts."""
+        try:
+            overlay.attach("overlay", self.tree_path(name), mnt_fd)
+        except CascowfsError as exc:
+            why = exc.message
+            if exc.errno == errno.ENOSPC:  # move_mount takes no disk space: the mount table
+                why += " (the mount table is full: fs.mount-max mounts in this namespace)"
+            raise type(exc)(
+                f"creating branch {name}: its overlay could not be mounted: {why}",
+                errno=exc.errno,
+            ) from exc
 
     def _make_upper(self, upper: Path, base_root: str | None) -> None:
         """An empty upper directory whose root shows ``base_root``'s root."""
@@ -1014,6 +1034,7 @@ class StateManager:
                     mnt_fd = mount.enter_context(
                         self._new_branch_mount(name, rec.layers, upper, work)
                     )
+                    self._attach_new_branch(name, mnt_fd)
                     crash_point("branch.mounted")
 
                     def apply(txn: lmdb.Transaction) -> None:
@@ -1027,7 +1048,8 @@ class StateManager:
 
                     self.db.write(apply, f"creating branch {name}")
                 crash_point("branch.applied")
-                self._attach_branch(name, mnt_fd, replacing=False)
+                self._unmounted.pop(name, None)
+                self._forget_file_caches(name)
             crash_point("branch.switched")
             self._finish(op)
             return self._branch_info(name, rec)

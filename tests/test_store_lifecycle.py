@@ -16,6 +16,7 @@ and no branch directory at all, and a full fsck of the closed store must be clea
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -544,3 +545,55 @@ def test_an_op_whose_chain_a_merge_dropped_is_made_again(sm, monkeypatch):
         sm.create_branch("e", "s1")
     monkeypatch.undo()
     check_live(sm)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EINVAL], ids=["mount-table-full", "other"])
+def test_a_branch_whose_overlay_the_kernel_refuses_is_not_created(tmp_path, track_store,
+                                                                   monkeypatch, code):
+    """A new branch's overlay is attached before its APPLY. A mount table at fs.mount-max
+    refuses the attach with ENOSPC (any local user could fill it through snapshot views):
+    the branch used to be recorded anyway, `cascowfs branch` exited 0, and its tree was a
+    bare directory of the store that root's writes went into. Now the creation fails with
+    the errno, naming the branch and the cause, and leaves no record, directory, mount or
+    unfinished op; the branches that were there stay mounted."""
+    from cascowfs import overlay
+    from cascowfs.errors import CascowfsError
+    from cascowfs.overlay import MountError
+
+    store = track_store(tmp_path / "store")
+    real_attach = overlay.attach
+
+    def refused(fstype, target, mnt_fd):
+        if Path(target).parent.name == "victim":
+            raise MountError(f"attaching {fstype} at {target} failed: {os.strerror(code)}",
+                             errno=code)
+        return real_attach(fstype, target, mnt_fd)
+
+    sm = StateManager.open(store)
+    try:
+        tree = sm.create_branch("a").tree
+        (tree / "f").write_text("one\n")
+        sm.commit("a", "s1")
+        (tree / "uncommitted").write_text("agent work\n")
+        view = dir_view(tree)
+        monkeypatch.setattr(overlay, "attach", refused)
+        with pytest.raises(CascowfsError) as info:
+            sm.create_branch("victim", "s1")
+        assert info.value.errno == code, info.value
+        assert "creating branch victim" in str(info.value), info.value
+        assert os.strerror(code) in str(info.value), info.value
+        assert ("mount table is full" in str(info.value)) == (code == errno.ENOSPC)
+        assert [b.name for b in sm.branches()] == ["a"]
+        assert not (sm.branches_dir / "victim").exists()
+        assert not [m for m in overlay.all_mounts() if "victim" in m.target]
+        assert sm.wal.pending() == []
+        assert_same_view(dir_view(tree), view, "the other branch")
+        check_live(sm)
+        monkeypatch.undo()
+        victim = sm.create_branch("victim", "s1").tree
+        assert os.path.ismount(victim) and (victim / "f").read_text() == "one\n"
+    finally:
+        sm.close()
+    assert_fsck_clean(store)
+    with conftest.open_store(store) as sm:
+        check_live(sm)
