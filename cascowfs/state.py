@@ -1015,6 +1015,10 @@ class StateManager:
             )
 
             def undo(op: str) -> None:
+                try:  # attached before an APPLY that failed (its snapshot pruned meanwhile)
+                    self.unmount_branch(name)
+                except (OSError, CascowfsError) as exc:  # goes with its directory, then
+                    log.warning("%s: unmounting new branch %s: %s", self.store, name, exc)
                 try:
                     self.trash_branch_dir(name)
                     self.wal.finalize(op)

@@ -597,3 +597,27 @@ def test_a_branch_whose_overlay_the_kernel_refuses_is_not_created(tmp_path, trac
     assert_fsck_clean(store)
     with conftest.open_store(store) as sm:
         check_live(sm)
+
+
+def test_a_new_branch_refused_at_its_apply_leaves_no_mount(sm, monkeypatch):
+    """A new branch's overlay is attached before its APPLY; an APPLY that then fails (its
+    snapshot pruned meanwhile) unmounts it before its directory goes to the trash, where a
+    mount used to wait for the next operation's housekeeping: fsck counted it as a mount no
+    branch names."""
+    from cascowfs import overlay
+
+    sm.create_branch("a")
+    sm.commit("a", "s1")
+
+    def pruned_meanwhile(self, txn, parent, chain):
+        raise NotFoundError(f"snapshot {parent!r} not found")
+
+    monkeypatch.setattr(StateManager, "_check_chain", pruned_meanwhile)
+    with pytest.raises(NotFoundError):
+        sm.create_branch("victim", "s1")
+    assert not [m for m in overlay.all_mounts() if m.target.startswith(str(sm.store))
+                and "victim" in m.target]
+    assert not (sm.branches_dir / "victim").exists() and sm.wal.pending() == []
+    assert [b.name for b in sm.branches()] == ["a"]
+    monkeypatch.undo()
+    check_live(sm)
