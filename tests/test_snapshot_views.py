@@ -530,3 +530,131 @@ def test_a_walk_under_way_stays_on_one_view_and_keeps_hard_links():
             assert os.stat(copy / "a" / "zz").st_ino == os.stat(copy / "b" / "zz").st_ino, n
             assert os.stat(copy / "b" / "zz").st_nlink == 2
             _until(lambda: len(_view_mounts(fs, "linked")) == 2, "view of linked mounted")
+
+
+# A budget of 12 mounts, 6 for a uid outside the admin group: each snapshot below binds two
+# entries and stacks one layer, so a view costs 3 (kernel_views.py, Budget), 4 views in all.
+BUDGET = {"CASCOWFS_SNAPSHOT_VIEWS_MAX": "12", "CASCOWFS_SNAPSHOT_VIEWS_UID_MAX": "6"}
+NOBODY = 65534
+
+
+def _two_entries(fs: Cascow) -> None:
+    src = fs.base / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "x").write_text("x\n")
+    (src / "f").write_text("f\n")
+    os.chmod(fs.base, 0o755)
+
+
+def _budgeted(fs: Cascow, count: int) -> list[str]:
+    idents = [f"s{i}" for i in range(count)]
+    for ident in idents:
+        assert fs.ctl(f"import {ident} {fs.base / 'src'}")[0] == 0
+    return idents
+
+
+def _all_view_mounts(fs: Cascow) -> list[overlay.MountRecord]:
+    return [m for m in overlay.all_mounts() if m.source.startswith("cascowfs-snapshot:")
+            and m.target.startswith(str(fs.mnt) + "/")]
+
+
+def _bound(fs: Cascow) -> dict[str, int]:
+    """Snapshot -> its entries bound now; never past the budget (12 mounts, 2 per view and
+    one layer each, so 8 entries at most)."""
+    found: dict[str, int] = {}
+    for m in _all_view_mounts(fs):
+        ident = Path(m.target).parent.name
+        found[ident] = found.get(ident, 0) + 1
+    held = sum(found.values()) + len(found)
+    assert held <= int(BUDGET["CASCOWFS_SNAPSHOT_VIEWS_MAX"]), found
+    return found
+
+
+def _read_as(fs: Cascow, ident: str, user: int | None = None) -> None:
+    """Read one file of snapshot ``ident`` (as ``user``), as the reviewer's reader did."""
+    got = fs.sh(f'cat "$MNT/snapshots/{ident}/f" && ls "$MNT/snapshots/{ident}/d"', user=user)
+    assert got.stdout == "f\nx\n", got.stdout
+
+
+@needs_fuse
+def test_views_of_all_snapshots_share_one_budget_evicting_the_least_recently_used(monkeypatch):
+    """Views used to be bounded per snapshot only: `nobody` reading a file of each of 395
+    snapshots filled the host's mount table (100,000) in 15 s, and root's next branch and
+    every other mount failed with ENOSPC. Views now stay within one budget: past it, a
+    view takes the room of the least recently used ones, of which entries in use stay
+    (idle ones go first) and a snapshot being walked stays whole; when none can go, the
+    snapshot is served by the daemon."""
+    for name, value in BUDGET.items():
+        monkeypatch.setenv(name, value)
+    images_mount = images.detect(images.AUTO, Path(tempfile.gettempdir())) != images.DIRECTORIES
+    with mounted(populate=_two_entries, views="kernel", view_idle=600) as fs:
+        idents = _budgeted(fs, 6)
+        for ident in idents[:4]:
+            _read_as(fs, ident)
+            _until(lambda: _bound(fs).get(ident) == 2, f"view of {ident} bound")
+        assert _bound(fs) == {"s0": 2, "s1": 2, "s2": 2, "s3": 2}
+        busy = os.open(_target(fs, "s0") / "d", os.O_RDONLY)  # s0 is the least recently used
+        walk = os.open(_target(fs, "s1"), os.O_RDONLY | os.O_DIRECTORY)  # s1 is being walked
+        held: list[int] = [busy, walk]
+        try:
+            _read_as(fs, "s4")
+            _until(lambda: _bound(fs).get("s4") == 2, "view of s4 bound")
+            # s0's idle entry went, its busy one stayed; s1, walked, stayed; s2 went whole
+            assert _bound(fs) == {"s0": 1, "s1": 2, "s3": 2, "s4": 2}
+            if images_mount:  # s2's layer image went with its view: one per view left
+                assert len([m for m in overlay.mounts_under(fs.store)
+                            if m.fstype == "erofs"]) == 4
+            assert [m.target for m in _view_mounts(fs, "s0")] == [str(_target(fs, "s0") / "d")]
+            held.remove(walk)
+            os.close(walk)
+            _read_as(fs, "s2")  # evicted: read through the daemon, which binds it again
+            _until(lambda: _bound(fs).get("s2") == 2, "view of s2 bound again")
+            assert _bound(fs) == {"s0": 1, "s2": 2, "s3": 2, "s4": 2}  # s1 was the oldest
+            for m in _all_view_mounts(fs):  # every entry in use: nothing can be evicted
+                if m.target != str(_target(fs, "s0") / "d"):
+                    held.append(os.open(m.target, os.O_RDONLY))
+            _read_as(fs, "s5")
+            _until(lambda: "snapshot s5 stays on the FUSE view" in fs.log_text(),
+                   "s5 left on the FUSE view")
+            assert _bound(fs) == {"s0": 1, "s2": 2, "s3": 2, "s4": 2}
+            _read_as(fs, "s5")
+            assert os.getxattr(_target(fs, "s5") / "d", "user.cascowfs.tree")  # the daemon's
+        finally:
+            for fd in held:
+                os.close(fd)
+
+        def s5_bound() -> bool:
+            os.listdir(_target(fs, "s5"))  # an opendir reaches the daemon: asks for the view
+            return _bound(fs).get("s5") == 2
+
+        _until(s5_bound, "view of s5 bound once the others are idle")
+        _read_as(fs, "s5")
+
+
+@needs_fuse
+def test_a_user_outside_the_admin_group_binds_its_share_and_evicts_no_admins_view(monkeypatch):
+    """One user's views take a quarter of the budget at most (its own least recently used
+    go first); an admin's view takes the room of other users' idle views, never the
+    reverse: the user's read is then served by the daemon."""
+    for name, value in BUDGET.items():
+        monkeypatch.setenv(name, value)
+    with mounted(populate=_two_entries, views="kernel", view_idle=600) as fs:
+        idents = _budgeted(fs, 6)
+        for n, ident in enumerate(idents[:4]):
+            _read_as(fs, ident, user=NOBODY)
+            _until(lambda: _bound(fs).get(ident) == 2, f"nobody's view of {ident} bound")
+            assert len(_bound(fs)) == min(n + 1, 2), _bound(fs)  # 6 mounts: two views
+        assert _bound(fs) == {"s2": 2, "s3": 2}
+        for ident in ("s4", "s5"):
+            _read_as(fs, ident)
+            _until(lambda: _bound(fs).get(ident) == 2, f"root's view of {ident} bound")
+        assert _bound(fs) == {"s2": 2, "s3": 2, "s4": 2, "s5": 2}
+        for ident in ("s0", "s1"):  # root's views take the room of nobody's, oldest first
+            _read_as(fs, ident)
+            _until(lambda: _bound(fs).get(ident) == 2, f"root's view of {ident} bound")
+        assert _bound(fs) == {"s0": 2, "s1": 2, "s4": 2, "s5": 2}
+        _read_as(fs, "s2", user=NOBODY)  # no room nobody may make: the daemon serves it
+        _until(lambda: "for uid 65534" in fs.log_text(), "nobody's view refused")
+        time.sleep(0.5)
+        assert _bound(fs) == {"s0": 2, "s1": 2, "s4": 2, "s5": 2}
+        _read_as(fs, "s2", user=NOBODY)

@@ -36,6 +36,21 @@ first access, expired when idle, detached on prune.
   then fails at its next lookup, or detaches what it bound meanwhile through the descriptor
   ``clone_into`` returned (the path is gone with the directory). The view's layers are let
   go once no attach or expiry runs.
+* **Budget.** Every bound entry is a mount in the daemon's mount namespace, the host's,
+  which the kernel caps at ``fs.mount-max`` (100,000 by default): past it every mount fails
+  with ENOSPC, a branch's and a ``mount`` of root's alike, and any local user makes views by
+  reading. So the mounts all views hold (each bound entry, and one per layer of its chain,
+  an image the view keeps mounted) are at most ``budget.total`` (``ViewBudget``:
+  ``VIEW_MOUNTS_MAX``, and never more than ``MOUNT_MAX_SHARE`` of what ``fs.mount-max``
+  leaves free when the daemon starts), and those of the views a uid outside the admin group
+  asked for last at most ``budget.per_uid``. A view that would pass either first takes the room of
+  the least recently used views (attached or seen in use by an expiry round longest ago):
+  their entries are unmounted, not lazily, so an entry in use (an open file, a working
+  directory) answers EBUSY and stays, and a view whose snapshot is being walked (its root
+  open on the daemon's view: ``cp -a``, ``tar``) stays whole; a caller outside the admin
+  group takes only the room of views no admin asked for last. If that does not make room,
+  the snapshot stays on the daemon's view (its reads are answered as without views), and
+  the uid's next views are not tried for ``NO_ROOM_RETRY_SECONDS``.
 * **Fallback.** A view the kernel refuses is logged and the snapshot stays on the daemon's
   view; ``CASCOWFS_SNAPSHOT_VIEWS=fuse`` in the daemon's environment keeps every snapshot
   there.
@@ -51,6 +66,8 @@ import errno
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,6 +90,30 @@ IDLE_SECONDS = 60.0  # a view unused for one to two of these is unmounted
 MAX_BOUND = 256  # entries of a snapshot root a view binds at most (one mount each)
 MNT_EXPIRE = 4
 
+# The budget of the mounts all views hold (module docstring, Budget). 395 snapshots of 256
+# root entries, one file of each read by ``nobody``, took the host's mount table to 99,999
+# of its 100,000 in 15 s; then root's branch and every other mount failed. 4,096 mounts hold
+# 15 views of MAX_BOUND entries, or some 90 of a repository's 30-entry root on a 15-layer
+# chain: more snapshots than are read at one time (idle expiry unmounts an entry in one to
+# two minutes), and 4,096 more lines keep the mount table cheap to read for systemd,
+# findmnt and the mount calls that walk it.
+VIEW_MOUNTS_MAX = 4096
+ENV_MAX = "CASCOWFS_SNAPSHOT_VIEWS_MAX"  # another budget (still capped by the share below)
+ENV_UID_MAX = "CASCOWFS_SNAPSHOT_VIEWS_UID_MAX"  # another share of a uid (UID_SHARE below)
+# ... and at most a tenth of the mounts fs.mount-max leaves free when the daemon starts: the
+# rest, 90% at least, stays for branches (an overlay and its layer images each), and for
+# whatever else the host mounts, which the daemon cannot see coming.
+MOUNT_MAX_SHARE = 0.1
+MOUNT_MAX_DEFAULT = 100_000  # the kernel's default, where /proc/sys/fs/mount-max is missing
+# A uid outside the admin group holds a quarter of the budget at most (1,024 mounts: three
+# views of MAX_BOUND entries, some 20 of a 30-entry root): one user cannot take the budget
+# from root's agents, and four together cannot keep an admin from any: an admin's view takes
+# the room of other users' idle views.
+UID_SHARE = 0.25
+# A uid whose view found no room is not tried again for this long: each read that reaches the
+# daemon would otherwise cost a worker thread to find the budget still full.
+NO_ROOM_RETRY_SECONDS = 5.0
+
 
 def kernel_views_wanted() -> bool:
     """Does the environment allow kernel views (``CASCOWFS_SNAPSHOT_VIEWS`` unset or
@@ -88,6 +129,61 @@ def idle_seconds() -> float:
     except ValueError:
         return IDLE_SECONDS
     return value if value > 0 else IDLE_SECONDS
+
+
+@dataclass(frozen=True)
+class ViewBudget:
+    """How many mounts all views hold at most (``total``), and the views one uid outside the
+    admin group asked for last (``per_uid``)."""
+
+    total: int
+    per_uid: int
+
+    @classmethod
+    def of(cls, total: int, per_uid: int | None = None) -> ViewBudget:
+        total = max(0, total)
+        share = int(total * UID_SHARE) if per_uid is None else per_uid
+        return cls(total, max(0, min(share, total)))
+
+    @classmethod
+    def from_system(cls) -> ViewBudget:
+        """``VIEW_MOUNTS_MAX`` (``CASCOWFS_SNAPSHOT_VIEWS_MAX`` if set), capped by
+        ``MOUNT_MAX_SHARE`` of what ``fs.mount-max`` leaves free now; a uid's share
+        ``UID_SHARE`` of it (``CASCOWFS_SNAPSHOT_VIEWS_UID_MAX`` if set)."""
+        wanted = _env_count(ENV_MAX)
+        free = mount_max() - mounts_now()
+        total = min(VIEW_MOUNTS_MAX if wanted is None else wanted, int(free * MOUNT_MAX_SHARE))
+        budget = cls.of(total, _env_count(ENV_UID_MAX))
+        log.info(
+            "snapshot views: %d mounts at most, %d for a uid outside the admin group (%d of "
+            "fs.mount-max free)",
+            budget.total,
+            budget.per_uid,
+            free,
+        )
+        return budget
+
+
+def _env_count(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
+def mount_max() -> int:
+    """``fs.mount-max``: the mounts one mount namespace may hold."""
+    try:
+        return int(Path("/proc/sys/fs/mount-max").read_text())
+    except (OSError, ValueError):
+        return MOUNT_MAX_DEFAULT
+
+
+def mounts_now() -> int:
+    """The mounts in this process's mount namespace."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as fh:
+            return sum(1 for _ in fh)
+    except OSError:
+        return 0
 
 
 def view_source(store: Path) -> str:
@@ -123,6 +219,9 @@ class View:
     mnt_fd: int  # the overlay, attached nowhere: the source of every binding
     bound: set[bytes] = field(default_factory=set)  # the entries bound now
     let_go: bool = False  # its layers released and its descriptor closed (``_forget``)
+    uid: int = 0  # who asked for it last: whose share its entries count against
+    admin: bool = True  # and whether that caller is root or of the admin group
+    used: float = 0.0  # when last asked for, or seen in use by expiry (monotonic)
 
 
 class KernelViews:
@@ -130,10 +229,17 @@ class KernelViews:
     rest in worker threads, one at a time (they resolve paths in MNT, which the trio thread
     answers)."""
 
-    def __init__(self, sm: StateManager, mnt: Path, idle_seconds: float = IDLE_SECONDS) -> None:
+    def __init__(
+        self,
+        sm: StateManager,
+        mnt: Path,
+        idle_seconds: float = IDLE_SECONDS,
+        budget: ViewBudget | None = None,
+    ) -> None:
         self.sm = sm
         self.mnt = mnt
         self.idle_seconds = idle_seconds
+        self.budget = budget if budget is not None else ViewBudget.from_system()
         self.source = view_source(sm.store)
         self._lock = threading.Lock()  # the tables below
         self._mounting = threading.Lock()  # one attach, expiry or detach at a time
@@ -141,6 +247,10 @@ class KernelViews:
         self._pending: set[str] = set()
         self._refused: set[str] = set()  # no view for these: served by the daemon
         self._pruned: set[str] = set()  # pruned by an rmdir that did not wait (see Detach)
+        self._no_room: dict[int, float] = {}  # uid -> when its views may be tried again
+        # whether a walk of a snapshot is under way on the daemon's view (its root open
+        # there): its view is not evicted, or the walk would cross from one view to the other
+        self.walking: Callable[[str], bool] = lambda id: False
         # set by ``stop``: the daemon is going away, and soon answers no path walk in MNT
         self._stopping = threading.Event()
 
@@ -160,21 +270,29 @@ class KernelViews:
         with self._lock:
             return id in self._views or id in self._pending
 
-    def wanted(self, id: str) -> bool:
+    def wanted(self, id: str, uid: int = 0) -> bool:
         """Should snapshot ``id``'s view be attached, or its expired entries bound again,
-        now? (True: the caller runs ``attach``, which clears the pending mark)."""
+        now, for a read by ``uid``? (True: the caller runs ``attach``, which clears the
+        pending mark)."""
         with self._lock:
             if id in self._pending or id in self._refused:
                 return False
             view = self._views.get(id)
             if view is not None and len(view.bound) == len(view.names):
                 return False
+            retry = self._no_room.get(uid)
+            if retry is not None:
+                if time.monotonic() < retry:
+                    return False
+                del self._no_room[uid]
             self._pending.add(id)
             return True
 
-    def attach(self, id: str) -> None:
-        """Mount the view of snapshot ``id`` (or bind its expired entries again); a failure
-        leaves the snapshot on the daemon's view."""
+    def attach(self, id: str, uid: int = 0, admin: bool = True) -> None:
+        """Mount the view of snapshot ``id`` (or bind its expired entries again) for a read
+        by ``uid`` (``admin``: root or of the admin group), if the budget has room or can be
+        given some (module docstring, Budget); a failure, or no room, leaves the snapshot
+        on the daemon's view."""
         with self._mounting:
             if self._stopping.is_set():
                 with self._lock:
@@ -184,13 +302,25 @@ class KernelViews:
                 view = self._views.get(id)
             try:
                 if view is None:
-                    view = self._new_view(id)
+                    names, chain = self._plan(id)
+                    if names and not self._make_room(id, len(names) + len(chain), uid, admin):
+                        self._no_room_for(uid, None, id)
+                        return
+                    view = self._new_view(id, names, uid, admin)
                     with self._lock:
                         if view is not None:
                             self._views[id] = view
+                elif not self._make_room(id, len(view.names) - len(view.bound), uid, admin):
+                    self._no_room_for(uid, view, id)
+                    return
                 if view is not None:
+                    with self._lock:
+                        view.uid, view.admin, view.used = uid, admin, time.monotonic()
                     self._bind(view)
             except (CascowfsError, OSError) as exc:
+                if getattr(exc, "errno", None) == errno.ENOSPC:  # the host's mounts filled
+                    self._no_room_for(uid, view, id, f"the mount table is full: {exc}")
+                    return
                 with self._lock:
                     self._refused.add(id)
                     pruned = id in self._pruned  # its directory went while binding
@@ -209,11 +339,18 @@ class KernelViews:
         if view is not None and not self.sm.has_snapshot(id):  # pruned meanwhile
             self.detach(id)
 
-    def _new_view(self, id: str) -> View | None:
+    def _plan(self, id: str) -> tuple[list[bytes], list[str]]:
+        """The root entries a view of snapshot ``id`` binds, and its layer chain: each layer
+        may be an image mount the view keeps (``hold_snapshot_layers``), counted as one."""
         root = self.sm.root_entry(id)
         names = [n for n, e in self.sm.read_tree(root.ref).items() if e.is_dir or e.is_file]
         if len(names) > MAX_BOUND:
             raise CascowfsError(f"its root holds {len(names)} entries, more than {MAX_BOUND}")
+        with self.sm.db.read() as txn:
+            chain = self.sm.catalog.snapshot(txn, id).layers
+        return names, chain
+
+    def _new_view(self, id: str, names: list[bytes], uid: int, admin: bool) -> View | None:
         if not names:
             return None  # nothing below the root: nothing to serve faster
         chain, lowers = self.sm.hold_snapshot_layers(id)
@@ -226,7 +363,86 @@ class KernelViews:
         except BaseException:
             self.sm.release_layers(chain)
             raise
-        return View(id, chain, names, mnt_fd)
+        return View(id, chain, names, mnt_fd, uid=uid, admin=admin, used=time.monotonic())
+
+    # -- the budget (module docstring, Budget) ---------------------------------------------
+    @staticmethod
+    def _cost(view: View) -> int:
+        """The mounts ``view`` holds at most: its bound entries, and an image per layer."""
+        return len(view.bound) + (0 if view.let_go else len(view.chain))
+
+    def _make_room(self, id: str, needed: int, uid: int, admin: bool) -> bool:
+        """Whether ``needed`` more mounts for snapshot ``id``'s view, asked for by ``uid``,
+        fit the budget, once the least recently used views are evicted as far as need be
+        (those in use stay; a caller outside the admin group evicts only views no admin
+        asked for last, its own first if it is past its share)."""
+        budget = self.budget
+        if needed > budget.total or (not admin and needed > budget.per_uid):
+            return False
+        tried = {id}
+        while True:
+            with self._lock:
+                views = list(self._views.values())
+                over = sum(self._cost(v) for v in views) + needed - budget.total
+                # the view itself, if it has one, moves to this caller's share
+                mine = sum(
+                    self._cost(v) for v in views if v.id == id or (v.uid == uid and not v.admin)
+                )
+                over_share = 0 if admin else mine + needed - budget.per_uid
+                if over <= 0 and over_share <= 0:
+                    return True
+                pool = [
+                    v
+                    for v in views
+                    if v.id not in tried and (admin or not v.admin) and not self.walking(v.id)
+                ]
+                if over_share > 0:
+                    pool = [v for v in pool if v.uid == uid]
+                if not pool:
+                    return False
+                victim = min(pool, key=lambda v: v.used)
+                tried.add(victim.id)
+            self._evict(victim)
+
+    def _evict(self, view: View) -> None:
+        """Unmount the entries of ``view`` that are not in use (not lazily: one in use
+        answers EBUSY and stays); a view with nothing bound any more lets go of its layers."""
+        with self._lock:
+            names = sorted(view.bound)
+        gone = []
+        for name in names:
+            try:
+                umount2(self._point(view.id, name), 0)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOENT):  # EBUSY: in use
+                    continue
+            gone.append(name)
+        with self._lock:
+            view.bound.difference_update(gone)
+            if len(gone) < len(names):
+                view.used = time.monotonic()  # in use: the last to evict again
+            empty = not view.bound
+        log.debug("view of snapshot %s evicted: %d of %d entries", view.id, len(gone), len(names))
+        if empty:
+            self._forget(view)
+
+    def _no_room_for(self, uid: int, view: View | None, id: str, why: str = "") -> None:
+        """Snapshot ``id`` stays on the daemon's view for ``uid``, for want of room: what its
+        view has bound stays, a view with nothing bound lets go of its layers, and ``uid``'s
+        next views are tried in ``NO_ROOM_RETRY_SECONDS``."""
+        with self._lock:
+            self._no_room[uid] = time.monotonic() + NO_ROOM_RETRY_SECONDS
+            empty = view is not None and not view.bound
+        log.info(
+            "snapshot %s stays on the FUSE view for uid %d: %s",
+            id,
+            uid,
+            why
+            or f"its view does not fit the budget of {self.budget.total} mounts "
+            f"({self.budget.per_uid} for a uid outside the admin group)",
+        )
+        if empty and view is not None:
+            self._forget(view)
 
     def _bind(self, view: View) -> None:
         dir_fd = os.open(self.target(view.id), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -249,7 +465,10 @@ class KernelViews:
             os.close(dir_fd)
 
     def _forget(self, view: View) -> None:
-        """Detach what ``view`` has bound, and let go of its layers (once)."""
+        """Detach what ``view`` has bound, and let go of its layers (once), unmounting the
+        layer images nothing else stacks or holds: the budget counts them only while the
+        view stands, and a reader going through every snapshot would leave every image of
+        the store mounted (395 image mounts after one read in each of 395 imports)."""
         with self._lock:
             if self._views.get(view.id) is view:
                 del self._views[view.id]
@@ -260,6 +479,10 @@ class KernelViews:
         self._unmount(view.id, names)
         os.close(view.mnt_fd)
         self.sm.release_layers(view.chain)
+        try:
+            self.sm.layers.unmount_unused()
+        except (CascowfsError, OSError) as exc:  # the next sweep (a trash round) retries
+            log.debug("unmounting the images of snapshot %s's view: %s", view.id, exc)
 
     def _unmount(self, id: str, names: list[bytes]) -> None:
         for name in names:
@@ -320,6 +543,8 @@ class KernelViews:
                 for name in sorted(view.bound):
                     if _expired(self._point(view.id, name)):
                         view.bound.discard(name)
+                    else:  # used since the last round, or in use (or bound since)
+                        view.used = time.monotonic()
                 if not view.bound:
                     log.debug("view of snapshot %s expired", view.id)
                     self._forget(view)

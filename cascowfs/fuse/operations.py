@@ -223,9 +223,11 @@ class CascowOperations(pyfuse3.Operations):
         self.sm = sm
         self.views = views  # None: every snapshot is served here (kernel_views.py)
         # snapshot -> directories of it open on this view; a view asked for meanwhile is
-        # mounted once the last is closed (``_want_view``)
+        # mounted once the last is closed (``_want_view``), for the caller that asked last
         self._walks: Counter[str] = Counter()
-        self._view_after_walk: set[str] = set()
+        self._view_after_walk: dict[str, pyfuse3.RequestContext] = {}
+        if views is not None:  # a walk's view is not evicted (kernel_views.py, Budget)
+            views.walking = lambda snap: self._walks.get(snap, 0) > 0
         self.stopping = False  # ``stop``: the daemon is shutting down
         self._invalidating = 0  # dentry invalidations in worker threads
         self.labels = labels  # None: labels run in worker threads as other commands do
@@ -354,9 +356,10 @@ class CascowOperations(pyfuse3.Operations):
             EPISODES_INO,
         )
 
-    def _want_view(self, node: Node) -> None:
+    def _want_view(self, node: Node, ctx: pyfuse3.RequestContext) -> None:
         """Have the kernel serve ``node``'s snapshot from now on, if it does not yet: mounted
-        by a worker thread once this request is answered (kernel_views.py says why).
+        by a worker thread once this request is answered (kernel_views.py says why), within
+        the budget of views of ``ctx``'s caller.
 
         Not while a directory of the snapshot is open here: a walk under way (``cp -a``,
         ``tar``, ``find`` hold the directories above them open) would look the rest of its
@@ -365,12 +368,12 @@ class CascowOperations(pyfuse3.Operations):
         if self.views is None or not isinstance(node, SnapDirNode):
             return
         if self._walks[node.snap]:
-            self._view_after_walk.add(node.snap)
+            self._view_after_walk[node.snap] = ctx
             return
-        self._view_after_walk.discard(node.snap)
-        if self.views.wanted(node.snap):
+        self._view_after_walk.pop(node.snap, None)
+        if self.views.wanted(node.snap, ctx.uid):
             self._after_reply(
-                functools.partial(self.views.attach, node.snap),
+                functools.partial(self.views.attach, node.snap, ctx.uid, self._is_admin(ctx)),
                 f"mounting the kernel view of snapshot {node.snap}",
             )
 
@@ -692,7 +695,7 @@ class CascowOperations(pyfuse3.Operations):
         attr = await self._attrs(node)
         self.table.looked_up(node)
         if isinstance(parent, SnapDirNode):  # inside a snapshot, not the snapshot itself
-            self._want_view(parent)
+            self._want_view(parent, ctx)
         return attr
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -803,7 +806,7 @@ class CascowOperations(pyfuse3.Operations):
         charge = self.budgets.opened(ctx.uid, "opendir")
         if isinstance(node, SnapDirNode):
             self._walks[node.snap] += 1
-        self._want_view(node)
+        self._want_view(node, ctx)
         return self._new_handle(DirHandle(node, admin=self._is_admin(ctx)), charge)
 
     async def _listing(self, handle: DirHandle, uid: int) -> list[tuple[bytes, Any]]:
@@ -880,8 +883,9 @@ class CascowOperations(pyfuse3.Operations):
             self._walks[snap] -= 1
             if self._walks[snap] <= 0:
                 del self._walks[snap]
-                if snap in self._view_after_walk:
-                    self._want_view(handle.node)
+                asked = self._view_after_walk.get(snap)
+                if asked is not None:
+                    self._want_view(handle.node, asked)
 
     @edge
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
