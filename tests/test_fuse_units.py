@@ -97,9 +97,9 @@ def test_parse_branch_file_writes():
 def test_replies_round_trip():
     assert wire.ok_reply("/a/b") == b"ok /a/b\n"
     assert wire.ok_reply("") == b"ok\n"
-    line = wire.error_reply(errno.EEXIST, "snapshot 's1'\nexists")
-    assert line == b"error EEXIST snapshot 's1' exists\n"
-    assert wire.parse_reply(line.decode()) == (False, errno.EEXIST, "snapshot 's1' exists")
+    line = wire.error_reply(errno.EEXIST, "snapshot 's1'\nexists")  # one line, escaped
+    assert line == b"error EEXIST snapshot 's1'\\nexists\n"
+    assert wire.parse_reply(line.decode()) == (False, errno.EEXIST, "snapshot 's1'\\nexists")
     assert wire.parse_reply("ok s1\n") == (True, 0, "s1")
     assert wire.parse_reply("garbage") [0] is False
 
