@@ -494,6 +494,11 @@ class StateManager:
             work.mkdir()
             with self.layers.mounted(rec.layers) as lowers:
                 overlay.mount_overlay(self.tree_path(name), lowers, upper, work)
+        self._now_mounted(name)
+
+    def _now_mounted(self, name: str) -> None:
+        """Branch ``name`` has a fresh overlay: no longer unmounted, and what its commits
+        cached of the old one's upper is gone with it."""
         self._unmounted.pop(name, None)
         self._forget_file_caches(name)
 
@@ -562,20 +567,18 @@ class StateManager:
         finally:
             self.layers.let_go(chain)
 
-    def _attach_branch(self, name: str, mnt_fd: int, *, replacing: bool = True) -> None:
+    def _attach_branch(self, name: str, mnt_fd: int) -> None:
         """After an APPLY: the overlay ``_new_branch_mount`` made takes branch ``name``'s
-        mount point, ``replacing`` what is mounted there (its old overlay, or the placeholder
-        of ``leave_unmounted``). Neither step takes space; if one fails anyway, the branch is
+        mount point, replacing what is mounted there (its old overlay, or the placeholder of
+        ``leave_unmounted``). Neither step takes space; if one fails anyway, the branch is
         left unmounted, never shown on the old layers."""
         try:
-            if replacing:
-                overlay.unmount(self.tree_path(name))
+            overlay.unmount(self.tree_path(name))
             overlay.attach("overlay", self.tree_path(name), mnt_fd)
         except CascowfsError as exc:
             self.leave_unmounted(name, exc)
             return
-        self._unmounted.pop(name, None)
-        self._forget_file_caches(name)
+        self._now_mounted(name)
 
     def _attach_new_branch(self, name: str, mnt_fd: int) -> None:
         """Attach a new branch's overlay (``_new_branch_mount``) at its mount point, before
@@ -1052,8 +1055,7 @@ class StateManager:
 
                     self.db.write(apply, f"creating branch {name}")
                 crash_point("branch.applied")
-                self._unmounted.pop(name, None)
-                self._forget_file_caches(name)
+                self._now_mounted(name)
             crash_point("branch.switched")
             self._finish(op)
             return self._branch_info(name, rec)
