@@ -408,27 +408,27 @@ def _too_large_source(src: Path) -> bytes:
     return b"d/" + HOSTILE
 
 
+def _import_refused_naming(proc: subprocess.CompletedProcess, src: Path, name: bytes) -> None:
+    """The import failed with one line on stderr naming ``src``/``name``, escaped."""
+    assert proc.returncode == cli.EXIT_OTHER and proc.stdout == b"", proc
+    err = _shown_safely(proc.stderr)
+    assert err.count("\n") == 1 and err.startswith("cascowfs import: "), err
+    assert quote(os.path.join(os.fsencode(src), name)) in err, err
+
+
 @needs_overlay
 def test_an_offline_import_error_shows_a_hostile_name_escaped():
     with cascow_base() as base, _tmpfs(base / "src") as src:
         run_cli("init", str(base / "store"))
         name = _too_large_source(src)
-        proc = _raw_cli("import", str(base / "store"), str(src), "s")
-        assert proc.returncode == cli.EXIT_OTHER and proc.stdout == b"", proc
-        err = _shown_safely(proc.stderr)
-        assert err.count("\n") == 1 and err.startswith("cascowfs import: "), err
-        assert quote(os.path.join(os.fsencode(src), name)) in err, err
+        _import_refused_naming(_raw_cli("import", str(base / "store"), str(src), "s"), src, name)
 
 
 @needs_fuse
 def test_an_error_through_ctl_shows_a_hostile_name_escaped():
     with mounted() as fs, _tmpfs(fs.base / "src") as src:
         name = _too_large_source(src)
-        proc = _raw_cli("import", str(fs.mnt), str(src), "s")
-        assert proc.returncode == cli.EXIT_OTHER and proc.stdout == b"", proc
-        err = _shown_safely(proc.stderr)
-        assert err.count("\n") == 1 and err.startswith("cascowfs import: "), err
-        assert quote(os.path.join(os.fsencode(src), name)) in err, err
+        _import_refused_naming(_raw_cli("import", str(fs.mnt), str(src), "s"), src, name)
 
 
 @needs_fuse
