@@ -27,6 +27,7 @@ docs/architecture.md explains each step and which PREPAREs are flushed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -506,7 +507,10 @@ class StateManager:
         """Branch ``name``'s overlay could not be mounted (``why``: a full disk): a read-only
         placeholder takes its mount point, so that nothing written there is hidden by the
         overlay later, and the next commit, reset or rebase of it mounts it again
-        (``_mounted_again``); ``status`` and fsck report it meanwhile."""
+        (``_mounted_again``); ``status`` and fsck report it meanwhile. Where the placeholder
+        cannot be mounted either (a mount table at ``fs.mount-max``), the mount point goes:
+        a write there is ENOENT, not a file in a bare directory of the store that root's
+        tools would take for the branch's (``make_branch_dirs`` makes it again)."""
         log.warning(
             "%s: branch %s is not mounted (%s); the next commit, reset or rebase of it mounts "
             "it once there is room",
@@ -520,6 +524,8 @@ class StateManager:
             overlay.mount_placeholder(self.tree_path(name))
         except (OSError, CascowfsError) as exc:
             log.warning("%s: no placeholder at branch %s's mount point: %s", self.store, name, exc)
+            with contextlib.suppress(OSError):  # not empty, or still a mount: left as it is
+                os.rmdir(self.tree_path(name))
 
     def _mounted_again(self, name: str, rec: BranchRecord) -> None:
         """Mount branch ``name`` if it was left unmounted (``leave_unmounted``); if it still

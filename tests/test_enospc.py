@@ -31,6 +31,7 @@ import pytest
 from conftest import (assert_fsck_clean, assert_same_view, check_live, dir_view, force_unmount_below,
                       loop_ext4, needs_loop, open_store, run_child, snapshot_view)
 from support.loopdev import mounted_image
+from cascowfs import overlay
 from cascowfs.errors import CascowfsError, NoSpaceError
 from cascowfs.fsck import fsck_store
 from cascowfs.state import StateManager
@@ -450,3 +451,35 @@ def test_a_full_disk_leaves_a_branch_unmounted_and_the_store_serving(tmp_path, t
         finally:
             sm.close()
         assert_fsck_clean(store)
+
+
+def test_a_branch_left_unmounted_without_a_placeholder_has_no_mount_point(
+    tmp_path, track_store, monkeypatch
+):
+    """A branch whose overlay, and then the read-only placeholder, could not be mounted (a
+    mount table at fs.mount-max refuses both) used to leave its mount point a bare directory
+    of the store, where root's files landed; the mount point goes instead, and the next
+    commit mounts the branch again with its work."""
+    store = track_store(tmp_path / "store")
+    sm = StateManager.open(store)
+    try:
+        tree = sm.create_branch("b").tree
+        (tree / "work").write_text("uncommitted")
+        view = dir_view(tree)
+        sm.unmount_branch("b")
+
+        def table_full(target):
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+        monkeypatch.setattr(overlay, "mount_placeholder", table_full)
+        sm.leave_unmounted("b", NoSpaceError("the mount table is full"))
+        monkeypatch.undo()
+        with pytest.raises(FileNotFoundError):
+            (tree / "lost").write_text("into the bare mount point")
+        assert sm.commit("b", "c1") == "c1"
+        assert os.path.ismount(tree)
+        assert_same_view(dir_view(tree), view, "branch mounted by its commit")
+        assert not os.path.exists(tree / "lost")
+    finally:
+        sm.close()
+    assert_fsck_clean(store)
