@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import subprocess
 import threading
 import time
@@ -37,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import fsmeta, images, overlay
-from .privacy import Caller
+from .privacy import Caller, held_by
 
 log = logging.getLogger("cascowfs.import")
 
@@ -57,12 +56,7 @@ def only_root_moves(src: Path) -> bool:
     owns it and no one else may write it, or if it is sticky and root owns the next name."""
     path = Path("/")
     for name in src.parts[1:]:
-        st = os.lstat(path)
-        if st.st_uid != 0:
-            return False
-        if st.st_mode & 0o022 and not (
-            st.st_mode & stat.S_ISVTX and os.lstat(path / name).st_uid == 0
-        ):
+        if not held_by(os.lstat(path), os.lstat(path / name), (0,)):
             return False
         path = path / name
     return True

@@ -36,6 +36,8 @@ from pathlib import Path
 
 from . import forks, syscalls
 from .errors import CascowfsError, InvalidArgumentError, PermissionDeniedError, from_os_error
+from .fuse.sysmount import FUSE_TYPE
+from .overlay import all_mounts
 
 log = logging.getLogger("cascowfs.privacy")
 
@@ -279,47 +281,92 @@ _MAX_LINKS = 40
 def resolve_trusting(path: str | bytes | os.PathLike[str], trusted: int | None) -> int:
     """An ``O_PATH`` descriptor of what ``path`` names, resolved a name at a time; with
     ``trusted`` set, a symbolic link on the way is followed only if root or uid ``trusted``
-    owns it, and any other is EACCES naming it.
+    owns it and no one else may change the directories that lead to it (``held_by``), and
+    any other is EACCES naming it.
 
-    Root reads everything, so a path that root follows through another user's link reads
-    what that user chose: an agent that may write a directory on the path (its branch's tree,
-    a shared ``/tmp``) links ``secret`` there to ``/root/secret``, and root's commit stores
-    the target as the agent's observation. The kernel's ``fs.protected_symlinks`` stops this
-    only in sticky world-writable directories. ELOOP past 40 links; ENOENT, ENOTDIR as
-    ``open(2)``."""
+    Root reads everything, so a path that root follows through a link someone else placed
+    reads what they chose: an agent that may write a directory on the path (its branch's
+    tree, a shared ``/tmp``) links ``secret`` there to ``/root/secret``, or moves a link of
+    root's there (it stays root's), and root's commit stores the target as the agent's
+    observation. The kernel's ``fs.protected_symlinks`` stops the first only in sticky
+    world-writable directories, and the second not at all. ELOOP past 40 links; ENOENT,
+    ENOTDIR as ``open(2)``."""
     raw = os.fsencode(path)
     pending = [name for name in reversed(raw.split(b"/")) if name not in (b"", b".")]
-    fd = os.open(b"/" if raw.startswith(b"/") else b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    absolute = raw.startswith(b"/")
+    fd = os.open(b"/" if absolute else b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    owners = (0, trusted)
+    # per directory walked into: whether only ``owners`` may change the names leading to it
+    # (a relative path's start is not known: nothing is)
+    held = [absolute]
+    served = _served_devices() if trusted is not None else frozenset()
     followed = 0
     try:
         while pending:
             name = pending.pop()
+            here = os.fstat(fd)
             below = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             st = os.fstat(below)
             if not stat.S_ISLNK(st.st_mode):
                 os.close(fd)
                 fd = below
+                if name == b"..":
+                    if len(held) > 1:
+                        held.pop()
+                else:
+                    held.append(held[-1] and (here.st_dev in served or held_by(here, st, owners)))
                 continue
             os.close(below)
             followed += 1
             if followed > _MAX_LINKS:
                 raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), os.fsdecode(raw))
-            if trusted is not None and st.st_uid not in (0, trusted):
-                raise PermissionDeniedError(
-                    f"{os.fsdecode(raw)}: reached through {os.fsdecode(name)!r}, a symbolic "
-                    f"link of uid {st.st_uid}, which is not followed for uid {trusted}: "
-                    "give the path it points to",
-                    errno=errno.EACCES,
-                )
+            if trusted is not None and st.st_uid not in owners:
+                raise _not_followed(raw, name, f"a symbolic link of uid {st.st_uid}", trusted)
+            if trusted is not None and not (
+                held[-1] and (here.st_dev in served or held_by(here, st, owners))
+            ):
+                raise _not_followed(raw, name, "a symbolic link another user may move", trusted)
             target = os.readlink(name, dir_fd=fd)
             if target.startswith(b"/"):
                 os.close(fd)
                 fd = os.open(b"/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                held = [True]
             pending.extend(n for n in reversed(target.split(b"/")) if n not in (b"", b"."))
         return fd
     except BaseException:
         os.close(fd)
         raise
+
+
+def _served_devices() -> frozenset[int]:
+    """The devices of cascowfs's mounts. Their directories show modes the daemon does not go
+    by (``MNT/branches`` is 0777, so that a user's ``mkdir`` reaches the daemon and gets its
+    EPERM): only root and the admin group change anything in them."""
+    devices = set()
+    for m in all_mounts():
+        major, _, minor = m.device.partition(":")
+        if m.fstype == FUSE_TYPE and major.isdigit() and minor.isdigit():
+            devices.add(os.makedev(int(major), int(minor)))
+    return frozenset(devices)
+
+
+def held_by(directory: os.stat_result, entry: os.stat_result, owners: tuple) -> bool:
+    """Whether only ``owners`` (uids) may rename or replace ``entry`` in ``directory``: the
+    directory is theirs and no one else may write it, or it is sticky and ``entry`` is
+    theirs."""
+    if directory.st_uid not in owners:
+        return False
+    if not directory.st_mode & 0o022:
+        return True
+    return bool(directory.st_mode & stat.S_ISVTX) and entry.st_uid in owners
+
+
+def _not_followed(path: bytes, name: bytes, what: str, trusted: int) -> PermissionDeniedError:
+    return PermissionDeniedError(
+        f"{os.fsdecode(path)}: reached through {os.fsdecode(name)!r}, {what}, which is not "
+        f"followed for uid {trusted}: give the path it points to",
+        errno=errno.EACCES,
+    )
 
 
 def _open_regular(path: str, trusted: int | None) -> int:

@@ -533,9 +533,13 @@ def test_root_follows_no_other_users_link_to_an_observation(fs):
     os.lchown(hop, NOBODY, NOBODY)
     own = fs.base / "obsr-root-link"
     os.symlink(secret, own)
-    for path, name in ((planted, "output.txt"), (hop / "key", "hop")):
+    moved = agents / "result.txt"  # a link of root's the agent moved into its directory
+    os.symlink(secret, moved)
+    for path, why in ((planted, f"'output.txt', a symbolic link of uid {NOBODY}"),
+                      (hop / "key", f"'hop', a symbolic link of uid {NOBODY}"),
+                      (moved, "'result.txt', a symbolic link another user may move")):
         code, reply = fs.ctl(f"commit obsr r1 obs=@{path}")
-        assert code == errno.EACCES and f"'{name}', a symbolic link of uid {NOBODY}" in reply
+        assert code == errno.EACCES and why in reply, reply
     assert "r1" not in os.listdir(fs.mnt / "snapshots")
     assert fs.ctl(f"commit obsr r2 obs=@{own}")[0] == 0
     assert (fs.mnt / "observations" / "r2").read_text() == "root's only"
@@ -552,6 +556,32 @@ def test_root_follows_no_other_users_link_to_an_observation(fs):
         os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer go
         writer.join(5)
     assert fs.ctl("discard obsr")[0] == 0
+
+
+def test_a_root_link_is_followed_only_where_no_other_user_may_move_it(tmp_path):
+    """``privacy.resolve_trusting`` keeps, per directory walked into, whether another user
+    may change the names on the way: ``..`` goes back to the parent's answer."""
+    (tmp_path / "root" / "data").mkdir(parents=True)
+    (tmp_path / "root" / "data" / "f").write_text("x")
+    os.symlink("data", tmp_path / "root" / "link")
+    agents = tmp_path / "agent"
+    agents.mkdir()
+    os.chown(agents, NOBODY, NOBODY)
+
+    def resolves(path) -> bool:
+        try:
+            os.close(privacy.resolve_trusting(path, 0))
+        except PermissionDeniedError:
+            return False
+        return True
+
+    assert resolves(tmp_path / "root" / "link" / "f")
+    assert resolves(f"{agents}/../root/link/f")  # out of the agent's directory: root's again
+    os.symlink(tmp_path / "root" / "link", agents / "moved")  # root's, where the agent writes
+    assert not resolves(agents / "moved" / "f")
+    assert not resolves(f"{agents}/../agent/moved/f")
+    os.chown(tmp_path / "root", NOBODY, NOBODY)  # the agent may now move root/link
+    assert not resolves(tmp_path / "root" / "link" / "f")
 
 
 def test_a_root_import_follows_no_other_users_link(tmp_path, monkeypatch):
@@ -573,9 +603,13 @@ def test_a_root_import_follows_no_other_users_link(tmp_path, monkeypatch):
     os.lchown(planted, NOBODY, NOBODY)
     own = tmp_path / "root-link"
     os.symlink(agents / "run", own)
+    moved = agents / "run3"  # a link of root's the agent moved into its directory
+    os.symlink(secret, moved)
     with open_store(tmp_path / "store") as sm:
         with pytest.raises(PermissionDeniedError, match=r"'run2', a symbolic link of uid 65534"):
             sm.import_tree(planted, "stolen")
+        with pytest.raises(PermissionDeniedError, match=r"'run3', a symbolic link another user"):
+            sm.import_tree(moved, "stolen")
         assert sm.import_tree(own, "mine") == "mine"
         resolve = state.resolve_import_source
 
