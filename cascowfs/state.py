@@ -599,7 +599,10 @@ class StateManager:
         except CascowfsError as exc:
             why = exc.message
             if exc.errno == errno.ENOSPC:  # move_mount takes no disk space: the mount table
-                why += " (the mount table is full: fs.mount-max mounts in this namespace)"
+                why += (
+                    " (a mount table is full: this mount namespace, or one it propagates to,"
+                    " holds fs.mount-max mounts)"
+                )
             raise type(exc)(
                 f"creating branch {name}: its overlay could not be mounted: {why}",
                 errno=exc.errno,
