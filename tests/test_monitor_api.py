@@ -25,7 +25,7 @@ from cascowfs.monitor.files import MountFiles, parse_episodes, parse_events
 from cascowfs.monitor.peers import socket_owner
 from cascowfs.monitor.server import MonitorServer, parse_listen
 from cascowfs.privacy import Caller
-from cascowfs.monitor.tracker import Tracker
+from cascowfs.monitor.tracker import CHART_EVENTS, KEPT_EVENTS, OUTSIDER_EVENTS, Tracker
 from cascowfs.names import check_branch_name, check_labels, check_snapshot_id
 from support.browser import episode, fake_mount, write_lines
 from support.processes import REPO
@@ -33,6 +33,10 @@ from support.properties import hypothesis_settings
 
 EVENT = {"time": "2026-12-05T12:00:00Z", "time_ns": 1, "op": "commit", "names": ["b1"],
          "result": "ok", "latency_ms": 3.5, "id": "s1"}
+NOBODY = 65534
+# a caller outside root and the admin group, as the daemon writes its line
+REFUSED = {**EVENT, "names": ["rootwork", "ROOT_COMMIT_9"], "result": "EPERM", "id": None,
+           "uid": NOBODY, "dropped": 0}
 
 
 @contextmanager
@@ -146,6 +150,92 @@ def test_a_refused_commands_words_are_kept_as_text(tmp_path):
         [event] = get_json(server, "/api/events")
         assert event["id"] is None and event["names"] == ["b1", "<b>x</b>"]
         assert event["result"] == "EINVAL"
+
+
+def test_a_flood_of_outsiders_events_pushes_none_of_roots_out(tmp_path):
+    """Any user may write ctl: thousands of refused commands of `nobody` keep root's and the
+    admin group's last KEPT_EVENTS in the monitor (in /api/events and /api/state) and out of
+    the latency chart; the outsiders' own are kept apart, the last OUTSIDER_EVENTS, with
+    their uid. The daemon's MNT/events holds both, its outsiders' last 100, in order."""
+    roots = [{**EVENT, "time_ns": t, "op": op, "id": f"s{t}"}
+             for t, op in enumerate(["import", "branch", "commit", "commit", "label"], 1)]
+    root = fake_mount(tmp_path / "mnt", [], {}, events=roots)
+    with serving(root) as (server, tracker):
+        before = get_json(server, "/api/state")
+        assert [e["uid"] for e in before["events"]] == [None] * 5
+        flood, dropped = [], 0
+        for t in range(100, 1100):  # 1,000 refusals, read 100 new ones at a time
+            if len(flood) == 100:
+                flood.pop(0)
+                dropped += 1
+            flood.append({**REFUSED, "time_ns": t, "dropped": dropped})
+            if t % 100 == 99:
+                write_lines(root / "events", roots + flood)
+                tracker.poll_once()
+        kept = get_json(server, "/api/events?limit=1000")
+        assert len(kept) == 5 + OUTSIDER_EVENTS
+        assert [e["op"] for e in kept if e["uid"] is None] == [e["op"] for e in roots]
+        outsiders = [e for e in kept if e["uid"] is not None]
+        assert {(e["uid"], e["result"]) for e in outsiders} == {(NOBODY, "EPERM")}
+        assert outsiders[-1]["time_ns"] == 1099 and outsiders[-1]["dropped"] == 900
+        state = get_json(server, "/api/state")
+        assert [(e["uid"], e["names"]) for e in state["events"]] == [
+            (NOBODY, ["rootwork", "ROOT_COMMIT_9"])] * 10
+        assert [e["time_ns"] for e in state["latency"]] == [1, 2, 3, 4, 5]
+        assert state["snapshots"] == 0, "an outsider's event never has the tree read again"
+
+        # root goes on: its event is the newest in the table and the chart, and past
+        # KEPT_EVENTS of its own, the oldest of root's go, not the outsiders'
+        more = [{**EVENT, "time_ns": 2000 + i, "op": "find"} for i in range(KEPT_EVENTS)]
+        write_lines(root / "events", roots + flood + more)
+        tracker.poll_once()
+        kept = get_json(server, "/api/events?limit=1000")
+        assert len(kept) == KEPT_EVENTS + OUTSIDER_EVENTS
+        assert [e["time_ns"] for e in kept] == list(range(1050, 1100)) + list(range(2000, 2200))
+        state = get_json(server, "/api/state")
+        assert state["events"][-1]["time_ns"] == 2199 and state["events"][-1]["uid"] is None
+        assert len(state["latency"]) == CHART_EVENTS
+        assert all(e["uid"] is None for e in state["latency"])
+        assert get_json(server, "/api/events?limit=3")[-1]["time_ns"] == 2199
+
+
+def test_an_outsiders_event_keeps_its_place_among_roots(tmp_path):
+    """The table shows the operations in the daemon's order, outsiders' among root's."""
+    lines = [{**EVENT, "time_ns": 1}, {**REFUSED, "time_ns": 2}, {**EVENT, "time_ns": 3},
+             {**REFUSED, "time_ns": 4, "uid": 1000}, {**EVENT, "time_ns": 5, "op": "find"}]
+    root = fake_mount(tmp_path / "mnt", [], {}, events=lines)
+    with serving(root) as (server, _):
+        state = get_json(server, "/api/state")
+        assert [(e["time_ns"], e["uid"]) for e in state["events"]] == [
+            (1, None), (2, NOBODY), (3, None), (4, 1000), (5, None)]
+        assert [e["time_ns"] for e in state["latency"]] == [1, 3, 5]
+        assert get_json(server, "/api/events?limit=2") == state["events"][-2:]
+
+
+@pytest.mark.parametrize("fields", [
+    {"uid": -1}, {"uid": True}, {"uid": False}, {"uid": 2**32 - 1}, {"uid": 2**64},
+    {"uid": 10**400}, {"uid": "65534"}, {"uid": 65534.0}, {"uid": [65534]}, {"uid": {}},
+    {"dropped": -1}, {"dropped": True}, {"dropped": "3"}, {"dropped": 1.5},
+    {"dropped": 2**53}, {"uid": None, "dropped": 3}, {"uid": None, "dropped": 0}])
+def test_a_hostile_uid_or_dropped_count_rejects_the_line(fields):
+    """uid is a uid_t other than -1, dropped a count a page reads exactly; a count without a
+    uid is no line the daemon writes."""
+    line = {**REFUSED, **fields}
+    if "uid" in fields and fields["uid"] is None:
+        del line["uid"]
+    parsed = parse_events(json.dumps(line).encode() + b"\n" + json.dumps(EVENT).encode())
+    assert parsed.rejected == 1 and [e.uid for e in parsed.records] == [None]
+
+
+def test_uid_and_dropped_are_read_as_the_daemon_writes_them():
+    lines = [EVENT, {**EVENT, "uid": None}, REFUSED, {**REFUSED, "uid": 0, "dropped": 7},
+             {**REFUSED, "uid": 2**32 - 2, "dropped": 2**53 - 1}, {**REFUSED, "dropped": None}]
+    parsed = parse_events(b"\n".join(json.dumps(o).encode() for o in lines))
+    assert parsed.rejected == 0
+    assert [(e.uid, e.dropped) for e in parsed.records] == [
+        (None, 0), (None, 0), (NOBODY, 0), (0, 7), (2**32 - 2, 2**53 - 1), (NOBODY, 0)]
+    assert parsed.records[2].as_json() == {k: v for k, v in REFUSED.items() if k != "time"}
+    assert parsed.records[0].as_json()["uid"] is None
 
 
 def test_missing_files_are_reported_not_made_up(tmp_path):
@@ -399,7 +489,8 @@ def test_episodes_parser_passes_on_only_valid_records(objects, noise):
 event_like = st.fixed_dictionaries(
     {}, optional={"time_ns": json_values, "op": json_values | st.text(max_size=10),
                   "names": json_values, "result": json_values | st.text(max_size=10),
-                  "latency_ms": json_values, "id": json_values})
+                  "latency_ms": json_values, "id": json_values,
+                  "uid": json_values | st.integers(-1, 2**32), "dropped": json_values})
 
 
 @hypothesis_settings(200)
@@ -411,6 +502,11 @@ def test_events_parser_passes_on_only_valid_records(objects):
         assert event.latency_ms >= 0 and event.time_ns >= 0
         assert event.id is None or _valid(check_snapshot_id, event.id)
         assert all(isinstance(n, str) and len(n) <= 256 for n in event.names)
+        if event.uid is None:
+            assert event.dropped == 0
+        else:
+            assert type(event.uid) is int and 0 <= event.uid < 2**32 - 1
+            assert type(event.dropped) is int and 0 <= event.dropped < 2**53
     assert len(parsed.records) + parsed.rejected == len(objects)
 
 

@@ -273,3 +273,34 @@ def test_ten_thousand_snapshots_stay_usable(tmp_path):
         wait(driver, 5, lambda d: "capped at 600" in text_of(d, "tree-note"), "whole tree cap")
         assert len(driver.find_elements("css selector", "g.node")) <= 600
         assert browser_errors(driver) == []
+
+
+def test_an_outsiders_operations_name_their_uid_and_stay_out_of_the_chart(tmp_path):
+    """A refused command of a user outside root and the admin group is shown with its uid
+    (as text, whatever its words), never as root's, and draws no bar in the latency chart."""
+    base = {"time": "2026-12-05T12:00:00Z", "result": "ok", "latency_ms": 2.0}
+    roots = [{**base, "time_ns": t * 10**9, "op": op, "names": ["b1"], "id": f"s{t}"}
+             for t, op in enumerate(["import", "branch", "commit"], 1)]
+    refused = [{**base, "time_ns": (10 + i) * 10**9, "op": "commit", "result": "EPERM",
+                "names": ["rootwork", HOSTILE[i % len(HOSTILE)]], "id": None, "uid": 65534,
+                "dropped": i} for i in range(8)]
+    root = fake_mount(tmp_path / "mnt", [episode("s1", None, 1)], {}, events=roots + refused)
+    with monitor(root) as mon, chromium() as driver:
+        driver.get(mon.url)
+
+        def rows(d) -> list[str]:
+            return [r.text for r in d.find_elements("css selector", "#events tbody tr")]
+
+        wait(driver, LOAD_SECONDS, lambda d: len(rows(d)) == 10, "the operations table")
+        shown = rows(driver)
+        assert all(r.split()[1:4] == ["commit", "uid", "65534"] and "EPERM" in r
+                   for r in shown[:8]), shown
+        assert not any("uid" in r for r in shown[8:]), shown
+        uids = driver.find_elements("css selector", "#events tr.outsider .uid")
+        assert len(uids) == 8 and uids[0].get_attribute("title")
+        assert len(driver.find_elements("css selector", "#latency rect")) == len(roots)
+        assert driver.execute_script("return window.__xss") is None
+        injected = driver.execute_script(
+            "return document.querySelectorAll('img, script:not([src]), #tree svg, [onerror],"
+            " [onload]').length")
+        assert injected == 0 and browser_errors(driver) == []

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.parse
 
@@ -92,3 +95,73 @@ def test_operations_and_metrics_come_from_the_daemon():
         assert state["problems"] == {}
         status, body = call(mon.url, path="/metrics")
         assert status == 200 and b"cascowfs_snapshots 1" in body.replace(b".0", b"")
+
+
+NOBODY = 65534
+FLOOD_SECONDS = 2.0  # 8 reads of MNT/events by the monitor, each finding 100 new refusals
+FLOOD_SCRIPT = r"""
+import errno, json, os, sys, time
+mnt, seconds = sys.argv[1], float(sys.argv[2])
+results = {}
+fd = os.open(f"{mnt}/ctl", os.O_WRONLY)
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        os.write(fd, b"commit rootwork ROOT_COMMIT_9\n")
+        name = "ok"
+    except OSError as exc:
+        name = errno.errorcode[exc.errno]
+    results[name] = results.get(name, 0) + 1
+os.close(fd)
+print(json.dumps(results))
+"""
+
+
+def test_a_flood_of_refused_commands_leaves_roots_operations_in_the_monitor():
+    """Any user may write ctl: `nobody` sending `commit rootwork ...` for two seconds, each
+    refused with EPERM, leaves root's operations in /api/events and /api/state and alone in
+    the latency chart; nobody's own are shown with its uid, never as root's."""
+    from cascowfs.events import OUTSIDER_EVENTS_KEPT
+    from cascowfs.monitor.tracker import OUTSIDER_EVENTS, SERVED_EVENTS
+
+    with mounted() as fs, monitor(fs.mnt) as mon:
+        fs.sh('mkdir -p $BASE/src && echo one > $BASE/src/a && '
+              'echo "import base $BASE/src" > $MNT/ctl && echo "branch rootwork base" > $MNT/ctl'
+              ' && echo "commit rootwork r1" > $MNT/ctl && echo "branch other r1" > $MNT/ctl'
+              ' && echo "commit other r2" > $MNT/ctl')
+        ours = [("import", "base"), ("branch", "rootwork"), ("commit", "r1"),
+                ("branch", "other"), ("commit", "r2")]
+
+        def root_ops(events: list[dict]) -> list[tuple[str, str]]:
+            return [(e["op"], e["id"] if e["op"] != "branch" else e["names"][0])
+                    for e in events if e["uid"] is None]
+
+        state_when(mon.url, lambda s: root_ops(s["events"]) == ours, "root's operations")
+        python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+        proc = subprocess.run([python, "-c", FLOOD_SCRIPT, str(fs.mnt), str(FLOOD_SECONDS)],
+                              capture_output=True, text=True, user=NOBODY, group=NOBODY,
+                              extra_groups=[], timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        sent = json.loads(proc.stdout)
+        assert list(sent) == ["EPERM"] and sent["EPERM"] > 10 * SERVED_EVENTS, sent
+        last_dropped = sent["EPERM"] - OUTSIDER_EVENTS_KEPT  # as the daemon's last line says
+
+        def caught_up(state: dict) -> bool:
+            return state["events"][-1].get("dropped") == last_dropped
+        state = state_when(mon.url, caught_up, "the monitor never read the flood's end")
+
+        status, kept = call(mon.url, path=f"/api/events?limit={SERVED_EVENTS}")
+        assert status == 200
+        assert root_ops(kept) == ours, "root's operations were pushed out"
+        outsiders = [e for e in kept if e["uid"] is not None]
+        assert len(outsiders) == OUTSIDER_EVENTS
+        assert {(e["uid"], e["op"], tuple(e["names"]), e["id"], e["result"])
+                for e in outsiders} == {(NOBODY, "commit", ("rootwork",), "ROOT_COMMIT_9", "EPERM")}
+        assert [e["uid"] for e in state["events"]] == [NOBODY] * 10
+        assert root_ops(state["latency"]) == ours and len(state["latency"]) == len(ours)
+
+        fs.sh('echo "commit rootwork r3" > $MNT/ctl')
+        state = state_when(mon.url, lambda s: s["events"][-1]["id"] == "r3", "root's next commit")
+        assert state["events"][-1]["uid"] is None
+        assert root_ops(state["latency"]) == [*ours, ("commit", "r3")]
+        assert (fs.mnt / "branches" / "rootwork" / "parent").read_text() == "r3\n"

@@ -70,6 +70,11 @@ class Event:
     result: str
     latency_ms: float
     id: str | None
+    # A caller outside root and the admin group: its uid, and how many such callers' events
+    # the daemon had dropped when this one came (its ring of them is short). None: root's or
+    # the admin group's.
+    uid: int | None = None
+    dropped: int = 0
 
     def as_json(self) -> dict:
         return {
@@ -79,6 +84,8 @@ class Event:
             "result": self.result,
             "latency_ms": self.latency_ms,
             "id": self.id,
+            "uid": self.uid,
+            "dropped": self.dropped,
         }
 
 
@@ -206,10 +213,16 @@ def _json_lines(data: bytes) -> list[object | None]:
     return out
 
 
-def _int(value: object) -> int:
+def _int(value: object, top: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"not a count: {value!r}")
+    if top is not None and value > top:
+        raise ValueError(f"over {top}: {value!r}")
     return value
+
+
+UID_MAX = 2**32 - 2  # (uid_t)-1 is no one's
+DROPPED_MAX = 2**53 - 1  # read by the page as a JavaScript number
 
 
 def _parse_lines(data: bytes, parse_one: Callable[[dict], T]) -> Parsed[T]:
@@ -253,6 +266,13 @@ def _event(obj: dict) -> Event:
         raise ValueError("bad latency")
     if not math.isfinite(latency) or latency < 0:
         raise ValueError("bad latency")
+    # An outsider's line (a caller outside root and the admin group) names its uid, and says
+    # how many outsiders' events the daemon dropped so far; without a uid, no such count.
+    uid, dropped = obj.get("uid"), obj.get("dropped")
+    if uid is not None:
+        uid, dropped = _int(uid, UID_MAX), _int(0 if dropped is None else dropped, DROPPED_MAX)
+    elif dropped is not None:
+        raise ValueError("dropped without uid")
     # A failed command's words are whatever its caller wrote: shown as text only, cut for the
     # table, and an id that is not a valid one (the refused `commit b ../x`) is left out.
     return Event(
@@ -262,6 +282,8 @@ def _event(obj: dict) -> Event:
         result=result[:32],
         latency_ms=float(latency),
         id=ident if _valid_name(ident, check_snapshot_id) else None,
+        uid=uid,
+        dropped=dropped or 0,
     )
 
 
@@ -273,5 +295,6 @@ def parse_episodes(data: bytes) -> Parsed[Node]:
 
 def parse_events(data: bytes) -> Parsed[Event]:
     """``MNT/events``: one object per operation, oldest first, with ``time_ns``, ``op``,
-    ``names``, ``result`` (``ok`` or an errno name), ``latency_ms`` and ``id``."""
+    ``names``, ``result`` (``ok`` or an errno name), ``latency_ms`` and ``id``, and for a
+    caller outside root and the admin group ``uid`` and ``dropped``."""
     return _parse_lines(data, _event)

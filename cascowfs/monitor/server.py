@@ -35,7 +35,7 @@ from ..events import printable
 from ..privacy import Caller
 from .files import FileMissing, MountFiles
 from .peers import socket_owner
-from .tracker import KEPT_EVENTS, Tracker
+from .tracker import SERVED_EVENTS, Tracker
 
 log = logging.getLogger("cascowfs.monitor")
 
@@ -212,7 +212,7 @@ class MonitorHandler(BaseHTTPRequestHandler):
         if url.path == "/api/branches":
             return self._json([{"name": b.name, "parent": b.parent} for b in tracker.branches()])
         if url.path == "/api/events":
-            limit = min(_int_arg(query, "limit", 10), KEPT_EVENTS)
+            limit = min(_int_arg(query, "limit", 10), SERVED_EVENTS)
             return self._json([e.as_json() for e in tracker.events(limit)])
         if url.path == "/api/stream":
             return self._stream()

@@ -10,10 +10,18 @@ changes snapshots has run since, and never more often than twice the time the la
 Each node carries the sequence number of its last change and each removed id the number of its
 removal, so a page asks for the changes since the number it has (``tree_since``) and receives a
 few nodes, not the whole tree, on every commit.
+
+Any user may write to ``ctl``: a caller outside root and the admin group (an outsider) gets
+EPERM for every change, thousands a second if it likes. Its events name its ``uid`` and are
+kept apart, the last ``OUTSIDER_EVENTS`` of them, as the daemon keeps them: the operations of
+root and the admin group keep their ``KEPT_EVENTS`` and the latency chart, whatever outsiders
+send, and an outsider's operation never has the tree read again (it changed nothing).
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
@@ -35,8 +43,11 @@ FULL_REFRESH_SECONDS = 10.0  # also shows a change whose event left the ring bet
 TREE_UNCHANGED_BY = frozenset({"branch", "discard", "rebase", "reset", "gc", "unknown"}) | set(
     QUERY_VERBS
 )
-KEPT_EVENTS = 200  # the table shows 10, the latency chart up to 120
+KEPT_EVENTS = 200  # of root and the admin group: the table shows 10, the chart up to 120
+OUTSIDER_EVENTS = 50  # of callers outside root and the admin group, kept apart
+SERVED_EVENTS = KEPT_EVENTS + OUTSIDER_EVENTS  # the most /api/events answers
 CHART_EVENTS = 120
+TABLE_EVENTS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +70,10 @@ class Tracker:
         self._nodes: dict[str, tuple[Node, int]] = {}
         self._removed: dict[str, int] = {}
         self._branches: list[BranchView] = []
-        self._events: deque[Event] = deque(maxlen=KEPT_EVENTS)
+        # (order of arrival, event): root's and the admin group's, and outsiders' (with a uid)
+        self._events: deque[tuple[int, Event]] = deque(maxlen=KEPT_EVENTS)
+        self._outsiders: deque[tuple[int, Event]] = deque(maxlen=OUTSIDER_EVENTS)
+        self._arrivals = itertools.count()
         self._problems: dict[str, str] = {}
         self._tree_problems: dict[str, str] = {}  # from the last read of the tree
         self._label_keys: list[str] = []
@@ -128,7 +142,10 @@ class Tracker:
         events_served = "events" not in problems
         self._tree_pending |= (
             not events_served
-            or any(e.result == "ok" and e.op not in TREE_UNCHANGED_BY for e in new_events)
+            or any(
+                e.result == "ok" and e.op not in TREE_UNCHANGED_BY and e.uid is None
+                for e in new_events
+            )
             or now - self._tree_read_at > FULL_REFRESH_SECONDS
         )
         changed = bool(new_events)
@@ -160,7 +177,9 @@ class Tracker:
         self._events_seen = set(parsed.records)
         if new:
             with self._cond:
-                self._events.extend(new)
+                for event in new:
+                    ring = self._events if event.uid is None else self._outsiders
+                    ring.append((next(self._arrivals), event))
         return new
 
     def _read_tree(self) -> bool:
@@ -246,22 +265,29 @@ class Tracker:
         with self._cond:
             return list(self._branches)
 
+    def _merged(self) -> list[Event]:
+        """Both kinds of event kept, in the order the daemon listed them (the caller holds the
+        lock)."""
+        return [e for _, e in heapq.merge(self._events, self._outsiders, key=lambda a: a[0])]
+
     def events(self, limit: int) -> list[Event]:
         with self._cond:
-            return list(self._events)[-limit:] if limit > 0 else []
+            return self._merged()[-limit:] if limit > 0 else []
 
     def summary(self) -> dict:
-        """What the page's header, branch table, operations table and chart show."""
+        """What the page's header, branch table, operations table and chart show: the table
+        the last operations of anyone, the chart those of root and the admin group only."""
         with self._cond:
-            events = list(self._events)
+            events = self._merged()[-TABLE_EVENTS:]
+            chart = [e for _, e in self._events][-CHART_EVENTS:]
             return {
                 "mount": str(self.files.mnt),
                 "version": self.version,
                 "tree_seq": self._seq,
                 "snapshots": len(self._nodes),
                 "branches": [{"name": b.name, "parent": b.parent} for b in self._branches],
-                "events": [e.as_json() for e in events[-10:]],
-                "latency": [e.as_json() for e in events[-CHART_EVENTS:]],
+                "events": [e.as_json() for e in events],
+                "latency": [e.as_json() for e in chart],
                 "label_keys": self._label_keys,
                 "problems": dict(self._problems),
             }

@@ -275,10 +275,22 @@ function drawBranches() {
   $("branches").tBodies[0].replaceChildren(...rows);
 }
 
+// An operation of a caller outside root and the admin group (any user may write ctl, and is
+// refused every change) names its uid: its row says whose it was, and it draws no bar.
+function isOutsiders(e) {
+  return e.uid !== null && e.uid !== undefined;
+}
+
 function drawEvents() {
   const rows = [...state.summary.events].reverse().map((e) => {
-    const tr = el("tr", { class: e.result === "ok" ? "" : "failed" });
-    tr.append(el("td", {}, when(e.time_ns)), el("td", {}, e.op), el("td", {}, shorten(eventSubject(e), 40)),
+    const classes = [e.result === "ok" ? "" : "failed", isOutsiders(e) ? "outsider" : ""];
+    const tr = el("tr", { class: classes.join(" ").trim() });
+    const op = el("td", {}, e.op);
+    if (isOutsiders(e)) {
+      op.append(el("span", { class: "uid", title: "a caller outside root and the admin group" },
+        `uid ${String(e.uid)}`));
+    }
+    tr.append(el("td", {}, when(e.time_ns)), op, el("td", {}, shorten(eventSubject(e), 40)),
       el("td", {}, e.result), el("td", { class: "num" }, e.latency_ms.toFixed(1)));
     return tr;
   });
@@ -298,7 +310,7 @@ function opColour(op) {
 
 function drawLatency() {
   const svg = $("latency");
-  const events = state.summary.latency;
+  const events = state.summary.latency.filter((e) => !isOutsiders(e)); // root's and the admin group's
   const width = 360, height = 90;
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   if (events.length === 0) {
