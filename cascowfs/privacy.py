@@ -297,24 +297,36 @@ def resolve_trusting(path: str | bytes | os.PathLike[str], trusted: int | None) 
     fd = os.open(b"/" if absolute else b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     owners = (0, trusted)
     # per directory walked into: whether only ``owners`` may change the names leading to it
-    # (a relative path's start is not known: nothing is)
+    # (a relative path's start is not known: nothing is); only asked with ``trusted``
     held = [absolute]
-    served = _served_devices() if trusted is not None else frozenset()
+    served: frozenset[int] | None = None  # read from the mount table once it is needed
+
+    def still_held(directory: int, entry: os.stat_result) -> bool:
+        """Whether, past ``entry`` in the open ``directory``, only ``owners`` may change
+        the names on the way."""
+        nonlocal served
+        if not held[-1]:
+            return False
+        here = os.fstat(directory)
+        if held_by(here, entry, owners):
+            return True
+        if served is None:
+            served = _served_devices()
+        return here.st_dev in served
+
     followed = 0
     try:
         while pending:
             name = pending.pop()
-            here = os.fstat(fd)
             below = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             st = os.fstat(below)
             if not stat.S_ISLNK(st.st_mode):
+                if trusted is not None and name != b"..":
+                    held.append(still_held(fd, st))
+                elif trusted is not None and len(held) > 1:
+                    held.pop()  # back to the parent's answer
                 os.close(fd)
                 fd = below
-                if name == b"..":
-                    if len(held) > 1:
-                        held.pop()
-                else:
-                    held.append(held[-1] and (here.st_dev in served or held_by(here, st, owners)))
                 continue
             os.close(below)
             followed += 1
@@ -322,9 +334,7 @@ def resolve_trusting(path: str | bytes | os.PathLike[str], trusted: int | None) 
                 raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), os.fsdecode(raw))
             if trusted is not None and st.st_uid not in owners:
                 raise _not_followed(raw, name, f"a symbolic link of uid {st.st_uid}", trusted)
-            if trusted is not None and not (
-                held[-1] and (here.st_dev in served or held_by(here, st, owners))
-            ):
+            if trusted is not None and not still_held(fd, st):
                 raise _not_followed(raw, name, "a symbolic link another user may move", trusted)
             target = os.readlink(name, dir_fd=fd)
             if target.startswith(b"/"):
