@@ -538,10 +538,10 @@ def apply_upper(
                     sub = open_dir(top, cpath, crel, cst, cname, shadowed, lower_children)
                     changes[cname] = sub[0]
                     stack.append(sub)
-                    below = sub[0].lower_totals[2]
                     if sub[0].lower_id != (shadowed.ref if shadowed is not None else b""):
                         # opaque or redirected: what stood here goes, what it names moves
-                        base_links_touched |= bool(below) or _holds_links(shadowed)
+                        moved = bool(sub[0].lower_totals[2])
+                        base_links_touched |= moved or _holds_links(shadowed)
                     break  # the rest of this directory after that subdirectory's
                 elif stat.S_ISREG(cst.st_mode):
                     key = (crel, cst.st_ino, cst.st_size, cst.st_mtime_ns, cst.st_ctime_ns)
