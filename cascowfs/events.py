@@ -30,6 +30,9 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 EVENTS_KEPT = 1000
 OUTSIDER_EVENTS_KEPT = 100  # of callers outside root and the admin group
@@ -93,6 +96,36 @@ class OperationEvent:
         return json.dumps(self.as_dict(), separators=(",", ":")).encode("ascii") + b"\n"
 
 
+class SplitRing(Generic[T]):
+    """The last ``kept`` items of root and the admin group and the last ``outsiders_kept``
+    of other callers, numbered from 0 in the order appended (module docstring: outsiders
+    cannot push the others out). Not locked: its owner holds its own lock around it."""
+
+    def __init__(self, kept: int, outsiders_kept: int) -> None:
+        # (sequence number, item), oldest first
+        self.ours: deque[tuple[int, T]] = deque(maxlen=kept)
+        self.outsiders: deque[tuple[int, T]] = deque(maxlen=outsiders_kept)
+        self.next = 0  # sequence number of the next item
+
+    def append(self, item: T, *, outsider: bool) -> None:
+        (self.outsiders if outsider else self.ours).append((self.next, item))
+        self.next += 1
+
+    def outsiders_full(self) -> bool:
+        """Whether the next outsider's item drops the oldest one."""
+        return len(self.outsiders) == self.outsiders.maxlen
+
+    def oldest(self) -> int:
+        """The sequence number of the oldest item kept."""
+        return min((ring[0][0] for ring in (self.ours, self.outsiders) if ring),
+                   default=self.next)  # fmt: skip
+
+    def since(self, seq: int = 0) -> list[T]:
+        """The items from sequence number ``seq`` on (those still kept), in order."""
+        merged = heapq.merge(_since(self.ours, seq), _since(self.outsiders, seq))
+        return [item for _, item in merged]
+
+
 class EventRing:
     """The last ``kept`` events of root and the admin group and the last ``outsiders_kept``
     of other callers (those with a ``uid``), encoded, numbered from 0 in the order appended.
@@ -101,11 +134,8 @@ class EventRing:
     worker thread ever appends."""
 
     def __init__(self, kept: int = EVENTS_KEPT, outsiders_kept: int = OUTSIDER_EVENTS_KEPT):
-        # (sequence number, line), oldest first
-        self._lines: deque[tuple[int, bytes]] = deque(maxlen=kept)
-        self._outsiders: deque[tuple[int, bytes]] = deque(maxlen=outsiders_kept)
+        self._ring: SplitRing[bytes] = SplitRing(kept, outsiders_kept)
         self.outsiders_dropped = 0
-        self._next = 0  # sequence number of the next event
         self._lock = threading.Lock()
         self.bytes_appended = 0  # bytes of every line ever appended: grows like a log file
         self.changed_ns = time.time_ns()
@@ -113,15 +143,12 @@ class EventRing:
     def append(self, event: OperationEvent) -> OperationEvent:
         """Keep ``event``; returns it as kept (an outsider's with its ``dropped``)."""
         with self._lock:
-            ring = self._lines
             if event.uid is not None:
-                ring = self._outsiders
-                if len(ring) == ring.maxlen:
+                if self._ring.outsiders_full():
                     self.outsiders_dropped += 1
                 event = replace(event, dropped=self.outsiders_dropped)
             line = event.json_line()
-            ring.append((self._next, line))
-            self._next += 1
+            self._ring.append(line, outsider=event.uid is not None)
             self.bytes_appended += len(line)
             self.changed_ns = time.time_ns()
             return event
@@ -129,18 +156,16 @@ class EventRing:
     def oldest(self) -> int:
         """The sequence number of the oldest event kept."""
         with self._lock:
-            return min((ring[0][0] for ring in (self._lines, self._outsiders) if ring),
-                       default=self._next)  # fmt: skip
+            return self._ring.oldest()
 
     def lines_since(self, seq: int) -> tuple[bytes, int]:
         """The lines from sequence number ``seq`` on (those still kept), in order, and the
         number to ask from next time."""
         with self._lock:
-            new = heapq.merge(_since(self._lines, seq), _since(self._outsiders, seq))
-            return b"".join(line for _, line in new), self._next
+            return b"".join(self._ring.since(seq)), self._ring.next
 
 
-def _since(ring: deque[tuple[int, bytes]], seq: int) -> list[tuple[int, bytes]]:
+def _since(ring: deque[tuple[int, T]], seq: int) -> list[tuple[int, T]]:
     """The entries of ``ring`` from sequence number ``seq`` on, walked from the newest: a
     reader keeping up asks for a few, not for the whole ring."""
     out = []

@@ -20,16 +20,14 @@ send, and an outsider's operation never has the tree read again (it changed noth
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import CascowfsError
+from ..events import SplitRing
 from ..wire import QUERY_VERBS
 from .files import DAEMON_GONE, BranchView, Event, FileMissing, MountFiles, Node
 
@@ -70,10 +68,8 @@ class Tracker:
         self._nodes: dict[str, tuple[Node, int]] = {}
         self._removed: dict[str, int] = {}
         self._branches: list[BranchView] = []
-        # (order of arrival, event): root's and the admin group's, and outsiders' (with a uid)
-        self._events: deque[tuple[int, Event]] = deque(maxlen=KEPT_EVENTS)
-        self._outsiders: deque[tuple[int, Event]] = deque(maxlen=OUTSIDER_EVENTS)
-        self._arrivals = itertools.count()
+        # root's and the admin group's, and outsiders' (with a uid), in order of arrival
+        self._events: SplitRing[Event] = SplitRing(KEPT_EVENTS, OUTSIDER_EVENTS)
         self._problems: dict[str, str] = {}
         self._tree_problems: dict[str, str] = {}  # from the last read of the tree
         self._label_keys: list[str] = []
@@ -178,8 +174,7 @@ class Tracker:
         if new:
             with self._cond:
                 for event in new:
-                    ring = self._events if event.uid is None else self._outsiders
-                    ring.append((next(self._arrivals), event))
+                    self._events.append(event, outsider=event.uid is not None)
         return new
 
     def _read_tree(self) -> bool:
@@ -265,21 +260,16 @@ class Tracker:
         with self._cond:
             return list(self._branches)
 
-    def _merged(self) -> list[Event]:
-        """Both kinds of event kept, in the order the daemon listed them (the caller holds the
-        lock)."""
-        return [e for _, e in heapq.merge(self._events, self._outsiders, key=lambda a: a[0])]
-
     def events(self, limit: int) -> list[Event]:
         with self._cond:
-            return self._merged()[-limit:] if limit > 0 else []
+            return self._events.since()[-limit:] if limit > 0 else []
 
     def summary(self) -> dict:
         """What the page's header, branch table, operations table and chart show: the table
         the last operations of anyone, the chart those of root and the admin group only."""
         with self._cond:
-            events = self._merged()[-TABLE_EVENTS:]
-            chart = [e for _, e in self._events][-CHART_EVENTS:]
+            events = self._events.since()[-TABLE_EVENTS:]
+            chart = [e for _, e in self._events.ours][-CHART_EVENTS:]
             return {
                 "mount": str(self.files.mnt),
                 "version": self.version,
