@@ -80,7 +80,8 @@ class SkeletonNode(Node):
 class CtlNode(Node):
     """``ctl``, or one of its lanes (see ``ctl_lanes``): ``opens`` counts its open files;
     a lookup by thread ``promised_to`` handed it out, and it waits for that thread's open
-    until ``promised_until``."""
+    until ``promised_until``. A lane ``ctl_lanes`` dropped lives here like any node: until
+    the kernel forgets it."""
 
     opens: int = 0
     promised_to: int = 0
