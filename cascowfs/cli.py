@@ -431,6 +431,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         args.listen,
         read_only=args.read_only,
         remote_resets_as=args.remote_resets_as,
+        host_names=args.host_name,
         as_json=args.json,
     )
 
@@ -888,6 +889,14 @@ def build_parser() -> _Parser:
         metavar="USER",
         help="make resets from other machines (whose users are unknown here) as if USER (a "
         "name or uid) asked; refused otherwise",
+    )
+    p.add_argument(
+        "--host-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a DNS name the page is reached by (repeatable); otherwise only the listening "
+        "address (any of the machine's, on 0.0.0.0 or ::) and localhost, against DNS rebinding",
     )
 
     for name, what in (

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +21,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cascowfs.errors import InvalidArgumentError
 from cascowfs.monitor import server as server_module
+from cascowfs.monitor import tracker as tracker_module
 from cascowfs.monitor.files import MountFiles, parse_episodes, parse_events
 from cascowfs.monitor.peers import socket_owner
 from cascowfs.monitor.server import MonitorServer, parse_listen
@@ -105,6 +108,26 @@ def test_state_tree_branches_and_events_follow_the_files(tmp_path):
         later = get_json(server, f"/api/tree?since={delta['seq']}")
         assert later["nodes"] == [] and sorted(later["removed"]) == ["s2", "s3"]
         assert get_json(server, f"/api/tree?since={later['seq'] + 5}")["full"]
+
+
+def test_a_page_further_behind_than_the_removals_kept_gets_the_whole_tree(tmp_path, monkeypatch):
+    """A search prunes as it goes for as long as the monitor runs: it keeps the last
+    REMOVALS_KEPT removed ids, and a page asking from before them is sent every node."""
+    monkeypatch.setattr(tracker_module, "REMOVALS_KEPT", 3)
+    root = fake_mount(tmp_path / "mnt", [episode("s0", None, 1)], {}, events=[])
+    with serving(root) as (server, tracker):
+        first = get_json(server, "/api/tree")["seq"]
+        seqs = [first]
+        for i in range(1, 6):  # s(i-1) pruned, s(i) committed: one removal per tree number
+            write_lines(root / "episodes", [episode(f"s{i}", None, i)])
+            tracker.poke()
+            tracker.poll_once()
+            seqs.append(get_json(server, "/api/tree")["seq"])
+        assert len(tracker._removed) == 3
+        recent = get_json(server, f"/api/tree?since={seqs[2]}")
+        assert not recent["full"] and sorted(recent["removed"]) == ["s2", "s3", "s4"]
+        old = get_json(server, f"/api/tree?since={seqs[1]}")
+        assert old["full"] and [n["id"] for n in old["nodes"]] == ["s5"]
 
 
 def test_only_ops_that_change_snapshots_reread_the_tree(tmp_path):
@@ -394,23 +417,79 @@ def test_head_answers_the_get_routes_without_a_body(tmp_path):
         assert request(server, "HEAD", "/", headers={"Host": "evil.example"})[0] == 421
 
 
-def test_a_wildcard_address_still_wants_the_pages_own_origin(tmp_path):
-    """On 0.0.0.0 any Host may reach the monitor; a reset's Origin must still be that Host."""
-    root = fake_mount(tmp_path / "mnt", [], {}, events=[])
+@contextmanager
+def serving_on(root: Path, address: str, **options) -> Iterator[MonitorServer]:
+    """A monitor of ``root`` on ``address`` (a free port), not polled."""
     tracker = Tracker(MountFiles(root), clock=lambda: 0.0)
-    server = MonitorServer(("0.0.0.0", 0), tracker, False)
+    server = MonitorServer((address, 0), tracker, False, **options)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
-        good = {"branch": "b1", "id": "s1"}
-        host = f"monitor.example:{server.port}"
-        assert _reset(server, good, Host=host, Origin="http://evil.example")[0] == 403
-        status, reply = _reset(server, good, Host=host, Origin=f"http://{host}")
-        assert status == 503 and reply["errno"] == "ENOTCONN"  # accepted: no daemon serves it
+        yield server
     finally:
+        server.stopping.set()
         server.shutdown()
         thread.join()
         server.server_close()
+
+
+def test_a_wildcard_address_takes_addresses_and_given_names_only(tmp_path):
+    """On 0.0.0.0 any of the machine's addresses may be asked for, and localhost; a DNS name
+    only if given (--host-name): a page of evil.example whose name is rebound to this machine
+    sends its own name as Host and as Origin, and neither reads nor resets anything."""
+    root = fake_mount(tmp_path / "mnt", [], {}, events=[])
+    with serving_on(root, "0.0.0.0", host_names=["Monitor.Example"]) as server:
+        good = {"branch": "b1", "id": "s1"}
+        rebound = f"evil.example:{server.port}"
+        status, _ = _reset(server, good, Host=rebound, Origin=f"http://{rebound}")
+        assert status == 421
+        for host in (rebound, f"monitor.example:{server.port + 1}", f"127.0.0.1:{server.port + 1}",
+                     f"[::1:{server.port}", f"[::1]x{server.port}", f"2130706433:{server.port}",
+                     f"127.0.0.1:{server.port}0", ""):
+            assert request(server, "GET", "/api/state", headers={"Host": host})[0] == 421, host
+        for host in (f"127.0.0.1:{server.port}", f"10.1.2.3:{server.port}",
+                     f"LOCALHOST:{server.port}", f"[::1]:{server.port}"):
+            assert request(server, "GET", "/api/state", headers={"Host": host})[0] == 200, host
+        named = f"monitor.example:{server.port}"
+        assert _reset(server, good, Host=named, Origin="http://evil.example")[0] == 403
+        status, reply = _reset(server, good, Host=named, Origin=f"http://{named}")
+        assert status == 503 and reply["errno"] == "ENOTCONN"  # accepted: no daemon serves it
+
+
+@pytest.mark.parametrize("name", ["evil example", "-x", "x-", "a" * 254, "exämple.org", "x_y",
+                                  "1.2.3.4:80", ""])
+def test_a_host_name_must_be_a_dns_name(tmp_path, name):
+    with pytest.raises(InvalidArgumentError, match="--host-name"):
+        MonitorServer(("127.0.0.1", 0), Tracker(MountFiles(tmp_path)), False, host_names=[name])
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``sock`` (sending nothing) within ``seconds``."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+
+
+def test_a_silent_connection_is_closed_and_connections_are_capped(tmp_path, monkeypatch):
+    """Each connection holds a thread: one that sends nothing is closed after the socket
+    timeout, and past CONNECTIONS_MAX at once a new one is closed unanswered; a page's
+    request is served again once one has gone."""
+    monkeypatch.setattr(server_module, "SOCKET_TIMEOUT_SECONDS", 1.0)
+    monkeypatch.setattr(server_module, "CONNECTIONS_MAX", 2)
+    root = fake_mount(tmp_path / "mnt", [], {}, events=[])
+    with serving_on(root, "127.0.0.1") as server:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        try:
+            time.sleep(0.2)  # both are being served, by a thread each
+            with socket.create_connection(("127.0.0.1", server.port)) as third:
+                assert _closed_within(third, 0.5), "a third connection at once is closed"
+            assert all(_closed_within(sock, 5.0) for sock in idle), "closed after the timeout"
+        finally:
+            for sock in idle:
+                sock.close()
+        assert get_json(server, "/api/state")["snapshots"] == 0
 
 
 def test_read_only_monitor_refuses_resets(tmp_path):

@@ -8,10 +8,16 @@ reset is made only for a local user the daemon would let change state: the owner
 that asked (``peers.py``), root or in the mount's admin group. Another machine's reset has no
 user here and is refused unless ``--remote-resets-as`` names one. A web page elsewhere in the
 same browser can send requests to ``127.0.0.1`` too, so a reset must come from the monitor's
-own page: the ``Host`` header names the address the monitor listens on (a DNS name rebound to
-127.0.0.1 does not), the ``Origin``, when the browser sends one, is that same address, and the
-body is JSON (a cross-site form cannot send ``application/json`` without a CORS preflight,
-which the monitor never grants). ``--read-only`` turns the request off altogether.
+own page: the ``Host`` header names the address the monitor listens on, or on a wildcard
+address any IP address, ``localhost`` or a name given with ``--host-name`` (a DNS name rebound
+to this machine is none of these), the ``Origin``, when the browser sends one, is that same
+address, and the body is JSON (a cross-site form cannot send ``application/json`` without a
+CORS preflight, which the monitor never grants). ``--read-only`` turns the request off
+altogether.
+
+Each connection holds a thread: one that sends nothing, or a stream its client stopped
+reading, is closed after ``SOCKET_TIMEOUT_SECONDS``, and past ``CONNECTIONS_MAX`` at once a
+new one is closed unanswered, so no one holds the monitor's threads or memory without bound.
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ import errno
 import ipaddress
 import json
 import logging
+import re
 import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -42,6 +50,9 @@ log = logging.getLogger("cascowfs.monitor")
 DEFAULT_LISTEN = "127.0.0.1:8470"
 STREAM_KEEPALIVE_SECONDS = 15.0
 MAX_BODY_BYTES = 4096
+SOCKET_TIMEOUT_SECONDS = 30.0  # twice the stream's keepalive: a reading page never meets it
+CONNECTIONS_MAX = 64  # a page holds one stream and fetches a few things at a time
+HOST_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 
 # The page's own files, with their types; nothing else under static/ is served.
 STATIC = {
@@ -100,6 +111,7 @@ class MonitorServer(ThreadingHTTPServer):
         tracker: Tracker,
         read_only: bool,
         remote_resets_as: Caller | None = None,
+        host_names: Iterable[str] = (),
     ) -> None:
         self.address_family = (
             socket.AF_INET6 if ipaddress.ip_address(listen[0]).version == 6 else socket.AF_INET
@@ -113,11 +125,33 @@ class MonitorServer(ThreadingHTTPServer):
         host = listen[0]
         shown = f"[{host}]" if self.address_family == socket.AF_INET6 else host
         self.url = f"http://{shown}:{self.port}/"
-        wildcard = ipaddress.ip_address(listen[0]).is_unspecified
-        # Any name may reach a wildcard address; a loopback or single address has its forms.
-        self.allowed_hosts: frozenset[str] | None = (
-            None if wildcard else frozenset({f"{shown}:{self.port}", f"localhost:{self.port}"})
-        )
+        # On a wildcard address any of the machine's addresses may be asked for; a single
+        # address has its own forms. A name is taken only if given (DNS rebinding).
+        self.any_address = ipaddress.ip_address(listen[0]).is_unspecified
+        self.host_names = frozenset({"localhost", *map(check_host_name, host_names)})
+        self.address = None if self.any_address else ipaddress.ip_address(listen[0])
+        self._slots = threading.BoundedSemaphore(CONNECTIONS_MAX)
+        self._refused_logged = float("-inf")
+
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        if not self._slots.acquire(blocking=False):
+            now = time.monotonic()
+            if now - self._refused_logged >= 60:  # whoever fills the slots fills no log
+                self._refused_logged = now
+                log.warning("%d connections at once: new ones are closed", CONNECTIONS_MAX)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def handle_error(self, request: object, client_address: tuple) -> None:
         """What escaped a handler (a client gone in the middle of its request line): one line
@@ -141,9 +175,19 @@ class MonitorServer(ThreadingHTTPServer):
         )
 
     def host_allowed(self, host: str | None) -> bool:
-        if self.allowed_hosts is None:
+        """Whether a ``Host`` header names this monitor: its port, and its address (any
+        address, on a wildcard one) or a name it was given."""
+        parsed = _host_and_port(host or "")
+        if parsed is None or parsed[1] != self.port:
+            return False
+        name = parsed[0]
+        if name in self.host_names:
             return True
-        return host is not None and host.lower() in self.allowed_hosts
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return self.any_address or address == self.address
 
 
 class MonitorHandler(BaseHTTPRequestHandler):
@@ -151,6 +195,10 @@ class MonitorHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "cascowfs-monitor"
     _started = False  # whether this request's status line is out
+
+    def setup(self) -> None:
+        self.timeout = SOCKET_TIMEOUT_SECONDS  # each read and write of the connection
+        super().setup()
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -172,8 +220,8 @@ class MonitorHandler(BaseHTTPRequestHandler):
         self._started = False
         try:
             route()
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client went away: no one to answer
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the client went away, or stopped reading
         except Exception as exc:
             self.close_connection = True
             log.error("%s %r failed: %r", self.command, self.path, exc)
@@ -316,8 +364,8 @@ class MonitorHandler(BaseHTTPRequestHandler):
                     data = json.dumps(self._state(), separators=(",", ":"))
                     self.wfile.write(f"event: state\ndata: {data}\n\n".encode())
                 self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the page went away, or stopped reading its stream
 
 
 def _split(url: str) -> SplitResult | None:
@@ -326,6 +374,32 @@ def _split(url: str) -> SplitResult | None:
         return urlsplit(url)
     except ValueError:
         return None
+
+
+def check_host_name(name: str) -> str:
+    """A DNS name the page may be reached by (``--host-name``), in lower case."""
+    lowered = name.lower()
+    if not lowered.isascii() or HOST_NAME_RE.fullmatch(lowered) is None:
+        raise InvalidArgumentError(f"--host-name {name!r}: not a DNS name")
+    return lowered
+
+
+def _host_and_port(host: str) -> tuple[str, int] | None:
+    """A ``Host`` header's name or address (without brackets, lower case) and port (80 if
+    none); None if it does not parse."""
+    host = host.lower()
+    if host.startswith("["):
+        name, bracket, rest = host[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:] if rest else "80"
+    else:
+        name, colon, port = host.rpartition(":")
+        if not colon:
+            name, port = host, "80"
+    if not name or not _digits(port) or len(port) > 5 or int(port) > 65535:
+        return None
+    return name, int(port)
 
 
 def _same_origin(origin: str, host: str | None) -> bool:
@@ -364,11 +438,13 @@ def serve(
     *,
     read_only: bool = False,
     remote_resets_as: str | None = None,
+    host_names: Iterable[str] = (),
     as_json: bool = False,
 ) -> int:
     """Run the monitor of ``mnt`` until SIGTERM or SIGINT; prints the URL once listening (a
     JSON object with ``as_json``). Resets from other machines act as ``remote_resets_as`` (a
-    user name or uid), or are refused."""
+    user name or uid), or are refused. ``host_names``: DNS names the page may be reached by,
+    beside its addresses and ``localhost``."""
     from ..daemon import sd_notify
 
     remote_caller = None
@@ -380,7 +456,7 @@ def serve(
             raise InvalidArgumentError(f"--remote-resets-as: {exc.message}") from None
     files = MountFiles(mnt)
     tracker = Tracker(files)
-    server = MonitorServer(parse_listen(listen), tracker, read_only, remote_caller)
+    server = MonitorServer(parse_listen(listen), tracker, read_only, remote_caller, host_names)
 
     def stop(signum: int, frame: object) -> None:
         server.stopping.set()

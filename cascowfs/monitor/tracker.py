@@ -46,6 +46,9 @@ OUTSIDER_EVENTS = 50  # of callers outside root and the admin group, kept apart
 SERVED_EVENTS = KEPT_EVENTS + OUTSIDER_EVENTS  # the most /api/events answers
 CHART_EVENTS = 120
 TABLE_EVENTS = 10
+# Removed ids a page may still have to drop: a search prunes as it goes, for as long as the
+# monitor runs. A page further behind than the oldest kept gets the whole tree again.
+REMOVALS_KEPT = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +69,8 @@ class Tracker:
         self.version = 0  # bumps on every change a page shows
         self._seq = 0  # bumps on every change of the tree
         self._nodes: dict[str, tuple[Node, int]] = {}
-        self._removed: dict[str, int] = {}
+        self._removed: dict[str, int] = {}  # in the order removed: by sequence number
+        self._removed_floor = 0  # removals up to this number are forgotten
         self._branches: list[BranchView] = []
         # root's and the admin group's, and outsiders' (with a uid), in order of arrival
         self._events: SplitRing[Event] = SplitRing(KEPT_EVENTS, OUTSIDER_EVENTS)
@@ -225,6 +229,9 @@ class Tracker:
                 del self._nodes[gone]
                 self._removed[gone] = seq
                 changed = True
+            while len(self._removed) > REMOVALS_KEPT:
+                oldest = next(iter(self._removed))
+                self._removed_floor = self._removed.pop(oldest)
             if changed:
                 self._seq = seq
                 keys = {k for n, _ in self._nodes.values() for k in n.labels}
@@ -248,8 +255,10 @@ class Tracker:
             return self.version
 
     def tree_since(self, seq: int) -> TreeDelta:
+        """The nodes changed and the ids removed after tree number ``seq``; all the nodes
+        (``full``) for a number unknown here or older than the removals kept."""
         with self._cond:
-            if seq <= 0 or seq > self._seq:
+            if seq <= 0 or seq > self._seq or seq < self._removed_floor:
                 nodes = [n for n, _ in self._nodes.values()]
                 return TreeDelta(self._seq, True, nodes, [])
             nodes = [n for n, s in self._nodes.values() if s > seq]
