@@ -186,6 +186,7 @@ def test_a_flood_of_outsiders_events_pushes_none_of_roots_out(tmp_path):
     with serving(root) as (server, tracker):
         before = get_json(server, "/api/state")
         assert [e["uid"] for e in before["events"]] == [None] * 5
+        assert before["outsiders"] == {"seen": 0, "dropped": 0}
         flood, dropped = [], 0
         for t in range(100, 1100):  # 1,000 refusals, read 100 new ones at a time
             if len(flood) == 100:
@@ -206,6 +207,7 @@ def test_a_flood_of_outsiders_events_pushes_none_of_roots_out(tmp_path):
             (NOBODY, ["rootwork", "ROOT_COMMIT_9"])] * 10
         assert [e["time_ns"] for e in state["latency"]] == [1, 2, 3, 4, 5]
         assert state["snapshots"] == 0, "an outsider's event never has the tree read again"
+        assert state["outsiders"] == {"seen": 1000, "dropped": 900}
 
         # root goes on: its event is the newest in the table and the chart, and past
         # KEPT_EVENTS of its own, the oldest of root's go, not the outsiders'

@@ -298,6 +298,9 @@ def test_an_outsiders_operations_name_their_uid_and_stay_out_of_the_chart(tmp_pa
         assert not any("uid" in r for r in shown[8:]), shown
         uids = driver.find_elements("css selector", "#events tr.outsider .uid")
         assert len(uids) == 8 and uids[0].get_attribute("title")
+        assert text_of(driver, "outsiders").startswith(
+            "8 operation(s) of users outside root and the admin group read"
+        ) and "let 7 of theirs go" in text_of(driver, "outsiders")
         assert len(driver.find_elements("css selector", "#latency rect")) == len(roots)
         assert driver.execute_script("return window.__xss") is None
         injected = driver.execute_script(

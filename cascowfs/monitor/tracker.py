@@ -74,6 +74,8 @@ class Tracker:
         self._branches: list[BranchView] = []
         # root's and the admin group's, and outsiders' (with a uid), in order of arrival
         self._events: SplitRing[Event] = SplitRing(KEPT_EVENTS, OUTSIDER_EVENTS)
+        self._outsiders_seen = 0  # outsiders' events this monitor read
+        self._outsiders_dropped = 0  # how many the daemon had let go, by the last one read
         self._problems: dict[str, str] = {}
         self._tree_problems: dict[str, str] = {}  # from the last read of the tree
         self._label_keys: list[str] = []
@@ -179,6 +181,9 @@ class Tracker:
             with self._cond:
                 for event in new:
                     self._events.append(event, outsider=event.uid is not None)
+                    if event.uid is not None:
+                        self._outsiders_seen += 1
+                        self._outsiders_dropped = event.dropped
         return new
 
     def _read_tree(self) -> bool:
@@ -275,7 +280,9 @@ class Tracker:
 
     def summary(self) -> dict:
         """What the page's header, branch table, operations table and chart show: the table
-        the last operations of anyone, the chart those of root and the admin group only."""
+        the last operations of anyone, the chart those of root and the admin group only, and
+        how many outsiders' operations were read and how many the daemon let go unread (its
+        ring of them is short: a flood between two polls is not all seen)."""
         with self._cond:
             events = self._events.since()[-TABLE_EVENTS:]
             chart = [e for _, e in self._events.ours][-CHART_EVENTS:]
@@ -287,6 +294,7 @@ class Tracker:
                 "branches": [{"name": b.name, "parent": b.parent} for b in self._branches],
                 "events": [e.as_json() for e in events],
                 "latency": [e.as_json() for e in chart],
+                "outsiders": {"seen": self._outsiders_seen, "dropped": self._outsiders_dropped},
                 "label_keys": self._label_keys,
                 "problems": dict(self._problems),
             }

@@ -295,6 +295,23 @@ function drawEvents() {
     return tr;
   });
   $("events").tBodies[0].replaceChildren(...rows);
+  drawOutsiders(state.summary.outsiders);
+}
+
+// How many operations of other users this page's monitor read, and how many the daemon let go
+// from its short ring of them before any read (a flood between two polls).
+function drawOutsiders(outsiders) {
+  const line = $("outsiders");
+  if (!outsiders || outsiders.seen === 0) {
+    line.hidden = true;
+    return;
+  }
+  let text = `${outsiders.seen.toLocaleString("en")} operation(s) of users outside root and the admin group read (rows with a uid)`;
+  if (outsiders.dropped > 0) {
+    text += `; the daemon has let ${outsiders.dropped.toLocaleString("en")} of theirs go from its short ring, so not all were seen`;
+  }
+  line.textContent = text;
+  line.hidden = false;
 }
 
 // The daemon's own operations get colours far apart; any other a hue from its name.
