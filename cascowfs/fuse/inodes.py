@@ -27,7 +27,8 @@ and no store record holds one. Within a mount, equal numbers still tell a lister
 files are identical in content and every attribute: that is the page-cache sharing above.
 
 Lookup counts follow the FUSE protocol: ``lookup``/``readdirplus``/``mkdir`` increment, ``forget``
-decrements; a node whose count reaches zero is dropped unless it is pinned (the skeleton).
+decrements; a node whose count reaches zero is dropped unless it is pinned (the skeleton), and
+so is one made for a ``readdir`` entry the kernel did not take (``unlisted``).
 """
 
 from __future__ import annotations
@@ -264,6 +265,29 @@ class InodeTable:
             node.lookups = max(node.lookups, 0)
             return
         node.lookups = 0
+        self._drop(node)
+
+    def unlisted(self, node: Node) -> None:
+        """``node`` was made for a ``readdir`` entry that did not fit the reply: drop it
+        unless the kernel knows it from elsewhere (a lookup count) or it is pinned. The
+        kernel forgets only the nodeids it was given, so a node it never saw would stay for
+        good: a directory's with its parents, a snapshot root's with its labels, one a
+        listing (any user's ``getdents`` at any offset) for each page it filled.
+
+        Only a snapshot's nodes go: no request waits between making one and counting it
+        (``lookup``) or replying it (``readdir``), so one with no lookups is not one another
+        request is about to hand out. A branch file's attributes are read in a thread, so a
+        lookup may be waiting between the two; those are a few per branch, kept."""
+        if (
+            isinstance(node, SnapLeafNode | SnapDirNode)
+            and node.lookups == 0
+            and not node.pinned
+            and self._nodes.get(node.ino) is node
+        ):
+            self._drop(node)
+
+    def _drop(self, node: Node) -> None:
+        ino = node.ino
         del self._nodes[ino]
         if isinstance(node, SnapLeafNode):
             if self._collided.get(node.key) == ino:

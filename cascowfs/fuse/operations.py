@@ -871,6 +871,9 @@ class CascowOperations(pyfuse3.Operations):
             except (CascowfsError, pyfuse3.FUSEError):
                 continue  # vanished between listing and now (e.g. a branch discarded)
             if not pyfuse3.readdir_reply(token, name, attr, index + 1):
+                # Made (or found) for an entry that did not fit: the kernel never learns of
+                # it, so never forgets it, unless it knew it already.
+                self.table.unlisted(node)
                 return
             if index >= 2:  # "." and ".." do not count as lookups
                 self.table.looked_up(node)
