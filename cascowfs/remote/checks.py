@@ -18,6 +18,13 @@ before any of it is stored:
 - only the file types a scan records, each as a scan records it: a symbolic link's target a
   path (1 to 4095 bytes, no NUL) and its size that path's length, a FIFO or socket without
   content (a layer could not be written otherwise);
+- a big directory's index (``trees.index_pages``) is paged as this store pages one, since
+  the store reads its pages as one listing (``TreeStore._decoded``): it is no snapshot root
+  and has a page at least, and, once the pull has every object (a page may be a tree the
+  store had), each page is a listing (not an index) of one name at least, and the names run
+  in order through the pages, none in two (a name in two would count twice in the totals
+  summed over the pages, and show once). Where pages end is not held to this store's cut:
+  it reads any cut, and lends a commit only its own;
 - across the trees of one pull (``PulledTrees``), once the pull has every object: a
   directory (or a page of a big one) names a tree, a directory entry's totals (files, bytes,
   hard-link members below it) are those of the tree it names, and a regular file's content
@@ -48,12 +55,14 @@ from ..errors import StoreIOError
 from ..fsmeta import OVERLAY_XATTR_PREFIX, RESERVED_XATTR_PREFIX
 from ..model import Entry
 from ..scan import link_group_problem
-from ..trees import TreeStore, decode_tree, index_pages, listing_totals
+from ..trees import TreeStore, decode_tree, index_pages, listing_totals, stored_payload
 
 _FORBIDDEN_XATTRS = (OVERLAY_XATTR_PREFIX, RESERVED_XATTR_PREFIX)
 _PRIVILEGE_XATTRS = (b"security.capability", b"security.SMACK64EXEC")
 _FILE_TYPES = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK)
 Totals = tuple[int, int, int]  # files, bytes, hard-link members below a directory
+# a listing's first and last names, or why it can be no page of an index
+Span = tuple[bytes, bytes] | str
 _TARGET_MAX = 4095  # the longest symbolic link target Linux stores (PATH_MAX less its NUL)
 
 
@@ -90,6 +99,8 @@ class PulledTrees:
         self._trees: dict[bytes, tuple[bytes, bytes | None]] = {}
         # every tree pulled -> its listing's totals, or an index's pages
         self._listed: dict[bytes, Totals | list[bytes]] = {}
+        # every listing pulled -> its names' span, which a page of an index must have
+        self._spans: dict[bytes, Span] = {}
         # the entries of every tree pulled that holds hard-link members
         self._linked: dict[bytes, list[Entry]] = {}
         # (tree id, the totals a directory entry gives it) -> the tree and the entry
@@ -107,13 +118,24 @@ class PulledTrees:
                 ) from None
             return
         self._pulled[oid] = None
-        pages = index_pages(payload)
-        if pages is not None:  # the pages are checked as trees of their own
+        try:
+            pages = index_pages(payload)
+        except StoreIOError as exc:
+            raise StoreIOError(f"{_tree(self.where, oid)} does not decode: {exc.message}") from None
+        if pages is not None:  # the pages are checked as trees of their own, and as pages
+            if superroot:  # whose one entry the store looks up in a listing
+                raise StoreIOError(
+                    f"{_tree(self.where, oid)} is a big directory's index, no snapshot root "
+                    "(one entry, named '')"
+                )
+            if not pages:
+                raise StoreIOError(f"{_tree(self.where, oid)} is an index of no pages")
             self._listed[oid] = pages
             for page in pages:
                 self._trees.setdefault(page, (oid, None))
             return
         entries = check_pulled_tree(payload, oid, superroot=superroot, where=self.where)
+        self._spans[oid] = _span([entry.name for entry in entries])
         self._listed[oid] = totals = listing_totals(entries)
         if totals[2]:
             self._linked[oid] = entries
@@ -126,15 +148,19 @@ class PulledTrees:
                 self._files.setdefault((entry.ref, entry.size), (oid, entry.name))
 
     def check_objects(self, trees: TreeStore) -> None:
-        """Raise StoreIOError unless every directory and page names a tree, every directory
-        entry carries its tree's totals, and every regular file's content, and the
-        observation's, holds its size: as pulled, or as ``trees`` (the pulling store's) holds
-        an object it had before the pull."""
+        """Raise StoreIOError unless every directory and page names a tree, every index
+        pulled is paged as the store pages (module docstring), every directory entry carries
+        its tree's totals, and every regular file's content, and the observation's, holds its
+        size: as pulled, or as ``trees`` (the pulling store's) holds an object it had before
+        the pull."""
         content = trees.content
         for tree_id, (tree, name) in self._trees.items():
             if not self._is_tree(tree_id, content):
                 where = _tree(self.where, tree) if name is None else _entry(self.where, tree, name)
                 raise StoreIOError(f"{where}: {tree_id.hex()} is not a tree")
+        for index, listed in self._listed.items():
+            if isinstance(listed, list):  # before any totals: they are read through the pages
+                self._check_pages(index, listed, trees)
         for (tree_id, claimed), (tree, name) in self._claims.items():
             found = self._totals_of(tree_id, trees)
             if found != claimed:
@@ -171,6 +197,41 @@ class PulledTrees:
         if problem:
             raise StoreIOError(f"remote {self.where}: snapshot {self._snapshot}, {problem}")
 
+    def _check_pages(self, index: bytes, pages: list[bytes], trees: TreeStore) -> None:
+        """Raise StoreIOError unless the ``pages`` of pulled index ``index`` (trees, checked
+        before) are listings, each of one name at least, whose names run in order through
+        them, as ``trees.encode_listing`` pages a directory: the store reads an index
+        (``TreeStore._decoded``) as the one listing of every page's entries, and its totals
+        are summed over the pages."""
+        last = None
+        for page in pages:
+            span = self._span_of(index, page, trees)
+            if isinstance(span, str):
+                raise StoreIOError(f"{_tree(self.where, index)}: page {page.hex()} {span}")
+            first, final = span
+            if last is not None and first <= last:
+                raise StoreIOError(
+                    f"{_tree(self.where, index)}: page {page.hex()} begins at {_name(first)}, "
+                    f"not after {_name(last)}, where the page before it ends"
+                )
+            last = final
+
+    def _span_of(self, index: bytes, page: bytes, trees: TreeStore) -> Span:
+        """The span of the names of ``page`` of ``index``: a listing pulled, or one the
+        store had (StoreIOError if it is an index, which the store does not read as a
+        page)."""
+        listed = self._listed.get(page)
+        if listed is None:  # a tree the store had
+            is_index = index_pages(stored_payload(trees.content.get(page))) is not None
+            if not is_index:
+                return _span(list(trees.get(page)))
+        elif not isinstance(listed, list):
+            return self._spans[page]
+        raise StoreIOError(
+            f"{_tree(self.where, index)}: page {page.hex()} is an index, which the store does "
+            "not read as a page"
+        )
+
     def _entries_of(self, tree_id: bytes, trees: TreeStore) -> Iterable[Entry]:
         listed = self._listed.get(tree_id)
         if listed is None:  # a tree the store had
@@ -202,6 +263,15 @@ class PulledTrees:
         return size
 
 
+def _span(names: list[bytes]) -> Span:
+    """The first and last of a listing's ``names``, if it could be a page."""
+    if not names:
+        return "holds no entry"
+    if any(a >= b for a, b in zip(names, names[1:], strict=False)):
+        return "holds its names out of order"
+    return names[0], names[-1]
+
+
 def _said(totals: Totals) -> str:
     files, size, links = totals
     return f"{files} files of {size} bytes and {links} hard-link members"
@@ -212,7 +282,11 @@ def _tree(where: str, oid: bytes) -> str:
 
 
 def _entry(where: str, oid: bytes, name: bytes) -> str:
-    return f"{_tree(where, oid)}, entry {name.decode('utf-8', 'backslashreplace')!r}"
+    return f"{_tree(where, oid)}, entry {_name(name)}"
+
+
+def _name(name: bytes) -> str:
+    return repr(name.decode("utf-8", "backslashreplace"))
 
 
 def _problem(name: bytes, entry: Entry, superroot: bool) -> str | None:
