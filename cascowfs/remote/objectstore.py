@@ -6,6 +6,11 @@ and prefix). Every key but a snapshot ref names immutable content, so ``put`` ma
 (the bytes are the same); a ref is written with ``put_new``, which fails with EEXIST when
 the key exists already, atomically: ``link(2)`` of a finished file on a directory, a
 conditional put (``If-None-Match: *``) on S3. Errors name the remote and the key.
+
+A remote may be written by others, so a reader says how large an object it reads may be
+(``get``'s ``max_bytes``: the ``*_BYTES_MAX`` bounds below, or a pack's size as its index
+records it): an object over that is EIO naming it before its bytes are read, not a
+multi-gigabyte file read into a root daemon's memory.
 """
 
 from __future__ import annotations
@@ -31,6 +36,27 @@ from ..errors import (
     from_os_error,
 )
 from .config import RemoteSpec
+from .packs import INDEX_BODY_MAX, INDEX_MAGIC, PACK_BODY_MAX, PACK_MAGIC
+
+
+def frame_bytes_max(body_bytes: int) -> int:
+    """The most bytes a zstd frame of ``body_bytes`` bytes takes (zstd's
+    ``ZSTD_COMPRESSBOUND``: incompressible data stored raw, plus block and frame headers)."""
+    small = (128 << 10) - body_bytes
+    return body_bytes + (body_bytes >> 8) + (small >> 11 if small > 0 else 0)
+
+
+# The largest object of each kind a reader takes (``get``'s ``max_bytes``): more than this
+# version writes, with room to spare where the writer's bound is loose. A ref is JSON of at
+# most 128 labels of 32 KiB in all, which JSON escapes to at most six times that (a lone
+# surrogate as ``\udcXX``), and ids and counts of a few hundred bytes: under 200 KiB.
+REF_BYTES_MAX = 1 << 20
+# A lock is JSON of a host name (at most 64 bytes), a pid and a time: under 1 KiB.
+LOCK_BYTES_MAX = 64 << 10
+# An index, and a pack (whose index also records its exact size), are a magic and one zstd
+# frame of a bounded body.
+INDEX_BYTES_MAX = len(INDEX_MAGIC) + frame_bytes_max(INDEX_BODY_MAX)
+PACK_BYTES_MAX = len(PACK_MAGIC) + frame_bytes_max(PACK_BODY_MAX)
 
 
 @dataclass(frozen=True)
@@ -43,7 +69,10 @@ class Listed:
 class ObjectStore(Protocol):
     spec: RemoteSpec
 
-    def get(self, key: str) -> bytes: ...
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """The bytes of object ``key``; EIO naming it, before they are read, if it holds more
+        than ``max_bytes`` (None: no bound)."""
+        ...
 
     def put(self, key: str, data: bytes) -> None: ...
 
@@ -145,15 +174,27 @@ class FileStore:
         finally:
             os.close(fd)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         top, name = _split(key)
         with self._errors(key), self._dir(top, create=False) as where:
             flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
             fd = os.open(name, flags, dir_fd=where)
             with open(fd, "rb") as f:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
                     raise StoreIOError(f"remote {self.spec.describe()}: {key} is no regular file")
-                return f.read()
+                if max_bytes is None:
+                    return f.read()
+                if st.st_size > max_bytes:
+                    raise _too_large(self.spec, key, st.st_size, max_bytes)
+                # to one byte past the size told (a read of n bytes allocates n), and on
+                # to one past the bound if a writer of the directory made the file grow
+                data = f.read(st.st_size + 1)
+                if len(data) > st.st_size:
+                    data += f.read(max_bytes + 1 - len(data))
+                if len(data) > max_bytes:
+                    raise _too_large(self.spec, key, None, max_bytes)
+                return data
 
     def put(self, key: str, data: bytes) -> None:
         top, name = _split(key)
@@ -251,6 +292,15 @@ def _unlink_quietly(name: str, where: int) -> None:
         os.unlink(name, dir_fd=where)
 
 
+def _too_large(spec: RemoteSpec, key: str, size: int | None, max_bytes: int) -> StoreIOError:
+    """EIO for object ``key`` of ``size`` bytes (None: more than it may, of a size not
+    told), over the ``max_bytes`` its reader takes."""
+    holds = f"{size} bytes" if size is not None else "more bytes"
+    return StoreIOError(
+        f"remote {spec.describe()}: {key} holds {holds}, more than the {max_bytes} it may hold"
+    )
+
+
 # S3 error codes that mean "a conditional put lost": the key exists (412), or another
 # conditional put of it is in flight (409)
 _LOST_RACE = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
@@ -299,9 +349,29 @@ class S3Store:
     def create(self) -> None:
         """Nothing: a bucket is made by its owner, and a prefix needs no making."""
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         with self._errors(key):
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            reply = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            body = reply["Body"]
+            if max_bytes is None:
+                return body.read()
+            with contextlib.closing(body):  # unread: the connection is dropped, not drained
+                size = reply.get("ContentLength")
+                if size is not None and size > max_bytes:
+                    raise _too_large(self.spec, key, size, max_bytes)
+                if size is not None:  # read whole: botocore checks the body against it
+                    return body.read()
+                # an untold length: read to one byte past the bound at most (``read(n)``
+                # gives at most n bytes, not always n)
+                parts: list[bytes] = []
+                got = 0
+                while got <= max_bytes:
+                    part = body.read(max_bytes + 1 - got)
+                    if not part:
+                        return b"".join(parts)
+                    parts.append(part)
+                    got += len(part)
+                raise _too_large(self.spec, key, None, max_bytes)
 
     def put(self, key: str, data: bytes) -> None:
         with self._errors(key):

@@ -35,7 +35,7 @@ from ..progress import progress_bar
 from . import packs
 from .checks import PulledTrees
 from .locks import SHARED, RemoteLock, locked
-from .objectstore import ObjectStore
+from .objectstore import INDEX_BYTES_MAX, PACK_BYTES_MAX, REF_BYTES_MAX, ObjectStore
 from .packs import (
     PackBuilder,
     PackIndex,
@@ -97,7 +97,7 @@ def ref_key(id: str) -> str:
 def read_ref(store: ObjectStore, id: str) -> RemoteSnapshot:
     key = ref_key(check_snapshot_id(id))
     where = store.spec.describe()
-    raw = store.get(key)
+    raw = store.get(key, max_bytes=REF_BYTES_MAX)
     try:
         d = json.loads(raw)
         snap = RemoteSnapshot(
@@ -171,12 +171,14 @@ class RemoteIndex:
     packs: dict[bytes, str] = field(default_factory=dict)  # object id -> pack name
     kinds: dict[bytes, bytes] = field(default_factory=dict)  # object id -> kind
     bodies: dict[str, int] = field(default_factory=dict)  # pack name -> its bytes decompressed
+    sizes: dict[str, int] = field(default_factory=dict)  # pack name -> its bytes, as indexed
     indexes: list[PackIndex] = field(default_factory=list)
     bytes_read: int = 0
 
     def add(self, index: PackIndex) -> None:
         self.indexes.append(index)
         self.bodies.setdefault(index.pack, index.body_size)
+        self.sizes.setdefault(index.pack, min(index.pack_size, PACK_BYTES_MAX))
         for entry in index.entries:
             self.packs.setdefault(entry.oid, index.pack)
             self.kinds[entry.oid] = entry.kind
@@ -202,7 +204,7 @@ def read_indexes(store: ObjectStore, cache: Path | None = None) -> RemoteIndex:
             if packs.name_of(data) == name:
                 out.add(read_index(data, name, where))
                 continue  # else a damaged copy: read the remote's
-        data = store.get(listed.key)
+        data = store.get(listed.key, max_bytes=INDEX_BYTES_MAX)
         out.bytes_read += len(data)
         out.add(read_index(data, name, where))
         if cache is not None:
@@ -472,8 +474,9 @@ class PackReader:
                 self._loading[pack] = self._pool.submit(self._load, pack)
 
     def _load(self, pack: str) -> tuple[int, dict[bytes, tuple[bytes, bytes]]]:
+        size = self.index.sizes.get(pack, PACK_BYTES_MAX)
         try:
-            data = self.store.get(pack_key(pack))
+            data = self.store.get(pack_key(pack), max_bytes=size)
         except NotFoundError:
             raise StoreIOError(
                 f"remote {self.where}: {pack_key(pack)}, named by an index, is missing"
