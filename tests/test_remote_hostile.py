@@ -313,6 +313,21 @@ def test_a_lock_that_does_not_decode_holds_until_it_is_stale(remote, tmp_path, b
     lock.release()
 
 
+def test_a_ref_that_does_not_decode_can_be_forgotten(remote, tmp_path):
+    """``forget`` read the ref first, so one that does not decode (damaged, a newer version's)
+    could not be deleted, and every prune failed on it for good."""
+    rs = objectstore.open_store(remote)
+    _pushed(tmp_path, rs, "s1")
+    rs.put("snapshots/bad", b"not json")
+    with pytest.raises(StoreIOError, match="snapshots/bad does not decode"):
+        prune(rs)
+    transfer.forget(rs, "bad")
+    assert transfer.list_refs(rs) == ["s1"]
+    assert prune(rs).snapshots == 1
+    with pytest.raises(NotFoundError, match="no object snapshots/bad"):
+        transfer.forget(rs, "bad")
+
+
 def test_a_taker_that_fails_deletes_its_own_lock(remote, monkeypatch):
     rs = objectstore.open_store(remote)
     rs.create()

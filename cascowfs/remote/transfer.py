@@ -635,7 +635,10 @@ def list_snapshots(store: ObjectStore) -> list[RemoteSnapshot]:
 
 
 def forget(store: ObjectStore, id: str) -> None:
-    """Delete snapshot ``id``'s ref: its objects stay until a prune finds them unreachable."""
+    """Delete snapshot ``id``'s ref: its objects stay until a prune finds them unreachable.
+    The ref is not read, only listed: one that does not decode (damaged, or a newer
+    version's) is what most needs forgetting, as a prune fails on it."""
     key = ref_key(check_snapshot_id(id))
-    read_ref(store, id)  # ENOENT naming the remote if there is no such ref
+    if id not in list_refs(store):
+        raise NotFoundError(f"remote {store.spec.describe()}: no object {key}")
     store.delete(key)
