@@ -628,6 +628,40 @@ def test_a_prune_lock_holds_pushes_back_and_a_stale_one_does_not(remote, tmp_pat
     held.release()
 
 
+def test_a_pull_fetches_ahead_no_pack_it_does_not_take(tmp_path, monkeypatch):
+    """Content met twice (the same files in two directories) was not in the store yet the
+    second time (the pull's objects are buffered), so its packs were fetched ahead again and
+    never taken: each held a download slot and a decoded pack to the end of the pull,
+    uncounted."""
+    monkeypatch.setattr(packs, "PACK_TARGET", 8 << 10)  # a data pack per file
+    rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/r"))
+    src = tmp_path / "src"
+    for d in ("a", "b"):
+        (src / d).mkdir(parents=True)
+    for i in range(8):
+        data = random.Random(i).randbytes(12 << 10)
+        (src / "a" / f"f{i}").write_bytes(data)
+        (src / "b" / f"f{i}").write_bytes(data)
+    (src / "b" / "more").write_bytes(random.Random(9).randbytes(12 << 10))  # another tree
+    with open_store(tmp_path / "a") as sm:
+        sm.import_tree(src, "s")
+        transfer.push(sm, rs, ["s"])
+        want = snapshot_view(sm, "s")
+    get, fetched = rs.get, []
+
+    def counted_get(key, **kw):
+        if key.startswith("packs/"):
+            fetched.append(key)
+        return get(key, **kw)
+
+    rs.get = counted_get
+    with open_store(tmp_path / "b") as sm:
+        stats = transfer.pull(sm, rs, ["s"])
+        assert snapshot_view(sm, "s") == want
+    assert len(fetched) == stats.packs  # each fetch taken (the metadata pack perhaps twice)
+    assert len(set(fetched)) == 10  # 9 data packs, 1 metadata
+
+
 def test_config_add_ls_rm_and_hostile_names(tmp_path):
     store = tmp_path / "store"
     store.mkdir()

@@ -619,8 +619,11 @@ def _receive_objects(sm, snap: RemoteSnapshot, reader: PackReader, add) -> int:
             if children:
                 stack.append((oid, (kind, payload)))
                 stack.extend((child, None) for child in children)
-                # the stack takes the last child first
-                reader.prefetch(c for c in reversed(children) if not sm.has_object(c))
+                # the stack takes the last child first; one seen is on its way to the store
+                # (perhaps not there yet) and is never read again: its pack is not fetched
+                reader.prefetch(
+                    c for c in reversed(children) if c not in seen and not sm.has_object(c)
+                )
                 continue
             loaded = (kind, payload)
         add([(oid, value_of_payload(*loaded))])
