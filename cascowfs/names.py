@@ -4,6 +4,7 @@ names, Label limits)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from .errors import InvalidArgumentError
 
@@ -65,7 +66,10 @@ def check_branch_name(value: object) -> str:
 
 def check_labels(labels: dict[str, str] | None) -> dict[str, str]:
     """Labels are ``key=value`` pairs: keys short identifiers, values UTF-8 without control
-    characters; at most ``MAX_LABELS`` of them and ``MAX_LABELS_BYTES`` in all."""
+    characters; at most ``MAX_LABELS`` of them and ``MAX_LABELS_BYTES`` in all. Anything
+    but a mapping (a remote's ref says what it likes) is EINVAL."""
+    if labels is not None and not isinstance(labels, Mapping):
+        raise InvalidArgumentError(f"labels are a {type(labels).__name__}, not key=value pairs")
     if not labels:
         return {}
     out = {check_label_key(key): check_label_value(key, val) for key, val in labels.items()}

@@ -294,7 +294,7 @@ def test_a_failed_write_leaves_no_partial_file_and_prune_clears_old_ones(tmp_pat
 
 # -- locks that do not decode -------------------------------------------------------------------
 @pytest.mark.parametrize("body", [b"[]", b'{"time": "abc"}', b'{"time": null}', b"not json",
-                                  b'{"time": NaN}', b"5"])
+                                  b'{"time": NaN}', b"5", b"[" * 100_000])
 def test_a_lock_that_does_not_decode_holds_until_it_is_stale(remote, tmp_path, body):
     """Such a lock crashed push and pull with a traceback, and left the taker's own lock
     behind. Now it counts as held, as old as the listing says, named in the EBUSY."""

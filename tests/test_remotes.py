@@ -262,7 +262,7 @@ _GOOD_OBS = {"ref": "ab" * 32, "size": 7, "mode": 0o4750, "uid": 1000, "gid": (1
     ("created_ns", 10**30), ("created_ns", 1 << 63), ("created_ns", -1),  # no stat time
     ("created_ns", "5"), ("created_ns", 1.5), ("created_ns", True), ("files", -1),
     ("size", None), ("root", "AB" * 32), ("root", "ab" * 31), ("root", 5), ("parent", "../x"),
-    ("parent", 5), ("labels", {"obs": "1"}),
+    ("parent", 5), ("labels", {"obs": "1"}), ("labels", ["a"]), ("labels", "x"), ("labels", 5),
     ("obs", []), ("obs", "x"), ("obs", {k: v for k, v in _GOOD_OBS.items() if k != "gid"}),
     ("obs", dict(_GOOD_OBS, more=1)),
     ("obs", dict(_GOOD_OBS, ref="ab")),  # no content id
@@ -285,6 +285,21 @@ def test_a_hostile_ref_is_named(tmp_path, field, value):
     rs.put("snapshots/s", json.dumps(dict(json.loads(good.encode()), **{field: value})).encode())
     with pytest.raises(StoreIOError, match="snapshots/s does not decode"):
         transfer.read_ref(rs, "s")
+
+
+@pytest.mark.parametrize("raw, why", [(b"[" * 100_000, "nested too deep"),
+                                      (b'{"labels": ' + b"[" * 100_000, "nested too deep"),
+                                      (b"[]", "a JSON list, not an object"),
+                                      (b"5", "a JSON int, not an object")])
+def test_a_ref_that_is_no_object_or_nested_too_deep_does_not_decode(tmp_path, raw, why):
+    """JSON nested thousands deep crashed every reader of the ref with a RecursionError; JSON
+    that is no object is named as such."""
+    rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/r"))
+    rs.put("snapshots/s", raw)
+    with pytest.raises(StoreIOError, match=f"snapshots/s does not decode: {why}$"):
+        transfer.read_ref(rs, "s")
+    with pytest.raises(StoreIOError, match=f"snapshots/s does not decode: {why}$"):
+        transfer.list_snapshots(rs)
 
 
 def test_conditional_put_one_of_two_racers_wins(remote):

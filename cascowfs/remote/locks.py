@@ -96,8 +96,9 @@ class RemoteLock:
             written = body["time"]
             if type(written) not in (int, float) or not math.isfinite(written):
                 raise TypeError(f"time {written!r}")
-        except (ValueError, TypeError, KeyError, IndexError):
-            # no lock this version wrote: as old as the listing says
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+            # no lock this version wrote (or JSON nested thousands deep): as old as the
+            # listing says
             if time.time() - listed.modified > self.stale_after:
                 return None
             return "a lock that does not decode: held until it is stale or deleted"

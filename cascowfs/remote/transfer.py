@@ -100,6 +100,8 @@ def read_ref(store: ObjectStore, id: str) -> RemoteSnapshot:
     raw = store.get(key, max_bytes=REF_BYTES_MAX)
     try:
         d = json.loads(raw)
+        if not isinstance(d, dict):
+            raise TypeError(f"a JSON {type(d).__name__}, not an object")
         snap = RemoteSnapshot(
             id=d["id"],
             root=_content_id(d["root"], "root"),
@@ -112,6 +114,8 @@ def read_ref(store: ObjectStore, id: str) -> RemoteSnapshot:
         )
         if snap.parent is not None:
             check_snapshot_id(snap.parent)
+    except RecursionError:  # JSON nested thousands deep
+        raise StoreIOError(f"remote {where}: {key} does not decode: nested too deep") from None
     except (ValueError, KeyError, TypeError, InvalidArgumentError) as exc:
         raise StoreIOError(f"remote {where}: {key} does not decode: {exc}") from None
     if snap.id != id:
