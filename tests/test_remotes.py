@@ -643,6 +643,57 @@ def test_a_prune_lock_holds_pushes_back_and_a_stale_one_does_not(remote, tmp_pat
     held.release()
 
 
+def test_transfers_at_once_share_the_index_cache(tmp_path, monkeypatch, caplog):
+    """Two transfers of the daemon's threads reading the same new index wrote one temporary
+    file, and one's cleanup deleted the other's: a push or pull failed with ENOENT. Now each
+    keeps its copies, and neither deletes the other's temporary file."""
+    caplog.set_level("WARNING", logger="cascowfs.remote")
+    rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/r"))
+    with open_store(tmp_path / "a") as sm:
+        sm.import_tree(make_tree(tmp_path / "src", 50, files=3), "s")
+        transfer.push(sm, rs, ["s"])
+    names = sorted(listed.key.removeprefix("index/") for listed in rs.list("index/"))
+    cache = tmp_path / "cache"
+    rename, other = os.rename, []
+
+    def racing_rename(src, dst):
+        if not other:  # another transfer runs whole between this one's write and rename
+            other.append(None)
+            other[0] = transfer.read_indexes(rs, cache)
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", racing_rename)
+    known = transfer.read_indexes(rs, cache)
+    monkeypatch.undo()
+    assert known.packs and known.packs == other[0].packs
+    assert sorted(os.listdir(cache)) == names  # both copies in, no temporary file left
+    assert transfer.read_indexes(rs, cache).bytes_read == 0
+    assert not caplog.records  # no copy failed to be kept
+
+
+def test_an_index_cache_that_cannot_be_written_fails_no_transfer(tmp_path, caplog):
+    """The cache is only a cache: a store whose cache cannot be written (here a file where
+    its directory belongs; a full disk) pulls and pushes all the same."""
+    rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/r"))
+    with open_store(tmp_path / "a") as sm:
+        sm.import_tree(make_tree(tmp_path / "src", 51, files=3), "s")
+        transfer.push(sm, rs, ["s"])
+        want = snapshot_view(sm, "s")
+    with open_store(tmp_path / "b") as sm:
+        (tmp_path / "b" / "remote-cache").write_bytes(b"")
+        assert transfer.pull(sm, rs, ["s"]).snapshots == ["s"]
+        assert snapshot_view(sm, "s") == want
+        sm.import_tree(make_tree(tmp_path / "src2", 52, files=3), "t")
+        assert transfer.push(sm, rs, ["t"]).snapshots == ["t"]
+    assert "cannot keep index" in caplog.text
+    with open_store(tmp_path / "c") as sm:  # copies that cannot be read: read from the remote
+        cache = transfer.index_cache(sm, rs.spec.url)
+        for listed in rs.list("index/"):
+            (cache / listed.key.removeprefix("index/")).mkdir(parents=True)
+        assert transfer.pull(sm, rs, ["s"]).index_read > 0
+        assert snapshot_view(sm, "s") == want
+
+
 def test_a_pull_fetches_ahead_no_pack_it_does_not_take(tmp_path, monkeypatch):
     """Content met twice (the same files in two directories) was not in the store yet the
     second time (the pull's objects are buffered), so its packs were fetched ahead again and

@@ -18,7 +18,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
+import secrets
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,6 +55,8 @@ PACKS_CACHED = 4  # whole packs a pull keeps decoded (a pack is up to ~packs.PAC
 # GIL), few enough to bound memory to a few packs.
 UPLOADS = 4
 DOWNLOADS = 4
+
+log = logging.getLogger("cascowfs.remote")
 
 
 @dataclass(frozen=True)
@@ -204,7 +209,10 @@ def read_indexes(store: ObjectStore, cache: Path | None = None) -> RemoteIndex:
             continue
         if name in cached and cache is not None:
             cached.discard(name)
-            data = (cache / name).read_bytes()
+            try:
+                data = (cache / name).read_bytes()
+            except OSError:
+                data = b""  # deleted meanwhile, or unreadable: read the remote's
             if packs.name_of(data) == name:
                 out.add(read_index(data, name, where))
                 continue  # else a damaged copy: read the remote's
@@ -225,13 +233,48 @@ def index_cache(sm, spec_url: str) -> Path:
     return sm.store / "remote-cache" / packs.name_of(spec_url.encode())[:16]
 
 
+# A temporary copy older than this is a killed transfer's: a copy is written and renamed in a
+# moment.
+_CACHE_TMP_AGE = 60 * 60.0
+
+
+def _cached(cache: Path | None) -> set[str]:
+    """The names of the index copies in ``cache``. Temporary files (dot files) are another
+    transfer's, being written: left alone, unless a killed transfer left them long ago."""
+    if cache is None:
+        return set()
+    try:
+        entries = list(os.scandir(cache))
+    except OSError:  # not there yet, or unreadable: no copies
+        return set()
+    out = set()
+    for entry in entries:
+        if not entry.name.startswith("."):
+            out.add(entry.name)
+            continue
+        with contextlib.suppress(OSError):
+            if time.time() - entry.stat(follow_symlinks=False).st_mtime > _CACHE_TMP_AGE:
+                os.unlink(entry.path)
+    return out
+
+
 def _keep_copy(cache: Path, name: str, data: bytes) -> None:
-    """Keep index ``name`` (checked: a name that is no index's names no file here either)."""
+    """Keep index ``name`` (checked: a name that is no index's names no file here either).
+    Written under a name of its own (transfers at once may keep the same index) and renamed
+    into place; best effort: a cache that cannot be written (a full disk) fails no transfer,
+    whose next run reads the index from the remote again."""
     assert packs.is_name(name), name
-    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = cache / f".{name}.tmp"
-    tmp.write_bytes(data)
-    os.rename(tmp, cache / name)
+    tmp = cache / f".{name}.{secrets.token_hex(8)}.tmp"
+    try:
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.rename(tmp, cache / name)
+    except OSError as exc:
+        log.warning("index cache %s: cannot keep index %s: %s", cache, name, exc)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 @dataclass
