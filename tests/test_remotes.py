@@ -574,6 +574,42 @@ def test_prune_reclaims_what_no_ref_reaches(remote, tmp_path):
         assert snapshot_view(sm, "two") == want
 
 
+@pytest.mark.parametrize("again", ["same-snapshot", "same-content"])
+def test_a_push_after_a_prune_resends_what_the_prune_took(remote, tmp_path, again):
+    """Prune kept a metadata pack for one live tree (``keep/``, in both snapshots) and deleted
+    the data pack of the forgotten snapshot's file; the kept pack's index still named that
+    file's chunk list, so a later push of the same content skipped it as there, and wrote a
+    ref no pull could read. Now what a kept pack's objects reach is kept."""
+    rs = objectstore.open_store(remote)
+    src = tmp_path / "src"
+    (src / "keep").mkdir(parents=True)
+    os.symlink("x", src / "keep" / "l")  # a tree naming no chunk
+    old = random.Random(1).randbytes(3 << 20)
+    (src / "big").write_bytes(old)
+    with open_store(tmp_path / "a") as sm:
+        sm.import_tree(src, "one")
+        transfer.push(sm, rs, ["one"])
+        (src / "big").write_bytes(random.Random(2).randbytes(3 << 20))
+        sm.import_tree(src, "two")
+        transfer.push(sm, rs, ["two"])
+        transfer.forget(rs, "one")
+        stats = prune(rs, grace=0)
+        assert stats.packs_kept >= 2  # both metadata packs: one for keep/ only
+        _indexes_are_closed(rs)
+        if again == "same-content":
+            (tmp_path / "src2").mkdir()
+            (tmp_path / "src2" / "big").write_bytes(old)
+            sm.import_tree(tmp_path / "src2", "three")
+        id = "one" if again == "same-snapshot" else "three"
+        assert transfer.push(sm, rs, [id]).snapshots == [id]
+        want = snapshot_view(sm, id)
+    _indexes_are_closed(rs)
+    with open_store(tmp_path / "b") as sm:
+        transfer.pull(sm, rs, [id, "two"])
+        assert snapshot_view(sm, id) == want
+    assert_fsck_clean(tmp_path / "b")
+
+
 def test_prune_racing_pushes_never_loses_a_pushed_snapshot(remote, tmp_path):
     """Pushes and prunes in loops at once: each prune either runs alone or backs off with
     EBUSY naming the lock, each push waits a prune out; every snapshot a push reported
