@@ -3,6 +3,7 @@ started once per session) and through a file:// directory, with the same tests."
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -12,6 +13,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -677,6 +679,124 @@ def test_a_prune_lock_holds_pushes_back_and_a_stale_one_does_not(remote, tmp_pat
         held.take()
         locks.RemoteLock(rs, locks.SHARED, stale_after=0).take()  # a killed holder's lock
     held.release()
+
+
+def _taken(rs, kind: str) -> str:
+    """Whether a lock of ``kind`` could be taken now ("taken", released again) or not."""
+    lock = locks.RemoteLock(rs, kind)
+    try:
+        lock.take()
+    except BusyError:
+        return "busy"
+    lock.release()
+    return "taken"
+
+
+class _Clock:
+    """The clock of locks.py (``monkeypatch.setattr(locks, "time", clock)``), which a test
+    moves on by hand: no test waits real minutes, or real seconds on a loaded machine."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def time(self) -> float:
+        return self.now
+
+    monotonic = time
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class _ClockedRemote:
+    """Remote ``rs`` whose listing gives a lock the time of ``clock`` when it was written last,
+    as S3 gives its server's time: the remote's clock, moved on with the lock holders'."""
+
+    def __init__(self, rs, clock: _Clock) -> None:
+        self._rs, self._clock, self.written = rs, clock, {}
+
+    def __getattr__(self, name):
+        return getattr(self._rs, name)
+
+    def put(self, key, data):
+        self._rs.put(key, data)
+        if key.startswith("locks/"):
+            self.written[key] = self._clock.now
+
+    def list(self, prefix):
+        return [dataclasses.replace(listed, modified=self.written.get(listed.key, listed.modified))
+                for listed in self._rs.list(prefix)]
+
+
+def _long_reads(rs: _ClockedRemote, clock: _Clock, prefix: str, probe) -> list[str]:
+    """Make ``rs``'s first read of a key under ``prefix`` take longer than a lock's stale age
+    (on ``clock``), and its second call ``probe`` as it starts; returns what probe said."""
+    get, reads, probed, guard = rs._rs.get, [], [], threading.Lock()
+
+    def long_get(key, **kw):
+        if key.startswith(prefix):
+            with guard:
+                reads.append(key)
+                n = len(reads)
+            if n == 1:
+                clock.now += locks.STALE_AFTER + 60
+            elif n == 2:
+                probed.append(probe())
+        return get(key, **kw)
+
+    rs.get = long_get
+    return probed
+
+
+@pytest.mark.parametrize("work", ["prune", "pull", "push"])
+def test_a_long_prune_pull_or_push_keeps_its_lock(remote, tmp_path, monkeypatch, work):
+    """Only a push between packs rewrote its lock: a prune or a pull reading packs, or a push
+    reading the indexes of a big remote, for longer than the stale age lost it, and a push
+    ran beside the prune (or a prune beside the pull or push). Now a holder rewrites its
+    lock at every step: the second read, after a first of 31 minutes, finds it held."""
+    clock = _Clock()
+    monkeypatch.setattr(locks, "time", clock)
+    rs = _ClockedRemote(objectstore.open_store(remote), clock)
+    with open_store(tmp_path / "a") as sm:
+        for i in range(2):  # a metadata pack each: a prune reads two packs
+            sm.import_tree(make_tree(tmp_path / f"src{i}", 40 + i, files=3), f"s{i}")
+        transfer.push(sm, rs, ["s0", "s1"])
+        want = snapshot_view(sm, "s0")
+    if work == "prune":
+        probed = _long_reads(rs, clock, "packs/", lambda: _taken(rs, locks.SHARED))
+        prune(rs, grace=0)
+    elif work == "pull":
+        probed = _long_reads(rs, clock, "packs/", lambda: _taken(rs, locks.EXCLUSIVE))
+        with open_store(tmp_path / "b") as sm:
+            transfer.pull(sm, rs, ["s0"])
+            assert snapshot_view(sm, "s0") == want
+    else:  # a store that has read no index of the remote reads them all
+        probed = _long_reads(rs, clock, "index/", lambda: _taken(rs, locks.EXCLUSIVE))
+        with open_store(tmp_path / "b") as sm:
+            sm.import_tree(make_tree(tmp_path / "src2", 42, files=3), "s2")
+            transfer.push(sm, rs, ["s2"])
+    assert probed == ["busy"]
+
+
+def test_a_locks_age_is_the_remotes_not_its_holders_clock(remote, monkeypatch):
+    """A holder's clock hours behind made its fresh lock stale for every other machine (a
+    prune ran beside its push); one hours ahead held the others back for hours. Now a lock
+    is as old as the remote's listing says: its body's time is for people only."""
+    clock = _Clock()
+    monkeypatch.setattr(locks, "time", clock)
+    rs = _ClockedRemote(made_remote(remote), clock)
+    body = {"host": "vm-3", "pid": 4242, "time": clock.now - 7200}
+    rs.put("locks/exclusive-behind", json.dumps(body).encode())
+    with pytest.raises(BusyError, match=r"locks/exclusive-behind is held \(pid 4242 on vm-3\)"):
+        locks.RemoteLock(rs, locks.SHARED).take()
+    rs.delete("locks/exclusive-behind")
+    rs.put("locks/exclusive-ahead", json.dumps(dict(body, time=clock.now + 7200)).encode())
+    assert _taken(rs, locks.SHARED) == "busy"
+    clock.now += locks.STALE_AFTER - 1
+    assert _taken(rs, locks.SHARED) == "busy"
+    clock.now += 2  # not rewritten for longer than the stale age, by the remote's clock
+    assert _taken(rs, locks.SHARED) == "taken"
 
 
 def test_transfers_at_once_share_the_index_cache(tmp_path, monkeypatch, caplog):

@@ -7,11 +7,16 @@ new lock is deleted again, and the caller tries again later or gets EBUSY naming
 holder. Two takers that
 race both see each other (S3 lists are strongly consistent), so at worst both back off.
 A lock older than ``stale_after`` seconds is the leftover of a killed process and is
-ignored (a live holder rewrites its lock well before that, ``refresh``). A lock whose body
-does not say its time (not JSON, not an object, no number) is no lock this version wrote:
-its age is the listing's, when it was written last, so it holds the others back as any
-lock does, named in the EBUSY, and is stale as early. A taker that fails in any way
-deletes its own lock.
+ignored (a live holder rewrites its lock as it goes, well before that: ``refresh``, called
+between the steps of its work, so a holder that hangs lets its lock go stale too).
+
+A lock's age is the remote's word, not the holder's: the listing's time of its last write
+against that of the taker's own lock, written a moment before, both set by the remote (the
+S3 server, the directory's file system). So machines whose clocks disagree judge a lock
+alike, and a lock whose body does not say its time (not JSON, not an object: no lock this
+version wrote) ages as any other; it holds the others back as any lock does, named in the
+EBUSY. The body's time is only for people reading it. A taker that fails in any way deletes
+its own lock.
 """
 
 from __future__ import annotations
@@ -35,16 +40,16 @@ SHARED, EXCLUSIVE = "shared", "exclusive"
 
 
 class RemoteLock:
-    def __init__(self, store: ObjectStore, kind: str, stale_after: float = STALE_AFTER) -> None:
+    def __init__(self, store: ObjectStore, kind: str, stale_after: float | None = None) -> None:
         self.store = store
         self.kind = kind
-        self.stale_after = stale_after
+        self.stale_after = STALE_AFTER if stale_after is None else stale_after
         self.key = f"locks/{kind}-{secrets.token_hex(8)}"
         self._written = 0.0
 
     def _write(self) -> None:
-        self._written = time.time()
-        body = {"host": socket.gethostname(), "pid": os.getpid(), "time": self._written}
+        self._written = time.monotonic()
+        body = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
         self.store.put(self.key, json.dumps(body).encode())
 
     def take(self, wait: float = 0.0) -> None:
@@ -71,12 +76,16 @@ class RemoteLock:
             raise
 
     def _check_others(self) -> None:
-        for listed in self.store.list("locks/"):
+        listing = self.store.list("locks/")
+        now = _remote_now(listing, self.key)
+        for listed in listing:
             if listed.key == self.key:
                 continue
             other = listed.key.removeprefix("locks/").split("-", 1)[0]
             if self.kind == SHARED and other == SHARED:
                 continue
+            if now - listed.modified >= self.stale_after:
+                continue  # stale: its holder has not rewritten it for too long
             holder = self._holder(listed)
             if holder is None:
                 continue  # stale, or released meanwhile
@@ -86,7 +95,7 @@ class RemoteLock:
             )
 
     def _holder(self, listed: Listed) -> str | None:
-        """Who holds the lock ``listed``, or None if it is stale or gone."""
+        """Who holds the fresh lock ``listed``, or None if it is gone."""
         try:
             raw = self.store.get(listed.key)
         except NotFoundError:  # released between the listing and the read
@@ -97,26 +106,32 @@ class RemoteLock:
             if type(written) not in (int, float) or not math.isfinite(written):
                 raise TypeError(f"time {written!r}")
         except (ValueError, TypeError, KeyError, IndexError, RecursionError):
-            # no lock this version wrote (or JSON nested thousands deep): as old as the
-            # listing says
-            if time.time() - listed.modified > self.stale_after:
-                return None
+            # no lock this version wrote (or JSON nested thousands deep): held all the same
             return "a lock that does not decode: held until it is stale or deleted"
-        if time.time() - written > self.stale_after:
-            return None
         return f"pid {body.get('pid')} on {body.get('host')}"
 
     def refresh(self) -> None:
-        """Rewrite the lock if a third of its life has gone (call between pack uploads)."""
-        if time.time() - self._written > self.stale_after / 3:
+        """Rewrite the lock if a third of its life has gone. Cheap when it has not (a look at
+        the clock): a holder calls it at every step of its work (a pack sent or read, an
+        index read, a key deleted)."""
+        if time.monotonic() - self._written > self.stale_after / 3:
             self._write()
 
     def release(self) -> None:
         self.store.delete(self.key)
 
 
+def _remote_now(listing: list[Listed], own: str) -> float:
+    """The remote's time now: when it wrote lock ``own`` (a moment ago). The local clock only
+    if the listing lacks it (a remote that lists what it did not keep)."""
+    for listed in listing:
+        if listed.key == own:
+            return listed.modified
+    return time.time()
+
+
 @contextmanager
-def locked(store: ObjectStore, kind: str, stale_after: float = STALE_AFTER) -> Iterator[RemoteLock]:
+def locked(store: ObjectStore, kind: str, stale_after: float | None = None) -> Iterator[RemoteLock]:
     """The lock held for the block. A shared one waits out a prune (short, and rare); a
     prune backs off at once (it can run later)."""
     lock = RemoteLock(store, kind, stale_after)

@@ -16,7 +16,8 @@ Packs that no index names are what an interrupted push left; they go once older 
 Files under ``tmp/`` (a directory remote's: what a full disk or a killed push left
 half-written) go once older than ``grace`` and ``TMP_MIN_AGE``: a push or pull taking its
 lock beside the prune writes it there first. A key under ``packs/`` whose name is no
-pack's (64 hex digits) is not the remote's and never deleted.
+pack's (64 hex digits) is not the remote's and never deleted. The lock is refreshed at every step (a
+pack read, a key deleted), so a long prune keeps it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from ..cas import payload_children
 from ..codec import TYPE_CHUNK
 from ..errors import NotFoundError
-from .locks import EXCLUSIVE, STALE_AFTER, locked
+from .locks import EXCLUSIVE, locked
 from .objectstore import ObjectStore
 from .packs import index_key, is_name, pack_key
 from .transfer import (
@@ -61,20 +62,21 @@ class PruneStats:
 
 
 def prune(
-    store: ObjectStore, *, grace: float = GRACE, stale_after: float = STALE_AFTER
+    store: ObjectStore, *, grace: float = GRACE, stale_after: float | None = None
 ) -> PruneStats:
     stats = PruneStats()
-    with locked(store, EXCLUSIVE, stale_after):
+    with locked(store, EXCLUSIVE, stale_after) as lock:
         ids = list_refs(store)
         stats.snapshots = len(ids)
-        index = read_indexes(store)
+        index = read_indexes(store, lock=lock)
         roots = []
         for id in ids:
+            lock.refresh()
             try:
                 roots.extend(read_ref(store, id).roots())
             except NotFoundError:
                 continue  # forgotten since the listing (forget takes no lock)
-        reader = PackReader(store, index, TransferStats())
+        reader = PackReader(store, index, TransferStats(), lock)
         with contextlib.closing(reader):
             kept = _kept_packs(index, reader, roots)
         sizes = {
@@ -84,6 +86,7 @@ def prune(
         }
         indexed = set()
         for pack_index in index.indexes:
+            lock.refresh()
             indexed.add(pack_index.pack)
             if pack_index.pack in kept:
                 stats.packs_kept += 1
@@ -93,9 +96,11 @@ def prune(
         now = time.time()
         for key, listed in sizes.items():
             if key.removeprefix("packs/") not in indexed and now - listed.modified > grace:
+                lock.refresh()
                 _delete(store, key, stats, sizes)
         for listed in store.list("tmp/"):
             if now - listed.modified > max(grace, TMP_MIN_AGE):
+                lock.refresh()
                 store.delete(listed.key)
                 stats.tmp_deleted += 1
                 stats.bytes_deleted += listed.size

@@ -193,16 +193,23 @@ class RemoteIndex:
             self.kinds[entry.oid] = entry.kind
 
 
-def read_indexes(store: ObjectStore, cache: Path | None = None) -> RemoteIndex:
+def read_indexes(
+    store: ObjectStore, cache: Path | None = None, lock: RemoteLock | None = None
+) -> RemoteIndex:
     """Every index the remote lists: keys ``index/<name>`` whose name is an index's (64 hex
     digits), the others are no index and left alone. With ``cache`` (a directory), indexes
     read before are taken from there: they are immutable and named by content, so a copy is
     always right, and a push or pull then reads only the indexes new since the last one
     (``bytes_read``); an index read from the remote is kept there once it is checked. Cached
-    copies of indexes the remote no longer lists (pruned) are deleted."""
+    copies of indexes the remote no longer lists (pruned) are deleted.
+
+    The cache is only a cache: a copy that cannot be read is read from the remote, one that
+    cannot be kept is not, and transfers of the daemon's threads share it (``_keep_copy``).
+    ``lock``, the transfer's, is refreshed after each index read from the remote (a first
+    transfer from a big remote reads thousands)."""
     where = store.spec.describe()
     out = RemoteIndex()
-    cached = set(os.listdir(cache)) if cache is not None and cache.is_dir() else set()
+    cached = _cached(cache)
     for listed in store.list("index/"):
         name = listed.key.removeprefix("index/")
         if not packs.is_name(name):
@@ -216,6 +223,8 @@ def read_indexes(store: ObjectStore, cache: Path | None = None) -> RemoteIndex:
             if packs.name_of(data) == name:
                 out.add(read_index(data, name, where))
                 continue  # else a damaged copy: read the remote's
+        if lock is not None:
+            lock.refresh()
         data = store.get(listed.key, max_bytes=INDEX_BYTES_MAX)
         out.bytes_read += len(data)
         out.add(read_index(data, name, where))
@@ -411,7 +420,7 @@ def push(
     with locked(store, SHARED) as lock:
         refs = set(list_refs(store))
         cache = index_cache(sm, store.spec.url)
-        known = read_indexes(store, cache)
+        known = read_indexes(store, cache, lock)
         stats.index_read += known.bytes_read
         sender = PackSender(store, known, stats, lock, cache)
         bar_title = f"push to {store.spec.name}"
@@ -463,6 +472,7 @@ def _send_tree(sm, root: bytes, known: RemoteIndex, sender: PackSender) -> None:
             continue
         if oid in seen or oid in known.packs:
             continue
+        sender.lock.refresh()  # a walk of a big tree that sends little takes a while too
         seen.add(oid)
         kind, payload = sm.content.kind_and_payload(oid)
         children = payload_children(kind, payload)
@@ -497,10 +507,18 @@ def _with_ancestors(ids: list[str], parent_of: Callable[[str], str | None]) -> l
 class PackReader:
     """Objects of the remote by id, through a small cache of downloaded, verified packs.
     ``prefetch`` starts downloads of the packs of objects needed soon, up to ``DOWNLOADS``
-    at once on a thread pool, verified there too; ``close`` waits for those in flight."""
+    at once on a thread pool, verified there too; ``close`` waits for those in flight.
+    ``lock``, the reader's, is refreshed at every object read."""
 
-    def __init__(self, store: ObjectStore, index: RemoteIndex, stats: TransferStats) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        index: RemoteIndex,
+        stats: TransferStats,
+        lock: RemoteLock | None = None,
+    ) -> None:
         self.store = store
+        self.lock = lock
         self.where = store.spec.describe()
         self.index = index
         self.stats = stats
@@ -534,6 +552,8 @@ class PackReader:
         return len(data), objects
 
     def get(self, oid: bytes, snapshot: str) -> tuple[bytes, bytes]:
+        if self.lock is not None:
+            self.lock.refresh()
         pack = self.index.packs.get(oid)
         if pack is None:
             raise StoreIOError(
@@ -573,11 +593,12 @@ def pull(
     pushed; ``with_ancestors``: their ancestors too (oldest first), those the store lacks."""
     ids = [check_snapshot_id(i) for i in ids]
     stats = TransferStats()
-    with locked(store, SHARED):
+    with locked(store, SHARED) as lock:
         refs: dict[str, RemoteSnapshot] = {}
 
         def ref(id: str) -> RemoteSnapshot:
             if id not in refs:
+                lock.refresh()  # a long lineage is a read each
                 refs[id] = read_ref(store, id)
             return refs[id]
 
@@ -594,9 +615,9 @@ def pull(
                 ),
             )
         _refuse_parent_loops(sm, ids, ref, store.spec.describe())
-        index = read_indexes(store, index_cache(sm, store.spec.url))
+        index = read_indexes(store, index_cache(sm, store.spec.url), lock)
         stats.index_read += index.bytes_read
-        reader = PackReader(store, index, stats)
+        reader = PackReader(store, index, stats, lock)
         bar_title = f"pull from {store.spec.name}"
         with contextlib.closing(reader), progress_bar(progress, 0, bar_title) as bar:
             reader.on_received = bar
