@@ -313,6 +313,21 @@ def test_a_lock_that_does_not_decode_holds_until_it_is_stale(remote, tmp_path, b
     lock.release()
 
 
+def test_prune_deletes_the_locks_of_holders_killed_long_ago(tmp_path):
+    """Nobody deleted a killed holder's lock, and every taker read every such lock, forever.
+    Now a prune, beside which no lock is held, deletes those not rewritten for twice their
+    stale age (whatever their body); a lock merely stale stays."""
+    rs = made_remote(config.RemoteSpec("r", f"file://{tmp_path}/r"))
+    now = time.time()
+    for name, body, age in [("shared-killed", b'{"time": 0}', 3 * 3600),
+                            ("exclusive-odd", b"not json", 3 * 3600),
+                            ("shared-late", b'{"time": 0}', 45 * 60)]:
+        rs.put(f"locks/{name}", body)
+        os.utime(tmp_path / "r" / "locks" / name, (now - age, now - age))
+    assert prune(rs).locks_deleted == 2
+    assert [listed.key for listed in rs.list("locks/")] == ["locks/shared-late"]
+
+
 def test_a_ref_that_does_not_decode_can_be_forgotten(remote, tmp_path):
     """``forget`` read the ref first, so one that does not decode (damaged, a newer version's)
     could not be deleted, and every prune failed on it for good."""

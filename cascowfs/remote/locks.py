@@ -120,6 +120,21 @@ class RemoteLock:
     def release(self) -> None:
         self.store.delete(self.key)
 
+    def delete_stale(self, factor: float = 2.0) -> int:
+        """Delete the other locks not written for ``factor`` times ``stale_after`` (a killed
+        holder's: every taker reads each listed lock, forever, if nobody deletes it); returns
+        how many. Only for the holder of the exclusive lock, beside which no lock is held."""
+        assert self.kind == EXCLUSIVE
+        self._write()  # the remote's time now, and a fresh lock
+        listing = self.store.list("locks/")
+        now = _remote_now(listing, self.key)
+        deleted = 0
+        for listed in listing:
+            if listed.key != self.key and now - listed.modified > factor * self.stale_after:
+                self.store.delete(listed.key)
+                deleted += 1
+        return deleted
+
 
 def _remote_now(listing: list[Listed], own: str) -> float:
     """The remote's time now: when it wrote lock ``own`` (a moment ago). The local clock only

@@ -15,8 +15,9 @@ Packs that no index names are what an interrupted push left; they go once older 
 ``grace`` seconds, the time a live push may take between sending a pack and its index.
 Files under ``tmp/`` (a directory remote's: what a full disk or a killed push left
 half-written) go once older than ``grace`` and ``TMP_MIN_AGE``: a push or pull taking its
-lock beside the prune writes it there first. A key under ``packs/`` whose name is no
-pack's (64 hex digits) is not the remote's and never deleted. The lock is refreshed at every step (a
+lock beside the prune writes it there first. Locks not rewritten for twice their stale
+age are a killed holder's and go too. A key under ``packs/`` whose name is no pack's (64
+hex digits) is not the remote's and never deleted. The lock is refreshed at every step (a
 pack read, a key deleted), so a long prune keeps it.
 """
 
@@ -52,12 +53,13 @@ class PruneStats:
     packs_deleted: int = 0
     bytes_deleted: int = 0
     tmp_deleted: int = 0
+    locks_deleted: int = 0
 
     def text(self) -> str:
         return (
             f"snapshots={self.snapshots} packs_kept={self.packs_kept} "
             f"packs_deleted={self.packs_deleted} bytes_deleted={self.bytes_deleted} "
-            f"tmp_deleted={self.tmp_deleted}"
+            f"tmp_deleted={self.tmp_deleted} locks_deleted={self.locks_deleted}"
         )
 
 
@@ -104,6 +106,7 @@ def prune(
                 store.delete(listed.key)
                 stats.tmp_deleted += 1
                 stats.bytes_deleted += listed.size
+        stats.locks_deleted = lock.delete_stale()
     return stats
 
 
