@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from typing import Any
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from ..errors import CascowfsError, InvalidArgumentError, PermissionDeniedError
@@ -46,6 +47,8 @@ from .peers import socket_owner
 from .tracker import SERVED_EVENTS, Tracker
 
 log = logging.getLogger("cascowfs.monitor")
+
+_Request = socket.socket | tuple[bytes, socket.socket]  # socketserver's request
 
 DEFAULT_LISTEN = "127.0.0.1:8470"
 STREAM_KEEPALIVE_SECONDS = 15.0
@@ -133,7 +136,7 @@ class MonitorServer(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(CONNECTIONS_MAX)
         self._refused_logged = float("-inf")
 
-    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+    def process_request(self, request: _Request, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             now = time.monotonic()
             if now - self._refused_logged >= 60:  # whoever fills the slots fills no log
@@ -147,7 +150,7 @@ class MonitorServer(ThreadingHTTPServer):
             self._slots.release()
             raise
 
-    def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:
+    def process_request_thread(self, request: _Request, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
@@ -197,7 +200,7 @@ class MonitorHandler(BaseHTTPRequestHandler):
     _started = False  # whether this request's status line is out
 
     def setup(self) -> None:
-        self.timeout = SOCKET_TIMEOUT_SECONDS  # each read and write of the connection
+        self.request.settimeout(SOCKET_TIMEOUT_SECONDS)  # each read and write of it
         super().setup()
 
     def log_message(self, format: str, *args: object) -> None:
