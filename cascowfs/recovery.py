@@ -23,7 +23,8 @@ import lmdb
 from . import durability, label_applies, overlay
 from .catalog import CHAIN_NODES_FORMAT, STORE_FORMAT, BranchRecord
 from .crashpoints import crash_point
-from .errors import CascowfsError, StoreIOError
+from .errors import CascowfsError, InvalidArgumentError, StoreIOError
+from .names import check_branch_name
 from .wal import PendingOp
 
 if TYPE_CHECKING:  # the StateManager opens a store through this module
@@ -148,26 +149,85 @@ def _roll_forward(sm: StateManager, op: PendingOp, cache_lost: bool) -> None:
             os.rename(staged, target)
             durability.fsync_dir(sm.layers.layers_dir)
     if op.kind in ("rebase", "reset") and not cache_lost:
-        # The branch's upper still carries the old base's root attributes (and, after a
-        # reset, the changes it drops): start it afresh on the new layers, as the op would.
         # After a lost page cache, reconcile restarts every branch afresh anyway, and only
         # once it has rebuilt the layers the cut tore: the new base's may be among them.
-        with sm.db.read() as txn:
-            branch = sm.catalog.find_branch(txn, op.args["name"])
-        if branch is not None:
-            overlay.unmount_stacked(sm.tree_path(op.args["name"]))
-            _mount(sm, op.args["name"], branch, fresh_upper=True)
+        _roll_forward_repoint(sm, op)
     # The other mount-side effects (discard, branch) are settled by reconcile from state.
+
+
+def _roll_forward_repoint(sm: StateManager, op: PendingOp) -> None:
+    """The SWITCH of a re-base or reset past its APPLY, which may or may not have been done:
+    the op is left unfinished in the log by a kill -9 before its FINALIZE, but also by a
+    FINALIZE that could not be written (a full or failing disk) after the op returned, and
+    the branch has then been worked in since, for as long as the daemon ran.
+
+    The branch's upper directory is never replaced here. Its directories were swapped for
+    the fresh ones the op staged before the APPLY (``StateManager._swap_in_staged``), so the
+    upper directory in place is the op's fresh one, or everything written into the branch
+    since the SWITCH: either way, what the branch must show. What may be wrong is the mount:
+    until the SWITCH, the old overlay still works on the old directories, which wait in
+    staging (``old-upper``, ``old-work``) until the SWITCH is over. While they are there, the
+    branch is unmounted, and reconcile mounts it again over its upper directory (a mount the
+    SWITCH made already is made again over the same directory: nothing is lost); once they
+    are gone the SWITCH is done, and reconcile adopts the mount. The mount may match the
+    record either way (a reset onto the snapshot the branch is on keeps the chain and the
+    upper directory's path), so only staging tells. A branch discarded since, or made again
+    under the name, is not this op's: reconcile settles it from its record."""
+    rec = _branch_of(sm, op)
+    if rec is None:
+        return
+    name = op.args["name"]  # checked by ``_branch_of``
+    if "staged" not in op.args:
+        # an older version's record: it swapped the directories at the SWITCH, so the upper
+        # directory in place is the old one (with the changes a reset drops)
+        overlay.unmount_stacked(sm.tree_path(name))
+        _mount(sm, name, rec, fresh_upper=True)
+        return
+    waiting = _staged_dirs(sm, op)
+    if waiting is not None and any(
+        os.path.lexists(waiting / f"old-{kind}") for kind in ("upper", "work")
+    ):
+        sm.unmount_branch(name)
+
+
+def _branch_of(sm: StateManager, op: PendingOp) -> BranchRecord | None:
+    """The record of the branch re-based or reset by ``op``, if it is still the one the op
+    changed: not discarded since, nor made again under its name (its ``created`` differs;
+    records of older versions carry none). A record is read back as hostile input."""
+    try:
+        name = check_branch_name(op.args.get("name"))
+    except InvalidArgumentError:
+        return None
+    with sm.db.read() as txn:
+        rec = sm.catalog.find_branch(txn, name)
+    created = op.args.get("created")
+    if rec is None or (created is not None and created != str(rec.created_ns)):
+        return None
+    return rec
 
 
 def _roll_back_repoint(sm: StateManager, op: PendingOp) -> None:
     """A re-base or reset killed before its APPLY may have swapped the branch's upper and
     work directories for the fresh ones it staged (``StateManager._swap_in_staged``): put
-    its own back under the mount that still uses them, before staging is emptied."""
-    name, staged = op.args.get("name"), op.args.get("staged")
-    if isinstance(name, str) and isinstance(staged, str) and Path(staged).name == staged:
-        if (sm.staging_dir / staged).is_dir() and (sm.branches_dir / name).is_dir():
-            sm.swap_back(name, sm.staging_dir / staged)
+    its own back under the mount that still uses them, before staging is emptied.
+
+    A branch discarded since (a run that could not write the op's FINALIZE went on), or made
+    again under its name, is not the op's: nothing of it is touched."""
+    staged = _staged_dirs(sm, op)
+    if staged is None or not staged.is_dir() or _branch_of(sm, op) is None:
+        return
+    name = op.args["name"]  # checked by ``_branch_of``
+    if (sm.branches_dir / name).is_dir():
+        sm.swap_back(name, staged)
+
+
+def _staged_dirs(sm: StateManager, op: PendingOp) -> Path | None:
+    """Where a re-base or reset ``op`` staged the branch's directories (its record's
+    ``staged``: a name in staging), if its record names one."""
+    staged = op.args.get("staged")
+    if isinstance(staged, str) and staged not in ("", ".", "..") and Path(staged).name == staged:
+        return sm.staging_dir / staged
+    return None
 
 
 def _mount(sm: StateManager, name: str, rec: BranchRecord, *, fresh_upper: bool) -> None:

@@ -1089,8 +1089,8 @@ class StateManager:
     ) -> BranchInfo:
         """Re-base branch ``name`` on ``parent`` (None: the empty snapshot) on a fresh upper
         directory; a ``rebase`` refuses a branch with changes, a ``reset`` drops them. The
-        PREPARE is flushed: a crash after APPLY leaves the old upper directory over the new
-        layers, which only replay (``recovery._roll_forward``) knows to replace."""
+        PREPARE is flushed: a crash after APPLY may leave the old overlay mounted on the old
+        directories, which only replay (``recovery._roll_forward_repoint``) knows to replace."""
         name = check_branch_name(name)
         if parent is not None:
             parent = check_snapshot_id(parent)
@@ -1111,8 +1111,15 @@ class StateManager:
             try:
                 with ExitStack() as mount:
                     # ``staged`` names where the branch's own directories wait for the APPLY:
-                    # recovery puts them back if it never comes (``swap_back``)
-                    with self._logged_op(kind, name=name, parent=parent, staged=staged.name) as op:
+                    # recovery puts them back if it never comes (``swap_back``); ``created``
+                    # tells it this branch from one made later under its name
+                    with self._logged_op(
+                        kind,
+                        name=name,
+                        parent=parent,
+                        staged=staged.name,
+                        created=str(old.created_ns),
+                    ) as op:
                         self._swap_in_staged(name, staged)
                         try:
                             mnt_fd = mount.enter_context(

@@ -312,3 +312,81 @@ def test_a_forked_child_does_not_hold_the_store_lock(tmp_path, track_store):
         os.close(release_r)
         os.close(release_w)
         force_unmount_below(store)
+
+
+# ----------------------------------------------------------------------------------------
+# re-base and reset: the SWITCH, done or not, at the next open
+# ----------------------------------------------------------------------------------------
+
+REPOINT_CHILD = r"""
+import os, signal, sys
+from cascowfs.errors import NoSpaceError
+from cascowfs.state import StateManager
+store, base, other, how = sys.argv[1:5]
+sm = StateManager.open(store)
+sm.import_tree(base, "base")
+sm.import_tree(other, "other")
+tree = sm.create_branch("work", "base").tree
+if how == "same-chain":  # reset onto the snapshot it is on, killed after its APPLY
+    (tree / "dropped").write_text("changes the reset drops")
+    sm.reset("work", "base")
+elif how == "between-attach-and-drop":
+    def killed(staged):
+        (tree / "after").write_text("written once the new overlay is attached")
+        os.kill(os.getpid(), signal.SIGKILL)
+    sm._drop_staged = killed
+    sm.reset("work", "other")
+else:  # "<kind> without finalize": the op returns, its FINALIZE not written
+    kind = how.split()[0]
+    finalize, prepare, ops = sm.wal.finalize, sm.wal.prepare, set()
+    def spying_prepare(k, **args):
+        op = prepare(k, **args)
+        if k == kind:
+            ops.add(op)
+        return op
+    def failing_finalize(op):
+        if op in ops:
+            raise NoSpaceError("writing the write-ahead log: no space left (injected)")
+        finalize(op)
+    sm.wal.prepare, sm.wal.finalize = spying_prepare, failing_finalize
+    getattr(sm, kind)("work", "other")
+    (tree / "after").write_text("uncommitted work")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["same-chain", "between-attach-and-drop", "reset without finalize", "rebase without finalize"],
+)
+def test_a_killed_repoint_is_settled_by_what_staging_still_holds(how, tmp_path, track_store):
+    """The next open finishes a re-base or reset past its APPLY without losing what the
+    branch holds: killed before its SWITCH, the old overlay (which may stack the very chain
+    and upper path the record names, on a reset onto its own snapshot) must go with the
+    changes the reset drops; killed once its new overlay is attached, or after the op
+    returned without its FINALIZE, what was written into the branch since must stay."""
+    store = track_store(tmp_path / "store")
+    base, other = tmp_path / "src-base", tmp_path / "src-other"
+    for src, word in ((base, "base"), (other, "other")):
+        src.mkdir()
+        (src / "which").write_text(f"{word}\n")
+    try:
+        crash_at = "reset.applied" if how == "same-chain" else None
+        proc = run_child(REPOINT_CHILD, str(store), str(base), str(other), how, crash_at=crash_at)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        StateManager.open(store).close()  # recovery, leaving the branch mounted
+        assert_fsck_clean(store, deep=True)
+        with open_store(store) as sm:
+            tree = sm.branch("work").tree
+            if how == "same-chain":
+                assert sm.branch("work").parent == "base"
+                assert not (tree / "dropped").exists()
+                assert sm.status("work") == []
+            else:
+                assert sm.branch("work").parent == "other"
+                assert (tree / "which").read_text() == "other\n"
+                assert [c.line() for c in sm.status("work")] == ["A after"]
+            assert len(mounts_below(tree)) == 1
+            check_live(sm, deep=True)
+    finally:
+        force_unmount_below(store)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import threading
 
+import pytest
+
 import conftest
 from conftest import check_live, dir_view, needs_overlay
 from cascowfs import overlay, recovery
-from cascowfs.errors import NotFoundError
+from cascowfs.errors import NoSpaceError, NotFoundError
 from cascowfs.layers import remove_within_filesystem
 
 pytestmark = needs_overlay
@@ -95,3 +97,68 @@ def test_an_op_refused_inside_its_apply_is_finished_in_the_log(tmp_path):
         assert sm.wal.pending() == []
         sm.wal.prepare = prepare
     conftest.assert_fsck_clean(store)
+
+
+def _two_sources(tmp_path):
+    """Two different trees, for snapshots ``base`` and ``other``."""
+    base, other = tmp_path / "src-base", tmp_path / "src-other"
+    for src, word in ((base, "base"), (other, "other")):
+        src.mkdir()
+        (src / "which").write_text(f"{word}\n")
+    return base, other
+
+
+def _finalize_failing_for(sm, kind):
+    """Make the FINALIZE of every ``kind`` op fail as an append past the log's preallocated
+    end fails on a full disk; returns a function that undoes it."""
+    prepare, finalize = sm.wal.prepare, sm.wal.finalize
+    ops = set()
+
+    def spying_prepare(k, **args):
+        op = prepare(k, **args)
+        if k == kind:
+            ops.add(op)
+        return op
+
+    def failing_finalize(op):
+        if op in ops:
+            raise NoSpaceError("writing the write-ahead log: no space left (injected)")
+        finalize(op)
+
+    sm.wal.prepare, sm.wal.finalize = spying_prepare, failing_finalize
+
+    def undo():
+        sm.wal.prepare, sm.wal.finalize = prepare, finalize
+
+    return undo
+
+
+@pytest.mark.parametrize("kind, remade", [("reset", False), ("rebase", False), ("reset", True)])
+def test_a_repoint_whose_finalize_failed_keeps_the_work_done_after_it(tmp_path, kind, remade):
+    """A re-base or reset returns though its FINALIZE could not be written; the branch is
+    worked in (or discarded and made again under its name: ``remade``), and the store is
+    closed cleanly. The next open used to take the op for one killed before its SWITCH and
+    remount the branch on a fresh upper directory, deleting that work."""
+    store = tmp_path / "store"
+    base, other = _two_sources(tmp_path)
+    with conftest.open_store(store) as sm:
+        sm.import_tree(base, "base")
+        sm.import_tree(other, "other")
+        sm.create_branch("work", "base")
+        undo = _finalize_failing_for(sm, kind)
+        getattr(sm, kind)("work", "other")
+        undo()
+        assert [op.kind for op in sm.wal.pending()] == [kind]
+        if remade:
+            sm.discard("work")
+            sm.create_branch("work", "other")
+        tree = sm.branch("work").tree
+        (tree / "after").write_text("uncommitted work")
+    with conftest.open_store(store) as sm:
+        tree = sm.branch("work").tree
+        assert (tree / "after").read_text() == "uncommitted work"
+        assert (tree / "which").read_text() == "other\n"
+        assert [c.line() for c in sm.status("work")] == ["A after"]
+        assert sm.wal.pending() == []
+        check_live(sm, deep=True)
+
