@@ -209,7 +209,8 @@ def _branch_of(sm: StateManager, op: PendingOp) -> BranchRecord | None:
 def _roll_back_repoint(sm: StateManager, op: PendingOp) -> None:
     """A re-base or reset killed before its APPLY may have swapped the branch's upper and
     work directories for the fresh ones it staged (``StateManager._swap_in_staged``): put
-    its own back under the mount that still uses them, before staging is emptied.
+    its own back under the mount that still uses them, before staging is emptied (a failed
+    op whose own undo could not do it leaves the same: ``StateManager._strand``).
 
     A branch discarded since (a run that could not write the op's FINALIZE went on), or made
     again under its name, is not the op's: nothing of it is touched."""

@@ -217,6 +217,10 @@ class StateManager:
         # branches whose overlay could not be mounted (a full disk), with why: a read-only
         # placeholder stands at their mount point until an operation on them mounts them
         self._unmounted: dict[str, CascowfsError] = {}
+        # branches whose own upper and work directories a failed re-base or reset could not
+        # put back (``_strand``), with that op and where they wait; each is in ``_unmounted``
+        # too, so that its next commit, re-base or reset puts them back first
+        self._stranded: dict[str, tuple[str, Path]] = {}
         # a store of format 7 or older opened read-only: its branches' uppers are where that
         # format kept them (recovery.check_format)
         self.legacy_branch_layout = False
@@ -404,9 +408,11 @@ class StateManager:
     def checkpoint(self) -> None:
         """Forget finished operations: WAL first, then the applied markers (never the reverse,
         or a pending op would lose its 'applied' mark and be rolled back). A label's record
-        is all that holds it until its transaction commits: kept while one may be in flight."""
+        is all that holds it until its transaction commits: kept while one may be in flight.
+        So is the record of a re-base or reset whose branch's directories wait in staging
+        (``_strand``): the next open puts them back from it."""
         self.label_applies.wait_applied()
-        if self.label_applies.failed:
+        if self.label_applies.failed or self._stranded:
             return  # the next open redoes them from the log
         self.wal.checkpoint()
         self.db.write(self.catalog.forget_applied, "checkpoint")
@@ -529,8 +535,12 @@ class StateManager:
 
     def _mounted_again(self, name: str, rec: BranchRecord) -> None:
         """Mount branch ``name`` if it was left unmounted (``leave_unmounted``); if it still
-        cannot be, fail with why (under the branch's lock)."""
+        cannot be, fail with why (under the branch's lock). A branch a failed re-base or reset
+        left stranded (``_strand``) is still mounted: its own directories are put back."""
         if name not in self._unmounted:
+            return
+        if name in self._stranded:
+            self._restore_stranded(name)
             return
         try:
             overlay.unmount_stacked(self.tree_path(name))
@@ -541,7 +551,54 @@ class StateManager:
 
     def _not_mounted(self, name: str) -> CascowfsError:
         why = self._unmounted[name]
+        if name in self._stranded:
+            return type(why)(
+                f"branch {name}'s own directories are not back in place: {why.message}",
+                errno=why.errno,
+            )
         return type(why)(f"branch {name} is not mounted: {why.message}", errno=why.errno)
+
+    def _strand(self, name: str, op: str, staged: Path, why: CascowfsError) -> None:
+        """A re-base or reset ``op`` of branch ``name`` failed before its APPLY, and putting
+        the branch's own upper and work directories back from ``staged`` failed too (a rename
+        on a failing disk). Its overlay still works on them where they are, so ``staged``
+        must neither go to the trash (the branch's changes would be deleted under it) nor
+        have its op FINALIZEd (the next open puts them back from its record:
+        ``recovery._roll_back_repoint``). Until they are back, what reads the branch's
+        upper directory (commit, status) or moves it (re-base, reset) would find the op's
+        fresh one instead: those wait for ``_restore_stranded``, and checkpoints keep the
+        record."""
+        log.warning(
+            "%s: branch %s's own directories could not be put back after failed op %s (%s); "
+            "they wait in %s until its next commit, reset or rebase, or the next open",
+            self.store,
+            name,
+            op,
+            why,
+            staged,
+        )
+        self._stranded[name] = (op, staged)
+        self._unmounted[name] = why
+
+    def _restore_stranded(self, name: str) -> None:
+        """Put back branch ``name``'s directories that ``_strand`` left in staging (under the
+        branch's lock), then finish the failed op as ``_repoint`` would have; fail with the
+        disk's error if they still cannot be."""
+        op, staged = self._stranded[name]
+        try:
+            self.swap_back(name, staged)
+        except CascowfsError as exc:
+            self._unmounted[name] = exc
+            raise self._not_mounted(name) from None
+        self._forget_stranded(name)
+
+    def _forget_stranded(self, name: str) -> None:
+        """Branch ``name``'s directories are back in place (or the branch is discarded): its
+        failed op's staging goes, and the op is FINALIZEd as refused."""
+        op, staged = self._stranded.pop(name)
+        self._unmounted.pop(name, None)
+        self._drop_staged(staged)
+        self._refused(op)
 
     @contextmanager
     def _new_branch_mount(
@@ -633,16 +690,13 @@ class StateManager:
         """Put the upper and work directories ``stage_branch_dirs`` made in ``staged`` in
         place of branch ``name``'s, whose own go into ``staged`` (``old-upper``,
         ``old-work``): its mount still works on them, wherever they are. Renames within
-        small directories: no space needed. A failure puts back what moved."""
-        try:
-            with disk_errors(f"re-basing branch {name}"):
-                for kind, final in self._overlay_dirs(name):
-                    if os.path.lexists(final):
-                        os.rename(final, staged / f"old-{kind}")
-                    os.rename(staged / kind, final)
-        except BaseException:
-            self.swap_back(name, staged)
-            raise
+        small directories: no space needed. On a failure the caller puts back what moved
+        (``swap_back``)."""
+        with disk_errors(f"re-basing branch {name}"):
+            for kind, final in self._overlay_dirs(name):
+                if os.path.lexists(final):
+                    os.rename(final, staged / f"old-{kind}")
+                os.rename(staged / kind, final)
 
     def _overlay_dirs(self, name: str) -> tuple[tuple[str, Path], tuple[str, Path]]:
         """Branch ``name``'s upper and work directories, each with the name
@@ -1099,6 +1153,8 @@ class StateManager:
                 old = self._branch_record(txn, name, branch_created_ns)
                 # NotFoundError before anything is logged
                 target = self.catalog.snapshot(txn, parent) if parent is not None else None
+            if name in self._stranded:  # its own directories first, or they would be lost
+                self._restore_stranded(name)
             if kind == "rebase":
                 self._mounted_again(name, old)  # its changes show once it is
             if kind == "rebase" and self.status(name):
@@ -1108,6 +1164,12 @@ class StateManager:
             staged = self.stage_branch_dirs(target)
             chain = target.layers if target else []
             (_, upper), (_, work) = self._overlay_dirs(name)
+            stranded = False  # its own directories could not be put back (``_strand``)
+
+            def undo(op: str) -> None:
+                if not stranded:
+                    self._refused(op)
+
             try:
                 with ExitStack() as mount:
                     # ``staged`` names where the branch's own directories wait for the APPLY:
@@ -1119,9 +1181,10 @@ class StateManager:
                         parent=parent,
                         staged=staged.name,
                         created=str(old.created_ns),
+                        undo=undo,
                     ) as op:
-                        self._swap_in_staged(name, staged)
                         try:
+                            self._swap_in_staged(name, staged)
                             mnt_fd = mount.enter_context(
                                 self._new_branch_mount(name, chain, upper, work)
                             )
@@ -1136,12 +1199,17 @@ class StateManager:
 
                             rec, dropped = self.db.write(apply, f"re-basing branch {name}")
                         except BaseException:
-                            self.swap_back(name, staged)
+                            try:
+                                self.swap_back(name, staged)
+                            except CascowfsError as exc:  # the op's own error goes on up
+                                stranded = True
+                                self._strand(name, op, staged, exc)
                             raise
                     crash_point(f"{kind}.applied")
                     self._attach_branch(name, mnt_fd)
             except BaseException:
-                self._drop_staged(staged)
+                if not stranded:
+                    self._drop_staged(staged)
                 raise
             self.trash_after_apply(dropped)
             self._drop_staged(staged)  # the old upper and work directories
@@ -1334,6 +1402,8 @@ class StateManager:
             self._unmounted.pop(name, None)
             # the mount travels with its directory into the trash (trash.py says why)
             self.trash_after_apply(dropped, branch=name)
+            if name in self._stranded:
+                self._forget_stranded(name)  # its own directories are garbage now
             self._forget_file_caches(name)
             crash_point("discard.switched")
             self._finish(op)

@@ -11,7 +11,7 @@ import pytest
 import conftest
 from conftest import check_live, dir_view, needs_overlay
 from cascowfs import overlay, recovery
-from cascowfs.errors import NoSpaceError, NotFoundError
+from cascowfs.errors import NoSpaceError, NotFoundError, StoreIOError
 from cascowfs.layers import remove_within_filesystem
 
 pytestmark = needs_overlay
@@ -162,3 +162,89 @@ def test_a_repoint_whose_finalize_failed_keeps_the_work_done_after_it(tmp_path, 
         assert sm.wal.pending() == []
         check_live(sm, deep=True)
 
+
+def _reset_failing_with_its_undo(sm):
+    """A reset of branch ``work`` onto ``other`` fails before its APPLY (a failing disk), and
+    putting the branch's own directories back fails too; returns the error it raised."""
+    real_repoint, real_swap_back = sm.repoint_branch, sm.swap_back
+    swap_backs = iter([True])
+
+    def failing_repoint(*args, **kw):
+        raise StoreIOError("store disk failed (injected)")
+
+    def swap_back_failing_once(name, staged):
+        if next(swap_backs, False):
+            raise StoreIOError("restoring the branch's directories: EIO (injected)")
+        real_swap_back(name, staged)
+
+    sm.repoint_branch, sm.swap_back = failing_repoint, swap_back_failing_once
+    with pytest.raises(StoreIOError) as raised:
+        sm.reset("work", "other")
+    sm.repoint_branch = real_repoint
+    return raised.value
+
+
+@pytest.mark.parametrize("then", ["commit", "reopen"])
+def test_a_reset_that_cannot_put_the_branch_back_keeps_its_changes(tmp_path, then):
+    """A reset fails before its APPLY, and putting the branch's own directories back fails
+    too. They used to go to the trash with the op's staging, under the overlay still using
+    them: the branch's uncommitted changes were deleted. They must survive, for the branch's
+    next commit (which puts them back first) or the next open."""
+    store = tmp_path / "store"
+    base, other = _two_sources(tmp_path)
+    with conftest.open_store(store) as sm:
+        sm.import_tree(base, "base")
+        sm.import_tree(other, "other")
+        tree = sm.create_branch("work", "base").tree
+        (tree / "mine").write_text("uncommitted")
+        error = _reset_failing_with_its_undo(sm)
+        sm.settle()  # empties the trash
+        assert (tree / "mine").read_text() == "uncommitted"
+        if then == "commit":
+            sm.commit("work", "c1")
+            assert [c.line() for c in sm.diff("base", "c1")] == ["A mine"]
+            assert sm.wal.pending() == []
+            assert [c.line() for c in sm.status("work")] == []
+            sm.reset("work", "other")
+            assert (sm.branch("work").tree / "which").read_text() == "other\n"
+            check_live(sm, deep=True)
+    if then == "reopen":
+        with conftest.open_store(store) as sm:
+            assert sm.branch("work").parent == "base"
+            assert [c.line() for c in sm.status("work")] == ["A mine"]
+            assert (sm.branch("work").tree / "mine").read_text() == "uncommitted"
+            assert sm.wal.pending() == []
+            check_live(sm, deep=True)
+    assert "store disk failed" in error.message  # the op's own error, not its undo's
+
+
+def test_the_directories_of_a_discarded_branch_never_go_under_one_made_again(tmp_path):
+    """A branch whose own directories wait in staging after a failed reset is discarded, on
+    a disk so sick that neither its staging goes nor the reset's record is finished, and a
+    branch is made again under its name. The next open must not put the discarded branch's
+    directories back under the new one (the record names the branch's creation time)."""
+    store = tmp_path / "store"
+    base, other = _two_sources(tmp_path)
+    with conftest.open_store(store) as sm:
+        sm.import_tree(base, "base")
+        sm.import_tree(other, "other")
+        tree = sm.create_branch("work", "base").tree
+        (tree / "mine").write_text("uncommitted")
+        _reset_failing_with_its_undo(sm)
+        finalize, drop_staged = sm.wal.finalize, sm._drop_staged
+
+        def failing_finalize(op):
+            raise NoSpaceError("writing the write-ahead log: no space left (injected)")
+
+        sm.wal.finalize, sm._drop_staged = failing_finalize, lambda staged: None
+        sm.discard("work")
+        sm.wal.finalize, sm._drop_staged = finalize, drop_staged
+        tree = sm.create_branch("work", "other").tree
+        (tree / "theirs").write_text("the new branch's")
+    with conftest.open_store(store) as sm:
+        tree = sm.branch("work").tree
+        assert [c.line() for c in sm.status("work")] == ["A theirs"]
+        assert not (tree / "mine").exists()
+        assert (tree / "which").read_text() == "other\n"
+        assert sm.wal.pending() == []
+        check_live(sm, deep=True)
