@@ -502,7 +502,7 @@ class LayerBuilder:
         chain that names one is whole again. A full layer shows its tree; a delta layer is the
         difference from the tree the layers under it show, which is the same in every chain
         that holds it. A branch mounted on one of them is unmounted (``unmount_branch``;
-        reconciliation mounts it again)."""
+        reconciliation mounts it again). Each is on the disk before it takes its name."""
         if not lids:
             return
         with self._db.read() as txn:
@@ -541,6 +541,11 @@ class LayerBuilder:
                         full=rec.span == 0,
                         image=as_image(rec.span),
                     )
+                    # The layer keeps its ``seq``, which a syncfs may have covered already:
+                    # ``sync`` would never run one for it again, and a power cut would leave
+                    # torn files that no later open rebuilds. So its files reach the disk
+                    # before its name does (one syncfs a layer: rebuilds are rare).
+                    durability.syncfs(self.staging_dir)
                     self._unmount_image(lid)
                     self._trash.put(self.layers_dir / lid)  # a missing one is ignored
                     os.rename(staged, self.layers_dir / lid)

@@ -10,7 +10,7 @@ import pytest
 
 import conftest
 from conftest import check_live, dir_view, needs_overlay
-from cascowfs import overlay, recovery
+from cascowfs import durability, overlay, recovery
 from cascowfs.errors import NoSpaceError, NotFoundError, StoreIOError
 from cascowfs.layers import remove_within_filesystem
 
@@ -161,6 +161,42 @@ def test_a_repoint_whose_finalize_failed_keeps_the_work_done_after_it(tmp_path, 
         assert [c.line() for c in sm.status("work")] == ["A after"]
         assert sm.wal.pending() == []
         check_live(sm, deep=True)
+
+
+def test_a_layer_rebuilt_in_place_is_on_the_disk_before_it_takes_its_name(
+    tmp_path, monkeypatch
+):
+    """A lost layer is rebuilt under its own id and keeps its sync number, which the
+    background sync may have covered already, so no later sync would take it to the disk:
+    its files must be synced before its name is placed, or a power cut could leave torn
+    files that no open rebuilds."""
+    with conftest.open_store(tmp_path / "store") as sm:
+        sm.import_tree(_source(tmp_path), "base")
+        tree = sm.create_branch("b", "base").tree
+        (tree / "f0").write_text("changed\n")
+        sm.commit("b", "c1")
+        sm.settle()
+        sm.layers.sync()
+        with sm.db.read() as txn:
+            delta = sm.catalog.snapshot(txn, "c1").layers[0]
+        assert delta not in sm.layers.unsynced()
+        sm.unmount_branch("b")
+        remove_within_filesystem(sm.layers.path(delta))
+        staged = sm.staging_dir / f"rebuild-{delta}"
+        synced_while_staged = []
+        real = durability.syncfs
+
+        def spying_syncfs(path):
+            synced_while_staged.append(os.path.lexists(staged))
+            real(path)
+
+        monkeypatch.setattr(durability, "syncfs", spying_syncfs)
+        recovery.reconcile(sm)
+        monkeypatch.undo()
+        assert sm.layers.path(delta).exists()
+        assert True in synced_while_staged, "the rebuilt layer was never synced before its rename"
+        check_live(sm, deep=True)
+
 
 
 def _reset_failing_with_its_undo(sm):
