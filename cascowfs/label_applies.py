@@ -22,7 +22,10 @@ what readers see and what the next label of its snapshot starts from (``_stuck``
 later label's record carries its changes too. The first later label of that snapshot whose
 transaction commits therefore applies them as well, and FINALIZEs the failed ones; until then
 they are ``failed``, the checkpoint keeps the log, and the next open applies the last label
-record of the snapshot (``redo``), never an older one over a newer.
+record of the snapshot (``redo``), never an older one over a newer. A label whose flush failed
+as well was never acknowledged (``settle_unflushed`` fails it): it is not ``failed`` but
+abandoned (``WriteAheadLog.abandon``), so that it neither keeps the log from its checkpoints
+for the rest of the run nor is applied by replay, its own or another label's.
 
 Prune: a label either lands before a prune of its snapshot or fails with ENOENT. A prune
 waits for the labels that already took a ticket to be queued before queueing its own
@@ -164,20 +167,27 @@ class LabelApplies:
         """On the committer thread, once a label's transaction committed or failed (in
         ticket order: the latest label of its snapshot to be settled). A failed one whose
         record is durable is acknowledged (``_stuck``); one whose flush failed is not
-        (``settle_unflushed`` fails it), and the labels after it do not build on it."""
+        (``settle_unflushed`` fails it): the labels after it do not build on it, and it is
+        abandoned, not ``failed``."""
         op, id, labels = logged.op, logged.id, logged.labels
+        abandoned = request.error is not None and not self._wal.flushed(logged.mark)
         with self._cond:
             superseded: list[str] = []
-            if request.error is not None and not self._wal.flushed(logged.mark):
-                self.failed.add(op)
-            elif request.error is not None:
+            if request.error is not None and not abandoned:
                 failed_before = self._stuck[id][1] if id in self._stuck else []
                 self._stuck[id] = (labels, [*failed_before, op])
                 self.failed.add(op)
-            elif id in self._stuck:
+            elif request.error is None and id in self._stuck:
                 superseded = self._stuck.pop(id)[1]
                 self.failed.difference_update(superseded)
             self._unproject(id)
+        if abandoned:
+            log.error("label op %s of snapshot %s failed: %s", op, id, request.error)
+            try:
+                self._wal.abandon(op)
+            except CascowfsError as exc:  # a checkpoint forgets it (a crash before: redone)
+                log.warning("label op %s: its abandon record is not written: %s", op, exc)
+            return
         if request.error is not None:
             log.error(
                 "label op %s of snapshot %s: left for the next open, or the next label of "
@@ -283,11 +293,12 @@ def apply_label(
 
 def last_of_each_snapshot(logged: list[PendingOp]) -> dict[str, PendingOp]:
     """The last label record of each snapshot among ``logged`` (``WriteAheadLog.prepared``:
-    every record of the log, finalized or not), by the id the record names."""
+    every record of the log, finalized or not), by the id the record names. An abandoned
+    one (never acknowledged, never applied: ``WriteAheadLog.abandon``) is not a label."""
     return {
         op.args["id"]: op
         for op in logged
-        if op.kind == "label" and isinstance(op.args.get("id"), str)
+        if op.kind == "label" and isinstance(op.args.get("id"), str) and not op.abandoned
     }
 
 

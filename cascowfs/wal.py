@@ -59,6 +59,7 @@ class PendingOp:
     kind: str
     args: dict = field(default_factory=dict)
     finished: bool = False  # its FINALIZE is in the log too
+    abandoned: bool = False  # finalized as never acknowledged: nothing may replay its record
 
 
 def new_op_id() -> str:
@@ -196,6 +197,13 @@ class WriteAheadLog:
     def finalize(self, op: str) -> None:
         self._append({"op": op, "step": "finalize"}, durable=False)
 
+    def abandon(self, op: str) -> None:
+        """FINALIZE an op that was never acknowledged and never applied (a label whose flush
+        and transaction both failed): replay must neither redo it nor take its record for
+        another op's (``label_applies.last_of_each_snapshot``). Older versions read the
+        record as a plain FINALIZE."""
+        self._append({"abandoned": True, "op": op, "step": "finalize"}, durable=False)
+
     def pending(self) -> list[PendingOp]:
         """Operations prepared but not finalized, in log order. A torn tail is ignored."""
         return [op for op in self.prepared() if not op.finished]
@@ -213,6 +221,7 @@ class WriteAheadLog:
                 ops[rec["op"]] = PendingOp(rec["op"], rec["kind"], rec.get("args", {}))
             elif rec.get("step") == "finalize" and rec.get("op") in ops:
                 ops[rec.get("op")].finished = True
+                ops[rec.get("op")].abandoned = rec.get("abandoned") is True
         return list(ops.values())
 
     def checkpoint(self) -> None:

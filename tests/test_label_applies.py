@@ -369,3 +369,84 @@ def test_a_failed_label_keeps_what_readers_see_until_a_later_one_lands(tmp_path,
         assert recorded_labels(sm, "s") == {"a": "1", "b": "2"}
         assert not sm.label_applies.failed
         sm.prune("s")
+
+
+def _flush_and_transaction_fail(monkeypatch, sm: StateManager, bad: dict[str, str]) -> None:
+    """The next label whose set holds ``bad`` fails twice: the flush of its record (EIO) and
+    its LMDB transaction. The flush works again once the label has failed."""
+    import cascowfs.label_applies as label_applies
+    from cascowfs.errors import StoreIOError
+
+    real_apply, real_sync = label_applies.apply_label, sm.wal._sync_data
+
+    def failing_apply(catalog, txn, op, id, labels):
+        if bad.items() <= labels.items():
+            raise StoreIOError("store disk failed (injected)")
+        return real_apply(catalog, txn, op, id, labels)
+
+    def failing_sync():
+        raise StoreIOError("syncing the write-ahead log: EIO (injected)")
+
+    monkeypatch.setattr(label_applies, "apply_label", failing_apply)
+    monkeypatch.setattr(sm.wal, "_sync_data", failing_sync)
+    with pytest.raises(StoreIOError, match="syncing the write-ahead log"):
+        sm.label("s", bad)
+    monkeypatch.setattr(sm.wal, "_sync_data", real_sync)
+    monkeypatch.setattr(label_applies, "apply_label", real_apply)
+
+
+def test_a_label_whose_flush_and_transaction_failed_keeps_no_checkpoint_away(
+    tmp_path, monkeypatch
+):
+    """A label failed to its caller (its record unflushed, its transaction failed) is not
+    one the log must keep: it used to stay among the failed labels for the rest of the run,
+    and every checkpoint was skipped."""
+    with open_store(tmp_path / "store") as sm:
+        sm.import_tree(_source(tmp_path), "s")
+        _flush_and_transaction_fail(monkeypatch, sm, {"bad": "1"})
+        assert sm.label("s", {"ok": "1"}) == {"ok": "1"}
+        sm.label_applies.wait_applied()
+        assert not sm.label_applies.failed
+        sm.checkpoint()
+        assert sm.wal.pending() == [] and sm.wal.records_since_checkpoint == 0
+        assert sm.snapshot("s").labels == {"ok": "1"}
+
+
+def test_a_label_failed_to_its_caller_is_not_applied_by_the_next_open(tmp_path, monkeypatch):
+    """Its record stays in the log (only the flush failed) and the store closes without a
+    checkpoint: the next open must not apply what its caller was told had failed."""
+    store = tmp_path / "store"
+    with open_store(store) as sm:
+        sm.import_tree(_source(tmp_path), "s", {"visits": "1"})
+        _flush_and_transaction_fail(monkeypatch, sm, {"bad": "1"})
+        assert sm.snapshot("s").labels == {"visits": "1"}
+    with open_store(store) as sm:
+        assert sm.snapshot("s").labels == {"visits": "1"}
+        assert sm.wal.pending() == []
+    assert_fsck_clean(store)
+
+
+def test_replay_of_a_failed_label_skips_a_later_one_failed_to_its_caller(tmp_path, monkeypatch):
+    """Label A is acknowledged but its transaction fails; label B of the same snapshot, built
+    on A, fails to its caller. Replay redoes A from the last label record of the snapshot,
+    which must be A's own, not B's."""
+    import cascowfs.label_applies as label_applies
+
+    store = tmp_path / "store"
+    real = label_applies.apply_label
+
+    def failing(catalog, txn, op, id, labels):
+        raise NoSpaceError("store disk is full (injected)")
+
+    with open_store(store) as sm:
+        sm.import_tree(_source(tmp_path), "s")
+        monkeypatch.setattr(label_applies, "apply_label", failing)
+        assert sm.label("s", {"a": "1"}) == {"a": "1"}  # acknowledged
+        sm.label_applies.wait_applied()
+        _flush_and_transaction_fail(monkeypatch, sm, {"b": "2"})
+        assert sm.snapshot("s").labels == {"a": "1"}
+        monkeypatch.setattr(label_applies, "apply_label", real)
+    with open_store(store) as sm:
+        assert sm.snapshot("s").labels == {"a": "1"}
+        assert sm.wal.pending() == []
+    assert_fsck_clean(store)
