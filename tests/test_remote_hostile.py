@@ -294,7 +294,8 @@ def test_a_failed_write_leaves_no_partial_file_and_prune_clears_old_ones(tmp_pat
 
 # -- locks that do not decode -------------------------------------------------------------------
 @pytest.mark.parametrize("body", [b"[]", b'{"time": "abc"}', b'{"time": null}', b"not json",
-                                  b'{"time": NaN}', b"5", b"[" * 100_000])
+                                  b'{"time": NaN}', b"5", b"[" * 100_000,
+                                  b'{"time": 1, "pad": "' + b"x" * (64 << 10) + b'"}'])
 def test_a_lock_that_does_not_decode_holds_until_it_is_stale(remote, tmp_path, body):
     """Such a lock crashed push and pull with a traceback, and left the taker's own lock
     behind. Now it counts as held, as old as the listing says, named in the EBUSY."""
@@ -348,7 +349,7 @@ def test_a_taker_that_fails_deletes_its_own_lock(remote, monkeypatch):
     rs.create()
     rs.put("locks/exclusive-other", b"{}")
 
-    def broken(key):
+    def broken(key, **bounds):
         raise StoreIOError(f"cannot read {key}")
 
     monkeypatch.setattr(rs, "get", broken)

@@ -292,11 +292,15 @@ def _unlink_quietly(name: str, where: int) -> None:
         os.unlink(name, dir_fd=where)
 
 
+class TooLargeError(StoreIOError):
+    """An object larger than the bound its reader takes (EIO): not read."""
+
+
 def _too_large(spec: RemoteSpec, key: str, size: int | None, max_bytes: int) -> StoreIOError:
     """EIO for object ``key`` of ``size`` bytes (None: more than it may, of a size not
     told), over the ``max_bytes`` its reader takes."""
     holds = f"{size} bytes" if size is not None else "more bytes"
-    return StoreIOError(
+    return TooLargeError(
         f"remote {spec.describe()}: {key} holds {holds}, more than the {max_bytes} it may hold"
     )
 
