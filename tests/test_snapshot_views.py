@@ -11,17 +11,22 @@ import os
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cascowfs import images, overlay
 from cascowfs.client import Client
 from cascowfs.fsmeta import RESERVED_XATTR_PREFIX
-from cascowfs.fuse.kernel_views import IDLE_SECONDS
+from cascowfs.fuse.inodes import SnapDirNode
+from cascowfs.fuse.kernel_views import IDLE_SECONDS, KernelViews, ViewBudget, _Turns
+from cascowfs.fuse.operations import CascowOperations
 from fusehelpers import Cascow, cascow_base, mounted, needs_fuse, run_cli
 from support.mounts import abort_fuse
 from support.properties import hypothesis_settings
@@ -658,3 +663,94 @@ def test_a_user_outside_the_admin_group_binds_its_share_and_evicts_no_admins_vie
         time.sleep(0.5)
         assert _bound(fs) == {"s0": 2, "s1": 2, "s4": 2, "s5": 2}
         _read_as(fs, "s2", user=NOBODY)
+
+
+# -- the attaches' queue (kernel_views.py, Queue): no mount ---------------------------------
+def test_attaches_readers_ask_for_wait_apart_few_and_behind_a_detach(sm, store, tmp_path):
+    """Any user's read in a snapshot asks for its view's attach. They used to queue without
+    bound in trio's default pool of 40 threads, FIFO, in front of every commit, branch and
+    status: one user opening every snapshot's root in a loop made every agent wait for
+    all of them. Now attaches run in a thread of their own, one waits per uid outside the
+    admin group and four of all such uids (root's: one per snapshot), the shared threads
+    answer at once, and a prune's detach goes before every attach waiting."""
+    views = KernelViews(sm, tmp_path / "mnt", budget=ViewBudget.of(100))
+    ops = CascowOperations(sm, store, views=views)
+    gate = threading.Event()
+    ran: list[str] = []
+
+    def plan(ident: str) -> tuple[list[bytes], list[str]]:
+        gate.wait()  # the attach running holds its turn until the test lets it go
+        ran.append(ident)
+        return [], []  # nothing at its root: nothing to mount
+
+    detach_held = views._detach_held
+
+    def detached(ident: str) -> None:
+        ran.append(f"detach {ident}")
+        detach_held(ident)
+
+    views._plan = plan
+    views._detach_held = detached
+
+    def caller(uid: int) -> SimpleNamespace:
+        return SimpleNamespace(uid=uid, gid=uid, pid=os.getpid())
+
+    async def until(predicate) -> None:
+        with trio.fail_after(WAIT):  # a hang guard, not a bound under test
+            while not predicate():
+                await trio.sleep(0.01)
+
+    async def main() -> None:
+        try:
+            shared = trio.to_thread.current_default_thread_limiter()
+            for i in range(300):  # ten users outside the admin group read in every snapshot
+                node = SnapDirNode(ops.table.allocate(), snap=f"s{i}")
+                ops._want_view(node, caller(2000 + i % 10))
+            for ident in ("r0", "r1"):  # root reads in two more
+                ops._want_view(SnapDirNode(ops.table.allocate(), snap=ident), caller(0))
+            await until(lambda: views.attaching.statistics().tasks_waiting == 5)
+            assert views.attaching.borrowed_tokens == 1  # the one attach running
+            assert sorted(views._pending) == ["r0", "r1", "s0", "s1", "s2", "s3"]
+            assert shared.borrowed_tokens == 0
+            assert await ops._q(lambda: "answered") == "answered"  # while the attach runs
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ops._detach_view, "r1")  # as a prune of r1 through ctl
+                await until(lambda: views._turns.first == 1)  # waiting for the attach running
+                gate.set()
+            await until(lambda: not views._pending)
+        finally:  # or, past a failure above, attach threads would wait for good
+            gate.set()
+
+    trio.run(main)
+    assert ran[1] == "detach r1", ran  # right after the attach running when it came
+    attaches = ran[:1] + ran[2:]
+    assert sorted(attaches) == ["r0", "r1", "s0", "s1", "s2", "s3"]
+    assert not views._waiting and not views._waiting_of
+
+
+def test_a_detach_waiting_goes_before_every_attach_waiting():
+    turns = _Turns()
+    order: list[str] = []
+
+    def take(what: str, first: bool) -> None:
+        with turns.turn(first):
+            order.append(what)
+
+    def until(predicate) -> None:
+        deadline = time.monotonic() + WAIT  # a hang guard, not a bound under test
+        while not predicate():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=take, args=(f"attach {i}", False)) for i in range(3)]
+    threads.append(threading.Thread(target=take, args=("detach", True)))
+    with turns.turn(first=False):  # an attach running
+        for thread in threads[:3]:
+            thread.start()
+        until(lambda: len(turns._changed._waiters) == 3)  # the attaches wait, in order
+        threads[3].start()
+        until(lambda: turns.first == 1)
+    for thread in threads:
+        thread.join()
+    assert order[0] == "detach", order
+    assert sorted(order[1:]) == ["attach 0", "attach 1", "attach 2"]

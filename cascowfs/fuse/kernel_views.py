@@ -51,6 +51,15 @@ first access, expired when idle, detached on prune.
   group takes only the room of views no admin asked for last. If that does not make room,
   the snapshot stays on the daemon's view (its reads are answered as without views), and
   the uid's next views are not tried for ``NO_ROOM_RETRY_SECONDS``.
+* **Queue.** Attaches run one at a time in a thread of their own (``attaching``), detaches
+  and expiry in another (``detaching``), never in trio's default pool that commits, branches
+  and ``status`` wait for; and a detach or expiry waiting goes before every attach waiting
+  (``_Turns``). Any reader asks for attaches, a heavy one each (layers held, built if need be,
+  an overlay, a mount per root entry), so few may wait: one per uid outside the admin group
+  and ``OUTSIDER_ATTACHES_WAITING`` of all such uids together; past that the snapshot is
+  served by the daemon's view, and a later read asks again. Unbounded, one user opening
+  every snapshot's root in a loop queued an attach per snapshot in that default pool, and
+  every agent's commit and branch waited behind all of them.
 * **Fallback.** A view the kernel refuses is logged and the snapshot stays on the daemon's
   view; ``CASCOWFS_SNAPSHOT_VIEWS=fuse`` in the daemon's environment keeps every snapshot
   there.
@@ -62,12 +71,15 @@ daemon killed with views mounted leaves them under its dead FUSE mount, and the 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,6 +125,11 @@ UID_SHARE = 0.25
 # A uid whose view found no room is not tried again for this long: each read that reaches the
 # daemon would otherwise cost a worker thread to find the budget still full.
 NO_ROOM_RETRY_SECONDS = 5.0
+# Attaches asked for by callers outside the admin group that may wait (or run) at once: one
+# per uid, and these for all such uids together (module docstring, Queue). An admin's are
+# bounded by the snapshots it reads (one pending each), and wait behind these four at most.
+UID_ATTACHES_WAITING = 1
+OUTSIDER_ATTACHES_WAITING = 4
 
 
 def kernel_views_wanted() -> bool:
@@ -224,10 +241,40 @@ class View:
     used: float = 0.0  # when last asked for, or seen in use by expiry (monotonic)
 
 
+class _Turns:
+    """One attach, expiry or detach at a time (each resolves paths in MNT, and the budget's
+    arithmetic counts on it), and a detach or expiry waiting goes before every attach
+    waiting: what any reader asks for must not hold up a prune."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._busy = False
+        self.first = 0  # turns of detaches and expiries waiting
+
+    @contextlib.contextmanager
+    def turn(self, first: bool) -> Iterator[None]:
+        """The turn of an attach (``first`` False) or of a detach or expiry (True)."""
+        with self._changed:
+            self.first += first
+            try:
+                while self._busy or (not first and self.first):
+                    self._changed.wait()
+            finally:
+                self.first -= first
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._busy = False
+                self._changed.notify_all()
+
+
 class KernelViews:
     """The kernel views of one daemon's snapshots. ``wanted`` runs on the trio thread; the
     rest in worker threads, one at a time (they resolve paths in MNT, which the trio thread
-    answers)."""
+    answers): attaches in ``attaching``'s thread, detaches and expiry in ``detaching``'s
+    (module docstring, Queue)."""
 
     def __init__(
         self,
@@ -242,9 +289,14 @@ class KernelViews:
         self.budget = budget if budget is not None else ViewBudget.from_system()
         self.source = view_source(sm.store)
         self._lock = threading.Lock()  # the tables below
-        self._mounting = threading.Lock()  # one attach, expiry or detach at a time
+        self._turns = _Turns()  # one attach, expiry or detach at a time, detaches first
+        # their threads, apart from trio's default pool (module docstring, Queue)
+        self.attaching = trio.CapacityLimiter(1)
+        self.detaching = trio.CapacityLimiter(1)
         self._views: dict[str, View] = {}
         self._pending: set[str] = set()
+        self._waiting: Counter[int] = Counter()  # uid outside the admin group -> its pending
+        self._waiting_of: dict[str, int] = {}  # pending snapshot -> that uid
         self._refused: set[str] = set()  # no view for these: served by the daemon
         self._pruned: set[str] = set()  # pruned by an rmdir that did not wait (see Detach)
         self._no_room: dict[int, float] = {}  # uid -> when its views may be tried again
@@ -270,33 +322,53 @@ class KernelViews:
         with self._lock:
             return id in self._views or id in self._pending
 
-    def wanted(self, id: str, uid: int = 0) -> bool:
-        """Should snapshot ``id``'s view be attached, or its expired entries bound again,
-        now, for a read by ``uid``? (True: the caller runs ``attach``, which clears the
-        pending mark)."""
+    def wanted(self, id: str, uid: int, is_admin: Callable[[], bool]) -> Callable[[], None] | None:
+        """The attach to run in ``attaching``'s thread if snapshot ``id``'s view should be
+        attached, or its expired entries bound again, now, for a read by ``uid``
+        (``is_admin``: whether it is root or of the admin group, asked only then); None if
+        not, or if too many attaches wait (module docstring, Queue). The attach clears the
+        pending mark."""
         with self._lock:
             if id in self._pending or id in self._refused:
-                return False
+                return None
             view = self._views.get(id)
             if view is not None and len(view.bound) == len(view.names):
-                return False
+                return None
             retry = self._no_room.get(uid)
             if retry is not None:
                 if time.monotonic() < retry:
-                    return False
+                    return None
                 del self._no_room[uid]
+        admin = is_admin()  # may read /proc: outside the lock, and only for an attach
+        with self._lock:
+            if not admin:
+                if self._waiting[uid] >= UID_ATTACHES_WAITING or (
+                    sum(self._waiting.values()) >= OUTSIDER_ATTACHES_WAITING
+                ):
+                    return None
+                self._waiting[uid] += 1
+                self._waiting_of[id] = uid
             self._pending.add(id)
-            return True
+        return functools.partial(self.attach, id, uid, admin)
+
+    def _unpend(self, id: str) -> None:
+        """Snapshot ``id``'s attach is over (under ``_lock``)."""
+        self._pending.discard(id)
+        uid = self._waiting_of.pop(id, None)
+        if uid is not None:
+            self._waiting[uid] -= 1
+            if self._waiting[uid] <= 0:
+                del self._waiting[uid]
 
     def attach(self, id: str, uid: int = 0, admin: bool = True) -> None:
         """Mount the view of snapshot ``id`` (or bind its expired entries again) for a read
         by ``uid`` (``admin``: root or of the admin group), if the budget has room or can be
         given some (module docstring, Budget); a failure, or no room, leaves the snapshot
         on the daemon's view."""
-        with self._mounting:
+        with self._turns.turn(first=False):
             if self._stopping.is_set():
                 with self._lock:
-                    self._pending.discard(id)
+                    self._unpend(id)
                 return
             with self._lock:
                 view = self._views.get(id)
@@ -335,7 +407,7 @@ class KernelViews:
                     self._forget(view)
             finally:
                 with self._lock:
-                    self._pending.discard(id)
+                    self._unpend(id)
         if view is not None and not self.sm.has_snapshot(id):  # pruned meanwhile
             self.detach(id)
 
@@ -492,8 +564,9 @@ class KernelViews:
                 log.debug("detaching the view of %s at %r: %s", id, name, exc)
 
     def detach(self, id: str) -> None:
-        """Detach the view of snapshot ``id`` (lazily: open files keep reading)."""
-        with self._mounting:
+        """Detach the view of snapshot ``id`` (lazily: open files keep reading), before any
+        attach waiting."""
+        with self._turns.turn(first=True):
             self._detach_held(id)
 
     def prune(self, id: str) -> None:
@@ -523,7 +596,7 @@ class KernelViews:
         stopped answering them would leave the thread, and every caller, waiting for good.
         Returns once none of them runs any more (``detach_all`` then detaches the views)."""
         self._stopping.set()
-        with self._mounting:
+        with self._turns.turn(first=True):
             pass
 
     def detach_all(self) -> None:
@@ -534,7 +607,7 @@ class KernelViews:
     def expire(self) -> None:
         """One round of idle expiry: an entry unused since the last round is unmounted; a
         view with nothing bound any more lets go of its layers."""
-        with self._mounting:
+        with self._turns.turn(first=True):
             if self._stopping.is_set():
                 return
             with self._lock:
@@ -552,7 +625,7 @@ class KernelViews:
     async def expire_forever(self) -> None:
         while True:
             await trio.sleep(self.idle_seconds)
-            await trio.to_thread.run_sync(self.expire)
+            await trio.to_thread.run_sync(self.expire, limiter=self.detaching)
 
 
 def _expired(point: str) -> bool:

@@ -371,26 +371,30 @@ class CascowOperations(pyfuse3.Operations):
             self._view_after_walk[node.snap] = ctx
             return
         self._view_after_walk.pop(node.snap, None)
-        if self.views.wanted(node.snap, ctx.uid):
+        attach = self.views.wanted(node.snap, ctx.uid, functools.partial(self._is_admin, ctx))
+        if attach is not None:  # in a thread of the views' own: it may wait for others
             self._after_reply(
-                functools.partial(self.views.attach, node.snap, ctx.uid, self._is_admin(ctx)),
+                attach,
                 f"mounting the kernel view of snapshot {node.snap}",
+                self.views.attaching,
             )
 
     async def _detach_view(self, ident: str) -> None:
         """Detach snapshot ``ident``'s view, if it may have one (the thread hop is skipped
         for the many prunes of snapshots nobody read)."""
         if self.views is not None and self.views.may_hold(ident):
-            await trio.to_thread.run_sync(self.views.detach, ident)
+            await trio.to_thread.run_sync(self.views.detach, ident, limiter=self.views.detaching)
 
     @staticmethod
-    def _after_reply(work: Callable[[], None], what: str) -> None:
-        """Run ``work`` in a worker thread, outside the request that asks for it; a failure
-        is logged as failing at ``what``."""
+    def _after_reply(
+        work: Callable[[], None], what: str, limiter: trio.CapacityLimiter | None = None
+    ) -> None:
+        """Run ``work`` in a worker thread (of ``limiter``'s, else trio's default pool),
+        outside the request that asks for it; a failure is logged as failing at ``what``."""
 
         async def task() -> None:
             try:
-                await trio.to_thread.run_sync(work)
+                await trio.to_thread.run_sync(work, limiter=limiter)
             except Exception:  # a system task must not raise: it would end the daemon
                 log.exception("%s", what)
 
@@ -946,6 +950,7 @@ class CascowOperations(pyfuse3.Operations):
                     self._after_reply(
                         functools.partial(self.views.detach, ident),
                         f"letting go of the kernel view of snapshot {ident}",
+                        self.views.detaching,
                     )
             self.table.detach(parent, name)
             self.changed_ns[SNAPSHOTS_INO] = time.time_ns()
