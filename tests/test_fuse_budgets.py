@@ -5,17 +5,19 @@ threads its reads run in, against a real daemon and a user switched to with setp
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import tracemalloc
 
 import pytest
 import trio
 
-from cascowfs.fuse import budgets
+from cascowfs.fuse import budgets, operations
 from cascowfs.fuse.inodes import SNAPSHOTS_INO
 from cascowfs.fuse.operations import CascowOperations, CtlHandle, DirHandle
 from cascowfs.fuse.snapshot_view import LinkCounts
@@ -413,5 +415,105 @@ def test_a_large_directory_not_cached_is_decoded_in_a_thread(sm, store, tmp_path
         assert routed == ["read_tree"]
         await ops.lookup(big.st_ino, b"f2", ctx)
         assert routed == ["read_tree"]  # cached by the first
+
+    trio.run(main)
+
+
+def _caller(uid: int) -> SimpleNamespace:
+    return SimpleNamespace(uid=uid, gid=uid, pid=os.getpid())
+
+
+def test_listings_are_charged_what_they_hold(sm, store, tmp_path, monkeypatch):
+    """A listing was charged 96 bytes a name: an entry of a snapshot directory, decoded,
+    held 4-5 times that (its xattrs not counted), an id of snapshots/ 402 bytes at 128
+    characters, and one uid held about 1 GB under its budget of 256 MiB. Charged now
+    never less than the open directory holds once the tree cache let go, nor twice it."""
+    monkeypatch.setenv("CASCOWFS_SNAPSHOT_VIEWS", "fuse")
+    big = tmp_path / "src" / "big"
+    big.mkdir(parents=True)
+    for i in range(2000):
+        (big / f"file-{i:05d}").write_bytes(b"")
+        if i % 2:
+            os.setxattr(big / f"file-{i:05d}", "user.note", b"x" * 1024)
+    sm.import_tree(tmp_path / "src", "base")
+    monkeypatch.setattr(sm, "snapshot_ids", lambda: [f"{'i' * 120}{n:08d}" for n in range(2000)])
+    ops = CascowOperations(sm, store)
+
+    async def run(uid, fn, *args):
+        return fn(*args)
+
+    ops.readers.run = run  # no thread and no pacing: nothing but the listing is traced
+
+    def forget_trees() -> None:
+        sm.trees._cache.clear()  # as once other trees pushed the listing out
+        sm.trees._cached_entries = 0
+        gc.collect()
+
+    # what the listing allocated and still holds: not what the store's background threads
+    # (the import's layers) allocate or free meanwhile
+    listing_only = [tracemalloc.Filter(True, operations.__file__, all_frames=True)]
+
+    async def held(node) -> tuple[int, int]:
+        await ops._listing(DirHandle(node), NOBODY)  # whatever a first listing makes for good
+        forget_trees()
+        tracemalloc.start(64)
+        try:
+            items, charged = await ops._listing(DirHandle(node), NOBODY)
+            forget_trees()
+            kept = tracemalloc.take_snapshot().filter_traces(listing_only)
+        finally:
+            tracemalloc.stop()
+        assert len(items) == 2002
+        return sum(trace.size for trace in kept.traces), charged
+
+    async def main() -> None:
+        root = await ops.lookup(SNAPSHOTS_INO, b"base", _caller(NOBODY))
+        directory = ops.table.get((await ops.lookup(root.st_ino, b"big", _caller(NOBODY))).st_ino)
+        for node in (ops.snapshots, directory):
+            traced, charged = await held(node)
+            assert traced <= charged <= 2 * traced, (node, traced, charged)
+
+    trio.run(main)
+
+
+def test_a_listings_charge_is_counted_once_per_tree_a_large_ones_in_a_thread(
+    sm, store, tmp_path, monkeypatch
+):
+    """Counting what a snapshot directory's listing holds is a pass over its entries: at
+    each listing, on the trio thread, every `ls` of a directory of a million entries (any
+    user's) would stall every agent's requests. It is counted once per tree, in a read
+    thread for a large one, and kept by tree id."""
+    monkeypatch.setenv("CASCOWFS_SNAPSHOT_VIEWS", "fuse")
+    src = tmp_path / "src"
+    for name, count in (("big", 300), ("small", 10)):
+        (src / name).mkdir(parents=True)
+        for i in range(count):
+            (src / name / f"f{i}").write_bytes(b"")
+    sm.import_tree(src, "base")
+    monkeypatch.setattr(operations, "LISTED_COUNTED_INLINE", 100)
+    ops = CascowOperations(sm, store)
+    counted: list[int] = []
+    routed: list[str] = []
+
+    def count(entries):
+        counted.append(len(entries))
+        return budgets.listed_entries_bytes(entries)
+
+    monkeypatch.setattr(operations, "listed_entries_bytes", count)
+
+    async def run(uid, fn, *args):
+        routed.append(fn.__name__)
+        return fn(*args)
+
+    ops.readers.run = run
+
+    async def main() -> None:
+        root = await ops.lookup(SNAPSHOTS_INO, b"base", _caller(NOBODY))
+        for name in (b"small", b"big"):
+            node = ops.table.get((await ops.lookup(root.st_ino, name, _caller(NOBODY))).st_ino)
+            for _ in range(3):
+                await ops._listing(DirHandle(node), NOBODY)
+        assert counted == [10, 300]
+        assert routed.count("count") == 1  # the big one's, in a read thread
 
     trio.run(main)

@@ -31,14 +31,15 @@ import errno
 import logging
 import os
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import trio
 
 from ..errors import CascowfsError
+from ..model import Entry
 
 log = logging.getLogger("cascowfs.fuse")
 
@@ -47,7 +48,17 @@ T = TypeVar("T")
 UID_BUDGET_BYTES = 256 << 20  # vs 5.5 GB held by one user's 60 opens of a 97 MB episodes
 ENV_BUDGET = "CASCOWFS_UID_BUDGET_BYTES"  # the daemon's environment may lower or raise it
 HANDLE_BYTES = 1024  # what any open file costs the daemon, charged with what it keeps
-ENTRY_BYTES = 96  # a name kept in an open directory's listing, with its list slot
+# What an open directory's listing keeps, charged as it is held (``listed_entries_bytes``;
+# CPython 3.11 on 64 bits). At a flat 96 bytes a name, a decoded entry of a snapshot
+# directory (its Entry, its ints, its ref, the (name, Entry) pair and its slot) held 4-5
+# times as much, its xattrs more, and one uid held about 1 GB under its budget of 256 MiB.
+LISTED_ENTRY_BYTES = 576  # an entry's fixed part, a directory's totals included
+LISTED_XATTRS_BYTES = 48  # an entry's tuple of xattrs, if it has any
+LISTED_XATTR_BYTES = 128  # each xattr's pair and its two bytes objects, with their lengths
+LISTED_BRANCH_BYTES = 1024  # a BranchInfo, its tree's Path and its names' strings
+LISTED_NODE_BYTES = 128  # a (name, node) pair of a node that exists anyway, with its slot
+LISTED_CHARGES_KEPT = 4096  # trees whose listing's charge is kept (``ListedCharges``), ~0.5 MB
+LISTED_COUNTED_INLINE = 4096  # entries a listing's charge is counted for on the trio thread
 READER_THREADS = 2  # of non-admin reads at once; one uid gets one
 READER_CPU_SHARE = 0.1  # of a core, one uid's reads at most: 10k-snapshot finds 100 a second
 WARN_EVERY = 60.0  # seconds between two log lines about one uid's refusals
@@ -55,6 +66,42 @@ WARN_EVERY = 60.0  # seconds between two log lines about one uid's refusals
 
 class OverBudgetError(CascowfsError):
     errno = errno.ENOMEM
+
+
+def listed_entries_bytes(entries: Collection[Entry]) -> int:
+    """What an open directory keeps of the decoded ``entries`` of its listing: once the
+    tree cache dropped them (a large tree is dropped as soon as another is decoded), its
+    handle is their only owner."""
+    held = LISTED_ENTRY_BYTES * len(entries)
+    for e in entries:
+        held += len(e.name) + len(e.ref) + len(e.link)
+        if e.xattrs:
+            held += LISTED_XATTRS_BYTES
+            for key, value in e.xattrs:
+                held += LISTED_XATTR_BYTES + len(key) + len(value)
+    return held
+
+
+class ListedCharges:
+    """``listed_entries_bytes`` of the snapshot directories listed last, by tree id (a tree
+    never changes): counted at each listing, on the trio thread, a directory of a million
+    entries cost every agent's requests some 0.15 s more per ``ls``, any user's (twice what
+    copying its listing costs)."""
+
+    def __init__(self, limit: int = LISTED_CHARGES_KEPT) -> None:
+        self.limit = limit
+        self._by_tree: OrderedDict[bytes, int] = OrderedDict()
+
+    def get(self, tree_id: bytes) -> int | None:
+        held = self._by_tree.get(tree_id)
+        if held is not None:
+            self._by_tree.move_to_end(tree_id)
+        return held
+
+    def keep(self, tree_id: bytes, held: int) -> None:
+        self._by_tree[tree_id] = held
+        if len(self._by_tree) > self.limit:
+            self._by_tree.popitem(last=False)
 
 
 def budget_from_environment() -> int:

@@ -33,7 +33,9 @@ import itertools
 import logging
 import os
 import stat
+import sys
 import time
+from array import array
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -53,14 +55,18 @@ from ..privacy import Caller
 from ..state import StateManager
 from . import control
 from .budgets import (
-    ENTRY_BYTES,
     HANDLE_BYTES,
+    LISTED_BRANCH_BYTES,
+    LISTED_COUNTED_INLINE,
+    LISTED_NODE_BYTES,
     Budgets,
     Charge,
     Generated,
+    ListedCharges,
     OverBudgetError,
     ReaderThreads,
     SharedContent,
+    listed_entries_bytes,
 )
 from .ctl_lanes import CtlLanes
 from .feeds import (
@@ -195,11 +201,42 @@ class LeafHandle:
     entry: Entry
 
 
+class SnapshotIds(Sequence[tuple[bytes, Any]]):
+    """``snapshots/``'s listing as an open directory keeps it: "." and "..", then the ids
+    (ASCII: ``names.py``) in one bytes object, with where each ends. Kept as a (bytes, str)
+    pair each, a 128-character id held 402 bytes."""
+
+    __slots__ = ("_head", "_ids", "_ends")
+
+    def __init__(self, head: list[tuple[bytes, Any]], ids: list[str]) -> None:
+        self._head = head
+        self._ids = "".join(ids).encode("ascii")
+        self._ends = array("Q", itertools.accumulate(map(len, ids)))
+
+    def __len__(self) -> int:
+        return len(self._head) + len(self._ends)
+
+    def __getitem__(self, index: int) -> tuple[bytes, Any]:  # type: ignore[override]
+        if index < len(self._head):
+            return self._head[index]
+        index -= len(self._head)
+        name = self._ids[self._ends[index - 1] if index else 0 : self._ends[index]]
+        return name, name.decode("ascii")
+
+    def held(self) -> int:
+        """Its bytes, as its open directory is charged for them: its ids and their ends,
+        "." and "..", and a KiB for this object and what its parts leave unaccounted."""
+        head = LISTED_NODE_BYTES * len(self._head) + 1024
+        return sys.getsizeof(self._ids) + sys.getsizeof(self._ends) + head
+
+
 @dataclass(eq=False)
 class DirHandle:
     node: Node
     admin: bool = False  # whose listings run in the shared worker threads
-    items: list[tuple[bytes, Any]] | None = None  # (name, what _child needs), "."/".." first
+    # (name, what _child needs), "."/".." first
+    items: Sequence[tuple[bytes, Any]] | None = None
+    held: int = 0  # the bytes ``items`` holds, charged to its uid
 
 
 class CascowOperations(pyfuse3.Operations):
@@ -270,6 +307,8 @@ class CascowOperations(pyfuse3.Operations):
         self._fh = itertools.count(1)
         # Hard-link group sizes per snapshot root tree id, for the roots read last.
         self._links = LinkCounts()
+        # What the listings of the snapshot directories listed last hold, by tree id.
+        self._listed = ListedCharges()
 
     # -- helpers -------------------------------------------------------------------------------
     async def _q(self, fn: Callable[..., T], *args: Any) -> T:
@@ -813,29 +852,47 @@ class CascowOperations(pyfuse3.Operations):
         self._want_view(node, ctx)
         return self._new_handle(DirHandle(node, admin=self._is_admin(ctx)), charge)
 
-    async def _listing(self, handle: DirHandle, uid: int) -> list[tuple[bytes, Any]]:
-        """A frozen listing, so that readdir continuations see a consistent set of names.
-        Of ``snapshots/``, the ids only: each record is read as readdir reaches its name, so
-        that an open directory keeps little whatever the snapshots' labels."""
+    async def _listing(
+        self, handle: DirHandle, uid: int
+    ) -> tuple[Sequence[tuple[bytes, Any]], int]:
+        """A frozen listing, so that readdir continuations see a consistent set of names,
+        and the bytes it holds (charged to ``uid``). Of ``snapshots/``, the ids only: each
+        record is read as readdir reaches its name, so that an open directory keeps little
+        whatever the snapshots' labels."""
         node = handle.node
         items: list[tuple[bytes, Any]] = [(b".", node), (b"..", node.parent or self.root)]
         if isinstance(node, SnapDirNode):
             read = functools.partial(self._read_q, handle.admin, uid)
-            items += list((await self._snap_entries(node, read)).items())
-        elif node.ino == ROOT_INO:
-            items += list(self._skeleton.items())
-        elif node.ino == SNAPSHOTS_INO:
+            entries = await self._snap_entries(node, read)
+            items += list(entries.items())
+            assert node.entry is not None
+            held = self._listed.get(node.entry.ref)
+            if held is None:  # counted once a tree; a large one in a thread, as decoded
+                if len(entries) <= LISTED_COUNTED_INLINE:
+                    held = listed_entries_bytes(entries.values())
+                else:
+                    held = await read(listed_entries_bytes, entries.values())
+                self._listed.keep(node.entry.ref, held)
+            return items, held
+        if node.ino == SNAPSHOTS_INO:
             ids = await self._read_q(handle.admin, uid, self.sm.snapshot_ids)
-            items += sorted((id.encode(), id) for id in ids)
+            ids.sort()
+            listing = SnapshotIds(items, ids)
+            return listing, listing.held()
+        held = 0
+        if node.ino == ROOT_INO:
+            items += list(self._skeleton.items())
         elif node.ino == OBSERVATIONS_INO:
-            entries = await self._read_q(handle.admin, uid, self._observation_entries)
-            items += sorted((e.name, e) for e in entries)
+            observations = await self._read_q(handle.admin, uid, self._observation_entries)
+            items += sorted((e.name, e) for e in observations)
+            held = listed_entries_bytes(observations)
         elif node.ino == BRANCHES_INO:
             branches = await self._read_q(handle.admin, uid, self.sm.branches)
             items += sorted((i.name.encode(), i) for i in branches)
+            held = sum(LISTED_BRANCH_BYTES + 3 * len(i.name) for i in branches)
         elif isinstance(node, BranchDirNode):
             items += [(name, name) for name in BRANCH_FILES]
-        return items
+        return items, held + LISTED_NODE_BYTES * len(items)
 
     async def _listed_node(self, parent: Node, payload: Any, read: Reads) -> Node:
         if isinstance(payload, Node):
@@ -862,10 +919,9 @@ class CascowOperations(pyfuse3.Operations):
         handle: DirHandle = self._handle(fh)
         if handle.items is None or start_id == 0:
             charge = self._charges[fh]
-            items = await self._listing(handle, charge.uid)
-            listed = len(handle.items or ()) * ENTRY_BYTES
-            self.budgets.grow(charge, len(items) * ENTRY_BYTES - listed, "readdir")
-            handle.items = items
+            items, held = await self._listing(handle, charge.uid)
+            self.budgets.grow(charge, held - handle.held, "readdir")
+            handle.items, handle.held = items, held
         read = functools.partial(self._read_q, handle.admin, self._charges[fh].uid)
         for index in range(start_id, len(handle.items)):
             name, payload = handle.items[index]
