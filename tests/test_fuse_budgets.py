@@ -14,11 +14,13 @@ import sys
 import time
 import tracemalloc
 
+import pyfuse3
 import pytest
 import trio
 
+from cascowfs.errors import InvalidArgumentError, PermissionDeniedError
 from cascowfs.fuse import budgets, operations
-from cascowfs.fuse.inodes import SNAPSHOTS_INO
+from cascowfs.fuse.inodes import BRANCHES_INO, SNAPSHOTS_INO
 from cascowfs.fuse.operations import CascowOperations, CtlHandle, DirHandle
 from cascowfs.fuse.snapshot_view import LinkCounts
 from cascowfs.privacy import Caller
@@ -423,6 +425,12 @@ def _caller(uid: int) -> SimpleNamespace:
     return SimpleNamespace(uid=uid, gid=uid, pid=os.getpid())
 
 
+def _ctl(ops: CascowOperations, uid: int) -> CtlHandle:
+    return CtlHandle(
+        ops.ctl, ops.budgets.opened(uid, "open"), admin=uid == 0, caller=Caller(uid, uid)
+    )
+
+
 def test_listings_are_charged_what_they_hold(sm, store, tmp_path, monkeypatch):
     """A listing was charged 96 bytes a name: an entry of a snapshot directory, decoded,
     held 4-5 times that (its xattrs not counted), an id of snapshots/ 402 bytes at 128
@@ -515,5 +523,50 @@ def test_a_listings_charge_is_counted_once_per_tree_a_large_ones_in_a_thread(
                 await ops._listing(DirHandle(node), NOBODY)
         assert counted == [10, 300]
         assert routed.count("count") == 1  # the big one's, in a read thread
+
+    trio.run(main)
+
+
+def test_refused_commands_leave_episodes_as_generated(sm, store, tmp_path):
+    """Every operation that ended counted as a change, refusals too: any user's `echo gc >
+    MNT/ctl` loop (EPERM) made each open of episodes generate it anew, each as large as
+    every record. Only what asked the store counts now: refused changes, malformed lines
+    and refused mkdir and rmdir leave the content shared; root's label makes a new one."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("f")
+    sm.import_tree(src, "s0")
+    ops = CascowOperations(sm, store)
+    made: list[int] = []
+    generate = ops._episodes_content
+
+    def counted() -> bytes:
+        made.append(ops.feeds.changes)
+        return generate()
+
+    ops._episodes_content = counted
+    nobody = _caller(NOBODY)
+
+    async def main() -> None:
+        await ops._episodes_piece(_caller(0))
+        for line in (b"gc\n", b"prune s0\n", b"garbage\n", b"import s1 /" + b"\x01" * 999):
+            with pytest.raises(PermissionDeniedError):
+                await ops._ctl_write(_ctl(ops, NOBODY), line)
+        for call in (
+            ops.mkdir(BRANCHES_INO, b"x", 0o755, nobody),
+            ops.rmdir(BRANCHES_INO, b"x", nobody),
+            ops.rmdir(SNAPSHOTS_INO, b"s0", nobody),
+        ):
+            with pytest.raises(pyfuse3.FUSEError) as refused:
+                await call
+            assert refused.value.errno == errno.EPERM
+        with pytest.raises(InvalidArgumentError):  # root's malformed line: nothing ran
+            await ops._ctl_write(_ctl(ops, 0), b"prune\n")
+        await ops._episodes_piece(_caller(0))
+        assert len(made) == 1
+        await ops._ctl_write(_ctl(ops, 0), b"label s0 seen=1\n")
+        piece = await ops._episodes_piece(_caller(0))
+        assert len(made) == 2
+        assert b'"seen"' in piece.content
 
     trio.run(main)

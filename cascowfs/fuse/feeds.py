@@ -71,6 +71,9 @@ class OperationRecord:
     command: str = ""
     id: str | None = None
     uid: int | None = None  # the caller's, if outside root and the admin group (events.py)
+    # set once the store is asked: from then on a failure may have changed part of it (a
+    # pull of several snapshots); before (a refusal, a malformed command), nothing changed
+    ran: bool = False
 
     def __str__(self) -> str:
         return self.command
@@ -102,8 +105,10 @@ class Feeds:
     def __init__(self, sm: StateManager, table: InodeTable, root: Node) -> None:
         self.metrics = DaemonMetrics(sm)
         self.events = EventRing()
-        # Operations other than queries ended so far: a generated file made after the n-th
-        # shows at least what it changed (``SharedContent``).
+        # Operations other than queries that ended after asking the store (``ran``): a
+        # generated file made after the n-th shows at least what it changed
+        # (``SharedContent``). A refusal changed nothing: counted, any user's EPERM loop made
+        # every open of ``episodes`` generate it anew.
         self.changes = 0
         self.nodes = {
             name: table.add_pinned(FeedNode(ino, name=name, parent=root, which=name.decode()))
@@ -139,7 +144,7 @@ class Feeds:
         unexpected: bool,
     ) -> None:
         seconds = time.perf_counter() - started
-        if record.op not in wire.QUERY_VERBS:
+        if (code == 0 or record.ran) and record.op not in wire.QUERY_VERBS:
             self.changes += 1
         result = errno.errorcode.get(code, str(code)) if code else "ok"
         event = OperationEvent(

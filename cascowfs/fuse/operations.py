@@ -964,9 +964,10 @@ class CascowOperations(pyfuse3.Operations):
             raise self._refuse_change(parent)
         with self.feeds.operation(
             _file_call("branch", "mkdir branches", name, self._outsider(ctx))
-        ):
+        ) as record:
             self._require_admin(ctx, "mkdir")
             bname = check_branch_name(name)
+            record.ran = True
             info = await self._q(self.sm.create_branch, bname, None)
         self.changed_ns[BRANCHES_INO] = time.time_ns()
         node = self._branch_dir(info)
@@ -980,11 +981,12 @@ class CascowOperations(pyfuse3.Operations):
         if parent.ino == BRANCHES_INO:
             with self.feeds.operation(
                 _file_call("discard", "rmdir branches", name, self._outsider(ctx))
-            ):
+            ) as record:
                 self._require_admin(ctx, "rmdir")
                 bname = _valid_or_none(check_branch_name, name)
                 if bname is None:
                     raise NotFoundError(f"no branch {name!r}")
+                record.ran = True
                 await self._q(self.sm.discard, bname)
             self.table.detach(parent, name)
             self.changed_ns[BRANCHES_INO] = time.time_ns()
@@ -999,6 +1001,7 @@ class CascowOperations(pyfuse3.Operations):
                 ident = _valid_or_none(check_snapshot_id, name)
                 if ident is None:
                     raise NotFoundError(f"no snapshot {name!r}")
+                record.ran = True
                 if self.views is None:
                     await self._q(self.sm.prune, ident)
                 else:  # the view's layers go once no attach runs: not inside this request
@@ -1193,6 +1196,7 @@ class CascowOperations(pyfuse3.Operations):
                         cmd = wire.parse_commit_write(node.branch, buf)
                     cmd = replace(cmd, branch_created_ns=_branch_created_ns(node))
                     record.parsed(cmd)
+                    record.ran = True
                     record.finished(await self._q(control.execute, self.sm, cmd, handle.caller))
                 except (CascowfsError, OSError) as exc:
                     handle.refusal = exc
@@ -1208,6 +1212,7 @@ class CascowOperations(pyfuse3.Operations):
             outsider = None if handle.admin else handle.charge.uid
             with self.feeds.operation(unparsed(buf, outsider)) as record:
                 cmd = self._permitted(handle, buf, record)
+                record.ran = True  # permitted: what fails from here may have changed some
                 if cmd.verb == "label" and cmd.id is not None and self.labels is not None:
                     if await self.labels.label(cmd.id, cmd.labels):
                         self._after_reply(self.sm.housekeep, "housekeeping after labels")
