@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import gc
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -19,10 +20,13 @@ import pytest
 import trio
 
 from cascowfs.errors import InvalidArgumentError, PermissionDeniedError
+from cascowfs.events import OUTSIDER_EVENTS_KEPT, EventsReader
 from cascowfs.fuse import budgets, operations
+from cascowfs.fuse.feeds import SHOWN_COMMAND_CHARS
 from cascowfs.fuse.inodes import BRANCHES_INO, SNAPSHOTS_INO
 from cascowfs.fuse.operations import CascowOperations, CtlHandle, DirHandle
 from cascowfs.fuse.snapshot_view import LinkCounts
+from cascowfs.logs import JsonFormatter
 from cascowfs.privacy import Caller
 from cascowfs.fuse.budgets import Budgets, Generated, OverBudgetError, ReaderThreads
 from fusehelpers import mounted, needs_fuse
@@ -570,3 +574,35 @@ def test_refused_commands_leave_episodes_as_generated(sm, store, tmp_path):
         assert b'"seen"' in piece.content
 
     trio.run(main)
+
+
+def test_refusals_of_other_users_are_logged_short_and_seldom(sm, store, caplog):
+    """Each refused command was logged whole at WARNING: a 64 KiB line any user wrote to
+    ctl made a 1.2 MB JSON log line, hundreds a second, which filled the disk or, under
+    journald's rate limit, hid the daemon's other lines. A record now shows 300 characters
+    of a command and of each name, and a uid outside the admin group gets one line a
+    minute at its level, the rest at DEBUG; each keeps its event. Root's are all logged."""
+    ops = CascowOperations(sm, store)
+    line = b"import s1 /" + b"\x01" * 65000 + b"\n"  # parses: refused for what it is
+
+    async def main() -> None:
+        for uid in [NOBODY] * 200 + [NOBODY - 1]:
+            with pytest.raises(PermissionDeniedError):
+                await ops._ctl_write(_ctl(ops, uid), line)
+        for _ in range(3):
+            with pytest.raises(InvalidArgumentError):
+                await ops._ctl_write(_ctl(ops, 0), b"import s1 relative/" + b"\x01" * 65000)
+
+    with caplog.at_level(logging.DEBUG, logger="cascowfs.ops"):
+        trio.run(main)
+    records = [r for r in caplog.records if r.name == "cascowfs.ops"]
+    levels = [r.levelno for r in records]
+    warning, debug = logging.WARNING, logging.DEBUG
+    assert levels == [warning] + [debug] * 199 + [warning] + [warning] * 3
+    longest = max(len(JsonFormatter().format(r)) for r in records)
+    assert longest < 16 << 10, longest  # 3 copies of 300 characters, 6 each in JSON
+    events = EventsReader.opened(ops.feeds.events).read(1 << 30).splitlines()
+    outsiders = [json.loads(e) for e in events if b'"uid"' in e]
+    assert len(outsiders) == OUTSIDER_EVENTS_KEPT  # the ring's, every one of them kept
+    assert all(e["result"] == "EPERM" and e["op"] == "import" for e in outsiders)
+    assert max(len(e) for e in events) < 6 * SHOWN_COMMAND_CHARS + 1024

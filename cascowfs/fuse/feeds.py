@@ -6,6 +6,14 @@ record of it: an observation of the latency histogram (and of the errors counter
 failed), a line in ``MNT/events``, and one log line. The op is the command's verb, so a verb
 added to ``wire.py`` is measured, listed and logged with no change here.
 
+Any local user may write to ``ctl`` (and get EPERM) thousands of times a second, each line up
+to 64 KiB. So a record shows at most ``SHOWN_COMMAND_CHARS`` of a command and of each name
+(a 64 KiB refused ``import`` made a log line of 1.2 MB, its names and command each escaped
+into JSON), and the operations of a uid outside root and the admin group are logged at most
+once per ``OUTSIDER_LOG_EVERY`` seconds at their level, the others at DEBUG: under journald's
+rate limit, a flood of refusals hid every other line of the daemon. Their events are all in
+``MNT/events`` (in a ring of their own: events.py).
+
 Both files are generated, never stored, and read-only (mode 0444; an open for writing is
 refused with EACCES, root's included):
 
@@ -46,7 +54,9 @@ log = logging.getLogger("cascowfs.ops")
 METRICS_INO = 8
 EVENTS_INO = 9
 MODE_FEED = stat.S_IFREG | 0o444
-SHOWN_COMMAND_CHARS = 300  # of a command that did not parse, in its event and log line
+SHOWN_COMMAND_CHARS = 300  # of a command (and of each name it gives), in its event and log line
+SHOWN_MESSAGE_CHARS = 1000  # of a failure's message, in its log line
+OUTSIDER_LOG_EVERY = 60.0  # seconds between two logged lines of one outsider uid's operations
 
 
 @dataclass(eq=False, slots=True)
@@ -80,8 +90,8 @@ class OperationRecord:
 
     def parsed(self, cmd: wire.Command) -> None:
         self.op = cmd.verb
-        self.names = [w for w in (cmd.name, cmd.src) if w is not None]
-        self.command = cmd.line()
+        self.names = [shown(w) for w in (cmd.name, cmd.src) if w is not None]
+        self.command = shown(cmd.line())
         self.id = cmd.id
 
     def finished(self, result: str) -> None:
@@ -95,8 +105,14 @@ def unparsed(buf: bytes, uid: int | None = None) -> OperationRecord:
     (``uid``: the caller's, if outside root and the admin group)."""
     text = buf.decode("utf-8", "surrogateescape").strip()
     first = text.split(maxsplit=1)[0] if text else ""
-    shown = text if len(text) <= SHOWN_COMMAND_CHARS else text[:SHOWN_COMMAND_CHARS] + "..."
-    return OperationRecord(first if first in wire.VERBS else "unknown", command=shown, uid=uid)
+    return OperationRecord(
+        first if first in wire.VERBS else "unknown", command=shown(text), uid=uid
+    )
+
+
+def shown(text: str, limit: int = SHOWN_COMMAND_CHARS) -> str:
+    """``text`` as an event or a log line shows it: its first ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class Feeds:
@@ -110,6 +126,9 @@ class Feeds:
         # (``SharedContent``). A refusal changed nothing: counted, any user's EPERM loop made
         # every open of ``episodes`` generate it anew.
         self.changes = 0
+        # outsider uid -> when its operations were last logged at their level, and how many
+        # went to DEBUG since
+        self._logged: dict[int, tuple[float, int]] = {}
         self.nodes = {
             name: table.add_pinned(FeedNode(ino, name=name, parent=root, which=name.decode()))
             for name, ino in ((b"metrics", METRICS_INO), (b"events", EVENTS_INO))
@@ -156,20 +175,44 @@ class Feeds:
         event = self.events.append(event)
         extra = {"event": event.as_dict(), "command": record.command}
         ms = seconds * 1e3
+        level = logging.INFO if code == 0 else logging.ERROR if unexpected else logging.WARNING
+        quieted = ""
+        if record.uid is not None:
+            level, quieted = self._outsider_level(record.uid, level)
         if code == 0:
-            log.info("%s ok in %.1f ms: %s", record.op, ms, record.command, extra=extra)
+            log.log(
+                level, "%s ok in %.1f ms: %s%s", record.op, ms, record.command, quieted, extra=extra
+            )
         else:
             log.log(
-                logging.ERROR if unexpected else logging.WARNING,
-                "%s failed with %s in %.1f ms: %s: %s",
+                level,
+                "%s failed with %s in %.1f ms: %s: %s%s",
                 record.op,
                 result,
                 ms,
                 record.command,
-                message,
+                shown(message, SHOWN_MESSAGE_CHARS),
+                quieted,
                 extra=extra,
                 exc_info=unexpected,
             )
+
+    def _outsider_level(self, uid: int, level: int) -> tuple[int, str]:
+        """The level of the line of an operation of ``uid``, outside root and the admin
+        group: ``level`` for its first in ``OUTSIDER_LOG_EVERY`` seconds, DEBUG for the
+        others; and what the line adds to say how many went to DEBUG before it."""
+        now = time.monotonic()
+        last, quiet = self._logged.get(uid, (-OUTSIDER_LOG_EVERY, 0))
+        if now - last < OUTSIDER_LOG_EVERY:
+            self._logged[uid] = (last, quiet + 1)
+            return logging.DEBUG, ""
+        self._logged[uid] = (now, 0)
+        if not quiet:
+            return level, ""
+        return level, (
+            f" (and {quiet} more operations of uid {uid} logged at DEBUG since its last line;"
+            " MNT/events lists each)"
+        )
 
     def attrs(self, node: FeedNode, gid: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
