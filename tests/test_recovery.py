@@ -99,13 +99,13 @@ def test_an_op_refused_inside_its_apply_is_finished_in_the_log(tmp_path):
     conftest.assert_fsck_clean(store)
 
 
-def _two_sources(tmp_path):
-    """Two different trees, for snapshots ``base`` and ``other``."""
-    base, other = tmp_path / "src-base", tmp_path / "src-other"
-    for src, word in ((base, "base"), (other, "other")):
+def _import_base_and_other(sm, tmp_path):
+    """Snapshots ``base`` and ``other`` of two different trees (``which`` names each)."""
+    for word in ("base", "other"):
+        src = tmp_path / f"src-{word}"
         src.mkdir()
         (src / "which").write_text(f"{word}\n")
-    return base, other
+        sm.import_tree(src, word)
 
 
 def _finalize_failing_for(sm, kind):
@@ -140,10 +140,8 @@ def test_a_repoint_whose_finalize_failed_keeps_the_work_done_after_it(tmp_path, 
     closed cleanly. The next open used to take the op for one killed before its SWITCH and
     remount the branch on a fresh upper directory, deleting that work."""
     store = tmp_path / "store"
-    base, other = _two_sources(tmp_path)
     with conftest.open_store(store) as sm:
-        sm.import_tree(base, "base")
-        sm.import_tree(other, "other")
+        _import_base_and_other(sm, tmp_path)
         sm.create_branch("work", "base")
         undo = _finalize_failing_for(sm, kind)
         getattr(sm, kind)("work", "other")
@@ -227,10 +225,8 @@ def test_a_reset_that_cannot_put_the_branch_back_keeps_its_changes(tmp_path, the
     them: the branch's uncommitted changes were deleted. They must survive, for the branch's
     next commit (which puts them back first) or the next open."""
     store = tmp_path / "store"
-    base, other = _two_sources(tmp_path)
     with conftest.open_store(store) as sm:
-        sm.import_tree(base, "base")
-        sm.import_tree(other, "other")
+        _import_base_and_other(sm, tmp_path)
         tree = sm.create_branch("work", "base").tree
         (tree / "mine").write_text("uncommitted")
         error = _reset_failing_with_its_undo(sm)
@@ -260,10 +256,8 @@ def test_the_directories_of_a_discarded_branch_never_go_under_one_made_again(tmp
     branch is made again under its name. The next open must not put the discarded branch's
     directories back under the new one (the record names the branch's creation time)."""
     store = tmp_path / "store"
-    base, other = _two_sources(tmp_path)
     with conftest.open_store(store) as sm:
-        sm.import_tree(base, "base")
-        sm.import_tree(other, "other")
+        _import_base_and_other(sm, tmp_path)
         tree = sm.create_branch("work", "base").tree
         (tree / "mine").write_text("uncommitted")
         _reset_failing_with_its_undo(sm)
